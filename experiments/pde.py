@@ -1,0 +1,150 @@
+"""PDE stability toolkit: heat, Beltrami, linearized and non-linear CNN gradient-descent PDEs.
+
+Thin entry point (all logic lives in :mod:`eos_jax.pde`): each subcommand parses its flags
+into a frozen dataclass config and calls one library function ``run_*(config, out_dir)``
+that writes the run directory (``config.json``, ``metadata.json``, ``results.json``,
+plots) atomically, then prints a short summary.
+
+Commands (runtimes measured on the shared 2-core CPU, see the README / reports):
+
+  python -m experiments.pde heat --out runs/heat                      # Eq. (2), Figure 1
+  python -m experiments.pde beltrami --out runs/beltrami              # Eq. (4), Figure 2
+  python -m experiments.pde linear --kernel 16 32 64 --scheme gd --dt 1e-8 --a -0.5 --beta 1 \
+      --out runs/linear_gd                                            # Eqs. (10)-(14), Table 2, Figure 4
+  python -m experiments.pde linear --kernel 16 32 64 --scheme nesterov --dt 1e-4 --a -0.5 --beta 1 \
+      --out runs/linear_nesterov                                      # Eqs. (16)-(18), Table 9
+  python -m experiments.pde nonlinear --dt 0.01 0.03 0.05 0.07 0.09 0.11 --steps 2000 \
+      --out runs/nonlinear                                            # Eq. (9), Figures 5-6
+
+Bad flags (a non-positive dt or kernel size, an unknown scheme) give one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+from eos_jax import cli
+
+
+def _add_heat(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``heat``: forward-Euler heat equation (2) with Dirichlet ends."""
+    p = subparsers.add_parser(
+        "heat",
+        help="heat equation, scheme (2): simulation, amplifier A(omega), CFL bound, per-mode growth",
+        description="Forward-Euler / central-difference heat equation (2) on [0, L] with Dirichlet ends and a "
+        "triangle initial condition, at each r = kappa*dt/dx^2; compares measured per-mode growth with A(omega).",
+    )
+    p.add_argument("--ratio", type=cli.positive_float, nargs="+", default=[0.4, 0.8], help="r = kappa*dt/dx^2 values")
+    p.add_argument("--points", type=cli.positive_int, default=29, help="interior grid points K")
+    p.add_argument("--length", type=cli.positive_float, default=30.0, help="domain length L")
+    p.add_argument("--steps", type=cli.positive_int, default=200, help="time steps per run")
+    p.add_argument("--out", required=True, help="run directory (new or empty)")
+    p.set_defaults(handler=_run_heat)
+
+
+def _run_heat(args: argparse.Namespace) -> int:
+    """Builds the heat config, runs it and prints the summary."""
+    from eos_jax.pde import heat
+
+    config = heat.HeatConfig(ratios=tuple(args.ratio), points=args.points, length=args.length, steps=args.steps)
+    results = heat.run_heat(config, args.out)
+    print(heat.summarize(results))
+    return 0
+
+
+def _add_beltrami(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``beltrami``: gradient descent on the Beltrami loss (4)."""
+    p = subparsers.add_parser(
+        "beltrami",
+        help="Beltrami reaction-diffusion (4): gradient descent at multiples of the CFL step bound",
+        description="Gradient descent on the discretized Beltrami loss of a piecewise-constant noisy signal, at "
+        "multiples of the strict CFL step bound; each run is classified stable / restrained / divergent.",
+    )
+    p.add_argument("--multiples", type=cli.positive_float, nargs="+", default=[1.0, 10.0, 100.0, 1000.0],
+                   help="step sizes as multiples of the strict bound")
+    p.add_argument("--points", type=cli.positive_int, default=256, help="grid points of the signal")
+    p.add_argument("--steps", type=cli.positive_int, default=2000, help="gradient-descent steps")
+    p.add_argument("--lam", type=cli.positive_float, default=1.0, help="data-fidelity weight lambda")
+    p.add_argument("--delta", type=cli.positive_float, default=0.1, help="Beltrami regularizer delta")
+    p.add_argument("--noise", type=cli.nonnegative_float, default=0.1, help="noise standard deviation")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="noise seed")
+    p.add_argument("--out", required=True, help="run directory (new or empty)")
+    p.set_defaults(handler=_run_beltrami)
+
+
+def _run_beltrami(args: argparse.Namespace) -> int:
+    """Builds the Beltrami config, runs it and prints the summary."""
+    from eos_jax.pde import beltrami
+
+    config = beltrami.BeltramiConfig(
+        multiples=tuple(args.multiples), points=args.points, steps=args.steps, lam=args.lam,
+        delta=args.delta, noise=args.noise, seed=args.seed,
+    )
+    results = beltrami.run_beltrami(config, args.out)
+    print(beltrami.summarize(results))
+    return 0
+
+
+def _add_linear(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``linear``: the linearized CNN PDE (10), schemes (11) and (16)-(17)."""
+    p = subparsers.add_parser(
+        "linear",
+        help="linearized CNN PDE (10): theory bounds (14)/(18) vs empirical bounds on weight decay alpha",
+        description="Linearized one-layer CNN gradient-descent PDE (10) with constant a on a +1/-1 checkerboard; "
+        "forward Euler (11) or semi-implicit Nesterov (16)-(17). For each kernel size: theory bounds on alpha, "
+        "empirical bounds by bisection and by the spectrum of the windowed operator, and a plot like Figure 4.",
+    )
+    p.add_argument("--kernel", type=cli.positive_int, nargs="+", default=[16, 32, 64], help="kernel sizes w")
+    p.add_argument("--scheme", choices=("gd", "nesterov"), default="gd", help="time discretization")
+    p.add_argument("--dt", type=cli.positive_float, required=True, help="step size dt")
+    p.add_argument("--a", type=float, default=-0.5, help="constant a of the linearization")
+    p.add_argument("--beta", type=cli.positive_float, default=1.0, help="beta of Eq. (10)")
+    p.add_argument("--momentum", type=cli.positive_float, default=0.9,
+                   help="Nesterov momentum (2 - d dt)/(2 + d dt), in (0, 1); nesterov only")
+    p.add_argument("--size", type=cli.positive_int, default=256, help="checkerboard side")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of K ~ N(0, 1)")
+    p.add_argument("--out", required=True, help="run directory (new or empty)")
+    p.set_defaults(handler=_run_linear)
+
+
+def _run_linear(args: argparse.Namespace) -> int:
+    """Builds the linear-PDE config, runs it and prints the summary."""
+    from eos_jax.pde import linear
+
+    config = linear.LinearConfig(
+        kernels=tuple(args.kernel), scheme=args.scheme, dt=args.dt, a=args.a, beta=args.beta,
+        momentum=args.momentum, size=args.size, seed=args.seed,
+    )
+    results = linear.run_linear(config, args.out)
+    print(linear.summarize(results))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# nonlinear: PDE engineer B's place. B defines ``_add_nonlinear(subparsers)`` here (it adds
+# the "nonlinear" parser and sets ``handler=`` to a function ``(args) -> int``) and
+# uncomments its registration line in ``_build_parser``. Nothing else in this file is B's.
+# ----------------------------------------------------------------------------------------
+
+
+def _build_parser() -> cli.ArgumentParser:
+    """The top-level parser with one subparser per analysis."""
+    parser = cli.ArgumentParser(prog="python -m experiments.pde", description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
+    _add_heat(subparsers)
+    _add_beltrami(subparsers)
+    _add_linear(subparsers)
+    # _add_nonlinear(subparsers)  # PDE engineer B: registration line
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses ``argv`` and runs one subcommand (its ``run_*`` configures float64 and writes the run dir)."""
+    args = _build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    cli.run(main, prog="python -m experiments.pde")
