@@ -1,0 +1,229 @@
+"""Named datasets: ``load(name, split)`` returns images in [0, 1] and integer labels.
+
+=================  ==========  =======================================================
+name               classes     what
+=================  ==========  =======================================================
+mnist              10          MNIST, 60000 train / 10000 test, (28, 28, 1)
+fashion_mnist      10          Fashion-MNIST, 60000 / 10000, (28, 28, 1)
+cifar10            10          CIFAR-10, 50000 / 10000, (32, 32, 3)
+mnist01            2           MNIST digits 0 and 1 (paper Sec. 5.6, Figs. 7 and 9)
+fashion_mnist01    2           Fashion-MNIST classes 0 (T-shirt) and 1 (trouser)
+cifar10_5k         10          first 5000 CIFAR-10 training images (Cohen et al. 2021,
+                               paper Fig. 8); its test split is the full test set
+digits01           2           scikit-learn's bundled 8x8 digits 0 and 1, (8, 8, 1)
+=================  ==========  =======================================================
+
+Pixels are scaled exactly as ``uint8.astype(float32) / float32(255)`` (digits:
+``/ float32(16)``, their values are 0..16): one correctly rounded float32 division per
+pixel. Subsets keep the original order of the examples.
+
+``digits01`` has no official split: of the 360 examples of digits 0 and 1 in
+scikit-learn's order, those at positions ``i % 5 == 4`` form the test split (72) and the
+others the training split (288).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from eos_jax.data import formats, sources
+from eos_jax.errors import ConfigError, DataNotFoundError, MalformedDataError
+
+SPLITS = ("train", "test")
+
+# name -> (base dataset or None for sklearn, kept labels or None, first-n train examples or None, num_classes)
+_REGISTRY: dict[str, tuple[str | None, tuple[int, ...] | None, int | None, int]] = {
+    "mnist": ("mnist", None, None, 10),
+    "fashion_mnist": ("fashion_mnist", None, None, 10),
+    "cifar10": ("cifar10", None, None, 10),
+    "mnist01": ("mnist", (0, 1), None, 2),
+    "fashion_mnist01": ("fashion_mnist", (0, 1), None, 2),
+    "cifar10_5k": ("cifar10", None, 5000, 10),
+    "digits01": (None, (0, 1), None, 2),
+}
+NAMES: tuple[str, ...] = tuple(_REGISTRY)
+DIGITS01_TEST_EVERY = 5  # position i among digits 0/1 is a test example iff i % 5 == 4
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """Images and labels of one split, with where they came from.
+
+    A pytree whose leaves are ``x`` and ``y`` (the rest is static metadata), so
+    ``jax.device_put(ds)`` or :meth:`to_device` moves both arrays at once and a
+    ``Dataset`` can be passed to jitted functions.
+
+    Attributes:
+      x: float32 images, NHWC, in [0, 1].
+      y: int32 labels in ``[0, num_classes)``.
+      name: registry name, e.g. ``"mnist01"``.
+      split: ``"train"`` or ``"test"``.
+      num_classes: number of classes (2 for the binary subsets).
+      source: the files read (paths as strings), or the scikit-learn data file.
+      sha256: SHA-256 of each file in ``source``, in the same order.
+    """
+
+    x: np.ndarray | jax.Array
+    y: np.ndarray | jax.Array
+    name: str
+    split: str
+    num_classes: int
+    source: tuple[str, ...]
+    sha256: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def info(self) -> dict:
+        """JSON-able description for run metadata (no arrays)."""
+        return {
+            "name": self.name,
+            "split": self.split,
+            "num_examples": len(self),
+            "example_shape": list(self.x.shape[1:]),
+            "num_classes": self.num_classes,
+            "source": list(self.source),
+            "sha256": list(self.sha256),
+        }
+
+    def to_device(self, device: jax.Device | jax.sharding.Sharding | None = None) -> "Dataset":
+        """Returns a copy whose ``x`` and ``y`` live on ``device`` (one transfer; datasets here fit)."""
+        return jax.device_put(self, device)
+
+
+jax.tree_util.register_dataclass(
+    Dataset, data_fields=["x", "y"], meta_fields=["name", "split", "num_classes", "source", "sha256"]
+)
+
+
+def _check_name_split(name: str, split: str) -> None:
+    """Raises ConfigError for an unknown name or split."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown dataset {name!r}; allowed: {', '.join(NAMES)}")
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r} for dataset {name!r}; allowed: {', '.join(SPLITS)}")
+
+
+def base_of(name: str) -> str | None:
+    """The base dataset whose files ``name`` is made from (None: bundled with scikit-learn)."""
+    _check_name_split(name, "train")
+    return _REGISTRY[name][0]
+
+
+def search_paths(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The directories, in search order, where the files of dataset ``name`` are looked for.
+
+    Empty for ``digits01`` (bundled with scikit-learn). See :mod:`eos_jax.data.sources`
+    for the order of roots and the accepted layouts.
+    """
+    base = base_of(name)
+    return [] if base is None else sources.candidate_dirs(base, data_dir)
+
+
+def _scale(images_u8: np.ndarray, maximum: int) -> np.ndarray:
+    """uint8/int images -> float32 in [0, 1], one correctly rounded division per pixel."""
+    return images_u8.astype(np.float32) / np.float32(maximum)
+
+
+def _load_base(base: str, split: str, data_dir: str | os.PathLike | None) -> tuple[np.ndarray, np.ndarray, list[Path]]:
+    """Reads a base dataset's files: uint8 NHWC images, int32 labels, files read."""
+    files, looked = sources.find_files(base, split, data_dir)
+    if files is None:
+        raise DataNotFoundError(sources.describe_sources(base, split, looked))
+    if base in ("mnist", "fashion_mnist"):
+        images, labels = formats.read_idx_pair(files[0], files[1], num_classes=10)
+        return images[..., None], labels, files
+    reader = formats.read_cifar_binary if files[0].parent.name == "cifar-10-batches-bin" else formats.read_cifar_python
+    parts = [reader(f, num_classes=10) for f in files]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), files
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray, list[Path]]:
+    """scikit-learn's bundled 8x8 digits (values 0..16) as uint8 NHWC, labels, the data file."""
+    import sklearn.datasets
+
+    bunch = sklearn.datasets.load_digits()
+    data_file = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
+    images = np.asarray(bunch.images)
+    if images.shape[1:] != (8, 8) or images.min() < 0 or images.max() > 16 or np.any(images != np.round(images)):
+        raise MalformedDataError(f"{data_file}: scikit-learn digits are not 8x8 integers in 0..16")
+    return images.astype(np.uint8)[..., None], np.asarray(bunch.target, dtype=np.int32), [data_file]
+
+
+def load(name: str, split: str = "train", *, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Loads a named dataset split into host memory.
+
+    Args:
+      name: one of :data:`NAMES`.
+      split: ``"train"`` or ``"test"``.
+      data_dir: a root directory searched first (see :mod:`eos_jax.data.sources`).
+
+    Returns:
+      A :class:`Dataset` with float32 NHWC images in [0, 1] and int32 labels.
+
+    Raises:
+      ConfigError: unknown name or split.
+      DataNotFoundError: no files found (the message lists where it looked and how to
+        provide them).
+      MalformedDataError: a file is not in the published format (names the file).
+    """
+    _check_name_split(name, split)
+    base, keep, first_n, num_classes = _REGISTRY[name]
+    if base is None:
+        images, labels, files = _load_digits()
+        sha = tuple(formats.sha256_file(f) for f in files)
+        mask = np.isin(labels, np.asarray(keep, dtype=np.int32))
+        images, labels = images[mask], labels[mask]
+        is_test = np.arange(labels.shape[0]) % DIGITS01_TEST_EVERY == DIGITS01_TEST_EVERY - 1
+        pick = is_test if split == "test" else ~is_test
+        return Dataset(_scale(images[pick], 16), labels[pick].astype(np.int32), name, split, num_classes,
+                       tuple(str(f) for f in files), sha)
+    images, labels, files = _load_base(base, split, data_dir)
+    if keep is not None:
+        mask = np.isin(labels, np.asarray(keep, dtype=np.int32))
+        images, labels = images[mask], labels[mask]
+        # The kept classes are 0..len(keep)-1 already for the 01 subsets; remap in general.
+        labels = np.searchsorted(np.asarray(keep, dtype=np.int32), labels).astype(np.int32)
+    if first_n is not None and split == "train":
+        if labels.shape[0] < first_n:
+            raise MalformedDataError(f"{files[0].parent}: {name} needs {first_n} training images, the files hold {labels.shape[0]}")
+        images, labels = images[:first_n], labels[:first_n]
+    sha = tuple(formats.sha256_file(f) for f in files)
+    return Dataset(_scale(images, 255), labels.astype(np.int32), name, split, num_classes, tuple(str(f) for f in files), sha)
+
+
+def load_first_available(
+    names: Sequence[str], split: str = "train", *, data_dir: str | os.PathLike | None = None
+) -> tuple[Dataset, list[tuple[str, str]]]:
+    """Loads the first dataset in ``names`` whose files are found.
+
+    Only a missing dataset (DataNotFoundError) moves on to the next name; a malformed
+    file is an error, never a silent fallback. The caller warns about the skipped ones.
+
+    Returns:
+      ``(dataset, skipped)`` where ``skipped`` lists ``(name, reason)`` for the names
+      tried before it.
+
+    Raises:
+      ConfigError: an unknown name or split, or an empty ``names``.
+      DataNotFoundError: none was found (lists every reason).
+    """
+    names = list(names)
+    if not names:
+        raise ConfigError("load_first_available: names is empty; give at least one of " + ", ".join(NAMES))
+    for n in names:
+        _check_name_split(n, split)
+    skipped: list[tuple[str, str]] = []
+    for n in names:
+        try:
+            return load(n, split, data_dir=data_dir), skipped
+        except DataNotFoundError as e:
+            skipped.append((n, str(e)))
+    raise DataNotFoundError("none of " + ", ".join(names) + " is available: " + " | ".join(f"{n}: {r}" for n, r in skipped))
