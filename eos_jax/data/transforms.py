@@ -57,7 +57,11 @@ def normalize(x: ArrayLike, mean: ArrayLike, std: ArrayLike) -> jax.Array:
     shape = (1,) * (x.ndim - jnp.ndim(mean)) + tuple(jnp.shape(mean))
     m = jnp.reshape(jnp.asarray(mean, dtype=x.dtype), shape)
     s = jnp.reshape(jnp.asarray(std, dtype=x.dtype), shape)
-    return (x - jnp.broadcast_to(m, x.shape)) / jnp.broadcast_to(s, x.shape)
+    # XLA's algebraic simplifier rewrites ``a / broadcast(s)`` into ``a * broadcast(1/s)``
+    # (two roundings, up to 1 ulp off the correctly rounded quotient; seen on CPU, jaxlib
+    # 0.10.2). The barrier hides the broadcast, so jit gives the same bits as NumPy.
+    s_b = jax.lax.optimization_barrier(jnp.broadcast_to(s, x.shape))
+    return (x - jnp.broadcast_to(m, x.shape)) / s_b
 
 
 def standardize(train_x: ArrayLike, *xs: ArrayLike, per: str = "channel") -> tuple[np.ndarray, ...]:
@@ -175,7 +179,7 @@ def augment_cifar(key: jax.Array, x_NHWC: ArrayLike, *, pad_value: ArrayLike = 0
     zero = jnp.zeros((), jnp.int32)
 
     def crop(img: jax.Array, oy: jax.Array, ox: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_slice(img, (oy, ox, zero, zero), (h, w, c))
+        return jax.lax.dynamic_slice(img, (oy, ox, zero), (h, w, c))
 
     cropped = jax.vmap(crop)(padded, off_y, off_x)
     mask = jnp.broadcast_to(jnp.reshape(flip, (n, 1, 1, 1)), cropped.shape)
