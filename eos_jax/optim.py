@@ -137,6 +137,11 @@ def _float_dtype(x: jax.Array, who: str) -> np.dtype:
     return dtype
 
 
+def _spread_like(s: jax.Array, x: jax.Array) -> jax.Array:
+    """Scalar ``s`` at every element of ``x``, batched under vmap wherever ``x`` is."""
+    return jnp.where(jnp.isnan(x), s, s)  # data-dependent on x only through its batching
+
+
 def _cast(x: Any, dtype: np.dtype) -> jax.Array:
     """``x`` as a scalar of ``dtype`` (one rounding when ``x`` is wider)."""
     return jnp.asarray(x).astype(dtype)
@@ -194,16 +199,22 @@ def perturbed_scale(
             if k_int is not None and k_int > 2 ** (np.finfo(dtype).nmant + 1):
                 raise ConfigError(f"k={k_int} is not exactly representable in {dtype}; allowed: k <= 2**{np.finfo(dtype).nmant + 1}")
             # The barrier hides the scalars' values from XLA's algebraic simplifier, so
-            # neither (lr/k)*(k*u) -> lr*u nor u/k -> u*(1/k) can happen at compile time.
-            lr_d, k_d, zero = jax.lax.optimization_barrier(
-                (_cast(lr, dtype), _cast(k, dtype), jnp.zeros((), dtype))
+            # (lr/k)*(k*u) cannot become lr*u at compile time. lr and k go through it as
+            # one array so that under vmap both are batched or neither is: XLA rewrites
+            # a / broadcast(b) into a * broadcast(1/b) (not correctly rounded), so no
+            # divisor may reach it as a broadcast.
+            lr_k, zero = jax.lax.optimization_barrier(
+                (jnp.stack([_cast(lr, dtype), _cast(k, dtype)]), jnp.zeros((), dtype))
             )
+            lr_d, k_d = lr_k[0], lr_k[1]
             if form == "paper":
                 q = lr_d / k_d  # rounding 1: fl(lr/k), a scalar
                 p = k_d * u  # rounding 2: fl(k*u), exact when k is a power of two
             else:
                 q = lr_d * k_d  # fl(lr*k)
-                p = u / k_d  # fl(u/k)
+                # The divisor k is spread to u's shape (and batching) behind a barrier.
+                k_full = jax.lax.optimization_barrier(_spread_like(k_d, u))
+                p = u / k_full  # fl(u/k)
             # rounding 3: fl(q*p); negation is exact; "+ zero" is exact and keeps the
             # product from being fused into an FMA with the later parameter addition.
             return -(q * p) + zero
