@@ -1,0 +1,78 @@
+"""The paper's N-layer single-path CNN (Eq. (6), (20)-(21)) and fully connected nets.
+
+``cnn``: ``F = F_N o ... o F_1`` with ``F_i(I_i) = r(K_i * I_i)`` (bias-free
+cross-correlation ``*`` followed by the activation ``r``, Swish(beta) in the paper),
+then a global sum over space and channels gives one logit ``g = sum_x F(I)(x)``;
+the sigmoid ``f(I) = s(g)`` of Eq. (20) is applied by the binary cross-entropy loss
+(:func:`eos_jax.losses.binary_cross_entropy`), so ``apply`` returns ``g`` as an
+``(N, 1)`` logit. With ``N = 1`` this is Eq. (6). Optionally (``head="linear"``)
+the spatial sum of the last layer's channels feeds a linear layer with
+``num_outputs`` outputs, for several classes.
+
+``fc``: ``flatten -> [Dense(width) -> activation] * depth -> Dense(num_outputs)``,
+Cohen et al.'s ``fc-tanh`` is ``width=200, depth=2`` (locuslab/edge-of-stability
+``src/archs.py``: widths [200, 200], bias, tanh).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from eos_jax.models.layers import Conv, Dense, make_activation
+
+
+class PaperCNN(nn.Module):
+    """Eq. (20)-(21): bias-free convolutions + activation, global sum (or linear head)."""
+
+    channels: tuple[int, ...]
+    kernel_size: tuple[int, int]
+    padding: str
+    impls: tuple[str, ...]
+    activation: str
+    beta: float
+    init_scheme: str
+    init_std: float
+    head: str
+    num_outputs: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = make_activation(self.activation, self.beta)
+        for i, (c, impl) in enumerate(zip(self.channels, self.impls)):
+            x = Conv(c, self.kernel_size, padding=self.padding, use_bias=False, init_scheme=self.init_scheme,
+                     init_std=self.init_std, impl=impl, dtype=self.dtype, name=f"conv{i}")(x)
+            x = act(x)
+        if self.head == "sum":
+            # The integral of Eq. (20) as a sum over pixels (and channels): one logit.
+            return jnp.sum(x, axis=(1, 2, 3))[:, None]
+        pooled = jnp.sum(x, axis=(1, 2))
+        return Dense(self.num_outputs, init_scheme="jax" if self.init_scheme == "normal" else self.init_scheme,
+                     dtype=self.dtype, name="head")(pooled)
+
+
+class FC(nn.Module):
+    """Fully connected network: ``depth`` hidden layers of ``width`` units."""
+
+    width: int
+    depth: int
+    num_outputs: int
+    activation: str
+    beta: float
+    init_scheme: str
+    use_bias: bool
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = make_activation(self.activation, self.beta)
+        x = x.reshape(x.shape[0], -1)  # NHWC flattened row-major (PyTorch flattens NCHW).
+        for i in range(self.depth):
+            x = act(Dense(self.width, use_bias=self.use_bias, init_scheme=self.init_scheme, dtype=self.dtype,
+                          name=f"dense{i}")(x))
+        return Dense(self.num_outputs, use_bias=self.use_bias, init_scheme=self.init_scheme, dtype=self.dtype,
+                     name="out")(x)

@@ -1,0 +1,249 @@
+"""Building blocks shared by the models: activations, initializers, convolutions.
+
+Convolutions are cross-correlations, as in every deep-learning library and in the
+paper (Sec. 5.1: "* will denote the cross-correlation"). Three implementations
+compute the same function and differ only in rounding:
+
+* ``"lax"``: :func:`jax.lax.conv_general_dilated` (XLA's convolution).
+* ``"shifted"``: for one input and one output channel, the sum over the kernel taps
+  ``K[i, j] * x[:, i:i+Ho, j:j+Wo]`` in row-major tap order. XLA's CPU convolution
+  is poor at one channel (issue 4: 1.67 s vs 0.41 s per GD step of the 3-layer 3x3
+  CNN on 12,000 MNIST images), while the slices fuse into one loop.
+* ``"fft"``: for one input and one output channel, ``irfft2(rfft2(x) *
+  conj(rfft2(K)))`` cropped to the valid region (no wrap-around: the FFT has the
+  size of the (padded) input, and a valid output index ``n`` only reads ``x[n+m]``
+  with ``n+m`` inside it). Used for big kernels, where ``kh*kw`` shifted slices
+  compile slowly (32x32 kernel on 256x256: 18-44 s to compile) and run slowly.
+
+``resolve_conv_impl("auto", ...)`` picks ``"shifted"`` for single-channel kernels
+with at most :data:`SHIFTED_MAX_TAPS` taps, ``"fft"`` for bigger single-channel
+kernels and ``"lax"`` otherwise. Runs record the choice (``model.info``) because the
+implementations differ in the last bits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from eos_jax.errors import ConfigError
+
+ACTIVATIONS = ("relu", "swish", "tanh")
+INIT_SCHEMES = ("pytorch", "jax", "normal")
+CONV_IMPLS = ("auto", "lax", "shifted", "fft")
+PADDINGS = ("valid", "same")
+# Largest single-channel kernel (in taps) done as shifted slices under "auto" (3x3); above
+# it "auto" uses the FFT (measured, 2-core CPU: see benchmarks/bench_models.py).
+SHIFTED_MAX_TAPS = 9
+
+Array = jax.Array
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    """Raises ConfigError naming ``value`` and the allowed values."""
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
+
+
+def make_activation(name: str, beta: float = 1.0) -> Callable[[Array], Array]:
+    """Returns the activation ``name``.
+
+    Args:
+      name: ``"relu"``, ``"swish"`` (``r(x) = x * sigmoid(beta * x)``, the paper's
+        Swish of Sec. 4.2 and Theorem 5.2) or ``"tanh"``.
+      beta: Swish parameter (> 0); ignored by the others.
+
+    Returns:
+      An elementwise function keeping the dtype of its input.
+    """
+    check_choice("activation", name, ACTIVATIONS)
+    if name == "relu":
+        return jax.nn.relu
+    if name == "tanh":
+        return jnp.tanh
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ConfigError(f"swish beta={beta!r}; allowed: a finite number > 0")
+    beta = float(beta)
+
+    def swish(x: Array) -> Array:
+        # beta is a Python float (weakly typed): the product keeps x's dtype.
+        return x * jax.nn.sigmoid(beta * x)
+
+    return swish
+
+
+def _fan_in(shape: Sequence[int]) -> int:
+    """Fan-in of a dense (in, out) or conv (h, w, in, out) kernel."""
+    return int(math.prod(shape[:-1]))
+
+
+def make_kernel_init(scheme: str, *, std: float = 1.0) -> Callable[..., Array]:
+    """Kernel initializer for dense ``(in, out)`` and conv ``(h, w, in, out)`` kernels.
+
+    Args:
+      scheme: ``"pytorch"``: PyTorch's default for ``nn.Linear``/``nn.Conv2d``,
+        ``kaiming_uniform_(a=sqrt(5))``, i.e. ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``;
+        ``"jax"``: flax's default ``lecun_normal`` (truncated normal, variance
+        ``1/fan_in``); ``"normal"``: ``N(0, std^2)`` (the PDE experiments of Sec. 5.3
+        initialise K ~ N(0, 1)).
+      std: standard deviation of ``"normal"``.
+
+    Returns:
+      ``init(key, shape, dtype) -> Array``.
+    """
+    check_choice("init", scheme, INIT_SCHEMES)
+    if scheme == "jax":
+        return nn.initializers.lecun_normal()
+    if scheme == "normal":
+        if not (math.isfinite(std) and std > 0):
+            raise ConfigError(f"init_std={std!r}; allowed: a finite number > 0")
+        return nn.initializers.normal(stddev=float(std))
+
+    def pytorch_uniform(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        bound = 1.0 / math.sqrt(_fan_in(shape))
+        return jax.random.uniform(key, tuple(shape), dtype, -bound, bound)
+
+    return pytorch_uniform
+
+
+def make_bias_init(scheme: str, fan_in: int) -> Callable[..., Array]:
+    """Bias initializer: PyTorch's ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` or zeros."""
+    if scheme != "pytorch":
+        return nn.initializers.zeros
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def pytorch_bias(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        return jax.random.uniform(key, tuple(shape), dtype, -bound, bound)
+
+    return pytorch_bias
+
+
+def resolve_conv_impl(impl: str, in_channels: int, out_channels: int, kernel_size: Sequence[int],
+                      strides: Sequence[int] = (1, 1)) -> str:
+    """Chooses the convolution implementation (see the module docstring).
+
+    Raises:
+      ConfigError: unknown ``impl``, or ``"shifted"``/``"fft"`` forced on a layer
+        that is not single-channel with stride 1.
+    """
+    check_choice("conv_impl", impl, CONV_IMPLS)
+    single = in_channels == 1 and out_channels == 1 and tuple(strides) == (1, 1)
+    if impl == "auto":
+        if not single:
+            return "lax"
+        return "shifted" if math.prod(kernel_size) <= SHIFTED_MAX_TAPS else "fft"
+    if impl != "lax" and not single:
+        raise ConfigError(
+            f"conv_impl={impl!r} needs in_channels == out_channels == 1 and stride 1, got "
+            f"{in_channels}->{out_channels} channels, strides {tuple(strides)}; use 'lax' or 'auto'"
+        )
+    return impl
+
+
+def _pad_amounts(padding: str, kernel_size: Sequence[int]) -> list[tuple[int, int]]:
+    """Per spatial axis (low, high) padding; "same" as PyTorch/XLA (extra pad on the high side)."""
+    if padding == "valid":
+        return [(0, 0) for _ in kernel_size]
+    return [((k - 1) // 2, (k - 1) - (k - 1) // 2) for k in kernel_size]
+
+
+def conv2d(x_NHWC: Array, kernel_HWIO: Array, *, padding: str = "valid",
+           strides: Sequence[int] = (1, 1), impl: str = "lax") -> Array:
+    """2-D cross-correlation ``out[n, p, q, o] = sum K[i, j, c, o] x[n, p*s+i, q*s+j, c]``.
+
+    Args:
+      x_NHWC: input, same dtype as the kernel.
+      kernel_HWIO: kernel.
+      padding: ``"valid"`` (PyTorch's default) or ``"same"`` (stride 1 keeps H, W).
+      strides: spatial strides.
+      impl: ``"lax"``, ``"shifted"`` or ``"fft"`` (already resolved; the last two
+        need one input and one output channel and stride 1).
+
+    Returns:
+      ``(N, Ho, Wo, O)`` in the input dtype.
+    """
+    check_choice("padding", padding, PADDINGS)
+    kh, kw, cin, cout = kernel_HWIO.shape
+    if impl == "lax":
+        return lax.conv_general_dilated(
+            x_NHWC, kernel_HWIO, tuple(strides), _pad_amounts(padding, (kh, kw)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=lax.Precision.HIGHEST,
+        )
+    if cin != 1 or cout != 1 or tuple(strides) != (1, 1):
+        raise ConfigError(f"conv impl {impl!r} needs 1->1 channels and stride 1, got {cin}->{cout}")
+    pads = _pad_amounts(padding, (kh, kw))
+    x = x_NHWC[..., 0]
+    if padding == "same":
+        x = jnp.pad(x, [(0, 0), pads[0], pads[1]])
+    h, w = x.shape[1], x.shape[2]
+    ho, wo = h - kh + 1, w - kw + 1
+    if ho < 1 or wo < 1:
+        raise ConfigError(f"kernel {kh}x{kw} larger than its (padded) input {h}x{w}")
+    k = kernel_HWIO[:, :, 0, 0]
+    if impl == "shifted":
+        acc = None
+        for i in range(kh):
+            for j in range(kw):
+                term = k[i, j] * x[:, i:i + ho, j:j + wo]
+                acc = term if acc is None else acc + term
+        return acc[..., None]
+    if impl == "fft":
+        # Circular cross-correlation of size (h, w) equals the linear one on the valid
+        # region: c[n] = sum_m K[m] x[n+m] has n+m <= h-1 there.
+        x_hat = jnp.fft.rfft2(x, s=(h, w))
+        k_hat = jnp.fft.rfft2(k, s=(h, w))
+        out = jnp.fft.irfft2(x_hat * jnp.conj(k_hat)[None], s=(h, w))
+        return out[:, :ho, :wo, None].astype(x_NHWC.dtype)
+    raise ConfigError(f"conv impl={impl!r}; allowed: 'lax', 'shifted', 'fft'")
+
+
+class Conv(nn.Module):
+    """Conv layer (HWIO kernel, optional bias) with a selectable init and implementation."""
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: str = "same"
+    use_bias: bool = True
+    init_scheme: str = "pytorch"
+    init_std: float = 1.0
+    impl: str = "lax"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cin = x.shape[-1]
+        shape = (*self.kernel_size, cin, self.features)
+        kernel = self.param("kernel", make_kernel_init(self.init_scheme, std=self.init_std), shape, self.dtype)
+        y = conv2d(x, kernel, padding=self.padding, strides=self.strides, impl=self.impl)
+        if self.use_bias:
+            bias = self.param("bias", make_bias_init(self.init_scheme, _fan_in(shape)), (self.features,), self.dtype)
+            y = y + bias[None, None, None, :]
+        return y
+
+
+class Dense(nn.Module):
+    """Dense layer with a selectable init (PyTorch uniform fan-in or flax defaults)."""
+
+    features: int
+    use_bias: bool = True
+    init_scheme: str = "pytorch"
+    init_std: float = 1.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        shape = (x.shape[-1], self.features)
+        kernel = self.param("kernel", make_kernel_init(self.init_scheme, std=self.init_std), shape, self.dtype)
+        y = jnp.matmul(x, kernel, precision=lax.Precision.HIGHEST)
+        if self.use_bias:
+            bias = self.param("bias", make_bias_init(self.init_scheme, shape[0]), (self.features,), self.dtype)
+            y = y + bias[None, :]
+        return y
