@@ -186,8 +186,10 @@ def test_load_mnist_layouts_scaling_and_subset(isolated, layout, gz):
 
 def test_fashion_from_env_var_read_at_call_time(isolated, monkeypatch):
     written = write_mnist_dir(isolated / "env" / "fashion-mnist", seed=5)
-    with pytest.raises(DataNotFoundError):
+    with pytest.raises(DataNotFoundError, match="nothing is not a directory"):
         data.load("fashion_mnist01", data_dir=isolated / "nothing")
+    with pytest.raises(DataNotFoundError, match="no Fashion-MNIST"):
+        data.load("fashion_mnist01")
     monkeypatch.setenv("EOS_JAX_DATA", str(isolated / "env"))
     ds = data.load("fashion_mnist01", "train")
     x, y = written["train"]
@@ -297,6 +299,9 @@ def test_restricted_unpickler_refuses_code_and_objects(tmp_path):
         data.restricted_loads(b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\ndtype\nK\x00\x85U\x01b\x87R.")
     with pytest.raises(MalformedDataError, match="refused"):
         data.restricted_loads(b"\x80\x02cnumpy\nndarray\n.")  # a bare class never comes out
+    nested = b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b"."  # lists nested 100000 deep
+    with pytest.raises(MalformedDataError, match="RecursionError"):
+        data.restricted_loads(nested)
     # Plain data still loads.
     assert data.restricted_loads(pickle.dumps({"a": [1, 2.5, "s", b"b"]}, protocol=2)) == {"a": [1, 2.5, "s", b"b"]}
 

@@ -277,7 +277,8 @@ def restricted_loads(data: bytes, *, source: str | os.PathLike = "<bytes>") -> A
         # str with one code point per byte, converted back to bytes losslessly.
         obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
         return _finish(obj)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
+            RecursionError, OverflowError) as e:
         raise MalformedDataError(f"{source}: not a safe CIFAR-10 python pickle ({type(e).__name__}: {e})") from None
 
 

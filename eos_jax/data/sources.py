@@ -39,7 +39,7 @@ import urllib.request
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
-from eos_jax.errors import ChecksumError, ConfigError, DataError
+from eos_jax.errors import ChecksumError, ConfigError, DataError, DataNotFoundError
 
 SYSTEM_DIRS: tuple[str, ...] = ("/usr/share/datasets",)
 
@@ -150,6 +150,10 @@ def find_files(base: str, split: str, data_dir: str | os.PathLike | None = None)
       ``(files, looked)``: ``files`` is None when nothing complete was found; ``looked``
       lists every directory tried (with the missing files for incomplete ones).
     """
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        # An explicit directory that does not exist is a typo, not a reason to read
+        # whatever the cache or the system happens to hold.
+        raise DataNotFoundError(f"data_dir {data_dir} is not a directory; pass an existing --data-dir (or data_dir=)")
     looked: list[str] = []
     for d in candidate_dirs(base, data_dir):
         needs = required_files(base, d, split)
