@@ -25,6 +25,9 @@ use the same file names, and guessing would silently load the wrong one.
 Published SHA-256 digests below are those listed by tensorflow-datasets
 (``tensorflow_datasets/url_checksums/{mnist,fashion_mnist,cifar10}.txt``, cifar10.csv
 for the python archive) and agree with Keras and torchvision's prototype datasets.
+Debian's Fashion-MNIST files are recompressed (gzip header without the file name,
+23 bytes shorter), so their digests are not the published ones; ``Dataset.sha256``
+records what was actually read.
 """
 
 from __future__ import annotations
