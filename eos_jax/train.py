@@ -1,0 +1,792 @@
+"""The training engine: one state pytree, a pure step, scan-chunked loops, vmapped sweeps.
+
+A run trains one or more *lanes*, each a point of the product of lists of learning
+rate, perturbation factor k, seed and weight decay (:func:`make_lanes`). All lanes of
+a group run as one vmapped program; the optimizer is built *inside* the vmapped step
+from the lane's traced hyperparameters (:class:`HParams`), so one compilation serves
+every learning rate. Groups hold at most ``max_lanes`` lanes (memory); with several
+devices the lane axis is sharded over them.
+
+Steps run in chunks inside :func:`jax.lax.scan`. Between chunks the host writes
+``metrics.jsonl``, tracks the sharpness (largest algebraic Hessian eigenvalue,
+warm-started from the eigenvector kept in the state), saves orbax checkpoints, redraws
+the progress bar and reacts to SIGINT/SIGTERM (checkpoint, then stop). Chunk
+boundaries fall on multiples of ``chunk_steps``, ``checkpoint_every``,
+``sharpness_every`` and ``log_every``, so an interrupted and resumed run performs the
+same computations, in the same order, as an uninterrupted one.
+
+Divergence is a result: a lane whose loss, parameters or optimizer state become
+non-finite records the step and keeps its last finite state from then on, so the
+other lanes and the summary stay finite (Section 6's sweeps cross the stability
+boundary on purpose).
+
+The normalized sharpness ``lr * lambda_max`` is compared with the threshold of the
+optimizer in use (2 for gradient descent: the classical bound ``lr < 2/lambda_max``
+that the Edge of Stability exceeds, Section 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from eos_jax import io as eio
+from eos_jax.checkpoint import CheckpointStore
+from eos_jax.data.transforms import epoch_permutation
+from eos_jax.errors import ConfigError
+from eos_jax.metrics import tree_digest
+from eos_jax.progress import ProgressBar
+
+PyTree = Any
+Batch = Any
+LossFn = Callable[[PyTree, Batch], jax.Array]
+# eig_fn(objective, params, batch, v0, key) -> (eigenvalue, eigenvector); must be vmappable
+# (a fixed number of iterations, no host-side convergence test).
+EigFn = Callable[[LossFn, PyTree, Batch, PyTree, jax.Array], tuple[jax.Array, PyTree]]
+
+_ROOT_SEED = 0  # every lane key is fold_in(key(_ROOT_SEED), seed): seeds are plain integers.
+_MAX_SEED = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------- lanes
+
+
+@dataclasses.dataclass(frozen=True)
+class Lane:
+    """One run of a sweep: Python values of its hyperparameters."""
+
+    learning_rate: float
+    k: int = 1
+    seed: int = 0
+    weight_decay: float = 0.0
+
+    def asdict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _as_list(name: str, values: Any) -> list[Any]:
+    if isinstance(values, (list, tuple)):
+        out = list(values)
+    else:
+        out = [values]
+    if not out:
+        raise ConfigError(f"{name}: empty list; give at least one value")
+    return out
+
+
+def make_lanes(
+    learning_rates: float | Sequence[float],
+    ks: int | Sequence[int] = 1,
+    seeds: int | Sequence[int] = 0,
+    weight_decays: float | Sequence[float] = 0.0,
+) -> list[Lane]:
+    """The product of the hyperparameter lists, learning rate varying slowest.
+
+    Args:
+      learning_rates: finite values > 0.
+      ks: perturbation factors, integers >= 1 (k=1 is plain SGD/GD; Section 4.1).
+      seeds: integers in [0, 2**31 - 1].
+      weight_decays: finite values >= 0.
+
+    Returns:
+      ``len(lr) * len(k) * len(seed) * len(wd)`` lanes.
+
+    Raises:
+      ConfigError: a bad value (named) or a duplicated lane.
+    """
+    lrs = _as_list("learning rate", learning_rates)
+    kk = _as_list("k", ks)
+    ss = _as_list("seed", seeds)
+    wds = _as_list("weight decay", weight_decays)
+    for lr in lrs:
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"learning rate {lr!r} is not allowed; expected a finite float > 0")
+    for k in kk:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"k={k!r} is not allowed; expected an integer >= 1")
+    for s in ss:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= _MAX_SEED:
+            raise ConfigError(f"seed {s!r} is not allowed; expected an integer in [0, {_MAX_SEED}]")
+    for wd in wds:
+        if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0):
+            raise ConfigError(f"weight decay {wd!r} is not allowed; expected a finite float >= 0")
+    lanes = [
+        Lane(float(lr), int(k), int(s), float(wd)) for lr, k, s, wd in itertools.product(lrs, kk, ss, wds)
+    ]
+    if len(set(lanes)) != len(lanes):
+        raise ConfigError("the hyperparameter lists contain duplicates; every lane must be distinct")
+    return lanes
+
+
+class HParams(NamedTuple):
+    """Traced hyperparameters of one lane (a leading lane axis when stacked)."""
+
+    learning_rate: jax.Array  # working float dtype
+    k: jax.Array  # int32
+    weight_decay: jax.Array  # working float dtype
+    seed: jax.Array  # int32
+
+
+def stack_hparams(lanes: Sequence[Lane], dtype: Any = jnp.float32) -> HParams:
+    """Stacks lanes into an :class:`HParams` of arrays with a leading lane axis.
+
+    Learning rate and weight decay are rounded once to ``dtype``, the working dtype
+    of the parameters, exactly as a single run with that Python float would be.
+    """
+    return HParams(
+        learning_rate=jnp.asarray(np.array([l.learning_rate for l in lanes], dtype=dtype)),
+        k=jnp.asarray(np.array([l.k for l in lanes], dtype=np.int32)),
+        weight_decay=jnp.asarray(np.array([l.weight_decay for l in lanes], dtype=dtype)),
+        seed=jnp.asarray(np.array([l.seed for l in lanes], dtype=np.int32)),
+    )
+
+
+# ----------------------------------------------------------------------------- state and step
+
+
+class TrainState(NamedTuple):
+    """Everything a run carries from one step to the next (jitted, vmapped, checkpointed).
+
+    Attributes:
+      step: steps taken (int32 scalar).
+      params: the parameter pytree.
+      opt_state: the optax state.
+      key: raw key data (uint32[2]) of the lane's data key (minibatch order).
+      eigvec: last top Hessian eigenvector, shaped like ``params`` (warm start).
+      finite: False once a step produced a non-finite loss, parameter or optimizer state.
+      nonfinite_step: the first such step (meaningful only when ``finite`` is False);
+        the state is frozen at the parameters of that step.
+    """
+
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    key: jax.Array
+    eigvec: PyTree
+    finite: jax.Array
+    nonfinite_step: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What to train, apart from the per-lane hyperparameters.
+
+    Attributes:
+      init_params: ``key -> params`` (pure).
+      loss_fn: ``(params, batch) -> scalar`` data loss, a mean over the batch.
+      make_optimizer: ``HParams -> optax.GradientTransformation`` for one lane; called
+        inside vmap with traced values, so it must accept traced lr, k, weight decay.
+      data: the training set, a pytree of arrays with a leading example axis.
+      threshold: stability threshold of the normalized sharpness ``lr * lambda_max``
+        for the optimizer (2 for gradient descent).
+      l2_weight_decay: the optimizer's weight decay is an L2 term ``wd/2 |p|^2`` added to
+        the objective (coupled); the sharpness is then that of ``loss + wd/2 |p|^2``.
+      eig_fn: how to compute the top eigenpair; default :func:`make_eig_fn`.
+      name: for the progress bar and plots.
+    """
+
+    init_params: Callable[[jax.Array], PyTree]
+    loss_fn: LossFn
+    make_optimizer: Callable[[HParams], optax.GradientTransformation]
+    data: Batch
+    threshold: float = 2.0
+    l2_weight_decay: bool = True
+    eig_fn: EigFn | None = None
+    name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How to run: steps, chunking, logging, sharpness and checkpoint schedule.
+
+    Attributes:
+      steps: total optimizer steps (>= 1).
+      batch_size: ``None`` for full-batch gradient descent, else minibatch size
+        (epochs of a per-epoch permutation from the lane key; the remainder is dropped).
+      chunk_steps: steps per ``lax.scan`` (at most; boundaries also fall on the
+        other schedules).
+      log_every: a metrics line every this many steps (and at every sharpness step).
+      sharpness_every: track sharpness every this many steps (``None``: never).
+      sharpness_iters: fixed number of eigensolver iterations (vmappable).
+      sharpness_method: ``"lanczos"`` or ``"power"`` (see :func:`make_eig_fn`).
+      sharpness_examples: sharpness on the first n examples (``None``: full batch;
+        for minibatch SGD a fixed subset keeps the cost bounded).
+      checkpoint_every: checkpoint every this many steps (``None``: only at the end and
+        on SIGINT/SIGTERM).
+      max_lanes: lanes per vmapped program (memory).
+      checkpoint_keep: committed checkpoints kept per group (>= 2).
+    """
+
+    steps: int
+    batch_size: int | None = None
+    chunk_steps: int = 50
+    log_every: int = 1
+    sharpness_every: int | None = 10
+    sharpness_iters: int = 20
+    sharpness_method: str = "lanczos"
+    sharpness_examples: int | None = None
+    checkpoint_every: int | None = 100
+    max_lanes: int = 64
+    checkpoint_keep: int = 3
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first bad field."""
+        for name in ("steps", "chunk_steps", "log_every", "sharpness_iters", "max_lanes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}={v!r} is not allowed; expected an integer >= 1")
+        for name in ("batch_size", "sharpness_every", "sharpness_examples", "checkpoint_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name}={v!r} is not allowed; expected an integer >= 1 or None")
+        if self.sharpness_method not in ("lanczos", "power"):
+            raise ConfigError(f"sharpness_method={self.sharpness_method!r}; allowed: lanczos, power")
+        if self.checkpoint_keep < 2:
+            raise ConfigError(f"checkpoint_keep={self.checkpoint_keep}; expected >= 2")
+
+
+def _lane_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(init key, data key, eigenvector key) of a lane, all derived with fold_in."""
+    lane = jax.random.fold_in(jax.random.key(_ROOT_SEED), seed)
+    return jax.random.fold_in(lane, 0), jax.random.fold_in(lane, 1), jax.random.fold_in(lane, 2)
+
+
+def _random_like(key: jax.Array, tree: PyTree) -> PyTree:
+    """Unit-norm Gaussian pytree shaped like ``tree`` (per-leaf dtype)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    vs = [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    sq = sum(jnp.sum(jnp.square(v)).astype(jnp.float32) for v in vs)
+    inv = jax.lax.rsqrt(sq)
+    return jax.tree_util.tree_unflatten(treedef, [v * inv.astype(v.dtype) for v in vs])
+
+
+def init_state(problem: Problem, hp: HParams) -> TrainState:
+    """The state of one lane at step 0 (pure; vmap it over stacked HParams)."""
+    init_key, data_key, eig_key = _lane_keys(hp.seed)
+    params = problem.init_params(init_key)
+    opt_state = problem.make_optimizer(hp).init(params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=opt_state,
+        key=jax.random.key_data(data_key),
+        eigvec=_random_like(eig_key, params),
+        finite=jnp.ones((), jnp.bool_),
+        nonfinite_step=jnp.zeros((), jnp.int32),
+    )
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    """True iff every inexact leaf of ``tree`` is finite."""
+    ok = jnp.ones((), jnp.bool_)
+    for x in jax.tree_util.tree_leaves(tree):
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            ok = ok & jnp.all(jnp.isfinite(x))
+    return ok
+
+
+def select_batch(data: Batch, key_data: jax.Array, step: jax.Array, batch_size: int | None) -> Batch:
+    """The batch of ``step``: all of ``data``, or a minibatch of a per-epoch permutation.
+
+    Epoch ``e`` uses the permutation from ``fold_in(key, e)``; step ``t`` takes slice
+    ``t % steps_per_epoch`` of it. Pure in (key, step), hence exactly resumable.
+    """
+    if batch_size is None:
+        return data
+    n = int(jax.tree_util.tree_leaves(data)[0].shape[0])
+    if batch_size > n:
+        raise ConfigError(f"batch_size={batch_size} exceeds the {n} training examples")
+    per_epoch = n // batch_size
+    epoch = step // per_epoch
+    i = step - epoch * per_epoch
+    perm = epoch_permutation(jax.random.wrap_key_data(key_data), epoch, n)
+    idx = jax.lax.dynamic_slice(perm, (i * batch_size,), (batch_size,))
+    return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), data)
+
+
+def make_train_step(
+    problem: Problem, batch_size: int | None = None
+) -> Callable[[TrainState, HParams, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure step of one lane: ``(state, hparams, data) -> (state, metrics)``.
+
+    The optimizer is built from ``hparams`` inside the step (traced lr, k, weight
+    decay). ``metrics["loss"]`` is the loss at the parameters *before* the update (the
+    loss of step ``state.step``). A step whose loss, new parameters or new optimizer
+    state are not all finite leaves the state unchanged apart from ``step``, and sets
+    ``finite=False`` and ``nonfinite_step`` (first time only).
+    """
+
+    def step(state: TrainState, hp: HParams, data: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        batch = select_batch(data, state.key, state.step, batch_size)
+        opt = problem.make_optimizer(hp)
+        loss, grads = jax.value_and_grad(problem.loss_fn)(state.params, batch)
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ok = state.finite & jnp.isfinite(loss) & _all_finite(params) & _all_finite(opt_state)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + jnp.ones((), jnp.int32),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            key=state.key,
+            eigvec=state.eigvec,
+            finite=ok,
+            nonfinite_step=jnp.where(state.finite & ~ok, state.step, state.nonfinite_step),
+        )
+        return new_state, {"loss": loss, "finite": ok}
+
+    return step
+
+
+def make_chunk_fn(
+    problem: Problem, batch_size: int | None = None, chunk_steps: int = 50
+) -> Callable[[TrainState, HParams, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """Jitted, lane-vmapped ``(states, hparams, data, n) -> (states, metrics)``: ``n`` steps.
+
+    One ``lax.scan`` of static length ``chunk_steps`` whose iterations ``i >= n`` are
+    skipped by a ``lax.cond`` on the (unbatched, hence not select-converted) predicate
+    ``i < n``: every chunk length up to ``chunk_steps`` shares one compiled program.
+    Metrics have shape ``(lanes, chunk_steps)``; entries ``>= n`` are padding.
+    """
+    step = make_train_step(problem, batch_size)
+
+    def chunk(state: TrainState, hp: HParams, data: Batch, n: jax.Array):
+        def body(s: TrainState, i: jax.Array):
+            def skip(s_: TrainState):
+                loss_dtype = jax.eval_shape(problem.loss_fn, s_.params, select_batch(data, s_.key, s_.step, batch_size))
+                return s_, {"loss": jnp.zeros((), loss_dtype.dtype), "finite": s_.finite}
+
+            return jax.lax.cond(i < n, lambda s_: step(s_, hp, data), skip, s)
+
+        return jax.lax.scan(body, state, jnp.arange(chunk_steps, dtype=jnp.int32))
+
+    return jax.jit(jax.vmap(chunk, in_axes=(0, 0, None, None)))
+
+
+def make_eig_fn(num_iters: int = 20, method: str = "lanczos") -> EigFn:
+    """Top Hessian eigenpair with :func:`eos_jax.hessian.top_eigenvalue`, fixed iterations.
+
+    Args:
+      num_iters: Hessian-vector products per call (no early stop: vmappable).
+      method: ``"lanczos"`` (full reorthogonalization) or ``"power"`` (shifted by the
+        Hessian module so that it finds the largest algebraic eigenvalue).
+    """
+
+    def eig(objective: LossFn, params: PyTree, batch: Batch, v0: PyTree, key: jax.Array):
+        from eos_jax import hessian
+
+        res = hessian.top_eigenvalue(objective, params, batch, method=method, num_iters=num_iters, tol=None, v0=v0, key=key)
+        return res.eigenvalue, res.eigenvector
+
+    return eig
+
+
+def objective_fn(problem: Problem, hp: HParams) -> LossFn:
+    """The function gradient descent descends for lane ``hp``: the loss, plus ``wd/2 |p|^2`` when coupled."""
+    if not problem.l2_weight_decay:
+        return problem.loss_fn
+
+    def objective(params: PyTree, batch: Batch) -> jax.Array:
+        loss = problem.loss_fn(params, batch)
+        sq = sum(jnp.sum(jnp.square(p)).astype(loss.dtype) for p in jax.tree_util.tree_leaves(params))
+        return loss + (hp.weight_decay.astype(loss.dtype) * jnp.asarray(0.5, loss.dtype)) * sq
+
+    return objective
+
+
+def make_sharpness_fn(problem: Problem, eig_fn: EigFn) -> Callable[[TrainState, HParams, Batch], tuple[TrainState, jax.Array]]:
+    """Jitted, lane-vmapped ``(states, hparams, batch) -> (states with new eigvec, lambda_max)``.
+
+    Warm-started from ``state.eigvec``; a non-finite eigenvector is not kept.
+    """
+
+    def one(state: TrainState, hp: HParams, batch: Batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        val, vec = eig_fn(objective_fn(problem, hp), state.params, batch, state.eigvec, key)
+        ok = _all_finite(vec)
+        vec = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a.astype(b.dtype), b), vec, state.eigvec)
+        return state._replace(eigvec=vec), val
+
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+
+
+def make_eval_fn(problem: Problem, batch_size: int | None) -> Callable[[TrainState, HParams, Batch], jax.Array]:
+    """Jitted, lane-vmapped loss at the current parameters on the batch of the current step."""
+
+    def one(state: TrainState, hp: HParams, data: Batch):
+        return problem.loss_fn(state.params, select_batch(data, state.key, state.step, batch_size))
+
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+
+
+# ----------------------------------------------------------------------------- host loop
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint of ``step`` was saved before stopping."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum = signum
+        self.step = step
+        self.run_dir = run_dir
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in {run_dir}; continue with --resume")
+
+
+class _SignalCatcher:
+    """Records SIGINT/SIGTERM instead of raising, while active (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_SignalCatcher":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _next_boundary(s: int, total: int, periods: Iterable[int | None]) -> int:
+    """The first step after ``s`` that is a multiple of one of ``periods``, capped at ``total``."""
+    nxt = total
+    for p in periods:
+        if p:
+            nxt = min(nxt, (s // p + 1) * p)
+    return nxt
+
+
+def group_lanes(num_lanes: int, max_lanes: int, num_devices: int = 1) -> list[list[int]]:
+    """Splits lane indices into groups of at most ``max_lanes`` (a multiple of ``num_devices`` when possible)."""
+    size = max_lanes
+    if num_devices > 1 and max_lanes >= num_devices:
+        size = (max_lanes // num_devices) * num_devices
+    return [list(range(i, min(i + size, num_lanes))) for i in range(0, num_lanes, size)]
+
+
+def _index_lane(tree: PyTree, i: int) -> PyTree:
+    return jax.tree_util.tree_map(lambda x: np.asarray(x)[i], tree)
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Parses metrics.jsonl, dropping a torn last line."""
+    out = []
+    if not path.exists():
+        return out
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # torn write of a killed run
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+def _json_line(rec: dict[str, Any]) -> str:
+    return json.dumps(eio.to_jsonable(rec), sort_keys=True, allow_nan=False) + "\n"
+
+
+def _lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    """Loss and sharpness statistics of one lane from its metrics lines (sorted by step)."""
+    losses = [(r["step"], r["loss"]) for r in lines if r.get("finite") and r.get("loss") is not None]
+    sharp = [(r["step"], r["sharpness"], r["normalized_sharpness"]) for r in lines if r.get("sharpness") is not None]
+    out: dict[str, Any] = {
+        "initial_loss": losses[0][1] if losses else None,
+        "final_loss": lines[-1].get("loss") if lines else None,
+        "min_loss": min((l for _, l in losses), default=None),
+    }
+    # Largest relative increase of the loss between consecutive logged steps: GD below
+    # the stability bound decreases the loss monotonically; spikes mark instabilities.
+    incs = [(b - a) / abs(a) for (_, a), (_, b) in zip(losses, losses[1:]) if a != 0]
+    out["max_rel_loss_increase"] = max(incs, default=0.0)
+    out["num_loss_increases_1pct"] = sum(1 for x in incs if x > 0.01)
+    if sharp:
+        out["final_sharpness"] = sharp[-1][1]
+        out["final_normalized_sharpness"] = sharp[-1][2]
+        finite_ns = [ns for _, _, ns in sharp if ns is not None]
+        out["max_normalized_sharpness"] = max(finite_ns, default=None)
+        out["first_step_above_threshold"] = next((s for s, _, ns in sharp if ns is not None and ns > threshold), None)
+    return out
+
+
+def train(
+    problem: Problem,
+    lanes: Sequence[Lane],
+    config: EngineConfig,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    dtype: Any = jnp.float32,
+    devices: Sequence[Any] | None = None,
+    progress_stream: Any = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Runs every lane to ``config.steps``; writes metrics.jsonl, checkpoints/, results.json.
+
+    Args:
+      problem: what to train.
+      lanes: the hyperparameter points (:func:`make_lanes`).
+      config: the schedule.
+      run_dir: an opened run directory (see :func:`eos_jax.io.open_run_dir`).
+      resume: continue from the newest valid checkpoint of each group; metrics lines
+        past it are dropped so the file ends identical to an uninterrupted run's.
+      quiet: no progress bar.
+      dtype: working float dtype of learning rate and weight decay.
+      devices: devices to spread the lane axis over (default: all).
+      progress_stream: where the progress bar goes (default stderr).
+      on_chunk: called with the step reached after each chunk (e.g. to report elsewhere).
+
+    Returns:
+      The results dict also written to ``results.json``: per lane its hyperparameters,
+      ``finite``/``first_nonfinite_step``, loss and sharpness statistics and the SHA-256
+      of its final parameters; a summary over lanes; timings.
+
+    Raises:
+      ConfigError: bad config.
+      TrainingInterrupted: SIGINT/SIGTERM (after saving a checkpoint).
+    """
+    config.validate()
+    if not lanes:
+        raise ConfigError("no lanes to train")
+    run_dir = Path(run_dir)
+    devices = list(devices) if devices is not None else jax.devices()
+    groups = group_lanes(len(lanes), config.max_lanes, len(devices))
+    metrics_path = run_dir / "metrics.jsonl"
+    eig_fn = problem.eig_fn or make_eig_fn(config.sharpness_iters, config.sharpness_method)
+    n_examples = int(jax.tree_util.tree_leaves(problem.data)[0].shape[0])
+    if config.batch_size is not None and config.batch_size > n_examples:
+        raise ConfigError(f"batch_size={config.batch_size} exceeds the {n_examples} training examples")
+
+    mesh = None
+    if len(devices) > 1:
+        mesh = jax.sharding.Mesh(np.array(devices), ("lanes",))
+        lane_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("lanes"))
+        data = jax.device_put(problem.data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    else:
+        data = jax.device_put(problem.data, devices[0])
+    if config.sharpness_examples is not None:
+        m = min(config.sharpness_examples, n_examples)
+        sharp_data = jax.tree_util.tree_map(lambda a: a[:m], data)
+    else:
+        sharp_data = data
+
+    def padded(idx: list[int]) -> list[Lane]:
+        ls = [lanes[i] for i in idx]
+        if mesh is not None and len(ls) % len(devices):
+            ls = ls + [ls[-1]] * (len(devices) - len(ls) % len(devices))  # padding lanes, dropped later
+        return ls
+
+    init_fn = jax.jit(jax.vmap(lambda hp: init_state(problem, hp)))
+
+    def place(tree: PyTree) -> PyTree:
+        if mesh is None:
+            return jax.device_put(tree, devices[0])
+        return jax.device_put(tree, lane_sharding)
+
+    def template(group_lanes_: list[Lane]) -> PyTree:
+        hp = stack_hparams(group_lanes_, dtype)
+        shapes = jax.eval_shape(init_fn, hp)
+        if mesh is None:
+            return shapes
+        return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=lane_sharding), shapes)
+
+    stores = [
+        CheckpointStore(run_dir / "checkpoints" / f"group_{g:03d}", max_to_keep=config.checkpoint_keep)
+        for g in range(len(groups))
+    ]
+    start_steps = [0] * len(groups)
+    if resume:
+        for g, idx in enumerate(groups):
+            got = stores[g].restore_latest(template(padded(idx)))
+            start_steps[g] = got[0] if got is not None else 0
+        kept = [
+            r
+            for r in _read_metrics(metrics_path)
+            if 0 <= r.get("group", -1) < len(groups) and r.get("step", math.inf) < start_steps[r["group"]]
+        ]
+        eio.atomic_write_text(metrics_path, "".join(_json_line(r) for r in kept))
+    else:
+        eio.atomic_write_text(metrics_path, "")
+
+    chunk_fn = make_chunk_fn(problem, config.batch_size, config.chunk_steps)
+    sharp_fn = make_sharpness_fn(problem, eig_fn)
+    eval_fn = make_eval_fn(problem, config.batch_size)
+    total = config.steps
+    bar = ProgressBar(total * len(groups), enabled=not quiet, stream=progress_stream, label=f"{problem.name} " if problem.name else "")
+    timing = {"train_s": 0.0, "sharpness_s": 0.0, "checkpoint_s": 0.0, "compile_and_first_chunk_s": None}
+    final_states: list[tuple[list[int], TrainState]] = []
+
+    with _SignalCatcher() as sig:
+        for g, idx in enumerate(groups):
+            glanes = padded(idx)
+            n_real = len(idx)
+            hp = place(stack_hparams(glanes, dtype))
+            store = stores[g]
+            s = start_steps[g]
+            if s > 0:
+                state = place(store.restore(s, template(glanes)))
+            else:
+                state = init_fn(hp)
+            last_sharp: float | None = None
+            pending_sharp: np.ndarray | None = None
+            while True:
+                # 1. checkpoint the state at boundary s (before its sharpness step).
+                if s != start_steps[g] and (s == total or (config.checkpoint_every and s % config.checkpoint_every == 0)):
+                    t0 = time.perf_counter()
+                    store.save(s, state)
+                    timing["checkpoint_s"] += time.perf_counter() - t0
+                # 2. sharpness at s.
+                if config.sharpness_every and (s % config.sharpness_every == 0 or s == total):
+                    t0 = time.perf_counter()
+                    state, lam = sharp_fn(state, hp, sharp_data)
+                    pending_sharp = np.asarray(jax.device_get(lam))
+                    timing["sharpness_s"] += time.perf_counter() - t0
+                    last_sharp = float(pending_sharp[0])
+                if s == total:
+                    final_loss = np.asarray(jax.device_get(eval_fn(state, hp, data)))
+                    finite = np.asarray(jax.device_get(state.finite))
+                    _write_lines(metrics_path, g, idx, glanes, s, final_loss[:, None], finite[:, None], pending_sharp, problem.threshold, config.log_every, total, force=True)
+                    break
+                # 3. one chunk.
+                nxt = _next_boundary(s, total, (config.chunk_steps, config.checkpoint_every, config.sharpness_every))
+                t0 = time.perf_counter()
+                state, met = chunk_fn(state, hp, data, jnp.asarray(nxt - s, jnp.int32))
+                met = jax.tree_util.tree_map(lambda a: np.asarray(a)[:, : nxt - s], jax.device_get(met))
+                dt = time.perf_counter() - t0
+                if timing["compile_and_first_chunk_s"] is None:
+                    timing["compile_and_first_chunk_s"] = dt
+                else:
+                    timing["train_s"] += dt
+                losses = np.asarray(met["loss"])
+                _write_lines(metrics_path, g, idx, glanes, s, losses, np.asarray(met["finite"]), pending_sharp, problem.threshold, config.log_every, total)
+                pending_sharp = None
+                s = nxt
+                bar.update(g * total + s, float(losses[0, -1]), last_sharp, extra=f"lanes {n_real}" if n_real > 1 else "")
+                if on_chunk is not None:
+                    on_chunk(s)
+                if sig.signum is not None:
+                    store.save(s, state)
+                    store.close()
+                    bar.close()
+                    raise TrainingInterrupted(sig.signum, s, run_dir)
+            store.wait()
+            final_states.append((idx, state))
+    bar.close()
+    for st in stores:
+        st.close()
+    return _write_results(run_dir, problem, lanes, groups, final_states, metrics_path, timing)
+
+
+def _write_lines(
+    path: Path,
+    group: int,
+    idx: list[int],
+    glanes: list[Lane],
+    start: int,
+    losses: np.ndarray,
+    finite: np.ndarray,
+    sharp: np.ndarray | None,
+    threshold: float,
+    log_every: int,
+    total: int,
+    force: bool = False,
+) -> None:
+    """Appends the lines of steps ``start .. start+n-1`` (logged ones) for the real lanes, then fsyncs."""
+    out = []
+    for j in range(losses.shape[1]):
+        step = start + j
+        has_sharp = sharp is not None and j == 0
+        if not (force or has_sharp or step % log_every == 0):
+            continue
+        for li, lane_index in enumerate(idx):
+            lane = glanes[li]
+            rec: dict[str, Any] = {
+                "group": group,
+                "lane": lane_index,
+                "step": step,
+                "loss": float(losses[li, j]),
+                "finite": bool(finite[li, j]),
+                "learning_rate": lane.learning_rate,
+                "k": lane.k,
+                "seed": lane.seed,
+                "weight_decay": lane.weight_decay,
+            }
+            if has_sharp:
+                lam = float(sharp[li])
+                ns = float(np.float64(lane.learning_rate) * lam)
+                rec.update(sharpness=lam, normalized_sharpness=ns, threshold_ratio=ns / threshold)
+            out.append(_json_line(rec))
+    if not out:
+        return
+    with open(path, "a") as f:
+        f.write("".join(out))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_results(
+    run_dir: Path,
+    problem: Problem,
+    lanes: Sequence[Lane],
+    groups: list[list[int]],
+    final_states: list[tuple[list[int], TrainState]],
+    metrics_path: Path,
+    timing: dict[str, Any],
+) -> dict[str, Any]:
+    """Builds and atomically writes results.json from the final states and metrics.jsonl."""
+    lines = _read_metrics(metrics_path)
+    by_lane: dict[int, list[dict[str, Any]]] = {}
+    for r in lines:
+        by_lane.setdefault(r["lane"], []).append(r)
+    lane_results = []
+    for idx, state in final_states:
+        host = jax.device_get(state)
+        for li, lane_index in enumerate(idx):
+            one = _index_lane(host, li)
+            rec = {"lane": lane_index, **lanes[lane_index].asdict()}
+            rec["finite"] = bool(one.finite)
+            rec["first_nonfinite_step"] = int(one.nonfinite_step) if not bool(one.finite) else None
+            rec["steps"] = int(one.step)
+            rec.update(_lane_summary(sorted(by_lane.get(lane_index, []), key=lambda r: r["step"]), problem.threshold))
+            rec["params_digest"] = tree_digest(one.params)
+            lane_results.append(rec)
+    lane_results.sort(key=lambda r: r["lane"])
+    finite_lanes = [r for r in lane_results if r["finite"]]
+    fl = [r["final_loss"] for r in finite_lanes if r["final_loss"] is not None]
+    summary = {
+        "num_lanes": len(lane_results),
+        "num_groups": len(groups),
+        "num_finite": len(finite_lanes),
+        "diverged": [{"lane": r["lane"], "learning_rate": r["learning_rate"], "first_nonfinite_step": r["first_nonfinite_step"]} for r in lane_results if not r["finite"]],
+        "final_loss_min": min(fl, default=None),
+        "final_loss_max": max(fl, default=None),
+        "threshold": problem.threshold,
+    }
+    results = {"lanes": lane_results, "summary": summary, "timing": timing}
+    eio.atomic_write_json(run_dir / "results.json", results)
+    return results
