@@ -1,0 +1,83 @@
+"""Tests of eos_jax.runtime. ``configure`` acts before the backend starts, and this test
+process has started it already, so those checks run in a fresh child interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from eos_jax.errors import ConfigError
+from eos_jax.runtime import DETERMINISTIC_GPU_FLAG, check_xla_flags, configure
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CHILD = r"""
+import json, sys
+from eos_jax.errors import ConfigError
+from eos_jax.runtime import configure
+try:
+    meta = configure()
+except ConfigError as e:
+    print(json.dumps({"error": str(e)}))
+    sys.exit(3)
+import jax, jax.numpy as jnp
+print(json.dumps({"meta": meta, "x64_dtype": str(jnp.asarray(1.0).dtype),
+                  "precision": str(jax.config.jax_default_matmul_precision)}))
+"""
+
+
+def _child(xla_flags: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if xla_flags is not None:
+        env["XLA_FLAGS"] = xla_flags
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run(
+        [sys.executable, "-c", _CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.subprocess
+def test_configure_in_fresh_process_sets_flags_and_returns_metadata():
+    proc = _child(None)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    meta = out["meta"]
+    assert DETERMINISTIC_GPU_FLAG in meta["xla_flags"].split()
+    assert meta["x64"] is True and out["x64_dtype"] == "float64"
+    assert meta["matmul_precision"] == "highest" and out["precision"] == "highest"
+    assert meta["backend"] == "cpu" and meta["device_count"] >= 1 and meta["device_kinds"]
+    for name in ("jax", "jaxlib", "flax", "optax"):
+        assert meta["versions"][name], name
+    # A user's own flags are kept, the deterministic flag is appended once.
+    proc = _child("--xla_cpu_enable_fast_math=false " + DETERMINISTIC_GPU_FLAG)
+    assert proc.returncode == 0, proc.stderr
+    flags = json.loads(proc.stdout.strip().splitlines()[-1])["meta"]["xla_flags"].split()
+    assert flags == ["--xla_cpu_enable_fast_math=false", DETERMINISTIC_GPU_FLAG]
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("flags", ["--xla_cpu_enable_fast_math=true", "--foo=1 --xla_cpu_enable_fast_math"])
+def test_configure_refuses_fast_math(flags):
+    proc = _child(flags)
+    assert proc.returncode == 3, (proc.returncode, proc.stdout, proc.stderr)
+    message = json.loads(proc.stdout.strip().splitlines()[-1])["error"]
+    assert "--xla_cpu_enable_fast_math" in message and "fast math" in message
+
+
+def test_check_xla_flags_parses_tokens():
+    check_xla_flags("")
+    check_xla_flags("--xla_cpu_enable_fast_math=false --xla_gpu_deterministic_ops=true")
+    for bad in ("--xla_cpu_enable_fast_math=true", "--a=1 --xla_cpu_enable_fast_math"):
+        with pytest.raises(ConfigError, match="fast_math"):
+            check_xla_flags(bad)
+
+
+def test_configure_rejects_unknown_precision_before_touching_anything():
+    before = os.environ.get("XLA_FLAGS")
+    with pytest.raises(ConfigError, match="matmul_precision='tf32'"):
+        configure(matmul_precision="tf32")
+    assert os.environ.get("XLA_FLAGS") == before
