@@ -32,6 +32,11 @@ Two compiler hazards are kept away:
   from the same barrier: adding ``+0`` is exact (it only turns an update of ``-0.0`` into
   ``+0.0``) and the add is no longer a bare product, so it cannot be contracted.
   ``params + updates`` then rounds exactly once more, as in the equation.
+* Division by a broadcast. XLA rewrites ``a / broadcast(b)`` into ``a * broadcast(1/b)``,
+  which is not correctly rounded; under vmap a lane's divisor becomes such a broadcast
+  (a sweep over lr with a fixed k got ``fl(lr/3)`` wrong in about 30% of the lanes).
+  ``lr`` and ``k`` therefore enter the barrier as one stacked array (batched together),
+  and the ``form="reference"`` divisor is spread to the update's shape before a barrier.
 
 ``learning_rate`` and ``k`` may be traced scalars (a sweep builds the optimizer inside a
 vmapped function); ``init`` never looks at their values, so state shapes do not depend
@@ -196,8 +201,11 @@ def perturbed_scale(
 
         def leaf(u: jax.Array) -> jax.Array:
             dtype = _float_dtype(u, "perturbed_scale")
-            if k_int is not None and k_int > 2 ** (np.finfo(dtype).nmant + 1):
-                raise ConfigError(f"k={k_int} is not exactly representable in {dtype}; allowed: k <= 2**{np.finfo(dtype).nmant + 1}")
+            k_max_bits = np.finfo(dtype).nmant + 1  # integers up to 2**k_max_bits are exact
+            if k_int is not None and k_int > 2**k_max_bits:
+                raise ConfigError(
+                    f"k={k_int} is not exactly representable in {dtype}; allowed: k <= 2**{k_max_bits}"
+                )
             # The barrier hides the scalars' values from XLA's algebraic simplifier, so
             # (lr/k)*(k*u) cannot become lr*u at compile time. lr and k go through it as
             # one array so that under vmap both are batched or neither is: XLA rewrites
