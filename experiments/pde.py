@@ -40,6 +40,8 @@ def _add_heat(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--points", type=cli.positive_int, default=29, help="interior grid points K")
     p.add_argument("--length", type=cli.positive_float, default=30.0, help="domain length L")
     p.add_argument("--steps", type=cli.positive_int, default=200, help="time steps per run")
+    p.add_argument("--cross-factor", type=cli.positive_float, default=10.0,
+                   help="a mode grows when its coefficient exceeds this times the largest initial one")
     p.add_argument("--out", required=True, help="run directory (new or empty)")
     p.set_defaults(handler=_run_heat)
 
@@ -48,7 +50,8 @@ def _run_heat(args: argparse.Namespace) -> int:
     """Builds the heat config, runs it and prints the summary."""
     from eos_jax.pde import heat
 
-    config = heat.HeatConfig(ratios=tuple(args.ratio), points=args.points, length=args.length, steps=args.steps)
+    config = heat.HeatConfig(ratios=tuple(args.ratio), points=args.points, length=args.length, steps=args.steps,
+                             cross_factor=args.cross_factor)
     results = heat.run_heat(config, args.out)
     print(heat.summarize(results))
     return 0
@@ -65,8 +68,9 @@ def _add_beltrami(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--multiples", type=cli.positive_float, nargs="+", default=[1.0, 10.0, 100.0, 1000.0],
                    help="step sizes as multiples of the strict bound")
     p.add_argument("--points", type=cli.positive_int, default=256, help="grid points of the signal")
-    p.add_argument("--steps", type=cli.positive_int, default=2000, help="gradient-descent steps")
-    p.add_argument("--lam", type=cli.positive_float, default=1.0, help="data-fidelity weight lambda")
+    p.add_argument("--steps", type=cli.positive_int, default=50000, help="gradient-descent steps")
+    p.add_argument("--record-every", type=cli.positive_int, default=50, help="history stride")
+    p.add_argument("--lam", type=cli.positive_float, default=1000.0, help="data-fidelity weight lambda")
     p.add_argument("--delta", type=cli.positive_float, default=0.1, help="Beltrami regularizer delta")
     p.add_argument("--noise", type=cli.nonnegative_float, default=0.1, help="noise standard deviation")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="noise seed")
@@ -80,7 +84,7 @@ def _run_beltrami(args: argparse.Namespace) -> int:
 
     config = beltrami.BeltramiConfig(
         multiples=tuple(args.multiples), points=args.points, steps=args.steps, lam=args.lam,
-        delta=args.delta, noise=args.noise, seed=args.seed,
+        delta=args.delta, noise=args.noise, seed=args.seed, record_every=args.record_every,
     )
     results = beltrami.run_beltrami(config, args.out)
     print(beltrami.summarize(results))
@@ -105,6 +109,9 @@ def _add_linear(subparsers: argparse._SubParsersAction) -> None:
                    help="Nesterov momentum (2 - d dt)/(2 + d dt), in (0, 1); nesterov only")
     p.add_argument("--size", type=cli.positive_int, default=256, help="checkerboard side")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of K ~ N(0, 1)")
+    p.add_argument("--bisect-steps", type=cli.positive_int, default=400, help="iterations per bisection run")
+    p.add_argument("--rel-tol", type=cli.positive_float, default=1e-4, help="bisection relative bracket width")
+    p.add_argument("--plot-steps", type=cli.positive_int, default=1000, help="iterations of the Figure-4 runs")
     p.add_argument("--out", required=True, help="run directory (new or empty)")
     p.set_defaults(handler=_run_linear)
 
@@ -115,7 +122,8 @@ def _run_linear(args: argparse.Namespace) -> int:
 
     config = linear.LinearConfig(
         kernels=tuple(args.kernel), scheme=args.scheme, dt=args.dt, a=args.a, beta=args.beta,
-        momentum=args.momentum, size=args.size, seed=args.seed,
+        momentum=args.momentum, size=args.size, seed=args.seed, bisect_steps=args.bisect_steps,
+        rel_tol=args.rel_tol, plot_steps=args.plot_steps,
     )
     results = linear.run_linear(config, args.out)
     print(linear.summarize(results))

@@ -1,0 +1,755 @@
+"""The linearized CNN gradient-descent PDE (10): schemes, amplifiers, stability bounds.
+
+Setting (Sections 5.2-5.3, Appendices D.3 and E). Around ``K * I = 0`` the one-layer
+network's gradient-descent PDE (9) linearizes to (10)::
+
+    dK/dt = W [ -(a/2) (Ibar + beta (K * I) * I) - alpha K ],
+
+with ``*`` the cross-correlation of deep-learning libraries, ``(K * I)(x) = sum_z K(z)
+I(x + z)``, and ``W`` the kernel's window. Write ``C K = K * I`` (the *valid*
+correlation of a ``w x w`` kernel with the ``n x n`` image, an ``(n-w+1)^2`` map) and
+``C^T r = r * I`` restricted to the window (the correlation of the image with the map
+``r``): then ``W[(K * I) * I] = M K`` with ``M = C^T C`` symmetric positive
+semi-definite, and (10) is gradient flow on the quadratic loss::
+
+    L(K) = (a beta / 4) ||K * I||^2 + (a/2) Ibar sum(K) + (alpha/2) ||K||^2,
+
+whose gradient ``(a/2)(Ibar + beta M K) + alpha K`` :func:`linearized_loss` checks
+against ``jax.grad``. In the periodic version (``w -> infinity``, circular correlation
+on the ``n x n`` torus) ``M`` is diagonal in the DFT basis with eigenvalue
+``|I_hat(omega)|^2`` (unnormalized DFT, Eq. (53)).
+
+Schemes (``z = alpha + (a beta/2) mu`` for an eigenvalue ``mu`` of ``M``):
+
+* forward Euler (11): ``K <- K - dt grad(K)``; per mode ``A = 1 - dt z`` (13), stable
+  iff ``0 < dt z < 2``, which gives (14).
+* semi-implicit Nesterov (16)-(17): ``V = K + m (K - K_prev)``, ``K <- V - s grad(V)``
+  with momentum ``m = (2 - d dt)/(2 + d dt)`` and step ``s = 2 dt^2/(2 + d dt)``; given
+  ``m`` (0.9 for Table 9), ``d = 2 (1 - m) / ((1 + m) dt)`` and ``s = (1 + m) dt^2 / 2``.
+  Per mode the 2-step recursion ``K+ = q((1 + m) K - m K_prev)``, ``q = 1 - s z``, has
+  characteristic polynomial ``lam^2 - q (1 + m) lam + q m``; by the Schur-Cohn test it is
+  stable iff ``-1/(1 + 2m) < q < 1``, i.e. ``0 < z < 4 / ((1 + 2m) dt^2)`` exactly. The
+  paper's (18) states ``alpha_max = 4/(3 dt^2) - ...``, which is this bound in the limit
+  ``m -> 1`` (``d dt -> 0``); at ``m = 0.9`` the exact bound is 4/2.8 instead of 4/3 (7%
+  larger). We report both: ``*_theory`` keys use the exact amplifier, ``*_paper`` keys
+  the formula as printed.
+
+Hence for any spectrum ``[mu_min, mu_max]`` of ``M`` and ``Z`` the scheme's bound on
+``z`` (``2/dt`` or ``4/((1 + 2m) dt^2)``)::
+
+    alpha_min = -min(c mu_min, c mu_max),  alpha_max = Z - max(c mu_min, c mu_max),  c = a beta / 2,
+
+which for ``a < 0`` is (14)/(18): ``alpha_min = -c max|I_hat|^2``, ``alpha_max = Z - c
+min|I_hat|^2``. The *empirical* windowed bounds are found two independent ways:
+bisection on ``alpha`` of simulated runs (:func:`bisect_bounds`, criterion in
+:func:`is_unstable`), and the extreme eigenvalues of the windowed ``M`` by power
+iteration with a shift (:func:`operator_extremes`), inserted in the formula above.
+
+All computations are float64 (``eos_jax.runtime.configure()`` enables x64).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eos_jax.errors import ConfigError
+
+SCHEMES = ("gd", "nesterov")
+F64 = jnp.float64
+C128 = jnp.complex128
+
+Operator = Callable[[jax.Array], jax.Array]
+
+
+# ----------------------------------------------------------------------------- theory
+
+
+def nesterov_coefficients(dt: float, momentum: float) -> tuple[float, float]:
+    """Damping ``d`` and step ``s`` of the Nesterov scheme (16)-(17) for a given momentum.
+
+    Args:
+      dt: time step ``Delta t`` > 0.
+      momentum: ``m = (2 - d dt)/(2 + d dt)`` in (0, 1).
+
+    Returns:
+      ``(d, s)`` with ``d = 2 (1 - m)/((1 + m) dt)`` and ``s = 2 dt^2/(2 + d dt)``.
+    """
+    _check_dt_momentum(dt, momentum)
+    d = 2.0 * (1.0 - momentum) / ((1.0 + momentum) * dt)
+    s = 2.0 * dt * dt / (2.0 + d * dt)
+    return d, s
+
+
+def z_bound(scheme: str, dt: float, momentum: float = 0.9, *, form: str = "exact") -> float:
+    """Upper bound ``Z`` on ``z = alpha + (a beta/2)|I_hat|^2`` for stability (``0 < z < Z``).
+
+    Args:
+      scheme: "gd" (forward Euler (11): ``Z = 2/dt``, Eq. (56)) or "nesterov" ((16)-(17)).
+      dt: time step.
+      momentum: Nesterov momentum ``m`` (ignored for "gd").
+      form: "exact" (Schur-Cohn bound ``4/((1 + 2m) dt^2)`` for Nesterov) or "paper"
+        (Eq. (73)/(18): ``4/(3 dt^2)``, the ``m -> 1`` limit). Same for "gd".
+
+    Returns:
+      ``Z`` as a Python float.
+    """
+    _check_scheme(scheme)
+    if form not in ("exact", "paper"):
+        raise ConfigError(f"form={form!r}; allowed: 'exact', 'paper'")
+    if scheme == "gd":
+        if not dt > 0:
+            raise ConfigError(f"dt={dt!r}; expected dt > 0")
+        return 2.0 / dt
+    _check_dt_momentum(dt, momentum)
+    if form == "paper":
+        return 4.0 / (3.0 * dt * dt)
+    return 4.0 / ((1.0 + 2.0 * momentum) * dt * dt)
+
+
+def alpha_bounds(
+    mu_min: float, mu_max: float, *, scheme: str, dt: float, a: float, beta: float, momentum: float = 0.9,
+    form: str = "exact",
+) -> tuple[float, float]:
+    """Stability interval ``(alpha_min, alpha_max)`` for a spectrum ``[mu_min, mu_max]`` of ``M``.
+
+    With ``mu = |I_hat(omega)|^2`` this is (14) for "gd" and (18) for "nesterov"
+    (``form="paper"``) or its exact version (``form="exact"``).
+
+    Args:
+      mu_min, mu_max: extreme eigenvalues of ``M`` (``min/max |I_hat|^2`` when periodic).
+      scheme, dt, momentum, form: see :func:`z_bound`.
+      a, beta: constants of (10).
+
+    Returns:
+      ``(alpha_min, alpha_max)``; the scheme is stable iff ``alpha_min < alpha < alpha_max``
+      (an empty interval when ``alpha_min >= alpha_max``).
+    """
+    c = 0.5 * a * beta
+    zmax = z_bound(scheme, dt, momentum, form=form)
+    lo = min(c * mu_min, c * mu_max)
+    hi = max(c * mu_min, c * mu_max)
+    return -lo, zmax - hi
+
+
+def amplifier(z: jax.typing.ArrayLike, *, scheme: str, dt: float, momentum: float = 0.9) -> jax.Array:
+    """Per-mode amplification factor for ``z = alpha + (a beta/2)|I_hat(omega)|^2``.
+
+    "gd": ``A = 1 - dt z`` (Eq. (13)), real. "nesterov": the root of largest modulus of
+    ``lam^2 - q (1 + m) lam + q m`` with ``q = 1 - s z`` (complex128; Eqs. (70)-(72)).
+
+    Args:
+      z: gradient amplifier(s) (Eq. (72)), float64.
+      scheme, dt, momentum: see :func:`z_bound`.
+
+    Returns:
+      ``A`` (float64) for "gd"; the dominant root (complex128) for "nesterov".
+    """
+    _check_scheme(scheme)
+    z = jnp.asarray(z, dtype=F64)
+    if scheme == "gd":
+        return 1.0 - dt * z
+    _, s = nesterov_coefficients(dt, momentum)
+    q = (1.0 - s * z).astype(C128)
+    b = q * (1.0 + momentum)
+    disc = jnp.sqrt(b * b - 4.0 * q * momentum)
+    r1 = 0.5 * (b + disc)
+    r2 = 0.5 * (b - disc)
+    return jnp.where(jnp.abs(r1) >= jnp.abs(r2), r1, r2)
+
+
+def image_spectrum(image: jax.typing.ArrayLike) -> jax.Array:
+    """``|I_hat(omega)|^2`` on the full DFT grid (unnormalized DFT, as in Section 3.1), float64."""
+    img = jnp.asarray(image, dtype=F64)
+    return jnp.abs(jnp.fft.fft2(img)) ** 2
+
+
+def theory_bounds(
+    image: jax.typing.ArrayLike, *, scheme: str, dt: float, a: float, beta: float, momentum: float = 0.9,
+    form: str = "exact",
+) -> tuple[float, float]:
+    """Bounds (14) / (18) of the periodic (``w -> infinity``) scheme from the DFT of ``image``."""
+    spec = np.asarray(image_spectrum(image))
+    return alpha_bounds(float(spec.min()), float(spec.max()), scheme=scheme, dt=dt, a=a, beta=beta,
+                        momentum=momentum, form=form)
+
+
+# -------------------------------------------------------------------------- operators
+
+
+def valid_correlation(kernel: jax.Array, image: jax.Array) -> jax.Array:
+    """``(K * I)(x) = sum_z K(z) I(x + z)`` over valid positions (no padding), via ``lax.conv``.
+
+    Deep-learning libraries' convolution; the direct reference for the FFT operators.
+    """
+    out = jax.lax.conv_general_dilated(
+        image[None, None].astype(F64), kernel[None, None].astype(F64), (1, 1), "VALID",
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return out[0, 0]
+
+
+def make_windowed_operator(image: jax.typing.ArrayLike, w: int) -> Operator:
+    """``M K = W[(K * I) * I]`` for a ``w x w`` kernel and valid correlations, FFT-based.
+
+    The kernel is zero-padded to the ``n x n`` image; a circular correlation then equals
+    the valid one on the ``(n - w + 1)^2`` positions that do not wrap, and the same holds
+    for correlating the (zero-padded) valid map back with ``I`` on the ``w x w`` window.
+
+    Args:
+      image: ``n x n`` input ``I``.
+      w: kernel side, ``1 <= w <= n``.
+
+    Returns:
+      A jittable linear map ``(w, w) float64 -> (w, w) float64`` (symmetric PSD).
+    """
+    img = jnp.asarray(image, dtype=F64)
+    n = img.shape[0]
+    if img.ndim != 2 or img.shape[1] != n:
+        raise ConfigError(f"image shape {img.shape}; expected a square 2-D image")
+    if not 1 <= w <= n:
+        raise ConfigError(f"kernel size w={w!r}; expected 1 <= w <= image side {n}")
+    v = n - w + 1
+    img_hat = jnp.fft.rfft2(img)
+    valid_mask = jnp.zeros((n, n), F64).at[:v, :v].set(1.0)
+
+    def corr_with_image(f: jax.Array) -> jax.Array:
+        # (f * I)(x) = sum_z f(z) I(x + z): DFT conj(f_hat) I_hat for real f.
+        return jnp.fft.irfft2(jnp.conj(jnp.fft.rfft2(f)) * img_hat, s=(n, n))
+
+    def op(kernel: jax.Array) -> jax.Array:
+        k_pad = jnp.zeros((n, n), F64).at[:w, :w].set(kernel)
+        r = corr_with_image(k_pad) * valid_mask
+        return corr_with_image(r)[:w, :w]
+
+    return op
+
+
+def make_periodic_operator(image: jax.typing.ArrayLike) -> Operator:
+    """``M K = (K * I) * I`` with circular correlations on the ``n x n`` torus (``w -> infinity``).
+
+    Diagonal in the DFT basis: ``DFT{M K} = K_hat |I_hat|^2`` (Eqs. (50)-(53)).
+    """
+    img = jnp.asarray(image, dtype=F64)
+    n = img.shape[0]
+    spec = (jnp.abs(jnp.fft.rfft2(img)) ** 2).astype(C128)
+
+    def op(kernel: jax.Array) -> jax.Array:
+        return jnp.fft.irfft2(jnp.fft.rfft2(kernel) * spec, s=(n, n))
+
+    return op
+
+
+def linearized_loss(kernel: jax.Array, image: jax.Array, *, a: float, beta: float, alpha: float) -> jax.Array:
+    """Quadratic loss whose gradient is the right-hand side of (10) (windowed, valid correlation).
+
+    ``L(K) = (a beta/4) ||K * I||^2 + (a/2) Ibar sum(K) + (alpha/2) ||K||^2``; its gradient is
+    ``(a/2)(Ibar + beta (K * I) * I) + alpha K``, so forward Euler (11) is gradient descent on it.
+    """
+    r = valid_correlation(kernel, image)
+    ibar = jnp.sum(image)
+    return 0.25 * a * beta * jnp.sum(r * r) + 0.5 * a * ibar * jnp.sum(kernel) + 0.5 * alpha * jnp.sum(kernel * kernel)
+
+
+def loss_from_operator(op: Operator, kernel: jax.Array, ibar: jax.Array, *, a: float, beta: float,
+                       alpha: jax.Array) -> jax.Array:
+    """The same loss written with ``M``: ``||K * I||^2 = <K, M K>``."""
+    return (0.25 * a * beta * jnp.vdot(kernel, op(kernel)) + 0.5 * a * ibar * jnp.sum(kernel)
+            + 0.5 * alpha * jnp.vdot(kernel, kernel))
+
+
+# ---------------------------------------------------------------------------- schemes
+
+
+class SchemeState(NamedTuple):
+    """State of the two schemes: current and previous kernel (previous unused by "gd")."""
+
+    kernel: jax.Array
+    prev_kernel: jax.Array
+
+
+def make_step(op: Operator, ibar: jax.typing.ArrayLike, *, scheme: str, dt: float, a: float, beta: float,
+              momentum: float = 0.9) -> Callable[[SchemeState, jax.Array], SchemeState]:
+    """One step of forward Euler (11) or semi-implicit Nesterov (16)-(17) on (10).
+
+    Args:
+      op: ``M`` (windowed or periodic).
+      ibar: ``Ibar``, the sum of the image.
+      scheme, dt, a, beta, momentum: see the module docstring.
+
+    Returns:
+      ``step(state, alpha) -> state`` (jittable, vmappable over ``alpha``).
+    """
+    _check_scheme(scheme)
+    ibar = jnp.asarray(ibar, dtype=F64)
+
+    def grad(k: jax.Array, alpha: jax.Array) -> jax.Array:
+        return 0.5 * a * (ibar + beta * op(k)) + alpha * k
+
+    if scheme == "gd":
+        def step(state: SchemeState, alpha: jax.Array) -> SchemeState:
+            k = state.kernel
+            return SchemeState(k - dt * grad(k, alpha), k)
+    else:
+        _, s = nesterov_coefficients(dt, momentum)
+
+        def step(state: SchemeState, alpha: jax.Array) -> SchemeState:
+            k = state.kernel
+            v = k + momentum * (k - state.prev_kernel)
+            return SchemeState(v - s * grad(v, alpha), k)
+
+    return step
+
+
+def simulate(step: Callable[[SchemeState, jax.Array], SchemeState], kernel0: jax.Array, alpha: jax.Array,
+             num_steps: int, record: Callable[[SchemeState], jax.Array]) -> tuple[SchemeState, jax.Array]:
+    """Runs ``num_steps`` steps from ``kernel0`` (``K^{-1} = K^0``) in a ``lax.scan``; returns final state and records."""
+    def body(state: SchemeState, _: None) -> tuple[SchemeState, jax.Array]:
+        new = step(state, alpha)
+        return new, record(new)
+
+    return jax.lax.scan(body, SchemeState(kernel0, kernel0), None, length=num_steps)
+
+
+# ------------------------------------------------------------------ empirical bounds
+
+
+def make_instability_test(step: Callable[[SchemeState, jax.Array], SchemeState], num_steps: int
+                          ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """``is_unstable(kernel0, alpha) -> bool`` by simulation (see :func:`is_unstable` for the rule)."""
+    if num_steps < 8:
+        raise ConfigError(f"bisection steps={num_steps}; expected >= 8")
+    q = num_steps // 8
+
+    def test(kernel0: jax.Array, alpha: jax.Array) -> jax.Array:
+        def record(state: SchemeState) -> jax.Array:
+            return jnp.sqrt(jnp.sum((state.kernel - state.prev_kernel) ** 2))
+
+        final, upd = simulate(step, kernel0, alpha, num_steps, record)
+        last = jnp.max(upd[num_steps - q:])
+        before = jnp.max(upd[num_steps - 2 * q:num_steps - q])
+        finite = jnp.all(jnp.isfinite(final.kernel)) & jnp.all(jnp.isfinite(upd))
+        return (~finite) | (last > before)
+
+    return test
+
+
+def is_unstable(test: Callable[[jax.Array, jax.Array], jax.Array], kernel0: jax.Array, alpha: float) -> bool:
+    """The blow-up criterion used by the bisection.
+
+    A run of ``N`` steps is *unstable* iff a value is non-finite, or the largest update
+    norm ``||K^{n+1} - K^n||`` over the last eighth of the run (``n >= 7N/8``) exceeds the
+    largest over the eighth before it (``3N/4 <= n < 7N/8``). For the affine recursion
+    the updates obey the homogeneous recursion, so their norm is a sum of modes
+    ``c_i rho_i^n``: the rule detects ``rho = max_i |A_i| > 1`` once the growing mode
+    outweighs the decaying ones, and comparing window maxima keeps rotating (complex)
+    Nesterov modes from passing for growth. Resolution: a growth ``rho = 1 + eps`` is
+    seen when ``eps`` exceeds roughly the decaying modes' weight at ``3N/4``, i.e.
+    ``N`` must be long against ``1/(1 - |A_2|)`` (the second largest mode).
+    """
+    return bool(test(kernel0, jnp.asarray(alpha, F64)))
+
+
+def bisect_bounds(test: Callable[[jax.Array, jax.Array], jax.Array], kernel0: jax.Array, *, scale: float,
+                  rel_tol: float = 1e-4, max_expand: int = 60) -> dict[str, Any]:
+    """Empirical ``(alpha_min, alpha_max)`` by bisection on simulated runs.
+
+    Starts from ``alpha = scale`` (``1/dt`` for GD, ``0.5/s`` for Nesterov: the middle of
+    the stable band of the modes with ``mu = 0``), expands by ``scale * 2^k`` down and up
+    until a run is unstable, then bisects both edges together (one vmapped program
+    per round) until the bracket is below ``rel_tol * max(|edge|, scale * 1e-12)``.
+
+    Returns:
+      dict with ``alpha_min``, ``alpha_max`` (midpoints of the final brackets; ``None``
+      when no stable alpha was found at ``scale``), brackets, rounds and simulations run.
+    """
+    vtest = jax.jit(jax.vmap(test, in_axes=(None, 0)))
+    one = lambda al: bool(vtest(kernel0, jnp.asarray([al], F64))[0])  # noqa: E731
+    sims = 1
+    if one(scale):
+        return {"alpha_min": None, "alpha_max": None, "stable_start": None, "simulations": sims,
+                "note": f"alpha={scale:.6g} (start) is unstable; no stable alpha found"}
+    # Expand: lower probes s - scale 2^k, upper probes s + scale 2^k, until each side is unstable.
+    lo = [None, scale]  # [unstable, stable]
+    hi = [scale, None]  # [stable, unstable]
+    for k in range(max_expand):
+        delta = scale * 2.0 ** k
+        probes = [scale - delta, scale + delta]
+        res = np.asarray(vtest(kernel0, jnp.asarray(probes, F64)))
+        sims += 2
+        if lo[0] is None:
+            if res[0]:
+                lo[0] = probes[0]
+            else:
+                lo[1] = probes[0]
+        if hi[1] is None:
+            if res[1]:
+                hi[1] = probes[1]
+            else:
+                hi[0] = probes[1]
+        if lo[0] is not None and hi[1] is not None:
+            break
+    if lo[0] is None or hi[1] is None:
+        raise RuntimeError("bisect_bounds: no unstable alpha found while expanding; is the scheme ever unstable?")
+    rounds = 0
+    floor = scale * 1e-12
+    while True:
+        done_lo = lo[1] - lo[0] <= rel_tol * max(abs(lo[0]), abs(lo[1]), floor)
+        done_hi = hi[1] - hi[0] <= rel_tol * max(abs(hi[0]), abs(hi[1]), floor)
+        if done_lo and done_hi:
+            break
+        mids = np.array([0.5 * (lo[0] + lo[1]), 0.5 * (hi[0] + hi[1])])
+        res = np.asarray(vtest(kernel0, jnp.asarray(mids, F64)))
+        sims += 2
+        rounds += 1
+        if res[0]:
+            lo[0] = mids[0]
+        else:
+            lo[1] = mids[0]
+        if res[1]:
+            hi[1] = mids[1]
+        else:
+            hi[0] = mids[1]
+    return {
+        "alpha_min": 0.5 * (lo[0] + lo[1]), "alpha_max": 0.5 * (hi[0] + hi[1]),
+        "bracket_min": lo, "bracket_max": hi, "stable_start": scale, "rounds": rounds, "simulations": sims,
+    }
+
+
+class EigResult(NamedTuple):
+    """Extreme eigenvalues of a symmetric PSD linear map and the iterations used."""
+
+    mu_min: float
+    mu_max: float
+    iters_max: int
+    iters_min: int
+    residual_max: float
+    residual_min: float
+
+
+def _power(op: Operator, v0: jax.Array, tol: float, max_iters: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Power iteration on ``op`` until ``||op v - lam v|| <= tol |lam|``; returns (lam, iters, residual)."""
+    def cond(c: tuple) -> jax.Array:
+        _, _, it, res = c
+        return (it < max_iters) & (res > tol)
+
+    def body(c: tuple) -> tuple:
+        v, _, it, _ = c
+        u = op(v)
+        lam = jnp.vdot(v, u)
+        res = jnp.sqrt(jnp.sum((u - lam * v) ** 2)) / jnp.maximum(jnp.abs(lam), jnp.finfo(F64).tiny)
+        un = jnp.sqrt(jnp.sum(u * u))
+        v_new = jnp.where(un > 0, u / jnp.where(un > 0, un, 1.0), v)
+        return v_new, lam, it + 1, res
+
+    v0 = v0 / jnp.sqrt(jnp.sum(v0 * v0))
+    _, lam, it, res = jax.lax.while_loop(cond, body, (v0, jnp.asarray(0.0, F64), jnp.asarray(0), jnp.asarray(jnp.inf, F64)))
+    return lam, it, res
+
+
+def operator_extremes(op: Operator, shape: tuple[int, ...], key: jax.Array, *, tol: float = 1e-10,
+                      max_iters: int = 20000) -> EigResult:
+    """``mu_max`` and ``mu_min`` of a symmetric PSD map by power iteration, the latter with a shift.
+
+    ``mu_max``: power iteration on ``M`` (PSD, so largest magnitude = largest algebraic).
+    ``mu_min``: power iteration on ``mu_max I - M`` (PSD, largest eigenvalue ``mu_max - mu_min``).
+    Each stops when the relative residual ``||B v - lam v|| / |lam|`` is below ``tol``.
+
+    Args:
+      op: the linear map (e.g. :func:`make_windowed_operator`).
+      shape: shape of its argument.
+      key: PRNG key of the random start vectors.
+      tol: relative residual tolerance.
+      max_iters: iteration cap per eigenvalue.
+    """
+    k1, k2 = jax.random.split(key)
+    lam, it, res = jax.jit(lambda v: _power(op, v, tol, max_iters))(jax.random.normal(k1, shape, F64))
+    mu_max = float(lam)
+    shifted = lambda v: mu_max * v - op(v)  # noqa: E731
+    lam2, it2, res2 = jax.jit(lambda v: _power(shifted, v, tol, max_iters))(jax.random.normal(k2, shape, F64))
+    return EigResult(mu_min=mu_max - float(lam2), mu_max=mu_max, iters_max=int(it), iters_min=int(it2),
+                     residual_max=float(res), residual_min=float(res2))
+
+
+def checkerboard_window_extremes(n: int, w: int) -> tuple[float, float]:
+    """Closed form of ``(mu_min, mu_max)`` of the windowed ``M`` for the pixel checkerboard.
+
+    ``(K * I)(x) = (-1)^{x1+x2} <K, chi>`` with ``chi(z) = (-1)^{z1+z2}``: ``C`` has rank one,
+    ``M = (n - w + 1)^2 chi chi^T``, so ``mu_max = (n - w + 1)^2 w^2`` and ``mu_min = 0``
+    (``w >= 2``; for ``w = 1`` both equal ``n^2``).
+    """
+    mu_max = float((n - w + 1) ** 2 * w * w)
+    return (mu_max if w == 1 else 0.0), mu_max
+
+
+# -------------------------------------------------------------------------- experiment
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearConfig:
+    """Configuration of ``python -m experiments.pde linear`` (Table 2 / Table 9, Figure 4).
+
+    Attributes:
+      kernels: kernel sides ``w`` (each ``1 <= w <= size``).
+      scheme: "gd" (forward Euler (11)) or "nesterov" ((16)-(17)).
+      dt: time step ``Delta t`` > 0 (the learning rate for "gd").
+      a: constant ``a = y_hat - y`` of (10).
+      beta: Swish parameter ``beta`` > 0.
+      momentum: Nesterov momentum ``m`` in (0, 1) (the damping ``d`` follows from it).
+      size: side of the +1/-1 pixel checkerboard ``I``.
+      seed: seed of ``K ~ N(0, 1)`` (per kernel size ``fold_in(key(seed), w)``).
+      bisect_steps: iterations per simulated run of the bisection.
+      rel_tol: relative bracket width at which bisection stops.
+      plot_steps: iterations of the Figure-4 runs.
+    """
+
+    kernels: tuple[int, ...] = (16, 32, 64)
+    scheme: str = "gd"
+    dt: float = 1e-8
+    a: float = -0.5
+    beta: float = 1.0
+    momentum: float = 0.9
+    size: int = 256
+    seed: int = 0
+    bisect_steps: int = 400
+    rel_tol: float = 1e-4
+    plot_steps: int = 1000
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first bad field."""
+        _check_scheme(self.scheme)
+        if not (self.dt > 0 and math.isfinite(self.dt)):
+            raise ConfigError(f"dt={self.dt!r}; expected a positive finite float")
+        if self.scheme == "nesterov":
+            _check_dt_momentum(self.dt, self.momentum)
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ConfigError(f"beta={self.beta!r}; expected a positive finite float")
+        if not math.isfinite(self.a) or self.a == 0:
+            raise ConfigError(f"a={self.a!r}; expected a finite nonzero float")
+        if self.size < 2:
+            raise ConfigError(f"size={self.size!r}; expected an integer >= 2")
+        if not self.kernels:
+            raise ConfigError("kernels is empty; expected at least one kernel size")
+        for w in self.kernels:
+            if not 1 <= w <= self.size:
+                raise ConfigError(f"kernel size {w!r}; expected 1 <= w <= size={self.size}")
+        if self.bisect_steps < 8:
+            raise ConfigError(f"bisect_steps={self.bisect_steps!r}; expected an integer >= 8")
+        if not 0 < self.rel_tol < 0.1:
+            raise ConfigError(f"rel_tol={self.rel_tol!r}; expected 0 < rel_tol < 0.1")
+        if self.plot_steps < 1:
+            raise ConfigError(f"plot_steps={self.plot_steps!r}; expected an integer >= 1")
+
+
+def analyze_window(image: np.ndarray, w: int, kernel0: jax.Array, config: LinearConfig, key: jax.Array
+                   ) -> dict[str, Any]:
+    """Empirical bounds of the windowed scheme for one kernel size, by bisection and by spectrum."""
+    op = make_windowed_operator(image, w)
+    ibar = float(np.sum(image))
+    step = make_step(op, ibar, scheme=config.scheme, dt=config.dt, a=config.a, beta=config.beta,
+                     momentum=config.momentum)
+    t0 = time.perf_counter()
+    eig = operator_extremes(op, (w, w), key)
+    t_spec = time.perf_counter() - t0
+    spec_min, spec_max = alpha_bounds(eig.mu_min, eig.mu_max, scheme=config.scheme, dt=config.dt, a=config.a,
+                                      beta=config.beta, momentum=config.momentum)
+    scale = 1.0 / config.dt if config.scheme == "gd" else 0.5 / nesterov_coefficients(config.dt, config.momentum)[1]
+    t0 = time.perf_counter()
+    test = make_instability_test(step, config.bisect_steps)
+    bis = bisect_bounds(test, kernel0, scale=scale, rel_tol=config.rel_tol)
+    t_bis = time.perf_counter() - t0
+    return {"eig": eig._asdict(), "spectral": (spec_min, spec_max), "bisection": bis,
+            "seconds_spectral": t_spec, "seconds_bisection": t_bis, "step": step, "op": op, "ibar": ibar}
+
+
+def run_linear(config: LinearConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Runs the Table 2 / Table 9 experiment and writes the run directory.
+
+    For each kernel size: theory bounds (periodic, Eq. (14) or (18) exact and as printed),
+    the windowed operator's extreme eigenvalues (power iteration) and the thresholds they
+    give, the bisection thresholds, and loss curves for alphas inside and outside the
+    empirical bounds (``figure4.png``).
+
+    Args:
+      config: the experiment's configuration.
+      out_dir: a new or empty run directory.
+
+    Returns:
+      The results dict written to ``results.json``.
+    """
+    from eos_jax import io, runtime
+    from eos_jax.pde.common import checkerboard, open_pde_run
+
+    config.validate()
+    meta = runtime.configure()
+    path = open_pde_run(out_dir, {"command": "linear", **dataclasses.asdict(config)}, meta)
+    t_start = time.perf_counter()
+    image = checkerboard(config.size, dtype=np.float64)
+    spec = np.asarray(image_spectrum(image))
+    th_min, th_max = alpha_bounds(float(spec.min()), float(spec.max()), scheme=config.scheme, dt=config.dt,
+                                  a=config.a, beta=config.beta, momentum=config.momentum)
+    pa_min, pa_max = alpha_bounds(float(spec.min()), float(spec.max()), scheme=config.scheme, dt=config.dt,
+                                  a=config.a, beta=config.beta, momentum=config.momentum, form="paper")
+    results: dict[str, Any] = {
+        "scheme": config.scheme,
+        "image": f"{config.size}x{config.size} pixel checkerboard (-1)^(i+j)",
+        "image_sum": float(np.sum(image)),
+        "min_abs_I_hat_sq": float(spec.min()), "max_abs_I_hat_sq": float(spec.max()),
+        "z_bound_exact": z_bound(config.scheme, config.dt, config.momentum),
+        "z_bound_paper": z_bound(config.scheme, config.dt, config.momentum, form="paper"),
+        "blowup_criterion": is_unstable.__doc__.split("\n\n")[1].strip().replace("\n", " "),
+        "bisection_steps": config.bisect_steps,
+        "kernels": {},
+    }
+    if config.scheme == "nesterov":
+        d, s = nesterov_coefficients(config.dt, config.momentum)
+        results["damping_d"] = d
+        results["nesterov_step"] = s
+    base = jax.random.key(config.seed)
+    curves: dict[int, dict[str, Any]] = {}
+    for w in config.kernels:
+        kkey = jax.random.fold_in(base, w)
+        kernel0 = jax.random.normal(jax.random.fold_in(kkey, 0), (w, w), F64)
+        res = analyze_window(image, w, kernel0, config, jax.random.fold_in(kkey, 1))
+        bis = res["bisection"]
+        spec_min, spec_max = res["spectral"]
+        cf_min, cf_max = checkerboard_window_extremes(config.size, w)
+        entry = {
+            "alpha_min_theory": th_min, "alpha_max_theory": th_max,
+            "alpha_min_paper_formula": pa_min, "alpha_max_paper_formula": pa_max,
+            "alpha_min_empirical": bis["alpha_min"], "alpha_max_empirical": bis["alpha_max"],
+            "alpha_min_spectral": spec_min, "alpha_max_spectral": spec_max,
+            "window_mu_min": res["eig"]["mu_min"], "window_mu_max": res["eig"]["mu_max"],
+            "window_mu_closed_form": [cf_min, cf_max],
+            "power_iterations": [res["eig"]["iters_min"], res["eig"]["iters_max"]],
+            "bisection": {k: v for k, v in bis.items() if k not in ("alpha_min", "alpha_max")},
+            "seconds_bisection": res["seconds_bisection"], "seconds_spectral": res["seconds_spectral"],
+        }
+        entry["rel_diff_min_bisection_vs_spectral"] = _rel(bis["alpha_min"], spec_min)
+        entry["rel_diff_max_bisection_vs_spectral"] = _rel(bis["alpha_max"], spec_max)
+        curves[w] = _figure_curves(res, kernel0, entry, config)
+        entry["figure_alphas"] = curves[w]["alphas"]
+        results["kernels"][str(w)] = entry
+    results["notes"] = _notes(results, config)
+    results["seconds_total"] = time.perf_counter() - t_start
+    _plot(curves, results, config, path / "figure4.png")
+    io.atomic_write_json(path / "results.json", results)
+    return results
+
+
+def _rel(x: float | None, ref: float) -> float | None:
+    """Relative difference ``|x - ref| / |ref|`` (None when x is None)."""
+    return None if x is None else abs(x - ref) / abs(ref)
+
+
+def _figure_curves(res: dict[str, Any], kernel0: jax.Array, entry: dict[str, Any], config: LinearConfig
+                   ) -> dict[str, Any]:
+    """Loss and ||K|| histories for alphas inside and outside the empirical bounds (Figure 4)."""
+    lo = entry["alpha_min_empirical"] or entry["alpha_min_spectral"]
+    hi = entry["alpha_max_empirical"] or entry["alpha_max_spectral"]
+    alphas = [0.9 * lo, 1.1 * lo, math.sqrt(lo * hi) if lo > 0 else 0.5 * (lo + hi), 0.9 * hi, 1.1 * hi]
+    op, ibar, step = res["op"], res["ibar"], res["step"]
+
+    def run(alpha: jax.Array) -> jax.Array:
+        def record(state: SchemeState) -> jax.Array:
+            k = state.kernel
+            loss = loss_from_operator(op, k, jnp.asarray(ibar, F64), a=config.a, beta=config.beta, alpha=alpha)
+            return jnp.stack([loss, jnp.sqrt(jnp.sum(k * k))])
+
+        return simulate(step, kernel0, alpha, config.plot_steps, record)[1]
+
+    hist = np.asarray(jax.jit(jax.vmap(run))(jnp.asarray(alphas, F64)))
+    return {"alphas": alphas, "loss": hist[:, :, 0], "norm": hist[:, :, 1]}
+
+
+def _notes(results: dict[str, Any], config: LinearConfig) -> list[str]:
+    """Plain-language findings where they differ from the paper's text."""
+    notes = []
+    k0 = next(iter(results["kernels"].values()))
+    if k0["alpha_min_theory"] >= k0["alpha_max_theory"]:
+        notes.append(
+            f"periodic theory gives an EMPTY stable interval: alpha_min={k0['alpha_min_theory']:.6g} >= "
+            f"alpha_max={k0['alpha_max_theory']:.6g}, because the pixel checkerboard puts all its energy in one "
+            f"DFT coefficient (|I_hat|^2 = {results['max_abs_I_hat_sq']:.6g} = n^4 at the Nyquist frequency, 0 "
+            "elsewhere) while the valid (windowed) operator only sees (n-w+1)^2 w^2 of it")
+    if config.scheme == "nesterov":
+        notes.append(
+            f"Nesterov: the exact Von Neumann bound of (16)-(17) is z < 4/((1+2m) dt^2) = {results['z_bound_exact']:.6g}; "
+            f"the paper's (18) uses 4/(3 dt^2) = {results['z_bound_paper']:.6g}, its m -> 1 limit "
+            "(the damping d does change the bound, contrary to Appendix E.2)")
+    for w, e in results["kernels"].items():
+        for side in ("min", "max"):
+            r = e[f"rel_diff_{side}_bisection_vs_spectral"]
+            if r is None or r > 0.02:
+                notes.append(f"w={w}: bisection and spectral alpha_{side} disagree by {r} (> 2%)")
+    return notes
+
+
+def _plot(curves: dict[int, dict[str, Any]], results: dict[str, Any], config: LinearConfig, path: Path) -> None:
+    """Figure 4: linearized loss (symlog) and ||K|| vs iterations, one column per kernel size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eos_jax.io import save_figure
+
+    ws = list(curves)
+    fig, axes = plt.subplots(2, len(ws), figsize=(4.5 * len(ws), 7), squeeze=False)
+    labels = ["0.9 a_min", "1.1 a_min", "inside", "0.9 a_max", "1.1 a_max"]
+    for j, w in enumerate(ws):
+        c = curves[w]
+        it = np.arange(1, c["loss"].shape[1] + 1)
+        for i, al in enumerate(c["alphas"]):
+            loss = np.where(np.isfinite(c["loss"][i]), c["loss"][i], np.nan)
+            norm = np.where(np.isfinite(c["norm"][i]), c["norm"][i], np.nan)
+            axes[0, j].plot(it, loss, label=f"{labels[i]}: alpha={al:.4g}")
+            axes[1, j].plot(it, norm)
+        axes[0, j].set_yscale("symlog")
+        axes[1, j].set_yscale("log")
+        e = results["kernels"][str(w)]
+        axes[0, j].set_title(f"w={w}, {config.scheme}, dt={config.dt:g}\nempirical ({e['alpha_min_empirical']:.4g}, "
+                             f"{e['alpha_max_empirical']:.4g})", fontsize=9)
+        axes[0, j].set_ylabel("linearized loss (symlog)")
+        axes[1, j].set_ylabel("||K||")
+        axes[1, j].set_xlabel("iteration")
+        axes[0, j].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def summarize(results: dict[str, Any]) -> str:
+    """A short table of theory vs empirical bounds per kernel size, plus notes."""
+    lines = [f"scheme={results['scheme']}  image={results['image']}  sum(I)={results['image_sum']:g}",
+             f"{'w':>4} {'a_min theory':>13} {'a_max theory':>13} {'a_min emp':>13} {'a_max emp':>13} "
+             f"{'a_min spec':>13} {'a_max spec':>13}"]
+    f = lambda x: "None" if x is None else f"{x:.6g}"  # noqa: E731
+    for w, e in results["kernels"].items():
+        lines.append(f"{w:>4} {f(e['alpha_min_theory']):>13} {f(e['alpha_max_theory']):>13} "
+                     f"{f(e['alpha_min_empirical']):>13} {f(e['alpha_max_empirical']):>13} "
+                     f"{f(e['alpha_min_spectral']):>13} {f(e['alpha_max_spectral']):>13}")
+    lines += [f"note: {n}" for n in results["notes"]]
+    lines.append(f"total {results['seconds_total']:.1f} s")
+    return "\n".join(lines)
+
+
+def _check_scheme(scheme: str) -> None:
+    """Raises ConfigError for an unknown scheme."""
+    if scheme not in SCHEMES:
+        raise ConfigError(f"scheme={scheme!r}; allowed: {', '.join(SCHEMES)}")
+
+
+def _check_dt_momentum(dt: float, momentum: float) -> None:
+    """Raises ConfigError unless dt > 0 and 0 < momentum < 1."""
+    if not (dt > 0 and math.isfinite(dt)):
+        raise ConfigError(f"dt={dt!r}; expected a positive finite float")
+    if not 0 < momentum < 1:
+        raise ConfigError(f"momentum={momentum!r}; expected 0 < momentum < 1")
