@@ -1,0 +1,771 @@
+"""Curvature engine: Hessian-vector products, top eigenvalues and (normalized) sharpness.
+
+The Edge-of-Stability side of the paper (Sec. 6, Figures 6 and 8) tracks the *sharpness*
+``lambda_max(H)``, the largest ALGEBRAIC eigenvalue of the Hessian of the training loss, and the
+normalized sharpness ``lr * lambda_max`` against its stability threshold (2 for gradient descent).
+
+Everything here is a pure function of ``(loss_fn, params, batch, ...)`` and runs unchanged under
+``jit``, ``vmap`` (fixed-iteration mode) and on several devices (``mesh=``):
+
+* :func:`hvp`: forward-over-reverse ``jvp(grad)``; :func:`linearized_hvp`: one ``jax.linearize``
+  reused for many products; :func:`make_hvp`: either of them, optionally summed over chunks of the
+  batch; :func:`data_parallel_hvp`: the batch sharded over a device mesh.
+* :func:`top_eigenvalue` (power iteration with a shift, or Lanczos) and :func:`top_eigenvalues`
+  (Lanczos with full reorthogonalization), returning :class:`EigResult`.
+* :func:`preconditioned_top_eigenvalue` with :func:`adam_preconditioner`: ``lambda_max(P^-1 H)`` of
+  Adam (Cohen et al. 2022), computed as the top eigenvalue of the symmetric ``P^-1/2 H P^-1/2``.
+* :func:`layer_sharpness`: the top eigenvalue of each layer's diagonal Hessian block (Sec. 5.5:
+  instabilities arise at one layer).
+* :func:`stability_threshold`: 2, ``2 + 2 beta``, ``(2 + 2 beta) / (1 + 2 beta)`` and
+  ``(2 + 2 b1) / (1 - b1)``.
+
+Contract on ``loss_fn(params, batch) -> scalar``: ``batch`` is a pytree whose leaves share a
+leading example axis. Chunking (``chunk_size=``) and several devices (``mesh=``) are EXACT (up to
+summation order) only when the loss is a MEAN over examples of a per-example loss, with no coupling
+between examples (no train-mode batch norm, no batch-size-dependent normalization): the Hessian of
+the full batch is then the size-weighted mean of the chunks' (shards') Hessians, which is what is
+computed. Without chunking and on one device any scalar loss is fine. Data is an argument, never
+closed over, so that ``jit`` does not fold it into the program as a constant.
+
+Eigen-solvers run on a flat vector (``jax.flatten_util.ravel_pytree``) in the dtype of ``params``
+(all floating leaves must share one dtype). Stopping: ``tol=None`` runs exactly ``num_iters``
+Hessian-vector products in ``lax.fori_loop``/``lax.scan`` (no data-dependent control flow, so it
+vmaps over lanes of a sweep); a float ``tol`` stops in ``lax.while_loop`` as soon as the residual
+``||H v - lambda v|| <= tol * |lambda|`` (at most ``num_iters`` products). The eigenvalue error is
+then at most ``tol * |lambda|`` and typically ``(tol * lambda)**2 / gap``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, PartitionSpec
+
+from eos_jax.errors import ConfigError
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+_HI = lax.Precision.HIGHEST  # no TF32/bf16 passes in the solver's own dot products on GPU
+_METHODS = ("power", "lanczos")
+_THRESHOLD_KINDS = ("gd", "heavy_ball", "nesterov", "adam")
+
+
+class EigResult(NamedTuple):
+    """Result of :func:`top_eigenvalue` (scalars) or :func:`top_eigenvalues` (leading axis k).
+
+    Attributes:
+      eigenvalue: the largest algebraic eigenvalue(s), in the dtype of params (descending for k).
+      eigenvector: unit-norm eigenvector(s), a pytree like params (leaves with a leading k axis).
+      num_hvps: number of Hessian-vector products used (int32).
+      residual: ``||H v - eigenvalue * v||`` (2-norm over all leaves) for each returned pair.
+    """
+
+    eigenvalue: jax.Array
+    eigenvector: PyTree
+    num_hvps: jax.Array
+    residual: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Hessian-vector products.
+
+
+def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
+    """Hessian-vector product ``H(params) v`` by forward-over-reverse differentiation.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: point at which the Hessian is taken (pytree).
+      batch: data passed to ``loss_fn`` (pytree).
+      v: tangent, a pytree like ``params``.
+
+    Returns:
+      ``H v``, a pytree like ``params``.
+    """
+    return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
+
+
+def linearized_hvp(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Callable[[PyTree], PyTree]:
+    """Returns ``v -> H v`` built on one ``jax.linearize`` of the gradient.
+
+    The forward pass and the primal part of the backward pass are done once; each product then
+    only runs the linear (tangent) program, which is cheaper than :func:`hvp` when many products
+    are taken at the same point (power iteration, Lanczos). Memory: the linearization keeps the
+    residuals of the whole batch alive; use :func:`make_hvp` with ``chunk_size`` for large batches.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: point at which the Hessian is taken.
+      batch: data passed to ``loss_fn``.
+
+    Returns:
+      A function ``v -> H v`` on pytrees like ``params``.
+    """
+    _, f_jvp = jax.linearize(lambda p: jax.grad(loss_fn)(p, batch), params)
+    return f_jvp
+
+
+def _batch_size(batch: PyTree) -> int:
+    """The common leading-axis length of the batch's leaves."""
+    sizes = {int(np.shape(x)[0]) if np.ndim(x) else -1 for x in jax.tree_util.tree_leaves(batch)}
+    if not sizes:
+        raise ConfigError("batch has no array leaves; chunking and sharding need a leading example axis")
+    if len(sizes) != 1 or -1 in sizes:
+        raise ConfigError(f"batch leaves must share one leading example axis; got leading sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _tree_axpy(a: float, x: PyTree, y: PyTree) -> PyTree:
+    """``a * x + y`` leafwise (``a`` a Python float, so the leaf dtype is kept)."""
+    return jax.tree_util.tree_map(lambda xi, yi: a * xi + yi, x, y)
+
+
+def make_hvp(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    *,
+    chunk_size: int | None = None,
+    linearize: bool = True,
+) -> Callable[[PyTree], PyTree]:
+    """Returns ``v -> H v``, optionally summing the batch in chunks.
+
+    With ``chunk_size``, the batch is cut into ``N // chunk_size`` chunks of ``chunk_size``
+    examples (a ``lax.scan``) plus one remainder chunk, and ``H v = sum_c (n_c / N) H_c v`` where
+    ``H_c`` is the Hessian of ``loss_fn`` on chunk ``c``. This equals the full-batch Hessian when
+    ``loss_fn`` is a mean over examples (see the module docstring). Each product then recomputes
+    the forward pass of every chunk (memory of one chunk instead of the whole batch).
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``.
+      params: point at which the Hessian is taken.
+      batch: data; with ``chunk_size``, leaves must share a leading example axis.
+      chunk_size: examples per chunk, or None for the whole batch at once.
+      linearize: without chunking, reuse one linearization (:func:`linearized_hvp`) instead of
+        a fresh ``jvp(grad)`` per product (:func:`hvp`).
+
+    Returns:
+      A function ``v -> H v`` on pytrees like ``params``.
+    """
+    if chunk_size is None:
+        if linearize:
+            return linearized_hvp(loss_fn, params, batch)
+        return functools.partial(hvp, loss_fn, params, batch)
+    if not isinstance(chunk_size, (int, np.integer)) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ConfigError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    n = _batch_size(batch)
+    chunk_size = int(min(chunk_size, n))
+    n_chunks, rem = divmod(n, chunk_size)
+    cut = n_chunks * chunk_size
+    chunks = jax.tree_util.tree_map(lambda x: x[:cut].reshape((n_chunks, chunk_size) + x.shape[1:]), batch)
+    tail = jax.tree_util.tree_map(lambda x: x[cut:], batch) if rem else None
+    w_chunk = chunk_size / n  # weights of a mean over examples
+    w_tail = rem / n
+
+    def op(v: PyTree) -> PyTree:
+        def body(acc, chunk):
+            return _tree_axpy(w_chunk, hvp(loss_fn, params, chunk, v), acc), None
+
+        acc = jax.tree_util.tree_map(jnp.zeros_like, v)
+        acc, _ = lax.scan(body, acc, chunks)
+        if tail is not None:
+            acc = _tree_axpy(w_tail, hvp(loss_fn, params, tail, v), acc)
+        return acc
+
+    return op
+
+
+def data_mesh(devices: Any = None, axis_name: str = "data") -> Mesh:
+    """A one-axis mesh over ``devices`` (default: all local devices) for data parallelism."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (axis_name,))
+
+
+def _mesh_axis(mesh: Mesh) -> tuple[str, int]:
+    """The single axis name of a data mesh and its size."""
+    if len(mesh.axis_names) != 1:
+        raise ConfigError(f"mesh must have exactly one (data) axis, got axes {tuple(mesh.axis_names)}")
+    name = mesh.axis_names[0]
+    return name, int(mesh.shape[name])
+
+
+def _check_divisible(batch: PyTree, n_dev: int) -> None:
+    """Raises unless the batch splits into equal shards over ``n_dev`` devices."""
+    n = _batch_size(batch)
+    if n % n_dev:
+        raise ConfigError(f"batch size {n} is not divisible by the {n_dev} devices of the mesh")
+
+
+def _sharded_op(loss_fn: LossFn, params: PyTree, batch: PyTree, n_dev: int, chunk_size, linearize):
+    """``v -> H v`` inside ``shard_map`` (check_vma=True): local mean-loss HVP, summed over shards.
+
+    ``params`` and ``v`` are replicated (unvarying) and the local loss is varying, so ``jax.grad``
+    transposes the implicit ``pvary`` of the params into a ``psum``: the gradient, and hence its
+    ``jvp``, already is the SUM over shards of the local-mean Hessians times ``v``. No ``psum`` or
+    ``pmean`` is added (that would count each shard ``n_dev`` times); dividing by the number of
+    (equal) shards turns the sum of shard means into the full-batch mean.
+    """
+    local = make_hvp(loss_fn, params, batch, chunk_size=chunk_size, linearize=linearize)
+    inv = 1.0 / n_dev
+    return lambda v: jax.tree_util.tree_map(lambda h: inv * h, local(v))
+
+
+def data_parallel_hvp(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    v: PyTree,
+    *,
+    mesh: Mesh,
+    chunk_size: int | None = None,
+) -> PyTree:
+    """``H v`` with the batch sharded over the devices of a one-axis ``mesh``, params replicated.
+
+    Exact for a loss that is a mean over examples (module docstring); the batch size must be
+    divisible by the number of devices.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over examples.
+      params: point at which the Hessian is taken (replicated).
+      batch: data, split along its leading axis.
+      v: tangent, a pytree like ``params`` (replicated).
+      mesh: a one-axis mesh, e.g. :func:`data_mesh`.
+      chunk_size: optional chunking of each device's shard.
+
+    Returns:
+      ``H v``, replicated, a pytree like ``params``.
+    """
+    axis, n_dev = _mesh_axis(mesh)
+    _check_divisible(batch, n_dev)
+
+    def local(p, b, t):
+        return _sharded_op(loss_fn, p, b, n_dev, chunk_size, False)(t)
+
+    spec = PartitionSpec()
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, PartitionSpec(axis), spec), out_specs=spec)(
+        params, batch, v
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Flat-vector eigen-solvers on an operator ``op: (n,) -> (n,)``.
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Inner product of two flat vectors at full precision."""
+    return jnp.dot(a, b, precision=_HI)
+
+
+def _normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x / ||x||`` (zeros when ``x`` is zero) and ``||x||``."""
+    nrm = jnp.linalg.norm(x)
+    safe = jnp.where(nrm > 0, nrm, jnp.ones_like(nrm))
+    return x / safe, nrm
+
+
+def _start_vector(v0_flat: jax.Array | None, key: jax.Array, n: int, dtype) -> jax.Array:
+    """Unit start vector: ``v0`` when given and nonzero, else a Gaussian draw from ``key``."""
+    rnd, _ = _normalize(jax.random.normal(key, (n,), dtype))
+    if v0_flat is None:
+        return rnd
+    v, nrm = _normalize(v0_flat.astype(dtype))
+    return jnp.where(nrm > 0, v, rnd)
+
+
+class _PowerState(NamedTuple):
+    """Carry of power iteration: next iterate, and the last Rayleigh pair with its residual."""
+
+    v: jax.Array  # next iterate (unit)
+    vec: jax.Array  # vector whose Rayleigh quotient is ``lam``
+    lam: jax.Array
+    res: jax.Array
+    n: jax.Array  # products so far
+
+
+def _power_step(op, shift: jax.Array, s: _PowerState) -> _PowerState:
+    """One product: Rayleigh quotient and residual of ``s.v``; next iterate from ``(H - shift) v``."""
+    w = op(s.v)
+    lam = _dot(s.v, w)
+    res = jnp.linalg.norm(w - lam * s.v)
+    nxt, _ = _normalize(w - shift * s.v)
+    return _PowerState(nxt, s.v, lam, res, s.n + 1)
+
+
+def _power(op, v_init: jax.Array, num_iters: int, tol: float | None):
+    """Largest algebraic eigenvalue by power iteration, shifted when the dominant one is negative.
+
+    Phase 1 finds the eigenvalue of largest magnitude, ``mu``. If ``mu >= 0`` it is the largest
+    algebraic one and phase 2 simply continues (shift 0). If ``mu < 0``, phase 2 restarts from the
+    start vector on ``H - mu I``, whose spectrum ``lambda_i - mu >= 0`` is dominated by
+    ``lambda_max - mu``; the Rayleigh quotient is always taken with ``H`` itself. Fixed mode: phase 1
+    takes ``num_iters // 2`` products, phase 2 the rest. Tolerance mode: each phase stops at the
+    tolerance, both together at ``num_iters``.
+    """
+    dtype = v_init.dtype
+    inf = jnp.asarray(jnp.inf, dtype)
+    s = _PowerState(v_init, v_init, jnp.zeros((), dtype), inf, jnp.zeros((), jnp.int32))
+    zero = jnp.zeros((), dtype)
+    if tol is None:
+        n1 = num_iters // 2
+        s = lax.fori_loop(0, n1, lambda i, st: _power_step(op, zero, st), s)
+        shift = jnp.minimum(s.lam, zero)
+        s = s._replace(v=jnp.where(s.lam < 0, v_init, s.v))
+        s = lax.fori_loop(0, num_iters - n1, lambda i, st: _power_step(op, shift, st), s)
+        return s
+
+    def not_done(st):
+        return (st.n < num_iters) & ~(st.res <= tol * jnp.abs(st.lam))
+
+    s = lax.while_loop(not_done, lambda st: _power_step(op, zero, st), s)
+    neg = s.lam < 0
+    shift = jnp.minimum(s.lam, zero)
+    s = s._replace(v=jnp.where(neg, v_init, s.v), res=jnp.where(neg, inf, s.res))
+    s = lax.while_loop(not_done, lambda st: _power_step(op, shift, st), s)
+    return s
+
+
+def _ritz(alpha: jax.Array, beta: jax.Array, n_active: jax.Array, k: int):
+    """Top-k Ritz values (descending), Ritz coordinates and residual bounds of a Lanczos tridiagonal.
+
+    Rows past ``n_active`` are decoupled and given a diagonal value below every eigenvalue of the
+    active block (Gershgorin bound), so that they never rank among the top k; the pad stays of the
+    order of ``||T||`` so that ``eigh``'s absolute accuracy is not degraded.
+    """
+    m = alpha.shape[0]
+    idx = jnp.arange(m, dtype=jnp.int32)
+    active = idx < n_active
+    off = jnp.where(idx[:-1] + 1 < n_active, beta[:-1], jnp.zeros_like(beta[:-1]))
+    radius = jnp.abs(jnp.concatenate([off, jnp.zeros((1,), off.dtype)])) + jnp.abs(
+        jnp.concatenate([jnp.zeros((1,), off.dtype), off])
+    )
+    big = jnp.asarray(jnp.finfo(alpha.dtype).max, alpha.dtype)
+    lo = jnp.min(jnp.where(active, alpha - radius, big))
+    hi = jnp.max(jnp.where(active, alpha + radius, -big))
+    pad = lo - (hi - lo) - jnp.abs(lo) - jnp.abs(hi) - jnp.asarray(jnp.finfo(alpha.dtype).tiny, alpha.dtype)
+    diag = jnp.where(active, alpha, pad)
+    t = jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
+    theta, s = jnp.linalg.eigh(t)
+    theta = theta[::-1][:k]
+    s = s[:, ::-1][:, :k]
+    last = jnp.clip(n_active - 1, 0, m - 1)
+    res = jnp.abs(beta[last] * s[last, :])
+    return theta, s, res
+
+
+class _LanczosState(NamedTuple):
+    """Carry of Lanczos: basis rows ``q_0..q_m``, tridiagonal, products so far, norm estimate."""
+
+    q: jax.Array  # (m + 1, n)
+    alpha: jax.Array  # (m,)
+    beta: jax.Array  # (m,), beta[j] couples q_j and q_{j+1}; 0 after a breakdown
+    j: jax.Array
+    hnorm: jax.Array
+
+
+def _orth(q: jax.Array, w: jax.Array) -> jax.Array:
+    """Full reorthogonalization against every row of ``q`` (zero rows do nothing), done twice."""
+    w = w - jnp.dot(jnp.dot(q, w, precision=_HI), q, precision=_HI)
+    return w - jnp.dot(jnp.dot(q, w, precision=_HI), q, precision=_HI)
+
+
+def _lanczos_step(op, key: jax.Array, st: _LanczosState) -> _LanczosState:
+    """One Lanczos product with full reorthogonalization; restarts orthogonally on breakdown.
+
+    When the Krylov space becomes invariant (``beta`` at rounding level relative to ``||H||``) the
+    next basis vector is a fresh random vector orthogonalized against the basis and the coupling is
+    set to 0, so the tridiagonal stays valid (block diagonal) and no NaN appears; this is how
+    eigenvalues outside the first Krylov space (and multiplicities) can still be found.
+    """
+    j = st.j
+    qj = st.q[j]
+    w = op(qj)
+    a = _dot(qj, w)
+    hnorm = jnp.maximum(st.hnorm, jnp.linalg.norm(w))
+    w = _orth(st.q, w)
+    b = jnp.linalg.norm(w)
+    eps = jnp.finfo(w.dtype).eps
+    breakdown = b <= 64 * eps * hnorm
+    r = jax.random.normal(jax.random.fold_in(key, j), w.shape, w.dtype)
+    r, _ = _normalize(_orth(st.q, r))
+    q_next = jnp.where(breakdown, r, w / jnp.where(b > 0, b, jnp.ones_like(b)))
+    b = jnp.where(breakdown, jnp.zeros_like(b), b)
+    return _LanczosState(
+        st.q.at[j + 1].set(q_next), st.alpha.at[j].set(a), st.beta.at[j].set(b), j + 1, hnorm
+    )
+
+
+def _lanczos(op, v_init: jax.Array, key: jax.Array, num_iters: int, tol: float | None, k: int):
+    """Top-k algebraic eigenpairs by Lanczos with full reorthogonalization (flat vectors).
+
+    Returns ``(theta (k,), vectors (k, n), residual (k,), num_hvps)``. The residual is the Lanczos
+    bound ``|beta_m s_m|``, equal to ``||H y - theta y||`` up to rounding when the basis is
+    orthonormal (kept so by full reorthogonalization); it costs no product.
+    """
+    n = v_init.shape[0]
+    dtype = v_init.dtype
+    m = min(num_iters, n)  # a Krylov basis cannot exceed the dimension (static)
+    if k > m:
+        raise ConfigError(f"k={k} eigenpairs need num_iters >= k and at least k parameters; got num_iters={num_iters}, n={n}")
+    st = _LanczosState(
+        jnp.zeros((m + 1, n), dtype).at[0].set(v_init),
+        jnp.zeros((m,), dtype),
+        jnp.zeros((m,), dtype),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), dtype),
+    )
+    rkey = jax.random.fold_in(key, 1)
+    if tol is None:
+        st = lax.fori_loop(0, m, lambda i, s: _lanczos_step(op, rkey, s), st)
+    else:
+
+        def not_done(s):
+            theta, _, res = _ritz(s.alpha, s.beta, s.j, k)
+            conv = (s.j >= k) & jnp.all(res <= tol * jnp.abs(theta))
+            return (s.j < m) & ~conv
+
+        st = lax.while_loop(not_done, lambda s: _lanczos_step(op, rkey, s), st)
+    theta, coords, res = _ritz(st.alpha, st.beta, st.j, k)
+    vecs = jnp.dot(coords.T, st.q[:m], precision=_HI)  # (k, n); padded rows have zero coordinates
+    vecs = jax.vmap(lambda x: _normalize(x)[0])(vecs)
+    return theta, vecs, res, st.j
+
+
+# ----------------------------------------------------------------------------------------------
+# Public eigenvalue API.
+
+
+def _check_solver_args(method: str, num_iters: int, tol: float | None) -> None:
+    """Validates solver options with one-line messages."""
+    if method not in _METHODS:
+        raise ConfigError(f"method must be one of {_METHODS}, got {method!r}")
+    if not isinstance(num_iters, (int, np.integer)) or isinstance(num_iters, bool) or num_iters < 1:
+        raise ConfigError(f"num_iters must be a positive int, got {num_iters!r}")
+    if method == "power" and num_iters < 2:
+        raise ConfigError(f"method='power' needs num_iters >= 2 (two phases), got {num_iters}")
+    if tol is not None and not (isinstance(tol, (float, int)) and 0 < tol < 1):
+        raise ConfigError(f"tol must be None (fixed iterations) or a float in (0, 1), got {tol!r}")
+
+
+def _flat_dtype(params: PyTree):
+    """The single floating dtype of all leaves of ``params``."""
+    dtypes = {jnp.dtype(x.dtype) for x in jax.tree_util.tree_leaves(params)}
+    if len(dtypes) != 1 or not jnp.issubdtype(next(iter(dtypes)), jnp.floating):
+        raise ConfigError(f"params leaves must share one floating dtype, got {sorted(str(d) for d in dtypes)}")
+    return dtypes.pop()
+
+
+def _eig(
+    loss3: Callable[[PyTree, PyTree, PyTree], jax.Array],
+    params: PyTree,
+    aux: PyTree,
+    batch: PyTree,
+    v0: PyTree | None,
+    key: jax.Array | None,
+    *,
+    k: int | None,
+    method: str,
+    num_iters: int,
+    tol: float | None,
+    chunk_size: int | None,
+    mesh: Mesh | None,
+    linearize: bool,
+) -> EigResult:
+    """Shared driver: Hessian of ``loss3(params, aux, batch)`` in ``params``; ``aux`` is a replicated,
+    undifferentiated argument (so nothing is closed over); one device or the whole solver in shard_map.
+    """
+    _check_solver_args(method, num_iters, tol)
+    dtype = _flat_dtype(params)
+    if key is None:
+        key = jax.random.key(0)  # a fixed default start; pass a key (or v0) to choose another
+    if mesh is not None:
+        axis, n_dev = _mesh_axis(mesh)
+        _check_divisible(batch, n_dev)
+
+    def solve(p, a, b, v0_, key_):
+        loss = lambda pp, bb: loss3(pp, a, bb)  # noqa: E731
+        if mesh is None:
+            tree_op = make_hvp(loss, p, b, chunk_size=chunk_size, linearize=linearize)
+        else:
+            tree_op = _sharded_op(loss, p, b, n_dev, chunk_size, linearize)
+        flat_p, unravel = ravel_pytree(p)
+        op = lambda x: ravel_pytree(tree_op(unravel(x)))[0]  # noqa: E731
+        v0_flat = None if v0_ is None else ravel_pytree(v0_)[0]
+        v_init = _start_vector(v0_flat, jax.random.fold_in(key_, 0), flat_p.shape[0], dtype)
+        if k is None and method == "power":
+            st = _power(op, v_init, num_iters, tol)
+            return EigResult(st.lam, unravel(st.vec), st.n, st.res)
+        theta, vecs, res, n_hvp = _lanczos(op, v_init, key_, num_iters, tol, 1 if k is None else k)
+        if k is None:
+            return EigResult(theta[0], unravel(vecs[0]), n_hvp, res[0])
+        return EigResult(theta, jax.vmap(unravel)(vecs), n_hvp, res)
+
+    if mesh is None:
+        return solve(params, aux, batch, v0, key)
+    rep = PartitionSpec()
+    return jax.shard_map(
+        solve, mesh=mesh, in_specs=(rep, rep, PartitionSpec(axis), rep, rep), out_specs=rep
+    )(params, aux, batch, v0, key)
+
+
+def top_eigenvalue(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    *,
+    method: str = "lanczos",
+    num_iters: int = 20,
+    tol: float | None = None,
+    v0: PyTree | None = None,
+    key: jax.Array | None = None,
+    chunk_size: int | None = None,
+    mesh: Mesh | None = None,
+    linearize: bool = True,
+) -> EigResult:
+    """The largest ALGEBRAIC eigenvalue of the Hessian of ``loss_fn`` at ``params`` (the sharpness).
+
+    Normalized sharpness in the paper's sense (Sec. 6, Figure 6) is ``lr * eigenvalue``; compare it
+    with :func:`stability_threshold`.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``; a mean over examples when chunking/sharding.
+      params: point at which the Hessian is taken; leaves share one floating dtype.
+      batch: data passed to ``loss_fn``.
+      method: ``"lanczos"`` (full reorthogonalization; robust to near-ties and to a dominant
+        negative eigenvalue) or ``"power"`` (power iteration, shifted by the dominant eigenvalue when
+        that one is negative, see :func:`_power`).
+      num_iters: Hessian-vector products in fixed mode; the maximum in tolerance mode.
+      tol: None for exactly ``num_iters`` products (vmappable, no data-dependent loop), or a
+        relative residual ``||Hv - lambda v|| <= tol |lambda|`` at which to stop.
+      v0: warm start, e.g. the previous eigenvector (a pytree like params); a zero v0 means cold.
+      key: PRNG key of the random start (when ``v0`` is None or zero) and of Lanczos restarts;
+        defaults to ``jax.random.key(0)``.
+      chunk_size: sum each product over chunks of this many examples (memory), see :func:`make_hvp`.
+      mesh: a one-axis device mesh: the batch is sharded over it, params replicated, and the whole
+        solver runs inside ``jax.shard_map``.
+      linearize: reuse one linearization for all products (without chunking).
+
+    Returns:
+      :class:`EigResult` with scalar eigenvalue and residual, the unit eigenvector as a pytree like
+      params, and the number of products used.
+    """
+    return _eig(
+        lambda p, a, b: loss_fn(p, b), params, None, batch, v0, key, k=None, method=method,
+        num_iters=num_iters, tol=tol, chunk_size=chunk_size, mesh=mesh, linearize=linearize,
+    )
+
+
+def top_eigenvalues(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    k: int,
+    *,
+    num_iters: int = 40,
+    tol: float | None = None,
+    v0: PyTree | None = None,
+    key: jax.Array | None = None,
+    chunk_size: int | None = None,
+    mesh: Mesh | None = None,
+    linearize: bool = True,
+) -> EigResult:
+    """The k largest algebraic Hessian eigenvalues by Lanczos with full reorthogonalization.
+
+    A single-vector Krylov method sees one direction of a repeated eigenvalue until the Krylov space
+    is exhausted (then it restarts orthogonally and finds the others); with ``num_iters`` smaller
+    than the parameter count, a multiplicity may therefore be reported once. ``tol`` applies to all
+    k residuals.
+
+    Args:
+      loss_fn, params, batch, num_iters, tol, v0, key, chunk_size, mesh, linearize: as in
+        :func:`top_eigenvalue`.
+      k: number of eigenpairs (static, ``1 <= k <= min(num_iters, number of parameters)``).
+
+    Returns:
+      :class:`EigResult` with eigenvalues ``(k,)`` in descending order, eigenvectors as a pytree whose
+      leaves have a leading k axis, the number of products, and residuals ``(k,)``.
+    """
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"k must be a positive int, got {k!r}")
+    return _eig(
+        lambda p, a, b: loss_fn(p, b), params, None, batch, v0, key, k=int(k), method="lanczos",
+        num_iters=num_iters, tol=tol, chunk_size=chunk_size, mesh=mesh, linearize=linearize,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Adam's preconditioned sharpness and per-layer sharpness.
+
+
+def adam_preconditioner(
+    nu: PyTree, count: jax.typing.ArrayLike, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> PyTree:
+    """Diagonal preconditioner ``P`` of Adam (Cohen et al. 2022, Sec. 2), a pytree like ``nu``.
+
+    Adam's step ``-lr * m_hat / (sqrt(nu_hat) + eps)`` with the bias-corrected moments
+    ``m_hat = m / (1 - b1^t)``, ``nu_hat = nu / (1 - b2^t)`` is written ``-lr * P^-1 m`` with the raw
+    EMA ``m`` and ``P = (1 - b1^t) * (sqrt(nu_hat) + eps)``: the first moment's bias correction is
+    folded into P, as in Cohen et al. (2022); the threshold ``(2 + 2 b1) / (1 - b1)`` refers to the
+    EMA ``m``. ``nu`` and ``count`` are those of the optimizer state after ``t = count`` updates
+    (optax ``ScaleByAdamState.nu`` / ``.count``), i.e. the preconditioner of the last step taken.
+
+    Args:
+      nu: second-moment EMA (pytree).
+      count: number of updates taken, ``t >= 1``.
+      b1, b2, eps: Adam's hyperparameters (as in ``eos_jax.optim.adam``).
+
+    Returns:
+      ``P`` (pytree like ``nu``), positive.
+    """
+    def leaf(x):
+        t = jnp.asarray(count).astype(x.dtype)
+        one = jnp.ones((), x.dtype)
+        nu_hat = x / (one - jnp.asarray(b2, x.dtype) ** t)
+        return (one - jnp.asarray(b1, x.dtype) ** t) * (jnp.sqrt(nu_hat) + jnp.asarray(eps, x.dtype))
+
+    return jax.tree_util.tree_map(leaf, nu)
+
+
+def _reparam_loss(loss_fn: LossFn):
+    """Loss of ``u`` at ``params + s * u`` with ``aux = (params, s)``: its Hessian in u is ``S H S``."""
+    def loss3(u, aux, batch):
+        p0, s = aux
+        return loss_fn(jax.tree_util.tree_map(lambda p, si, ui: p + si * ui, p0, s, u), batch)
+
+    return loss3
+
+
+def preconditioned_top_eigenvalue(
+    loss_fn: LossFn, params: PyTree, batch: PyTree, precond: PyTree, **kwargs: Any
+) -> EigResult:
+    """Preconditioned sharpness ``lambda_max(P^-1 H)`` for a diagonal positive ``P`` (Adam).
+
+    ``P^-1 H`` is similar to the symmetric ``P^-1/2 H P^-1/2``, whose top eigenvalue is computed as
+    the Hessian at ``u = 0`` of ``u -> loss(params + P^-1/2 u)`` (an exact linear
+    reparametrization). Compare ``lr * eigenvalue`` with ``stability_threshold("adam", beta=b1)``.
+
+    Args:
+      loss_fn, params, batch: as in :func:`top_eigenvalue`.
+      precond: ``P`` (pytree like params, positive), e.g. from :func:`adam_preconditioner`.
+      **kwargs: options of :func:`top_eigenvalue` (method, num_iters, tol, v0, key, ...); a warm
+        start ``v0`` lives in the u coordinates (pass the previous result's eigenvector).
+
+    Returns:
+      :class:`EigResult` whose eigenvector ``u`` is that of ``P^-1/2 H P^-1/2``; the eigenvector of
+      ``P^-1 H`` is ``P^-1/2 u`` (unnormalized).
+    """
+    s = jax.tree_util.tree_map(lambda p: 1 / jnp.sqrt(p), precond)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    opts = dict(method="lanczos", num_iters=20, tol=None, v0=None, key=None, chunk_size=None, mesh=None,
+                linearize=True)
+    unknown = set(kwargs) - set(opts)
+    if unknown:
+        raise ConfigError(f"unknown options {sorted(unknown)}; allowed: {sorted(opts)}")
+    opts.update(kwargs)
+    v0, key = opts.pop("v0"), opts.pop("key")
+    return _eig(_reparam_loss(loss_fn), zeros, (params, s), batch, v0, key, k=None, **opts)
+
+
+def _layer_groups(params: PyTree, level: int) -> dict[str, list[int]]:
+    """Leaf indices grouped by the first ``level`` entries of their key paths (in tree order)."""
+    groups: dict[str, list[int]] = {}
+    for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
+        groups.setdefault(jax.tree_util.keystr(tuple(path[:level])), []).append(i)
+    return groups
+
+
+def _block_loss(loss_fn: LossFn, treedef, idx: tuple[int, ...]):
+    """Loss of one block of leaves with the other leaves passed as ``aux`` (a full leaf list)."""
+    def loss3(block, leaves, batch):
+        new = list(leaves)
+        for i, x in zip(idx, block):
+            new[i] = x
+        return loss_fn(jax.tree_util.tree_unflatten(treedef, new), batch)
+
+    return loss3
+
+
+def layer_sharpness(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    *,
+    level: int = 1,
+    v0: Mapping[str, PyTree] | None = None,
+    **kwargs: Any,
+) -> dict[str, EigResult]:
+    """Top eigenvalue of each layer's diagonal Hessian block (paper Sec. 5.5: one layer goes unstable).
+
+    Layers are the groups of leaves sharing the first ``level`` keys of their paths, e.g. the
+    top-level modules ``{"Dense_0": {"kernel", "bias"}, ...}`` of a flax params dict with level=1.
+    The block ``H_ll`` is the Hessian of the loss in that layer's leaves with the others fixed
+    (equivalently ``H v`` with ``v`` zero outside the block, restricted to the block).
+
+    Args:
+      loss_fn, params, batch: as in :func:`top_eigenvalue`.
+      level: path depth that defines a layer.
+      v0: optional warm starts, a mapping from layer name (as returned) to a list of that layer's
+        leaves (the previous result's ``eigenvector``).
+      **kwargs: options of :func:`top_eigenvalue` except v0.
+
+    Returns:
+      ``{layer name (jax.tree_util.keystr of its path prefix): EigResult}``, in tree order; each
+      eigenvector is the list of that layer's leaves.
+    """
+    opts = dict(method="lanczos", num_iters=20, tol=None, key=None, chunk_size=None, mesh=None, linearize=True)
+    unknown = set(kwargs) - set(opts)
+    if unknown:
+        raise ConfigError(f"unknown options {sorted(unknown)}; allowed: {sorted(opts)} and v0")
+    opts.update(kwargs)
+    key = opts.pop("key")
+    key = jax.random.key(0) if key is None else key
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    out: dict[str, EigResult] = {}
+    for g, (name, idx) in enumerate(_layer_groups(params, level).items()):
+        block = [leaves[i] for i in idx]
+        start = None if v0 is None else v0.get(name)
+        out[name] = _eig(_block_loss(loss_fn, treedef, tuple(idx)), block, leaves, batch, start,
+                         jax.random.fold_in(key, g), k=None, **opts)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Stability thresholds.
+
+
+def stability_threshold(kind: str, *, beta: float = 0.0) -> float:
+    """Largest stable ``lr * lambda_max`` of an optimizer on a quadratic (Cohen et al. 2021, 2022).
+
+    ``gd``: 2; ``heavy_ball`` (momentum ``beta``): ``2 + 2 beta``; ``nesterov``:
+    ``(2 + 2 beta) / (1 + 2 beta)``; ``adam`` (``beta`` = b1, on the preconditioned sharpness of
+    :func:`preconditioned_top_eigenvalue`, EMA first moment): ``(2 + 2 beta) / (1 - beta)``
+    (38 for b1 = 0.9). ``normalized sharpness / threshold`` crosses 1 at the Edge of Stability.
+
+    Args:
+      kind: one of "gd", "heavy_ball", "nesterov", "adam".
+      beta: momentum coefficient (b1 for Adam), in [0, 1).
+
+    Returns:
+      The threshold as a Python float.
+    """
+    if kind not in _THRESHOLD_KINDS:
+        raise ConfigError(f"kind must be one of {_THRESHOLD_KINDS}, got {kind!r}")
+    beta = float(beta)
+    if not 0.0 <= beta < 1.0:
+        raise ConfigError(f"beta must be in [0, 1), got {beta!r}")
+    if kind == "gd":
+        if beta != 0.0:
+            raise ConfigError(f"kind='gd' takes no momentum, got beta={beta!r}")
+        return 2.0
+    if kind == "heavy_ball":
+        return 2.0 + 2.0 * beta
+    if kind == "nesterov":
+        return (2.0 + 2.0 * beta) / (1.0 + 2.0 * beta)
+    return (2.0 + 2.0 * beta) / (1.0 - beta)
