@@ -105,6 +105,24 @@ def test_vmapped_lanes_equal_numpy_for_every_batching(dtype, form):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vmapped_lr_over_fixed_k_divides_correctly(dtype):
+    """fl(lr/k) per lane of an lr sweep. With lr and k behind separate barriers, XLA turns
+    lr[B] / broadcast(k) into lr * fl(1/k): for k=3, 341/1000 float32 and 330/1000 float64
+    lanes came out 1 ulp off (measured with that variant of _opaque_scalars)."""
+    lrs = np.random.default_rng(3).uniform(0.001, 1.0, 1000).astype(dtype)
+
+    def q(lr, k):
+        lr_d, k_d, _ = optim._opaque_scalars(lr, k, np.dtype(dtype))
+        return lr_d / k_d
+
+    for k in (3, 7, 11):
+        wrong = lrs * (dtype(1) / dtype(k))  # what the rewrite would give
+        assert (wrong != lrs / dtype(k)).any()  # so the check below can fail
+        got = jax.jit(jax.vmap(q, in_axes=(0, None)))(lrs, k)
+        assert_tree_equal_bits(got, lrs / dtype(k), f"k={k}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_powers_of_two_equal_k1_and_odd_k_differ_by_at_most_2_ulp(dtype):
     """k=2^n: same bits as k=1. Odd k: a nonzero fraction differs, by 1 or 2 ulps.
 
