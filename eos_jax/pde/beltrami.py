@@ -216,7 +216,8 @@ def _plot(results: dict[str, Any], config: BeltramiConfig, path: Path) -> None:
         ax.legend(fontsize=7)
         steps = np.arange(1, len(r["update_history"]) + 1) * config.record_every
         upd = np.asarray(r["update_history"], dtype=np.float64)
-        axes[1, j].semilogy(steps, np.where(np.isfinite(upd) & (upd > 0), upd, np.nan))
+        # Values past 1e100 are clipped (NaN) like the paper's Figure 4: tick locators overflow near 1e308.
+        axes[1, j].semilogy(steps, np.where(np.isfinite(upd) & (upd > 0) & (upd < 1e100), upd, np.nan))
         axes[1, j].set_xlabel("step")
         axes[1, j].set_ylabel("max ||u^{n+1} - u^n||_inf per record")
     fig.tight_layout()

@@ -708,8 +708,9 @@ def _plot(curves: dict[int, dict[str, Any]], results: dict[str, Any], config: Li
         c = curves[w]
         it = np.arange(1, c["loss"].shape[1] + 1)
         for i, al in enumerate(c["alphas"]):
-            loss = np.where(np.isfinite(c["loss"][i]), c["loss"][i], np.nan)
-            norm = np.where(np.isfinite(c["norm"][i]), c["norm"][i], np.nan)
+            # Clipped (NaN) past 1e100, like the paper's Figure 4 (tick locators overflow near 1e308).
+            loss = np.where(np.abs(c["loss"][i]) < 1e100, c["loss"][i], np.nan)
+            norm = np.where(np.abs(c["norm"][i]) < 1e100, c["norm"][i], np.nan)
             axes[0, j].plot(it, loss, label=f"{labels[i]}: alpha={al:.4g}")
             axes[1, j].plot(it, norm)
         axes[0, j].set_yscale("symlog")
