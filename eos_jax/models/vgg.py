@@ -14,21 +14,54 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+from jax import lax
 
 from eos_jax.models.layers import Conv, Dense, make_activation
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-# Batch norm as PyTorch's BatchNorm2d: running = 0.9 * running + 0.1 * batch, eps 1e-5.
-BN_MOMENTUM = 0.9
+# Batch norm as PyTorch's BatchNorm2d: running = (1 - 0.1) * running + 0.1 * batch, eps 1e-5
+# (PyTorch's momentum convention; 1 - 0.1 == 0.9 exactly in Python floats).
+BN_MOMENTUM = 0.1
 BN_EPSILON = 1e-5
 
 
-def batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    """PyTorch-equivalent BatchNorm (two-pass variance; see :data:`BN_MOMENTUM`)."""
-    # use_fast_variance=False: var = mean((x - mean)^2), not E[x^2] - E[x]^2, which
-    # cancels catastrophically when |mean| >> std.
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                        dtype=dtype, param_dtype=dtype, use_fast_variance=False, name=name)
+class BatchNorm(nn.Module):
+    """PyTorch's BatchNorm2d over the last axis of NHWC inputs.
+
+    Training normalizes with the batch mean and the biased batch variance (two-pass:
+    ``mean((x - mean)^2)``, no ``E[x^2] - E[x]^2`` cancellation) and updates the
+    running statistics with the UNBIASED variance ``var * n / (n - 1)`` as PyTorch
+    does (flax's BatchNorm uses the biased one). Evaluation uses the running ones.
+    """
+
+    train: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.dtype)
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), self.dtype))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), self.dtype))
+        if self.train:
+            n = x.size // c
+            mean = jnp.mean(x, axis=(0, 1, 2))
+            var = jnp.mean(jnp.square(x - mean[None, None, None, :]), axis=(0, 1, 2))
+            if not self.is_initializing():
+                unbiased = var * (n / max(n - 1, 1))
+                ra_mean.value = (1.0 - BN_MOMENTUM) * ra_mean.value + BN_MOMENTUM * mean
+                ra_var.value = (1.0 - BN_MOMENTUM) * ra_var.value + BN_MOMENTUM * unbiased
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        inv = scale * lax.rsqrt(var + BN_EPSILON)
+        return (x - mean[None, None, None, :]) * inv[None, None, None, :] + bias[None, None, None, :]
+
+
+def batch_norm(train: bool, dtype: Any, name: str) -> BatchNorm:
+    """PyTorch-equivalent batch norm layer (see :class:`BatchNorm`)."""
+    return BatchNorm(train, dtype, name=name)
 
 
 class VGG(nn.Module):

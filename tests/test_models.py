@@ -1,0 +1,344 @@
+"""Models and losses: shapes, parameter counts, BN state, conv implementations, Eq. (6)/(8).
+
+Independent references: published parameter counts, ``lax.conv`` for the single-channel
+convolutions, a NumPy/SciPy re-computation of the one-layer network Eq. (6) and of its
+gradient Eq. (8) in float64, NumPy formulas for the losses and for PyTorch's batch norm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import signal
+from scipy.special import expit, log_expit, logsumexp
+
+from eos_jax import losses, models
+from eos_jax.errors import ConfigError
+from eos_jax.models import layers
+from helpers import assert_tree_equal_bits
+
+KEY = jax.random.key(0)
+
+
+def _abstract_count(model: models.Model, shape) -> int:
+    """Parameter count from shapes only (no RNG, no compile of the init)."""
+    return models.count_params(jax.eval_shape(lambda k: model.init(k, shape), KEY))
+
+
+# --- parameter counts (published / closed form) ------------------------------------
+
+@pytest.mark.parametrize(
+    "name,cfg,shape,expected",
+    [
+        # kuangliu/pytorch-cifar VGG('VGG16'): 13 convs with bias + Linear(512, 10).
+        ("vgg16", {}, (32, 32, 3), 14_719_818),
+        ("vgg16_bn", {}, (32, 32, 3), 14_728_266),
+        # He et al. 2016 Table 6: ResNet-56 "0.85M" (853,018 in the PyTorch port).
+        ("resnet56", {}, (32, 32, 3), 853_018),
+        # Cohen et al. fc-tanh on CIFAR: 3072*200+200 + 200*200+200 + 200*10+10.
+        ("fc", {}, (32, 32, 3), 656_810),
+        # Paper Sec. 6.2: 3 single-channel 3x3 layers, no bias.
+        ("cnn", {"layers": 3}, (28, 28, 1), 27),
+        # Sec. 5.3: one 32x32 kernel.
+        ("cnn", {"kernel_size": 32}, (256, 256, 1), 1024),
+        ("cnn", {"layers": 2, "channels": (4, 8), "head": "linear", "num_outputs": 10,
+                 "in_channels": 3}, (8, 8, 3), 3 * 3 * 3 * 4 + 3 * 3 * 4 * 8 + 8 * 10 + 10),
+    ],
+)
+def test_parameter_counts(name, cfg, shape, expected):
+    assert _abstract_count(models.get(name, **cfg), shape) == expected
+
+
+# --- shapes, finiteness, dtype, no recompilation -----------------------------------
+
+SMALL = [
+    ("cnn", {"layers": 3}, (12, 12, 1), 1, "float32"),
+    ("cnn", {"layers": 3}, (12, 12, 1), 1, "float64"),
+    ("cnn", {"layers": 2, "channels": 3, "head": "linear", "num_outputs": 4, "padding": "same"}, (9, 9, 1), 4,
+     "float32"),
+    ("fc", {"width": 16, "depth": 3}, (6, 6, 3), 10, "float64"),
+]
+
+
+@pytest.mark.parametrize("name,cfg,shape,n_out,dtype", SMALL)
+def test_small_models_shape_dtype_and_no_recompile(name, cfg, shape, n_out, dtype):
+    model = models.get(name, dtype=dtype, **cfg)
+    variables = model.init(KEY, shape)
+    for leaf in jax.tree_util.tree_leaves(variables):
+        assert leaf.dtype == np.dtype(dtype)
+    traces = []
+
+    def fwd(v, x):
+        traces.append(1)
+        return model.apply(v, x, train=True)
+
+    f = jax.jit(fwd)
+    x = jax.random.uniform(jax.random.key(1), (2, *shape), jnp.float32)
+    logits, state = f(variables, x)
+    assert logits.shape == (2, n_out) and logits.dtype == np.dtype(dtype)
+    assert state == {}
+    assert np.all(np.isfinite(np.asarray(logits)))
+    f(variables, x + 1.0)
+    assert len(traces) == 1, "apply retraced on a second call with the same shapes"
+
+
+@pytest.mark.parametrize("name", ["vgg16_bn", "resnet56"])
+def test_bn_models_init_apply_and_batch_stats(name):
+    # Same modules and code paths as the full networks (whose counts are checked above),
+    # shrunk so that the per-leaf RNG compile of init stays cheap: ResNet with one block
+    # per stage (ResNet-8, still two option-A shortcuts), VGG with two conv stages.
+    model = models.get(name, activation="swish", beta=2.0)
+    small = {"vgg16_bn": {"cfg": (8, "M", 16, 16, "M")}, "resnet56": {"blocks_per_stage": 1}}[name]
+    model = dataclasses.replace(model, module=model.module.clone(**small))
+    variables = jax.jit(lambda k: model.init(k, (8, 8, 3)))(KEY)
+    assert "batch_stats" in variables and model.info["batch_stats"]
+    x = jax.random.normal(jax.random.key(2), (2, 8, 8, 3), jnp.float32)
+    apply = jax.jit(model.apply, static_argnames="train")
+    logits, state = apply(variables, x, train=True)
+    assert logits.shape == (2, 10) and np.all(np.isfinite(np.asarray(logits)))
+    # train=True moves every running statistic; train=False returns them bitwise unchanged.
+    for new, old in zip(jax.tree_util.tree_leaves(state["batch_stats"]),
+                        jax.tree_util.tree_leaves(variables["batch_stats"])):
+        assert not np.any(np.asarray(new) == np.asarray(old))
+    logits_eval, state_eval = apply(variables, x, train=False)
+    assert_tree_equal_bits(state_eval["batch_stats"], variables["batch_stats"])
+    assert np.all(np.isfinite(np.asarray(logits_eval)))
+    assert not np.allclose(logits_eval, logits)  # running vs batch statistics
+
+
+def test_batch_norm_matches_pytorch_formulas():
+    # Running mean/var as torch.nn.BatchNorm2d (momentum 0.1, unbiased running var), float64.
+    from eos_jax.models.vgg import BatchNorm
+
+    x = np.random.RandomState(0).randn(3, 4, 5, 2) * 3.0 + 1.0
+    m = BatchNorm(train=True, dtype=jnp.float64)
+    v = m.init(KEY, jnp.asarray(x))
+    y, upd = m.apply(v, jnp.asarray(x), mutable=["batch_stats"])
+    mean = x.mean(axis=(0, 1, 2))
+    var = x.var(axis=(0, 1, 2))
+    n = 3 * 4 * 5
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * mean, rtol=1e-13)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * var * n / (n - 1), rtol=1e-13)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-12, atol=1e-12)
+    y_eval = BatchNorm(train=False, dtype=jnp.float64).apply(v, jnp.asarray(x))
+    np.testing.assert_allclose(y_eval, x / np.sqrt(1.0 + 1e-5), rtol=1e-13)
+
+
+def test_resnet_option_a_shortcut_is_parameter_free():
+    params = jax.eval_shape(lambda k: models.get("resnet56").init(k, (32, 32, 3)), KEY)["params"]
+    block = params["stage2_block0"]
+    assert sorted(block) == ["bn1", "bn2", "conv1", "conv2"]  # no projection conv
+    assert block["conv1"]["kernel"].shape == (3, 3, 16, 32)
+    assert "bias" not in block["conv1"]
+
+
+# --- convolution implementations --------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["shifted", "fft"])
+@pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 2e-6), (jnp.float64, 1e-13)])
+def test_single_channel_conv_matches_lax(impl, dtype, rtol):
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.randn(3, 10, 9, 1), dtype)
+
+    @jax.jit
+    def run(kk, xx):
+        outs = {}
+        for which in ("lax", impl):
+            f = lambda k_, x_: jnp.sum(jnp.tanh(layers.conv2d(x_, k_, padding=padding, impl=which)))
+            outs[which] = (layers.conv2d(xx, kk, padding=padding, impl=which), jax.grad(f, (0, 1))(kk, xx))
+        scale = layers.conv2d(jnp.abs(xx), jnp.abs(kk), padding=padding, impl="lax")
+        return outs, scale
+
+    for ksize, padding in (((3, 3), "valid"), ((3, 3), "same"), ((4, 2), "same"), ((1, 1), "valid")):
+        k = jnp.asarray(rs.randn(*ksize, 1, 1), dtype)
+        outs, scale = run(k, x)
+        (ref, g_ref), (out, g) = outs["lax"], outs[impl]
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        # Rounding scale: sum of |terms| per output for the direct sum; the FFT's error is
+        # global (relative to the largest such sum), not per output.
+        scale = np.asarray(scale) if impl == "shifted" else 4 * np.max(np.asarray(scale))
+        err = np.abs(np.asarray(out - ref))
+        assert np.all(err <= rtol * scale), f"{ksize} {padding}: max err {err.max()}"
+        for a, b_ in zip(g, g_ref):
+            np.testing.assert_allclose(a, b_, rtol=50 * rtol, atol=50 * rtol * float(jnp.max(jnp.abs(b_))))
+
+
+def test_conv_impl_choice_is_recorded_and_validated():
+    assert models.get("cnn", layers=3).info["conv_impl_per_layer"] == ["shifted"] * 3
+    assert models.get("cnn", kernel_size=32).info["conv_impl"] == "fft"
+    assert models.get("cnn", conv_impl="lax").info["conv_impl"] == "lax"
+    m = models.get("cnn", layers=2, channels=(2, 1))
+    assert m.info["conv_impl_per_layer"] == ["lax", "lax"] and m.info["conv_impl"] == "lax"
+    assert layers.resolve_conv_impl("auto", 1, 1, (5, 5)) == "fft"
+    with pytest.raises(ConfigError, match="conv_impl='shifted'"):
+        models.get("cnn", channels=2, conv_impl="shifted")
+    with pytest.raises(ConfigError, match="'winograd'"):
+        models.get("cnn", conv_impl="winograd")
+
+
+def test_cnn_impls_agree_in_a_full_model():
+    x = jax.random.normal(jax.random.key(3), (2, 11, 11, 1), jnp.float64)
+    outs = {}
+    for impl in ("lax", "shifted", "fft"):
+        m = models.get("cnn", layers=3, padding="same", conv_impl=impl, dtype="float64")
+        outs[impl] = m.apply(m.init(KEY, (11, 11, 1)), x, train=False)[0]
+    np.testing.assert_allclose(outs["shifted"], outs["lax"], rtol=1e-12)
+    np.testing.assert_allclose(outs["fft"], outs["lax"], rtol=1e-12)
+
+
+# --- Eq. (6) and Eq. (8) on a checkerboard, float64 --------------------------------
+
+def _swish(z, beta):
+    return z * expit(beta * z)
+
+
+def _swish_prime(z, beta):
+    s = expit(beta * z)
+    return s + beta * z * s * (1.0 - s)
+
+
+@pytest.mark.parametrize("impl", ["lax", "shifted", "fft"])
+def test_one_layer_cnn_matches_eq6_and_eq8(impl):
+    size, ks, beta, alpha = 24, 6, 1.5, 0.3
+    checker = np.where((np.arange(size)[:, None] + np.arange(size)[None, :]) % 2 == 0, 1.0, -1.0)
+    model = models.get("cnn", kernel_size=ks, beta=beta, init="normal", init_std=0.02, conv_impl=impl,
+                       dtype="float64")
+    params = model.init(KEY, (size, size, 1))["params"]
+    kernel = np.asarray(params["conv0"]["kernel"])[:, :, 0, 0]
+    # A checkerboard with a column ramp so that K*I crosses zero (transitioning regime).
+    x = jnp.asarray(checker[None, :, :, None] * np.linspace(0.5, 1.5, size)[None, None, :, None])
+    image = np.asarray(x)[0, :, :, 0]
+
+    @jax.jit
+    def loss_grad_logit(p, labels):
+        def loss(pp):
+            logits, _ = model.apply({"params": pp}, x, train=False)
+            decay = 0.5 * alpha * jnp.sum(jnp.square(pp["conv0"]["kernel"]))
+            return losses.binary_cross_entropy(logits, labels) + decay, logits
+
+        (value, logits), grad = jax.value_and_grad(loss, has_aux=True)(p)
+        return value, grad, logits
+
+    # Eq. (6): yhat = s(g), g = sum_x r(K * I)(x), * = cross-correlation.
+    z = signal.correlate2d(image, kernel, mode="valid")
+    g = np.sum(_swish(z, beta))
+    yhat = expit(g)
+    assert 0.05 < yhat < 0.95  # both labels give a data term in Eq. (8)
+    for y in (0, 1):
+        value, grad, logits = loss_grad_logit(params, jnp.asarray([y], jnp.int32))
+        np.testing.assert_allclose(float(logits[0, 0]), g, rtol=1e-12)
+        ref_loss = -(y * log_expit(g) + (1 - y) * log_expit(-g)) + 0.5 * alpha * np.sum(kernel**2)
+        np.testing.assert_allclose(float(value), ref_loss, rtol=1e-12)
+        # Eq. (8): dL/dK = (yhat - y) r'(K * I) * I + alpha K (correlation of I with r'(K*I)).
+        ref_grad = (yhat - y) * signal.correlate2d(image, _swish_prime(z, beta), mode="valid") + alpha * kernel
+        np.testing.assert_allclose(np.asarray(grad["conv0"]["kernel"])[:, :, 0, 0], ref_grad, rtol=1e-10,
+                                   atol=1e-12 * np.max(np.abs(ref_grad)))
+
+
+# --- initialization ----------------------------------------------------------------
+
+def test_pytorch_init_bounds_and_jax_init():
+    v = models.get("fc", width=64, depth=1, num_outputs=5).init(KEY, (4, 4, 2))["params"]
+    for layer, fan_in in (("dense0", 32), ("out", 64)):
+        bound = 1.0 / math.sqrt(fan_in)
+        for leaf in ("kernel", "bias"):
+            a = np.asarray(v[layer][leaf])
+            assert np.max(np.abs(a)) <= bound
+            assert np.max(np.abs(a)) > 0.8 * bound  # uniform over the whole interval
+    k = np.asarray(v["dense0"]["kernel"])
+    assert abs(k.std() - 1.0 / math.sqrt(3 * 32)) < 0.1 / math.sqrt(32)  # U(-b, b) std b/sqrt(3)
+    vj = models.get("fc", width=64, depth=1, num_outputs=5, init="jax").init(KEY, (4, 4, 2))["params"]
+    assert not np.any(np.asarray(vj["dense0"]["bias"]))
+    conv = models.get("vgg16", init="pytorch")
+    shapes = jax.eval_shape(lambda kk: conv.init(kk, (32, 32, 3)), KEY)["params"]
+    assert shapes["conv0"]["kernel"].shape == (3, 3, 3, 64)
+
+
+def test_normal_init_for_the_pde_kernel():
+    m = models.get("cnn", kernel_size=32, init="normal", dtype="float64")
+    k = np.asarray(m.init(KEY, (40, 40, 1))["params"]["conv0"]["kernel"])
+    assert k.dtype == np.float64 and abs(k.std() - 1.0) < 0.1 and abs(k.mean()) < 0.1
+    k2 = np.asarray(models.get("cnn", kernel_size=32, init="normal", init_std=0.5, dtype="float64")
+                    .init(KEY, (40, 40, 1))["params"]["conv0"]["kernel"])
+    np.testing.assert_allclose(k2, 0.5 * k, rtol=1e-15)
+
+
+def test_activations():
+    z = jnp.asarray(np.linspace(-6, 6, 25))
+    np.testing.assert_allclose(layers.make_activation("swish", 2.5)(z), _swish(np.asarray(z), 2.5), rtol=1e-14)
+    np.testing.assert_array_equal(layers.make_activation("relu")(z), np.maximum(np.asarray(z), 0))
+    np.testing.assert_allclose(layers.make_activation("tanh")(z), np.tanh(np.asarray(z)), rtol=1e-15)
+
+
+@pytest.mark.parametrize(
+    "name,cfg,match",
+    [
+        ("resnet", {}, "model name='resnet'"),
+        ("cnn", {"layer": 2}, "unknown option"),
+        ("cnn", {"padding": "full"}, "padding='full'"),
+        ("cnn", {"activation": "gelu"}, "activation='gelu'"),
+        ("cnn", {"beta": 0.0}, "beta=0.0"),
+        ("cnn", {"num_outputs": 3}, "head='linear'"),
+        ("cnn", {"layers": 3, "channels": (1, 2)}, "channels="),
+        ("fc", {"width": 0}, "width=0"),
+        ("vgg16", {"init": "xavier"}, "init='xavier'"),
+        ("resnet56", {"dtype": "float16"}, "dtype='float16'"),
+    ],
+)
+def test_bad_config_raises_one_line_error(name, cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        models.get(name, **cfg)
+
+
+def test_bad_input_shape():
+    m = models.get("cnn")
+    with pytest.raises(ConfigError, match="3 channels"):
+        m.init(KEY, (8, 8, 3))
+    with pytest.raises(ConfigError, match="input_shape"):
+        m.init(KEY, (8, 8))
+
+
+def test_info_is_json_able():
+    import json
+
+    for name in models.names():
+        json.dumps(models.get(name).info)
+
+
+# --- losses ------------------------------------------------------------------------
+
+def test_binary_cross_entropy_matches_numpy_and_is_stable():
+    z = np.array([-30.0, -2.0, -0.1, 0.0, 0.7, 5.0, 40.0])
+    y = np.array([1, 0, 1, 0, 1, 1, 0], np.int32)
+    ref = np.mean(-(y * log_expit(z) + (1 - y) * log_expit(-z)))
+    out = losses.binary_cross_entropy(jnp.asarray(z)[:, None], jnp.asarray(y))
+    np.testing.assert_allclose(float(out), ref, rtol=1e-14)
+    g = jax.grad(lambda zz: losses.binary_cross_entropy(zz, jnp.asarray(y)))(jnp.asarray(z))
+    np.testing.assert_allclose(g, (expit(z) - y) / len(z), rtol=1e-13, atol=1e-300)
+    big = losses.binary_cross_entropy(jnp.asarray([100.0, -100.0], jnp.float32), jnp.asarray([1, 1], jnp.int32))
+    assert big.dtype == jnp.float32 and np.isfinite(float(big)) and abs(float(big) - 50.0) < 1e-4
+    tiny = losses.binary_cross_entropy(jnp.asarray([60.0]), jnp.asarray([1], jnp.int32))
+    np.testing.assert_allclose(float(tiny), np.exp(-60.0), rtol=1e-12)  # not rounded to 0
+
+
+def test_cross_entropy_and_mse_match_numpy():
+    rs = np.random.RandomState(0)
+    z = rs.randn(5, 4) * 3
+    y = np.array([0, 3, 1, 1, 2], np.int32)
+    ce = np.mean(logsumexp(z, axis=1) - z[np.arange(5), y])
+    np.testing.assert_allclose(float(losses.cross_entropy(jnp.asarray(z), jnp.asarray(y))), ce, rtol=1e-14)
+    onehot = np.eye(4)[y]
+    mse = np.mean(0.5 * np.sum((z - onehot) ** 2, axis=1))  # Cohen et al.: 0.5 * sum over classes
+    np.testing.assert_allclose(float(losses.mse(jnp.asarray(z), jnp.asarray(y), 4)), mse, rtol=1e-14)
+    z32 = jnp.asarray(z, jnp.float32)
+    assert losses.cross_entropy(z32, jnp.asarray(y)).dtype == jnp.float32
+    assert losses.mse(z32, jnp.asarray(y), 4).dtype == jnp.float32
+    with pytest.raises(ConfigError, match="num_classes=3"):
+        losses.mse(z32, jnp.asarray(y), 3)
+    with pytest.raises(ConfigError, match="integer"):
+        losses.cross_entropy(z32, jnp.asarray(y, jnp.float32))
