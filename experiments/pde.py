@@ -5,16 +5,22 @@ into a frozen dataclass config and calls one library function ``run_*(config, ou
 that writes the run directory (``config.json``, ``metadata.json``, ``results.json``,
 plots) atomically, then prints a short summary.
 
-Commands (runtimes measured on the shared 2-core CPU, see the README / reports):
+Commands (wall-clock runtimes measured on the shared 2-core CPU under load from other jobs;
+``user`` CPU time in brackets):
 
-  python -m experiments.pde heat --out runs/heat                      # Eq. (2), Figure 1
-  python -m experiments.pde beltrami --out runs/beltrami              # Eq. (4), Figure 2
+  python -m experiments.pde heat --out runs/heat                      # Eq. (2), Figure 1: ~6 s [2 s]
+  python -m experiments.pde beltrami --out runs/beltrami              # Eq. (4), Figure 2: ~7 s [4 s]
   python -m experiments.pde linear --kernel 16 32 64 --scheme gd --dt 1e-8 --a -0.5 --beta 1 \
-      --out runs/linear_gd                                            # Eqs. (10)-(14), Table 2, Figure 4
+      --out runs/linear_gd                                            # Eqs. (10)-(14), Table 2, Figure 4: ~3.2 min [76 s]
   python -m experiments.pde linear --kernel 16 32 64 --scheme nesterov --dt 1e-4 --a -0.5 --beta 1 \
-      --out runs/linear_nesterov                                      # Eqs. (16)-(18), Table 9
+      --out runs/linear_nesterov                                      # Eqs. (16)-(18), Table 9 (momentum 0.9): ~2.8 min [73 s]
   python -m experiments.pde nonlinear --dt 0.01 0.03 0.05 0.07 0.09 0.11 --steps 2000 \
       --out runs/nonlinear                                            # Eq. (9), Figures 5-6
+
+Findings that differ from the paper's text are printed as ``note:`` lines and stored in
+``results.json`` (``notes``): e.g. for the pixel checkerboard the periodic bounds (14) are
+an empty interval at dt = 1e-8, and (18) is the momentum -> 1 limit of the exact
+Nesterov bound (see :mod:`eos_jax.pde.linear`).
 
 Bad flags (a non-positive dt or kernel size, an unknown scheme) give one line on
 stderr and exit code 2.
