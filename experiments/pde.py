@@ -143,6 +143,60 @@ def _run_linear(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------
 
 
+def _add_nonlinear(subparsers: argparse._SubParsersAction) -> None:
+    """Registers ``nonlinear``: the one-layer CNN gradient-descent PDE (9), Figures 5 and 6."""
+    p = subparsers.add_parser(
+        "nonlinear",
+        help="non-linear one-layer CNN PDE (9): loss, RelL1(k=1,k=3), Table 3 regimes, dt*lambda_max per dt",
+        description="Gradient descent on the one-layer cnn (Swish, global sum, BCE, weight decay alpha in the "
+        "loss) over a +1/-1 checkerboard, every dt with k=1 and k=3 as one vmapped program; classifies each dt "
+        "stable / restrained / divergent and prints Table 3's bounds beside the simulation (Figures 5-6).",
+    )
+    p.add_argument("--dt", type=cli.positive_float, nargs="+", default=[0.01, 0.03, 0.05, 0.07, 0.09, 0.11],
+                   help="step sizes (learning rates)")
+    p.add_argument("--steps", type=cli.positive_int, default=2000, help="gradient-descent steps")
+    p.add_argument("--k", type=cli.positive_int, default=3, help="perturbation factor of the second lane (>= 2)")
+    p.add_argument("--alpha", type=cli.nonnegative_float, default=20.0, help="weight decay alpha (in the loss)")
+    p.add_argument("--beta", type=cli.positive_float, default=1.0, help="Swish beta")
+    p.add_argument("--label", type=int, choices=(0, 1), default=1, help="label y")
+    p.add_argument("--size", type=cli.positive_int, default=256, help="checkerboard side n")
+    p.add_argument("--square", type=cli.positive_int, default=1, help="checkerboard square side (1: (-1)^(i+j))")
+    p.add_argument("--kernel", type=cli.positive_int, default=32, help="kernel side w")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of K ~ N(0, 1)")
+    p.add_argument("--sharpness-every", type=cli.positive_int, default=10, help="steps between dt*lambda_max")
+    p.add_argument("--sharpness-iters", type=cli.positive_int, default=20, help="Lanczos iterations per sharpness")
+    p.add_argument("--regime-tol", type=cli.positive_float, default=0.05,
+                   help="transitioning regime: |r'(x) - (1/2 + beta x/2)| <= tol")
+    p.add_argument("--conv-impl", choices=("auto", "lax", "fft", "shifted"), default="auto",
+                   help="convolution of the cnn model")
+    p.add_argument("--window", type=cli.nonnegative_int, default=0,
+                   help="records used by the classification (0: steps // 10)")
+    p.add_argument("--osc-level", type=cli.positive_float, default=1e-3, help="oscillation level (restrained)")
+    p.add_argument("--rel-l1-level", type=cli.positive_float, default=1e-3, help="RelL1 amplification level")
+    p.add_argument("--growth-factor", type=cli.positive_float, default=10.0, help="divergent: loss above this x initial")
+    p.add_argument("--out", required=True, help="run directory (new or empty)")
+    p.set_defaults(handler=_run_nonlinear)
+
+
+def _run_nonlinear(args: argparse.Namespace) -> int:
+    """Builds the non-linear PDE config, runs it and prints the summary."""
+    import sys
+
+    from eos_jax.pde import nonlinear
+
+    config = nonlinear.NonlinearConfig(
+        dts=tuple(args.dt), steps=args.steps, k=args.k, alpha=args.alpha, beta=args.beta, label=args.label,
+        size=args.size, square=args.square, kernel=args.kernel, seed=args.seed,
+        sharpness_every=args.sharpness_every, sharpness_iters=args.sharpness_iters, regime_tol=args.regime_tol,
+        conv_impl=args.conv_impl, window=args.window, osc_level=args.osc_level, rel_l1_level=args.rel_l1_level,
+        growth_factor=args.growth_factor,
+    )
+    config.validate()
+    results = nonlinear.run_nonlinear(config, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(nonlinear.summarize(results))
+    return 0
+
+
 def _build_parser() -> cli.ArgumentParser:
     """The top-level parser with one subparser per analysis."""
     parser = cli.ArgumentParser(prog="python -m experiments.pde", description=__doc__.split("\n\n")[0])
@@ -150,7 +204,7 @@ def _build_parser() -> cli.ArgumentParser:
     _add_heat(subparsers)
     _add_beltrami(subparsers)
     _add_linear(subparsers)
-    # _add_nonlinear(subparsers)  # PDE engineer B: registration line
+    _add_nonlinear(subparsers)
     return parser
 
 

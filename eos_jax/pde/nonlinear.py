@@ -1,0 +1,1000 @@
+"""The non-linear one-layer CNN gradient-descent PDE (9): restrained instabilities and EoS.
+
+Setting (Sections 5.1, 5.4, 6.1; Appendix D.1, D.5). The network of Eq. (6) is the
+``cnn`` model of :mod:`eos_jax.models` with one ``w x w`` kernel ``K`` (valid
+cross-correlation, no bias), Swish ``r(x) = x s(beta x)``, a global SUM over the
+``(n - w + 1)^2`` output positions and the sigmoid inside the binary cross-entropy.
+The loss is Eq. (7) with the weight decay IN THE LOSS::
+
+    L(K) = BCE(s(g), y) + (alpha/2) ||K||^2,   g = sum_x r(K * I)(x),
+
+so ``grad L = (y_hat - y) r'(K * I) * I + alpha K`` (Theorem 5.1, Eq. (8); PyTorch's
+``weight_decay=alpha`` adds the same ``alpha K`` to the gradient, but keeping it in the
+loss makes the recorded loss Eq. (7) and the Hessian include ``alpha``).
+:func:`analytic_gradient` evaluates Eq. (8) directly; the tests compare it with
+``jax.grad`` of the model's loss. Gradient descent with step ``dt`` (the paper's
+learning rate) is forward Euler on (9): ``K <- K - dt grad L(K)``, done by
+:func:`eos_jax.optim.sgd` so that the perturbed lane ``k = 3`` computes
+``K - (dt/k)(k grad)`` (Section 4.1).
+
+One vmapped program runs every lane ``(dt, k)``, ``k in {1, k_perturbed}``, for the
+given step sizes, in ``lax.scan`` chunks. Per step and lane it records the loss (7),
+its cross-entropy part, the logit ``g``, and the fraction of output positions in each
+regime of Table 3 (:func:`regime_fractions`, threshold :func:`regime_threshold`); per
+step and ``dt`` the RelL1 distance between the ``k = 1`` and ``k = 3`` kernels; every
+``sharpness_every`` steps the normalized sharpness ``dt * lambda_max`` (largest
+ALGEBRAIC Hessian eigenvalue of the loss in ``K``, fixed-iteration Lanczos from
+:func:`eos_jax.hessian.top_eigenvalue`, warm-started from the previous eigenvector).
+A lane whose loss or kernel becomes non-finite records that step and is frozen; its
+later records are NaN (``null`` in JSON), the other lanes go on.
+
+Indexing: record ``t`` of every history describes the iterate ``K_t`` (``K_0`` the
+initial kernel), before the update that produces ``K_{t+1}``.
+
+Classification of each ``dt`` (:func:`classify`, rule text in ``results.json``), on the
+last ``window`` records:
+
+* ``divergent``: a lane of this ``dt`` became non-finite, or its loss over the window
+  stays above ``growth_factor`` times the initial loss (growing without bound);
+* ``restrained``: finite and bounded, but the loss keeps oscillating -- the
+  non-monotone part of its variation, ``(TV - |net change|) / (W mean|L|)``, exceeds
+  ``osc_level`` -- or RelL1(k=1, k=3) over the window exceeds ``rel_l1_level``
+  (amplified perturbation);
+* ``stable``: neither (converged, perturbation not amplified).
+
+Theory (:func:`theory`): Table 3's bounds for the three regimes with the image's sum
+``Ibar`` and DFT, and the windowed transitioning bound from the extreme eigenvalues of
+``M = W[(. * I) * I]`` (:func:`eos_jax.pde.linear.make_windowed_operator`). For the
+pixel checkerboard ``(-1)^(i+j)`` of even side, ``Ibar = 0``: the activated bound
+``alpha < 2/dt - Ibar^2/8`` collapses to the not-activated one ``dt < 2/alpha`` and the
+constant forcing ``-(a/2) Ibar`` of (10) vanishes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from eos_jax.errors import ConfigError
+
+PyTree = Any
+REGIMES = ("activated", "transitioning", "not_activated")
+CLASSES = ("stable", "restrained", "divergent")
+F32 = jnp.float32
+
+
+# ------------------------------------------------------------------------------ swish
+
+
+def swish_prime(x: jax.typing.ArrayLike, beta: float = 1.0) -> jax.Array:
+    """``r'(x)`` of Swish ``r(x) = x s(beta x)`` (Eq. (45)), as ``s + beta x s (1 - s)``.
+
+    The form with the sigmoid ``s = s(beta x)`` is Eq. (45) rewritten so that it does not
+    overflow (``e^{-beta x}`` in (45) is ``inf`` for large negative ``x``).
+    """
+    x = jnp.asarray(x)
+    s = jax.nn.sigmoid(beta * x)
+    return s + beta * x * s * (1 - s)
+
+
+def _linearization_error(u: float) -> float:
+    """``r'(u) - (1/2 + u/2)`` for ``beta = 1`` (float64 NumPy)."""
+    s = 1.0 / (1.0 + math.exp(-u))
+    return s + u * s * (1.0 - s) - 0.5 - 0.5 * u
+
+
+def regime_threshold(beta: float = 1.0, tol: float = 0.05) -> float:
+    """Half-width ``eps`` of the transitioning regime of Table 3.
+
+    ``eps`` is where Swish's derivative departs from its linearization at 0,
+    ``r'(x) ~ 1/2 + (beta/2) x`` (Eq. (46)), by ``tol``: ``|r'(x) - 1/2 - beta x/2| <= tol``
+    for ``|x| <= eps`` (the error is odd, ``-(beta x)^3/12 + ...``, and monotone). With
+    ``tol = 0.05`` and ``beta = 1``, ``eps = 0.87``; there ``r'(eps) = 0.885`` and
+    ``r'(-eps) = 0.115``, i.e. within 0.12 of the activated (1) and not-activated (0) values.
+
+    Args:
+      beta: Swish parameter > 0 (``eps`` scales as ``1/beta``).
+      tol: allowed departure from the linearization, in (0, 0.5).
+
+    Returns:
+      ``eps`` as a Python float.
+    """
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ConfigError(f"beta={beta!r}; expected a positive finite float")
+    if not 0 < tol < 0.5:
+        raise ConfigError(f"regime tol={tol!r}; expected 0 < tol < 0.5")
+    lo, hi = 0.0, 20.0
+    for _ in range(200):  # bisection to float64 resolution on a monotone function
+        mid = 0.5 * (lo + hi)
+        if _linearization_error(mid) > -tol:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi) / beta
+
+
+def regime_fractions(pre_activation: jax.Array, eps: float) -> jax.Array:
+    """Fractions of positions with ``K*I > eps``, ``|K*I| <= eps``, ``K*I < -eps`` (Table 3).
+
+    Args:
+      pre_activation: ``K * I`` at every output position (any shape).
+      eps: half-width of the transitioning regime (:func:`regime_threshold`).
+
+    Returns:
+      ``(3,)`` array in the input's dtype: (activated, transitioning, not activated).
+    """
+    z = pre_activation
+    n = z.size
+    act = jnp.sum(z > eps)
+    nact = jnp.sum(z < -eps)
+    counts = jnp.stack([act, n - act - nact, nact])
+    return counts.astype(z.dtype) / n
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def valid_correlation(kernel: jax.Array, image: jax.Array) -> jax.Array:
+    """``(K * I)(x) = sum_z K(z) I(x + z)`` over valid positions, in the kernel's dtype (lax.conv)."""
+    out = jax.lax.conv_general_dilated(
+        image[None, None].astype(kernel.dtype), kernel[None, None], (1, 1), "VALID",
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    return out[0, 0]
+
+
+def analytic_gradient(kernel: jax.Array, image: jax.Array, *, alpha: float, beta: float, label: int) -> jax.Array:
+    """Theorem 5.1, Eq. (8): ``grad L(K) = (y_hat - y) r'(K * I) * I + alpha K``.
+
+    Computed directly from the formula (two valid correlations), not by autodiff:
+    ``z = K * I`` is ``(n - w + 1)^2``; ``r'(z) * I`` correlates the image with ``r'(z)``,
+    which gives a ``w x w`` map; ``y_hat = s(sum_x r(z)(x))``.
+
+    Args:
+      kernel: ``(w, w)`` kernel ``K``.
+      image: ``(n, n)`` input ``I``.
+      alpha: weight decay of the loss (7).
+      beta: Swish parameter.
+      label: ``y`` in {0, 1}.
+
+    Returns:
+      ``(w, w)`` gradient in the kernel's dtype.
+    """
+    z = valid_correlation(kernel, image)
+    g = jnp.sum(z * jax.nn.sigmoid(beta * z))
+    a = jax.nn.sigmoid(g) - label
+    return a * valid_correlation(swish_prime(z, beta), image) + alpha * kernel
+
+
+def make_model(kernel: int, *, beta: float = 1.0, conv_impl: str = "auto", dtype: str = "float32"):
+    """The one-layer ``cnn`` of Eq. (6): one ``kernel x kernel`` filter, Swish, global sum, K ~ N(0, 1)."""
+    from eos_jax import models
+
+    return models.get("cnn", layers=1, channels=1, kernel_size=kernel, padding="valid", activation="swish",
+                      beta=beta, init="normal", init_std=1.0, head="sum", num_outputs=1, conv_impl=conv_impl,
+                      dtype=dtype)
+
+
+def make_batch(image: np.ndarray, label: int, dtype: Any = np.float32) -> dict[str, jax.Array]:
+    """The one-example dataset ``{"x": (1, n, n, 1), "y": (1,) int32}``."""
+    x = jnp.asarray(np.asarray(image, dtype=dtype)[None, :, :, None])
+    return {"x": x, "y": jnp.asarray([label], dtype=jnp.int32)}
+
+
+def kernel_of(params: PyTree) -> jax.Array:
+    """The ``(w, w)`` kernel of the one-layer model's params (its only leaf)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    if len(leaves) != 1 or leaves[0].ndim != 4 or leaves[0].shape[2:] != (1, 1):
+        raise ConfigError(f"expected one (w, w, 1, 1) kernel, got {[x.shape for x in leaves]}")
+    return leaves[0][:, :, 0, 0]
+
+
+def make_loss_parts(model: Any, alpha: float) -> Callable[[PyTree, dict], tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
+    """``(params, batch) -> (L, (BCE, logit))`` for the loss (7) with weight decay in the loss."""
+    from eos_jax import losses
+
+    half_alpha = 0.5 * float(alpha)
+
+    def loss_parts(params: PyTree, batch: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        logits, _ = model.apply({"params": params}, batch["x"], train=True)
+        data = losses.binary_cross_entropy(logits, batch["y"])
+        decay = sum(jnp.sum(p * p) for p in jax.tree_util.tree_leaves(params))
+        return data + half_alpha * decay, (data, logits[0, 0])
+
+    return loss_parts
+
+
+def make_loss_fn(model: Any, alpha: float) -> Callable[[PyTree, dict], jax.Array]:
+    """``loss_fn(params, batch) -> L(K)`` of Eq. (7) (the form :mod:`eos_jax.hessian` takes)."""
+    parts = make_loss_parts(model, alpha)
+    return lambda params, batch: parts(params, batch)[0]
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True)
+class NonlinearConfig:
+    """Configuration of ``python -m experiments.pde nonlinear`` (Figures 5 and 6).
+
+    Attributes:
+      dts: step sizes ``dt`` (the paper's learning rates), each > 0.
+      steps: gradient-descent steps per lane.
+      k: the perturbed lane's factor (Section 4.1); the baseline is ``k = 1``.
+      alpha: weight decay of the loss (7).
+      beta: Swish parameter.
+      label: ``y`` in {0, 1}.
+      size: side of the +1/-1 checkerboard input ``I``.
+      square: side of the checkerboard's squares (1: the pixel pattern ``(-1)^(i+j)``).
+      kernel: side ``w`` of the kernel.
+      seed: ``K_0 ~ N(0, 1)`` is ``model.init(fold_in(key(seed), 0), ...)``; every lane
+        starts from the same ``K_0``.
+      sharpness_every: steps between normalized-sharpness evaluations (also the
+        ``lax.scan`` chunk length).
+      sharpness_iters: Lanczos iterations (Hessian-vector products) per evaluation.
+      regime_tol: the transitioning regime is where ``r'`` is within ``regime_tol`` of
+        its linearization (:func:`regime_threshold`).
+      conv_impl: convolution of the ``cnn`` model ("auto" picks the FFT for big kernels).
+      window: records at the end used by the classification (0: ``max(1, steps // 10)``).
+      osc_level: relative non-monotone loss variation above which the loss "oscillates".
+      rel_l1_level: RelL1(k=1, k=3) above which the perturbation counts as amplified.
+      growth_factor: a loss above this multiple of the initial loss over the whole
+        window counts as growing without bound.
+    """
+
+    dts: tuple[float, ...] = (0.01, 0.03, 0.05, 0.07, 0.09, 0.11)
+    steps: int = 2000
+    k: int = 3
+    alpha: float = 20.0
+    beta: float = 1.0
+    label: int = 1
+    size: int = 256
+    square: int = 1
+    kernel: int = 32
+    seed: int = 0
+    sharpness_every: int = 10
+    sharpness_iters: int = 20
+    regime_tol: float = 0.05
+    conv_impl: str = "auto"
+    window: int = 0
+    osc_level: float = 1e-3
+    rel_l1_level: float = 1e-3
+    growth_factor: float = 10.0
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first bad field."""
+        if not self.dts:
+            raise ConfigError("dts is empty; expected at least one step size")
+        for dt in self.dts:
+            if not (dt > 0 and math.isfinite(dt)):
+                raise ConfigError(f"dt={dt!r}; expected a positive finite float")
+        if len(set(self.dts)) != len(self.dts):
+            raise ConfigError(f"dts={self.dts!r} has duplicates; expected distinct step sizes")
+        _check_int("steps", self.steps, 1)
+        _check_int("k", self.k, 2)
+        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise ConfigError(f"alpha={self.alpha!r}; expected a finite float >= 0")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ConfigError(f"beta={self.beta!r}; expected a positive finite float")
+        if self.label not in (0, 1):
+            raise ConfigError(f"label={self.label!r}; allowed: 0, 1")
+        _check_int("size", self.size, 2)
+        _check_int("square", self.square, 1)
+        _check_int("kernel", self.kernel, 1)
+        if self.kernel > self.size:
+            raise ConfigError(f"kernel={self.kernel}; expected a kernel no larger than size={self.size}")
+        _check_int("seed", self.seed, 0)
+        _check_int("sharpness_every", self.sharpness_every, 1)
+        _check_int("sharpness_iters", self.sharpness_iters, 1)
+        if not 0 < self.regime_tol < 0.5:
+            raise ConfigError(f"regime_tol={self.regime_tol!r}; expected 0 < regime_tol < 0.5")
+        _check_int("window", self.window, 0)
+        if self.window > self.steps:
+            raise ConfigError(f"window={self.window}; expected at most steps={self.steps}")
+        for name in ("osc_level", "rel_l1_level"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"{name}={v!r}; expected a positive finite float")
+        if not (self.growth_factor > 1 and math.isfinite(self.growth_factor)):
+            raise ConfigError(f"growth_factor={self.growth_factor!r}; expected a finite float > 1")
+
+    @property
+    def num_window(self) -> int:
+        """Records used by the classification."""
+        return self.window or max(1, self.steps // 10)
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    """Raises ConfigError unless ``value`` is an int >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ConfigError(f"{name}={value!r}; expected an integer >= {low}")
+
+
+# ------------------------------------------------------------------------ simulation
+
+
+class LaneState(NamedTuple):
+    """State of one lane ``(dt, k)``; a leading lane axis when stacked."""
+
+    params: PyTree  # the model's params (the kernel), frozen at the last finite iterate
+    opt_state: PyTree  # eos_jax.optim.sgd state
+    alive: jax.Array  # bool: every iterate so far was finite
+    first_nonfinite: jax.Array  # int32: first t with K_t or L(K_t) non-finite; meaningful iff not alive
+
+
+class StepRecord(NamedTuple):
+    """Per-step records of one lane (before the update of step ``t``)."""
+
+    loss: jax.Array
+    data_loss: jax.Array
+    logit: jax.Array
+    fractions: jax.Array  # (3,), REGIMES order
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    """True iff every element of every leaf is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def make_lane_step(model: Any, alpha: float, eps: float) -> Callable[..., tuple[LaneState, StepRecord]]:
+    """One gradient-descent step of one lane: ``(state, dt, k, t, batch) -> (state, record)``.
+
+    ``dt`` and ``k`` are traced scalars; the optimizer :func:`eos_jax.optim.sgd` is built
+    inside, so that one compiled program serves every lane under ``vmap``. A lane whose
+    loss at ``K_t`` or whose ``K_{t+1}`` is not finite stops (keeps its last finite
+    kernel) and records the first such ``t``.
+    """
+    from eos_jax import optim
+    from eos_jax.models.layers import conv2d
+
+    loss_parts = make_loss_parts(model, alpha)
+    impl = model.info["conv_impl"]
+
+    def step(state: LaneState, dt: jax.Array, k: jax.Array, t: jax.Array, batch: dict) -> tuple[LaneState, StepRecord]:
+        (loss, (data, logit)), grads = jax.value_and_grad(loss_parts, has_aux=True)(state.params, batch)
+        kernel = jax.tree_util.tree_leaves(state.params)[0]
+        # K * I with the model's own convolution, for the regime fractions of Table 3.
+        pre = conv2d(batch["x"], kernel, padding="valid", impl=impl)
+        fractions = regime_fractions(pre, eps)
+        opt = optim.sgd(dt, k=k)
+        updates, new_opt = opt.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        loss_ok = jnp.isfinite(loss)
+        next_ok = loss_ok & _all_finite(new_params) & _all_finite(grads)
+        alive_next = state.alive & next_ok
+        newly_dead = state.alive & ~next_ok
+        first = jnp.where(newly_dead, jnp.where(loss_ok, t + 1, t), state.first_nonfinite).astype(jnp.int32)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(alive_next, a, b), new, old)  # noqa: E731
+        out = LaneState(keep(new_params, state.params), keep(new_opt, state.opt_state), alive_next, first)
+        nan = jnp.asarray(jnp.nan, loss.dtype)
+        rec_ok = state.alive & loss_ok
+        record = StepRecord(
+            jnp.where(rec_ok, loss, nan), jnp.where(rec_ok, data, nan), jnp.where(rec_ok, logit, nan),
+            jnp.where(rec_ok, fractions, jnp.full_like(fractions, jnp.nan)),
+        )
+        return out, record
+
+    return step
+
+
+def make_chunk_fn(model: Any, alpha: float, eps: float, chunk: int) -> Callable[..., tuple[LaneState, dict]]:
+    """``chunk`` steps of every lane in one ``lax.scan`` (jitted).
+
+    Lanes are stacked as ``(n_dt, 2)`` (``k = 1`` then ``k = k_perturbed``). Steps with
+    ``t >= num_steps`` leave the state unchanged (so one program serves a last, partial
+    chunk). Returns the new state and records with a leading ``chunk`` axis:
+    ``loss, data_loss, logit (chunk, n_dt, 2)``, ``fractions (chunk, n_dt, 2, 3)``,
+    ``rel_l1 (chunk, n_dt)`` between the two lanes of each ``dt`` at ``K_t``.
+    """
+    from eos_jax.metrics import rel_l1
+
+    lane_step = make_lane_step(model, alpha, eps)
+    flat_step = jax.vmap(lane_step, in_axes=(0, 0, 0, None, None))
+
+    def lanes(st: LaneState, dts: jax.Array, ks: jax.Array, t: jax.Array, batch: dict) -> tuple[LaneState, StepRecord]:
+        # One vmap over the n_dt * 2 lanes (compiles faster than nested vmaps).
+        new, rec = flat_step(_flat(st), _flat(dts), _flat(ks), t, batch)
+        return _unflat(new, dts.shape[0]), _unflat(rec, dts.shape[0])
+
+    def pair_rel_l1(state: LaneState) -> jax.Array:
+        def one(params: PyTree) -> jax.Array:
+            p1 = jax.tree_util.tree_map(lambda x: x[0], params)
+            p3 = jax.tree_util.tree_map(lambda x: x[1], params)
+            r = rel_l1(p1, p3)
+            return r
+
+        return jax.vmap(one)(state.params)
+
+    @jax.jit
+    def run_chunk(state: LaneState, dts: jax.Array, ks: jax.Array, t0: jax.Array, num_steps: jax.Array,
+                  batch: dict) -> tuple[LaneState, dict]:
+        def body(st: LaneState, i: jax.Array) -> tuple[LaneState, dict]:
+            t = t0 + i
+            new, rec = lanes(st, dts, ks, t, batch)
+            # RelL1 at K_t; NaN once a lane of the pair is dead or its L(K_t) is not finite.
+            r = pair_rel_l1(st)
+            pair_ok = jnp.all(jnp.isfinite(rec.loss), axis=1)
+            r = jnp.where(pair_ok, r, jnp.full_like(r, jnp.nan))
+            active = t < num_steps
+            new = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, st)
+            return new, {"loss": rec.loss, "data_loss": rec.data_loss, "logit": rec.logit,
+                         "fractions": rec.fractions, "rel_l1": r}
+
+        return jax.lax.scan(body, state, jnp.arange(chunk, dtype=jnp.int32))
+
+    return run_chunk
+
+
+def make_sharpness_fn(model: Any, alpha: float, num_iters: int) -> Callable[..., tuple[jax.Array, PyTree, jax.Array]]:
+    """Jitted ``(params, v0, keys, batch) -> (lambda_max, eigenvector, residual)`` over ``(n_dt, 2)`` lanes.
+
+    Largest ALGEBRAIC eigenvalue of the Hessian of the loss (7) in ``K`` by
+    :func:`eos_jax.hessian.top_eigenvalue` (Lanczos, exactly ``num_iters`` products, so
+    it vmaps), warm-started from ``v0`` (zeros: a random start from the lane's key).
+    """
+    from eos_jax import hessian
+
+    loss_fn = make_loss_fn(model, alpha)
+
+    def one(params: PyTree, v0: PyTree, key: jax.Array, batch: dict) -> tuple[jax.Array, PyTree, jax.Array]:
+        res = hessian.top_eigenvalue(loss_fn, params, batch, method="lanczos", num_iters=num_iters, tol=None,
+                                     v0=v0, key=key)
+        return res.eigenvalue, res.eigenvector, res.residual
+
+    flat = jax.vmap(one, in_axes=(0, 0, 0, None))
+
+    @jax.jit
+    def sharpness(params: PyTree, v0: PyTree, keys: jax.Array, batch: dict) -> tuple[jax.Array, PyTree, jax.Array]:
+        n = jax.tree_util.tree_leaves(params)[0].shape[0]
+        out = flat(_flat(params), _flat(v0), _flat(keys), batch)
+        return _unflat(out, n)
+
+    return sharpness
+
+
+def _flat(tree: PyTree) -> PyTree:
+    """Merges the two leading lane axes ``(n_dt, 2, ...)`` into one."""
+    return jax.tree_util.tree_map(lambda x: x.reshape((-1, *x.shape[2:])), tree)
+
+
+def _unflat(tree: PyTree, n: int) -> PyTree:
+    """Splits the leading lane axis back into ``(n, -1, ...)``."""
+    return jax.tree_util.tree_map(lambda x: x.reshape((n, -1, *x.shape[1:])), tree)
+
+
+def init_lanes(model: Any, config: NonlinearConfig, image_shape: tuple[int, int]) -> tuple[LaneState, jax.Array, jax.Array]:
+    """Initial stacked state ``(n_dt, 2)`` (every lane from the same ``K_0``), and the lanes' dt and k."""
+    from eos_jax import optim
+
+    variables = model.init(jax.random.fold_in(jax.random.key(config.seed), 0), (*image_shape, 1))
+    params = variables["params"]
+    n = len(config.dts)
+    dts = jnp.broadcast_to(jnp.asarray(config.dts, F32)[:, None], (n, 2))
+    ks = jnp.broadcast_to(jnp.asarray([1, config.k], jnp.int32)[None, :], (n, 2))
+    opt_state = optim.sgd(jnp.asarray(config.dts[0], F32), k=jnp.asarray(1, jnp.int32)).init(params)
+    stack = lambda x: jnp.broadcast_to(x, (n, 2, *jnp.shape(x)))  # noqa: E731
+    state = LaneState(
+        jax.tree_util.tree_map(stack, params), jax.tree_util.tree_map(stack, opt_state),
+        jnp.ones((n, 2), bool), jnp.zeros((n, 2), jnp.int32),
+    )
+    return state, dts, ks
+
+
+def simulate(config: NonlinearConfig, *, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Runs every lane of ``config`` and returns NumPy histories (no files written).
+
+    Returns:
+      A dict with ``loss, data_loss, logit (steps, n_dt, 2)``, ``fractions (steps, n_dt,
+      2, 3)``, ``rel_l1 (steps, n_dt)``, ``sharpness_steps (m,)``, ``sharpness (m, n_dt,
+      2)`` (``lambda_max``, NaN for dead lanes), ``lanczos_residual (m, n_dt, 2)``,
+      ``first_nonfinite`` (per dt a list of 2: the first non-finite step or None),
+      ``final_params``, ``initial_kernel``, ``eps``, ``model_info`` and wall-clock
+      ``timing``.
+    """
+    from eos_jax.pde.common import checkerboard
+
+    config.validate()
+    eps = regime_threshold(config.beta, config.regime_tol)
+    image = checkerboard(config.size, square=config.square, dtype=np.float32)
+    model = make_model(config.kernel, beta=config.beta, conv_impl=config.conv_impl)
+    batch = make_batch(image, config.label)
+    state, dts, ks = init_lanes(model, config, image.shape)
+    initial_kernel = np.asarray(kernel_of(jax.tree_util.tree_map(lambda x: x[0, 0], state.params)))
+    chunk = config.sharpness_every
+    run_chunk = make_chunk_fn(model, config.alpha, eps, chunk)
+    sharp = make_sharpness_fn(model, config.alpha, config.sharpness_iters)
+    n = len(config.dts)
+    base_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    lane_keys = jax.vmap(jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base_key, i), j),
+                                  in_axes=(None, 0)), in_axes=(0, None))(jnp.arange(n), jnp.arange(2))
+    v0 = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    num_steps = jnp.asarray(config.steps, jnp.int32)
+    records: dict[str, list[np.ndarray]] = {}
+    sharp_steps: list[int] = []
+    sharp_vals: list[np.ndarray] = []
+    sharp_res: list[np.ndarray] = []
+    t_chunks = t_sharp = 0.0
+    t_first_chunk = t_first_sharp = None
+
+    def measure(t: int) -> None:
+        nonlocal v0, t_sharp, t_first_sharp
+        t0 = time.perf_counter()
+        keys = jax.vmap(jax.vmap(lambda k_: jax.random.fold_in(k_, t)))(lane_keys)
+        lam, vec, res = sharp(state.params, v0, keys, batch)
+        lam = np.asarray(lam)
+        dt_sec = time.perf_counter() - t0
+        if t_first_sharp is None:
+            t_first_sharp = dt_sec
+        else:
+            t_sharp += dt_sec
+        v0 = vec
+        alive = np.asarray(state.alive)
+        sharp_steps.append(t)
+        sharp_vals.append(np.where(alive, lam, np.nan))
+        sharp_res.append(np.where(alive, np.asarray(res), np.nan))
+
+    t = 0
+    t_begin = time.perf_counter()
+    while t < config.steps:
+        if t % config.sharpness_every == 0:
+            measure(t)
+        t0 = time.perf_counter()
+        state, rec = run_chunk(state, dts, ks, jnp.asarray(t, jnp.int32), num_steps, batch)
+        rec = jax.device_get(rec)
+        dt_sec = time.perf_counter() - t0
+        if t_first_chunk is None:
+            t_first_chunk = dt_sec
+        else:
+            t_chunks += dt_sec
+        take = min(chunk, config.steps - t)
+        for name, arr in rec.items():
+            records.setdefault(name, []).append(np.asarray(arr)[:take])
+        crossed = (t + take) * 10 // config.steps > t * 10 // config.steps  # one line per 10% of the run
+        t += take
+        if log is not None and crossed:
+            log(f"step {t}/{config.steps}  alive lanes {int(np.asarray(state.alive).sum())}/{2 * n}  "
+                f"{time.perf_counter() - t_begin:.0f} s")
+    if config.steps % config.sharpness_every == 0:
+        measure(config.steps)
+    out = {name: np.concatenate(parts, axis=0) for name, parts in records.items()}
+    alive = np.asarray(state.alive)
+    first = np.asarray(state.first_nonfinite)
+    out.update(
+        sharpness_steps=np.asarray(sharp_steps, np.int64),
+        sharpness=np.stack(sharp_vals),
+        lanczos_residual=np.stack(sharp_res),
+        first_nonfinite=[[None if alive[i, j] else int(first[i, j]) for j in range(2)] for i in range(n)],
+        final_params=jax.device_get(state.params),
+        initial_kernel=initial_kernel,
+        eps=eps,
+        model_info=model.info,
+        timing={"first_chunk_with_compile_s": t_first_chunk, "other_chunks_s": t_chunks,
+                "first_sharpness_with_compile_s": t_first_sharp, "other_sharpness_s": t_sharp,
+                "chunk_steps": chunk, "lanes": 2 * n},
+    )
+    return out
+
+
+# ---------------------------------------------------------------------- classification
+
+
+def oscillation(values: np.ndarray) -> float:
+    """Non-monotone part of the variation of ``values``, relative to their mean magnitude.
+
+    ``(TV - |v_end - v_start|) / (W * mean|v|)`` with ``TV = sum |v_{i+1} - v_i|`` over
+    the ``W`` values: 0 for a monotone sequence, ``~ 2A/m`` for a period-2 oscillation of
+    amplitude ``A`` around ``m``. NaN if any value is not finite.
+    """
+    v = np.asarray(values, np.float64)
+    if v.size < 2 or not np.all(np.isfinite(v)):
+        return float("nan") if not np.all(np.isfinite(v)) else 0.0
+    tv = float(np.sum(np.abs(np.diff(v))))
+    net = abs(float(v[-1] - v[0]))
+    scale = float(np.mean(np.abs(v)))
+    if scale == 0.0:
+        return 0.0
+    return (tv - net) / (v.size * scale)
+
+
+def classification_rule(config: NonlinearConfig) -> str:
+    """The classification rule in words, with this run's levels."""
+    return (
+        f"on the last W={config.num_window} records: 'divergent' if a lane (k=1 or k={config.k}) of this dt "
+        f"became non-finite, or its loss stays above {config.growth_factor:g} x the initial loss over the whole "
+        f"window; else 'restrained' if the k=1 loss oscillates -- non-monotone variation (TV - |net change|) / "
+        f"(W mean|L|) > {config.osc_level:g} -- or max RelL1(k=1, k={config.k}) over the window > "
+        f"{config.rel_l1_level:g} (perturbation amplified; a non-amplified perturbation stays near the "
+        f"accumulated rounding, ~ steps x 2^-24); else 'stable'"
+    )
+
+
+def classify(loss: np.ndarray, rel: np.ndarray, first_nonfinite: list[int | None], config: NonlinearConfig
+             ) -> tuple[str, dict[str, Any]]:
+    """Classifies one ``dt`` from its histories (see :func:`classification_rule`).
+
+    Args:
+      loss: ``(steps, 2)`` loss of the lanes ``k = 1`` and ``k = k_perturbed``.
+      rel: ``(steps,)`` RelL1 between them.
+      first_nonfinite: per lane the first non-finite step, None if it stayed finite.
+      config: levels and window.
+
+    Returns:
+      ``(class, evidence)`` where evidence holds the measured quantities.
+    """
+    w = config.num_window
+    initial = float(loss[0, 0])
+    nonfinite = [int(s) for s in first_nonfinite if s is not None]
+    ev: dict[str, Any] = {"first_nonfinite_step": min(nonfinite) if nonfinite else None, "window": w}
+    tail = loss[-w:, :]
+    ev["window_min_loss"] = float(np.nanmin(tail[:, 0])) if np.any(np.isfinite(tail[:, 0])) else None
+    ev["window_max_loss"] = float(np.nanmax(tail[:, 0])) if np.any(np.isfinite(tail[:, 0])) else None
+    ev["final_loss"] = float(loss[-1, 0]) if np.isfinite(loss[-1, 0]) else None
+    ev["initial_loss"] = initial
+    if nonfinite:
+        return "divergent", ev
+    growing = bool(np.all(tail > config.growth_factor * initial))
+    ev["growing"] = growing
+    if growing:
+        return "divergent", ev
+    osc = oscillation(tail[:, 0])
+    rel_max = float(np.max(rel[-w:]))
+    ev["oscillation"] = osc
+    ev["window_max_rel_l1"] = rel_max
+    ev["final_rel_l1"] = float(rel[-1])
+    ev["oscillating"] = bool(osc > config.osc_level)
+    ev["amplified"] = bool(rel_max > config.rel_l1_level)
+    if ev["oscillating"] or ev["amplified"]:
+        return "restrained", ev
+    return "stable", ev
+
+
+# ---------------------------------------------------------------------------- theory
+
+
+def theory(image: np.ndarray, kernel: int, *, alpha: float, beta: float, label: int, dts: tuple[float, ...],
+           key: jax.Array | None = None) -> dict[str, Any]:
+    """Table 3's stability bounds for this input, beside the windowed transitioning bound.
+
+    * not activated (``K*I << 0``, ``dK/dt = -alpha K``): stable iff ``dt < 2/alpha``.
+    * activated (``K*I >> 0``, Appendix D.5): ``alpha < 2/dt - Ibar^2/8`` with ``Ibar`` the
+      sum of the image, i.e. ``dt < 2/(alpha + Ibar^2/8)``.
+    * transitioning (``K*I ~ 0``, Eq. (14)) with ``a = s(0) - y`` (the linearization at
+      ``K = 0``): ``alpha_min = -(a beta/2) max|I_hat|^2 < alpha < 2/dt - (a beta/2) min|I_hat|^2``
+      (unnormalized DFT of the whole image, periodic ``w -> infinity``), and the same
+      formula with the extreme eigenvalues ``mu`` of the windowed ``M = W[(. * I) * I]``
+      for a ``kernel x kernel`` window and valid correlations (float64 power iteration,
+      :func:`eos_jax.pde.linear.operator_extremes`).
+    * windowed activated analogue (ours): with every position activated the data
+      gradient is ``a S`` with ``S(z) = sum_x I(x + z)`` over the valid positions (the
+      window's "Ibar"); linearizing ``a`` at ``K = 0`` as in D.5 (``da/dK = S/8``) gives
+      ``dt < 2/(alpha + ||S||^2/8)``.
+
+    Returns:
+      A JSON-able dict (per-dt booleans under ``per_dt``).
+    """
+    from eos_jax.pde import linear
+
+    img = np.asarray(image, np.float64)
+    n = img.shape[0]
+    spec = np.asarray(linear.image_spectrum(img))
+    a0 = 0.5 - label
+    ibar = float(img.sum())
+    v = n - kernel + 1
+    # S(z) = sum over the valid (v x v) block of I shifted by z: a (kernel x kernel) map.
+    csum = np.pad(np.cumsum(np.cumsum(img, 0), 1), ((1, 0), (1, 0)))
+    s_map = csum[v:v + kernel, v:v + kernel] - csum[:kernel, v:v + kernel] - csum[v:v + kernel, :kernel] + csum[:kernel, :kernel]
+    op = linear.make_windowed_operator(img, kernel)
+    eig = linear.operator_extremes(op, (kernel, kernel), jax.random.key(0) if key is None else key)
+    out: dict[str, Any] = {
+        "image_sum_Ibar": ibar,
+        "window_sums_S": {"min": float(s_map.min()), "max": float(s_map.max()), "sum_sq": float((s_map ** 2).sum())},
+        "min_abs_I_hat_sq": float(spec.min()), "max_abs_I_hat_sq": float(spec.max()),
+        "a_linearization": a0,
+        "window_mu_min": eig.mu_min, "window_mu_max": eig.mu_max,
+        "not_activated_dt_max": 2.0 / alpha if alpha > 0 else None,
+        "activated_dt_max": 2.0 / (alpha + ibar ** 2 / 8.0) if alpha + ibar ** 2 / 8.0 > 0 else None,
+        "activated_window_dt_max": 2.0 / (alpha + float((s_map ** 2).sum()) / 8.0),
+        "per_dt": {},
+    }
+    c = 0.5 * a0 * beta
+    for dt in dts:
+        p_min, p_max = linear.alpha_bounds(float(spec.min()), float(spec.max()), scheme="gd", dt=dt, a=a0, beta=beta)
+        w_min, w_max = linear.alpha_bounds(eig.mu_min, eig.mu_max, scheme="gd", dt=dt, a=a0, beta=beta)
+        out["per_dt"][_dt_key(dt)] = {
+            "not_activated_stable": bool(dt * alpha < 2),
+            "activated_stable": bool(alpha < 2.0 / dt - ibar ** 2 / 8.0),
+            "transitioning_alpha_min": p_min, "transitioning_alpha_max": p_max,
+            "transitioning_stable": bool(p_min < alpha < p_max),
+            "transitioning_window_alpha_min": w_min, "transitioning_window_alpha_max": w_max,
+            "transitioning_window_stable": bool(w_min < alpha < w_max),
+        }
+    out["transitioning_c"] = c
+    return out
+
+
+def _dt_key(dt: float) -> str:
+    """The JSON key of a step size."""
+    return f"{dt:g}"
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run_nonlinear(config: NonlinearConfig, out_dir: str | Path, *, log: Callable[[str], None] | None = None
+                  ) -> dict[str, Any]:
+    """Runs the Figure 5 / Figure 6 experiment and writes the run directory.
+
+    Writes ``config.json`` and ``metadata.json`` first (refusing a used directory), then
+    ``results.json`` (histories, classification per ``dt`` with the rule, theory, notes),
+    ``figure5.png`` (loss; RelL1), ``figure6.png`` (loss; normalized sharpness with the
+    line at 2) and ``regimes.png`` (Table 3 fractions), each atomically.
+
+    Args:
+      config: the experiment's configuration.
+      out_dir: a new or empty run directory.
+      log: optional progress callback (one line per chunk).
+
+    Returns:
+      The results dict written to ``results.json``.
+    """
+    from eos_jax import io, runtime
+    from eos_jax.pde.common import checkerboard, open_pde_run
+
+    config.validate()
+    meta = runtime.configure()
+    path = open_pde_run(out_dir, {"command": "nonlinear", **dataclasses.asdict(config)}, meta)
+    t_start = time.perf_counter()
+    sim = simulate(config, log=log)
+    t_sim = time.perf_counter() - t_start
+    image = checkerboard(config.size, square=config.square, dtype=np.float64)
+    th = theory(image, config.kernel, alpha=config.alpha, beta=config.beta, label=config.label, dts=config.dts)
+    results = build_results(config, sim, th)
+    meta = dict(meta, model_info=sim["model_info"], timing=dict(sim["timing"], simulate_s=t_sim))
+    _plot_figure5(results, config, path / "figure5.png")
+    _plot_figure6(results, config, path / "figure6.png")
+    _plot_regimes(results, config, path / "regimes.png")
+    meta["timing"]["total_s"] = time.perf_counter() - t_start
+    io.atomic_write_json(path / "results.json", results)
+    io.atomic_write_json(path / "metadata.json", meta)
+    return results
+
+
+def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able results: per dt histories, classification and evidence, theory, notes."""
+    per_dt: dict[str, Any] = {}
+    sh_steps = sim["sharpness_steps"]
+    w = config.num_window
+    for i, dt in enumerate(config.dts):
+        cls, ev = classify(sim["loss"][:, i, :], sim["rel_l1"][:, i], sim["first_nonfinite"][i], config)
+        norm = dt * sim["sharpness"][:, i, :]
+        late = sh_steps >= config.steps - w
+        k1 = norm[:, 0]
+        ev["max_normalized_sharpness"] = _nanmax(k1)
+        ev["window_max_normalized_sharpness"] = _nanmax(k1[late])
+        ev["window_fraction_above_2"] = (float(np.mean(k1[late] > 2.0)) if np.any(np.isfinite(k1[late])) else None)
+        fr = sim["fractions"][-w:, i, 0, :]
+        ev["window_mean_fractions"] = {r: _nanmean(fr[:, j]) for j, r in enumerate(REGIMES)}
+        lanes = {}
+        for j, kk in enumerate((1, config.k)):
+            lanes[f"k{kk}"] = {
+                "loss": sim["loss"][:, i, j], "data_loss": sim["data_loss"][:, i, j], "logit": sim["logit"][:, i, j],
+                "fractions": {r: sim["fractions"][:, i, j, m] for m, r in enumerate(REGIMES)},
+                "sharpness": sim["sharpness"][:, i, j], "normalized_sharpness": norm[:, j],
+                "lanczos_residual": sim["lanczos_residual"][:, i, j],
+                "first_nonfinite_step": sim["first_nonfinite"][i][j],
+            }
+        per_dt[_dt_key(dt)] = {
+            "dt": dt, "classification": cls, "evidence": ev, "rel_l1": sim["rel_l1"][:, i], "lanes": lanes,
+            "theory": th["per_dt"][_dt_key(dt)],
+        }
+    results = {
+        "setting": {
+            "image": f"{config.size}x{config.size} checkerboard of +1/-1, squares of {config.square} px",
+            "kernel": f"{config.kernel}x{config.kernel}, K0 ~ N(0, 1) (same K0 in every lane)",
+            "model": "cnn: valid cross-correlation, Swish(beta), global sum, sigmoid in the BCE (Eq. (6))",
+            "loss": "BCE(s(g), y) + (alpha/2)||K||^2 (Eq. (7)); weight decay in the loss, not in the optimizer",
+            "optimizer": f"eos_jax.optim.sgd(dt, k) -- k=1 and k={config.k}: K - (dt/k)(k grad) (Section 4.1)",
+            "dtype": "float32 (model, kernel, loss, optimizer); theory in float64",
+            "sharpness": f"largest algebraic Hessian eigenvalue of the loss in K, Lanczos with "
+                         f"{config.sharpness_iters} HVPs warm-started, every {config.sharpness_every} steps",
+        },
+        "regime_threshold_eps": sim["eps"],
+        "regime_rule": (f"activated: K*I > eps, transitioning: |K*I| <= eps, not activated: K*I < -eps, "
+                        f"eps={sim['eps']:.6g}: where |r'(x) - (1/2 + beta x/2)| (Eq. (46)) reaches "
+                        f"{config.regime_tol:g}"),
+        "record_index": "record t of every history is the iterate K_t (before update t); t = 0..steps-1",
+        "classification_rule": classification_rule(config),
+        "sharpness_steps": sh_steps,
+        "theory": {k: v for k, v in th.items() if k != "per_dt"},
+        "per_dt": per_dt,
+    }
+    results["notes"] = notes(results, config)
+    return results
+
+
+def _nanmax(x: np.ndarray) -> float | None:
+    """max over finite values, None if there are none."""
+    x = np.asarray(x, np.float64)
+    return float(np.max(x[np.isfinite(x)])) if np.any(np.isfinite(x)) else None
+
+
+def _nanmean(x: np.ndarray) -> float | None:
+    """mean over finite values, None if there are none."""
+    x = np.asarray(x, np.float64)
+    return float(np.mean(x[np.isfinite(x)])) if np.any(np.isfinite(x)) else None
+
+
+def notes(results: dict[str, Any], config: NonlinearConfig) -> list[str]:
+    """Theory beside simulation, and where this run differs from the paper's text."""
+    th = results["theory"]
+    per = results["per_dt"]
+    out = []
+    if th["image_sum_Ibar"] == 0:
+        out.append(
+            "Ibar = sum(I) = 0 for this checkerboard (even side): the activated bound alpha < 2/dt - Ibar^2/8 "
+            "collapses to the not-activated bound dt < 2/alpha, and the constant forcing -(a/2) Ibar of (10) "
+            f"vanishes. The valid windows' sums S(z) are {th['window_sums_S']['min']:g}..{th['window_sums_S']['max']:g}"
+            f" (odd window side), giving the windowed activated analogue dt < {th['activated_window_dt_max']:.4g}."
+        )
+    by_class = {c: [v["dt"] for v in per.values() if v["classification"] == c] for c in CLASSES}
+    out.append("simulation: " + "; ".join(f"{c}: {by_class[c]}" for c in CLASSES))
+    na = th["not_activated_dt_max"]
+    if na is not None:
+        below = [d for d in config.dts if d < na]
+        above = [d for d in config.dts if d >= na]
+        div_above = all(per[_dt_key(d)]["classification"] == "divergent" for d in above)
+        ok_below = all(per[_dt_key(d)]["classification"] != "divergent" for d in below)
+        out.append(
+            f"theory dt < 2/alpha = {na:g} (not-activated and, with Ibar=0, activated regimes): "
+            f"{'confirmed' if div_above and ok_below else 'NOT confirmed'} -- divergent above: {div_above}, "
+            f"finite below: {ok_below} (paper: the loss blows up for dt > 0.1)."
+        )
+    trans = [d for d in config.dts if per[_dt_key(d)]["theory"]["transitioning_window_stable"]]
+    out.append(
+        f"transitioning regime (linearized at K=0, a = s(0) - y = {th['a_linearization']:g}): alpha_min = "
+        f"{per[_dt_key(config.dts[0])]['theory']['transitioning_window_alpha_min']:.4g} (windowed) / "
+        f"{per[_dt_key(config.dts[0])]['theory']['transitioning_alpha_min']:.4g} (periodic) versus alpha = "
+        f"{config.alpha:g}: stable at dt in {trans} -- so every visit of K*I ~ 0 is unstable at this alpha."
+    )
+    if by_class["stable"] == [] and by_class["restrained"]:
+        out.append(
+            "DIFFERENCE FROM THE PAPER: no dt of this run converges; the paper reports a stable range below an "
+            "empirically found threshold. Explanation (ours): with the GLOBAL SUM over (n-w+1)^2 positions the "
+            "data term's curvature near the loss minimum is of order s(-g) (dg/dK)^2, huge compared with 2/dt, "
+            "and the pixel checkerboard makes K*I = +-<K, chi> (chi(z) = (-1)^(z1+z2)), so the kernel's "
+            "checkerboard component keeps re-entering the unstable transitioning regime; smaller dt (or a mean "
+            "instead of a sum, or another input) would be needed for a stable run."
+        )
+    eos = [d for d in config.dts if per[_dt_key(d)]["classification"] == "restrained"
+           and (per[_dt_key(d)]["evidence"].get("window_max_normalized_sharpness") or 0) > 2]
+    sub = [d for d in config.dts if per[_dt_key(d)]["classification"] == "stable"
+           and (per[_dt_key(d)]["evidence"].get("window_max_normalized_sharpness") or 0) <= 2]
+    rest = [d for d in config.dts if per[_dt_key(d)]["classification"] == "restrained"]
+    out.append(
+        f"edge of stability: restrained dts with dt*lambda_max > 2 in the window: {eos} (of {rest}); stable dts "
+        f"with dt*lambda_max <= 2: {sub} (of {by_class['stable']}) (paper, Sec. 6.1: restrained <=> above 2)."
+    )
+    amp = [d for d in config.dts if per[_dt_key(d)]["evidence"].get("amplified")]
+    out.append(f"RelL1(k=1, k={config.k}) amplified above {config.rel_l1_level:g} at dt in {amp} "
+               "(paper, Fig. 5 right: amplified exactly in the restrained range).")
+    return out
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _colors(n: int) -> list[Any]:
+    """Distinct line colors."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    return [cmap(i / max(n - 1, 1)) for i in range(n)]
+
+
+def _plot_loss(ax: Any, results: dict[str, Any], config: NonlinearConfig) -> None:
+    """Loss (7) of the k=1 lanes, log scale."""
+    for (key, v), c in zip(results["per_dt"].items(), _colors(len(config.dts))):
+        loss = np.asarray(v["lanes"]["k1"]["loss"], np.float64)
+        ax.plot(np.arange(loss.size), loss, color=c, lw=0.8, label=f"dt={key} ({v['classification']})")
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (7)")
+    ax.legend(fontsize=7)
+
+
+def _plot_figure5(results: dict[str, Any], config: NonlinearConfig, path: Path) -> None:
+    """Figure 5: loss and RelL1(k=1, k=3) per dt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eos_jax import io
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    _plot_loss(a1, results, config)
+    for (key, v), c in zip(results["per_dt"].items(), _colors(len(config.dts))):
+        rel = np.asarray(v["rel_l1"], np.float64)
+        a2.plot(np.arange(rel.size), np.where(rel > 0, rel, np.nan), color=c, lw=0.8, label=f"dt={key}")
+    a2.axhline(config.rel_l1_level, color="k", ls=":", lw=0.8, label="amplified level")
+    a2.set_yscale("log")
+    a2.set_xlabel("iteration")
+    a2.set_ylabel(f"RelL1(k=1, k={config.k})")
+    a2.legend(fontsize=7)
+    fig.suptitle("non-linear PDE (9): loss and perturbation growth (cf. Figure 5)")
+    io.save_figure(fig, path)
+    plt.close(fig)
+
+
+def _plot_figure6(results: dict[str, Any], config: NonlinearConfig, path: Path) -> None:
+    """Figure 6: loss and normalized sharpness dt * lambda_max with the line at 2."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eos_jax import io
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    _plot_loss(a1, results, config)
+    steps = np.asarray(results["sharpness_steps"])
+    for (key, v), c in zip(results["per_dt"].items(), _colors(len(config.dts))):
+        ns = np.asarray(v["lanes"]["k1"]["normalized_sharpness"], np.float64)
+        a2.plot(steps, ns, color=c, lw=0.8, marker=".", ms=2, label=f"dt={key}")
+    a2.axhline(2.0, color="k", ls="--", lw=1.0, label="2 (GD stability)")
+    a2.set_yscale("symlog", linthresh=1.0)
+    a2.set_xlabel("iteration")
+    a2.set_ylabel("dt * lambda_max")
+    a2.legend(fontsize=7)
+    fig.suptitle("non-linear PDE (9): normalized sharpness (cf. Figure 6)")
+    io.save_figure(fig, path)
+    plt.close(fig)
+
+
+def _plot_regimes(results: dict[str, Any], config: NonlinearConfig, path: Path) -> None:
+    """Fractions of positions per regime of Table 3 (k=1 lanes), one panel per regime."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from eos_jax import io
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.5), sharey=True)
+    for ax, reg in zip(axes, REGIMES):
+        for (key, v), c in zip(results["per_dt"].items(), _colors(len(config.dts))):
+            f = np.asarray(v["lanes"]["k1"]["fractions"][reg], np.float64)
+            ax.plot(np.arange(f.size), f, color=c, lw=0.6, label=f"dt={key}")
+        ax.set_title(reg.replace("_", " "))
+        ax.set_xlabel("iteration")
+    axes[0].set_ylabel(f"fraction of positions (eps={results['regime_threshold_eps']:.3g})")
+    axes[0].legend(fontsize=7)
+    io.save_figure(fig, path)
+    plt.close(fig)
+
+
+def summarize(results: dict[str, Any]) -> str:
+    """A table of classification, evidence and theory per dt, then the notes."""
+    lines = [f"regimes: {results['regime_rule']}", f"rule: {results['classification_rule']}",
+             f"{'dt':>6} {'class':>10} {'nonfinite':>9} {'final loss':>11} {'max RelL1':>10} {'osc':>9} "
+             f"{'dt*lam(win)':>11} {'th: not-act':>11} {'act':>5} {'trans(win)':>10}"]
+    f = lambda x, spec=".3g": "-" if x is None else format(x, spec)  # noqa: E731
+    for key, v in results["per_dt"].items():
+        ev, th = v["evidence"], v["theory"]
+        lines.append(
+            f"{key:>6} {v['classification']:>10} {f(ev['first_nonfinite_step'], 'd'):>9} {f(ev['final_loss']):>11} "
+            f"{f(ev.get('window_max_rel_l1')):>10} {f(ev.get('oscillation')):>9} "
+            f"{f(ev.get('window_max_normalized_sharpness')):>11} "
+            f"{'stable' if th['not_activated_stable'] else 'unst.':>11} {'st' if th['activated_stable'] else 'un':>5} "
+            f"{'stable' if th['transitioning_window_stable'] else 'unst.':>10}"
+        )
+    lines += [f"note: {n}" for n in results["notes"]]
+    return "\n".join(lines)

@@ -1,0 +1,332 @@
+"""Tests of the non-linear one-layer CNN PDE (9) experiment (eos_jax.pde.nonlinear).
+
+Tiny shapes: 8x8 to 32x32 checkerboards, 3x3 to 8x8 kernels, a few dozen steps.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from eos_jax import cli, optim
+from eos_jax.errors import ConfigError
+from eos_jax.pde import nonlinear as nl
+from eos_jax.pde.common import checkerboard
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ Theorem 5.1 / Eq. (8)
+
+
+@pytest.mark.parametrize("conv_impl", ["lax", "fft"])
+@pytest.mark.parametrize("image_kind", ["checkerboard", "random"])
+def test_analytic_gradient_eq8_equals_autodiff_float64(conv_impl, image_kind):
+    """Eq. (8) evaluated from its formula equals jax.grad of the cnn model's loss (7), float64."""
+    n, w, alpha, beta = 12, 5, 20.0, 1.3
+    if image_kind == "checkerboard":
+        image = checkerboard(n, dtype=np.float64)
+    else:
+        image = np.random.default_rng(0).uniform(-1.0, 1.0, (n, n))
+    model = nl.make_model(w, beta=beta, conv_impl=conv_impl, dtype="float64")
+    params = model.init(jax.random.key(3), (n, n, 1))["params"]
+    # Scale K so that the logit is O(1): y_hat - y is then far from 0 and the data term of
+    # (8) is as large as the weight-decay term (otherwise the test would only check alpha K).
+    kernel = nl.kernel_of(params)
+    z = nl.valid_correlation(kernel, jnp.asarray(image))
+    g = float(jnp.sum(z * jax.nn.sigmoid(beta * z)))
+    scale = 1.0 / max(abs(g), 1.0)
+    params = jax.tree_util.tree_map(lambda x: x * scale, params)
+    kernel = nl.kernel_of(params)
+    batch = nl.make_batch(image, 1, dtype=np.float64)
+    loss_fn = nl.make_loss_fn(model, alpha)
+    auto = nl.kernel_of(jax.grad(loss_fn)(params, batch))
+    analytic = nl.analytic_gradient(kernel, jnp.asarray(image), alpha=alpha, beta=beta, label=1)
+    assert analytic.dtype == jnp.float64 and auto.dtype == jnp.float64
+    data_term = analytic - alpha * kernel
+    assert float(jnp.linalg.norm(data_term)) > 1e-2 * float(jnp.linalg.norm(alpha * kernel))
+    np.testing.assert_allclose(np.asarray(analytic), np.asarray(auto), rtol=1e-10, atol=1e-12)
+
+
+def test_swish_prime_and_regime_threshold():
+    """r' matches autodiff of Swish; eps is where r' leaves its linearization (46) by tol."""
+    x = jnp.linspace(-30.0, 30.0, 601, dtype=jnp.float64)
+    for beta in (0.5, 1.0, 2.0):
+        swish = lambda v: v * jax.nn.sigmoid(beta * v)  # noqa: E731
+        np.testing.assert_allclose(nl.swish_prime(x, beta), jax.vmap(jax.grad(swish))(x), rtol=1e-13, atol=1e-15)
+        eps = nl.regime_threshold(beta, 0.05)
+        err = lambda v: float(nl.swish_prime(jnp.float64(v), beta)) - (0.5 + 0.5 * beta * v)  # noqa: E731
+        assert err(eps) == pytest.approx(-0.05, abs=1e-9)
+        assert err(-eps) == pytest.approx(0.05, abs=1e-9)
+        assert abs(err(0.99 * eps)) < 0.05
+    # Small-x expansion r'(x) - 1/2 - x/2 = -x^3/12 + ...: eps ~ (12 tol)^(1/3) for small tol.
+    assert nl.regime_threshold(1.0, 1e-6) == pytest.approx((12e-6) ** (1 / 3), rel=1e-3)
+    assert nl.regime_threshold(2.0, 0.05) == pytest.approx(nl.regime_threshold(1.0, 0.05) / 2, rel=1e-12)
+    with pytest.raises(ConfigError, match="tol"):
+        nl.regime_threshold(1.0, 0.6)
+
+
+def test_regime_fractions_counts():
+    z = jnp.asarray([[-2.0, -0.5, 0.0, 0.5], [0.9, 1.0, -1.0, 3.0]], jnp.float32)
+    fr = np.asarray(nl.regime_fractions(z, 0.95))
+    np.testing.assert_array_equal(fr, np.asarray([2, 4, 2], np.float32) / 8)
+    assert fr.dtype == np.float32
+
+
+# -------------------------------------------------------------------- the vmapped program
+
+
+_SMALL = nl.NonlinearConfig(dts=(0.01, 0.03, 10.0), steps=12, size=16, kernel=4, sharpness_every=6,
+                            sharpness_iters=3)
+
+
+@pytest.fixture(scope="module")
+def small_sim():
+    """One vmapped run: two finite step sizes and dt=10 (K grows by about -199 per step)."""
+    return nl.simulate(_SMALL)
+
+
+@pytest.fixture(scope="module")
+def reference_lane():
+    """``run(dt, k, steps) -> (losses, kernels)``: one lane alone, a Python loop of jitted steps.
+
+    Independent of the scan: the model loss, ``jax.grad`` and ``optim.sgd(dt, k)`` built
+    inside one jitted step with traced ``dt`` and ``k`` (one compilation for all lanes).
+    """
+    config = _SMALL
+    image = checkerboard(config.size, dtype=np.float32)
+    model = nl.make_model(config.kernel, beta=config.beta, conv_impl=config.conv_impl)
+    params0 = model.init(jax.random.fold_in(jax.random.key(config.seed), 0), (config.size, config.size, 1))["params"]
+    batch = nl.make_batch(image, config.label)
+    loss_fn = nl.make_loss_fn(model, config.alpha)
+
+    @jax.jit
+    def step(p, s, b, dt, k):
+        opt = optim.sgd(dt, k=k)
+        loss, g = jax.value_and_grad(loss_fn)(p, b)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s, loss
+
+    def run(dt: float, k: int, steps: int):
+        dt_ = jnp.asarray(dt, jnp.float32)
+        k_ = jnp.asarray(k, jnp.int32)
+        params = params0
+        opt_state = optim.sgd(dt_, k=k_).init(params)
+        losses, kernels = [], []
+        for _ in range(steps):
+            kernels.append(np.asarray(nl.kernel_of(params)))
+            params, opt_state, loss = step(params, opt_state, batch, dt_, k_)
+            losses.append(float(loss))
+        kernels.append(np.asarray(nl.kernel_of(params)))
+        return np.asarray(losses), kernels
+
+    return run
+
+
+def test_vmapped_program_equals_per_lane_runs(small_sim, reference_lane):
+    """Every finite lane of the one vmapped scan program follows its own single-lane run.
+
+    To float tolerance, not bitwise: the vmapped program batches the lanes' FFTs and is
+    another compiled program than the single-lane step.
+    """
+    sim, config = small_sim, _SMALL
+    assert sim["loss"].shape == (12, 3, 2) and sim["rel_l1"].shape == (12, 3)
+    assert sim["fractions"].shape == (12, 3, 2, 3)
+    for i, dt in enumerate(config.dts[:2]):
+        for j, k in enumerate((1, config.k)):
+            ref_loss, ref_kernels = reference_lane(dt, k, config.steps)
+            np.testing.assert_allclose(sim["loss"][:, i, j], ref_loss, rtol=2e-5)
+            final = nl.kernel_of(jax.tree_util.tree_map(lambda x: x[i, j], sim["final_params"]))
+            np.testing.assert_allclose(np.asarray(final), ref_kernels[-1], rtol=1e-4, atol=1e-6)
+        assert sim["rel_l1"][0, i] == 0.0  # the same K_0 in both lanes
+        assert np.all((sim["rel_l1"][:, i] >= 0) & (sim["rel_l1"][:, i] <= 2))
+        np.testing.assert_allclose(np.sum(sim["fractions"][:, i], axis=-1), 1.0, rtol=1e-6)
+    assert sim["first_nonfinite"][:2] == [[None, None], [None, None]]
+
+
+def test_divergent_lane_is_flagged_with_its_step_and_others_stay_finite(small_sim, reference_lane):
+    """dt=10 with alpha=20 multiplies K by about -199 per step: L(K_t) overflows float32 at the
+    step the single-lane run predicts; the lane is frozen (finite kernel, NaN records) and the
+    other lanes go on."""
+    sim, config = small_sim, _SMALL
+    first = sim["first_nonfinite"]
+    ref_loss, _ = reference_lane(10.0, 1, config.steps)
+    expected = int(np.argmax(~np.isfinite(ref_loss)))
+    assert 0 < expected < config.steps and np.all(np.isfinite(ref_loss[:expected]))
+    assert first[2][0] == expected
+    assert first[2][1] is not None and abs(first[2][1] - expected) <= 1
+    loss = sim["loss"]
+    assert np.all(np.isfinite(loss[:, :2, :]))
+    assert np.all(np.isfinite(loss[:expected, 2, 0])) and np.all(np.isnan(loss[expected:, 2, 0]))
+    assert np.all(np.isnan(sim["fractions"][expected:, 2, 0]))
+    assert np.all(np.isfinite(sim["rel_l1"][:min(first[2]), 2]))
+    assert np.all(np.isnan(sim["rel_l1"][min(first[2]):, 2]))
+    assert np.all(np.isnan(sim["sharpness"][sim["sharpness_steps"] > max(first[2]), 2]))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(sim["final_params"]))  # frozen
+    cls, ev = nl.classify(loss[:, 2, :], sim["rel_l1"][:, 2], first[2], config)
+    assert cls == "divergent" and ev["first_nonfinite_step"] == min(first[2])
+    for i in range(2):
+        assert nl.classify(loss[:, i, :], sim["rel_l1"][:, i], first[i], config)[0] != "divergent"
+
+
+def test_sharpness_is_the_largest_algebraic_eigenvalue_of_the_dense_hessian():
+    """The vmapped Lanczos sharpness equals eigh(jax.hessian) of the loss (7) at each lane's K (float64)."""
+    n, w, alpha = 8, 3, 0.5
+    model = nl.make_model(w, beta=1.0, conv_impl="lax", dtype="float64")
+    batch = nl.make_batch(np.random.default_rng(1).uniform(-1, 1, (n, n)), 1, dtype=np.float64)
+    base = model.init(jax.random.key(0), (n, n, 1))["params"]
+    params = jax.tree_util.tree_map(lambda x: jnp.stack([jnp.stack([x * 0.05, x * 0.3])]), base)  # (1, 2) lanes
+    fn = nl.make_sharpness_fn(model, alpha, w * w)
+    v0 = jax.tree_util.tree_map(jnp.zeros_like, params)
+    keys = jnp.stack([jnp.stack([jax.random.key(1), jax.random.key(2)])])
+    lam, _, _ = fn(params, v0, keys, batch)
+    loss_fn = nl.make_loss_fn(model, alpha)
+    dense = jax.jit(jax.hessian(lambda kk, b: loss_fn({"conv0": {"kernel": kk[:, :, None, None]}}, b)))
+    for j in range(2):
+        p = jax.tree_util.tree_map(lambda x: x[0, j], params)
+        hess = dense(nl.kernel_of(p), batch)
+        eig = np.linalg.eigvalsh(np.asarray(hess).reshape(w * w, w * w))
+        assert float(lam[0, j]) == pytest.approx(eig[-1], rel=1e-8)
+    assert set(base) == {"conv0"}
+
+
+# ------------------------------------------------------------------------ classification
+
+
+def _cfg(**kw):
+    return nl.NonlinearConfig(dts=(0.1,), steps=100, window=20, **kw)
+
+
+def test_classify_rules():
+    cfg = _cfg()
+    steps = np.arange(100, dtype=np.float64)
+    decay = np.stack([10.0 * 0.9 ** steps + 1.0] * 2, axis=1)
+    tiny = np.full(100, 1e-7)
+    assert nl.classify(decay, tiny, [None, None], cfg)[0] == "stable"
+    osc = decay.copy()
+    osc[:, 0] += 0.5 * (-1.0) ** steps
+    cls, ev = nl.classify(osc, tiny, [None, None], cfg)
+    assert cls == "restrained" and ev["oscillating"] and not ev["amplified"]
+    cls, ev = nl.classify(decay, np.full(100, 0.3), [None, None], cfg)
+    assert cls == "restrained" and ev["amplified"] and not ev["oscillating"]
+    grow = np.stack([1.5 ** steps] * 2, axis=1)
+    assert nl.classify(grow, tiny, [None, None], cfg)[0] == "divergent"
+    cls, ev = nl.classify(decay, tiny, [None, 57], cfg)
+    assert cls == "divergent" and ev["first_nonfinite_step"] == 57
+    assert nl.oscillation(np.arange(10.0)) == 0.0
+    assert nl.oscillation(np.asarray([1.0, 3.0] * 5)) == pytest.approx((2 * 9 - 2) / (10 * 2))
+
+
+def test_config_validation_names_the_bad_value():
+    with pytest.raises(ConfigError, match="dt=-0.1"):
+        nl.NonlinearConfig(dts=(-0.1,)).validate()
+    with pytest.raises(ConfigError, match="k=1"):
+        nl.NonlinearConfig(k=1).validate()
+    with pytest.raises(ConfigError, match="kernel=40"):
+        nl.NonlinearConfig(size=32, kernel=40).validate()
+    with pytest.raises(ConfigError, match="duplicates"):
+        nl.NonlinearConfig(dts=(0.1, 0.1)).validate()
+
+
+# -------------------------------------------------------------------------------- theory
+
+
+def test_theory_of_the_pixel_checkerboard():
+    """Ibar = 0 (even side), window sums +-1 (odd valid side), windowed mu_max = (n-w+1)^2 w^2, mu_min = 0."""
+    n, w, alpha = 32, 8, 20.0
+    th = nl.theory(checkerboard(n), w, alpha=alpha, beta=1.0, label=1, dts=(0.01, 0.11))
+    assert th["image_sum_Ibar"] == 0.0
+    assert (th["window_sums_S"]["min"], th["window_sums_S"]["max"]) == (-1.0, 1.0)
+    assert th["window_sums_S"]["sum_sq"] == w * w
+    assert th["window_mu_max"] == pytest.approx((n - w + 1) ** 2 * w * w, rel=1e-9)
+    assert abs(th["window_mu_min"]) < 1e-6 * th["window_mu_max"]
+    assert th["max_abs_I_hat_sq"] == pytest.approx(float(n) ** 4) and th["min_abs_I_hat_sq"] < 1e-9
+    assert th["not_activated_dt_max"] == pytest.approx(2 / alpha)
+    assert th["activated_dt_max"] == pytest.approx(2 / alpha)  # Ibar = 0
+    assert th["activated_window_dt_max"] == pytest.approx(2 / (alpha + w * w / 8))
+    small, big = th["per_dt"]["0.01"], th["per_dt"]["0.11"]
+    assert small["not_activated_stable"] and not big["not_activated_stable"]
+    # a = s(0) - 1 = -1/2: alpha_min = mu_max / 4 >> 20: the transitioning regime is unstable.
+    assert small["transitioning_window_alpha_min"] == pytest.approx(th["window_mu_max"] / 4, rel=1e-9)
+    assert small["transitioning_alpha_min"] == pytest.approx(n ** 4 / 4)
+    assert not small["transitioning_window_stable"] and not small["transitioning_stable"]
+
+
+# ----------------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_every_promised_file(tmp_path, capsys):
+    from experiments import pde
+
+    out = tmp_path / "run"
+    code = pde.main(["nonlinear", "--dt", "0.01", "0.05", "0.2", "--steps", "20", "--size", "32", "--kernel", "8",
+                     "--sharpness-every", "10", "--sharpness-iters", "4", "--out", str(out)])
+    assert code == 0
+    for name in ("config.json", "metadata.json", "results.json", "figure5.png", "figure6.png", "regimes.png"):
+        assert (out / name).stat().st_size > 0, name
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["per_dt"]) == {"0.01", "0.05", "0.2"}
+    for key, v in res["per_dt"].items():
+        assert v["classification"] in nl.CLASSES
+        assert len(v["rel_l1"]) == 20
+        for lane in ("k1", "k3"):
+            assert len(v["lanes"][lane]["loss"]) == 20
+            assert set(v["lanes"][lane]["fractions"]) == set(nl.REGIMES)
+            assert len(v["lanes"][lane]["normalized_sharpness"]) == 3  # steps 0, 10, 20
+        assert set(v["theory"]) >= {"not_activated_stable", "activated_stable", "transitioning_window_stable"}
+    assert res["per_dt"]["0.2"]["classification"] == "divergent"  # dt * alpha = 4 > 2
+    assert res["sharpness_steps"] == [0, 10, 20]
+    assert "classification_rule" in res and res["notes"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["command"] == "nonlinear" and cfg["dts"] == [0.01, 0.05, 0.2]
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["model_info"]["conv_impl"] == "fft" and "timing" in meta
+    printed = capsys.readouterr().out
+    assert "divergent" in printed and "note:" in printed
+    # The same directory again: refused, nothing overwritten.
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        cli.run(pde.main, ["nonlinear", "--dt", "0.01", "--steps", "20", "--size", "32", "--kernel", "8",
+                           "--out", str(out)])
+    assert e.value.code == 2
+    assert (out / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--dt", "0"], "'0' is not allowed"),
+        (["--dt", "-0.01"], "'-0.01' is not allowed"),
+        (["--kernel", "0"], "'0' is not allowed"),
+        (["--steps", "many"], "'many' is not an integer"),
+        (["--conv-impl", "winograd"], "invalid choice"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(flags, fragment, tmp_path, capsys):
+    from experiments import pde
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(pde.main, ["nonlinear", *flags, "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_config_errors_exit_2_through_the_entry_point(tmp_path, capsys):
+    """Values argparse accepts but the config rejects (k=1, kernel > size): one line, exit 2, nothing written."""
+    from experiments import pde
+
+    for flags, fragment in ((["--k", "1"], "k=1"), (["--size", "16", "--kernel", "20"], "kernel=20")):
+        with pytest.raises(SystemExit) as e:
+            cli.run(pde.main, ["nonlinear", *flags, "--out", str(tmp_path / "y")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert fragment in err and err.count("\n") == 1
+        assert not (tmp_path / "y").exists()
