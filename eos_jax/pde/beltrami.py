@@ -187,10 +187,27 @@ def run_beltrami(config: BeltramiConfig, out_dir: str | Path) -> dict[str, Any]:
                  f"max ||u^(n+1)-u^n||_inf over the last {config.window:.0%} of steps > "
                  f"{config.oscillation_tol:g} max|I|; stable: otherwise"),
         "signal_clean": clean, "signal_noisy": noisy, "runs": runs,
+        "notes": _notes(runs, config),
     }
     _plot(results, config, path / "figure2.png")
     io.atomic_write_json(path / "results.json", results)
     return results
+
+
+def _notes(runs: dict[str, Any], config: BeltramiConfig) -> list[str]:
+    """Findings to set beside the paper's Figure 2 (bounded vs unbounded runs)."""
+    bounded = [m for m, r in runs.items() if config.lam * r["dt"] < 2]
+    unbounded = [m for m in runs if m not in bounded]
+    notes = []
+    if bounded:
+        notes.append(
+            f"multiples {', '.join(bounded)}: lambda*dt < 2, so these runs cannot blow up: the TV part of the "
+            "gradient is bounded by 2/dx per sample, hence |u^(n+1)| <= |1 - lambda dt| |u^n| + dt (lambda |I| + "
+            "2/dx) and sup|u| <= max|I| + 2/(lambda dx) when lambda dt <= 1; an instability can only show as a "
+            "bounded oscillation (the paper calls its 1000x run 'unstable without restraint')")
+    if unbounded:
+        notes.append(f"multiples {', '.join(unbounded)}: lambda*dt >= 2, the fidelity term alone is unstable")
+    return notes
 
 
 def _plot(results: dict[str, Any], config: BeltramiConfig, path: Path) -> None:
@@ -232,4 +249,5 @@ def summarize(results: dict[str, Any]) -> str:
     for m, r in results["runs"].items():
         lines.append(f"{m:>7} x: {r['classification']:<10} final update {r['final_update_inf']:.3g}, "
                      f"max|u| {r['max_abs_u']:.3g}, rms error to clean {r['rms_error_to_clean']:.3g}")
+    lines += [f"note: {n}" for n in results["notes"]]
     return "\n".join(lines)

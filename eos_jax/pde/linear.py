@@ -679,6 +679,10 @@ def _notes(results: dict[str, Any], config: LinearConfig) -> list[str]:
             f"alpha_max={k0['alpha_max_theory']:.6g}, because the pixel checkerboard puts all its energy in one "
             f"DFT coefficient (|I_hat|^2 = {results['max_abs_I_hat_sq']:.6g} = n^4 at the Nyquist frequency, 0 "
             "elsewhere) while the valid (windowed) operator only sees (n-w+1)^2 w^2 of it")
+        notes.append(
+            "windowed bounds do not approach (14) as w grows, unlike the paper's Table 2 conjecture: with valid "
+            "correlation mu_max = (n-w+1)^2 w^2 (closed form, matched by power iteration) peaks at w ~ n/2 far below "
+            "n^4; only a circular (periodic) window, mu_max = n^2 w^2, tends to the periodic n^4 as w -> n")
     if config.scheme == "nesterov":
         notes.append(
             f"Nesterov: the exact Von Neumann bound of (16)-(17) is z < 4/((1+2m) dt^2) = {results['z_bound_exact']:.6g}; "
