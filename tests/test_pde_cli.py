@@ -43,7 +43,7 @@ def test_bad_flags_one_line_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
 
 def test_linear_tiny_run_and_no_overwrite(tmp_path, capsys):
     out = tmp_path / "lin"
-    argv = ["linear", "--kernel", "3", "4", "--size", "12", "--dt", "1e-3", "--bisect-steps", "64",
+    argv = ["linear", "--kernel", "3", "4", "--size", "12", "--dt", "1e-3", "--bisect-steps", "64", "--rel-tol", "1e-3",
             "--plot-steps", "20", "--out", str(out)]
     assert _run(argv) == 0
     res = json.loads((out / "results.json").read_text())
@@ -59,6 +59,7 @@ def test_linear_tiny_run_and_no_overwrite(tmp_path, capsys):
     assert "already holds" in capsys.readouterr().err
 
 
+@pytest.mark.subprocess
 def test_module_entry_point_subprocess(tmp_path):
     r = subprocess.run([sys.executable, "-m", "experiments.pde", "linear", "--dt", "0", "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=120)
