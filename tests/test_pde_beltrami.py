@@ -25,7 +25,7 @@ def test_gradient_descent_step_is_forward_euler_of_the_pde():
 
 
 def test_strict_bound_and_hessian_bound():
-    n, lam, delta = 64, 10.0, 0.2
+    n, lam, delta = 32, 10.0, 0.2
     dx = 1.0 / n
     dt = beltrami.strict_step_bound(lam=lam, delta=delta, dx=dx)
     assert dt == 1.0 / (lam + 2.0 / (delta * dx * dx))
