@@ -375,7 +375,7 @@ def bisect_bounds(test: Callable[[jax.Array, jax.Array], jax.Array], kernel0: ja
     sims = 1
     if one(scale):
         return {"alpha_min": None, "alpha_max": None, "stable_start": None, "simulations": sims,
-                "note": f"alpha={scale:.6g} (start) is unstable; no stable alpha found"}
+                "note": f"{scale:.6g} is unstable"}
     # Expand: lower probes s - scale 2^k, upper probes s + scale 2^k, until each side is unstable.
     lo = [None, scale]  # [unstable, stable]
     hi = [scale, None]  # [stable, unstable]
@@ -689,6 +689,12 @@ def _notes(results: dict[str, Any], config: LinearConfig) -> list[str]:
             f"the paper's (18) uses 4/(3 dt^2) = {results['z_bound_paper']:.6g}, its m -> 1 limit "
             "(the damping d does change the bound, contrary to Appendix E.2)")
     for w, e in results["kernels"].items():
+        if e["alpha_min_empirical"] is None:
+            empty = e["alpha_min_spectral"] >= e["alpha_max_spectral"]
+            notes.append(f"w={w}: bisection found no stable alpha (its start alpha={e['bisection']['note']}); the "
+                         f"spectral interval ({e['alpha_min_spectral']:.6g}, {e['alpha_max_spectral']:.6g}) is "
+                         + ("empty too" if empty else "NOT empty: the two methods disagree"))
+            continue
         for side in ("min", "max"):
             r = e[f"rel_diff_{side}_bisection_vs_spectral"]
             if r is None or r > 0.02:
@@ -720,8 +726,9 @@ def _plot(curves: dict[int, dict[str, Any]], results: dict[str, Any], config: Li
         axes[0, j].set_yscale("symlog")
         axes[1, j].set_yscale("log")
         e = results["kernels"][str(w)]
-        axes[0, j].set_title(f"w={w}, {config.scheme}, dt={config.dt:g}\nempirical ({e['alpha_min_empirical']:.4g}, "
-                             f"{e['alpha_max_empirical']:.4g})", fontsize=9)
+        fmt = lambda x: "none" if x is None else f"{x:.4g}"  # noqa: E731
+        axes[0, j].set_title(f"w={w}, {config.scheme}, dt={config.dt:g}\nempirical ({fmt(e['alpha_min_empirical'])}, "
+                             f"{fmt(e['alpha_max_empirical'])})", fontsize=9)
         axes[0, j].set_ylabel("linearized loss (symlog)")
         axes[1, j].set_ylabel("||K||")
         axes[1, j].set_xlabel("iteration")
