@@ -363,17 +363,31 @@ def _ritz(alpha: jax.Array, beta: jax.Array, n_active: jax.Array, k: int):
 class _LanczosState(NamedTuple):
     """Carry of Lanczos: basis rows ``q_0..q_m``, tridiagonal, products so far, norm estimate."""
 
-    q: jax.Array  # (m + 1, n)
+    q: jax.Array  # (m + 1 rounded up to a multiple of _BLOCK, n); rows past j are zero
     alpha: jax.Array  # (m,)
     beta: jax.Array  # (m,), beta[j] couples q_j and q_{j+1}; 0 after a breakdown
     j: jax.Array
     hnorm: jax.Array
 
 
-def _orth(q: jax.Array, w: jax.Array) -> jax.Array:
-    """Full reorthogonalization against every row of ``q`` (zero rows do nothing), done twice."""
-    w = w - jnp.dot(jnp.dot(q, w, precision=_HI), q, precision=_HI)
-    return w - jnp.dot(jnp.dot(q, w, precision=_HI), q, precision=_HI)
+_BLOCK = 8  # basis rows per block of the reorthogonalization loop
+
+
+def _orth(q: jax.Array, w: jax.Array, n_rows: jax.Array) -> jax.Array:
+    """Full reorthogonalization of ``w`` against rows ``0..n_rows-1`` of ``q``, done twice.
+
+    Block Gram-Schmidt over blocks of ``_BLOCK`` rows, looping only over the blocks in use, so the
+    cost grows with the Krylov dimension reached, not with ``num_iters`` (rows not yet filled are
+    zero and do nothing). ``q`` has a multiple of ``_BLOCK`` rows.
+    """
+    n_blocks = (n_rows + (_BLOCK - 1)) // _BLOCK
+
+    def body(i, x):
+        blk = lax.dynamic_slice_in_dim(q, i * _BLOCK, _BLOCK, axis=0)
+        return x - jnp.dot(jnp.dot(blk, x, precision=_HI), blk, precision=_HI)
+
+    w = lax.fori_loop(0, n_blocks, body, w)
+    return lax.fori_loop(0, n_blocks, body, w)
 
 
 def _lanczos_step(op, key: jax.Array, st: _LanczosState) -> _LanczosState:
@@ -389,13 +403,17 @@ def _lanczos_step(op, key: jax.Array, st: _LanczosState) -> _LanczosState:
     w = op(qj)
     a = _dot(qj, w)
     hnorm = jnp.maximum(st.hnorm, jnp.linalg.norm(w))
-    w = _orth(st.q, w)
+    w = _orth(st.q, w, j + 1)
     b = jnp.linalg.norm(w)
     eps = jnp.finfo(w.dtype).eps
     breakdown = b <= 64 * eps * hnorm
-    r = jax.random.normal(jax.random.fold_in(key, j), w.shape, w.dtype)
-    r, _ = _normalize(_orth(st.q, r))
-    q_next = jnp.where(breakdown, r, w / jnp.where(b > 0, b, jnp.ones_like(b)))
+
+    def restart():
+        r = jax.random.normal(jax.random.fold_in(key, j), w.shape, w.dtype)
+        return _normalize(_orth(st.q, r, j + 1))[0]
+
+    # lax.cond: the restart costs nothing unless taken (under vmap both branches run, as a select).
+    q_next = lax.cond(breakdown, restart, lambda: w / jnp.where(b > 0, b, jnp.ones_like(b)))
     b = jnp.where(breakdown, jnp.zeros_like(b), b)
     return _LanczosState(
         st.q.at[j + 1].set(q_next), st.alpha.at[j].set(a), st.beta.at[j].set(b), j + 1, hnorm
@@ -413,9 +431,12 @@ def _lanczos(op, v_init: jax.Array, key: jax.Array, num_iters: int, tol: float |
     dtype = v_init.dtype
     m = min(num_iters, n)  # a Krylov basis cannot exceed the dimension (static)
     if k > m:
-        raise ConfigError(f"k={k} eigenpairs need num_iters >= k and at least k parameters; got num_iters={num_iters}, n={n}")
+        raise ConfigError(
+            f"k={k} eigenpairs need num_iters >= k and at least k parameters; got num_iters={num_iters}, n={n}"
+        )
+    rows = -(-(m + 1) // _BLOCK) * _BLOCK
     st = _LanczosState(
-        jnp.zeros((m + 1, n), dtype).at[0].set(v_init),
+        jnp.zeros((rows, n), dtype).at[0].set(v_init),
         jnp.zeros((m,), dtype),
         jnp.zeros((m,), dtype),
         jnp.zeros((), jnp.int32),

@@ -30,7 +30,8 @@ from eos_jax.errors import ConfigError
 def mlp_params(key, dtype, d_in=6, d_hid=8, d_out=3):
     k1, k2, k3 = jax.random.split(key, 3)
     return {
-        "l1": {"w": jax.random.normal(k1, (d_in, d_hid), dtype) / float(np.sqrt(d_in)), "b": jnp.zeros((d_hid,), dtype)},
+        "l1": {"w": jax.random.normal(k1, (d_in, d_hid), dtype) / float(np.sqrt(d_in)),
+               "b": jnp.zeros((d_hid,), dtype)},
         "l2": {"w": jax.random.normal(k2, (d_hid, d_out), dtype) / float(np.sqrt(d_hid)),
                "b": 0.1 * jax.random.normal(k3, (d_out,), dtype)},
     }
@@ -79,12 +80,17 @@ def cnn_batch(key, dtype, n=8):
 MODELS = {"mlp": (mlp_params, mlp_loss, mlp_batch), "cnn": (cnn_params, cnn_loss, cnn_batch)}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _dense(loss_fn, flat, batch, unravel):
+    return jax.hessian(lambda f: loss_fn(unravel(f), batch))(flat)
+
+
 def dense_hessian(loss_fn, params, batch):
     """Dense float64 Hessian of the loss at params (cast to float64), and the unravel of params."""
     p64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
     b64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), batch)
     flat, unravel = ravel_pytree(p64)
-    return np.asarray(jax.hessian(lambda f: loss_fn(unravel(f), b64))(flat)), unravel
+    return np.asarray(_dense(loss_fn, flat, b64, unravel)), unravel
 
 
 def quad_loss(params, batch):
@@ -121,13 +127,13 @@ def test_hvp_matches_dense_hessian_and_finite_differences():
     v = mlp_params(jax.random.fold_in(key, 2), jnp.float64)
     h, unravel = dense_hessian(mlp_loss, p, batch)
     dense_hv = unravel(jnp.asarray(h @ np.asarray(ravel_pytree(v)[0])))
-    plain = hs.hvp(mlp_loss, p, batch, v)
-    lin = hs.linearized_hvp(mlp_loss, p, batch)(v)
+    plain = jax.jit(functools.partial(hs.hvp, mlp_loss))(p, batch, v)
+    lin = jax.jit(lambda p, b, v: hs.linearized_hvp(mlp_loss, p, b)(v))(p, batch, v)
     assert rel_tree(plain, dense_hv) < 1e-12
     assert rel_tree(lin, dense_hv) < 1e-12
     # Central differences of the gradient: truncation O(eps^2), rounding O(1e-16 / eps).
     eps = 1e-5
-    g = jax.grad(mlp_loss)
+    g = jax.jit(jax.grad(mlp_loss))
     shift = lambda s: jax.tree_util.tree_map(lambda a, b: a + s * b, p, v)  # noqa: E731
     fd = jax.tree_util.tree_map(lambda a, b: (a - b) / (2 * eps), g(shift(eps), batch), g(shift(-eps), batch))
     assert rel_tree(fd, plain) < 1e-8
@@ -187,7 +193,7 @@ def test_dominant_negative_eigenvalue_gives_largest_algebraic():
     assert abs(float(v @ (a @ v)) + 10) < 1e-6
     for method, kw in (("power", dict(num_iters=400)), ("lanczos", dict(num_iters=7)),
                        ("power", dict(num_iters=800, tol=1e-9)), ("lanczos", dict(num_iters=7, tol=1e-10))):
-        res = hs.top_eigenvalue(quad_loss, p, a, method=method, **kw)
+        res = jax.jit(functools.partial(hs.top_eigenvalue, quad_loss, method=method, **kw))(p, a)
         assert rel(res.eigenvalue, 5.0) < 1e-8, (method, kw, float(res.eigenvalue))
 
 
@@ -196,12 +202,12 @@ def test_repeated_top_eigenvalue():
     a, p, q = quad_problem(eigs, seed=1)
     top_space = q[:, :3]
     for method in ("lanczos", "power"):
-        res = hs.top_eigenvalue(quad_loss, p, a, method=method, num_iters=200, tol=1e-10)
+        res = jax.jit(functools.partial(hs.top_eigenvalue, quad_loss, method=method, num_iters=200, tol=1e-10))(p, a)
         assert rel(res.eigenvalue, 3.0) < 1e-10
         vec = np.asarray(res.eigenvector["x"])
         assert abs(np.linalg.norm(top_space.T @ vec) - 1) < 1e-8  # lies in the 3-dim eigenspace
     # With as many steps as parameters, breakdowns restart Lanczos and the multiplicity is found.
-    res = hs.top_eigenvalues(quad_loss, p, a, 4, num_iters=8)
+    res = jax.jit(lambda p, a: hs.top_eigenvalues(quad_loss, p, a, 4, num_iters=8))(p, a)
     np.testing.assert_allclose(np.asarray(res.eigenvalue), [3.0, 3.0, 3.0, 1.0], rtol=1e-10)
     vecs = np.asarray(res.eigenvector["x"])
     np.testing.assert_allclose(vecs @ vecs.T, np.eye(4), atol=1e-10)
@@ -214,7 +220,7 @@ def test_top_eigenvalues_match_dense_spectrum():
     batch = mlp_batch(jax.random.fold_in(key, 1), jnp.float64)
     h, _ = dense_hessian(mlp_loss, p, batch)
     evals = np.linalg.eigvalsh(h)[::-1]
-    res = hs.top_eigenvalues(mlp_loss, p, batch, 3, num_iters=h.shape[0], tol=1e-10)
+    res = jax.jit(lambda p, b: hs.top_eigenvalues(mlp_loss, p, b, 3, num_iters=h.shape[0], tol=1e-10))(p, batch)
     np.testing.assert_allclose(np.asarray(res.eigenvalue), evals[:3], rtol=1e-8)
     assert int(res.num_hvps) < h.shape[0]  # stopped by the tolerance before exhausting the space
 
@@ -244,18 +250,24 @@ def test_warm_start_needs_fewer_products():
     assert max(warm_counts) < min(cold_counts), (warm_counts, cold_counts)
 
 
+def _eig_with_key(p, b, key, method):
+    return hs.top_eigenvalue(mlp_loss, p, b, method=method, num_iters=24, key=key)
+
+
 def test_vmap_over_params_equals_separate_calls():
     key = jax.random.key(2)
     batch = mlp_batch(jax.random.fold_in(key, 1), jnp.float64)
     ps = jax.vmap(lambda k: mlp_params(k, jnp.float64))(jax.random.split(key, 4))
     keys = jax.random.split(jax.random.key(4), 4)
     for method in ("lanczos", "power"):
-        f = lambda p, b, k, method=method: hs.top_eigenvalue(mlp_loss, p, b, method=method, num_iters=24, key=k)  # noqa: E731
+        f = functools.partial(_eig_with_key, method=method)
         lanes = jax.jit(jax.vmap(f, in_axes=(0, None, 0)))(ps, batch, keys)
         single = jax.jit(f)
         for i in range(4):
             one = single(jax.tree_util.tree_map(lambda a: a[i], ps), batch, keys[i])
             assert rel(lanes.eigenvalue[i], one.eigenvalue) < 1e-10, method
+            lane_vec = jax.tree_util.tree_map(lambda a: a[i], lanes.eigenvector)
+            assert rel_tree(lane_vec, one.eigenvector) < 1e-8, method
             assert int(lanes.num_hvps[i]) == int(one.num_hvps) == 24
 
 
@@ -269,7 +281,7 @@ def test_layer_sharpness_equals_dense_diagonal_blocks():
     batch = mlp_batch(jax.random.fold_in(key, 1), jnp.float64)
     h, _ = dense_hessian(mlp_loss, p, batch)
     sizes = {name: sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(p[name])) for name in ("l1", "l2")}
-    out = hs.layer_sharpness(mlp_loss, p, batch, num_iters=60, tol=1e-10)
+    out = jax.jit(functools.partial(hs.layer_sharpness, mlp_loss, num_iters=60, tol=1e-10))(p, batch)
     assert list(out) == ["['l1']", "['l2']"]
     start = 0
     for name in ("l1", "l2"):
@@ -298,7 +310,9 @@ def test_adam_preconditioner_matches_optax_update_and_dense_eigenvalue():
     h, _ = dense_hessian(mlp_loss, p, batch)
     pflat = np.asarray(ravel_pytree(precond)[0])
     ref = np.max(np.linalg.eigvals(h / pflat[:, None]).real)
-    res = hs.preconditioned_top_eigenvalue(mlp_loss, p, batch, precond, num_iters=h.shape[0], tol=1e-10)
+    res = jax.jit(functools.partial(hs.preconditioned_top_eigenvalue, mlp_loss, num_iters=h.shape[0], tol=1e-10))(
+        p, batch, precond
+    )
     assert rel(res.eigenvalue, ref) < 1e-8
     assert rel(ref, np.linalg.eigvalsh(h)[-1]) > 1e-2  # the preconditioner matters here
 
@@ -336,6 +350,7 @@ def test_bad_options_raise_one_line_errors():
 
 _MULTI_DEVICE = textwrap.dedent(
     """
+    import functools
     import jax, jax.numpy as jnp
     jax.config.update("jax_enable_x64", True)
     jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -349,10 +364,12 @@ _MULTI_DEVICE = textwrap.dedent(
     batch = mlp_batch(jax.random.fold_in(key, 1), jnp.float32, n=24)
     v = mlp_params(jax.random.fold_in(key, 2), jnp.float32)
     mesh = hs.data_mesh()
-    rel = lambda a, b: float(jnp.linalg.norm(ravel_pytree(a)[0] - ravel_pytree(b)[0]) / jnp.linalg.norm(ravel_pytree(b)[0]))
-    one = hs.hvp(mlp_loss, p, batch, v)
-    print("hvp", rel(hs.data_parallel_hvp(mlp_loss, p, batch, v, mesh=mesh), one))
-    print("hvp_chunked", rel(hs.data_parallel_hvp(mlp_loss, p, batch, v, mesh=mesh, chunk_size=4), one))
+    flat = lambda t: ravel_pytree(t)[0]
+    rel = lambda a, b: float(jnp.linalg.norm(flat(a) - flat(b)) / jnp.linalg.norm(flat(b)))
+    one = jax.jit(functools.partial(hs.hvp, mlp_loss))(p, batch, v)
+    dp = lambda cs: jax.jit(functools.partial(hs.data_parallel_hvp, mlp_loss, mesh=mesh, chunk_size=cs))(p, batch, v)
+    print("hvp", rel(dp(None), one))
+    print("hvp_chunked", rel(dp(4), one))
     f = lambda p, b, mesh: hs.top_eigenvalue(mlp_loss, p, b, num_iters=30, mesh=mesh)
     e1 = jax.jit(lambda p, b: f(p, b, None))(p, batch)
     e4 = jax.jit(lambda p, b: f(p, b, mesh))(p, batch)
