@@ -236,7 +236,7 @@ def test_warm_start_needs_fewer_products():
     grad = jax.jit(jax.grad(mlp_loss))
     prev = eig(p, batch, zero)
     cold_counts, warm_counts = [], []
-    for _ in range(3):
+    for _ in range(2):
         for _ in range(5):
             p = jax.tree_util.tree_map(lambda w, g: w - 0.02 * g, p, grad(p, batch))
         cold = eig(p, batch, zero)
