@@ -61,6 +61,7 @@ SMALL = [
     ("cnn", {"layers": 3}, (12, 12, 1), 1, "float64"),
     ("cnn", {"layers": 2, "channels": 3, "head": "linear", "num_outputs": 4, "padding": "same"}, (9, 9, 1), 4,
      "float32"),
+    ("cnn", {"layers": 2, "head": "linear", "num_outputs": 3, "init": "jax"}, (9, 9, 1), 3, "float64"),
     ("fc", {"width": 16, "depth": 3}, (6, 6, 3), 10, "float64"),
 ]
 

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from eos_jax.models.layers import Conv, Dense, make_activation
+from eos_jax.models.layers import Conv, Dense, SingleChannelConv, make_activation
 
 
 class PaperCNN(nn.Module):
@@ -43,10 +43,20 @@ class PaperCNN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = make_activation(self.activation, self.beta)
-        for i, (c, impl) in enumerate(zip(self.channels, self.impls)):
-            x = Conv(c, self.kernel_size, padding=self.padding, use_bias=False, init_scheme=self.init_scheme,
-                     init_std=self.init_std, impl=impl, dtype=self.dtype, name=f"conv{i}")(x)
-            x = act(x)
+        if x.shape[-1] == 1 and set(self.channels) == {1}:
+            # All layers single-channel: run on (N, H, W) arrays (much faster on CPU than
+            # with a trailing channel axis of size 1; same parameters, same function).
+            x = x[..., 0]
+            for i, impl in enumerate(self.impls):
+                x = act(SingleChannelConv(self.kernel_size, self.padding, self.init_scheme, self.init_std,
+                                          impl, self.dtype, name=f"conv{i}")(x))
+            x = x[..., None]
+        else:
+            for i, (c, impl) in enumerate(zip(self.channels, self.impls)):
+                x = Conv(c, self.kernel_size, padding=self.padding, use_bias=False,
+                         init_scheme=self.init_scheme, init_std=self.init_std, impl=impl, dtype=self.dtype,
+                         name=f"conv{i}")(x)
+                x = act(x)
         if self.head == "sum":
             # The integral of Eq. (20) as a sum over pixels (and channels): one logit.
             return jnp.sum(x, axis=(1, 2, 3))[:, None]

@@ -6,9 +6,11 @@ compute the same function and differ only in rounding:
 
 * ``"lax"``: :func:`jax.lax.conv_general_dilated` (XLA's convolution).
 * ``"shifted"``: for one input and one output channel, the sum over the kernel taps
-  ``K[i, j] * x[:, i:i+Ho, j:j+Wo]`` in row-major tap order. XLA's CPU convolution
-  is poor at one channel (issue 4: 1.67 s vs 0.41 s per GD step of the 3-layer 3x3
-  CNN on 12,000 MNIST images), while the slices fuse into one loop.
+  ``K[i, j] * x[:, i:i+Ho, j:j+Wo]`` in row-major tap order, on ``(N, H, W)`` arrays,
+  with a hand-written VJP. XLA's CPU convolution is poor at one channel (issue 4:
+  1.67 s vs 0.41 s per GD step of the 3-layer 3x3 CNN on 12,000 MNIST images), while
+  the slices fuse into one loop. It keeps exact zeros exact (a direct sum), which
+  the FFT does not.
 * ``"fft"``: for one input and one output channel, ``irfft2(rfft2(x) *
   conj(rfft2(K)))`` cropped to the valid region (no wrap-around: the FFT has the
   size of the (padded) input, and a valid output index ``n`` only reads ``x[n+m]``
@@ -178,29 +180,89 @@ def conv2d(x_NHWC: Array, kernel_HWIO: Array, *, padding: str = "valid",
         )
     if cin != 1 or cout != 1 or tuple(strides) != (1, 1):
         raise ConfigError(f"conv impl {impl!r} needs 1->1 channels and stride 1, got {cin}->{cout}")
-    pads = _pad_amounts(padding, (kh, kw))
-    x = x_NHWC[..., 0]
+    return conv2d_single_channel(x_NHWC[..., 0], kernel_HWIO[:, :, 0, 0], padding=padding, impl=impl)[..., None]
+
+
+def _shifted_valid(x_NHW: Array, k_HW: Array) -> Array:
+    """Valid cross-correlation as kh*kw shifted, scaled slices added in row-major tap order."""
+    kh, kw = k_HW.shape
+    ho, wo = x_NHW.shape[1] - kh + 1, x_NHW.shape[2] - kw + 1
+    acc = None
+    for i in range(kh):
+        for j in range(kw):
+            term = k_HW[i, j] * x_NHW[:, i:i + ho, j:j + wo]
+            acc = term if acc is None else acc + term
+    return acc
+
+
+@jax.custom_vjp
+def _shifted_conv(x_NHW: Array, k_HW: Array) -> Array:
+    """Shifted-slice correlation with a hand-written VJP (see :func:`_shifted_bwd`)."""
+    return _shifted_valid(x_NHW, k_HW)
+
+
+def _shifted_fwd(x_NHW: Array, k_HW: Array):
+    """Forward pass saving the inputs."""
+    return _shifted_valid(x_NHW, k_HW), (x_NHW, k_HW)
+
+
+def _shifted_bwd(res, g_NHW: Array):
+    """VJP: dx is the full correlation of g with the flipped kernel, again as shifted slices.
+
+    Autodiff would transpose each slice into a zero-padded full-size array and add
+    kh*kw of them; this form fuses into one loop like the forward (about 30% faster
+    per GD step of the 3-layer CNN). dK[i, j] = sum(g * x[:, i:i+Ho, j:j+Wo]).
+    """
+    x, k = res
+    kh, kw = k.shape
+    ho, wo = g_NHW.shape[1], g_NHW.shape[2]
+    g_pad = jnp.pad(g_NHW, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1)))
+    dx = _shifted_valid(g_pad, k[::-1, ::-1])
+    dk = jnp.stack([jnp.stack([jnp.sum(g_NHW * x[:, i:i + ho, j:j + wo]) for j in range(kw)])
+                    for i in range(kh)])
+    return dx, dk
+
+
+_shifted_conv.defvjp(_shifted_fwd, _shifted_bwd)
+
+
+def conv2d_single_channel(x_NHW: Array, k_HW: Array, *, padding: str = "valid", impl: str = "shifted") -> Array:
+    """One-channel cross-correlation on ``(N, H, W)`` arrays (no channel axis).
+
+    Keeping the activations 3-D matters: with a trailing channel axis of size 1 the
+    same shifted slices ran 4x slower per GD step on this CPU (3.9 s vs 1.0 s, 3-layer
+    CNN, 12,000 MNIST images).
+
+    Args:
+      x_NHW: input.
+      k_HW: kernel, same dtype.
+      padding: ``"valid"`` or ``"same"``.
+      impl: ``"shifted"``, ``"fft"`` or ``"lax"``.
+
+    Returns:
+      ``(N, Ho, Wo)``.
+    """
+    check_choice("padding", padding, PADDINGS)
+    kh, kw = k_HW.shape
+    if impl == "lax":
+        return conv2d(x_NHW[..., None], k_HW[:, :, None, None], padding=padding, impl="lax")[..., 0]
+    x = x_NHW
     if padding == "same":
+        pads = _pad_amounts(padding, (kh, kw))
         x = jnp.pad(x, [(0, 0), pads[0], pads[1]])
     h, w = x.shape[1], x.shape[2]
     ho, wo = h - kh + 1, w - kw + 1
     if ho < 1 or wo < 1:
         raise ConfigError(f"kernel {kh}x{kw} larger than its (padded) input {h}x{w}")
-    k = kernel_HWIO[:, :, 0, 0]
     if impl == "shifted":
-        acc = None
-        for i in range(kh):
-            for j in range(kw):
-                term = k[i, j] * x[:, i:i + ho, j:j + wo]
-                acc = term if acc is None else acc + term
-        return acc[..., None]
+        return _shifted_conv(x, k_HW)
     if impl == "fft":
         # Circular cross-correlation of size (h, w) equals the linear one on the valid
         # region: c[n] = sum_m K[m] x[n+m] has n+m <= h-1 there.
         x_hat = jnp.fft.rfft2(x, s=(h, w))
-        k_hat = jnp.fft.rfft2(k, s=(h, w))
+        k_hat = jnp.fft.rfft2(k_HW, s=(h, w))
         out = jnp.fft.irfft2(x_hat * jnp.conj(k_hat)[None], s=(h, w))
-        return out[:, :ho, :wo, None].astype(x_NHWC.dtype)
+        return out[:, :ho, :wo].astype(x_NHW.dtype)
     raise ConfigError(f"conv impl={impl!r}; allowed: 'lax', 'shifted', 'fft'")
 
 
@@ -227,6 +289,23 @@ class Conv(nn.Module):
             bias = self.param("bias", make_bias_init(self.init_scheme, _fan_in(shape)), (self.features,), self.dtype)
             y = y + bias[None, None, None, :]
         return y
+
+
+class SingleChannelConv(nn.Module):
+    """Bias-free one-channel conv on ``(N, H, W)`` arrays; kernel stored as HWIO ``(kh, kw, 1, 1)``."""
+
+    kernel_size: tuple[int, int] = (3, 3)
+    padding: str = "valid"
+    init_scheme: str = "pytorch"
+    init_std: float = 1.0
+    impl: str = "shifted"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_NHW: Array) -> Array:
+        shape = (*self.kernel_size, 1, 1)
+        kernel = self.param("kernel", make_kernel_init(self.init_scheme, std=self.init_std), shape, self.dtype)
+        return conv2d_single_channel(x_NHW, kernel[:, :, 0, 0], padding=self.padding, impl=self.impl)
 
 
 class Dense(nn.Module):

@@ -32,7 +32,7 @@ class BasicBlock(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         act = make_activation(self.activation, self.beta)
         s = (self.stride, self.stride)
         y = Conv(self.planes, (3, 3), strides=s, padding="same", use_bias=False, init_scheme=self.init_scheme,
@@ -61,7 +61,7 @@ class ResNetCifar(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         act = make_activation(self.activation, self.beta)
         x = Conv(16, (3, 3), padding="same", use_bias=False, init_scheme=self.init_scheme, dtype=self.dtype,
                  name="conv1")(x)
