@@ -6,7 +6,6 @@ Tiny shapes: 8x8 to 32x32 checkerboards, 3x3 to 8x8 kernels, a few dozen steps.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +17,6 @@ from eos_jax import cli, optim
 from eos_jax.errors import ConfigError
 from eos_jax.pde import nonlinear as nl
 from eos_jax.pde.common import checkerboard
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------ Theorem 5.1 / Eq. (8)

@@ -202,7 +202,10 @@ def kernel_of(params: PyTree) -> jax.Array:
     return leaves[0][:, :, 0, 0]
 
 
-def make_loss_parts(model: Any, alpha: float) -> Callable[[PyTree, dict], tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
+LossParts = Callable[[PyTree, dict], tuple[jax.Array, tuple[jax.Array, jax.Array]]]
+
+
+def make_loss_parts(model: Any, alpha: float) -> LossParts:
     """``(params, batch) -> (L, (BCE, logit))`` for the loss (7) with weight decay in the loss."""
     from eos_jax import losses
 
@@ -475,7 +478,8 @@ def _unflat(tree: PyTree, n: int) -> PyTree:
     return jax.tree_util.tree_map(lambda x: x.reshape((n, -1, *x.shape[1:])), tree)
 
 
-def init_lanes(model: Any, config: NonlinearConfig, image_shape: tuple[int, int]) -> tuple[LaneState, jax.Array, jax.Array]:
+def init_lanes(model: Any, config: NonlinearConfig, image_shape: tuple[int, int]
+               ) -> tuple[LaneState, jax.Array, jax.Array]:
     """Initial stacked state ``(n_dt, 2)`` (every lane from the same ``K_0``), and the lanes' dt and k."""
     from eos_jax import optim
 
@@ -695,7 +699,8 @@ def theory(image: np.ndarray, kernel: int, *, alpha: float, beta: float, label: 
     v = n - kernel + 1
     # S(z) = sum over the valid (v x v) block of I shifted by z: a (kernel x kernel) map.
     csum = np.pad(np.cumsum(np.cumsum(img, 0), 1), ((1, 0), (1, 0)))
-    s_map = csum[v:v + kernel, v:v + kernel] - csum[:kernel, v:v + kernel] - csum[v:v + kernel, :kernel] + csum[:kernel, :kernel]
+    s_map = (csum[v:v + kernel, v:v + kernel] - csum[:kernel, v:v + kernel] - csum[v:v + kernel, :kernel]
+             + csum[:kernel, :kernel])
     op = linear.make_windowed_operator(img, kernel)
     eig = linear.operator_extremes(op, (kernel, kernel), jax.random.key(0) if key is None else key)
     out: dict[str, Any] = {
@@ -896,7 +901,8 @@ def notes(results: dict[str, Any], config: NonlinearConfig) -> list[str]:
             "DIFFERENCE FROM THE PAPER: no dt of this run converges; the paper reports a stable range below an "
             "empirically found threshold. Explanation (ours): with the GLOBAL SUM over (n-w+1)^2 positions"
             + (" and the pixel checkerboard (K*I = +-<K, chi>, chi(z) = (-1)^(z1+z2))" if config.square == 1 else "")
-            + ", the loss minimum lies in the transitioning regime and its Hessian eigenvalue along chi, ~ alpha + y_hat (1 - y_hat) (dg/dK)^2, is far "
+            + ", the loss minimum lies in the transitioning regime and its Hessian eigenvalue along chi, "
+            "~ alpha + y_hat (1 - y_hat) (dg/dK)^2, is far "
             "above 2/dt for these dt; a sweep to smaller dt (e.g. --dt 0.001 0.002 0.003 0.004) locates the "
             "stable range, with the bound 2/lambda_max printed by that run."
         )
