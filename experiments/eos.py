@@ -1,0 +1,137 @@
+"""Edge-of-Stability experiments of Section 6 (Figures 7, 8, 9): loss and sharpness under GD.
+
+Main job (the paper's Figure 7, 3-layer single-channel 3x3 Swish(beta=1) CNN, full-batch GD,
+no weight decay, MNIST digits 0/1, falling back with a warning to Fashion-MNIST 0/1 and then
+scikit-learn's digits 0/1 when MNIST is absent)::
+
+    python -m experiments.eos --layers 3 --lr 5
+
+Defaults: 300 steps on the first 2000 training examples, sharpness (20 Lanczos iterations,
+warm-started) every 10 steps, a checkpoint every 100 steps; see the module docstring of
+eos_jax.eos for measured run times. Sweeps: ``--lr 1 2 5 --seed 0 1`` runs the product of the
+lists as one vmapped program. Presets reproduce the figures, printing what they found::
+
+    python -m experiments.eos --preset fig7     # 1 vs 3 layers, lr 1 2 5
+    python -m experiments.eos --preset fig8     # fc-tanh 2 vs 4 layers, lr 2/150, CIFAR-5k or fallback
+    python -m experiments.eos --preset fig9     # wd 5e-4, 1 vs 2 layers, lr sweep -> stability boundary
+
+Interrupt with Ctrl-C (or SIGTERM): a checkpoint is written; ``--resume`` (with the same flags,
+and ``--out`` or the latest matching run under runs/eos/) continues it, ending bitwise equal to
+an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from eos_jax import cli
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
+        prog="python -m experiments.eos",
+        description="Edge-of-Stability experiments (Sun et al. 2024, Section 6) with sharpness tracking.",
+    )
+    p.add_argument("--preset", choices=("fig7", "fig8", "fig9"), default=None,
+                   help="run a figure of the paper (explicit flags below override its settings)")
+    p.add_argument("--model", choices=("cnn", "fc"), default=None, help="cnn (default) or fc (tanh, width 200)")
+    p.add_argument("--layers", type=cli.positive_int, default=None,
+                   help="conv layers (cnn, default 3) or hidden layers (fc, default 2)")
+    p.add_argument("--width", type=cli.positive_int, default=None, help="fc hidden width (default 200)")
+    p.add_argument("--activation", choices=("swish", "tanh", "relu"), default=None,
+                   help="default swish (cnn, beta=1) / tanh (fc)")
+    p.add_argument("--conv-impl", choices=("auto", "lax", "shifted", "fft"), default=None,
+                   help="cnn convolution implementation (default fft: fastest here)")
+    p.add_argument("--lr", type=cli.positive_float, nargs="+", default=None,
+                   help="learning rate(s); several run as one vmapped sweep (default 5 for cnn, 2/150 for fc)")
+    p.add_argument("--k", type=cli.positive_int, nargs="+", default=None,
+                   help="perturbation factor(s) of Section 4.1 (default 1: plain GD)")
+    p.add_argument("--seed", type=cli.nonnegative_int, nargs="+", default=None, help="seed(s) (default 0)")
+    p.add_argument("--weight-decay", type=cli.nonnegative_float, nargs="+", default=None,
+                   help="L2 weight decay alpha of Eq. (7) (default 0)")
+    p.add_argument("--momentum", type=cli.nonnegative_float, default=None, help="heavy-ball momentum (default 0)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=None,
+                   help="minibatch SGD with this batch size (default: full-batch GD)")
+    p.add_argument("--steps", type=cli.positive_int, default=None, help="optimizer steps (default 300)")
+    p.add_argument("--dataset", default=None,
+                   help="dataset name (no fallback when given); default: mnist01 -> fashion_mnist01 -> digits01 "
+                        "(cnn) or cifar10_5k -> fashion_mnist -> mnist -> digits01 (fc)")
+    p.add_argument("--data-dir", default=None, help="directory searched first for dataset files")
+    p.add_argument("--num-examples", type=cli.positive_int, default=None,
+                   help="use the first N training examples (default 2000 for cnn, 5000 for fc)")
+    p.add_argument("--all-examples", action="store_true", help="use every training example")
+    p.add_argument("--loss", choices=("ce", "mse"), default=None, help="cross-entropy (default) or squared loss")
+    p.add_argument("--sharpness-every", type=cli.nonnegative_int, default=None,
+                   help="steps between sharpness evaluations (default 10; 0 turns tracking off)")
+    p.add_argument("--sharpness-iters", type=cli.positive_int, default=None, help="Lanczos iterations (default 20)")
+    p.add_argument("--checkpoint-every", type=cli.nonnegative_int, default=None,
+                   help="steps between checkpoints (default 100; 0: only at the end and on a signal)")
+    p.add_argument("--chunk-steps", type=cli.positive_int, default=None, help="steps per lax.scan chunk (default 50)")
+    p.add_argument("--max-lanes", type=cli.positive_int, default=None, help="lanes per vmapped program (default 16)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="working dtype (default float32)")
+    p.add_argument("--out", default=None, help="run directory (default runs/eos/<UTC time>-<config hash>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out, or the latest run under runs/eos/ with the same config")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary (for scripts)")
+    return p
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The EosConfig fields given explicitly on the command line (absent keys keep defaults).
+
+    A value of None is meaningful here: ``--all-examples`` sets ``num_examples=None``,
+    ``--sharpness-every 0`` and ``--checkpoint-every 0`` turn those schedules off.
+    """
+    ov: dict = {}
+    for name in ("layers", "width", "activation", "momentum", "batch_size", "steps", "num_examples", "loss",
+                 "sharpness_iters", "chunk_steps", "max_lanes", "dtype", "conv_impl"):
+        value = getattr(args, name)
+        if value is not None:
+            ov[name] = value
+    for name in ("lr", "k", "seed", "weight_decay"):
+        value = getattr(args, name)
+        if value is not None:
+            ov[name] = tuple(value)
+    if args.dataset is not None:
+        ov["dataset"] = (args.dataset,)
+    if args.all_examples:
+        ov["num_examples"] = None
+    if args.sharpness_every is not None:
+        ov["sharpness_every"] = args.sharpness_every or None
+    if args.checkpoint_every is not None:
+        ov["checkpoint_every"] = args.checkpoint_every or None
+    return ov
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.all_examples and args.num_examples is not None:
+        parser.error("--all-examples and --num-examples exclude each other")
+    if args.preset and args.model is not None:
+        parser.error(f"--model cannot be combined with --preset {args.preset} (the preset fixes the model)")
+    from eos_jax import runtime
+
+    meta = runtime.configure()
+    from eos_jax import eos
+    from eos_jax.train import TrainingInterrupted
+
+    ov = overrides_from_args(args)
+    try:
+        if args.preset:
+            eos.run_preset(args.preset, overrides=ov, out=args.out, resume=args.resume, quiet=args.quiet,
+                           data_dir=args.data_dir, runtime_metadata=meta)
+        else:
+            cfg = eos.default_config(args.model or "cnn", **ov)
+            eos.run(cfg, out=args.out, resume=args.resume, quiet=args.quiet, data_dir=args.data_dir,
+                    runtime_metadata=meta)
+    except TrainingInterrupted as e:
+        print(f"{parser.prog}: {e}", file=sys.stderr)
+        return 128 + int(e.signum)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main, prog="python -m experiments.eos")
