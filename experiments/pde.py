@@ -114,6 +114,8 @@ def _add_linear(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--momentum", type=cli.positive_float, default=0.9,
                    help="Nesterov momentum (2 - d dt)/(2 + d dt), in (0, 1); nesterov only")
     p.add_argument("--size", type=cli.positive_int, default=256, help="checkerboard side")
+    p.add_argument("--square", type=cli.positive_int, default=1,
+                   help="checkerboard square side in pixels (1: (-1)^(i+j); the paper does not say)")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of K ~ N(0, 1)")
     p.add_argument("--bisect-steps", type=cli.positive_int, default=400, help="iterations per bisection run")
     p.add_argument("--rel-tol", type=cli.positive_float, default=1e-4, help="bisection relative bracket width")
@@ -128,7 +130,8 @@ def _run_linear(args: argparse.Namespace) -> int:
 
     config = linear.LinearConfig(
         kernels=tuple(args.kernel), scheme=args.scheme, dt=args.dt, a=args.a, beta=args.beta,
-        momentum=args.momentum, size=args.size, seed=args.seed, bisect_steps=args.bisect_steps,
+        momentum=args.momentum, size=args.size, square=args.square, seed=args.seed,
+        bisect_steps=args.bisect_steps,
         rel_tol=args.rel_tol, plot_steps=args.plot_steps,
     )
     results = linear.run_linear(config, args.out)
