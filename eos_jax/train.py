@@ -521,9 +521,15 @@ def _lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, An
     }
     # Largest relative increase of the loss between consecutive logged steps: GD below
     # the stability bound decreases the loss monotonically; spikes mark instabilities.
-    incs = [(b - a) / abs(a) for (_, a), (_, b) in zip(losses, losses[1:]) if a != 0]
-    out["max_rel_loss_increase"] = max(incs, default=0.0)
-    out["num_loss_increases_1pct"] = sum(1 for x in incs if x > 0.01)
+    incs = [(s, (b - a) / abs(a)) for (s, a), (_, b) in zip(losses, losses[1:]) if a != 0]
+    out["max_rel_loss_increase"] = max((x for _, x in incs), default=0.0)
+    out["num_loss_increases_1pct"] = sum(1 for _, x in incs if x > 0.01)
+    # The same after a burn-in of the first 10% of the steps (an initial transient, e.g. the
+    # first step from an initialization with negative curvature, is not an instability).
+    last = lines[-1]["step"] if lines else 0
+    late = [x for s, x in incs if s >= last // 10]
+    out["max_rel_loss_increase_late"] = max(late, default=0.0)
+    out["num_loss_increases_1pct_late"] = sum(1 for x in late if x > 0.01)
     if sharp:
         out["final_sharpness"] = sharp[-1][1]
         out["final_normalized_sharpness"] = sharp[-1][2]
@@ -691,7 +697,8 @@ def train(
                     on_chunk(s)
                 if sig.signum is not None:
                     store.save(s, state)
-                    store.close()
+                    for st in stores:
+                        st.close()  # waits for the save to commit
                     bar.close()
                     raise TrainingInterrupted(sig.signum, s, run_dir)
             store.wait()
@@ -699,6 +706,7 @@ def train(
     bar.close()
     for st in stores:
         st.close()
+    timing["num_devices"] = len(devices)
     return _write_results(run_dir, problem, lanes, groups, final_states, metrics_path, timing)
 
 

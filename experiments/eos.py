@@ -43,7 +43,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--activation", choices=("swish", "tanh", "relu"), default=None,
                    help="default swish (cnn, beta=1) / tanh (fc)")
     p.add_argument("--conv-impl", choices=("auto", "lax", "shifted", "fft"), default=None,
-                   help="cnn convolution implementation (default fft: fastest here)")
+                   help="cnn convolution implementation (default auto: direct sums; fft is faster, rounds differently)")
     p.add_argument("--lr", type=cli.positive_float, nargs="+", default=None,
                    help="learning rate(s); several run as one vmapped sweep (default 5 for cnn, 2/150 for fc)")
     p.add_argument("--k", type=cli.positive_int, nargs="+", default=None,
@@ -64,8 +64,10 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--all-examples", action="store_true", help="use every training example")
     p.add_argument("--loss", choices=("ce", "mse"), default=None, help="cross-entropy (default) or squared loss")
     p.add_argument("--sharpness-every", type=cli.nonnegative_int, default=None,
-                   help="steps between sharpness evaluations (default 10; 0 turns tracking off)")
+                   help="steps between sharpness evaluations (default 20; 0 turns tracking off)")
     p.add_argument("--sharpness-iters", type=cli.positive_int, default=None, help="Lanczos iterations (default 20)")
+    p.add_argument("--sharpness-method", choices=("lanczos", "power"), default=None,
+                   help="eigensolver (default lanczos; power: cheaper to compile)")
     p.add_argument("--checkpoint-every", type=cli.nonnegative_int, default=None,
                    help="steps between checkpoints (default 100; 0: only at the end and on a signal)")
     p.add_argument("--chunk-steps", type=cli.positive_int, default=None, help="steps per lax.scan chunk (default 50)")
@@ -86,7 +88,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     """
     ov: dict = {}
     for name in ("layers", "width", "activation", "momentum", "batch_size", "steps", "num_examples", "loss",
-                 "sharpness_iters", "chunk_steps", "max_lanes", "dtype", "conv_impl"):
+                 "sharpness_iters", "sharpness_method", "chunk_steps", "max_lanes", "dtype", "conv_impl"):
         value = getattr(args, name)
         if value is not None:
             ov[name] = value

@@ -1,0 +1,152 @@
+"""experiments/eos.py: presets write every promised file; bad flags give one line and exit 2
+without overwriting anything; default run directories and --resume without --out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eos_jax import cli
+from eos_jax import train as tr
+from eos_jax.eos import CRITERION, is_stable, stability_boundary
+from experiments import eos as eos_cli
+
+# Tiny and fast: scikit-learn's 8x8 digits 0/1 (always installed), few steps, power iteration.
+SMALL = ["--dataset", "digits01", "--num-examples", "64", "--steps", "6", "--sharpness-every", "3",
+         "--sharpness-iters", "4", "--sharpness-method", "power", "--checkpoint-every", "3", "--quiet"]
+RUN_FILES = {"config.json", "metadata.json", "metrics.jsonl", "results.json", "eos.png", "checkpoints"}
+
+
+def _run(argv, capsys):
+    """Runs the CLI in-process; returns (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        cli.run(eos_cli.main, argv, prog="python -m experiments.eos")
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def _check_run_dir(d: Path, n_lanes: int, steps: int = 6) -> dict:
+    assert RUN_FILES <= {p.name for p in d.iterdir()}, sorted(p.name for p in d.iterdir())
+    meta = json.loads((d / "metadata.json").read_text())
+    assert meta["dataset"]["name"] == "digits01" and meta["runtime"]["x64"] is True
+    res = json.loads((d / "results.json").read_text())
+    assert len(res["lanes"]) == n_lanes
+    lines = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == n_lanes * (steps + 1)
+    assert any("normalized_sharpness" in r for r in lines)
+    assert (d / "eos.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return res
+
+
+@pytest.mark.parametrize("preset,variants,n_lanes", [("fig7", ("layers1", "layers3"), 3),
+                                                      ("fig8", ("depth2", "depth4"), 1),
+                                                      ("fig9", ("layers1", "layers2"), 6)])
+def test_preset_writes_every_file_and_prints_findings(preset, variants, n_lanes, tmp_path, capsys):
+    out = tmp_path / preset
+    code, stdout, stderr = _run(["--preset", preset, "--out", str(out), *SMALL], capsys)
+    assert code == 0, stderr
+    assert {"config.json", "preset.json", "preset.png", *variants} <= {p.name for p in out.iterdir()}
+    for v in variants:
+        _check_run_dir(out / v, n_lanes)
+    findings = json.loads((out / "preset.json").read_text())
+    assert set(findings["variants"]) == set(variants)
+    assert f"{preset} findings" in stdout  # printed even with --quiet
+    if preset == "fig9":
+        for v in variants:
+            b = findings["variants"][v]["boundary"]
+            assert b["criterion"] == CRITERION
+            lanes = findings["variants"][v]["lanes"]
+            stable = [l["learning_rate"] for l in lanes if l["stable"]]
+            assert b["largest_stable_lr"] == (max(stable) if stable else None)
+            assert all(l["weight_decay"] == 5e-4 for l in lanes)
+        assert "largest stable lr" in stdout
+    if preset == "fig8":
+        cfg = json.loads((out / "depth4" / "config.json").read_text())
+        assert cfg["model"] == "fc" and cfg["layers"] == 4 and cfg["width"] == 200 and cfg["activation"] == "tanh"
+        assert cfg["lr"] == [2.0 / 150.0]
+
+
+def test_default_out_and_resume_without_out(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--layers", "1", "--lr", "2", "3", *SMALL]
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    (run,) = list((tmp_path / "runs" / "eos").iterdir())
+    first = _check_run_dir(run, 2)
+    digests = [l["params_digest"] for l in first["lanes"]]
+    code, _, err = _run([*argv, "--resume"], capsys)  # finds the run by its config
+    assert code == 0, err
+    assert [l["params_digest"] for l in json.loads((run / "results.json").read_text())["lanes"]] == digests
+    # Another config has nothing to resume.
+    code, _, err = _run(["--layers", "1", "--lr", "4", *SMALL, "--resume"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "no run under" in err, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--lr", "-1"], "'-1'"),
+    (["--lr", "nan"], "'nan'"),
+    (["--steps", "0"], "'0'"),
+    (["--model", "resnet"], "resnet"),
+    (["--dataset", "imagenet"], "imagenet"),
+    (["--loss", "hinge"], "hinge"),
+    (["--weight-decay", "-0.1"], "-0.1"),
+    (["--preset", "fig10"], "fig10"),
+    (["--preset", "fig7", "--layers", "2"], "--layers"),
+    (["--resume", "--out", "DIR/none"], "nothing to resume"),
+])
+def test_bad_flags_one_line_exit_2(argv, needle, tmp_path, capsys):
+    argv = [a.replace("DIR", str(tmp_path)) for a in argv]
+    code, out, err = _run(argv, capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "none").exists()
+
+
+def test_other_config_in_out_dir_is_refused_and_nothing_is_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = _run(["--layers", "1", "--lr", "2", "--out", str(out), *SMALL], capsys)
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    code, _, err = _run(["--layers", "1", "--lr", "3", "--out", str(out), *SMALL], capsys)
+    assert code == 2 and err.count("\n") == 1 and "another config" in err and "lr" in err
+    code, _, err = _run(["--layers", "1", "--lr", "2", "--out", str(out), *SMALL], capsys)  # same config, no --resume
+    assert code == 2 and err.count("\n") == 1 and "--resume" in err
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_dataset_fallback_is_visible(tmp_path, capsys):
+    """Without --dataset the cnn uses MNIST 0/1, else a named fallback with a warning on the terminal."""
+    out = tmp_path / "run"
+    code, _, err = _run(["--layers", "1", "--lr", "2", "--num-examples", "32", "--steps", "2", "--sharpness-every", "0",
+                         "--checkpoint-every", "0", "--quiet", "--out", str(out)], capsys)
+    assert code == 0, err
+    meta = json.loads((out / "metadata.json").read_text())["dataset"]
+    assert meta["requested"] == ["mnist01", "fashion_mnist01", "digits01"]
+    if meta["name"] != "mnist01":
+        assert meta["fallback_from"] and meta["fallback_from"][0]["name"] == "mnist01"
+        assert f"falling back to {meta['name']}" in err and "WARNING" in err
+    else:
+        assert meta["fallback_from"] == [] and "WARNING" not in err
+
+
+def test_stability_criterion_and_boundary():
+    """Spikes (> 1% loss rise) after the first 10% of steps make a lane unstable; an early one does not."""
+    def lines(losses):
+        return [{"step": i, "loss": l, "finite": True} for i, l in enumerate(losses)]
+
+    smooth = tr._lane_summary(lines([1.0 - 0.01 * i for i in range(50)]), 2.0)
+    early = tr._lane_summary(lines([1.0, 5.0] + [0.9 - 0.01 * i for i in range(48)]), 2.0)
+    late = tr._lane_summary(lines([1.0 - 0.01 * i for i in range(30)] + [0.8] + [0.7] * 19), 2.0)
+    assert smooth["num_loss_increases_1pct"] == 0 and smooth["max_rel_loss_increase_late"] < 0
+    assert early["num_loss_increases_1pct"] == 1 and early["num_loss_increases_1pct_late"] == 0
+    assert late["num_loss_increases_1pct_late"] == 1 and late["max_rel_loss_increase_late"] == pytest.approx(0.8 / 0.71 - 1)
+    lanes = [dict(learning_rate=lr, finite=f, **s) for lr, f, s in
+             [(1.0, True, smooth), (2.0, True, early), (4.0, True, late), (8.0, False, smooth)]]
+    assert [is_stable(l) for l in lanes] == [True, True, False, False]
+    b = stability_boundary(lanes)
+    assert (b["largest_stable_lr"], b["smallest_unstable_lr"], b["monotone"]) == (2.0, 4.0, True)
+    b = stability_boundary([lanes[2], dict(lanes[0], learning_rate=16.0)])
+    assert (b["largest_stable_lr"], b["smallest_unstable_lr"], b["monotone"]) == (16.0, 4.0, False)
