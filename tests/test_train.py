@@ -141,6 +141,27 @@ def test_chunk_length_and_checkpoint_schedule_do_not_change_bits(baseline, tmp_p
         assert (out / "metrics.jsonl").read_bytes() == (base_dir / "metrics.jsonl").read_bytes(), (cs, ce)
 
 
+def test_minibatch_sgd_resumable_schedule_and_sharpness_subset(tmp_path):
+    """Minibatch SGD (per-epoch permutations from the lane key): chunk length does not change bits,
+    and sharpness on a fixed subset of examples is tracked."""
+    cfg = tr.EngineConfig(steps=30, batch_size=5, chunk_steps=10, sharpness_every=15, sharpness_iters=4,
+                          sharpness_method="power", sharpness_examples=8, checkpoint_every=None)
+    prob = toy_problem(n=23)  # 4 minibatches per epoch, 3 examples dropped each epoch
+    lanes = tr.make_lanes([0.1], seeds=[0, 1])
+    a = tr.train(prob, lanes, cfg, tmp_path / "a", quiet=True)
+    b = tr.train(prob, lanes, dataclasses.replace(cfg, chunk_steps=4), tmp_path / "b", quiet=True)
+    assert [l["params_digest"] for l in a["lanes"]] == [l["params_digest"] for l in b["lanes"]]
+    assert a["lanes"][0]["params_digest"] != a["lanes"][1]["params_digest"]  # seeds differ
+    lines = _lines(tmp_path / "a")
+    assert sorted({r["step"] for r in lines if "sharpness" in r}) == [0, 15, 30]
+    # The logged loss of step t is the minibatch loss of step t.
+    hp = tr.stack_hparams(lanes)
+    state = jax.jit(jax.vmap(lambda h: tr.init_state(prob, h)))(hp)
+    batch0 = tr.select_batch(prob.data, state.key[0], jnp.int32(0), 5)
+    ref = float(jax.jit(toy_loss)(jax.tree_util.tree_map(lambda x: x[0], state.params), batch0))
+    assert lines[0]["loss"] == pytest.approx(ref, rel=1e-6)  # a lone lane vs a vmapped one: not bitwise
+
+
 def test_run_files_metrics_and_sharpness(baseline):
     out, res = baseline
     assert {"metrics.jsonl", "results.json", "checkpoints"} <= set(os.listdir(out))
@@ -210,6 +231,16 @@ def test_divergent_lanes_are_flagged_frozen_and_do_not_disturb_the_others(tmp_pa
     for lane, r in zip([by_lr[lr] for lr in stable], ref["lanes"]):
         assert lane["finite"] and r["finite"]
         assert lane["final_loss"] == pytest.approx(r["final_loss"], rel=1e-5)
+    final = {}
+    for name, n in (("all", 4), ("stable", 2)):
+        hp_n = tr.stack_hparams(tr.make_lanes((stable + unstable)[:n]))
+        template = jax.eval_shape(jax.vmap(lambda h: tr.init_state(prob, h)), hp_n)
+        step_n, final[name] = CheckpointStore(tmp_path / name / "checkpoints" / "group_000").restore_latest(template)
+        assert step_n == 60
+    for i in range(2):
+        assert_tree_allclose(jax.tree_util.tree_map(lambda a: np.asarray(a)[i], final["all"].params),
+                             jax.tree_util.tree_map(lambda a: np.asarray(a)[i], final["stable"].params),
+                             rtol=1e-5, atol=1e-6)
     summ = res["summary"]
     assert summ["num_finite"] == 2 and {d["learning_rate"] for d in summ["diverged"]} == set(unstable)
     assert np.isfinite(summ["final_loss_min"]) and np.isfinite(summ["final_loss_max"])
