@@ -13,8 +13,14 @@ of the default chain, first ``--examples`` images):
   with one lane each, and the ratio sequential / vmapped (compile time excluded: each
   program is run once before timing);
 * the cost of sharpness tracking with the default schedule (20 warm-started Lanczos
-  iterations every 10 steps, one lane): seconds per evaluation and per step, and the
+  iterations every 20 steps, one lane): seconds per evaluation and per step, and the
   fraction of the training time it adds.
+
+Measured once (shared 2-core CPU, load ~1.6, 1000 images, 20 steps): vmapped 3.70 s vs
+sequential 3.06 s (ratio 0.83: on this CPU vmapping 16 lanes of the shifted-slice
+convolution does not pay; it saves compilations and is the layout that shards lanes over
+devices); sharpness 0.91 s per evaluation = 95 GD steps, i.e. +476 % of the training
+time (83 % of the total) at every 20 steps.
 """
 
 from __future__ import annotations

@@ -6,12 +6,13 @@ scikit-learn's digits 0/1 when MNIST is absent)::
 
     python -m experiments.eos --layers 3 --lr 5
 
-Defaults: 300 steps on the first 2000 training examples, sharpness (20 Lanczos iterations,
-warm-started) every 10 steps, a checkpoint every 100 steps; see the module docstring of
-eos_jax.eos for measured run times. Sweeps: ``--lr 1 2 5 --seed 0 1`` runs the product of the
+Defaults: 300 full-batch GD steps on the first 2000 training examples, sharpness (20
+warm-started Lanczos iterations) every 20 steps, a checkpoint every 100 steps. Measured on the
+shared 2-core CPU (Fashion-MNIST 0/1 fallback): 49 s wall (83 s CPU) at load ~1.6, 90 s wall at
+load ~5; sharpness tracking is about 80 % of it (benchmarks/bench_sweep.py). Sweeps: ``--lr 1 2 5 --seed 0 1`` runs the product of the
 lists as one vmapped program. Presets reproduce the figures, printing what they found::
 
-    python -m experiments.eos --preset fig7     # 1 vs 3 layers, lr 1 2 5
+    python -m experiments.eos --preset fig7     # 1 vs 3 layers, lr 1 2 5 (~4 min)
     python -m experiments.eos --preset fig8     # fc-tanh 2 vs 4 layers, lr 2/150, CIFAR-5k or fallback
     python -m experiments.eos --preset fig9     # wd 5e-4, 1 vs 2 layers, lr sweep -> stability boundary
 

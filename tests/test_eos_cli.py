@@ -150,3 +150,36 @@ def test_stability_criterion_and_boundary():
     assert (b["largest_stable_lr"], b["smallest_unstable_lr"], b["monotone"]) == (2.0, 4.0, True)
     b = stability_boundary([lanes[2], dict(lanes[0], learning_rate=16.0)])
     assert (b["largest_stable_lr"], b["smallest_unstable_lr"], b["monotone"]) == (16.0, 4.0, False)
+
+
+def test_tracked_cnn_sharpness_matches_dense_hessian(tmp_path, capsys):
+    """Main-job path end to end: the sharpness logged for the 3-layer CNN (default conv, warm-started
+    Lanczos) equals the top eigenvalue of the dense Hessian computed with the lax convolution."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+    from jax.flatten_util import ravel_pytree
+
+    from eos_jax import eos
+    from eos_jax.checkpoint import CheckpointStore
+
+    out = tmp_path / "run"
+    cfg = eos.default_config("cnn", layers=3, lr=(2.0,), dataset=("digits01",), num_examples=64, steps=6,
+                             sharpness_every=6, checkpoint_every=6)
+    eos.run(cfg, out=out, quiet=True)
+    data, _ = eos.load_data(cfg)
+    prob, _ = eos.build_problem(cfg, data)
+    ref, _ = eos.build_problem(dataclasses.replace(cfg, conv_impl="lax"), data)
+    hp = tr.stack_hparams(tr.make_lanes([2.0]))
+    template = jax.eval_shape(jax.vmap(lambda h: tr.init_state(prob, h)), hp)
+    step, state = CheckpointStore(out / "checkpoints" / "group_000").restore_latest(template)
+    assert step == 6
+    params = jax.tree_util.tree_map(lambda a: a[0], state.params)
+    flat, unravel = ravel_pytree(params)
+    hess = jax.jit(jax.hessian(lambda f, b: ref.loss_fn(unravel(f), b)))(flat, ref.data)
+    top = float(np.linalg.eigvalsh(np.asarray(hess, np.float64))[-1])
+    logged = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    (last,) = [r for r in logged if r["step"] == 6 and "sharpness" in r]
+    assert last["sharpness"] == pytest.approx(top, rel=1e-4)
+    assert last["normalized_sharpness"] == pytest.approx(2.0 * top, rel=1e-4)
