@@ -183,3 +183,30 @@ def test_tracked_cnn_sharpness_matches_dense_hessian(tmp_path, capsys):
     (last,) = [r for r in logged if r["step"] == 6 and "sharpness" in r]
     assert last["sharpness"] == pytest.approx(top, rel=1e-4)
     assert last["normalized_sharpness"] == pytest.approx(2.0 * top, rel=1e-4)
+
+
+def test_sigint_checkpoints_exits_130_and_resume_matches_uninterrupted(tmp_path, capsys, monkeypatch):
+    import signal
+
+    from eos_jax import progress
+
+    argv = ["--layers", "1", "--lr", "2", *SMALL, "--steps", "12", "--checkpoint-every", "0", "--chunk-steps", "4"]
+    code, _, err = _run([*argv, "--out", str(tmp_path / "ref")], capsys)
+    assert code == 0, err
+    calls = []
+
+    def interrupting_update(self, step, *a, **k):
+        calls.append(step)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C during the run
+
+    with monkeypatch.context() as m:
+        m.setattr(progress.ProgressBar, "update", interrupting_update)
+        code, _, err = _run([*argv, "--out", str(tmp_path / "run")], capsys)
+    assert code == 128 + signal.SIGINT and err.count("\n") == 1 and "SIGINT at step 3" in err, err
+    assert not (tmp_path / "run" / "results.json").exists()
+    code, _, err = _run([*argv, "--out", str(tmp_path / "run"), "--resume"], capsys)
+    assert code == 0, err
+    got, ref = (json.loads((tmp_path / d / "results.json").read_text())["lanes"] for d in ("run", "ref"))
+    assert [l["params_digest"] for l in got] == [l["params_digest"] for l in ref]
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == (tmp_path / "ref" / "metrics.jsonl").read_bytes()
