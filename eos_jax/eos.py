@@ -554,7 +554,7 @@ def run_preset(
         plots.append((vname, tr._read_metrics(vdir / "metrics.jsonl")))
     findings["text"] = format_findings(preset, findings, threshold)
     eio.atomic_write_json(root / "preset.json", findings)
-    plotting.plot_variants(plots, root / "preset.png", threshold=threshold, title=preset.description[:90])
+    plotting.plot_variants(plots, root / "preset.png", threshold=threshold, title=preset.description.split(" (")[0])
     print(findings["text"], file=stream, flush=True)
     return root, findings
 
