@@ -8,13 +8,13 @@ and a printed summary. :data:`PRESETS` and :func:`run_preset` reproduce the pape
 figures as several runs in one directory, each printing what it found.
 
 Stability criterion (Figure 9, and the "stable" column printed by every preset): a
-lane is *stable* when it stays finite and, after a burn-in of the first 10 % of the
-steps, its training loss never rises by more than 1 % from one logged step to the
-next (``max_rel_loss_increase_late <= 0.01``). Gradient descent below the classical
-bound ``lr < 2 / lambda_max`` decreases the loss monotonically, while restrained
-instabilities show as spikes and oscillations; the burn-in keeps an initial
-transient (e.g. the first step from an initialization with negative curvature) from
-counting as an instability. Counts over all steps are reported too.
+lane is *stable* when it stays finite and its training loss never rises by more than
+1 % from one logged step to the next (``max_rel_loss_increase <= 0.01``). Gradient
+descent below the classical bound ``lr < 2 / lambda_max`` decreases the loss
+monotonically; restrained instabilities show as spikes and oscillations, and an
+initial blow-up that later settles counts as unstable too. Spikes after the first
+10 % of the steps are reported separately (``num_loss_increases_1pct_late``), to tell
+an initial transient from persistent oscillations.
 """
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ DEFAULT_DATASETS = {
     "fc": ("cifar10_5k", "fashion_mnist", "mnist", "digits01"),
 }
 STABLE_MAX_REL_INCREASE = 0.01  # the stability criterion (module docstring)
-CRITERION = ("stable = finite and, after the first 10% of steps, the loss never rises by more than 1% "
-             "between consecutive logged steps")
+CRITERION = "stable = finite and the loss never rises by more than 1% between consecutive logged steps"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +277,7 @@ def build_problem(cfg: EosConfig, data: dict[str, Any]):
 
 def is_stable(lane: dict[str, Any]) -> bool:
     """The stability criterion of the module docstring for one lane of results.json."""
-    return bool(lane["finite"]) and lane["max_rel_loss_increase_late"] <= STABLE_MAX_REL_INCREASE
+    return bool(lane["finite"]) and lane["max_rel_loss_increase"] <= STABLE_MAX_REL_INCREASE
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -414,7 +413,8 @@ def format_summary(results: dict[str, Any], title: str, run_dir: Path) -> str:
     thr = results["summary"]["threshold"]
     rows = [
         f"{title}  ->  {run_dir}",
-        f"  {'lr':>9} {'k':>3} {'seed':>4} {'wd':>8} {'final loss':>11} {'max lr*lam':>10} {'>thr at':>7} {'spikes':>6}  stable",
+        f"  {'lr':>9} {'k':>3} {'seed':>4} {'wd':>8} {'final loss':>11} {'max lr*lam':>10} {'>thr at':>7} "
+        f"{'spikes':>6} {'late':>5}  stable",
     ]
     for l in results["lanes"]:
         status = "yes" if l.get("stable") else ("DIVERGED@%d" % l["first_nonfinite_step"] if not l["finite"] else "no")
@@ -422,9 +422,9 @@ def format_summary(results: dict[str, Any], title: str, run_dir: Path) -> str:
             f"  {l['learning_rate']:>9.4g} {l['k']:>3} {l['seed']:>4} {l['weight_decay']:>8.2g} "
             f"{_fmt(l['final_loss']):>11} {_fmt(l.get('max_normalized_sharpness')):>10} "
             f"{_fmt(l.get('first_step_above_threshold'), 'd') if l.get('first_step_above_threshold') is not None else '-':>7} "
-            f"{l['num_loss_increases_1pct_late']:>6}  {status}"
+            f"{l['num_loss_increases_1pct']:>6} {l['num_loss_increases_1pct_late']:>5}  {status}"
         )
-    rows.append(f"  threshold lr*lambda_max = {thr:g}; spikes = loss rises > 1% (after the first 10% of steps)")
+    rows.append(f"  threshold lr*lambda_max = {thr:g}; spikes = loss rises > 1% (late: after the first 10% of steps)")
     rows.append(f"  {CRITERION}")
     return "\n".join(rows)
 
@@ -455,14 +455,19 @@ def _preset_variants(name: str, overrides: dict[str, Any]) -> Preset:
                       "(paper: all rates stable for 1 layer; restrained instabilities at lr=5 for 3 layers)",
                       variants, "stability")
     if name == "fig8":
-        base = dict(lr=(2.0 / 150.0,), steps=300)
+        # lr = 2/150 puts the classical bound at lambda_max = 150: progressive sharpening
+        # needs thousands of steps to get there (300 steps only reach lambda ~ 11 on the
+        # Fashion-MNIST fallback), so this preset runs longer and tracks less often.
+        base = dict(lr=(2.0 / 150.0,), steps=2000, sharpness_every=50, checkpoint_every=500)
         base.update(ov)
         variants = tuple((f"depth{n}", default_config("fc", **{**base, "layers": n})) for n in (2, 4))
         return Preset("fig8", "Figure 8: fc-tanh width 200, 2 vs 4 hidden layers, lr 2/150, full-batch GD, no weight "
                       "decay, CIFAR-5k (or the fallback, see metadata.json) (paper: 2 layers stable, 4 layers spikes "
                       "and sharpness above 2/lr)", variants, "stability")
     if name == "fig9":
-        base = dict(lr=(0.5, 1.0, 2.0, 4.0, 8.0, 16.0), weight_decay=(5e-4,), steps=300)
+        # A geometric grid wide enough to cross 2 / lambda_max at initialization (about 0.008
+        # for 2 layers on the Fashion-MNIST fallback) and the paper's rates of order 1.
+        base = dict(lr=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0), weight_decay=(5e-4,), steps=300)
         base.update(ov)
         variants = tuple((f"layers{n}", default_config("cnn", **{**base, "layers": n})) for n in (1, 2))
         return Preset("fig9", "Figure 9: weight decay 5e-4, 1- vs 2-layer Swish CNN, learning-rate sweep "
@@ -566,7 +571,8 @@ def format_findings(preset: Preset, findings: dict[str, Any], threshold: float) 
         parts = []
         for l in entry["lanes"]:
             tag = "stable" if l["stable"] else ("diverged@%d" % l["first_nonfinite_step"] if not l["finite"] else
-                                                f"unstable ({l['num_loss_increases_1pct_late']} spikes)")
+                                                f"unstable ({l['num_loss_increases_1pct']} spikes, "
+                                                f"{l['num_loss_increases_1pct_late']} late)")
             parts.append(f"lr={l['learning_rate']:.4g}: {tag}, max lr*lam={_fmt(l['max_normalized_sharpness'], '.3g')}")
         rows.append(f"  {vname} [{entry['dataset']}]: " + "; ".join(parts))
         if "boundary" in entry:

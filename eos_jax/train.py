@@ -524,8 +524,8 @@ def _lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, An
     incs = [(s, (b - a) / abs(a)) for (s, a), (_, b) in zip(losses, losses[1:]) if a != 0]
     out["max_rel_loss_increase"] = max((x for _, x in incs), default=0.0)
     out["num_loss_increases_1pct"] = sum(1 for _, x in incs if x > 0.01)
-    # The same after a burn-in of the first 10% of the steps (an initial transient, e.g. the
-    # first step from an initialization with negative curvature, is not an instability).
+    # The same after the first 10% of the steps, to tell an initial transient (e.g. a blow-up
+    # in the first steps that then settles) from persistent oscillations.
     last = lines[-1]["step"] if lines else 0
     late = [x for s, x in incs if s >= last // 10]
     out["max_rel_loss_increase_late"] = max(late, default=0.0)

@@ -13,7 +13,7 @@ load ~5; sharpness tracking is about 80 % of it (benchmarks/bench_sweep.py). Swe
 lists as one vmapped program. Presets reproduce the figures, printing what they found::
 
     python -m experiments.eos --preset fig7     # 1 vs 3 layers, lr 1 2 5 (~4 min)
-    python -m experiments.eos --preset fig8     # fc-tanh 2 vs 4 layers, lr 2/150, CIFAR-5k or fallback
+    python -m experiments.eos --preset fig8     # fc-tanh 2 vs 4 layers, lr 2/150, 2000 steps, CIFAR-5k or fallback
     python -m experiments.eos --preset fig9     # wd 5e-4, 1 vs 2 layers, lr sweep -> stability boundary
 
 Interrupt with Ctrl-C (or SIGTERM): a checkpoint is written; ``--resume`` (with the same flags,
