@@ -18,6 +18,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from eos_jax import io as eio  # noqa: E402
 
 
+def _clip_sharpness_axis(ax: Any, values: list[float], threshold: float) -> str:
+    """Caps the y-axis at 5x the threshold when larger values (e.g. at initialization) would hide the edge."""
+    cap = 5.0 * threshold
+    if values and max(values) > cap:
+        ax.set_ylim(top=cap, bottom=min(min(values), 0.0) - 0.05 * cap)
+        return f" (clipped at {cap:g})"
+    return ""
+
+
 def _lane_label(r: dict[str, Any], varying: Sequence[str]) -> str:
     names = {"learning_rate": "lr", "k": "k", "seed": "seed", "weight_decay": "wd"}
     parts = [f"{names[k]}={r[k]:g}" for k in varying]
@@ -66,7 +75,8 @@ def plot_run(
     ax_s.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
     ax_s.set_xlabel("step")
     ax_s.set_ylabel(r"normalized sharpness  lr $\cdot\,\lambda_{max}$")
-    ax_s.set_title("normalized sharpness")
+    values = [r["normalized_sharpness"] for r in lines if r.get("normalized_sharpness") is not None]
+    ax_s.set_title("normalized sharpness" + _clip_sharpness_axis(ax_s, values, threshold))
     for ax in (ax_l, ax_s):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -104,7 +114,8 @@ def plot_variants(
         ax_l.set_yscale("log")
         ax_l.set_title(f"{name}: loss")
         ax_s.axhline(threshold, color="k", ls="--", lw=1)
-        ax_s.set_title(f"{name}: lr * lambda_max")
+        values = [r["normalized_sharpness"] for r in lines if r.get("normalized_sharpness") is not None]
+        ax_s.set_title(f"{name}: lr * lambda_max" + _clip_sharpness_axis(ax_s, values, threshold))
         ax_s.set_xlabel("step")
         for ax in (ax_l, ax_s):
             ax.grid(alpha=0.3)
