@@ -389,3 +389,24 @@ def test_lanes_sharded_over_four_devices_match_one_device():
         # Different vmapped widths per program: equal to float tolerance, not bitwise.
         assert a["final_loss"] == pytest.approx(b["final_loss"], rel=1e-5)
         assert a["final_sharpness"] == pytest.approx(b["final_sharpness"], rel=1e-4)
+
+
+def test_progress_bar_plain_lines_rate_limited_and_quiet():
+    import io
+
+    from eos_jax.progress import ProgressBar
+
+    buf = io.StringIO()
+    bar = ProgressBar(100, stream=buf, min_interval=3600.0, label="toy ")
+    bar.update(10, 0.5, 1.25)
+    bar.update(20, 0.4, 1.5)  # within min_interval on a non-terminal: not printed
+    bar.update(100, 0.3, float("nan"))  # the last step always is
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2 and "\r" not in buf.getvalue()
+    assert lines[0].startswith("toy [##") and "step 10/100" in lines[0] and "loss 0.5" in lines[0]
+    assert "sharpness 1.25" in lines[0] and "sharpness nan" in lines[1] and "step 100/100" in lines[1]
+    quiet = io.StringIO()
+    q = ProgressBar(100, enabled=False, stream=quiet)
+    q.update(100, 0.1, 0.2)
+    q.message("hello")
+    assert quiet.getvalue() == ""
