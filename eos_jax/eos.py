@@ -414,7 +414,7 @@ def format_summary(results: dict[str, Any], title: str, run_dir: Path) -> str:
     rows = [
         f"{title}  ->  {run_dir}",
         f"  {'lr':>9} {'k':>3} {'seed':>4} {'wd':>8} {'final loss':>11} {'max lr*lam':>10} {'>thr at':>7} "
-        f"{'spikes':>6} {'late':>5}  stable",
+        f"{'spikes':>6} {'late':>5} {'RelL1 vs k=1':>12} {'params sha256':>13}  stable",
     ]
     for l in results["lanes"]:
         status = "yes" if l.get("stable") else ("DIVERGED@%d" % l["first_nonfinite_step"] if not l["finite"] else "no")
@@ -422,10 +422,14 @@ def format_summary(results: dict[str, Any], title: str, run_dir: Path) -> str:
             f"  {l['learning_rate']:>9.4g} {l['k']:>3} {l['seed']:>4} {l['weight_decay']:>8.2g} "
             f"{_fmt(l['final_loss']):>11} {_fmt(l.get('max_normalized_sharpness')):>10} "
             f"{_fmt(l.get('first_step_above_threshold'), 'd') if l.get('first_step_above_threshold') is not None else '-':>7} "
-            f"{l['num_loss_increases_1pct']:>6} {l['num_loss_increases_1pct_late']:>5}  {status}"
+            f"{l['num_loss_increases_1pct']:>6} {l['num_loss_increases_1pct_late']:>5} "
+            f"{_fmt(l.get('rel_l1_to_k1'), '.3g'):>12} {l['params_digest'][:12]:>13}  {status}"
         )
     rows.append(f"  threshold lr*lambda_max = {thr:g}; spikes = loss rises > 1% (late: after the first 10% of steps)")
     rows.append(f"  {CRITERION}")
+    if any("rel_l1_to_k1" in l for l in results["lanes"]):
+        rows.append("  RelL1 vs k=1: the paper's relative L1 distance of the final parameters to the k=1 lane of the same "
+                    "lr, seed and weight decay (0 = bitwise equal)")
     return "\n".join(rows)
 
 

@@ -47,7 +47,7 @@ from eos_jax import io as eio
 from eos_jax.checkpoint import CheckpointStore
 from eos_jax.data.transforms import epoch_permutation
 from eos_jax.errors import ConfigError
-from eos_jax.metrics import tree_digest
+from eos_jax.metrics import rel_l1, tree_digest, ulp_diff
 from eos_jax.progress import ProgressBar
 
 PyTree = Any
@@ -757,6 +757,26 @@ def _write_lines(
         os.fsync(f.fileno())
 
 
+def _compare_to_k1(lane_results: list[dict[str, Any]], final_params: dict[int, Any]) -> None:
+    """Adds, to each lane with k != 1, how its final parameters differ from its k=1 twin.
+
+    The twin is the lane of the same sweep with equal learning rate, seed and weight
+    decay and k=1 (Section 4: perturbed vs plain SGD). Both ran in the same vmapped
+    program, so a difference is the perturbation's, not the program's. Adds
+    ``rel_l1_to_k1`` (the paper's RelL1), ``n_diff_to_k1`` and ``max_ulp_to_k1``.
+    """
+    twins = {(r["learning_rate"], r["seed"], r["weight_decay"]): r["lane"] for r in lane_results if r["k"] == 1}
+    for r in lane_results:
+        twin = twins.get((r["learning_rate"], r["seed"], r["weight_decay"]))
+        if r["k"] == 1 or twin is None:
+            continue
+        a, b = final_params[r["lane"]], final_params[twin]
+        d = ulp_diff(a, b)
+        r["rel_l1_to_k1"] = float(rel_l1(a, b))
+        r["n_diff_to_k1"] = d.n_diff
+        r["max_ulp_to_k1"] = d.max_ulp
+
+
 def _write_results(
     run_dir: Path,
     problem: Problem,
@@ -772,6 +792,7 @@ def _write_results(
     for r in lines:
         by_lane.setdefault(r["lane"], []).append(r)
     lane_results = []
+    final_params: dict[int, Any] = {}
     for idx, state in final_states:
         host = jax.device_get(state)
         for li, lane_index in enumerate(idx):
@@ -782,8 +803,10 @@ def _write_results(
             rec["steps"] = int(one.step)
             rec.update(_lane_summary(sorted(by_lane.get(lane_index, []), key=lambda r: r["step"]), problem.threshold))
             rec["params_digest"] = tree_digest(one.params)
+            final_params[lane_index] = one.params
             lane_results.append(rec)
     lane_results.sort(key=lambda r: r["lane"])
+    _compare_to_k1(lane_results, final_params)
     finite_lanes = [r for r in lane_results if r["finite"]]
     fl = [r["final_loss"] for r in finite_lanes if r["final_loss"] is not None]
     summary = {

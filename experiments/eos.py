@@ -64,6 +64,9 @@ def build_parser() -> cli.ArgumentParser:
                    help="use the first N training examples (default 2000 for cnn, 5000 for fc)")
     p.add_argument("--all-examples", action="store_true", help="use every training example")
     p.add_argument("--loss", choices=("ce", "mse"), default=None, help="cross-entropy (default) or squared loss")
+    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
+                   help="standardize pixels with the training set's per-channel mean and std "
+                        "(default: off for cnn, as pixels in [0, 1]; on for the fig8 preset)")
     p.add_argument("--sharpness-every", type=cli.nonnegative_int, default=None,
                    help="steps between sharpness evaluations (default 20; 0 turns tracking off)")
     p.add_argument("--sharpness-iters", type=cli.positive_int, default=None, help="Lanczos iterations (default 20)")
@@ -89,7 +92,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     """
     ov: dict = {}
     for name in ("layers", "width", "activation", "momentum", "batch_size", "steps", "num_examples", "loss",
-                 "sharpness_iters", "sharpness_method", "chunk_steps", "max_lanes", "dtype", "conv_impl"):
+                 "sharpness_iters", "sharpness_method", "chunk_steps", "max_lanes", "dtype", "conv_impl",
+                 "standardize"):
         value = getattr(args, name)
         if value is not None:
             ov[name] = value

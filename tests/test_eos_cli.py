@@ -210,3 +210,11 @@ def test_sigint_checkpoints_exits_130_and_resume_matches_uninterrupted(tmp_path,
     got, ref = (json.loads((tmp_path / d / "results.json").read_text())["lanes"] for d in ("run", "ref"))
     assert [l["params_digest"] for l in got] == [l["params_digest"] for l in ref]
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == (tmp_path / "ref" / "metrics.jsonl").read_bytes()
+
+
+def test_standardize_flag_reaches_the_config():
+    """--standardize / --no-standardize override the model's default; absent, the default stays."""
+    parse = lambda argv: eos_cli.overrides_from_args(eos_cli.build_parser().parse_args(argv))  # noqa: E731
+    assert parse(["--standardize"])["standardize"] is True
+    assert parse(["--no-standardize"])["standardize"] is False
+    assert "standardize" not in parse([])

@@ -410,3 +410,16 @@ def test_progress_bar_plain_lines_rate_limited_and_quiet():
     q.update(100, 0.1, 0.2)
     q.message("hello")
     assert quiet.getvalue() == ""
+
+
+def test_perturbed_lanes_are_compared_to_their_k1_twin(tmp_path):
+    """results.json: k=2, 4 lanes are bitwise their k=1 twin (Table 5); k=3 differs, with RelL1 and ulps."""
+    cfg = dataclasses.replace(TOY_CONFIG, steps=40, sharpness_every=None, checkpoint_every=None)
+    res = tr.train(toy_problem(), tr.make_lanes([0.3], ks=[1, 2, 3, 4]), cfg, tmp_path, quiet=True)
+    by_k = {lane["k"]: lane for lane in res["lanes"]}
+    assert "rel_l1_to_k1" not in by_k[1]
+    for k in (2, 4):
+        assert by_k[k]["params_digest"] == by_k[1]["params_digest"]
+        assert (by_k[k]["rel_l1_to_k1"], by_k[k]["n_diff_to_k1"], by_k[k]["max_ulp_to_k1"]) == (0.0, 0, 0)
+    assert by_k[3]["params_digest"] != by_k[1]["params_digest"]
+    assert by_k[3]["n_diff_to_k1"] > 0 and by_k[3]["max_ulp_to_k1"] > 0 and by_k[3]["rel_l1_to_k1"] > 0
