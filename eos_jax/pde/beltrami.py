@@ -154,12 +154,10 @@ def run_beltrami(config: BeltramiConfig, out_dir: str | Path) -> dict[str, Any]:
     Returns:
       The results dict written to ``results.json``.
     """
-    from eos_jax import io, runtime
-    from eos_jax.pde.common import open_pde_run
+    from eos_jax import io
+    from eos_jax.pde.common import start_pde_run
 
-    config.validate()
-    meta = runtime.configure()
-    path = open_pde_run(out_dir, {"command": "beltrami", **dataclasses.asdict(config)}, meta)
+    path, _ = start_pde_run("beltrami", config, out_dir)
     dx = 1.0 / config.points
     dt0 = strict_step_bound(lam=config.lam, delta=config.delta, dx=dx)
     clean, noisy = piecewise_constant_signal(config.points, jax.random.key(config.seed), noise=config.noise)

@@ -37,19 +37,28 @@ def checkerboard(size: int = 256, *, square: int = 1, dtype: Any = np.float64) -
     return np.where(parity == 0, 1.0, -1.0).astype(dtype)
 
 
-def open_pde_run(out_dir: str | Path, config: dict[str, Any], metadata: dict[str, Any]) -> Path:
-    """Opens a fresh run directory (``config.json``) and writes ``metadata.json`` atomically.
+def start_pde_run(command: str, config: Any, out_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Validates ``config``, sets the run-time precision and opens a fresh run directory.
+
+    Calls ``config.validate()`` (a ConfigError before anything is written), then
+    :func:`eos_jax.runtime.configure` (x64, matmul precision, deterministic GPU ops),
+    then writes ``config.json`` (the dataclass fields plus ``command``) and
+    ``metadata.json`` atomically.
 
     Args:
+      command: the subcommand name (``"heat"``, ``"linear"``, ...), stored in the config.
+      config: a dataclass with a ``validate()`` method.
       out_dir: the run directory (new or empty).
-      config: the run's configuration as a JSON-able dict.
-      metadata: :func:`eos_jax.runtime.configure` output (versions, devices, precision).
 
     Returns:
-      The run directory path.
+      The run directory and the metadata dict written to it.
     """
-    from eos_jax import io
+    import dataclasses
 
-    path = io.open_run_dir(out_dir, config)
+    from eos_jax import io, runtime
+
+    config.validate()
+    metadata = runtime.configure()
+    path = io.open_run_dir(out_dir, {"command": command, **dataclasses.asdict(config)})
     io.atomic_write_json(path / "metadata.json", metadata)
-    return path
+    return path, metadata

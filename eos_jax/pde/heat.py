@@ -182,12 +182,10 @@ def run_heat(config: HeatConfig, out_dir: str | Path) -> dict[str, Any]:
     Returns:
       The results dict written to ``results.json``.
     """
-    from eos_jax import io, runtime
-    from eos_jax.pde.common import open_pde_run
+    from eos_jax import io
+    from eos_jax.pde.common import start_pde_run
 
-    config.validate()
-    meta = runtime.configure()
-    path = open_pde_run(out_dir, {"command": "heat", **dataclasses.asdict(config)}, meta)
+    path, _ = start_pde_run("heat", config, out_dir)
     dx = config.length / (config.points + 1)
     results = {
         "dx": dx,

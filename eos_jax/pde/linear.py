@@ -591,12 +591,10 @@ def run_linear(config: LinearConfig, out_dir: str | Path) -> dict[str, Any]:
     Returns:
       The results dict written to ``results.json``.
     """
-    from eos_jax import io, runtime
-    from eos_jax.pde.common import checkerboard, open_pde_run
+    from eos_jax import io
+    from eos_jax.pde.common import checkerboard, start_pde_run
 
-    config.validate()
-    meta = runtime.configure()
-    path = open_pde_run(out_dir, {"command": "linear", **dataclasses.asdict(config)}, meta)
+    path, _ = start_pde_run("linear", config, out_dir)
     t_start = time.perf_counter()
     image = checkerboard(config.size, square=config.square, dtype=np.float64)
     spec = np.asarray(image_spectrum(image))

@@ -755,12 +755,10 @@ def run_nonlinear(config: NonlinearConfig, out_dir: str | Path, *, log: Callable
     Returns:
       The results dict written to ``results.json``.
     """
-    from eos_jax import io, runtime
-    from eos_jax.pde.common import checkerboard, open_pde_run
+    from eos_jax import io
+    from eos_jax.pde.common import checkerboard, start_pde_run
 
-    config.validate()
-    meta = runtime.configure()
-    path = open_pde_run(out_dir, {"command": "nonlinear", **dataclasses.asdict(config)}, meta)
+    path, meta = start_pde_run("nonlinear", config, out_dir)
     t_start = time.perf_counter()
     sim = simulate(config, log=log)
     t_sim = time.perf_counter() - t_start
