@@ -203,12 +203,14 @@ def _swish_prime(z, beta):
     return s + beta * z * s * (1.0 - s)
 
 
+@pytest.mark.parametrize("pool", ["mean", "sum"])
 @pytest.mark.parametrize("impl", ["lax", "shifted", "fft"])
-def test_one_layer_cnn_matches_eq6_and_eq8(impl):
+def test_one_layer_cnn_matches_eq6_and_eq8(impl, pool):
     size, ks, beta, alpha = 24, 6, 1.5, 0.3
     checker = np.where((np.arange(size)[:, None] + np.arange(size)[None, :]) % 2 == 0, 1.0, -1.0)
-    model = models.get("cnn", kernel_size=ks, beta=beta, init="normal", init_std=0.02, conv_impl=impl,
-                       dtype="float64")
+    # mean: the authors' AvgPooling (a larger kernel keeps yhat away from 0 and 1 as well).
+    model = models.get("cnn", kernel_size=ks, beta=beta, init="normal", init_std=0.02 if pool == "sum" else 0.5,
+                       conv_impl=impl, pool=pool, dtype="float64")
     params = model.init(KEY, (size, size, 1))["params"]
     kernel = np.asarray(params["conv0"]["kernel"])[:, :, 0, 0]
     # A checkerboard with a column ramp so that K*I crosses zero (transitioning regime).
@@ -225,9 +227,11 @@ def test_one_layer_cnn_matches_eq6_and_eq8(impl):
         (value, logits), grad = jax.value_and_grad(loss, has_aux=True)(p)
         return value, grad, logits
 
-    # Eq. (6): yhat = s(g), g = sum_x r(K * I)(x), * = cross-correlation.
+    # Eq. (6): yhat = s(g), g = sum_x r(K * I)(x) (or the mean over the P output positions,
+    # the authors' AvgPooling), * = cross-correlation.
     z = signal.correlate2d(image, kernel, mode="valid")
-    g = np.sum(_swish(z, beta))
+    scale = 1.0 / z.size if pool == "mean" else 1.0
+    g = np.sum(_swish(z, beta)) * scale
     yhat = expit(g)
     assert 0.05 < yhat < 0.95  # both labels give a data term in Eq. (8)
     for y in (0, 1):
@@ -236,7 +240,8 @@ def test_one_layer_cnn_matches_eq6_and_eq8(impl):
         ref_loss = -(y * log_expit(g) + (1 - y) * log_expit(-g)) + 0.5 * alpha * np.sum(kernel**2)
         np.testing.assert_allclose(float(value), ref_loss, rtol=1e-12)
         # Eq. (8): dL/dK = (yhat - y) r'(K * I) * I + alpha K (correlation of I with r'(K*I)).
-        ref_grad = (yhat - y) * signal.correlate2d(image, _swish_prime(z, beta), mode="valid") + alpha * kernel
+        # With the mean the data term carries 1/P (the authors' AvgPooling.backward divides by H and W).
+        ref_grad = scale * (yhat - y) * signal.correlate2d(image, _swish_prime(z, beta), mode="valid") + alpha * kernel
         np.testing.assert_allclose(np.asarray(grad["conv0"]["kernel"])[:, :, 0, 0], ref_grad, rtol=1e-10,
                                    atol=1e-12 * np.max(np.abs(ref_grad)))
 
@@ -282,6 +287,7 @@ def test_activations():
         ("resnet", {}, "model name='resnet'"),
         ("cnn", {"layer": 2}, "unknown option"),
         ("cnn", {"padding": "full"}, "padding='full'"),
+        ("cnn", {"pool": "max"}, "pool='max'"),
         ("cnn", {"activation": "gelu"}, "activation='gelu'"),
         ("cnn", {"beta": 0.0}, "beta=0.0"),
         ("cnn", {"num_outputs": 3}, "head='linear'"),

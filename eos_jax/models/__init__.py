@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eos_jax.errors import ConfigError
-from eos_jax.models.cnn import FC, PaperCNN
+from eos_jax.models.cnn import FC, POOLS, PaperCNN
 from eos_jax.models.layers import (
     ACTIVATIONS,
     INIT_SCHEMES,
@@ -153,8 +153,16 @@ def _common(activation: str, beta: float, init: str) -> None:
 def _cnn(*, layers: int = 1, channels: int | Sequence[int] = 1, kernel_size: int | Sequence[int] = 3,
          padding: str = "valid", activation: str = "swish", beta: float = 1.0, init: str = "pytorch",
          init_std: float = 1.0, head: str = "sum", num_outputs: int = 1, conv_impl: str = "auto",
-         in_channels: int = 1, dtype: Any = "float32") -> Model:
-    """The paper's CNN, Eq. (20)-(21) (Eq. (6) for ``layers=1``); see ``cnn.py``."""
+         in_channels: int = 1, pool: str = "mean", dtype: Any = "float32") -> Model:
+    """The paper's CNN, Eq. (20)-(21) (Eq. (6) for ``layers=1``); see ``cnn.py``.
+
+    ``pool`` is how the integral over the image domain in Eq. (6)/(20) is discretized:
+    ``"mean"`` (default) averages over the output positions, as the authors' released code
+    does (``single_layer/PySun.py`` in sunyx523/surprising-instabilities: ``AvgPooling`` is
+    ``np.mean`` over both spatial axes); ``"sum"`` is the literal Riemann sum with unit pixel
+    area (the logit is then ``(H_out * W_out)`` times larger, which moves every stability
+    threshold by that factor).
+    """
     layers = _pos_int("layers", layers)
     chans = (channels,) * layers if isinstance(channels, (int, np.integer)) else tuple(channels)
     if len(chans) != layers:
@@ -167,6 +175,7 @@ def _cnn(*, layers: int = 1, channels: int | Sequence[int] = 1, kernel_size: int
     check_choice("padding", padding, PADDINGS)
     _common(activation, beta, init)
     check_choice("head", head, ("sum", "linear"))
+    check_choice("pool", pool, POOLS)
     num_outputs = _pos_int("num_outputs", num_outputs)
     if head == "sum" and num_outputs != 1:
         raise ConfigError(f"num_outputs={num_outputs} with head='sum' (one logit); use head='linear'")
@@ -175,10 +184,10 @@ def _cnn(*, layers: int = 1, channels: int | Sequence[int] = 1, kernel_size: int
     ins = (in_channels,) + chans[:-1]
     impls = tuple(resolve_conv_impl(conv_impl, i, o, ks) for i, o in zip(ins, chans))
     module = PaperCNN(chans, ks, padding, impls, activation, float(beta), init, float(init_std), head,
-                      num_outputs, jdtype)
+                      num_outputs, jdtype, pool)
     cfg = dict(layers=layers, channels=list(chans), kernel_size=list(ks), padding=padding,
                activation=activation, beta=float(beta), init=init, init_std=float(init_std), head=head,
-               num_outputs=num_outputs, conv_impl=conv_impl, in_channels=in_channels, dtype=dname)
+               num_outputs=num_outputs, conv_impl=conv_impl, in_channels=in_channels, pool=pool, dtype=dname)
     info = {"name": "cnn", "config": cfg, "dtype": dname, "num_outputs": num_outputs,
             "conv_impl": impls[0] if len(set(impls)) == 1 else "mixed", "conv_impl_per_layer": list(impls),
             "batch_stats": False}
@@ -253,7 +262,7 @@ def get(name: str, **cfg: Any) -> Model:
         ``"jax"``, ``"normal"``), ``num_outputs`` and ``dtype`` (``"float32"``
         default, ``"float64"``). ``cnn`` adds ``layers``, ``channels``,
         ``kernel_size``, ``padding`` (``"valid"``/``"same"``), ``head``
-        (``"sum"``/``"linear"``), ``conv_impl`` (``"auto"``, ``"lax"``,
+        (``"sum"``/``"linear"``), ``pool`` (``"mean"``/``"sum"`` over positions), ``conv_impl`` (``"auto"``, ``"lax"``,
         ``"shifted"``, ``"fft"``), ``init_std``, ``in_channels``; ``fc`` adds
         ``width``, ``depth``, ``use_bias``.
 

@@ -2,7 +2,10 @@
 
 ``cnn``: ``F = F_N o ... o F_1`` with ``F_i(I_i) = r(K_i * I_i)`` (bias-free
 cross-correlation ``*`` followed by the activation ``r``, Swish(beta) in the paper),
-then a global sum over space and channels gives one logit ``g = sum_x F(I)(x)``;
+then a global pooling over space (and a sum over channels) gives one logit: ``pool="mean"``
+(default) ``g = mean_x F(I)(x)``, as the authors' released code pools (``AvgPooling`` in
+``single_layer/PySun.py``, sunyx523/surprising-instabilities), or ``pool="sum"``
+``g = sum_x F(I)(x)``, the integral of Eq. (6) as a Riemann sum with unit pixel area;
 the sigmoid ``f(I) = s(g)`` of Eq. (20) is applied by the binary cross-entropy loss
 (:func:`eos_jax.losses.binary_cross_entropy`), so ``apply`` returns ``g`` as an
 ``(N, 1)`` logit. With ``N = 1`` this is Eq. (6). Optionally (``head="linear"``)
@@ -25,8 +28,11 @@ import jax.numpy as jnp
 from eos_jax.models.layers import Conv, Dense, SingleChannelConv, make_activation
 
 
+POOLS = ("mean", "sum")
+
+
 class PaperCNN(nn.Module):
-    """Eq. (20)-(21): bias-free convolutions + activation, global sum (or linear head)."""
+    """Eq. (20)-(21): bias-free convolutions + activation, global mean or sum (or linear head)."""
 
     channels: tuple[int, ...]
     kernel_size: tuple[int, int]
@@ -39,6 +45,7 @@ class PaperCNN(nn.Module):
     head: str
     num_outputs: int
     dtype: Any
+    pool: str = "mean"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -57,10 +64,11 @@ class PaperCNN(nn.Module):
                          init_scheme=self.init_scheme, init_std=self.init_std, impl=impl, dtype=self.dtype,
                          name=f"conv{i}")(x)
                 x = act(x)
+        spatial = jnp.mean if self.pool == "mean" else jnp.sum
         if self.head == "sum":
-            # The integral of Eq. (20) as a sum over pixels (and channels): one logit.
-            return jnp.sum(x, axis=(1, 2, 3))[:, None]
-        pooled = jnp.sum(x, axis=(1, 2))
+            # The integral of Eq. (20) over pixels (mean or sum), summed over channels: one logit.
+            return jnp.sum(spatial(x, axis=(1, 2)), axis=1)[:, None]
+        pooled = spatial(x, axis=(1, 2))
         return Dense(self.num_outputs, init_scheme="jax" if self.init_scheme == "normal" else self.init_scheme,
                      dtype=self.dtype, name="head")(pooled)
 

@@ -184,7 +184,7 @@ def make_model(kernel: int, *, beta: float = 1.0, conv_impl: str = "auto", dtype
     from eos_jax import models
 
     return models.get("cnn", layers=1, channels=1, kernel_size=kernel, padding="valid", activation="swish",
-                      beta=beta, init="normal", init_std=1.0, head="sum", num_outputs=1, conv_impl=conv_impl,
+                      beta=beta, init="normal", init_std=1.0, head="sum", pool="sum", num_outputs=1, conv_impl=conv_impl,
                       dtype=dtype)
 
 
