@@ -66,12 +66,19 @@ class EigResult(NamedTuple):
       eigenvector: unit-norm eigenvector(s), a pytree like params (leaves with a leading k axis).
       num_hvps: number of Hessian-vector products used (int32).
       residual: ``||H v - eigenvalue * v||`` (2-norm over all leaves) for each returned pair.
+      converged: bool, for each returned pair: the solver vouches that it is the top (largest
+        algebraic) eigenpair to the tolerance, i.e. ``residual <= tol * |eigenvalue|`` (in
+        fixed-iteration mode ``tol`` is :data:`FIXED_MODE_TOL`) and, for power iteration, the last
+        phase ran on a spectrum dominated by the top eigenvalue (never the unshifted iteration on
+        a negative Rayleigh quotient, which converges to the most negative eigenvalue). False means
+        the eigenvalue may not be the top one: use more ``num_iters`` or ``method="lanczos"``.
     """
 
     eigenvalue: jax.Array
     eigenvector: PyTree
     num_hvps: jax.Array
     residual: jax.Array
+    converged: jax.Array
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,6 +287,9 @@ def _start_vector(v0_flat: jax.Array | None, key: jax.Array, n: int, dtype) -> j
     return jnp.where(nrm > 0, v, rnd)
 
 
+FIXED_MODE_TOL = 1e-3  # relative residual behind EigResult.converged when tol is None
+
+
 class _PowerState(NamedTuple):
     """Carry of power iteration: next iterate, and the last Rayleigh pair with its residual."""
 
@@ -299,37 +309,43 @@ def _power_step(op, shift: jax.Array, s: _PowerState) -> _PowerState:
     return _PowerState(nxt, s.v, lam, res, s.n + 1)
 
 
-def _power(op, v_init: jax.Array, num_iters: int, tol: float | None):
+def _power(op, v_init: jax.Array, num_iters: int, tol: float | None) -> tuple[_PowerState, jax.Array]:
     """Largest algebraic eigenvalue by power iteration, shifted when the dominant one is negative.
 
     Phase 1 finds the eigenvalue of largest magnitude, ``mu``. If ``mu >= 0`` it is the largest
     algebraic one and phase 2 simply continues (shift 0). If ``mu < 0``, phase 2 restarts from the
     start vector on ``H - mu I``, whose spectrum ``lambda_i - mu >= 0`` is dominated by
-    ``lambda_max - mu``; the Rayleigh quotient is always taken with ``H`` itself. Fixed mode: phase 1
-    takes ``num_iters // 2`` products, phase 2 the rest. Tolerance mode: each phase stops at the
-    tolerance, both together at ``num_iters``.
+    ``lambda_max - mu``; the Rayleigh quotient is always taken with ``H`` itself. Phase 1 takes at
+    most ``num_iters // 2`` products (at least one), so phase 2 always has a budget when
+    ``num_iters >= 2``; fixed mode uses the whole budget of each phase, tolerance mode stops each
+    phase at the tolerance.
+
+    Returns:
+      ``(state, top)``: ``top`` is False when the returned quotient may not be the largest
+      algebraic eigenvalue (phase 2 never ran after a negative ``mu``, or the unshifted iteration
+      ended on a negative quotient).
     """
     dtype = v_init.dtype
     inf = jnp.asarray(jnp.inf, dtype)
     s = _PowerState(v_init, v_init, jnp.zeros((), dtype), inf, jnp.zeros((), jnp.int32))
     zero = jnp.zeros((), dtype)
+    n1 = max(num_iters // 2, 1)
     if tol is None:
-        n1 = num_iters // 2
         s = lax.fori_loop(0, n1, lambda i, st: _power_step(op, zero, st), s)
-        shift = jnp.minimum(s.lam, zero)
-        s = s._replace(v=jnp.where(s.lam < 0, v_init, s.v))
-        s = lax.fori_loop(0, num_iters - n1, lambda i, st: _power_step(op, shift, st), s)
-        return s
-
-    def not_done(st):
-        return (st.n < num_iters) & ~(st.res <= tol * jnp.abs(st.lam))
-
-    s = lax.while_loop(not_done, lambda st: _power_step(op, zero, st), s)
-    neg = s.lam < 0
+    else:
+        s = lax.while_loop(lambda st: (st.n < n1) & ~(st.res <= tol * jnp.abs(st.lam)),
+                           lambda st: _power_step(op, zero, st), s)
+    shifted = s.lam < 0
     shift = jnp.minimum(s.lam, zero)
-    s = s._replace(v=jnp.where(neg, v_init, s.v), res=jnp.where(neg, inf, s.res))
-    s = lax.while_loop(not_done, lambda st: _power_step(op, shift, st), s)
-    return s
+    # After a negative mu the old residual belongs to the bottom eigenvalue: phase 2 must run.
+    s = s._replace(v=jnp.where(shifted, v_init, s.v), res=jnp.where(shifted, inf, s.res))
+    if tol is None:
+        s = lax.fori_loop(0, num_iters - n1, lambda i, st: _power_step(op, shift, st), s)
+    else:
+        s = lax.while_loop(lambda st: (st.n < num_iters) & ~(st.res <= tol * jnp.abs(st.lam)),
+                           lambda st: _power_step(op, shift, st), s)
+    top = jnp.isfinite(s.res) & (shifted | (s.lam >= 0))
+    return s, top
 
 
 def _ritz(alpha: jax.Array, beta: jax.Array, n_active: jax.Array, k: int):
@@ -520,13 +536,15 @@ def _eig(
         op = lambda x: ravel_pytree(tree_op(unravel(x)))[0]  # noqa: E731
         v0_flat = None if v0_ is None else ravel_pytree(v0_)[0]
         v_init = _start_vector(v0_flat, jax.random.fold_in(key_, 0), flat_p.shape[0], dtype)
+        rtol = FIXED_MODE_TOL if tol is None else tol
         if k is None and method == "power":
-            st = _power(op, v_init, num_iters, tol)
-            return EigResult(st.lam, unravel(st.vec), st.n, st.res)
+            st, top = _power(op, v_init, num_iters, tol)
+            return EigResult(st.lam, unravel(st.vec), st.n, st.res, top & (st.res <= rtol * jnp.abs(st.lam)))
         theta, vecs, res, n_hvp = _lanczos(op, v_init, key_, num_iters, tol, 1 if k is None else k)
+        conv = res <= rtol * jnp.abs(theta)  # Ritz values from the top end of the Krylov space
         if k is None:
-            return EigResult(theta[0], unravel(vecs[0]), n_hvp, res[0])
-        return EigResult(theta, jax.vmap(unravel)(vecs), n_hvp, res)
+            return EigResult(theta[0], unravel(vecs[0]), n_hvp, res[0], conv[0])
+        return EigResult(theta, jax.vmap(unravel)(vecs), n_hvp, res, conv)
 
     if mesh is None:
         return solve(params, aux, batch, v0, key)

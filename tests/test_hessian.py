@@ -195,6 +195,29 @@ def test_dominant_negative_eigenvalue_gives_largest_algebraic():
                        ("power", dict(num_iters=800, tol=1e-9)), ("lanczos", dict(num_iters=7, tol=1e-10))):
         res = jax.jit(functools.partial(hs.top_eigenvalue, quad_loss, method=method, **kw))(p, a)
         assert rel(res.eigenvalue, 5.0) < 1e-8, (method, kw, float(res.eigenvalue))
+        assert bool(res.converged), (method, kw)
+
+
+def test_power_budget_never_returns_the_bottom_eigenvalue_as_top():
+    """A slowly converging dominant NEGATIVE eigenvalue must not exhaust the budget unshifted.
+
+    With |-10| vs |-9.95| plain power iteration needs thousands of products; before phase 1 was
+    capped, tolerance mode spent all of them there and returned ~-10 as the "top" eigenvalue.
+    """
+    a, p, _ = quad_problem([-10.0, -9.95, 1.0, 2.0, 5.0])
+    solve = lambda n, tol: jax.jit(  # noqa: E731
+        functools.partial(hs.top_eigenvalue, quad_loss, method="power", num_iters=n, tol=tol))(p, a)
+    short = solve(40, 1e-10)  # phase 2 (shifted, ratio 12/15) gets 20 products: close, not converged
+    assert float(short.eigenvalue) > 4.9, float(short.eigenvalue)
+    assert not bool(short.converged)
+    assert float(short.residual) > 1e-10 * 5.0
+    long = solve(400, 1e-10)
+    assert rel(long.eigenvalue, 5.0) < 1e-8 and bool(long.converged)
+    # Two products (one per phase) cannot converge: the result says so instead of claiming the top.
+    assert not bool(solve(2, None).converged)
+    # Fixed mode judges convergence against FIXED_MODE_TOL.
+    fixed = solve(400, None)
+    assert rel(fixed.eigenvalue, 5.0) < 1e-8 and bool(fixed.converged)
 
 
 def test_repeated_top_eigenvalue():
@@ -206,6 +229,7 @@ def test_repeated_top_eigenvalue():
         assert rel(res.eigenvalue, 3.0) < 1e-10
         vec = np.asarray(res.eigenvector["x"])
         assert abs(np.linalg.norm(top_space.T @ vec) - 1) < 1e-8  # lies in the 3-dim eigenspace
+        assert bool(res.converged)
     # With as many steps as parameters, breakdowns restart Lanczos and the multiplicity is found.
     res = jax.jit(lambda p, a: hs.top_eigenvalues(quad_loss, p, a, 4, num_iters=8))(p, a)
     np.testing.assert_allclose(np.asarray(res.eigenvalue), [3.0, 3.0, 3.0, 1.0], rtol=1e-10)
