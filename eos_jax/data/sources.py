@@ -549,8 +549,11 @@ def describe_sources(base: str, split: str, looked: Sequence[str]) -> str:
         "fashion_mnist": "Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...)",
         "cifar10": "CIFAR-10 batches (cifar-10-batches-bin/ or cifar-10-batches-py/)",
     }[base]
-    return (
-        f"no {names} for split {split!r}; looked in: {'; '.join(looked)}. "
-        f"Put the files in one of these directories, pass --data-dir DIR (or data_dir=), set EOS_JAX_DATA=DIR, "
-        f"or run eos_jax.data.download({base!r}) to fetch them into {user_cache_dir()}"
-    )
+    where = f"looked in: {'; '.join(looked)}" if looked else "no directory to look in"
+    if system_data_disabled():
+        where += f" ({NO_SYSTEM_DATA_ENV} is set: the user cache and {', '.join(SYSTEM_DIRS)} are not searched)"
+        remedy = "pass --data-dir DIR (or data_dir=) or set EOS_JAX_DATA=DIR"
+    else:
+        remedy = (f"put the files in one of these directories, pass --data-dir DIR (or data_dir=), set EOS_JAX_DATA=DIR, "
+                  f"or run eos_jax.data.download({base!r}) to fetch them into {user_cache_dir()}")
+    return f"no {names} for split {split!r}; {where}. {remedy[0].upper()}{remedy[1:]}"
