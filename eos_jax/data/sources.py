@@ -402,7 +402,7 @@ def files_in(directory: str | os.PathLike) -> list[tuple[str, Path, str]]:
             sd = d / sub
             if not sd.is_dir():
                 continue
-            names = [o.name for split in SPLITS_ALL for options in required_files(base, sd, split) for o in options]
+            names = [o.name for split in ("train", "test") for options in required_files(base, sd, split) for o in options]
             if any((sd / n).is_file() for n in names):
                 out.append((base, sd, ""))
     loose = identify_loose(d)
@@ -410,8 +410,6 @@ def files_in(directory: str | os.PathLike) -> list[tuple[str, Path, str]]:
         out.append((loose.base or "unidentified", d, "loose IDX files"))
     return out
 
-
-SPLITS_ALL = ("train", "test")
 
 
 # ----------------------------------------------------------------------------------------
