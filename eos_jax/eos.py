@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import io
 import json
 import math
 import sys
@@ -38,10 +39,14 @@ from eos_jax.errors import ConfigError, RunDirError
 MODELS = ("cnn", "fc")
 LOSSES = ("ce", "mse")
 # Fallback chains when --dataset is not given: the paper's data first, then real data
-# that is on this machine (never silently: a warning names what was used).
+# that is on this machine, then the Fashion-MNIST 0/1 subset shipped with the package (so
+# the main job runs on a fresh machine, on 2000 real 28x28 images), scikit-learn's digits
+# last (only if the package data is missing). Never silently: a warning names what was used.
+# fc (Figure 8, CIFAR-5k, 10 classes): the bundled subset comes before digits01 too: both
+# are binary stand-ins, but it is real 28x28 data, 2000 examples against 288 8x8 ones.
 DEFAULT_DATASETS = {
-    "cnn": ("mnist01", "fashion_mnist01", "digits01"),
-    "fc": ("cifar10_5k", "fashion_mnist", "mnist", "digits01"),
+    "cnn": ("mnist01", "fashion_mnist01", "fashion_mnist01_bundled", "digits01"),
+    "fc": ("cifar10_5k", "fashion_mnist", "mnist", "fashion_mnist01_bundled", "digits01"),
 }
 STABLE_MAX_REL_INCREASE = 0.01  # the stability criterion (module docstring)
 CRITERION = "stable = finite and the loss never rises by more than 1% between consecutive logged steps"
@@ -70,6 +75,10 @@ class EosConfig:
       steps: optimizer steps.
       dataset: the dataset chain; the first one found is used (``--dataset`` gives one).
       num_examples: use the first n training examples (``None``: all).
+      num_examples_exact: True when ``num_examples`` was asked for explicitly
+        (``--num-examples``): a dataset with fewer examples is an error. False (the
+        default): use up to ``num_examples``, all of a smaller dataset, with a warning;
+        metadata.json and the summary say how many were used.
       loss: ``"ce"`` (binary cross-entropy with one logit for 2 classes, else softmax)
         or ``"mse"`` (Cohen et al.'s squared loss on one-hot targets).
       standardize: standardize pixels with the training set's per-channel statistics.
@@ -93,6 +102,7 @@ class EosConfig:
     steps: int = 300
     dataset: tuple[str, ...] = DEFAULT_DATASETS["cnn"]
     num_examples: int | None = 2000
+    num_examples_exact: bool = False
     loss: str = "ce"
     standardize: bool = False
     sharpness_every: int | None = 20
@@ -127,6 +137,8 @@ class EosConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
+        if not isinstance(self.num_examples_exact, bool):
+            raise ConfigError(f"num_examples_exact {self.num_examples_exact!r} is not allowed; expected True or False")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ConfigError(f"--beta {self.beta!r} is not allowed; expected a finite float > 0")
         if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
@@ -185,9 +197,18 @@ def default_config(model: str = "cnn", **overrides: Any) -> EosConfig:
 def load_data(cfg: EosConfig, data_dir: str | None = None, *, stream: Any = None) -> tuple[Any, dict[str, Any]]:
     """The training set of ``cfg`` (first available of ``cfg.dataset``), warning about fallbacks.
 
+    Prints one warning line (to ``stream``, default stderr) for each of: a fallback past
+    the first requested dataset; fewer examples than the default ``num_examples`` (all are
+    used); dataset files in ``data_dir`` that were not used, and why.
+
     Returns:
-      ``(Dataset, info)`` with ``info`` for metadata.json: the dataset used, what was
-      skipped and why, the subset size and preprocessing.
+      ``(data, info)`` with ``info`` for metadata.json: the dataset used, what was
+      skipped and why, what ``data_dir`` held that was not used, the number of examples
+      requested, available and used, and the preprocessing.
+
+    Raises:
+      ConfigError: an explicit ``num_examples`` (``num_examples_exact``) larger than the dataset.
+      DataError: no dataset of the chain is available, or a file is malformed.
     """
     from eos_jax import data as edata
 
@@ -197,10 +218,21 @@ def load_data(cfg: EosConfig, data_dir: str | None = None, *, stream: Any = None
         tried = ", ".join(n for n, _ in skipped)
         msg = f"WARNING: dataset {tried} not found; falling back to {ds.name} (recorded in metadata.json)"
         print(msg, file=stream, flush=True)
+    unused = edata.unused_in_data_dir(data_dir, ds, cfg.dataset)
+    if unused:
+        parts = "; ".join(f"{u['holds']} in {u['path']}: {u['why']}" for u in unused)
+        print(f"WARNING: --data-dir {data_dir} holds dataset files that are not used: {parts} "
+              f"(recorded in metadata.json)", file=stream, flush=True)
     x, y = np.asarray(ds.x), np.asarray(ds.y)
+    available = int(x.shape[0])
     if cfg.num_examples is not None:
-        if cfg.num_examples > x.shape[0]:
-            raise ConfigError(f"--num-examples {cfg.num_examples} exceeds the {x.shape[0]} examples of {ds.name}")
+        if cfg.num_examples > available:
+            if cfg.num_examples_exact:
+                raise ConfigError(f"--num-examples {cfg.num_examples} exceeds the {available} training examples of "
+                                  f"{ds.name}; pass at most {available} (or --all-examples)")
+            print(f"WARNING: {ds.name} has {available} training examples, fewer than the default "
+                  f"--num-examples {cfg.num_examples}; using all {available} (recorded in metadata.json)",
+                  file=stream, flush=True)
         x, y = x[: cfg.num_examples], y[: cfg.num_examples]
     if cfg.standardize:
         (x,) = edata.standardize(x, per="channel")
@@ -209,6 +241,10 @@ def load_data(cfg: EosConfig, data_dir: str | None = None, *, stream: Any = None
         **ds.info,
         "requested": list(cfg.dataset),
         "fallback_from": [{"name": n, "reason": r} for n, r in skipped],
+        "unused_in_data_dir": unused,
+        "num_examples_requested": cfg.num_examples,
+        "num_examples_exact": cfg.num_examples_exact,
+        "num_examples_available": available,
         "num_examples_used": int(x.shape[0]),
         "standardized": cfg.standardize,
     }
@@ -397,7 +433,8 @@ def run(
     results["dataset"] = data_info["name"]
     eio.atomic_write_json(run_dir / "results.json", results)
     lines = tr._read_metrics(run_dir / "metrics.jsonl")
-    title = f"{cfg.model} {cfg.layers} layers on {data_info['name']} ({cfg.steps} steps)"
+    title = (f"{cfg.model} {cfg.layers} layers on {data_info['name']} ({data_info['num_examples_used']} examples, "
+             f"{cfg.steps} steps)")
     plotting.plot_run(lines, run_dir / "eos.png", threshold=problem.threshold, title=title)
     if not quiet:
         print(format_summary(results, title, run_dir), file=stream or sys.stdout, flush=True)
@@ -529,11 +566,10 @@ def run_preset(
         raise RunDirError(f"--resume: nothing to resume in {root} (no config.json)")
     if not resume and (root / "config.json").exists():
         eio.open_run_dir(root, config, resume=False)
-    # Check every variant's data before writing anything.
+    # Check every variant's data (and an explicit --num-examples) before writing anything;
+    # the warnings are printed once, by each variant's run.
     for _, c in preset.variants:
-        from eos_jax import data as edata
-
-        edata.load_first_available(list(c.dataset), "train", data_dir=data_dir)
+        load_data(c, data_dir, stream=io.StringIO())
     root = eio.open_run_dir(root, config, resume=resume)
     if not quiet:
         print(preset.description, file=stream, flush=True)

@@ -1,12 +1,14 @@
 """Edge-of-Stability experiments of Section 6 (Figures 7, 8, 9): loss and sharpness under GD.
 
 Main job (the paper's Figure 7, 3-layer single-channel 3x3 Swish(beta=1) CNN, full-batch GD,
-no weight decay, MNIST digits 0/1, falling back with a warning to Fashion-MNIST 0/1 and then
-scikit-learn's digits 0/1 when MNIST is absent)::
+no weight decay, MNIST digits 0/1, falling back with a warning to Fashion-MNIST 0/1, then to
+the Fashion-MNIST 0/1 subset shipped with the package (2000 training images: a fresh machine
+needs nothing installed), then scikit-learn's digits 0/1)::
 
     python -m experiments.eos --layers 3 --lr 5
 
-Defaults: 300 full-batch GD steps on the first 2000 training examples, sharpness (20
+Defaults: 300 full-batch GD steps on the first 2000 training examples (or all of a smaller
+dataset, with a warning; an explicit ``--num-examples`` larger than the dataset is an error), sharpness (20
 warm-started Lanczos iterations) every 20 steps, a checkpoint every 100 steps. Measured on the
 shared 2-core CPU (Fashion-MNIST 0/1 fallback): 49 s wall (83 s CPU) at load ~1.6, 90 s wall at
 load ~5; sharpness tracking is about 80 % of it (benchmarks/bench_sweep.py). Sweeps: ``--lr 1 2 5 --seed 0 1`` runs the product of the
@@ -57,11 +59,15 @@ def build_parser() -> cli.ArgumentParser:
                    help="minibatch SGD with this batch size (default: full-batch GD)")
     p.add_argument("--steps", type=cli.positive_int, default=None, help="optimizer steps (default 300)")
     p.add_argument("--dataset", default=None,
-                   help="dataset name (no fallback when given); default: mnist01 -> fashion_mnist01 -> digits01 "
-                        "(cnn) or cifar10_5k -> fashion_mnist -> mnist -> digits01 (fc)")
-    p.add_argument("--data-dir", default=None, help="directory searched first for dataset files")
+                   help="dataset name (no fallback when given); default: mnist01 -> fashion_mnist01 -> "
+                        "fashion_mnist01_bundled -> digits01 (cnn) or cifar10_5k -> fashion_mnist -> mnist -> "
+                        "fashion_mnist01_bundled -> digits01 (fc)")
+    p.add_argument("--data-dir", default=None,
+                   help="directory searched first for dataset files (subfolders mnist/, fashion_mnist/, ... or "
+                        "the published MNIST/Fashion-MNIST files directly in it)")
     p.add_argument("--num-examples", type=cli.positive_int, default=None,
-                   help="use the first N training examples (default 2000 for cnn, 5000 for fc)")
+                   help="use exactly the first N training examples (an error if the dataset has fewer); "
+                        "default: up to 2000 for cnn, 5000 for fc")
     p.add_argument("--all-examples", action="store_true", help="use every training example")
     p.add_argument("--loss", choices=("ce", "mse"), default=None, help="cross-entropy (default) or squared loss")
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
@@ -103,6 +109,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
             ov[name] = tuple(value)
     if args.dataset is not None:
         ov["dataset"] = (args.dataset,)
+    if args.num_examples is not None:
+        ov["num_examples_exact"] = True  # explicit: fewer examples is an error, not "up to"
     if args.all_examples:
         ov["num_examples"] = None
     if args.sharpness_every is not None:

@@ -110,6 +110,7 @@ def nhwc(x_nchw: np.ndarray) -> np.ndarray:
 def isolated(tmp_path, monkeypatch):
     """No EOS_JAX_DATA, an empty cache and no system directories: only what a test writes is found."""
     monkeypatch.delenv("EOS_JAX_DATA", raising=False)
+    monkeypatch.delenv("EOS_JAX_NO_SYSTEM_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setattr(sources, "SYSTEM_DIRS", ())
     return tmp_path
@@ -230,6 +231,325 @@ def test_unknown_name_or_split(isolated):
         data.load("mnist02")
     with pytest.raises(ConfigError, match="unknown split 'val'"):
         data.load("mnist", "val")
+
+
+# ------------------------------------------------------------------ bundled Fashion-MNIST 0/1, loose files, fresh machine
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+HAVE_DEBIAN_FASHION = all((DEBIAN_FASHION / (n + ".gz")).is_file() for n in sources.FASHION_IDX_SHA256)
+needs_debian = pytest.mark.skipif(not HAVE_DEBIAN_FASHION, reason="needs the published Fashion-MNIST files of Debian's "
+                                  "dataset-fashion-mnist in /usr/share/datasets/fashion-mnist (absent on CI)")
+BUNDLED_NAME = "fashion_mnist01_bundled"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _parse_u8_idx(raw: bytes, ndim: int) -> np.ndarray:
+    """An independent IDX parser for the tests: magic 0x0000080N, N big-endian sizes, uint8 data."""
+    assert raw[:4] == bytes([0, 0, 8, ndim])
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    body = raw[4 + 4 * ndim :]
+    assert len(body) == int(np.prod(shape))
+    return np.frombuffer(body, np.uint8).reshape(shape)
+
+
+def test_bundled_files_digests_shapes_and_labels():
+    spec = sources.BUNDLED[BUNDLED_NAME]
+    d = sources.bundled_dir(BUNDLED_NAME)
+    total = 0
+    for split, n in (("train", 2000), ("test", 500)):
+        assert spec.counts[split] == n
+        img_f, lab_f = spec.files[split]
+        raw_x, raw_y = (d / img_f.filename).read_bytes(), (d / lab_f.filename).read_bytes()
+        assert hashlib.sha256(raw_x).hexdigest() == img_f.sha256 and len(raw_x) == img_f.size
+        assert hashlib.sha256(raw_y).hexdigest() == lab_f.sha256 and len(raw_y) == lab_f.size
+        total += len(raw_x) + len(raw_y)
+        x, y = _parse_u8_idx(raw_x, 3), _parse_u8_idx(raw_y, 1)
+        assert x.shape == (n, 28, 28) and y.shape == (n,) and set(np.unique(y)) == {0, 1}
+        # Both classes are well represented (T-shirt/top 953 / trouser 1047 train, 248 / 252 test).
+        assert min(np.bincount(y)) > 0.45 * n
+        ds = data.load(BUNDLED_NAME, split)
+        assert ds.name == BUNDLED_NAME and ds.num_classes == 2 and ds.split == split and len(ds) == n
+        assert_tree_equal_bits((ds.x, ds.y), ((x.astype(np.float32) / np.float32(255))[..., None], y.astype(np.int32)))
+        assert ds.sha256 == (img_f.sha256, lab_f.sha256) and ds.source == (str(d / img_f.filename), str(d / lab_f.filename))
+    assert total == 1_962_548 < 2_000_000
+    assert data.search_paths(BUNDLED_NAME) == [d] and data.download(BUNDLED_NAME) == []
+
+
+def test_bundled_package_data_is_declared_for_wheels():
+    """pyproject's package-data covers the four files (a non-editable install must carry them)."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    conf = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = conf["tool"]["setuptools"]["package-data"]["eos_jax.data"]
+    d = sources.bundled_dir(BUNDLED_NAME)
+    rel = [str(p.relative_to(REPO / "eos_jax" / "data")) for p in sorted(d.iterdir())]
+    assert len(rel) == 4 and all(any(fnmatch.fnmatch(r, pat) for pat in patterns) for r in rel), (rel, patterns)
+    assert "Zalando SE" in (REPO / "NOTICE").read_text() and "MIT" in (REPO / "NOTICE").read_text()
+
+
+@needs_debian
+def test_bundled_is_a_prefix_of_fashion_mnist01(isolated, monkeypatch):
+    """Same images, order, labels and float32 pixels as the first examples of the full fashion_mnist01."""
+    monkeypatch.setattr(sources, "SYSTEM_DIRS", ("/usr/share/datasets",))
+    for split, n in (("train", 2000), ("test", 500)):
+        full = data.load("fashion_mnist01", split)
+        assert full.source[0].startswith(str(DEBIAN_FASHION))
+        b = data.load(BUNDLED_NAME, split)
+        assert_tree_equal_bits((b.x, b.y), (full.x[:n], full.y[:n]))
+
+
+def test_tampered_or_missing_bundled_file(tmp_path, monkeypatch):
+    """A changed bundled file is an error naming it (never a silent fallback); a missing one falls back visibly."""
+    import shutil
+
+    copy = tmp_path / "bundled"
+    shutil.copytree(sources.BUNDLED_ROOT, copy)
+    monkeypatch.setattr(sources, "BUNDLED_ROOT", copy)
+    assert len(data.load(BUNDLED_NAME, "train")) == 2000  # the copy itself is fine
+    f = copy / "fashion_mnist01" / "train-images-idx3-ubyte"
+    raw = bytearray(f.read_bytes())
+    raw[5000] ^= 1  # one pixel, one bit
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError) as e:
+        data.load(BUNDLED_NAME, "train")
+    msg = str(e.value)
+    assert str(f) in msg and "\n" not in msg and sources.BUNDLED[BUNDLED_NAME].files["train"][0].sha256 in msg
+    with pytest.raises(ChecksumError):
+        data.load_first_available([BUNDLED_NAME, "digits01"])
+    assert len(data.load(BUNDLED_NAME, "test")) == 500  # the test split's files are untouched
+    f.unlink()
+    with pytest.raises(DataNotFoundError, match="train-images-idx3-ubyte"):
+        data.load(BUNDLED_NAME, "train")
+    ds, skipped = data.load_first_available([BUNDLED_NAME, "digits01"])
+    assert ds.name == "digits01" and skipped[0][0] == BUNDLED_NAME
+
+
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_bundled_data", REPO / "scripts" / "make_bundled_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@needs_debian
+def test_make_bundled_data_check_reproduces_the_files_bit_for_bit(tmp_path, capsys):
+    import shutil
+
+    script = _script()
+    assert script.main(["--check"]) == 0
+    out = capsys.readouterr().out
+    assert "equal the regenerated ones bit for bit" in out and out.count("SHA-256 ok (as Debian ships it)") == 4
+    assert out.count("SHA-256 ok (published IDX content)") == 4
+    # --check sees a one-byte change in a copy.
+    copy = tmp_path / "copy"
+    shutil.copytree(sources.bundled_dir(BUNDLED_NAME), copy)
+    f = copy / "t10k-labels-idx1-ubyte"
+    f.write_bytes(f.read_bytes()[:-1] + bytes([1 - f.read_bytes()[-1]]))
+    assert script.main(["--check", "--out", str(copy)]) == 1
+    assert "t10k-labels-idx1-ubyte: differs" in capsys.readouterr().err
+    # Written files equal the committed ones (and are world-readable package data).
+    assert script.main(["--out", str(tmp_path / "new")]) == 0
+    for p in sources.bundled_dir(BUNDLED_NAME).iterdir():
+        assert (tmp_path / "new" / p.name).read_bytes() == p.read_bytes()
+        assert (tmp_path / "new" / p.name).stat().st_mode & 0o444 == 0o444
+
+
+def test_make_bundled_data_refuses_unknown_sources(tmp_path, capsys):
+    """Source files whose digests are not the published (or Debian's) ones are refused, nothing written."""
+    script = _script()
+    src = tmp_path / "src"
+    write_mnist_dir(src, gz=True)
+    assert script.main(["--source", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "neither the published" in err and "train-images-idx3-ubyte.gz" in err
+    write_mnist_dir(src, gz=False)
+    for p in src.glob("*.gz"):
+        p.unlink()
+    assert script.main(["--source", str(src), "--out", str(tmp_path / "out")]) == 2
+    assert "is not the published Fashion-MNIST content" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert script.main(["--source", str(tmp_path / "none")]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def _fingerprinted(base: str, split: str, n: int, seed: int) -> np.ndarray:
+    """Labels whose first ten are those of the published ``base`` file, then random."""
+    head = np.asarray(sources.LABEL_FINGERPRINTS[(base, split)], np.uint8)
+    return np.concatenate([head, np.random.default_rng(seed).integers(0, 10, n - head.size).astype(np.uint8)])
+
+
+def write_loose(d: Path, base: str | None, gz: bool = True, seed: int = 0, n: int = 30) -> dict:
+    """Tiny IDX files in the published format directly in ``d``; labels fingerprinted as ``base``
+    (None: labels that identify nothing). Returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        y = _fingerprinted(base, split, n, seed) if base else ((np.arange(n) * 7 + 3) % 10).astype(np.uint8)
+        write_idx(d / f"{prefix}-images-idx3-ubyte", x, gz)
+        write_idx(d / f"{prefix}-labels-idx1-ubyte", y, gz)
+        out[split] = (x, y)
+    return out
+
+
+def test_fingerprints_and_digests_are_distinct():
+    fps = list(sources.LABEL_FINGERPRINTS.values())
+    assert len(set(fps)) == 4 and all(len(f) == 10 for f in fps)
+    digests = [d for d, _ in sources.DEBIAN_FASHION_GZ.values()] + [d for d, _ in sources.FASHION_IDX_SHA256.values()]
+    digests += [r.sha256 for b in ("mnist", "fashion_mnist") for r in sources.PUBLISHED[b]]
+    assert len(set(digests)) == 16
+
+
+@needs_debian
+def test_fashion_fingerprints_match_the_published_files():
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        y = data.read_idx(DEBIAN_FASHION / f"{prefix}-labels-idx1-ubyte.gz")
+        assert tuple(int(v) for v in y[:10]) == sources.LABEL_FINGERPRINTS[("fashion_mnist", split)]
+
+
+@pytest.mark.parametrize("base,other", [("fashion_mnist", "mnist"), ("mnist", "fashion_mnist")])
+@pytest.mark.parametrize("gz", [True, False])
+def test_loose_files_in_data_dir_are_used_and_identified(isolated, monkeypatch, base, other, gz):
+    """Published-format files put directly in --data-dir are used, not passed over for a system copy."""
+    system = isolated / "system"
+    write_mnist_dir(system / ("fashion-mnist" if base == "fashion_mnist" else "mnist"), seed=3)
+    monkeypatch.setattr(sources, "SYSTEM_DIRS", (str(system),))
+    dd = isolated / "dd"
+    written = write_loose(dd, base, gz=gz, seed=4)
+    loose = data.identify_loose(dd)
+    assert loose.base == base and not loose.conflict and len(loose.files) == 4
+    name01 = base + "01"
+    for split in ("train", "test"):
+        ds = data.load(name01, split, data_dir=dd)
+        assert all(Path(s).parent == dd for s in ds.source)
+        x, y = written[split]
+        assert_tree_equal_bits(ds.y, y[y < 2].astype(np.int32))
+        assert_tree_equal_bits(ds.x[..., 0], x[y < 2].astype(np.float32) / np.float32(255))
+    # Asked for the other dataset, the loose files are passed over with a note, never read as it.
+    with pytest.raises(DataNotFoundError) as e:
+        data.load(other + "01", data_dir=dd)
+    assert f"{dd} (its loose IDX files are {sources.BASE_TITLES[base]}" in str(e.value)
+    # A subfolder of --data-dir comes first.
+    sub = write_mnist_dir(dd / ("fashion_mnist" if base == "fashion_mnist" else "mnist"), seed=8)
+    assert_tree_equal_bits(data.load(base, "test", data_dir=dd).y, sub["test"][1].astype(np.int32))
+
+
+def test_loose_files_identified_by_digest(isolated, monkeypatch):
+    """A file with a known SHA-256 identifies the directory even when its labels match no fingerprint."""
+    dd = isolated / "dd"
+    write_loose(dd, None, gz=False)
+    with pytest.raises(DataError):
+        data.load("fashion_mnist01", data_dir=dd)
+    f = dd / "train-labels-idx1-ubyte"
+    table = dict(sources.FASHION_IDX_SHA256)
+    table[f.name] = (hashlib.sha256(f.read_bytes()).hexdigest(), f.stat().st_size)
+    monkeypatch.setattr(sources, "FASHION_IDX_SHA256", table)
+    loose = data.identify_loose(dd)
+    assert loose.base == "fashion_mnist" and loose.evidence == ("train-labels-idx1-ubyte: known Fashion-MNIST SHA-256",)
+    assert len(data.load("fashion_mnist01", data_dir=dd)) == int((write_loose(isolated / "again", None, gz=False)
+                                                                   ["train"][1] < 2).sum())
+
+
+@needs_debian
+def test_debian_files_copied_into_data_dir_are_identified(isolated):
+    dd = isolated / "dd"
+    dd.mkdir()
+    for name in sources.DEBIAN_FASHION_GZ:
+        (dd / name).symlink_to(DEBIAN_FASHION / name)
+    loose = data.identify_loose(dd)
+    assert loose.base == "fashion_mnist" and len(loose.evidence) == 4 + 2  # 4 digests, 2 label fingerprints
+    assert len(data.load("fashion_mnist01", "test", data_dir=dd)) == 2000
+
+
+def test_unidentifiable_or_conflicting_loose_files_are_refused(isolated, monkeypatch):
+    system = isolated / "system"
+    write_mnist_dir(system / "fashion-mnist", seed=3)
+    monkeypatch.setattr(sources, "SYSTEM_DIRS", (str(system),))
+    dd = isolated / "dd"
+    write_loose(dd, None)
+    for name in ("fashion_mnist01", "mnist"):
+        with pytest.raises(DataError) as e:
+            data.load(name, data_dir=dd)
+        msg = str(e.value)
+        assert not isinstance(e.value, DataNotFoundError)  # no fallback past the user's directory
+        assert "\n" not in msg and f"{dd / 'mnist'}/" in msg and f"{dd / 'fashion_mnist'}/" in msg
+        assert "neither a published SHA-256 nor the first labels" in msg
+    with pytest.raises(DataError, match="put them in"):
+        data.load_first_available(["mnist01", "fashion_mnist01", BUNDLED_NAME], data_dir=dd)
+    # Train files of MNIST next to test files of Fashion-MNIST: refused too.
+    write_idx(dd / "train-labels-idx1-ubyte", _fingerprinted("mnist", "train", 30, 0), True)
+    write_idx(dd / "t10k-labels-idx1-ubyte", _fingerprinted("fashion_mnist", "test", 30, 0), True)
+    with pytest.raises(DataError, match="they disagree"):
+        data.load("mnist01", data_dir=dd)
+    # Without --data-dir the same files elsewhere are simply not a root's dataset.
+    assert data.load("fashion_mnist01").source[0].startswith(str(system))
+
+
+def test_no_system_data_env_emulates_a_fresh_machine(isolated, monkeypatch):
+    """EOS_JAX_NO_SYSTEM_DATA=1 (read at call time) switches off the cache and the system
+    directories; the default cnn chain then lands on the bundled subset."""
+    from eos_jax.eos import DEFAULT_DATASETS
+
+    chain = DEFAULT_DATASETS["cnn"]
+    assert chain == ("mnist01", "fashion_mnist01", BUNDLED_NAME, "digits01")
+    assert DEFAULT_DATASETS["fc"][-2:] == (BUNDLED_NAME, "digits01")
+    system = isolated / "system"
+    write_mnist_dir(system / "fashion-mnist", seed=3)
+    write_mnist_dir(isolated / "xdg" / "eos_jax" / "mnist", seed=2)
+    monkeypatch.setattr(sources, "SYSTEM_DIRS", (str(system),))
+    ds, skipped = data.load_first_available(chain)
+    assert ds.name == "mnist01" and skipped == []
+    (isolated / "xdg" / "eos_jax" / "mnist" / "train-images-idx3-ubyte.gz").unlink()
+    ds, skipped = data.load_first_available(chain)
+    assert ds.name == "fashion_mnist01" and ds.source[0].startswith(str(system))
+    for value in ("1", "yes"):
+        monkeypatch.setenv("EOS_JAX_NO_SYSTEM_DATA", value)
+        assert data.search_roots() == []
+        ds, skipped = data.load_first_available(chain)
+        assert ds.name == BUNDLED_NAME and [n for n, _ in skipped] == ["mnist01", "fashion_mnist01"]
+        for _, reason in skipped:  # nothing was looked at, and the message says why
+            assert "no directory to look in (EOS_JAX_NO_SYSTEM_DATA is set" in reason and "looked in" not in reason
+            assert "download(" not in reason and "EOS_JAX_DATA=DIR" in reason
+    monkeypatch.setenv("EOS_JAX_NO_SYSTEM_DATA", "0")
+    assert data.search_roots() == [isolated / "xdg" / "eos_jax", system]
+    # EOS_JAX_DATA and --data-dir stay on.
+    monkeypatch.setenv("EOS_JAX_NO_SYSTEM_DATA", "1")
+    monkeypatch.setenv("EOS_JAX_DATA", str(system))
+    assert data.load_first_available(chain)[0].name == "fashion_mnist01"
+
+
+def test_unused_files_in_data_dir_are_reported_only_when_passed_over(isolated, monkeypatch):
+    chain = ["mnist01", "fashion_mnist01", BUNDLED_NAME, "digits01"]
+    elsewhere = isolated / "env"
+    write_mnist_dir(elsewhere / "mnist", seed=1)
+    monkeypatch.setenv("EOS_JAX_DATA", str(elsewhere))
+    dd = isolated / "dd"
+    write_mnist_dir(dd / "fashion_mnist", seed=2)
+    ds, _ = data.load_first_available(chain, data_dir=dd)
+    assert ds.name == "mnist01"
+    (u,) = data.unused_in_data_dir(dd, ds, chain)
+    assert u["path"] == str(dd / "fashion_mnist") and u["holds"] == "Fashion-MNIST"
+    assert "mnist01 comes before fashion_mnist01" in u["why"] and "--dataset fashion_mnist01" in u["why"]
+    # Another dataset asked for.
+    ds = data.load("digits01")
+    (u,) = data.unused_in_data_dir(dd, ds, ["digits01"])
+    assert "not among the requested datasets (digits01)" in u["why"]
+    # Used from the directory, or no directory, or nothing in it: nothing to report.
+    write_mnist_dir(dd / "mnist", seed=3)
+    ds, _ = data.load_first_available(chain, data_dir=dd)
+    assert ds.source[0].startswith(str(dd)) and data.unused_in_data_dir(dd, ds, chain) == []
+    assert data.unused_in_data_dir(None, ds, chain) == []
+    (isolated / "empty").mkdir()
+    assert data.unused_in_data_dir(isolated / "empty", data.load("digits01"), ["digits01"]) == []
+    # Loose files the search passed over are reported as such.
+    write_loose(isolated / "loose", "fashion_mnist")
+    ds, _ = data.load_first_available(chain, data_dir=isolated / "loose")
+    assert ds.name == "mnist01"
+    (u,) = data.unused_in_data_dir(isolated / "loose", ds, chain)
+    assert u["holds"] == "Fashion-MNIST (loose IDX files)" and u["path"] == str(isolated / "loose")
 
 
 # ------------------------------------------------------------------ CIFAR

@@ -124,7 +124,7 @@ def test_dataset_fallback_is_visible(tmp_path, capsys):
                          "--checkpoint-every", "0", "--quiet", "--out", str(out)], capsys)
     assert code == 0, err
     meta = json.loads((out / "metadata.json").read_text())["dataset"]
-    assert meta["requested"] == ["mnist01", "fashion_mnist01", "digits01"]
+    assert meta["requested"] == ["mnist01", "fashion_mnist01", "fashion_mnist01_bundled", "digits01"]
     if meta["name"] != "mnist01":
         assert meta["fallback_from"] and meta["fallback_from"][0]["name"] == "mnist01"
         assert f"falling back to {meta['name']}" in err and "WARNING" in err
@@ -218,3 +218,157 @@ def test_standardize_flag_reaches_the_config():
     assert parse(["--standardize"])["standardize"] is True
     assert parse(["--no-standardize"])["standardize"] is False
     assert "standardize" not in parse([])
+
+
+# ------------------------------------------------------------------ data on a fresh machine, --num-examples, --data-dir
+
+TINY = ["--layers", "1", "--lr", "2", "--steps", "2", "--sharpness-every", "0", "--checkpoint-every", "0"]
+
+
+def test_default_num_examples_means_up_to(tmp_path, capsys):
+    """Left at its default (2000) --num-examples uses all of a smaller dataset, says so, and resumes."""
+    out = tmp_path / "run"
+    argv = [*TINY, "--dataset", "digits01", "--out", str(out)]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    warn = [l for l in err.splitlines() if "WARNING" in l]
+    assert warn == ["WARNING: digits01 has 288 training examples, fewer than the default --num-examples 2000; "
+                    "using all 288 (recorded in metadata.json)"]
+    meta = json.loads((out / "metadata.json").read_text())["dataset"]
+    assert (meta["num_examples_requested"], meta["num_examples_exact"], meta["num_examples_available"],
+            meta["num_examples_used"]) == (2000, False, 288, 288)
+    assert "on digits01 (288 examples, 2 steps)" in stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_examples"] == 2000 and cfg["num_examples_exact"] is False
+    # --resume finds a run by config.json equality: the same flags must give the same config.
+    from eos_jax import eos
+
+    def config_of(argv):
+        return eos.default_config("cnn", **eos_cli.overrides_from_args(eos_cli.build_parser().parse_args(argv))).to_dict()
+
+    assert config_of(argv) == cfg and config_of([*argv, "--resume"]) == cfg
+    assert config_of([*argv, "--num-examples", "2000"]) != cfg  # explicit is another config (it may fail)
+    # --all-examples: no cap, no warning.
+    import io
+
+    c = eos.default_config("cnn", **eos_cli.overrides_from_args(eos_cli.build_parser().parse_args(
+        [*argv, "--all-examples"])))
+    stream = io.StringIO()
+    data, info = eos.load_data(c, stream=stream)
+    assert stream.getvalue() == "" and data["x"].shape[0] == 288
+    assert info["num_examples_requested"] is None and info["num_examples_used"] == 288
+
+
+def test_explicit_num_examples_too_large_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = _run([*TINY, "--dataset", "digits01", "--num-examples", "289", "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--num-examples 289 exceeds the 288 training examples of digits01" in err
+    assert not out.exists()
+    code, _, err = _run(["--preset", "fig7", "--dataset", "digits01", "--num-examples", "300", "--steps", "2",
+                         "--sharpness-every", "0", "--out", str(tmp_path / "preset")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "exceeds the 288" in err, err
+    assert not (tmp_path / "preset").exists()  # refused before anything is written
+    # Exactly the dataset's size is fine, and recorded as explicit.
+    code, _, err = _run([*TINY, "--dataset", "digits01", "--num-examples", "288", "--quiet", "--out", str(out)], capsys)
+    assert code == 0 and "WARNING" not in err, err
+    assert json.loads((out / "config.json").read_text())["num_examples_exact"] is True
+
+
+def _fake_mnist(d: Path, seed: int) -> None:
+    """Tiny MNIST-layout IDX files (random images, labels 0..9)."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    d.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        y = (np.arange(n) % 10).astype(np.uint8)
+        (d / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(struct.pack(">I3I", 0x803, n, 28, 28) + x.tobytes()))
+        (d / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">II", 0x801, n) + y.tobytes()))
+
+
+def test_unused_data_dir_files_warn_when_passed_over(tmp_path, capsys, monkeypatch):
+    """A --data-dir whose files are not used gets one warning line saying why (and metadata.json
+    records it); a --data-dir that supplied the data gets none."""
+    monkeypatch.delenv("EOS_JAX_NO_SYSTEM_DATA", raising=False)
+    dd = tmp_path / "dd"
+    _fake_mnist(dd / "fashion_mnist", seed=1)
+    out = tmp_path / "run"
+    code, _, err = _run([*TINY, "--dataset", "digits01", "--data-dir", str(dd), "--quiet", "--out", str(out)], capsys)
+    assert code == 0, err
+    (warn,) = [l for l in err.splitlines() if "--data-dir" in l]
+    assert warn.startswith(f"WARNING: --data-dir {dd} holds dataset files that are not used: Fashion-MNIST in "
+                           f"{dd / 'fashion_mnist'}: Fashion-MNIST is not among the requested datasets (digits01)")
+    (u,) = json.loads((out / "metadata.json").read_text())["dataset"]["unused_in_data_dir"]
+    assert u["path"] == str(dd / "fashion_mnist")
+    # The default chain finds MNIST 0/1 in EOS_JAX_DATA first: the user's Fashion-MNIST is passed over, and said so.
+    import io
+
+    from eos_jax import eos
+
+    env = tmp_path / "env"
+    _fake_mnist(env / "mnist", seed=2)
+    monkeypatch.setenv("EOS_JAX_DATA", str(env))
+    stream = io.StringIO()
+    data, info = eos.load_data(eos.default_config("cnn"), str(dd), stream=stream)
+    (warn, fewer) = stream.getvalue().splitlines()
+    assert fewer.startswith("WARNING: mnist01 has 8 training examples, fewer than the default --num-examples 2000")
+    assert warn.startswith(f"WARNING: --data-dir {dd} holds dataset files that are not used: Fashion-MNIST in")
+    assert "mnist01 comes before fashion_mnist01 in the search order" in warn and str(env / "mnist") in warn
+    assert info["name"] == "mnist01" and info["num_examples_used"] == 8 and len(info["unused_in_data_dir"]) == 1
+    # The directory supplies the data: no warning.
+    stream = io.StringIO()
+    _, info = eos.load_data(eos.default_config("cnn", dataset=("fashion_mnist01",), num_examples=8), str(dd),
+                            stream=stream)
+    assert stream.getvalue() == "" and info["unused_in_data_dir"] == [] and info["source"][0].startswith(str(dd))
+
+
+def test_unidentifiable_loose_files_in_data_dir_are_refused(tmp_path, capsys):
+    import gzip
+    import struct
+
+    dd = tmp_path / "dd"
+    dd.mkdir()
+    for prefix, n in (("train", 12), ("t10k", 12)):
+        (dd / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(struct.pack(">I3I", 0x803, n, 28, 28) + bytes(n * 784)))
+        (dd / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">II", 0x801, n) + bytes(n)))
+    out = tmp_path / "run"
+    code, _, err = _run([*TINY, "--data-dir", str(dd), "--out", str(out)], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"put them in {dd / 'mnist'}/ or {dd / 'fashion_mnist'}/" in err and not out.exists()
+
+
+@pytest.mark.subprocess
+def test_main_job_on_a_fresh_machine(tmp_path):
+    """README's first command (fewer steps, cheaper sharpness) with no data installed anywhere:
+    the cache and /usr/share/datasets switched off, no EOS_JAX_DATA, a new HOME. It must finish
+    on the Fashion-MNIST 0/1 subset shipped with the package, with the fallback visible."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("EOS_JAX_DATA", "XLA_FLAGS")}
+    env.update(EOS_JAX_NO_SYSTEM_DATA="1", HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "xdg"),
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(repo))
+    (tmp_path / "home").mkdir()
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments.eos", "--layers", "3", "--lr", "5", "--steps", "10", "--sharpness-every", "5",
+           "--sharpness-iters", "5", "--sharpness-method", "power", "--chunk-steps", "5", "--checkpoint-every", "0",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warn = [l for l in proc.stderr.splitlines() if l.startswith("WARNING")]
+    assert warn == ["WARNING: dataset mnist01, fashion_mnist01 not found; falling back to fashion_mnist01_bundled "
+                    "(recorded in metadata.json)"], proc.stderr[-3000:]
+    meta = json.loads((out / "metadata.json").read_text())["dataset"]
+    assert meta["name"] == "fashion_mnist01_bundled" and meta["num_examples_used"] == 2000
+    assert [f["name"] for f in meta["fallback_from"]] == ["mnist01", "fashion_mnist01"]
+    assert "EOS_JAX_NO_SYSTEM_DATA is set" in meta["fallback_from"][1]["reason"]
+    assert "on fashion_mnist01_bundled (2000 examples, 10 steps)" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["dataset"] == "fashion_mnist01_bundled" and all(l["finite"] for l in res["lanes"])

@@ -1,21 +1,36 @@
 """Named datasets: ``load(name, split)`` returns images in [0, 1] and integer labels.
 
-=================  ==========  =======================================================
-name               classes     what
-=================  ==========  =======================================================
-mnist              10          MNIST, 60000 train / 10000 test, (28, 28, 1)
-fashion_mnist      10          Fashion-MNIST, 60000 / 10000, (28, 28, 1)
-cifar10            10          CIFAR-10, 50000 / 10000, (32, 32, 3)
-mnist01            2           MNIST digits 0 and 1 (paper Sec. 5.6, Figs. 7 and 9)
-fashion_mnist01    2           Fashion-MNIST classes 0 (T-shirt) and 1 (trouser)
-cifar10_5k         10          first 5000 CIFAR-10 training images (Cohen et al. 2021,
-                               paper Fig. 8); its test split is the full test set
-digits01           2           scikit-learn's bundled 8x8 digits 0 and 1, (8, 8, 1)
-=================  ==========  =======================================================
+=======================  =======  ==================================================
+name                     classes  what
+=======================  =======  ==================================================
+mnist                    10       MNIST, 60000 train / 10000 test, (28, 28, 1)
+fashion_mnist            10       Fashion-MNIST, 60000 / 10000, (28, 28, 1)
+cifar10                  10       CIFAR-10, 50000 / 10000, (32, 32, 3)
+mnist01                  2        MNIST digits 0 and 1 (paper Sec. 5.6, Figs. 7 and 9)
+fashion_mnist01          2        Fashion-MNIST classes 0 (T-shirt/top) and 1
+                                  (trouser)
+fashion_mnist01_bundled  2        the first 2000 training / 500 test examples of
+                                  ``fashion_mnist01``, shipped inside the package
+                                  (1.96 MB, MIT licence, Zalando SE: see NOTICE),
+                                  SHA-256 checked on every load; needs nothing
+                                  installed
+cifar10_5k               10       first 5000 CIFAR-10 training images (Cohen et al.
+                                  2021, paper Fig. 8); its test split is the full
+                                  test set
+digits01                 2        scikit-learn's bundled 8x8 digits 0 and 1,
+                                  (8, 8, 1)
+=======================  =======  ==================================================
 
 Pixels are scaled exactly as ``uint8.astype(float32) / float32(255)`` (digits:
 ``/ float32(16)``, their values are 0..16): one correctly rounded float32 division per
 pixel. Subsets keep the original order of the examples.
+
+``fashion_mnist01_bundled`` is a prefix of ``fashion_mnist01`` (same images, same
+order, same labels 0/1, same float32 pixels), so a run on its first ``n <= 2000``
+training examples equals the same run on the full dataset. It is made from the
+published files by ``python scripts/make_bundled_data.py`` (``--check`` regenerates it
+and compares bit for bit); its digests are :data:`eos_jax.data.sources.BUNDLED`. A
+changed file is an error naming the file, never a silent fallback.
 
 ``digits01`` has no official split: of the 360 examples of digits 0 and 1 in
 scikit-learn's order, those at positions ``i % 5 == 4`` form the test split (72) and the
@@ -33,11 +48,12 @@ import jax
 import numpy as np
 
 from eos_jax.data import formats, sources
-from eos_jax.errors import ConfigError, DataNotFoundError, MalformedDataError
+from eos_jax.errors import ChecksumError, ConfigError, DataNotFoundError, MalformedDataError
 
 SPLITS = ("train", "test")
 
-# name -> (base dataset or None for sklearn, kept labels or None, first-n train examples or None, num_classes)
+# name -> (base dataset or None for sklearn and the bundled subset, kept labels or None, first-n train
+# examples or None, num_classes)
 _REGISTRY: dict[str, tuple[str | None, tuple[int, ...] | None, int | None, int]] = {
     "mnist": ("mnist", None, None, 10),
     "fashion_mnist": ("fashion_mnist", None, None, 10),
@@ -45,6 +61,7 @@ _REGISTRY: dict[str, tuple[str | None, tuple[int, ...] | None, int | None, int]]
     "mnist01": ("mnist", (0, 1), None, 2),
     "fashion_mnist01": ("fashion_mnist", (0, 1), None, 2),
     "cifar10_5k": ("cifar10", None, 5000, 10),
+    "fashion_mnist01_bundled": (None, None, None, 2),
     "digits01": (None, (0, 1), None, 2),
 }
 NAMES: tuple[str, ...] = tuple(_REGISTRY)
@@ -112,7 +129,7 @@ def _check_name_split(name: str, split: str) -> None:
 
 
 def base_of(name: str) -> str | None:
-    """The base dataset whose files ``name`` is made from (None: bundled with scikit-learn)."""
+    """The base dataset whose files are searched for ``name`` (None: bundled with the package or scikit-learn)."""
     _check_name_split(name, "train")
     return _REGISTRY[name][0]
 
@@ -120,9 +137,12 @@ def base_of(name: str) -> str | None:
 def search_paths(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
     """The directories, in search order, where the files of dataset ``name`` are looked for.
 
-    Empty for ``digits01`` (bundled with scikit-learn). See :mod:`eos_jax.data.sources`
-    for the order of roots and the accepted layouts.
+    Empty for ``digits01`` (bundled with scikit-learn); the package's own directory for
+    ``fashion_mnist01_bundled``. See :mod:`eos_jax.data.sources` for the order of roots
+    and the accepted layouts.
     """
+    if name in sources.BUNDLED:
+        return [sources.bundled_dir(name)]
     base = base_of(name)
     return [] if base is None else sources.candidate_dirs(base, data_dir)
 
@@ -157,6 +177,31 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, list[Path]]:
     return images.astype(np.uint8)[..., None], np.asarray(bunch.target, dtype=np.int32), [data_file]
 
 
+def _load_bundled(name: str, split: str) -> tuple[np.ndarray, np.ndarray, list[Path], list[str]]:
+    """A subset shipped with the package: uint8 NHWC images, int32 labels, files, their SHA-256.
+
+    Every file is checked against :data:`eos_jax.data.sources.BUNDLED` before it is parsed.
+    """
+    spec = sources.BUNDLED[name]
+    d = sources.bundled_dir(name)
+    files = [d / f.filename for f in spec.files[split]]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataNotFoundError(f"bundled dataset {name}: missing {', '.join(missing)} (package data not installed; "
+                                f"reinstall eos-jax or run python scripts/make_bundled_data.py)")
+    digests = []
+    for f, want in zip(files, spec.files[split]):
+        got = formats.sha256_file(f)
+        if got != want.sha256:
+            raise ChecksumError(f"{f}: SHA-256 {got} does not match the bundled {want.sha256}; the package data was "
+                                f"changed: reinstall eos-jax or regenerate it with python scripts/make_bundled_data.py")
+        digests.append(got)
+    images, labels = formats.read_idx_pair(files[0], files[1], num_classes=len(spec.classes))
+    if labels.shape[0] != spec.counts[split]:  # pragma: no cover - the digest fixes the count
+        raise MalformedDataError(f"{files[1]}: {labels.shape[0]} examples, expected {spec.counts[split]}")
+    return images[..., None], labels, files, digests
+
+
 def load(name: str, split: str = "train", *, data_dir: str | os.PathLike | None = None) -> Dataset:
     """Loads a named dataset split into host memory.
 
@@ -173,9 +218,15 @@ def load(name: str, split: str = "train", *, data_dir: str | os.PathLike | None 
       DataNotFoundError: no files found (the message lists where it looked and how to
         provide them).
       MalformedDataError: a file is not in the published format (names the file).
+      ChecksumError: a bundled file does not have its recorded SHA-256 (names the file).
+      DataError: loose IDX files in ``data_dir`` that cannot be identified.
     """
     _check_name_split(name, split)
     base, keep, first_n, num_classes = _REGISTRY[name]
+    if name in sources.BUNDLED:
+        images, labels, files, digests = _load_bundled(name, split)
+        return Dataset(_scale(images, 255), labels, name, split, num_classes, tuple(str(f) for f in files),
+                       tuple(digests))
     if base is None:
         images, labels, files = _load_digits()
         sha = tuple(formats.sha256_file(f) for f in files)
@@ -227,3 +278,43 @@ def load_first_available(
         except DataNotFoundError as e:
             skipped.append((n, str(e)))
     raise DataNotFoundError("none of " + ", ".join(names) + " is available: " + " | ".join(f"{n}: {r}" for n, r in skipped))
+
+
+def unused_in_data_dir(
+    data_dir: str | os.PathLike | None, used: Dataset, requested: Sequence[str]
+) -> list[dict[str, str]]:
+    """Dataset files in the user's ``data_dir`` that were passed over, and why.
+
+    Nothing is reported when ``data_dir`` is None or when ``used`` was read from it (the
+    directory was honoured). Otherwise every dataset ``data_dir`` holds (any layout of
+    :mod:`eos_jax.data.sources`, or loose IDX files) is listed with the reason it was not
+    used: not requested, another requested dataset comes first and was found elsewhere, or
+    it could not be loaded.
+
+    Returns:
+      ``[{"path", "holds", "why"}]``, JSON-able, for the warning and metadata.json.
+    """
+    if data_dir is None:
+        return []
+    root = Path(data_dir).expanduser().resolve()
+    if any(Path(s).resolve().is_relative_to(root) for s in used.source):
+        return []
+    requested = list(requested)
+    rank = {n: i for i, n in enumerate(requested)}
+    used_rank = rank.get(used.name, len(requested))
+    used_where = str(Path(used.source[0]).parent) if used.source else "?"
+    out = []
+    for base, where, note in sources.files_in(root):
+        title = sources.BASE_TITLES.get(base, "unidentified IDX")
+        names = [n for n in requested if n in _REGISTRY and _REGISTRY[n][0] == base]
+        if base not in sources.BASE_TITLES:
+            why = "neither a published SHA-256 nor the first labels identify them as MNIST or Fashion-MNIST"
+        elif not names:
+            why = f"{title} is not among the requested datasets ({', '.join(requested)})"
+        elif rank[names[0]] > used_rank:
+            why = (f"{used.name} comes before {names[0]} in the search order and was found in {used_where} "
+                   f"(pass --dataset {names[0]} to use it)")
+        else:
+            why = f"{names[0]} could not be loaded from it (see fallback_from)"
+        out.append({"path": str(where), "holds": title + (f" ({note})" if note else ""), "why": why})
+    return out

@@ -3,11 +3,16 @@
 Search order for the root directories (first match wins), read at call time:
 
 1. the explicit ``data_dir`` argument (``--data-dir`` on the command line);
-2. ``$EOS_JAX_DATA``;
+2. ``$EOS_JAX_DATA`` (several directories separated by ``os.pathsep``);
 3. the user cache ``$XDG_CACHE_HOME/eos_jax`` (default ``~/.cache/eos_jax``), where
    :func:`download` puts files;
 4. known system locations: ``/usr/share/datasets`` (Debian's ``dataset-fashion-mnist``
    installs ``/usr/share/datasets/fashion-mnist/*-ubyte.gz``).
+
+``EOS_JAX_NO_SYSTEM_DATA=1`` (read at call time, any value but empty or ``0``) switches
+off the user cache and the system locations (3 and 4), so that a test or a user can see
+what a fresh machine sees; the explicit ``data_dir``, ``$EOS_JAX_DATA`` and the data
+bundled with the package stay on.
 
 Layouts accepted under each root (``*`` = raw IDX or ``.gz``):
 
@@ -19,8 +24,17 @@ Layouts accepted under each root (``*`` = raw IDX or ``.gz``):
   ``cifar-10-batches-py/`` (``data_batch_{1..5}``, ``test_batch``), also under ``cifar10/``.
   The binary format is preferred when both exist (it needs no unpickling).
 
-A root directory is never read as a dataset directory itself: MNIST and Fashion-MNIST
-use the same file names, and guessing would silently load the wrong one.
+Loose IDX files directly in the explicit ``data_dir`` (not in a subfolder) are used too,
+after its subfolders. MNIST and Fashion-MNIST use the same file names, so such files are
+identified first: by a known SHA-256 (the published ``.gz`` files in :data:`PUBLISHED`,
+Debian's recompressed Fashion-MNIST ``.gz`` files, the decompressed Fashion-MNIST files),
+else by the first ten labels of the labels files (:data:`LABEL_FINGERPRINTS`). Files that
+neither identifies are refused (:class:`~eos_jax.errors.DataError` telling to put them in
+``DIR/mnist/`` or ``DIR/fashion_mnist/``), never guessed. Other roots (``$EOS_JAX_DATA``,
+the cache, the system) are never read as a dataset directory themselves.
+
+The subset ``fashion_mnist01_bundled`` ships inside the package (:data:`BUNDLED`,
+:func:`bundled_dir`): it needs no search and is checked against its SHA-256 on every load.
 
 Published SHA-256 digests below are those listed by tensorflow-datasets
 (``tensorflow_datasets/url_checksums/{mnist,fashion_mnist,cifar10}.txt``, cifar10.csv
@@ -42,9 +56,10 @@ import urllib.request
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
-from eos_jax.errors import ChecksumError, ConfigError, DataError, DataNotFoundError
+from eos_jax.errors import ChecksumError, ConfigError, DataError, DataNotFoundError, MalformedDataError
 
 SYSTEM_DIRS: tuple[str, ...] = ("/usr/share/datasets",)
+NO_SYSTEM_DATA_ENV = "EOS_JAX_NO_SYSTEM_DATA"
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -99,6 +114,90 @@ PUBLISHED: dict[str, tuple[Resource, ...]] = {
         Resource("cifar-10-binary.tar.gz", _CIFAR_URL, "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd", 170052171),
     ),
 }
+# Fashion-MNIST as Debian ships it (package dataset-fashion-mnist 0.0~git20200523.55506a9-1,
+# /usr/share/datasets/fashion-mnist/): the SAME content recompressed, so the .gz digests and
+# sizes differ from the published ones above. Computed from the installed package.
+DEBIAN_FASHION_GZ: dict[str, tuple[str, int]] = {
+    "train-images-idx3-ubyte.gz": ("b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7", 26421856),
+    "train-labels-idx1-ubyte.gz": ("0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056", 29491),
+    "t10k-images-idx3-ubyte.gz": ("cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa", 4422079),
+    "t10k-labels-idx1-ubyte.gz": ("8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05", 5125),
+}
+# The DECOMPRESSED Fashion-MNIST IDX files (the published content, whichever gzip wrapped
+# it): SHA-256 and size. Computed here by decompressing Debian's files; they agree with
+# independent public listings of the digests of the decompressed upstream files.
+FASHION_IDX_SHA256: dict[str, tuple[str, int]] = {
+    "train-images-idx3-ubyte": ("c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47040016),
+    "train-labels-idx1-ubyte": ("bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60008),
+    "t10k-images-idx3-ubyte": ("5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", 7840016),
+    "t10k-labels-idx1-ubyte": ("0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10008),
+}
+# The first ten labels of each published labels file: they tell MNIST from Fashion-MNIST
+# when loose files match no known digest (e.g. decompressed or recompressed MNIST).
+# Fashion-MNIST's were read from Debian's files here. MNIST's could not be read here (no
+# MNIST on this machine); they are the well-known ones that independent public test suites
+# assert for the published files.
+LABEL_FINGERPRINTS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("mnist", "train"): (5, 0, 4, 1, 9, 2, 1, 3, 1, 4),
+    ("mnist", "test"): (7, 2, 1, 0, 4, 1, 4, 9, 5, 9),
+    ("fashion_mnist", "train"): (9, 0, 0, 3, 0, 2, 7, 2, 5, 5),
+    ("fashion_mnist", "test"): (9, 2, 1, 1, 6, 1, 4, 6, 5, 7),
+}
+BASE_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10"}
+
+
+class BundledFile(NamedTuple):
+    """One file of a dataset bundled with the package: name, SHA-256, size in bytes."""
+
+    filename: str
+    sha256: str
+    size: int
+
+
+class BundledSpec(NamedTuple):
+    """A subset shipped inside the package (see scripts/make_bundled_data.py).
+
+    ``counts[split]`` examples of ``classes`` of ``base`` (the first ones, in the published
+    order), with their original labels, as UNCOMPRESSED IDX files: compressed bytes can
+    differ between zlib builds, raw bytes regenerate bit for bit.
+    """
+
+    base: str
+    classes: tuple[int, ...]
+    counts: dict[str, int]
+    subdir: str
+    files: dict[str, tuple[BundledFile, BundledFile]]  # split -> (images, labels)
+
+
+# The SHA-256 of the files that scripts/make_bundled_data.py writes; checked on every load
+# and by the script (its --check mode regenerates them and compares bit for bit).
+BUNDLED: dict[str, BundledSpec] = {
+    "fashion_mnist01_bundled": BundledSpec(
+        base="fashion_mnist",
+        classes=(0, 1),
+        counts={"train": 2000, "test": 500},
+        subdir="fashion_mnist01",
+        files={
+            "train": (
+                BundledFile("train-images-idx3-ubyte", "baee76f6e74cd58024fb6cfb6cbcfa62477b532c57b982d7cedb0d4757a36b7d", 1568016),
+                BundledFile("train-labels-idx1-ubyte", "88084dba9af6691dd387eaea1de39b829cb2387347b74f78ee4137b09e4013eb", 2008),
+            ),
+            "test": (
+                BundledFile("t10k-images-idx3-ubyte", "0b7c9339831f920f161dfea35fe36e3ff2c4d56d37868f13c586e37638b0647f", 392016),
+                BundledFile("t10k-labels-idx1-ubyte", "aafa90d0925a0ee20f6d2ae89dd60b9df3eea8e315417f4829c3c09a44296498", 508),
+            ),
+        },
+    ),
+}
+# Where the bundled files live (tests point it at a copy to check that tampering is refused).
+BUNDLED_ROOT: Path = Path(__file__).resolve().parent / "bundled"
+
+
+def bundled_dir(name: str) -> Path:
+    """The directory of the bundled dataset ``name`` (read at call time from :data:`BUNDLED_ROOT`)."""
+    return BUNDLED_ROOT / BUNDLED[name].subdir
+
+
 # Which published files the dataset directory must hold after download (CIFAR: extracted).
 _CIFAR_ARCHIVE_MEMBERS = tuple(f"cifar-10-batches-bin/{n}" for n in CIFAR_BIN_FILES["train"] + CIFAR_BIN_FILES["test"])
 _DOWNLOAD_SUBDIR = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10": "."}
@@ -111,16 +210,25 @@ def user_cache_dir() -> Path:
     return base / "eos_jax"
 
 
+def system_data_disabled() -> bool:
+    """True when ``$EOS_JAX_NO_SYSTEM_DATA`` is set to anything but empty or ``0`` (read at call time)."""
+    return os.environ.get(NO_SYSTEM_DATA_ENV, "").strip() not in ("", "0")
+
+
 def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Root directories in search order (explicit, ``$EOS_JAX_DATA``, cache, system), deduplicated."""
+    """Root directories in search order (explicit, ``$EOS_JAX_DATA``, cache, system), deduplicated.
+
+    With ``EOS_JAX_NO_SYSTEM_DATA=1`` the cache and the system directories are left out.
+    """
     roots: list[Path] = []
     if data_dir is not None:
         roots.append(Path(data_dir).expanduser())
     env = os.environ.get("EOS_JAX_DATA")
     if env:
         roots.extend(Path(p).expanduser() for p in env.split(os.pathsep) if p)
-    roots.append(user_cache_dir())
-    roots.extend(Path(p) for p in SYSTEM_DIRS)
+    if not system_data_disabled():
+        roots.append(user_cache_dir())
+        roots.extend(Path(p) for p in SYSTEM_DIRS)
     seen: set[Path] = set()
     out = []
     for r in roots:
@@ -131,10 +239,20 @@ def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
 
 
 def candidate_dirs(base: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """Every directory, in order, where the files of base dataset ``base`` are looked for."""
+    """Every directory, in order, where the files of base dataset ``base`` are looked for.
+
+    For MNIST and Fashion-MNIST the explicit ``data_dir`` itself comes right after its
+    subfolders (loose files, identified before use: :func:`identify_loose`).
+    """
     if base not in LAYOUTS:
         raise ConfigError(f"unknown base dataset {base!r}; allowed: {', '.join(sorted(LAYOUTS))}")
-    return [root / sub for root in search_roots(data_dir) for sub in LAYOUTS[base]]
+    out = []
+    explicit = Path(data_dir).expanduser() if data_dir is not None else None
+    for root in search_roots(data_dir):
+        out.extend(root / sub for sub in LAYOUTS[base])
+        if root == explicit and base in ("mnist", "fashion_mnist"):
+            out.append(root)
+    return out
 
 
 def required_files(base: str, directory: Path, split: str) -> list[list[Path]] | None:
@@ -146,29 +264,152 @@ def required_files(base: str, directory: Path, split: str) -> list[list[Path]] |
     return [[directory / n] for n in CIFAR_PY_FILES[split]]
 
 
+def _known_digests() -> dict[str, list[tuple[str, str, int]]]:
+    """SHA-256 -> [(base, file name, size)] of every MNIST/Fashion-MNIST IDX file we know."""
+    out: dict[str, list[tuple[str, str, int]]] = {}
+    for base in ("mnist", "fashion_mnist"):
+        for r in PUBLISHED[base]:
+            out.setdefault(r.sha256, []).append((base, r.filename, r.size))
+    for table in (DEBIAN_FASHION_GZ, FASHION_IDX_SHA256):
+        for name, (digest, size) in table.items():
+            out.setdefault(digest, []).append(("fashion_mnist", name, size))
+    return out
+
+
+def _label_prefix(path: Path, n: int) -> tuple[int, ...] | None:
+    """The first ``n`` labels of an IDX labels file (None: not a readable 1-d uint8 IDX file)."""
+    from eos_jax.data.formats import read_idx
+
+    try:
+        labels = read_idx(path, expected_ndim=1, expected_dtype="uint8")
+    except MalformedDataError:
+        return None
+    return tuple(int(v) for v in labels[:n]) if labels.shape[0] >= n else None
+
+
+class LooseFiles(NamedTuple):
+    """What :func:`identify_loose` found directly in a directory."""
+
+    files: tuple[Path, ...]  # the IDX files lying there (MNIST/Fashion-MNIST names)
+    base: str | None  # "mnist" or "fashion_mnist"; None when nothing identifies them
+    evidence: tuple[str, ...]  # how each identified file was recognised
+    conflict: bool  # files were identified as different datasets
+
+
+def identify_loose(directory: str | os.PathLike) -> LooseFiles:
+    """Which dataset the MNIST-named IDX files lying directly in ``directory`` are.
+
+    Each file of a known size is hashed and compared with the known digests (published
+    ``.gz`` files, Debian's recompressed Fashion-MNIST, decompressed Fashion-MNIST); each
+    labels file's first ten labels are compared with :data:`LABEL_FINGERPRINTS`.
+
+    Returns:
+      A :class:`LooseFiles`; ``files`` is empty when there are none.
+    """
+    from eos_jax.data.formats import sha256_file
+
+    d = Path(directory)
+    names = [n for split in ("train", "test") for n in IDX_FILES[split]]
+    files = [d / f for n in names for f in (n, n + ".gz") if (d / f).is_file()]
+    known = _known_digests()
+    sizes = {size for entries in known.values() for _, _, size in entries}
+    votes: dict[str, list[str]] = {}
+    for f in files:
+        size = f.stat().st_size
+        if size in sizes:
+            for base, name, known_size in known.get(sha256_file(f), []):
+                if name == f.name and known_size == size:
+                    votes.setdefault(base, []).append(f"{f.name}: known {BASE_TITLES[base]} SHA-256")
+        stem = f.name.removesuffix(".gz")
+        for split in ("train", "test"):
+            if stem == IDX_FILES[split][1]:
+                n = len(LABEL_FINGERPRINTS[("mnist", split)])
+                prefix = _label_prefix(f, n)
+                for base in ("mnist", "fashion_mnist"):
+                    if prefix is not None and prefix == LABEL_FINGERPRINTS[(base, split)]:
+                        votes.setdefault(base, []).append(f"{f.name}: first labels of {BASE_TITLES[base]}")
+    if len(votes) == 1:
+        ((base, evidence),) = votes.items()
+        return LooseFiles(tuple(files), base, tuple(evidence), False)
+    return LooseFiles(tuple(files), None, tuple(e for ev in votes.values() for e in ev), len(votes) > 1)
+
+
+def _refuse_loose(directory: Path, loose: LooseFiles) -> DataError:
+    """The one-line error for loose IDX files that cannot be identified (or disagree)."""
+    names = ", ".join(f.name for f in loose.files)
+    why = ("they disagree (" + "; ".join(loose.evidence) + ")") if loose.conflict else (
+        "neither a published SHA-256 nor the first labels identify them as MNIST or Fashion-MNIST")
+    return DataError(
+        f"{directory}: IDX files lie directly in --data-dir ({names}) but {why}; "
+        f"put them in {directory / 'mnist'}/ or {directory / 'fashion_mnist'}/"
+    )
+
+
 def find_files(base: str, split: str, data_dir: str | os.PathLike | None = None) -> tuple[list[Path] | None, list[str]]:
     """The first complete set of files for ``base``/``split``, and notes on where it looked.
 
     Returns:
       ``(files, looked)``: ``files`` is None when nothing complete was found; ``looked``
       lists every directory tried (with the missing files for incomplete ones).
+
+    Raises:
+      DataNotFoundError: ``data_dir`` is given but is not a directory.
+      DataError: loose IDX files in ``data_dir`` that cannot be identified (see
+        :func:`identify_loose`): refused rather than passed over or guessed.
     """
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
         # An explicit directory that does not exist is a typo, not a reason to read
         # whatever the cache or the system happens to hold.
         raise DataNotFoundError(f"data_dir {data_dir} is not a directory; pass an existing --data-dir (or data_dir=)")
+    explicit = Path(data_dir).expanduser() if data_dir is not None else None
     looked: list[str] = []
     for d in candidate_dirs(base, data_dir):
         needs = required_files(base, d, split)
         if not d.is_dir():
             looked.append(str(d))
             continue
+        if d == explicit:  # loose files directly in --data-dir
+            loose = identify_loose(d)
+            if not loose.files:
+                looked.append(f"{d} (no loose IDX files)")
+                continue
+            if loose.base is None:
+                raise _refuse_loose(d, loose)
+            if loose.base != base:
+                looked.append(f"{d} (its loose IDX files are {BASE_TITLES[loose.base]}: {'; '.join(loose.evidence)})")
+                continue
         found = [next((p for p in options if p.is_file()), None) for options in needs]
         if all(p is not None for p in found):
             return [p for p in found if p is not None], looked
         missing = [options[0].name for options, p in zip(needs, found) if p is None]
         looked.append(f"{d} (incomplete: no {', '.join(missing)})")
     return None, looked
+
+
+def files_in(directory: str | os.PathLike) -> list[tuple[str, Path, str]]:
+    """The dataset files a directory holds, as ``(base, where, note)`` (for the unused-files warning).
+
+    Looks at every layout of :data:`LAYOUTS` under ``directory`` (a folder holding at least
+    one of the expected files counts) and at loose IDX files in ``directory`` itself
+    (``base`` is ``"unidentified"`` when :func:`identify_loose` cannot tell).
+    """
+    d = Path(directory).expanduser()
+    out: list[tuple[str, Path, str]] = []
+    if not d.is_dir():
+        return out
+    for base, subs in LAYOUTS.items():
+        for sub in subs:
+            sd = d / sub
+            if not sd.is_dir():
+                continue
+            names = [o.name for split in ("train", "test") for options in required_files(base, sd, split) for o in options]
+            if any((sd / n).is_file() for n in names):
+                out.append((base, sd, ""))
+    loose = identify_loose(d)
+    if loose.files:
+        out.append((loose.base or "unidentified", d, "loose IDX files"))
+    return out
+
 
 
 # ----------------------------------------------------------------------------------------
@@ -306,8 +547,11 @@ def describe_sources(base: str, split: str, looked: Sequence[str]) -> str:
         "fashion_mnist": "Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...)",
         "cifar10": "CIFAR-10 batches (cifar-10-batches-bin/ or cifar-10-batches-py/)",
     }[base]
-    return (
-        f"no {names} for split {split!r}; looked in: {'; '.join(looked)}. "
-        f"Put the files in one of these directories, pass --data-dir DIR (or data_dir=), set EOS_JAX_DATA=DIR, "
-        f"or run eos_jax.data.download({base!r}) to fetch them into {user_cache_dir()}"
-    )
+    where = f"looked in: {'; '.join(looked)}" if looked else "no directory to look in"
+    if system_data_disabled():
+        where += f" ({NO_SYSTEM_DATA_ENV} is set: the user cache and {', '.join(SYSTEM_DIRS)} are not searched)"
+        remedy = "pass --data-dir DIR (or data_dir=) or set EOS_JAX_DATA=DIR"
+    else:
+        remedy = (f"put the files in one of these directories, pass --data-dir DIR (or data_dir=), set EOS_JAX_DATA=DIR, "
+                  f"or run eos_jax.data.download({base!r}) to fetch them into {user_cache_dir()}")
+    return f"no {names} for split {split!r}; {where}. {remedy[0].upper()}{remedy[1:]}"
