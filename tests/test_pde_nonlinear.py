@@ -312,7 +312,7 @@ def test_cli_writes_every_promised_file(tmp_path, capsys):
 
     out = tmp_path / "run"
     code = pde.main(["nonlinear", "--dt", "0.01", "0.05", "0.2", "--steps", "20", "--size", "32", "--kernel", "8",
-                     "--sharpness-every", "10", "--sharpness-iters", "4", "--out", str(out)])
+                     "--sharpness-every", "10", "--sharpness-iters", "4", "--rel-l1-window", "5", "--out", str(out)])
     assert code == 0
     for name in ("config.json", "metadata.json", "results.json", "figure5.png", "figure6.png", "regimes.png"):
         assert (out / name).stat().st_size > 0, name
@@ -321,6 +321,10 @@ def test_cli_writes_every_promised_file(tmp_path, capsys):
     for key, v in res["per_dt"].items():
         assert v["classification"] in nl.CLASSES
         assert len(v["rel_l1"]) == 20
+        ma = v["rel_l1_moving_average"]
+        assert ma["window"] == 5 and ma["first_step"] == 4 and len(ma["values"]) == 16
+        raw = np.asarray(v["rel_l1"], np.float64)
+        np.testing.assert_array_equal(np.asarray(ma["values"], np.float64), nl.moving_average(raw, 5))
         for lane in ("k1", "k3"):
             assert len(v["lanes"][lane]["loss"]) == 20
             assert set(v["lanes"][lane]["fractions"]) == set(nl.REGIMES)
@@ -329,8 +333,9 @@ def test_cli_writes_every_promised_file(tmp_path, capsys):
     assert res["per_dt"]["0.2"]["classification"] == "divergent"  # dt * alpha = 4 > 2
     assert res["sharpness_steps"] == [0, 10, 20]
     assert "classification_rule" in res and res["notes"]
+    assert res["setting"]["pool"] == "mean" and res["theory"]["data_term_scale_q"] == 1 / 25 ** 2
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["command"] == "nonlinear" and cfg["dts"] == [0.01, 0.05, 0.2]
+    assert cfg["command"] == "nonlinear" and cfg["dts"] == [0.01, 0.05, 0.2] and cfg["pool"] == "mean"
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["model_info"]["conv_impl"] == "fft" and "timing" in meta
     printed = capsys.readouterr().out
@@ -352,6 +357,7 @@ def test_cli_writes_every_promised_file(tmp_path, capsys):
         (["--kernel", "0"], "'0' is not allowed"),
         (["--steps", "many"], "'many' is not an integer"),
         (["--conv-impl", "winograd"], "invalid choice"),
+        (["--pool", "max"], "invalid choice"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(flags, fragment, tmp_path, capsys):
