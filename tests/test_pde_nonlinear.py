@@ -495,3 +495,36 @@ def test_checkerboard_and_eos_notes_follow_the_numbers(small_sim):
     assert any("NOT consistent with the paper at [0.03]" in n for n in out)
     assert any(n.startswith("DIFFERENCE FROM THE PAPER: restrained dts [0.03] never") for n in out)
     assert not any("-- agree." in n for n in out)
+    # The same restrained dt whose 1-D orbit exceeds 2 only at unsampled steps: a sampling note, no difference.
+    bad["checkerboard_orbit"]["0.03"].update(period=2, max_dt_lambda=2.6, max_dt_lambda_sampled=1.5)
+    out = nl.notes(bad, _SMALL)
+    assert any(n.startswith("restrained dts [0.03] never") and "sampling skips" in n for n in out)
+    assert not any(n.startswith("DIFFERENCE FROM THE PAPER: restrained dts [0.03]") for n in out)
+
+
+def test_one_dimensional_map_is_gradient_descent_on_the_checkerboard():
+    """<K_t, chi> of GD on the cnn loss (float64, jax.grad) follows the 1-D map of checkerboard_loss_1d."""
+    n, w, alpha, dt, pool = 12, 4, 0.5, 0.3, "mean"
+    model = nl.make_model(w, pool=pool, conv_impl="lax", dtype="float64")
+    params = model.init(jax.random.key(2), (n, n, 1))["params"]
+    batch = nl.make_batch(checkerboard(n, dtype=np.float64), 1, np.float64)
+    grad_fn = jax.jit(jax.grad(nl.make_loss_fn(model, alpha)))
+    chi = nl._chi(w)
+    c = float(np.sum(np.asarray(nl.kernel_of(params)) * chi))
+    kw = dict(size=n, kernel=w, alpha=alpha, beta=1.0, label=1, pool=pool)
+    for _ in range(15):
+        params = jax.tree_util.tree_map(lambda p, g: p - dt * g, params, grad_fn(params, batch))
+        c = c - dt * w * w * float(nl.checkerboard_loss_1d(np.asarray(c), **kw)["grad_c"])
+        assert float(np.sum(np.asarray(nl.kernel_of(params)) * chi)) == pytest.approx(c, rel=1e-10, abs=1e-12)
+
+
+def test_one_dimensional_orbit_of_the_paper_setting_near_the_threshold():
+    """256x256, w=32, mean: fixed point at dt=0.032 (< 2/lambda* = 0.0323), period 2 at 0.033 whose
+    dt*lambda_max exceeds 2 only at odd steps (the even-step samples see 1.52)."""
+    orbit = nl.checkerboard_orbit(-38.5, (0.032, 0.033, 0.11), steps=2000, window=200, sample_every=10,
+                                  size=256, kernel=32, alpha=20.0, beta=1.0, label=1, pool="mean")
+    assert orbit["0.032"]["predicted"] == "stable" and orbit["0.032"]["period"] == 1
+    o = orbit["0.033"]
+    assert o["predicted"] == "restrained" and o["period"] == 2
+    assert o["max_dt_lambda"] > 2 > o["max_dt_lambda_sampled"]
+    assert orbit["0.11"]["predicted"] == "divergent"  # dt * alpha = 2.2

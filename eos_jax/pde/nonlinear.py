@@ -65,10 +65,15 @@ constant forcing ``-(a/2) Ibar`` of (10) vanishes. For that image the loss depen
 minimum and the curvature there give the threshold ``dt < 2/lambda_max`` between
 converging and oscillating, printed beside the classification.
 
-Command and runtime (shared 2-core CPU, 12 lanes, float32, FFT convolution; 3.6 min
-wall of which ~65% is the Lanczos sharpness every 10 steps)::
+Command and runtime (12 lanes, float32, FFT convolution; 3.6 min wall on an idle 2-core
+CPU, 12.7 min on the same CPU shared with other jobs, of which ~55% is the Lanczos
+sharpness every 10 steps)::
 
     python -m experiments.pde nonlinear --dt 0.01 0.03 0.05 0.07 0.09 0.11 --steps 2000 --out runs/nonlinear
+
+Measured with ``pool="mean"`` (the default): stable at 0.01 and 0.03, restrained at 0.05,
+0.07 and 0.09, divergent at 0.11 (step 218); the closed-form threshold of the checkerboard
+minimum is ``dt < 2/61.997 = 0.0323``. With ``pool="sum"`` it is ``2/563 = 0.00355``.
 """
 
 from __future__ import annotations
@@ -815,6 +820,68 @@ def checkerboard_minima(*, size: int, kernel: int, alpha: float, beta: float, la
     return out
 
 
+def checkerboard_orbit(c0: float, dts: tuple[float, ...], *, steps: int, window: int, sample_every: int,
+                       size: int, kernel: int, alpha: float, beta: float, label: int, pool: str,
+                       max_period: int = 8) -> dict[str, dict[str, Any]]:
+    """Gradient descent (9) on the pixel checkerboard as the one-dimensional map of ``c = <K, chi>``.
+
+    With ``K = (c/w^2) chi + K_perp`` the step ``K <- K - dt grad L`` is exactly
+    ``c <- c - dt w^2 d/dc[l(c) + alpha c^2/(2 w^2)]`` and ``K_perp <- (1 - dt alpha) K_perp``
+    (:func:`checkerboard_loss_1d`), so the run's ``c_t`` follows this map from its ``c_0``
+    (float64 here, float32 in the run). Over the last ``window`` iterates ``c_t``
+    (``t = steps - window .. steps - 1``, the run's record indexing) it reports the period of
+    the orbit, the largest ``dt lambda_max`` (``lambda_max = max(alpha, lambda_chi(c_t))``)
+    at every step and at the steps the run samples (``t % sample_every == 0``), and the
+    regime it predicts: "divergent" if ``dt alpha >= 2`` (``K_perp`` grows) or ``c``
+    leaves the finite range, "stable" if the orbit is a fixed point, "restrained" otherwise.
+
+    Returns:
+      Per ``dt`` key a dict: ``predicted``, ``period`` (1..max_period, None if aperiodic),
+      ``c_range``, ``max_dt_lambda``, ``max_dt_lambda_sampled``.
+    """
+    kw = dict(size=size, kernel=kernel, alpha=alpha, beta=beta, label=label, pool=pool)
+    d = np.asarray(dts, np.float64)
+    c = np.full(d.shape, float(c0))
+    w2 = float(kernel * kernel)
+    hist_c = np.empty((window, d.size))
+    hist_l = np.empty((window, d.size))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(steps):
+            f = checkerboard_loss_1d(c, **kw)
+            if t >= steps - window:
+                hist_c[t - (steps - window)] = c
+                hist_l[t - (steps - window)] = np.maximum(alpha, f["lambda_chi"])
+            c = c - d * w2 * f["grad_c"]
+    ts = np.arange(steps - window, steps)
+    sampled = ts % sample_every == 0
+    out = {}
+    for i, dt in enumerate(dts):
+        hc, hl = hist_c[:, i], dt * hist_l[:, i]
+        finite = bool(np.all(np.isfinite(hc)))
+        period = None
+        if finite:
+            tol = 1e-9 * max(1.0, float(np.max(np.abs(hc))))
+            for p in range(1, min(max_period, window - 1) + 1):
+                if np.all(np.abs(hc[p:] - hc[:-p]) <= tol):
+                    period = p
+                    break
+        if dt * alpha >= 2 or not finite:
+            pred = "divergent"
+        elif window < 3:
+            pred = "undetermined"  # too few iterates to tell a fixed point from an orbit
+        elif period == 1:
+            pred = "stable"
+        else:
+            pred = "restrained"
+        out[_dt_key(dt)] = {
+            "predicted": pred, "period": period,
+            "c_range": [float(np.min(hc)), float(np.max(hc))] if finite else None,
+            "max_dt_lambda": float(np.max(hl)) if finite else None,
+            "max_dt_lambda_sampled": float(np.max(hl[sampled])) if finite and np.any(sampled) else None,
+        }
+    return out
+
+
 def theory(image: np.ndarray, kernel: int, *, alpha: float, beta: float, label: int, dts: tuple[float, ...],
            pool: str = "mean", square: int | None = None, key: jax.Array | None = None) -> dict[str, Any]:
     """Table 3's stability bounds for this input and pooling, beside the windowed bounds.
@@ -1004,6 +1071,8 @@ def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, An
                                       "values": rel_avg},
             "lanes": lanes, "theory": th_dt,
         }
+    c0 = (float(np.sum(np.asarray(sim["initial_kernel"], np.float64) * _chi(config.kernel)))
+          if config.square == 1 else None)
     results = {
         "setting": {
             "image": f"{config.size}x{config.size} checkerboard of +1/-1, squares of {config.square} px",
@@ -1031,8 +1100,11 @@ def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, An
         "rel_l1_moving_average_rule": (f"trailing mean over {config.rel_l1_window} consecutive steps, value j "
                                        f"averaging steps j..j+{config.rel_l1_window - 1} (as the authors smooth "
                                        "Figure 5 right, instability/compute_one_layer.m)"),
-        "initial_c": (float(np.sum(np.asarray(sim["initial_kernel"], np.float64) * _chi(config.kernel)))
-                      if config.square == 1 else None),
+        "initial_c": c0,
+        "checkerboard_orbit": (checkerboard_orbit(
+            c0, config.dts, steps=config.steps, window=config.num_window, sample_every=config.sharpness_every,
+            size=config.size, kernel=config.kernel, alpha=config.alpha, beta=config.beta, label=config.label,
+            pool=config.pool) if c0 is not None else None),
         "theory": {k: v for k, v in th.items() if k != "per_dt"},
         "per_dt": per_dt,
     }
@@ -1129,17 +1201,22 @@ def notes(results: dict[str, Any], config: NonlinearConfig) -> list[str]:
         out.append(f"DIFFERENCE FROM THE PAPER: stable dts {stable_bad} have dt*lambda_max > 2 at some sample "
                    "(max " + ", ".join(f"{d:g}: {ns[d]:.3g}" for d in stable_bad) + ").")
     if never:
-        ev_a = {d: per[_dt_key(d)]["evidence"].get("window_a_range") for d in never}
-        lo_at = {d: per[_dt_key(d)]["theory"].get("transitioning_window_alpha_min_at_a_last") for d in never}
-        why = [d for d in never if ev_a[d] is not None and ev_a[d][1] < 0 and lo_at[d] is not None
-               and lo_at[d] > config.alpha]
-        out.append(
-            f"DIFFERENCE FROM THE PAPER: restrained dts {never} never show dt*lambda_max > 2."
-            + (f" At {why} a = y_hat - y stays negative over the window and the windowed lower bound of (14) at the "
-               "last a, alpha_min = " + ", ".join(f"{d:g}: {lo_at[d]:.4g}" for d in why)
-               + f", exceeds alpha = {config.alpha:g}: the transitioning regime is unstable through the LOWER bound "
-               "(a negative Hessian eigenvalue), which the largest algebraic eigenvalue does not see." if why else "")
-        )
+        orbit = results.get("checkerboard_orbit") or {}
+        unseen = [d for d in never if (orbit.get(_dt_key(d)) or {}).get("max_dt_lambda") is not None
+                  and orbit[_dt_key(d)]["max_dt_lambda"] > 2 >= orbit[_dt_key(d)]["max_dt_lambda_sampled"]]
+        line = f"restrained dts {never} never show dt*lambda_max > 2 at the sampled steps (every " \
+               f"{config.sharpness_every})."
+        if unseen:
+            line += (" The 1-D map of c predicts, over the last window, " + ", ".join(
+                f"{d:g}: period {orbit[_dt_key(d)]['period']}, max dt*lambda_max "
+                f"{orbit[_dt_key(d)]['max_dt_lambda']:.3g} at all steps vs "
+                f"{orbit[_dt_key(d)]['max_dt_lambda_sampled']:.3g} at the sampled ones" for d in unseen)
+                + f": above 2 at steps the sampling skips (rerun with an odd --sharpness-every to see both phases)."
+                + ("" if len(unseen) == len(never) else
+                   f" DIFFERENCE FROM THE PAPER at {[d for d in never if d not in unseen]}."))
+        else:
+            line = "DIFFERENCE FROM THE PAPER: " + line
+        out.append(line)
     inside = [d for d in rest if (per[_dt_key(d)]["evidence"]["window_mean_fractions"]["transitioning"] or 0) >= 1.0]
     if inside:
         out.append(
@@ -1200,6 +1277,20 @@ def _checkerboard_notes(results: dict[str, Any], config: NonlinearConfig, by_cla
         + f" (initial c = <K0, chi> = {results['initial_c']:.4g}). Predicted stable: {pred_stable}; simulation "
         f"stable: {stab} -- " + ("agree." if agree else "DISAGREE.")
     )
+    orbit = results.get("checkerboard_orbit")
+    if orbit:
+        pred = {d: orbit[_dt_key(d)]["predicted"] for d in config.dts}
+        sim_cls = {d: per[_dt_key(d)]["classification"] for d in config.dts}
+        differ = [d for d in config.dts if pred[d] != sim_cls[d]]
+        out.append(
+            "1-D map of c = <K, chi> (exact reduction of GD (9) on this image, float64, from the run's c0), last "
+            f"{config.num_window} steps: " + "; ".join(
+                f"{d:g}: {pred[d]} (period {orbit[_dt_key(d)]['period'] or 'none found'}, max dt*lambda_max "
+                + ("-" if orbit[_dt_key(d)]["max_dt_lambda"] is None else
+                   format(orbit[_dt_key(d)]["max_dt_lambda"], ".3g")) + ")" for d in config.dts)
+            + (" -- the simulation's classes agree at every dt." if not differ else
+               f" -- the simulation's classes DIFFER at {differ}.")
+        )
     lam_meas = {d: per[_dt_key(d)]["evidence"].get("last_lambda_max") for d in stab}
     lam_meas = {d: x for d, x in lam_meas.items() if x is not None}
     if lam_meas:
