@@ -202,7 +202,8 @@ def _run_nonlinear(args: argparse.Namespace) -> int:
     from eos_jax.pde import nonlinear
 
     config = nonlinear.NonlinearConfig(
-        dts=tuple(args.dt), steps=args.steps, k=args.k, pool=args.pool, alpha=args.alpha, beta=args.beta, label=args.label,
+        dts=tuple(args.dt), steps=args.steps, k=args.k, pool=args.pool, alpha=args.alpha, beta=args.beta,
+        label=args.label,
         size=args.size, square=args.square, kernel=args.kernel, seed=args.seed,
         sharpness_every=args.sharpness_every, sharpness_iters=args.sharpness_iters, regime_tol=args.regime_tol,
         conv_impl=args.conv_impl, window=args.window, osc_level=args.osc_level, rel_l1_level=args.rel_l1_level,

@@ -87,7 +87,8 @@ def test_mean_pooled_gradient_matches_the_authors_numpy_formula(image_kind):
     kernel = np.asarray(nl.kernel_of(params), np.float64)
     ref = _authors_numpy_gradient(kernel, image, alpha, beta, 1)
     assert np.linalg.norm(ref - alpha * kernel) > 1e-2 * np.linalg.norm(alpha * kernel)  # data term not negligible
-    auto = np.asarray(nl.kernel_of(jax.grad(nl.make_loss_fn(model, alpha))(params, nl.make_batch(image, 1, np.float64))))
+    batch = nl.make_batch(image, 1, np.float64)
+    auto = np.asarray(nl.kernel_of(jax.grad(nl.make_loss_fn(model, alpha))(params, batch)))
     analytic = np.asarray(nl.analytic_gradient(jnp.asarray(kernel), jnp.asarray(image), alpha=alpha, beta=beta,
                                                label=1, pool="mean"))
     np.testing.assert_allclose(auto, ref, rtol=1e-10, atol=1e-14)
@@ -284,7 +285,8 @@ def test_config_validation_names_the_bad_value():
 
 
 def test_theory_of_the_pixel_checkerboard():
-    """pool="sum": Ibar = 0 (even side), window sums +-1 (odd valid side), windowed mu_max = (n-w+1)^2 w^2, mu_min = 0."""
+    """pool="sum": Ibar = 0 (even side), window sums +-1 (odd valid side), windowed mu_max = (n-w+1)^2 w^2,
+    mu_min = 0."""
     n, w, alpha = 32, 8, 20.0
     th = nl.theory(checkerboard(n), w, alpha=alpha, beta=1.0, label=1, dts=(0.01, 0.11), pool="sum")
     assert th["image_sum_Ibar"] == 0.0

@@ -674,7 +674,8 @@ def run_linear(config: LinearConfig, out_dir: str | Path) -> dict[str, Any]:
         "ibar": config.ibar,
         "reading": (f"data term (K*I)*I {'summed' if config.pool == 'sum' else 'averaged'} over the output positions"
                     f"{' as in linear.py' if config.pool == 'sum' else ' (mean pooling; linear.py sums)'}; Ibar = the "
-                    f"image {config.ibar}{' as in linear.py' if config.ibar == 'mean' else ' (the paper text, Eq. (47))'}"
+                    f"image {config.ibar}"
+                    f"{' as in linear.py' if config.ibar == 'mean' else ' (the paper text, Eq. (47))'}"
                     "; defaults follow the authors' single_layer/linear.py (sunyx523/surprising-instabilities)"),
         "Ibar_used": image_bar(image, config.ibar),
         "periodic_data_scale": q_per,

@@ -1176,7 +1176,8 @@ def notes(results: dict[str, Any], config: NonlinearConfig) -> list[str]:
     untrans = [d for d in config.dts if d not in trans]
     line = (f"transitioning regime (linearized at K=0, a = s(0) - y = {th['a_linearization']:g}, data term x "
             f"q = {th['data_term_scale_q']:.4g} for pool={config.pool}): windowed alpha_min = "
-            f"{first['transitioning_window_alpha_min']:.4g}, periodic alpha_min = {first['transitioning_alpha_min']:.4g}"
+            f"{first['transitioning_window_alpha_min']:.4g}, periodic alpha_min = "
+            f"{first['transitioning_alpha_min']:.4g}"
             f", alpha = {config.alpha:g}: stable at dt in {trans}, unstable at dt in {untrans}")
     if not trans:
         line += " -- so at this alpha every visit of K*I ~ 0 is unstable, at every dt of the sweep"
