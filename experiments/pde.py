@@ -17,10 +17,14 @@ Commands (wall-clock runtimes measured on the shared 2-core CPU under load from 
   python -m experiments.pde nonlinear --dt 0.01 0.03 0.05 0.07 0.09 0.11 --steps 2000 \
       --out runs/nonlinear                                            # Eq. (9), Figures 5-6
 
-Findings that differ from the paper's text are printed as ``note:`` lines and stored in
-``results.json`` (``notes``): e.g. for the pixel checkerboard the periodic bounds (14) are
-an empty interval at dt = 1e-8, and (18) is the momentum -> 1 limit of the exact
-Nesterov bound (see :mod:`eos_jax.pde.linear`).
+Findings are printed as ``note:`` lines and stored in ``results.json`` (``notes``); each is
+computed from that run's numbers and shows the comparison it rests on (e.g. closed form vs
+power iteration, bisection vs spectrum, the classification vs the closed-form threshold).
+
+Pooling: ``nonlinear --pool mean`` (default) averages over the output positions as the
+authors' ``single_layer/PySun.py`` does (``sum`` is the alternative); ``linear`` defaults to
+the authors' ``single_layer/linear.py``: ``--pool sum`` (data term summed over positions) and
+``--ibar mean`` (see :mod:`eos_jax.pde.linear`).
 
 Bad flags (a non-positive dt or kernel size, an unknown scheme) give one line on
 stderr and exit code 2.
@@ -117,6 +121,11 @@ def _add_linear(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--square", type=cli.positive_int, default=1,
                    help="checkerboard square side in pixels (1: (-1)^(i+j); the paper does not say)")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of K ~ N(0, 1)")
+    p.add_argument("--pool", choices=("sum", "mean"), default="sum",
+                   help="data term (K*I)*I summed over the output positions (default, as the authors' "
+                        "single_layer/linear.py does) or averaged (mean pooling: M -> M/(n-w+1)^2)")
+    p.add_argument("--ibar", choices=("mean", "sum"), default="mean",
+                   help="Ibar of (10): the image mean (default, as in linear.py) or its sum (the paper's Eq. (47))")
     p.add_argument("--bisect-steps", type=cli.positive_int, default=400, help="iterations per bisection run")
     p.add_argument("--rel-tol", type=cli.positive_float, default=1e-4, help="bisection relative bracket width")
     p.add_argument("--plot-steps", type=cli.positive_int, default=1000, help="iterations of the Figure-4 runs")
@@ -130,8 +139,8 @@ def _run_linear(args: argparse.Namespace) -> int:
 
     config = linear.LinearConfig(
         kernels=tuple(args.kernel), scheme=args.scheme, dt=args.dt, a=args.a, beta=args.beta,
-        momentum=args.momentum, size=args.size, square=args.square, seed=args.seed,
-        bisect_steps=args.bisect_steps,
+        momentum=args.momentum, size=args.size, square=args.square, seed=args.seed, pool=args.pool,
+        ibar=args.ibar, bisect_steps=args.bisect_steps,
         rel_tol=args.rel_tol, plot_steps=args.plot_steps,
     )
     results = linear.run_linear(config, args.out)
@@ -151,7 +160,7 @@ def _add_nonlinear(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "nonlinear",
         help="non-linear one-layer CNN PDE (9): loss, RelL1(k=1,k=3), Table 3 regimes, dt*lambda_max per dt",
-        description="Gradient descent on the one-layer cnn (Swish, global sum, BCE, weight decay alpha in the "
+        description="Gradient descent on the one-layer cnn (Swish, global mean or sum, BCE, weight decay alpha in the "
         "loss) over a +1/-1 checkerboard, every dt with k=1 and k=3 as one vmapped program; classifies each dt "
         "stable / restrained / divergent and prints Table 3's bounds beside the simulation (Figures 5-6).",
     )
@@ -159,6 +168,9 @@ def _add_nonlinear(subparsers: argparse._SubParsersAction) -> None:
                    help="step sizes (learning rates)")
     p.add_argument("--steps", type=cli.positive_int, default=2000, help="gradient-descent steps")
     p.add_argument("--k", type=cli.positive_int, default=3, help="perturbation factor of the second lane (>= 2)")
+    p.add_argument("--pool", choices=("mean", "sum"), default="mean",
+                   help="global pooling over the (n-w+1)^2 output positions: mean (the authors' AvgPooling, "
+                        "single_layer/PySun.py) or sum")
     p.add_argument("--alpha", type=cli.nonnegative_float, default=20.0, help="weight decay alpha (in the loss)")
     p.add_argument("--beta", type=cli.positive_float, default=1.0, help="Swish beta")
     p.add_argument("--label", type=int, choices=(0, 1), default=1, help="label y")
@@ -177,6 +189,8 @@ def _add_nonlinear(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--osc-level", type=cli.positive_float, default=1e-3, help="oscillation level (restrained)")
     p.add_argument("--rel-l1-level", type=cli.positive_float, default=1e-3, help="RelL1 amplification level")
     p.add_argument("--growth-factor", type=cli.positive_float, default=10.0, help="divergent: loss above this x initial")
+    p.add_argument("--rel-l1-window", type=cli.positive_int, default=100,
+                   help="steps of the trailing RelL1 moving average (100, as the authors plot)")
     p.add_argument("--out", required=True, help="run directory (new or empty)")
     p.set_defaults(handler=_run_nonlinear)
 
@@ -188,11 +202,12 @@ def _run_nonlinear(args: argparse.Namespace) -> int:
     from eos_jax.pde import nonlinear
 
     config = nonlinear.NonlinearConfig(
-        dts=tuple(args.dt), steps=args.steps, k=args.k, alpha=args.alpha, beta=args.beta, label=args.label,
+        dts=tuple(args.dt), steps=args.steps, k=args.k, pool=args.pool, alpha=args.alpha, beta=args.beta,
+        label=args.label,
         size=args.size, square=args.square, kernel=args.kernel, seed=args.seed,
         sharpness_every=args.sharpness_every, sharpness_iters=args.sharpness_iters, regime_tol=args.regime_tol,
         conv_impl=args.conv_impl, window=args.window, osc_level=args.osc_level, rel_l1_level=args.rel_l1_level,
-        growth_factor=args.growth_factor,
+        growth_factor=args.growth_factor, rel_l1_window=args.rel_l1_window,
     )
     config.validate()
     results = nonlinear.run_nonlinear(config, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -57,3 +57,20 @@ def test_small_runs_stable_at_bound_divergent_when_fidelity_is_unstable(tmp_path
         assert (tmp_path / "run" / f).is_file()
     with pytest.raises(ConfigError, match="delta"):
         beltrami.BeltramiConfig(delta=-1.0).validate()
+
+
+def test_notes_check_the_bound_against_the_run():
+    """The 'cannot blow up' note sets each run's max|u| beside the bound; a contradiction is printed as one."""
+    cfg = beltrami.BeltramiConfig(multiples=(1.0, 10.0, 500.0), points=32, lam=5000.0)
+    dx, smax = 1.0 / 32, 1.2
+    bound = smax + 2.0 / (cfg.lam * dx)
+    runs = {"1.0": {"dt": 1e-4, "classification": "stable", "max_abs_u": 1.1},
+            "10.0": {"dt": 1.5e-4, "classification": "restrained", "max_abs_u": 1.15},
+            "500.0": {"dt": 5e-4, "classification": "divergent", "max_abs_u": 1e30}}
+    notes = beltrami._notes(runs, cfg, smax, dx)
+    assert "none diverges, as the bound says" in notes[0] and f"bound {bound:.4g}: yes" in notes[0]
+    assert notes[1].startswith("multiples 500.0: lambda*dt >= 2") and "500.0 x: divergent" in notes[1]
+    runs["10.0"].update(classification="divergent", max_abs_u=50.0)
+    notes = beltrami._notes(runs, cfg, smax, dx)
+    assert "CONTRADICTED at ['10.0']" in notes[0] and "none diverges" not in notes[0]
+    assert f"bound {bound:.4g}: NO" in notes[0]

@@ -29,6 +29,8 @@ def test_help(sub, capsys):
     (["linear", "--dt", "1e-8", "--scheme", "adam", "--out", "x"], "--scheme"),
     (["linear", "--dt", "1e-8", "--kernel", "300", "--out", "x"], "kernel size 300"),
     (["linear", "--dt", "1e-4", "--scheme", "nesterov", "--momentum", "1.5", "--out", "x"], "momentum"),
+    (["linear", "--dt", "1e-8", "--pool", "max", "--out", "x"], "--pool"),
+    (["linear", "--dt", "1e-8", "--ibar", "median", "--out", "x"], "--ibar"),
     (["heat", "--ratio", "-0.4", "--out", "x"], "--ratio"),
     (["beltrami", "--steps", "0", "--out", "x"], "--steps"),
     (["nosuch"], "invalid choice"),
@@ -53,6 +55,8 @@ def test_linear_tiny_run_and_no_overwrite(tmp_path, capsys):
             assert isinstance(e[key], float), key
         assert abs(e["alpha_min_empirical"] - e["alpha_min_spectral"]) <= 0.02 * e["alpha_min_spectral"]
         assert abs(e["alpha_max_empirical"] - e["alpha_max_spectral"]) <= 0.02 * e["alpha_max_spectral"]
+    assert res["pool"] == "sum" and res["ibar"] == "mean"  # the authors' single_layer/linear.py
+    assert json.loads((out / "config.json").read_text())["pool"] == "sum"
     assert (out / "figure4.png").is_file() and (out / "metadata.json").is_file()
     assert "a_min theory" in capsys.readouterr().out
     assert _run(argv) == 2  # the run directory already holds this run

@@ -42,16 +42,55 @@ def test_windowed_operator_is_adjoint_composition_of_valid_correlation():
     assert math.isclose(float(r[x]), manual, rel_tol=1e-12)
 
 
-def test_step_gradient_equals_jax_grad_of_linearized_loss():
+@pytest.mark.parametrize("pool,ibar", [("sum", "mean"), ("sum", "sum"), ("mean", "mean")])
+def test_step_gradient_equals_jax_grad_of_linearized_loss(pool, ibar):
     img = jnp.asarray(_image(10, seed=2) + 0.3)  # nonzero sum so the Ibar term is exercised
     w, a, beta, alpha = 3, -0.5, 1.5, 0.7
-    op = linear.make_windowed_operator(img, w)
+    q = linear.data_scale(pool, (10 - w + 1) ** 2)
+    op = linear.scaled_operator(linear.make_windowed_operator(img, w), q)
     k = jax.random.normal(jax.random.key(3), (w, w), F64)
-    g = jax.grad(linear.linearized_loss)(k, img, a=a, beta=beta, alpha=alpha)
+    g = jax.grad(linear.linearized_loss)(k, img, a=a, beta=beta, alpha=alpha, pool=pool, ibar=ibar)
     dt = 1e-3
-    step = linear.make_step(op, jnp.sum(img), scheme="gd", dt=dt, a=a, beta=beta)
+    step = linear.make_step(op, linear.image_bar(img, ibar), scheme="gd", dt=dt, a=a, beta=beta)
     new = step(linear.SchemeState(k, k), jnp.asarray(alpha, F64)).kernel
     np.testing.assert_allclose((k - new) / dt, g, rtol=1e-9, atol=1e-9 * float(jnp.max(jnp.abs(g))))
+
+
+def _linear_py_gradient(kernel, image, a, beta, alpha, *, divide_by_positions=False):
+    """The gradient of the authors' single_layer/linear.py, written out in NumPy float64.
+
+    ``0.5 a (mean(I) + beta sum_x (K * I)(x) I(x + z)) + alpha K``: im2col of the valid
+    windows, the data term a dot product over ALL output positions (no division), Ibar the
+    image mean. ``divide_by_positions`` divides the data term by their number (a mean pooling).
+    """
+    w = kernel.shape[0]
+    h = image.shape[0] - w + 1
+    cols = np.stack([image[m:m + w, n:n + w].reshape(-1) for m in range(h) for n in range(h)], axis=1)
+    conv = kernel.reshape(1, -1) @ cols
+    data = (conv @ cols.T).reshape(w, w) / (h * h if divide_by_positions else 1)
+    return 0.5 * a * (np.mean(image) + beta * data) + alpha * kernel
+
+
+@pytest.mark.parametrize("pool", ["sum", "mean"])
+def test_linear_scheme_gradient_matches_the_authors_linear_py(pool):
+    """Default reading (pool="sum", ibar="mean") is linear.py's gradient; pool="mean" divides its data term by P."""
+    n, w, a, beta, alpha, dt = 12, 4, -0.5, 1.0, 2.0, 1e-3
+    img = _image(n, seed=11) + 0.4  # mean(I) != 0
+    k = np.asarray(jax.random.normal(jax.random.key(12), (w, w), F64))
+    ref = _linear_py_gradient(k, img, a, beta, alpha, divide_by_positions=pool == "mean")
+    cfg = linear.LinearConfig(kernels=(w,), dt=dt, size=n, pool=pool)
+    assert cfg.ibar == "mean"
+    q = linear.data_scale(pool, (n - w + 1) ** 2)
+    op = linear.scaled_operator(linear.make_windowed_operator(img, w), q)
+    step = linear.make_step(op, linear.image_bar(img, cfg.ibar), scheme="gd", dt=dt, a=a, beta=beta)
+    got = (k - np.asarray(step(linear.SchemeState(jnp.asarray(k), jnp.asarray(k)), jnp.asarray(alpha, F64)).kernel))
+    np.testing.assert_allclose(got / dt, ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
+    auto = np.asarray(jax.grad(linear.linearized_loss)(jnp.asarray(k), jnp.asarray(img), a=a, beta=beta,
+                                                       alpha=alpha, pool=pool))
+    np.testing.assert_allclose(auto, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
+    # linear.py's printed alpha_min, 0.25 max|fft2(I)|^2, is (14) with the sum (a = -1/2, beta = 1).
+    assert linear.theory_bounds(img, scheme="gd", dt=dt, a=a, beta=beta)[0] == pytest.approx(
+        0.25 * np.max(np.abs(np.fft.fft2(img)) ** 2), rel=1e-12)
 
 
 def test_power_iteration_extremes_match_dense_eigh():
@@ -210,3 +249,105 @@ def test_bad_arguments_raise_config_error():
         linear.LinearConfig(kernels=(0,)).validate()
     with pytest.raises(ConfigError, match="kernel size"):
         linear.make_windowed_operator(np.zeros((8, 8)), 9)
+
+
+# ----------------------------------------------------------- thresholds under the mean
+
+
+def test_mean_pooling_thresholds_windowed_spectral_periodic_and_bisection():
+    """pool="mean": M -> M/P. Spectral and bisection thresholds agree (windowed), the periodic
+    theory with |I_hat|^2/n^2 matches the simulated periodic threshold, and the mean problem
+    at (dt P, alpha/P) is the sum problem at (dt, alpha)."""
+    n, w, a, beta = 20, 5, -0.5, 1.0
+    img = _image(n, seed=8)
+    p = (n - w + 1) ** 2
+    dt = 2e-3 * p  # same dt * z as the sum test at 2e-3
+    op = linear.scaled_operator(linear.make_windowed_operator(img, w), linear.data_scale("mean", p))
+    eig = linear.operator_extremes(op, (w, w), jax.random.key(9))
+    sp_min, sp_max = linear.alpha_bounds(eig.mu_min, eig.mu_max, scheme="gd", dt=dt, a=a, beta=beta)
+    sum_eig = linear.operator_extremes(linear.make_windowed_operator(img, w), (w, w), jax.random.key(9))
+    su_min, su_max = linear.alpha_bounds(sum_eig.mu_min, sum_eig.mu_max, scheme="gd", dt=2e-3, a=a, beta=beta)
+    assert sp_min == pytest.approx(su_min / p, rel=1e-9) and sp_max == pytest.approx(su_max / p, rel=1e-9)
+    step = linear.make_step(op, linear.image_bar(img, "mean"), scheme="gd", dt=dt, a=a, beta=beta)
+    k0 = jax.random.normal(jax.random.key(10), (w, w), F64)
+    bis = linear.bisect_bounds(linear.make_instability_test(step, 800), k0, scale=1.0 / dt, rel_tol=1e-4)
+    assert 0 < sp_min < sp_max
+    assert abs(bis["alpha_min"] - sp_min) <= 0.02 * sp_min
+    assert abs(bis["alpha_max"] - sp_max) <= 0.02 * sp_max
+    # Periodic: theory_bounds(pool="mean") against the simulated periodic scheme with M/n^2.
+    m = 12
+    pimg = _image(m, seed=6)
+    pdt = 2e-3 * m * m
+    pop = linear.scaled_operator(linear.make_periodic_operator(pimg), 1.0 / (m * m))
+    pstep = linear.make_step(pop, linear.image_bar(pimg, "mean"), scheme="gd", dt=pdt, a=a, beta=beta)
+    pk0 = jax.random.normal(jax.random.key(7), (m, m), F64)
+    pbis = linear.bisect_bounds(linear.make_instability_test(pstep, 800), pk0, scale=1.0 / pdt, rel_tol=1e-4)
+    th_min, th_max = linear.theory_bounds(pimg, scheme="gd", dt=pdt, a=a, beta=beta, pool="mean")
+    assert 0 < th_min < th_max
+    assert abs(pbis["alpha_min"] - th_min) <= 0.01 * th_min
+    assert abs(pbis["alpha_max"] - th_max) <= 0.01 * th_max
+
+
+def test_checkerboard_windowed_thresholds_under_the_mean():
+    """Pixel checkerboard, pool="mean": alpha_min = (1/4) w^2 (closed form (n-w+1)^2 w^2 / P), found by bisection."""
+    n, w, a = 32, 8, -0.5
+    p = (n - w + 1) ** 2
+    dt = 1e-5 * p
+    cf_min, cf_max = linear.checkerboard_window_extremes(n, w)
+    th = linear.alpha_bounds(cf_min / p, cf_max / p, scheme="gd", dt=dt, a=a, beta=1.0)
+    assert th[0] == pytest.approx(0.25 * w * w, rel=1e-12) and th[1] == 2 / dt
+    op = linear.scaled_operator(linear.make_windowed_operator(checkerboard(n), w), 1.0 / p)
+    step = linear.make_step(op, 0.0, scheme="gd", dt=dt, a=a, beta=1.0)
+    k0 = jax.random.normal(jax.random.key(11), (w, w), F64)
+    bis = linear.bisect_bounds(linear.make_instability_test(step, 400), k0, scale=1 / dt, rel_tol=1e-4)
+    assert abs(bis["alpha_min"] - th[0]) <= 0.02 * th[0]
+    assert abs(bis["alpha_max"] - th[1]) <= 0.02 * th[1]
+
+
+# ------------------------------------------------------------------------------ notes
+
+
+@pytest.fixture(scope="module")
+def tiny_linear_run(tmp_path_factory):
+    """A tiny run_linear (checkerboard 16x16, w = 3, 4) whose results the note tests edit."""
+    cfg = linear.LinearConfig(kernels=(3, 4), dt=1e-5, size=16, bisect_steps=64, rel_tol=1e-3, plot_steps=10)
+    return cfg, linear.run_linear(cfg, tmp_path_factory.mktemp("lin") / "run")
+
+
+def test_closed_form_note_says_matched_only_when_it_matches(tiny_linear_run):
+    import copy
+
+    cfg, res = tiny_linear_run
+    assert res["pool"] == "sum" and res["ibar"] == "mean" and "linear.py" in res["reading"]
+    for e in res["kernels"].values():
+        assert e["rel_diff_mu_max_power_vs_closed_form"] <= linear.MATCH_RTOL
+    note = next(n for n in res["notes"] if n.startswith("windowed mu_max"))
+    assert "-- matched" in note and "NOT matched" not in note
+    bad = copy.deepcopy(res)
+    bad["kernels"]["4"]["rel_diff_mu_max_power_vs_closed_form"] = 1e-3
+    out = linear._notes(bad, cfg)
+    note = next(n for n in out if n.startswith("windowed mu_max"))
+    assert "NOT matched" in note and "w=4: 1.00e-03" in note
+    assert not any(n.startswith("largest windowed alpha_min") for n in out)  # rests on the match
+    assert any(n.startswith("largest windowed alpha_min") and "no kernel size reaches (14)" in n for n in res["notes"])
+
+
+def test_nesterov_note_names_the_bound_the_simulation_follows(tiny_linear_run):
+    import copy
+    import dataclasses
+
+    cfg, res = tiny_linear_run
+    ncfg = dataclasses.replace(cfg, scheme="nesterov", dt=1e-2)
+    r = copy.deepcopy(res)
+    r["z_bound_exact"], r["z_bound_paper"] = linear.z_bound("nesterov", 1e-2), linear.z_bound("nesterov", 1e-2,
+                                                                                                   form="paper")
+    for e in r["kernels"].values():
+        e["alpha_max_spectral"], e["alpha_max_spectral_paper_formula"] = 14285.7, 13333.3
+    for e in r["kernels"].values():
+        e["alpha_max_empirical"] = 14280.0  # near the exact bound
+    note = next(n for n in linear._notes(r, ncfg) if n.startswith("Nesterov"))
+    assert "the simulation follows the exact bound at w in ['3', '4']" in note
+    for e in r["kernels"].values():
+        e["alpha_max_empirical"] = 13330.0  # near the printed (18)
+    note = next(n for n in linear._notes(r, ncfg) if n.startswith("Nesterov"))
+    assert "follows the exact bound" not in note

@@ -185,26 +185,42 @@ def run_beltrami(config: BeltramiConfig, out_dir: str | Path) -> dict[str, Any]:
                  f"max ||u^(n+1)-u^n||_inf over the last {config.window:.0%} of steps > "
                  f"{config.oscillation_tol:g} max|I|; stable: otherwise"),
         "signal_clean": clean, "signal_noisy": noisy, "runs": runs,
-        "notes": _notes(runs, config),
+        "notes": _notes(runs, config, smax, dx),
     }
     _plot(results, config, path / "figure2.png")
     io.atomic_write_json(path / "results.json", results)
     return results
 
 
-def _notes(runs: dict[str, Any], config: BeltramiConfig) -> list[str]:
-    """Findings to set beside the paper's Figure 2 (bounded vs unbounded runs)."""
+def _notes(runs: dict[str, Any], config: BeltramiConfig, smax: float, dx: float) -> list[str]:
+    """Findings beside the paper's Figure 2, each checked against this run's numbers.
+
+    For ``lambda dt < 2`` the TV part of the gradient is bounded by ``2/dx`` per sample, so
+    ``|u^(n+1)| <= |1 - lambda dt| |u^n| + dt (lambda |I| + 2/dx)``: with ``lambda dt <= 1``
+    ``sup|u| <= max|I| + 2/(lambda dx)``. The note sets each run's measured ``max|u|``
+    beside that bound and its classification beside "cannot blow up".
+    """
     bounded = [m for m, r in runs.items() if config.lam * r["dt"] < 2]
     unbounded = [m for m in runs if m not in bounded]
     notes = []
     if bounded:
+        bound = smax + 2.0 / (config.lam * dx)
+        parts = []
+        for m in bounded:
+            r = runs[m]
+            check = (f" (<= bound {bound:.4g}: {'yes' if r['max_abs_u'] <= bound else 'NO'})"
+                     if config.lam * r["dt"] <= 1 else "")
+            parts.append(f"{m} x: {r['classification']}, max|u| {r['max_abs_u']:.4g}{check}")
+        div = [m for m in bounded if runs[m]["classification"] == "divergent"]
         notes.append(
-            f"multiples {', '.join(bounded)}: lambda*dt < 2, so these runs cannot blow up: the TV part of the "
-            "gradient is bounded by 2/dx per sample, hence |u^(n+1)| <= |1 - lambda dt| |u^n| + dt (lambda |I| + "
-            "2/dx) and sup|u| <= max|I| + 2/(lambda dx) when lambda dt <= 1; an instability can only show as a "
-            "bounded oscillation (the paper calls its 1000x run 'unstable without restraint')")
+            f"multiples {', '.join(bounded)} have lambda*dt < 2, where the fidelity term contracts and the TV term "
+            "is bounded, so u cannot blow up: " + "; ".join(parts)
+            + (f" -- CONTRADICTED at {div}" if div else " -- none diverges, as the bound says")
+            + ("; the paper calls its 1000x run 'unstable without restraint'"
+               if any(float(m) == 1000.0 and runs[m]["classification"] != "divergent" for m in bounded) else ""))
     if unbounded:
-        notes.append(f"multiples {', '.join(unbounded)}: lambda*dt >= 2, the fidelity term alone is unstable")
+        notes.append(f"multiples {', '.join(unbounded)}: lambda*dt >= 2, the fidelity term alone is unstable: "
+                     + "; ".join(f"{m} x: {runs[m]['classification']}" for m in unbounded))
     return notes
 
 

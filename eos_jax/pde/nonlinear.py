@@ -2,13 +2,17 @@
 
 Setting (Sections 5.1, 5.4, 6.1; Appendix D.1, D.5). The network of Eq. (6) is the
 ``cnn`` model of :mod:`eos_jax.models` with one ``w x w`` kernel ``K`` (valid
-cross-correlation, no bias), Swish ``r(x) = x s(beta x)``, a global SUM over the
-``(n - w + 1)^2`` output positions and the sigmoid inside the binary cross-entropy.
-The loss is Eq. (7) with the weight decay IN THE LOSS::
+cross-correlation, no bias), Swish ``r(x) = x s(beta x)``, a global pooling over the
+``P = (n - w + 1)^2`` output positions and the sigmoid inside the binary cross-entropy.
+The pooling is the MEAN by default, as in the authors' code for Figures 4-6
+(``AvgPooling``, ``np.mean`` over both spatial axes, in ``single_layer/PySun.py`` of
+sunyx523/surprising-instabilities); ``pool="sum"`` (the integral of Eq. (6) with unit
+pixel area) is the alternative, and scales the data term by ``P`` (50,625 here), which
+moves every threshold. The loss is Eq. (7) with the weight decay IN THE LOSS::
 
-    L(K) = BCE(s(g), y) + (alpha/2) ||K||^2,   g = sum_x r(K * I)(x),
+    L(K) = BCE(s(g), y) + (alpha/2) ||K||^2,   g = q sum_x r(K * I)(x),  q = 1/P (mean) or 1 (sum),
 
-so ``grad L = (y_hat - y) r'(K * I) * I + alpha K`` (Theorem 5.1, Eq. (8); PyTorch's
+so ``grad L = (y_hat - y) q r'(K * I) * I + alpha K`` (Theorem 5.1, Eq. (8); PyTorch's
 ``weight_decay=alpha`` adds the same ``alpha K`` to the gradient, but keeping it in the
 loss makes the recorded loss Eq. (7) and the Hessian include ``alpha``).
 :func:`analytic_gradient` evaluates Eq. (8) directly; the tests compare it with
@@ -42,17 +46,34 @@ last ``window`` records:
   (amplified perturbation);
 * ``stable``: neither (converged, perturbation not amplified).
 
+Initial kernel: ``K_0 ~ N(0, 1)`` from a JAX key (``fold_in(key(seed), 0)``). The authors
+draw ``np.random.randn`` after ``np.random.seed(7)`` in float64; JAX does not reproduce
+NumPy's stream, so ``K_0`` differs as a sample. On the pixel checkerboard what matters is
+``c_0 = <K_0, chi>`` (``results.json`` ``initial_c``): it sets where the run starts on the
+one-dimensional landscape of :func:`checkerboard_loss_1d`, not the minimum it ends in.
+
+The RelL1(k=1, k) series is recorded every step, raw and as the trailing 100-step mean
+the authors plot (:func:`moving_average`).
+
 Theory (:func:`theory`): Table 3's bounds for the three regimes with the image's sum
 ``Ibar`` and DFT, and the windowed transitioning bound from the extreme eigenvalues of
 ``M = W[(. * I) * I]`` (:func:`eos_jax.pde.linear.make_windowed_operator`). For the
 pixel checkerboard ``(-1)^(i+j)`` of even side, ``Ibar = 0``: the activated bound
 ``alpha < 2/dt - Ibar^2/8`` collapses to the not-activated one ``dt < 2/alpha`` and the
-constant forcing ``-(a/2) Ibar`` of (10) vanishes.
+constant forcing ``-(a/2) Ibar`` of (10) vanishes. For that image the loss depends on
+``K`` only through ``c = <K, chi>`` and ``||K||`` (:func:`checkerboard_minima`): its
+minimum and the curvature there give the threshold ``dt < 2/lambda_max`` between
+converging and oscillating, printed beside the classification.
 
-Command and runtime (shared 2-core CPU, 12 lanes, float32, FFT convolution; 3.6 min
-wall of which ~65% is the Lanczos sharpness every 10 steps)::
+Command and runtime (12 lanes, float32, FFT convolution; 3.6 min wall on an idle 2-core
+CPU, 12.7 min on the same CPU shared with other jobs, of which ~55% is the Lanczos
+sharpness every 10 steps)::
 
     python -m experiments.pde nonlinear --dt 0.01 0.03 0.05 0.07 0.09 0.11 --steps 2000 --out runs/nonlinear
+
+Measured with ``pool="mean"`` (the default): stable at 0.01 and 0.03, restrained at 0.05,
+0.07 and 0.09, divergent at 0.11 (step 218); the closed-form threshold of the checkerboard
+minimum is ``dt < 2/61.997 = 0.0323``. With ``pool="sum"`` it is ``2/563 = 0.00355``.
 """
 
 from __future__ import annotations
@@ -73,6 +94,7 @@ from eos_jax.errors import ConfigError
 PyTree = Any
 REGIMES = ("activated", "transitioning", "not_activated")
 CLASSES = ("stable", "restrained", "divergent")
+POOLS = ("mean", "sum")
 F32 = jnp.float32
 
 
@@ -156,12 +178,27 @@ def valid_correlation(kernel: jax.Array, image: jax.Array) -> jax.Array:
     return out[0, 0]
 
 
-def analytic_gradient(kernel: jax.Array, image: jax.Array, *, alpha: float, beta: float, label: int) -> jax.Array:
-    """Theorem 5.1, Eq. (8): ``grad L(K) = (y_hat - y) r'(K * I) * I + alpha K``.
+def num_positions(size: int, kernel: int) -> int:
+    """``P = (n - w + 1)^2``: the valid output positions the global pooling runs over."""
+    return (size - kernel + 1) ** 2
+
+
+def pool_scale(pool: str, positions: int) -> float:
+    """Factor of the data term: ``1/P`` for ``pool="mean"``, ``1`` for ``pool="sum"``."""
+    if pool not in POOLS:
+        raise ConfigError(f"pool={pool!r}; allowed: {', '.join(POOLS)}")
+    return 1.0 / positions if pool == "mean" else 1.0
+
+
+def analytic_gradient(kernel: jax.Array, image: jax.Array, *, alpha: float, beta: float, label: int,
+                      pool: str = "mean") -> jax.Array:
+    """Theorem 5.1, Eq. (8): ``grad L(K) = (y_hat - y) q r'(K * I) * I + alpha K``.
 
     Computed directly from the formula (two valid correlations), not by autodiff:
-    ``z = K * I`` is ``(n - w + 1)^2``; ``r'(z) * I`` correlates the image with ``r'(z)``,
-    which gives a ``w x w`` map; ``y_hat = s(sum_x r(z)(x))``.
+    ``z = K * I`` is ``(n - w + 1)^2 = P``; ``r'(z) * I`` correlates the image with ``r'(z)``,
+    which gives a ``w x w`` map; ``y_hat = s(g)``, ``g = q sum_x r(z)(x)``, with ``q = 1/P``
+    for ``pool="mean"`` (the authors' ``AvgPooling``, whose backward divides by both
+    spatial sizes; ``single_layer/PySun.py``) and ``q = 1`` for ``pool="sum"``.
 
     Args:
       kernel: ``(w, w)`` kernel ``K``.
@@ -169,23 +206,26 @@ def analytic_gradient(kernel: jax.Array, image: jax.Array, *, alpha: float, beta
       alpha: weight decay of the loss (7).
       beta: Swish parameter.
       label: ``y`` in {0, 1}.
+      pool: "mean" or "sum" over the output positions.
 
     Returns:
       ``(w, w)`` gradient in the kernel's dtype.
     """
     z = valid_correlation(kernel, image)
-    g = jnp.sum(z * jax.nn.sigmoid(beta * z))
+    q = pool_scale(pool, z.size)
+    g = q * jnp.sum(z * jax.nn.sigmoid(beta * z))
     a = jax.nn.sigmoid(g) - label
-    return a * valid_correlation(swish_prime(z, beta), image) + alpha * kernel
+    return (a * q) * valid_correlation(swish_prime(z, beta), image) + alpha * kernel
 
 
-def make_model(kernel: int, *, beta: float = 1.0, conv_impl: str = "auto", dtype: str = "float32"):
-    """The one-layer ``cnn`` of Eq. (6): one ``kernel x kernel`` filter, Swish, global sum, K ~ N(0, 1)."""
+def make_model(kernel: int, *, beta: float = 1.0, pool: str = "mean", conv_impl: str = "auto",
+               dtype: str = "float32"):
+    """The one-layer ``cnn`` of Eq. (6): one ``kernel x kernel`` filter, Swish, global mean or sum, K ~ N(0, 1)."""
     from eos_jax import models
 
     return models.get("cnn", layers=1, channels=1, kernel_size=kernel, padding="valid", activation="swish",
-                      beta=beta, init="normal", init_std=1.0, head="sum", pool="sum", num_outputs=1, conv_impl=conv_impl,
-                      dtype=dtype)
+                      beta=beta, init="normal", init_std=1.0, head="sum", pool=pool, num_outputs=1,
+                      conv_impl=conv_impl, dtype=dtype)
 
 
 def make_batch(image: np.ndarray, label: int, dtype: Any = np.float32) -> dict[str, jax.Array]:
@@ -256,11 +296,16 @@ class NonlinearConfig:
       rel_l1_level: RelL1(k=1, k=3) above which the perturbation counts as amplified.
       growth_factor: a loss above this multiple of the initial loss over the whole
         window counts as growing without bound.
+      rel_l1_window: steps of the trailing moving average of RelL1(k=1, k) that the
+        authors plot (100 in ``instability/compute_one_layer.m``).
+      pool: global pooling over the ``(n - w + 1)^2`` output positions: "mean" (default,
+        the authors' ``AvgPooling`` in ``single_layer/PySun.py``) or "sum".
     """
 
     dts: tuple[float, ...] = (0.01, 0.03, 0.05, 0.07, 0.09, 0.11)
     steps: int = 2000
     k: int = 3
+    pool: str = "mean"
     alpha: float = 20.0
     beta: float = 1.0
     label: int = 1
@@ -276,6 +321,7 @@ class NonlinearConfig:
     osc_level: float = 1e-3
     rel_l1_level: float = 1e-3
     growth_factor: float = 10.0
+    rel_l1_window: int = 100
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad field."""
@@ -288,6 +334,8 @@ class NonlinearConfig:
             raise ConfigError(f"dts={self.dts!r} has duplicates; expected distinct step sizes")
         _check_int("steps", self.steps, 1)
         _check_int("k", self.k, 2)
+        if self.pool not in POOLS:
+            raise ConfigError(f"pool={self.pool!r}; allowed: {', '.join(POOLS)}")
         if not (self.alpha >= 0 and math.isfinite(self.alpha)):
             raise ConfigError(f"alpha={self.alpha!r}; expected a finite float >= 0")
         if not (self.beta > 0 and math.isfinite(self.beta)):
@@ -313,6 +361,7 @@ class NonlinearConfig:
                 raise ConfigError(f"{name}={v!r}; expected a positive finite float")
         if not (self.growth_factor > 1 and math.isfinite(self.growth_factor)):
             raise ConfigError(f"growth_factor={self.growth_factor!r}; expected a finite float > 1")
+        _check_int("rel_l1_window", self.rel_l1_window, 1)
 
     @property
     def num_window(self) -> int:
@@ -513,7 +562,7 @@ def simulate(config: NonlinearConfig, *, log: Callable[[str], None] | None = Non
     config.validate()
     eps = regime_threshold(config.beta, config.regime_tol)
     image = checkerboard(config.size, square=config.square, dtype=np.float32)
-    model = make_model(config.kernel, beta=config.beta, conv_impl=config.conv_impl)
+    model = make_model(config.kernel, beta=config.beta, pool=config.pool, conv_impl=config.conv_impl)
     batch = make_batch(image, config.label)
     state, dts, ks = init_lanes(model, config, image.shape)
     initial_kernel = np.asarray(kernel_of(jax.tree_util.tree_map(lambda x: x[0, 0], state.params)))
@@ -613,6 +662,21 @@ def oscillation(values: np.ndarray) -> float:
     return (tv - net) / (v.size * scale)
 
 
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over ``window`` consecutive values: entry ``j`` averages ``values[j : j + window]``.
+
+    The smoothing of the authors' Figure 5 (right) (``instability/compute_one_layer.m``:
+    ``L2_average(i) = mean(L2(i:i+interval-1))``, ``interval = 100``); their loop stops one
+    window short of the end, this one keeps every full window (``len - window + 1``
+    values; none when the series is shorter). A NaN in a window gives NaN.
+    """
+    v = np.asarray(values, np.float64)
+    if v.size < window:
+        return np.zeros((0,), np.float64)
+    # Each window summed on its own (no running sum whose rounding would drift).
+    return np.lib.stride_tricks.sliding_window_view(v, window).mean(axis=1)
+
+
 def classification_rule(config: NonlinearConfig) -> str:
     """The classification rule in words, with this run's levels."""
     return (
@@ -668,23 +732,182 @@ def classify(loss: np.ndarray, rel: np.ndarray, first_nonfinite: list[int | None
 # ---------------------------------------------------------------------------- theory
 
 
+def _sigmoid64(x: np.ndarray) -> np.ndarray:
+    """Logistic function in float64 without overflow."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, np.float64)))
+
+
+def checkerboard_loss_1d(c: np.ndarray, *, size: int, kernel: int, alpha: float, beta: float, label: int,
+                         pool: str) -> dict[str, np.ndarray]:
+    """The loss (7) on the pixel checkerboard as a function of ``c = <K, chi>``, with its derivatives.
+
+    For ``I(x) = (-1)^(x1+x2)`` every output is ``(K * I)(x) = (-1)^(x1+x2) c`` with
+    ``chi(z) = (-1)^(z1+z2)`` on the window, so the logit is ``g(c) = q (n_+ r(c) + n_- r(-c))``
+    (``n_+`` / ``n_-`` the valid positions of even / odd parity, ``q`` = :func:`pool_scale`)
+    and ``L(K) = l(c) + (alpha/2) ||K||^2`` with ``l(c) = BCE(s(g(c)), y)``. Writing
+    ``K = (c/w^2) chi + K_perp``, the Hessian is ``l''(c) chi chi^T + alpha I``: eigenvalue
+    ``alpha`` on ``chi``'s orthogonal complement and ``w^2 l''(c) + alpha`` along ``chi``.
+
+    Args:
+      c: values of ``<K, chi>`` (float64 array).
+      size, kernel: ``n`` and ``w``.
+      alpha, beta, label, pool: as in :class:`NonlinearConfig`.
+
+    Returns:
+      dict of float64 arrays: ``g``, ``loss_c`` (``l(c) + alpha c^2/(2 w^2)``, the loss at
+      ``K_perp = 0``), ``grad_c`` (its derivative in ``c``) and ``lambda_chi``
+      (``w^2 l''(c) + alpha``, the Hessian eigenvalue along ``chi``).
+    """
+    c = np.asarray(c, np.float64)
+    v = size - kernel + 1
+    n_plus, n_minus = (v * v + 1) // 2, (v * v) // 2
+    q = pool_scale(pool, v * v)
+
+    def r_derivs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        s = _sigmoid64(beta * x)
+        return x * s, s + beta * x * s * (1 - s), beta * s * (1 - s) * (2 + beta * x * (1 - 2 * s))
+
+    r_p, d1_p, d2_p = r_derivs(c)
+    r_m, d1_m, d2_m = r_derivs(-c)
+    g = q * (n_plus * r_p + n_minus * r_m)
+    g1 = q * (n_plus * d1_p - n_minus * d1_m)
+    g2 = q * (n_plus * d2_p + n_minus * d2_m)
+    sg = _sigmoid64(g)
+    bce = np.logaddexp(0.0, g) - label * g  # BCE(s(g), y) = softplus(g) - y g
+    w2 = float(kernel * kernel)
+    return {
+        "g": g,
+        "loss_c": bce + 0.5 * alpha * c * c / w2,
+        "grad_c": (sg - label) * g1 + alpha * c / w2,
+        "lambda_chi": w2 * (sg * (1 - sg) * g1 * g1 + (sg - label) * g2) + alpha,
+    }
+
+
+def checkerboard_minima(*, size: int, kernel: int, alpha: float, beta: float, label: int, pool: str,
+                        c_max: float = 200.0, grid: int = 40001) -> list[dict[str, float]]:
+    """Local minima of the loss (7) on the pixel checkerboard and GD's stability bound there.
+
+    Roots of ``d/dc [l(c) + alpha c^2/(2 w^2)]`` (:func:`checkerboard_loss_1d`) with a
+    positive second derivative, located on a grid of ``[-c_max, c_max]`` and refined by
+    bisection in float64. At such a minimum ``K* = (c*/w^2) chi`` the Hessian's largest
+    eigenvalue is ``lambda* = max(alpha, lambda_chi(c*))``, so gradient descent is linearly
+    stable there iff ``dt < 2/lambda*``.
+
+    Returns:
+      One dict per minimum (ascending ``c``): ``c``, ``logit_g``, ``a`` (``y_hat - y``),
+      ``lambda_chi``, ``lambda_max``, ``dt_max`` (``2/lambda_max``).
+    """
+    kw = dict(size=size, kernel=kernel, alpha=alpha, beta=beta, label=label, pool=pool)
+    xs = np.linspace(-c_max, c_max, grid)
+    d = checkerboard_loss_1d(xs, **kw)["grad_c"]
+    out = []
+    for i in np.nonzero((d[:-1] < 0) & (d[1:] >= 0))[0]:  # grad goes - to +: a minimum
+        lo, hi = float(xs[i]), float(xs[i + 1])
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if mid in (lo, hi):
+                break
+            if checkerboard_loss_1d(np.asarray(mid), **kw)["grad_c"] < 0:
+                lo = mid
+            else:
+                hi = mid
+        c = 0.5 * (lo + hi)
+        f = checkerboard_loss_1d(np.asarray(c), **kw)
+        lam = max(float(alpha), float(f["lambda_chi"]))
+        out.append({"c": c, "logit_g": float(f["g"]), "a": float(_sigmoid64(f["g"])) - label,
+                    "loss": float(f["loss_c"]), "lambda_chi": float(f["lambda_chi"]), "lambda_max": lam,
+                    "dt_max": 2.0 / lam if lam > 0 else None})
+    return out
+
+
+def checkerboard_orbit(c0: float, dts: tuple[float, ...], *, steps: int, window: int, sample_every: int,
+                       size: int, kernel: int, alpha: float, beta: float, label: int, pool: str,
+                       max_period: int = 8) -> dict[str, dict[str, Any]]:
+    """Gradient descent (9) on the pixel checkerboard as the one-dimensional map of ``c = <K, chi>``.
+
+    With ``K = (c/w^2) chi + K_perp`` the step ``K <- K - dt grad L`` is exactly
+    ``c <- c - dt w^2 d/dc[l(c) + alpha c^2/(2 w^2)]`` and ``K_perp <- (1 - dt alpha) K_perp``
+    (:func:`checkerboard_loss_1d`), so the run's ``c_t`` follows this map from its ``c_0``
+    (float64 here, float32 in the run). Over the last ``window`` iterates ``c_t``
+    (``t = steps - window .. steps - 1``, the run's record indexing) it reports the period of
+    the orbit, the largest ``dt lambda_max`` (``lambda_max = max(alpha, lambda_chi(c_t))``)
+    at every step and at the steps the run samples (``t % sample_every == 0``), and the
+    regime it predicts: "divergent" if ``dt alpha >= 2`` (``K_perp`` grows) or ``c``
+    leaves the finite range, "stable" if the orbit is a fixed point, "restrained" otherwise.
+
+    Returns:
+      Per ``dt`` key a dict: ``predicted``, ``period`` (1..max_period, None if aperiodic),
+      ``c_range``, ``max_dt_lambda``, ``max_dt_lambda_sampled``.
+    """
+    kw = dict(size=size, kernel=kernel, alpha=alpha, beta=beta, label=label, pool=pool)
+    d = np.asarray(dts, np.float64)
+    c = np.full(d.shape, float(c0))
+    w2 = float(kernel * kernel)
+    hist_c = np.empty((window, d.size))
+    hist_l = np.empty((window, d.size))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(steps):
+            f = checkerboard_loss_1d(c, **kw)
+            if t >= steps - window:
+                hist_c[t - (steps - window)] = c
+                hist_l[t - (steps - window)] = np.maximum(alpha, f["lambda_chi"])
+            c = c - d * w2 * f["grad_c"]
+    ts = np.arange(steps - window, steps)
+    sampled = ts % sample_every == 0
+    out = {}
+    for i, dt in enumerate(dts):
+        hc, hl = hist_c[:, i], dt * hist_l[:, i]
+        finite = bool(np.all(np.isfinite(hc)))
+        period = None
+        if finite:
+            tol = 1e-9 * max(1.0, float(np.max(np.abs(hc))))
+            for p in range(1, min(max_period, window - 1) + 1):
+                if np.all(np.abs(hc[p:] - hc[:-p]) <= tol):
+                    period = p
+                    break
+        if dt * alpha >= 2 or not finite:
+            pred = "divergent"
+        elif window < 3:
+            pred = "undetermined"  # too few iterates to tell a fixed point from an orbit
+        elif period == 1:
+            pred = "stable"
+        else:
+            pred = "restrained"
+        out[_dt_key(dt)] = {
+            "predicted": pred, "period": period,
+            "c_range": [float(np.min(hc)), float(np.max(hc))] if finite else None,
+            "max_dt_lambda": float(np.max(hl)) if finite else None,
+            "max_dt_lambda_sampled": float(np.max(hl[sampled])) if finite and np.any(sampled) else None,
+        }
+    return out
+
+
 def theory(image: np.ndarray, kernel: int, *, alpha: float, beta: float, label: int, dts: tuple[float, ...],
-           key: jax.Array | None = None) -> dict[str, Any]:
-    """Table 3's stability bounds for this input, beside the windowed transitioning bound.
+           pool: str = "mean", square: int | None = None, key: jax.Array | None = None) -> dict[str, Any]:
+    """Table 3's stability bounds for this input and pooling, beside the windowed bounds.
+
+    The pooling scales the data term of (8) by ``q`` (:func:`pool_scale`): ``q = 1/P``,
+    ``P = (n - w + 1)^2``, for the mean, 1 for the sum. The paper's bounds are for the
+    sum (``Ibar`` "the input sum", Eq. (47)); with the mean every data term below carries
+    ``q`` (the periodic ``w -> infinity`` versions correlate over all ``n^2`` positions, so
+    there ``q = 1/n^2``):
 
     * not activated (``K*I << 0``, ``dK/dt = -alpha K``): stable iff ``dt < 2/alpha``.
-    * activated (``K*I >> 0``, Appendix D.5): ``alpha < 2/dt - Ibar^2/8`` with ``Ibar`` the
-      sum of the image, i.e. ``dt < 2/(alpha + Ibar^2/8)``.
+    * activated (``K*I >> 0``, Appendix D.5): ``alpha < 2/dt - (q Ibar)^2/8`` with ``Ibar``
+      the sum of the image (``q Ibar`` its mean for the mean pooling).
     * transitioning (``K*I ~ 0``, Eq. (14)) with ``a = s(0) - y`` (the linearization at
-      ``K = 0``): ``alpha_min = -(a beta/2) max|I_hat|^2 < alpha < 2/dt - (a beta/2) min|I_hat|^2``
-      (unnormalized DFT of the whole image, periodic ``w -> infinity``), and the same
-      formula with the extreme eigenvalues ``mu`` of the windowed ``M = W[(. * I) * I]``
-      for a ``kernel x kernel`` window and valid correlations (float64 power iteration,
+      ``K = 0``): ``alpha_min = -(a beta/2) q max|I_hat|^2 < alpha < 2/dt - (a beta/2) q
+      min|I_hat|^2`` (unnormalized DFT of the whole image), and the same formula with the
+      extreme eigenvalues ``q mu`` of the windowed ``q M = q W[(. * I) * I]`` for a
+      ``kernel x kernel`` window and valid correlations (float64 power iteration,
       :func:`eos_jax.pde.linear.operator_extremes`).
     * windowed activated analogue (ours): with every position activated the data
-      gradient is ``a S`` with ``S(z) = sum_x I(x + z)`` over the valid positions (the
-      window's "Ibar"); linearizing ``a`` at ``K = 0`` as in D.5 (``da/dK = S/8``) gives
-      ``dt < 2/(alpha + ||S||^2/8)``.
+      gradient is ``a q S`` with ``S(z) = sum_x I(x + z)`` over the valid positions (the
+      window's "Ibar"); linearizing ``a`` at ``K = 0`` as in D.5 (``da/dK = q S/8``) gives
+      ``dt < 2/(alpha + q^2 ||S||^2/8)``.
+    * pixel checkerboard (``square == 1``): the loss is a function of ``c = <K, chi>`` and
+      ``||K||``; its minima and GD's bound ``dt < 2/lambda_max`` there
+      (:func:`checkerboard_minima`), the threshold between converging and oscillating.
 
     Returns:
       A JSON-able dict (per-dt booleans under ``per_dt``).
@@ -697,35 +920,50 @@ def theory(image: np.ndarray, kernel: int, *, alpha: float, beta: float, label: 
     a0 = 0.5 - label
     ibar = float(img.sum())
     v = n - kernel + 1
+    q = pool_scale(pool, v * v)
+    q_per = pool_scale(pool, n * n)
     # S(z) = sum over the valid (v x v) block of I shifted by z: a (kernel x kernel) map.
     csum = np.pad(np.cumsum(np.cumsum(img, 0), 1), ((1, 0), (1, 0)))
     s_map = (csum[v:v + kernel, v:v + kernel] - csum[:kernel, v:v + kernel] - csum[v:v + kernel, :kernel]
              + csum[:kernel, :kernel])
     op = linear.make_windowed_operator(img, kernel)
     eig = linear.operator_extremes(op, (kernel, kernel), jax.random.key(0) if key is None else key)
+    act = alpha + (q_per * ibar) ** 2 / 8.0
     out: dict[str, Any] = {
+        "pool": pool,
+        "positions_P": v * v,
+        "data_term_scale_q": q,
+        "data_term_scale_periodic": q_per,
         "image_sum_Ibar": ibar,
+        "image_mean": ibar / (n * n),
         "window_sums_S": {"min": float(s_map.min()), "max": float(s_map.max()), "sum_sq": float((s_map ** 2).sum())},
         "min_abs_I_hat_sq": float(spec.min()), "max_abs_I_hat_sq": float(spec.max()),
         "a_linearization": a0,
         "window_mu_min": eig.mu_min, "window_mu_max": eig.mu_max,
+        "window_mu_scaled": [q * eig.mu_min, q * eig.mu_max],
         "not_activated_dt_max": 2.0 / alpha if alpha > 0 else None,
-        "activated_dt_max": 2.0 / (alpha + ibar ** 2 / 8.0) if alpha + ibar ** 2 / 8.0 > 0 else None,
-        "activated_window_dt_max": 2.0 / (alpha + float((s_map ** 2).sum()) / 8.0),
+        "activated_dt_max": 2.0 / act if act > 0 else None,
+        "activated_window_dt_max": 2.0 / (alpha + q * q * float((s_map ** 2).sum()) / 8.0),
+        "checkerboard_minima": (checkerboard_minima(size=n, kernel=kernel, alpha=alpha, beta=beta, label=label,
+                                                    pool=pool) if square == 1 else None),
         "per_dt": {},
     }
     c = 0.5 * a0 * beta
     for dt in dts:
-        p_min, p_max = linear.alpha_bounds(float(spec.min()), float(spec.max()), scheme="gd", dt=dt, a=a0, beta=beta)
-        w_min, w_max = linear.alpha_bounds(eig.mu_min, eig.mu_max, scheme="gd", dt=dt, a=a0, beta=beta)
+        p_min, p_max = linear.alpha_bounds(q_per * float(spec.min()), q_per * float(spec.max()), scheme="gd", dt=dt,
+                                           a=a0, beta=beta)
+        w_min, w_max = linear.alpha_bounds(q * eig.mu_min, q * eig.mu_max, scheme="gd", dt=dt, a=a0, beta=beta)
         out["per_dt"][_dt_key(dt)] = {
             "not_activated_stable": bool(dt * alpha < 2),
-            "activated_stable": bool(alpha < 2.0 / dt - ibar ** 2 / 8.0),
+            "activated_stable": bool(alpha < 2.0 / dt - (q_per * ibar) ** 2 / 8.0),
             "transitioning_alpha_min": p_min, "transitioning_alpha_max": p_max,
             "transitioning_stable": bool(p_min < alpha < p_max),
             "transitioning_window_alpha_min": w_min, "transitioning_window_alpha_max": w_max,
             "transitioning_window_stable": bool(w_min < alpha < w_max),
         }
+        if out["checkerboard_minima"]:
+            out["per_dt"][_dt_key(dt)]["checkerboard_minimum_stable"] = [
+                bool(m["dt_max"] is not None and dt < m["dt_max"]) for m in out["checkerboard_minima"]]
     out["transitioning_c"] = c
     return out
 
@@ -763,7 +1001,8 @@ def run_nonlinear(config: NonlinearConfig, out_dir: str | Path, *, log: Callable
     sim = simulate(config, log=log)
     t_sim = time.perf_counter() - t_start
     image = checkerboard(config.size, square=config.square, dtype=np.float64)
-    th = theory(image, config.kernel, alpha=config.alpha, beta=config.beta, label=config.label, dts=config.dts)
+    th = theory(image, config.kernel, alpha=config.alpha, beta=config.beta, label=config.label, dts=config.dts,
+                pool=config.pool, square=config.square)
     results = build_results(config, sim, th)
     meta = dict(meta, model_info=sim["model_info"], timing=dict(sim["timing"], simulate_s=t_sim))
     _plot_figure5(results, config, path / "figure5.png")
@@ -797,7 +1036,7 @@ def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, An
         th_dt = dict(th["per_dt"][_dt_key(dt)])
         if a_last is not None:
             # Eq. (14) on the windowed spectrum with the run's last a = y_hat - y instead of s(0) - y.
-            lo, hi = _alpha_bounds_gd(th["window_mu_min"], th["window_mu_max"], dt=dt, a=a_last, beta=config.beta)
+            lo, hi = _alpha_bounds_gd(*th["window_mu_scaled"], dt=dt, a=a_last, beta=config.beta)
             th_dt.update(a_last=a_last, transitioning_window_alpha_min_at_a_last=lo,
                          transitioning_window_alpha_max_at_a_last=hi)
         logit = np.asarray(sim["logit"][-w:, i, 0], np.float64)
@@ -805,6 +1044,18 @@ def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, An
         ev["window_a_range"] = [float(a.min()), float(a.max())] if a.size else None
         fr = sim["fractions"][-w:, i, 0, :]
         ev["window_mean_fractions"] = {r: _nanmean(fr[:, j]) for j, r in enumerate(REGIMES)}
+        rel = np.asarray(sim["rel_l1"][:, i], np.float64)
+        rel_avg = moving_average(rel, config.rel_l1_window)
+        ev["rel_l1_last"] = float(rel[-1]) if np.isfinite(rel[-1]) else None
+        ev["rel_l1_peak"] = _nanmax(rel)
+        ev["rel_l1_peak_step"] = int(np.nanargmax(rel)) if np.any(np.isfinite(rel)) else None
+        ev["rel_l1_avg_last"] = float(rel_avg[-1]) if rel_avg.size and np.isfinite(rel_avg[-1]) else None
+        ev["rel_l1_avg_peak"] = _nanmax(rel_avg) if rel_avg.size else None
+        ev["last_normalized_sharpness"] = (float(k1[np.isfinite(k1)][-1]) if np.any(np.isfinite(k1)) else None)
+        if config.square == 1:
+            # c = <K, chi>: the one coordinate the pixel checkerboard sees (checkerboard_loss_1d).
+            kern = np.asarray(kernel_of(jax.tree_util.tree_map(lambda x: x[i, 0], sim["final_params"])), np.float64)
+            ev["final_c"] = float(np.sum(kern * _chi(config.kernel)))
         lanes = {}
         for j, kk in enumerate((1, config.k)):
             lanes[f"k{kk}"] = {
@@ -815,14 +1066,24 @@ def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, An
                 "first_nonfinite_step": sim["first_nonfinite"][i][j],
             }
         per_dt[_dt_key(dt)] = {
-            "dt": dt, "classification": cls, "evidence": ev, "rel_l1": sim["rel_l1"][:, i], "lanes": lanes,
-            "theory": th_dt,
+            "dt": dt, "classification": cls, "evidence": ev, "rel_l1": sim["rel_l1"][:, i],
+            "rel_l1_moving_average": {"window": config.rel_l1_window, "first_step": config.rel_l1_window - 1,
+                                      "values": rel_avg},
+            "lanes": lanes, "theory": th_dt,
         }
+    c0 = (float(np.sum(np.asarray(sim["initial_kernel"], np.float64) * _chi(config.kernel)))
+          if config.square == 1 else None)
     results = {
         "setting": {
             "image": f"{config.size}x{config.size} checkerboard of +1/-1, squares of {config.square} px",
-            "kernel": f"{config.kernel}x{config.kernel}, K0 ~ N(0, 1) (same K0 in every lane)",
-            "model": "cnn: valid cross-correlation, Swish(beta), global sum, sigmoid in the BCE (Eq. (6))",
+            "kernel": (f"{config.kernel}x{config.kernel}, K0 ~ N(0, 1) from the JAX key fold_in(key({config.seed}), 0) "
+                       "(same K0 in every lane); the authors draw np.random.randn after np.random.seed(7) "
+                       "(single_layer/PySun.py), a stream JAX does not reproduce"),
+            "model": (f"cnn: valid cross-correlation, Swish(beta), global {config.pool} over the "
+                      f"{num_positions(config.size, config.kernel)} output positions, sigmoid in the BCE (Eq. (6))"
+                      + ("; the authors' AvgPooling (single_layer/PySun.py)" if config.pool == "mean" else
+                         "; the authors pool with the mean (single_layer/PySun.py)")),
+            "pool": config.pool,
             "loss": "BCE(s(g), y) + (alpha/2)||K||^2 (Eq. (7)); weight decay in the loss, not in the optimizer",
             "optimizer": f"eos_jax.optim.sgd(dt, k) -- k=1 and k={config.k}: K - (dt/k)(k grad) (Section 4.1)",
             "dtype": "float32 (model, kernel, loss, optimizer); theory in float64",
@@ -836,6 +1097,14 @@ def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, An
         "record_index": "record t of every history is the iterate K_t (before update t); t = 0..steps-1",
         "classification_rule": classification_rule(config),
         "sharpness_steps": sh_steps,
+        "rel_l1_moving_average_rule": (f"trailing mean over {config.rel_l1_window} consecutive steps, value j "
+                                       f"averaging steps j..j+{config.rel_l1_window - 1} (as the authors smooth "
+                                       "Figure 5 right, instability/compute_one_layer.m)"),
+        "initial_c": c0,
+        "checkerboard_orbit": (checkerboard_orbit(
+            c0, config.dts, steps=config.steps, window=config.num_window, sample_every=config.sharpness_every,
+            size=config.size, kernel=config.kernel, alpha=config.alpha, beta=config.beta, label=config.label,
+            pool=config.pool) if c0 is not None else None),
         "theory": {k: v for k, v in th.items() if k != "per_dt"},
         "per_dt": per_dt,
     }
@@ -848,6 +1117,12 @@ def _alpha_bounds_gd(mu_min: float, mu_max: float, *, dt: float, a: float, beta:
     from eos_jax.pde import linear
 
     return linear.alpha_bounds(mu_min, mu_max, scheme="gd", dt=dt, a=a, beta=beta)
+
+
+def _chi(kernel: int) -> np.ndarray:
+    """``chi(z) = (-1)^(z1+z2)`` on the ``kernel x kernel`` window (float64)."""
+    i = np.arange(kernel)
+    return np.where((i[:, None] + i[None, :]) % 2 == 0, 1.0, -1.0)
 
 
 def _nanmax(x: np.ndarray) -> float | None:
@@ -863,87 +1138,93 @@ def _nanmean(x: np.ndarray) -> float | None:
 
 
 def notes(results: dict[str, Any], config: NonlinearConfig) -> list[str]:
-    """Theory beside simulation, and where this run differs from the paper's text."""
+    """Findings computed from this run, each with the comparison it rests on.
+
+    Every sentence that states an agreement or a difference is printed only when this run's
+    numbers support it (theory vs simulation, closed form vs measured sharpness, the
+    paper's stated regimes vs the classification).
+    """
     th = results["theory"]
     per = results["per_dt"]
+    cls_of = {d: per[_dt_key(d)]["classification"] for d in config.dts}
+    by_class = {c: [d for d in config.dts if cls_of[d] == c] for c in CLASSES}
     out = []
     if th["image_sum_Ibar"] == 0:
+        v = config.size - config.kernel + 1
         out.append(
-            "Ibar = sum(I) = 0 for this checkerboard (even side): the activated bound alpha < 2/dt - Ibar^2/8 "
+            "Ibar = sum(I) = 0 for this image: the activated bound alpha < 2/dt - Ibar^2/8 "
             "collapses to the not-activated bound dt < 2/alpha, and the constant forcing -(a/2) Ibar of (10) "
             f"vanishes. The valid windows' sums S(z) are {th['window_sums_S']['min']:g}..{th['window_sums_S']['max']:g}"
-            f" (odd window side), giving the windowed activated analogue dt < {th['activated_window_dt_max']:.4g}."
+            f" (valid side {v}), giving the windowed activated analogue dt < {th['activated_window_dt_max']:.4g}."
         )
-    by_class = {c: [v["dt"] for v in per.values() if v["classification"] == c] for c in CLASSES}
     out.append("simulation: " + "; ".join(f"{c}: {by_class[c]}" for c in CLASSES))
     na = th["not_activated_dt_max"]
     if na is not None:
         below = [d for d in config.dts if d < na]
         above = [d for d in config.dts if d >= na]
-        div_above = all(per[_dt_key(d)]["classification"] == "divergent" for d in above)
-        ok_below = all(per[_dt_key(d)]["classification"] != "divergent" for d in below)
+        div_above = all(cls_of[d] == "divergent" for d in above)
+        ok_below = all(cls_of[d] != "divergent" for d in below)
         out.append(
-            f"theory dt < 2/alpha = {na:g} (not-activated and, with Ibar=0, activated regimes): "
-            f"{'confirmed' if div_above and ok_below else 'NOT confirmed'} -- divergent above: {div_above}, "
-            f"finite below: {ok_below} (paper: the loss blows up for dt > 0.1)."
+            f"theory dt < 2/alpha = {na:g} (not-activated regime"
+            + (" and, with Ibar=0, activated" if th["image_sum_Ibar"] == 0 else "") + "): "
+            f"{'confirmed' if div_above and ok_below else 'NOT confirmed'} -- divergent above: "
+            f"{[d for d in above if cls_of[d] == 'divergent']} of {above}, finite below: "
+            f"{[d for d in below if cls_of[d] != 'divergent']} of {below} (paper: the loss blows up for dt > 0.1)."
         )
+    first = per[_dt_key(config.dts[0])]["theory"]
     trans = [d for d in config.dts if per[_dt_key(d)]["theory"]["transitioning_window_stable"]]
-    out.append(
-        f"transitioning regime (linearized at K=0, a = s(0) - y = {th['a_linearization']:g}): alpha_min = "
-        f"{per[_dt_key(config.dts[0])]['theory']['transitioning_window_alpha_min']:.4g} (windowed) / "
-        f"{per[_dt_key(config.dts[0])]['theory']['transitioning_alpha_min']:.4g} (periodic) versus alpha = "
-        f"{config.alpha:g}: stable at dt in {trans} -- so every visit of K*I ~ 0 is unstable at this alpha."
-    )
-    if by_class["stable"] == [] and by_class["restrained"]:
-        out.append(
-            "DIFFERENCE FROM THE PAPER: no dt of this run converges; the paper reports a stable range below an "
-            "empirically found threshold. Explanation (ours): with the GLOBAL SUM over (n-w+1)^2 positions"
-            + (" and the pixel checkerboard (K*I = +-<K, chi>, chi(z) = (-1)^(z1+z2))" if config.square == 1 else "")
-            + ", the loss minimum lies in the transitioning regime and its Hessian eigenvalue along chi, "
-            "~ alpha + y_hat (1 - y_hat) (dg/dK)^2, is far "
-            "above 2/dt for these dt; a sweep to smaller dt (e.g. --dt 0.001 0.002 0.003 0.004) locates the "
-            "stable range, with the bound 2/lambda_max printed by that run."
-        )
+    untrans = [d for d in config.dts if d not in trans]
+    line = (f"transitioning regime (linearized at K=0, a = s(0) - y = {th['a_linearization']:g}, data term x "
+            f"q = {th['data_term_scale_q']:.4g} for pool={config.pool}): windowed alpha_min = "
+            f"{first['transitioning_window_alpha_min']:.4g}, periodic alpha_min = "
+            f"{first['transitioning_alpha_min']:.4g}"
+            f", alpha = {config.alpha:g}: stable at dt in {trans}, unstable at dt in {untrans}")
+    if not trans:
+        line += " -- so at this alpha every visit of K*I ~ 0 is unstable, at every dt of the sweep"
+    out.append(line + ".")
+    out += _checkerboard_notes(results, config, by_class)
     ns = {d: per[_dt_key(d)]["evidence"].get("max_normalized_sharpness") for d in config.dts}
-    rest = by_class["restrained"]
-    above = [d for d in rest if (ns[d] or 0) > 2]
+    rest, stab = by_class["restrained"], by_class["stable"]
+    above = [d for d in rest if ns[d] is not None and ns[d] > 2]
     never = [d for d in rest if ns[d] is not None and ns[d] <= 2]
-    stable_ok = [d for d in by_class["stable"] if ns[d] is not None and ns[d] <= 2]
+    stable_ok = [d for d in stab if ns[d] is not None and ns[d] <= 2]
+    stable_bad = [d for d in stab if ns[d] is not None and ns[d] > 2]
+    agree = not never and not stable_bad and bool(rest or stab)
     out.append(
         f"edge of stability (paper, Sec. 6.1: restrained <=> dt*lambda_max above 2, stable <=> below): restrained "
         f"dts whose dt*lambda_max exceeds 2 at some sample: {above} of {rest}; stable dts that stay <= 2: "
-        f"{stable_ok} of {by_class['stable']}; max dt*lambda_max per dt: "
-        + ", ".join(f"{d:g}: {'-' if ns[d] is None else format(ns[d], '.3g')}" for d in config.dts) + "."
+        f"{stable_ok} of {stab}; max dt*lambda_max per dt: "
+        + ", ".join(f"{d:g}: {'-' if ns[d] is None else format(ns[d], '.3g')}" for d in config.dts)
+        + (" -- consistent with the paper." if agree else " -- NOT consistent with the paper at "
+           f"{sorted(never + stable_bad)}.")
     )
+    if stable_bad:
+        out.append(f"DIFFERENCE FROM THE PAPER: stable dts {stable_bad} have dt*lambda_max > 2 at some sample "
+                   "(max " + ", ".join(f"{d:g}: {ns[d]:.3g}" for d in stable_bad) + ").")
     if never:
-        out.append(
-            f"DIFFERENCE FROM THE PAPER: restrained dts {never} never show dt*lambda_max > 2. Explanation (ours): "
-            "with a = y_hat - y < 0 the transitioning regime is unstable through the LOWER bound alpha > alpha_min "
-            "of (14): the data term is concave there (anti-diffusion, a negative Hessian eigenvalue), which "
-            "gradient descent amplifies at any step size, while the largest ALGEBRAIC eigenvalue stays at "
-            "alpha (the decayed directions). Normalized sharpness only sees the upper bound alpha < alpha_max."
-        )
-    if by_class["stable"]:
-        lams = [per[_dt_key(d)]["evidence"]["last_lambda_max"] for d in by_class["stable"]]
-        lams = [x for x in lams if x is not None]
-        if lams:
-            lam = float(np.median(lams))
-            bound = [d for d in config.dts if per[_dt_key(d)]["classification"] != "stable"]
-            out.append(
-                f"stable dts {by_class['stable']} converge to a minimum with lambda_max = {lam:.4g} (median of their "
-                f"last samples): GD is linearly stable there iff dt < 2/lambda_max = {2 / lam:.4g}; the sweep "
-                f"finds stable up to {max(by_class['stable']):g} and non-stable from "
-                f"{min(bound) if bound else '-'}. At that minimum a = y_hat - y is small "
-                f"({per[_dt_key(by_class['stable'][0])]['theory'].get('a_last', float('nan')):.3g}), so the "
-                "constant-a bound (14) says little; the curvature comes from the variation of a (Appendix D.4)."
-            )
-    inside = [d for d in by_class["restrained"]
-              if (per[_dt_key(d)]["evidence"]["window_mean_fractions"]["transitioning"] or 0) >= 1.0]
+        orbit = results.get("checkerboard_orbit") or {}
+        unseen = [d for d in never if (orbit.get(_dt_key(d)) or {}).get("max_dt_lambda") is not None
+                  and orbit[_dt_key(d)]["max_dt_lambda"] > 2 >= orbit[_dt_key(d)]["max_dt_lambda_sampled"]]
+        line = f"restrained dts {never} never show dt*lambda_max > 2 at the sampled steps (every " \
+               f"{config.sharpness_every})."
+        if unseen:
+            line += (" The 1-D map of c predicts, over the last window, " + ", ".join(
+                f"{d:g}: period {orbit[_dt_key(d)]['period']}, max dt*lambda_max "
+                f"{orbit[_dt_key(d)]['max_dt_lambda']:.3g} at all steps vs "
+                f"{orbit[_dt_key(d)]['max_dt_lambda_sampled']:.3g} at the sampled ones" for d in unseen)
+                + f": above 2 at steps the sampling skips (rerun with an odd --sharpness-every to see both phases)."
+                + ("" if len(unseen) == len(never) else
+                   f" DIFFERENCE FROM THE PAPER at {[d for d in never if d not in unseen]}."))
+        else:
+            line = "DIFFERENCE FROM THE PAPER: " + line
+        out.append(line)
+    inside = [d for d in rest if (per[_dt_key(d)]["evidence"]["window_mean_fractions"]["transitioning"] or 0) >= 1.0]
     if inside:
         out.append(
             f"restrained dts {inside} stay in the transitioning regime (|K*I| <= eps at every position) over the "
-            "whole window: their oscillation is restrained by the saturation of the sigmoid (a = y_hat - y -> 0 as "
-            "the logit grows), not by moving into the activated regime as the paper's narrative describes."
+            "whole window, with a = y_hat - y in "
+            + ", ".join(f"{d:g}: {_fmt_range(per[_dt_key(d)]['evidence'].get('window_a_range'))}" for d in inside)
+            + "; the paper's narrative has them move into the activated regime."
         )
     if config.sharpness_every % 2 == 0:
         out.append(
@@ -951,8 +1232,87 @@ def notes(results: dict[str, Any], config: NonlinearConfig) -> list[str]:
             "seen at one phase only."
         )
     amp = [d for d in config.dts if per[_dt_key(d)]["evidence"].get("amplified")]
-    out.append(f"RelL1(k=1, k={config.k}) amplified above {config.rel_l1_level:g} at dt in {amp} "
-               "(paper, Fig. 5 right: amplified exactly in the restrained range).")
+    nondiv = [d for d in config.dts if cls_of[d] != "divergent"]
+    same = [d for d in nondiv if (d in amp) == (d in rest)]
+    avg = {d: per[_dt_key(d)]["evidence"].get("rel_l1_avg_last") for d in config.dts}
+    out.append(
+        f"RelL1(k=1, k={config.k}) amplified above {config.rel_l1_level:g} at dt in {amp}; restrained dts {rest}; "
+        f"last {config.rel_l1_window}-step average per dt: "
+        + ", ".join(f"{d:g}: {'-' if avg[d] is None else format(avg[d], '.3g')}" for d in config.dts)
+        + (" -- amplified exactly at the restrained dts, as in the paper's Fig. 5 (right)."
+           if len(same) == len(nondiv) and nondiv else
+           f" -- NOT the same set as the restrained dts (the paper's Fig. 5 right: amplified exactly there); "
+           f"differ at {[d for d in nondiv if d not in same]}.")
+    )
+    return out
+
+
+def _fmt_range(r: list[float] | None) -> str:
+    """``[lo, hi]`` with 3 significant digits, ``-`` for None."""
+    return "-" if r is None else f"[{r[0]:.3g}, {r[1]:.3g}]"
+
+
+def _checkerboard_notes(results: dict[str, Any], config: NonlinearConfig, by_class: dict[str, list[float]]
+                        ) -> list[str]:
+    """The closed-form minimum of the pixel checkerboard beside the run's classes and sharpness."""
+    th, per = results["theory"], results["per_dt"]
+    minima = th.get("checkerboard_minima")
+    if not minima:
+        return []
+    out = []
+    dt_star = min(m["dt_max"] for m in minima if m["dt_max"] is not None)
+    dt_star_hi = max(m["dt_max"] for m in minima if m["dt_max"] is not None)
+    pred_stable = [d for d in config.dts if d < dt_star]
+    nondiv = [d for d in config.dts if per[_dt_key(d)]["classification"] != "divergent"]
+    pred_osc = [d for d in nondiv if d >= dt_star_hi]
+    stab = by_class["stable"]
+    agree = sorted(stab) == sorted(pred_stable) and all(d in by_class["restrained"] for d in pred_osc)
+    out.append(
+        f"theory (pixel checkerboard, pool={config.pool}): the loss depends on K through c = <K, chi> and ||K||; "
+        "its minima are at c* = " + ", ".join(f"{m['c']:.6g}" for m in minima)
+        + " (logit g = " + ", ".join(f"{m['logit_g']:.4g}" for m in minima)
+        + ", a = y_hat - y = " + ", ".join(f"{m['a']:.3g}" for m in minima)
+        + "), where lambda_max = " + ", ".join(f"{m['lambda_max']:.6g}" for m in minima)
+        + f", so GD converges there iff dt < 2/lambda_max = {dt_star:.4g}"
+        + (f"..{dt_star_hi:.4g}" if dt_star_hi != dt_star else "")
+        + f" (initial c = <K0, chi> = {results['initial_c']:.4g}). Predicted stable: {pred_stable}; simulation "
+        f"stable: {stab} -- " + ("agree." if agree else "DISAGREE.")
+    )
+    orbit = results.get("checkerboard_orbit")
+    if orbit:
+        pred = {d: orbit[_dt_key(d)]["predicted"] for d in config.dts}
+        sim_cls = {d: per[_dt_key(d)]["classification"] for d in config.dts}
+        differ = [d for d in config.dts if pred[d] != sim_cls[d]]
+        out.append(
+            "1-D map of c = <K, chi> (exact reduction of GD (9) on this image, float64, from the run's c0), last "
+            f"{config.num_window} steps: " + "; ".join(
+                f"{d:g}: {pred[d]} (period {orbit[_dt_key(d)]['period'] or 'none found'}, max dt*lambda_max "
+                + ("-" if orbit[_dt_key(d)]["max_dt_lambda"] is None else
+                   format(orbit[_dt_key(d)]["max_dt_lambda"], ".3g")) + ")" for d in config.dts)
+            + (" -- the simulation's classes agree at every dt." if not differ else
+               f" -- the simulation's classes DIFFER at {differ}.")
+        )
+    lam_meas = {d: per[_dt_key(d)]["evidence"].get("last_lambda_max") for d in stab}
+    lam_meas = {d: x for d, x in lam_meas.items() if x is not None}
+    if lam_meas:
+        c_fin = {d: per[_dt_key(d)]["evidence"].get("final_c") for d in lam_meas}
+        ref = {d: min(minima, key=lambda m, c=c_fin[d]: abs(m["c"] - (c if c is not None else 0.0)))
+               for d in lam_meas}
+        out.append(
+            "stable dts: measured (Lanczos, last sample) vs closed-form lambda_max at the minimum they reach: "
+            + ", ".join(f"{d:g}: {lam_meas[d]:.6g} vs {ref[d]['lambda_max']:.6g} (rel "
+                        f"{abs(lam_meas[d] - ref[d]['lambda_max']) / ref[d]['lambda_max']:.2e}), final c "
+                        f"{'-' if c_fin[d] is None else format(c_fin[d], '.6g')} vs {ref[d]['c']:.6g}"
+                        for d in lam_meas) + "."
+        )
+    if not stab and by_class["restrained"]:
+        below_all = all(d >= dt_star_hi for d in config.dts)
+        out.append(
+            "DIFFERENCE FROM THE PAPER: no dt of this run converges; the paper reports a stable range below an "
+            "empirically found threshold."
+            + (f" The closed-form threshold 2/lambda_max = {dt_star:.4g} lies below every dt of this sweep "
+               f"(smallest {min(config.dts):g}); a sweep below it locates the stable range." if below_all else "")
+        )
     return out
 
 
@@ -991,11 +1351,15 @@ def _plot_figure5(results: dict[str, Any], config: NonlinearConfig, path: Path) 
     _plot_loss(a1, results, config)
     for (key, v), c in zip(results["per_dt"].items(), _colors(len(config.dts))):
         rel = np.asarray(v["rel_l1"], np.float64)
-        a2.plot(np.arange(rel.size), np.where(rel > 0, rel, np.nan), color=c, lw=0.8, label=f"dt={key}")
+        a2.plot(np.arange(rel.size), np.where(rel > 0, rel, np.nan), color=c, lw=0.5, alpha=0.35)
+        ma = v["rel_l1_moving_average"]
+        avg = np.asarray(ma["values"], np.float64)
+        a2.plot(np.arange(avg.size) + ma["first_step"], np.where(avg > 0, avg, np.nan), color=c, lw=1.4,
+                label=f"dt={key}")
     a2.axhline(config.rel_l1_level, color="k", ls=":", lw=0.8, label="amplified level")
     a2.set_yscale("log")
-    a2.set_xlabel("iteration")
-    a2.set_ylabel(f"RelL1(k=1, k={config.k})")
+    a2.set_xlabel("iteration (average: last step of its window)")
+    a2.set_ylabel(f"RelL1(k=1, k={config.k}): raw (faint), {config.rel_l1_window}-step mean")
     a2.legend(fontsize=7)
     fig.suptitle("non-linear PDE (9): loss and perturbation growth (cf. Figure 5)")
     io.save_figure(fig, path)
@@ -1054,15 +1418,18 @@ def _plot_regimes(results: dict[str, Any], config: NonlinearConfig, path: Path) 
 def summarize(results: dict[str, Any]) -> str:
     """A table of classification, evidence and theory per dt, then the notes."""
     lines = [f"regimes: {results['regime_rule']}", f"rule: {results['classification_rule']}",
-             f"{'dt':>6} {'class':>10} {'nonfinite':>9} {'final loss':>11} {'max RelL1':>10} {'osc':>9} "
-             f"{'max dt*lam':>11} {'th: not-act':>11} {'act':>5} {'trans(win)':>10}"]
+             f"{'dt':>6} {'class':>10} {'nonfinite':>9} {'final loss':>11} {'win RelL1':>10} {'osc':>9} "
+             f"{'max dt*lam':>11} {'last dt*lam':>11} {'RelL1 last':>10} {'peak':>9} {'avg last':>9} {'avg peak':>9} "
+             f"{'th: not-act':>11} {'act':>5} {'trans(win)':>10}"]
     f = lambda x, spec=".3g": "-" if x is None else format(x, spec)  # noqa: E731
     for key, v in results["per_dt"].items():
         ev, th = v["evidence"], v["theory"]
         lines.append(
             f"{key:>6} {v['classification']:>10} {f(ev['first_nonfinite_step'], 'd'):>9} {f(ev['final_loss']):>11} "
             f"{f(ev.get('window_max_rel_l1')):>10} {f(ev.get('oscillation')):>9} "
-            f"{f(ev.get('max_normalized_sharpness')):>11} "
+            f"{f(ev.get('max_normalized_sharpness')):>11} {f(ev.get('last_normalized_sharpness')):>11} "
+            f"{f(ev.get('rel_l1_last')):>10} {f(ev.get('rel_l1_peak')):>9} {f(ev.get('rel_l1_avg_last')):>9} "
+            f"{f(ev.get('rel_l1_avg_peak')):>9} "
             f"{'stable' if th['not_activated_stable'] else 'unst.':>11} {'st' if th['activated_stable'] else 'un':>5} "
             f"{'stable' if th['transitioning_window_stable'] else 'unst.':>10}"
         )
