@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from eos_jax.errors import ConfigError
@@ -35,6 +36,23 @@ def checkerboard(size: int = 256, *, square: int = 1, dtype: Any = np.float64) -
     idx = np.arange(size) // square
     parity = (idx[:, None] + idx[None, :]) % 2
     return np.where(parity == 0, 1.0, -1.0).astype(dtype)
+
+
+def require_x64(what: str) -> None:
+    """Raises a ConfigError unless JAX's x64 mode is on; never switches it on (the caller's setting).
+
+    The linearized PDE's bounds and spectra are float64 computations (a relative residual of 1e-10
+    and alpha bounds of order 1e7 are out of float32's reach); under JAX's default float32 a
+    float64 array would silently be float32.
+
+    Args:
+      what: the function that needs float64, named in the message.
+    """
+    if not jax.config.jax_enable_x64:
+        raise ConfigError(
+            f"{what} computes in float64 and needs JAX's x64 mode, which is off; enable it before calling "
+            "(jax.config.update('jax_enable_x64', True), or eos_jax.runtime.configure())"
+        )
 
 
 def start_pde_run(command: str, config: Any, out_dir: str | Path) -> tuple[Path, dict[str, Any]]:

@@ -77,7 +77,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eos_jax.eigen import Extremes, psd_extremes
 from eos_jax.errors import ConfigError
+from eos_jax.pde.common import require_x64
 
 SCHEMES = ("gd", "nesterov")
 POOLS = ("sum", "mean")
@@ -474,44 +476,14 @@ def bisect_bounds(test: Callable[[jax.Array, jax.Array], jax.Array], kernel0: ja
     }
 
 
-class EigResult(NamedTuple):
-    """Extreme eigenvalues of a symmetric PSD linear map and the iterations used."""
-
-    mu_min: float
-    mu_max: float
-    iters_max: int
-    iters_min: int
-    residual_max: float
-    residual_min: float
-
-
-def _power(op: Operator, v0: jax.Array, tol: float, max_iters: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Power iteration on ``op`` until ``||op v - lam v|| <= tol |lam|``; returns (lam, iters, residual)."""
-    def cond(c: tuple) -> jax.Array:
-        _, _, it, res = c
-        return (it < max_iters) & (res > tol)
-
-    def body(c: tuple) -> tuple:
-        v, _, it, _ = c
-        u = op(v)
-        lam = jnp.vdot(v, u)
-        res = jnp.sqrt(jnp.sum((u - lam * v) ** 2)) / jnp.maximum(jnp.abs(lam), jnp.finfo(F64).tiny)
-        un = jnp.sqrt(jnp.sum(u * u))
-        v_new = jnp.where(un > 0, u / jnp.where(un > 0, un, 1.0), v)
-        return v_new, lam, it + 1, res
-
-    v0 = v0 / jnp.sqrt(jnp.sum(v0 * v0))
-    _, lam, it, res = jax.lax.while_loop(cond, body, (v0, jnp.asarray(0.0, F64), jnp.asarray(0), jnp.asarray(jnp.inf, F64)))
-    return lam, it, res
-
-
 def operator_extremes(op: Operator, shape: tuple[int, ...], key: jax.Array, *, tol: float = 1e-10,
-                      max_iters: int = 20000) -> EigResult:
+                      max_iters: int = 20000) -> Extremes:
     """``mu_max`` and ``mu_min`` of a symmetric PSD map by power iteration, the latter with a shift.
 
-    ``mu_max``: power iteration on ``M`` (PSD, so largest magnitude = largest algebraic).
-    ``mu_min``: power iteration on ``mu_max I - M`` (PSD, largest eigenvalue ``mu_max - mu_min``).
-    Each stops when the relative residual ``||B v - lam v|| / |lam|`` is below ``tol``.
+    The shared solver :func:`eos_jax.eigen.psd_extremes` on the raveled map: ``mu_max`` by power
+    iteration on ``M`` (PSD, so largest magnitude = largest algebraic), ``mu_min`` on
+    ``mu_max I - M`` (PSD, largest eigenvalue ``mu_max - mu_min``). Each stops when the relative
+    residual ``||B v - lam v|| / |lam|`` is below ``tol``. Float64 start vectors.
 
     Args:
       op: the linear map (e.g. :func:`make_windowed_operator`).
@@ -519,14 +491,16 @@ def operator_extremes(op: Operator, shape: tuple[int, ...], key: jax.Array, *, t
       key: PRNG key of the random start vectors.
       tol: relative residual tolerance.
       max_iters: iteration cap per eigenvalue.
+
+    Returns:
+      :class:`eos_jax.eigen.Extremes`.
     """
+    require_x64("operator_extremes")
     k1, k2 = jax.random.split(key)
-    lam, it, res = jax.jit(lambda v: _power(op, v, tol, max_iters))(jax.random.normal(k1, shape, F64))
-    mu_max = float(lam)
-    shifted = lambda v: mu_max * v - op(v)  # noqa: E731
-    lam2, it2, res2 = jax.jit(lambda v: _power(shifted, v, tol, max_iters))(jax.random.normal(k2, shape, F64))
-    return EigResult(mu_min=mu_max - float(lam2), mu_max=mu_max, iters_max=int(it), iters_min=int(it2),
-                     residual_max=float(res), residual_min=float(res2))
+    size = math.prod(shape)
+    flat = lambda v: op(v.reshape(shape)).reshape(size)  # noqa: E731
+    return psd_extremes(flat, jax.random.normal(k1, shape, F64).reshape(size),
+                        jax.random.normal(k2, shape, F64).reshape(size), tol=tol, max_iters=max_iters)
 
 
 def checkerboard_window_extremes(n: int, w: int) -> tuple[float, float]:
