@@ -81,7 +81,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -89,7 +88,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from eos_jax import hessian, losses, models, optim
 from eos_jax.errors import ConfigError
+from eos_jax.metrics import rel_l1
+from eos_jax.models.layers import conv2d
+from eos_jax.pde import linear
+from eos_jax.pde.common import checkerboard
 
 PyTree = Any
 REGIMES = ("activated", "transitioning", "not_activated")
@@ -221,8 +225,6 @@ def analytic_gradient(kernel: jax.Array, image: jax.Array, *, alpha: float, beta
 def make_model(kernel: int, *, beta: float = 1.0, pool: str = "mean", conv_impl: str = "auto",
                dtype: str = "float32"):
     """The one-layer ``cnn`` of Eq. (6): one ``kernel x kernel`` filter, Swish, global mean or sum, K ~ N(0, 1)."""
-    from eos_jax import models
-
     return models.get("cnn", layers=1, channels=1, kernel_size=kernel, padding="valid", activation="swish",
                       beta=beta, init="normal", init_std=1.0, head="sum", pool=pool, num_outputs=1,
                       conv_impl=conv_impl, dtype=dtype)
@@ -247,8 +249,6 @@ LossParts = Callable[[PyTree, dict], tuple[jax.Array, tuple[jax.Array, jax.Array
 
 def make_loss_parts(model: Any, alpha: float) -> LossParts:
     """``(params, batch) -> (L, (BCE, logit))`` for the loss (7) with weight decay in the loss."""
-    from eos_jax import losses
-
     half_alpha = 0.5 * float(alpha)
 
     def loss_parts(params: PyTree, batch: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -409,9 +409,6 @@ def make_lane_step(model: Any, alpha: float, eps: float) -> Callable[..., tuple[
     loss at ``K_t`` or whose ``K_{t+1}`` is not finite stops (keeps its last finite
     kernel) and records the first such ``t``.
     """
-    from eos_jax import optim
-    from eos_jax.models.layers import conv2d
-
     loss_parts = make_loss_parts(model, alpha)
     impl = model.info["conv_impl"]
 
@@ -451,8 +448,6 @@ def make_chunk_fn(model: Any, alpha: float, eps: float, chunk: int) -> Callable[
     ``loss, data_loss, logit (chunk, n_dt, 2)``, ``fractions (chunk, n_dt, 2, 3)``,
     ``rel_l1 (chunk, n_dt)`` between the two lanes of each ``dt`` at ``K_t``.
     """
-    from eos_jax.metrics import rel_l1
-
     lane_step = make_lane_step(model, alpha, eps)
     flat_step = jax.vmap(lane_step, in_axes=(0, 0, 0, None, None))
 
@@ -497,8 +492,6 @@ def make_sharpness_fn(model: Any, alpha: float, num_iters: int) -> Callable[...,
     :func:`eos_jax.hessian.top_eigenvalue` (Lanczos, exactly ``num_iters`` products, so
     it vmaps), warm-started from ``v0`` (zeros: a random start from the lane's key).
     """
-    from eos_jax import hessian
-
     loss_fn = make_loss_fn(model, alpha)
 
     def one(params: PyTree, v0: PyTree, key: jax.Array, batch: dict) -> tuple[jax.Array, PyTree, jax.Array]:
@@ -530,8 +523,6 @@ def _unflat(tree: PyTree, n: int) -> PyTree:
 def init_lanes(model: Any, config: NonlinearConfig, image_shape: tuple[int, int]
                ) -> tuple[LaneState, jax.Array, jax.Array]:
     """Initial stacked state ``(n_dt, 2)`` (every lane from the same ``K_0``), and the lanes' dt and k."""
-    from eos_jax import optim
-
     variables = model.init(jax.random.fold_in(jax.random.key(config.seed), 0), (*image_shape, 1))
     params = variables["params"]
     n = len(config.dts)
@@ -557,8 +548,6 @@ def simulate(config: NonlinearConfig, *, log: Callable[[str], None] | None = Non
       ``final_params``, ``initial_kernel``, ``eps``, ``model_info`` and wall-clock
       ``timing``.
     """
-    from eos_jax.pde.common import checkerboard
-
     config.validate()
     eps = regime_threshold(config.beta, config.regime_tol)
     image = checkerboard(config.size, square=config.square, dtype=np.float32)
@@ -790,7 +779,7 @@ def checkerboard_minima(*, size: int, kernel: int, alpha: float, beta: float, la
     Roots of ``d/dc [l(c) + alpha c^2/(2 w^2)]`` (:func:`checkerboard_loss_1d`) with a
     positive second derivative, located on a grid of ``[-c_max, c_max]`` and refined by
     bisection in float64. At such a minimum ``K* = (c*/w^2) chi`` the Hessian's largest
-    eigenvalue is ``lambda* = max(alpha, lambda_chi(c*))``, so gradient descent is linearly
+    eigenvalue is ``lambda* = max(alpha, lambdachi(c*))``, so gradient descent is linearly
     stable there iff ``dt < 2/lambda*``.
 
     Returns:
@@ -830,7 +819,7 @@ def checkerboard_orbit(c0: float, dts: tuple[float, ...], *, steps: int, window:
     (:func:`checkerboard_loss_1d`), so the run's ``c_t`` follows this map from its ``c_0``
     (float64 here, float32 in the run). Over the last ``window`` iterates ``c_t``
     (``t = steps - window .. steps - 1``, the run's record indexing) it reports the period of
-    the orbit, the largest ``dt lambda_max`` (``lambda_max = max(alpha, lambda_chi(c_t))``)
+    the orbit, the largest ``dt lambda_max`` (``lambda_max = max(alpha, lambdachi(c_t))``)
     at every step and at the steps the run samples (``t % sample_every == 0``), and the
     regime it predicts: "divergent" if ``dt alpha >= 2`` (``K_perp`` grows) or ``c``
     leaves the finite range, "stable" if the orbit is a fixed point, "restrained" otherwise.
@@ -873,7 +862,7 @@ def checkerboard_orbit(c0: float, dts: tuple[float, ...], *, steps: int, window:
             pred = "stable"
         else:
             pred = "restrained"
-        out[_dt_key(dt)] = {
+        out[dt_key(dt)] = {
             "predicted": pred, "period": period,
             "c_range": [float(np.min(hc)), float(np.max(hc))] if finite else None,
             "max_dt_lambda": float(np.max(hl)) if finite else None,
@@ -912,8 +901,6 @@ def theory(image: np.ndarray, kernel: int, *, alpha: float, beta: float, label: 
     Returns:
       A JSON-able dict (per-dt booleans under ``per_dt``).
     """
-    from eos_jax.pde import linear
-
     img = np.asarray(image, np.float64)
     n = img.shape[0]
     spec = np.asarray(linear.image_spectrum(img))
@@ -953,7 +940,7 @@ def theory(image: np.ndarray, kernel: int, *, alpha: float, beta: float, label: 
         p_min, p_max = linear.alpha_bounds(q_per * float(spec.min()), q_per * float(spec.max()), scheme="gd", dt=dt,
                                            a=a0, beta=beta)
         w_min, w_max = linear.alpha_bounds(q * eig.mu_min, q * eig.mu_max, scheme="gd", dt=dt, a=a0, beta=beta)
-        out["per_dt"][_dt_key(dt)] = {
+        out["per_dt"][dt_key(dt)] = {
             "not_activated_stable": bool(dt * alpha < 2),
             "activated_stable": bool(alpha < 2.0 / dt - (q_per * ibar) ** 2 / 8.0),
             "transitioning_alpha_min": p_min, "transitioning_alpha_max": p_max,
@@ -962,476 +949,18 @@ def theory(image: np.ndarray, kernel: int, *, alpha: float, beta: float, label: 
             "transitioning_window_stable": bool(w_min < alpha < w_max),
         }
         if out["checkerboard_minima"]:
-            out["per_dt"][_dt_key(dt)]["checkerboard_minimum_stable"] = [
+            out["per_dt"][dt_key(dt)]["checkerboard_minimum_stable"] = [
                 bool(m["dt_max"] is not None and dt < m["dt_max"]) for m in out["checkerboard_minima"]]
     out["transitioning_c"] = c
     return out
 
 
-def _dt_key(dt: float) -> str:
+def dt_key(dt: float) -> str:
     """The JSON key of a step size."""
     return f"{dt:g}"
 
 
-# ----------------------------------------------------------------------------- run
-
-
-def run_nonlinear(config: NonlinearConfig, out_dir: str | Path, *, log: Callable[[str], None] | None = None
-                  ) -> dict[str, Any]:
-    """Runs the Figure 5 / Figure 6 experiment and writes the run directory.
-
-    Writes ``config.json`` and ``metadata.json`` first (refusing a used directory), then
-    ``results.json`` (histories, classification per ``dt`` with the rule, theory, notes),
-    ``figure5.png`` (loss; RelL1), ``figure6.png`` (loss; normalized sharpness with the
-    line at 2) and ``regimes.png`` (Table 3 fractions), each atomically.
-
-    Args:
-      config: the experiment's configuration.
-      out_dir: a new or empty run directory.
-      log: optional progress callback (one line per chunk).
-
-    Returns:
-      The results dict written to ``results.json``.
-    """
-    from eos_jax import io
-    from eos_jax.pde.common import checkerboard, start_pde_run
-
-    path, meta = start_pde_run("nonlinear", config, out_dir)
-    t_start = time.perf_counter()
-    sim = simulate(config, log=log)
-    t_sim = time.perf_counter() - t_start
-    image = checkerboard(config.size, square=config.square, dtype=np.float64)
-    th = theory(image, config.kernel, alpha=config.alpha, beta=config.beta, label=config.label, dts=config.dts,
-                pool=config.pool, square=config.square)
-    results = build_results(config, sim, th)
-    meta = dict(meta, model_info=sim["model_info"], timing=dict(sim["timing"], simulate_s=t_sim))
-    _plot_figure5(results, config, path / "figure5.png")
-    _plot_figure6(results, config, path / "figure6.png")
-    _plot_regimes(results, config, path / "regimes.png")
-    meta["timing"]["total_s"] = time.perf_counter() - t_start
-    io.atomic_write_json(path / "results.json", results)
-    io.atomic_write_json(path / "metadata.json", meta)
-    return results
-
-
-def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, Any]) -> dict[str, Any]:
-    """The JSON-able results: per dt histories, classification and evidence, theory, notes."""
-    per_dt: dict[str, Any] = {}
-    sh_steps = sim["sharpness_steps"]
-    w = config.num_window
-    for i, dt in enumerate(config.dts):
-        cls, ev = classify(sim["loss"][:, i, :], sim["rel_l1"][:, i], sim["first_nonfinite"][i], config)
-        norm = dt * sim["sharpness"][:, i, :]
-        late = sh_steps >= config.steps - w
-        k1 = norm[:, 0]
-        ev["max_normalized_sharpness"] = _nanmax(k1)
-        ev["window_max_normalized_sharpness"] = _nanmax(k1[late])
-        ev["window_fraction_above_2"] = (float(np.mean(k1[late] > 2.0)) if np.any(np.isfinite(k1[late])) else None)
-        fin = k1[np.isfinite(k1)]
-        ev["fraction_above_2"] = float(np.mean(fin > 2.0)) if fin.size else None
-        lam = sim["sharpness"][:, i, 0]
-        ev["last_lambda_max"] = float(lam[np.isfinite(lam)][-1]) if np.any(np.isfinite(lam)) else None
-        last_logit = sim["logit"][:, i, 0][np.isfinite(sim["logit"][:, i, 0])]
-        a_last = float(0.5 * (1.0 + np.tanh(0.5 * float(last_logit[-1]))) - config.label) if last_logit.size else None
-        th_dt = dict(th["per_dt"][_dt_key(dt)])
-        if a_last is not None:
-            # Eq. (14) on the windowed spectrum with the run's last a = y_hat - y instead of s(0) - y.
-            lo, hi = _alpha_bounds_gd(*th["window_mu_scaled"], dt=dt, a=a_last, beta=config.beta)
-            th_dt.update(a_last=a_last, transitioning_window_alpha_min_at_a_last=lo,
-                         transitioning_window_alpha_max_at_a_last=hi)
-        logit = np.asarray(sim["logit"][-w:, i, 0], np.float64)
-        a = 0.5 * (1.0 + np.tanh(0.5 * logit[np.isfinite(logit)])) - config.label  # a = y_hat - y of Eq. (8)
-        ev["window_a_range"] = [float(a.min()), float(a.max())] if a.size else None
-        fr = sim["fractions"][-w:, i, 0, :]
-        ev["window_mean_fractions"] = {r: _nanmean(fr[:, j]) for j, r in enumerate(REGIMES)}
-        rel = np.asarray(sim["rel_l1"][:, i], np.float64)
-        rel_avg = moving_average(rel, config.rel_l1_window)
-        ev["rel_l1_last"] = float(rel[-1]) if np.isfinite(rel[-1]) else None
-        ev["rel_l1_peak"] = _nanmax(rel)
-        ev["rel_l1_peak_step"] = int(np.nanargmax(rel)) if np.any(np.isfinite(rel)) else None
-        ev["rel_l1_avg_last"] = float(rel_avg[-1]) if rel_avg.size and np.isfinite(rel_avg[-1]) else None
-        ev["rel_l1_avg_peak"] = _nanmax(rel_avg) if rel_avg.size else None
-        ev["last_normalized_sharpness"] = (float(k1[np.isfinite(k1)][-1]) if np.any(np.isfinite(k1)) else None)
-        if config.square == 1:
-            # c = <K, chi>: the one coordinate the pixel checkerboard sees (checkerboard_loss_1d).
-            kern = np.asarray(kernel_of(jax.tree_util.tree_map(lambda x: x[i, 0], sim["final_params"])), np.float64)
-            ev["final_c"] = float(np.sum(kern * _chi(config.kernel)))
-        lanes = {}
-        for j, kk in enumerate((1, config.k)):
-            lanes[f"k{kk}"] = {
-                "loss": sim["loss"][:, i, j], "data_loss": sim["data_loss"][:, i, j], "logit": sim["logit"][:, i, j],
-                "fractions": {r: sim["fractions"][:, i, j, m] for m, r in enumerate(REGIMES)},
-                "sharpness": sim["sharpness"][:, i, j], "normalized_sharpness": norm[:, j],
-                "lanczos_residual": sim["lanczos_residual"][:, i, j],
-                "first_nonfinite_step": sim["first_nonfinite"][i][j],
-            }
-        per_dt[_dt_key(dt)] = {
-            "dt": dt, "classification": cls, "evidence": ev, "rel_l1": sim["rel_l1"][:, i],
-            "rel_l1_moving_average": {"window": config.rel_l1_window, "first_step": config.rel_l1_window - 1,
-                                      "values": rel_avg},
-            "lanes": lanes, "theory": th_dt,
-        }
-    c0 = (float(np.sum(np.asarray(sim["initial_kernel"], np.float64) * _chi(config.kernel)))
-          if config.square == 1 else None)
-    results = {
-        "setting": {
-            "image": f"{config.size}x{config.size} checkerboard of +1/-1, squares of {config.square} px",
-            "kernel": (f"{config.kernel}x{config.kernel}, K0 ~ N(0, 1) from the JAX key fold_in(key({config.seed}), 0) "
-                       "(same K0 in every lane); the authors draw np.random.randn after np.random.seed(7) "
-                       "(single_layer/PySun.py), a stream JAX does not reproduce"),
-            "model": (f"cnn: valid cross-correlation, Swish(beta), global {config.pool} over the "
-                      f"{num_positions(config.size, config.kernel)} output positions, sigmoid in the BCE (Eq. (6))"
-                      + ("; the authors' AvgPooling (single_layer/PySun.py)" if config.pool == "mean" else
-                         "; the authors pool with the mean (single_layer/PySun.py)")),
-            "pool": config.pool,
-            "loss": "BCE(s(g), y) + (alpha/2)||K||^2 (Eq. (7)); weight decay in the loss, not in the optimizer",
-            "optimizer": f"eos_jax.optim.sgd(dt, k) -- k=1 and k={config.k}: K - (dt/k)(k grad) (Section 4.1)",
-            "dtype": "float32 (model, kernel, loss, optimizer); theory in float64",
-            "sharpness": f"largest algebraic Hessian eigenvalue of the loss in K, Lanczos with "
-                         f"{config.sharpness_iters} HVPs warm-started, every {config.sharpness_every} steps",
-        },
-        "regime_threshold_eps": sim["eps"],
-        "regime_rule": (f"activated: K*I > eps, transitioning: |K*I| <= eps, not activated: K*I < -eps, "
-                        f"eps={sim['eps']:.6g}: where |r'(x) - (1/2 + beta x/2)| (Eq. (46)) reaches "
-                        f"{config.regime_tol:g}"),
-        "record_index": "record t of every history is the iterate K_t (before update t); t = 0..steps-1",
-        "classification_rule": classification_rule(config),
-        "sharpness_steps": sh_steps,
-        "rel_l1_moving_average_rule": (f"trailing mean over {config.rel_l1_window} consecutive steps, value j "
-                                       f"averaging steps j..j+{config.rel_l1_window - 1} (as the authors smooth "
-                                       "Figure 5 right, instability/compute_one_layer.m)"),
-        "initial_c": c0,
-        "checkerboard_orbit": (checkerboard_orbit(
-            c0, config.dts, steps=config.steps, window=config.num_window, sample_every=config.sharpness_every,
-            size=config.size, kernel=config.kernel, alpha=config.alpha, beta=config.beta, label=config.label,
-            pool=config.pool) if c0 is not None else None),
-        "theory": {k: v for k, v in th.items() if k != "per_dt"},
-        "per_dt": per_dt,
-    }
-    results["notes"] = notes(results, config)
-    return results
-
-
-def _alpha_bounds_gd(mu_min: float, mu_max: float, *, dt: float, a: float, beta: float) -> tuple[float, float]:
-    """Eq. (14) for forward Euler with a spectrum ``[mu_min, mu_max]`` (any sign of ``a``)."""
-    from eos_jax.pde import linear
-
-    return linear.alpha_bounds(mu_min, mu_max, scheme="gd", dt=dt, a=a, beta=beta)
-
-
-def _chi(kernel: int) -> np.ndarray:
+def chi(kernel: int) -> np.ndarray:
     """``chi(z) = (-1)^(z1+z2)`` on the ``kernel x kernel`` window (float64)."""
     i = np.arange(kernel)
     return np.where((i[:, None] + i[None, :]) % 2 == 0, 1.0, -1.0)
-
-
-def _nanmax(x: np.ndarray) -> float | None:
-    """max over finite values, None if there are none."""
-    x = np.asarray(x, np.float64)
-    return float(np.max(x[np.isfinite(x)])) if np.any(np.isfinite(x)) else None
-
-
-def _nanmean(x: np.ndarray) -> float | None:
-    """mean over finite values, None if there are none."""
-    x = np.asarray(x, np.float64)
-    return float(np.mean(x[np.isfinite(x)])) if np.any(np.isfinite(x)) else None
-
-
-def notes(results: dict[str, Any], config: NonlinearConfig) -> list[str]:
-    """Findings computed from this run, each with the comparison it rests on.
-
-    Every sentence that states an agreement or a difference is printed only when this run's
-    numbers support it (theory vs simulation, closed form vs measured sharpness, the
-    paper's stated regimes vs the classification).
-    """
-    th = results["theory"]
-    per = results["per_dt"]
-    cls_of = {d: per[_dt_key(d)]["classification"] for d in config.dts}
-    by_class = {c: [d for d in config.dts if cls_of[d] == c] for c in CLASSES}
-    out = []
-    if th["image_sum_Ibar"] == 0:
-        v = config.size - config.kernel + 1
-        out.append(
-            "Ibar = sum(I) = 0 for this image: the activated bound alpha < 2/dt - Ibar^2/8 "
-            "collapses to the not-activated bound dt < 2/alpha, and the constant forcing -(a/2) Ibar of (10) "
-            f"vanishes. The valid windows' sums S(z) are {th['window_sums_S']['min']:g}..{th['window_sums_S']['max']:g}"
-            f" (valid side {v}), giving the windowed activated analogue dt < {th['activated_window_dt_max']:.4g}."
-        )
-    out.append("simulation: " + "; ".join(f"{c}: {by_class[c]}" for c in CLASSES))
-    na = th["not_activated_dt_max"]
-    if na is not None:
-        below = [d for d in config.dts if d < na]
-        above = [d for d in config.dts if d >= na]
-        div_above = all(cls_of[d] == "divergent" for d in above)
-        ok_below = all(cls_of[d] != "divergent" for d in below)
-        out.append(
-            f"theory dt < 2/alpha = {na:g} (not-activated regime"
-            + (" and, with Ibar=0, activated" if th["image_sum_Ibar"] == 0 else "") + "): "
-            f"{'confirmed' if div_above and ok_below else 'NOT confirmed'} -- divergent above: "
-            f"{[d for d in above if cls_of[d] == 'divergent']} of {above}, finite below: "
-            f"{[d for d in below if cls_of[d] != 'divergent']} of {below} (paper: the loss blows up for dt > 0.1)."
-        )
-    first = per[_dt_key(config.dts[0])]["theory"]
-    trans = [d for d in config.dts if per[_dt_key(d)]["theory"]["transitioning_window_stable"]]
-    untrans = [d for d in config.dts if d not in trans]
-    line = (f"transitioning regime (linearized at K=0, a = s(0) - y = {th['a_linearization']:g}, data term x "
-            f"q = {th['data_term_scale_q']:.4g} for pool={config.pool}): windowed alpha_min = "
-            f"{first['transitioning_window_alpha_min']:.4g}, periodic alpha_min = "
-            f"{first['transitioning_alpha_min']:.4g}"
-            f", alpha = {config.alpha:g}: stable at dt in {trans}, unstable at dt in {untrans}")
-    if not trans:
-        line += " -- so at this alpha every visit of K*I ~ 0 is unstable, at every dt of the sweep"
-    out.append(line + ".")
-    out += _checkerboard_notes(results, config, by_class)
-    ns = {d: per[_dt_key(d)]["evidence"].get("max_normalized_sharpness") for d in config.dts}
-    rest, stab = by_class["restrained"], by_class["stable"]
-    above = [d for d in rest if ns[d] is not None and ns[d] > 2]
-    never = [d for d in rest if ns[d] is not None and ns[d] <= 2]
-    stable_ok = [d for d in stab if ns[d] is not None and ns[d] <= 2]
-    stable_bad = [d for d in stab if ns[d] is not None and ns[d] > 2]
-    agree = not never and not stable_bad and bool(rest or stab)
-    out.append(
-        f"edge of stability (paper, Sec. 6.1: restrained <=> dt*lambda_max above 2, stable <=> below): restrained "
-        f"dts whose dt*lambda_max exceeds 2 at some sample: {above} of {rest}; stable dts that stay <= 2: "
-        f"{stable_ok} of {stab}; max dt*lambda_max per dt: "
-        + ", ".join(f"{d:g}: {'-' if ns[d] is None else format(ns[d], '.3g')}" for d in config.dts)
-        + (" -- consistent with the paper." if agree else " -- NOT consistent with the paper at "
-           f"{sorted(never + stable_bad)}.")
-    )
-    if stable_bad:
-        out.append(f"DIFFERENCE FROM THE PAPER: stable dts {stable_bad} have dt*lambda_max > 2 at some sample "
-                   "(max " + ", ".join(f"{d:g}: {ns[d]:.3g}" for d in stable_bad) + ").")
-    if never:
-        orbit = results.get("checkerboard_orbit") or {}
-        unseen = [d for d in never if (orbit.get(_dt_key(d)) or {}).get("max_dt_lambda") is not None
-                  and orbit[_dt_key(d)]["max_dt_lambda"] > 2 >= orbit[_dt_key(d)]["max_dt_lambda_sampled"]]
-        line = f"restrained dts {never} never show dt*lambda_max > 2 at the sampled steps (every " \
-               f"{config.sharpness_every})."
-        if unseen:
-            line += (" The 1-D map of c predicts, over the last window, " + ", ".join(
-                f"{d:g}: period {orbit[_dt_key(d)]['period']}, max dt*lambda_max "
-                f"{orbit[_dt_key(d)]['max_dt_lambda']:.3g} at all steps vs "
-                f"{orbit[_dt_key(d)]['max_dt_lambda_sampled']:.3g} at the sampled ones" for d in unseen)
-                + f": above 2 at steps the sampling skips (rerun with an odd --sharpness-every to see both phases)."
-                + ("" if len(unseen) == len(never) else
-                   f" DIFFERENCE FROM THE PAPER at {[d for d in never if d not in unseen]}."))
-        else:
-            line = "DIFFERENCE FROM THE PAPER: " + line
-        out.append(line)
-    inside = [d for d in rest if (per[_dt_key(d)]["evidence"]["window_mean_fractions"]["transitioning"] or 0) >= 1.0]
-    if inside:
-        out.append(
-            f"restrained dts {inside} stay in the transitioning regime (|K*I| <= eps at every position) over the "
-            "whole window, with a = y_hat - y in "
-            + ", ".join(f"{d:g}: {_fmt_range(per[_dt_key(d)]['evidence'].get('window_a_range'))}" for d in inside)
-            + "; the paper's narrative has them move into the activated regime."
-        )
-    if config.sharpness_every % 2 == 0:
-        out.append(
-            f"sampling: the sharpness is taken every {config.sharpness_every} (even) steps, so a period-2 orbit is "
-            "seen at one phase only."
-        )
-    amp = [d for d in config.dts if per[_dt_key(d)]["evidence"].get("amplified")]
-    nondiv = [d for d in config.dts if cls_of[d] != "divergent"]
-    same = [d for d in nondiv if (d in amp) == (d in rest)]
-    avg = {d: per[_dt_key(d)]["evidence"].get("rel_l1_avg_last") for d in config.dts}
-    out.append(
-        f"RelL1(k=1, k={config.k}) amplified above {config.rel_l1_level:g} at dt in {amp}; restrained dts {rest}; "
-        f"last {config.rel_l1_window}-step average per dt: "
-        + ", ".join(f"{d:g}: {'-' if avg[d] is None else format(avg[d], '.3g')}" for d in config.dts)
-        + (" -- amplified exactly at the restrained dts, as in the paper's Fig. 5 (right)."
-           if len(same) == len(nondiv) and nondiv else
-           f" -- NOT the same set as the restrained dts (the paper's Fig. 5 right: amplified exactly there); "
-           f"differ at {[d for d in nondiv if d not in same]}.")
-    )
-    return out
-
-
-def _fmt_range(r: list[float] | None) -> str:
-    """``[lo, hi]`` with 3 significant digits, ``-`` for None."""
-    return "-" if r is None else f"[{r[0]:.3g}, {r[1]:.3g}]"
-
-
-def _checkerboard_notes(results: dict[str, Any], config: NonlinearConfig, by_class: dict[str, list[float]]
-                        ) -> list[str]:
-    """The closed-form minimum of the pixel checkerboard beside the run's classes and sharpness."""
-    th, per = results["theory"], results["per_dt"]
-    minima = th.get("checkerboard_minima")
-    if not minima:
-        return []
-    out = []
-    dt_star = min(m["dt_max"] for m in minima if m["dt_max"] is not None)
-    dt_star_hi = max(m["dt_max"] for m in minima if m["dt_max"] is not None)
-    pred_stable = [d for d in config.dts if d < dt_star]
-    nondiv = [d for d in config.dts if per[_dt_key(d)]["classification"] != "divergent"]
-    pred_osc = [d for d in nondiv if d >= dt_star_hi]
-    stab = by_class["stable"]
-    agree = sorted(stab) == sorted(pred_stable) and all(d in by_class["restrained"] for d in pred_osc)
-    out.append(
-        f"theory (pixel checkerboard, pool={config.pool}): the loss depends on K through c = <K, chi> and ||K||; "
-        "its minima are at c* = " + ", ".join(f"{m['c']:.6g}" for m in minima)
-        + " (logit g = " + ", ".join(f"{m['logit_g']:.4g}" for m in minima)
-        + ", a = y_hat - y = " + ", ".join(f"{m['a']:.3g}" for m in minima)
-        + "), where lambda_max = " + ", ".join(f"{m['lambda_max']:.6g}" for m in minima)
-        + f", so GD converges there iff dt < 2/lambda_max = {dt_star:.4g}"
-        + (f"..{dt_star_hi:.4g}" if dt_star_hi != dt_star else "")
-        + f" (initial c = <K0, chi> = {results['initial_c']:.4g}). Predicted stable: {pred_stable}; simulation "
-        f"stable: {stab} -- " + ("agree." if agree else "DISAGREE.")
-    )
-    orbit = results.get("checkerboard_orbit")
-    if orbit:
-        pred = {d: orbit[_dt_key(d)]["predicted"] for d in config.dts}
-        sim_cls = {d: per[_dt_key(d)]["classification"] for d in config.dts}
-        differ = [d for d in config.dts if pred[d] != sim_cls[d]]
-        out.append(
-            "1-D map of c = <K, chi> (exact reduction of GD (9) on this image, float64, from the run's c0), last "
-            f"{config.num_window} steps: " + "; ".join(
-                f"{d:g}: {pred[d]} (period {orbit[_dt_key(d)]['period'] or 'none found'}, max dt*lambda_max "
-                + ("-" if orbit[_dt_key(d)]["max_dt_lambda"] is None else
-                   format(orbit[_dt_key(d)]["max_dt_lambda"], ".3g")) + ")" for d in config.dts)
-            + (" -- the simulation's classes agree at every dt." if not differ else
-               f" -- the simulation's classes DIFFER at {differ}.")
-        )
-    lam_meas = {d: per[_dt_key(d)]["evidence"].get("last_lambda_max") for d in stab}
-    lam_meas = {d: x for d, x in lam_meas.items() if x is not None}
-    if lam_meas:
-        c_fin = {d: per[_dt_key(d)]["evidence"].get("final_c") for d in lam_meas}
-        ref = {d: min(minima, key=lambda m, c=c_fin[d]: abs(m["c"] - (c if c is not None else 0.0)))
-               for d in lam_meas}
-        out.append(
-            "stable dts: measured (Lanczos, last sample) vs closed-form lambda_max at the minimum they reach: "
-            + ", ".join(f"{d:g}: {lam_meas[d]:.6g} vs {ref[d]['lambda_max']:.6g} (rel "
-                        f"{abs(lam_meas[d] - ref[d]['lambda_max']) / ref[d]['lambda_max']:.2e}), final c "
-                        f"{'-' if c_fin[d] is None else format(c_fin[d], '.6g')} vs {ref[d]['c']:.6g}"
-                        for d in lam_meas) + "."
-        )
-    if not stab and by_class["restrained"]:
-        below_all = all(d >= dt_star_hi for d in config.dts)
-        out.append(
-            "DIFFERENCE FROM THE PAPER: no dt of this run converges; the paper reports a stable range below an "
-            "empirically found threshold."
-            + (f" The closed-form threshold 2/lambda_max = {dt_star:.4g} lies below every dt of this sweep "
-               f"(smallest {min(config.dts):g}); a sweep below it locates the stable range." if below_all else "")
-        )
-    return out
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def _colors(n: int) -> list[Any]:
-    """Distinct line colors."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["viridis"]
-    return [cmap(i / max(n - 1, 1)) for i in range(n)]
-
-
-def _plot_loss(ax: Any, results: dict[str, Any], config: NonlinearConfig) -> None:
-    """Loss (7) of the k=1 lanes, log scale."""
-    for (key, v), c in zip(results["per_dt"].items(), _colors(len(config.dts))):
-        loss = np.asarray(v["lanes"]["k1"]["loss"], np.float64)
-        ax.plot(np.arange(loss.size), loss, color=c, lw=0.8, label=f"dt={key} ({v['classification']})")
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss (7)")
-    ax.legend(fontsize=7)
-
-
-def _plot_figure5(results: dict[str, Any], config: NonlinearConfig, path: Path) -> None:
-    """Figure 5: loss and RelL1(k=1, k=3) per dt."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from eos_jax import io
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    _plot_loss(a1, results, config)
-    for (key, v), c in zip(results["per_dt"].items(), _colors(len(config.dts))):
-        rel = np.asarray(v["rel_l1"], np.float64)
-        a2.plot(np.arange(rel.size), np.where(rel > 0, rel, np.nan), color=c, lw=0.5, alpha=0.35)
-        ma = v["rel_l1_moving_average"]
-        avg = np.asarray(ma["values"], np.float64)
-        a2.plot(np.arange(avg.size) + ma["first_step"], np.where(avg > 0, avg, np.nan), color=c, lw=1.4,
-                label=f"dt={key}")
-    a2.axhline(config.rel_l1_level, color="k", ls=":", lw=0.8, label="amplified level")
-    a2.set_yscale("log")
-    a2.set_xlabel("iteration (average: last step of its window)")
-    a2.set_ylabel(f"RelL1(k=1, k={config.k}): raw (faint), {config.rel_l1_window}-step mean")
-    a2.legend(fontsize=7)
-    fig.suptitle("non-linear PDE (9): loss and perturbation growth (cf. Figure 5)")
-    io.save_figure(fig, path)
-    plt.close(fig)
-
-
-def _plot_figure6(results: dict[str, Any], config: NonlinearConfig, path: Path) -> None:
-    """Figure 6: loss and normalized sharpness dt * lambda_max with the line at 2."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from eos_jax import io
-
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    _plot_loss(a1, results, config)
-    steps = np.asarray(results["sharpness_steps"])
-    for (key, v), c in zip(results["per_dt"].items(), _colors(len(config.dts))):
-        ns = np.asarray(v["lanes"]["k1"]["normalized_sharpness"], np.float64)
-        a2.plot(steps, ns, color=c, lw=0.8, marker=".", ms=2, label=f"dt={key}")
-    a2.axhline(2.0, color="k", ls="--", lw=1.0, label="2 (GD stability)")
-    a2.set_yscale("symlog", linthresh=1.0)
-    a2.set_xlabel("iteration")
-    a2.set_ylabel("dt * lambda_max")
-    a2.legend(fontsize=7)
-    fig.suptitle("non-linear PDE (9): normalized sharpness (cf. Figure 6)")
-    io.save_figure(fig, path)
-    plt.close(fig)
-
-
-def _plot_regimes(results: dict[str, Any], config: NonlinearConfig, path: Path) -> None:
-    """Fractions of positions per regime of Table 3 (k=1 lanes), one panel per regime."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from eos_jax import io
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.5), sharey=True)
-    span = max(1, min(25, config.steps // 20))  # the regimes switch every few steps: show a moving average
-    for ax, reg in zip(axes, REGIMES):
-        for (key, v), c in zip(results["per_dt"].items(), _colors(len(config.dts))):
-            f = np.asarray(v["lanes"]["k1"]["fractions"][reg], np.float64)
-            avg = np.convolve(f, np.ones(span) / span, mode="valid")
-            ax.plot(np.arange(avg.size) + span - 1, avg, color=c, lw=0.8, label=f"dt={key}")
-        ax.set_title(reg.replace("_", " "))
-        ax.set_xlabel("iteration")
-    axes[0].set_ylabel(f"fraction of positions, {span}-step mean\n(eps={results['regime_threshold_eps']:.3g})")
-    axes[0].legend(fontsize=7)
-    io.save_figure(fig, path)
-    plt.close(fig)
-
-
-def summarize(results: dict[str, Any]) -> str:
-    """A table of classification, evidence and theory per dt, then the notes."""
-    lines = [f"regimes: {results['regime_rule']}", f"rule: {results['classification_rule']}",
-             f"{'dt':>6} {'class':>10} {'nonfinite':>9} {'final loss':>11} {'win RelL1':>10} {'osc':>9} "
-             f"{'max dt*lam':>11} {'last dt*lam':>11} {'RelL1 last':>10} {'peak':>9} {'avg last':>9} {'avg peak':>9} "
-             f"{'th: not-act':>11} {'act':>5} {'trans(win)':>10}"]
-    f = lambda x, spec=".3g": "-" if x is None else format(x, spec)  # noqa: E731
-    for key, v in results["per_dt"].items():
-        ev, th = v["evidence"], v["theory"]
-        lines.append(
-            f"{key:>6} {v['classification']:>10} {f(ev['first_nonfinite_step'], 'd'):>9} {f(ev['final_loss']):>11} "
-            f"{f(ev.get('window_max_rel_l1')):>10} {f(ev.get('oscillation')):>9} "
-            f"{f(ev.get('max_normalized_sharpness')):>11} {f(ev.get('last_normalized_sharpness')):>11} "
-            f"{f(ev.get('rel_l1_last')):>10} {f(ev.get('rel_l1_peak')):>9} {f(ev.get('rel_l1_avg_last')):>9} "
-            f"{f(ev.get('rel_l1_avg_peak')):>9} "
-            f"{'stable' if th['not_activated_stable'] else 'unst.':>11} {'st' if th['activated_stable'] else 'un':>5} "
-            f"{'stable' if th['transitioning_window_stable'] else 'unst.':>10}"
-        )
-    lines += [f"note: {n}" for n in results["notes"]]
-    return "\n".join(lines)
