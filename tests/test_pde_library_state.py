@@ -72,6 +72,11 @@ _CHILD = textwrap.dedent(
     fr = nonlinear.regime_fractions(jnp.asarray([-1.0, 0.0, 1.0], jnp.float32), eps)
     assert fr.dtype == jnp.float32 and abs(float(jnp.sum(fr)) - 1.0) < 1e-6
     assert nonlinear.swish_prime(jnp.asarray([0.0], jnp.float32)).dtype == jnp.float32
+    cfg = nonlinear.NonlinearConfig(dts=(0.01, 0.2), steps=4, size=8, kernel=3, sharpness_every=2, sharpness_iters=3,
+                                    rel_l1_window=2)
+    sim = nonlinear.simulate(cfg)  # the float32 k=1 / k lanes
+    assert sim["loss"].dtype == np.float32 and sim["loss"].shape == (4, 2, 2)
+    refuses(nonlinear.theory, cb, 3, alpha=20.0, beta=1.0, label=1, dts=(0.01,), pool="mean")
     # eigen: the shared solver in float32.
     a = jnp.diag(jnp.asarray([1.0, 2.0, 5.0], jnp.float32))
     e = eigen.psd_extremes(lambda v: a @ v, jnp.ones(3, jnp.float32), jnp.asarray([1.0, -1.0, 0.5], jnp.float32),

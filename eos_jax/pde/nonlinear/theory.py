@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from eos_jax.pde import linear
+from eos_jax.pde.common import require_x64
 from eos_jax.pde.nonlinear.model import NonlinearConfig, pool_scale
 
 
@@ -282,6 +283,7 @@ def theory(image: np.ndarray, kernel: int, *, alpha: float, beta: float, label: 
     Returns:
       A JSON-able dict (per-dt booleans under ``per_dt``).
     """
+    require_x64("nonlinear.theory")
     img = np.asarray(image, np.float64)
     n = img.shape[0]
     spec = np.asarray(linear.image_spectrum(img))
