@@ -27,7 +27,7 @@ the full batch is then the size-weighted mean of the chunks' (shards') Hessians,
 computed. Without chunking and on one device any scalar loss is fine. Data is an argument, never
 closed over, so that ``jit`` does not fold it into the program as a constant.
 
-Eigen-solvers run on a flat vector (``jax.flatten_util.ravel_pytree``) in the dtype of ``params``
+Eigen-solvers (:mod:`eos_jax.eigen`) run on a flat vector (``jax.flatten_util.ravel_pytree``) in the dtype of ``params``
 (all floating leaves must share one dtype). Stopping: ``tol=None`` runs exactly ``num_iters``
 Hessian-vector products in ``lax.fori_loop``/``lax.scan`` (no data-dependent control flow, so it
 vmaps over lanes of a sweep); a float ``tol`` stops in ``lax.while_loop`` as soon as the residual
@@ -48,12 +48,12 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, PartitionSpec
 
+from eos_jax.eigen import lanczos, power_iteration, start_vector
 from eos_jax.errors import ConfigError
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
-_HI = lax.Precision.HIGHEST  # no TF32/bf16 passes in the solver's own dot products on GPU
 _METHODS = ("power", "lanczos")
 _THRESHOLD_KINDS = ("gd", "heavy_ball", "nesterov", "adam")
 
@@ -262,217 +262,7 @@ def data_parallel_hvp(
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# Flat-vector eigen-solvers on an operator ``op: (n,) -> (n,)``.
-
-
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Inner product of two flat vectors at full precision."""
-    return jnp.dot(a, b, precision=_HI)
-
-
-def _normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``x / ||x||`` (zeros when ``x`` is zero) and ``||x||``."""
-    nrm = jnp.linalg.norm(x)
-    safe = jnp.where(nrm > 0, nrm, jnp.ones_like(nrm))
-    return x / safe, nrm
-
-
-def _start_vector(v0_flat: jax.Array | None, key: jax.Array, n: int, dtype) -> jax.Array:
-    """Unit start vector: ``v0`` when given and nonzero, else a Gaussian draw from ``key``."""
-    rnd, _ = _normalize(jax.random.normal(key, (n,), dtype))
-    if v0_flat is None:
-        return rnd
-    v, nrm = _normalize(v0_flat.astype(dtype))
-    return jnp.where(nrm > 0, v, rnd)
-
-
 FIXED_MODE_TOL = 1e-3  # relative residual behind EigResult.converged when tol is None
-
-
-class _PowerState(NamedTuple):
-    """Carry of power iteration: next iterate, and the last Rayleigh pair with its residual."""
-
-    v: jax.Array  # next iterate (unit)
-    vec: jax.Array  # vector whose Rayleigh quotient is ``lam``
-    lam: jax.Array
-    res: jax.Array
-    n: jax.Array  # products so far
-
-
-def _power_step(op, shift: jax.Array, s: _PowerState) -> _PowerState:
-    """One product: Rayleigh quotient and residual of ``s.v``; next iterate from ``(H - shift) v``."""
-    w = op(s.v)
-    lam = _dot(s.v, w)
-    res = jnp.linalg.norm(w - lam * s.v)
-    nxt, _ = _normalize(w - shift * s.v)
-    return _PowerState(nxt, s.v, lam, res, s.n + 1)
-
-
-def _power(op, v_init: jax.Array, num_iters: int, tol: float | None) -> tuple[_PowerState, jax.Array]:
-    """Largest algebraic eigenvalue by power iteration, shifted when the dominant one is negative.
-
-    Phase 1 finds the eigenvalue of largest magnitude, ``mu``. If ``mu >= 0`` it is the largest
-    algebraic one and phase 2 simply continues (shift 0). If ``mu < 0``, phase 2 restarts from the
-    start vector on ``H - mu I``, whose spectrum ``lambda_i - mu >= 0`` is dominated by
-    ``lambda_max - mu``; the Rayleigh quotient is always taken with ``H`` itself. Phase 1 takes at
-    most ``num_iters // 2`` products (at least one), so phase 2 always has a budget when
-    ``num_iters >= 2``; fixed mode uses the whole budget of each phase, tolerance mode stops each
-    phase at the tolerance.
-
-    Returns:
-      ``(state, top)``: ``top`` is False when the returned quotient may not be the largest
-      algebraic eigenvalue (phase 2 never ran after a negative ``mu``, or the unshifted iteration
-      ended on a negative quotient).
-    """
-    dtype = v_init.dtype
-    inf = jnp.asarray(jnp.inf, dtype)
-    s = _PowerState(v_init, v_init, jnp.zeros((), dtype), inf, jnp.zeros((), jnp.int32))
-    zero = jnp.zeros((), dtype)
-    n1 = max(num_iters // 2, 1)
-    if tol is None:
-        s = lax.fori_loop(0, n1, lambda i, st: _power_step(op, zero, st), s)
-    else:
-        s = lax.while_loop(lambda st: (st.n < n1) & ~(st.res <= tol * jnp.abs(st.lam)),
-                           lambda st: _power_step(op, zero, st), s)
-    shifted = s.lam < 0
-    shift = jnp.minimum(s.lam, zero)
-    # After a negative mu the old residual belongs to the bottom eigenvalue: phase 2 must run.
-    s = s._replace(v=jnp.where(shifted, v_init, s.v), res=jnp.where(shifted, inf, s.res))
-    if tol is None:
-        s = lax.fori_loop(0, num_iters - n1, lambda i, st: _power_step(op, shift, st), s)
-    else:
-        s = lax.while_loop(lambda st: (st.n < num_iters) & ~(st.res <= tol * jnp.abs(st.lam)),
-                           lambda st: _power_step(op, shift, st), s)
-    top = jnp.isfinite(s.res) & (shifted | (s.lam >= 0))
-    return s, top
-
-
-def _ritz(alpha: jax.Array, beta: jax.Array, n_active: jax.Array, k: int):
-    """Top-k Ritz values (descending), Ritz coordinates and residual bounds of a Lanczos tridiagonal.
-
-    Rows past ``n_active`` are decoupled and given a diagonal value below every eigenvalue of the
-    active block (Gershgorin bound), so that they never rank among the top k; the pad stays of the
-    order of ``||T||`` so that ``eigh``'s absolute accuracy is not degraded.
-    """
-    m = alpha.shape[0]
-    idx = jnp.arange(m, dtype=jnp.int32)
-    active = idx < n_active
-    off = jnp.where(idx[:-1] + 1 < n_active, beta[:-1], jnp.zeros_like(beta[:-1]))
-    radius = jnp.abs(jnp.concatenate([off, jnp.zeros((1,), off.dtype)])) + jnp.abs(
-        jnp.concatenate([jnp.zeros((1,), off.dtype), off])
-    )
-    big = jnp.asarray(jnp.finfo(alpha.dtype).max, alpha.dtype)
-    lo = jnp.min(jnp.where(active, alpha - radius, big))
-    hi = jnp.max(jnp.where(active, alpha + radius, -big))
-    pad = lo - (hi - lo) - jnp.abs(lo) - jnp.abs(hi) - jnp.asarray(jnp.finfo(alpha.dtype).tiny, alpha.dtype)
-    diag = jnp.where(active, alpha, pad)
-    t = jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
-    theta, s = jnp.linalg.eigh(t)
-    theta = theta[::-1][:k]
-    s = s[:, ::-1][:, :k]
-    last = jnp.clip(n_active - 1, 0, m - 1)
-    res = jnp.abs(beta[last] * s[last, :])
-    return theta, s, res
-
-
-class _LanczosState(NamedTuple):
-    """Carry of Lanczos: basis rows ``q_0..q_m``, tridiagonal, products so far, norm estimate."""
-
-    q: jax.Array  # (m + 1 rounded up to a multiple of _BLOCK, n); rows past j are zero
-    alpha: jax.Array  # (m,)
-    beta: jax.Array  # (m,), beta[j] couples q_j and q_{j+1}; 0 after a breakdown
-    j: jax.Array
-    hnorm: jax.Array
-
-
-_BLOCK = 8  # basis rows per block of the reorthogonalization loop
-
-
-def _orth(q: jax.Array, w: jax.Array, n_rows: jax.Array) -> jax.Array:
-    """Full reorthogonalization of ``w`` against rows ``0..n_rows-1`` of ``q``, done twice.
-
-    Block Gram-Schmidt over blocks of ``_BLOCK`` rows, looping only over the blocks in use, so the
-    cost grows with the Krylov dimension reached, not with ``num_iters`` (rows not yet filled are
-    zero and do nothing). ``q`` has a multiple of ``_BLOCK`` rows.
-    """
-    n_blocks = (n_rows + (_BLOCK - 1)) // _BLOCK
-
-    def body(i, x):
-        blk = lax.dynamic_slice_in_dim(q, i * _BLOCK, _BLOCK, axis=0)
-        return x - jnp.dot(jnp.dot(blk, x, precision=_HI), blk, precision=_HI)
-
-    w = lax.fori_loop(0, n_blocks, body, w)
-    return lax.fori_loop(0, n_blocks, body, w)
-
-
-def _lanczos_step(op, key: jax.Array, st: _LanczosState) -> _LanczosState:
-    """One Lanczos product with full reorthogonalization; restarts orthogonally on breakdown.
-
-    When the Krylov space becomes invariant (``beta`` at rounding level relative to ``||H||``) the
-    next basis vector is a fresh random vector orthogonalized against the basis and the coupling is
-    set to 0, so the tridiagonal stays valid (block diagonal) and no NaN appears; this is how
-    eigenvalues outside the first Krylov space (and multiplicities) can still be found.
-    """
-    j = st.j
-    qj = st.q[j]
-    w = op(qj)
-    a = _dot(qj, w)
-    hnorm = jnp.maximum(st.hnorm, jnp.linalg.norm(w))
-    w = _orth(st.q, w, j + 1)
-    b = jnp.linalg.norm(w)
-    eps = jnp.finfo(w.dtype).eps
-    breakdown = b <= 64 * eps * hnorm
-
-    def restart():
-        r = jax.random.normal(jax.random.fold_in(key, j), w.shape, w.dtype)
-        return _normalize(_orth(st.q, r, j + 1))[0]
-
-    # lax.cond: the restart costs nothing unless taken (under vmap both branches run, as a select).
-    q_next = lax.cond(breakdown, restart, lambda: w / jnp.where(b > 0, b, jnp.ones_like(b)))
-    b = jnp.where(breakdown, jnp.zeros_like(b), b)
-    return _LanczosState(
-        st.q.at[j + 1].set(q_next), st.alpha.at[j].set(a), st.beta.at[j].set(b), j + 1, hnorm
-    )
-
-
-def _lanczos(op, v_init: jax.Array, key: jax.Array, num_iters: int, tol: float | None, k: int):
-    """Top-k algebraic eigenpairs by Lanczos with full reorthogonalization (flat vectors).
-
-    Returns ``(theta (k,), vectors (k, n), residual (k,), num_hvps)``. The residual is the Lanczos
-    bound ``|beta_m s_m|``, equal to ``||H y - theta y||`` up to rounding when the basis is
-    orthonormal (kept so by full reorthogonalization); it costs no product.
-    """
-    n = v_init.shape[0]
-    dtype = v_init.dtype
-    m = min(num_iters, n)  # a Krylov basis cannot exceed the dimension (static)
-    if k > m:
-        raise ConfigError(
-            f"k={k} eigenpairs need num_iters >= k and at least k parameters; got num_iters={num_iters}, n={n}"
-        )
-    rows = -(-(m + 1) // _BLOCK) * _BLOCK
-    st = _LanczosState(
-        jnp.zeros((rows, n), dtype).at[0].set(v_init),
-        jnp.zeros((m,), dtype),
-        jnp.zeros((m,), dtype),
-        jnp.zeros((), jnp.int32),
-        jnp.zeros((), dtype),
-    )
-    rkey = jax.random.fold_in(key, 1)
-    if tol is None:
-        st = lax.fori_loop(0, m, lambda i, s: _lanczos_step(op, rkey, s), st)
-    else:
-
-        def not_done(s):
-            theta, _, res = _ritz(s.alpha, s.beta, s.j, k)
-            conv = (s.j >= k) & jnp.all(res <= tol * jnp.abs(theta))
-            return (s.j < m) & ~conv
-
-        st = lax.while_loop(not_done, lambda s: _lanczos_step(op, rkey, s), st)
-    theta, coords, res = _ritz(st.alpha, st.beta, st.j, k)
-    vecs = jnp.dot(coords.T, st.q[:m], precision=_HI)  # (k, n); padded rows have zero coordinates
-    vecs = jax.vmap(lambda x: _normalize(x)[0])(vecs)
-    return theta, vecs, res, st.j
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,12 +325,12 @@ def _eig(
         flat_p, unravel = ravel_pytree(p)
         op = lambda x: ravel_pytree(tree_op(unravel(x)))[0]  # noqa: E731
         v0_flat = None if v0_ is None else ravel_pytree(v0_)[0]
-        v_init = _start_vector(v0_flat, jax.random.fold_in(key_, 0), flat_p.shape[0], dtype)
+        v_init = start_vector(v0_flat, jax.random.fold_in(key_, 0), flat_p.shape[0], dtype)
         rtol = FIXED_MODE_TOL if tol is None else tol
         if k is None and method == "power":
-            st, top = _power(op, v_init, num_iters, tol)
+            st, top = power_iteration(op, v_init, num_iters, tol)
             return EigResult(st.lam, unravel(st.vec), st.n, st.res, top & (st.res <= rtol * jnp.abs(st.lam)))
-        theta, vecs, res, n_hvp = _lanczos(op, v_init, key_, num_iters, tol, 1 if k is None else k)
+        theta, vecs, res, n_hvp = lanczos(op, v_init, key_, num_iters, tol, 1 if k is None else k)
         conv = res <= rtol * jnp.abs(theta)  # Ritz values from the top end of the Krylov space
         if k is None:
             return EigResult(theta[0], unravel(vecs[0]), n_hvp, res[0], conv[0])
@@ -579,7 +369,7 @@ def top_eigenvalue(
       batch: data passed to ``loss_fn``.
       method: ``"lanczos"`` (full reorthogonalization; robust to near-ties and to a dominant
         negative eigenvalue) or ``"power"`` (power iteration, shifted by the dominant eigenvalue when
-        that one is negative, see :func:`_power`).
+        that one is negative, see :func:`eos_jax.eigen.power_iteration`).
       num_iters: Hessian-vector products in fixed mode; the maximum in tolerance mode.
       tol: None for exactly ``num_iters`` products (vmappable, no data-dependent loop), or a
         relative residual ``||Hv - lambda v|| <= tol |lambda|`` at which to stop.

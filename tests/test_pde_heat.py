@@ -5,6 +5,7 @@ import pytest
 
 from eos_jax.errors import ConfigError
 from eos_jax.pde import heat
+from experiments.pde import heat as heat_exp
 
 
 def _scheme_matrix(k, r):
@@ -58,7 +59,7 @@ def test_scheme_matches_dense_matrix_power():
 
 
 def test_run_heat_writes_run_dir(tmp_path):
-    res = heat.run_heat(heat.HeatConfig(steps=60), tmp_path / "run")
+    res = heat_exp.run_heat(heat.HeatConfig(steps=60), tmp_path / "run")
     for f in ("config.json", "metadata.json", "results.json", "figure1.png"):
         assert (tmp_path / "run" / f).is_file()
     assert res["runs"]["0.4"]["behaviour"] == "decays" and res["runs"]["0.8"]["behaviour"] == "blows up"

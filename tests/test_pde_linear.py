@@ -3,6 +3,8 @@
 Shapes are tiny (images up to 20 x 20) so the whole file runs in seconds.
 """
 
+import copy
+import dataclasses
 import math
 
 import jax
@@ -13,6 +15,7 @@ import pytest
 from eos_jax.errors import ConfigError
 from eos_jax.pde import linear
 from eos_jax.pde.common import checkerboard
+from experiments.pde import linear as linear_exp
 
 F64 = jnp.float64
 
@@ -311,21 +314,20 @@ def test_checkerboard_windowed_thresholds_under_the_mean():
 def tiny_linear_run(tmp_path_factory):
     """A tiny run_linear (checkerboard 16x16, w = 3, 4) whose results the note tests edit."""
     cfg = linear.LinearConfig(kernels=(3, 4), dt=1e-5, size=16, bisect_steps=64, rel_tol=1e-3, plot_steps=10)
-    return cfg, linear.run_linear(cfg, tmp_path_factory.mktemp("lin") / "run")
+    return cfg, linear_exp.run_linear(cfg, tmp_path_factory.mktemp("lin") / "run")
 
 
 def test_closed_form_note_says_matched_only_when_it_matches(tiny_linear_run):
-    import copy
 
     cfg, res = tiny_linear_run
     assert res["pool"] == "sum" and res["ibar"] == "mean" and "linear.py" in res["reading"]
     for e in res["kernels"].values():
-        assert e["rel_diff_mu_max_power_vs_closed_form"] <= linear.MATCH_RTOL
+        assert e["rel_diff_mu_max_power_vs_closed_form"] <= linear_exp.MATCH_RTOL
     note = next(n for n in res["notes"] if n.startswith("windowed mu_max"))
     assert "-- matched" in note and "NOT matched" not in note
     bad = copy.deepcopy(res)
     bad["kernels"]["4"]["rel_diff_mu_max_power_vs_closed_form"] = 1e-3
-    out = linear._notes(bad, cfg)
+    out = linear_exp._notes(bad, cfg)
     note = next(n for n in out if n.startswith("windowed mu_max"))
     assert "NOT matched" in note and "w=4: 1.00e-03" in note
     assert not any(n.startswith("largest windowed alpha_min") for n in out)  # rests on the match
@@ -333,8 +335,6 @@ def test_closed_form_note_says_matched_only_when_it_matches(tiny_linear_run):
 
 
 def test_nesterov_note_names_the_bound_the_simulation_follows(tiny_linear_run):
-    import copy
-    import dataclasses
 
     cfg, res = tiny_linear_run
     ncfg = dataclasses.replace(cfg, scheme="nesterov", dt=1e-2)
@@ -345,9 +345,9 @@ def test_nesterov_note_names_the_bound_the_simulation_follows(tiny_linear_run):
         e["alpha_max_spectral"], e["alpha_max_spectral_paper_formula"] = 14285.7, 13333.3
     for e in r["kernels"].values():
         e["alpha_max_empirical"] = 14280.0  # near the exact bound
-    note = next(n for n in linear._notes(r, ncfg) if n.startswith("Nesterov"))
+    note = next(n for n in linear_exp._notes(r, ncfg) if n.startswith("Nesterov"))
     assert "the simulation follows the exact bound at w in ['3', '4']" in note
     for e in r["kernels"].values():
         e["alpha_max_empirical"] = 13330.0  # near the printed (18)
-    note = next(n for n in linear._notes(r, ncfg) if n.startswith("Nesterov"))
+    note = next(n for n in linear_exp._notes(r, ncfg) if n.startswith("Nesterov"))
     assert "follows the exact bound" not in note

@@ -5,6 +5,7 @@ Tiny shapes: 8x8 to 32x32 checkerboards, 3x3 to 8x8 kernels, a few dozen steps.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import jax
@@ -17,6 +18,8 @@ from eos_jax import cli, optim
 from eos_jax.errors import ConfigError
 from eos_jax.pde import nonlinear as nl
 from eos_jax.pde.common import checkerboard
+from experiments import pde
+from experiments.pde import nonlinear as nl_exp
 
 
 # ------------------------------------------------------------------ Theorem 5.1 / Eq. (8)
@@ -310,8 +313,6 @@ def test_theory_of_the_pixel_checkerboard():
 
 
 def test_cli_writes_every_promised_file(tmp_path, capsys):
-    from experiments import pde
-
     out = tmp_path / "run"
     code = pde.main(["nonlinear", "--dt", "0.01", "0.05", "0.2", "--steps", "20", "--size", "32", "--kernel", "8",
                      "--sharpness-every", "10", "--sharpness-iters", "4", "--rel-l1-window", "5", "--out", str(out)])
@@ -363,8 +364,6 @@ def test_cli_writes_every_promised_file(tmp_path, capsys):
     ],
 )
 def test_bad_flags_exit_2_with_one_line(flags, fragment, tmp_path, capsys):
-    from experiments import pde
-
     with pytest.raises(SystemExit) as e:
         cli.run(pde.main, ["nonlinear", *flags, "--out", str(tmp_path / "x")])
     assert e.value.code == 2
@@ -375,8 +374,6 @@ def test_bad_flags_exit_2_with_one_line(flags, fragment, tmp_path, capsys):
 
 def test_config_errors_exit_2_through_the_entry_point(tmp_path, capsys):
     """Values argparse accepts but the config rejects (k=1, kernel > size): one line, exit 2, nothing written."""
-    from experiments import pde
-
     for flags, fragment in ((["--k", "1"], "k=1"), (["--size", "16", "--kernel", "20"], "kernel=20")):
         with pytest.raises(SystemExit) as e:
             cli.run(pde.main, ["nonlinear", *flags, "--out", str(tmp_path / "y")])
@@ -401,7 +398,7 @@ def test_checkerboard_minimum_against_model_gradient_and_dense_hessian(pool, alp
     loss_fn = nl.make_loss_fn(model, alpha)
     batch = nl.make_batch(image, 1, np.float64)
     as_params = lambda kk: {"conv0": {"kernel": kk[:, :, None, None]}}  # noqa: E731
-    chi = nl._chi(w)
+    chi = nl.chi(w)
     # The loss restricted to K = (c/w^2) chi is loss_c(c), for any c.
     cs = np.asarray([-2.0, -0.3, 0.7, 3.0])
     red = nl.checkerboard_loss_1d(cs, size=n, kernel=w, alpha=alpha, beta=beta, label=1, pool=pool)["loss_c"]
@@ -463,7 +460,7 @@ def _notes_for(pool, sim, config):
     image = checkerboard(config.size, dtype=np.float64)
     th = nl.theory(image, config.kernel, alpha=config.alpha, beta=config.beta, label=config.label,
                    dts=config.dts, pool=pool, square=config.square)
-    return nl.build_results(config, sim, th)
+    return nl_exp.build_results(config, sim, th)
 
 
 def test_transitioning_note_appears_only_when_no_dt_is_stable_there(small_sim):
@@ -477,7 +474,6 @@ def test_transitioning_note_appears_only_when_no_dt_is_stable_there(small_sim):
 
 
 def test_checkerboard_and_eos_notes_follow_the_numbers(small_sim):
-    import copy
 
     res = _notes_for("mean", small_sim, _SMALL)
     res["theory"]["checkerboard_minima"] = [{"c": 1.0, "logit_g": 1.0, "a": -0.2, "loss": 0.3, "lambda_chi": 50.0,
@@ -486,20 +482,20 @@ def test_checkerboard_and_eos_notes_follow_the_numbers(small_sim):
     for key, cls, ns in (("0.01", "stable", 0.5), ("0.03", "stable", 1.5), ("10", "divergent", 2e3)):
         per[key]["classification"] = cls
         per[key]["evidence"]["max_normalized_sharpness"] = ns
-    good = nl.notes(res, _SMALL)
+    good = nl_exp.notes(res, _SMALL)
     assert any("Predicted stable: [0.01, 0.03]; simulation stable: [0.01, 0.03] -- agree." in n for n in good)
     assert any("consistent with the paper." in n and "NOT" not in n for n in good if n.startswith("edge"))
     bad = copy.deepcopy(res)
     bad["per_dt"]["0.03"]["classification"] = "restrained"
     bad["per_dt"]["0.03"]["evidence"]["max_normalized_sharpness"] = 1.5  # restrained below 2
-    out = nl.notes(bad, _SMALL)
+    out = nl_exp.notes(bad, _SMALL)
     assert any("-- DISAGREE." in n for n in out)
     assert any("NOT consistent with the paper at [0.03]" in n for n in out)
     assert any(n.startswith("DIFFERENCE FROM THE PAPER: restrained dts [0.03] never") for n in out)
     assert not any("-- agree." in n for n in out)
     # The same restrained dt whose 1-D orbit exceeds 2 only at unsampled steps: a sampling note, no difference.
     bad["checkerboard_orbit"]["0.03"].update(period=2, max_dt_lambda=2.6, max_dt_lambda_sampled=1.5)
-    out = nl.notes(bad, _SMALL)
+    out = nl_exp.notes(bad, _SMALL)
     assert any(n.startswith("restrained dts [0.03] never") and "sampling skips" in n for n in out)
     assert not any(n.startswith("DIFFERENCE FROM THE PAPER: restrained dts [0.03]") for n in out)
 
@@ -511,7 +507,7 @@ def test_one_dimensional_map_is_gradient_descent_on_the_checkerboard():
     params = model.init(jax.random.key(2), (n, n, 1))["params"]
     batch = nl.make_batch(checkerboard(n, dtype=np.float64), 1, np.float64)
     grad_fn = jax.jit(jax.grad(nl.make_loss_fn(model, alpha)))
-    chi = nl._chi(w)
+    chi = nl.chi(w)
     c = float(np.sum(np.asarray(nl.kernel_of(params)) * chi))
     kw = dict(size=n, kernel=w, alpha=alpha, beta=1.0, label=1, pool=pool)
     for _ in range(15):

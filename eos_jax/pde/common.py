@@ -1,4 +1,4 @@
-"""Helpers shared by the PDE analyses: the checkerboard input and run-directory writing.
+"""Helpers shared by the PDE analyses: the checkerboard input and the float64 requirement.
 
 The paper's Section 5 experiments use "a 256 x 256 checkerboard pattern filled with 1
 and -1" (Figure 4, Table 2). We read it as the pixel-level pattern ``(-1)**(i + j)``
@@ -9,9 +9,9 @@ frequency ``(n/2, n/2)`` and zero elsewhere, so ``max |I_hat|^2 = n**4`` and
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from eos_jax.errors import ConfigError
@@ -37,28 +37,18 @@ def checkerboard(size: int = 256, *, square: int = 1, dtype: Any = np.float64) -
     return np.where(parity == 0, 1.0, -1.0).astype(dtype)
 
 
-def start_pde_run(command: str, config: Any, out_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    """Validates ``config``, sets the run-time precision and opens a fresh run directory.
+def require_x64(what: str) -> None:
+    """Raises a ConfigError unless JAX's x64 mode is on; never switches it on (the caller's setting).
 
-    Calls ``config.validate()`` (a ConfigError before anything is written), then
-    :func:`eos_jax.runtime.configure` (x64, matmul precision, deterministic GPU ops),
-    then writes ``config.json`` (the dataclass fields plus ``command``) and
-    ``metadata.json`` atomically.
+    The linearized PDE's bounds and spectra are float64 computations (a relative residual of 1e-10
+    and alpha bounds of order 1e7 are out of float32's reach); under JAX's default float32 a
+    float64 array would silently be float32.
 
     Args:
-      command: the subcommand name (``"heat"``, ``"linear"``, ...), stored in the config.
-      config: a dataclass with a ``validate()`` method.
-      out_dir: the run directory (new or empty).
-
-    Returns:
-      The run directory and the metadata dict written to it.
+      what: the function that needs float64, named in the message.
     """
-    import dataclasses
-
-    from eos_jax import io, runtime
-
-    config.validate()
-    metadata = runtime.configure()
-    path = io.open_run_dir(out_dir, {"command": command, **dataclasses.asdict(config)})
-    io.atomic_write_json(path / "metadata.json", metadata)
-    return path, metadata
+    if not jax.config.jax_enable_x64:
+        raise ConfigError(
+            f"{what} computes in float64 and needs JAX's x64 mode, which is off; enable it before calling "
+            "(jax.config.update('jax_enable_x64', True), or eos_jax.runtime.configure())"
+        )

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eos_jax.errors import ConfigError
+from eos_jax.pde.common import require_x64
 
 F64 = jnp.float64
 
@@ -58,6 +58,7 @@ def triangle(points: int, length: float, height: float = 1.0) -> np.ndarray:
 
 def simulate(u0: jax.typing.ArrayLike, ratio: float, steps: int) -> jax.Array:
     """Scheme (2) with Dirichlet zeros; returns all iterates ``u^0..u^steps`` as ``(steps + 1, K)`` float64."""
+    require_x64("heat.simulate")
     u0 = jnp.asarray(u0, dtype=F64)
 
     def body(u: jax.Array, _: None) -> tuple[jax.Array, jax.Array]:
@@ -172,71 +173,3 @@ def _snapshot_steps(steps: int) -> list[int]:
     return sorted({0, 1, 5, 10, 20, 40, steps // 2, steps} & set(range(steps + 1)))
 
 
-def run_heat(config: HeatConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Runs every ratio, writes ``config.json``, ``metadata.json``, ``results.json``, ``figure1.png``.
-
-    Args:
-      config: the experiment's configuration.
-      out_dir: a new or empty run directory.
-
-    Returns:
-      The results dict written to ``results.json``.
-    """
-    from eos_jax import io
-    from eos_jax.pde.common import start_pde_run
-
-    path, _ = start_pde_run("heat", config, out_dir)
-    dx = config.length / (config.points + 1)
-    results = {
-        "dx": dx,
-        "cfl": "stable for every mode iff r = kappa dt/dx^2 <= 1/2, i.e. dt <= dx^2/(2 kappa)",
-        "amplifier_formula": "A_m = 1 - 2 r (1 - cos(m pi/(K+1))), m = 1..K (Dirichlet sine modes)",
-        "runs": {str(r): analyze(config, r) for r in config.ratios},
-    }
-    _plot(results, config, path / "figure1.png")
-    io.atomic_write_json(path / "results.json", results)
-    return results
-
-
-def _plot(results: dict[str, Any], config: HeatConfig, path: Path) -> None:
-    """Figure 1 (solution snapshots per ratio) plus measured growth vs ``A_m``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from eos_jax.io import save_figure
-
-    runs = results["runs"]
-    fig, axes = plt.subplots(2, len(runs), figsize=(5 * len(runs), 7), squeeze=False)
-    x = np.arange(config.points + 2) * results["dx"]
-    for j, (r, res) in enumerate(runs.items()):
-        for n, u in res["snapshots"].items():
-            axes[0, j].plot(x, np.pad(np.asarray(u, dtype=np.float64), 1), label=f"n={n}")
-        axes[0, j].set_title(f"r = {r}: {res['behaviour']}")
-        if res["behaviour"] == "blows up":
-            axes[0, j].set_yscale("symlog")
-        axes[0, j].legend(fontsize=7)
-        m = np.arange(1, config.points + 1)
-        axes[1, j].plot(m, res["amplifier"], "k-", label="A_m")
-        g = np.array([np.nan if v is None else v for v in res["measured_growth"]])
-        axes[1, j].plot(m, g, "o", mfc="none", label="measured")
-        axes[1, j].axhline(1, color="gray", lw=0.5)
-        axes[1, j].axhline(-1, color="gray", lw=0.5)
-        axes[1, j].set_xlabel("mode m")
-        axes[1, j].legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-
-
-def summarize(results: dict[str, Any]) -> str:
-    """One line per ratio."""
-    lines = [results["cfl"]]
-    for r, res in results["runs"].items():
-        lines.append(
-            f"r={r}: {res['behaviour']} (max|u| {res['max_abs_u_initial']:.3g} -> {res['max_abs_u_final']:.3g}); "
-            f"growth vs A: max rel err {res['max_rel_err_growth_vs_amplifier']:.2e} over {res['modes_measured']} modes; "
-            f"largest |A| mode {res['largest_abs_amplifier_mode']}, first to grow {res['first_mode_to_grow']} "
-            f"(step {res['first_growth_step']}), predicted {res['predicted_first_mode_to_grow']}")
-    return "\n".join(lines)

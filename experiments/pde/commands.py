@@ -1,41 +1,26 @@
-"""PDE stability toolkit: heat, Beltrami, linearized and non-linear CNN gradient-descent PDEs.
+"""The command line of ``python -m experiments.pde``: one subcommand per analysis.
 
-Thin entry point (all logic lives in :mod:`eos_jax.pde`): each subcommand parses its flags
-into a frozen dataclass config and calls one library function ``run_*(config, out_dir)``
-that writes the run directory (``config.json``, ``metadata.json``, ``results.json``,
-plots) atomically, then prints a short summary.
-
-Commands (wall-clock runtimes measured on the shared 2-core CPU under load from other jobs;
-``user`` CPU time in brackets):
-
-  python -m experiments.pde heat --out runs/heat                      # Eq. (2), Figure 1: ~6 s [2 s]
-  python -m experiments.pde beltrami --out runs/beltrami              # Eq. (4), Figure 2: ~7 s [4 s]
-  python -m experiments.pde linear --kernel 16 32 64 --scheme gd --dt 1e-8 --a -0.5 --beta 1 \
-      --out runs/linear_gd                                            # Eqs. (10)-(14), Table 2, Figure 4: ~3.2 min [76 s]
-  python -m experiments.pde linear --kernel 16 32 64 --scheme nesterov --dt 1e-4 --a -0.5 --beta 1 \
-      --out runs/linear_nesterov                                      # Eqs. (16)-(18), Table 9 (momentum 0.9): ~2.8 min [73 s]
-  python -m experiments.pde nonlinear --dt 0.01 0.03 0.05 0.07 0.09 0.11 --steps 2000 \
-      --out runs/nonlinear                                            # Eq. (9), Figures 5-6
-
-Findings are printed as ``note:`` lines and stored in ``results.json`` (``notes``); each is
-computed from that run's numbers and shows the comparison it rests on (e.g. closed form vs
-power iteration, bisection vs spectrum, the classification vs the closed-form threshold).
-
-Pooling: ``nonlinear --pool mean`` (default) averages over the output positions as the
-authors' ``single_layer/PySun.py`` does (``sum`` is the alternative); ``linear`` defaults to
-the authors' ``single_layer/linear.py``: ``--pool sum`` (data term summed over positions) and
-``--ibar mean`` (see :mod:`eos_jax.pde.linear`).
-
-Bad flags (a non-positive dt or kernel size, an unknown scheme) give one line on
-stderr and exit code 2.
+Each subcommand parses its flags into the library's frozen config dataclass and calls the
+experiment's ``run_*(config, out_dir)`` (:mod:`experiments.pde.heat`, ``.beltrami``,
+``.linear``, ``.nonlinear``), then prints its summary. The process's numerical settings
+(x64, matmul precision, deterministic GPU flags) are set by the entry point,
+:mod:`experiments.pde.__main__`, never here.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Sequence
 
 from eos_jax import cli
+from eos_jax.pde.beltrami import BeltramiConfig
+from eos_jax.pde.heat import HeatConfig
+from eos_jax.pde.linear import LinearConfig
+from eos_jax.pde.nonlinear import NonlinearConfig
+from experiments.pde import beltrami, heat, linear, nonlinear
+
+_DESCRIPTION = "PDE stability toolkit: heat, Beltrami, linearized and non-linear CNN gradient-descent PDEs."
 
 
 def _add_heat(subparsers: argparse._SubParsersAction) -> None:
@@ -58,9 +43,7 @@ def _add_heat(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_heat(args: argparse.Namespace) -> int:
     """Builds the heat config, runs it and prints the summary."""
-    from eos_jax.pde import heat
-
-    config = heat.HeatConfig(ratios=tuple(args.ratio), points=args.points, length=args.length, steps=args.steps,
+    config = HeatConfig(ratios=tuple(args.ratio), points=args.points, length=args.length, steps=args.steps,
                              cross_factor=args.cross_factor)
     results = heat.run_heat(config, args.out)
     print(heat.summarize(results))
@@ -90,9 +73,7 @@ def _add_beltrami(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_beltrami(args: argparse.Namespace) -> int:
     """Builds the Beltrami config, runs it and prints the summary."""
-    from eos_jax.pde import beltrami
-
-    config = beltrami.BeltramiConfig(
+    config = BeltramiConfig(
         multiples=tuple(args.multiples), points=args.points, steps=args.steps, lam=args.lam,
         delta=args.delta, noise=args.noise, seed=args.seed, record_every=args.record_every,
     )
@@ -135,9 +116,7 @@ def _add_linear(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_linear(args: argparse.Namespace) -> int:
     """Builds the linear-PDE config, runs it and prints the summary."""
-    from eos_jax.pde import linear
-
-    config = linear.LinearConfig(
+    config = LinearConfig(
         kernels=tuple(args.kernel), scheme=args.scheme, dt=args.dt, a=args.a, beta=args.beta,
         momentum=args.momentum, size=args.size, square=args.square, seed=args.seed, pool=args.pool,
         ibar=args.ibar, bisect_steps=args.bisect_steps,
@@ -146,13 +125,6 @@ def _run_linear(args: argparse.Namespace) -> int:
     results = linear.run_linear(config, args.out)
     print(linear.summarize(results))
     return 0
-
-
-# ----------------------------------------------------------------------------------------
-# nonlinear: PDE engineer B's place. B defines ``_add_nonlinear(subparsers)`` here (it adds
-# the "nonlinear" parser and sets ``handler=`` to a function ``(args) -> int``) and
-# uncomments its registration line in ``_build_parser``. Nothing else in this file is B's.
-# ----------------------------------------------------------------------------------------
 
 
 def _add_nonlinear(subparsers: argparse._SubParsersAction) -> None:
@@ -197,11 +169,7 @@ def _add_nonlinear(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_nonlinear(args: argparse.Namespace) -> int:
     """Builds the non-linear PDE config, runs it and prints the summary."""
-    import sys
-
-    from eos_jax.pde import nonlinear
-
-    config = nonlinear.NonlinearConfig(
+    config = NonlinearConfig(
         dts=tuple(args.dt), steps=args.steps, k=args.k, pool=args.pool, alpha=args.alpha, beta=args.beta,
         label=args.label,
         size=args.size, square=args.square, kernel=args.kernel, seed=args.seed,
@@ -217,7 +185,7 @@ def _run_nonlinear(args: argparse.Namespace) -> int:
 
 def _build_parser() -> cli.ArgumentParser:
     """The top-level parser with one subparser per analysis."""
-    parser = cli.ArgumentParser(prog="python -m experiments.pde", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m experiments.pde", description=_DESCRIPTION)
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
     _add_heat(subparsers)
     _add_beltrami(subparsers)
@@ -227,10 +195,11 @@ def _build_parser() -> cli.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parses ``argv`` and runs one subcommand (its ``run_*`` configures float64 and writes the run dir)."""
+    """Parses ``argv`` and runs one subcommand (its ``run_*`` writes the run directory).
+
+    The caller sets the runtime first (``python -m experiments.pde`` does, through
+    :func:`eos_jax.runtime.configure`); the linearized-PDE analysis refuses to run without x64.
+    """
     args = _build_parser().parse_args(argv)
     return int(args.handler(args) or 0)
 
-
-if __name__ == "__main__":
-    cli.run(main, prog="python -m experiments.pde")

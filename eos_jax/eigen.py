@@ -1,0 +1,306 @@
+"""Flat-vector eigen-solvers: power iteration (with a shift) and Lanczos, for any symmetric linear map.
+
+One solver for the whole package: :mod:`eos_jax.hessian` runs them on Hessian-vector products of a
+raveled parameter pytree, :mod:`eos_jax.pde.linear` on the windowed operator ``M`` of the linearized
+CNN PDE (Eq. (13)). An operator is a function ``op: (n,) -> (n,)`` on flat vectors, linear and
+symmetric; everything is a pure function that runs under ``jit`` (and ``vmap`` with ``tol=None``).
+
+* :func:`power_iteration`: the largest ALGEBRAIC eigenvalue, by power iteration restarted on
+  ``A - mu I`` when the dominant eigenvalue ``mu`` is negative; :class:`PowerState` carries it.
+* :func:`lanczos`: the top-k algebraic eigenpairs by Lanczos with full reorthogonalization.
+* :func:`psd_extremes`: ``lambda_min`` and ``lambda_max`` of a symmetric positive semidefinite map,
+  the latter by power iteration on ``A``, the former on the shifted ``lambda_max I - A``.
+
+Dot products inside the solvers use ``Precision.HIGHEST`` (no TF32/bf16 passes on GPU). Stopping:
+``tol=None`` runs exactly ``num_iters`` products (``lax.fori_loop``); a float ``tol`` stops in
+``lax.while_loop`` as soon as ``||A v - lambda v|| <= tol * |lambda|``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from eos_jax.errors import ConfigError
+
+Operator = Callable[[jax.Array], jax.Array]
+
+_HI = lax.Precision.HIGHEST  # no TF32/bf16 passes in the solver's own dot products on GPU
+
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Inner product of two flat vectors at full precision."""
+    return jnp.dot(a, b, precision=_HI)
+
+
+def _normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x / ||x||`` (zeros when ``x`` is zero) and ``||x||``."""
+    nrm = jnp.linalg.norm(x)
+    safe = jnp.where(nrm > 0, nrm, jnp.ones_like(nrm))
+    return x / safe, nrm
+
+
+def start_vector(v0_flat: jax.Array | None, key: jax.Array, n: int, dtype) -> jax.Array:
+    """Unit start vector: ``v0`` when given and nonzero, else a Gaussian draw from ``key``."""
+    rnd, _ = _normalize(jax.random.normal(key, (n,), dtype))
+    if v0_flat is None:
+        return rnd
+    v, nrm = _normalize(v0_flat.astype(dtype))
+    return jnp.where(nrm > 0, v, rnd)
+
+
+class PowerState(NamedTuple):
+    """Carry of power iteration: next iterate, and the last Rayleigh pair with its residual."""
+
+    v: jax.Array  # next iterate (unit)
+    vec: jax.Array  # vector whose Rayleigh quotient is ``lam``
+    lam: jax.Array
+    res: jax.Array
+    n: jax.Array  # products so far
+
+
+def _power_step(op, shift: jax.Array, s: PowerState) -> PowerState:
+    """One product: Rayleigh quotient and residual of ``s.v``; next iterate from ``(H - shift) v``."""
+    w = op(s.v)
+    lam = _dot(s.v, w)
+    res = jnp.linalg.norm(w - lam * s.v)
+    nxt, _ = _normalize(w - shift * s.v)
+    return PowerState(nxt, s.v, lam, res, s.n + 1)
+
+
+def power_iteration(op, v_init: jax.Array, num_iters: int, tol: float | None) -> tuple[PowerState, jax.Array]:
+    """Largest algebraic eigenvalue by power iteration, shifted when the dominant one is negative.
+
+    Phase 1 finds the eigenvalue of largest magnitude, ``mu``. If ``mu >= 0`` it is the largest
+    algebraic one and phase 2 simply continues (shift 0). If ``mu < 0``, phase 2 restarts from the
+    start vector on ``H - mu I``, whose spectrum ``lambda_i - mu >= 0`` is dominated by
+    ``lambda_max - mu``; the Rayleigh quotient is always taken with ``H`` itself. Phase 1 takes at
+    most ``num_iters // 2`` products (at least one), so phase 2 always has a budget when
+    ``num_iters >= 2``; fixed mode uses the whole budget of each phase, tolerance mode stops each
+    phase at the tolerance.
+
+    Returns:
+      ``(state, top)``: ``top`` is False when the returned quotient may not be the largest
+      algebraic eigenvalue (phase 2 never ran after a negative ``mu``, or the unshifted iteration
+      ended on a negative quotient).
+    """
+    dtype = v_init.dtype
+    inf = jnp.asarray(jnp.inf, dtype)
+    s = PowerState(v_init, v_init, jnp.zeros((), dtype), inf, jnp.zeros((), jnp.int32))
+    zero = jnp.zeros((), dtype)
+    n1 = max(num_iters // 2, 1)
+    if tol is None:
+        s = lax.fori_loop(0, n1, lambda i, st: _power_step(op, zero, st), s)
+    else:
+        s = lax.while_loop(lambda st: (st.n < n1) & ~(st.res <= tol * jnp.abs(st.lam)),
+                           lambda st: _power_step(op, zero, st), s)
+    shifted = s.lam < 0
+    shift = jnp.minimum(s.lam, zero)
+    # After a negative mu the old residual belongs to the bottom eigenvalue: phase 2 must run.
+    s = s._replace(v=jnp.where(shifted, v_init, s.v), res=jnp.where(shifted, inf, s.res))
+    if tol is None:
+        s = lax.fori_loop(0, num_iters - n1, lambda i, st: _power_step(op, shift, st), s)
+    else:
+        s = lax.while_loop(lambda st: (st.n < num_iters) & ~(st.res <= tol * jnp.abs(st.lam)),
+                           lambda st: _power_step(op, shift, st), s)
+    top = jnp.isfinite(s.res) & (shifted | (s.lam >= 0))
+    return s, top
+
+
+def _ritz(alpha: jax.Array, beta: jax.Array, n_active: jax.Array, k: int):
+    """Top-k Ritz values (descending), Ritz coordinates and residual bounds of a Lanczos tridiagonal.
+
+    Rows past ``n_active`` are decoupled and given a diagonal value below every eigenvalue of the
+    active block (Gershgorin bound), so that they never rank among the top k; the pad stays of the
+    order of ``||T||`` so that ``eigh``'s absolute accuracy is not degraded.
+    """
+    m = alpha.shape[0]
+    idx = jnp.arange(m, dtype=jnp.int32)
+    active = idx < n_active
+    off = jnp.where(idx[:-1] + 1 < n_active, beta[:-1], jnp.zeros_like(beta[:-1]))
+    radius = jnp.abs(jnp.concatenate([off, jnp.zeros((1,), off.dtype)])) + jnp.abs(
+        jnp.concatenate([jnp.zeros((1,), off.dtype), off])
+    )
+    big = jnp.asarray(jnp.finfo(alpha.dtype).max, alpha.dtype)
+    lo = jnp.min(jnp.where(active, alpha - radius, big))
+    hi = jnp.max(jnp.where(active, alpha + radius, -big))
+    pad = lo - (hi - lo) - jnp.abs(lo) - jnp.abs(hi) - jnp.asarray(jnp.finfo(alpha.dtype).tiny, alpha.dtype)
+    diag = jnp.where(active, alpha, pad)
+    t = jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
+    theta, s = jnp.linalg.eigh(t)
+    theta = theta[::-1][:k]
+    s = s[:, ::-1][:, :k]
+    last = jnp.clip(n_active - 1, 0, m - 1)
+    res = jnp.abs(beta[last] * s[last, :])
+    return theta, s, res
+
+
+class LanczosState(NamedTuple):
+    """Carry of Lanczos: basis rows ``q_0..q_m``, tridiagonal, products so far, norm estimate."""
+
+    q: jax.Array  # (m + 1 rounded up to a multiple of _BLOCK, n); rows past j are zero
+    alpha: jax.Array  # (m,)
+    beta: jax.Array  # (m,), beta[j] couples q_j and q_{j+1}; 0 after a breakdown
+    j: jax.Array
+    hnorm: jax.Array
+
+
+_BLOCK = 8  # basis rows per block of the reorthogonalization loop
+
+
+def _orth(q: jax.Array, w: jax.Array, n_rows: jax.Array) -> jax.Array:
+    """Full reorthogonalization of ``w`` against rows ``0..n_rows-1`` of ``q``, done twice.
+
+    Block Gram-Schmidt over blocks of ``_BLOCK`` rows, looping only over the blocks in use, so the
+    cost grows with the Krylov dimension reached, not with ``num_iters`` (rows not yet filled are
+    zero and do nothing). ``q`` has a multiple of ``_BLOCK`` rows.
+    """
+    n_blocks = (n_rows + (_BLOCK - 1)) // _BLOCK
+
+    def body(i, x):
+        blk = lax.dynamic_slice_in_dim(q, i * _BLOCK, _BLOCK, axis=0)
+        return x - jnp.dot(jnp.dot(blk, x, precision=_HI), blk, precision=_HI)
+
+    w = lax.fori_loop(0, n_blocks, body, w)
+    return lax.fori_loop(0, n_blocks, body, w)
+
+
+def _lanczos_step(op, key: jax.Array, st: LanczosState) -> LanczosState:
+    """One Lanczos product with full reorthogonalization; restarts orthogonally on breakdown.
+
+    When the Krylov space becomes invariant (``beta`` at rounding level relative to ``||H||``) the
+    next basis vector is a fresh random vector orthogonalized against the basis and the coupling is
+    set to 0, so the tridiagonal stays valid (block diagonal) and no NaN appears; this is how
+    eigenvalues outside the first Krylov space (and multiplicities) can still be found.
+    """
+    j = st.j
+    qj = st.q[j]
+    w = op(qj)
+    a = _dot(qj, w)
+    hnorm = jnp.maximum(st.hnorm, jnp.linalg.norm(w))
+    w = _orth(st.q, w, j + 1)
+    b = jnp.linalg.norm(w)
+    eps = jnp.finfo(w.dtype).eps
+    breakdown = b <= 64 * eps * hnorm
+
+    def restart():
+        r = jax.random.normal(jax.random.fold_in(key, j), w.shape, w.dtype)
+        return _normalize(_orth(st.q, r, j + 1))[0]
+
+    # lax.cond: the restart costs nothing unless taken (under vmap both branches run, as a select).
+    q_next = lax.cond(breakdown, restart, lambda: w / jnp.where(b > 0, b, jnp.ones_like(b)))
+    b = jnp.where(breakdown, jnp.zeros_like(b), b)
+    return LanczosState(
+        st.q.at[j + 1].set(q_next), st.alpha.at[j].set(a), st.beta.at[j].set(b), j + 1, hnorm
+    )
+
+
+def lanczos(op, v_init: jax.Array, key: jax.Array, num_iters: int, tol: float | None, k: int):
+    """Top-k algebraic eigenpairs by Lanczos with full reorthogonalization (flat vectors).
+
+    Returns ``(theta (k,), vectors (k, n), residual (k,), num_hvps)``. The residual is the Lanczos
+    bound ``|beta_m s_m|``, equal to ``||H y - theta y||`` up to rounding when the basis is
+    orthonormal (kept so by full reorthogonalization); it costs no product.
+    """
+    n = v_init.shape[0]
+    dtype = v_init.dtype
+    m = min(num_iters, n)  # a Krylov basis cannot exceed the dimension (static)
+    if k > m:
+        raise ConfigError(
+            f"k={k} eigenpairs need num_iters >= k and at least k parameters; got num_iters={num_iters}, n={n}"
+        )
+    rows = -(-(m + 1) // _BLOCK) * _BLOCK
+    st = LanczosState(
+        jnp.zeros((rows, n), dtype).at[0].set(v_init),
+        jnp.zeros((m,), dtype),
+        jnp.zeros((m,), dtype),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), dtype),
+    )
+    rkey = jax.random.fold_in(key, 1)
+    if tol is None:
+        st = lax.fori_loop(0, m, lambda i, s: _lanczos_step(op, rkey, s), st)
+    else:
+
+        def not_done(s):
+            theta, _, res = _ritz(s.alpha, s.beta, s.j, k)
+            conv = (s.j >= k) & jnp.all(res <= tol * jnp.abs(theta))
+            return (s.j < m) & ~conv
+
+        st = lax.while_loop(not_done, lambda s: _lanczos_step(op, rkey, s), st)
+    theta, coords, res = _ritz(st.alpha, st.beta, st.j, k)
+    vecs = jnp.dot(coords.T, st.q[:m], precision=_HI)  # (k, n); padded rows have zero coordinates
+    vecs = jax.vmap(lambda x: _normalize(x)[0])(vecs)
+    return theta, vecs, res, st.j
+
+
+class Extremes(NamedTuple):
+    """Extreme eigenvalues of a symmetric PSD linear map (:func:`psd_extremes`) and their cost.
+
+    Attributes:
+      mu_min, mu_max: the smallest and largest eigenvalue.
+      iters_max, iters_min: operator products used by each power iteration.
+      residual_max, residual_min: relative residuals ``||B v - lam v|| / |lam|`` at the stop
+        (``B = A`` for ``mu_max``, ``B = mu_max I - A`` for ``mu_min``).
+    """
+
+    mu_min: float
+    mu_max: float
+    iters_max: int
+    iters_min: int
+    residual_max: float
+    residual_min: float
+
+
+def _relative(res: jax.Array, lam: jax.Array) -> jax.Array:
+    """``res / |lam|``, with ``|lam|`` floored at the dtype's tiny so that a zero map gives a finite value."""
+    return res / jnp.maximum(jnp.abs(lam), jnp.finfo(lam.dtype).tiny)
+
+
+def psd_extremes(op: Operator, v_max: jax.Array, v_min: jax.Array, *, tol: float = 1e-10,
+                 max_iters: int = 20000) -> Extremes:
+    """``mu_min`` and ``mu_max`` of a symmetric positive semidefinite map by power iteration.
+
+    ``mu_max``: :func:`power_iteration` on ``A`` (PSD, so the largest magnitude is the largest
+    algebraic eigenvalue and no shift is taken). ``mu_min``: :func:`power_iteration` on the shifted
+    ``mu_max I - A`` (PSD, largest eigenvalue ``mu_max - mu_min``), so ``mu_min = mu_max - lam``.
+    Each stops when the relative residual is at most ``tol``; the eigenvalue error is then of the
+    order of ``(tol * lam)**2 / gap``. The two solves are jitted; ``op`` may close over its data
+    (it is traced once per call).
+
+    Args:
+      op: the linear map on flat vectors of the dtype of ``v_max``.
+      v_max, v_min: start vectors of the two iterations (any nonzero scale).
+      tol: relative residual tolerance, in (0, 1).
+      max_iters: products per eigenvalue, at most (>= 2).
+
+    Returns:
+      :class:`Extremes` with Python floats and ints.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> a = jnp.diag(jnp.array([1.0, 2.0, 5.0]))
+      >>> e = psd_extremes(lambda v: a @ v, jnp.ones(3), jnp.array([1.0, -1.0, 0.5]), tol=1e-6)
+      >>> round(e.mu_min, 3), round(e.mu_max, 3)
+      (1.0, 5.0)
+    """
+    if not (isinstance(tol, (float, int)) and 0 < tol < 1):
+        raise ConfigError(f"tol must be a float in (0, 1), got {tol!r}")
+    if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 2:
+        raise ConfigError(f"max_iters must be an int >= 2, got {max_iters!r}")
+
+    def solve(o: Operator, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        st, _ = power_iteration(o, _normalize(v)[0], max_iters, tol)
+        return st.lam, st.n, _relative(st.res, st.lam)
+
+    lam, it, res = jax.jit(lambda v: solve(op, v))(v_max)
+    mu_max = float(lam)
+    shifted = lambda v: mu_max * v - op(v)  # noqa: E731
+    lam2, it2, res2 = jax.jit(lambda v: solve(shifted, v))(v_min)
+    return Extremes(mu_min=mu_max - float(lam2), mu_max=mu_max, iters_max=int(it), iters_min=int(it2),
+                    residual_max=float(res), residual_min=float(res2))
