@@ -38,7 +38,7 @@ from eos_jax.errors import ConfigError
 
 ACTIVATIONS = ("relu", "swish", "tanh")
 INIT_SCHEMES = ("pytorch", "jax", "normal")
-CONV_IMPLS = ("auto", "lax", "shifted", "fft")
+CONV_IMPLS = ("auto", "lax", "shifted", "fft", "fused")
 PADDINGS = ("valid", "same")
 # Largest single-channel kernel (in taps) done as shifted slices under "auto" (3x3); above
 # it "auto" uses the FFT (measured, 2-core CPU: see benchmarks/bench_models.py).
@@ -139,7 +139,7 @@ def resolve_conv_impl(impl: str, in_channels: int, out_channels: int, kernel_siz
     if impl == "auto":
         if not single:
             return "lax"
-        return "shifted" if math.prod(kernel_size) <= SHIFTED_MAX_TAPS else "fft"
+        return "fused" if math.prod(kernel_size) <= SHIFTED_MAX_TAPS else "fft"
     if impl != "lax" and not single:
         raise ConfigError(
             f"conv_impl={impl!r} needs in_channels == out_channels == 1 and stride 1, got "
@@ -256,6 +256,12 @@ def conv2d_single_channel(x_NHW: Array, k_HW: Array, *, padding: str = "valid", 
         raise ConfigError(f"kernel {kh}x{kw} larger than its (padded) input {h}x{w}")
     if impl == "shifted":
         return _shifted_conv(x, k_HW)
+    if impl == "fused":
+        # One layer on its own: the batch-minor shifted slices of eos_jax.models.fused (the
+        # whole-stack fusion happens in PaperCNN when every layer is "fused").
+        from eos_jax.models import fused
+
+        return jnp.transpose(fused._conv(jnp.transpose(x, (1, 2, 0)), k_HW), (2, 0, 1))
     if impl == "fft":
         # Circular cross-correlation of size (h, w) equals the linear one on the valid
         # region: c[n] = sum_m K[m] x[n+m] has n+m <= h-1 there.
@@ -263,7 +269,7 @@ def conv2d_single_channel(x_NHW: Array, k_HW: Array, *, padding: str = "valid", 
         k_hat = jnp.fft.rfft2(k_HW, s=(h, w))
         out = jnp.fft.irfft2(x_hat * jnp.conj(k_hat)[None], s=(h, w))
         return out[:, :ho, :wo].astype(x_NHW.dtype)
-    raise ConfigError(f"conv impl={impl!r}; allowed: 'lax', 'shifted', 'fft'")
+    raise ConfigError(f"conv impl={impl!r}; allowed: 'lax', 'shifted', 'fft', 'fused'")
 
 
 class Conv(nn.Module):
