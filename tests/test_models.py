@@ -170,7 +170,7 @@ def test_single_channel_conv_matches_lax(impl, dtype, rtol):
 
 
 def test_conv_impl_choice_is_recorded_and_validated():
-    assert models.get("cnn", layers=3).info["conv_impl_per_layer"] == ["fused"] * 3
+    assert models.get("cnn", layers=3).info["conv_impl_per_layer"] == ["shifted"] * 3
     assert models.get("cnn", kernel_size=32).info["conv_impl"] == "fft"
     assert models.get("cnn", conv_impl="lax").info["conv_impl"] == "lax"
     m = models.get("cnn", layers=2, channels=(2, 1))
