@@ -4,7 +4,7 @@ The main job is ``python -m experiments.eos --layers 3 --lr 5``: the 3-layer sin
 3x3 Swish CNN with global mean pooling, binary cross-entropy and full-batch gradient descent
 (``eos_jax.eos.build_problem``), here on 12,000 Fashion-MNIST 0/1 images. Run::
 
-    python benchmarks/bench_main.py                # 2-core CPU: about 5-10 minutes
+    python benchmarks/bench_main.py                # shared 2-core VM: 10-30 minutes (load-dependent)
     python benchmarks/bench_main.py --quick        # tiny sizes, random images: seconds (smoke test)
 
 Prints, all measured in this run on the machine at hand (medians of ``--repeats``):
