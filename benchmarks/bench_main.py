@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep-steps", type=int, default=2)
     args = ap.parse_args(argv)
     if args.quick:
-        args.n, args.repeats, args.lanes, args.sweep_steps = 64, 1, 4, 1
+        args.n, args.repeats, args.lanes, args.sweep_steps = 64, 1, 2, 1
+        if args.impls == ",".join(IMPLS):
+            args.impls = "lax,fused"  # fewer programs to compile: the smoke test checks the lines
     runtime.configure()
     impls = [i for i in args.impls.split(",") if i]
     load = os.getloadavg()
@@ -217,13 +219,14 @@ def main(argv: list[str] | None = None) -> None:
 
     every = cfg.sharpness_every
     step_fn = jax.jit(lambda p, b: jax.tree_util.tree_map(lambda w, g: w - 5.0 * g, p, jax.grad(loss)(p, b)))
-    eig = jax.jit(lambda p, b, v0, k: hessian.top_eigenvalue(loss, p, b, num_iters=60, tol=1e-3, v0=v0, key=k))
+    max_iters = 20 if args.quick else 60
+    eig = jax.jit(lambda p, b, v0, k: hessian.top_eigenvalue(loss, p, b, num_iters=max_iters, tol=1e-3, v0=v0, key=k))
     zero = jax.tree_util.tree_map(jnp.zeros_like, params)
     p = params
     prev = eig(p, data, zero, jax.random.key(1))
     colds, warms = [], []
-    for r in range(2 if args.quick else 4):
-        for _ in range(every):
+    for r in range(1 if args.quick else 4):
+        for _ in range(2 if args.quick else every):
             p = step_fn(p, data)
         cold = eig(p, data, zero, jax.random.key(2 + r))
         warm = eig(p, data, prev.eigenvector, jax.random.key(2 + r))
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     state = jax.jit(jax.vmap(lambda h: tr.init_state(problem, h)))(hp)
     ecfg = cfg.engine_config()
     sharp = tr.make_sharpness_fn(problem, tr.make_eig_fn(ecfg.sharpness_iters, ecfg.sharpness_method,
-                                                         ecfg.sharpness_tol))
+                                                         ecfg.sharpness_tol))  # the engine's default eig_fn
     t_sharp = _timed(lambda s: sharp(s, hp, data)[1], state, repeats=args.repeats)
     t_step = steps.get(default_impl)
     if t_step is None:

@@ -388,7 +388,8 @@ def make_chunk_fn(
     return jax.jit(jax.vmap(chunk, in_axes=(0, 0, None, None)))
 
 
-def make_eig_fn(num_iters: int = 20, method: str = "lanczos", tol: float | None = None) -> EigFn:
+def make_eig_fn(num_iters: int = 20, method: str = "lanczos", tol: float | None = None,
+                linearize: bool = False) -> EigFn:
     """Top Hessian eigenpair with :func:`eos_jax.hessian.top_eigenvalue`.
 
     Args:
@@ -397,12 +398,18 @@ def make_eig_fn(num_iters: int = 20, method: str = "lanczos", tol: float | None 
         Hessian module so that it finds the largest algebraic eigenvalue).
       tol: None for exactly ``num_iters`` products, or the relative residual at which to
         stop (a ``lax.while_loop``: still vmappable, no host-side test).
+      linearize: products through one ``jax.linearize`` (True) or a fresh ``jvp(grad)`` each
+        (False, default). Measured on the main job (2,000 images, shared 2-core VM,
+        benchmarks/bench_main.py): a linearized product cost 3.4 gradients, ``jvp(grad)``
+        1.3: the linearization keeps full-batch residuals whose reads and fresh temporaries
+        cost more than recomputing the forward pass.
     """
 
     def eig(objective: LossFn, params: PyTree, batch: Batch, v0: PyTree, key: jax.Array):
         from eos_jax import hessian
 
-        res = hessian.top_eigenvalue(objective, params, batch, method=method, num_iters=num_iters, tol=tol, v0=v0, key=key)
+        res = hessian.top_eigenvalue(objective, params, batch, method=method, num_iters=num_iters, tol=tol, v0=v0,
+                                     key=key, linearize=linearize)
         return res.eigenvalue, res.eigenvector
 
     return eig

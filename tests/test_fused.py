@@ -185,7 +185,7 @@ def test_fused_vmaps_over_lanes():
 @pytest.mark.subprocess
 def test_bench_main_quick_prints_every_line():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_main.py"), "--quick"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600,
+                         capture_output=True, text=True, timeout=1200,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
