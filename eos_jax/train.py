@@ -54,7 +54,7 @@ PyTree = Any
 Batch = Any
 LossFn = Callable[[PyTree, Batch], jax.Array]
 # eig_fn(objective, params, batch, v0, key) -> (eigenvalue, eigenvector); must be vmappable
-# (a fixed number of iterations, no host-side convergence test).
+# (no host-side convergence test: a fixed number of iterations or a lax.while_loop).
 EigFn = Callable[[LossFn, PyTree, Batch, PyTree, jax.Array], tuple[jax.Array, PyTree]]
 
 _ROOT_SEED = 0  # every lane key is fold_in(key(_ROOT_SEED), seed): seeds are plain integers.
@@ -220,7 +220,14 @@ class EngineConfig:
         other schedules).
       log_every: a metrics line every this many steps (and at every sharpness step).
       sharpness_every: track sharpness every this many steps (``None``: never).
-      sharpness_iters: fixed number of eigensolver iterations (vmappable).
+      sharpness_iters: eigensolver iterations (Hessian-vector products): exactly this many
+        with ``sharpness_tol=None``, at most this many otherwise.
+      sharpness_tol: stop the warm-started solver once the relative residual
+        ``||H v - lambda v|| <= tol * |lambda|`` (eigenvalue error at most ``tol * |lambda|``,
+        typically ``(tol * lambda)**2 / gap``); ``None``: always ``sharpness_iters``.
+        Warm-started from the previous eigenvector, 1e-3 takes 3-5 products on the main
+        job instead of 20 (``benchmarks/bench_main.py``); under vmap the lanes' loop runs
+        until every lane has converged, each lane keeping its own converged state.
       sharpness_method: ``"lanczos"`` or ``"power"`` (see :func:`make_eig_fn`).
       sharpness_examples: sharpness on the first n examples (``None``: full batch;
         for minibatch SGD a fixed subset keeps the cost bounded).
@@ -238,6 +245,7 @@ class EngineConfig:
     sharpness_iters: int = 20
     sharpness_method: str = "lanczos"
     sharpness_examples: int | None = None
+    sharpness_tol: float | None = 1e-3
     checkpoint_every: int | None = 100
     max_lanes: int = 64
     checkpoint_keep: int = 3
@@ -252,6 +260,9 @@ class EngineConfig:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{name}={v!r} is not allowed; expected an integer >= 1 or None")
+        tol = self.sharpness_tol
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1):
+            raise ConfigError(f"sharpness_tol={tol!r} is not allowed; expected a float in (0, 1) or None")
         if self.sharpness_method not in ("lanczos", "power"):
             raise ConfigError(f"sharpness_method={self.sharpness_method!r}; allowed: lanczos, power")
         if self.checkpoint_keep < 2:
@@ -377,19 +388,28 @@ def make_chunk_fn(
     return jax.jit(jax.vmap(chunk, in_axes=(0, 0, None, None)))
 
 
-def make_eig_fn(num_iters: int = 20, method: str = "lanczos") -> EigFn:
-    """Top Hessian eigenpair with :func:`eos_jax.hessian.top_eigenvalue`, fixed iterations.
+def make_eig_fn(num_iters: int = 20, method: str = "lanczos", tol: float | None = None,
+                linearize: bool = False) -> EigFn:
+    """Top Hessian eigenpair with :func:`eos_jax.hessian.top_eigenvalue`.
 
     Args:
-      num_iters: Hessian-vector products per call (no early stop: vmappable).
+      num_iters: Hessian-vector products per call (the maximum when ``tol`` is set).
       method: ``"lanczos"`` (full reorthogonalization) or ``"power"`` (shifted by the
         Hessian module so that it finds the largest algebraic eigenvalue).
+      tol: None for exactly ``num_iters`` products, or the relative residual at which to
+        stop (a ``lax.while_loop``: still vmappable, no host-side test).
+      linearize: products through one ``jax.linearize`` (True) or a fresh ``jvp(grad)`` each
+        (False, default). Measured on the main job (2,000 images, shared 2-core VM,
+        benchmarks/bench_main.py): a linearized product cost 3.4 gradients, ``jvp(grad)``
+        1.3: the linearization keeps full-batch residuals whose reads and fresh temporaries
+        cost more than recomputing the forward pass.
     """
 
     def eig(objective: LossFn, params: PyTree, batch: Batch, v0: PyTree, key: jax.Array):
         from eos_jax import hessian
 
-        res = hessian.top_eigenvalue(objective, params, batch, method=method, num_iters=num_iters, tol=None, v0=v0, key=key)
+        res = hessian.top_eigenvalue(objective, params, batch, method=method, num_iters=num_iters, tol=tol, v0=v0,
+                                     key=key, linearize=linearize)
         return res.eigenvalue, res.eigenvector
 
     return eig
@@ -583,7 +603,7 @@ def train(
     devices = list(devices) if devices is not None else jax.devices()
     groups = group_lanes(len(lanes), config.max_lanes, len(devices))
     metrics_path = run_dir / "metrics.jsonl"
-    eig_fn = problem.eig_fn or make_eig_fn(config.sharpness_iters, config.sharpness_method)
+    eig_fn = problem.eig_fn or make_eig_fn(config.sharpness_iters, config.sharpness_method, config.sharpness_tol)
     n_examples = int(jax.tree_util.tree_leaves(problem.data)[0].shape[0])
     if config.batch_size is not None and config.batch_size > n_examples:
         raise ConfigError(f"batch_size={config.batch_size} exceeds the {n_examples} training examples")

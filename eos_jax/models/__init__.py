@@ -263,7 +263,7 @@ def get(name: str, **cfg: Any) -> Model:
         default, ``"float64"``). ``cnn`` adds ``layers``, ``channels``,
         ``kernel_size``, ``padding`` (``"valid"``/``"same"``), ``head``
         (``"sum"``/``"linear"``), ``pool`` (``"mean"``/``"sum"`` over positions), ``conv_impl`` (``"auto"``, ``"lax"``,
-        ``"shifted"``, ``"fft"``), ``init_std``, ``in_channels``; ``fc`` adds
+        ``"shifted"``, ``"fft"``, ``"fused"``), ``init_std``, ``in_channels``; ``fc`` adds
         ``width``, ``depth``, ``use_bias``.
 
     Returns:

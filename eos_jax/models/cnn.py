@@ -25,7 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from eos_jax.models.layers import Conv, Dense, SingleChannelConv, make_activation
+from eos_jax.models.fused import single_channel_stack
+from eos_jax.models.layers import Conv, Dense, SingleChannelConv, make_activation, make_kernel_init
 
 
 POOLS = ("mean", "sum")
@@ -50,6 +51,17 @@ class PaperCNN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = make_activation(self.activation, self.beta)
+        spatial = jnp.mean if self.pool == "mean" else jnp.sum
+        if x.shape[-1] == 1 and set(self.channels) == {1} and set(self.impls) == {"fused"}:
+            # The whole stack fused per batch chunk (eos_jax.models.fused); same parameters
+            # (conv{i}/kernel, HWIO (kh, kw, 1, 1)) and same initialization as the layers below.
+            kernels = [_KernelParam(self.kernel_size, self.init_scheme, self.init_std, self.dtype,
+                                    name=f"conv{i}")()[:, :, 0, 0] for i in range(len(self.channels))]
+            pooled = single_channel_stack(kernels, x[..., 0], act, pool=self.pool, padding=self.padding)[:, None]
+            if self.head == "sum":
+                return pooled
+            return Dense(self.num_outputs, init_scheme="jax" if self.init_scheme == "normal" else self.init_scheme,
+                         dtype=self.dtype, name="head")(pooled)
         if x.shape[-1] == 1 and set(self.channels) == {1}:
             # All layers single-channel: run on (N, H, W) arrays (much faster on CPU than
             # with a trailing channel axis of size 1; same parameters, same function).
@@ -64,13 +76,26 @@ class PaperCNN(nn.Module):
                          init_scheme=self.init_scheme, init_std=self.init_std, impl=impl, dtype=self.dtype,
                          name=f"conv{i}")(x)
                 x = act(x)
-        spatial = jnp.mean if self.pool == "mean" else jnp.sum
         if self.head == "sum":
             # The integral of Eq. (20) over pixels (mean or sum), summed over channels: one logit.
             return jnp.sum(spatial(x, axis=(1, 2)), axis=1)[:, None]
         pooled = spatial(x, axis=(1, 2))
         return Dense(self.num_outputs, init_scheme="jax" if self.init_scheme == "normal" else self.init_scheme,
                      dtype=self.dtype, name="head")(pooled)
+
+
+class _KernelParam(nn.Module):
+    """The kernel parameter of a single-channel layer (as :class:`SingleChannelConv` creates it)."""
+
+    kernel_size: tuple[int, int]
+    init_scheme: str
+    init_std: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        shape = (*self.kernel_size, 1, 1)
+        return self.param("kernel", make_kernel_init(self.init_scheme, std=self.init_std), shape, self.dtype)
 
 
 class FC(nn.Module):
