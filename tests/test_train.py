@@ -103,7 +103,9 @@ def test_scan_chunks_equal_python_loop_bitwise():
     s2, m1 = chunk(init, hp, prob.data, jnp.int32(8))
     s2, m2 = chunk(s2, hp, prob.data, jnp.int32(4))  # a partial chunk: iterations 4..7 skipped
     assert int(s2.step[0]) == 12
-    assert_tree_equal_bits(state, s2, "scan chunks vs Python loop")
+    # The step itself does not touch the chunk's bookkeeping (loss statistics, RelL1 buffer).
+    engine_only = dict(loss_stats=state.loss_stats, rel_buf=state.rel_buf, rel_count=state.rel_count)
+    assert_tree_equal_bits(state, s2._replace(**engine_only), "scan chunks vs Python loop")
     scanned = np.concatenate([np.asarray(m1["loss"]), np.asarray(m2["loss"])[:, :4]], axis=1)
     np.testing.assert_array_equal(np.stack(losses, axis=1), scanned)
 
