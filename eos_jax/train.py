@@ -539,14 +539,17 @@ def make_chunk_fn(
 
 
 def make_final_fn(problem: Problem, batch_size: int | None, late_from: int = 0):
-    """Jitted ``(states, hparams, data, twin) -> (loss, finite, rel_l1, rel_l1_ma, loss_stats)`` at the last step.
+    """``(states, hparams, data, twin) -> (loss, finite, rel_l1, rel_l1_ma, loss_stats)`` at the last step.
 
     The loss and RelL1 of the final parameters (the line of step ``steps``), with the
     final loss folded into the statistics, without changing the state (so a run resumed
-    from its last checkpoint recomputes the same values).
+    from its last checkpoint recomputes the same values). The statistics are updated in
+    a second program from the materialized loss: inside one program XLA may compute the
+    loss twice (in two fusions) and round the copies differently, so that the logged loss
+    and the one in the statistics would differ by an ulp.
     """
     vpush = jax.vmap(_push_rel)
-    vstats = jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from))
+    vstats = jax.jit(jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from)))
 
     def one_loss(state: TrainState, data: Batch):
         return problem.loss_fn(state.params, select_batch(data, state.key, state.step, batch_size))
@@ -557,10 +560,15 @@ def make_final_fn(problem: Problem, batch_size: int | None, late_from: int = 0):
         finite = states.finite & jnp.isfinite(loss)
         rel = rel_l1_to_twin(states.params, twin)
         _, _, ma = vpush(states.rel_buf, states.rel_count, rel)
-        stats = vstats(states.loss_stats, states.step, loss, finite)
-        return loss, finite, rel.astype(ma.dtype), ma, stats
+        return loss, finite, rel.astype(ma.dtype), ma
 
-    return jax.jit(final)
+    jitted = jax.jit(final)
+
+    def call(states: TrainState, hp: HParams, data: Batch, twin: jax.Array):
+        loss, finite, rel, ma = jitted(states, hp, data, twin)
+        return loss, finite, rel, ma, vstats(states.loss_stats, states.step, loss, finite)
+
+    return call
 
 
 def make_eig_fn(num_iters: int = 20, method: str = "lanczos") -> EigFn:
