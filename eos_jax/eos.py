@@ -745,8 +745,9 @@ def regime(lane: dict[str, Any], threshold: float) -> str:
       sharpness reached the edge (max ``lr * lambda_max >= 0.9 * threshold``): the
       restrained instabilities of Section 6.
     * ``transient``: spikes only in the first 10 % of the steps, then a monotone descent.
-    * ``oscillating``: late spikes, but the tracked sharpness stayed below the edge (or
-      was not tracked).
+    * ``spikes-off-edge``: late spikes, but the tracked sharpness (sampled every
+      ``sharpness_every`` steps, so it can miss a short excursion) stayed below the edge,
+      or was not tracked.
     """
     if not lane["finite"]:
         return "divergent"
@@ -757,7 +758,7 @@ def regime(lane: dict[str, Any], threshold: float) -> str:
     ns = lane.get("max_normalized_sharpness")
     if ns is not None and ns >= EDGE_FRACTION * threshold:
         return "restrained"
-    return "oscillating"
+    return "spikes-off-edge"
 
 
 def format_findings(preset: Preset, findings: dict[str, Any], threshold: float) -> str:

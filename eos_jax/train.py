@@ -920,8 +920,9 @@ def find_twins(lanes: Sequence[Lane], groups: list[list[int]]) -> list[dict[str,
     Returns:
       Per lane ``{"lane": twin index or None, "in_group": bool, "missing": reason or None}``;
       ``missing`` is None for k=1 lanes and for k != 1 lanes whose twin is in their group.
-      A twin in another group ran in another vmapped program (another lane width), whose
-      rounding may differ: the difference would be the program's, not the perturbation's.
+      A twin in another group is not compared: the series is gathered inside one program,
+      and a group of another width is another program whose rounding may differ (the
+      difference would be the program's, not the perturbation's).
     """
     group_of = {i: g for g, idx in enumerate(groups) for i in idx}
     width = {g: len(idx) for g, idx in enumerate(groups)}
@@ -936,11 +937,13 @@ def find_twins(lanes: Sequence[Lane], groups: list[list[int]]) -> list[dict[str,
             out.append({"lane": None, "in_group": False,
                         "missing": "no k=1 lane with the same learning rate, seed and weight decay in this sweep"})
         elif group_of[t] != group_of[i]:
-            out.append({"lane": t, "in_group": False,
-                        "missing": f"its k=1 twin (lane {t}) ran in lane group {group_of[t]} ({width[group_of[t]]} lanes), "
-                                   f"another vmapped program than this lane's group {group_of[i]} ({width[group_of[i]]} "
-                                   "lanes): a difference would be the program's, not the perturbation's "
-                                   "(raise --max-lanes to put them in one group)"})
+            gt, gi = group_of[t], group_of[i]
+            why = (f"its k=1 twin (lane {t}) ran in lane group {gt}, not in this lane's group {gi}: the series is "
+                   "gathered inside one vmapped program")
+            if width[gt] != width[gi]:
+                why += (f", and the groups are programs of different widths ({width[gt]} vs {width[gi]} lanes), "
+                        "whose roundings may differ: a difference would be the program's, not the perturbation's")
+            out.append({"lane": t, "in_group": False, "missing": why + " (raise --max-lanes to put them in one group)"})
         else:
             out.append({"lane": t, "in_group": True, "missing": None})
     return out

@@ -295,7 +295,7 @@ def test_regime_and_the_figure7_finding_both_ways():
     assert eos.regime(_lane(5, finite=False), 2.0) == "divergent"
     assert eos.regime(_lane(5, max_inc=0.005, ns=1.0), 2.0) == "stable"
     assert eos.regime(_lane(5, spikes=3, late=2, max_inc=0.3, ns=2.4), 2.0) == "restrained"
-    assert eos.regime(_lane(5, spikes=3, late=2, max_inc=0.3, ns=0.5), 2.0) == "oscillating"
+    assert eos.regime(_lane(5, spikes=3, late=2, max_inc=0.3, ns=0.5), 2.0) == "spikes-off-edge"
     assert eos.regime(_lane(5, spikes=1, late=0, max_inc=3.0, ns=9.0), 2.0) == "transient"
 
     def entry(*regimes):
@@ -328,7 +328,7 @@ def test_fig7_readings_writes_the_table(tmp_path, capsys):
             lanes = t["variants"][v]["lanes"]
             assert [l["learning_rate"] for l in lanes] == [1.0, 2.0, 5.0]
             for l in lanes:
-                assert l["regime"] in ("stable", "restrained", "transient", "oscillating", "divergent")
+                assert l["regime"] in ("stable", "restrained", "transient", "spikes-off-edge", "divergent")
                 assert f"| {name} | {v[6:]} |" in md
         assert t["match"] == eos.matches_paper_fig7(t["variants"])
     assert got["choice"] == eos.choose_reading(got["readings"]) and got["choice"]["why"] in md

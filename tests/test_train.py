@@ -471,7 +471,7 @@ def test_twin_in_another_lane_group_is_flagged_not_compared(tmp_path):
     res = tr.train(toy_problem(), lanes, cfg, tmp_path, quiet=True)
     by = {l["lane"]: l for l in res["lanes"]}
     assert "rel_l1_to_k1" in by[1] and "rel_l1_to_k1_missing" not in by[1]
-    assert "rel_l1_to_k1" not in by[3] and "another vmapped program" in by[3]["rel_l1_to_k1_missing"]
+    assert "rel_l1_to_k1" not in by[3] and "different widths (3 vs 1 lanes)" in by[3]["rel_l1_to_k1_missing"]
     lines = _lines(tmp_path)
     assert all("rel_l1_to_k1" in r for r in lines if r["lane"] == 1)
     assert not any("rel_l1_to_k1" in r for r in lines if r["lane"] == 3)
