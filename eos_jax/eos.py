@@ -63,9 +63,11 @@ class EosConfig:
       layers: convolution layers (cnn) or hidden layers (fc).
       width: hidden units per layer (fc).
       pool: how the cnn pools its last feature map over the output positions:
-        ``"mean"`` (default; the authors' ``AvgPooling`` in ``single_layer/PySun.py``,
-        sunyx523/surprising-instabilities, chosen for Figures 7 and 9 by the comparison of
-        ``--preset fig7-readings``) or ``"sum"`` (the Riemann sum of Eq. (6)/(20)).
+        ``"mean"`` (default: the authors' ``AvgPooling`` in ``single_layer/PySun.py``,
+        sunyx523/surprising-instabilities; ``--preset fig7-readings`` on the Fashion-MNIST
+        0/1 fallback found no reading of pooling x inputs x loss under which the 1-layer net
+        is stable and the 3-layer net restrained at lr 5, so the authors' code decides) or
+        ``"sum"`` (the Riemann sum of Eq. (6)/(20)).
       binary: two classes with ``loss="ce"``: ``"bce"`` (one logit, sigmoid and binary
         cross-entropy, Eq. (20) and (7)) or ``"softmax"`` (the pooled feature feeds a
         linear layer with bias and two outputs, softmax cross-entropy: Cohen et al.'s
