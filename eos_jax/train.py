@@ -499,9 +499,10 @@ def make_chunk_fn(
     Before each step, the RelL1 of every lane's parameters to those of lane
     ``twin[lane]`` (its k=1 twin in this group; itself when it has none, giving 0) is
     computed inside the program by a gather over the lane axis, pushed into the lane's
-    ring buffer, and returned with its trailing moving average; after it, the step's loss
-    is folded into the lane's running loss statistics (:func:`update_loss_stats`, pairs
-    whose earlier step is ``>= late_from`` are late). Metrics ``loss``, ``finite``,
+    ring buffer, and returned with its trailing moving average. Every step's loss, as the
+    scan emitted it, is then folded into the lane's running loss statistics
+    (:func:`update_loss_stats`, pairs whose earlier step is ``>= late_from`` are late) by
+    a second compiled program on device (no host round trip). Metrics ``loss``, ``finite``,
     ``rel_l1`` and ``rel_l1_ma`` have shape ``(lanes, chunk_steps)``; entries ``>= n``
     are padding.
     """
@@ -514,8 +515,7 @@ def make_chunk_fn(
             rel = rel_l1_to_twin(s.params, twin)
             buf, count, ma = vpush(s.rel_buf, s.rel_count, rel)
             new, met = vstep(s, hp, data)
-            stats = vstats(s.loss_stats, s.step, met["loss"], met["finite"])
-            new = new._replace(loss_stats=stats, rel_buf=buf, rel_count=count)
+            new = new._replace(rel_buf=buf, rel_count=count)
             return new, {**met, "rel_l1": rel.astype(buf.dtype), "rel_l1_ma": ma}
 
         def skip(s: TrainState):
@@ -528,12 +528,28 @@ def make_chunk_fn(
         states, met = jax.lax.scan(body, states, jnp.arange(chunk_steps, dtype=jnp.int32))
         return states, jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), met)
 
+    def fold(stats: dict[str, jax.Array], step0: jax.Array, losses: jax.Array, finite: jax.Array, n: jax.Array):
+        # Every step's loss, as the scan emitted it, folded in order (steps >= n are padding).
+        def body(st, x):
+            i, loss, ok = x
+            return jax.lax.cond(i < n, lambda st_: vstats(st_, step0 + i, loss, ok), lambda st_: st_, st), None
+
+        xs = (jnp.arange(chunk_steps, dtype=jnp.int32), jnp.swapaxes(losses, 0, 1), jnp.swapaxes(finite, 0, 1))
+        return jax.lax.scan(body, stats, xs)[0]
+
     jitted = jax.jit(chunk)
+    jfold = jax.jit(fold)
 
     def call(states: TrainState, hp: HParams, data: Batch, n: jax.Array, twin: jax.Array | None = None):
         if twin is None:
             twin = jnp.arange(jnp.shape(states.step)[0], dtype=jnp.int32)
-        return jitted(states, hp, data, n, twin)
+        step0 = states.step
+        states, met = jitted(states, hp, data, n, twin)
+        # The loss statistics are folded in a second program from the materialized per-step losses:
+        # inside the step's program XLA may compute the loss twice (two fusions) and round the copies
+        # differently, so the statistics would not be those of the logged losses (measured: 2 ulps).
+        stats = jfold(states.loss_stats, step0, met["loss"], met["finite"], n)
+        return states._replace(loss_stats=stats), met
 
     return call
 
