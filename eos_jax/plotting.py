@@ -1,8 +1,10 @@
 """Figures of a training run: loss and normalized sharpness against steps, threshold drawn.
 
 Everything is drawn from the lines of ``metrics.jsonl`` (so a plot can be redrawn
-from a finished or interrupted run) with the non-interactive Agg backend, and saved
-atomically with :func:`eos_jax.io.save_figure`.
+from a finished or interrupted run) on :class:`matplotlib.figure.Figure` objects (no
+pyplot state, no GUI backend), and saved atomically with :func:`eos_jax.io.save_figure`.
+When perturbed lanes (k != 1) were compared with their k=1 twin, a third panel shows
+RelL1 over the run: raw (thin) and its 100-step moving average (thick).
 """
 
 from __future__ import annotations
@@ -10,12 +12,11 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from eos_jax import io as eio
 
-from eos_jax import io as eio  # noqa: E402
+REL_MA_KEY = "rel_l1_to_k1_ma100"
 
 
 def _clip_sharpness_axis(ax: Any, values: list[float], threshold: float) -> str:
@@ -56,7 +57,10 @@ def plot_run(
         by_lane.setdefault(int(r["lane"]), []).append(r)
     lanes = sorted(by_lane)[:max_lanes]
     varying = [k for k in ("learning_rate", "k", "seed", "weight_decay") if len({by_lane[i][0][k] for i in by_lane}) > 1]
-    fig, (ax_l, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
+    has_rel = any("rel_l1_to_k1" in r for r in lines)
+    fig = Figure(figsize=(16.5 if has_rel else 11, 4))
+    axes = fig.subplots(1, 3 if has_rel else 2)
+    ax_l, ax_s = axes[0], axes[1]
     for i in lanes:
         rs = sorted(by_lane[i], key=lambda r: r["step"])
         label = _lane_label(rs[0], varying)
@@ -68,6 +72,10 @@ def plot_run(
         sh = [(r["step"], r["normalized_sharpness"]) for r in rs if r.get("normalized_sharpness") is not None]
         if sh:
             ax_s.plot([p[0] for p in sh], [p[1] for p in sh], lw=1, marker=".", ms=3, color=line.get_color(), label=label)
+        if has_rel:
+            draw_rel_l1(axes[2], rs, color=line.get_color(), label=label)
+    if has_rel:
+        finish_rel_l1_axis(axes[2], lines)
     ax_l.set_yscale("log")
     ax_l.set_xlabel("step")
     ax_l.set_ylabel("training loss")
@@ -84,7 +92,26 @@ def plot_run(
         fig.suptitle(title)
     fig.tight_layout()
     eio.save_figure(fig, path)
-    plt.close(fig)
+
+
+def draw_rel_l1(ax: Any, rs: Sequence[dict[str, Any]], *, color: Any = None, label: str = "") -> None:
+    """RelL1 to the k=1 twin of one lane's lines: raw (thin) and 100-step moving average (thick)."""
+    pts = [(r["step"], r["rel_l1_to_k1"], r.get(REL_MA_KEY)) for r in rs if "rel_l1_to_k1" in r]
+    if not pts:
+        return
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=0.6, alpha=0.45, color=color)
+    ax.plot([p[0] for p in pts], [p[2] for p in pts], lw=1.6, color=color, label=label)
+
+
+def finish_rel_l1_axis(ax: Any, lines: Sequence[dict[str, Any]]) -> None:
+    """Log scale when some RelL1 is positive (all zero: k=2, 4 equal their twin bit for bit)."""
+    if any(r.get("rel_l1_to_k1", 0) > 0 for r in lines):
+        ax.set_yscale("symlog", linthresh=1e-9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("RelL1 to the k=1 twin")
+    ax.set_title("RelL1 vs k=1 (thin: raw, thick: 100-step mean)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def plot_variants(
@@ -96,7 +123,8 @@ def plot_variants(
 ) -> None:
     """One column per variant (e.g. 1 vs 3 layers): loss on top, normalized sharpness below."""
     n = max(len(runs), 1)
-    fig, axes = plt.subplots(2, n, figsize=(5.5 * n, 7), squeeze=False)
+    fig = Figure(figsize=(5.5 * n, 7))
+    axes = fig.subplots(2, n, squeeze=False)
     for col, (name, lines) in enumerate(runs):
         by_lane: dict[int, list[dict[str, Any]]] = {}
         for r in lines:
@@ -124,4 +152,3 @@ def plot_variants(
         fig.suptitle(title)
     fig.tight_layout()
     eio.save_figure(fig, path)
-    plt.close(fig)

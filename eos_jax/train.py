@@ -169,6 +169,12 @@ class TrainState(NamedTuple):
       finite: False once a step produced a non-finite loss, parameter or optimizer state.
       nonfinite_step: the first such step (meaningful only when ``finite`` is False);
         the state is frozen at the parameters of that step.
+      loss_stats: running statistics of EVERY step's loss (:func:`init_loss_stats`),
+        updated inside the scan, so the stability verdict does not depend on
+        ``log_every`` (an even ``log_every`` would hide a period-2 oscillation).
+      rel_buf: the last :data:`REL_L1_WINDOW` values of the lane's RelL1 to its k=1
+        twin (a ring buffer, for the moving average the authors plot).
+      rel_count: RelL1 values pushed so far.
     """
 
     step: jax.Array
@@ -178,6 +184,124 @@ class TrainState(NamedTuple):
     eigvec: PyTree
     finite: jax.Array
     nonfinite_step: jax.Array
+    loss_stats: dict[str, jax.Array]
+    rel_buf: jax.Array
+    rel_count: jax.Array
+
+
+# Window of the RelL1 moving average (the paper's Figure 3 / Figure 5 right are smoothed over
+# 100 steps; the released scripts, scripts/oscillation_plot.py and scripts/loss_plot.py of
+# sunyx523/surprising-instabilities, plot raw arrays and do not say how): a trailing uniform
+# mean of the last min(t + 1, 100) values, i.e. a partial window over the first 99 steps.
+REL_L1_WINDOW = 100
+SPIKE_REL_INCREASE = 0.01  # a "spike": the loss rises by more than 1 % from one step to the next
+
+
+def init_loss_stats(dtype: Any) -> dict[str, jax.Array]:
+    """Running statistics of the per-step loss before the first step.
+
+    ``max_inc`` and ``max_inc_late`` start at -inf (no pair yet; reported as 0.0),
+    ``min_loss`` at +inf (no finite loss yet; reported as None).
+    """
+    return {
+        "prev": jnp.zeros((), dtype),
+        "has_prev": jnp.zeros((), jnp.bool_),
+        "max_inc": jnp.full((), -jnp.inf, dtype),
+        "n_inc": jnp.zeros((), jnp.int32),
+        "max_inc_late": jnp.full((), -jnp.inf, dtype),
+        "n_inc_late": jnp.zeros((), jnp.int32),
+        "min_loss": jnp.full((), jnp.inf, dtype),
+    }
+
+
+def update_loss_stats(stats: dict[str, jax.Array], step: jax.Array, loss: jax.Array, ok: jax.Array,
+                      late_from: int) -> dict[str, jax.Array]:
+    """Folds the loss of ``step`` into the running statistics (pure, jittable).
+
+    Only finite steps (``ok``) count; the relative increase ``(loss - prev) / |prev|`` is
+    taken between consecutive counted steps in the loss's dtype, and it is *late* when
+    the earlier step is ``>= late_from`` (the first 10 % of a run are its transient).
+    :func:`loss_stats_reference` is the same computation in NumPy.
+    """
+    dt = stats["prev"].dtype
+    loss = loss.astype(dt)
+    prev = stats["prev"]
+    pair = ok & stats["has_prev"] & (prev != 0)
+    inc = (loss - prev) / jnp.abs(jnp.where(prev != 0, prev, jnp.ones_like(prev)))
+    spike = pair & (inc > jnp.asarray(SPIKE_REL_INCREASE, dt))
+    late = (step - jnp.ones((), step.dtype)) >= late_from
+    return {
+        "prev": jnp.where(ok, loss, prev),
+        "has_prev": stats["has_prev"] | ok,
+        "max_inc": jnp.where(pair, jnp.maximum(stats["max_inc"], inc), stats["max_inc"]),
+        "n_inc": stats["n_inc"] + spike.astype(jnp.int32),
+        "max_inc_late": jnp.where(pair & late, jnp.maximum(stats["max_inc_late"], inc), stats["max_inc_late"]),
+        "n_inc_late": stats["n_inc_late"] + (spike & late).astype(jnp.int32),
+        "min_loss": jnp.where(ok, jnp.minimum(stats["min_loss"], loss), stats["min_loss"]),
+    }
+
+
+def loss_stats_reference(losses: Sequence[float], finite: Sequence[bool], late_from: int,
+                         dtype: Any = np.float32) -> dict[str, Any]:
+    """NumPy recomputation of the statistics of :func:`update_loss_stats` over steps 0..T.
+
+    Args:
+      losses: the loss of every step (index = step).
+      finite: whether each step counted (the engine's per-step ``finite``).
+      late_from: pairs whose earlier step is ``>= late_from`` are late.
+      dtype: the loss dtype the engine computed in.
+
+    Returns:
+      The summary fields :func:`summarize_loss_stats` reports.
+    """
+    x = np.asarray(losses, dtype=dtype)
+    kept = [(t, x[t]) for t in range(len(x)) if finite[t]]
+    incs = [(s, (b - a) / np.abs(a)) for (s, a), (_, b) in zip(kept, kept[1:]) if a != 0]
+    late = [v for t, v in incs if t >= late_from]
+    return {
+        "max_rel_loss_increase": float(max((v for _, v in incs), default=0.0)),
+        "num_loss_increases_1pct": sum(1 for _, v in incs if v > dtype(SPIKE_REL_INCREASE)),
+        "max_rel_loss_increase_late": float(max(late, default=0.0)),
+        "num_loss_increases_1pct_late": sum(1 for v in late if v > dtype(SPIKE_REL_INCREASE)),
+        "min_loss": float(min((v for _, v in kept), default=np.nan)) if kept else None,
+    }
+
+
+def summarize_loss_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """The results.json fields of one lane's final running statistics (host values)."""
+    def fin(v: Any, default: Any) -> Any:
+        v = float(v)
+        return v if math.isfinite(v) else default
+
+    return {
+        "max_rel_loss_increase": fin(stats["max_inc"], 0.0),
+        "num_loss_increases_1pct": int(stats["n_inc"]),
+        "max_rel_loss_increase_late": fin(stats["max_inc_late"], 0.0),
+        "num_loss_increases_1pct_late": int(stats["n_inc_late"]),
+        "min_loss": fin(stats["min_loss"], None),
+    }
+
+
+def _push_rel(buf: jax.Array, count: jax.Array, rel: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pushes ``rel`` into the ring buffer; returns ``(buf, count, moving average)``.
+
+    The average is the sum of the filled slots (empty ones hold 0) divided by their
+    number, ``min(count, REL_L1_WINDOW)``, in the buffer's dtype.
+    """
+    buf = buf.at[count % REL_L1_WINDOW].set(rel.astype(buf.dtype))
+    count = count + jnp.ones((), count.dtype)
+    filled = jnp.minimum(count, REL_L1_WINDOW).astype(buf.dtype)
+    return buf, count, jnp.sum(buf) / filled
+
+
+def rel_l1_to_twin(params: PyTree, twin: jax.Array) -> jax.Array:
+    """Per lane, :func:`eos_jax.metrics.rel_l1` of its parameters to those of lane ``twin[lane]``.
+
+    ``params`` has a leading lane axis; the twin's parameters are gathered inside the
+    compiled program (no transfer to the host).
+    """
+    other = jax.tree_util.tree_map(lambda a: jnp.take(a, twin, axis=0), params)
+    return jax.vmap(rel_l1)(params, other)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,7 +422,16 @@ def init_state(problem: Problem, hp: HParams) -> TrainState:
         eigvec=_random_like(eig_key, params),
         finite=jnp.ones((), jnp.bool_),
         nonfinite_step=jnp.zeros((), jnp.int32),
+        loss_stats=init_loss_stats(_param_dtype(params)),
+        rel_buf=jnp.zeros((REL_L1_WINDOW,), _param_dtype(params)),
+        rel_count=jnp.zeros((), jnp.int32),
     )
+
+
+def _param_dtype(params: PyTree) -> Any:
+    """The floating dtype of the parameters (RelL1 and loss statistics are kept in it)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(params) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.result_type(*leaves) if leaves else jnp.float32
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -357,6 +490,9 @@ def make_train_step(
             eigvec=state.eigvec,
             finite=ok,
             nonfinite_step=jnp.where(state.finite & ~ok, state.step, state.nonfinite_step),
+            loss_stats=state.loss_stats,
+            rel_buf=state.rel_buf,
+            rel_count=state.rel_count,
         )
         return new_state, {"loss": loss, "finite": ok}
 
@@ -364,28 +500,102 @@ def make_train_step(
 
 
 def make_chunk_fn(
-    problem: Problem, batch_size: int | None = None, chunk_steps: int = 50
-) -> Callable[[TrainState, HParams, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-    """Jitted, lane-vmapped ``(states, hparams, data, n) -> (states, metrics)``: ``n`` steps.
+    problem: Problem, batch_size: int | None = None, chunk_steps: int = 50, late_from: int = 0
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Jitted ``(states, hparams, data, n, twin=None) -> (states, metrics)``: ``n`` steps of every lane.
 
-    One ``lax.scan`` of static length ``chunk_steps`` whose iterations ``i >= n`` are
-    skipped by a ``lax.cond`` on the (unbatched, hence not select-converted) predicate
+    One ``lax.scan`` of static length ``chunk_steps`` over the lane-vmapped step, whose
+    iterations ``i >= n`` are skipped by a ``lax.cond`` on the (unbatched) predicate
     ``i < n``: every chunk length up to ``chunk_steps`` shares one compiled program.
-    Metrics have shape ``(lanes, chunk_steps)``; entries ``>= n`` are padding.
+    Before each step, the RelL1 of every lane's parameters to those of lane
+    ``twin[lane]`` (its k=1 twin in this group; itself when it has none, giving 0) is
+    computed inside the program by a gather over the lane axis, pushed into the lane's
+    ring buffer, and returned with its trailing moving average. Every step's loss, as the
+    scan emitted it, is then folded into the lane's running loss statistics
+    (:func:`update_loss_stats`, pairs whose earlier step is ``>= late_from`` are late) by
+    a second compiled program on device (no host round trip). Metrics ``loss``, ``finite``,
+    ``rel_l1`` and ``rel_l1_ma`` have shape ``(lanes, chunk_steps)``; entries ``>= n``
+    are padding.
     """
-    step = make_train_step(problem, batch_size)
+    vstep = jax.vmap(make_train_step(problem, batch_size), in_axes=(0, 0, None))
+    vpush = jax.vmap(_push_rel)
+    vstats = jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from))
 
-    def chunk(state: TrainState, hp: HParams, data: Batch, n: jax.Array):
+    def chunk(states: TrainState, hp: HParams, data: Batch, n: jax.Array, twin: jax.Array):
+        def run(s: TrainState):
+            rel = rel_l1_to_twin(s.params, twin)
+            buf, count, ma = vpush(s.rel_buf, s.rel_count, rel)
+            new, met = vstep(s, hp, data)
+            new = new._replace(rel_buf=buf, rel_count=count)
+            return new, {**met, "rel_l1": rel.astype(buf.dtype), "rel_l1_ma": ma}
+
+        def skip(s: TrainState):
+            shapes = jax.eval_shape(run, s)[1]
+            return s, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
         def body(s: TrainState, i: jax.Array):
-            def skip(s_: TrainState):
-                loss_dtype = jax.eval_shape(problem.loss_fn, s_.params, select_batch(data, s_.key, s_.step, batch_size))
-                return s_, {"loss": jnp.zeros((), loss_dtype.dtype), "finite": s_.finite}
+            return jax.lax.cond(i < n, run, skip, s)
 
-            return jax.lax.cond(i < n, lambda s_: step(s_, hp, data), skip, s)
+        states, met = jax.lax.scan(body, states, jnp.arange(chunk_steps, dtype=jnp.int32))
+        return states, jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), met)
 
-        return jax.lax.scan(body, state, jnp.arange(chunk_steps, dtype=jnp.int32))
+    def fold(stats: dict[str, jax.Array], step0: jax.Array, losses: jax.Array, finite: jax.Array, n: jax.Array):
+        # Every step's loss, as the scan emitted it, folded in order (steps >= n are padding).
+        def body(st, x):
+            i, loss, ok = x
+            return jax.lax.cond(i < n, lambda st_: vstats(st_, step0 + i, loss, ok), lambda st_: st_, st), None
 
-    return jax.jit(jax.vmap(chunk, in_axes=(0, 0, None, None)))
+        xs = (jnp.arange(chunk_steps, dtype=jnp.int32), jnp.swapaxes(losses, 0, 1), jnp.swapaxes(finite, 0, 1))
+        return jax.lax.scan(body, stats, xs)[0]
+
+    jitted = jax.jit(chunk)
+    jfold = jax.jit(fold)
+
+    def call(states: TrainState, hp: HParams, data: Batch, n: jax.Array, twin: jax.Array | None = None):
+        if twin is None:
+            twin = jnp.arange(jnp.shape(states.step)[0], dtype=jnp.int32)
+        step0 = states.step
+        states, met = jitted(states, hp, data, n, twin)
+        # The loss statistics are folded in a second program from the materialized per-step losses:
+        # inside the step's program XLA may compute the loss twice (two fusions) and round the copies
+        # differently, so the statistics would not be those of the logged losses (measured: 2 ulps).
+        stats = jfold(states.loss_stats, step0, met["loss"], met["finite"], n)
+        return states._replace(loss_stats=stats), met
+
+    return call
+
+
+def make_final_fn(problem: Problem, batch_size: int | None, late_from: int = 0):
+    """``(states, hparams, data, twin) -> (loss, finite, rel_l1, rel_l1_ma, loss_stats)`` at the last step.
+
+    The loss and RelL1 of the final parameters (the line of step ``steps``), with the
+    final loss folded into the statistics, without changing the state (so a run resumed
+    from its last checkpoint recomputes the same values). The statistics are updated in
+    a second program from the materialized loss: inside one program XLA may compute the
+    loss twice (in two fusions) and round the copies differently, so that the logged loss
+    and the one in the statistics would differ by an ulp.
+    """
+    vpush = jax.vmap(_push_rel)
+    vstats = jax.jit(jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from)))
+
+    def one_loss(state: TrainState, data: Batch):
+        return problem.loss_fn(state.params, select_batch(data, state.key, state.step, batch_size))
+
+    def final(states: TrainState, hp: HParams, data: Batch, twin: jax.Array):
+        del hp
+        loss = jax.vmap(one_loss, in_axes=(0, None))(states, data)
+        finite = states.finite & jnp.isfinite(loss)
+        rel = rel_l1_to_twin(states.params, twin)
+        _, _, ma = vpush(states.rel_buf, states.rel_count, rel)
+        return loss, finite, rel.astype(ma.dtype), ma
+
+    jitted = jax.jit(final)
+
+    def call(states: TrainState, hp: HParams, data: Batch, twin: jax.Array):
+        loss, finite, rel, ma = jitted(states, hp, data, twin)
+        return loss, finite, rel, ma, vstats(states.loss_stats, states.step, loss, finite)
+
+    return call
 
 
 def make_eig_fn(num_iters: int = 20, method: str = "lanczos", tol: float | None = None,
@@ -659,19 +869,26 @@ def train(
     else:
         eio.atomic_write_text(metrics_path, "")
 
-    chunk_fn = make_chunk_fn(problem, config.batch_size, config.chunk_steps)
+    late_from = config.steps // 10  # spikes after the first 10 % of the steps are "late"
+    chunk_fn = make_chunk_fn(problem, config.batch_size, config.chunk_steps, late_from)
+    final_fn = make_final_fn(problem, config.batch_size, late_from)
+    twins = find_twins(lanes, groups)
     sharp_fn = make_sharpness_fn(problem, eig_fn)
-    eval_fn = make_eval_fn(problem, config.batch_size)
     total = config.steps
     bar = ProgressBar(total * len(groups), enabled=not quiet, stream=progress_stream, label=f"{problem.name} " if problem.name else "")
     timing = {"train_s": 0.0, "sharpness_s": 0.0, "checkpoint_s": 0.0, "compile_and_first_chunk_s": None}
-    final_states: list[tuple[list[int], TrainState]] = []
+    final_states: list[tuple[list[int], TrainState, dict[str, np.ndarray]]] = []
 
     with _SignalCatcher() as sig:
         for g, idx in enumerate(groups):
             glanes = padded(idx)
             n_real = len(idx)
             hp = place(stack_hparams(glanes, dtype))
+            # Twin of each lane as an index into this group (itself when it has none here).
+            twin_local = [idx.index(twins[i]["lane"]) if twins[i]["in_group"] else li for li, i in enumerate(idx)]
+            twin_local += list(range(len(idx), len(glanes)))  # padding lanes
+            twin_arr = place(jnp.asarray(np.array(twin_local, np.int32)))
+            has_twin = np.array([twins[i]["in_group"] for i in idx], bool)
             store = stores[g]
             s = start_steps[g]
             if s > 0:
@@ -694,14 +911,15 @@ def train(
                     timing["sharpness_s"] += time.perf_counter() - t0
                     last_sharp = float(pending_sharp[0])
                 if s == total:
-                    final_loss = np.asarray(jax.device_get(eval_fn(state, hp, data)))
-                    finite = np.asarray(jax.device_get(state.finite))
-                    _write_lines(metrics_path, g, idx, glanes, s, final_loss[:, None], finite[:, None], pending_sharp, problem.threshold, config.log_every, total, force=True)
+                    fl, ff, frel, fma, fstats = jax.device_get(final_fn(state, hp, data, twin_arr))
+                    _write_lines(metrics_path, g, idx, glanes, s, np.asarray(fl)[:, None], np.asarray(ff)[:, None],
+                                 pending_sharp, problem.threshold, config.log_every, total, force=True,
+                                 rel=(np.asarray(frel)[:, None], np.asarray(fma)[:, None], has_twin))
                     break
                 # 3. one chunk.
                 nxt = _next_boundary(s, total, (config.chunk_steps, config.checkpoint_every, config.sharpness_every))
                 t0 = time.perf_counter()
-                state, met = chunk_fn(state, hp, data, jnp.asarray(nxt - s, jnp.int32))
+                state, met = chunk_fn(state, hp, data, jnp.asarray(nxt - s, jnp.int32), twin_arr)
                 met = jax.tree_util.tree_map(lambda a: np.asarray(a)[:, : nxt - s], jax.device_get(met))
                 dt = time.perf_counter() - t0
                 if timing["compile_and_first_chunk_s"] is None:
@@ -709,7 +927,9 @@ def train(
                 else:
                     timing["train_s"] += dt
                 losses = np.asarray(met["loss"])
-                _write_lines(metrics_path, g, idx, glanes, s, losses, np.asarray(met["finite"]), pending_sharp, problem.threshold, config.log_every, total)
+                _write_lines(metrics_path, g, idx, glanes, s, losses, np.asarray(met["finite"]), pending_sharp,
+                             problem.threshold, config.log_every, total,
+                             rel=(np.asarray(met["rel_l1"]), np.asarray(met["rel_l1_ma"]), has_twin))
                 pending_sharp = None
                 s = nxt
                 bar.update(g * total + s, float(losses[0, -1]), last_sharp, extra=f"lanes {n_real}" if n_real > 1 else "")
@@ -722,12 +942,47 @@ def train(
                     bar.close()
                     raise TrainingInterrupted(sig.signum, s, run_dir)
             store.wait()
-            final_states.append((idx, state))
+            final_states.append((idx, state, {k: np.asarray(v) for k, v in fstats.items()}))
     bar.close()
     for st in stores:
         st.close()
     timing["num_devices"] = len(devices)
-    return _write_results(run_dir, problem, lanes, groups, final_states, metrics_path, timing)
+    return _write_results(run_dir, problem, lanes, groups, final_states, metrics_path, timing, twins)
+
+
+def find_twins(lanes: Sequence[Lane], groups: list[list[int]]) -> list[dict[str, Any]]:
+    """For each lane, its k=1 twin (same lr, seed, weight decay) and whether it runs in the same group.
+
+    Returns:
+      Per lane ``{"lane": twin index or None, "in_group": bool, "missing": reason or None}``;
+      ``missing`` is None for k=1 lanes and for k != 1 lanes whose twin is in their group.
+      A twin in another group is not compared: the series is gathered inside one program,
+      and a group of another width is another program whose rounding may differ (the
+      difference would be the program's, not the perturbation's).
+    """
+    group_of = {i: g for g, idx in enumerate(groups) for i in idx}
+    width = {g: len(idx) for g, idx in enumerate(groups)}
+    k1 = {(l.learning_rate, l.seed, l.weight_decay): i for i, l in enumerate(lanes) if l.k == 1}
+    out = []
+    for i, l in enumerate(lanes):
+        if l.k == 1:
+            out.append({"lane": i, "in_group": False, "missing": None})
+            continue
+        t = k1.get((l.learning_rate, l.seed, l.weight_decay))
+        if t is None:
+            out.append({"lane": None, "in_group": False,
+                        "missing": "no k=1 lane with the same learning rate, seed and weight decay in this sweep"})
+        elif group_of[t] != group_of[i]:
+            gt, gi = group_of[t], group_of[i]
+            why = (f"its k=1 twin (lane {t}) ran in lane group {gt}, not in this lane's group {gi}: the series is "
+                   "gathered inside one vmapped program")
+            if width[gt] != width[gi]:
+                why += (f", and the groups are programs of different widths ({width[gt]} vs {width[gi]} lanes), "
+                        "whose roundings may differ: a difference would be the program's, not the perturbation's")
+            out.append({"lane": t, "in_group": False, "missing": why + " (raise --max-lanes to put them in one group)"})
+        else:
+            out.append({"lane": t, "in_group": True, "missing": None})
+    return out
 
 
 def _write_lines(
@@ -743,8 +998,13 @@ def _write_lines(
     log_every: int,
     total: int,
     force: bool = False,
+    rel: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> None:
-    """Appends the lines of steps ``start .. start+n-1`` (logged ones) for the real lanes, then fsyncs."""
+    """Appends the lines of steps ``start .. start+n-1`` (logged ones) for the real lanes, then fsyncs.
+
+    ``rel`` is ``(rel_l1, moving average, has_twin)``: lanes with a k=1 twin in their group
+    get ``rel_l1_to_k1`` and ``rel_l1_to_k1_ma100`` on every line.
+    """
     out = []
     for j in range(losses.shape[1]):
         step = start + j
@@ -764,6 +1024,9 @@ def _write_lines(
                 "seed": lane.seed,
                 "weight_decay": lane.weight_decay,
             }
+            if rel is not None and rel[2][li]:
+                rec["rel_l1_to_k1"] = float(rel[0][li, j])
+                rec[f"rel_l1_to_k1_ma{REL_L1_WINDOW}"] = float(rel[1][li, j])
             if has_sharp:
                 lam = float(sharp[li])
                 ns = float(np.float64(lane.learning_rate) * lam)
@@ -777,20 +1040,24 @@ def _write_lines(
         os.fsync(f.fileno())
 
 
-def _compare_to_k1(lane_results: list[dict[str, Any]], final_params: dict[int, Any]) -> None:
+def _compare_to_k1(lane_results: list[dict[str, Any]], final_params: dict[int, Any],
+                   twins: Sequence[dict[str, Any]]) -> None:
     """Adds, to each lane with k != 1, how its final parameters differ from its k=1 twin.
 
     The twin is the lane of the same sweep with equal learning rate, seed and weight
-    decay and k=1 (Section 4: perturbed vs plain SGD). Both ran in the same vmapped
-    program, so a difference is the perturbation's, not the program's. Adds
-    ``rel_l1_to_k1`` (the paper's RelL1), ``n_diff_to_k1`` and ``max_ulp_to_k1``.
+    decay and k=1 (Section 4: perturbed vs plain SGD). Only a twin in the same vmapped
+    program (lane group) is compared, so that a difference is the perturbation's, not
+    the program's. Adds ``rel_l1_to_k1`` (the paper's RelL1), ``n_diff_to_k1`` and
+    ``max_ulp_to_k1``; otherwise ``rel_l1_to_k1_missing`` says why there is none.
     """
-    twins = {(r["learning_rate"], r["seed"], r["weight_decay"]): r["lane"] for r in lane_results if r["k"] == 1}
     for r in lane_results:
-        twin = twins.get((r["learning_rate"], r["seed"], r["weight_decay"]))
-        if r["k"] == 1 or twin is None:
+        if r["k"] == 1:
             continue
-        a, b = final_params[r["lane"]], final_params[twin]
+        t = twins[r["lane"]]
+        if not t["in_group"]:
+            r["rel_l1_to_k1_missing"] = t["missing"]
+            continue
+        a, b = final_params[r["lane"]], final_params[t["lane"]]
         d = ulp_diff(a, b)
         r["rel_l1_to_k1"] = float(rel_l1(a, b))
         r["n_diff_to_k1"] = d.n_diff
@@ -802,9 +1069,10 @@ def _write_results(
     problem: Problem,
     lanes: Sequence[Lane],
     groups: list[list[int]],
-    final_states: list[tuple[list[int], TrainState]],
+    final_states: list[tuple[list[int], TrainState, dict[str, np.ndarray]]],
     metrics_path: Path,
     timing: dict[str, Any],
+    twins: Sequence[dict[str, Any]],
 ) -> dict[str, Any]:
     """Builds and atomically writes results.json from the final states and metrics.jsonl."""
     lines = _read_metrics(metrics_path)
@@ -813,7 +1081,7 @@ def _write_results(
         by_lane.setdefault(r["lane"], []).append(r)
     lane_results = []
     final_params: dict[int, Any] = {}
-    for idx, state in final_states:
+    for idx, state, stats in final_states:
         host = jax.device_get(state)
         for li, lane_index in enumerate(idx):
             one = _index_lane(host, li)
@@ -822,11 +1090,15 @@ def _write_results(
             rec["first_nonfinite_step"] = int(one.nonfinite_step) if not bool(one.finite) else None
             rec["steps"] = int(one.step)
             rec.update(_lane_summary(sorted(by_lane.get(lane_index, []), key=lambda r: r["step"]), problem.threshold))
+            # Spikes and the stability verdict from EVERY step's loss (running statistics kept
+            # inside the scan), not from the logged lines only.
+            rec.update(summarize_loss_stats({k: v[li] for k, v in stats.items()}))
+            rec["loss_stats_from"] = "every step"
             rec["params_digest"] = tree_digest(one.params)
             final_params[lane_index] = one.params
             lane_results.append(rec)
     lane_results.sort(key=lambda r: r["lane"])
-    _compare_to_k1(lane_results, final_params)
+    _compare_to_k1(lane_results, final_params, twins)
     finite_lanes = [r for r in lane_results if r["finite"]]
     fl = [r["final_loss"] for r in finite_lanes if r["final_loss"] is not None]
     summary = {

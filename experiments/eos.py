@@ -15,8 +15,12 @@ load ~5; sharpness tracking is about 80 % of it (benchmarks/bench_sweep.py). Swe
 lists as one vmapped program. Presets reproduce the figures, printing what they found::
 
     python -m experiments.eos --preset fig7     # 1 vs 3 layers, lr 1 2 5 (~4 min)
-    python -m experiments.eos --preset fig8     # fc-tanh 2 vs 4 layers, lr 2/150, 2000 steps, CIFAR-5k or fallback
+    python -m experiments.eos --preset fig8     # fc-tanh 2 vs 4 layers, 2000 steps; lr 2/150 on CIFAR-5k, 2/30 on fallbacks
     python -m experiments.eos --preset fig9     # wd 5e-4, 1 vs 2 layers, lr sweep -> stability boundary
+    python -m experiments.eos --preset fig7-readings  # Figure 7 under 8 readings (pool x inputs x loss)
+
+Figures 7 and 9 take their learning rates from 2/lambda_max at initialization, measured on the
+data found (recorded with the rule in preset.json); ``--lr`` overrides that.
 
 Interrupt with Ctrl-C (or SIGTERM): a checkpoint is written; ``--resume`` (with the same flags,
 and ``--out`` or the latest matching run under runs/eos/) continues it, ending bitwise equal to
@@ -37,8 +41,9 @@ def build_parser() -> cli.ArgumentParser:
         prog="python -m experiments.eos",
         description="Edge-of-Stability experiments (Sun et al. 2024, Section 6) with sharpness tracking.",
     )
-    p.add_argument("--preset", choices=("fig7", "fig8", "fig9"), default=None,
-                   help="run a figure of the paper (explicit flags below override its settings)")
+    p.add_argument("--preset", choices=("fig7", "fig8", "fig9", "fig7-readings"), default=None,
+                   help="run a figure of the paper (explicit flags below override its settings); fig7-readings "
+                        "compares the candidate readings of Figure 7's setting (pooling x inputs x loss)")
     p.add_argument("--model", choices=("cnn", "fc"), default=None, help="cnn (default) or fc (tanh, width 200)")
     p.add_argument("--layers", type=cli.positive_int, default=None,
                    help="conv layers (cnn, default 3) or hidden layers (fc, default 2)")
@@ -47,6 +52,12 @@ def build_parser() -> cli.ArgumentParser:
                    help="default swish (cnn, beta=1) / tanh (fc)")
     p.add_argument("--conv-impl", choices=("auto", "lax", "shifted", "fft"), default=None,
                    help="cnn convolution implementation (default auto: direct sums; fft is faster, rounds differently)")
+    p.add_argument("--pool", choices=("mean", "sum"), default=None,
+                   help="cnn pooling over output positions (default mean: the authors' AvgPooling, "
+                        "single_layer/PySun.py; sum: the Riemann sum of Eq. (6))")
+    p.add_argument("--binary", choices=("bce", "softmax"), default=None,
+                   help="two classes with --loss ce: one logit + binary cross-entropy (default, Eq. (20)) or a "
+                        "linear head with two outputs + softmax cross-entropy (Cohen et al.'s archs)")
     p.add_argument("--lr", type=cli.positive_float, nargs="+", default=None,
                    help="learning rate(s); several run as one vmapped sweep (default 5 for cnn, 2/150 for fc)")
     p.add_argument("--k", type=cli.positive_int, nargs="+", default=None,
@@ -99,7 +110,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     ov: dict = {}
     for name in ("layers", "width", "activation", "momentum", "batch_size", "steps", "num_examples", "loss",
                  "sharpness_iters", "sharpness_method", "chunk_steps", "max_lanes", "dtype", "conv_impl",
-                 "standardize"):
+                 "standardize", "pool", "binary"):
         value = getattr(args, name)
         if value is not None:
             ov[name] = value

@@ -40,19 +40,31 @@ def _check_run_dir(d: Path, n_lanes: int, steps: int = 6) -> dict:
     return res
 
 
-@pytest.mark.parametrize("preset,variants,n_lanes", [("fig7", ("layers1", "layers3"), 3),
-                                                      ("fig8", ("depth2", "depth4"), 1),
-                                                      ("fig9", ("layers1", "layers2"), 9)])
-def test_preset_writes_every_file_and_prints_findings(preset, variants, n_lanes, tmp_path, capsys):
+@pytest.mark.parametrize("preset,variants", [("fig7", ("layers1", "layers3")),
+                                             ("fig8", ("depth2", "depth4")),
+                                             ("fig9", ("layers1", "layers2"))])
+def test_preset_writes_every_file_and_prints_findings(preset, variants, tmp_path, capsys):
     out = tmp_path / preset
     code, stdout, stderr = _run(["--preset", preset, "--out", str(out), *SMALL], capsys)
     assert code == 0, stderr
     assert {"config.json", "preset.json", "preset.png", *variants} <= {p.name for p in out.iterdir()}
-    for v in variants:
-        _check_run_dir(out / v, n_lanes)
     findings = json.loads((out / "preset.json").read_text())
+    rule = findings["lr_rule"]
+    for v in variants:
+        _check_run_dir(out / v, len(rule["lr"]))
+        assert json.loads((out / v / "config.json").read_text())["lr"] == rule["lr"]
     assert set(findings["variants"]) == set(variants)
     assert f"{preset} findings" in stdout  # printed even with --quiet
+    if preset in ("fig7", "fig9"):
+        # The rates come from 2/lambda_max at initialization, measured on the variants' data.
+        ts = [t["lr_threshold"] for t in rule["thresholds_at_init"].values()]
+        assert set(rule["thresholds_at_init"]) == set(variants) and all(t > 0 for t in ts)
+        if preset == "fig9":
+            assert min(rule["lr"]) <= min(ts) / 10 and max(rule["lr"]) >= max(ts) * 10
+            assert len(rule["lr"]) <= 3 * (len(ts) + 3)  # 1-2-5: three per decade
+        else:
+            assert {1.0, 2.0, 5.0} <= set(rule["lr"]) and all(any(t < lr <= 2.5 * t for lr in rule["lr"]) for t in ts)
+        assert "2/lambda_max = " in stdout
     if preset == "fig9":
         for v in variants:
             b = findings["variants"][v]["boundary"]
@@ -65,7 +77,8 @@ def test_preset_writes_every_file_and_prints_findings(preset, variants, n_lanes,
     if preset == "fig8":
         cfg = json.loads((out / "depth4" / "config.json").read_text())
         assert cfg["model"] == "fc" and cfg["layers"] == 4 and cfg["width"] == 200 and cfg["activation"] == "tanh"
-        assert cfg["lr"] == [2.0 / 150.0]
+        # digits01 is not CIFAR-5k: the rate scaled to the fallback's sharpening, with the reason.
+        assert cfg["lr"] == [2.0 / 30.0] and rule["dataset"] == "digits01" and "2/30" in rule["rule"]
 
 
 def test_default_out_and_resume_without_out(tmp_path, capsys, monkeypatch):
@@ -93,6 +106,9 @@ def test_default_out_and_resume_without_out(tmp_path, capsys, monkeypatch):
     (["--loss", "hinge"], "hinge"),
     (["--weight-decay", "-0.1"], "-0.1"),
     (["--preset", "fig10"], "fig10"),
+    (["--pool", "max"], "max"),
+    (["--binary", "hinge"], "hinge"),
+    (["--preset", "fig7-readings", "--pool", "sum"], "--pool"),
     (["--preset", "fig7", "--layers", "2"], "--layers"),
     (["--resume", "--out", "DIR/none"], "nothing to resume"),
 ])
@@ -372,3 +388,100 @@ def test_main_job_on_a_fresh_machine(tmp_path):
     assert "on fashion_mnist01_bundled (2000 examples, 10 steps)" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"] == "fashion_mnist01_bundled" and all(l["finite"] for l in res["lanes"])
+
+def test_pool_and_binary_reach_the_model_and_are_recorded(tmp_path, capsys):
+    """--pool sum / --binary softmax: config.json and metadata.json record them, and the model uses them."""
+    out = tmp_path / "run"
+    code, _, err = _run(["--layers", "1", "--lr", "2", "--pool", "sum", "--binary", "softmax", "--out", str(out),
+                         *SMALL], capsys)
+    assert code == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    model = json.loads((out / "metadata.json").read_text())["model"]
+    assert cfg["pool"] == "sum" and cfg["binary"] == "softmax"
+    assert model["config"]["pool"] == "sum" and model["num_outputs"] == 2 and model["config"]["head"] == "linear"
+    from eos_jax import eos
+
+    assert eos.default_config("cnn").pool == "mean" and eos.default_config("cnn").binary == "bce"
+
+
+def test_initial_sharpness_matches_dense_hessian():
+    """2/lambda_max at initialization (the fig7/fig9 rate rule) vs eigh of the dense Hessian of loss + wd/2|p|^2."""
+    import jax
+    import numpy as np
+    from jax.flatten_util import ravel_pytree
+
+    from eos_jax import eos
+
+    for pool in ("mean", "sum"):
+        cfg = eos.default_config("cnn", layers=2, dataset=("digits01",), num_examples=32, weight_decay=(5e-4,),
+                                 pool=pool)
+        data, _ = eos.load_data(cfg)
+        got = eos.initial_sharpness(cfg, data, num_iters=18)  # 18 = number of parameters (2 x 3x3)
+        prob, _ = eos.build_problem(cfg, data)
+        hp = tr.stack_hparams(tr.make_lanes([1.0], weight_decays=[5e-4]))
+        params = tr.init_state(prob, jax.tree_util.tree_map(lambda a: a[0], hp)).params
+        flat, unravel = ravel_pytree(params)
+        h = np.asarray(jax.hessian(lambda f: prob.loss_fn(unravel(f), prob.data))(flat), np.float64)
+        top = float(np.linalg.eigvalsh(h + 5e-4 * np.eye(h.shape[0]))[-1])
+        assert got["lambda_max"] == pytest.approx(top, rel=1e-4), pool
+        assert got["lr_threshold"] == pytest.approx(2.0 / top, rel=1e-4)
+
+
+def test_lr_series_rules():
+    from eos_jax.eos import ceil_125, series_125
+
+    assert series_125(2.01, 427.2) == [2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]
+    assert series_125(0.0015, 0.02) == [0.001, 0.002, 0.005, 0.01, 0.02]
+    assert (ceil_125(20.25), ceil_125(354.9), ceil_125(20.0), ceil_125(0.7)) == (50.0, 500.0, 50.0, 1.0)
+
+
+def _lane(lr, *, finite=True, spikes=0, late=0, max_inc=0.0, ns=None):
+    return dict(learning_rate=lr, finite=finite, first_nonfinite_step=None if finite else 3,
+                num_loss_increases_1pct=spikes, num_loss_increases_1pct_late=late, max_rel_loss_increase=max_inc,
+                max_normalized_sharpness=ns)
+
+
+def test_regime_and_the_figure7_finding_both_ways():
+    """regime() from the numbers; the readings' 'matches Figure 7' and the chosen reading follow from them."""
+    from eos_jax import eos
+
+    assert eos.regime(_lane(5, finite=False), 2.0) == "divergent"
+    assert eos.regime(_lane(5, max_inc=0.005, ns=1.0), 2.0) == "stable"
+    assert eos.regime(_lane(5, spikes=3, late=2, max_inc=0.3, ns=2.4), 2.0) == "restrained"
+    assert eos.regime(_lane(5, spikes=3, late=2, max_inc=0.3, ns=0.5), 2.0) == "spikes-off-edge"
+    assert eos.regime(_lane(5, spikes=1, late=0, max_inc=3.0, ns=9.0), 2.0) == "transient"
+
+    def entry(*regimes):
+        return {"lanes": [{"learning_rate": lr, "regime": r} for lr, r in zip((1.0, 2.0, 5.0), regimes)]}
+
+    paper = {"layers1": entry("stable", "stable", "stable"), "layers3": entry("stable", "stable", "restrained")}
+    other = {"layers1": entry("stable", "stable", "stable"), "layers3": entry("stable", "stable", "stable")}
+    assert eos.matches_paper_fig7(paper)["matches"] and not eos.matches_paper_fig7(other)["matches"]
+    table = {"mean-raw-bce": {"match": eos.matches_paper_fig7(other)},
+             "mean-raw-softmax": {"match": eos.matches_paper_fig7(paper)}}
+    c = eos.choose_reading(table)
+    assert c["reading"] == "mean-raw-softmax" and c["matching"] == ["mean-raw-softmax"]
+    table["mean-raw-softmax"]["match"] = eos.matches_paper_fig7(other)
+    c = eos.choose_reading(table)
+    assert c["reading"] == "mean-raw-bce" and c["matching"] == [] and "no reading" in c["why"]
+
+
+def test_fig7_readings_writes_the_table(tmp_path, capsys):
+    """The readings comparison (two readings here, tiny) writes readings.md/json with every lr and regime."""
+    from eos_jax import eos
+
+    ov = dict(dataset=("digits01",), num_examples=48, steps=4, sharpness_every=2, sharpness_iters=4,
+              sharpness_method="power", checkpoint_every=None)
+    root, found = eos.run_readings(overrides=ov, out=tmp_path / "r", quiet=True, readings=eos.READINGS[:2])
+    md = (root / "readings.md").read_text()
+    got = json.loads((root / "readings.json").read_text())
+    assert set(got["readings"]) == {"mean-raw-bce", "mean-raw-softmax"} and got["steps"] == 4
+    for name, t in got["readings"].items():
+        for v in ("layers1", "layers3"):
+            lanes = t["variants"][v]["lanes"]
+            assert [l["learning_rate"] for l in lanes] == [1.0, 2.0, 5.0]
+            for l in lanes:
+                assert l["regime"] in ("stable", "restrained", "transient", "spikes-off-edge", "divergent")
+                assert f"| {name} | {v[6:]} |" in md
+        assert t["match"] == eos.matches_paper_fig7(t["variants"])
+    assert got["choice"] == eos.choose_reading(got["readings"]) and got["choice"]["why"] in md

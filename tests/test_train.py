@@ -103,7 +103,9 @@ def test_scan_chunks_equal_python_loop_bitwise():
     s2, m1 = chunk(init, hp, prob.data, jnp.int32(8))
     s2, m2 = chunk(s2, hp, prob.data, jnp.int32(4))  # a partial chunk: iterations 4..7 skipped
     assert int(s2.step[0]) == 12
-    assert_tree_equal_bits(state, s2, "scan chunks vs Python loop")
+    # The step itself does not touch the chunk's bookkeeping (loss statistics, RelL1 buffer).
+    engine_only = dict(loss_stats=state.loss_stats, rel_buf=state.rel_buf, rel_count=state.rel_count)
+    assert_tree_equal_bits(state, s2._replace(**engine_only), "scan chunks vs Python loop")
     scanned = np.concatenate([np.asarray(m1["loss"]), np.asarray(m2["loss"])[:, :4]], axis=1)
     np.testing.assert_array_equal(np.stack(losses, axis=1), scanned)
 
@@ -423,3 +425,101 @@ def test_perturbed_lanes_are_compared_to_their_k1_twin(tmp_path):
         assert (by_k[k]["rel_l1_to_k1"], by_k[k]["n_diff_to_k1"], by_k[k]["max_ulp_to_k1"]) == (0.0, 0, 0)
     assert by_k[3]["params_digest"] != by_k[1]["params_digest"]
     assert by_k[3]["n_diff_to_k1"] > 0 and by_k[3]["max_ulp_to_k1"] > 0 and by_k[3]["rel_l1_to_k1"] > 0
+
+
+# ----------------------------------------------------------------------------- RelL1 series, every-step stats
+
+
+def _rel_series(lines: list[dict], lane: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rs = sorted((r for r in lines if r["lane"] == lane), key=lambda r: r["step"])
+    return (np.array([r["step"] for r in rs]), np.array([r["rel_l1_to_k1"] for r in rs]),
+            np.array([r[f"rel_l1_to_k1_ma{tr.REL_L1_WINDOW}"] for r in rs]))
+
+
+def test_rel_l1_series_to_the_k1_twin_every_step(tmp_path):
+    """metrics.jsonl: RelL1 to the k=1 twin (same vmapped program) at every step: exactly 0 for k=2, 4
+    (the perturbation is exact), nonzero for k=3; the 100-step moving average equals a NumPy trailing
+    mean of the raw series; the series does not depend on the chunk length (bitwise)."""
+    cfg = dataclasses.replace(TOY_CONFIG, steps=130, sharpness_every=None, checkpoint_every=None)
+    lanes = tr.make_lanes([0.3], ks=[1, 2, 3, 4])
+    res = tr.train(toy_problem(), lanes, cfg, tmp_path / "a", quiet=True)
+    lines = _lines(tmp_path / "a")
+    assert not any("rel_l1_to_k1" in r for r in lines if r["k"] == 1)
+    for k in (2, 4):
+        steps, raw, ma = _rel_series(lines, k - 1)
+        assert list(steps) == list(range(131))
+        assert np.array_equal(raw, np.zeros_like(raw)) and np.array_equal(ma, np.zeros_like(ma)), k
+    steps, raw, ma = _rel_series(lines, 2)  # k = 3
+    assert raw[0] == 0.0 and raw[-1] > 0 and int(np.argmax(raw > 0)) > 0
+    # NumPy reference of the trailing mean over min(t + 1, 100) values (float32 sums in the engine:
+    # a relative tolerance, not a bitwise claim).
+    ref = np.array([raw[max(0, t - tr.REL_L1_WINDOW + 1): t + 1].astype(np.float64).mean() for t in range(len(raw))])
+    np.testing.assert_allclose(ma, ref, rtol=1e-5, atol=0)
+    assert ma[-1] != pytest.approx(raw[-1], rel=1e-3)  # the average is not the last value
+    # The end-of-run RelL1 of results.json is the last point of the series.
+    k3 = next(l for l in res["lanes"] if l["k"] == 3)
+    assert k3["rel_l1_to_k1"] == pytest.approx(raw[-1], rel=1e-6)
+    # Chunk-length independence, bit for bit (the whole metrics file).
+    tr.train(toy_problem(), lanes, dataclasses.replace(cfg, chunk_steps=7), tmp_path / "b", quiet=True)
+    assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == (tmp_path / "b" / "metrics.jsonl").read_bytes()
+
+
+def test_twin_in_another_lane_group_is_flagged_not_compared(tmp_path):
+    """A k=3 lane whose k=1 twin ran in another vmapped program gets no RelL1, and a field says why."""
+    cfg = dataclasses.replace(TOY_CONFIG, steps=6, sharpness_every=None, checkpoint_every=None, max_lanes=3)
+    lanes = tr.make_lanes([0.1, 0.3], ks=[1, 3])  # groups [0, 1, 2] and [3]: lane 3's twin (2) is in group 0
+    res = tr.train(toy_problem(), lanes, cfg, tmp_path, quiet=True)
+    by = {l["lane"]: l for l in res["lanes"]}
+    assert "rel_l1_to_k1" in by[1] and "rel_l1_to_k1_missing" not in by[1]
+    assert "rel_l1_to_k1" not in by[3] and "different widths (3 vs 1 lanes)" in by[3]["rel_l1_to_k1_missing"]
+    lines = _lines(tmp_path)
+    assert all("rel_l1_to_k1" in r for r in lines if r["lane"] == 1)
+    assert not any("rel_l1_to_k1" in r for r in lines if r["lane"] == 3)
+    twins = tr.find_twins(lanes, tr.group_lanes(4, 3))
+    assert [t["in_group"] for t in twins] == [False, True, False, False] and twins[3]["lane"] == 2
+    lone = tr.find_twins(tr.make_lanes([0.1], ks=[3]), [[0]])
+    assert "no k=1 lane" in lone[0]["missing"]
+
+
+def _zigzag_problem() -> tr.Problem:
+    """1-D GD with a period-2 orbit: f(x) = x^2/2 (x > 0), x^2/4 (x < 0); lr 3 maps 1 -> -2 -> 1.
+
+    The loss alternates 0.5, 1.0, 0.5, ... exactly: a 100 % rise every other step.
+    """
+    from eos_jax import optim
+
+    def loss(p, batch):
+        x = p["x"][0]
+        return jnp.where(x > 0, 0.5 * x * x, 0.25 * x * x) + 0.0 * jnp.sum(batch["d"])
+
+    return tr.Problem(lambda key: {"x": jnp.ones((1,), jnp.float32)}, loss,
+                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k, weight_decay=hp.weight_decay),
+                      {"d": jnp.zeros((2, 1), jnp.float32)}, name="zigzag")
+
+
+def test_period_two_oscillation_is_seen_with_log_every_2(tmp_path):
+    """log_every=2 logs only the low points of a period-2 oscillation; the verdict still sees every step."""
+    cfg = tr.EngineConfig(steps=20, chunk_steps=6, log_every=2, sharpness_every=None, checkpoint_every=None)
+    res = tr.train(_zigzag_problem(), tr.make_lanes([3.0]), cfg, tmp_path, quiet=True)
+    lines = _lines(tmp_path)
+    assert [r["loss"] for r in lines] == [0.5] * 11  # the logged steps alone look perfectly flat
+    assert tr._lane_summary(lines, 2.0)["num_loss_increases_1pct"] == 0  # what the logged lines would say
+    lane = res["lanes"][0]
+    # Steps 0..20 (20 the final evaluation): rises 0 -> 1, 2 -> 3, ..., 18 -> 19: ten of them, each +100 %.
+    assert lane["num_loss_increases_1pct"] == 10 and lane["max_rel_loss_increase"] == 1.0
+    assert lane["num_loss_increases_1pct_late"] == 9  # late: the earlier step >= 20 // 10 = 2
+    assert lane["loss_stats_from"] == "every step"
+    ref = tr.loss_stats_reference([0.5, 1.0] * 10 + [0.5], [True] * 21, late_from=2)
+    assert {k: lane[k] for k in ref} == ref
+
+
+def test_every_step_loss_stats_match_numpy(tmp_path):
+    """The in-scan statistics of a real toy run equal a NumPy recomputation from every step's loss."""
+    cfg = tr.EngineConfig(steps=40, chunk_steps=9, log_every=1, sharpness_every=None, checkpoint_every=None)
+    res = tr.train(toy_problem(), tr.make_lanes([0.05, 2.5]), cfg, tmp_path, quiet=True)
+    lines = _lines(tmp_path)
+    for lane in res["lanes"]:
+        rs = sorted((r for r in lines if r["lane"] == lane["lane"]), key=lambda r: r["step"])
+        ref = tr.loss_stats_reference([r["loss"] for r in rs], [r["finite"] for r in rs], late_from=4)
+        assert {k: lane[k] for k in ref} == ref, lane["learning_rate"]
+    assert res["lanes"][1]["num_loss_increases_1pct"] > 0  # lr 2.5 oscillates: the test can fail
