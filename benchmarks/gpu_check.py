@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from eos_jax import runtime
 
@@ -54,18 +52,7 @@ import optax  # noqa: E402
 from eos_jax import hessian, losses, metrics, models, optim  # noqa: E402
 from eos_jax.models.resnet import ResNetCifar  # noqa: E402
 
-
-def _time(fn: Callable[..., Any], *args: Any, repeats: int) -> tuple[float, float]:
-    """(compile + first call seconds, median seconds of ``repeats`` further calls)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
+from bench_models import _time  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 # ----------------------------------------------------------------------------- (a) perturbed update

@@ -401,6 +401,17 @@ def find_run(runs_root: str | Path, config: dict[str, Any]) -> Path:
     return found[-1]
 
 
+def checked_out(out: str | Path | None, runs_root: str | Path, config: dict[str, Any], tag: str, resume: bool) -> Path:
+    """:func:`resolve_out`, refusing (before anything is written) a ``--resume`` with nothing to resume and a
+    fresh start over an existing run directory (the one-line error of :func:`eos_jax.io.open_run_dir`)."""
+    run_dir = resolve_out(out, runs_root, config, tag, resume)
+    if resume and not (run_dir / "config.json").exists():
+        raise RunDirError(f"--resume: nothing to resume in {run_dir} (no config.json)")
+    if not resume and (run_dir / "config.json").exists():
+        eio.open_run_dir(run_dir, config, resume=False)  # raises the right one-line error
+    return run_dir
+
+
 def resolve_out(out: str | Path | None, runs_root: str | Path, config: dict[str, Any], tag: str, resume: bool) -> Path:
     """``--out`` as given; else the latest matching run (resume) or ``runs_root/<UTC>-<tag>``."""
     if out is not None:
@@ -449,11 +460,7 @@ def run(
 
     cfg.validate()
     config = cfg.to_dict()
-    run_dir = resolve_out(out, runs_root, config, cfg.short_hash(), resume)
-    if resume and not (run_dir / "config.json").exists():
-        raise RunDirError(f"--resume: nothing to resume in {run_dir} (no config.json)")
-    if not resume and (run_dir / "config.json").exists():
-        eio.open_run_dir(run_dir, config, resume=False)  # raises the right one-line error
+    run_dir = checked_out(out, runs_root, config, cfg.short_hash(), resume)
     data, data_info = load_data(cfg, data_dir, stream=sys.stderr)
     problem, model_info = build_problem(cfg, data)
     if resume:
@@ -730,11 +737,7 @@ def run_preset(
         c.validate()
     config = {"preset": name, "variants": {v: c.to_dict() for v, c in preset.variants}}
     tag = f"{name}-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
-    root = resolve_out(out, runs_root, config, tag, resume)
-    if resume and not (root / "config.json").exists():
-        raise RunDirError(f"--resume: nothing to resume in {root} (no config.json)")
-    if not resume and (root / "config.json").exists():
-        eio.open_run_dir(root, config, resume=False)
+    root = checked_out(out, runs_root, config, tag, resume)
     # Check every variant's data (and an explicit --num-examples) before writing anything;
     # the warnings are printed once, by each variant's run.
     for _, c in preset.variants:
@@ -934,11 +937,7 @@ def run_readings(
         c.validate()
     config = {"preset": "fig7-readings", "runs": {f"{r}/layers{n}": c.to_dict() for r, n, c in runs}}
     tag = "fig7-readings-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
-    root = resolve_out(out, runs_root, config, tag, resume)
-    if resume and not (root / "config.json").exists():
-        raise RunDirError(f"--resume: nothing to resume in {root} (no config.json)")
-    if not resume and (root / "config.json").exists():
-        eio.open_run_dir(root, config, resume=False)
+    root = checked_out(out, runs_root, config, tag, resume)
     from eos_jax import data as edata
 
     edata.load_first_available(list(runs[0][2].dataset), "train", data_dir=data_dir)
