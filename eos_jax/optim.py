@@ -55,9 +55,11 @@ import numpy as np
 import optax
 
 from eos_jax.errors import ConfigError
+from eos_jax.optim_torch import TorchRoundedOptimizer, torch_adam, torch_sgd
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 FORMS = ("paper", "reference")
+ROUNDINGS = ("paper", "torch")
 
 
 class PerturbedScaleState(NamedTuple):
@@ -128,6 +130,12 @@ def _check_form(form: str) -> None:
     """Raises ConfigError unless ``form`` is one of FORMS."""
     if form not in FORMS:
         raise ConfigError(f"form={form!r}; allowed: {', '.join(FORMS)}")
+
+
+def _check_rounding(rounding: str) -> None:
+    """Raises ConfigError unless ``rounding`` is one of ROUNDINGS."""
+    if rounding not in ROUNDINGS:
+        raise ConfigError(f"rounding={rounding!r}; allowed: {', '.join(ROUNDINGS)}")
 
 
 def _is_zero(value: Any) -> bool:
@@ -336,7 +344,8 @@ def sgd(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     form: str = "paper",
-) -> optax.GradientTransformation:
+    rounding: str = "paper",
+) -> optax.GradientTransformation | TorchRoundedOptimizer:
     """Perturbed SGD (Section 4.1, (PERTURBED SGD)) with ``torch.optim.SGD`` semantics.
 
     Per step, with dampening 0 as in PyTorch: ``d = g + wd*theta``; with momentum
@@ -352,10 +361,23 @@ def sgd(
       nesterov: Nesterov momentum (needs ``momentum > 0``, as in PyTorch).
       weight_decay: L2 coefficient added to the gradient (PyTorch's ``weight_decay``).
       form: ``"paper"`` or ``"reference"``, see :func:`perturbed_scale`.
+      rounding: ``"paper"`` (default): every operation above rounds separately in the
+        parameter dtype, and the update is the three-rounding (PERTURBED SGD) term added
+        by ``params + updates`` (a fourth rounding). ``"torch"``: PyTorch 2.13's CPU
+        kernels bit for bit (:mod:`eos_jax.optim_torch`): weight decay and Nesterov are
+        fused multiply-adds, the momentum buffer rounds ``mu*b`` and ``+ d`` apart, and
+        the parameter update ``p - D(lr*k) * RN(d/k)`` rounds once (an FMA).
 
     Returns:
-      An ``optax.GradientTransformation``; ``update`` needs ``params`` when
-      ``weight_decay`` is nonzero.
+      ``rounding="paper"``: an ``optax.GradientTransformation``; ``update`` needs
+      ``params`` when ``weight_decay`` is nonzero. ``rounding="torch"``: a
+      :class:`~eos_jax.optim_torch.TorchRoundedOptimizer`, stepped with :func:`apply_step`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = jnp.ones(3, jnp.float32); g = jnp.full(3, 0.3, jnp.float32)
+      >>> opt = sgd(0.1, k=3, momentum=0.9, rounding="torch", form="reference")
+      >>> p, state = apply_step(opt, g, opt.init(p), p)
 
     Raises:
       ConfigError (a ValueError) on an invalid ``k``, learning rate or hyperparameter.
@@ -366,7 +388,12 @@ def sgd(
         raise ConfigError(f"nesterov={nesterov!r}; allowed: True or False")
     if nesterov and _is_zero(momentum):
         raise ConfigError("nesterov=True with momentum=0; allowed: momentum > 0 (as torch.optim.SGD)")
-    scale = perturbed_scale(learning_rate, k=k, form=form)
+    _check_rounding(rounding)
+    scale = perturbed_scale(learning_rate, k=k, form=form)  # validates lr, k, form
+    if rounding == "torch":
+        return torch_sgd(
+            learning_rate, k=k, momentum=momentum, nesterov=bool(nesterov), weight_decay=weight_decay, form=form
+        )
     parts = []
     if not _is_zero(weight_decay):
         parts.append(_torch_weight_decay(weight_decay))
@@ -385,7 +412,8 @@ def adam(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     form: str = "paper",
-) -> optax.GradientTransformation:
+    rounding: str = "paper",
+) -> optax.GradientTransformation | TorchRoundedOptimizer:
     """Perturbed Adam (Section 4.1 applied to Adam, Appendix C) with ``torch.optim.Adam`` semantics.
 
     Per step ``t``: ``g = g + wd*theta`` (L2, not AdamW); ``m = b1*m + (1-b1)*g``;
@@ -401,9 +429,17 @@ def adam(
       eps: added to ``sqrt(v_hat)``, ``>= 0``.
       weight_decay: L2 coefficient added to the gradient.
       form: ``"paper"`` or ``"reference"``, see :func:`perturbed_scale`.
+      rounding: ``"paper"`` (default): each operation above rounds separately in the
+        parameter dtype, then the three-rounding perturbed scale and ``params + updates``.
+        ``"torch"``: PyTorch 2.13's CPU single-tensor Adam (:mod:`eos_jax.optim_torch`):
+        ``lerp_`` and ``addcmul_`` as fused multiply-adds, double-precision bias
+        corrections, ``addcdiv_``, with ``lr*k`` in the step size and ``m/k`` in the
+        numerator (form ``"reference"``). Bit for bit except where PyTorch's CPU ``sqrt``
+        is not correctly rounded (see that module).
 
     Returns:
-      An ``optax.GradientTransformation``.
+      ``rounding="paper"``: an ``optax.GradientTransformation``. ``rounding="torch"``: a
+      :class:`~eos_jax.optim_torch.TorchRoundedOptimizer`, stepped with :func:`apply_step`.
 
     Raises:
       ConfigError (a ValueError) on an invalid ``k``, learning rate or hyperparameter.
@@ -412,9 +448,37 @@ def adam(
     _check_nonnegative("b2", b2, below_one=True)
     _check_nonnegative("eps", eps)
     _check_nonnegative("weight_decay", weight_decay)
-    scale = perturbed_scale(learning_rate, k=k, form=form)
+    _check_rounding(rounding)
+    scale = perturbed_scale(learning_rate, k=k, form=form)  # validates lr, k, form
+    if rounding == "torch":
+        return torch_adam(learning_rate, k=k, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, form=form)
     parts = []
     if not _is_zero(weight_decay):
         parts.append(_torch_weight_decay(weight_decay))
     parts += [_torch_adam_direction(b1, b2, eps), scale]
     return optax.chain(*parts)
+
+
+def apply_step(
+    opt: optax.GradientTransformation | TorchRoundedOptimizer,
+    grads: optax.Updates,
+    state: Any,
+    params: optax.Params,
+) -> tuple[optax.Params, Any]:
+    """One optimizer step, ``(new_params, new_state)``, for either rounding mode.
+
+    An optax transformation is applied as ``update`` then ``optax.apply_updates`` (one
+    more rounding per element); a ``rounding="torch"`` optimizer computes the new
+    parameters itself (its last operation is a fused multiply-add).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = jnp.zeros(2, jnp.float32); g = jnp.ones(2, jnp.float32)
+      >>> opt = sgd(0.5)
+      >>> [float(x) for x in apply_step(opt, g, opt.init(p), p)[0]]
+      [-0.5, -0.5]
+    """
+    if isinstance(opt, TorchRoundedOptimizer):
+        return opt.step(grads, state, params)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state

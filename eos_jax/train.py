@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 from eos_jax import io as eio
+from eos_jax import optim
 from eos_jax.checkpoint import CheckpointStore
 from eos_jax.data.transforms import epoch_permutation
 from eos_jax.errors import ConfigError
@@ -311,7 +312,8 @@ class Problem:
     Attributes:
       init_params: ``key -> params`` (pure).
       loss_fn: ``(params, batch) -> scalar`` data loss, a mean over the batch.
-      make_optimizer: ``HParams -> optax.GradientTransformation`` for one lane; called
+      make_optimizer: ``HParams -> optax.GradientTransformation`` (or an
+        ``eos_jax.optim`` ``rounding="torch"`` optimizer: steps use ``optim.apply_step``) for one lane; called
         inside vmap with traced values, so it must accept traced lr, k, weight decay.
       data: the training set, a pytree of arrays with a leading example axis.
       threshold: stability threshold of the normalized sharpness ``lr * lambda_max``
@@ -324,7 +326,7 @@ class Problem:
 
     init_params: Callable[[jax.Array], PyTree]
     loss_fn: LossFn
-    make_optimizer: Callable[[HParams], optax.GradientTransformation]
+    make_optimizer: Callable[[HParams], optax.GradientTransformation | optim.TorchRoundedOptimizer]
     data: Batch
     threshold: float = 2.0
     l2_weight_decay: bool = True
@@ -478,8 +480,7 @@ def make_train_step(
         batch = select_batch(data, state.key, state.step, batch_size)
         opt = problem.make_optimizer(hp)
         loss, grads = jax.value_and_grad(problem.loss_fn)(state.params, batch)
-        updates, opt_state = opt.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = optim.apply_step(opt, grads, state.opt_state, state.params)
         ok = state.finite & jnp.isfinite(loss) & _all_finite(params) & _all_finite(opt_state)
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         new_state = TrainState(
