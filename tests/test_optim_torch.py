@@ -64,32 +64,56 @@ def _optimizer(case: str, k: int, form: str, rounding: str):
     )
 
 
-def _run_all(runs, rounding: str) -> dict:
-    """Every run's parameters after step 1 and after 30 steps, from ONE compiled program.
+LANE_KS = (1, 3, 4)
 
-    One program instead of one per run keeps compile time to a few seconds; the runs do not
-    interact (each has its own carry), and torch-mode results are exact roundings, so the
-    program's fusion choices cannot change their bits (checked against PyTorch below).
-    """
-    p0, grads = _inputs()
-    opts = [_optimizer(case, k, form, rounding) for case, k, form in runs]
 
-    @jax.jit
-    def run(p, gs):
-        def body(carry, g):
-            new = tuple(optim.apply_step(o, g, s, q) for o, (q, s) in zip(opts, carry))
-            return new, tuple(q for q, _ in new)
-
-        return jax.lax.scan(body, tuple((p, o.init(p)) for o in opts), gs)[1]
-
-    with jax.enable_x64(False):  # JAX's default, as in a notebook
-        traj = run(jnp.asarray(p0), jnp.asarray(grads))
-    return {r: (np.asarray(t[0]), np.asarray(t[-1])) for r, t in zip(runs, traj)}
+def _lane_optimizer(name: str, lr, k):
+    """The engine's way: traced lr and k (Nesterov + wd or Adam + wd, form "reference")."""
+    if name == "nesterov_wd":
+        return optim.sgd(lr, k=k, momentum=0.9, nesterov=True, weight_decay=5e-4, form="reference", rounding="torch")
+    return optim.adam(lr, k=k, weight_decay=5e-4, form="reference", rounding="torch")
 
 
 @pytest.fixture(scope="module")
-def torch_mode():
-    return _run_all(fx.RUNS, "torch")
+def results() -> dict:
+    """All runs of this file from ONE compiled program (x64 off, JAX's default, as in a notebook).
+
+    One program instead of one per run keeps compile time to a few seconds. The runs do not
+    interact (each has its own carry), and torch-mode results are exact roundings, so the
+    program's fusion choices cannot change their bits (checked against PyTorch below).
+    Keys: ``("torch", run)`` and ``("paper", run)`` -> (after step 1, after 30 steps);
+    ``("lanes", name)`` -> finals of the vmapped lanes over ``LANE_KS``; ``("alone32", name, k)``
+    -> final of a concrete run with the lanes' float32 learning rate.
+    """
+    p0, grads = _inputs()
+    opts = {("torch", r): _optimizer(*r, "torch") for r in fx.RUNS}
+    opts.update({("paper", (c, 1, "reference")): _optimizer(c, 1, "reference", "paper") for c in fx.CASES})
+    lanes = ("nesterov_wd", "adam_wd")
+    lr32 = {n: np.float32(fx.CASES[n][1]["lr"]) for n in lanes}
+    opts.update({("alone32", n, k): _lane_optimizer(n, float(lr32[n]), k) for n in lanes for k in LANE_KS})
+
+    def trajectory(o, p, gs):
+        def body(c, g):
+            new = optim.apply_step(o, g, c[1], c[0])
+            return new, new[0]
+
+        return jax.lax.scan(body, (p, o.init(p)), gs)[1]
+
+    def lane(lrs, k, p, gs):  # lr traced, k traced and vmapped: Adam's scalars via the host callback
+        return [trajectory(_lane_optimizer(n, lrs[i], k), p, gs)[-1] for i, n in enumerate(lanes)]
+
+    @jax.jit
+    def run(p, gs, lrs, ks):
+        out = {key: trajectory(o, p, gs) for key, o in opts.items()}
+        out = {key: (t[0], t[-1]) for key, t in out.items()}
+        vm = jax.vmap(lane, in_axes=(None, 0, None, None))(lrs, ks, p, gs)
+        out.update({("lanes", n): vm[i] for i, n in enumerate(lanes)})
+        return out
+
+    with jax.enable_x64(False):
+        lrs = jnp.asarray([lr32[n] for n in lanes])
+        out = run(jnp.asarray(p0), jnp.asarray(grads), lrs, jnp.asarray(LANE_KS, jnp.int32))
+    return jax.tree_util.tree_map(np.asarray, out)
 
 
 def _ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -148,10 +172,10 @@ ADAM_RUNS = [r for r in fx.RUNS if fx.CASES[r[0]][0] == "adam"]
 
 
 @pytest.mark.parametrize("case,k,form", SGD_RUNS)
-def test_torch_rounding_sgd_equals_pytorch_bitwise(torch_mode, case, k, form):
+def test_torch_rounding_sgd_equals_pytorch_bitwise(results, case, k, form):
     """30 steps of SGD (plain, momentum + wd, Nesterov + wd), k = 1, 3, 4, with x64 off as in a notebook."""
     want = FIXTURE[f"{case}_k{k}_{form}_final"]
-    got = torch_mode[(case, k, form)][1]
+    got = results[("torch", (case, k, form))][1]
     ulps = _ulps(got, want)
     assert got.dtype == np.float32
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (
@@ -160,9 +184,9 @@ def test_torch_rounding_sgd_equals_pytorch_bitwise(torch_mode, case, k, form):
 
 
 @pytest.mark.parametrize("case,k,form", ADAM_RUNS)
-def test_torch_rounding_adam_differs_from_pytorch_only_by_the_measured_sqrt_count(torch_mode, case, k, form):
+def test_torch_rounding_adam_differs_from_pytorch_only_by_the_measured_sqrt_count(results, case, k, form):
     name = f"{case}_k{k}_{form}"
-    got1, got = torch_mode[(case, k, form)]
+    got1, got = results[("torch", (case, k, form))]
     ulps, ulps1 = _ulps(got, FIXTURE[f"{name}_final"]), _ulps(got1, FIXTURE[f"{name}_step1"])
     msg = (
         f"{name}: {int(np.sum(ulps > 0))} of {ulps.size} differ after 30 steps (max {int(ulps.max())} ulps), "
@@ -174,12 +198,10 @@ def test_torch_rounding_adam_differs_from_pytorch_only_by_the_measured_sqrt_coun
     assert int(np.sum(ulps1 > 0)) <= int(np.sum(ulps > 0)) and int(ulps1.max()) <= 1, msg
 
 
-def test_paper_rounding_differs_from_pytorch():
+def test_paper_rounding_differs_from_pytorch(results):
     """The default three-rounding update is not PyTorch's: the count and size, for the record."""
-    runs = [(case, 1, "reference") for case in fx.CASES]
-    paper = _run_all(runs, "paper")
-    for case, k, form in runs:
-        ulps = _ulps(paper[(case, k, form)][1], FIXTURE[f"{case}_k{k}_{form}_final"])
+    for case, k, form in [(case, 1, "reference") for case in fx.CASES]:
+        ulps = _ulps(results[("paper", (case, k, form))][1], FIXTURE[f"{case}_k{k}_{form}_final"])
         n = int(np.sum(ulps > 0))
         print(f"{case} k=1 paper rounding: {n} of {ulps.size} differ from PyTorch, up to {int(ulps.max())} ulps")
         assert n > 0, f"{case}: paper rounding reproduced PyTorch's bits"
@@ -214,3 +236,17 @@ def test_torch_rounding_float64_sgd_step_is_one_fma():
     want = np.array([_round_exact(Fraction(-0.1) * Fraction(x) + Fraction(y), np.float64) for x, y in zip(g, p)])
     assert np.array_equal(got.view(np.uint64), want.view(np.uint64))
     assert not np.array_equal((p - 0.1 * g).view(np.uint64), want.view(np.uint64))
+
+
+def test_traced_lr_and_k_under_vmap_equal_concrete_runs(results):
+    """Engine lanes (vmapped, traced lr and k) give the bits of a concrete run whose lr is
+    the lanes' float32 learning rate: ``D(lr_D * k)`` is PyTorch's double product rounded
+    once, and Adam's step scalars come from the host callback, lane by lane. For SGD's
+    lr = 0.1 and these k that is also PyTorch's own result."""
+    for name in ("nesterov_wd", "adam_wd"):
+        for j, k in enumerate(LANE_KS):
+            a, b = results[("lanes", name)][j], results[("alone32", name, k)][1]
+            assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"{name} k={k}: {_ulps(a, b).max()} ulps"
+    for j, k in enumerate(LANE_KS):
+        a, b = results[("lanes", "nesterov_wd")][j], FIXTURE[f"nesterov_wd_k{k}_reference_final"]
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"nesterov lane k={k} vs PyTorch"
