@@ -60,7 +60,14 @@ def _optimizer(case: str, k: int, form: str, rounding: str):
         )
     b1, b2 = hp["betas"]
     return optim.adam(
-        hp["lr"], k=k, b1=b1, b2=b2, eps=hp["eps"], weight_decay=hp.get("weight_decay", 0.0), form=form, rounding=rounding
+        hp["lr"],
+        k=k,
+        b1=b1,
+        b2=b2,
+        eps=hp["eps"],
+        weight_decay=hp.get("weight_decay", 0.0),
+        form=form,
+        rounding=rounding,
     )
 
 
@@ -216,7 +223,8 @@ def test_torch_optimizer_refuses_update_and_steps_through_apply_step():
     p = jnp.ones(3, jnp.float32)
     with pytest.raises(ConfigError, match="apply_step"):
         opt.update(p, opt.init(p), p)
-    new_p, state = jax.jit(lambda g, s, p: optim.apply_step(opt, g, s, p))(jnp.full(3, 2.0, jnp.float32), opt.init(p), p)
+    step = jax.jit(lambda g, s, p: optim.apply_step(opt, g, s, p))
+    new_p, state = step(jnp.full(3, 2.0, jnp.float32), opt.init(p), p)
     assert np.array_equal(np.asarray(new_p), np.full(3, np.float32(1) - np.float32(0.1) * 2, np.float32))
     assert int(state.count) == 1
 
