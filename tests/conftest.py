@@ -2,16 +2,43 @@
 
 Library code names every dtype, so strict promotion catches silent float32 -> float64
 upcasts (and the reverse) and implicit broadcasting of mismatched ranks.
+
+Compile time is most of the suite's time (many small CLI runs build the same programs in
+new closures), so the session shares one persistent XLA compilation cache: a fresh
+directory per session, created by the controlling process, inherited by the xdist
+workers and by every child process the tests start (through ``JAX_COMPILATION_CACHE_DIR``),
+and removed at the end. A cache hit loads the executable the same HLO compiled to, so
+no bit changes; nothing is kept between sessions.
 """
 
 import os
+import shutil
 import sys
+import tempfile
 
-import jax
+_CACHE_ENV = "EOS_JAX_TEST_XLA_CACHE"
+if not os.environ.get(_CACHE_ENV):
+    os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="eos_jax_test_xla_cache_")
+    _OWNS_CACHE = True  # this process made it (the controller, or a run without xdist)
+else:
+    _OWNS_CACHE = False
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_ENV]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+import jax  # noqa: E402  (after the cache variables, which jax reads at import)
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_unconfigure(config):
+    if _OWNS_CACHE:
+        shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)
