@@ -46,7 +46,7 @@ import optax
 from eos_jax import io as eio
 from eos_jax.checkpoint import CheckpointStore
 from eos_jax.data.transforms import epoch_permutation
-from eos_jax.errors import ConfigError
+from eos_jax.errors import CheckpointMismatchError, ConfigError
 from eos_jax.metrics import rel_l1, tree_digest, ulp_diff
 from eos_jax.progress import ProgressBar
 
@@ -769,6 +769,77 @@ def _lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, An
     return out
 
 
+def _pad_lanes(ls: list[Lane], num_devices: int) -> list[Lane]:
+    """A group's lanes, padded (repeating the last) to a multiple of ``num_devices`` when sharded."""
+    if num_devices > 1 and len(ls) % num_devices:
+        ls = ls + [ls[-1]] * (num_devices - len(ls) % num_devices)  # padding lanes, dropped later
+    return ls
+
+
+def check_resume(
+    problem: Problem,
+    lanes: Sequence[Lane],
+    config: EngineConfig,
+    run_dir: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    devices: Sequence[Any] | None = None,
+) -> None:
+    """Checks that ``run_dir``'s checkpoints hold the states this run would resume; writes nothing.
+
+    Each lane group's checkpoints must hold a state of the same arrays (number, shapes,
+    dtypes) as the group would train now: the lane grouping (``max_lanes``, and the padding
+    to a multiple of the device count) and the model must be those of the run that wrote
+    them. Checkpoints whose record cannot be read are left to the corruption fallback of
+    :meth:`eos_jax.checkpoint.CheckpointStore.restore_latest`.
+
+    Args:
+      problem, lanes, config, dtype, devices: as for :func:`train`.
+      run_dir: the run directory to resume.
+
+    Raises:
+      CheckpointMismatchError: one line naming the group and what differs (nothing is moved).
+    """
+    devices = list(devices) if devices is not None else jax.devices()
+    groups = group_lanes(len(lanes), config.max_lanes, len(devices))
+    vinit = jax.vmap(lambda hp: init_state(problem, hp))
+    root = Path(run_dir) / "checkpoints"
+    how = ("resume with the same max_lanes and number of devices as the run that wrote it, "
+           "or start a new run directory")
+    for g, idx in enumerate(groups):
+        d = root / f"group_{g:03d}"
+        if not d.is_dir():
+            continue
+        glanes = _pad_lanes([lanes[i] for i in idx], len(devices))
+        template = jax.eval_shape(vinit, stack_hparams(glanes, dtype))
+        store = CheckpointStore(d, max_to_keep=config.checkpoint_keep)
+        try:
+            store.check_all(template)
+        except CheckpointMismatchError as e:
+            saved = e.saved or []
+            n_saved = saved[0][0][0] if saved and saved[0][0] else None
+            n_wanted = len(glanes)
+            ndev = f"{len(devices)} device{'s' if len(devices) > 1 else ''}"
+            padding = f", padded to a multiple of {ndev}" if n_wanted != len(idx) else ""
+            if n_saved is not None and n_saved != n_wanted:
+                msg = (f"checkpoints/group_{g:03d} of {run_dir} holds {n_saved} lanes, this run would put "
+                       f"{n_wanted} there (lanes {idx[0]}..{idx[-1]} of {len(lanes)}{padding}; "
+                       f"max_lanes={config.max_lanes}, {ndev}): {how}")
+            else:
+                msg = (f"checkpoints/group_{g:03d} of {run_dir} holds another model's state ({e.difference}): "
+                       "resume with the model that wrote it, or start a new run directory")
+            raise CheckpointMismatchError(msg) from None
+        finally:
+            store.close()
+    extra = sorted(p.name for p in root.glob("group_*") if p.is_dir() and p.name[6:].isdigit()
+                   and int(p.name[6:]) >= len(groups) and any(c.name.isdigit() for c in p.iterdir()))
+    if extra:
+        raise CheckpointMismatchError(
+            f"checkpoints/{extra[0]} of {run_dir} belongs to a lane group this run does not have ({len(groups)} "
+            f"group{'s' if len(groups) > 1 else ''} of at most {config.max_lanes} lanes on {len(devices)} "
+            f"device{'s' if len(devices) > 1 else ''}): {how}")
+
+
 def train(
     problem: Problem,
     lanes: Sequence[Lane],
@@ -832,10 +903,7 @@ def train(
         sharp_data = data
 
     def padded(idx: list[int]) -> list[Lane]:
-        ls = [lanes[i] for i in idx]
-        if mesh is not None and len(ls) % len(devices):
-            ls = ls + [ls[-1]] * (len(devices) - len(ls) % len(devices))  # padding lanes, dropped later
-        return ls
+        return _pad_lanes([lanes[i] for i in idx], len(devices))
 
     init_fn = jax.jit(jax.vmap(lambda hp: init_state(problem, hp)))
 
@@ -851,6 +919,9 @@ def train(
             return shapes
         return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=lane_sharding), shapes)
 
+    if resume:
+        # Another lane grouping, device count or model is an error (nothing moved), never a restart.
+        check_resume(problem, lanes, config, run_dir, dtype=dtype, devices=devices)
     stores = [
         CheckpointStore(run_dir / "checkpoints" / f"group_{g:03d}", max_to_keep=config.checkpoint_keep)
         for g in range(len(groups))

@@ -309,6 +309,47 @@ def test_resume_skips_a_corrupted_latest_checkpoint(baseline, tmp_path):
     assert (out / "metrics.jsonl").read_bytes() == (base_dir / "metrics.jsonl").read_bytes()
 
 
+def _tree_bytes(d: Path) -> dict[str, bytes | None]:
+    """Every file (bytes) and directory (None) under ``d``, by relative path."""
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
+
+
+def test_resume_with_another_grouping_or_model_is_an_error_and_moves_nothing(baseline, tmp_path):
+    """Checkpoints written with 2 lanes per group, resumed with max_lanes=1 (or with another model):
+    one-line CheckpointMismatchError naming the group and what differs; no checkpoint is declared
+    corrupt or moved, nothing under the run directory changes (issue 10, correctness 1)."""
+    import shutil
+
+    from eos_jax.errors import CheckpointMismatchError
+
+    base_dir, _ = baseline
+    out = tmp_path / "run"
+    shutil.copytree(base_dir, out)
+    (out / "results.json").unlink()
+    before = _tree_bytes(out)
+    lanes = tr.make_lanes(list(TOY_LRS))
+
+    def wider_init(key):  # another model: hidden width 5 instead of 4
+        k1, k2 = jax.random.split(key)
+        return {"w1": jax.random.normal(k1, (3, 5), jnp.float32), "b1": jnp.zeros((5,), jnp.float32),
+                "w2": jax.random.normal(k2, (5, 2), jnp.float32)}
+
+    cases = [
+        (toy_problem(), dataclasses.replace(TOY_CONFIG, max_lanes=1),
+         ["checkpoints/group_000", "holds 2 lanes", "put 1 there", "max_lanes=1", "same max_lanes and number of devices"]),
+        (dataclasses.replace(toy_problem(), init_params=wider_init), TOY_CONFIG,
+         ["checkpoints/group_000", "another model", "(2, 4) float32", "(2, 5) float32"]),
+    ]
+    for prob, cfg, needles in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CorruptCheckpointWarning)  # no "corrupt" fallback either
+            with pytest.raises(CheckpointMismatchError) as e:
+                tr.train(prob, lanes, cfg, out, resume=True, quiet=True)
+        msg = str(e.value)
+        assert "\n" not in msg and all(n in msg for n in needles), msg
+        assert _tree_bytes(out) == before
+
+
 # ----------------------------------------------------------------------------- subprocesses
 
 
