@@ -143,8 +143,10 @@ class HParams(NamedTuple):
 def stack_hparams(lanes: Sequence[Lane], dtype: Any = jnp.float32) -> HParams:
     """Stacks lanes into an :class:`HParams` of arrays with a leading lane axis.
 
-    Learning rate and weight decay are rounded once to ``dtype``, the working dtype
-    of the parameters, exactly as a single run with that Python float would be.
+    Learning rate and weight decay are rounded once to ``dtype``, which must be the
+    dtype of the parameters (:func:`hparam_dtype`; :func:`init_state` and the step
+    refuse another): float64 parameters get ``float64(lr)``, never
+    ``float64(float32(lr))``.
     """
     return HParams(
         learning_rate=jnp.asarray(np.array([l.learning_rate for l in lanes], dtype=dtype)),
@@ -399,6 +401,34 @@ def _lane_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jax.random.fold_in(lane, 0), jax.random.fold_in(lane, 1), jax.random.fold_in(lane, 2)
 
 
+def hparam_dtype(problem: Problem, dtype: Any = None) -> np.dtype:
+    """The dtype of a run's learning rate and weight decay: that of the parameters.
+
+    Args:
+      problem: whose ``init_params`` gives the parameters (traced abstractly, not run).
+      dtype: None, or the dtype the caller expects (must then equal the parameters').
+
+    Raises:
+      ConfigError: ``dtype`` is given and is not the parameters' dtype.
+    """
+    shapes = jax.eval_shape(problem.init_params, jax.random.key(_ROOT_SEED))
+    want = np.dtype(_param_dtype(shapes))
+    if dtype is not None and np.dtype(dtype) != want:
+        raise ConfigError(f"dtype={np.dtype(dtype)} for the hyperparameters, but the parameters are {want}: "
+                          "learning rate and weight decay take the parameters' dtype (pass dtype=None)")
+    return want
+
+
+def _check_hparams(hp: HParams, params: PyTree) -> None:
+    """Refuses (at trace time) hyperparameters of another float dtype than the parameters."""
+    want = np.dtype(_param_dtype(params))
+    for name in ("learning_rate", "weight_decay"):
+        got = np.dtype(jnp.result_type(getattr(hp, name)))
+        if got != want:
+            raise ConfigError(f"{name} is {got} but the parameters are {want}: stack the hyperparameters with "
+                              f"stack_hparams(lanes, {want}) (hyperparameters take the parameters' dtype)")
+
+
 def _random_like(key: jax.Array, tree: PyTree) -> PyTree:
     """Unit-norm Gaussian pytree shaped like ``tree`` (per-leaf dtype)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -413,6 +443,7 @@ def init_state(problem: Problem, hp: HParams) -> TrainState:
     """The state of one lane at step 0 (pure; vmap it over stacked HParams)."""
     init_key, data_key, eig_key = _lane_keys(hp.seed)
     params = problem.init_params(init_key)
+    _check_hparams(hp, params)
     opt_state = problem.make_optimizer(hp).init(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -475,6 +506,7 @@ def make_train_step(
     """
 
     def step(state: TrainState, hp: HParams, data: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        _check_hparams(hp, state.params)
         batch = select_batch(data, state.key, state.step, batch_size)
         opt = problem.make_optimizer(hp)
         loss, grads = jax.value_and_grad(problem.loss_fn)(state.params, batch)
@@ -782,7 +814,7 @@ def check_resume(
     config: EngineConfig,
     run_dir: str | os.PathLike,
     *,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
     devices: Sequence[Any] | None = None,
 ) -> None:
     """Checks that ``run_dir``'s checkpoints hold the states this run would resume; writes nothing.
@@ -802,6 +834,7 @@ def check_resume(
     """
     devices = list(devices) if devices is not None else jax.devices()
     groups = group_lanes(len(lanes), config.max_lanes, len(devices))
+    dtype = hparam_dtype(problem, dtype)
     vinit = jax.vmap(lambda hp: init_state(problem, hp))
     root = Path(run_dir) / "checkpoints"
     how = ("resume with the same max_lanes and number of devices as the run that wrote it, "
@@ -848,7 +881,7 @@ def train(
     *,
     resume: bool = False,
     quiet: bool = False,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
     devices: Sequence[Any] | None = None,
     progress_stream: Any = None,
     on_chunk: Callable[[int], None] | None = None,
@@ -863,7 +896,8 @@ def train(
       resume: continue from the newest valid checkpoint of each group; metrics lines
         past it are dropped so the file ends identical to an uninterrupted run's.
       quiet: no progress bar.
-      dtype: working float dtype of learning rate and weight decay.
+      dtype: None (default): learning rate and weight decay take the parameters' dtype
+        (:func:`hparam_dtype`); a dtype given must be that one (ConfigError otherwise).
       devices: devices to spread the lane axis over (default: all).
       progress_stream: where the progress bar goes (default stderr).
       on_chunk: called with the step reached after each chunk (e.g. to report elsewhere).
@@ -880,6 +914,7 @@ def train(
     config.validate()
     if not lanes:
         raise ConfigError("no lanes to train")
+    dtype = hparam_dtype(problem, dtype)
     run_dir = Path(run_dir)
     devices = list(devices) if devices is not None else jax.devices()
     groups = group_lanes(len(lanes), config.max_lanes, len(devices))

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from eos_jax import optim
 from eos_jax import train as tr
 from eos_jax.checkpoint import CheckpointStore, CorruptCheckpointWarning
 from eos_jax.errors import ConfigError
@@ -126,6 +127,36 @@ def test_step_matches_optax_reference():
     for _ in range(5):
         params = ref_step(params)
     assert_tree_allclose(jax.tree_util.tree_map(lambda a: a[0], s.params), params, rtol=1e-6, atol=1e-7)
+
+
+_W0 = np.array([0.7, -1.3, 2.9, 0.05, -0.61, 1.7], np.float64)
+_C = np.array([0.3, 1.1, -0.77, 2.3, 0.013, -5.1], np.float64)
+
+
+def _linear64_problem() -> tr.Problem:
+    """loss = sum(c * w) in float64: its gradient is c exactly, so the update is the optimizer's alone."""
+    return tr.Problem(lambda key: {"w": jnp.asarray(_W0)}, lambda p, b: jnp.sum(b["c"][0] * p["w"]),
+                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"c": jnp.asarray(_C)[None, :]}, name="lin64")
+
+
+def test_float64_parameters_get_the_float64_learning_rate(tmp_path):
+    """A float64 step with lr = 0.1, k = 3 equals NumPy's float64 -(fl(lr/3) * fl(3 c)) added to w, bit for bit:
+    lr is float64(0.1), not float64(float32(0.1)) (issue 10, correctness 3)."""
+    cfg = tr.EngineConfig(steps=2, chunk_steps=2, sharpness_every=None, checkpoint_every=None)
+    res = tr.train(_linear64_problem(), tr.make_lanes([0.1], ks=[3]), cfg, tmp_path, quiet=True)
+    lr, k = np.float64(0.1), np.float64(3)
+    w = _W0.copy()
+    for _ in range(2):
+        w = w + (-((lr / k) * (k * _C)))
+    w32 = _W0.copy()  # what float32-rounded hyperparameters give: the test can tell them apart
+    for _ in range(2):
+        w32 = w32 + (-((np.float64(np.float32(0.1)) / k) * (k * _C)))
+    assert int(np.sum(w32 != w)) > 0
+    assert res["lanes"][0]["params_digest"] == tr.tree_digest({"w": w})
+    # Hyperparameters of another dtype than the parameters are refused, not rounded silently.
+    hp32 = tr.stack_hparams(tr.make_lanes([0.1]), np.float32)
+    with pytest.raises(ConfigError, match="float32.*float64"):
+        tr.init_state(_linear64_problem(), jax.tree_util.tree_map(lambda a: a[0], hp32))
 
 
 # ----------------------------------------------------------------------------- whole runs
