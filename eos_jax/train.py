@@ -23,6 +23,19 @@ boundary on purpose).
 The normalized sharpness ``lr * lambda_max`` is compared with the threshold of the
 optimizer in use (2 for gradient descent: the classical bound ``lr < 2/lambda_max``
 that the Edge of Stability exceeds, Section 6).
+
+Randomness is a pure function of the lane's seed. The key tree (every edge a
+``jax.random.fold_in``; no key is used for two purposes)::
+
+    key(0) -> seed -> 0: init key           problem.init_params
+                   -> 1: data key           TrainState.key
+                           -> STREAM_BATCH_ORDER (0) -> epoch e: permutation of epoch e
+                           -> STREAM_SHARPNESS (1)   -> step t:  eigensolver key at step t
+                   -> 2: eigenvector key    first guess of TrainState.eigvec
+
+The two streams of the data key hang off distinct tags, so the sharpness key of step
+``t`` and the batch-order key of epoch ``e`` differ even when ``t == e`` (before the
+tags, both were ``fold_in(data key, n)`` and collided whenever step == epoch).
 """
 
 from __future__ import annotations
@@ -59,6 +72,18 @@ EigFn = Callable[[LossFn, PyTree, Batch, PyTree, jax.Array], tuple[jax.Array, Py
 
 _ROOT_SEED = 0  # every lane key is fold_in(key(_ROOT_SEED), seed): seeds are plain integers.
 _MAX_SEED = 2**31 - 1
+STREAM_BATCH_ORDER = 0  # fold_in tag of the data key's batch-order stream (one key per epoch)
+STREAM_SHARPNESS = 1  # fold_in tag of the data key's eigensolver stream (one key per step)
+
+
+def batch_order_key(key_data: jax.Array) -> jax.Array:
+    """The batch-order stream of a lane's data key (raw ``uint32[2]``); epoch ``e`` folds in ``e``."""
+    return jax.random.fold_in(jax.random.wrap_key_data(key_data), STREAM_BATCH_ORDER)
+
+
+def sharpness_key(key_data: jax.Array, step: jax.Array | int) -> jax.Array:
+    """The eigensolver key of a lane at ``step``: ``fold_in(fold_in(data key, STREAM_SHARPNESS), step)``."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key_data), STREAM_SHARPNESS), step)
 
 
 # ----------------------------------------------------------------------------- lanes
@@ -477,8 +502,9 @@ def _all_finite(tree: PyTree) -> jax.Array:
 def select_batch(data: Batch, key_data: jax.Array, step: jax.Array, batch_size: int | None) -> Batch:
     """The batch of ``step``: all of ``data``, or a minibatch of a per-epoch permutation.
 
-    Epoch ``e`` uses the permutation from ``fold_in(key, e)``; step ``t`` takes slice
-    ``t % steps_per_epoch`` of it. Pure in (key, step), hence exactly resumable.
+    Epoch ``e`` uses the permutation from ``fold_in(batch_order_key(key), e)`` (the key
+    tree of the module docstring); step ``t`` takes slice ``t % steps_per_epoch`` of it.
+    Pure in (key, step), hence exactly resumable.
     """
     if batch_size is None:
         return data
@@ -488,7 +514,7 @@ def select_batch(data: Batch, key_data: jax.Array, step: jax.Array, batch_size: 
     per_epoch = n // batch_size
     epoch = step // per_epoch
     i = step - epoch * per_epoch
-    perm = epoch_permutation(jax.random.wrap_key_data(key_data), epoch, n)
+    perm = epoch_permutation(batch_order_key(key_data), epoch, n)
     idx = jax.lax.dynamic_slice(perm, (i * batch_size,), (batch_size,))
     return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), data)
 
@@ -673,11 +699,13 @@ def objective_fn(problem: Problem, hp: HParams) -> LossFn:
 def make_sharpness_fn(problem: Problem, eig_fn: EigFn) -> Callable[[TrainState, HParams, Batch], tuple[TrainState, jax.Array]]:
     """Jitted, lane-vmapped ``(states, hparams, batch) -> (states with new eigvec, lambda_max)``.
 
-    Warm-started from ``state.eigvec``; a non-finite eigenvector is not kept.
+    Warm-started from ``state.eigvec``; a non-finite eigenvector is not kept. The
+    eigensolver's key (random start when the warm start is zero, Lanczos restarts) is
+    :func:`sharpness_key` of the lane's data key and step.
     """
 
     def one(state: TrainState, hp: HParams, batch: Batch):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        key = sharpness_key(state.key, state.step)  # its own stream: never a batch-order key
         val, vec = eig_fn(objective_fn(problem, hp), state.params, batch, state.eigvec, key)
         ok = _all_finite(vec)
         vec = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a.astype(b.dtype), b), vec, state.eigvec)

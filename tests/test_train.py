@@ -90,6 +90,32 @@ def test_minibatch_selection_is_a_pure_function_of_key_and_step():
     assert tr.select_batch(data, key, jnp.int32(0), None) is data
 
 
+def test_sharpness_key_is_not_the_batch_order_key_when_step_equals_epoch():
+    """One batch per epoch, so epoch == step: the eigensolver key the engine hands to eig_fn at step t
+    must not reproduce the batch order of epoch t (before the stream tags both were fold_in(data key, t);
+    issue 10, correctness 4)."""
+    n = 64
+    data = {"i": jnp.arange(n, dtype=jnp.int32)}
+
+    def perm_of_key(objective, params, batch, v0, key):  # the "eigenvalue" is the permutation its key draws
+        del objective, params, batch
+        return jax.random.permutation(key, n).astype(jnp.int32), v0
+
+    prob = tr.Problem(lambda key: {"w": jnp.zeros((2,), jnp.float32)}, lambda p, b: jnp.sum(p["w"]),
+                      lambda hp: optim.sgd(hp.learning_rate), data, eig_fn=perm_of_key)
+    hp = tr.stack_hparams(tr.make_lanes([0.1], seeds=[0, 7]))
+    state0 = jax.vmap(lambda h: tr.init_state(prob, h))(hp)
+    sharp = tr.make_sharpness_fn(prob, perm_of_key)
+    for t in (0, 3):
+        state = state0._replace(step=jnp.full((2,), t, jnp.int32))
+        _, perms = sharp(state, hp, data)
+        for lane in range(2):
+            order = np.asarray(tr.select_batch(data, state.key[lane], jnp.int32(t), n)["i"])  # epoch t
+            assert not np.array_equal(np.asarray(perms[lane]), order), (t, lane)
+            assert not np.array_equal(jax.random.key_data(tr.sharpness_key(state.key[lane], t)),
+                                      jax.random.key_data(jax.random.fold_in(tr.batch_order_key(state.key[lane]), t)))
+
+
 def test_scan_chunks_equal_python_loop_bitwise():
     """K steps inside one lax.scan == K calls of the jitted step (both lane-vmapped), bit for bit."""
     prob = toy_problem()
