@@ -5,10 +5,11 @@ nothing else checks what a user with a fresh interpreter gets. One child process
 clean environment (no ``JAX_ENABLE_X64``, ``XLA_FLAGS`` or ``MPLBACKEND``; x64 off, standard
 promotion, a user-chosen matplotlib backend), turns every warning into an error (a float64
 request silently truncated to float32 warns under x64 off), and exercises: a ``cnn`` model
-(:mod:`eos_jax.models`), its sharpness (:mod:`eos_jax.hessian`, against the dense Hessian), ``optim.sgd(k=3)`` / ``adam`` in
-the user's own optax loop, the engine's file-free pieces (:mod:`eos_jax.train`: lanes, state, a
-scanned chunk), the bitwise metrics, and the PDE library (Beltrami descent, Swish regimes). Every
-result must be float32 and finite, and x64, the promotion mode and the backend unchanged at the end.
+(:mod:`eos_jax.models`), its sharpness (:mod:`eos_jax.hessian`, against the dense Hessian),
+``optim.sgd(k=3)`` / ``adam`` in the user's own optax loop, the engine's file-free pieces
+(:mod:`eos_jax.train`: lanes, state, a scanned chunk), the bitwise metrics, and the PDE library
+(Beltrami descent, Swish regimes). Every result must be float32 and finite, and x64, the promotion
+mode and the backend unchanged at the end.
 """
 
 from __future__ import annotations
