@@ -104,16 +104,20 @@ def test_sharpness_key_is_not_the_batch_order_key_when_step_equals_epoch():
     prob = tr.Problem(lambda key: {"w": jnp.zeros((2,), jnp.float32)}, lambda p, b: jnp.sum(p["w"]),
                       lambda hp: optim.sgd(hp.learning_rate), data, eig_fn=perm_of_key)
     hp = tr.stack_hparams(tr.make_lanes([0.1], seeds=[0, 7]))
-    state0 = jax.vmap(lambda h: tr.init_state(prob, h))(hp)
+    state0 = jax.jit(jax.vmap(lambda h: tr.init_state(prob, h)))(hp)
     sharp = tr.make_sharpness_fn(prob, perm_of_key)
+    order_of = jax.jit(jax.vmap(lambda key, t: tr.select_batch(data, key, t, n)["i"], in_axes=(0, None)))  # epoch t
+    keys_of = jax.jit(jax.vmap(lambda key, t: (jax.random.key_data(tr.sharpness_key(key, t)), jax.random.key_data(
+        jax.random.fold_in(tr.batch_order_key(key), t))), in_axes=(0, None)))
     for t in (0, 3):
         state = state0._replace(step=jnp.full((2,), t, jnp.int32))
         _, perms = sharp(state, hp, data)
+        orders = order_of(state.key, jnp.int32(t))
         for lane in range(2):
-            order = np.asarray(tr.select_batch(data, state.key[lane], jnp.int32(t), n)["i"])  # epoch t
-            assert not np.array_equal(np.asarray(perms[lane]), order), (t, lane)
-            assert not np.array_equal(jax.random.key_data(tr.sharpness_key(state.key[lane], t)),
-                                      jax.random.key_data(jax.random.fold_in(tr.batch_order_key(state.key[lane]), t)))
+            assert not np.array_equal(np.asarray(perms[lane]), np.asarray(orders[lane])), (t, lane)
+        sk, bk = keys_of(state.key, jnp.int32(t))  # the two streams' keys themselves
+        for lane in range(2):
+            assert not np.array_equal(np.asarray(sk[lane]), np.asarray(bk[lane])), (t, lane)
 
 
 def test_scan_chunks_equal_python_loop_bitwise():
