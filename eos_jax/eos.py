@@ -452,7 +452,9 @@ def run(
       ``(run_dir, results)``.
 
     Raises:
-      ConfigError, DataError, RunDirError: bad input, before anything is written.
+      ConfigError, DataError, RunDirError: bad input, before anything is written (a ``--resume``
+        whose checkpoints were written with another lane grouping or device count is a
+        :class:`~eos_jax.errors.CheckpointMismatchError`, a ConfigError).
       eos_jax.train.TrainingInterrupted: SIGINT/SIGTERM, after a checkpoint.
     """
     from eos_jax import plotting, runtime
@@ -469,6 +471,10 @@ def run(
         if old_name is not None and old_name != data_info["name"]:
             raise RunDirError(f"--resume: {run_dir} was trained on {old_name} but {data_info['name']} would be used now")
     run_dir = eio.open_run_dir(run_dir, config, resume=resume)
+    lanes = tr.make_lanes(list(cfg.lr), list(cfg.k), list(cfg.seed), list(cfg.weight_decay))
+    if resume:
+        # Checkpoints of another lane grouping or device count: one line, before metadata.json is rewritten.
+        tr.check_resume(problem, lanes, cfg.engine_config(), run_dir, dtype=jnp.dtype(cfg.dtype))
     meta = {
         "runtime": runtime_metadata or runtime.metadata(),
         "dataset": data_info,
@@ -484,7 +490,6 @@ def run(
     else:
         meta["started_utc"] = _utc_stamp()
     eio.atomic_write_json(run_dir / "metadata.json", meta)
-    lanes = tr.make_lanes(list(cfg.lr), list(cfg.k), list(cfg.seed), list(cfg.weight_decay))
     results = tr.train(
         problem, lanes, cfg.engine_config(), run_dir, resume=resume, quiet=quiet,
         dtype=jnp.dtype(cfg.dtype),

@@ -32,3 +32,19 @@ class ChecksumError(DataError):
 
 class RunDirError(EosJaxError):
     """A run directory cannot be used (other config, nothing to resume, ...)."""
+
+
+class CheckpointMismatchError(ConfigError):
+    """A run's checkpoints hold a state of another structure or shape than the run would train
+    (another lane grouping, device count or model). Nothing is moved or overwritten.
+
+    Attributes:
+      saved, wanted: ``[[shape, dtype], ...]`` of the checkpoint's arrays and of the run's
+        (None when unknown).
+      difference: a phrase naming the first difference.
+    """
+
+    def __init__(self, message: str, *, saved: list | None = None, wanted: list | None = None,
+                 difference: str | None = None):
+        super().__init__(message)
+        self.saved, self.wanted, self.difference = saved, wanted, difference

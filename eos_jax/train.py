@@ -23,6 +23,19 @@ boundary on purpose).
 The normalized sharpness ``lr * lambda_max`` is compared with the threshold of the
 optimizer in use (2 for gradient descent: the classical bound ``lr < 2/lambda_max``
 that the Edge of Stability exceeds, Section 6).
+
+Randomness is a pure function of the lane's seed. The key tree (every edge a
+``jax.random.fold_in``; no key is used for two purposes)::
+
+    key(0) -> seed -> 0: init key           problem.init_params
+                   -> 1: data key           TrainState.key
+                           -> STREAM_BATCH_ORDER (0) -> epoch e: permutation of epoch e
+                           -> STREAM_SHARPNESS (1)   -> step t:  eigensolver key at step t
+                   -> 2: eigenvector key    first guess of TrainState.eigvec
+
+The two streams of the data key hang off distinct tags, so the sharpness key of step
+``t`` and the batch-order key of epoch ``e`` differ even when ``t == e`` (before the
+tags, both were ``fold_in(data key, n)`` and collided whenever step == epoch).
 """
 
 from __future__ import annotations
@@ -47,7 +60,7 @@ from eos_jax import io as eio
 from eos_jax import optim
 from eos_jax.checkpoint import CheckpointStore
 from eos_jax.data.transforms import epoch_permutation
-from eos_jax.errors import ConfigError
+from eos_jax.errors import CheckpointMismatchError, ConfigError
 from eos_jax.metrics import rel_l1, tree_digest, ulp_diff
 from eos_jax.progress import ProgressBar
 
@@ -60,6 +73,18 @@ EigFn = Callable[[LossFn, PyTree, Batch, PyTree, jax.Array], tuple[jax.Array, Py
 
 _ROOT_SEED = 0  # every lane key is fold_in(key(_ROOT_SEED), seed): seeds are plain integers.
 _MAX_SEED = 2**31 - 1
+STREAM_BATCH_ORDER = 0  # fold_in tag of the data key's batch-order stream (one key per epoch)
+STREAM_SHARPNESS = 1  # fold_in tag of the data key's eigensolver stream (one key per step)
+
+
+def batch_order_key(key_data: jax.Array) -> jax.Array:
+    """The batch-order stream of a lane's data key (raw ``uint32[2]``); epoch ``e`` folds in ``e``."""
+    return jax.random.fold_in(jax.random.wrap_key_data(key_data), STREAM_BATCH_ORDER)
+
+
+def sharpness_key(key_data: jax.Array, step: jax.Array | int) -> jax.Array:
+    """The eigensolver key of a lane at ``step``: ``fold_in(fold_in(data key, STREAM_SHARPNESS), step)``."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key_data), STREAM_SHARPNESS), step)
 
 
 # ----------------------------------------------------------------------------- lanes
@@ -144,8 +169,10 @@ class HParams(NamedTuple):
 def stack_hparams(lanes: Sequence[Lane], dtype: Any = jnp.float32) -> HParams:
     """Stacks lanes into an :class:`HParams` of arrays with a leading lane axis.
 
-    Learning rate and weight decay are rounded once to ``dtype``, the working dtype
-    of the parameters, exactly as a single run with that Python float would be.
+    Learning rate and weight decay are rounded once to ``dtype``, which must be the
+    dtype of the parameters (:func:`hparam_dtype`; :func:`init_state` and the step
+    refuse another): float64 parameters get ``float64(lr)``, never
+    ``float64(float32(lr))``.
     """
     return HParams(
         learning_rate=jnp.asarray(np.array([l.learning_rate for l in lanes], dtype=dtype)),
@@ -401,6 +428,34 @@ def _lane_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jax.random.fold_in(lane, 0), jax.random.fold_in(lane, 1), jax.random.fold_in(lane, 2)
 
 
+def hparam_dtype(problem: Problem, dtype: Any = None) -> np.dtype:
+    """The dtype of a run's learning rate and weight decay: that of the parameters.
+
+    Args:
+      problem: whose ``init_params`` gives the parameters (traced abstractly, not run).
+      dtype: None, or the dtype the caller expects (must then equal the parameters').
+
+    Raises:
+      ConfigError: ``dtype`` is given and is not the parameters' dtype.
+    """
+    shapes = jax.eval_shape(problem.init_params, jax.random.key(_ROOT_SEED))
+    want = np.dtype(_param_dtype(shapes))
+    if dtype is not None and np.dtype(dtype) != want:
+        raise ConfigError(f"dtype={np.dtype(dtype)} for the hyperparameters, but the parameters are {want}: "
+                          "learning rate and weight decay take the parameters' dtype (pass dtype=None)")
+    return want
+
+
+def _check_hparams(hp: HParams, params: PyTree) -> None:
+    """Refuses (at trace time) hyperparameters of another float dtype than the parameters."""
+    want = np.dtype(_param_dtype(params))
+    for name in ("learning_rate", "weight_decay"):
+        got = np.dtype(jnp.result_type(getattr(hp, name)))
+        if got != want:
+            raise ConfigError(f"{name} is {got} but the parameters are {want}: stack the hyperparameters with "
+                              f"stack_hparams(lanes, {want}) (hyperparameters take the parameters' dtype)")
+
+
 def _random_like(key: jax.Array, tree: PyTree) -> PyTree:
     """Unit-norm Gaussian pytree shaped like ``tree`` (per-leaf dtype)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -415,6 +470,7 @@ def init_state(problem: Problem, hp: HParams) -> TrainState:
     """The state of one lane at step 0 (pure; vmap it over stacked HParams)."""
     init_key, data_key, eig_key = _lane_keys(hp.seed)
     params = problem.init_params(init_key)
+    _check_hparams(hp, params)
     opt_state = problem.make_optimizer(hp).init(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -448,8 +504,9 @@ def _all_finite(tree: PyTree) -> jax.Array:
 def select_batch(data: Batch, key_data: jax.Array, step: jax.Array, batch_size: int | None) -> Batch:
     """The batch of ``step``: all of ``data``, or a minibatch of a per-epoch permutation.
 
-    Epoch ``e`` uses the permutation from ``fold_in(key, e)``; step ``t`` takes slice
-    ``t % steps_per_epoch`` of it. Pure in (key, step), hence exactly resumable.
+    Epoch ``e`` uses the permutation from ``fold_in(batch_order_key(key), e)`` (the key
+    tree of the module docstring); step ``t`` takes slice ``t % steps_per_epoch`` of it.
+    Pure in (key, step), hence exactly resumable.
     """
     if batch_size is None:
         return data
@@ -459,7 +516,7 @@ def select_batch(data: Batch, key_data: jax.Array, step: jax.Array, batch_size: 
     per_epoch = n // batch_size
     epoch = step // per_epoch
     i = step - epoch * per_epoch
-    perm = epoch_permutation(jax.random.wrap_key_data(key_data), epoch, n)
+    perm = epoch_permutation(batch_order_key(key_data), epoch, n)
     idx = jax.lax.dynamic_slice(perm, (i * batch_size,), (batch_size,))
     return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), data)
 
@@ -477,6 +534,7 @@ def make_train_step(
     """
 
     def step(state: TrainState, hp: HParams, data: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        _check_hparams(hp, state.params)
         batch = select_batch(data, state.key, state.step, batch_size)
         opt = problem.make_optimizer(hp)
         loss, grads = jax.value_and_grad(problem.loss_fn)(state.params, batch)
@@ -642,11 +700,13 @@ def objective_fn(problem: Problem, hp: HParams) -> LossFn:
 def make_sharpness_fn(problem: Problem, eig_fn: EigFn) -> Callable[[TrainState, HParams, Batch], tuple[TrainState, jax.Array]]:
     """Jitted, lane-vmapped ``(states, hparams, batch) -> (states with new eigvec, lambda_max)``.
 
-    Warm-started from ``state.eigvec``; a non-finite eigenvector is not kept.
+    Warm-started from ``state.eigvec``; a non-finite eigenvector is not kept. The
+    eigensolver's key (random start when the warm start is zero, Lanczos restarts) is
+    :func:`sharpness_key` of the lane's data key and step.
     """
 
     def one(state: TrainState, hp: HParams, batch: Batch):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+        key = sharpness_key(state.key, state.step)  # its own stream: never a batch-order key
         val, vec = eig_fn(objective_fn(problem, hp), state.params, batch, state.eigvec, key)
         ok = _all_finite(vec)
         vec = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a.astype(b.dtype), b), vec, state.eigvec)
@@ -770,6 +830,78 @@ def _lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, An
     return out
 
 
+def _pad_lanes(ls: list[Lane], num_devices: int) -> list[Lane]:
+    """A group's lanes, padded (repeating the last) to a multiple of ``num_devices`` when sharded."""
+    if num_devices > 1 and len(ls) % num_devices:
+        ls = ls + [ls[-1]] * (num_devices - len(ls) % num_devices)  # padding lanes, dropped later
+    return ls
+
+
+def check_resume(
+    problem: Problem,
+    lanes: Sequence[Lane],
+    config: EngineConfig,
+    run_dir: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    devices: Sequence[Any] | None = None,
+) -> None:
+    """Checks that ``run_dir``'s checkpoints hold the states this run would resume; writes nothing.
+
+    Each lane group's checkpoints must hold a state of the same arrays (number, shapes,
+    dtypes) as the group would train now: the lane grouping (``max_lanes``, and the padding
+    to a multiple of the device count) and the model must be those of the run that wrote
+    them. Checkpoints whose record cannot be read are left to the corruption fallback of
+    :meth:`eos_jax.checkpoint.CheckpointStore.restore_latest`.
+
+    Args:
+      problem, lanes, config, dtype, devices: as for :func:`train`.
+      run_dir: the run directory to resume.
+
+    Raises:
+      CheckpointMismatchError: one line naming the group and what differs (nothing is moved).
+    """
+    devices = list(devices) if devices is not None else jax.devices()
+    groups = group_lanes(len(lanes), config.max_lanes, len(devices))
+    dtype = hparam_dtype(problem, dtype)
+    vinit = jax.vmap(lambda hp: init_state(problem, hp))
+    root = Path(run_dir) / "checkpoints"
+    how = ("resume with the same max_lanes and number of devices as the run that wrote it, "
+           "or start a new run directory")
+    for g, idx in enumerate(groups):
+        d = root / f"group_{g:03d}"
+        if not d.is_dir():
+            continue
+        glanes = _pad_lanes([lanes[i] for i in idx], len(devices))
+        template = jax.eval_shape(vinit, stack_hparams(glanes, dtype))
+        store = CheckpointStore(d, max_to_keep=config.checkpoint_keep)
+        try:
+            store.check_all(template)
+        except CheckpointMismatchError as e:
+            saved = e.saved or []
+            n_saved = saved[0][0][0] if saved and saved[0][0] else None
+            n_wanted = len(glanes)
+            ndev = f"{len(devices)} device{'s' if len(devices) > 1 else ''}"
+            padding = f", padded to a multiple of {ndev}" if n_wanted != len(idx) else ""
+            if n_saved is not None and n_saved != n_wanted:
+                msg = (f"checkpoints/group_{g:03d} of {run_dir} holds {n_saved} lanes, this run would put "
+                       f"{n_wanted} there (lanes {idx[0]}..{idx[-1]} of {len(lanes)}{padding}; "
+                       f"max_lanes={config.max_lanes}, {ndev}): {how}")
+            else:
+                msg = (f"checkpoints/group_{g:03d} of {run_dir} holds another model's state ({e.difference}): "
+                       "resume with the model that wrote it, or start a new run directory")
+            raise CheckpointMismatchError(msg) from None
+        finally:
+            store.close()
+    extra = sorted(p.name for p in root.glob("group_*") if p.is_dir() and p.name[6:].isdigit()
+                   and int(p.name[6:]) >= len(groups) and any(c.name.isdigit() for c in p.iterdir()))
+    if extra:
+        raise CheckpointMismatchError(
+            f"checkpoints/{extra[0]} of {run_dir} belongs to a lane group this run does not have ({len(groups)} "
+            f"group{'s' if len(groups) > 1 else ''} of at most {config.max_lanes} lanes on {len(devices)} "
+            f"device{'s' if len(devices) > 1 else ''}): {how}")
+
+
 def train(
     problem: Problem,
     lanes: Sequence[Lane],
@@ -778,7 +910,7 @@ def train(
     *,
     resume: bool = False,
     quiet: bool = False,
-    dtype: Any = jnp.float32,
+    dtype: Any = None,
     devices: Sequence[Any] | None = None,
     progress_stream: Any = None,
     on_chunk: Callable[[int], None] | None = None,
@@ -793,7 +925,8 @@ def train(
       resume: continue from the newest valid checkpoint of each group; metrics lines
         past it are dropped so the file ends identical to an uninterrupted run's.
       quiet: no progress bar.
-      dtype: working float dtype of learning rate and weight decay.
+      dtype: None (default): learning rate and weight decay take the parameters' dtype
+        (:func:`hparam_dtype`); a dtype given must be that one (ConfigError otherwise).
       devices: devices to spread the lane axis over (default: all).
       progress_stream: where the progress bar goes (default stderr).
       on_chunk: called with the step reached after each chunk (e.g. to report elsewhere).
@@ -810,6 +943,7 @@ def train(
     config.validate()
     if not lanes:
         raise ConfigError("no lanes to train")
+    dtype = hparam_dtype(problem, dtype)
     run_dir = Path(run_dir)
     devices = list(devices) if devices is not None else jax.devices()
     groups = group_lanes(len(lanes), config.max_lanes, len(devices))
@@ -833,10 +967,7 @@ def train(
         sharp_data = data
 
     def padded(idx: list[int]) -> list[Lane]:
-        ls = [lanes[i] for i in idx]
-        if mesh is not None and len(ls) % len(devices):
-            ls = ls + [ls[-1]] * (len(devices) - len(ls) % len(devices))  # padding lanes, dropped later
-        return ls
+        return _pad_lanes([lanes[i] for i in idx], len(devices))
 
     init_fn = jax.jit(jax.vmap(lambda hp: init_state(problem, hp)))
 
@@ -852,6 +983,9 @@ def train(
             return shapes
         return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=lane_sharding), shapes)
 
+    if resume:
+        # Another lane grouping, device count or model is an error (nothing moved), never a restart.
+        check_resume(problem, lanes, config, run_dir, dtype=dtype, devices=devices)
     stores = [
         CheckpointStore(run_dir / "checkpoints" / f"group_{g:03d}", max_to_keep=config.checkpoint_keep)
         for g in range(len(groups))

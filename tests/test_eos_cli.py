@@ -389,6 +389,36 @@ def test_main_job_on_a_fresh_machine(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"] == "fashion_mnist01_bundled" and all(l["finite"] for l in res["lanes"])
 
+@pytest.mark.subprocess
+def test_resume_on_another_device_count_is_one_line_exit_2_and_moves_nothing(tmp_path, capsys):
+    """3 lanes checkpointed on 1 device, resumed on 2 (forced host devices): the group would be padded
+    to 4 lanes. One line, exit 2, and every file of the run (checkpoints, metrics, metadata) stays
+    byte for byte (issue 10, correctness 1: before, every checkpoint was moved aside as corrupt and
+    the run restarted from step 0)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    argv = ["--layers", "1", "--lr", "1", "2", "3", *SMALL, "--num-examples", "16", "--steps", "1", "--chunk-steps", "1",
+            "--sharpness-every", "0", "--checkpoint-every", "1", "--out", str(out)]
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    before = {str(p.relative_to(out)): (p.read_bytes() if p.is_file() else None) for p in sorted(out.rglob("*"))}
+    assert any(k.startswith("checkpoints/group_000/1/") for k in before)
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, "-m", "experiments.eos", *argv, "--resume"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 2 and err.count("\n") == 1, err[-3000:]
+    assert err.startswith("python -m experiments.eos: error: checkpoints/group_000") and "holds 3 lanes" in err, err
+    assert "put 4 there" in err and "padded to a multiple of 2 devices" in err and "new run directory" in err, err
+    after = {str(p.relative_to(out)): (p.read_bytes() if p.is_file() else None) for p in sorted(out.rglob("*"))}
+    assert after == before
+
+
 def test_pool_and_binary_reach_the_model_and_are_recorded(tmp_path, capsys):
     """--pool sum / --binary softmax: config.json and metadata.json record them, and the model uses them."""
     out = tmp_path / "run"

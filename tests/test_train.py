@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from eos_jax import optim
 from eos_jax import train as tr
 from eos_jax.checkpoint import CheckpointStore, CorruptCheckpointWarning
 from eos_jax.errors import ConfigError
@@ -89,6 +90,36 @@ def test_minibatch_selection_is_a_pure_function_of_key_and_step():
     assert tr.select_batch(data, key, jnp.int32(0), None) is data
 
 
+def test_sharpness_key_is_not_the_batch_order_key_when_step_equals_epoch():
+    """One batch per epoch, so epoch == step: the eigensolver key the engine hands to eig_fn at step t
+    must not reproduce the batch order of epoch t (before the stream tags both were fold_in(data key, t);
+    issue 10, correctness 4)."""
+    n = 64
+    data = {"i": jnp.arange(n, dtype=jnp.int32)}
+
+    def perm_of_key(objective, params, batch, v0, key):  # the "eigenvalue" is the permutation its key draws
+        del objective, params, batch
+        return jax.random.permutation(key, n).astype(jnp.int32), v0
+
+    prob = tr.Problem(lambda key: {"w": jnp.zeros((2,), jnp.float32)}, lambda p, b: jnp.sum(p["w"]),
+                      lambda hp: optim.sgd(hp.learning_rate), data, eig_fn=perm_of_key)
+    hp = tr.stack_hparams(tr.make_lanes([0.1], seeds=[0, 7]))
+    state0 = jax.jit(jax.vmap(lambda h: tr.init_state(prob, h)))(hp)
+    sharp = tr.make_sharpness_fn(prob, perm_of_key)
+    order_of = jax.jit(jax.vmap(lambda key, t: tr.select_batch(data, key, t, n)["i"], in_axes=(0, None)))  # epoch t
+    keys_of = jax.jit(jax.vmap(lambda key, t: (jax.random.key_data(tr.sharpness_key(key, t)), jax.random.key_data(
+        jax.random.fold_in(tr.batch_order_key(key), t))), in_axes=(0, None)))
+    for t in (0, 3):
+        state = state0._replace(step=jnp.full((2,), t, jnp.int32))
+        _, perms = sharp(state, hp, data)
+        orders = order_of(state.key, jnp.int32(t))
+        for lane in range(2):
+            assert not np.array_equal(np.asarray(perms[lane]), np.asarray(orders[lane])), (t, lane)
+        sk, bk = keys_of(state.key, jnp.int32(t))  # the two streams' keys themselves
+        for lane in range(2):
+            assert not np.array_equal(np.asarray(sk[lane]), np.asarray(bk[lane])), (t, lane)
+
+
 def test_scan_chunks_equal_python_loop_bitwise():
     """K steps inside one lax.scan == K calls of the jitted step (both lane-vmapped), bit for bit."""
     prob = toy_problem()
@@ -126,6 +157,36 @@ def test_step_matches_optax_reference():
     for _ in range(5):
         params = ref_step(params)
     assert_tree_allclose(jax.tree_util.tree_map(lambda a: a[0], s.params), params, rtol=1e-6, atol=1e-7)
+
+
+_W0 = np.array([0.7, -1.3, 2.9, 0.05, -0.61, 1.7], np.float64)
+_C = np.array([0.3, 1.1, -0.77, 2.3, 0.013, -5.1], np.float64)
+
+
+def _linear64_problem() -> tr.Problem:
+    """loss = sum(c * w) in float64: its gradient is c exactly, so the update is the optimizer's alone."""
+    return tr.Problem(lambda key: {"w": jnp.asarray(_W0)}, lambda p, b: jnp.sum(b["c"][0] * p["w"]),
+                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"c": jnp.asarray(_C)[None, :]}, name="lin64")
+
+
+def test_float64_parameters_get_the_float64_learning_rate(tmp_path):
+    """A float64 step with lr = 0.1, k = 3 equals NumPy's float64 -(fl(lr/3) * fl(3 c)) added to w, bit for bit:
+    lr is float64(0.1), not float64(float32(0.1)) (issue 10, correctness 3)."""
+    cfg = tr.EngineConfig(steps=2, chunk_steps=2, sharpness_every=None, checkpoint_every=None)
+    res = tr.train(_linear64_problem(), tr.make_lanes([0.1], ks=[3]), cfg, tmp_path, quiet=True)
+    lr, k = np.float64(0.1), np.float64(3)
+    w = _W0.copy()
+    for _ in range(2):
+        w = w + (-((lr / k) * (k * _C)))
+    w32 = _W0.copy()  # what float32-rounded hyperparameters give: the test can tell them apart
+    for _ in range(2):
+        w32 = w32 + (-((np.float64(np.float32(0.1)) / k) * (k * _C)))
+    assert int(np.sum(w32 != w)) > 0
+    assert res["lanes"][0]["params_digest"] == tr.tree_digest({"w": w})
+    # Hyperparameters of another dtype than the parameters are refused, not rounded silently.
+    hp32 = tr.stack_hparams(tr.make_lanes([0.1]), np.float32)
+    with pytest.raises(ConfigError, match="float32.*float64"):
+        tr.init_state(_linear64_problem(), jax.tree_util.tree_map(lambda a: a[0], hp32))
 
 
 # ----------------------------------------------------------------------------- whole runs
@@ -307,6 +368,47 @@ def test_resume_skips_a_corrupted_latest_checkpoint(baseline, tmp_path):
         res = tr.train(toy_problem(), tr.make_lanes(list(TOY_LRS)), TOY_CONFIG, out, resume=True, quiet=True)
     assert [l["params_digest"] for l in res["lanes"]] == [l["params_digest"] for l in base["lanes"]]
     assert (out / "metrics.jsonl").read_bytes() == (base_dir / "metrics.jsonl").read_bytes()
+
+
+def _tree_bytes(d: Path) -> dict[str, bytes | None]:
+    """Every file (bytes) and directory (None) under ``d``, by relative path."""
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
+
+
+def test_resume_with_another_grouping_or_model_is_an_error_and_moves_nothing(baseline, tmp_path):
+    """Checkpoints written with 2 lanes per group, resumed with max_lanes=1 (or with another model):
+    one-line CheckpointMismatchError naming the group and what differs; no checkpoint is declared
+    corrupt or moved, nothing under the run directory changes (issue 10, correctness 1)."""
+    import shutil
+
+    from eos_jax.errors import CheckpointMismatchError
+
+    base_dir, _ = baseline
+    out = tmp_path / "run"
+    shutil.copytree(base_dir, out)
+    (out / "results.json").unlink()
+    before = _tree_bytes(out)
+    lanes = tr.make_lanes(list(TOY_LRS))
+
+    def wider_init(key):  # another model: hidden width 5 instead of 4
+        k1, k2 = jax.random.split(key)
+        return {"w1": jax.random.normal(k1, (3, 5), jnp.float32), "b1": jnp.zeros((5,), jnp.float32),
+                "w2": jax.random.normal(k2, (5, 2), jnp.float32)}
+
+    cases = [
+        (toy_problem(), dataclasses.replace(TOY_CONFIG, max_lanes=1),
+         ["checkpoints/group_000", "holds 2 lanes", "put 1 there", "max_lanes=1", "same max_lanes and number of devices"]),
+        (dataclasses.replace(toy_problem(), init_params=wider_init), TOY_CONFIG,
+         ["checkpoints/group_000", "another model", "(2, 4) float32", "(2, 5) float32"]),
+    ]
+    for prob, cfg, needles in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CorruptCheckpointWarning)  # no "corrupt" fallback either
+            with pytest.raises(CheckpointMismatchError) as e:
+                tr.train(prob, lanes, cfg, out, resume=True, quiet=True)
+        msg = str(e.value)
+        assert "\n" not in msg and all(n in msg for n in needles), msg
+        assert _tree_bytes(out) == before
 
 
 # ----------------------------------------------------------------------------- subprocesses
