@@ -137,7 +137,8 @@ def _cnn_loss(model):
 
 
 def test_fused_hvp_matches_dense_hessian_and_jvp_of_grad():
-    # float64, 20 examples of 9x9 with chunk 256 (tail path) and through the scan (chunk 8).
+    # float64, 20 examples of 9x9: the model (chunk 256, the tail path only) by jvp(grad), and the
+    # stack with chunk 8 (two chunks in the scan and a tail of 4) by jax.linearize.
     rs = np.random.RandomState(3)
     batch = {"x": jnp.asarray(rs.rand(20, 9, 9, 1)), "y": jnp.asarray(rs.randint(0, 2, 20), jnp.int32)}
     m_f = models.get("cnn", layers=3, conv_impl="fused", dtype="float64")
@@ -149,17 +150,16 @@ def test_fused_hvp_matches_dense_hessian_and_jvp_of_grad():
     want = dense @ np.asarray(ravel_pytree(v)[0])
     loss_f = _cnn_loss(m_f)
     plain = ravel_pytree(jax.jit(lambda p, b, t: hs.hvp(loss_f, p, b, t))(params, batch, v))[0]
-    lin = ravel_pytree(jax.jit(lambda p, b, t: hs.linearized_hvp(loss_f, p, b)(t))(params, batch, v))[0]
     np.testing.assert_allclose(plain, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
-    np.testing.assert_allclose(lin, plain, rtol=1e-12, atol=1e-14 * np.abs(want).max())
-    # The chunked scan path (2 chunks of 8 and a tail of 4) gives the same product.
+
     def loss_chunked(p, b):
         ks = [p[f"conv{i}"]["kernel"][:, :, 0, 0] for i in range(3)]
         g = fused.single_channel_stack(ks, b["x"][..., 0], _swish, chunk=8)
         return losses.binary_cross_entropy(g[:, None], b["y"])
 
-    chunked = ravel_pytree(jax.jit(lambda p, b, t: hs.hvp(loss_chunked, p, b, t))(params, batch, v))[0]
-    np.testing.assert_allclose(chunked, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
+    lin = ravel_pytree(jax.jit(lambda p, b, t: hs.linearized_hvp(loss_chunked, p, b)(t))(params, batch, v))[0]
+    np.testing.assert_allclose(lin, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
+    np.testing.assert_allclose(lin, plain, rtol=1e-12, atol=1e-14 * np.abs(want).max())
     # Top eigenvalue through Lanczos on the fused model equals the dense one.
     lam = jax.jit(lambda p, b: hs.top_eigenvalue(loss_f, p, b, num_iters=27, tol=None).eigenvalue)(params, batch)
     assert abs(float(lam) - np.linalg.eigvalsh(dense)[-1]) <= 1e-10 * abs(np.linalg.eigvalsh(dense)).max()

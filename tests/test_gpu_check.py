@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.py runs on the CPU with small sizes and its bitwise checks pass there."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.subprocess
 def test_gpu_check_quick_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
+    # Without the suite's shared compilation cache: check (b) compiles its program twice on purpose.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--quick", "--out", str(out)],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     for tag in ("(a) perturbed update float32", "(b) same run twice", "(c) float32 matmul", "(d) main job step",
                 "(d) ResNet-8", "(e) summary: all bitwise checks passed"):
