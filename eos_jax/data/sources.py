@@ -56,7 +56,10 @@ import urllib.request
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
+from eos_jax.data.formats import read_idx, sha256_file
+from eos_jax.data.registry import base_of
 from eos_jax.errors import ChecksumError, ConfigError, DataError, DataNotFoundError, MalformedDataError
+from eos_jax.io import atomic_write_bytes
 
 SYSTEM_DIRS: tuple[str, ...] = ("/usr/share/datasets",)
 NO_SYSTEM_DATA_ENV = "EOS_JAX_NO_SYSTEM_DATA"
@@ -278,8 +281,6 @@ def _known_digests() -> dict[str, list[tuple[str, str, int]]]:
 
 def _label_prefix(path: Path, n: int) -> tuple[int, ...] | None:
     """The first ``n`` labels of an IDX labels file (None: not a readable 1-d uint8 IDX file)."""
-    from eos_jax.data.formats import read_idx
-
     try:
         labels = read_idx(path, expected_ndim=1, expected_dtype="uint8")
     except MalformedDataError:
@@ -306,8 +307,6 @@ def identify_loose(directory: str | os.PathLike) -> LooseFiles:
     Returns:
       A :class:`LooseFiles`; ``files`` is empty when there are none.
     """
-    from eos_jax.data.formats import sha256_file
-
     d = Path(directory)
     names = [n for split in ("train", "test") for n in IDX_FILES[split]]
     files = [d / f for n in names for f in (n, n + ".gz") if (d / f).is_file()]
@@ -458,15 +457,11 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str, *, size: int | None = 
 
 def _file_matches(path: Path, sha256: str) -> bool:
     """True iff ``path`` exists and has the given digest."""
-    from eos_jax.data.formats import sha256_file
-
     return path.is_file() and sha256_file(path) == sha256.lower()
 
 
 def _extract_cifar(archive: Path, root: Path) -> list[Path]:
     """Extracts only the expected regular-file members of the CIFAR-10 binary archive, atomically each."""
-    from eos_jax.io import atomic_write_bytes
-
     out = []
     try:
         with tarfile.open(archive, "r:gz") as tar:
@@ -515,8 +510,6 @@ def download(
       ConfigError: unknown name. ChecksumError: a digest mismatch (no file left behind).
       DataError: network or archive failure.
     """
-    from eos_jax.data.datasets import base_of
-
     base = base_of(name)
     if base is None:
         return []
