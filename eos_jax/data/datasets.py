@@ -139,7 +139,7 @@ def _load_base(base: str, split: str, data_dir: str | os.PathLike | None) -> tup
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray, list[Path]]:
     """scikit-learn's bundled 8x8 digits (values 0..16) as uint8 NHWC, labels, the data file."""
-    import sklearn.datasets
+    import sklearn.datasets  # imported on use: scikit-learn takes ~1 s to import and only digits01 needs it
 
     bunch = sklearn.datasets.load_digits()
     data_file = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
