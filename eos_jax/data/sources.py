@@ -2,7 +2,7 @@
 
 Search order for the root directories (first match wins), read at call time:
 
-1. the explicit ``data_dir`` argument (``--data-dir`` on the command line);
+1. the explicit ``data_dir`` argument;
 2. ``$EOS_JAX_DATA`` (several directories separated by ``os.pathsep``);
 3. the user cache ``$XDG_CACHE_HOME/eos_jax`` (default ``~/.cache/eos_jax``), where
    :func:`download` puts files;
@@ -339,7 +339,7 @@ def _refuse_loose(directory: Path, loose: LooseFiles) -> DataError:
     why = ("they disagree (" + "; ".join(loose.evidence) + ")") if loose.conflict else (
         "neither a published SHA-256 nor the first labels identify them as MNIST or Fashion-MNIST")
     return DataError(
-        f"{directory}: IDX files lie directly in --data-dir ({names}) but {why}; "
+        f"{directory}: IDX files lie directly in data_dir ({names}) but {why}; "
         f"put them in {directory / 'mnist'}/ or {directory / 'fashion_mnist'}/"
     )
 
@@ -359,7 +359,7 @@ def find_files(base: str, split: str, data_dir: str | os.PathLike | None = None)
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
         # An explicit directory that does not exist is a typo, not a reason to read
         # whatever the cache or the system happens to hold.
-        raise DataNotFoundError(f"data_dir {data_dir} is not a directory; pass an existing --data-dir (or data_dir=)")
+        raise DataNotFoundError(f"data_dir {data_dir} is not a directory; pass an existing directory as data_dir=DIR")
     explicit = Path(data_dir).expanduser() if data_dir is not None else None
     looked: list[str] = []
     for d in candidate_dirs(base, data_dir):
@@ -367,7 +367,7 @@ def find_files(base: str, split: str, data_dir: str | os.PathLike | None = None)
         if not d.is_dir():
             looked.append(str(d))
             continue
-        if d == explicit:  # loose files directly in --data-dir
+        if d == explicit:  # loose files directly in data_dir
             loose = identify_loose(d)
             if not loose.files:
                 looked.append(f"{d} (no loose IDX files)")
@@ -442,7 +442,7 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str, *, size: int | None = 
                         h.update(block)
                         out.write(block)
             except (urllib.error.URLError, OSError, TimeoutError) as e:
-                raise DataError(f"download of {url} failed ({e}); fetch it by hand and pass --data-dir or set EOS_JAX_DATA") from None
+                raise DataError(f"download of {url} failed ({e}); fetch it by hand and pass data_dir=DIR or set EOS_JAX_DATA") from None
             out.flush()
             os.fsync(out.fileno())
         if h.hexdigest() != sha256.lower():
@@ -543,8 +543,8 @@ def describe_sources(base: str, split: str, looked: Sequence[str]) -> str:
     where = f"looked in: {'; '.join(looked)}" if looked else "no directory to look in"
     if system_data_disabled():
         where += f" ({NO_SYSTEM_DATA_ENV} is set: the user cache and {', '.join(SYSTEM_DIRS)} are not searched)"
-        remedy = "pass --data-dir DIR (or data_dir=) or set EOS_JAX_DATA=DIR"
+        remedy = "pass data_dir=DIR or set EOS_JAX_DATA=DIR"
     else:
-        remedy = (f"put the files in one of these directories, pass --data-dir DIR (or data_dir=), set EOS_JAX_DATA=DIR, "
+        remedy = (f"put the files in one of these directories, pass data_dir=DIR, set EOS_JAX_DATA=DIR, "
                   f"or run eos_jax.data.download({base!r}) to fetch them into {user_cache_dir()}")
     return f"no {names} for split {split!r}; {where}. {remedy[0].upper()}{remedy[1:]}"
