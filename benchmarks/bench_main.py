@@ -2,7 +2,7 @@
 
 The main job is ``python -m experiments.eos --layers 3 --lr 5``: the 3-layer single-channel
 3x3 Swish CNN with global mean pooling, binary cross-entropy and full-batch gradient descent
-(``eos_jax.eos.build_problem``), here on 12,000 Fashion-MNIST 0/1 images. Run::
+(``experiments.eos.config.build_problem``), here on 12,000 Fashion-MNIST 0/1 images. Run::
 
     python benchmarks/bench_main.py                # shared 2-core VM: 10-30 minutes (load-dependent)
     python benchmarks/bench_main.py --quick        # tiny sizes, random images: seconds (smoke test)
@@ -123,7 +123,7 @@ def roofline_line(name: str, seconds: float, flops: float, nbytes: float, peak_g
 
 def build(cfg_overrides: dict, x: np.ndarray, y: np.ndarray):
     """The main job's Problem for (x, y) with ``cfg_overrides`` (e.g. conv_impl)."""
-    from eos_jax import eos
+    from experiments import eos
 
     cfg = eos.default_config("cnn", layers=3, lr=(5.0,), num_examples=None, **cfg_overrides)
     problem, info = eos.build_problem(cfg, {"x": x, "y": y, "num_classes": 2})

@@ -50,7 +50,7 @@ def main() -> None:
     if args.quick:
         args.examples, args.steps = 256, 10
     runtime.configure()
-    from eos_jax import eos
+    from experiments import eos
     from eos_jax import train as tr
 
     cfg = eos.default_config("cnn", num_examples=args.examples, steps=args.steps)

@@ -2,9 +2,65 @@
 
 Reproduces and extends Sun, Lao, Yezzi & Sundaramoorthi, "A PDE-based Explanation of
 Extreme Numerical Sensitivities and Edge of Stability in Training Neural Networks",
-JMLR 25 (2024). Submodules are imported explicitly (``from eos_jax import optim``) so
-that ``import eos_jax`` does not start a JAX backend before
-:func:`eos_jax.runtime.configure` has set the XLA flags.
+JMLR 25 (2024). The library, from the bottom layer up (the experiments that use it, with
+their presets, run directories and findings, are in the ``experiments`` package)::
+
+    Foundation
+      errors       exceptions with a one-line, user-facing message
+      io           atomic files and run directories
+      runtime      run-time numerical settings (x64, matmul precision, XLA flags) and their metadata
+      cli          helpers for command-line entry points (one-line errors, exit code 2)
+      fma          a correctly rounded fused multiply-add in the operands' own dtype
+      metrics      distances between parameter pytrees (the paper's RelL1)
+      progress     a one-line terminal progress bar
+    Maths
+      losses       losses from logits, averaged over examples
+      optim        the perturbed optimizers of Section 4.1 as optax transforms
+      optim_torch  PyTorch's CPU rounding for optim.sgd / optim.adam
+      eigen        flat-vector eigen-solvers: power iteration and Lanczos
+      hessian      Hessian-vector products, top eigenvalues and (normalized) sharpness
+      models       models as pure functions, chosen by name (the paper's CNN, fc, VGG, ResNet)
+      data         readers, named datasets, downloads, preprocessing and batching
+      pde          the PDE analysis of Sections 3, 5, 6.1: operators, schemes, bounds, classifiers
+      stability    the stability criterion and regimes of a training run (Section 6)
+    Engine
+      checkpoint   Orbax checkpoints of a training state, verified on restore
+      train        the training engine: one state pytree, a pure step, scan-chunked vmapped sweeps
+      plotting     figures of a training run: loss and normalized sharpness against steps
+
+The submodules are imported lazily, on first attribute access (PEP 562): ``import
+eos_jax; eos_jax.hessian.top_eigenvalue`` works, while ``import eos_jax`` alone imports
+neither JAX, Flax nor matplotlib (seconds of import time) and changes no state. Nothing in
+the library configures the runtime at import; an entry point calls
+:func:`eos_jax.runtime.configure` before it computes anything.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "errors", "io", "runtime", "cli", "fma", "metrics", "progress",
+    "losses", "optim", "optim_torch", "eigen", "hessian", "models", "data", "pde", "stability",
+    "checkpoint", "train", "plotting",
+]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the modules load on first use
+    from eos_jax import (  # noqa: F401
+        checkpoint, cli, data, eigen, errors, fma, hessian, io, losses, metrics, models, optim, optim_torch,
+        pde, plotting, progress, runtime, stability, train,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """Imports the public submodule ``name`` on first access (``eos_jax.hessian``)."""
+    if name in __all__:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

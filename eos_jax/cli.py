@@ -3,14 +3,17 @@
 Bad input gets one line on stderr naming the bad value and what is allowed, and exit
 code 2, never a traceback: :class:`ArgumentParser` does this for argparse errors and
 :func:`run` for every :class:`~eos_jax.errors.EosJaxError` raised while validating a
-config or opening data and run directories.
+config or opening data and run directories. Library messages name arguments
+(``data_dir=DIR``, ``resume=True``), never flags; :func:`name_flags` rewrites them as the
+flags of an entry point (``--data-dir DIR``, ``--resume``) for its user.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Iterable, NoReturn, Sequence
 
 from eos_jax.errors import EosJaxError
 
@@ -79,3 +82,24 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(int(code or 0))
+
+
+def as_flags(message: str, arguments: Iterable[str]) -> str:
+    """``message`` with each library argument ``name=True`` / ``name=VALUE`` of ``arguments`` written as
+    the flag ``--name`` / ``--name VALUE`` (underscores become dashes).
+
+    Example: ``as_flags("pass data_dir=DIR or resume=True", ["data_dir", "resume"])`` is
+    ``"pass --data-dir DIR or --resume"``.
+    """
+    for name in arguments:
+        flag = "--" + name.replace("_", "-")
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}=True\b", flag, message)
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}=", flag + " ", message)
+    return message
+
+
+def name_flags(error: EosJaxError, arguments: Iterable[str]) -> EosJaxError:
+    """Rewrites ``error``'s message in place with :func:`as_flags` (type and attributes kept); returns it."""
+    error.args = (as_flags(str(error), arguments), *error.args[1:])
+    return error
+

@@ -112,22 +112,23 @@ def open_run_dir(path: str | os.PathLike, config: dict[str, Any], *, resume: boo
         try:
             old = read_json(cfg_file)
         except (OSError, json.JSONDecodeError) as e:
-            raise RunDirError(f"{cfg_file} is unreadable ({e}); choose another --out") from None
+            raise RunDirError(f"{cfg_file} is unreadable ({e}); choose another run directory") from None
         if old != cfg:
             diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
             raise RunDirError(
                 f"run directory {path} holds a run with another config (differs in: {', '.join(diff)}); "
-                "choose another --out"
+                "choose another run directory"
             )
         if not resume:
-            raise RunDirError(f"run directory {path} already holds this run; pass --resume to continue it or choose another --out")
+            raise RunDirError(f"run directory {path} already holds this run; pass resume=True to continue it or choose another "
+                              "run directory")
         return path
     if resume:
-        raise RunDirError(f"--resume: nothing to resume in {path} (no config.json)")
+        raise RunDirError(f"resume=True: nothing to resume in {path} (no config.json)")
     if path.exists() and not path.is_dir():
-        raise RunDirError(f"--out {path} exists and is not a directory")
+        raise RunDirError(f"run directory {path} exists and is not a directory")
     if path.exists() and any(path.iterdir()):
-        raise RunDirError(f"--out {path} is a non-empty directory without config.json; choose another --out")
+        raise RunDirError(f"run directory {path} is a non-empty directory without config.json; choose another run directory")
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg_file, cfg)
     return path

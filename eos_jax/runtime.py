@@ -22,7 +22,16 @@ import sys
 from importlib import metadata as importlib_metadata
 from typing import Any
 
+# Importing jax starts no backend: XLA reads XLA_FLAGS when the first backend starts, which
+# configure() checks for (and sets the flag before).
+import jax
+
 from eos_jax.errors import ConfigError
+
+try:  # private API (where JAX keeps its started backends); moved -> assume started
+    from jax._src import xla_bridge as _xla_bridge
+except ImportError:  # pragma: no cover
+    _xla_bridge = None
 
 DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
 _FAST_MATH_FLAGS = ("--xla_cpu_enable_fast_math=true", "--xla_cpu_enable_fast_math")
@@ -30,12 +39,9 @@ _FAST_MATH_FLAGS = ("--xla_cpu_enable_fast_math=true", "--xla_cpu_enable_fast_ma
 
 def _backend_started() -> bool:
     """Whether a JAX backend has already been initialised in this process."""
-    try:
-        from jax._src import xla_bridge
-
-        return bool(getattr(xla_bridge, "_backends", {}))
-    except Exception:  # pragma: no cover - private API moved: assume started.
+    if _xla_bridge is None:  # pragma: no cover - private API moved: assume started.
         return True
+    return bool(getattr(_xla_bridge, "_backends", {}))
 
 
 def check_xla_flags(flags: str | None = None) -> None:
@@ -79,16 +85,12 @@ def configure(
         flags = os.environ.get("XLA_FLAGS", "")
         if DETERMINISTIC_GPU_FLAG not in flags.split():
             if _backend_started():
-                import jax
-
                 if jax.default_backend() == "gpu":
                     raise ConfigError(
                         "the GPU backend started before eos_jax.runtime.configure(): "
                         f"{DETERMINISTIC_GPU_FLAG} cannot take effect; call configure() first"
                     )
             os.environ["XLA_FLAGS"] = (flags + " " + DETERMINISTIC_GPU_FLAG).strip()
-    import jax
-
     jax.config.update("jax_enable_x64", bool(x64))
     jax.config.update("jax_default_matmul_precision", matmul_precision)
     return metadata()
@@ -103,8 +105,6 @@ def _version(dist: str) -> str | None:
 
 def metadata() -> dict[str, Any]:
     """Versions, devices and numerical settings of this process, for ``metadata.json``."""
-    import jax
-
     devices = jax.devices()
     return {
         "python": sys.version.split()[0],

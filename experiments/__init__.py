@@ -1,0 +1,8 @@
+"""The paper's experiments on top of the ``eos_jax`` library: presets, run directories, findings, plots.
+
+* :mod:`experiments.eos`: the Edge-of-Stability experiments of Section 6 (Figures 7, 8, 9),
+  ``python -m experiments.eos``;
+* :mod:`experiments.pde`: the PDE experiments of Sections 3, 5 and 6.1, ``python -m experiments.pde``.
+
+Nothing in ``eos_jax`` imports this package (tests/test_import_graph.py).
+"""

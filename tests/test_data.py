@@ -222,7 +222,7 @@ def test_not_found_is_one_line_listing_places_and_remedies(isolated):
     msg = str(e.value)
     assert "\n" not in msg
     for part in (str(isolated / "d" / "mnist"), "incomplete: no train-labels-idx1-ubyte", str(isolated / "xdg" / "eos_jax" / "MNIST" / "raw"),
-                 "EOS_JAX_DATA", "--data-dir", "download('mnist')"):
+                 "EOS_JAX_DATA", "data_dir=DIR", "download('mnist')"):
         assert part in msg, part
 
 
@@ -491,7 +491,7 @@ def test_unidentifiable_or_conflicting_loose_files_are_refused(isolated, monkeyp
 def test_no_system_data_env_emulates_a_fresh_machine(isolated, monkeypatch):
     """EOS_JAX_NO_SYSTEM_DATA=1 (read at call time) switches off the cache and the system
     directories; the default cnn chain then lands on the bundled subset."""
-    from eos_jax.eos import DEFAULT_DATASETS
+    from experiments.eos import DEFAULT_DATASETS
 
     chain = DEFAULT_DATASETS["cnn"]
     assert chain == ("mnist01", "fashion_mnist01", BUNDLED_NAME, "digits01")
@@ -756,7 +756,7 @@ def test_download_loopback_verified_atomic_and_loadable(isolated):
             data.fetch(srv.url + "train-images-idx3-ubyte.gz", isolated / "big" / "f.gz", "0" * 64, size=10)
         assert list((isolated / "big").iterdir()) == []
     # The server is gone: a network failure is a DataError with a remedy, no partial file.
-    with pytest.raises(DataError, match="download of .* failed.*--data-dir"):
+    with pytest.raises(DataError, match="download of .* failed.*data_dir=DIR"):
         data.fetch(srv.url + "train-labels-idx1-ubyte.gz", isolated / "gone" / "f.gz", "0" * 64, timeout=5)
     assert list((isolated / "gone").iterdir()) == []
     ds = data.load("mnist01", "test", data_dir=cache)

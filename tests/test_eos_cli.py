@@ -1,4 +1,4 @@
-"""experiments/eos.py: presets write every promised file; bad flags give one line and exit 2
+"""experiments/eos/: presets write every promised file; bad flags give one line and exit 2
 without overwriting anything; default run directories and --resume without --out."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from eos_jax import cli
 from eos_jax import train as tr
-from eos_jax.eos import CRITERION, is_stable, stability_boundary
+from eos_jax.stability import CRITERION, is_stable, stability_boundary
 from experiments import eos as eos_cli
 
 # Tiny and fast: scikit-learn's 8x8 digits 0/1 (always installed), few steps, power iteration.
@@ -177,7 +177,7 @@ def test_tracked_cnn_sharpness_matches_dense_hessian(tmp_path, capsys):
     import numpy as np
     from jax.flatten_util import ravel_pytree
 
-    from eos_jax import eos
+    from experiments import eos
     from eos_jax.checkpoint import CheckpointStore
 
     out = tmp_path / "run"
@@ -257,7 +257,7 @@ def test_default_num_examples_means_up_to(tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_examples"] == 2000 and cfg["num_examples_exact"] is False
     # --resume finds a run by config.json equality: the same flags must give the same config.
-    from eos_jax import eos
+    from experiments import eos
 
     def config_of(argv):
         return eos.default_config("cnn", **eos_cli.overrides_from_args(eos_cli.build_parser().parse_args(argv))).to_dict()
@@ -324,7 +324,7 @@ def test_unused_data_dir_files_warn_when_passed_over(tmp_path, capsys, monkeypat
     # The default chain finds MNIST 0/1 in EOS_JAX_DATA first: the user's Fashion-MNIST is passed over, and said so.
     import io
 
-    from eos_jax import eos
+    from experiments import eos
 
     env = tmp_path / "env"
     _fake_mnist(env / "mnist", seed=2)
@@ -429,7 +429,7 @@ def test_pool_and_binary_reach_the_model_and_are_recorded(tmp_path, capsys):
     model = json.loads((out / "metadata.json").read_text())["model"]
     assert cfg["pool"] == "sum" and cfg["binary"] == "softmax"
     assert model["config"]["pool"] == "sum" and model["num_outputs"] == 2 and model["config"]["head"] == "linear"
-    from eos_jax import eos
+    from experiments import eos
 
     assert eos.default_config("cnn").pool == "mean" and eos.default_config("cnn").binary == "bce"
 
@@ -440,7 +440,7 @@ def test_initial_sharpness_matches_dense_hessian():
     import numpy as np
     from jax.flatten_util import ravel_pytree
 
-    from eos_jax import eos
+    from experiments import eos
 
     for pool in ("mean", "sum"):
         cfg = eos.default_config("cnn", layers=2, dataset=("digits01",), num_examples=32, weight_decay=(5e-4,),
@@ -458,7 +458,7 @@ def test_initial_sharpness_matches_dense_hessian():
 
 
 def test_lr_series_rules():
-    from eos_jax.eos import ceil_125, series_125
+    from experiments.eos import ceil_125, series_125
 
     assert series_125(2.01, 427.2) == [2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]
     assert series_125(0.0015, 0.02) == [0.001, 0.002, 0.005, 0.01, 0.02]
@@ -473,7 +473,7 @@ def _lane(lr, *, finite=True, spikes=0, late=0, max_inc=0.0, ns=None):
 
 def test_regime_and_the_figure7_finding_both_ways():
     """regime() from the numbers; the readings' 'matches Figure 7' and the chosen reading follow from them."""
-    from eos_jax import eos
+    from experiments import eos
 
     assert eos.regime(_lane(5, finite=False), 2.0) == "divergent"
     assert eos.regime(_lane(5, max_inc=0.005, ns=1.0), 2.0) == "stable"
@@ -501,7 +501,7 @@ def test_fig7_readings_writes_the_table(tmp_path, capsys):
 
     The two readings differ only in the inputs' standardization, so they run the same compiled
     programs on other data (the second reading's compiles are cache hits)."""
-    from eos_jax import eos
+    from experiments import eos
 
     ov = dict(dataset=("digits01",), num_examples=48, steps=4, sharpness_every=2, sharpness_iters=4,
               sharpness_method="power", checkpoint_every=None)

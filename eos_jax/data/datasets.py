@@ -48,23 +48,9 @@ import jax
 import numpy as np
 
 from eos_jax.data import formats, sources
+from eos_jax.data.registry import _REGISTRY, NAMES, SPLITS, _check_name_split, base_of  # noqa: F401 (re-exported)
 from eos_jax.errors import ChecksumError, ConfigError, DataNotFoundError, MalformedDataError
 
-SPLITS = ("train", "test")
-
-# name -> (base dataset or None for sklearn and the bundled subset, kept labels or None, first-n train
-# examples or None, num_classes)
-_REGISTRY: dict[str, tuple[str | None, tuple[int, ...] | None, int | None, int]] = {
-    "mnist": ("mnist", None, None, 10),
-    "fashion_mnist": ("fashion_mnist", None, None, 10),
-    "cifar10": ("cifar10", None, None, 10),
-    "mnist01": ("mnist", (0, 1), None, 2),
-    "fashion_mnist01": ("fashion_mnist", (0, 1), None, 2),
-    "cifar10_5k": ("cifar10", None, 5000, 10),
-    "fashion_mnist01_bundled": (None, None, None, 2),
-    "digits01": (None, (0, 1), None, 2),
-}
-NAMES: tuple[str, ...] = tuple(_REGISTRY)
 DIGITS01_TEST_EVERY = 5  # position i among digits 0/1 is a test example iff i % 5 == 4
 
 
@@ -120,20 +106,6 @@ jax.tree_util.register_dataclass(
 )
 
 
-def _check_name_split(name: str, split: str) -> None:
-    """Raises ConfigError for an unknown name or split."""
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown dataset {name!r}; allowed: {', '.join(NAMES)}")
-    if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r} for dataset {name!r}; allowed: {', '.join(SPLITS)}")
-
-
-def base_of(name: str) -> str | None:
-    """The base dataset whose files are searched for ``name`` (None: bundled with the package or scikit-learn)."""
-    _check_name_split(name, "train")
-    return _REGISTRY[name][0]
-
-
 def search_paths(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
     """The directories, in search order, where the files of dataset ``name`` are looked for.
 
@@ -167,7 +139,7 @@ def _load_base(base: str, split: str, data_dir: str | os.PathLike | None) -> tup
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray, list[Path]]:
     """scikit-learn's bundled 8x8 digits (values 0..16) as uint8 NHWC, labels, the data file."""
-    import sklearn.datasets
+    import sklearn.datasets  # imported on use: scikit-learn takes ~1 s to import and only digits01 needs it
 
     bunch = sklearn.datasets.load_digits()
     data_file = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"

@@ -2,7 +2,7 @@
 
 Search order for the root directories (first match wins), read at call time:
 
-1. the explicit ``data_dir`` argument (``--data-dir`` on the command line);
+1. the explicit ``data_dir`` argument;
 2. ``$EOS_JAX_DATA`` (several directories separated by ``os.pathsep``);
 3. the user cache ``$XDG_CACHE_HOME/eos_jax`` (default ``~/.cache/eos_jax``), where
    :func:`download` puts files;
@@ -56,7 +56,10 @@ import urllib.request
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
+from eos_jax.data.formats import read_idx, sha256_file
+from eos_jax.data.registry import base_of
 from eos_jax.errors import ChecksumError, ConfigError, DataError, DataNotFoundError, MalformedDataError
+from eos_jax.io import atomic_write_bytes
 
 SYSTEM_DIRS: tuple[str, ...] = ("/usr/share/datasets",)
 NO_SYSTEM_DATA_ENV = "EOS_JAX_NO_SYSTEM_DATA"
@@ -278,8 +281,6 @@ def _known_digests() -> dict[str, list[tuple[str, str, int]]]:
 
 def _label_prefix(path: Path, n: int) -> tuple[int, ...] | None:
     """The first ``n`` labels of an IDX labels file (None: not a readable 1-d uint8 IDX file)."""
-    from eos_jax.data.formats import read_idx
-
     try:
         labels = read_idx(path, expected_ndim=1, expected_dtype="uint8")
     except MalformedDataError:
@@ -306,8 +307,6 @@ def identify_loose(directory: str | os.PathLike) -> LooseFiles:
     Returns:
       A :class:`LooseFiles`; ``files`` is empty when there are none.
     """
-    from eos_jax.data.formats import sha256_file
-
     d = Path(directory)
     names = [n for split in ("train", "test") for n in IDX_FILES[split]]
     files = [d / f for n in names for f in (n, n + ".gz") if (d / f).is_file()]
@@ -340,7 +339,7 @@ def _refuse_loose(directory: Path, loose: LooseFiles) -> DataError:
     why = ("they disagree (" + "; ".join(loose.evidence) + ")") if loose.conflict else (
         "neither a published SHA-256 nor the first labels identify them as MNIST or Fashion-MNIST")
     return DataError(
-        f"{directory}: IDX files lie directly in --data-dir ({names}) but {why}; "
+        f"{directory}: IDX files lie directly in data_dir ({names}) but {why}; "
         f"put them in {directory / 'mnist'}/ or {directory / 'fashion_mnist'}/"
     )
 
@@ -360,7 +359,7 @@ def find_files(base: str, split: str, data_dir: str | os.PathLike | None = None)
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
         # An explicit directory that does not exist is a typo, not a reason to read
         # whatever the cache or the system happens to hold.
-        raise DataNotFoundError(f"data_dir {data_dir} is not a directory; pass an existing --data-dir (or data_dir=)")
+        raise DataNotFoundError(f"data_dir {data_dir} is not a directory; pass an existing directory as data_dir=DIR")
     explicit = Path(data_dir).expanduser() if data_dir is not None else None
     looked: list[str] = []
     for d in candidate_dirs(base, data_dir):
@@ -368,7 +367,7 @@ def find_files(base: str, split: str, data_dir: str | os.PathLike | None = None)
         if not d.is_dir():
             looked.append(str(d))
             continue
-        if d == explicit:  # loose files directly in --data-dir
+        if d == explicit:  # loose files directly in data_dir
             loose = identify_loose(d)
             if not loose.files:
                 looked.append(f"{d} (no loose IDX files)")
@@ -443,7 +442,7 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str, *, size: int | None = 
                         h.update(block)
                         out.write(block)
             except (urllib.error.URLError, OSError, TimeoutError) as e:
-                raise DataError(f"download of {url} failed ({e}); fetch it by hand and pass --data-dir or set EOS_JAX_DATA") from None
+                raise DataError(f"download of {url} failed ({e}); fetch it by hand and pass data_dir=DIR or set EOS_JAX_DATA") from None
             out.flush()
             os.fsync(out.fileno())
         if h.hexdigest() != sha256.lower():
@@ -458,15 +457,11 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str, *, size: int | None = 
 
 def _file_matches(path: Path, sha256: str) -> bool:
     """True iff ``path`` exists and has the given digest."""
-    from eos_jax.data.formats import sha256_file
-
     return path.is_file() and sha256_file(path) == sha256.lower()
 
 
 def _extract_cifar(archive: Path, root: Path) -> list[Path]:
     """Extracts only the expected regular-file members of the CIFAR-10 binary archive, atomically each."""
-    from eos_jax.io import atomic_write_bytes
-
     out = []
     try:
         with tarfile.open(archive, "r:gz") as tar:
@@ -515,8 +510,6 @@ def download(
       ConfigError: unknown name. ChecksumError: a digest mismatch (no file left behind).
       DataError: network or archive failure.
     """
-    from eos_jax.data.datasets import base_of
-
     base = base_of(name)
     if base is None:
         return []
@@ -550,8 +543,8 @@ def describe_sources(base: str, split: str, looked: Sequence[str]) -> str:
     where = f"looked in: {'; '.join(looked)}" if looked else "no directory to look in"
     if system_data_disabled():
         where += f" ({NO_SYSTEM_DATA_ENV} is set: the user cache and {', '.join(SYSTEM_DIRS)} are not searched)"
-        remedy = "pass --data-dir DIR (or data_dir=) or set EOS_JAX_DATA=DIR"
+        remedy = "pass data_dir=DIR or set EOS_JAX_DATA=DIR"
     else:
-        remedy = (f"put the files in one of these directories, pass --data-dir DIR (or data_dir=), set EOS_JAX_DATA=DIR, "
+        remedy = (f"put the files in one of these directories, pass data_dir=DIR, set EOS_JAX_DATA=DIR, "
                   f"or run eos_jax.data.download({base!r}) to fetch them into {user_cache_dir()}")
     return f"no {names} for split {split!r}; {where}. {remedy[0].upper()}{remedy[1:]}"

@@ -49,6 +49,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
+from eos_jax.models.layers import conv2d_single_channel
+
 Array = jax.Array
 
 # Examples per chunk: the chunk's activations of a 3-layer 28x28 stack are about 2.5 MB
@@ -247,8 +249,6 @@ _stack.defvjp(_stack_fwd, _stack_bwd, symbolic_zeros=True)
 
 def _stack_small(kernels, x_NHW, act, pool, padding):
     """Small batches: the same stack on ``(N, H, W)`` with the ``"shifted"`` layers."""
-    from eos_jax.models.layers import conv2d_single_channel
-
     a = x_NHW
     for k in kernels:
         a = act(conv2d_single_channel(a, k, padding=padding, impl="shifted"))

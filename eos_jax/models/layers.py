@@ -266,7 +266,8 @@ def conv2d_single_channel(x_NHW: Array, k_HW: Array, *, padding: str = "valid", 
         return _shifted_conv(x, k_HW)
     if impl == "fused":
         # One layer on its own: the batch-minor shifted slices of eos_jax.models.fused (the
-        # whole-stack fusion happens in PaperCNN when every layer is "fused").
+        # whole-stack fusion happens in PaperCNN when every layer is "fused"). Imported here, not at
+        # the top: fused builds on this module (its small-batch path uses conv2d_single_channel).
         from eos_jax.models import fused
 
         return jnp.transpose(fused._conv(jnp.transpose(x, (1, 2, 0)), k_HW), (2, 0, 1))

@@ -1,31 +1,4 @@
-"""Edge-of-Stability experiments of Section 6 (Figures 7, 8, 9): loss and sharpness under GD.
-
-Main job (the paper's Figure 7, 3-layer single-channel 3x3 Swish(beta=1) CNN, full-batch GD,
-no weight decay, MNIST digits 0/1, falling back with a warning to Fashion-MNIST 0/1, then to
-the Fashion-MNIST 0/1 subset shipped with the package (2000 training images: a fresh machine
-needs nothing installed), then scikit-learn's digits 0/1)::
-
-    python -m experiments.eos --layers 3 --lr 5
-
-Defaults: 300 full-batch GD steps on the first 2000 training examples (or all of a smaller
-dataset, with a warning; an explicit ``--num-examples`` larger than the dataset is an error), sharpness (20
-warm-started Lanczos iterations) every 20 steps, a checkpoint every 100 steps. Measured on the
-shared 2-core CPU (Fashion-MNIST 0/1 fallback): 49 s wall (83 s CPU) at load ~1.6, 90 s wall at
-load ~5; sharpness tracking is about 80 % of it (benchmarks/bench_sweep.py). Sweeps: ``--lr 1 2 5 --seed 0 1`` runs the product of the
-lists as one vmapped program. Presets reproduce the figures, printing what they found::
-
-    python -m experiments.eos --preset fig7     # 1 vs 3 layers, lr 1 2 5 (~4 min)
-    python -m experiments.eos --preset fig8     # fc-tanh 2 vs 4 layers, 2000 steps; lr 2/150 on CIFAR-5k, 2/30 on fallbacks
-    python -m experiments.eos --preset fig9     # wd 5e-4, 1 vs 2 layers, lr sweep -> stability boundary
-    python -m experiments.eos --preset fig7-readings  # Figure 7 under 8 readings (pool x inputs x loss)
-
-Figures 7 and 9 take their learning rates from 2/lambda_max at initialization, measured on the
-data found (recorded with the rule in preset.json); ``--lr`` overrides that.
-
-Interrupt with Ctrl-C (or SIGTERM): a checkpoint is written; ``--resume`` (with the same flags,
-and ``--out`` or the latest matching run under runs/eos/) continues it, ending bitwise equal to
-an uninterrupted run.
-"""
+"""Command line of ``python -m experiments.eos``: flags -> :class:`~experiments.eos.config.EosConfig` overrides -> a run or a preset."""
 
 from __future__ import annotations
 
@@ -33,7 +6,16 @@ import argparse
 import sys
 from typing import Sequence
 
-from eos_jax import cli
+from eos_jax import cli, runtime
+from eos_jax import train as tr
+from eos_jax.errors import EosJaxError
+from experiments.eos.config import default_config
+from experiments.eos.presets import run_preset
+from experiments.eos.runner import run
+
+
+# Library arguments whose names appear in library errors, with a flag of the same name here.
+LIBRARY_ARGUMENTS = ("data_dir", "resume")
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -138,26 +120,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--all-examples and --num-examples exclude each other")
     if args.preset and args.model is not None:
         parser.error(f"--model cannot be combined with --preset {args.preset} (the preset fixes the model)")
-    from eos_jax import runtime
-
+    # The only place of the EoS experiments that changes process-wide state (x64, matmul precision,
+    # XLA_FLAGS): before any array exists (importing the modules above starts no backend).
     meta = runtime.configure()
-    from eos_jax import eos
-    from eos_jax.train import TrainingInterrupted
-
     ov = overrides_from_args(args)
     try:
         if args.preset:
-            eos.run_preset(args.preset, overrides=ov, out=args.out, resume=args.resume, quiet=args.quiet,
-                           data_dir=args.data_dir, runtime_metadata=meta)
+            run_preset(args.preset, overrides=ov, out=args.out, resume=args.resume, quiet=args.quiet,
+                       data_dir=args.data_dir, runtime_metadata=meta)
         else:
-            cfg = eos.default_config(args.model or "cnn", **ov)
-            eos.run(cfg, out=args.out, resume=args.resume, quiet=args.quiet, data_dir=args.data_dir,
-                    runtime_metadata=meta)
-    except TrainingInterrupted as e:
+            cfg = default_config(args.model or "cnn", **ov)
+            run(cfg, out=args.out, resume=args.resume, quiet=args.quiet, data_dir=args.data_dir,
+                runtime_metadata=meta)
+    except EosJaxError as e:
+        raise cli.name_flags(e, LIBRARY_ARGUMENTS) from None  # "data_dir=DIR" -> "--data-dir DIR"
+    except tr.TrainingInterrupted as e:
         print(f"{parser.prog}: {e}", file=sys.stderr)
         return 128 + int(e.signum)
     return 0
-
-
-if __name__ == "__main__":
-    cli.run(main, prog="python -m experiments.eos")

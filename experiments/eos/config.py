@@ -1,0 +1,313 @@
+"""The configuration of one Edge-of-Stability run, its data and its training problem.
+
+:class:`EosConfig` is the whole configuration of a run (it is what ``config.json``
+holds); :func:`load_data` loads the training set (with a visible fallback when the
+requested files are absent) and :func:`build_problem` builds the model, loss, optimizer
+and threshold as an :class:`eos_jax.train.Problem`. Errors name the command-line flags
+of ``python -m experiments.eos``: this is the experiment's layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eos_jax import data as edata
+from eos_jax import hessian, losses, models, optim
+from eos_jax import io as eio
+from eos_jax import train as tr
+from eos_jax.errors import ConfigError
+
+MODELS = ("cnn", "fc")
+LOSSES = ("ce", "mse")
+POOLS = ("mean", "sum")
+# Two classes with --loss ce: one logit + sigmoid binary cross-entropy (Eq. (7), (20)), or two
+# logits from a linear layer with bias + softmax cross-entropy (Cohen et al. 2021, src/archs.py:
+# every net ends in nn.Linear(features, num_classes) and src/utilities.py uses CrossEntropyLoss).
+BINARY_HEADS = ("bce", "softmax")
+# Fallback chains when --dataset is not given: the paper's data first, then real data
+# that is on this machine, then the Fashion-MNIST 0/1 subset shipped with the package (so
+# the main job runs on a fresh machine, on 2000 real 28x28 images), scikit-learn's digits
+# last (only if the package data is missing). Never silently: a warning names what was used.
+# fc (Figure 8, CIFAR-5k, 10 classes): the bundled subset comes before digits01 too: both
+# are binary stand-ins, but it is real 28x28 data, 2000 examples against 288 8x8 ones.
+DEFAULT_DATASETS = {
+    "cnn": ("mnist01", "fashion_mnist01", "fashion_mnist01_bundled", "digits01"),
+    "fc": ("cifar10_5k", "fashion_mnist", "mnist", "fashion_mnist01_bundled", "digits01"),
+}
+
+# Figure 7's rates: the paper shows lr = 5 (3 layers: restrained instabilities; 1 layer: stable);
+# 1 and 2 are the smaller rates of the existing preset (used by the fig7 and fig7-readings presets).
+FIG7_PAPER_LRS = (1.0, 2.0, 5.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class EosConfig:
+    """One Edge-of-Stability run: a sweep over the product of the list fields.
+
+    Attributes:
+      model: ``"cnn"`` (the paper's single-channel 3x3 CNN, Eq. (20)-(21)) or ``"fc"``.
+      layers: convolution layers (cnn) or hidden layers (fc).
+      width: hidden units per layer (fc).
+      pool: how the cnn pools its last feature map over the output positions:
+        ``"mean"`` (default: the authors' ``AvgPooling`` in ``single_layer/PySun.py``,
+        sunyx523/surprising-instabilities; ``--preset fig7-readings`` on the Fashion-MNIST
+        0/1 fallback found no reading of pooling x inputs x loss under which the 1-layer net
+        is stable and the 3-layer net restrained at lr 5, so the authors' code decides) or
+        ``"sum"`` (the Riemann sum of Eq. (6)/(20)).
+      binary: two classes with ``loss="ce"``: ``"bce"`` (one logit, sigmoid and binary
+        cross-entropy, Eq. (20) and (7)) or ``"softmax"`` (the pooled feature feeds a
+        linear layer with bias and two outputs, softmax cross-entropy: Cohen et al.'s
+        ``nn.Linear(features, num_classes)`` head and ``CrossEntropyLoss``).
+      activation: ``"swish"`` (cnn default, beta below) or ``"tanh"`` (fc default), or ``"relu"``.
+      beta: Swish parameter.
+      conv_impl: convolution of the cnn (see :func:`eos_jax.models.get`); ``"auto"``
+        (direct, shifted-slice sums for 1-channel 3x3 layers: the paper's arithmetic).
+        ``"fft"`` measured 1.4x (gradient) and 2x (Hessian-vector product) faster on the
+        2-core CPU (2000 28x28 images) but rounds differently.
+      lr: learning rates (list: a sweep).
+      k: perturbation factors of Section 4.1 (k=1: plain GD).
+      seed: initialization seeds.
+      weight_decay: L2 coefficients alpha of Eq. (7).
+      momentum: heavy-ball momentum (0: gradient descent).
+      batch_size: ``None`` for full-batch gradient descent (the paper), else SGD.
+      steps: optimizer steps.
+      dataset: the dataset chain; the first one found is used (``--dataset`` gives one).
+      num_examples: use the first n training examples (``None``: all).
+      num_examples_exact: True when ``num_examples`` was asked for explicitly
+        (``--num-examples``): a dataset with fewer examples is an error. False (the
+        default): use up to ``num_examples``, all of a smaller dataset, with a warning;
+        metadata.json and the summary say how many were used.
+      loss: ``"ce"`` (binary cross-entropy with one logit for 2 classes, else softmax)
+        or ``"mse"`` (Cohen et al.'s squared loss on one-hot targets).
+      standardize: standardize pixels with the training set's per-channel statistics.
+      sharpness_every, sharpness_iters, sharpness_method, checkpoint_every, chunk_steps,
+      log_every, max_lanes: see :class:`eos_jax.train.EngineConfig`.
+      dtype: working float dtype of parameters and data.
+    """
+
+    model: str = "cnn"
+    layers: int = 3
+    width: int = 200
+    activation: str = "swish"
+    beta: float = 1.0
+    conv_impl: str = "auto"
+    pool: str = "mean"
+    binary: str = "bce"
+    lr: tuple[float, ...] = (5.0,)
+    k: tuple[int, ...] = (1,)
+    seed: tuple[int, ...] = (0,)
+    weight_decay: tuple[float, ...] = (0.0,)
+    momentum: float = 0.0
+    batch_size: int | None = None
+    steps: int = 300
+    dataset: tuple[str, ...] = DEFAULT_DATASETS["cnn"]
+    num_examples: int | None = 2000
+    num_examples_exact: bool = False
+    loss: str = "ce"
+    standardize: bool = False
+    sharpness_every: int | None = 20
+    sharpness_iters: int = 20
+    sharpness_method: str = "lanczos"
+    checkpoint_every: int | None = 100
+    chunk_steps: int = 50
+    log_every: int = 1
+    max_lanes: int = 16
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return eio.to_jsonable(dataclasses.asdict(self))
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first bad value and what is allowed."""
+        if self.model not in MODELS:
+            raise ConfigError(f"--model {self.model!r} is not allowed; choose from {', '.join(MODELS)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"--loss {self.loss!r} is not allowed; choose from {', '.join(LOSSES)}")
+        if self.pool not in POOLS:
+            raise ConfigError(f"--pool {self.pool!r} is not allowed; choose from {', '.join(POOLS)}")
+        if self.binary not in BINARY_HEADS:
+            raise ConfigError(f"--binary {self.binary!r} is not allowed; choose from {', '.join(BINARY_HEADS)}")
+        if self.activation not in ("swish", "tanh", "relu"):
+            raise ConfigError(f"--activation {self.activation!r} is not allowed; choose from swish, tanh, relu")
+        if self.conv_impl not in ("auto", "lax", "shifted", "fft"):
+            raise ConfigError(f"--conv-impl {self.conv_impl!r} is not allowed; choose from auto, lax, shifted, fft")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"--dtype {self.dtype!r} is not allowed; choose from float32, float64")
+        for name in ("layers", "width", "steps", "sharpness_iters", "chunk_steps", "log_every", "max_lanes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
+        for name in ("batch_size", "num_examples", "sharpness_every", "checkpoint_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
+        if not isinstance(self.num_examples_exact, bool):
+            raise ConfigError(f"num_examples_exact {self.num_examples_exact!r} is not allowed; expected True or False")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"--beta {self.beta!r} is not allowed; expected a finite float > 0")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise ConfigError(f"--momentum {self.momentum!r} is not allowed; expected a float in [0, 1)")
+        if not self.dataset:
+            raise ConfigError(f"--dataset: empty; choose from {', '.join(edata.NAMES)}")
+        for d in self.dataset:
+            if d not in edata.NAMES:
+                raise ConfigError(f"--dataset {d!r} is not allowed; choose from {', '.join(edata.NAMES)}")
+        tr.make_lanes(list(self.lr), list(self.k), list(self.seed), list(self.weight_decay))
+        self.engine_config().validate()
+
+    def engine_config(self):
+        return tr.EngineConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            chunk_steps=self.chunk_steps,
+            log_every=self.log_every,
+            sharpness_every=self.sharpness_every,
+            sharpness_iters=self.sharpness_iters,
+            sharpness_method=self.sharpness_method,
+            checkpoint_every=self.checkpoint_every,
+            max_lanes=self.max_lanes,
+        )
+
+    def short_hash(self) -> str:
+        """First 8 hex digits of the SHA-256 of the canonical JSON of the config."""
+        text = json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def default_config(model: str = "cnn", **overrides: Any) -> EosConfig:
+    """The defaults of ``model`` (cnn: Figure 7; fc: Figure 8's fc-tanh), with overrides."""
+    if model not in MODELS:
+        raise ConfigError(f"--model {model!r} is not allowed; choose from {', '.join(MODELS)}")
+    base: dict[str, Any] = {"model": model}
+    if model == "fc":
+        base.update(layers=2, activation="tanh", lr=(2.0 / 150.0,), dataset=DEFAULT_DATASETS["fc"],
+                    num_examples=5000, standardize=True)
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(EosConfig)})
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)}")
+    base.update(overrides)
+    return EosConfig(**base)
+
+
+# ----------------------------------------------------------------------------- building a run
+
+
+def load_data(cfg: EosConfig, data_dir: str | None = None, *, stream: Any = None) -> tuple[Any, dict[str, Any]]:
+    """The training set of ``cfg`` (first available of ``cfg.dataset``), warning about fallbacks.
+
+    Prints one warning line (to ``stream``, default stderr) for each of: a fallback past
+    the first requested dataset; fewer examples than the default ``num_examples`` (all are
+    used); dataset files in ``data_dir`` that were not used, and why.
+
+    Returns:
+      ``(data, info)`` with ``info`` for metadata.json: the dataset used, what was
+      skipped and why, what ``data_dir`` held that was not used, the number of examples
+      requested, available and used, and the preprocessing.
+
+    Raises:
+      ConfigError: an explicit ``num_examples`` (``num_examples_exact``) larger than the dataset.
+      DataError: no dataset of the chain is available, or a file is malformed.
+    """
+    stream = stream if stream is not None else sys.stderr
+    ds, skipped = edata.load_first_available(list(cfg.dataset), "train", data_dir=data_dir)
+    if skipped:
+        tried = ", ".join(n for n, _ in skipped)
+        msg = f"WARNING: dataset {tried} not found; falling back to {ds.name} (recorded in metadata.json)"
+        print(msg, file=stream, flush=True)
+    unused = edata.unused_in_data_dir(data_dir, ds, cfg.dataset)
+    if unused:
+        parts = "; ".join(f"{u['holds']} in {u['path']}: {u['why']}" for u in unused)
+        print(f"WARNING: --data-dir {data_dir} holds dataset files that are not used: {parts} "
+              f"(recorded in metadata.json)", file=stream, flush=True)
+    x, y = np.asarray(ds.x), np.asarray(ds.y)
+    available = int(x.shape[0])
+    if cfg.num_examples is not None:
+        if cfg.num_examples > available:
+            if cfg.num_examples_exact:
+                raise ConfigError(f"--num-examples {cfg.num_examples} exceeds the {available} training examples of "
+                                  f"{ds.name}; pass at most {available} (or --all-examples)")
+            print(f"WARNING: {ds.name} has {available} training examples, fewer than the default "
+                  f"--num-examples {cfg.num_examples}; using all {available} (recorded in metadata.json)",
+                  file=stream, flush=True)
+        x, y = x[: cfg.num_examples], y[: cfg.num_examples]
+    if cfg.standardize:
+        (x,) = edata.standardize(x, per="channel")
+    x = x.astype(np.dtype(cfg.dtype))
+    info = {
+        **ds.info,
+        "requested": list(cfg.dataset),
+        "fallback_from": [{"name": n, "reason": r} for n, r in skipped],
+        "unused_in_data_dir": unused,
+        "num_examples_requested": cfg.num_examples,
+        "num_examples_exact": cfg.num_examples_exact,
+        "num_examples_available": available,
+        "num_examples_used": int(x.shape[0]),
+        "standardized": cfg.standardize,
+    }
+    return {"x": x, "y": y.astype(np.int32), "num_classes": ds.num_classes, "name": ds.name}, info
+
+
+def build_problem(cfg: EosConfig, data: dict[str, Any]):
+    """Model, loss, optimizer and threshold of ``cfg`` as an :class:`eos_jax.train.Problem`.
+
+    Returns:
+      ``(problem, model_info)``.
+    """
+    num_classes = int(data["num_classes"])
+    binary_ce = cfg.loss == "ce" and num_classes == 2 and cfg.binary == "bce"
+    num_outputs = 1 if binary_ce else num_classes
+    if cfg.model == "cnn":
+        in_ch = int(data["x"].shape[-1])
+        model = models.get(
+            "cnn", layers=cfg.layers, activation=cfg.activation, beta=cfg.beta, num_outputs=num_outputs,
+            head="sum" if num_outputs == 1 else "linear", in_channels=in_ch, dtype=cfg.dtype,
+            conv_impl=cfg.conv_impl, pool=cfg.pool,
+        )
+    else:
+        model = models.get(
+            "fc", width=cfg.width, depth=cfg.layers, activation=cfg.activation, beta=cfg.beta,
+            num_outputs=num_outputs, dtype=cfg.dtype,
+        )
+    if model.has_batch_stats:  # pragma: no cover - cnn and fc have none
+        raise ConfigError(f"model {model.name!r} has batch statistics; the EoS engine trains parameters only")
+    input_shape = tuple(int(s) for s in data["x"].shape[1:])
+
+    def init_params(key: jax.Array):
+        return model.init(key, input_shape)["params"]
+
+    def loss_fn(params, batch):
+        logits, _ = model.apply({"params": params}, batch["x"], train=True)
+        if binary_ce:
+            return losses.binary_cross_entropy(logits, batch["y"])
+        if cfg.loss == "ce":
+            return losses.cross_entropy(logits, batch["y"])
+        return losses.mse(logits, batch["y"], num_classes)
+
+    momentum = cfg.momentum
+
+    def make_optimizer(hp: tr.HParams):
+        return optim.sgd(hp.learning_rate, k=hp.k, weight_decay=hp.weight_decay, momentum=momentum)
+
+    if momentum > 0:
+        threshold = hessian.stability_threshold("heavy_ball", beta=momentum)
+    else:
+        threshold = hessian.stability_threshold("gd")
+    problem = tr.Problem(
+        init_params=init_params,
+        loss_fn=loss_fn,
+        make_optimizer=make_optimizer,
+        data={"x": jnp.asarray(data["x"]), "y": jnp.asarray(data["y"])},
+        threshold=threshold,
+        l2_weight_decay=True,  # optim.sgd adds wd * theta to the gradient: L2 of Eq. (7)
+        name=f"{cfg.model}{cfg.layers}",
+    )
+    return problem, dict(model.info)

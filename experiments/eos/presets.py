@@ -1,0 +1,310 @@
+"""The paper's figures as presets: Figure 7 (1 vs 3 layers), Figure 8 (fc-tanh 2 vs 4 layers), Figure 9
+(weight decay, learning-rate sweep to the stability boundary), and ``fig7-readings``.
+
+:func:`run_preset` runs every variant of a preset into ``out/<variant>`` and prints what it
+found (computed from the runs: regimes by :func:`eos_jax.stability.regime`, the boundary by
+:func:`eos_jax.stability.stability_boundary`). Figures 7 and 9 take their learning rates from
+``2 / lambda_max`` at initialization (:func:`initial_sharpness`), measured on the data found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from eos_jax import data as edata
+from eos_jax import hessian, plotting
+from eos_jax import io as eio
+from eos_jax import train as tr
+from eos_jax.errors import ConfigError
+from eos_jax.stability import CRITERION, regime, stability_boundary
+from experiments.eos.config import FIG7_PAPER_LRS, EosConfig, build_problem, default_config, load_data
+from experiments.eos.readings import run_readings
+from experiments.eos.rundir import checked_out
+from experiments.eos.runner import _fmt, run
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A figure of the paper: named variants (each an EosConfig) and what to report.
+
+    ``lr_rule`` (when the learning rates were derived from measurements rather than
+    given) records the rule and the measured values, and goes into preset.json.
+    """
+
+    name: str
+    description: str
+    variants: tuple[tuple[str, EosConfig], ...]
+    report: str  # "stability" (per lane) or "boundary" (largest stable / smallest unstable lr)
+    lr_rule: dict[str, Any] | None = None
+
+
+# Figure 8: Cohen et al.'s lr = 2/150 puts the bound at lambda_max = 150, where fc-tanh's progressive
+# sharpening on CIFAR-5k ends. On other data the sharpening ends elsewhere: on the Fashion-MNIST
+# fallback (5000 examples, standardized) the 2-layer net at lr 2/150 reaches only lr*lambda = 0.36
+# in 2000 steps (lambda ~ 27), while at lr 2/30 it reaches lr*lambda = 2 by step ~450 and then
+# hovers at 2.0-2.7 (measured, issue 9). So the rate is scaled to the sharpening of the data found.
+FIG8_LRS = {"cifar10_5k": 2.0 / 150.0}
+FIG8_DEFAULT_LR = 2.0 / 30.0
+FIG8_LR_REASON = {
+    "cifar10_5k": "Cohen et al. (2021) / the paper: lr 2/150 on CIFAR-5k",
+    None: "lr 2/30: the 2-layer fc-tanh on the Fashion-MNIST fallback sharpens to lr*lambda = 2 by step ~450 at this "
+          "rate (and only to 0.36 in 2000 steps at 2/150), measured with --model fc --lr 0.0667 --steps 1500",
+}
+
+
+def initial_sharpness(cfg: EosConfig, data: dict[str, Any], *, num_iters: int = 40) -> dict[str, Any]:
+    """``lambda_max`` at initialization of the objective GD descends, for the first seed of ``cfg``.
+
+    The objective is the loss plus ``wd/2 |theta|^2`` (Eq. (7)) with the largest weight decay
+    of ``cfg``; the eigenvalue is the largest algebraic one (Lanczos with full
+    reorthogonalization, ``num_iters`` Hessian-vector products on the full training set).
+    ``2 / lambda_max`` is the classical GD step-size bound at the start of training: rates
+    below it start stable, above it the first steps leave the quadratic regime.
+
+    Returns:
+      ``{"lambda_max", "lr_threshold" (= threshold / lambda_max), "seed", "weight_decay", "num_iters"}``.
+    """
+    problem, _ = build_problem(cfg, data)
+    wd = max(cfg.weight_decay)
+    hp = tr.stack_hparams(tr.make_lanes([1.0], 1, [cfg.seed[0]], [wd]), jnp.dtype(cfg.dtype))
+    hp1 = jax.tree_util.tree_map(lambda a: a[0], hp)
+    state = tr.init_state(problem, hp1)
+
+    @jax.jit
+    def top(params, batch):
+        res = hessian.top_eigenvalue(tr.objective_fn(problem, hp1), params, batch, method="lanczos",
+                                     num_iters=num_iters, tol=None, key=jax.random.key(0))
+        return res.eigenvalue
+
+    lam = float(top(state.params, problem.data))
+    return {"lambda_max": lam, "lr_threshold": problem.threshold / lam if lam > 0 else None,
+            "seed": cfg.seed[0], "weight_decay": wd, "num_iters": num_iters}
+
+
+def series_125(lo: float, hi: float) -> list[float]:
+    """The 1-2-5 series values from the largest one <= ``lo`` to the smallest one >= ``hi``."""
+    if not (lo > 0 and hi >= lo and math.isfinite(hi)):
+        raise ConfigError(f"learning-rate range [{lo!r}, {hi!r}] is not allowed; expected 0 < lo <= hi < inf")
+    out: list[float] = []
+    e = math.floor(math.log10(lo)) - 1
+    while True:
+        for m in (1, 2, 5):
+            v = float(f"{m}e{e}")
+            if v > hi and out and out[-1] >= hi:
+                return out
+            if v <= lo:
+                out = [v]
+            elif out:
+                out.append(v)
+        e += 1
+
+
+def ceil_125(x: float) -> float:
+    """The smallest 1-2-5 series value strictly above ``x`` (``x`` > 0)."""
+    s = series_125(x, x)
+    return next(v for v in s if v > x) if s[-1] > x else series_125(x, x * 2.5)[-1]
+
+
+def _measure_thresholds(variants: Sequence[tuple[str, EosConfig]], data_dir: str | None) -> dict[str, Any]:
+    """2/lambda_max at initialization of each variant (see :func:`initial_sharpness`)."""
+    out = {}
+    for vname, c in variants:
+        data, info = load_data(c, data_dir, stream=_Quiet())
+        r = initial_sharpness(c, data)
+        out[vname] = {**r, "dataset": info["name"]}
+    return out
+
+
+class _Quiet:
+    def write(self, *_: Any) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def _preset_variants(name: str, overrides: dict[str, Any], data_dir: str | None = None, *,
+                     measure: bool = True) -> Preset:
+    """Builds a preset with ``overrides`` (explicitly given flags) applied to every variant.
+
+    Figures 7 and 9 derive their learning rates from ``2 / lambda_max`` at
+    initialization, measured here on the data the variants will use (skipped when
+    ``--lr`` is given, or with ``measure=False`` for validation only).
+    """
+    ov = dict(overrides)
+    if "model" in ov or "layers" in ov:
+        raise ConfigError(f"--preset {name} fixes the model and its layers; drop --model/--layers")
+    if name == "fig7":
+        # With mean pooling on the Fashion-MNIST 0/1 fallback, 2/lambda_max at init is 20.2 (1 layer)
+        # and 355 (3 layers) on 2000 examples (22.9 / 429 on 500): rates 1, 2, 5, 50, 500.
+        base = dict(lr=FIG7_PAPER_LRS, steps=300)
+        base.update(ov)
+        variants = tuple((f"layers{n}", default_config("cnn", **{**base, "layers": n})) for n in (1, 3))
+        rule = None
+        if "lr" not in ov and measure:
+            th = _measure_thresholds(variants, data_dir)
+            extra = sorted({ceil_125(t["lr_threshold"]) for t in th.values() if t["lr_threshold"]})
+            lrs = tuple(sorted(set(FIG7_PAPER_LRS) | set(extra)))
+            variants = tuple((v, dataclasses.replace(c, lr=lrs)) for v, c in variants)
+            rule = {"rule": "the paper's rates 1, 2, 5 plus, for each variant, the first 1-2-5 value above its "
+                            "2/lambda_max at initialization (the classical threshold at the start)",
+                    "thresholds_at_init": th, "lr": list(lrs)}
+        return Preset("fig7", "Figure 7: 1- vs 3-layer single-channel Swish CNN, full-batch GD, no weight decay "
+                      "(paper: all rates stable for 1 layer; restrained instabilities at lr=5 for 3 layers)",
+                      variants, "stability", rule)
+    if name == "fig8":
+        base = dict(steps=2000, sharpness_every=50, checkpoint_every=500)
+        base.update(ov)
+        cfgs = [(f"depth{n}", default_config("fc", **{**base, "layers": n})) for n in (2, 4)]
+        rule = None
+        if "lr" not in ov:
+            found = None
+            if measure:
+                ds, _ = edata.load_first_available(list(cfgs[0][1].dataset), "train", data_dir=data_dir)
+                found = ds.name
+            key = found if found in FIG8_LRS else None
+            lr = FIG8_LRS.get(found, FIG8_DEFAULT_LR)
+            cfgs = [(v, dataclasses.replace(c, lr=(lr,))) for v, c in cfgs]
+            rule = {"rule": FIG8_LR_REASON[key], "dataset": found, "lr": [lr]}
+        return Preset("fig8", "Figure 8: fc-tanh width 200, 2 vs 4 hidden layers, full-batch GD, no weight decay, "
+                      "CIFAR-5k at lr 2/150 (or the fallback at a rate scaled to its sharpening, see preset.json) "
+                      "(paper: 2 layers stable, 4 layers spikes and sharpness above 2/lr)", tuple(cfgs), "stability",
+                      rule)
+    if name == "fig9":
+        # The grid spans a decade either side of the measured thresholds. With mean pooling on the
+        # Fashion-MNIST 0/1 fallback, 2/lambda_max at init (wd 5e-4) is 20.1 (1 layer) and 42.7
+        # (2 layers) on 2000 examples, 22.8 and 53.1 on 500: grid 2 ... 500 (1000). The static list
+        # below is used only for validation and when measuring is off.
+        base = dict(lr=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0), weight_decay=(5e-4,), steps=300)
+        base.update(ov)
+        variants = tuple((f"layers{n}", default_config("cnn", **{**base, "layers": n})) for n in (1, 2))
+        rule = None
+        if "lr" not in ov and measure:
+            th = _measure_thresholds(variants, data_dir)
+            ts = [t["lr_threshold"] for t in th.values() if t["lr_threshold"]]
+            if not ts:
+                raise ConfigError("--preset fig9: lambda_max at initialization is <= 0 for every variant; give --lr")
+            lrs = tuple(series_125(min(ts) / 10.0, max(ts) * 10.0))
+            variants = tuple((v, dataclasses.replace(c, lr=lrs)) for v, c in variants)
+            rule = {"rule": "1-2-5 series from a decade below the smallest to a decade above the largest "
+                            "2/lambda_max at initialization (weight decay included) of the variants",
+                    "thresholds_at_init": th, "lr": list(lrs)}
+        return Preset("fig9", "Figure 9: weight decay 5e-4, 1- vs 2-layer Swish CNN, learning-rate sweep "
+                      "(paper: the stable boundary is more stringent with 2 layers)", variants, "boundary", rule)
+    raise ConfigError(f"--preset {name!r} is not allowed; choose from {', '.join(PRESETS)}")
+
+
+PRESETS = ("fig7", "fig8", "fig9", "fig7-readings")
+
+
+def run_preset(
+    name: str,
+    *,
+    overrides: dict[str, Any] | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    data_dir: str | None = None,
+    runs_root: str | Path = "runs/eos",
+    runtime_metadata: dict[str, Any] | None = None,
+    stream: Any = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Runs every variant of a preset into ``out/<variant>`` and prints what it found.
+
+    Writes ``out/config.json`` (the preset and its variants), each variant's run
+    directory, ``out/preset.json`` (findings) and ``out/preset.png`` (variants side by side).
+
+    Returns:
+      ``(out, findings)``.
+    """
+    stream = stream or sys.stdout
+    if name == "fig7-readings":
+        return run_readings(overrides=overrides, out=out, resume=resume, quiet=quiet, data_dir=data_dir,
+                            runs_root=runs_root, runtime_metadata=runtime_metadata, stream=stream)
+    # Validate the flags before measuring anything.
+    for _, c in _preset_variants(name, overrides or {}, measure=False).variants:
+        c.validate()
+    preset = _preset_variants(name, overrides or {}, data_dir)
+    for _, c in preset.variants:
+        c.validate()
+    config = {"preset": name, "variants": {v: c.to_dict() for v, c in preset.variants}}
+    tag = f"{name}-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    root = checked_out(out, runs_root, config, tag, resume)
+    # Check every variant's data (and an explicit --num-examples) before writing anything;
+    # the warnings are printed once, by each variant's run.
+    for _, c in preset.variants:
+        load_data(c, data_dir, stream=io.StringIO())
+    root = eio.open_run_dir(root, config, resume=resume)
+    if not quiet:
+        print(preset.description, file=stream, flush=True)
+    findings: dict[str, Any] = {"preset": name, "description": preset.description, "variants": {},
+                                "lr_rule": preset.lr_rule}
+    plots = []
+    threshold = 2.0
+    for vname, c in preset.variants:
+        vdir = root / vname
+        vresume = resume and (vdir / "config.json").exists()
+        _, res = run(c, out=vdir, resume=vresume, quiet=quiet, data_dir=data_dir,
+                     runtime_metadata=runtime_metadata, stream=stream)
+        threshold = res["summary"]["threshold"]
+        meta = eio.read_json(vdir / "metadata.json")
+        entry = {
+            "dataset": meta["dataset"]["name"],
+            "lanes": [
+                {k: l.get(k) for k in ("learning_rate", "weight_decay", "finite", "first_nonfinite_step", "final_loss",
+                                       "max_normalized_sharpness", "final_normalized_sharpness",
+                                       "first_step_above_threshold",
+                                       "num_loss_increases_1pct", "num_loss_increases_1pct_late",
+                                       "max_rel_loss_increase", "max_rel_loss_increase_late", "stable", "params_digest")}
+                for l in res["lanes"]
+            ],
+        }
+        for l in entry["lanes"]:
+            l["regime"] = regime(l, threshold)
+        if preset.report == "boundary":
+            entry["boundary"] = stability_boundary(res["lanes"])
+        findings["variants"][vname] = entry
+        plots.append((vname, tr._read_metrics(vdir / "metrics.jsonl")))
+    findings["text"] = format_findings(preset, findings, threshold)
+    eio.atomic_write_json(root / "preset.json", findings)
+    plotting.plot_variants(plots, root / "preset.png", threshold=threshold, title=preset.description.split(" (")[0])
+    print(findings["text"], file=stream, flush=True)
+    return root, findings
+
+
+def format_findings(preset: Preset, findings: dict[str, Any], threshold: float) -> str:
+    """What a preset found, in a few lines."""
+    rows = [f"{preset.name} findings (threshold lr*lambda_max = {threshold:g}; {CRITERION}):"]
+    rule = findings.get("lr_rule")
+    if rule:
+        rows.append(f"  learning rates {', '.join(f'{v:g}' for v in rule['lr'])}: {rule['rule']}")
+        for vname, t in (rule.get("thresholds_at_init") or {}).items():
+            rows.append(f"    {vname}: lambda_max at init = {t['lambda_max']:.4g} -> 2/lambda_max = "
+                        f"{_fmt(t['lr_threshold'])}")
+    for vname, entry in findings["variants"].items():
+        parts = []
+        for l in entry["lanes"]:
+            tag = l.get("regime") or regime(l, threshold)
+            if tag == "divergent":
+                tag = "divergent@%d" % l["first_nonfinite_step"]
+            elif tag != "stable":
+                tag += f" ({l['num_loss_increases_1pct']} spikes, {l['num_loss_increases_1pct_late']} late)"
+            parts.append(f"lr={l['learning_rate']:.4g}: {tag}, lr*lam max {_fmt(l['max_normalized_sharpness'], '.3g')}"
+                         f" last {_fmt(l.get('final_normalized_sharpness'), '.3g')}, loss {_fmt(l['final_loss'], '.3g')}")
+        rows.append(f"  {vname} [{entry['dataset']}]:")
+        rows.extend(f"    {p}" for p in parts)
+        if "boundary" in entry:
+            b = entry["boundary"]
+            rows.append(f"    largest stable lr = {_fmt(b['largest_stable_lr'])}, smallest unstable lr = "
+                        f"{_fmt(b['smallest_unstable_lr'])}" + ("" if b["monotone"] else " (not monotone in lr)"))
+    return "\n".join(rows)
