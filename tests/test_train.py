@@ -23,6 +23,8 @@ from eos_jax import optim
 from eos_jax import train as tr
 from eos_jax.checkpoint import CheckpointStore, CorruptCheckpointWarning
 from eos_jax.errors import ConfigError
+from eos_jax.metrics import tree_digest
+from eos_jax.train.stats import lane_summary
 from helpers import assert_tree_allclose, assert_tree_equal_bits
 from train_fixtures import TOY_CONFIG, TOY_LRS, toy_loss, toy_problem
 
@@ -182,7 +184,7 @@ def test_float64_parameters_get_the_float64_learning_rate(tmp_path):
     for _ in range(2):
         w32 = w32 + (-((np.float64(np.float32(0.1)) / k) * (k * _C)))
     assert int(np.sum(w32 != w)) > 0
-    assert res["lanes"][0]["params_digest"] == tr.tree_digest({"w": w})
+    assert res["lanes"][0]["params_digest"] == tree_digest({"w": w})
     # Hyperparameters of another dtype than the parameters are refused, not rounded silently.
     hp32 = tr.stack_hparams(tr.make_lanes([0.1]), np.float32)
     with pytest.raises(ConfigError, match="float32.*float64"):
@@ -287,7 +289,7 @@ def test_divergent_lanes_are_flagged_frozen_and_do_not_disturb_the_others(tmp_pa
     for i, lr in zip((2, 3), unstable):
         lane = by_lr[lr]
         assert not lane["finite"] and lane["first_nonfinite_step"] == first[i] > 0
-        assert lane["params_digest"] == tr.tree_digest(frozen[i])  # frozen at its last finite state
+        assert lane["params_digest"] == tree_digest(frozen[i])  # frozen at its last finite state
         assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(frozen[i]))
     # The stable lanes are finite and agree with a sweep of only them (vmapped width differs: tolerance).
     for lane, r in zip([by_lr[lr] for lr in stable], ref["lanes"]):
@@ -605,7 +607,7 @@ def test_period_two_oscillation_is_seen_with_log_every_2(tmp_path):
     res = tr.train(_zigzag_problem(), tr.make_lanes([3.0]), cfg, tmp_path, quiet=True)
     lines = _lines(tmp_path)
     assert [r["loss"] for r in lines] == [0.5] * 11  # the logged steps alone look perfectly flat
-    assert tr._lane_summary(lines, 2.0)["num_loss_increases_1pct"] == 0  # what the logged lines would say
+    assert lane_summary(lines, 2.0)["num_loss_increases_1pct"] == 0  # what the logged lines would say
     lane = res["lanes"][0]
     # Steps 0..20 (20 the final evaluation): rises 0 -> 1, 2 -> 3, ..., 18 -> 19: ten of them, each +100 %.
     assert lane["num_loss_increases_1pct"] == 10 and lane["max_rel_loss_increase"] == 1.0
