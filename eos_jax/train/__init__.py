@@ -11,15 +11,20 @@ Steps run in chunks inside :func:`jax.lax.scan`. Between chunks the host tracks 
 sharpness (largest algebraic Hessian eigenvalue, warm-started from the eigenvector kept
 in the state) and hands the chunk's values to the caller:
 
+* :func:`fit` keeps them in memory and returns a :class:`History` of NumPy arrays; it
+  writes no file and installs no signal handler (what a notebook calls).
 * :func:`train` writes ``metrics.jsonl``, orbax checkpoints and ``results.json`` into a
   run directory, redraws a progress bar and reacts to SIGINT/SIGTERM (checkpoint, then
   stop); it resumes bit for bit.
 
-Divergence is a result: a lane that goes non-finite records
+Both run the same compiled programs in the same order, so the same problem, lanes and
+config give the same bits. Divergence is a result: a lane that goes non-finite records
 the step and keeps its last finite state.
 
 Modules, top-down (each imports only those below it):
 
+* :mod:`~eos_jax.train.memory`: :func:`fit` and :class:`History` (in memory; not named ``fit.py``,
+  which the function ``eos_jax.train.fit`` would shadow as a package attribute).
 * :mod:`~eos_jax.train.loop`: :func:`train`, :func:`check_resume`, the signal catcher.
 * :mod:`~eos_jax.train.writer`: :class:`~eos_jax.train.writer.RunWriter` (metrics lines,
   checkpoints, results).
@@ -33,6 +38,7 @@ Modules, top-down (each imports only those below it):
 
 from eos_jax.train.config import Batch, EigFn, EngineConfig, LossFn, Problem, PyTree
 from eos_jax.train.core import Plan, find_twins, group_lanes, run_group
+from eos_jax.train.memory import History, fit
 from eos_jax.train.loop import TrainingInterrupted, check_resume, train
 from eos_jax.train.state import (
     STREAM_BATCH_ORDER,
@@ -70,9 +76,9 @@ from eos_jax.train.stats import lane_summary as _lane_summary  # noqa: E402  (ol
 from eos_jax.train.writer import read_metrics as _read_metrics  # noqa: E402  (old name, used by eos_jax/eos.py)
 
 __all__ = [
-    "Batch", "EigFn", "EngineConfig", "HParams", "Lane", "LossFn", "Plan", "Problem", "PyTree",
+    "Batch", "EigFn", "EngineConfig", "HParams", "History", "Lane", "LossFn", "Plan", "Problem", "PyTree",
     "REL_L1_WINDOW", "SPIKE_REL_INCREASE", "STREAM_BATCH_ORDER", "STREAM_SHARPNESS", "TrainState",
-    "TrainingInterrupted", "batch_order_key", "check_resume", "find_twins", "group_lanes", "hparam_dtype",
+    "TrainingInterrupted", "batch_order_key", "check_resume", "find_twins", "fit", "group_lanes", "hparam_dtype",
     "init_loss_stats", "init_state", "loss_stats_reference", "make_chunk_fn", "make_eig_fn", "make_eval_fn",
     "make_final_fn", "make_lanes", "make_sharpness_fn", "make_train_step", "objective_fn", "rel_l1_to_twin",
     "run_group", "select_batch", "sharpness_key", "stack_hparams", "summarize_loss_stats", "train",
