@@ -72,8 +72,9 @@ from eos_jax.train.step import (
     objective_fn,
     select_batch,
 )
-from eos_jax.train.stats import lane_summary as _lane_summary  # noqa: E402  (old name, used by eos_jax/eos.py)
-from eos_jax.train.writer import read_metrics as _read_metrics  # noqa: E402  (old name, used by eos_jax/eos.py)
+# Names of train.py before the split that eos_jax/eos.py still calls (tr._read_metrics, tr._lane_summary).
+from eos_jax.train.stats import lane_summary as _lane_summary  # noqa: F401
+from eos_jax.train.writer import read_metrics as _read_metrics  # noqa: F401
 
 __all__ = [
     "Batch", "EigFn", "EngineConfig", "HParams", "History", "Lane", "LossFn", "Plan", "Problem", "PyTree",

@@ -24,7 +24,7 @@ from eos_jax.train.state import Lane, TrainState
 from eos_jax.train.stats import summarize_run
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # no ==: its fields are arrays
 class History:
     """What :func:`fit` returns: the logged series of every lane, its final parameters and summaries.
 
