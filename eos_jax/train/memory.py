@@ -112,7 +112,7 @@ def fit(
       A two-layer net of one's own, plain GD (k=1) next to perturbed GD (k=3), at two
       learning rates; sharpness every 10 steps:
 
-      >>> import jax, jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> x = jax.random.normal(jax.random.key(0), (16, 3), jnp.float32)
       >>> y = jnp.sin(x[:, :1])
