@@ -11,6 +11,7 @@ import pytest
 from eos_jax import cli
 from eos_jax import train as tr
 from eos_jax.stability import CRITERION, is_stable, stability_boundary
+from eos_jax.train.stats import lane_summary
 from experiments import eos as eos_cli
 
 # Tiny and fast: scikit-learn's 8x8 digits 0/1 (always installed), few steps, power iteration.
@@ -153,9 +154,9 @@ def test_stability_criterion_and_boundary():
     def lines(losses):
         return [{"step": i, "loss": l, "finite": True} for i, l in enumerate(losses)]
 
-    smooth = tr._lane_summary(lines([1.0 - 0.01 * i for i in range(50)]), 2.0)
-    early = tr._lane_summary(lines([1.0, 5.0] + [0.9 - 0.01 * i for i in range(48)]), 2.0)
-    late = tr._lane_summary(lines([1.0 - 0.01 * i for i in range(30)] + [0.8] + [0.7] * 19), 2.0)
+    smooth = lane_summary(lines([1.0 - 0.01 * i for i in range(50)]), 2.0)
+    early = lane_summary(lines([1.0, 5.0] + [0.9 - 0.01 * i for i in range(48)]), 2.0)
+    late = lane_summary(lines([1.0 - 0.01 * i for i in range(30)] + [0.8] + [0.7] * 19), 2.0)
     assert smooth["num_loss_increases_1pct"] == 0 and smooth["max_rel_loss_increase_late"] < 0
     assert early["num_loss_increases_1pct"] == 1 and early["num_loss_increases_1pct_late"] == 0
     assert late["num_loss_increases_1pct_late"] == 1 and late["max_rel_loss_increase_late"] == pytest.approx(0.8 / 0.71 - 1)

@@ -32,7 +32,6 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
 # Function-local imports of eos_jax modules that are kept, (importer, imported) -> why.
 LAZY_IMPORTS: dict[tuple[str, str], str] = {
     ("eos_jax.models.layers", "eos_jax.models.fused"): "real cycle: layers' one-layer 'fused' conv uses fused._conv",
-    ("eos_jax.train", "eos_jax.hessian"): "eos_jax/train.py is being split into a package on another branch",
 }
 
 

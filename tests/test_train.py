@@ -23,6 +23,8 @@ from eos_jax import optim
 from eos_jax import train as tr
 from eos_jax.checkpoint import CheckpointStore, CorruptCheckpointWarning
 from eos_jax.errors import ConfigError
+from eos_jax.metrics import tree_digest
+from eos_jax.train.stats import lane_summary
 from helpers import assert_tree_allclose, assert_tree_equal_bits
 from train_fixtures import TOY_CONFIG, TOY_LRS, toy_loss, toy_problem
 
@@ -182,7 +184,7 @@ def test_float64_parameters_get_the_float64_learning_rate(tmp_path):
     for _ in range(2):
         w32 = w32 + (-((np.float64(np.float32(0.1)) / k) * (k * _C)))
     assert int(np.sum(w32 != w)) > 0
-    assert res["lanes"][0]["params_digest"] == tr.tree_digest({"w": w})
+    assert res["lanes"][0]["params_digest"] == tree_digest({"w": w})
     # Hyperparameters of another dtype than the parameters are refused, not rounded silently.
     hp32 = tr.stack_hparams(tr.make_lanes([0.1]), np.float32)
     with pytest.raises(ConfigError, match="float32.*float64"):
@@ -287,7 +289,7 @@ def test_divergent_lanes_are_flagged_frozen_and_do_not_disturb_the_others(tmp_pa
     for i, lr in zip((2, 3), unstable):
         lane = by_lr[lr]
         assert not lane["finite"] and lane["first_nonfinite_step"] == first[i] > 0
-        assert lane["params_digest"] == tr.tree_digest(frozen[i])  # frozen at its last finite state
+        assert lane["params_digest"] == tree_digest(frozen[i])  # frozen at its last finite state
         assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(frozen[i]))
     # The stable lanes are finite and agree with a sweep of only them (vmapped width differs: tolerance).
     for lane, r in zip([by_lr[lr] for lr in stable], ref["lanes"]):
@@ -581,6 +583,14 @@ def test_twin_in_another_lane_group_is_flagged_not_compared(tmp_path):
     assert [t["in_group"] for t in twins] == [False, True, False, False] and twins[3]["lane"] == 2
     lone = tr.find_twins(tr.make_lanes([0.1], ks=[3]), [[0]])
     assert "no k=1 lane" in lone[0]["missing"]
+    # fit() runs the same two programs (compiled once, in train above): lane 1's RelL1 series is train's bit
+    # for bit and grows from 0; lane 3 gets NaN and train's reason.
+    hist = tr.fit(toy_problem(), lanes, cfg.steps, config=cfg)
+    assert hist.groups == ((0, 1, 2), (3,))
+    assert np.isnan(hist.rel_l1[[0, 2, 3]]).all() and hist.rel_l1[1, 0] == 0 and hist.rel_l1[1, -1] > 0
+    assert "different widths (3 vs 1 lanes)" in hist.lane_summaries[3]["rel_l1_to_k1_missing"]
+    assert np.isnan(hist.sharpness).all()  # sharpness_every=None
+    _assert_fit_is_train(hist, lines, res)
 
 
 def _zigzag_problem() -> tr.Problem:
@@ -605,7 +615,7 @@ def test_period_two_oscillation_is_seen_with_log_every_2(tmp_path):
     res = tr.train(_zigzag_problem(), tr.make_lanes([3.0]), cfg, tmp_path, quiet=True)
     lines = _lines(tmp_path)
     assert [r["loss"] for r in lines] == [0.5] * 11  # the logged steps alone look perfectly flat
-    assert tr._lane_summary(lines, 2.0)["num_loss_increases_1pct"] == 0  # what the logged lines would say
+    assert lane_summary(lines, 2.0)["num_loss_increases_1pct"] == 0  # what the logged lines would say
     lane = res["lanes"][0]
     # Steps 0..20 (20 the final evaluation): rises 0 -> 1, 2 -> 3, ..., 18 -> 19: ten of them, each +100 %.
     assert lane["num_loss_increases_1pct"] == 10 and lane["max_rel_loss_increase"] == 1.0
@@ -625,3 +635,56 @@ def test_every_step_loss_stats_match_numpy(tmp_path):
         ref = tr.loss_stats_reference([r["loss"] for r in rs], [r["finite"] for r in rs], late_from=4)
         assert {k: lane[k] for k in ref} == ref, lane["learning_rate"]
     assert res["lanes"][1]["num_loss_increases_1pct"] > 0  # lr 2.5 oscillates: the test can fail
+
+
+# ----------------------------------------------------------------------------- fit (in memory)
+
+
+def _from_lines(lines: list[dict], key: str, step: np.ndarray, num_lanes: int) -> np.ndarray:
+    """``(lanes, logged steps)`` float64 array of ``key`` from metrics lines, NaN where absent."""
+    pos = {int(s): t for t, s in enumerate(step)}
+    out = np.full((num_lanes, len(step)), np.nan)
+    for r in lines:
+        if r.get(key) is not None:
+            out[r["lane"], pos[r["step"]]] = r[key]
+    return out
+
+
+def _assert_fit_is_train(hist: tr.History, lines: list[dict], res: dict) -> None:
+    """fit's series are train's metrics lines bit for bit, its final parameters and lane records train's."""
+    np.testing.assert_array_equal(hist.step, sorted({r["step"] for r in lines}))
+    n = len(hist.lanes)
+    # train's values are the engine's float32 widened to float64 in JSON (exact): cast back, compare bits.
+    for key, arr in [("loss", hist.loss), ("sharpness", hist.sharpness), ("rel_l1_to_k1", hist.rel_l1),
+                     (f"rel_l1_to_k1_ma{tr.REL_L1_WINDOW}", hist.rel_l1_ma),
+                     ("normalized_sharpness", hist.normalized_sharpness)]:
+        ref = _from_lines(lines, key, hist.step, n).astype(arr.dtype)
+        assert arr.shape == ref.shape and np.array_equal(arr.view(np.uint8), ref.view(np.uint8)), key
+    np.testing.assert_array_equal(hist.finite, _from_lines(lines, "finite", hist.step, n).astype(bool))
+    for i in range(n):
+        assert tree_digest(jax.tree_util.tree_map(lambda a: a[i], hist.params)) == res["lanes"][i]["params_digest"]
+    assert list(hist.lane_summaries) == res["lanes"] and hist.summary == res["summary"]
+
+
+def test_fit_equals_train_bitwise_and_touches_nothing(baseline, tmp_path, monkeypatch):
+    """fit() with the baseline's problem, lanes and config gives train()'s losses, sharpness and final
+    parameters bit for bit, installs no signal handler and writes nothing into the working directory."""
+    base_dir, res = baseline
+    monkeypatch.chdir(tmp_path)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    installed = []
+    monkeypatch.setattr(signal, "signal", lambda *a: installed.append(a))
+    hist = tr.fit(toy_problem(), tr.make_lanes(list(TOY_LRS)), TOY_CONFIG.steps, config=TOY_CONFIG)
+    monkeypatch.undo()
+    assert installed == [] and {s: signal.getsignal(s) for s in before} == before
+    assert os.listdir(tmp_path) == []
+    assert hist.loss.shape == (2, TOY_CONFIG.steps + 1) and hist.loss.dtype == np.float32
+    assert np.isfinite(hist.sharpness).sum() == 2 * 7  # steps 0, 20, .., 120
+    assert np.isnan(hist.rel_l1).all()  # k=1 lanes have no twin
+    _assert_fit_is_train(hist, _lines(base_dir), res)
+
+
+
+def test_fit_refuses_a_bad_step_count():
+    with pytest.raises(ConfigError, match="steps=0"):
+        tr.fit(toy_problem(), tr.make_lanes([0.1]), 0)

@@ -274,7 +274,7 @@ def run_preset(
         if preset.report == "boundary":
             entry["boundary"] = stability_boundary(res["lanes"])
         findings["variants"][vname] = entry
-        plots.append((vname, tr._read_metrics(vdir / "metrics.jsonl")))
+        plots.append((vname, tr.read_metrics(vdir / "metrics.jsonl")))
     findings["text"] = format_findings(preset, findings, threshold)
     eio.atomic_write_json(root / "preset.json", findings)
     plotting.plot_variants(plots, root / "preset.png", threshold=threshold, title=preset.description.split(" (")[0])

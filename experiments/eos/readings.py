@@ -134,7 +134,7 @@ def run_readings(
             _, res = run(c, out=vdir, resume=vresume, quiet=True, data_dir=data_dir,
                          runtime_metadata=runtime_metadata, stream=stream)
         thr = res["summary"]["threshold"]
-        lines = tr._read_metrics(vdir / "metrics.jsonl")
+        lines = tr.read_metrics(vdir / "metrics.jsonl")
         lam0 = next((r["sharpness"] for r in lines if r["step"] == 0 and r.get("sharpness") is not None), None)
         lanes = []
         for l in res["lanes"]:

@@ -95,7 +95,7 @@ def run(
         l["stable"] = is_stable(l)
     results["dataset"] = data_info["name"]
     eio.atomic_write_json(run_dir / "results.json", results)
-    lines = tr._read_metrics(run_dir / "metrics.jsonl")
+    lines = tr.read_metrics(run_dir / "metrics.jsonl")
     title = (f"{cfg.model} {cfg.layers} layers on {data_info['name']} ({data_info['num_examples_used']} examples, "
              f"{cfg.steps} steps)")
     plotting.plot_run(lines, run_dir / "eos.png", threshold=problem.threshold, title=title)

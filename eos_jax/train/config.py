@@ -1,0 +1,116 @@
+"""What to train and how: :class:`Problem` (model, loss, optimizer, data) and :class:`EngineConfig` (schedule).
+
+The lowest layer of the engine: type aliases and the two frozen configuration records,
+no computation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable
+
+import jax
+import optax
+
+from eos_jax import optim
+from eos_jax.errors import ConfigError
+
+if TYPE_CHECKING:  # annotation only: state.py imports this module (Problem) at run time
+    from eos_jax.train.state import HParams
+
+PyTree = Any
+Batch = Any
+LossFn = Callable[[PyTree, Batch], jax.Array]
+# eig_fn(objective, params, batch, v0, key) -> (eigenvalue, eigenvector); must be vmappable
+# (no host-side convergence test: a fixed number of iterations or a lax.while_loop).
+EigFn = Callable[[LossFn, PyTree, Batch, PyTree, jax.Array], tuple[jax.Array, PyTree]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """What to train, apart from the per-lane hyperparameters.
+
+    Attributes:
+      init_params: ``key -> params`` (pure).
+      loss_fn: ``(params, batch) -> scalar`` data loss, a mean over the batch.
+      make_optimizer: ``HParams -> optax.GradientTransformation`` (or an
+        ``eos_jax.optim`` ``rounding="torch"`` optimizer: steps use ``optim.apply_step``) for one lane; called
+        inside vmap with traced values, so it must accept traced lr, k, weight decay.
+      data: the training set, a pytree of arrays with a leading example axis.
+      threshold: stability threshold of the normalized sharpness ``lr * lambda_max``
+        for the optimizer (2 for gradient descent).
+      l2_weight_decay: the optimizer's weight decay is an L2 term ``wd/2 |p|^2`` added to
+        the objective (coupled); the sharpness is then that of ``loss + wd/2 |p|^2``.
+      eig_fn: how to compute the top eigenpair; default :func:`eos_jax.train.make_eig_fn`.
+      name: for the progress bar and plots.
+    """
+
+    init_params: Callable[[jax.Array], PyTree]
+    loss_fn: LossFn
+    make_optimizer: Callable[[HParams], optax.GradientTransformation | optim.TorchRoundedOptimizer]
+    data: Batch
+    threshold: float = 2.0
+    l2_weight_decay: bool = True
+    eig_fn: EigFn | None = None
+    name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How to run: steps, chunking, logging, sharpness and checkpoint schedule.
+
+    Attributes:
+      steps: total optimizer steps (>= 1).
+      batch_size: ``None`` for full-batch gradient descent, else minibatch size
+        (epochs of a per-epoch permutation from the lane key; the remainder is dropped).
+      chunk_steps: steps per ``lax.scan`` (at most; boundaries also fall on the
+        other schedules).
+      log_every: a metrics line every this many steps (and at every sharpness step).
+      sharpness_every: track sharpness every this many steps (``None``: never).
+      sharpness_iters: eigensolver iterations (Hessian-vector products): exactly this many
+        with ``sharpness_tol=None``, at most this many otherwise.
+      sharpness_tol: stop the warm-started solver once the relative residual
+        ``||H v - lambda v|| <= tol * |lambda|`` (eigenvalue error at most ``tol * |lambda|``,
+        typically ``(tol * lambda)**2 / gap``); ``None``: always ``sharpness_iters``.
+        Warm-started from the previous eigenvector, 1e-3 takes 3-5 products on the main
+        job instead of 20 (``benchmarks/bench_main.py``); under vmap the lanes' loop runs
+        until every lane has converged, each lane keeping its own converged state.
+      sharpness_method: ``"lanczos"`` or ``"power"`` (see :func:`eos_jax.train.make_eig_fn`).
+      sharpness_examples: sharpness on the first n examples (``None``: full batch;
+        for minibatch SGD a fixed subset keeps the cost bounded).
+      checkpoint_every: checkpoint every this many steps (``None``: only at the end and
+        on SIGINT/SIGTERM).
+      max_lanes: lanes per vmapped program (memory).
+      checkpoint_keep: committed checkpoints kept per group (>= 2).
+    """
+
+    steps: int
+    batch_size: int | None = None
+    chunk_steps: int = 50
+    log_every: int = 1
+    sharpness_every: int | None = 10
+    sharpness_iters: int = 20
+    sharpness_method: str = "lanczos"
+    sharpness_examples: int | None = None
+    sharpness_tol: float | None = 1e-3
+    checkpoint_every: int | None = 100
+    max_lanes: int = 64
+    checkpoint_keep: int = 3
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first bad field."""
+        for name in ("steps", "chunk_steps", "log_every", "sharpness_iters", "max_lanes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name}={v!r} is not allowed; expected an integer >= 1")
+        for name in ("batch_size", "sharpness_every", "sharpness_examples", "checkpoint_every"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name}={v!r} is not allowed; expected an integer >= 1 or None")
+        tol = self.sharpness_tol
+        if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1):
+            raise ConfigError(f"sharpness_tol={tol!r} is not allowed; expected a float in (0, 1) or None")
+        if self.sharpness_method not in ("lanczos", "power"):
+            raise ConfigError(f"sharpness_method={self.sharpness_method!r}; allowed: lanczos, power")
+        if self.checkpoint_keep < 2:
+            raise ConfigError(f"checkpoint_keep={self.checkpoint_keep}; expected >= 2")

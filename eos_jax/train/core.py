@@ -1,0 +1,333 @@
+"""The host loop shared by :func:`eos_jax.train.train` and :func:`eos_jax.train.fit`.
+
+A run's lanes are split into groups of at most ``max_lanes`` (:func:`group_lanes`); each
+group is one vmapped program, its lane axis sharded over the devices when there are
+several. A :class:`Plan` holds what every group shares: the placed data and the compiled
+init, chunk, final-line and sharpness functions. :func:`run_group` drives one group from
+a start step to ``config.steps``: between chunks it tracks the sharpness and hands the
+host a :class:`LogBlock` of raw per-step values; what happens to them (lines in
+``metrics.jsonl`` and orbax checkpoints for ``train``, arrays in memory for ``fit``) is
+the caller's, through callbacks. Both callers therefore run the same computations in the
+same order, and give the same bits.
+
+Chunk boundaries fall on multiples of ``chunk_steps``, ``checkpoint_every``,
+``sharpness_every`` and the end, so an interrupted and resumed run performs the same
+computations, in the same order, as an uninterrupted one. The normalized sharpness
+``lr * lambda_max`` is compared with the optimizer's threshold (2 for gradient descent:
+the classical bound ``lr < 2/lambda_max`` that the Edge of Stability exceeds, Section 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eos_jax.errors import ConfigError
+from eos_jax.train.config import EngineConfig, Problem, PyTree
+from eos_jax.train.state import HParams, Lane, TrainState, hparam_dtype, init_state, stack_hparams
+from eos_jax.train.stats import REL_L1_WINDOW
+from eos_jax.train.step import make_chunk_fn, make_eig_fn, make_final_fn, make_sharpness_fn
+
+
+def next_boundary(s: int, total: int, periods: Iterable[int | None]) -> int:
+    """The first step after ``s`` that is a multiple of one of ``periods``, capped at ``total``."""
+    nxt = total
+    for p in periods:
+        if p:
+            nxt = min(nxt, (s // p + 1) * p)
+    return nxt
+
+
+def group_lanes(num_lanes: int, max_lanes: int, num_devices: int = 1) -> list[list[int]]:
+    """Splits lane indices into groups of at most ``max_lanes`` (a multiple of ``num_devices`` when possible)."""
+    size = max_lanes
+    if num_devices > 1 and max_lanes >= num_devices:
+        size = (max_lanes // num_devices) * num_devices
+    return [list(range(i, min(i + size, num_lanes))) for i in range(0, num_lanes, size)]
+
+
+def pad_lanes(ls: list[Lane], num_devices: int) -> list[Lane]:
+    """A group's lanes, padded (repeating the last) to a multiple of ``num_devices`` when sharded."""
+    if num_devices > 1 and len(ls) % num_devices:
+        ls = ls + [ls[-1]] * (num_devices - len(ls) % num_devices)  # padding lanes, dropped later
+    return ls
+
+
+def find_twins(lanes: Sequence[Lane], groups: list[list[int]]) -> list[dict[str, Any]]:
+    """For each lane, its k=1 twin (same lr, seed, weight decay) and whether it runs in the same group.
+
+    Returns:
+      Per lane ``{"lane": twin index or None, "in_group": bool, "missing": reason or None}``;
+      ``missing`` is None for k=1 lanes and for k != 1 lanes whose twin is in their group.
+      A twin in another group is not compared: the series is gathered inside one program,
+      and a group of another width is another program whose rounding may differ (the
+      difference would be the program's, not the perturbation's).
+    """
+    group_of = {i: g for g, idx in enumerate(groups) for i in idx}
+    width = {g: len(idx) for g, idx in enumerate(groups)}
+    k1 = {(l.learning_rate, l.seed, l.weight_decay): i for i, l in enumerate(lanes) if l.k == 1}
+    out = []
+    for i, l in enumerate(lanes):
+        if l.k == 1:
+            out.append({"lane": i, "in_group": False, "missing": None})
+            continue
+        t = k1.get((l.learning_rate, l.seed, l.weight_decay))
+        if t is None:
+            out.append({"lane": None, "in_group": False,
+                        "missing": "no k=1 lane with the same learning rate, seed and weight decay in this sweep"})
+        elif group_of[t] != group_of[i]:
+            gt, gi = group_of[t], group_of[i]
+            why = (f"its k=1 twin (lane {t}) ran in lane group {gt}, not in this lane's group {gi}: the series is "
+                   "gathered inside one vmapped program")
+            if width[gt] != width[gi]:
+                why += (f", and the groups are programs of different widths ({width[gt]} vs {width[gi]} lanes), "
+                        "whose roundings may differ: a difference would be the program's, not the perturbation's")
+            out.append({"lane": t, "in_group": False, "missing": why + " (raise --max-lanes to put them in one group)"})
+        else:
+            out.append({"lane": t, "in_group": True, "missing": None})
+    return out
+
+
+class GroupInputs(NamedTuple):
+    """The placed per-group inputs: lanes (padded), hyperparameters, twin indices into the group."""
+
+    idx: list[int]  # indices of the group's real lanes in the run
+    lanes: list[Lane]  # the group's lanes, padded to a multiple of the device count
+    hp: HParams
+    twin: jax.Array  # int32 (padded lanes,): the k=1 twin of each lane in this group (itself when none)
+    has_twin: np.ndarray  # bool (real lanes,): the lane has a k=1 twin in this group
+
+
+@dataclasses.dataclass
+class Plan:
+    """What every lane group of a run shares: placement, data and the compiled programs.
+
+    Build it with :meth:`Plan.build`; :func:`run_group` runs one group with it.
+    """
+
+    problem: Problem
+    lanes: Sequence[Lane]
+    config: EngineConfig
+    dtype: np.dtype
+    devices: list[Any]
+    groups: list[list[int]]
+    twins: list[dict[str, Any]]
+    mesh: jax.sharding.Mesh | None
+    data: PyTree
+    sharp_data: PyTree
+    init_fn: Callable[[HParams], TrainState]
+    chunk_fn: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+    final_fn: Callable[..., Any]
+    sharp_fn: Callable[..., tuple[TrainState, jax.Array]]
+
+    @classmethod
+    def build(cls, problem: Problem, lanes: Sequence[Lane], config: EngineConfig, *, dtype: Any = None,
+              devices: Sequence[Any] | None = None) -> Plan:
+        """Validates the run and places its data; the programs compile on first call.
+
+        Raises:
+          ConfigError: a bad config, no lanes, a hyperparameter dtype other than the
+            parameters', or a batch larger than the training set.
+        """
+        config.validate()
+        if not lanes:
+            raise ConfigError("no lanes to train")
+        dtype = hparam_dtype(problem, dtype)
+        devices = list(devices) if devices is not None else jax.devices()
+        groups = group_lanes(len(lanes), config.max_lanes, len(devices))
+        eig_fn = problem.eig_fn or make_eig_fn(config.sharpness_iters, config.sharpness_method, config.sharpness_tol)
+        n_examples = int(jax.tree_util.tree_leaves(problem.data)[0].shape[0])
+        if config.batch_size is not None and config.batch_size > n_examples:
+            raise ConfigError(f"batch_size={config.batch_size} exceeds the {n_examples} training examples")
+        mesh = None
+        if len(devices) > 1:
+            mesh = jax.sharding.Mesh(np.array(devices), ("lanes",))
+            data = jax.device_put(problem.data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        else:
+            data = jax.device_put(problem.data, devices[0])
+        if config.sharpness_examples is not None:
+            m = min(config.sharpness_examples, n_examples)
+            sharp_data = jax.tree_util.tree_map(lambda a: a[:m], data)
+        else:
+            sharp_data = data
+        late_from = config.steps // 10  # spikes after the first 10 % of the steps are "late"
+        return cls(
+            problem=problem, lanes=lanes, config=config, dtype=dtype, devices=devices, groups=groups,
+            twins=find_twins(lanes, groups), mesh=mesh, data=data, sharp_data=sharp_data,
+            init_fn=jax.jit(jax.vmap(lambda hp: init_state(problem, hp))),
+            chunk_fn=make_chunk_fn(problem, config.batch_size, config.chunk_steps, late_from),
+            final_fn=make_final_fn(problem, config.batch_size, late_from),
+            sharp_fn=make_sharpness_fn(problem, eig_fn),
+        )
+
+    def _lane_sharding(self) -> jax.sharding.NamedSharding:
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("lanes"))
+
+    def place(self, tree: PyTree) -> PyTree:
+        """Puts a lane-stacked pytree on the device, or shards its lane axis over the mesh."""
+        if self.mesh is None:
+            return jax.device_put(tree, self.devices[0])
+        return jax.device_put(tree, self._lane_sharding())
+
+    def padded(self, g: int) -> list[Lane]:
+        """The lanes of group ``g``, padded to a multiple of the device count."""
+        return pad_lanes([self.lanes[i] for i in self.groups[g]], len(self.devices))
+
+    def template(self, g: int) -> PyTree:
+        """The abstract state of group ``g`` (shapes, dtypes, sharding): what a checkpoint restores into."""
+        shapes = jax.eval_shape(self.init_fn, stack_hparams(self.padded(g), self.dtype))
+        if self.mesh is None:
+            return shapes
+        sharding = self._lane_sharding()
+        return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+    def inputs(self, g: int) -> GroupInputs:
+        """The placed hyperparameters and twin indices of group ``g``."""
+        idx = self.groups[g]
+        glanes = self.padded(g)
+        # Twin of each lane as an index into this group (itself when it has none here).
+        twin_local = [idx.index(self.twins[i]["lane"]) if self.twins[i]["in_group"] else li for li, i in enumerate(idx)]
+        twin_local += list(range(len(idx), len(glanes)))  # padding lanes
+        return GroupInputs(
+            idx=idx, lanes=glanes, hp=self.place(stack_hparams(glanes, self.dtype)),
+            twin=self.place(jnp.asarray(np.array(twin_local, np.int32))),
+            has_twin=np.array([self.twins[i]["in_group"] for i in idx], bool),
+        )
+
+
+class LogBlock(NamedTuple):
+    """Host values of steps ``start .. start + n - 1`` of one group (its real and padding lanes).
+
+    ``sharpness`` (per lane) belongs to step ``start`` when not None; ``force`` logs every
+    step of the block (the final line).
+    """
+
+    group: int
+    inputs: GroupInputs
+    start: int
+    loss: np.ndarray  # (lanes, n)
+    finite: np.ndarray  # (lanes, n) bool
+    sharpness: np.ndarray | None  # (lanes,)
+    rel_l1: np.ndarray  # (lanes, n)
+    rel_l1_ma: np.ndarray  # (lanes, n)
+    force: bool = False
+
+
+def logged_columns(block: LogBlock, log_every: int) -> list[int]:
+    """The columns of ``block`` that get a metrics line: forced, sharpness, or multiples of ``log_every``."""
+    return [j for j in range(block.loss.shape[1])
+            if block.force or (block.sharpness is not None and j == 0) or (block.start + j) % log_every == 0]
+
+
+def metric_records(block: LogBlock, log_every: int, threshold: float) -> list[dict[str, Any]]:
+    """The metrics lines of ``block``'s logged steps for its real lanes (step-major, then lane).
+
+    Lanes with a k=1 twin in their group get ``rel_l1_to_k1`` and ``rel_l1_to_k1_ma100``;
+    the sharpness step gets ``sharpness``, ``normalized_sharpness = lr * sharpness`` (in
+    float64) and its ratio to ``threshold``.
+    """
+    out = []
+    gi = block.inputs
+    for j in logged_columns(block, log_every):
+        step = block.start + j
+        has_sharp = block.sharpness is not None and j == 0
+        for li, lane_index in enumerate(gi.idx):
+            lane = gi.lanes[li]
+            rec: dict[str, Any] = {
+                "group": block.group,
+                "lane": lane_index,
+                "step": step,
+                "loss": float(block.loss[li, j]),
+                "finite": bool(block.finite[li, j]),
+                "learning_rate": lane.learning_rate,
+                "k": lane.k,
+                "seed": lane.seed,
+                "weight_decay": lane.weight_decay,
+            }
+            if gi.has_twin[li]:
+                rec["rel_l1_to_k1"] = float(block.rel_l1[li, j])
+                rec[f"rel_l1_to_k1_ma{REL_L1_WINDOW}"] = float(block.rel_l1_ma[li, j])
+            if has_sharp:
+                lam = float(block.sharpness[li])
+                ns = float(np.float64(lane.learning_rate) * lam)
+                rec.update(sharpness=lam, normalized_sharpness=ns, threshold_ratio=ns / threshold)
+            out.append(rec)
+    return out
+
+
+def new_timing() -> dict[str, Any]:
+    """The timing record :func:`run_group` adds to (seconds)."""
+    return {"train_s": 0.0, "sharpness_s": 0.0, "checkpoint_s": 0.0, "compile_and_first_chunk_s": None}
+
+
+def run_group(
+    plan: Plan,
+    g: int,
+    state: TrainState | None,
+    start: int,
+    *,
+    emit: Callable[[LogBlock], None],
+    save: Callable[[int, int, TrainState], None] | None = None,
+    after_chunk: Callable[[int, int, TrainState, float, float | None], None] | None = None,
+    timing: dict[str, Any] | None = None,
+) -> tuple[TrainState, dict[str, np.ndarray]]:
+    """Runs group ``g`` from ``state`` at step ``start`` (``None``: the initial state) to ``config.steps``.
+
+    At each boundary ``s``: ``save(g, s, state)`` when a checkpoint is due (not at
+    ``start``), then the sharpness when due (at ``s`` and at the end), then either the
+    final line (``s == steps``) or one chunk up to the next boundary. Every chunk's values
+    go to ``emit``; ``after_chunk(g, s, state, loss of lane 0, last sharpness of lane 0)``
+    runs after each chunk (progress, interrupts: it may raise).
+
+    Returns:
+      The final state and the final running loss statistics (host arrays).
+    """
+    cfg = plan.config
+    total = cfg.steps
+    timing = new_timing() if timing is None else timing
+    gi = plan.inputs(g)
+    if state is None:
+        state = plan.init_fn(gi.hp)
+    s = start
+    last_sharp: float | None = None
+    pending_sharp: np.ndarray | None = None
+    while True:
+        # 1. checkpoint the state at boundary s (before its sharpness step).
+        if save is not None and s != start and (s == total or (cfg.checkpoint_every and s % cfg.checkpoint_every == 0)):
+            t0 = time.perf_counter()
+            save(g, s, state)
+            timing["checkpoint_s"] += time.perf_counter() - t0
+        # 2. sharpness at s.
+        if cfg.sharpness_every and (s % cfg.sharpness_every == 0 or s == total):
+            t0 = time.perf_counter()
+            state, lam = plan.sharp_fn(state, gi.hp, plan.sharp_data)
+            pending_sharp = np.asarray(jax.device_get(lam))
+            timing["sharpness_s"] += time.perf_counter() - t0
+            last_sharp = float(pending_sharp[0])
+        if s == total:
+            fl, ff, frel, fma, fstats = jax.device_get(plan.final_fn(state, gi.hp, plan.data, gi.twin))
+            emit(LogBlock(g, gi, s, np.asarray(fl)[:, None], np.asarray(ff)[:, None], pending_sharp,
+                          np.asarray(frel)[:, None], np.asarray(fma)[:, None], force=True))
+            return state, {k: np.asarray(v) for k, v in fstats.items()}
+        # 3. one chunk.
+        nxt = next_boundary(s, total, (cfg.chunk_steps, cfg.checkpoint_every, cfg.sharpness_every))
+        t0 = time.perf_counter()
+        state, met = plan.chunk_fn(state, gi.hp, plan.data, jnp.asarray(nxt - s, jnp.int32), gi.twin)
+        met = jax.tree_util.tree_map(lambda a: np.asarray(a)[:, : nxt - s], jax.device_get(met))
+        dt = time.perf_counter() - t0
+        if timing["compile_and_first_chunk_s"] is None:
+            timing["compile_and_first_chunk_s"] = dt
+        else:
+            timing["train_s"] += dt
+        losses = np.asarray(met["loss"])
+        emit(LogBlock(g, gi, s, losses, np.asarray(met["finite"]), pending_sharp, np.asarray(met["rel_l1"]),
+                      np.asarray(met["rel_l1_ma"])))
+        pending_sharp = None
+        s = nxt
+        if after_chunk is not None:
+            after_chunk(g, s, state, float(losses[0, -1]), last_sharp)

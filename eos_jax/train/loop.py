@@ -1,0 +1,210 @@
+"""``train()``: every lane of a run to ``config.steps``, into a run directory, interruptible and resumable.
+
+The host loop of :mod:`eos_jax.train.core` with a :class:`~eos_jax.train.writer.RunWriter`
+(``metrics.jsonl``, orbax checkpoints, ``results.json``), a progress bar, and SIGINT/SIGTERM
+caught while it runs (checkpoint, then :class:`TrainingInterrupted`). For an in-memory run
+that writes nothing and touches no signal handler, see :func:`eos_jax.train.fit`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+
+from eos_jax.checkpoint import CheckpointStore
+from eos_jax.errors import CheckpointMismatchError
+from eos_jax.progress import ProgressBar
+from eos_jax.train.config import EngineConfig, Problem
+from eos_jax.train.core import Plan, group_lanes, new_timing, pad_lanes, run_group
+from eos_jax.train.state import Lane, TrainState, hparam_dtype, init_state, stack_hparams
+from eos_jax.train.stats import summarize_run
+from eos_jax.train.writer import RunWriter, read_metrics
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM arrived; a checkpoint of ``step`` was saved before stopping."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path):
+        self.signum = signum
+        self.step = step
+        self.run_dir = run_dir
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in {run_dir}; continue with --resume")
+
+
+class _SignalCatcher:
+    """Records SIGINT/SIGTERM instead of raising, while active (main thread only)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_SignalCatcher":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def check_resume(
+    problem: Problem,
+    lanes: Sequence[Lane],
+    config: EngineConfig,
+    run_dir: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    devices: Sequence[Any] | None = None,
+) -> None:
+    """Checks that ``run_dir``'s checkpoints hold the states this run would resume; writes nothing.
+
+    Each lane group's checkpoints must hold a state of the same arrays (number, shapes,
+    dtypes) as the group would train now: the lane grouping (``max_lanes``, and the padding
+    to a multiple of the device count) and the model must be those of the run that wrote
+    them. Checkpoints whose record cannot be read are left to the corruption fallback of
+    :meth:`eos_jax.checkpoint.CheckpointStore.restore_latest`.
+
+    Args:
+      problem, lanes, config, dtype, devices: as for :func:`train`.
+      run_dir: the run directory to resume.
+
+    Raises:
+      CheckpointMismatchError: one line naming the group and what differs (nothing is moved).
+    """
+    devices = list(devices) if devices is not None else jax.devices()
+    groups = group_lanes(len(lanes), config.max_lanes, len(devices))
+    dtype = hparam_dtype(problem, dtype)
+    vinit = jax.vmap(lambda hp: init_state(problem, hp))
+    root = Path(run_dir) / "checkpoints"
+    how = ("resume with the same max_lanes and number of devices as the run that wrote it, "
+           "or start a new run directory")
+    for g, idx in enumerate(groups):
+        d = root / f"group_{g:03d}"
+        if not d.is_dir():
+            continue
+        glanes = pad_lanes([lanes[i] for i in idx], len(devices))
+        template = jax.eval_shape(vinit, stack_hparams(glanes, dtype))
+        store = CheckpointStore(d, max_to_keep=config.checkpoint_keep)
+        try:
+            store.check_all(template)
+        except CheckpointMismatchError as e:
+            saved = e.saved or []
+            n_saved = saved[0][0][0] if saved and saved[0][0] else None
+            n_wanted = len(glanes)
+            ndev = f"{len(devices)} device{'s' if len(devices) > 1 else ''}"
+            padding = f", padded to a multiple of {ndev}" if n_wanted != len(idx) else ""
+            if n_saved is not None and n_saved != n_wanted:
+                msg = (f"checkpoints/group_{g:03d} of {run_dir} holds {n_saved} lanes, this run would put "
+                       f"{n_wanted} there (lanes {idx[0]}..{idx[-1]} of {len(lanes)}{padding}; "
+                       f"max_lanes={config.max_lanes}, {ndev}): {how}")
+            else:
+                msg = (f"checkpoints/group_{g:03d} of {run_dir} holds another model's state ({e.difference}): "
+                       "resume with the model that wrote it, or start a new run directory")
+            raise CheckpointMismatchError(msg) from None
+        finally:
+            store.close()
+    extra = sorted(p.name for p in root.glob("group_*") if p.is_dir() and p.name[6:].isdigit()
+                   and int(p.name[6:]) >= len(groups) and any(c.name.isdigit() for c in p.iterdir()))
+    if extra:
+        raise CheckpointMismatchError(
+            f"checkpoints/{extra[0]} of {run_dir} belongs to a lane group this run does not have ({len(groups)} "
+            f"group{'s' if len(groups) > 1 else ''} of at most {config.max_lanes} lanes on {len(devices)} "
+            f"device{'s' if len(devices) > 1 else ''}): {how}")
+
+
+def train(
+    problem: Problem,
+    lanes: Sequence[Lane],
+    config: EngineConfig,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    dtype: Any = None,
+    devices: Sequence[Any] | None = None,
+    progress_stream: Any = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Runs every lane to ``config.steps``; writes metrics.jsonl, checkpoints/, results.json.
+
+    Args:
+      problem: what to train.
+      lanes: the hyperparameter points (:func:`eos_jax.train.make_lanes`).
+      config: the schedule.
+      run_dir: an opened run directory (see :func:`eos_jax.io.open_run_dir`).
+      resume: continue from the newest valid checkpoint of each group; metrics lines
+        past it are dropped so the file ends identical to an uninterrupted run's.
+      quiet: no progress bar.
+      dtype: None (default): learning rate and weight decay take the parameters' dtype
+        (:func:`eos_jax.train.hparam_dtype`); a dtype given must be that one (ConfigError otherwise).
+      devices: devices to spread the lane axis over (default: all).
+      progress_stream: where the progress bar goes (default stderr).
+      on_chunk: called with the step reached after each chunk (e.g. to report elsewhere).
+
+    Returns:
+      The results dict also written to ``results.json``: per lane its hyperparameters,
+      ``finite``/``first_nonfinite_step``, loss and sharpness statistics and the SHA-256
+      of its final parameters; a summary over lanes; timings.
+
+    Raises:
+      ConfigError: bad config.
+      CheckpointMismatchError: ``resume`` with checkpoints of another lane grouping or model.
+      TrainingInterrupted: SIGINT/SIGTERM (after saving a checkpoint).
+
+    Example:
+      >>> run_dir = eos_jax.io.open_run_dir("runs/toy", {"lrs": [0.05, 0.3]})  # doctest: +SKIP
+      >>> res = train(problem, make_lanes([0.05, 0.3]), EngineConfig(steps=100), run_dir)  # doctest: +SKIP
+    """
+    plan = Plan.build(problem, lanes, config, dtype=dtype, devices=devices)
+    run_dir = Path(run_dir)
+    if resume:
+        # Another lane grouping, device count or model is an error (nothing moved), never a restart.
+        check_resume(problem, lanes, config, run_dir, dtype=plan.dtype, devices=plan.devices)
+    writer = RunWriter(run_dir, len(plan.groups), config.checkpoint_keep, config.log_every, problem.threshold)
+    start_steps = writer.start(resume, plan.template)
+    total = config.steps
+    bar = ProgressBar(total * len(plan.groups), enabled=not quiet, stream=progress_stream,
+                      label=f"{problem.name} " if problem.name else "")
+    timing = new_timing()
+    final_states: list[tuple[list[int], TrainState, dict[str, Any]]] = []
+
+    with _SignalCatcher() as sig:
+
+        def after_chunk(g: int, s: int, state: TrainState, loss: float, sharpness: float | None) -> None:
+            n_real = len(plan.groups[g])
+            bar.update(g * total + s, loss, sharpness, extra=f"lanes {n_real}" if n_real > 1 else "")
+            if on_chunk is not None:
+                on_chunk(s)
+            if sig.signum is not None:
+                writer.save(g, s, state)
+                writer.close()  # waits for the save to commit
+                bar.close()
+                raise TrainingInterrupted(sig.signum, s, run_dir)
+
+        for g, idx in enumerate(plan.groups):
+            s = start_steps[g]
+            state = plan.place(writer.restore(g, s, plan.template(g))) if s > 0 else None
+            state, fstats = run_group(plan, g, state, s, emit=writer.log, save=writer.save, after_chunk=after_chunk,
+                                      timing=timing)
+            writer.wait(g)
+            final_states.append((idx, state, fstats))
+    bar.close()
+    writer.close()
+    timing["num_devices"] = len(plan.devices)
+    lane_records, summary, _ = summarize_run(lanes, plan.groups, final_states, read_metrics(writer.metrics_path),
+                                             problem.threshold, plan.twins)
+    results = {"lanes": lane_records, "summary": summary, "timing": timing}
+    writer.write_results(results)
+    return results

@@ -1,0 +1,184 @@
+"""``fit()``: the engine in memory, for a notebook: no run directory, no signal handler, arrays back.
+
+:func:`fit` runs the same :class:`~eos_jax.train.core.Plan` (compiled init, chunk,
+sharpness and final-line programs) and the same host loop
+(:func:`~eos_jax.train.core.run_group`) as :func:`eos_jax.train.train`, over the same lane
+groups, so the same problem, lanes and config give bitwise the same losses, sharpness,
+RelL1 and final parameters. It keeps every logged value in a :class:`History` of NumPy
+arrays instead of writing ``metrics.jsonl``, saves no checkpoint and leaves SIGINT/SIGTERM
+to the caller (Ctrl-C in a notebook interrupts it as any other cell).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from eos_jax import io as eio
+from eos_jax.train.config import EngineConfig, Problem, PyTree
+from eos_jax.train.core import LogBlock, Plan, logged_columns, metric_records, new_timing, run_group
+from eos_jax.train.state import Lane, TrainState
+from eos_jax.train.stats import summarize_run
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # no ==: its fields are arrays
+class History:
+    """What :func:`fit` returns: the logged series of every lane, its final parameters and summaries.
+
+    Series have shape ``(lanes, len(step))``: lane ``i`` is ``lanes[i]``; column ``t`` is
+    step ``step[t]`` (the logged steps: multiples of ``log_every``, sharpness steps and the
+    last step, the loss being that at the parameters *before* the step's update). Values
+    keep the dtype the engine computed them in (the losses', the eigenvalues').
+
+    Attributes:
+      lanes: the lanes, in order.
+      step: ``int64 (T,)`` logged steps.
+      loss: ``(lanes, T)`` loss at each logged step.
+      finite: ``bool (lanes, T)``: False from a lane's first non-finite step on (its
+        parameters stay those of its last finite step).
+      sharpness: ``(lanes, T)`` largest algebraic Hessian eigenvalue of the objective; NaN
+        where not measured (``config.sharpness_every``).
+      normalized_sharpness: ``float64 (lanes, T)`` ``lr * sharpness`` (Section 6), NaN where
+        not measured; compare with ``threshold``.
+      rel_l1: ``(lanes, T)`` RelL1 of the lane's parameters to its k=1 twin's (same lr,
+        seed, weight decay; same lane group); NaN for k=1 lanes and lanes without a twin in
+        their group (``lane_summaries[i]["rel_l1_to_k1_missing"]`` says why).
+      rel_l1_ma: ``(lanes, T)`` its trailing mean over ``eos_jax.train.REL_L1_WINDOW`` steps, NaN likewise.
+      params: the final parameters, a pytree of NumPy arrays with a leading lane axis.
+      lane_summaries: per lane the record ``train`` writes to ``results.json``: ``finite``,
+        ``first_nonfinite_step``, loss spikes of EVERY step (``num_loss_increases_1pct``,
+        ``..._late``), ``min_loss``, sharpness statistics, ``params_digest`` and, for
+        k != 1 lanes, ``rel_l1_to_k1``, ``n_diff_to_k1`` and ``max_ulp_to_k1``.
+      summary: over lanes (number finite, diverged lanes, final loss range, threshold).
+      groups: lane indices of each vmapped group (the programs compared like with like).
+      threshold: the stability threshold of ``lr * sharpness`` for the optimizer.
+    """
+
+    lanes: tuple[Lane, ...]
+    step: np.ndarray
+    loss: np.ndarray
+    finite: np.ndarray
+    sharpness: np.ndarray
+    normalized_sharpness: np.ndarray
+    rel_l1: np.ndarray
+    rel_l1_ma: np.ndarray
+    params: PyTree
+    lane_summaries: tuple[dict[str, Any], ...]
+    summary: dict[str, Any]
+    groups: tuple[tuple[int, ...], ...]
+    threshold: float
+
+
+def fit(
+    problem: Problem,
+    lanes: Sequence[Lane],
+    steps: int,
+    *,
+    config: EngineConfig | None = None,
+    dtype: Any = None,
+    devices: Sequence[Any] | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> History:
+    """Trains every lane for ``steps`` steps in memory and returns its :class:`History`.
+
+    What a notebook calls: the engine of :func:`eos_jax.train.train` (one vmapped,
+    scan-chunked program per lane group of at most ``config.max_lanes`` lanes, warm-started
+    sharpness tracking, non-finite lanes frozen), without a run directory: no file is
+    written, no checkpoint saved, no signal handler installed, no progress bar drawn.
+    With the same problem, lanes and config, ``train`` writes bitwise the same losses,
+    sharpness and final parameters into its run directory.
+
+    Args:
+      problem: what to train (:class:`eos_jax.train.Problem`).
+      lanes: the hyperparameter points (:func:`eos_jax.train.make_lanes`).
+      steps: optimizer steps per lane (overrides ``config.steps``).
+      config: the schedule (chunking, ``log_every``, sharpness, ``max_lanes``; the
+        checkpoint fields only place chunk boundaries, as in ``train``); default
+        ``EngineConfig(steps=steps)``.
+      dtype: None: learning rate and weight decay take the parameters' dtype.
+      devices: devices to spread the lane axis over (default: all).
+      on_chunk: called with the step reached after each chunk.
+
+    Returns:
+      The :class:`History`.
+
+    Raises:
+      ConfigError: a bad config or lane list.
+
+    Example:
+      A two-layer net of one's own, plain GD (k=1) next to perturbed GD (k=3), at two
+      learning rates; sharpness every 10 steps:
+
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> x = jax.random.normal(jax.random.key(0), (16, 3), jnp.float32)
+      >>> y = jnp.sin(x[:, :1])
+      >>> def init(key):
+      ...     k1, k2 = jax.random.split(key)
+      ...     return {"w1": jax.random.normal(k1, (3, 8), jnp.float32) * jnp.float32(0.5),
+      ...             "w2": jax.random.normal(k2, (8, 1), jnp.float32) * jnp.float32(0.5)}
+      >>> def loss(p, b):
+      ...     return jnp.mean(jnp.square(jnp.tanh(b["x"] @ p["w1"]) @ p["w2"] - b["y"]))
+      >>> problem = tr.Problem(init, loss, lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"x": x, "y": y})
+      >>> hist = tr.fit(problem, tr.make_lanes([0.1, 0.5], ks=[1, 3]), 40)
+      >>> hist.loss.shape, int(hist.step[-1])  # 4 lanes; steps 0..40 logged
+      ((4, 41), 40)
+      >>> bool(hist.lane_summaries[0]["finite"]), int(np.isfinite(hist.sharpness[0]).sum())  # steps 0, 10, .., 40
+      (True, 5)
+      >>> bool(np.isnan(hist.rel_l1[0]).all()), hist.lanes[1].k, bool(hist.rel_l1[1, -1] > 0)  # k=1 has no twin
+      (True, 3, True)
+    """
+    config = EngineConfig(steps=steps) if config is None else dataclasses.replace(config, steps=steps)
+    plan = Plan.build(problem, lanes, config, dtype=dtype, devices=devices)
+    blocks: list[LogBlock] = []
+    final_states: list[tuple[list[int], TrainState, dict[str, Any]]] = []
+    timing = new_timing()
+    after = (lambda g, s, state, loss, sharp: on_chunk(s)) if on_chunk is not None else None
+    for g, idx in enumerate(plan.groups):
+        state, fstats = run_group(plan, g, None, 0, emit=blocks.append, after_chunk=after, timing=timing)
+        final_states.append((idx, state, fstats))
+    # The records as train() reads them back from metrics.jsonl (non-finite values as None), so
+    # the summaries are computed from the same values.
+    records = [eio.to_jsonable(r) for b in blocks for r in metric_records(b, config.log_every, problem.threshold)]
+    lane_records, summary, final_params = summarize_run(lanes, plan.groups, final_states, records,
+                                                        problem.threshold, plan.twins)
+    series = _series(blocks, len(lanes), config.log_every)
+    params = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[final_params[i] for i in range(len(lanes))])
+    return History(lanes=tuple(lanes), params=params, lane_summaries=tuple(lane_records), summary=summary,
+                   groups=tuple(tuple(idx) for idx in plan.groups), threshold=problem.threshold, **series)
+
+
+def _series(blocks: list[LogBlock], num_lanes: int, log_every: int) -> dict[str, np.ndarray]:
+    """The logged values of ``blocks`` as ``(lanes, logged steps)`` arrays (NaN where absent)."""
+    cols = [(b, logged_columns(b, log_every)) for b in blocks]
+    steps = np.array(sorted({b.start + j for b, js in cols for j in js}), np.int64)
+    pos = {int(s): t for t, s in enumerate(steps)}
+    first = blocks[0]
+
+    def empty(dtype: Any) -> np.ndarray:
+        return np.full((num_lanes, len(steps)), np.nan, dtype)
+
+    sharp_dtype = next((b.sharpness.dtype for b in blocks if b.sharpness is not None), first.loss.dtype)
+    out = {"loss": empty(first.loss.dtype), "finite": np.zeros((num_lanes, len(steps)), bool),
+           "sharpness": empty(sharp_dtype), "normalized_sharpness": empty(np.float64),
+           "rel_l1": empty(first.rel_l1.dtype), "rel_l1_ma": empty(first.rel_l1_ma.dtype)}
+    for b, js in cols:
+        gi = b.inputs
+        for li, lane_index in enumerate(gi.idx):
+            ts = [pos[b.start + j] for j in js]
+            out["loss"][lane_index, ts] = b.loss[li, js]
+            out["finite"][lane_index, ts] = b.finite[li, js]
+            if gi.has_twin[li]:
+                out["rel_l1"][lane_index, ts] = b.rel_l1[li, js]
+                out["rel_l1_ma"][lane_index, ts] = b.rel_l1_ma[li, js]
+            if b.sharpness is not None:
+                t0 = pos[b.start]
+                out["sharpness"][lane_index, t0] = b.sharpness[li]
+                # As in the metrics lines: lr (float64) times the eigenvalue, in float64.
+                out["normalized_sharpness"][lane_index, t0] = np.float64(gi.lanes[li].learning_rate) * np.float64(
+                    b.sharpness[li])
+    return {"step": steps, **out}
+

@@ -1,0 +1,259 @@
+"""Lanes, their traced hyperparameters, and the state pytree one lane carries from step to step.
+
+A run trains one or more *lanes*, each a point of the product of lists of learning
+rate, perturbation factor k, seed and weight decay (:func:`make_lanes`). Their
+hyperparameters are stacked into an :class:`HParams` of arrays with a leading lane
+axis (:func:`stack_hparams`), in the dtype of the parameters (:func:`hparam_dtype`).
+
+Randomness is a pure function of the lane's seed. The key tree (every edge a
+``jax.random.fold_in``; no key is used for two purposes)::
+
+    key(0) -> seed -> 0: init key           problem.init_params
+                   -> 1: data key           TrainState.key
+                           -> STREAM_BATCH_ORDER (0) -> epoch e: permutation of epoch e
+                           -> STREAM_SHARPNESS (1)   -> step t:  eigensolver key at step t
+                   -> 2: eigenvector key    first guess of TrainState.eigvec
+
+The two streams of the data key hang off distinct tags, so the sharpness key of step
+``t`` and the batch-order key of epoch ``e`` differ even when ``t == e`` (before the
+tags, both were ``fold_in(data key, n)`` and collided whenever step == epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eos_jax.errors import ConfigError
+from eos_jax.train.config import Problem, PyTree
+from eos_jax.train.stats import REL_L1_WINDOW, init_loss_stats
+
+_ROOT_SEED = 0  # every lane key is fold_in(key(_ROOT_SEED), seed): seeds are plain integers.
+_MAX_SEED = 2**31 - 1
+STREAM_BATCH_ORDER = 0  # fold_in tag of the data key's batch-order stream (one key per epoch)
+STREAM_SHARPNESS = 1  # fold_in tag of the data key's eigensolver stream (one key per step)
+
+
+def batch_order_key(key_data: jax.Array) -> jax.Array:
+    """The batch-order stream of a lane's data key (raw ``uint32[2]``); epoch ``e`` folds in ``e``."""
+    return jax.random.fold_in(jax.random.wrap_key_data(key_data), STREAM_BATCH_ORDER)
+
+
+def sharpness_key(key_data: jax.Array, step: jax.Array | int) -> jax.Array:
+    """The eigensolver key of a lane at ``step``: ``fold_in(fold_in(data key, STREAM_SHARPNESS), step)``."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key_data), STREAM_SHARPNESS), step)
+
+
+# ----------------------------------------------------------------------------- lanes
+
+
+@dataclasses.dataclass(frozen=True)
+class Lane:
+    """One run of a sweep: Python values of its hyperparameters."""
+
+    learning_rate: float
+    k: int = 1
+    seed: int = 0
+    weight_decay: float = 0.0
+
+    def asdict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _as_list(name: str, values: Any) -> list[Any]:
+    if isinstance(values, (list, tuple)):
+        out = list(values)
+    else:
+        out = [values]
+    if not out:
+        raise ConfigError(f"{name}: empty list; give at least one value")
+    return out
+
+
+def make_lanes(
+    learning_rates: float | Sequence[float],
+    ks: int | Sequence[int] = 1,
+    seeds: int | Sequence[int] = 0,
+    weight_decays: float | Sequence[float] = 0.0,
+) -> list[Lane]:
+    """The product of the hyperparameter lists, learning rate varying slowest.
+
+    Args:
+      learning_rates: finite values > 0.
+      ks: perturbation factors, integers >= 1 (k=1 is plain SGD/GD; Section 4.1).
+      seeds: integers in [0, 2**31 - 1].
+      weight_decays: finite values >= 0.
+
+    Returns:
+      ``len(lr) * len(k) * len(seed) * len(wd)`` lanes.
+
+    Raises:
+      ConfigError: a bad value (named) or a duplicated lane.
+    """
+    lrs = _as_list("learning rate", learning_rates)
+    kk = _as_list("k", ks)
+    ss = _as_list("seed", seeds)
+    wds = _as_list("weight decay", weight_decays)
+    for lr in lrs:
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"learning rate {lr!r} is not allowed; expected a finite float > 0")
+    for k in kk:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"k={k!r} is not allowed; expected an integer >= 1")
+    for s in ss:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= _MAX_SEED:
+            raise ConfigError(f"seed {s!r} is not allowed; expected an integer in [0, {_MAX_SEED}]")
+    for wd in wds:
+        if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0):
+            raise ConfigError(f"weight decay {wd!r} is not allowed; expected a finite float >= 0")
+    lanes = [
+        Lane(float(lr), int(k), int(s), float(wd)) for lr, k, s, wd in itertools.product(lrs, kk, ss, wds)
+    ]
+    if len(set(lanes)) != len(lanes):
+        raise ConfigError("the hyperparameter lists contain duplicates; every lane must be distinct")
+    return lanes
+
+
+class HParams(NamedTuple):
+    """Traced hyperparameters of one lane (a leading lane axis when stacked)."""
+
+    learning_rate: jax.Array  # working float dtype
+    k: jax.Array  # int32
+    weight_decay: jax.Array  # working float dtype
+    seed: jax.Array  # int32
+
+
+def stack_hparams(lanes: Sequence[Lane], dtype: Any = jnp.float32) -> HParams:
+    """Stacks lanes into an :class:`HParams` of arrays with a leading lane axis.
+
+    Learning rate and weight decay are rounded once to ``dtype``, which must be the
+    dtype of the parameters (:func:`hparam_dtype`; :func:`init_state` and the step
+    refuse another): float64 parameters get ``float64(lr)``, never
+    ``float64(float32(lr))``.
+    """
+    return HParams(
+        learning_rate=jnp.asarray(np.array([l.learning_rate for l in lanes], dtype=dtype)),
+        k=jnp.asarray(np.array([l.k for l in lanes], dtype=np.int32)),
+        weight_decay=jnp.asarray(np.array([l.weight_decay for l in lanes], dtype=dtype)),
+        seed=jnp.asarray(np.array([l.seed for l in lanes], dtype=np.int32)),
+    )
+
+
+# ----------------------------------------------------------------------------- state
+
+
+class TrainState(NamedTuple):
+    """Everything a run carries from one step to the next (jitted, vmapped, checkpointed).
+
+    Attributes:
+      step: steps taken (int32 scalar).
+      params: the parameter pytree.
+      opt_state: the optax state.
+      key: raw key data (uint32[2]) of the lane's data key (minibatch order).
+      eigvec: last top Hessian eigenvector, shaped like ``params`` (warm start).
+      finite: False once a step produced a non-finite loss, parameter or optimizer state.
+      nonfinite_step: the first such step (meaningful only when ``finite`` is False);
+        the state is frozen at the parameters of that step.
+      loss_stats: running statistics of EVERY step's loss (:func:`init_loss_stats`),
+        updated inside the scan, so the stability verdict does not depend on
+        ``log_every`` (an even ``log_every`` would hide a period-2 oscillation).
+      rel_buf: the last :data:`REL_L1_WINDOW` values of the lane's RelL1 to its k=1
+        twin (a ring buffer, for the moving average the authors plot).
+      rel_count: RelL1 values pushed so far.
+    """
+
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    key: jax.Array
+    eigvec: PyTree
+    finite: jax.Array
+    nonfinite_step: jax.Array
+    loss_stats: dict[str, jax.Array]
+    rel_buf: jax.Array
+    rel_count: jax.Array
+
+
+def _lane_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(init key, data key, eigenvector key) of a lane, all derived with fold_in."""
+    lane = jax.random.fold_in(jax.random.key(_ROOT_SEED), seed)
+    return jax.random.fold_in(lane, 0), jax.random.fold_in(lane, 1), jax.random.fold_in(lane, 2)
+
+
+def hparam_dtype(problem: Problem, dtype: Any = None) -> np.dtype:
+    """The dtype of a run's learning rate and weight decay: that of the parameters.
+
+    Args:
+      problem: whose ``init_params`` gives the parameters (traced abstractly, not run).
+      dtype: None, or the dtype the caller expects (must then equal the parameters').
+
+    Raises:
+      ConfigError: ``dtype`` is given and is not the parameters' dtype.
+    """
+    shapes = jax.eval_shape(problem.init_params, jax.random.key(_ROOT_SEED))
+    want = np.dtype(param_dtype(shapes))
+    if dtype is not None and np.dtype(dtype) != want:
+        raise ConfigError(f"dtype={np.dtype(dtype)} for the hyperparameters, but the parameters are {want}: "
+                          "learning rate and weight decay take the parameters' dtype (pass dtype=None)")
+    return want
+
+
+def check_hparams(hp: HParams, params: PyTree) -> None:
+    """Refuses (at trace time) hyperparameters of another float dtype than the parameters."""
+    want = np.dtype(param_dtype(params))
+    for name in ("learning_rate", "weight_decay"):
+        got = np.dtype(jnp.result_type(getattr(hp, name)))
+        if got != want:
+            raise ConfigError(f"{name} is {got} but the parameters are {want}: stack the hyperparameters with "
+                              f"stack_hparams(lanes, {want}) (hyperparameters take the parameters' dtype)")
+
+
+def _random_like(key: jax.Array, tree: PyTree) -> PyTree:
+    """Unit-norm Gaussian pytree shaped like ``tree`` (per-leaf dtype)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    vs = [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    sq = sum(jnp.sum(jnp.square(v)).astype(jnp.float32) for v in vs)
+    inv = jax.lax.rsqrt(sq)
+    return jax.tree_util.tree_unflatten(treedef, [v * inv.astype(v.dtype) for v in vs])
+
+
+def init_state(problem: Problem, hp: HParams) -> TrainState:
+    """The state of one lane at step 0 (pure; vmap it over stacked HParams)."""
+    init_key, data_key, eig_key = _lane_keys(hp.seed)
+    params = problem.init_params(init_key)
+    check_hparams(hp, params)
+    opt_state = problem.make_optimizer(hp).init(params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=opt_state,
+        key=jax.random.key_data(data_key),
+        eigvec=_random_like(eig_key, params),
+        finite=jnp.ones((), jnp.bool_),
+        nonfinite_step=jnp.zeros((), jnp.int32),
+        loss_stats=init_loss_stats(param_dtype(params)),
+        rel_buf=jnp.zeros((REL_L1_WINDOW,), param_dtype(params)),
+        rel_count=jnp.zeros((), jnp.int32),
+    )
+
+
+def param_dtype(params: PyTree) -> Any:
+    """The floating dtype of the parameters (RelL1 and loss statistics are kept in it)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(params) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.result_type(*leaves) if leaves else jnp.float32
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """True iff every inexact leaf of ``tree`` is finite."""
+    ok = jnp.ones((), jnp.bool_)
+    for x in jax.tree_util.tree_leaves(tree):
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            ok = ok & jnp.all(jnp.isfinite(x))
+    return ok

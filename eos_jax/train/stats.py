@@ -1,0 +1,253 @@
+"""Per-lane statistics: every step's loss folded on device, the RelL1 to the k=1 twin, and the lane summaries.
+
+The running loss statistics (:func:`update_loss_stats`) are updated inside the compiled
+chunk from EVERY step's loss, so the stability verdict and spike counts do not depend on
+``log_every``; :func:`loss_stats_reference` is the same computation in NumPy (tests).
+The RelL1 to the k=1 twin (Section 4: perturbed vs plain SGD) is gathered across the
+lane axis inside the compiled program (:func:`rel_l1_to_twin`) and smoothed over
+:data:`REL_L1_WINDOW` steps. :func:`lane_results` turns a run's final states and its
+metrics lines into the per-lane records of ``results.json`` (and of
+:class:`eos_jax.train.History`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eos_jax.metrics import rel_l1, tree_digest, ulp_diff
+from eos_jax.train.config import PyTree
+
+# Window of the RelL1 moving average (the paper's Figure 3 / Figure 5 right are smoothed over
+# 100 steps; the released scripts, scripts/oscillation_plot.py and scripts/loss_plot.py of
+# sunyx523/surprising-instabilities, plot raw arrays and do not say how): a trailing uniform
+# mean of the last min(t + 1, 100) values, i.e. a partial window over the first 99 steps.
+REL_L1_WINDOW = 100
+SPIKE_REL_INCREASE = 0.01  # a "spike": the loss rises by more than 1 % from one step to the next
+
+
+def init_loss_stats(dtype: Any) -> dict[str, jax.Array]:
+    """Running statistics of the per-step loss before the first step.
+
+    ``max_inc`` and ``max_inc_late`` start at -inf (no pair yet; reported as 0.0),
+    ``min_loss`` at +inf (no finite loss yet; reported as None).
+    """
+    return {
+        "prev": jnp.zeros((), dtype),
+        "has_prev": jnp.zeros((), jnp.bool_),
+        "max_inc": jnp.full((), -jnp.inf, dtype),
+        "n_inc": jnp.zeros((), jnp.int32),
+        "max_inc_late": jnp.full((), -jnp.inf, dtype),
+        "n_inc_late": jnp.zeros((), jnp.int32),
+        "min_loss": jnp.full((), jnp.inf, dtype),
+    }
+
+
+def update_loss_stats(stats: dict[str, jax.Array], step: jax.Array, loss: jax.Array, ok: jax.Array,
+                      late_from: int) -> dict[str, jax.Array]:
+    """Folds the loss of ``step`` into the running statistics (pure, jittable).
+
+    Only finite steps (``ok``) count; the relative increase ``(loss - prev) / |prev|`` is
+    taken between consecutive counted steps in the loss's dtype, and it is *late* when
+    the earlier step is ``>= late_from`` (the first 10 % of a run are its transient).
+    :func:`loss_stats_reference` is the same computation in NumPy.
+    """
+    dt = stats["prev"].dtype
+    loss = loss.astype(dt)
+    prev = stats["prev"]
+    pair = ok & stats["has_prev"] & (prev != 0)
+    inc = (loss - prev) / jnp.abs(jnp.where(prev != 0, prev, jnp.ones_like(prev)))
+    spike = pair & (inc > jnp.asarray(SPIKE_REL_INCREASE, dt))
+    late = (step - jnp.ones((), step.dtype)) >= late_from
+    return {
+        "prev": jnp.where(ok, loss, prev),
+        "has_prev": stats["has_prev"] | ok,
+        "max_inc": jnp.where(pair, jnp.maximum(stats["max_inc"], inc), stats["max_inc"]),
+        "n_inc": stats["n_inc"] + spike.astype(jnp.int32),
+        "max_inc_late": jnp.where(pair & late, jnp.maximum(stats["max_inc_late"], inc), stats["max_inc_late"]),
+        "n_inc_late": stats["n_inc_late"] + (spike & late).astype(jnp.int32),
+        "min_loss": jnp.where(ok, jnp.minimum(stats["min_loss"], loss), stats["min_loss"]),
+    }
+
+
+def loss_stats_reference(losses: Sequence[float], finite: Sequence[bool], late_from: int,
+                         dtype: Any = np.float32) -> dict[str, Any]:
+    """NumPy recomputation of the statistics of :func:`update_loss_stats` over steps 0..T.
+
+    Args:
+      losses: the loss of every step (index = step).
+      finite: whether each step counted (the engine's per-step ``finite``).
+      late_from: pairs whose earlier step is ``>= late_from`` are late.
+      dtype: the loss dtype the engine computed in.
+
+    Returns:
+      The summary fields :func:`summarize_loss_stats` reports.
+    """
+    x = np.asarray(losses, dtype=dtype)
+    kept = [(t, x[t]) for t in range(len(x)) if finite[t]]
+    incs = [(s, (b - a) / np.abs(a)) for (s, a), (_, b) in zip(kept, kept[1:]) if a != 0]
+    late = [v for t, v in incs if t >= late_from]
+    return {
+        "max_rel_loss_increase": float(max((v for _, v in incs), default=0.0)),
+        "num_loss_increases_1pct": sum(1 for _, v in incs if v > dtype(SPIKE_REL_INCREASE)),
+        "max_rel_loss_increase_late": float(max(late, default=0.0)),
+        "num_loss_increases_1pct_late": sum(1 for v in late if v > dtype(SPIKE_REL_INCREASE)),
+        "min_loss": float(min((v for _, v in kept), default=np.nan)) if kept else None,
+    }
+
+
+def summarize_loss_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    """The results.json fields of one lane's final running statistics (host values)."""
+    def fin(v: Any, default: Any) -> Any:
+        v = float(v)
+        return v if math.isfinite(v) else default
+
+    return {
+        "max_rel_loss_increase": fin(stats["max_inc"], 0.0),
+        "num_loss_increases_1pct": int(stats["n_inc"]),
+        "max_rel_loss_increase_late": fin(stats["max_inc_late"], 0.0),
+        "num_loss_increases_1pct_late": int(stats["n_inc_late"]),
+        "min_loss": fin(stats["min_loss"], None),
+    }
+
+
+def push_rel(buf: jax.Array, count: jax.Array, rel: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pushes ``rel`` into the ring buffer; returns ``(buf, count, moving average)``.
+
+    The average is the sum of the filled slots (empty ones hold 0) divided by their
+    number, ``min(count, REL_L1_WINDOW)``, in the buffer's dtype.
+    """
+    buf = buf.at[count % REL_L1_WINDOW].set(rel.astype(buf.dtype))
+    count = count + jnp.ones((), count.dtype)
+    filled = jnp.minimum(count, REL_L1_WINDOW).astype(buf.dtype)
+    return buf, count, jnp.sum(buf) / filled
+
+
+def rel_l1_to_twin(params: PyTree, twin: jax.Array) -> jax.Array:
+    """Per lane, :func:`eos_jax.metrics.rel_l1` of its parameters to those of lane ``twin[lane]``.
+
+    ``params`` has a leading lane axis; the twin's parameters are gathered inside the
+    compiled program (no transfer to the host).
+    """
+    other = jax.tree_util.tree_map(lambda a: jnp.take(a, twin, axis=0), params)
+    return jax.vmap(rel_l1)(params, other)
+
+
+def index_lane(tree: PyTree, i: int) -> PyTree:
+    """Lane ``i`` of a lane-stacked pytree, as NumPy arrays."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(x)[i], tree)
+
+
+def lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
+    """Loss and sharpness statistics of one lane from its metrics lines (sorted by step)."""
+    losses = [(r["step"], r["loss"]) for r in lines if r.get("finite") and r.get("loss") is not None]
+    sharp = [(r["step"], r["sharpness"], r["normalized_sharpness"]) for r in lines if r.get("sharpness") is not None]
+    out: dict[str, Any] = {
+        "initial_loss": losses[0][1] if losses else None,
+        "final_loss": lines[-1].get("loss") if lines else None,
+        "min_loss": min((l for _, l in losses), default=None),
+    }
+    # Largest relative increase of the loss between consecutive logged steps: GD below
+    # the stability bound decreases the loss monotonically; spikes mark instabilities.
+    incs = [(s, (b - a) / abs(a)) for (s, a), (_, b) in zip(losses, losses[1:]) if a != 0]
+    out["max_rel_loss_increase"] = max((x for _, x in incs), default=0.0)
+    out["num_loss_increases_1pct"] = sum(1 for _, x in incs if x > 0.01)
+    # The same after the first 10% of the steps, to tell an initial transient (e.g. a blow-up
+    # in the first steps that then settles) from persistent oscillations.
+    last = lines[-1]["step"] if lines else 0
+    late = [x for s, x in incs if s >= last // 10]
+    out["max_rel_loss_increase_late"] = max(late, default=0.0)
+    out["num_loss_increases_1pct_late"] = sum(1 for x in late if x > 0.01)
+    if sharp:
+        out["final_sharpness"] = sharp[-1][1]
+        out["final_normalized_sharpness"] = sharp[-1][2]
+        finite_ns = [ns for _, _, ns in sharp if ns is not None]
+        out["max_normalized_sharpness"] = max(finite_ns, default=None)
+        out["first_step_above_threshold"] = next((s for s, _, ns in sharp if ns is not None and ns > threshold), None)
+    return out
+
+
+def compare_to_k1(lane_results: list[dict[str, Any]], final_params: dict[int, Any],
+                  twins: Sequence[dict[str, Any]]) -> None:
+    """Adds, to each lane with k != 1, how its final parameters differ from its k=1 twin.
+
+    The twin is the lane of the same sweep with equal learning rate, seed and weight
+    decay and k=1 (Section 4: perturbed vs plain SGD). Only a twin in the same vmapped
+    program (lane group) is compared, so that a difference is the perturbation's, not
+    the program's. Adds ``rel_l1_to_k1`` (the paper's RelL1), ``n_diff_to_k1`` and
+    ``max_ulp_to_k1``; otherwise ``rel_l1_to_k1_missing`` says why there is none.
+    """
+    for r in lane_results:
+        if r["k"] == 1:
+            continue
+        t = twins[r["lane"]]
+        if not t["in_group"]:
+            r["rel_l1_to_k1_missing"] = t["missing"]
+            continue
+        a, b = final_params[r["lane"]], final_params[t["lane"]]
+        d = ulp_diff(a, b)
+        r["rel_l1_to_k1"] = float(rel_l1(a, b))
+        r["n_diff_to_k1"] = d.n_diff
+        r["max_ulp_to_k1"] = d.max_ulp
+
+
+def summarize_run(
+    lanes: Sequence[Any],
+    groups: list[list[int]],
+    final_states: list[tuple[list[int], Any, dict[str, np.ndarray]]],
+    lines: list[dict[str, Any]],
+    threshold: float,
+    twins: Sequence[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[int, PyTree]]:
+    """The per-lane records and the summary of ``results.json``, from the final states and the metrics lines.
+
+    Args:
+      lanes: the run's :class:`eos_jax.train.Lane` list.
+      groups: lane indices per vmapped group.
+      final_states: per group ``(lane indices, final TrainState, final loss statistics)``.
+      lines: every metrics line of the run (any order).
+      threshold: the problem's stability threshold.
+      twins: :func:`eos_jax.train.core.find_twins` of the run.
+
+    Returns:
+      ``(lane records sorted by lane, summary over lanes, final parameters by lane index)``.
+    """
+    by_lane: dict[int, list[dict[str, Any]]] = {}
+    for r in lines:
+        by_lane.setdefault(r["lane"], []).append(r)
+    lane_records = []
+    final_params: dict[int, Any] = {}
+    for idx, state, stats in final_states:
+        host = jax.device_get(state)
+        for li, lane_index in enumerate(idx):
+            one = index_lane(host, li)
+            rec = {"lane": lane_index, **lanes[lane_index].asdict()}
+            rec["finite"] = bool(one.finite)
+            rec["first_nonfinite_step"] = int(one.nonfinite_step) if not bool(one.finite) else None
+            rec["steps"] = int(one.step)
+            rec.update(lane_summary(sorted(by_lane.get(lane_index, []), key=lambda r: r["step"]), threshold))
+            # Spikes and the stability verdict from EVERY step's loss (running statistics kept
+            # inside the scan), not from the logged lines only.
+            rec.update(summarize_loss_stats({k: v[li] for k, v in stats.items()}))
+            rec["loss_stats_from"] = "every step"
+            rec["params_digest"] = tree_digest(one.params)
+            final_params[lane_index] = one.params
+            lane_records.append(rec)
+    lane_records.sort(key=lambda r: r["lane"])
+    compare_to_k1(lane_records, final_params, twins)
+    finite_lanes = [r for r in lane_records if r["finite"]]
+    fl = [r["final_loss"] for r in finite_lanes if r["final_loss"] is not None]
+    summary = {
+        "num_lanes": len(lane_records),
+        "num_groups": len(groups),
+        "num_finite": len(finite_lanes),
+        "diverged": [{"lane": r["lane"], "learning_rate": r["learning_rate"], "first_nonfinite_step": r["first_nonfinite_step"]} for r in lane_records if not r["finite"]],
+        "final_loss_min": min(fl, default=None),
+        "final_loss_max": max(fl, default=None),
+        "threshold": threshold,
+    }
+    return lane_records, summary, final_params

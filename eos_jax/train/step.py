@@ -1,0 +1,247 @@
+"""The pure pieces a run compiles: the step of one lane, the scanned chunk, the final line, the sharpness.
+
+``train_step(state, hparams, data) -> (state, metrics)`` is pure; the optimizer is built
+*inside* the (lane-vmapped) step from the lane's traced hyperparameters, so one
+compilation serves every learning rate. :func:`make_chunk_fn` runs up to
+``chunk_steps`` steps of every lane of a group in one :func:`jax.lax.scan`;
+:func:`make_sharpness_fn` tracks the largest algebraic Hessian eigenvalue, warm-started
+from the eigenvector kept in the state. Divergence is a result: a lane whose loss,
+parameters or optimizer state become non-finite records the step and keeps its last
+finite state from then on, so the other lanes stay finite (Section 6's sweeps cross the
+stability boundary on purpose).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from eos_jax import hessian, optim
+from eos_jax.data.transforms import epoch_permutation
+from eos_jax.errors import ConfigError
+from eos_jax.train.config import Batch, EigFn, LossFn, Problem, PyTree
+from eos_jax.train.state import HParams, TrainState, all_finite, batch_order_key, check_hparams, sharpness_key
+from eos_jax.train.stats import push_rel, rel_l1_to_twin, update_loss_stats
+
+
+def select_batch(data: Batch, key_data: jax.Array, step: jax.Array, batch_size: int | None) -> Batch:
+    """The batch of ``step``: all of ``data``, or a minibatch of a per-epoch permutation.
+
+    Epoch ``e`` uses the permutation from ``fold_in(batch_order_key(key), e)`` (the key
+    tree of the module docstring); step ``t`` takes slice ``t % steps_per_epoch`` of it.
+    Pure in (key, step), hence exactly resumable.
+    """
+    if batch_size is None:
+        return data
+    n = int(jax.tree_util.tree_leaves(data)[0].shape[0])
+    if batch_size > n:
+        raise ConfigError(f"batch_size={batch_size} exceeds the {n} training examples")
+    per_epoch = n // batch_size
+    epoch = step // per_epoch
+    i = step - epoch * per_epoch
+    perm = epoch_permutation(batch_order_key(key_data), epoch, n)
+    idx = jax.lax.dynamic_slice(perm, (i * batch_size,), (batch_size,))
+    return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), data)
+
+
+def make_train_step(
+    problem: Problem, batch_size: int | None = None
+) -> Callable[[TrainState, HParams, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure step of one lane: ``(state, hparams, data) -> (state, metrics)``.
+
+    The optimizer is built from ``hparams`` inside the step (traced lr, k, weight
+    decay). ``metrics["loss"]`` is the loss at the parameters *before* the update (the
+    loss of step ``state.step``). A step whose loss, new parameters or new optimizer
+    state are not all finite leaves the state unchanged apart from ``step``, and sets
+    ``finite=False`` and ``nonfinite_step`` (first time only).
+    """
+
+    def step(state: TrainState, hp: HParams, data: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        check_hparams(hp, state.params)
+        batch = select_batch(data, state.key, state.step, batch_size)
+        opt = problem.make_optimizer(hp)
+        loss, grads = jax.value_and_grad(problem.loss_fn)(state.params, batch)
+        params, opt_state = optim.apply_step(opt, grads, state.opt_state, state.params)
+        ok = state.finite & jnp.isfinite(loss) & all_finite(params) & all_finite(opt_state)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + jnp.ones((), jnp.int32),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            key=state.key,
+            eigvec=state.eigvec,
+            finite=ok,
+            nonfinite_step=jnp.where(state.finite & ~ok, state.step, state.nonfinite_step),
+            loss_stats=state.loss_stats,
+            rel_buf=state.rel_buf,
+            rel_count=state.rel_count,
+        )
+        return new_state, {"loss": loss, "finite": ok}
+
+    return step
+
+
+def make_chunk_fn(
+    problem: Problem, batch_size: int | None = None, chunk_steps: int = 50, late_from: int = 0
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Jitted ``(states, hparams, data, n, twin=None) -> (states, metrics)``: ``n`` steps of every lane.
+
+    One ``lax.scan`` of static length ``chunk_steps`` over the lane-vmapped step, whose
+    iterations ``i >= n`` are skipped by a ``lax.cond`` on the (unbatched) predicate
+    ``i < n``: every chunk length up to ``chunk_steps`` shares one compiled program.
+    Before each step, the RelL1 of every lane's parameters to those of lane
+    ``twin[lane]`` (its k=1 twin in this group; itself when it has none, giving 0) is
+    computed inside the program by a gather over the lane axis, pushed into the lane's
+    ring buffer, and returned with its trailing moving average. Every step's loss, as the
+    scan emitted it, is then folded into the lane's running loss statistics
+    (:func:`update_loss_stats`, pairs whose earlier step is ``>= late_from`` are late) by
+    a second compiled program on device (no host round trip). Metrics ``loss``, ``finite``,
+    ``rel_l1`` and ``rel_l1_ma`` have shape ``(lanes, chunk_steps)``; entries ``>= n``
+    are padding.
+    """
+    vstep = jax.vmap(make_train_step(problem, batch_size), in_axes=(0, 0, None))
+    vpush = jax.vmap(push_rel)
+    vstats = jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from))
+
+    def chunk(states: TrainState, hp: HParams, data: Batch, n: jax.Array, twin: jax.Array):
+        def run(s: TrainState):
+            rel = rel_l1_to_twin(s.params, twin)
+            buf, count, ma = vpush(s.rel_buf, s.rel_count, rel)
+            new, met = vstep(s, hp, data)
+            new = new._replace(rel_buf=buf, rel_count=count)
+            return new, {**met, "rel_l1": rel.astype(buf.dtype), "rel_l1_ma": ma}
+
+        def skip(s: TrainState):
+            shapes = jax.eval_shape(run, s)[1]
+            return s, jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+        def body(s: TrainState, i: jax.Array):
+            return jax.lax.cond(i < n, run, skip, s)
+
+        states, met = jax.lax.scan(body, states, jnp.arange(chunk_steps, dtype=jnp.int32))
+        return states, jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), met)
+
+    def fold(stats: dict[str, jax.Array], step0: jax.Array, losses: jax.Array, finite: jax.Array, n: jax.Array):
+        # Every step's loss, as the scan emitted it, folded in order (steps >= n are padding).
+        def body(st, x):
+            i, loss, ok = x
+            return jax.lax.cond(i < n, lambda st_: vstats(st_, step0 + i, loss, ok), lambda st_: st_, st), None
+
+        xs = (jnp.arange(chunk_steps, dtype=jnp.int32), jnp.swapaxes(losses, 0, 1), jnp.swapaxes(finite, 0, 1))
+        return jax.lax.scan(body, stats, xs)[0]
+
+    jitted = jax.jit(chunk)
+    jfold = jax.jit(fold)
+
+    def call(states: TrainState, hp: HParams, data: Batch, n: jax.Array, twin: jax.Array | None = None):
+        if twin is None:
+            twin = jnp.arange(jnp.shape(states.step)[0], dtype=jnp.int32)
+        step0 = states.step
+        states, met = jitted(states, hp, data, n, twin)
+        # The loss statistics are folded in a second program from the materialized per-step losses:
+        # inside the step's program XLA may compute the loss twice (two fusions) and round the copies
+        # differently, so the statistics would not be those of the logged losses (measured: 2 ulps).
+        stats = jfold(states.loss_stats, step0, met["loss"], met["finite"], n)
+        return states._replace(loss_stats=stats), met
+
+    return call
+
+
+def make_final_fn(problem: Problem, batch_size: int | None, late_from: int = 0):
+    """``(states, hparams, data, twin) -> (loss, finite, rel_l1, rel_l1_ma, loss_stats)`` at the last step.
+
+    The loss and RelL1 of the final parameters (the line of step ``steps``), with the
+    final loss folded into the statistics, without changing the state (so a run resumed
+    from its last checkpoint recomputes the same values). The statistics are updated in
+    a second program from the materialized loss: inside one program XLA may compute the
+    loss twice (in two fusions) and round the copies differently, so that the logged loss
+    and the one in the statistics would differ by an ulp.
+    """
+    vpush = jax.vmap(push_rel)
+    vstats = jax.jit(jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from)))
+
+    def one_loss(state: TrainState, data: Batch):
+        return problem.loss_fn(state.params, select_batch(data, state.key, state.step, batch_size))
+
+    def final(states: TrainState, hp: HParams, data: Batch, twin: jax.Array):
+        del hp
+        loss = jax.vmap(one_loss, in_axes=(0, None))(states, data)
+        finite = states.finite & jnp.isfinite(loss)
+        rel = rel_l1_to_twin(states.params, twin)
+        _, _, ma = vpush(states.rel_buf, states.rel_count, rel)
+        return loss, finite, rel.astype(ma.dtype), ma
+
+    jitted = jax.jit(final)
+
+    def call(states: TrainState, hp: HParams, data: Batch, twin: jax.Array):
+        loss, finite, rel, ma = jitted(states, hp, data, twin)
+        return loss, finite, rel, ma, vstats(states.loss_stats, states.step, loss, finite)
+
+    return call
+
+
+def make_eig_fn(num_iters: int = 20, method: str = "lanczos", tol: float | None = None,
+                linearize: bool = False) -> EigFn:
+    """Top Hessian eigenpair with :func:`eos_jax.hessian.top_eigenvalue`.
+
+    Args:
+      num_iters: Hessian-vector products per call (the maximum when ``tol`` is set).
+      method: ``"lanczos"`` (full reorthogonalization) or ``"power"`` (shifted by the
+        Hessian module so that it finds the largest algebraic eigenvalue).
+      tol: None for exactly ``num_iters`` products, or the relative residual at which to
+        stop (a ``lax.while_loop``: still vmappable, no host-side test).
+      linearize: products through one ``jax.linearize`` (True) or a fresh ``jvp(grad)`` each
+        (False, default). Measured on the main job (2,000 images, shared 2-core VM,
+        benchmarks/bench_main.py): a linearized product cost 3.4 gradients, ``jvp(grad)``
+        1.3: the linearization keeps full-batch residuals whose reads and fresh temporaries
+        cost more than recomputing the forward pass.
+    """
+
+    def eig(objective: LossFn, params: PyTree, batch: Batch, v0: PyTree, key: jax.Array):
+        res = hessian.top_eigenvalue(objective, params, batch, method=method, num_iters=num_iters, tol=tol, v0=v0,
+                                     key=key, linearize=linearize)
+        return res.eigenvalue, res.eigenvector
+
+    return eig
+
+
+def objective_fn(problem: Problem, hp: HParams) -> LossFn:
+    """The function gradient descent descends for lane ``hp``: the loss, plus ``wd/2 |p|^2`` when coupled."""
+    if not problem.l2_weight_decay:
+        return problem.loss_fn
+
+    def objective(params: PyTree, batch: Batch) -> jax.Array:
+        loss = problem.loss_fn(params, batch)
+        sq = sum(jnp.sum(jnp.square(p)).astype(loss.dtype) for p in jax.tree_util.tree_leaves(params))
+        return loss + (hp.weight_decay.astype(loss.dtype) * jnp.asarray(0.5, loss.dtype)) * sq
+
+    return objective
+
+
+def make_sharpness_fn(problem: Problem, eig_fn: EigFn) -> Callable[[TrainState, HParams, Batch], tuple[TrainState, jax.Array]]:
+    """Jitted, lane-vmapped ``(states, hparams, batch) -> (states with new eigvec, lambda_max)``.
+
+    Warm-started from ``state.eigvec``; a non-finite eigenvector is not kept. The
+    eigensolver's key (random start when the warm start is zero, Lanczos restarts) is
+    :func:`sharpness_key` of the lane's data key and step.
+    """
+
+    def one(state: TrainState, hp: HParams, batch: Batch):
+        key = sharpness_key(state.key, state.step)  # its own stream: never a batch-order key
+        val, vec = eig_fn(objective_fn(problem, hp), state.params, batch, state.eigvec, key)
+        ok = all_finite(vec)
+        vec = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a.astype(b.dtype), b), vec, state.eigvec)
+        return state._replace(eigvec=vec), val
+
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+
+
+def make_eval_fn(problem: Problem, batch_size: int | None) -> Callable[[TrainState, HParams, Batch], jax.Array]:
+    """Jitted, lane-vmapped loss at the current parameters on the batch of the current step."""
+
+    def one(state: TrainState, hp: HParams, data: Batch):
+        return problem.loss_fn(state.params, select_batch(data, state.key, state.step, batch_size))
+
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))

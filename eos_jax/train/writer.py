@@ -1,0 +1,117 @@
+"""What :func:`eos_jax.train.train` writes into a run directory, and nothing else does.
+
+``metrics.jsonl`` (one JSON line per logged step and lane, appended and fsynced after
+every chunk), ``checkpoints/group_NNN`` (verified orbax checkpoints,
+:class:`eos_jax.checkpoint.CheckpointStore`) and ``results.json`` (written atomically at
+the end). On resume, metrics lines past each group's restored step are dropped, so the
+file ends identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from eos_jax import io as eio
+from eos_jax.checkpoint import CheckpointStore
+from eos_jax.train.config import PyTree
+from eos_jax.train.core import LogBlock, metric_records
+from eos_jax.train.state import TrainState
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Parses metrics.jsonl, dropping a torn last line."""
+    out = []
+    if not path.exists():
+        return out
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # torn write of a killed run
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+def json_line(rec: dict[str, Any]) -> str:
+    """One metrics line: sorted keys, no NaN (non-finite values are written as null)."""
+    return json.dumps(eio.to_jsonable(rec), sort_keys=True, allow_nan=False) + "\n"
+
+
+class RunWriter:
+    """The files of one run directory: metrics lines, per-group checkpoint stores, results.
+
+    Args:
+      run_dir: an opened run directory (:func:`eos_jax.io.open_run_dir`).
+      num_groups: lane groups of the run (one checkpoint store each).
+      checkpoint_keep: committed checkpoints kept per group.
+      log_every, threshold: what :func:`eos_jax.train.core.metric_records` needs.
+    """
+
+    def __init__(self, run_dir: Path, num_groups: int, checkpoint_keep: int, log_every: int, threshold: float):
+        self.run_dir = Path(run_dir)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.log_every = log_every
+        self.threshold = threshold
+        self.stores = [
+            CheckpointStore(self.run_dir / "checkpoints" / f"group_{g:03d}", max_to_keep=checkpoint_keep)
+            for g in range(num_groups)
+        ]
+
+    def start(self, resume: bool, template: Callable[[int], PyTree]) -> list[int]:
+        """The step each group starts from; truncates metrics.jsonl to match.
+
+        Fresh run: every group starts at 0 and the file is emptied. Resume: each group
+        starts at its newest checkpoint that verifies (``template(g)`` is its abstract
+        state), and lines at or past it are dropped.
+        """
+        if not resume:
+            eio.atomic_write_text(self.metrics_path, "")
+            return [0] * len(self.stores)
+        starts = []
+        for g, store in enumerate(self.stores):
+            got = store.restore_latest(template(g))
+            starts.append(got[0] if got is not None else 0)
+        kept = [
+            r
+            for r in read_metrics(self.metrics_path)
+            if 0 <= r.get("group", -1) < len(starts) and r.get("step", math.inf) < starts[r["group"]]
+        ]
+        eio.atomic_write_text(self.metrics_path, "".join(json_line(r) for r in kept))
+        return starts
+
+    def restore(self, g: int, step: int, template: PyTree) -> TrainState:
+        """Group ``g``'s checkpoint of ``step``, restored into ``template``."""
+        return self.stores[g].restore(step, template)
+
+    def save(self, g: int, step: int, state: TrainState) -> None:
+        """Starts an (asynchronous) checkpoint of group ``g`` at ``step``."""
+        self.stores[g].save(step, state)
+
+    def log(self, block: LogBlock) -> None:
+        """Appends the lines of ``block``'s logged steps, then fsyncs."""
+        out = [json_line(r) for r in metric_records(block, self.log_every, self.threshold)]
+        if not out:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write("".join(out))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def wait(self, g: int) -> None:
+        """Waits for group ``g``'s checkpoint saves to commit."""
+        self.stores[g].wait()
+
+    def close(self) -> None:
+        """Waits for every pending save and closes the stores."""
+        for st in self.stores:
+            st.close()
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        """Atomically writes ``results.json``."""
+        eio.atomic_write_json(self.run_dir / "results.json", results)
