@@ -33,8 +33,12 @@ def init_mlp(key: jax.Array, sizes: tuple[int, ...]) -> list[dict[str, jax.Array
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         kw, kb = jax.random.split(jax.random.fold_in(key, i))
         bound = float(1 / np.sqrt(a))
-        params.append({"w": jax.random.uniform(kw, (a, b), jnp.float32, -bound, bound),
-                       "b": jax.random.uniform(kb, (b,), jnp.float32, -bound, bound)})
+        params.append(
+            {
+                "w": jax.random.uniform(kw, (a, b), jnp.float32, -bound, bound),
+                "b": jax.random.uniform(kb, (b,), jnp.float32, -bound, bound),
+            }
+        )
     return params
 
 
@@ -96,12 +100,15 @@ def main() -> None:
     t_lin = (t_link - t_lin1) / args.loop
     print(f"gradient                  {1e3 * t_grad:8.1f} ms")
     print(f"hvp jvp(grad)             {1e3 * t_plain:8.1f} ms   ratio to gradient {t_plain / t_grad:5.2f}")
-    print(f"hvp linearized (marginal) {1e3 * t_lin:8.1f} ms   ratio to gradient {t_lin / t_grad:5.2f}"
-          f"   (goal <= 1.3; linearize + 1 product {1e3 * t_lin1:.1f} ms)")
+    print(
+        f"hvp linearized (marginal) {1e3 * t_lin:8.1f} ms   ratio to gradient {t_lin / t_grad:5.2f}"
+        f"   (goal <= 1.3; linearize + 1 product {1e3 * t_lin1:.1f} ms)"
+    )
 
     # Sharpness tracking: cold vs warm Lanczos to a relative residual of 1e-3.
-    eig = jax.jit(lambda p, b, v0, tol_key: hs.top_eigenvalue(loss_fn, p, b, num_iters=60, tol=1e-3, v0=v0,
-                                                                 key=tol_key))
+    eig = jax.jit(
+        lambda p, b, v0, tol_key: hs.top_eigenvalue(loss_fn, p, b, num_iters=60, tol=1e-3, v0=v0, key=tol_key)
+    )
     ref_eig = jax.jit(lambda p, b: hs.top_eigenvalue(loss_fn, p, b, num_iters=80, tol=1e-6))
     gd = jax.jit(lambda p, b: jax.tree_util.tree_map(lambda w, g: w - args.lr * g, p, jax.grad(loss_fn)(p, b)))
     zero = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -117,11 +124,13 @@ def main() -> None:
         t_warm = time.perf_counter() - t0
         n_compiled = eig._cache_size()  # noqa: SLF001 (a recompile would inflate t_warm)
         err = lambda r: abs(float(r.eigenvalue) - float(ref.eigenvalue)) / abs(float(ref.eigenvalue))  # noqa: E731
-        print(f"step {round_ * args.track_every}: lambda_max {float(ref.eigenvalue):.5g} "
-              f"(lr*lambda {args.lr * float(ref.eigenvalue):.3f})  products cold {int(cold.num_hvps)} "
-              f"(rel err {err(cold):.1e})  warm {int(warm.num_hvps)} (rel err {err(warm):.1e}, {t_warm:.2f} s, "
-              f"{n_compiled} compiled)"
-              "   (goal: warm <= 10)")
+        print(
+            f"step {round_ * args.track_every}: lambda_max {float(ref.eigenvalue):.5g} "
+            f"(lr*lambda {args.lr * float(ref.eigenvalue):.3f})  products cold {int(cold.num_hvps)} "
+            f"(rel err {err(cold):.1e})  warm {int(warm.num_hvps)} (rel err {err(warm):.1e}, {t_warm:.2f} s, "
+            f"{n_compiled} compiled)"
+            "   (goal: warm <= 10)"
+        )
         prev = warm
 
 

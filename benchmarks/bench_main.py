@@ -32,8 +32,6 @@ Ratios are taken within this run; on a shared machine, compare ``uptime`` before
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import os
 import resource
 import statistics
@@ -109,16 +107,17 @@ def conv_flops(n: int, hw: int, layers: int, k: int = 3) -> dict[str, float]:
     return {"step": fwd + bwd, "grad": fwd + bwd, "hvp": hvp_fwd + hvp_bwd}
 
 
-def roofline_line(name: str, seconds: float, flops: float, nbytes: float, peak_gflops: float,
-                  peak_gbs: float) -> str:
+def roofline_line(name: str, seconds: float, flops: float, nbytes: float, peak_gflops: float, peak_gbs: float) -> str:
     """One roofline line: achieved rates, their fractions of peak, and the distance to the bound."""
     gf = flops / seconds / 1e9
     gb = nbytes / seconds / 1e9
     bound = max(flops / (peak_gflops * 1e9), nbytes / (peak_gbs * 1e9))
     limit = "compute" if flops / (peak_gflops * 1e9) >= nbytes / (peak_gbs * 1e9) else "memory"
-    return (f"roofline {name:16s} {gf:8.2f} GFLOP/s ({gf / peak_gflops:6.1%} of peak) {gb:8.2f} GB/s "
-            f"({gb / peak_gbs:6.1%} of peak)  {limit}-bound limit {bound * 1e3:8.2f} ms, "
-            f"measured {seconds * 1e3:9.2f} ms = {seconds / bound:7.1f}x the limit")
+    return (
+        f"roofline {name:16s} {gf:8.2f} GFLOP/s ({gf / peak_gflops:6.1%} of peak) {gb:8.2f} GB/s "
+        f"({gb / peak_gbs:6.1%} of peak)  {limit}-bound limit {bound * 1e3:8.2f} ms, "
+        f"measured {seconds * 1e3:9.2f} ms = {seconds / bound:7.1f}x the limit"
+    )
 
 
 def build(cfg_overrides: dict, x: np.ndarray, y: np.ndarray):
@@ -159,14 +158,18 @@ def main(argv: list[str] | None = None) -> None:
     runtime.configure()
     impls = [i for i in args.impls.split(",") if i]
     load = os.getloadavg()
-    print(f"backend {jax.default_backend()} devices {jax.device_count()} cpus {os.cpu_count()} "
-          f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    print(
+        f"backend {jax.default_backend()} devices {jax.device_count()} cpus {os.cpu_count()} "
+        f"load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
+        flush=True,
+    )
     x, y, what = load_images(args.quick, args.n)
     n = x.shape[0]
     print(f"main job: cnn 3 layers 3x3 swish, mean pooling, BCE, full-batch GD lr 5; {what}", flush=True)
 
-    peak_gf, peak_gb = measure_peak(256 if args.quick else 2048, (1 << 16) if args.quick else (1 << 24),
-                                    max(args.repeats, 3))
+    peak_gf, peak_gb = measure_peak(
+        256 if args.quick else 2048, (1 << 16) if args.quick else (1 << 24), max(args.repeats, 3)
+    )
     print(f"peak matmul {peak_gf:.2f} GFLOP/s  add {peak_gb:.2f} GB/s", flush=True)
     flops = conv_flops(n, 28, 3)
     in_bytes = 4.0 * n * 28 * 28
@@ -184,12 +187,18 @@ def main(argv: list[str] | None = None) -> None:
         fn = lambda s, c=chunk, h=hp, d=data, o=one: c(s, h, d, o)  # noqa: E731
         steps[impl] = _timed(fn, state, repeats=args.repeats)
         cpu_steps[impl] = CPU_TIMES[id(fn)]
-        print(f"step {impl:8s} {steps[impl] * 1e3:9.2f} ms wall {cpu_steps[impl] * 1e3:9.2f} ms cpu  "
-              f"(conv_impl {info['conv_impl']})", flush=True)
+        print(
+            f"step {impl:8s} {steps[impl] * 1e3:9.2f} ms wall {cpu_steps[impl] * 1e3:9.2f} ms cpu  "
+            f"(conv_impl {info['conv_impl']})",
+            flush=True,
+        )
     if "lax" in steps:
         for impl in impls:
-            print(f"speedup {impl:8s} over lax = {steps['lax'] / steps[impl]:.2f} wall, "
-                  f"{cpu_steps['lax'] / cpu_steps[impl]:.2f} cpu", flush=True)
+            print(
+                f"speedup {impl:8s} over lax = {steps['lax'] / steps[impl]:.2f} wall, "
+                f"{cpu_steps['lax'] / cpu_steps[impl]:.2f} cpu",
+                flush=True,
+            )
 
     # ---- HVP / gradient, products per estimate, tracking share: the default implementation.
     cfg, problem, info = build({}, x, y)
@@ -213,8 +222,11 @@ def main(argv: list[str] | None = None) -> None:
     t_link = _timed(lin, params, data, v, 1 + loop, repeats=args.repeats)
     t_lin = max(t_link - t_lin1, 1e-9) / loop
     print(f"gradient ({default_impl}) {t_grad * 1e3:9.2f} ms", flush=True)
-    print(f"hvp linearized marginal {t_lin * 1e3:9.2f} ms  ratio to gradient = {t_lin / t_grad:.2f}"
-          f"  (linearize + 1 product {t_lin1 * 1e3:.2f} ms)", flush=True)
+    print(
+        f"hvp linearized marginal {t_lin * 1e3:9.2f} ms  ratio to gradient = {t_lin / t_grad:.2f}"
+        f"  (linearize + 1 product {t_lin1 * 1e3:.2f} ms)",
+        flush=True,
+    )
     print(f"hvp jvp(grad)           {t_plain * 1e3:9.2f} ms  ratio to gradient = {t_plain / t_grad:.2f}", flush=True)
 
     every = cfg.sharpness_every
@@ -233,15 +245,18 @@ def main(argv: list[str] | None = None) -> None:
         colds.append(int(cold.num_hvps))
         warms.append(int(warm.num_hvps))
         prev = warm
-    print(f"products per estimate at 1e-3: cold = {statistics.median(colds):.1f} warm = {statistics.median(warms):.1f}"
-          f"  (cold {colds}, warm {warms}, every {every} steps, last lambda_max {float(warm.eigenvalue):.5g})",
-          flush=True)
+    print(
+        f"products per estimate at 1e-3: cold = {statistics.median(colds):.1f} warm = {statistics.median(warms):.1f}"
+        f"  (cold {colds}, warm {warms}, every {every} steps, last lambda_max {float(warm.eigenvalue):.5g})",
+        flush=True,
+    )
 
     hp = tr.stack_hparams(tr.make_lanes([5.0]))
     state = jax.jit(jax.vmap(lambda h: tr.init_state(problem, h)))(hp)
     ecfg = cfg.engine_config()
-    sharp = tr.make_sharpness_fn(problem, tr.make_eig_fn(ecfg.sharpness_iters, ecfg.sharpness_method,
-                                                         ecfg.sharpness_tol))  # the engine's default eig_fn
+    sharp = tr.make_sharpness_fn(
+        problem, tr.make_eig_fn(ecfg.sharpness_iters, ecfg.sharpness_method, ecfg.sharpness_tol)
+    )  # the engine's default eig_fn
     t_sharp = _timed(lambda s: sharp(s, hp, data)[1], state, repeats=args.repeats)
     t_step = steps.get(default_impl)
     if t_step is None:
@@ -250,10 +265,13 @@ def main(argv: list[str] | None = None) -> None:
     n_eval = len(range(0, cfg.steps + 1, every)) + (0 if cfg.steps % every == 0 else 1)
     t_train = cfg.steps * t_step
     share = n_eval * t_sharp / (t_train + n_eval * t_sharp)
-    print(f"tracking: {ecfg.sharpness_method} to tol {ecfg.sharpness_tol} (at most {ecfg.sharpness_iters} products), "
-          f"warm-started per call {t_sharp * 1e3:.2f} ms, "
-          f"{n_eval} calls in {cfg.steps} steps (every {every}); step {t_step * 1e3:.2f} ms; "
-          f"share of run time = {share:.3f}", flush=True)
+    print(
+        f"tracking: {ecfg.sharpness_method} to tol {ecfg.sharpness_tol} (at most {ecfg.sharpness_iters} products), "
+        f"warm-started per call {t_sharp * 1e3:.2f} ms, "
+        f"{n_eval} calls in {cfg.steps} steps (every {every}); step {t_step * 1e3:.2f} ms; "
+        f"share of run time = {share:.3f}",
+        flush=True,
+    )
 
     # ---- Roofline.
     for impl in impls:
@@ -276,8 +294,11 @@ def main(argv: list[str] | None = None) -> None:
     for s, h in zip(states, hps):
         jax.block_until_ready(chunk(s, h, data, ns))
     t_seq = time.perf_counter() - t0
-    print(f"sweep {args.lanes} lrs x {args.sweep_steps} steps: vmapped {t_vmapped:.3f} s, sequential {t_seq:.3f} s, "
-          f"sequential/vmapped = {t_seq / t_vmapped:.2f}", flush=True)
+    print(
+        f"sweep {args.lanes} lrs x {args.sweep_steps} steps: vmapped {t_vmapped:.3f} s, sequential {t_seq:.3f} s, "
+        f"sequential/vmapped = {t_seq / t_vmapped:.2f}",
+        flush=True,
+    )
     load = os.getloadavg()
     print(f"load after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
 

@@ -81,9 +81,11 @@ def bench_single_channel(n: int, repeats: int) -> None:
         first, t = _time(make_gd_step(model, "bce"), variables, x, y, repeats=repeats)
         steps[impl] = t
         print(f"cnn3 1ch 3x3  n={n:6d} {impl:8s} step {t:8.3f} s   (compile+first {first:6.2f} s)", flush=True)
-    print(f"ratio lax/shifted = {steps['lax'] / steps['shifted']:.2f}   "
-          f"lax/fft = {steps['lax'] / steps['fft']:.2f}   shifted/fft = {steps['shifted'] / steps['fft']:.2f}",
-          flush=True)
+    print(
+        f"ratio lax/shifted = {steps['lax'] / steps['shifted']:.2f}   "
+        f"lax/fft = {steps['lax'] / steps['fft']:.2f}   shifted/fft = {steps['shifted'] / steps['fft']:.2f}",
+        flush=True,
+    )
 
 
 def bench_pde_kernel(size: int, ksize: int, repeats: int) -> None:
@@ -98,8 +100,11 @@ def bench_pde_kernel(size: int, ksize: int, repeats: int) -> None:
         model = models.get("cnn", kernel_size=ksize, init="normal", conv_impl=impl, dtype="float64")
         variables = model.init(key, (size, size, 1))
         first, t = _time(make_gd_step(model, "bce"), variables, x, y, repeats=repeats)
-        print(f"cnn1 {ksize}x{ksize} on {size}x{size} f64 {impl:8s} step {t * 1e3:9.2f} ms   "
-              f"(compile+first {first:6.2f} s)", flush=True)
+        print(
+            f"cnn1 {ksize}x{ksize} on {size}x{size} f64 {impl:8s} step {t * 1e3:9.2f} ms   "
+            f"(compile+first {first:6.2f} s)",
+            flush=True,
+        )
 
 
 def bench_models(batch: int, repeats: int, names: list[str]) -> None:
@@ -114,8 +119,7 @@ def bench_models(batch: int, repeats: int, names: list[str]) -> None:
         jax.block_until_ready(variables)
         t_init = time.perf_counter() - t0
         first, t = _time(make_gd_step(model, "ce"), variables, x, y, repeats=repeats)
-        line = (f"{name:9s} batch {batch:4d} step {t:8.3f} s   (compile+first {first:6.2f} s, "
-                f"jit init {t_init:6.2f} s)")
+        line = f"{name:9s} batch {batch:4d} step {t:8.3f} s   (compile+first {first:6.2f} s, jit init {t_init:6.2f} s)"
         if name == "resnet56":
             _, t_fwd = _time(make_forward(model), variables, x, repeats=repeats)
             line += f"   forward {t_fwd:.3f} s -> backward+update {t - t_fwd:.3f} s"

@@ -50,14 +50,16 @@ def main() -> None:
     if args.quick:
         args.examples, args.steps = 256, 10
     runtime.configure()
-    from experiments import eos
     from eos_jax import train as tr
+    from experiments import eos
 
     cfg = eos.default_config("cnn", num_examples=args.examples, steps=args.steps)
     data, info = eos.load_data(cfg)
     problem, model_info = eos.build_problem(cfg, data)
-    print(f"problem: cnn 3 layers ({model_info['conv_impl']} conv), {info['name']} x {info['num_examples_used']}, "
-          f"{args.steps} full-batch GD steps; backend {jax.default_backend()}, {jax.device_count()} device(s)")
+    print(
+        f"problem: cnn 3 layers ({model_info['conv_impl']} conv), {info['name']} x {info['num_examples_used']}, "
+        f"{args.steps} full-batch GD steps; backend {jax.default_backend()}, {jax.device_count()} device(s)"
+    )
 
     lrs = [0.5 + 0.25 * i for i in range(args.lanes)]
     init = jax.jit(jax.vmap(lambda h: tr.init_state(problem, h)))
@@ -76,9 +78,11 @@ def main() -> None:
     for s, h in zip(states, hps):
         _, dt = _timed(chunk, s, h, problem.data, n)
         t_seq += dt
-    print(f"{args.lanes} learning rates x {args.steps} steps: one vmapped program {t_vmapped:.2f} s "
-          f"(compile+first {t_compile_v:.1f} s); {args.lanes} sequential runs {t_seq:.2f} s "
-          f"(compile+first {t_compile_1:.1f} s)")
+    print(
+        f"{args.lanes} learning rates x {args.steps} steps: one vmapped program {t_vmapped:.2f} s "
+        f"(compile+first {t_compile_v:.1f} s); {args.lanes} sequential runs {t_seq:.2f} s "
+        f"(compile+first {t_compile_1:.1f} s)"
+    )
     print(f"  ratio sequential / vmapped = {t_seq / t_vmapped:.2f}")
 
     # Sharpness tracking cost, one lane, default schedule (every 10 steps, 20 Lanczos iterations).
@@ -94,10 +98,14 @@ def main() -> None:
     t_sharp /= reps
     t_step = t_seq / args.lanes / args.steps
     frac = (t_sharp / every) / t_step
-    print(f"sharpness ({cfg.sharpness_iters} {cfg.sharpness_method} iterations, warm-started): "
-          f"{t_sharp:.3f} s per evaluation (compile+first {t_compile_s:.1f} s), lambda_max = {float(lam[0]):.4g}")
-    print(f"  one GD step {t_step * 1e3:.1f} ms; tracking every {every} steps adds {frac:.0%} to the training time "
-          f"({frac / (1 + frac):.0%} of the total)")
+    print(
+        f"sharpness ({cfg.sharpness_iters} {cfg.sharpness_method} iterations, warm-started): "
+        f"{t_sharp:.3f} s per evaluation (compile+first {t_compile_s:.1f} s), lambda_max = {float(lam[0]):.4g}"
+    )
+    print(
+        f"  one GD step {t_step * 1e3:.1f} ms; tracking every {every} steps adds {frac:.0%} to the training time "
+        f"({frac / (1 + frac):.0%} of the total)"
+    )
 
 
 if __name__ == "__main__":

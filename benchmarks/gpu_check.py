@@ -48,12 +48,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from bench_models import _time  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from eos_jax import hessian, losses, metrics, models, optim  # noqa: E402
 from eos_jax.models.resnet import ResNetCifar  # noqa: E402
-
-from bench_models import _time  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-
 
 # ----------------------------------------------------------------------------- (a) perturbed update
 
@@ -96,9 +94,12 @@ def check_perturbed_update(n: int, lr: float = 0.1) -> dict[str, Any]:
         pow2_equal = all(perturbed[k] == 0 for k in ks if k & (k - 1) == 0)
         some_odd = any(perturbed[k] > 0 for k in ks if k % 2 == 1 and k > 1)
         entry = {
-            "const_k_differing_elements": d_const.n_diff, "const_k_max_ulp": d_const.max_ulp,
-            "traced_k_differing_elements": d_traced.n_diff, "traced_k_max_ulp": d_traced.max_ulp,
-            "elements_changed_vs_k1_by_k": perturbed, "powers_of_two_equal_k1": pow2_equal,
+            "const_k_differing_elements": d_const.n_diff,
+            "const_k_max_ulp": d_const.max_ulp,
+            "traced_k_differing_elements": d_traced.n_diff,
+            "traced_k_max_ulp": d_traced.max_ulp,
+            "elements_changed_vs_k1_by_k": perturbed,
+            "powers_of_two_equal_k1": pow2_equal,
             "odd_k_perturb": some_odd,
         }
         entry["ok"] = d_const.n_diff == 0 and d_traced.n_diff == 0 and pow2_equal and some_odd
@@ -151,9 +152,14 @@ def check_determinism(num_images: int, size: int, steps: int, lr: float = 5.0, e
     d = metrics.ulp_diff(p1, p2)
     eig_equal = bool(np.asarray(e1).tobytes() == np.asarray(e2).tobytes())
     out = {
-        "steps": steps, "num_images": num_images, "digest_run1": metrics.tree_digest(p1),
-        "digest_run2": metrics.tree_digest(p2), "differing_elements": d.n_diff, "max_ulp": d.max_ulp,
-        "eigenvalue": float(e1), "eigenvalue_bits_equal": eig_equal,
+        "steps": steps,
+        "num_images": num_images,
+        "digest_run1": metrics.tree_digest(p1),
+        "digest_run2": metrics.tree_digest(p2),
+        "differing_elements": d.n_diff,
+        "max_ulp": d.max_ulp,
+        "eigenvalue": float(e1),
+        "eigenvalue_bits_equal": eig_equal,
         "deterministic_flag_set": runtime.DETERMINISTIC_GPU_FLAG in _META["xla_flags"].split(),
     }
     out["ok"] = out["digest_run1"] == out["digest_run2"] and eig_equal
@@ -174,8 +180,13 @@ def check_matmul_precision(n: int) -> dict[str, Any]:
     rel = float(np.max(np.abs(got - ref) / scale))
     # float32 accumulation gives ~n * 2^-24 / sqrt-ish; TF32 (10-bit mantissa inputs) gives ~1e-3.
     limit = 1e-5
-    return {"n": n, "matmul_precision": _META["matmul_precision"], "max_error_relative_to_abs_product": rel,
-            "limit": limit, "ok": rel < limit}
+    return {
+        "n": n,
+        "matmul_precision": _META["matmul_precision"],
+        "max_error_relative_to_abs_product": rel,
+        "limit": limit,
+        "ok": rel < limit,
+    }
 
 
 # ----------------------------------------------------------------------------- (d) speed
@@ -203,9 +214,16 @@ def time_main_job(num_images: int, size: int, repeats: int, eig_iters: int = 20)
     c_step, t_step = _time(step, params, batch, repeats=repeats)
     _, t_grad = _time(grad_only, params, batch, repeats=repeats)
     c_sharp, t_sharp = _time(sharp, params, batch, repeats=max(1, repeats // 2))
-    return {"num_images": num_images, "gd_step_s": t_step, "gd_step_compile_s": c_step, "gradient_s": t_grad,
-            "sharpness_products": eig_iters, "sharpness_s": t_sharp, "sharpness_compile_s": c_sharp,
-            "sharpness_in_gradients": t_sharp / t_grad}
+    return {
+        "num_images": num_images,
+        "gd_step_s": t_step,
+        "gd_step_compile_s": c_step,
+        "gradient_s": t_grad,
+        "sharpness_products": eig_iters,
+        "sharpness_s": t_sharp,
+        "sharpness_compile_s": c_sharp,
+        "sharpness_in_gradients": t_sharp / t_grad,
+    }
 
 
 def time_resnet_lanes(blocks_per_stage: int, batch_size: int, num_lanes: int, repeats: int) -> dict[str, Any]:
@@ -238,10 +256,19 @@ def time_resnet_lanes(blocks_per_stage: int, batch_size: int, num_lanes: int, re
     opt1 = init_opt(params)
     c1, t1 = _time(single, params, stats, opt1, jnp.asarray(1, jnp.int32), x, y, repeats=repeats)
     cl, tl = _time(lanes, stack(params), stack(stats), stack(opt1), ks, x, y, repeats=repeats)
-    return {"depth": 6 * blocks_per_stage + 2, "num_params": num_params, "batch_size": batch_size,
-            "num_lanes": num_lanes, "one_lane_step_s": t1, "lanes_step_s": tl, "one_lane_compile_s": c1,
-            "lanes_compile_s": cl, "lanes_over_one": tl / t1, "goal_lanes_over_one": 2.0,
-            "goal_met": tl / t1 <= 2.0}
+    return {
+        "depth": 6 * blocks_per_stage + 2,
+        "num_params": num_params,
+        "batch_size": batch_size,
+        "num_lanes": num_lanes,
+        "one_lane_step_s": t1,
+        "lanes_step_s": tl,
+        "one_lane_compile_s": c1,
+        "lanes_compile_s": cl,
+        "lanes_over_one": tl / t1,
+        "goal_lanes_over_one": 2.0,
+        "goal_met": tl / t1 <= 2.0,
+    }
 
 
 # ----------------------------------------------------------------------------- main
@@ -256,48 +283,72 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     repeats = args.repeats or (1 if quick else 5)
     summary: dict[str, Any] = {"runtime": _META, "quick": quick}
-    print(f"backend {_META['backend']} {_META['device_kinds']}  x64={_META['x64']}  "
-          f"matmul_precision={_META['matmul_precision']}  XLA_FLAGS={_META['xla_flags']!r}", flush=True)
+    print(
+        f"backend {_META['backend']} {_META['device_kinds']}  x64={_META['x64']}  "
+        f"matmul_precision={_META['matmul_precision']}  XLA_FLAGS={_META['xla_flags']!r}",
+        flush=True,
+    )
 
     a = check_perturbed_update(2_000 if quick else 1_000_000)
     summary["perturbed_update"] = a
     for dt, e in a["per_dtype"].items():
-        print(f"(a) perturbed update {dt}, k=1..12 vs NumPy: constant k {e['const_k_differing_elements']} differing "
-              f"elements (max {e['const_k_max_ulp']} ulp), traced k {e['traced_k_differing_elements']} "
-              f"(max {e['traced_k_max_ulp']} ulp); k=3 changes {e['elements_changed_vs_k1_by_k'][3]} of {a['n']}; "
-              f"powers of two equal k=1: {e['powers_of_two_equal_k1']}  -> {'OK' if e['ok'] else 'FAIL'}", flush=True)
+        print(
+            f"(a) perturbed update {dt}, k=1..12 vs NumPy: constant k {e['const_k_differing_elements']} differing "
+            f"elements (max {e['const_k_max_ulp']} ulp), traced k {e['traced_k_differing_elements']} "
+            f"(max {e['traced_k_max_ulp']} ulp); k=3 changes {e['elements_changed_vs_k1_by_k'][3]} of {a['n']}; "
+            f"powers of two equal k=1: {e['powers_of_two_equal_k1']}  -> {'OK' if e['ok'] else 'FAIL'}",
+            flush=True,
+        )
 
-    b = check_determinism(64 if quick else 12_000, 12 if quick else 28, 5 if quick else 20, eig_iters=6 if quick else 20)
+    b = check_determinism(
+        64 if quick else 12_000, 12 if quick else 28, 5 if quick else 20, eig_iters=6 if quick else 20
+    )
     summary["determinism"] = b
-    print(f"(b) same run twice ({b['steps']} GD steps + sharpness, {b['num_images']} images): params "
-          f"{b['differing_elements']} differing elements (max {b['max_ulp']} ulp), eigenvalue bits equal "
-          f"{b['eigenvalue_bits_equal']}, deterministic GPU flag set {b['deterministic_flag_set']}  -> "
-          f"{'OK' if b['ok'] else 'FAIL'}", flush=True)
+    print(
+        f"(b) same run twice ({b['steps']} GD steps + sharpness, {b['num_images']} images): params "
+        f"{b['differing_elements']} differing elements (max {b['max_ulp']} ulp), eigenvalue bits equal "
+        f"{b['eigenvalue_bits_equal']}, deterministic GPU flag set {b['deterministic_flag_set']}  -> "
+        f"{'OK' if b['ok'] else 'FAIL'}",
+        flush=True,
+    )
 
     c = check_matmul_precision(256 if quick else 4096)
     summary["matmul_precision"] = c
-    print(f"(c) float32 matmul {c['n']}x{c['n']} at precision {c['matmul_precision']!r} vs float64: max error "
-          f"{c['max_error_relative_to_abs_product']:.2e} of |A||B| (limit {c['limit']:g}; TF32 ~1e-3)  -> "
-          f"{'OK' if c['ok'] else 'FAIL'}", flush=True)
+    print(
+        f"(c) float32 matmul {c['n']}x{c['n']} at precision {c['matmul_precision']!r} vs float64: max error "
+        f"{c['max_error_relative_to_abs_product']:.2e} of |A||B| (limit {c['limit']:g}; TF32 ~1e-3)  -> "
+        f"{'OK' if c['ok'] else 'FAIL'}",
+        flush=True,
+    )
 
     d_main = time_main_job(200 if quick else 12_000, 28, repeats, eig_iters=6 if quick else 20)
-    print(f"(d) main job step ({d_main['num_images']} images): {d_main['gd_step_s'] * 1e3:.1f} ms, gradient "
-          f"{d_main['gradient_s'] * 1e3:.1f} ms, {d_main['sharpness_products']}-product sharpness "
-          f"{d_main['sharpness_s'] * 1e3:.1f} ms "
-          f"({d_main['sharpness_in_gradients']:.1f} gradients)", flush=True)
+    print(
+        f"(d) main job step ({d_main['num_images']} images): {d_main['gd_step_s'] * 1e3:.1f} ms, gradient "
+        f"{d_main['gradient_s'] * 1e3:.1f} ms, {d_main['sharpness_products']}-product sharpness "
+        f"{d_main['sharpness_s'] * 1e3:.1f} ms "
+        f"({d_main['sharpness_in_gradients']:.1f} gradients)",
+        flush=True,
+    )
     # Quick: 2 lanes of a ResNet-8 (compiling 6 vmapped lanes of it alone takes ~a minute on 2 CPU cores).
     d_res = time_resnet_lanes(1 if quick else 9, 4 if quick else 128, 2 if quick else 6, repeats)
-    print(f"(d) ResNet-{d_res['depth']} ({d_res['num_params']} params), batch {d_res['batch_size']}: one lane "
-          f"{d_res['one_lane_step_s'] * 1e3:.1f} ms, {d_res['num_lanes']} k-lanes vmapped "
-          f"{d_res['lanes_step_s'] * 1e3:.1f} ms, ratio {d_res['lanes_over_one']:.2f} (goal <= 2: "
-          f"{'met' if d_res['goal_met'] else 'not met'})", flush=True)
+    print(
+        f"(d) ResNet-{d_res['depth']} ({d_res['num_params']} params), batch {d_res['batch_size']}: one lane "
+        f"{d_res['one_lane_step_s'] * 1e3:.1f} ms, {d_res['num_lanes']} k-lanes vmapped "
+        f"{d_res['lanes_step_s'] * 1e3:.1f} ms, ratio {d_res['lanes_over_one']:.2f} (goal <= 2: "
+        f"{'met' if d_res['goal_met'] else 'not met'})",
+        flush=True,
+    )
     summary["speed"] = {"main_job": d_main, "resnet_lanes": d_res}
     summary["ok"] = bool(a["ok"] and b["ok"] and c["ok"])
     text = json.dumps(summary, indent=2, sort_keys=True)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    print("(e) summary: " + ("all bitwise checks passed" if summary["ok"] else "SOME CHECKS FAILED")
-          + (f"; JSON in {args.out}" if args.out else ""), flush=True)
+    print(
+        "(e) summary: "
+        + ("all bitwise checks passed" if summary["ok"] else "SOME CHECKS FAILED")
+        + (f"; JSON in {args.out}" if args.out else ""),
+        flush=True,
+    )
     return 0 if summary["ok"] else 1
 
 

@@ -43,15 +43,48 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 __all__ = [
-    "errors", "io", "runtime", "cli", "fma", "metrics", "progress",
-    "losses", "optim", "optim_torch", "eigen", "hessian", "models", "data", "pde", "stability",
-    "checkpoint", "train", "plotting",
+    "errors",
+    "io",
+    "runtime",
+    "cli",
+    "fma",
+    "metrics",
+    "progress",
+    "losses",
+    "optim",
+    "optim_torch",
+    "eigen",
+    "hessian",
+    "models",
+    "data",
+    "pde",
+    "stability",
+    "checkpoint",
+    "train",
+    "plotting",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the modules load on first use
     from eos_jax import (  # noqa: F401
-        checkpoint, cli, data, eigen, errors, fma, hessian, io, losses, metrics, models, optim, optim_torch,
-        pde, plotting, progress, runtime, stability, train,
+        checkpoint,
+        cli,
+        data,
+        eigen,
+        errors,
+        fma,
+        hessian,
+        io,
+        losses,
+        metrics,
+        models,
+        optim,
+        optim_torch,
+        pde,
+        plotting,
+        progress,
+        runtime,
+        stability,
+        train,
     )
 
 

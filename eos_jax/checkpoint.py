@@ -87,8 +87,12 @@ class CheckpointStore:
         """Starts an asynchronous save of ``state`` at ``step`` (waits for the previous one first)."""
         self._manager.wait_until_finished()
         leaves = jax.tree_util.tree_leaves(state)
-        meta = {"step": int(step), "num_leaves": len(leaves), "digest": tree_digest(_to_record(leaves)),
-                "leaves": leaf_specs(leaves)}
+        meta = {
+            "step": int(step),
+            "num_leaves": len(leaves),
+            "digest": tree_digest(_to_record(leaves)),
+            "leaves": leaf_specs(leaves),
+        }
         self._manager.save(
             int(step),
             args=ocp.args.Composite(state=ocp.args.StandardSave(_to_record(leaves)), meta=ocp.args.JsonSave(meta)),
@@ -118,13 +122,17 @@ class CheckpointStore:
         wanted = leaf_specs(template)
         saved = meta.get("leaves")
         if saved is None:  # an older record: only the number of arrays is known
-            why = None if meta.get("num_leaves") == len(wanted) else (
-                f"a state of {meta.get('num_leaves')} arrays, this run's has {len(wanted)}")
+            why = (
+                None
+                if meta.get("num_leaves") == len(wanted)
+                else (f"a state of {meta.get('num_leaves')} arrays, this run's has {len(wanted)}")
+            )
         else:
             why = describe_mismatch(saved, wanted)
         if why is not None:
-            raise CheckpointMismatchError(f"checkpoint {step} in {self.directory} holds {why}", saved=saved,
-                                          wanted=wanted, difference=why)
+            raise CheckpointMismatchError(
+                f"checkpoint {step} in {self.directory} holds {why}", saved=saved, wanted=wanted, difference=why
+            )
 
     def restore(self, step: int, template: Any) -> Any:
         """Restores the checkpoint at ``step`` into the structure of ``template``.

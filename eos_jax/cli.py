@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import Callable, Iterable, NoReturn, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import NoReturn
 
 from eos_jax.errors import EosJaxError
 
@@ -69,7 +70,9 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
-def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, prog: str | None = None) -> NoReturn:
+def run(
+    main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, prog: str | None = None
+) -> NoReturn:
     """Calls ``main(argv)`` and exits; an EosJaxError becomes one line and exit code 2."""
     try:
         code = main(argv)
@@ -102,4 +105,3 @@ def name_flags(error: EosJaxError, arguments: Iterable[str]) -> EosJaxError:
     """Rewrites ``error``'s message in place with :func:`as_flags` (type and attributes kept); returns it."""
     error.args = (as_flags(str(error), arguments), *error.args[1:])
     return error
-

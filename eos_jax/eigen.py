@@ -32,7 +32,6 @@ Operator = Callable[[jax.Array], jax.Array]
 _HI = lax.Precision.HIGHEST  # no TF32/bf16 passes in the solver's own dot products on GPU
 
 
-
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     """Inner product of two flat vectors at full precision."""
     return jnp.dot(a, b, precision=_HI)
@@ -97,8 +96,9 @@ def power_iteration(op, v_init: jax.Array, num_iters: int, tol: float | None) ->
     if tol is None:
         s = lax.fori_loop(0, n1, lambda i, st: _power_step(op, zero, st), s)
     else:
-        s = lax.while_loop(lambda st: (st.n < n1) & ~(st.res <= tol * jnp.abs(st.lam)),
-                           lambda st: _power_step(op, zero, st), s)
+        s = lax.while_loop(
+            lambda st: (st.n < n1) & ~(st.res <= tol * jnp.abs(st.lam)), lambda st: _power_step(op, zero, st), s
+        )
     shifted = s.lam < 0
     shift = jnp.minimum(s.lam, zero)
     # After a negative mu the old residual belongs to the bottom eigenvalue: phase 2 must run.
@@ -106,8 +106,9 @@ def power_iteration(op, v_init: jax.Array, num_iters: int, tol: float | None) ->
     if tol is None:
         s = lax.fori_loop(0, num_iters - n1, lambda i, st: _power_step(op, shift, st), s)
     else:
-        s = lax.while_loop(lambda st: (st.n < num_iters) & ~(st.res <= tol * jnp.abs(st.lam)),
-                           lambda st: _power_step(op, shift, st), s)
+        s = lax.while_loop(
+            lambda st: (st.n < num_iters) & ~(st.res <= tol * jnp.abs(st.lam)), lambda st: _power_step(op, shift, st), s
+        )
     top = jnp.isfinite(s.res) & (shifted | (s.lam >= 0))
     return s, top
 
@@ -195,9 +196,7 @@ def _lanczos_step(op, key: jax.Array, st: LanczosState) -> LanczosState:
     # lax.cond: the restart costs nothing unless taken (under vmap both branches run, as a select).
     q_next = lax.cond(breakdown, restart, lambda: w / jnp.where(b > 0, b, jnp.ones_like(b)))
     b = jnp.where(breakdown, jnp.zeros_like(b), b)
-    return LanczosState(
-        st.q.at[j + 1].set(q_next), st.alpha.at[j].set(a), st.beta.at[j].set(b), j + 1, hnorm
-    )
+    return LanczosState(st.q.at[j + 1].set(q_next), st.alpha.at[j].set(a), st.beta.at[j].set(b), j + 1, hnorm)
 
 
 def lanczos(op, v_init: jax.Array, key: jax.Array, num_iters: int, tol: float | None, k: int):
@@ -262,8 +261,9 @@ def _relative(res: jax.Array, lam: jax.Array) -> jax.Array:
     return res / jnp.maximum(jnp.abs(lam), jnp.finfo(lam.dtype).tiny)
 
 
-def psd_extremes(op: Operator, v_max: jax.Array, v_min: jax.Array, *, tol: float = 1e-10,
-                 max_iters: int = 20000) -> Extremes:
+def psd_extremes(
+    op: Operator, v_max: jax.Array, v_min: jax.Array, *, tol: float = 1e-10, max_iters: int = 20000
+) -> Extremes:
     """``mu_min`` and ``mu_max`` of a symmetric positive semidefinite map by power iteration.
 
     ``mu_max``: :func:`power_iteration` on ``A`` (PSD, so the largest magnitude is the largest
@@ -302,5 +302,11 @@ def psd_extremes(op: Operator, v_max: jax.Array, v_min: jax.Array, *, tol: float
     mu_max = float(lam)
     shifted = lambda v: mu_max * v - op(v)  # noqa: E731
     lam2, it2, res2 = jax.jit(lambda v: solve(shifted, v))(v_min)
-    return Extremes(mu_min=mu_max - float(lam2), mu_max=mu_max, iters_max=int(it), iters_min=int(it2),
-                    residual_max=float(res), residual_min=float(res2))
+    return Extremes(
+        mu_min=mu_max - float(lam2),
+        mu_max=mu_max,
+        iters_max=int(it),
+        iters_min=int(it2),
+        residual_max=float(res),
+        residual_min=float(res2),
+    )

@@ -44,7 +44,8 @@ class CheckpointMismatchError(ConfigError):
       difference: a phrase naming the first difference.
     """
 
-    def __init__(self, message: str, *, saved: list | None = None, wanted: list | None = None,
-                 difference: str | None = None):
+    def __init__(
+        self, message: str, *, saved: list | None = None, wanted: list | None = None, difference: str | None = None
+    ):
         super().__init__(message)
         self.saved, self.wanted, self.difference = saved, wanted, difference

@@ -257,9 +257,7 @@ def data_parallel_hvp(
         return _sharded_op(loss_fn, p, b, n_dev, chunk_size, False)(t)
 
     spec = PartitionSpec()
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, PartitionSpec(axis), spec), out_specs=spec)(
-        params, batch, v
-    )
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, PartitionSpec(axis), spec), out_specs=spec)(params, batch, v)
 
 
 FIXED_MODE_TOL = 1e-3  # relative residual behind EigResult.converged when tol is None
@@ -339,9 +337,9 @@ def _eig(
     if mesh is None:
         return solve(params, aux, batch, v0, key)
     rep = PartitionSpec()
-    return jax.shard_map(
-        solve, mesh=mesh, in_specs=(rep, rep, PartitionSpec(axis), rep, rep), out_specs=rep
-    )(params, aux, batch, v0, key)
+    return jax.shard_map(solve, mesh=mesh, in_specs=(rep, rep, PartitionSpec(axis), rep, rep), out_specs=rep)(
+        params, aux, batch, v0, key
+    )
 
 
 def top_eigenvalue(
@@ -386,8 +384,19 @@ def top_eigenvalue(
       params, and the number of products used.
     """
     return _eig(
-        lambda p, a, b: loss_fn(p, b), params, None, batch, v0, key, k=None, method=method,
-        num_iters=num_iters, tol=tol, chunk_size=chunk_size, mesh=mesh, linearize=linearize,
+        lambda p, a, b: loss_fn(p, b),
+        params,
+        None,
+        batch,
+        v0,
+        key,
+        k=None,
+        method=method,
+        num_iters=num_iters,
+        tol=tol,
+        chunk_size=chunk_size,
+        mesh=mesh,
+        linearize=linearize,
     )
 
 
@@ -424,8 +433,19 @@ def top_eigenvalues(
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise ConfigError(f"k must be a positive int, got {k!r}")
     return _eig(
-        lambda p, a, b: loss_fn(p, b), params, None, batch, v0, key, k=int(k), method="lanczos",
-        num_iters=num_iters, tol=tol, chunk_size=chunk_size, mesh=mesh, linearize=linearize,
+        lambda p, a, b: loss_fn(p, b),
+        params,
+        None,
+        batch,
+        v0,
+        key,
+        k=int(k),
+        method="lanczos",
+        num_iters=num_iters,
+        tol=tol,
+        chunk_size=chunk_size,
+        mesh=mesh,
+        linearize=linearize,
     )
 
 
@@ -453,6 +473,7 @@ def adam_preconditioner(
     Returns:
       ``P`` (pytree like ``nu``), positive.
     """
+
     def leaf(x):
         t = jnp.asarray(count).astype(x.dtype)
         one = jnp.ones((), x.dtype)
@@ -464,6 +485,7 @@ def adam_preconditioner(
 
 def _reparam_loss(loss_fn: LossFn):
     """Loss of ``u`` at ``params + s * u`` with ``aux = (params, s)``: its Hessian in u is ``S H S``."""
+
     def loss3(u, aux, batch):
         p0, s = aux
         return loss_fn(jax.tree_util.tree_map(lambda p, si, ui: p + si * ui, p0, s, u), batch)
@@ -492,8 +514,7 @@ def preconditioned_top_eigenvalue(
     """
     s = jax.tree_util.tree_map(lambda p: 1 / jnp.sqrt(p), precond)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    opts = dict(method="lanczos", num_iters=20, tol=None, v0=None, key=None, chunk_size=None, mesh=None,
-                linearize=True)
+    opts = dict(method="lanczos", num_iters=20, tol=None, v0=None, key=None, chunk_size=None, mesh=None, linearize=True)
     unknown = set(kwargs) - set(opts)
     if unknown:
         raise ConfigError(f"unknown options {sorted(unknown)}; allowed: {sorted(opts)}")
@@ -512,6 +533,7 @@ def _layer_groups(params: PyTree, level: int) -> dict[str, list[int]]:
 
 def _block_loss(loss_fn: LossFn, treedef, idx: tuple[int, ...]):
     """Loss of one block of leaves with the other leaves passed as ``aux`` (a full leaf list)."""
+
     def loss3(block, leaves, batch):
         new = list(leaves)
         for i, x in zip(idx, block):
@@ -560,8 +582,16 @@ def layer_sharpness(
     for g, (name, idx) in enumerate(_layer_groups(params, level).items()):
         block = [leaves[i] for i in idx]
         start = None if v0 is None else v0.get(name)
-        out[name] = _eig(_block_loss(loss_fn, treedef, tuple(idx)), block, leaves, batch, start,
-                         jax.random.fold_in(key, g), k=None, **opts)
+        out[name] = _eig(
+            _block_loss(loss_fn, treedef, tuple(idx)),
+            block,
+            leaves,
+            batch,
+            start,
+            jax.random.fold_in(key, g),
+            k=None,
+            **opts,
+        )
     return out
 
 

@@ -13,8 +13,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -120,15 +121,19 @@ def open_run_dir(path: str | os.PathLike, config: dict[str, Any], *, resume: boo
                 "choose another run directory"
             )
         if not resume:
-            raise RunDirError(f"run directory {path} already holds this run; pass resume=True to continue it or choose another "
-                              "run directory")
+            raise RunDirError(
+                f"run directory {path} already holds this run; pass resume=True to continue it or choose another "
+                "run directory"
+            )
         return path
     if resume:
         raise RunDirError(f"resume=True: nothing to resume in {path} (no config.json)")
     if path.exists() and not path.is_dir():
         raise RunDirError(f"run directory {path} exists and is not a directory")
     if path.exists() and any(path.iterdir()):
-        raise RunDirError(f"run directory {path} is a non-empty directory without config.json; choose another run directory")
+        raise RunDirError(
+            f"run directory {path} is a non-empty directory without config.json; choose another run directory"
+        )
     path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg_file, cfg)
     return path

@@ -47,7 +47,8 @@ on them, and every state carries a step ``count`` (which drives schedules).
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,7 @@ import optax
 from eos_jax.errors import ConfigError
 from eos_jax.optim_torch import TorchRoundedOptimizer, torch_adam, torch_sgd
 
-ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
 FORMS = ("paper", "reference")
 ROUNDINGS = ("paper", "torch")
 
@@ -162,9 +163,7 @@ def _opaque_scalars(lr: Any, k: Any, dtype: np.dtype) -> tuple[jax.Array, jax.Ar
     # lr and k go through it as ONE array so that under vmap both are batched or neither
     # is: XLA rewrites a / broadcast(b) into a * broadcast(1/b) (not correctly rounded),
     # so the divisor k must not reach the division as a broadcast of an unbatched k.
-    lr_k, zero = jax.lax.optimization_barrier(
-        (jnp.stack([_cast(lr, dtype), _cast(k, dtype)]), jnp.zeros((), dtype))
-    )
+    lr_k, zero = jax.lax.optimization_barrier((jnp.stack([_cast(lr, dtype), _cast(k, dtype)]), jnp.zeros((), dtype)))
     return lr_k[0], lr_k[1], zero
 
 
@@ -224,9 +223,7 @@ def perturbed_scale(
             dtype = _float_dtype(u, "perturbed_scale")
             k_max_bits = np.finfo(dtype).nmant + 1  # integers up to 2**k_max_bits are exact
             if k_int is not None and k_int > 2**k_max_bits:
-                raise ConfigError(
-                    f"k={k_int} is not exactly representable in {dtype}; allowed: k <= 2**{k_max_bits}"
-                )
+                raise ConfigError(f"k={k_int} is not exactly representable in {dtype}; allowed: k <= 2**{k_max_bits}")
             lr_d, k_d, zero = _opaque_scalars(lr, k, dtype)
             if form == "paper":
                 q = lr_d / k_d  # rounding 1: fl(lr/k), a scalar

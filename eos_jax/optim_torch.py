@@ -46,7 +46,8 @@ Adam's step-dependent scalars are computed on the host in double precision
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,8 @@ RelL1 over the run: raw (thin) and its 100-step moving average (thick).
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from matplotlib.figure import Figure
 
@@ -56,7 +57,9 @@ def plot_run(
     for r in lines:
         by_lane.setdefault(int(r["lane"]), []).append(r)
     lanes = sorted(by_lane)[:max_lanes]
-    varying = [k for k in ("learning_rate", "k", "seed", "weight_decay") if len({by_lane[i][0][k] for i in by_lane}) > 1]
+    varying = [
+        k for k in ("learning_rate", "k", "seed", "weight_decay") if len({by_lane[i][0][k] for i in by_lane}) > 1
+    ]
     has_rel = any("rel_l1_to_k1" in r for r in lines)
     fig = Figure(figsize=(16.5 if has_rel else 11, 4))
     axes = fig.subplots(1, 3 if has_rel else 2)
@@ -71,7 +74,9 @@ def plot_run(
             ax_l.axvline(diverged[0], color=line.get_color(), ls=":", lw=1)
         sh = [(r["step"], r["normalized_sharpness"]) for r in rs if r.get("normalized_sharpness") is not None]
         if sh:
-            ax_s.plot([p[0] for p in sh], [p[1] for p in sh], lw=1, marker=".", ms=3, color=line.get_color(), label=label)
+            ax_s.plot(
+                [p[0] for p in sh], [p[1] for p in sh], lw=1, marker=".", ms=3, color=line.get_color(), label=label
+            )
         if has_rel:
             draw_rel_l1(axes[2], rs, color=line.get_color(), label=label)
     if has_rel:
@@ -129,7 +134,9 @@ def plot_variants(
         by_lane: dict[int, list[dict[str, Any]]] = {}
         for r in lines:
             by_lane.setdefault(int(r["lane"]), []).append(r)
-        varying = [k for k in ("learning_rate", "k", "seed", "weight_decay") if len({by_lane[i][0][k] for i in by_lane}) > 1]
+        varying = [
+            k for k in ("learning_rate", "k", "seed", "weight_decay") if len({by_lane[i][0][k] for i in by_lane}) > 1
+        ]
         ax_l, ax_s = axes[0, col], axes[1, col]
         for i in sorted(by_lane):
             rs = sorted(by_lane[i], key=lambda r: r["step"])

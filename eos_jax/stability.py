@@ -18,7 +18,8 @@ oscillations (:func:`regime`).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 STABLE_MAX_REL_INCREASE = 0.01  # the stability criterion (see the module docstring)
 CRITERION = "stable = finite and the loss never rises by more than 1% from one step to the next (every step, not only logged ones)"

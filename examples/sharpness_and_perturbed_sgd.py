@@ -90,16 +90,29 @@ def main(steps: int = 50, lr: float = 0.2, seed: int = 0) -> dict[str, Any]:
     params = MODEL.init(key_init, batch["x"])["params"]
     n_params = sum(p.size for p in jax.tree_util.tree_leaves(params))
     lam = float(sharpness(params, batch))
-    print(f"{n_params} parameters; sharpness at init {lam:.6g}, lr * sharpness = {lr * lam:.4g} "
-          f"({'above' if lr * lam > 2 else 'below'} the GD stability bound 2)")
+    print(
+        f"{n_params} parameters; sharpness at init {lam:.6g}, lr * sharpness = {lr * lam:.4g} "
+        f"({'above' if lr * lam > 2 else 'below'} the GD stability bound 2)"
+    )
     p1, loss1 = train(params, batch, lr, 1, steps)
     p3, loss3 = train(params, batch, lr, 3, steps)
     d = metrics.ulp_diff(p3, p1)
     rel = float(metrics.rel_l1(p3, p1))
-    print(f"after {steps} steps at lr={lr}: loss k=1 {loss1[-1]:.6g}, k=3 {loss3[-1]:.6g}; "
-          f"{d.n_diff} of {d.n_total} parameters differ, by up to {d.max_ulp} ulps (RelL1 {rel:.3g})")
-    return {"params": params, "batch": batch, "sharpness": lam, "p1": p1, "p3": p3, "loss1": loss1,
-            "loss3": loss3, "ulp": d, "rel_l1": rel}
+    print(
+        f"after {steps} steps at lr={lr}: loss k=1 {loss1[-1]:.6g}, k=3 {loss3[-1]:.6g}; "
+        f"{d.n_diff} of {d.n_total} parameters differ, by up to {d.max_ulp} ulps (RelL1 {rel:.3g})"
+    )
+    return {
+        "params": params,
+        "batch": batch,
+        "sharpness": lam,
+        "p1": p1,
+        "p3": p3,
+        "loss1": loss1,
+        "loss3": loss3,
+        "ulp": d,
+        "rel_l1": rel,
+    }
 
 
 if __name__ == "__main__":

@@ -71,9 +71,11 @@ def read_source(directory: Path, name: str) -> bytes:
         known = {published[gz.name]: "as published", sources.DEBIAN_FASHION_GZ[gz.name][0]: "as Debian ships it"}
         got = sha256(blob)
         if got not in known:
-            raise SourceError(f"{gz}: SHA-256 {got} is neither the published {published[gz.name]} nor Debian's "
-                              f"{sources.DEBIAN_FASHION_GZ[gz.name][0]}; decompress it next to it as {raw.name} to "
-                              f"check its content instead")
+            raise SourceError(
+                f"{gz}: SHA-256 {got} is neither the published {published[gz.name]} nor Debian's "
+                f"{sources.DEBIAN_FASHION_GZ[gz.name][0]}; decompress it next to it as {raw.name} to "
+                f"check its content instead"
+            )
         print(f"  {gz}: SHA-256 ok ({known[got]})")
         data = gzip.decompress(blob)
         what = f"{gz} (decompressed)"
@@ -81,19 +83,23 @@ def read_source(directory: Path, name: str) -> bytes:
         data = raw.read_bytes()
         what = str(raw)
     else:
-        raise SourceError(f"{directory}: no {name}.gz or {name}; pass --source DIR holding the published Fashion-MNIST "
-                          f"files (apt-get install dataset-fashion-mnist puts them in {DEFAULT_SOURCE})")
+        raise SourceError(
+            f"{directory}: no {name}.gz or {name}; pass --source DIR holding the published Fashion-MNIST "
+            f"files (apt-get install dataset-fashion-mnist puts them in {DEFAULT_SOURCE})"
+        )
     got = sha256(data)
     if got != want_raw or len(data) != want_size:
-        raise SourceError(f"{what}: SHA-256 {got} ({len(data)} bytes) is not the published Fashion-MNIST content "
-                          f"{want_raw} ({want_size} bytes)")
+        raise SourceError(
+            f"{what}: SHA-256 {got} ({len(data)} bytes) is not the published Fashion-MNIST content "
+            f"{want_raw} ({want_size} bytes)"
+        )
     print(f"  {what}: SHA-256 ok (published IDX content)")
     return data
 
 
 def parse_idx_u8(data: bytes, ndim: int) -> np.ndarray:
     """An unsigned-byte IDX array (its digest was checked, so the header is the published one)."""
-    magic, = struct.unpack(">I", data[:4])
+    (magic,) = struct.unpack(">I", data[:4])
     assert magic == 0x0800 + ndim, hex(magic)
     shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
@@ -141,9 +147,14 @@ def compare_digests(files: dict[str, bytes]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python scripts/make_bundled_data.py", description=__doc__.split("\n")[0])
-    p.add_argument("--source", default=DEFAULT_SOURCE, help=f"directory of the published files (default {DEFAULT_SOURCE})")
-    p.add_argument("--check", action="store_true",
-                   help="regenerate into a temporary directory and compare bit for bit with the package's files")
+    p.add_argument(
+        "--source", default=DEFAULT_SOURCE, help=f"directory of the published files (default {DEFAULT_SOURCE})"
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="regenerate into a temporary directory and compare bit for bit with the package's files",
+    )
     p.add_argument("--out", default=None, help="write here instead of the package's directory")
     args = p.parse_args(argv)
     target = Path(args.out) if args.out else sources.bundled_dir(NAME)
@@ -156,8 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     print("built (against eos_jax.data.sources.BUNDLED):")
     bad = compare_digests(files)
     if bad:
-        print(f"{p.prog}: error: the built files differ from the committed digests, nothing written: " + "; ".join(bad),
-              file=sys.stderr)
+        print(
+            f"{p.prog}: error: the built files differ from the committed digests, nothing written: " + "; ".join(bad),
+            file=sys.stderr,
+        )
         return 1
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_tree_equal_bits
 
 from eos_jax import data
 from eos_jax.data import sources
 from eos_jax.errors import ChecksumError, ConfigError, DataError, DataNotFoundError, MalformedDataError
-from helpers import assert_tree_equal_bits
 
 RNG = np.random.default_rng(0)
 
@@ -36,8 +36,14 @@ RNG = np.random.default_rng(0)
 
 def idx_bytes(arr: np.ndarray) -> bytes:
     """IDX encoding of an array (type code from its dtype)."""
-    code = {np.dtype("uint8"): 0x08, np.dtype("int8"): 0x09, np.dtype("int16"): 0x0B,
-            np.dtype("int32"): 0x0C, np.dtype("float32"): 0x0D, np.dtype("float64"): 0x0E}[arr.dtype]
+    code = {
+        np.dtype("uint8"): 0x08,
+        np.dtype("int8"): 0x09,
+        np.dtype("int16"): 0x0B,
+        np.dtype("int32"): 0x0C,
+        np.dtype("float32"): 0x0D,
+        np.dtype("float64"): 0x0E,
+    }[arr.dtype]
     head = struct.pack(">BBBB", 0, 0, code, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
     return head + arr.astype(arr.dtype.newbyteorder(">")).tobytes()
 
@@ -81,23 +87,43 @@ def write_cifar_bin(path: Path, x_nchw: np.ndarray, y: np.ndarray) -> None:
 def write_cifar_py3(path: Path, x_nchw: np.ndarray, y: np.ndarray) -> None:
     """A python-format batch pickled by Python 3 with protocol 2 (bytes keys, numpy data)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    batch = {b"batch_label": b"synthetic", b"labels": [int(v) for v in y],
-             b"data": x_nchw.reshape(len(y), -1), b"filenames": [b"img%d.png" % i for i in range(len(y))]}
+    batch = {
+        b"batch_label": b"synthetic",
+        b"labels": [int(v) for v in y],
+        b"data": x_nchw.reshape(len(y), -1),
+        b"filenames": [b"img%d.png" % i for i in range(len(y))],
+    }
     path.write_bytes(pickle.dumps(batch, protocol=2))
 
 
 def py2_cifar_pickle(x_nchw: np.ndarray, y: np.ndarray) -> bytes:
     """A batch pickled as Python 2's cPickle did (str opcodes, numpy.core.multiarray), by hand."""
+
     def s(b: bytes) -> bytes:  # py2 str: SHORT_BINSTRING or BINSTRING
         return (b"U" + bytes([len(b)]) + b) if len(b) < 256 else (b"T" + struct.pack("<I", len(b)) + b)
 
     n = len(y)
     raw = x_nchw.reshape(n, -1).tobytes()
-    arr = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + s(b"b") + b"\x87R"
-           + b"(K\x01" + b"M" + struct.pack("<H", n) + b"M" + struct.pack("<H", 3072) + b"\x86"
-           + b"cnumpy\ndtype\n" + s(b"u1") + b"K\x00K\x01\x87R"
-           + b"(K\x03" + s(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
-           + b"\x89" + s(raw) + b"tb")
+    arr = (
+        b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85"
+        + s(b"b")
+        + b"\x87R"
+        + b"(K\x01"
+        + b"M"
+        + struct.pack("<H", n)
+        + b"M"
+        + struct.pack("<H", 3072)
+        + b"\x86"
+        + b"cnumpy\ndtype\n"
+        + s(b"u1")
+        + b"K\x00K\x01\x87R"
+        + b"(K\x03"
+        + s(b"|")
+        + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+        + b"\x89"
+        + s(raw)
+        + b"tb"
+    )
     labels = b"](" + b"".join(b"K" + bytes([int(v)]) for v in y) + b"e"
     return b"\x80\x02}(" + s(b"data") + arr + s(b"labels") + labels + s(b"batch_label") + s(b"py2") + b"u."
 
@@ -221,8 +247,14 @@ def test_not_found_is_one_line_listing_places_and_remedies(isolated):
         data.load("mnist01", data_dir=isolated / "d")
     msg = str(e.value)
     assert "\n" not in msg
-    for part in (str(isolated / "d" / "mnist"), "incomplete: no train-labels-idx1-ubyte", str(isolated / "xdg" / "eos_jax" / "MNIST" / "raw"),
-                 "EOS_JAX_DATA", "data_dir=DIR", "download('mnist')"):
+    for part in (
+        str(isolated / "d" / "mnist"),
+        "incomplete: no train-labels-idx1-ubyte",
+        str(isolated / "xdg" / "eos_jax" / "MNIST" / "raw"),
+        "EOS_JAX_DATA",
+        "data_dir=DIR",
+        "download('mnist')",
+    ):
         assert part in msg, part
 
 
@@ -237,8 +269,11 @@ def test_unknown_name_or_split(isolated):
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 HAVE_DEBIAN_FASHION = all((DEBIAN_FASHION / (n + ".gz")).is_file() for n in sources.FASHION_IDX_SHA256)
-needs_debian = pytest.mark.skipif(not HAVE_DEBIAN_FASHION, reason="needs the published Fashion-MNIST files of Debian's "
-                                  "dataset-fashion-mnist in /usr/share/datasets/fashion-mnist (absent on CI)")
+needs_debian = pytest.mark.skipif(
+    not HAVE_DEBIAN_FASHION,
+    reason="needs the published Fashion-MNIST files of Debian's "
+    "dataset-fashion-mnist in /usr/share/datasets/fashion-mnist (absent on CI)",
+)
 BUNDLED_NAME = "fashion_mnist01_bundled"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -270,7 +305,10 @@ def test_bundled_files_digests_shapes_and_labels():
         ds = data.load(BUNDLED_NAME, split)
         assert ds.name == BUNDLED_NAME and ds.num_classes == 2 and ds.split == split and len(ds) == n
         assert_tree_equal_bits((ds.x, ds.y), ((x.astype(np.float32) / np.float32(255))[..., None], y.astype(np.int32)))
-        assert ds.sha256 == (img_f.sha256, lab_f.sha256) and ds.source == (str(d / img_f.filename), str(d / lab_f.filename))
+        assert ds.sha256 == (img_f.sha256, lab_f.sha256) and ds.source == (
+            str(d / img_f.filename),
+            str(d / lab_f.filename),
+        )
     assert total == 1_962_548 < 2_000_000
     assert data.search_paths(BUNDLED_NAME) == [d] and data.download(BUNDLED_NAME) == []
 
@@ -449,8 +487,9 @@ def test_loose_files_identified_by_digest(isolated, monkeypatch):
     monkeypatch.setattr(sources, "FASHION_IDX_SHA256", table)
     loose = data.identify_loose(dd)
     assert loose.base == "fashion_mnist" and loose.evidence == ("train-labels-idx1-ubyte: known Fashion-MNIST SHA-256",)
-    assert len(data.load("fashion_mnist01", data_dir=dd)) == int((write_loose(isolated / "again", None, gz=False)
-                                                                   ["train"][1] < 2).sum())
+    assert len(data.load("fashion_mnist01", data_dir=dd)) == int(
+        (write_loose(isolated / "again", None, gz=False)["train"][1] < 2).sum()
+    )
 
 
 @needs_debian
@@ -563,7 +602,7 @@ def test_cifar_binary_round_trip_and_pixel_layout(tmp_path):
     assert xi.shape == (3, 32, 32, 3) and xi.dtype == np.uint8
     assert_tree_equal_bits((xi, yi), (nhwc(x), y.astype(np.int32)))
     # Byte 1 + c*1024 + i*32 + j of a record is pixel (i, j) of channel c.
-    rec = p.read_bytes()[3073:2 * 3073]
+    rec = p.read_bytes()[3073 : 2 * 3073]
     assert xi[1, 5, 7, 2] == rec[1 + 2 * 1024 + 5 * 32 + 7]
 
 
@@ -610,7 +649,9 @@ def test_restricted_unpickler_refuses_code_and_objects(tmp_path):
             data.read_cifar_python(p)
     assert not marker.exists()
     with pytest.raises(MalformedDataError, match=r"refused global builtins\.eval"):
-        data.restricted_loads(pickle.dumps({"data": (eval, ("1+1",))}, protocol=2).replace(b"c__builtin__", b"cbuiltins"))
+        data.restricted_loads(
+            pickle.dumps({"data": (eval, ("1+1",))}, protocol=2).replace(b"c__builtin__", b"cbuiltins")
+        )
     # Any object array (elements would be arbitrary objects) is refused at its dtype.
     with pytest.raises(MalformedDataError, match="refused non-numeric dtype"):
         data.restricted_loads(pickle.dumps(np.array([1, "a"], dtype=object), protocol=2))
@@ -780,7 +821,9 @@ def test_download_cifar_archive_extracts_expected_members(isolated):
     (served / "cifar-10-binary.tar.gz").write_bytes(buf.getvalue())
     digest = hashlib.sha256(buf.getvalue()).hexdigest()
     with _Server(served) as srv:
-        data.download("cifar10_5k", cache_dir=isolated / "c", base_url=srv.url, sha256={"cifar-10-binary.tar.gz": digest})
+        data.download(
+            "cifar10_5k", cache_dir=isolated / "c", base_url=srv.url, sha256={"cifar-10-binary.tar.gz": digest}
+        )
     te = data.load("cifar10", "test", data_dir=isolated / "c")
     assert_tree_equal_bits(te.y, batches[5][1].astype(np.int32))
 
@@ -842,11 +885,11 @@ def _find_crop(out: np.ndarray, img: np.ndarray, pad: np.ndarray) -> list[tuple[
     """All (offset_y, offset_x, flipped) whose crop of the padded ``img`` equals ``out``."""
     h, w, c = img.shape
     padded = np.broadcast_to(pad, (h + 8, w + 8, c)).copy()
-    padded[4:4 + h, 4:4 + w] = img
+    padded[4 : 4 + h, 4 : 4 + w] = img
     cands, keys = [], []
     for oy in range(9):
         for ox in range(9):
-            crop = padded[oy:oy + h, ox:ox + w]
+            crop = padded[oy : oy + h, ox : ox + w]
             cands += [crop, crop[:, ::-1]]
             keys += [(oy, ox, False), (oy, ox, True)]
     match = np.all(np.stack(cands) == out[None], axis=(1, 2, 3))

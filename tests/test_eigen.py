@@ -35,8 +35,12 @@ def test_power_iteration_top_matches_eigh_both_signs(seed):
         st, top = eigen.power_iteration(_op(m), v0, 4000, 1e-11)
         assert bool(top)
         assert math.isclose(float(st.lam), ref, rel_tol=1e-9, abs_tol=1e-9 * np.abs(ev).max())
-        np.testing.assert_allclose(float(st.res), np.linalg.norm(m @ np.asarray(st.vec) - float(st.lam) * np.asarray(st.vec)),
-                                   rtol=1e-6, atol=1e-13)
+        np.testing.assert_allclose(
+            float(st.res),
+            np.linalg.norm(m @ np.asarray(st.vec) - float(st.lam) * np.asarray(st.vec)),
+            rtol=1e-6,
+            atol=1e-13,
+        )
 
 
 def test_lanczos_top_k_matches_eigh():
@@ -55,8 +59,13 @@ def test_psd_extremes_match_eigh():
     a = _sym(15, 5, psd=True)
     ev = np.linalg.eigvalsh(a)
     key1, key2 = jax.random.split(jax.random.key(2))
-    e = eigen.psd_extremes(_op(a), jax.random.normal(key1, (15,), jnp.float64),
-                           jax.random.normal(key2, (15,), jnp.float64), tol=1e-12, max_iters=200000)
+    e = eigen.psd_extremes(
+        _op(a),
+        jax.random.normal(key1, (15,), jnp.float64),
+        jax.random.normal(key2, (15,), jnp.float64),
+        tol=1e-12,
+        max_iters=200000,
+    )
     assert math.isclose(e.mu_max, ev[-1], rel_tol=1e-10)
     assert abs(e.mu_min - ev[0]) <= 1e-9 * ev[-1]
     assert e.residual_max <= 1e-12 and e.residual_min <= 1e-12

@@ -15,8 +15,23 @@ from eos_jax.train.stats import lane_summary
 from experiments import eos as eos_cli
 
 # Tiny and fast: scikit-learn's 8x8 digits 0/1 (always installed), few steps, power iteration.
-SMALL = ["--dataset", "digits01", "--num-examples", "64", "--steps", "6", "--sharpness-every", "3",
-         "--sharpness-iters", "4", "--sharpness-method", "power", "--checkpoint-every", "3", "--quiet"]
+SMALL = [
+    "--dataset",
+    "digits01",
+    "--num-examples",
+    "64",
+    "--steps",
+    "6",
+    "--sharpness-every",
+    "3",
+    "--sharpness-iters",
+    "4",
+    "--sharpness-method",
+    "power",
+    "--checkpoint-every",
+    "3",
+    "--quiet",
+]
 RUN_FILES = {"config.json", "metadata.json", "metrics.jsonl", "results.json", "eos.png", "checkpoints"}
 
 
@@ -41,9 +56,10 @@ def _check_run_dir(d: Path, n_lanes: int, steps: int = 6) -> dict:
     return res
 
 
-@pytest.mark.parametrize("preset,variants", [("fig7", ("layers1", "layers3")),
-                                             ("fig8", ("depth2", "depth4")),
-                                             ("fig9", ("layers1", "layers2"))])
+@pytest.mark.parametrize(
+    "preset,variants",
+    [("fig7", ("layers1", "layers3")), ("fig8", ("depth2", "depth4")), ("fig9", ("layers1", "layers2"))],
+)
 def test_preset_writes_every_file_and_prints_findings(preset, variants, tmp_path, capsys):
     out = tmp_path / preset
     code, stdout, stderr = _run(["--preset", preset, "--out", str(out), *SMALL], capsys)
@@ -98,21 +114,24 @@ def test_default_out_and_resume_without_out(tmp_path, capsys, monkeypatch):
     assert code == 2 and err.count("\n") == 1 and "no run under" in err, err
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--lr", "-1"], "'-1'"),
-    (["--lr", "nan"], "'nan'"),
-    (["--steps", "0"], "'0'"),
-    (["--model", "resnet"], "resnet"),
-    (["--dataset", "imagenet"], "imagenet"),
-    (["--loss", "hinge"], "hinge"),
-    (["--weight-decay", "-0.1"], "-0.1"),
-    (["--preset", "fig10"], "fig10"),
-    (["--pool", "max"], "max"),
-    (["--binary", "hinge"], "hinge"),
-    (["--preset", "fig7-readings", "--pool", "sum"], "--pool"),
-    (["--preset", "fig7", "--layers", "2"], "--layers"),
-    (["--resume", "--out", "DIR/none"], "nothing to resume"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--lr", "-1"], "'-1'"),
+        (["--lr", "nan"], "'nan'"),
+        (["--steps", "0"], "'0'"),
+        (["--model", "resnet"], "resnet"),
+        (["--dataset", "imagenet"], "imagenet"),
+        (["--loss", "hinge"], "hinge"),
+        (["--weight-decay", "-0.1"], "-0.1"),
+        (["--preset", "fig10"], "fig10"),
+        (["--pool", "max"], "max"),
+        (["--binary", "hinge"], "hinge"),
+        (["--preset", "fig7-readings", "--pool", "sum"], "--pool"),
+        (["--preset", "fig7", "--layers", "2"], "--layers"),
+        (["--resume", "--out", "DIR/none"], "nothing to resume"),
+    ],
+)
 def test_bad_flags_one_line_exit_2(argv, needle, tmp_path, capsys):
     argv = [a.replace("DIR", str(tmp_path)) for a in argv]
     code, out, err = _run(argv, capsys)
@@ -137,8 +156,26 @@ def test_other_config_in_out_dir_is_refused_and_nothing_is_overwritten(tmp_path,
 def test_dataset_fallback_is_visible(tmp_path, capsys):
     """Without --dataset the cnn uses MNIST 0/1, else a named fallback with a warning on the terminal."""
     out = tmp_path / "run"
-    code, _, err = _run(["--layers", "1", "--lr", "2", "--num-examples", "32", "--steps", "2", "--sharpness-every", "0",
-                         "--checkpoint-every", "0", "--quiet", "--out", str(out)], capsys)
+    code, _, err = _run(
+        [
+            "--layers",
+            "1",
+            "--lr",
+            "2",
+            "--num-examples",
+            "32",
+            "--steps",
+            "2",
+            "--sharpness-every",
+            "0",
+            "--checkpoint-every",
+            "0",
+            "--quiet",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, err
     meta = json.loads((out / "metadata.json").read_text())["dataset"]
     assert meta["requested"] == ["mnist01", "fashion_mnist01", "fashion_mnist01_bundled", "digits01"]
@@ -151,6 +188,7 @@ def test_dataset_fallback_is_visible(tmp_path, capsys):
 
 def test_stability_criterion_and_boundary():
     """A spike (> 1% loss rise) anywhere makes a lane unstable; late spikes are counted separately."""
+
     def lines(losses):
         return [{"step": i, "loss": l, "finite": True} for i, l in enumerate(losses)]
 
@@ -159,9 +197,13 @@ def test_stability_criterion_and_boundary():
     late = lane_summary(lines([1.0 - 0.01 * i for i in range(30)] + [0.8] + [0.7] * 19), 2.0)
     assert smooth["num_loss_increases_1pct"] == 0 and smooth["max_rel_loss_increase_late"] < 0
     assert early["num_loss_increases_1pct"] == 1 and early["num_loss_increases_1pct_late"] == 0
-    assert late["num_loss_increases_1pct_late"] == 1 and late["max_rel_loss_increase_late"] == pytest.approx(0.8 / 0.71 - 1)
-    lanes = [dict(learning_rate=lr, finite=f, **s) for lr, f, s in
-             [(1.0, True, smooth), (2.0, True, early), (4.0, True, late), (8.0, False, smooth)]]
+    assert late["num_loss_increases_1pct_late"] == 1 and late["max_rel_loss_increase_late"] == pytest.approx(
+        0.8 / 0.71 - 1
+    )
+    lanes = [
+        dict(learning_rate=lr, finite=f, **s)
+        for lr, f, s in [(1.0, True, smooth), (2.0, True, early), (4.0, True, late), (8.0, False, smooth)]
+    ]
     assert [is_stable(l) for l in lanes] == [True, False, False, False]
     b = stability_boundary(lanes)
     assert (b["largest_stable_lr"], b["smallest_unstable_lr"], b["monotone"]) == (1.0, 2.0, True)
@@ -178,12 +220,20 @@ def test_tracked_cnn_sharpness_matches_dense_hessian(tmp_path, capsys):
     import numpy as np
     from jax.flatten_util import ravel_pytree
 
-    from experiments import eos
     from eos_jax.checkpoint import CheckpointStore
+    from experiments import eos
 
     out = tmp_path / "run"
-    cfg = eos.default_config("cnn", layers=3, lr=(2.0,), dataset=("digits01",), num_examples=64, steps=6,
-                             sharpness_every=6, checkpoint_every=6)
+    cfg = eos.default_config(
+        "cnn",
+        layers=3,
+        lr=(2.0,),
+        dataset=("digits01",),
+        num_examples=64,
+        steps=6,
+        sharpness_every=6,
+        checkpoint_every=6,
+    )
     eos.run(cfg, out=out, quiet=True)
     data, _ = eos.load_data(cfg)
     prob, _ = eos.build_problem(cfg, data)
@@ -249,11 +299,17 @@ def test_default_num_examples_means_up_to(tmp_path, capsys):
     code, stdout, err = _run(argv, capsys)
     assert code == 0, err
     warn = [l for l in err.splitlines() if "WARNING" in l]
-    assert warn == ["WARNING: digits01 has 288 training examples, fewer than the default --num-examples 2000; "
-                    "using all 288 (recorded in metadata.json)"]
+    assert warn == [
+        "WARNING: digits01 has 288 training examples, fewer than the default --num-examples 2000; "
+        "using all 288 (recorded in metadata.json)"
+    ]
     meta = json.loads((out / "metadata.json").read_text())["dataset"]
-    assert (meta["num_examples_requested"], meta["num_examples_exact"], meta["num_examples_available"],
-            meta["num_examples_used"]) == (2000, False, 288, 288)
+    assert (
+        meta["num_examples_requested"],
+        meta["num_examples_exact"],
+        meta["num_examples_available"],
+        meta["num_examples_used"],
+    ) == (2000, False, 288, 288)
     assert "on digits01 (288 examples, 2 steps)" in stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_examples"] == 2000 and cfg["num_examples_exact"] is False
@@ -261,15 +317,18 @@ def test_default_num_examples_means_up_to(tmp_path, capsys):
     from experiments import eos
 
     def config_of(argv):
-        return eos.default_config("cnn", **eos_cli.overrides_from_args(eos_cli.build_parser().parse_args(argv))).to_dict()
+        return eos.default_config(
+            "cnn", **eos_cli.overrides_from_args(eos_cli.build_parser().parse_args(argv))
+        ).to_dict()
 
     assert config_of(argv) == cfg and config_of([*argv, "--resume"]) == cfg
     assert config_of([*argv, "--num-examples", "2000"]) != cfg  # explicit is another config (it may fail)
     # --all-examples: no cap, no warning.
     import io
 
-    c = eos.default_config("cnn", **eos_cli.overrides_from_args(eos_cli.build_parser().parse_args(
-        [*argv, "--all-examples"])))
+    c = eos.default_config(
+        "cnn", **eos_cli.overrides_from_args(eos_cli.build_parser().parse_args([*argv, "--all-examples"]))
+    )
     stream = io.StringIO()
     data, info = eos.load_data(c, stream=stream)
     assert stream.getvalue() == "" and data["x"].shape[0] == 288
@@ -282,8 +341,23 @@ def test_explicit_num_examples_too_large_is_one_line_exit_2(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1, err
     assert "--num-examples 289 exceeds the 288 training examples of digits01" in err
     assert not out.exists()
-    code, _, err = _run(["--preset", "fig7", "--dataset", "digits01", "--num-examples", "300", "--steps", "2",
-                         "--sharpness-every", "0", "--out", str(tmp_path / "preset")], capsys)
+    code, _, err = _run(
+        [
+            "--preset",
+            "fig7",
+            "--dataset",
+            "digits01",
+            "--num-examples",
+            "300",
+            "--steps",
+            "2",
+            "--sharpness-every",
+            "0",
+            "--out",
+            str(tmp_path / "preset"),
+        ],
+        capsys,
+    )
     assert code == 2 and err.count("\n") == 1 and "exceeds the 288" in err, err
     assert not (tmp_path / "preset").exists()  # refused before anything is written
     # Exactly the dataset's size is fine, and recorded as explicit.
@@ -304,7 +378,9 @@ def _fake_mnist(d: Path, seed: int) -> None:
     for prefix, n in (("train", 40), ("t10k", 20)):
         x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
         y = (np.arange(n) % 10).astype(np.uint8)
-        (d / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(struct.pack(">I3I", 0x803, n, 28, 28) + x.tobytes()))
+        (d / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(struct.pack(">I3I", 0x803, n, 28, 28) + x.tobytes())
+        )
         (d / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">II", 0x801, n) + y.tobytes()))
 
 
@@ -318,8 +394,10 @@ def test_unused_data_dir_files_warn_when_passed_over(tmp_path, capsys, monkeypat
     code, _, err = _run([*TINY, "--dataset", "digits01", "--data-dir", str(dd), "--quiet", "--out", str(out)], capsys)
     assert code == 0, err
     (warn,) = [l for l in err.splitlines() if "--data-dir" in l]
-    assert warn.startswith(f"WARNING: --data-dir {dd} holds dataset files that are not used: Fashion-MNIST in "
-                           f"{dd / 'fashion_mnist'}: Fashion-MNIST is not among the requested datasets (digits01)")
+    assert warn.startswith(
+        f"WARNING: --data-dir {dd} holds dataset files that are not used: Fashion-MNIST in "
+        f"{dd / 'fashion_mnist'}: Fashion-MNIST is not among the requested datasets (digits01)"
+    )
     (u,) = json.loads((out / "metadata.json").read_text())["dataset"]["unused_in_data_dir"]
     assert u["path"] == str(dd / "fashion_mnist")
     # The default chain finds MNIST 0/1 in EOS_JAX_DATA first: the user's Fashion-MNIST is passed over, and said so.
@@ -339,8 +417,9 @@ def test_unused_data_dir_files_warn_when_passed_over(tmp_path, capsys, monkeypat
     assert info["name"] == "mnist01" and info["num_examples_used"] == 8 and len(info["unused_in_data_dir"]) == 1
     # The directory supplies the data: no warning.
     stream = io.StringIO()
-    _, info = eos.load_data(eos.default_config("cnn", dataset=("fashion_mnist01",), num_examples=8), str(dd),
-                            stream=stream)
+    _, info = eos.load_data(
+        eos.default_config("cnn", dataset=("fashion_mnist01",), num_examples=8), str(dd), stream=stream
+    )
     assert stream.getvalue() == "" and info["unused_in_data_dir"] == [] and info["source"][0].startswith(str(dd))
 
 
@@ -351,7 +430,9 @@ def test_unidentifiable_loose_files_in_data_dir_are_refused(tmp_path, capsys):
     dd = tmp_path / "dd"
     dd.mkdir()
     for prefix, n in (("train", 12), ("t10k", 12)):
-        (dd / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(struct.pack(">I3I", 0x803, n, 28, 28) + bytes(n * 784)))
+        (dd / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(struct.pack(">I3I", 0x803, n, 28, 28) + bytes(n * 784))
+        )
         (dd / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">II", 0x801, n) + bytes(n)))
     out = tmp_path / "run"
     code, _, err = _run([*TINY, "--data-dir", str(dd), "--out", str(out)], capsys)
@@ -370,18 +451,45 @@ def test_main_job_on_a_fresh_machine(tmp_path):
 
     repo = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in ("EOS_JAX_DATA", "XLA_FLAGS")}
-    env.update(EOS_JAX_NO_SYSTEM_DATA="1", HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "xdg"),
-               JAX_PLATFORMS="cpu", PYTHONPATH=str(repo))
+    env.update(
+        EOS_JAX_NO_SYSTEM_DATA="1",
+        HOME=str(tmp_path / "home"),
+        XDG_CACHE_HOME=str(tmp_path / "xdg"),
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(repo),
+    )
     (tmp_path / "home").mkdir()
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "experiments.eos", "--layers", "3", "--lr", "5", "--steps", "10", "--sharpness-every", "5",
-           "--sharpness-iters", "5", "--sharpness-method", "power", "--chunk-steps", "5", "--checkpoint-every", "0",
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.eos",
+        "--layers",
+        "3",
+        "--lr",
+        "5",
+        "--steps",
+        "10",
+        "--sharpness-every",
+        "5",
+        "--sharpness-iters",
+        "5",
+        "--sharpness-method",
+        "power",
+        "--chunk-steps",
+        "5",
+        "--checkpoint-every",
+        "0",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     warn = [l for l in proc.stderr.splitlines() if l.startswith("WARNING")]
-    assert warn == ["WARNING: dataset mnist01, fashion_mnist01 not found; falling back to fashion_mnist01_bundled "
-                    "(recorded in metadata.json)"], proc.stderr[-3000:]
+    assert warn == [
+        "WARNING: dataset mnist01, fashion_mnist01 not found; falling back to fashion_mnist01_bundled "
+        "(recorded in metadata.json)"
+    ], proc.stderr[-3000:]
     meta = json.loads((out / "metadata.json").read_text())["dataset"]
     assert meta["name"] == "fashion_mnist01_bundled" and meta["num_examples_used"] == 2000
     assert [f["name"] for f in meta["fallback_from"]] == ["mnist01", "fashion_mnist01"]
@@ -389,6 +497,7 @@ def test_main_job_on_a_fresh_machine(tmp_path):
     assert "on fashion_mnist01_bundled (2000 examples, 10 steps)" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"] == "fashion_mnist01_bundled" and all(l["finite"] for l in res["lanes"])
+
 
 @pytest.mark.subprocess
 def test_resume_on_another_device_count_is_one_line_exit_2_and_moves_nothing(tmp_path, capsys):
@@ -401,17 +510,43 @@ def test_resume_on_another_device_count_is_one_line_exit_2_and_moves_nothing(tmp
     import sys
 
     out = tmp_path / "run"
-    argv = ["--layers", "1", "--lr", "1", "2", "3", *SMALL, "--num-examples", "16", "--steps", "1", "--chunk-steps", "1",
-            "--sharpness-every", "0", "--checkpoint-every", "1", "--out", str(out)]
+    argv = [
+        "--layers",
+        "1",
+        "--lr",
+        "1",
+        "2",
+        "3",
+        *SMALL,
+        "--num-examples",
+        "16",
+        "--steps",
+        "1",
+        "--chunk-steps",
+        "1",
+        "--sharpness-every",
+        "0",
+        "--checkpoint-every",
+        "1",
+        "--out",
+        str(out),
+    ]
     code, _, err = _run(argv, capsys)
     assert code == 0, err
     before = {str(p.relative_to(out)): (p.read_bytes() if p.is_file() else None) for p in sorted(out.rglob("*"))}
     assert any(k.startswith("checkpoints/group_000/1/") for k in before)
     repo = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(repo))
-    proc = subprocess.run([sys.executable, "-m", "experiments.eos", *argv, "--resume"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", PYTHONPATH=str(repo)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.eos", *argv, "--resume"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     err = proc.stderr
     assert proc.returncode == 2 and err.count("\n") == 1, err[-3000:]
     assert err.startswith("python -m experiments.eos: error: checkpoints/group_000") and "holds 3 lanes" in err, err
@@ -423,8 +558,9 @@ def test_resume_on_another_device_count_is_one_line_exit_2_and_moves_nothing(tmp
 def test_pool_and_binary_reach_the_model_and_are_recorded(tmp_path, capsys):
     """--pool sum / --binary softmax: config.json and metadata.json record them, and the model uses them."""
     out = tmp_path / "run"
-    code, _, err = _run(["--layers", "1", "--lr", "2", "--pool", "sum", "--binary", "softmax", "--out", str(out),
-                         *SMALL], capsys)
+    code, _, err = _run(
+        ["--layers", "1", "--lr", "2", "--pool", "sum", "--binary", "softmax", "--out", str(out), *SMALL], capsys
+    )
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())
     model = json.loads((out / "metadata.json").read_text())["model"]
@@ -444,8 +580,9 @@ def test_initial_sharpness_matches_dense_hessian():
     from experiments import eos
 
     for pool in ("mean", "sum"):
-        cfg = eos.default_config("cnn", layers=2, dataset=("digits01",), num_examples=32, weight_decay=(5e-4,),
-                                 pool=pool)
+        cfg = eos.default_config(
+            "cnn", layers=2, dataset=("digits01",), num_examples=32, weight_decay=(5e-4,), pool=pool
+        )
         data, _ = eos.load_data(cfg)
         got = eos.initial_sharpness(cfg, data, num_iters=18)  # 18 = number of parameters (2 x 3x3)
         prob, _ = eos.build_problem(cfg, data)
@@ -467,9 +604,15 @@ def test_lr_series_rules():
 
 
 def _lane(lr, *, finite=True, spikes=0, late=0, max_inc=0.0, ns=None):
-    return dict(learning_rate=lr, finite=finite, first_nonfinite_step=None if finite else 3,
-                num_loss_increases_1pct=spikes, num_loss_increases_1pct_late=late, max_rel_loss_increase=max_inc,
-                max_normalized_sharpness=ns)
+    return dict(
+        learning_rate=lr,
+        finite=finite,
+        first_nonfinite_step=None if finite else 3,
+        num_loss_increases_1pct=spikes,
+        num_loss_increases_1pct_late=late,
+        max_rel_loss_increase=max_inc,
+        max_normalized_sharpness=ns,
+    )
 
 
 def test_regime_and_the_figure7_finding_both_ways():
@@ -488,8 +631,10 @@ def test_regime_and_the_figure7_finding_both_ways():
     paper = {"layers1": entry("stable", "stable", "stable"), "layers3": entry("stable", "stable", "restrained")}
     other = {"layers1": entry("stable", "stable", "stable"), "layers3": entry("stable", "stable", "stable")}
     assert eos.matches_paper_fig7(paper)["matches"] and not eos.matches_paper_fig7(other)["matches"]
-    table = {"mean-raw-bce": {"match": eos.matches_paper_fig7(other)},
-             "mean-raw-softmax": {"match": eos.matches_paper_fig7(paper)}}
+    table = {
+        "mean-raw-bce": {"match": eos.matches_paper_fig7(other)},
+        "mean-raw-softmax": {"match": eos.matches_paper_fig7(paper)},
+    }
     c = eos.choose_reading(table)
     assert c["reading"] == "mean-raw-softmax" and c["matching"] == ["mean-raw-softmax"]
     table["mean-raw-softmax"]["match"] = eos.matches_paper_fig7(other)
@@ -504,8 +649,15 @@ def test_fig7_readings_writes_the_table(tmp_path, capsys):
     programs on other data (the second reading's compiles are cache hits)."""
     from experiments import eos
 
-    ov = dict(dataset=("digits01",), num_examples=48, steps=4, sharpness_every=2, sharpness_iters=4,
-              sharpness_method="power", checkpoint_every=None)
+    ov = dict(
+        dataset=("digits01",),
+        num_examples=48,
+        steps=4,
+        sharpness_every=2,
+        sharpness_iters=4,
+        sharpness_method="power",
+        checkpoint_every=None,
+    )
     readings = [r for r in eos.READINGS if r["pool"] == "mean" and r["binary"] == "bce"]
     root, found = eos.run_readings(overrides=ov, out=tmp_path / "r", quiet=True, readings=readings)
     md = (root / "readings.md").read_text()

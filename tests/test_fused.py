@@ -106,8 +106,9 @@ def test_fused_forward_is_bitwise_independent_of_chunking():
     rs = np.random.RandomState(2)
     x = jnp.asarray(rs.randn(48, 10, 10), jnp.float32)
     ks = tuple(jnp.asarray(rs.randn(3, 3), jnp.float32) for _ in range(3))
-    outs = [jax.jit(lambda kk, xx, c=c: fused.single_channel_stack(kk, xx, _swish, chunk=c))(ks, x)
-            for c in (16, 32, 48)]
+    outs = [
+        jax.jit(lambda kk, xx, c=c: fused.single_channel_stack(kk, xx, _swish, chunk=c))(ks, x) for c in (16, 32, 48)
+    ]
     assert ulp_diff(outs[0], outs[1]).n_diff == 0 and ulp_diff(outs[0], outs[2]).n_diff == 0
 
 
@@ -121,7 +122,9 @@ def test_fused_model_matches_lax_model():
     for other in (m_lax, m_sh):
         vo = other.init(KEY, (14, 14, 1))
         assert jax.tree_util.tree_structure(vo) == jax.tree_util.tree_structure(v)
-        assert all(ulp_diff(a, b).n_diff == 0 for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(vo)))
+        assert all(
+            ulp_diff(a, b).n_diff == 0 for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(vo))
+        )
     x = jax.random.uniform(jax.random.key(5), (30, 14, 14, 1), jnp.float32)
     out = m_auto.apply(v, x, train=True)[0]
     ref = m_lax.apply(v, x, train=True)[0]
@@ -169,8 +172,11 @@ def test_fused_vmaps_over_lanes():
     rs = np.random.RandomState(4)
     x = jnp.asarray(rs.rand(40, 10, 10), jnp.float32)
     ks = tuple(jnp.asarray(rs.randn(2, 3, 3), jnp.float32) for _ in range(3))  # 2 lanes
-    g = jax.jit(jax.vmap(jax.grad(lambda kk, xx: jnp.sum(fused.single_channel_stack(kk, xx, _swish, chunk=16))),
-                         in_axes=(0, None)))(ks, x)
+    g = jax.jit(
+        jax.vmap(
+            jax.grad(lambda kk, xx: jnp.sum(fused.single_channel_stack(kk, xx, _swish, chunk=16))), in_axes=(0, None)
+        )
+    )(ks, x)
     for lane in range(2):
         kl = tuple(k[lane] for k in ks)
         one = jax.jit(jax.grad(lambda kk, xx: jnp.sum(fused.single_channel_stack(kk, xx, _swish, chunk=16))))(kl, x)

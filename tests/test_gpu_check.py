@@ -16,11 +16,23 @@ def test_gpu_check_quick_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     # Without the suite's shared compilation cache: check (b) compiles its program twice on purpose.
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--quick", "--out", str(out)],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    for tag in ("(a) perturbed update float32", "(b) same run twice", "(c) float32 matmul", "(d) main job step",
-                "(d) ResNet-8", "(e) summary: all bitwise checks passed"):
+    for tag in (
+        "(a) perturbed update float32",
+        "(b) same run twice",
+        "(c) float32 matmul",
+        "(d) main job step",
+        "(d) ResNet-8",
+        "(e) summary: all bitwise checks passed",
+    ):
         assert tag in r.stdout, (tag, r.stdout)
     s = json.loads(out.read_text())
     assert s["ok"] and s["quick"]

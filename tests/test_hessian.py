@@ -30,10 +30,14 @@ from eos_jax.errors import ConfigError
 def mlp_params(key, dtype, d_in=6, d_hid=8, d_out=3):
     k1, k2, k3 = jax.random.split(key, 3)
     return {
-        "l1": {"w": jax.random.normal(k1, (d_in, d_hid), dtype) / float(np.sqrt(d_in)),
-               "b": jnp.zeros((d_hid,), dtype)},
-        "l2": {"w": jax.random.normal(k2, (d_hid, d_out), dtype) / float(np.sqrt(d_hid)),
-               "b": 0.1 * jax.random.normal(k3, (d_out,), dtype)},
+        "l1": {
+            "w": jax.random.normal(k1, (d_in, d_hid), dtype) / float(np.sqrt(d_in)),
+            "b": jnp.zeros((d_hid,), dtype),
+        },
+        "l2": {
+            "w": jax.random.normal(k2, (d_hid, d_out), dtype) / float(np.sqrt(d_hid)),
+            "b": 0.1 * jax.random.normal(k3, (d_out,), dtype),
+        },
     }
 
 
@@ -59,8 +63,9 @@ def cnn_params(key, dtype):
 
 
 def _conv(x, k):
-    return lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    precision=lax.Precision.HIGHEST)
+    return lax.conv_general_dilated(
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=lax.Precision.HIGHEST
+    )
 
 
 def cnn_loss(params, batch):
@@ -191,8 +196,12 @@ def test_dominant_negative_eigenvalue_gives_largest_algebraic():
         w = a @ v
         v = w / jnp.linalg.norm(w)
     assert abs(float(v @ (a @ v)) + 10) < 1e-6
-    for method, kw in (("power", dict(num_iters=400)), ("lanczos", dict(num_iters=7)),
-                       ("power", dict(num_iters=800, tol=1e-9)), ("lanczos", dict(num_iters=7, tol=1e-10))):
+    for method, kw in (
+        ("power", dict(num_iters=400)),
+        ("lanczos", dict(num_iters=7)),
+        ("power", dict(num_iters=800, tol=1e-9)),
+        ("lanczos", dict(num_iters=7, tol=1e-10)),
+    ):
         res = jax.jit(functools.partial(hs.top_eigenvalue, quad_loss, method=method, **kw))(p, a)
         assert rel(res.eigenvalue, 5.0) < 1e-8, (method, kw, float(res.eigenvalue))
         assert bool(res.converged), (method, kw)
@@ -206,7 +215,8 @@ def test_power_budget_never_returns_the_bottom_eigenvalue_as_top():
     """
     a, p, _ = quad_problem([-10.0, -9.95, 1.0, 2.0, 5.0])
     solve = lambda n, tol: jax.jit(  # noqa: E731
-        functools.partial(hs.top_eigenvalue, quad_loss, method="power", num_iters=n, tol=tol))(p, a)
+        functools.partial(hs.top_eigenvalue, quad_loss, method="power", num_iters=n, tol=tol)
+    )(p, a)
     short = solve(40, 1e-10)  # phase 2 (shifted, ratio 12/15) gets 20 products: close, not converged
     assert float(short.eigenvalue) > 4.9, float(short.eigenvalue)
     assert not bool(short.converged)
@@ -254,8 +264,9 @@ def test_warm_start_needs_fewer_products():
     key = jax.random.key(5)
     p = mlp_params(key, jnp.float64, d_hid=16)
     batch = mlp_batch(jax.random.fold_in(key, 1), jnp.float64, n=32)
-    eig = jax.jit(lambda p, b, v0: hs.top_eigenvalue(mlp_loss, p, b, num_iters=100, tol=1e-6, v0=v0,
-                                                     key=jax.random.key(9)))
+    eig = jax.jit(
+        lambda p, b, v0: hs.top_eigenvalue(mlp_loss, p, b, num_iters=100, tol=1e-6, v0=v0, key=jax.random.key(9))
+    )
     zero = jax.tree_util.tree_map(jnp.zeros_like, p)  # a zero v0 means a cold (random) start
     grad = jax.jit(jax.grad(mlp_loss))
     prev = eig(p, batch, zero)
@@ -309,7 +320,7 @@ def test_layer_sharpness_equals_dense_diagonal_blocks():
     assert list(out) == ["['l1']", "['l2']"]
     start = 0
     for name in ("l1", "l2"):
-        block = h[start:start + sizes[name], start:start + sizes[name]]
+        block = h[start : start + sizes[name], start : start + sizes[name]]
         start += sizes[name]
         assert rel(out[f"['{name}']"].eigenvalue, np.linalg.eigvalsh(block)[-1]) < 1e-8, name
     assert rel(out["['l1']"].eigenvalue, np.linalg.eigvalsh(h)[-1]) > 1e-3  # blocks differ from the whole

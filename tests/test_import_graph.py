@@ -25,8 +25,7 @@ PACKAGES = ("eos_jax", "experiments")
 # Top-level components of eos_jax (the first name after ``eos_jax.``), lowest layer first.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("foundation", frozenset({"errors", "io", "fma", "runtime", "progress", "cli", "metrics"})),
-    ("maths", frozenset({"eigen", "losses", "optim_torch", "optim", "hessian", "models", "data", "pde",
-                         "stability"})),
+    ("maths", frozenset({"eigen", "losses", "optim_torch", "optim", "hessian", "models", "data", "pde", "stability"})),
     ("engine", frozenset({"checkpoint", "train", "plotting"})),
 )
 # Function-local imports of eos_jax modules that are kept, (importer, imported) -> why.
@@ -50,7 +49,8 @@ def _modules() -> dict[str, Path]:
 def _is_type_checking(node: ast.If) -> bool:
     t = node.test
     return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(module: str, path: Path, mods: dict[str, Path]) -> list[tuple[str, bool, int]]:
@@ -159,8 +159,13 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def test_library_does_not_import_experiments_benchmarks_or_tests():
-    bad = [f"{m}:{line} imports {t}" for m, imps in IMPORTS.items() if m.startswith("eos_jax")
-           for t, _, line in imps if t.split(".")[0] in ("experiments", "benchmarks", "tests", "helpers")]
+    bad = [
+        f"{m}:{line} imports {t}"
+        for m, imps in IMPORTS.items()
+        if m.startswith("eos_jax")
+        for t, _, line in imps
+        if t.split(".")[0] in ("experiments", "benchmarks", "tests", "helpers")
+    ]
     assert not bad, bad
 
 
@@ -187,9 +192,14 @@ def _layer_violations(imports: dict[str, list[tuple[str, bool, int]]]) -> list[s
 
 def test_layer_check_catches_an_import_upwards():
     assert _layer_violations({"eos_jax.hessian": [("eos_jax.train", False, 7)]}) == [
-        "eos_jax.hessian:7 (maths) imports eos_jax.train (engine)"]
-    assert _layer_violations({"eos_jax.train": [("eos_jax.hessian", True, 3)],
-                              "experiments.eos.runner": [("eos_jax.train", True, 1)]}) == []
+        "eos_jax.hessian:7 (maths) imports eos_jax.train (engine)"
+    ]
+    assert (
+        _layer_violations(
+            {"eos_jax.train": [("eos_jax.hessian", True, 3)], "experiments.eos.runner": [("eos_jax.train", True, 1)]}
+        )
+        == []
+    )
 
 
 def test_layers_read_top_down():
@@ -200,8 +210,12 @@ def test_layers_read_top_down():
 
 def test_library_imports_at_module_top():
     """Imports of eos_jax modules inside functions are only the listed ones (each with its reason)."""
-    found = {(m, t) for m, imps in IMPORTS.items() for t, top, _ in imps
-             if not top and t.split(".")[0] in PACKAGES and t != m}
+    found = {
+        (m, t)
+        for m, imps in IMPORTS.items()
+        for t, top, _ in imps
+        if not top and t.split(".")[0] in PACKAGES and t != m
+    }
     assert found <= set(LAZY_IMPORTS), sorted(found - set(LAZY_IMPORTS))
     assert set(LAZY_IMPORTS) <= found, f"stale entries in LAZY_IMPORTS: {sorted(set(LAZY_IMPORTS) - found)}"
 

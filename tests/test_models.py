@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_tree_equal_bits
 from scipy import signal
 from scipy.special import expit, log_expit, logsumexp
 
 from eos_jax import losses, models
 from eos_jax.errors import ConfigError
 from eos_jax.models import layers
-from helpers import assert_tree_equal_bits
 
 KEY = jax.random.key(0)
 
@@ -31,6 +31,7 @@ def _abstract_count(model: models.Model, shape) -> int:
 
 
 # --- parameter counts (published / closed form) ------------------------------------
+
 
 @pytest.mark.parametrize(
     "name,cfg,shape,expected",
@@ -46,8 +47,12 @@ def _abstract_count(model: models.Model, shape) -> int:
         ("cnn", {"layers": 3}, (28, 28, 1), 27),
         # Sec. 5.3: one 32x32 kernel.
         ("cnn", {"kernel_size": 32}, (256, 256, 1), 1024),
-        ("cnn", {"layers": 2, "channels": (4, 8), "head": "linear", "num_outputs": 10,
-                 "in_channels": 3}, (8, 8, 3), 3 * 3 * 3 * 4 + 3 * 3 * 4 * 8 + 8 * 10 + 10),
+        (
+            "cnn",
+            {"layers": 2, "channels": (4, 8), "head": "linear", "num_outputs": 10, "in_channels": 3},
+            (8, 8, 3),
+            3 * 3 * 3 * 4 + 3 * 3 * 4 * 8 + 8 * 10 + 10,
+        ),
     ],
 )
 def test_parameter_counts(name, cfg, shape, expected):
@@ -59,8 +64,13 @@ def test_parameter_counts(name, cfg, shape, expected):
 SMALL = [
     ("cnn", {"layers": 3}, (12, 12, 1), 1, "float32"),
     ("cnn", {"layers": 3}, (12, 12, 1), 1, "float64"),
-    ("cnn", {"layers": 2, "channels": 3, "head": "linear", "num_outputs": 4, "padding": "same"}, (9, 9, 1), 4,
-     "float32"),
+    (
+        "cnn",
+        {"layers": 2, "channels": 3, "head": "linear", "num_outputs": 4, "padding": "same"},
+        (9, 9, 1),
+        4,
+        "float32",
+    ),
     ("cnn", {"layers": 2, "head": "linear", "num_outputs": 3, "init": "jax"}, (9, 9, 1), 3, "float64"),
     ("fc", {"width": 16, "depth": 3}, (6, 6, 3), 10, "float64"),
 ]
@@ -103,8 +113,9 @@ def test_bn_models_init_apply_and_batch_stats(name):
     logits, state = apply(variables, x, train=True)
     assert logits.shape == (2, 10) and np.all(np.isfinite(np.asarray(logits)))
     # train=True moves every running statistic; train=False returns them bitwise unchanged.
-    for new, old in zip(jax.tree_util.tree_leaves(state["batch_stats"]),
-                        jax.tree_util.tree_leaves(variables["batch_stats"])):
+    for new, old in zip(
+        jax.tree_util.tree_leaves(state["batch_stats"]), jax.tree_util.tree_leaves(variables["batch_stats"])
+    ):
         assert not np.any(np.asarray(new) == np.asarray(old))
     logits_eval, state_eval = apply(variables, x, train=False)
     assert_tree_equal_bits(state_eval["batch_stats"], variables["batch_stats"])
@@ -140,6 +151,7 @@ def test_resnet_option_a_shortcut_is_parameter_free():
 
 # --- convolution implementations --------------------------------------------------
 
+
 @pytest.mark.parametrize("impl", ["shifted", "fft"])
 @pytest.mark.parametrize("dtype,rtol", [(jnp.float32, 2e-6), (jnp.float64, 1e-13)])
 def test_single_channel_conv_matches_lax(impl, dtype, rtol):
@@ -150,7 +162,10 @@ def test_single_channel_conv_matches_lax(impl, dtype, rtol):
     def run(kk, xx):
         outs = {}
         for which in ("lax", impl):
-            f = lambda k_, x_: jnp.sum(jnp.tanh(layers.conv2d(x_, k_, padding=padding, impl=which)))
+
+            def f(k_, x_, which=which):
+                return jnp.sum(jnp.tanh(layers.conv2d(x_, k_, padding=padding, impl=which)))
+
             outs[which] = (layers.conv2d(xx, kk, padding=padding, impl=which), jax.grad(f, (0, 1))(kk, xx))
         scale = layers.conv2d(jnp.abs(xx), jnp.abs(kk), padding=padding, impl="lax")
         return outs, scale
@@ -194,6 +209,7 @@ def test_cnn_impls_agree_in_a_full_model():
 
 # --- Eq. (6) and Eq. (8) on a checkerboard, float64 --------------------------------
 
+
 def _swish(z, beta):
     return z * expit(beta * z)
 
@@ -209,8 +225,16 @@ def test_one_layer_cnn_matches_eq6_and_eq8(impl, pool):
     size, ks, beta, alpha = 24, 6, 1.5, 0.3
     checker = np.where((np.arange(size)[:, None] + np.arange(size)[None, :]) % 2 == 0, 1.0, -1.0)
     # mean: the authors' AvgPooling (a larger kernel keeps yhat away from 0 and 1 as well).
-    model = models.get("cnn", kernel_size=ks, beta=beta, init="normal", init_std=0.02 if pool == "sum" else 0.5,
-                       conv_impl=impl, pool=pool, dtype="float64")
+    model = models.get(
+        "cnn",
+        kernel_size=ks,
+        beta=beta,
+        init="normal",
+        init_std=0.02 if pool == "sum" else 0.5,
+        conv_impl=impl,
+        pool=pool,
+        dtype="float64",
+    )
     params = model.init(KEY, (size, size, 1))["params"]
     kernel = np.asarray(params["conv0"]["kernel"])[:, :, 0, 0]
     # A checkerboard with a column ramp so that K*I crosses zero (transitioning regime).
@@ -242,11 +266,13 @@ def test_one_layer_cnn_matches_eq6_and_eq8(impl, pool):
         # Eq. (8): dL/dK = (yhat - y) r'(K * I) * I + alpha K (correlation of I with r'(K*I)).
         # With the mean the data term carries 1/P (the authors' AvgPooling.backward divides by H and W).
         ref_grad = scale * (yhat - y) * signal.correlate2d(image, _swish_prime(z, beta), mode="valid") + alpha * kernel
-        np.testing.assert_allclose(np.asarray(grad["conv0"]["kernel"])[:, :, 0, 0], ref_grad, rtol=1e-10,
-                                   atol=1e-12 * np.max(np.abs(ref_grad)))
+        np.testing.assert_allclose(
+            np.asarray(grad["conv0"]["kernel"])[:, :, 0, 0], ref_grad, rtol=1e-10, atol=1e-12 * np.max(np.abs(ref_grad))
+        )
 
 
 # --- initialization ----------------------------------------------------------------
+
 
 def test_pytorch_init_bounds_and_jax_init():
     v = models.get("fc", width=64, depth=1, num_outputs=5).init(KEY, (4, 4, 2))["params"]
@@ -269,8 +295,11 @@ def test_normal_init_for_the_pde_kernel():
     m = models.get("cnn", kernel_size=32, init="normal", dtype="float64")
     k = np.asarray(m.init(KEY, (40, 40, 1))["params"]["conv0"]["kernel"])
     assert k.dtype == np.float64 and abs(k.std() - 1.0) < 0.1 and abs(k.mean()) < 0.1
-    k2 = np.asarray(models.get("cnn", kernel_size=32, init="normal", init_std=0.5, dtype="float64")
-                    .init(KEY, (40, 40, 1))["params"]["conv0"]["kernel"])
+    k2 = np.asarray(
+        models.get("cnn", kernel_size=32, init="normal", init_std=0.5, dtype="float64").init(KEY, (40, 40, 1))[
+            "params"
+        ]["conv0"]["kernel"]
+    )
     np.testing.assert_allclose(k2, 0.5 * k, rtol=1e-15)
 
 
@@ -318,6 +347,7 @@ def test_info_is_json_able():
 
 
 # --- losses ------------------------------------------------------------------------
+
 
 def test_binary_cross_entropy_matches_numpy_and_is_stable():
     z = np.array([-30.0, -2.0, -0.1, 0.0, 0.7, 5.0, 40.0])

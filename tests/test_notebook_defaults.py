@@ -112,8 +112,11 @@ _CHILD = textwrap.dedent(
 
 @pytest.mark.subprocess
 def test_public_api_under_jax_defaults_is_float32_and_leaves_the_process_as_it_found_it():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("JAX_ENABLE_X64", "XLA_FLAGS", "MPLBACKEND", "JAX_NUMPY_DTYPE_PROMOTION")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("JAX_ENABLE_X64", "XLA_FLAGS", "MPLBACKEND", "JAX_NUMPY_DTYPE_PROMOTION")
+    }
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=300, env=env, cwd=root)

@@ -49,8 +49,7 @@ def test_classifier_rule():
 
 def test_small_runs_stable_at_bound_divergent_when_fidelity_is_unstable(tmp_path):
     # lam dt = 2.6 > 2 at 500x: the fidelity term alone diverges.
-    cfg = beltrami.BeltramiConfig(multiples=(1.0, 500.0), points=32, steps=4000, lam=5000.0, delta=0.1,
-                                  record_every=20)
+    cfg = beltrami.BeltramiConfig(multiples=(1.0, 500.0), points=32, steps=4000, lam=5000.0, delta=0.1, record_every=20)
     res = beltrami_exp.run_beltrami(cfg, tmp_path / "run")
     assert res["runs"]["1.0"]["classification"] == "stable"
     assert res["runs"]["500.0"]["classification"] == "divergent"
@@ -65,9 +64,11 @@ def test_notes_check_the_bound_against_the_run():
     cfg = beltrami.BeltramiConfig(multiples=(1.0, 10.0, 500.0), points=32, lam=5000.0)
     dx, smax = 1.0 / 32, 1.2
     bound = smax + 2.0 / (cfg.lam * dx)
-    runs = {"1.0": {"dt": 1e-4, "classification": "stable", "max_abs_u": 1.1},
-            "10.0": {"dt": 1.5e-4, "classification": "restrained", "max_abs_u": 1.15},
-            "500.0": {"dt": 5e-4, "classification": "divergent", "max_abs_u": 1e30}}
+    runs = {
+        "1.0": {"dt": 1e-4, "classification": "stable", "max_abs_u": 1.1},
+        "10.0": {"dt": 1.5e-4, "classification": "restrained", "max_abs_u": 1.15},
+        "500.0": {"dt": 5e-4, "classification": "divergent", "max_abs_u": 1e30},
+    }
     notes = beltrami_exp._notes(runs, cfg, smax, dx)
     assert "none diverges, as the bound says" in notes[0] and f"bound {bound:.4g}: yes" in notes[0]
     assert notes[1].startswith("multiples 500.0: lambda*dt >= 2") and "500.0 x: divergent" in notes[1]

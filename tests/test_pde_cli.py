@@ -22,19 +22,22 @@ def test_help(sub, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["linear", "--dt", "0", "--out", "x"], "--dt"),
-    (["linear", "--dt", "-1e-8", "--out", "x"], "--dt"),
-    (["linear", "--dt", "1e-8", "--kernel", "0", "--out", "x"], "--kernel"),
-    (["linear", "--dt", "1e-8", "--scheme", "adam", "--out", "x"], "--scheme"),
-    (["linear", "--dt", "1e-8", "--kernel", "300", "--out", "x"], "kernel size 300"),
-    (["linear", "--dt", "1e-4", "--scheme", "nesterov", "--momentum", "1.5", "--out", "x"], "momentum"),
-    (["linear", "--dt", "1e-8", "--pool", "max", "--out", "x"], "--pool"),
-    (["linear", "--dt", "1e-8", "--ibar", "median", "--out", "x"], "--ibar"),
-    (["heat", "--ratio", "-0.4", "--out", "x"], "--ratio"),
-    (["beltrami", "--steps", "0", "--out", "x"], "--steps"),
-    (["nosuch"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["linear", "--dt", "0", "--out", "x"], "--dt"),
+        (["linear", "--dt", "-1e-8", "--out", "x"], "--dt"),
+        (["linear", "--dt", "1e-8", "--kernel", "0", "--out", "x"], "--kernel"),
+        (["linear", "--dt", "1e-8", "--scheme", "adam", "--out", "x"], "--scheme"),
+        (["linear", "--dt", "1e-8", "--kernel", "300", "--out", "x"], "kernel size 300"),
+        (["linear", "--dt", "1e-4", "--scheme", "nesterov", "--momentum", "1.5", "--out", "x"], "momentum"),
+        (["linear", "--dt", "1e-8", "--pool", "max", "--out", "x"], "--pool"),
+        (["linear", "--dt", "1e-8", "--ibar", "median", "--out", "x"], "--ibar"),
+        (["heat", "--ratio", "-0.4", "--out", "x"], "--ratio"),
+        (["beltrami", "--steps", "0", "--out", "x"], "--steps"),
+        (["nosuch"], "invalid choice"),
+    ],
+)
 def test_bad_flags_one_line_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert _run(argv) == 2
@@ -45,8 +48,24 @@ def test_bad_flags_one_line_exit_2(argv, needle, capsys, tmp_path, monkeypatch):
 
 def test_linear_tiny_run_and_no_overwrite(tmp_path, capsys):
     out = tmp_path / "lin"
-    argv = ["linear", "--kernel", "3", "4", "--size", "12", "--dt", "1e-3", "--bisect-steps", "64", "--rel-tol", "1e-3",
-            "--plot-steps", "20", "--out", str(out)]
+    argv = [
+        "linear",
+        "--kernel",
+        "3",
+        "4",
+        "--size",
+        "12",
+        "--dt",
+        "1e-3",
+        "--bisect-steps",
+        "64",
+        "--rel-tol",
+        "1e-3",
+        "--plot-steps",
+        "20",
+        "--out",
+        str(out),
+    ]
     assert _run(argv) == 0
     res = json.loads((out / "results.json").read_text())
     for w in ("3", "4"):
@@ -65,6 +84,10 @@ def test_linear_tiny_run_and_no_overwrite(tmp_path, capsys):
 
 @pytest.mark.subprocess
 def test_module_entry_point_subprocess(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "experiments.pde", "linear", "--dt", "0", "--out", str(tmp_path / "x")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.pde", "linear", "--dt", "0", "--out", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

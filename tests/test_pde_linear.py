@@ -68,7 +68,7 @@ def _linear_py_gradient(kernel, image, a, beta, alpha, *, divide_by_positions=Fa
     """
     w = kernel.shape[0]
     h = image.shape[0] - w + 1
-    cols = np.stack([image[m:m + w, n:n + w].reshape(-1) for m in range(h) for n in range(h)], axis=1)
+    cols = np.stack([image[m : m + w, n : n + w].reshape(-1) for m in range(h) for n in range(h)], axis=1)
     conv = kernel.reshape(1, -1) @ cols
     data = (conv @ cols.T).reshape(w, w) / (h * h if divide_by_positions else 1)
     return 0.5 * a * (np.mean(image) + beta * data) + alpha * kernel
@@ -86,14 +86,16 @@ def test_linear_scheme_gradient_matches_the_authors_linear_py(pool):
     q = linear.data_scale(pool, (n - w + 1) ** 2)
     op = linear.scaled_operator(linear.make_windowed_operator(img, w), q)
     step = linear.make_step(op, linear.image_bar(img, cfg.ibar), scheme="gd", dt=dt, a=a, beta=beta)
-    got = (k - np.asarray(step(linear.SchemeState(jnp.asarray(k), jnp.asarray(k)), jnp.asarray(alpha, F64)).kernel))
+    got = k - np.asarray(step(linear.SchemeState(jnp.asarray(k), jnp.asarray(k)), jnp.asarray(alpha, F64)).kernel)
     np.testing.assert_allclose(got / dt, ref, rtol=1e-10, atol=1e-10 * np.abs(ref).max())
-    auto = np.asarray(jax.grad(linear.linearized_loss)(jnp.asarray(k), jnp.asarray(img), a=a, beta=beta,
-                                                       alpha=alpha, pool=pool))
+    auto = np.asarray(
+        jax.grad(linear.linearized_loss)(jnp.asarray(k), jnp.asarray(img), a=a, beta=beta, alpha=alpha, pool=pool)
+    )
     np.testing.assert_allclose(auto, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
     # linear.py's printed alpha_min, 0.25 max|fft2(I)|^2, is (14) with the sum (a = -1/2, beta = 1).
     assert linear.theory_bounds(img, scheme="gd", dt=dt, a=a, beta=beta)[0] == pytest.approx(
-        0.25 * np.max(np.abs(np.fft.fft2(img)) ** 2), rel=1e-12)
+        0.25 * np.max(np.abs(np.fft.fft2(img)) ** 2), rel=1e-12
+    )
 
 
 def test_power_iteration_extremes_match_dense_eigh():
@@ -129,8 +131,9 @@ def test_nesterov_coefficients_from_momentum():
     assert math.isclose(s, 0.95 * dt * dt, rel_tol=1e-14)
     # The exact bound tends to the paper's (18) 4/(3 dt^2) as m -> 1, and is 4/(2.8 dt^2) at m = 0.9.
     assert math.isclose(linear.z_bound("nesterov", dt, 0.9), 4 / (2.8 * dt * dt), rel_tol=1e-14)
-    assert math.isclose(linear.z_bound("nesterov", dt, 1 - 1e-9), linear.z_bound("nesterov", dt, form="paper"),
-                        rel_tol=1e-8)
+    assert math.isclose(
+        linear.z_bound("nesterov", dt, 1 - 1e-9), linear.z_bound("nesterov", dt, form="paper"), rel_tol=1e-8
+    )
 
 
 @pytest.mark.parametrize("scheme", ["gd", "nesterov"])
@@ -200,8 +203,9 @@ def test_periodic_simulated_threshold_equals_theory_bound(scheme, dt, momentum):
     assert abs(bis["alpha_min"] - th_min) <= 0.01 * th_min
     assert abs(bis["alpha_max"] - th_max) <= 0.01 * th_max
     if scheme == "nesterov":
-        pa_min, pa_max = linear.theory_bounds(img, scheme=scheme, dt=dt, a=a, beta=beta, momentum=momentum,
-                                              form="paper")
+        pa_min, pa_max = linear.theory_bounds(
+            img, scheme=scheme, dt=dt, a=a, beta=beta, momentum=momentum, form="paper"
+        )
         assert pa_min == th_min
         if momentum == 0.99:  # (18) as printed is the m -> 1 limit: within 1% at m = 0.99 ...
             assert abs(bis["alpha_max"] - pa_max) <= 0.01 * pa_max
@@ -220,8 +224,9 @@ def test_windowed_spectral_threshold_agrees_with_bisection(scheme, dt):
     step = linear.make_step(op, float(np.sum(img)), scheme=scheme, dt=dt, a=a, beta=beta, momentum=m)
     k0 = jax.random.normal(jax.random.key(10), (w, w), F64)
     s = dt if scheme == "gd" else linear.nesterov_coefficients(dt, m)[1]
-    bis = linear.bisect_bounds(linear.make_instability_test(step, 800), k0,
-                               scale=1.0 / s if scheme == "gd" else 0.5 / s, rel_tol=1e-4)
+    bis = linear.bisect_bounds(
+        linear.make_instability_test(step, 800), k0, scale=1.0 / s if scheme == "gd" else 0.5 / s, rel_tol=1e-4
+    )
     assert 0 < sp_min < sp_max
     assert abs(bis["alpha_min"] - sp_min) <= 0.02 * sp_min
     assert abs(bis["alpha_max"] - sp_max) <= 0.02 * sp_max
@@ -339,8 +344,10 @@ def test_nesterov_note_names_the_bound_the_simulation_follows(tiny_linear_run):
     cfg, res = tiny_linear_run
     ncfg = dataclasses.replace(cfg, scheme="nesterov", dt=1e-2)
     r = copy.deepcopy(res)
-    r["z_bound_exact"], r["z_bound_paper"] = linear.z_bound("nesterov", 1e-2), linear.z_bound("nesterov", 1e-2,
-                                                                                                   form="paper")
+    r["z_bound_exact"], r["z_bound_paper"] = (
+        linear.z_bound("nesterov", 1e-2),
+        linear.z_bound("nesterov", 1e-2, form="paper"),
+    )
     for e in r["kernels"].values():
         e["alpha_max_spectral"], e["alpha_max_spectral_paper_formula"] = 14285.7, 13333.3
     for e in r["kernels"].values():

@@ -21,7 +21,6 @@ from eos_jax.pde.common import checkerboard
 from experiments import pde
 from experiments.pde import nonlinear as nl_exp
 
-
 # ------------------------------------------------------------------ Theorem 5.1 / Eq. (8)
 
 
@@ -54,8 +53,12 @@ def test_analytic_gradient_eq8_equals_autodiff_float64(conv_impl, image_kind, po
     # The mean's 1/P makes the data term small against alpha K at alpha = 20: compare it with
     # the gradient's own scale instead, and check it separately below for the mean.
     np.testing.assert_allclose(np.asarray(analytic), np.asarray(auto), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(np.asarray(data_term), np.asarray(auto) - alpha * np.asarray(kernel), rtol=1e-9,
-                               atol=1e-13 * float(jnp.max(jnp.abs(auto))))
+    np.testing.assert_allclose(
+        np.asarray(data_term),
+        np.asarray(auto) - alpha * np.asarray(kernel),
+        rtol=1e-9,
+        atol=1e-13 * float(jnp.max(jnp.abs(auto))),
+    )
     assert float(jnp.linalg.norm(data_term)) > 1e-4 * float(jnp.linalg.norm(alpha * kernel))
 
 
@@ -69,7 +72,7 @@ def _authors_numpy_gradient(kernel, image, alpha, beta, label):
     """
     w = kernel.shape[0]
     h = image.shape[0] - w + 1
-    cols = np.stack([image[m:m + w, n:n + w].reshape(-1) for m in range(h) for n in range(h)], axis=1)
+    cols = np.stack([image[m : m + w, n : n + w].reshape(-1) for m in range(h) for n in range(h)], axis=1)
     z = (kernel.reshape(1, -1) @ cols).reshape(h, h)
     e = np.exp(beta * z)
     pooled = np.mean(np.mean(z * (e / (e + 1)), axis=1), axis=0)
@@ -83,8 +86,11 @@ def _authors_numpy_gradient(kernel, image, alpha, beta, label):
 def test_mean_pooled_gradient_matches_the_authors_numpy_formula(image_kind):
     """pool="mean": Eq. (8) with 1/P, jax.grad of the cnn loss and the authors' NumPy formula agree to 1e-10."""
     n, w, alpha, beta = 12, 4, 0.3, 1.0
-    image = (checkerboard(n, dtype=np.float64) if image_kind == "checkerboard"
-             else np.random.default_rng(4).uniform(-1.0, 1.0, (n, n)))
+    image = (
+        checkerboard(n, dtype=np.float64)
+        if image_kind == "checkerboard"
+        else np.random.default_rng(4).uniform(-1.0, 1.0, (n, n))
+    )
     model = nl.make_model(w, beta=beta, pool="mean", conv_impl="lax", dtype="float64")
     params = model.init(jax.random.key(5), (n, n, 1))["params"]
     kernel = np.asarray(nl.kernel_of(params), np.float64)
@@ -92,13 +98,15 @@ def test_mean_pooled_gradient_matches_the_authors_numpy_formula(image_kind):
     assert np.linalg.norm(ref - alpha * kernel) > 1e-2 * np.linalg.norm(alpha * kernel)  # data term not negligible
     batch = nl.make_batch(image, 1, np.float64)
     auto = np.asarray(nl.kernel_of(jax.grad(nl.make_loss_fn(model, alpha))(params, batch)))
-    analytic = np.asarray(nl.analytic_gradient(jnp.asarray(kernel), jnp.asarray(image), alpha=alpha, beta=beta,
-                                               label=1, pool="mean"))
+    analytic = np.asarray(
+        nl.analytic_gradient(jnp.asarray(kernel), jnp.asarray(image), alpha=alpha, beta=beta, label=1, pool="mean")
+    )
     np.testing.assert_allclose(auto, ref, rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(analytic, ref, rtol=1e-10, atol=1e-14)
     # The sum is the same data term times P = (n - w + 1)^2 (no 1/P): the two readings differ.
-    summed = np.asarray(nl.analytic_gradient(jnp.asarray(kernel), jnp.asarray(image), alpha=alpha, beta=beta,
-                                             label=1, pool="sum"))
+    summed = np.asarray(
+        nl.analytic_gradient(jnp.asarray(kernel), jnp.asarray(image), alpha=alpha, beta=beta, label=1, pool="sum")
+    )
     assert not np.allclose(summed, ref, rtol=1e-3)
 
 
@@ -130,8 +138,7 @@ def test_regime_fractions_counts():
 # -------------------------------------------------------------------- the vmapped program
 
 
-_SMALL = nl.NonlinearConfig(dts=(0.01, 0.03, 10.0), steps=12, size=16, kernel=4, sharpness_every=6,
-                            sharpness_iters=3)
+_SMALL = nl.NonlinearConfig(dts=(0.01, 0.03, 10.0), steps=12, size=16, kernel=4, sharpness_every=6, sharpness_iters=3)
 
 
 @pytest.fixture(scope="module")
@@ -213,8 +220,8 @@ def test_divergent_lane_is_flagged_with_its_step_and_others_stay_finite(small_si
     assert np.all(np.isfinite(loss[:, :2, :]))
     assert np.all(np.isfinite(loss[:expected, 2, 0])) and np.all(np.isnan(loss[expected:, 2, 0]))
     assert np.all(np.isnan(sim["fractions"][expected:, 2, 0]))
-    assert np.all(np.isfinite(sim["rel_l1"][:min(first[2]), 2]))
-    assert np.all(np.isnan(sim["rel_l1"][min(first[2]):, 2]))
+    assert np.all(np.isfinite(sim["rel_l1"][: min(first[2]), 2]))
+    assert np.all(np.isnan(sim["rel_l1"][min(first[2]) :, 2]))
     assert np.all(np.isnan(sim["sharpness"][sim["sharpness_steps"] > max(first[2]), 2]))
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(sim["final_params"]))  # frozen
     cls, ev = nl.classify(loss[:, 2, :], sim["rel_l1"][:, 2], first[2], config)
@@ -256,7 +263,7 @@ def _cfg(**kw):
 def test_classify_rules():
     cfg = _cfg()
     steps = np.arange(100, dtype=np.float64)
-    decay = np.stack([10.0 * 0.9 ** steps + 1.0] * 2, axis=1)
+    decay = np.stack([10.0 * 0.9**steps + 1.0] * 2, axis=1)
     tiny = np.full(100, 1e-7)
     assert nl.classify(decay, tiny, [None, None], cfg)[0] == "stable"
     osc = decay.copy()
@@ -265,7 +272,7 @@ def test_classify_rules():
     assert cls == "restrained" and ev["oscillating"] and not ev["amplified"]
     cls, ev = nl.classify(decay, np.full(100, 0.3), [None, None], cfg)
     assert cls == "restrained" and ev["amplified"] and not ev["oscillating"]
-    grow = np.stack([1.5 ** steps] * 2, axis=1)
+    grow = np.stack([1.5**steps] * 2, axis=1)
     assert nl.classify(grow, tiny, [None, None], cfg)[0] == "divergent"
     cls, ev = nl.classify(decay, tiny, [None, 57], cfg)
     assert cls == "divergent" and ev["first_nonfinite_step"] == 57
@@ -305,7 +312,7 @@ def test_theory_of_the_pixel_checkerboard():
     assert small["not_activated_stable"] and not big["not_activated_stable"]
     # a = s(0) - 1 = -1/2: alpha_min = mu_max / 4 >> 20: the transitioning regime is unstable.
     assert small["transitioning_window_alpha_min"] == pytest.approx(th["window_mu_max"] / 4, rel=1e-9)
-    assert small["transitioning_alpha_min"] == pytest.approx(n ** 4 / 4)
+    assert small["transitioning_alpha_min"] == pytest.approx(n**4 / 4)
     assert not small["transitioning_window_stable"] and not small["transitioning_stable"]
 
 
@@ -314,14 +321,35 @@ def test_theory_of_the_pixel_checkerboard():
 
 def test_cli_writes_every_promised_file(tmp_path, capsys):
     out = tmp_path / "run"
-    code = pde.main(["nonlinear", "--dt", "0.01", "0.05", "0.2", "--steps", "20", "--size", "32", "--kernel", "8",
-                     "--sharpness-every", "10", "--sharpness-iters", "4", "--rel-l1-window", "5", "--out", str(out)])
+    code = pde.main(
+        [
+            "nonlinear",
+            "--dt",
+            "0.01",
+            "0.05",
+            "0.2",
+            "--steps",
+            "20",
+            "--size",
+            "32",
+            "--kernel",
+            "8",
+            "--sharpness-every",
+            "10",
+            "--sharpness-iters",
+            "4",
+            "--rel-l1-window",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     for name in ("config.json", "metadata.json", "results.json", "figure5.png", "figure6.png", "regimes.png"):
         assert (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     assert set(res["per_dt"]) == {"0.01", "0.05", "0.2"}
-    for key, v in res["per_dt"].items():
+    for v in res["per_dt"].values():
         assert v["classification"] in nl.CLASSES
         assert len(v["rel_l1"]) == 20
         ma = v["rel_l1_moving_average"]
@@ -336,7 +364,7 @@ def test_cli_writes_every_promised_file(tmp_path, capsys):
     assert res["per_dt"]["0.2"]["classification"] == "divergent"  # dt * alpha = 4 > 2
     assert res["sharpness_steps"] == [0, 10, 20]
     assert "classification_rule" in res and res["notes"]
-    assert res["setting"]["pool"] == "mean" and res["theory"]["data_term_scale_q"] == 1 / 25 ** 2
+    assert res["setting"]["pool"] == "mean" and res["theory"]["data_term_scale_q"] == 1 / 25**2
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["command"] == "nonlinear" and cfg["dts"] == [0.01, 0.05, 0.2] and cfg["pool"] == "mean"
     meta = json.loads((out / "metadata.json").read_text())
@@ -346,8 +374,9 @@ def test_cli_writes_every_promised_file(tmp_path, capsys):
     # The same directory again: refused, nothing overwritten.
     before = (out / "results.json").read_bytes()
     with pytest.raises(SystemExit) as e:
-        cli.run(pde.main, ["nonlinear", "--dt", "0.01", "--steps", "20", "--size", "32", "--kernel", "8",
-                           "--out", str(out)])
+        cli.run(
+            pde.main, ["nonlinear", "--dt", "0.01", "--steps", "20", "--size", "32", "--kernel", "8", "--out", str(out)]
+        )
     assert e.value.code == 2
     assert (out / "results.json").read_bytes() == before
 
@@ -430,7 +459,7 @@ def test_moving_average_is_the_authors_trailing_window_mean():
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 1, 250)
     w = 100
-    ref = np.asarray([np.mean(x[i:i + w]) for i in range(x.size - w + 1)])  # their loop keeps one fewer
+    ref = np.asarray([np.mean(x[i : i + w]) for i in range(x.size - w + 1)])  # their loop keeps one fewer
     got = nl.moving_average(x, w)
     assert got.shape == (151,)
     np.testing.assert_array_equal(got, ref)
@@ -450,7 +479,7 @@ def test_theory_scales_the_data_term_by_one_over_p_for_the_mean():
     assert th_mean["positions_P"] == p and th_mean["data_term_scale_q"] == 1 / p
     s, m = th_sum["per_dt"]["0.01"], th_mean["per_dt"]["0.01"]
     assert m["transitioning_window_alpha_min"] == pytest.approx(s["transitioning_window_alpha_min"] / p, rel=1e-12)
-    assert m["transitioning_alpha_min"] == pytest.approx(s["transitioning_alpha_min"] / n ** 2, rel=1e-12)
+    assert m["transitioning_alpha_min"] == pytest.approx(s["transitioning_alpha_min"] / n**2, rel=1e-12)
     # windowed mu_max = P w^2 (closed form): alpha_min = w^2/4 = 4 < alpha (mean), P w^2/4 = 676 > alpha (sum).
     assert m["transitioning_window_alpha_min"] == pytest.approx(w * w / 4, rel=1e-9)
     assert m["transitioning_window_stable"] and not s["transitioning_window_stable"]
@@ -458,8 +487,16 @@ def test_theory_scales_the_data_term_by_one_over_p_for_the_mean():
 
 def _notes_for(pool, sim, config):
     image = checkerboard(config.size, dtype=np.float64)
-    th = nl.theory(image, config.kernel, alpha=config.alpha, beta=config.beta, label=config.label,
-                   dts=config.dts, pool=pool, square=config.square)
+    th = nl.theory(
+        image,
+        config.kernel,
+        alpha=config.alpha,
+        beta=config.beta,
+        label=config.label,
+        dts=config.dts,
+        pool=pool,
+        square=config.square,
+    )
     return nl_exp.build_results(config, sim, th)
 
 
@@ -476,8 +513,9 @@ def test_transitioning_note_appears_only_when_no_dt_is_stable_there(small_sim):
 def test_checkerboard_and_eos_notes_follow_the_numbers(small_sim):
 
     res = _notes_for("mean", small_sim, _SMALL)
-    res["theory"]["checkerboard_minima"] = [{"c": 1.0, "logit_g": 1.0, "a": -0.2, "loss": 0.3, "lambda_chi": 50.0,
-                                             "lambda_max": 50.0, "dt_max": 0.04}]
+    res["theory"]["checkerboard_minima"] = [
+        {"c": 1.0, "logit_g": 1.0, "a": -0.2, "loss": 0.3, "lambda_chi": 50.0, "lambda_max": 50.0, "dt_max": 0.04}
+    ]
     per = res["per_dt"]
     for key, cls, ns in (("0.01", "stable", 0.5), ("0.03", "stable", 1.5), ("10", "divergent", 2e3)):
         per[key]["classification"] = cls
@@ -519,8 +557,19 @@ def test_one_dimensional_map_is_gradient_descent_on_the_checkerboard():
 def test_one_dimensional_orbit_of_the_paper_setting_near_the_threshold():
     """256x256, w=32, mean: fixed point at dt=0.032 (< 2/lambda* = 0.0323), period 2 at 0.033 whose
     dt*lambda_max exceeds 2 only at odd steps (the even-step samples see 1.52)."""
-    orbit = nl.checkerboard_orbit(-38.5, (0.032, 0.033, 0.11), steps=2000, window=200, sample_every=10,
-                                  size=256, kernel=32, alpha=20.0, beta=1.0, label=1, pool="mean")
+    orbit = nl.checkerboard_orbit(
+        -38.5,
+        (0.032, 0.033, 0.11),
+        steps=2000,
+        window=200,
+        sample_every=10,
+        size=256,
+        kernel=32,
+        alpha=20.0,
+        beta=1.0,
+        label=1,
+        pool="mean",
+    )
     assert orbit["0.032"]["predicted"] == "stable" and orbit["0.032"]["period"] == 1
     o = orbit["0.033"]
     assert o["predicted"] == "restrained" and o["period"] == 2

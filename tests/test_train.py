@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_tree_allclose, assert_tree_equal_bits
 from jax.flatten_util import ravel_pytree
+from train_fixtures import TOY_CONFIG, TOY_LRS, toy_loss, toy_problem
 
 from eos_jax import optim
 from eos_jax import train as tr
@@ -25,8 +27,6 @@ from eos_jax.checkpoint import CheckpointStore, CorruptCheckpointWarning
 from eos_jax.errors import ConfigError
 from eos_jax.metrics import tree_digest
 from eos_jax.train.stats import lane_summary
-from helpers import assert_tree_allclose, assert_tree_equal_bits
-from train_fixtures import TOY_CONFIG, TOY_LRS, toy_loss, toy_problem
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_SCRIPT = Path(__file__).resolve().parent / "train_fixtures.py"
@@ -103,14 +103,26 @@ def test_sharpness_key_is_not_the_batch_order_key_when_step_equals_epoch():
         del objective, params, batch
         return jax.random.permutation(key, n).astype(jnp.int32), v0
 
-    prob = tr.Problem(lambda key: {"w": jnp.zeros((2,), jnp.float32)}, lambda p, b: jnp.sum(p["w"]),
-                      lambda hp: optim.sgd(hp.learning_rate), data, eig_fn=perm_of_key)
+    prob = tr.Problem(
+        lambda key: {"w": jnp.zeros((2,), jnp.float32)},
+        lambda p, b: jnp.sum(p["w"]),
+        lambda hp: optim.sgd(hp.learning_rate),
+        data,
+        eig_fn=perm_of_key,
+    )
     hp = tr.stack_hparams(tr.make_lanes([0.1], seeds=[0, 7]))
     state0 = jax.jit(jax.vmap(lambda h: tr.init_state(prob, h)))(hp)
     sharp = tr.make_sharpness_fn(prob, perm_of_key)
     order_of = jax.jit(jax.vmap(lambda key, t: tr.select_batch(data, key, t, n)["i"], in_axes=(0, None)))  # epoch t
-    keys_of = jax.jit(jax.vmap(lambda key, t: (jax.random.key_data(tr.sharpness_key(key, t)), jax.random.key_data(
-        jax.random.fold_in(tr.batch_order_key(key), t))), in_axes=(0, None)))
+    keys_of = jax.jit(
+        jax.vmap(
+            lambda key, t: (
+                jax.random.key_data(tr.sharpness_key(key, t)),
+                jax.random.key_data(jax.random.fold_in(tr.batch_order_key(key), t)),
+            ),
+            in_axes=(0, None),
+        )
+    )
     for t in (0, 3):
         state = state0._replace(step=jnp.full((2,), t, jnp.int32))
         _, perms = sharp(state, hp, data)
@@ -167,8 +179,13 @@ _C = np.array([0.3, 1.1, -0.77, 2.3, 0.013, -5.1], np.float64)
 
 def _linear64_problem() -> tr.Problem:
     """loss = sum(c * w) in float64: its gradient is c exactly, so the update is the optimizer's alone."""
-    return tr.Problem(lambda key: {"w": jnp.asarray(_W0)}, lambda p, b: jnp.sum(b["c"][0] * p["w"]),
-                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"c": jnp.asarray(_C)[None, :]}, name="lin64")
+    return tr.Problem(
+        lambda key: {"w": jnp.asarray(_W0)},
+        lambda p, b: jnp.sum(b["c"][0] * p["w"]),
+        lambda hp: optim.sgd(hp.learning_rate, k=hp.k),
+        {"c": jnp.asarray(_C)[None, :]},
+        name="lin64",
+    )
 
 
 def test_float64_parameters_get_the_float64_learning_rate(tmp_path):
@@ -208,8 +225,16 @@ def test_chunk_length_and_checkpoint_schedule_do_not_change_bits(baseline, tmp_p
 def test_minibatch_sgd_resumable_schedule_and_sharpness_subset(tmp_path):
     """Minibatch SGD (per-epoch permutations from the lane key): chunk length does not change bits,
     and sharpness on a fixed subset of examples is tracked."""
-    cfg = tr.EngineConfig(steps=30, batch_size=5, chunk_steps=10, sharpness_every=15, sharpness_iters=4,
-                          sharpness_method="power", sharpness_examples=8, checkpoint_every=None)
+    cfg = tr.EngineConfig(
+        steps=30,
+        batch_size=5,
+        chunk_steps=10,
+        sharpness_every=15,
+        sharpness_iters=4,
+        sharpness_method="power",
+        sharpness_examples=8,
+        checkpoint_every=None,
+    )
     prob = toy_problem(n=23)  # 4 minibatches per epoch, 3 examples dropped each epoch
     lanes = tr.make_lanes([0.1], seeds=[0, 1])
     a = tr.train(prob, lanes, cfg, tmp_path / "a", quiet=True)
@@ -302,9 +327,12 @@ def test_divergent_lanes_are_flagged_frozen_and_do_not_disturb_the_others(tmp_pa
         step_n, final[name] = CheckpointStore(tmp_path / name / "checkpoints" / "group_000").restore_latest(template)
         assert step_n == 60
     for i in range(2):
-        assert_tree_allclose(jax.tree_util.tree_map(lambda a: np.asarray(a)[i], final["all"].params),
-                             jax.tree_util.tree_map(lambda a: np.asarray(a)[i], final["stable"].params),
-                             rtol=1e-5, atol=1e-6)
+        assert_tree_allclose(
+            jax.tree_util.tree_map(lambda a: np.asarray(a)[i], final["all"].params),
+            jax.tree_util.tree_map(lambda a: np.asarray(a)[i], final["stable"].params),
+            rtol=1e-5,
+            atol=1e-6,
+        )
     summ = res["summary"]
     assert summ["num_finite"] == 2 and {d["learning_rate"] for d in summ["diverged"]} == set(unstable)
     assert np.isfinite(summ["final_loss_min"]) and np.isfinite(summ["final_loss_max"])
@@ -394,14 +422,29 @@ def test_resume_with_another_grouping_or_model_is_an_error_and_moves_nothing(bas
 
     def wider_init(key):  # another model: hidden width 5 instead of 4
         k1, k2 = jax.random.split(key)
-        return {"w1": jax.random.normal(k1, (3, 5), jnp.float32), "b1": jnp.zeros((5,), jnp.float32),
-                "w2": jax.random.normal(k2, (5, 2), jnp.float32)}
+        return {
+            "w1": jax.random.normal(k1, (3, 5), jnp.float32),
+            "b1": jnp.zeros((5,), jnp.float32),
+            "w2": jax.random.normal(k2, (5, 2), jnp.float32),
+        }
 
     cases = [
-        (toy_problem(), dataclasses.replace(TOY_CONFIG, max_lanes=1),
-         ["checkpoints/group_000", "holds 2 lanes", "put 1 there", "max_lanes=1", "same max_lanes and number of devices"]),
-        (dataclasses.replace(toy_problem(), init_params=wider_init), TOY_CONFIG,
-         ["checkpoints/group_000", "another model", "(2, 4) float32", "(2, 5) float32"]),
+        (
+            toy_problem(),
+            dataclasses.replace(TOY_CONFIG, max_lanes=1),
+            [
+                "checkpoints/group_000",
+                "holds 2 lanes",
+                "put 1 there",
+                "max_lanes=1",
+                "same max_lanes and number of devices",
+            ],
+        ),
+        (
+            dataclasses.replace(toy_problem(), init_params=wider_init),
+            TOY_CONFIG,
+            ["checkpoints/group_000", "another model", "(2, 4) float32", "(2, 5) float32"],
+        ),
     ]
     for prob, cfg, needles in cases:
         with warnings.catch_warnings():
@@ -418,8 +461,14 @@ def test_resume_with_another_grouping_or_model_is_an_error_and_moves_nothing(bas
 
 def _spawn(out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, str(FIXTURE_SCRIPT), str(out), *extra], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(FIXTURE_SCRIPT), str(out), *extra],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_checkpoint(out: Path, proc: subprocess.Popen, newer_than: int = 0, timeout: float = 120.0) -> int:
@@ -484,8 +533,9 @@ print(json.dumps(out))
 @pytest.mark.subprocess
 def test_lanes_sharded_over_four_devices_match_one_device():
     env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    p = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", _MULTI_DEVICE_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert len(out["four"]) == len(out["one"]) == 6
@@ -536,8 +586,11 @@ def test_perturbed_lanes_are_compared_to_their_k1_twin(tmp_path):
 
 def _rel_series(lines: list[dict], lane: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rs = sorted((r for r in lines if r["lane"] == lane), key=lambda r: r["step"])
-    return (np.array([r["step"] for r in rs]), np.array([r["rel_l1_to_k1"] for r in rs]),
-            np.array([r[f"rel_l1_to_k1_ma{tr.REL_L1_WINDOW}"] for r in rs]))
+    return (
+        np.array([r["step"] for r in rs]),
+        np.array([r["rel_l1_to_k1"] for r in rs]),
+        np.array([r[f"rel_l1_to_k1_ma{tr.REL_L1_WINDOW}"] for r in rs]),
+    )
 
 
 def test_rel_l1_series_to_the_k1_twin_every_step(tmp_path):
@@ -557,7 +610,7 @@ def test_rel_l1_series_to_the_k1_twin_every_step(tmp_path):
     assert raw[0] == 0.0 and raw[-1] > 0 and int(np.argmax(raw > 0)) > 0
     # NumPy reference of the trailing mean over min(t + 1, 100) values (float32 sums in the engine:
     # a relative tolerance, not a bitwise claim).
-    ref = np.array([raw[max(0, t - tr.REL_L1_WINDOW + 1): t + 1].astype(np.float64).mean() for t in range(len(raw))])
+    ref = np.array([raw[max(0, t - tr.REL_L1_WINDOW + 1) : t + 1].astype(np.float64).mean() for t in range(len(raw))])
     np.testing.assert_allclose(ma, ref, rtol=1e-5, atol=0)
     assert ma[-1] != pytest.approx(raw[-1], rel=1e-3)  # the average is not the last value
     # The end-of-run RelL1 of results.json is the last point of the series.
@@ -604,9 +657,13 @@ def _zigzag_problem() -> tr.Problem:
         x = p["x"][0]
         return jnp.where(x > 0, 0.5 * x * x, 0.25 * x * x) + 0.0 * jnp.sum(batch["d"])
 
-    return tr.Problem(lambda key: {"x": jnp.ones((1,), jnp.float32)}, loss,
-                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k, weight_decay=hp.weight_decay),
-                      {"d": jnp.zeros((2, 1), jnp.float32)}, name="zigzag")
+    return tr.Problem(
+        lambda key: {"x": jnp.ones((1,), jnp.float32)},
+        loss,
+        lambda hp: optim.sgd(hp.learning_rate, k=hp.k, weight_decay=hp.weight_decay),
+        {"d": jnp.zeros((2, 1), jnp.float32)},
+        name="zigzag",
+    )
 
 
 def test_period_two_oscillation_is_seen_with_log_every_2(tmp_path):
@@ -655,9 +712,13 @@ def _assert_fit_is_train(hist: tr.History, lines: list[dict], res: dict) -> None
     np.testing.assert_array_equal(hist.step, sorted({r["step"] for r in lines}))
     n = len(hist.lanes)
     # train's values are the engine's float32 widened to float64 in JSON (exact): cast back, compare bits.
-    for key, arr in [("loss", hist.loss), ("sharpness", hist.sharpness), ("rel_l1_to_k1", hist.rel_l1),
-                     (f"rel_l1_to_k1_ma{tr.REL_L1_WINDOW}", hist.rel_l1_ma),
-                     ("normalized_sharpness", hist.normalized_sharpness)]:
+    for key, arr in [
+        ("loss", hist.loss),
+        ("sharpness", hist.sharpness),
+        ("rel_l1_to_k1", hist.rel_l1),
+        (f"rel_l1_to_k1_ma{tr.REL_L1_WINDOW}", hist.rel_l1_ma),
+        ("normalized_sharpness", hist.normalized_sharpness),
+    ]:
         ref = _from_lines(lines, key, hist.step, n).astype(arr.dtype)
         assert arr.shape == ref.shape and np.array_equal(arr.view(np.uint8), ref.view(np.uint8)), key
     np.testing.assert_array_equal(hist.finite, _from_lines(lines, "finite", hist.step, n).astype(bool))
@@ -682,7 +743,6 @@ def test_fit_equals_train_bitwise_and_touches_nothing(baseline, tmp_path, monkey
     assert np.isfinite(hist.sharpness).sum() == 2 * 7  # steps 0, 20, .., 120
     assert np.isnan(hist.rel_l1).all()  # k=1 lanes have no twin
     _assert_fit_is_train(hist, _lines(base_dir), res)
-
 
 
 def test_fit_refuses_a_bad_step_count():

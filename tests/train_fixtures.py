@@ -70,8 +70,15 @@ def main() -> None:
     cfg = {"toy": True, "lrs": list(TOY_LRS)}
     run_dir = eio.open_run_dir(args.out, cfg, resume=args.resume)
     try:
-        tr.train(toy_problem(), tr.make_lanes(list(TOY_LRS)), TOY_CONFIG, run_dir, resume=args.resume, quiet=True,
-                 on_chunk=(lambda s: time.sleep(args.sleep)) if args.sleep else None)
+        tr.train(
+            toy_problem(),
+            tr.make_lanes(list(TOY_LRS)),
+            TOY_CONFIG,
+            run_dir,
+            resume=args.resume,
+            quiet=True,
+            on_chunk=(lambda s: time.sleep(args.sleep)) if args.sleep else None,
+        )
     except tr.TrainingInterrupted as e:
         print(f"interrupted at {e.step}", flush=True)
         sys.exit(3)

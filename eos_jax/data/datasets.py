@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import numpy as np
@@ -96,7 +96,7 @@ class Dataset:
             "sha256": list(self.sha256),
         }
 
-    def to_device(self, device: jax.Device | jax.sharding.Sharding | None = None) -> "Dataset":
+    def to_device(self, device: jax.Device | jax.sharding.Sharding | None = None) -> Dataset:
         """Returns a copy whose ``x`` and ``y`` live on ``device`` (one transfer; datasets here fit)."""
         return jax.device_put(self, device)
 
@@ -159,14 +159,18 @@ def _load_bundled(name: str, split: str) -> tuple[np.ndarray, np.ndarray, list[P
     files = [d / f.filename for f in spec.files[split]]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise DataNotFoundError(f"bundled dataset {name}: missing {', '.join(missing)} (package data not installed; "
-                                f"reinstall eos-jax or run python scripts/make_bundled_data.py)")
+        raise DataNotFoundError(
+            f"bundled dataset {name}: missing {', '.join(missing)} (package data not installed; "
+            f"reinstall eos-jax or run python scripts/make_bundled_data.py)"
+        )
     digests = []
     for f, want in zip(files, spec.files[split]):
         got = formats.sha256_file(f)
         if got != want.sha256:
-            raise ChecksumError(f"{f}: SHA-256 {got} does not match the bundled {want.sha256}; the package data was "
-                                f"changed: reinstall eos-jax or regenerate it with python scripts/make_bundled_data.py")
+            raise ChecksumError(
+                f"{f}: SHA-256 {got} does not match the bundled {want.sha256}; the package data was "
+                f"changed: reinstall eos-jax or regenerate it with python scripts/make_bundled_data.py"
+            )
         digests.append(got)
     images, labels = formats.read_idx_pair(files[0], files[1], num_classes=len(spec.classes))
     if labels.shape[0] != spec.counts[split]:  # pragma: no cover - the digest fixes the count
@@ -197,8 +201,9 @@ def load(name: str, split: str = "train", *, data_dir: str | os.PathLike | None 
     base, keep, first_n, num_classes = _REGISTRY[name]
     if name in sources.BUNDLED:
         images, labels, files, digests = _load_bundled(name, split)
-        return Dataset(_scale(images, 255), labels, name, split, num_classes, tuple(str(f) for f in files),
-                       tuple(digests))
+        return Dataset(
+            _scale(images, 255), labels, name, split, num_classes, tuple(str(f) for f in files), tuple(digests)
+        )
     if base is None:
         images, labels, files = _load_digits()
         sha = tuple(formats.sha256_file(f) for f in files)
@@ -206,8 +211,15 @@ def load(name: str, split: str = "train", *, data_dir: str | os.PathLike | None 
         images, labels = images[mask], labels[mask]
         is_test = np.arange(labels.shape[0]) % DIGITS01_TEST_EVERY == DIGITS01_TEST_EVERY - 1
         pick = is_test if split == "test" else ~is_test
-        return Dataset(_scale(images[pick], 16), labels[pick].astype(np.int32), name, split, num_classes,
-                       tuple(str(f) for f in files), sha)
+        return Dataset(
+            _scale(images[pick], 16),
+            labels[pick].astype(np.int32),
+            name,
+            split,
+            num_classes,
+            tuple(str(f) for f in files),
+            sha,
+        )
     images, labels, files = _load_base(base, split, data_dir)
     if keep is not None:
         mask = np.isin(labels, np.asarray(keep, dtype=np.int32))
@@ -216,10 +228,14 @@ def load(name: str, split: str = "train", *, data_dir: str | os.PathLike | None 
         labels = np.searchsorted(np.asarray(keep, dtype=np.int32), labels).astype(np.int32)
     if first_n is not None and split == "train":
         if labels.shape[0] < first_n:
-            raise MalformedDataError(f"{files[0].parent}: {name} needs {first_n} training images, the files hold {labels.shape[0]}")
+            raise MalformedDataError(
+                f"{files[0].parent}: {name} needs {first_n} training images, the files hold {labels.shape[0]}"
+            )
         images, labels = images[:first_n], labels[:first_n]
     sha = tuple(formats.sha256_file(f) for f in files)
-    return Dataset(_scale(images, 255), labels.astype(np.int32), name, split, num_classes, tuple(str(f) for f in files), sha)
+    return Dataset(
+        _scale(images, 255), labels.astype(np.int32), name, split, num_classes, tuple(str(f) for f in files), sha
+    )
 
 
 def load_first_available(
@@ -249,7 +265,9 @@ def load_first_available(
             return load(n, split, data_dir=data_dir), skipped
         except DataNotFoundError as e:
             skipped.append((n, str(e)))
-    raise DataNotFoundError("none of " + ", ".join(names) + " is available: " + " | ".join(f"{n}: {r}" for n, r in skipped))
+    raise DataNotFoundError(
+        "none of " + ", ".join(names) + " is available: " + " | ".join(f"{n}: {r}" for n, r in skipped)
+    )
 
 
 def unused_in_data_dir(
@@ -284,8 +302,10 @@ def unused_in_data_dir(
         elif not names:
             why = f"{title} is not among the requested datasets ({', '.join(requested)})"
         elif rank[names[0]] > used_rank:
-            why = (f"{used.name} comes before {names[0]} in the search order and was found in {used_where} "
-                   f"(pass --dataset {names[0]} to use it)")
+            why = (
+                f"{used.name} comes before {names[0]} in the search order and was found in {used_where} "
+                f"(pass --dataset {names[0]} to use it)"
+            )
         else:
             why = f"{names[0]} could not be loaded from it (see fallback_from)"
         out.append({"path": str(where), "holds": title + (f" ({note})" if note else ""), "why": why})

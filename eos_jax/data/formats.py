@@ -67,7 +67,9 @@ def _read_exact(f: Any, n: int, path: Path, what: str) -> bytes:
     return data
 
 
-def read_idx(path: str | os.PathLike, *, expected_ndim: int | None = None, expected_dtype: str | None = None) -> np.ndarray:
+def read_idx(
+    path: str | os.PathLike, *, expected_ndim: int | None = None, expected_dtype: str | None = None
+) -> np.ndarray:
     """Reads an IDX file, raw or gzip-compressed.
 
     Args:
@@ -90,7 +92,9 @@ def read_idx(path: str | os.PathLike, *, expected_ndim: int | None = None, expec
             f: Any = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
             magic = _read_exact(f, 4, path, "IDX header")
             if magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES:
-                raise MalformedDataError(f"{path}: bad IDX magic {magic.hex()} (expected 0000TTNN with type TT in 08,09,0b,0c,0d,0e)")
+                raise MalformedDataError(
+                    f"{path}: bad IDX magic {magic.hex()} (expected 0000TTNN with type TT in 08,09,0b,0c,0d,0e)"
+                )
             dtype = _IDX_DTYPES[magic[2]]
             ndim = magic[3]
             if expected_ndim is not None and ndim != expected_ndim:
@@ -118,12 +122,16 @@ def check_labels(labels: np.ndarray, num_classes: int, path: str | os.PathLike) 
     return labels.astype(np.int32)
 
 
-def read_idx_pair(images_path: str | os.PathLike, labels_path: str | os.PathLike, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def read_idx_pair(
+    images_path: str | os.PathLike, labels_path: str | os.PathLike, num_classes: int = 10
+) -> tuple[np.ndarray, np.ndarray]:
     """Reads an MNIST-style (images, labels) pair: uint8 (N, H, W) and labels (N,) int32."""
     images = read_idx(images_path, expected_ndim=3, expected_dtype="uint8")
     labels = read_idx(labels_path, expected_ndim=1, expected_dtype="uint8")
     if images.shape[0] != labels.shape[0]:
-        raise MalformedDataError(f"{images_path} holds {images.shape[0]} images but {labels_path} holds {labels.shape[0]} labels")
+        raise MalformedDataError(
+            f"{images_path} holds {images.shape[0]} images but {labels_path} holds {labels.shape[0]} labels"
+        )
     return images, check_labels(labels, num_classes, labels_path)
 
 
@@ -140,7 +148,9 @@ def read_cifar_binary(path: str | os.PathLike, num_classes: int = 10) -> tuple[n
     path = Path(path)
     raw = path.read_bytes()
     if len(raw) == 0 or len(raw) % _CIFAR_RECORD:
-        raise MalformedDataError(f"{path}: {len(raw)} bytes is not a positive multiple of the {_CIFAR_RECORD}-byte CIFAR-10 record")
+        raise MalformedDataError(
+            f"{path}: {len(raw)} bytes is not a positive multiple of the {_CIFAR_RECORD}-byte CIFAR-10 record"
+        )
     records = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR_RECORD)
     labels = check_labels(records[:, 0], num_classes, path)
     images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
@@ -202,14 +212,18 @@ class _ArrayStub:
         _version, shape, dtype, fortran, raw = state
         if not isinstance(dtype, _DType):
             raise pickle.UnpicklingError("refused ndarray state: dtype is not a numeric numpy dtype")
-        if not isinstance(shape, tuple) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, tuple) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise pickle.UnpicklingError(f"refused ndarray shape {shape!r}")
         if isinstance(raw, str):  # Python 2 str decoded with encoding="latin1"
             raw = raw.encode("latin1")
         if not isinstance(raw, (bytes, bytearray)):
             raise pickle.UnpicklingError("refused ndarray data (not raw bytes)")
         if len(raw) != math.prod(shape) * dtype.dtype.itemsize:
-            raise pickle.UnpicklingError(f"ndarray data has {len(raw)} bytes, shape {shape} needs {math.prod(shape) * dtype.dtype.itemsize}")
+            raise pickle.UnpicklingError(
+                f"ndarray data has {len(raw)} bytes, shape {shape} needs {math.prod(shape) * dtype.dtype.itemsize}"
+            )
         arr = np.frombuffer(bytes(raw), dtype=dtype.dtype).reshape(shape, order="F" if fortran else "C")
         self.array = np.array(arr, dtype=dtype.dtype.newbyteorder("="), order="C")
 
@@ -277,8 +291,18 @@ def restricted_loads(data: bytes, *, source: str | os.PathLike = "<bytes>") -> A
         # str with one code point per byte, converted back to bytes losslessly.
         obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
         return _finish(obj)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError,
-            RecursionError, OverflowError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        MemoryError,
+        RecursionError,
+        OverflowError,
+    ) as e:
         raise MalformedDataError(f"{source}: not a safe CIFAR-10 python pickle ({type(e).__name__}: {e})") from None
 
 

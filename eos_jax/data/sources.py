@@ -53,8 +53,9 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 from eos_jax.data.formats import read_idx, sha256_file
 from eos_jax.data.registry import base_of
@@ -81,7 +82,12 @@ CIFAR_PY_FILES = {
 LAYOUTS: dict[str, tuple[str, ...]] = {
     "mnist": ("mnist", "MNIST/raw", "MNIST"),
     "fashion_mnist": ("fashion_mnist", "fashion-mnist", "FashionMNIST/raw", "FashionMNIST", "fashion"),
-    "cifar10": ("cifar-10-batches-bin", "cifar10/cifar-10-batches-bin", "cifar-10-batches-py", "cifar10/cifar-10-batches-py"),
+    "cifar10": (
+        "cifar-10-batches-bin",
+        "cifar10/cifar-10-batches-bin",
+        "cifar-10-batches-py",
+        "cifar10/cifar-10-batches-py",
+    ),
 }
 
 
@@ -100,21 +106,66 @@ _CIFAR_URL = "https://www.cs.toronto.edu/~kriz/"
 
 PUBLISHED: dict[str, tuple[Resource, ...]] = {
     "mnist": (
-        Resource("train-images-idx3-ubyte.gz", _MNIST_URL, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", 9912422),
-        Resource("train-labels-idx1-ubyte.gz", _MNIST_URL, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c", 28881),
-        Resource("t10k-images-idx3-ubyte.gz", _MNIST_URL, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6", 1648877),
-        Resource("t10k-labels-idx1-ubyte.gz", _MNIST_URL, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6", 4542),
+        Resource(
+            "train-images-idx3-ubyte.gz",
+            _MNIST_URL,
+            "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            9912422,
+        ),
+        Resource(
+            "train-labels-idx1-ubyte.gz",
+            _MNIST_URL,
+            "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            28881,
+        ),
+        Resource(
+            "t10k-images-idx3-ubyte.gz",
+            _MNIST_URL,
+            "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            1648877,
+        ),
+        Resource(
+            "t10k-labels-idx1-ubyte.gz",
+            _MNIST_URL,
+            "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+            4542,
+        ),
     ),
     "fashion_mnist": (
-        Resource("train-images-idx3-ubyte.gz", _FASHION_URL, "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84", 26421880),
-        Resource("train-labels-idx1-ubyte.gz", _FASHION_URL, "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845", 29515),
-        Resource("t10k-images-idx3-ubyte.gz", _FASHION_URL, "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073", 4422102),
-        Resource("t10k-labels-idx1-ubyte.gz", _FASHION_URL, "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5", 5148),
+        Resource(
+            "train-images-idx3-ubyte.gz",
+            _FASHION_URL,
+            "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+            26421880,
+        ),
+        Resource(
+            "train-labels-idx1-ubyte.gz",
+            _FASHION_URL,
+            "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+            29515,
+        ),
+        Resource(
+            "t10k-images-idx3-ubyte.gz",
+            _FASHION_URL,
+            "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+            4422102,
+        ),
+        Resource(
+            "t10k-labels-idx1-ubyte.gz",
+            _FASHION_URL,
+            "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+            5148,
+        ),
     ),
     # The binary archive: it needs no unpickling. (The python archive,
     # cifar-10-python.tar.gz, is 6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce.)
     "cifar10": (
-        Resource("cifar-10-binary.tar.gz", _CIFAR_URL, "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd", 170052171),
+        Resource(
+            "cifar-10-binary.tar.gz",
+            _CIFAR_URL,
+            "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd",
+            170052171,
+        ),
     ),
 }
 # Fashion-MNIST as Debian ships it (package dataset-fashion-mnist 0.0~git20200523.55506a9-1,
@@ -182,12 +233,22 @@ BUNDLED: dict[str, BundledSpec] = {
         subdir="fashion_mnist01",
         files={
             "train": (
-                BundledFile("train-images-idx3-ubyte", "baee76f6e74cd58024fb6cfb6cbcfa62477b532c57b982d7cedb0d4757a36b7d", 1568016),
-                BundledFile("train-labels-idx1-ubyte", "88084dba9af6691dd387eaea1de39b829cb2387347b74f78ee4137b09e4013eb", 2008),
+                BundledFile(
+                    "train-images-idx3-ubyte",
+                    "baee76f6e74cd58024fb6cfb6cbcfa62477b532c57b982d7cedb0d4757a36b7d",
+                    1568016,
+                ),
+                BundledFile(
+                    "train-labels-idx1-ubyte", "88084dba9af6691dd387eaea1de39b829cb2387347b74f78ee4137b09e4013eb", 2008
+                ),
             ),
             "test": (
-                BundledFile("t10k-images-idx3-ubyte", "0b7c9339831f920f161dfea35fe36e3ff2c4d56d37868f13c586e37638b0647f", 392016),
-                BundledFile("t10k-labels-idx1-ubyte", "aafa90d0925a0ee20f6d2ae89dd60b9df3eea8e315417f4829c3c09a44296498", 508),
+                BundledFile(
+                    "t10k-images-idx3-ubyte", "0b7c9339831f920f161dfea35fe36e3ff2c4d56d37868f13c586e37638b0647f", 392016
+                ),
+                BundledFile(
+                    "t10k-labels-idx1-ubyte", "aafa90d0925a0ee20f6d2ae89dd60b9df3eea8e315417f4829c3c09a44296498", 508
+                ),
             ),
         },
     ),
@@ -336,8 +397,11 @@ def identify_loose(directory: str | os.PathLike) -> LooseFiles:
 def _refuse_loose(directory: Path, loose: LooseFiles) -> DataError:
     """The one-line error for loose IDX files that cannot be identified (or disagree)."""
     names = ", ".join(f.name for f in loose.files)
-    why = ("they disagree (" + "; ".join(loose.evidence) + ")") if loose.conflict else (
-        "neither a published SHA-256 nor the first labels identify them as MNIST or Fashion-MNIST")
+    why = (
+        ("they disagree (" + "; ".join(loose.evidence) + ")")
+        if loose.conflict
+        else ("neither a published SHA-256 nor the first labels identify them as MNIST or Fashion-MNIST")
+    )
     return DataError(
         f"{directory}: IDX files lie directly in data_dir ({names}) but {why}; "
         f"put them in {directory / 'mnist'}/ or {directory / 'fashion_mnist'}/"
@@ -401,14 +465,15 @@ def files_in(directory: str | os.PathLike) -> list[tuple[str, Path, str]]:
             sd = d / sub
             if not sd.is_dir():
                 continue
-            names = [o.name for split in ("train", "test") for options in required_files(base, sd, split) for o in options]
+            names = [
+                o.name for split in ("train", "test") for options in required_files(base, sd, split) for o in options
+            ]
             if any((sd / n).is_file() for n in names):
                 out.append((base, sd, ""))
     loose = identify_loose(d)
     if loose.files:
         out.append((loose.base or "unidentified", d, "loose IDX files"))
     return out
-
 
 
 # ----------------------------------------------------------------------------------------
@@ -438,15 +503,21 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str, *, size: int | None = 
                     while block := resp.read(1 << 20):
                         n += len(block)
                         if size is not None and n > size:
-                            raise ChecksumError(f"{url}: more than the published {size} bytes; refusing (wrong file or mirror)")
+                            raise ChecksumError(
+                                f"{url}: more than the published {size} bytes; refusing (wrong file or mirror)"
+                            )
                         h.update(block)
                         out.write(block)
             except (urllib.error.URLError, OSError, TimeoutError) as e:
-                raise DataError(f"download of {url} failed ({e}); fetch it by hand and pass data_dir=DIR or set EOS_JAX_DATA") from None
+                raise DataError(
+                    f"download of {url} failed ({e}); fetch it by hand and pass data_dir=DIR or set EOS_JAX_DATA"
+                ) from None
             out.flush()
             os.fsync(out.fileno())
         if h.hexdigest() != sha256.lower():
-            raise ChecksumError(f"{url}: SHA-256 {h.hexdigest()} ({n} bytes) does not match the expected {sha256}; nothing was saved")
+            raise ChecksumError(
+                f"{url}: SHA-256 {h.hexdigest()} ({n} bytes) does not match the expected {sha256}; nothing was saved"
+            )
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -545,6 +616,8 @@ def describe_sources(base: str, split: str, looked: Sequence[str]) -> str:
         where += f" ({NO_SYSTEM_DATA_ENV} is set: the user cache and {', '.join(SYSTEM_DIRS)} are not searched)"
         remedy = "pass data_dir=DIR or set EOS_JAX_DATA=DIR"
     else:
-        remedy = (f"put the files in one of these directories, pass data_dir=DIR, set EOS_JAX_DATA=DIR, "
-                  f"or run eos_jax.data.download({base!r}) to fetch them into {user_cache_dir()}")
+        remedy = (
+            f"put the files in one of these directories, pass data_dir=DIR, set EOS_JAX_DATA=DIR, "
+            f"or run eos_jax.data.download({base!r}) to fetch them into {user_cache_dir()}"
+        )
     return f"no {names} for split {split!r}; {where}. {remedy[0].upper()}{remedy[1:]}"

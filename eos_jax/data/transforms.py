@@ -9,7 +9,7 @@ config on any device. All arrays here broadcast explicitly and name their dtypes
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp

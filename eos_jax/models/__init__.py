@@ -40,7 +40,7 @@ from eos_jax.models.layers import (
     resolve_conv_impl,
 )
 from eos_jax.models.resnet import ResNetCifar
-from eos_jax.models.vgg import VGG16_CFG, VGG
+from eos_jax.models.vgg import VGG, VGG16_CFG
 
 __all__ = ["Model", "get", "names", "count_params"]
 
@@ -73,8 +73,7 @@ class Model:
             raise ConfigError(f"{what}={tuple(shape)!r}; allowed: (height, width, channels) of positive ints")
         if self.in_channels is not None and shape[-1] != self.in_channels:
             raise ConfigError(
-                f"{what} has {shape[-1]} channels but model {self.name!r} was built with "
-                f"in_channels={self.in_channels}"
+                f"{what} has {shape[-1]} channels but model {self.name!r} was built with in_channels={self.in_channels}"
             )
 
     def init(self, key: jax.Array, input_shape: Sequence[int]) -> dict[str, Any]:
@@ -150,10 +149,23 @@ def _common(activation: str, beta: float, init: str) -> None:
     check_choice("init", init, INIT_SCHEMES)
 
 
-def _cnn(*, layers: int = 1, channels: int | Sequence[int] = 1, kernel_size: int | Sequence[int] = 3,
-         padding: str = "valid", activation: str = "swish", beta: float = 1.0, init: str = "pytorch",
-         init_std: float = 1.0, head: str = "sum", num_outputs: int = 1, conv_impl: str = "auto",
-         in_channels: int = 1, pool: str = "mean", dtype: Any = "float32") -> Model:
+def _cnn(
+    *,
+    layers: int = 1,
+    channels: int | Sequence[int] = 1,
+    kernel_size: int | Sequence[int] = 3,
+    padding: str = "valid",
+    activation: str = "swish",
+    beta: float = 1.0,
+    init: str = "pytorch",
+    init_std: float = 1.0,
+    head: str = "sum",
+    num_outputs: int = 1,
+    conv_impl: str = "auto",
+    in_channels: int = 1,
+    pool: str = "mean",
+    dtype: Any = "float32",
+) -> Model:
     """The paper's CNN, Eq. (20)-(21) (Eq. (6) for ``layers=1``); see ``cnn.py``.
 
     ``pool`` is how the integral over the image domain in Eq. (6)/(20) is discretized:
@@ -183,58 +195,122 @@ def _cnn(*, layers: int = 1, channels: int | Sequence[int] = 1, kernel_size: int
     jdtype, dname = _dtype(dtype)
     ins = (in_channels,) + chans[:-1]
     impls = tuple(resolve_conv_impl(conv_impl, i, o, ks) for i, o in zip(ins, chans))
-    module = PaperCNN(chans, ks, padding, impls, activation, float(beta), init, float(init_std), head,
-                      num_outputs, jdtype, pool)
-    cfg = dict(layers=layers, channels=list(chans), kernel_size=list(ks), padding=padding,
-               activation=activation, beta=float(beta), init=init, init_std=float(init_std), head=head,
-               num_outputs=num_outputs, conv_impl=conv_impl, in_channels=in_channels, pool=pool, dtype=dname)
-    info = {"name": "cnn", "config": cfg, "dtype": dname, "num_outputs": num_outputs,
-            "conv_impl": impls[0] if len(set(impls)) == 1 else "mixed", "conv_impl_per_layer": list(impls),
-            "batch_stats": False}
+    module = PaperCNN(
+        chans, ks, padding, impls, activation, float(beta), init, float(init_std), head, num_outputs, jdtype, pool
+    )
+    cfg = dict(
+        layers=layers,
+        channels=list(chans),
+        kernel_size=list(ks),
+        padding=padding,
+        activation=activation,
+        beta=float(beta),
+        init=init,
+        init_std=float(init_std),
+        head=head,
+        num_outputs=num_outputs,
+        conv_impl=conv_impl,
+        in_channels=in_channels,
+        pool=pool,
+        dtype=dname,
+    )
+    info = {
+        "name": "cnn",
+        "config": cfg,
+        "dtype": dname,
+        "num_outputs": num_outputs,
+        "conv_impl": impls[0] if len(set(impls)) == 1 else "mixed",
+        "conv_impl_per_layer": list(impls),
+        "batch_stats": False,
+    }
     return Model("cnn", module, info, jdtype, False, in_channels)
 
 
-def _fc(*, width: int = 200, depth: int = 2, num_outputs: int = 10, activation: str = "tanh",
-        beta: float = 1.0, init: str = "pytorch", use_bias: bool = True, dtype: Any = "float32") -> Model:
+def _fc(
+    *,
+    width: int = 200,
+    depth: int = 2,
+    num_outputs: int = 10,
+    activation: str = "tanh",
+    beta: float = 1.0,
+    init: str = "pytorch",
+    use_bias: bool = True,
+    dtype: Any = "float32",
+) -> Model:
     """Fully connected network (Cohen et al.'s fc-tanh by default)."""
     width, depth, num_outputs = _pos_int("width", width), _pos_int("depth", depth), _pos_int("num_outputs", num_outputs)
     _common(activation, beta, init)
     jdtype, dname = _dtype(dtype)
     module = FC(width, depth, num_outputs, activation, float(beta), init, bool(use_bias), jdtype)
-    cfg = dict(width=width, depth=depth, num_outputs=num_outputs, activation=activation, beta=float(beta),
-               init=init, use_bias=bool(use_bias), dtype=dname)
-    info = {"name": "fc", "config": cfg, "dtype": dname, "num_outputs": num_outputs, "conv_impl": None,
-            "batch_stats": False}
+    cfg = dict(
+        width=width,
+        depth=depth,
+        num_outputs=num_outputs,
+        activation=activation,
+        beta=float(beta),
+        init=init,
+        use_bias=bool(use_bias),
+        dtype=dname,
+    )
+    info = {
+        "name": "fc",
+        "config": cfg,
+        "dtype": dname,
+        "num_outputs": num_outputs,
+        "conv_impl": None,
+        "batch_stats": False,
+    }
     return Model("fc", module, info, jdtype)
 
 
 def _vgg(name: str, bn: bool):
     """Builder of VGG16 (with or without BN)."""
 
-    def build(*, num_outputs: int = 10, activation: str = "relu", beta: float = 1.0, init: str = "pytorch",
-              dtype: Any = "float32") -> Model:
+    def build(
+        *,
+        num_outputs: int = 10,
+        activation: str = "relu",
+        beta: float = 1.0,
+        init: str = "pytorch",
+        dtype: Any = "float32",
+    ) -> Model:
         num_outputs = _pos_int("num_outputs", num_outputs)
         _common(activation, beta, init)
         jdtype, dname = _dtype(dtype)
         module = VGG(VGG16_CFG, num_outputs, bn, activation, float(beta), init, jdtype)
         cfg = dict(num_outputs=num_outputs, activation=activation, beta=float(beta), init=init, dtype=dname)
-        info = {"name": name, "config": cfg, "dtype": dname, "num_outputs": num_outputs, "conv_impl": "lax",
-                "classifier": "linear 512 -> num_outputs (kuangliu/pytorch-cifar)", "batch_stats": bn}
+        info = {
+            "name": name,
+            "config": cfg,
+            "dtype": dname,
+            "num_outputs": num_outputs,
+            "conv_impl": "lax",
+            "classifier": "linear 512 -> num_outputs (kuangliu/pytorch-cifar)",
+            "batch_stats": bn,
+        }
         return Model(name, module, info, jdtype, bn)
 
     return build
 
 
-def _resnet56(*, num_outputs: int = 10, activation: str = "relu", beta: float = 1.0, init: str = "pytorch",
-              dtype: Any = "float32") -> Model:
+def _resnet56(
+    *, num_outputs: int = 10, activation: str = "relu", beta: float = 1.0, init: str = "pytorch", dtype: Any = "float32"
+) -> Model:
     """ResNet-56 for CIFAR, option-A shortcuts (He et al. 2016)."""
     num_outputs = _pos_int("num_outputs", num_outputs)
     _common(activation, beta, init)
     jdtype, dname = _dtype(dtype)
     module = ResNetCifar(9, num_outputs, activation, float(beta), init, jdtype)
     cfg = dict(num_outputs=num_outputs, activation=activation, beta=float(beta), init=init, dtype=dname)
-    info = {"name": "resnet56", "config": cfg, "dtype": dname, "num_outputs": num_outputs, "conv_impl": "lax",
-            "shortcut": "A", "batch_stats": True}
+    info = {
+        "name": "resnet56",
+        "config": cfg,
+        "dtype": dname,
+        "num_outputs": num_outputs,
+        "conv_impl": "lax",
+        "shortcut": "A",
+        "batch_stats": True,
+    }
     return Model("resnet56", module, info, jdtype, True)
 
 

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 from eos_jax.models.fused import single_channel_stack
 from eos_jax.models.layers import Conv, Dense, SingleChannelConv, make_activation, make_kernel_init
 
-
 POOLS = ("mean", "sum")
 
 
@@ -55,33 +54,62 @@ class PaperCNN(nn.Module):
         if x.shape[-1] == 1 and set(self.channels) == {1} and set(self.impls) == {"fused"}:
             # The whole stack fused per batch chunk (eos_jax.models.fused); same parameters
             # (conv{i}/kernel, HWIO (kh, kw, 1, 1)) and same initialization as the layers below.
-            kernels = [_KernelParam(self.kernel_size, self.init_scheme, self.init_std, self.dtype,
-                                    name=f"conv{i}")()[:, :, 0, 0] for i in range(len(self.channels))]
+            kernels = [
+                _KernelParam(self.kernel_size, self.init_scheme, self.init_std, self.dtype, name=f"conv{i}")()[
+                    :, :, 0, 0
+                ]
+                for i in range(len(self.channels))
+            ]
             pooled = single_channel_stack(kernels, x[..., 0], act, pool=self.pool, padding=self.padding)[:, None]
             if self.head == "sum":
                 return pooled
-            return Dense(self.num_outputs, init_scheme="jax" if self.init_scheme == "normal" else self.init_scheme,
-                         dtype=self.dtype, name="head")(pooled)
+            return Dense(
+                self.num_outputs,
+                init_scheme="jax" if self.init_scheme == "normal" else self.init_scheme,
+                dtype=self.dtype,
+                name="head",
+            )(pooled)
         if x.shape[-1] == 1 and set(self.channels) == {1}:
             # All layers single-channel: run on (N, H, W) arrays (much faster on CPU than
             # with a trailing channel axis of size 1; same parameters, same function).
             x = x[..., 0]
             for i, impl in enumerate(self.impls):
-                x = act(SingleChannelConv(self.kernel_size, self.padding, self.init_scheme, self.init_std,
-                                          impl, self.dtype, name=f"conv{i}")(x))
+                x = act(
+                    SingleChannelConv(
+                        self.kernel_size,
+                        self.padding,
+                        self.init_scheme,
+                        self.init_std,
+                        impl,
+                        self.dtype,
+                        name=f"conv{i}",
+                    )(x)
+                )
             x = x[..., None]
         else:
             for i, (c, impl) in enumerate(zip(self.channels, self.impls)):
-                x = Conv(c, self.kernel_size, padding=self.padding, use_bias=False,
-                         init_scheme=self.init_scheme, init_std=self.init_std, impl=impl, dtype=self.dtype,
-                         name=f"conv{i}")(x)
+                x = Conv(
+                    c,
+                    self.kernel_size,
+                    padding=self.padding,
+                    use_bias=False,
+                    init_scheme=self.init_scheme,
+                    init_std=self.init_std,
+                    impl=impl,
+                    dtype=self.dtype,
+                    name=f"conv{i}",
+                )(x)
                 x = act(x)
         if self.head == "sum":
             # The integral of Eq. (20) over pixels (mean or sum), summed over channels: one logit.
             return jnp.sum(spatial(x, axis=(1, 2)), axis=1)[:, None]
         pooled = spatial(x, axis=(1, 2))
-        return Dense(self.num_outputs, init_scheme="jax" if self.init_scheme == "normal" else self.init_scheme,
-                     dtype=self.dtype, name="head")(pooled)
+        return Dense(
+            self.num_outputs,
+            init_scheme="jax" if self.init_scheme == "normal" else self.init_scheme,
+            dtype=self.dtype,
+            name="head",
+        )(pooled)
 
 
 class _KernelParam(nn.Module):
@@ -115,7 +143,11 @@ class FC(nn.Module):
         act = make_activation(self.activation, self.beta)
         x = x.reshape(x.shape[0], -1)  # NHWC flattened row-major (PyTorch flattens NCHW).
         for i in range(self.depth):
-            x = act(Dense(self.width, use_bias=self.use_bias, init_scheme=self.init_scheme, dtype=self.dtype,
-                          name=f"dense{i}")(x))
-        return Dense(self.num_outputs, use_bias=self.use_bias, init_scheme=self.init_scheme, dtype=self.dtype,
-                     name="out")(x)
+            x = act(
+                Dense(
+                    self.width, use_bias=self.use_bias, init_scheme=self.init_scheme, dtype=self.dtype, name=f"dense{i}"
+                )(x)
+            )
+        return Dense(
+            self.num_outputs, use_bias=self.use_bias, init_scheme=self.init_scheme, dtype=self.dtype, name="out"
+        )(x)

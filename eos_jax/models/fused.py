@@ -70,7 +70,7 @@ def _valid(x: Array, k: Array) -> Array:
     acc = None
     for i in range(kh):
         for j in range(kw):
-            term = k[i, j] * x[i:i + ho, j:j + wo]
+            term = k[i, j] * x[i : i + ho, j : j + wo]
             acc = term if acc is None else acc + term
     return acc
 
@@ -90,7 +90,6 @@ def _conv_bwd(res, g: Array):
     """``dx``: full correlation of ``g`` with the flipped kernel; ``dK[i, j] = sum g * x_ij``."""
     x, k = res
     kh, kw = k.shape
-    ho, wo = g.shape[0], g.shape[1]
     pad = [(kh - 1, kh - 1), (kw - 1, kw - 1)] + [(0, 0)] * (g.ndim - 2)
     dx = _valid(jnp.pad(g, pad), k[::-1, ::-1])
     return dx, _dk(g, x, kh, kw)
@@ -141,8 +140,9 @@ def _dk(g: Array, x: Array, kh: int, kw: int) -> Array:
     # Reduce a flattened product: under vmap over lanes this is a reduction along the minor
     # axis of (lanes, Ho*Wo*n); reducing (lanes, Ho, Wo, n) over its last three axes directly
     # took twice the CPU time of the unbatched step.
-    return jnp.stack([jnp.stack([jnp.sum(jnp.ravel(g * x[i:i + ho, j:j + wo])) for j in range(kw)])
-                      for i in range(kh)])
+    return jnp.stack(
+        [jnp.stack([jnp.sum(jnp.ravel(g * x[i : i + ho, j : j + wo])) for j in range(kw)]) for i in range(kh)]
+    )
 
 
 def _pads(padding: str, kernel_size: Sequence[int]) -> list[tuple[int, int]]:
@@ -152,8 +152,9 @@ def _pads(padding: str, kernel_size: Sequence[int]) -> list[tuple[int, int]]:
     return [((k - 1) // 2, (k - 1) - (k - 1) // 2) for k in kernel_size]
 
 
-def _stack_hwn(kernels: Sequence[Array], x_HWN: Array, act: Callable[[Array], Array], pool: str,
-               padding: str, custom: bool) -> Array:
+def _stack_hwn(
+    kernels: Sequence[Array], x_HWN: Array, act: Callable[[Array], Array], pool: str, padding: str, custom: bool
+) -> Array:
     """Pooled output ``(n,)`` of the stack on a batch-minor ``(H, W, n)`` chunk.
 
     ``custom``: use the hand-written VJPs (inside the backward pass). The forward values are
@@ -197,7 +198,7 @@ def _stack_values(kernels, x_NHW, act, pool, padding, chunk):
         body = lambda i: _chunk_pooled(kernels, _chunk(x_NHW, i, chunk), act, pool, padding)  # noqa: E731
         outs.append(lax.map(body, jnp.arange(c, dtype=jnp.int32)).reshape(-1))
     if r:
-        outs.append(_chunk_pooled(kernels, x_NHW[c * chunk:], act, pool, padding))
+        outs.append(_chunk_pooled(kernels, x_NHW[c * chunk :], act, pool, padding))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
 
 
@@ -226,6 +227,7 @@ def _stack_bwd(act, pool, padding, chunk, res, g):
     dks = tuple(jnp.zeros_like(k) for k in ks)
     dx_parts = []
     if c:
+
         def step(acc, i):
             d, dxc = one(_chunk(x, i, chunk), lax.dynamic_slice_in_dim(g, i * chunk, chunk))
             return tuple(a + b for a, b in zip(acc, d)), (dxc if want_dx else None)
@@ -234,7 +236,7 @@ def _stack_bwd(act, pool, padding, chunk, res, g):
         if want_dx:
             dx_parts.append(dx_body.reshape((-1,) + x.shape[1:]))
     if r:
-        d, dxt = one(x[c * chunk:], g[c * chunk:])
+        d, dxt = one(x[c * chunk :], g[c * chunk :])
         dks = tuple(a + b for a, b in zip(dks, d))
         if want_dx:
             dx_parts.append(dxt)
@@ -255,8 +257,15 @@ def _stack_small(kernels, x_NHW, act, pool, padding):
     return jnp.mean(a, axis=(1, 2)) if pool == "mean" else jnp.sum(a, axis=(1, 2))
 
 
-def single_channel_stack(kernels: Sequence[Array], x_NHW: Array, act: Callable[[Array], Array], *,
-                         pool: str = "mean", padding: str = "valid", chunk: int = CHUNK) -> Array:
+def single_channel_stack(
+    kernels: Sequence[Array],
+    x_NHW: Array,
+    act: Callable[[Array], Array],
+    *,
+    pool: str = "mean",
+    padding: str = "valid",
+    chunk: int = CHUNK,
+) -> Array:
     """Pooled output of ``r(K_L * ... r(K_1 * I))`` per example (Eq. (20)-(21), Eq. (6) pooling).
 
     Args:

@@ -134,8 +134,9 @@ def make_bias_init(scheme: str, fan_in: int) -> Callable[..., Array]:
     return pytorch_bias
 
 
-def resolve_conv_impl(impl: str, in_channels: int, out_channels: int, kernel_size: Sequence[int],
-                      strides: Sequence[int] = (1, 1)) -> str:
+def resolve_conv_impl(
+    impl: str, in_channels: int, out_channels: int, kernel_size: Sequence[int], strides: Sequence[int] = (1, 1)
+) -> str:
     """Chooses the convolution implementation (see the module docstring).
 
     Raises:
@@ -163,8 +164,9 @@ def _pad_amounts(padding: str, kernel_size: Sequence[int]) -> list[tuple[int, in
     return [((k - 1) // 2, (k - 1) - (k - 1) // 2) for k in kernel_size]
 
 
-def conv2d(x_NHWC: Array, kernel_HWIO: Array, *, padding: str = "valid",
-           strides: Sequence[int] = (1, 1), impl: str = "lax") -> Array:
+def conv2d(
+    x_NHWC: Array, kernel_HWIO: Array, *, padding: str = "valid", strides: Sequence[int] = (1, 1), impl: str = "lax"
+) -> Array:
     """2-D cross-correlation ``out[n, p, q, o] = sum K[i, j, c, o] x[n, p*s+i, q*s+j, c]``.
 
     Args:
@@ -182,7 +184,10 @@ def conv2d(x_NHWC: Array, kernel_HWIO: Array, *, padding: str = "valid",
     kh, kw, cin, cout = kernel_HWIO.shape
     if impl == "lax":
         return lax.conv_general_dilated(
-            x_NHWC, kernel_HWIO, tuple(strides), _pad_amounts(padding, (kh, kw)),
+            x_NHWC,
+            kernel_HWIO,
+            tuple(strides),
+            _pad_amounts(padding, (kh, kw)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             precision=lax.Precision.HIGHEST,
         )
@@ -198,7 +203,7 @@ def _shifted_valid(x_NHW: Array, k_HW: Array) -> Array:
     acc = None
     for i in range(kh):
         for j in range(kw):
-            term = k_HW[i, j] * x_NHW[:, i:i + ho, j:j + wo]
+            term = k_HW[i, j] * x_NHW[:, i : i + ho, j : j + wo]
             acc = term if acc is None else acc + term
     return acc
 
@@ -226,8 +231,7 @@ def _shifted_bwd(res, g_NHW: Array):
     ho, wo = g_NHW.shape[1], g_NHW.shape[2]
     g_pad = jnp.pad(g_NHW, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1)))
     dx = _shifted_valid(g_pad, k[::-1, ::-1])
-    dk = jnp.stack([jnp.stack([jnp.sum(g_NHW * x[:, i:i + ho, j:j + wo]) for j in range(kw)])
-                    for i in range(kh)])
+    dk = jnp.stack([jnp.stack([jnp.sum(g_NHW * x[:, i : i + ho, j : j + wo]) for j in range(kw)]) for i in range(kh)])
     return dx, dk
 
 

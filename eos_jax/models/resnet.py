@@ -35,18 +35,35 @@ class BasicBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         act = make_activation(self.activation, self.beta)
         s = (self.stride, self.stride)
-        y = Conv(self.planes, (3, 3), strides=s, padding="same", use_bias=False, init_scheme=self.init_scheme,
-                 dtype=self.dtype, name="conv1")(x)
+        y = Conv(
+            self.planes,
+            (3, 3),
+            strides=s,
+            padding="same",
+            use_bias=False,
+            init_scheme=self.init_scheme,
+            dtype=self.dtype,
+            name="conv1",
+        )(x)
         y = act(batch_norm(train, self.dtype, "bn1")(y))
-        y = Conv(self.planes, (3, 3), padding="same", use_bias=False, init_scheme=self.init_scheme,
-                 dtype=self.dtype, name="conv2")(y)
+        y = Conv(
+            self.planes,
+            (3, 3),
+            padding="same",
+            use_bias=False,
+            init_scheme=self.init_scheme,
+            dtype=self.dtype,
+            name="conv2",
+        )(y)
         y = batch_norm(train, self.dtype, "bn2")(y)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.planes:
             # Option A (He et al. 2016): subsample, then zero-pad the new channels.
             pad = (self.planes - x.shape[-1]) // 2
-            shortcut = jnp.pad(x[:, ::self.stride, ::self.stride, :],
-                               ((0, 0), (0, 0), (0, 0), (pad, self.planes - x.shape[-1] - pad)))
+            shortcut = jnp.pad(
+                x[:, :: self.stride, :: self.stride, :],
+                ((0, 0), (0, 0), (0, 0), (pad, self.planes - x.shape[-1] - pad)),
+            )
         return act(y + shortcut)
 
 
@@ -63,13 +80,21 @@ class ResNetCifar(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         act = make_activation(self.activation, self.beta)
-        x = Conv(16, (3, 3), padding="same", use_bias=False, init_scheme=self.init_scheme, dtype=self.dtype,
-                 name="conv1")(x)
+        x = Conv(
+            16, (3, 3), padding="same", use_bias=False, init_scheme=self.init_scheme, dtype=self.dtype, name="conv1"
+        )(x)
         x = act(batch_norm(train, self.dtype, "bn1")(x))
         for stage, planes in enumerate((16, 32, 64)):
             for b in range(self.blocks_per_stage):
                 stride = 2 if (stage > 0 and b == 0) else 1
-                x = BasicBlock(planes, stride, self.activation, self.beta, self.init_scheme, self.dtype,
-                               name=f"stage{stage + 1}_block{b}")(x, train)
+                x = BasicBlock(
+                    planes,
+                    stride,
+                    self.activation,
+                    self.beta,
+                    self.init_scheme,
+                    self.dtype,
+                    name=f"stage{stage + 1}_block{b}",
+                )(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return Dense(self.num_outputs, init_scheme=self.init_scheme, dtype=self.dtype, name="fc")(x)

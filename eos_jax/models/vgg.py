@@ -83,8 +83,15 @@ class VGG(nn.Module):
             if v == "M":
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
                 continue
-            x = Conv(v, (3, 3), padding="same", use_bias=True, init_scheme=self.init_scheme, dtype=self.dtype,
-                     name=f"conv{i}")(x)
+            x = Conv(
+                v,
+                (3, 3),
+                padding="same",
+                use_bias=True,
+                init_scheme=self.init_scheme,
+                dtype=self.dtype,
+                name=f"conv{i}",
+            )(x)
             if self.batch_norm:
                 x = batch_norm(train, self.dtype, f"bn{i}")(x)
             x = act(x)

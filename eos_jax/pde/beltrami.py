@@ -49,8 +49,9 @@ def strict_step_bound(*, lam: float, delta: float, dx: float) -> float:
     return 1.0 / (lam + 2.0 / (delta * dx * dx))
 
 
-def piecewise_constant_signal(points: int, key: jax.Array, *, noise: float, levels: tuple[float, ...] = (
-        0.0, 1.0, 0.3, 0.8, 0.0, 0.6, 0.2, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+def piecewise_constant_signal(
+    points: int, key: jax.Array, *, noise: float, levels: tuple[float, ...] = (0.0, 1.0, 0.3, 0.8, 0.0, 0.6, 0.2, 1.0)
+) -> tuple[np.ndarray, np.ndarray]:
     """Clean piecewise-constant signal (equal-length pieces at ``levels``) and its noisy version (Gaussian)."""
     require_x64("beltrami.piecewise_constant_signal")
     idx = np.minimum(np.arange(points) * len(levels) // points, len(levels) - 1)
@@ -102,14 +103,17 @@ class BeltramiConfig:
         if self.points < 8:
             raise ConfigError(f"points={self.points!r}; expected an integer >= 8")
         if self.record_every < 1 or self.steps < 10 * self.record_every:
-            raise ConfigError(f"steps={self.steps!r}, record_every={self.record_every!r}; expected "
-                              "record_every >= 1 and steps >= 10 * record_every")
+            raise ConfigError(
+                f"steps={self.steps!r}, record_every={self.record_every!r}; expected "
+                "record_every >= 1 and steps >= 10 * record_every"
+            )
         if not 0 < self.window <= 0.5:
             raise ConfigError(f"window={self.window!r}; expected 0 < window <= 0.5")
 
 
-def simulate(signal: jax.Array, dts: jax.Array, *, steps: int, lam: float, delta: float, dx: float,
-             record_every: int) -> dict[str, jax.Array]:
+def simulate(
+    signal: jax.Array, dts: jax.Array, *, steps: int, lam: float, delta: float, dx: float, record_every: int
+) -> dict[str, jax.Array]:
     """Gradient descent from ``u^0 = I`` for each step size in ``dts`` (vmapped).
 
     Returns per step size: final ``u``, and every ``record_every`` steps the loss,
@@ -133,14 +137,20 @@ def simulate(signal: jax.Array, dts: jax.Array, *, steps: int, lam: float, delta
     return jax.jit(jax.vmap(one))(dts)
 
 
-def classify(max_abs_u: np.ndarray, update: np.ndarray, final_u: np.ndarray, signal_max: float, *,
-             window: float, divergence_factor: float, oscillation_tol: float) -> str:
+def classify(
+    max_abs_u: np.ndarray,
+    update: np.ndarray,
+    final_u: np.ndarray,
+    signal_max: float,
+    *,
+    window: float,
+    divergence_factor: float,
+    oscillation_tol: float,
+) -> str:
     """The module docstring's rule: "divergent", "restrained" or "stable"."""
     if not (np.all(np.isfinite(max_abs_u)) and np.all(np.isfinite(final_u)) and np.all(np.isfinite(update))):
         return "divergent"
     if np.max(max_abs_u) > divergence_factor * signal_max:
         return "divergent"
-    tail = update[-max(1, int(round(window * update.size))):]
+    tail = update[-max(1, int(round(window * update.size))) :]
     return "restrained" if np.max(tail) > oscillation_tol * signal_max else "stable"
-
-

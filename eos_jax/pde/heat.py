@@ -144,8 +144,9 @@ def analyze(config: HeatConfig, ratio: float) -> dict[str, Any]:
     # Prediction from A: mode m crosses after log(threshold/|c_m^0|)/log|A_m| steps
     # (only modes with |A_m| > 1 and a nonzero initial coefficient can cross).
     with np.errstate(divide="ignore", invalid="ignore"):
-        n_pred = np.where((np.abs(amp) > 1) & (c0 > 1e-12 * c0.max()),
-                          np.log(threshold / c0) / np.log(np.abs(amp)), np.inf)
+        n_pred = np.where(
+            (np.abs(amp) > 1) & (c0 > 1e-12 * c0.max()), np.log(threshold / c0) / np.log(np.abs(amp)), np.inf
+        )
     finite = bool(np.all(np.isfinite(hist)))
     max_final = float(np.max(np.abs(hist[-1]))) if finite else float("inf")
     rel_err = np.abs(g[used] - amp[used]) / np.abs(amp[used])
@@ -171,5 +172,3 @@ def analyze(config: HeatConfig, ratio: float) -> dict[str, Any]:
 def _snapshot_steps(steps: int) -> list[int]:
     """A few iteration numbers to plot (0, some intermediate, last)."""
     return sorted({0, 1, 5, 10, 20, 40, steps // 2, steps} & set(range(steps + 1)))
-
-

@@ -38,8 +38,8 @@ Modules, top-down (each imports only those below it):
 
 from eos_jax.train.config import Batch, EigFn, EngineConfig, LossFn, Problem, PyTree
 from eos_jax.train.core import Plan, find_twins, group_lanes, run_group
-from eos_jax.train.memory import History, fit
 from eos_jax.train.loop import TrainingInterrupted, check_resume, train
+from eos_jax.train.memory import History, fit
 from eos_jax.train.state import (
     STREAM_BATCH_ORDER,
     STREAM_SHARPNESS,
@@ -75,11 +75,46 @@ from eos_jax.train.step import (
 from eos_jax.train.writer import read_metrics
 
 __all__ = [
-    "Batch", "EigFn", "EngineConfig", "HParams", "History", "Lane", "LossFn", "Plan", "Problem", "PyTree",
-    "REL_L1_WINDOW", "SPIKE_REL_INCREASE", "STREAM_BATCH_ORDER", "STREAM_SHARPNESS", "TrainState",
-    "TrainingInterrupted", "batch_order_key", "check_resume", "find_twins", "fit", "group_lanes", "hparam_dtype",
-    "init_loss_stats", "init_state", "loss_stats_reference", "make_chunk_fn", "make_eig_fn", "make_eval_fn",
-    "make_final_fn", "make_lanes", "make_sharpness_fn", "make_train_step", "objective_fn", "read_metrics",
-    "rel_l1_to_twin", "run_group", "select_batch", "sharpness_key", "stack_hparams", "summarize_loss_stats", "train",
+    "Batch",
+    "EigFn",
+    "EngineConfig",
+    "HParams",
+    "History",
+    "Lane",
+    "LossFn",
+    "Plan",
+    "Problem",
+    "PyTree",
+    "REL_L1_WINDOW",
+    "SPIKE_REL_INCREASE",
+    "STREAM_BATCH_ORDER",
+    "STREAM_SHARPNESS",
+    "TrainState",
+    "TrainingInterrupted",
+    "batch_order_key",
+    "check_resume",
+    "find_twins",
+    "fit",
+    "group_lanes",
+    "hparam_dtype",
+    "init_loss_stats",
+    "init_state",
+    "loss_stats_reference",
+    "make_chunk_fn",
+    "make_eig_fn",
+    "make_eval_fn",
+    "make_final_fn",
+    "make_lanes",
+    "make_sharpness_fn",
+    "make_train_step",
+    "objective_fn",
+    "read_metrics",
+    "rel_l1_to_twin",
+    "run_group",
+    "select_batch",
+    "sharpness_key",
+    "stack_hparams",
+    "summarize_loss_stats",
+    "train",
     "update_loss_stats",
 ]

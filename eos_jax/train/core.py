@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,15 +79,24 @@ def find_twins(lanes: Sequence[Lane], groups: list[list[int]]) -> list[dict[str,
             continue
         t = k1.get((l.learning_rate, l.seed, l.weight_decay))
         if t is None:
-            out.append({"lane": None, "in_group": False,
-                        "missing": "no k=1 lane with the same learning rate, seed and weight decay in this sweep"})
+            out.append(
+                {
+                    "lane": None,
+                    "in_group": False,
+                    "missing": "no k=1 lane with the same learning rate, seed and weight decay in this sweep",
+                }
+            )
         elif group_of[t] != group_of[i]:
             gt, gi = group_of[t], group_of[i]
-            why = (f"its k=1 twin (lane {t}) ran in lane group {gt}, not in this lane's group {gi}: the series is "
-                   "gathered inside one vmapped program")
+            why = (
+                f"its k=1 twin (lane {t}) ran in lane group {gt}, not in this lane's group {gi}: the series is "
+                "gathered inside one vmapped program"
+            )
             if width[gt] != width[gi]:
-                why += (f", and the groups are programs of different widths ({width[gt]} vs {width[gi]} lanes), "
-                        "whose roundings may differ: a difference would be the program's, not the perturbation's")
+                why += (
+                    f", and the groups are programs of different widths ({width[gt]} vs {width[gi]} lanes), "
+                    "whose roundings may differ: a difference would be the program's, not the perturbation's"
+                )
             out.append({"lane": t, "in_group": False, "missing": why + " (raise --max-lanes to put them in one group)"})
         else:
             out.append({"lane": t, "in_group": True, "missing": None})
@@ -126,8 +136,15 @@ class Plan:
     sharp_fn: Callable[..., tuple[TrainState, jax.Array]]
 
     @classmethod
-    def build(cls, problem: Problem, lanes: Sequence[Lane], config: EngineConfig, *, dtype: Any = None,
-              devices: Sequence[Any] | None = None) -> Plan:
+    def build(
+        cls,
+        problem: Problem,
+        lanes: Sequence[Lane],
+        config: EngineConfig,
+        *,
+        dtype: Any = None,
+        devices: Sequence[Any] | None = None,
+    ) -> Plan:
         """Validates the run and places its data; the programs compile on first call.
 
         Raises:
@@ -157,8 +174,16 @@ class Plan:
             sharp_data = data
         late_from = config.steps // 10  # spikes after the first 10 % of the steps are "late"
         return cls(
-            problem=problem, lanes=lanes, config=config, dtype=dtype, devices=devices, groups=groups,
-            twins=find_twins(lanes, groups), mesh=mesh, data=data, sharp_data=sharp_data,
+            problem=problem,
+            lanes=lanes,
+            config=config,
+            dtype=dtype,
+            devices=devices,
+            groups=groups,
+            twins=find_twins(lanes, groups),
+            mesh=mesh,
+            data=data,
+            sharp_data=sharp_data,
             init_fn=jax.jit(jax.vmap(lambda hp: init_state(problem, hp))),
             chunk_fn=make_chunk_fn(problem, config.batch_size, config.chunk_steps, late_from),
             final_fn=make_final_fn(problem, config.batch_size, late_from),
@@ -194,7 +219,9 @@ class Plan:
         twin_local = [idx.index(self.twins[i]["lane"]) if self.twins[i]["in_group"] else li for li, i in enumerate(idx)]
         twin_local += list(range(len(idx), len(glanes)))  # padding lanes
         return GroupInputs(
-            idx=idx, lanes=glanes, hp=self.place(stack_hparams(glanes, self.dtype)),
+            idx=idx,
+            lanes=glanes,
+            hp=self.place(stack_hparams(glanes, self.dtype)),
             twin=self.place(jnp.asarray(np.array(twin_local, np.int32))),
             has_twin=np.array([self.twins[i]["in_group"] for i in idx], bool),
         )
@@ -220,8 +247,11 @@ class LogBlock(NamedTuple):
 
 def logged_columns(block: LogBlock, log_every: int) -> list[int]:
     """The columns of ``block`` that get a metrics line: forced, sharpness, or multiples of ``log_every``."""
-    return [j for j in range(block.loss.shape[1])
-            if block.force or (block.sharpness is not None and j == 0) or (block.start + j) % log_every == 0]
+    return [
+        j
+        for j in range(block.loss.shape[1])
+        if block.force or (block.sharpness is not None and j == 0) or (block.start + j) % log_every == 0
+    ]
 
 
 def metric_records(block: LogBlock, log_every: int, threshold: float) -> list[dict[str, Any]]:
@@ -311,8 +341,19 @@ def run_group(
             last_sharp = float(pending_sharp[0])
         if s == total:
             fl, ff, frel, fma, fstats = jax.device_get(plan.final_fn(state, gi.hp, plan.data, gi.twin))
-            emit(LogBlock(g, gi, s, np.asarray(fl)[:, None], np.asarray(ff)[:, None], pending_sharp,
-                          np.asarray(frel)[:, None], np.asarray(fma)[:, None], force=True))
+            emit(
+                LogBlock(
+                    g,
+                    gi,
+                    s,
+                    np.asarray(fl)[:, None],
+                    np.asarray(ff)[:, None],
+                    pending_sharp,
+                    np.asarray(frel)[:, None],
+                    np.asarray(fma)[:, None],
+                    force=True,
+                )
+            )
             return state, {k: np.asarray(v) for k, v in fstats.items()}
         # 3. one chunk.
         nxt = next_boundary(s, total, (cfg.chunk_steps, cfg.checkpoint_every, cfg.sharpness_every))
@@ -325,8 +366,18 @@ def run_group(
         else:
             timing["train_s"] += dt
         losses = np.asarray(met["loss"])
-        emit(LogBlock(g, gi, s, losses, np.asarray(met["finite"]), pending_sharp, np.asarray(met["rel_l1"]),
-                      np.asarray(met["rel_l1_ma"])))
+        emit(
+            LogBlock(
+                g,
+                gi,
+                s,
+                losses,
+                np.asarray(met["finite"]),
+                pending_sharp,
+                np.asarray(met["rel_l1"]),
+                np.asarray(met["rel_l1_ma"]),
+            )
+        )
         pending_sharp = None
         s = nxt
         if after_chunk is not None:

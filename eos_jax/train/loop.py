@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 
@@ -33,7 +34,9 @@ class TrainingInterrupted(Exception):
         self.signum = signum
         self.step = step
         self.run_dir = run_dir
-        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved in {run_dir}; continue with --resume")
+        super().__init__(
+            f"{signal.Signals(signum).name} at step {step}: checkpoint saved in {run_dir}; continue with --resume"
+        )
 
 
 class _SignalCatcher:
@@ -43,7 +46,7 @@ class _SignalCatcher:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_SignalCatcher":
+    def __enter__(self) -> _SignalCatcher:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -88,8 +91,7 @@ def check_resume(
     dtype = hparam_dtype(problem, dtype)
     vinit = jax.vmap(lambda hp: init_state(problem, hp))
     root = Path(run_dir) / "checkpoints"
-    how = ("resume with the same max_lanes and number of devices as the run that wrote it, "
-           "or start a new run directory")
+    how = "resume with the same max_lanes and number of devices as the run that wrote it, or start a new run directory"
     for g, idx in enumerate(groups):
         d = root / f"group_{g:03d}"
         if not d.is_dir():
@@ -106,22 +108,33 @@ def check_resume(
             ndev = f"{len(devices)} device{'s' if len(devices) > 1 else ''}"
             padding = f", padded to a multiple of {ndev}" if n_wanted != len(idx) else ""
             if n_saved is not None and n_saved != n_wanted:
-                msg = (f"checkpoints/group_{g:03d} of {run_dir} holds {n_saved} lanes, this run would put "
-                       f"{n_wanted} there (lanes {idx[0]}..{idx[-1]} of {len(lanes)}{padding}; "
-                       f"max_lanes={config.max_lanes}, {ndev}): {how}")
+                msg = (
+                    f"checkpoints/group_{g:03d} of {run_dir} holds {n_saved} lanes, this run would put "
+                    f"{n_wanted} there (lanes {idx[0]}..{idx[-1]} of {len(lanes)}{padding}; "
+                    f"max_lanes={config.max_lanes}, {ndev}): {how}"
+                )
             else:
-                msg = (f"checkpoints/group_{g:03d} of {run_dir} holds another model's state ({e.difference}): "
-                       "resume with the model that wrote it, or start a new run directory")
+                msg = (
+                    f"checkpoints/group_{g:03d} of {run_dir} holds another model's state ({e.difference}): "
+                    "resume with the model that wrote it, or start a new run directory"
+                )
             raise CheckpointMismatchError(msg) from None
         finally:
             store.close()
-    extra = sorted(p.name for p in root.glob("group_*") if p.is_dir() and p.name[6:].isdigit()
-                   and int(p.name[6:]) >= len(groups) and any(c.name.isdigit() for c in p.iterdir()))
+    extra = sorted(
+        p.name
+        for p in root.glob("group_*")
+        if p.is_dir()
+        and p.name[6:].isdigit()
+        and int(p.name[6:]) >= len(groups)
+        and any(c.name.isdigit() for c in p.iterdir())
+    )
     if extra:
         raise CheckpointMismatchError(
             f"checkpoints/{extra[0]} of {run_dir} belongs to a lane group this run does not have ({len(groups)} "
             f"group{'s' if len(groups) > 1 else ''} of at most {config.max_lanes} lanes on {len(devices)} "
-            f"device{'s' if len(devices) > 1 else ''}): {how}")
+            f"device{'s' if len(devices) > 1 else ''}): {how}"
+        )
 
 
 def train(
@@ -175,8 +188,12 @@ def train(
     writer = RunWriter(run_dir, len(plan.groups), config.checkpoint_keep, config.log_every, problem.threshold)
     start_steps = writer.start(resume, plan.template)
     total = config.steps
-    bar = ProgressBar(total * len(plan.groups), enabled=not quiet, stream=progress_stream,
-                      label=f"{problem.name} " if problem.name else "")
+    bar = ProgressBar(
+        total * len(plan.groups),
+        enabled=not quiet,
+        stream=progress_stream,
+        label=f"{problem.name} " if problem.name else "",
+    )
     timing = new_timing()
     final_states: list[tuple[list[int], TrainState, dict[str, Any]]] = []
 
@@ -196,15 +213,17 @@ def train(
         for g, idx in enumerate(plan.groups):
             s = start_steps[g]
             state = plan.place(writer.restore(g, s, plan.template(g))) if s > 0 else None
-            state, fstats = run_group(plan, g, state, s, emit=writer.log, save=writer.save, after_chunk=after_chunk,
-                                      timing=timing)
+            state, fstats = run_group(
+                plan, g, state, s, emit=writer.log, save=writer.save, after_chunk=after_chunk, timing=timing
+            )
             writer.wait(g)
             final_states.append((idx, state, fstats))
     bar.close()
     writer.close()
     timing["num_devices"] = len(plan.devices)
-    lane_records, summary, _ = summarize_run(lanes, plan.groups, final_states, read_metrics(writer.metrics_path),
-                                             problem.threshold, plan.twins)
+    lane_records, summary, _ = summarize_run(
+        lanes, plan.groups, final_states, read_metrics(writer.metrics_path), problem.threshold, plan.twins
+    )
     results = {"lanes": lane_records, "summary": summary, "timing": timing}
     writer.write_results(results)
     return results

@@ -12,7 +12,8 @@ to the caller (Ctrl-C in a notebook interrupts it as any other cell).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -143,12 +144,20 @@ def fit(
     # The records as train() reads them back from metrics.jsonl (non-finite values as None), so
     # the summaries are computed from the same values.
     records = [eio.to_jsonable(r) for b in blocks for r in metric_records(b, config.log_every, problem.threshold)]
-    lane_records, summary, final_params = summarize_run(lanes, plan.groups, final_states, records,
-                                                        problem.threshold, plan.twins)
+    lane_records, summary, final_params = summarize_run(
+        lanes, plan.groups, final_states, records, problem.threshold, plan.twins
+    )
     series = _series(blocks, len(lanes), config.log_every)
     params = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[final_params[i] for i in range(len(lanes))])
-    return History(lanes=tuple(lanes), params=params, lane_summaries=tuple(lane_records), summary=summary,
-                   groups=tuple(tuple(idx) for idx in plan.groups), threshold=problem.threshold, **series)
+    return History(
+        lanes=tuple(lanes),
+        params=params,
+        lane_summaries=tuple(lane_records),
+        summary=summary,
+        groups=tuple(tuple(idx) for idx in plan.groups),
+        threshold=problem.threshold,
+        **series,
+    )
 
 
 def _series(blocks: list[LogBlock], num_lanes: int, log_every: int) -> dict[str, np.ndarray]:
@@ -162,9 +171,14 @@ def _series(blocks: list[LogBlock], num_lanes: int, log_every: int) -> dict[str,
         return np.full((num_lanes, len(steps)), np.nan, dtype)
 
     sharp_dtype = next((b.sharpness.dtype for b in blocks if b.sharpness is not None), first.loss.dtype)
-    out = {"loss": empty(first.loss.dtype), "finite": np.zeros((num_lanes, len(steps)), bool),
-           "sharpness": empty(sharp_dtype), "normalized_sharpness": empty(np.float64),
-           "rel_l1": empty(first.rel_l1.dtype), "rel_l1_ma": empty(first.rel_l1_ma.dtype)}
+    out = {
+        "loss": empty(first.loss.dtype),
+        "finite": np.zeros((num_lanes, len(steps)), bool),
+        "sharpness": empty(sharp_dtype),
+        "normalized_sharpness": empty(np.float64),
+        "rel_l1": empty(first.rel_l1.dtype),
+        "rel_l1_ma": empty(first.rel_l1_ma.dtype),
+    }
     for b, js in cols:
         gi = b.inputs
         for li, lane_index in enumerate(gi.idx):
@@ -179,6 +193,6 @@ def _series(blocks: list[LogBlock], num_lanes: int, log_every: int) -> dict[str,
                 out["sharpness"][lane_index, t0] = b.sharpness[li]
                 # As in the metrics lines: lr (float64) times the eigenvalue, in float64.
                 out["normalized_sharpness"][lane_index, t0] = np.float64(gi.lanes[li].learning_rate) * np.float64(
-                    b.sharpness[li])
+                    b.sharpness[li]
+                )
     return {"step": steps, **out}
-

@@ -24,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -112,9 +113,7 @@ def make_lanes(
     for wd in wds:
         if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0):
             raise ConfigError(f"weight decay {wd!r} is not allowed; expected a finite float >= 0")
-    lanes = [
-        Lane(float(lr), int(k), int(s), float(wd)) for lr, k, s, wd in itertools.product(lrs, kk, ss, wds)
-    ]
+    lanes = [Lane(float(lr), int(k), int(s), float(wd)) for lr, k, s, wd in itertools.product(lrs, kk, ss, wds)]
     if len(set(lanes)) != len(lanes):
         raise ConfigError("the hyperparameter lists contain duplicates; every lane must be distinct")
     return lanes
@@ -199,8 +198,10 @@ def hparam_dtype(problem: Problem, dtype: Any = None) -> np.dtype:
     shapes = jax.eval_shape(problem.init_params, jax.random.key(_ROOT_SEED))
     want = np.dtype(param_dtype(shapes))
     if dtype is not None and np.dtype(dtype) != want:
-        raise ConfigError(f"dtype={np.dtype(dtype)} for the hyperparameters, but the parameters are {want}: "
-                          "learning rate and weight decay take the parameters' dtype (pass dtype=None)")
+        raise ConfigError(
+            f"dtype={np.dtype(dtype)} for the hyperparameters, but the parameters are {want}: "
+            "learning rate and weight decay take the parameters' dtype (pass dtype=None)"
+        )
     return want
 
 
@@ -210,8 +211,10 @@ def check_hparams(hp: HParams, params: PyTree) -> None:
     for name in ("learning_rate", "weight_decay"):
         got = np.dtype(jnp.result_type(getattr(hp, name)))
         if got != want:
-            raise ConfigError(f"{name} is {got} but the parameters are {want}: stack the hyperparameters with "
-                              f"stack_hparams(lanes, {want}) (hyperparameters take the parameters' dtype)")
+            raise ConfigError(
+                f"{name} is {got} but the parameters are {want}: stack the hyperparameters with "
+                f"stack_hparams(lanes, {want}) (hyperparameters take the parameters' dtype)"
+            )
 
 
 def _random_like(key: jax.Array, tree: PyTree) -> PyTree:

@@ -13,7 +13,8 @@ metrics lines into the per-lane records of ``results.json`` (and of
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +48,9 @@ def init_loss_stats(dtype: Any) -> dict[str, jax.Array]:
     }
 
 
-def update_loss_stats(stats: dict[str, jax.Array], step: jax.Array, loss: jax.Array, ok: jax.Array,
-                      late_from: int) -> dict[str, jax.Array]:
+def update_loss_stats(
+    stats: dict[str, jax.Array], step: jax.Array, loss: jax.Array, ok: jax.Array, late_from: int
+) -> dict[str, jax.Array]:
     """Folds the loss of ``step`` into the running statistics (pure, jittable).
 
     Only finite steps (``ok``) count; the relative increase ``(loss - prev) / |prev|`` is
@@ -74,8 +76,9 @@ def update_loss_stats(stats: dict[str, jax.Array], step: jax.Array, loss: jax.Ar
     }
 
 
-def loss_stats_reference(losses: Sequence[float], finite: Sequence[bool], late_from: int,
-                         dtype: Any = np.float32) -> dict[str, Any]:
+def loss_stats_reference(
+    losses: Sequence[float], finite: Sequence[bool], late_from: int, dtype: Any = np.float32
+) -> dict[str, Any]:
     """NumPy recomputation of the statistics of :func:`update_loss_stats` over steps 0..T.
 
     Args:
@@ -102,6 +105,7 @@ def loss_stats_reference(losses: Sequence[float], finite: Sequence[bool], late_f
 
 def summarize_loss_stats(stats: dict[str, Any]) -> dict[str, Any]:
     """The results.json fields of one lane's final running statistics (host values)."""
+
     def fin(v: Any, default: Any) -> Any:
         v = float(v)
         return v if math.isfinite(v) else default
@@ -171,8 +175,9 @@ def lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, Any
     return out
 
 
-def compare_to_k1(lane_results: list[dict[str, Any]], final_params: dict[int, Any],
-                  twins: Sequence[dict[str, Any]]) -> None:
+def compare_to_k1(
+    lane_results: list[dict[str, Any]], final_params: dict[int, Any], twins: Sequence[dict[str, Any]]
+) -> None:
     """Adds, to each lane with k != 1, how its final parameters differ from its k=1 twin.
 
     The twin is the lane of the same sweep with equal learning rate, seed and weight
@@ -245,7 +250,11 @@ def summarize_run(
         "num_lanes": len(lane_records),
         "num_groups": len(groups),
         "num_finite": len(finite_lanes),
-        "diverged": [{"lane": r["lane"], "learning_rate": r["learning_rate"], "first_nonfinite_step": r["first_nonfinite_step"]} for r in lane_records if not r["finite"]],
+        "diverged": [
+            {"lane": r["lane"], "learning_rate": r["learning_rate"], "first_nonfinite_step": r["first_nonfinite_step"]}
+            for r in lane_records
+            if not r["finite"]
+        ],
         "final_loss_min": min(fl, default=None),
         "final_loss_max": max(fl, default=None),
         "threshold": threshold,

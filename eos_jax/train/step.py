@@ -13,7 +13,7 @@ stability boundary on purpose).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -182,8 +182,9 @@ def make_final_fn(problem: Problem, batch_size: int | None, late_from: int = 0):
     return call
 
 
-def make_eig_fn(num_iters: int = 20, method: str = "lanczos", tol: float | None = None,
-                linearize: bool = False) -> EigFn:
+def make_eig_fn(
+    num_iters: int = 20, method: str = "lanczos", tol: float | None = None, linearize: bool = False
+) -> EigFn:
     """Top Hessian eigenpair with :func:`eos_jax.hessian.top_eigenvalue`.
 
     Args:
@@ -200,8 +201,9 @@ def make_eig_fn(num_iters: int = 20, method: str = "lanczos", tol: float | None 
     """
 
     def eig(objective: LossFn, params: PyTree, batch: Batch, v0: PyTree, key: jax.Array):
-        res = hessian.top_eigenvalue(objective, params, batch, method=method, num_iters=num_iters, tol=tol, v0=v0,
-                                     key=key, linearize=linearize)
+        res = hessian.top_eigenvalue(
+            objective, params, batch, method=method, num_iters=num_iters, tol=tol, v0=v0, key=key, linearize=linearize
+        )
         return res.eigenvalue, res.eigenvector
 
     return eig
@@ -220,7 +222,9 @@ def objective_fn(problem: Problem, hp: HParams) -> LossFn:
     return objective
 
 
-def make_sharpness_fn(problem: Problem, eig_fn: EigFn) -> Callable[[TrainState, HParams, Batch], tuple[TrainState, jax.Array]]:
+def make_sharpness_fn(
+    problem: Problem, eig_fn: EigFn
+) -> Callable[[TrainState, HParams, Batch], tuple[TrainState, jax.Array]]:
     """Jitted, lane-vmapped ``(states, hparams, batch) -> (states with new eigvec, lambda_max)``.
 
     Warm-started from ``state.eigvec``; a non-finite eigenvector is not kept. The

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from eos_jax import cli, runtime
 from eos_jax import train as tr
@@ -12,7 +12,6 @@ from eos_jax.errors import EosJaxError
 from experiments.eos.config import default_config
 from experiments.eos.presets import run_preset
 from experiments.eos.runner import run
-
 
 # Library arguments whose names appear in library errors, with a flag of the same name here.
 LIBRARY_ARGUMENTS = ("data_dir", "resume")
@@ -23,62 +22,131 @@ def build_parser() -> cli.ArgumentParser:
         prog="python -m experiments.eos",
         description="Edge-of-Stability experiments (Sun et al. 2024, Section 6) with sharpness tracking.",
     )
-    p.add_argument("--preset", choices=("fig7", "fig8", "fig9", "fig7-readings"), default=None,
-                   help="run a figure of the paper (explicit flags below override its settings); fig7-readings "
-                        "compares the candidate readings of Figure 7's setting (pooling x inputs x loss)")
+    p.add_argument(
+        "--preset",
+        choices=("fig7", "fig8", "fig9", "fig7-readings"),
+        default=None,
+        help="run a figure of the paper (explicit flags below override its settings); fig7-readings "
+        "compares the candidate readings of Figure 7's setting (pooling x inputs x loss)",
+    )
     p.add_argument("--model", choices=("cnn", "fc"), default=None, help="cnn (default) or fc (tanh, width 200)")
-    p.add_argument("--layers", type=cli.positive_int, default=None,
-                   help="conv layers (cnn, default 3) or hidden layers (fc, default 2)")
+    p.add_argument(
+        "--layers",
+        type=cli.positive_int,
+        default=None,
+        help="conv layers (cnn, default 3) or hidden layers (fc, default 2)",
+    )
     p.add_argument("--width", type=cli.positive_int, default=None, help="fc hidden width (default 200)")
-    p.add_argument("--activation", choices=("swish", "tanh", "relu"), default=None,
-                   help="default swish (cnn, beta=1) / tanh (fc)")
-    p.add_argument("--conv-impl", choices=("auto", "lax", "shifted", "fft"), default=None,
-                   help="cnn convolution implementation (default auto: direct sums; fft is faster, rounds differently)")
-    p.add_argument("--pool", choices=("mean", "sum"), default=None,
-                   help="cnn pooling over output positions (default mean: the authors' AvgPooling, "
-                        "single_layer/PySun.py; sum: the Riemann sum of Eq. (6))")
-    p.add_argument("--binary", choices=("bce", "softmax"), default=None,
-                   help="two classes with --loss ce: one logit + binary cross-entropy (default, Eq. (20)) or a "
-                        "linear head with two outputs + softmax cross-entropy (Cohen et al.'s archs)")
-    p.add_argument("--lr", type=cli.positive_float, nargs="+", default=None,
-                   help="learning rate(s); several run as one vmapped sweep (default 5 for cnn, 2/150 for fc)")
-    p.add_argument("--k", type=cli.positive_int, nargs="+", default=None,
-                   help="perturbation factor(s) of Section 4.1 (default 1: plain GD)")
+    p.add_argument(
+        "--activation", choices=("swish", "tanh", "relu"), default=None, help="default swish (cnn, beta=1) / tanh (fc)"
+    )
+    p.add_argument(
+        "--conv-impl",
+        choices=("auto", "lax", "shifted", "fft"),
+        default=None,
+        help="cnn convolution implementation (default auto: direct sums; fft is faster, rounds differently)",
+    )
+    p.add_argument(
+        "--pool",
+        choices=("mean", "sum"),
+        default=None,
+        help="cnn pooling over output positions (default mean: the authors' AvgPooling, "
+        "single_layer/PySun.py; sum: the Riemann sum of Eq. (6))",
+    )
+    p.add_argument(
+        "--binary",
+        choices=("bce", "softmax"),
+        default=None,
+        help="two classes with --loss ce: one logit + binary cross-entropy (default, Eq. (20)) or a "
+        "linear head with two outputs + softmax cross-entropy (Cohen et al.'s archs)",
+    )
+    p.add_argument(
+        "--lr",
+        type=cli.positive_float,
+        nargs="+",
+        default=None,
+        help="learning rate(s); several run as one vmapped sweep (default 5 for cnn, 2/150 for fc)",
+    )
+    p.add_argument(
+        "--k",
+        type=cli.positive_int,
+        nargs="+",
+        default=None,
+        help="perturbation factor(s) of Section 4.1 (default 1: plain GD)",
+    )
     p.add_argument("--seed", type=cli.nonnegative_int, nargs="+", default=None, help="seed(s) (default 0)")
-    p.add_argument("--weight-decay", type=cli.nonnegative_float, nargs="+", default=None,
-                   help="L2 weight decay alpha of Eq. (7) (default 0)")
+    p.add_argument(
+        "--weight-decay",
+        type=cli.nonnegative_float,
+        nargs="+",
+        default=None,
+        help="L2 weight decay alpha of Eq. (7) (default 0)",
+    )
     p.add_argument("--momentum", type=cli.nonnegative_float, default=None, help="heavy-ball momentum (default 0)")
-    p.add_argument("--batch-size", type=cli.positive_int, default=None,
-                   help="minibatch SGD with this batch size (default: full-batch GD)")
+    p.add_argument(
+        "--batch-size",
+        type=cli.positive_int,
+        default=None,
+        help="minibatch SGD with this batch size (default: full-batch GD)",
+    )
     p.add_argument("--steps", type=cli.positive_int, default=None, help="optimizer steps (default 300)")
-    p.add_argument("--dataset", default=None,
-                   help="dataset name (no fallback when given); default: mnist01 -> fashion_mnist01 -> "
-                        "fashion_mnist01_bundled -> digits01 (cnn) or cifar10_5k -> fashion_mnist -> mnist -> "
-                        "fashion_mnist01_bundled -> digits01 (fc)")
-    p.add_argument("--data-dir", default=None,
-                   help="directory searched first for dataset files (subfolders mnist/, fashion_mnist/, ... or "
-                        "the published MNIST/Fashion-MNIST files directly in it)")
-    p.add_argument("--num-examples", type=cli.positive_int, default=None,
-                   help="use exactly the first N training examples (an error if the dataset has fewer); "
-                        "default: up to 2000 for cnn, 5000 for fc")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset name (no fallback when given); default: mnist01 -> fashion_mnist01 -> "
+        "fashion_mnist01_bundled -> digits01 (cnn) or cifar10_5k -> fashion_mnist -> mnist -> "
+        "fashion_mnist01_bundled -> digits01 (fc)",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory searched first for dataset files (subfolders mnist/, fashion_mnist/, ... or "
+        "the published MNIST/Fashion-MNIST files directly in it)",
+    )
+    p.add_argument(
+        "--num-examples",
+        type=cli.positive_int,
+        default=None,
+        help="use exactly the first N training examples (an error if the dataset has fewer); "
+        "default: up to 2000 for cnn, 5000 for fc",
+    )
     p.add_argument("--all-examples", action="store_true", help="use every training example")
     p.add_argument("--loss", choices=("ce", "mse"), default=None, help="cross-entropy (default) or squared loss")
-    p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
-                   help="standardize pixels with the training set's per-channel mean and std "
-                        "(default: off for cnn, as pixels in [0, 1]; on for the fig8 preset)")
-    p.add_argument("--sharpness-every", type=cli.nonnegative_int, default=None,
-                   help="steps between sharpness evaluations (default 20; 0 turns tracking off)")
+    p.add_argument(
+        "--standardize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="standardize pixels with the training set's per-channel mean and std "
+        "(default: off for cnn, as pixels in [0, 1]; on for the fig8 preset)",
+    )
+    p.add_argument(
+        "--sharpness-every",
+        type=cli.nonnegative_int,
+        default=None,
+        help="steps between sharpness evaluations (default 20; 0 turns tracking off)",
+    )
     p.add_argument("--sharpness-iters", type=cli.positive_int, default=None, help="Lanczos iterations (default 20)")
-    p.add_argument("--sharpness-method", choices=("lanczos", "power"), default=None,
-                   help="eigensolver (default lanczos; power: cheaper to compile)")
-    p.add_argument("--checkpoint-every", type=cli.nonnegative_int, default=None,
-                   help="steps between checkpoints (default 100; 0: only at the end and on a signal)")
+    p.add_argument(
+        "--sharpness-method",
+        choices=("lanczos", "power"),
+        default=None,
+        help="eigensolver (default lanczos; power: cheaper to compile)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=cli.nonnegative_int,
+        default=None,
+        help="steps between checkpoints (default 100; 0: only at the end and on a signal)",
+    )
     p.add_argument("--chunk-steps", type=cli.positive_int, default=None, help="steps per lax.scan chunk (default 50)")
     p.add_argument("--max-lanes", type=cli.positive_int, default=None, help="lanes per vmapped program (default 16)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="working dtype (default float32)")
     p.add_argument("--out", default=None, help="run directory (default runs/eos/<UTC time>-<config hash>)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out, or the latest run under runs/eos/ with the same config")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out, or the latest run under runs/eos/ with the same config",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary (for scripts)")
     return p
 
@@ -90,9 +158,25 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     ``--sharpness-every 0`` and ``--checkpoint-every 0`` turn those schedules off.
     """
     ov: dict = {}
-    for name in ("layers", "width", "activation", "momentum", "batch_size", "steps", "num_examples", "loss",
-                 "sharpness_iters", "sharpness_method", "chunk_steps", "max_lanes", "dtype", "conv_impl",
-                 "standardize", "pool", "binary"):
+    for name in (
+        "layers",
+        "width",
+        "activation",
+        "momentum",
+        "batch_size",
+        "steps",
+        "num_examples",
+        "loss",
+        "sharpness_iters",
+        "sharpness_method",
+        "chunk_steps",
+        "max_lanes",
+        "dtype",
+        "conv_impl",
+        "standardize",
+        "pool",
+        "binary",
+    ):
         value = getattr(args, name)
         if value is not None:
             ov[name] = value
@@ -126,12 +210,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ov = overrides_from_args(args)
     try:
         if args.preset:
-            run_preset(args.preset, overrides=ov, out=args.out, resume=args.resume, quiet=args.quiet,
-                       data_dir=args.data_dir, runtime_metadata=meta)
+            run_preset(
+                args.preset,
+                overrides=ov,
+                out=args.out,
+                resume=args.resume,
+                quiet=args.quiet,
+                data_dir=args.data_dir,
+                runtime_metadata=meta,
+            )
         else:
             cfg = default_config(args.model or "cnn", **ov)
-            run(cfg, out=args.out, resume=args.resume, quiet=args.quiet, data_dir=args.data_dir,
-                runtime_metadata=meta)
+            run(cfg, out=args.out, resume=args.resume, quiet=args.quiet, data_dir=args.data_dir, runtime_metadata=meta)
     except EosJaxError as e:
         raise cli.name_flags(e, LIBRARY_ARGUMENTS) from None  # "data_dir=DIR" -> "--data-dir DIR"
     except tr.TrainingInterrupted as e:

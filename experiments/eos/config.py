@@ -189,8 +189,14 @@ def default_config(model: str = "cnn", **overrides: Any) -> EosConfig:
         raise ConfigError(f"--model {model!r} is not allowed; choose from {', '.join(MODELS)}")
     base: dict[str, Any] = {"model": model}
     if model == "fc":
-        base.update(layers=2, activation="tanh", lr=(2.0 / 150.0,), dataset=DEFAULT_DATASETS["fc"],
-                    num_examples=5000, standardize=True)
+        base.update(
+            layers=2,
+            activation="tanh",
+            lr=(2.0 / 150.0,),
+            dataset=DEFAULT_DATASETS["fc"],
+            num_examples=5000,
+            standardize=True,
+        )
     unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(EosConfig)})
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)}")
@@ -226,18 +232,27 @@ def load_data(cfg: EosConfig, data_dir: str | None = None, *, stream: Any = None
     unused = edata.unused_in_data_dir(data_dir, ds, cfg.dataset)
     if unused:
         parts = "; ".join(f"{u['holds']} in {u['path']}: {u['why']}" for u in unused)
-        print(f"WARNING: --data-dir {data_dir} holds dataset files that are not used: {parts} "
-              f"(recorded in metadata.json)", file=stream, flush=True)
+        print(
+            f"WARNING: --data-dir {data_dir} holds dataset files that are not used: {parts} "
+            f"(recorded in metadata.json)",
+            file=stream,
+            flush=True,
+        )
     x, y = np.asarray(ds.x), np.asarray(ds.y)
     available = int(x.shape[0])
     if cfg.num_examples is not None:
         if cfg.num_examples > available:
             if cfg.num_examples_exact:
-                raise ConfigError(f"--num-examples {cfg.num_examples} exceeds the {available} training examples of "
-                                  f"{ds.name}; pass at most {available} (or --all-examples)")
-            print(f"WARNING: {ds.name} has {available} training examples, fewer than the default "
-                  f"--num-examples {cfg.num_examples}; using all {available} (recorded in metadata.json)",
-                  file=stream, flush=True)
+                raise ConfigError(
+                    f"--num-examples {cfg.num_examples} exceeds the {available} training examples of "
+                    f"{ds.name}; pass at most {available} (or --all-examples)"
+                )
+            print(
+                f"WARNING: {ds.name} has {available} training examples, fewer than the default "
+                f"--num-examples {cfg.num_examples}; using all {available} (recorded in metadata.json)",
+                file=stream,
+                flush=True,
+            )
         x, y = x[: cfg.num_examples], y[: cfg.num_examples]
     if cfg.standardize:
         (x,) = edata.standardize(x, per="channel")
@@ -268,14 +283,26 @@ def build_problem(cfg: EosConfig, data: dict[str, Any]):
     if cfg.model == "cnn":
         in_ch = int(data["x"].shape[-1])
         model = models.get(
-            "cnn", layers=cfg.layers, activation=cfg.activation, beta=cfg.beta, num_outputs=num_outputs,
-            head="sum" if num_outputs == 1 else "linear", in_channels=in_ch, dtype=cfg.dtype,
-            conv_impl=cfg.conv_impl, pool=cfg.pool,
+            "cnn",
+            layers=cfg.layers,
+            activation=cfg.activation,
+            beta=cfg.beta,
+            num_outputs=num_outputs,
+            head="sum" if num_outputs == 1 else "linear",
+            in_channels=in_ch,
+            dtype=cfg.dtype,
+            conv_impl=cfg.conv_impl,
+            pool=cfg.pool,
         )
     else:
         model = models.get(
-            "fc", width=cfg.width, depth=cfg.layers, activation=cfg.activation, beta=cfg.beta,
-            num_outputs=num_outputs, dtype=cfg.dtype,
+            "fc",
+            width=cfg.width,
+            depth=cfg.layers,
+            activation=cfg.activation,
+            beta=cfg.beta,
+            num_outputs=num_outputs,
+            dtype=cfg.dtype,
         )
     if model.has_batch_stats:  # pragma: no cover - cnn and fc have none
         raise ConfigError(f"model {model.name!r} has batch statistics; the EoS engine trains parameters only")

@@ -15,8 +15,9 @@ import io
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,7 @@ FIG8_DEFAULT_LR = 2.0 / 30.0
 FIG8_LR_REASON = {
     "cifar10_5k": "Cohen et al. (2021) / the paper: lr 2/150 on CIFAR-5k",
     None: "lr 2/30: the 2-layer fc-tanh on the Fashion-MNIST fallback sharpens to lr*lambda = 2 by step ~450 at this "
-          "rate (and only to 0.36 in 2000 steps at 2/150), measured with --model fc --lr 0.0667 --steps 1500",
+    "rate (and only to 0.36 in 2000 steps at 2/150), measured with --model fc --lr 0.0667 --steps 1500",
 }
 
 
@@ -82,13 +83,25 @@ def initial_sharpness(cfg: EosConfig, data: dict[str, Any], *, num_iters: int = 
 
     @jax.jit
     def top(params, batch):
-        res = hessian.top_eigenvalue(tr.objective_fn(problem, hp1), params, batch, method="lanczos",
-                                     num_iters=num_iters, tol=None, key=jax.random.key(0))
+        res = hessian.top_eigenvalue(
+            tr.objective_fn(problem, hp1),
+            params,
+            batch,
+            method="lanczos",
+            num_iters=num_iters,
+            tol=None,
+            key=jax.random.key(0),
+        )
         return res.eigenvalue
 
     lam = float(top(state.params, problem.data))
-    return {"lambda_max": lam, "lr_threshold": problem.threshold / lam if lam > 0 else None,
-            "seed": cfg.seed[0], "weight_decay": wd, "num_iters": num_iters}
+    return {
+        "lambda_max": lam,
+        "lr_threshold": problem.threshold / lam if lam > 0 else None,
+        "seed": cfg.seed[0],
+        "weight_decay": wd,
+        "num_iters": num_iters,
+    }
 
 
 def series_125(lo: float, hi: float) -> list[float]:
@@ -133,8 +146,9 @@ class _Quiet:
         pass
 
 
-def _preset_variants(name: str, overrides: dict[str, Any], data_dir: str | None = None, *,
-                     measure: bool = True) -> Preset:
+def _preset_variants(
+    name: str, overrides: dict[str, Any], data_dir: str | None = None, *, measure: bool = True
+) -> Preset:
     """Builds a preset with ``overrides`` (explicitly given flags) applied to every variant.
 
     Figures 7 and 9 derive their learning rates from ``2 / lambda_max`` at
@@ -156,12 +170,20 @@ def _preset_variants(name: str, overrides: dict[str, Any], data_dir: str | None 
             extra = sorted({ceil_125(t["lr_threshold"]) for t in th.values() if t["lr_threshold"]})
             lrs = tuple(sorted(set(FIG7_PAPER_LRS) | set(extra)))
             variants = tuple((v, dataclasses.replace(c, lr=lrs)) for v, c in variants)
-            rule = {"rule": "the paper's rates 1, 2, 5 plus, for each variant, the first 1-2-5 value above its "
-                            "2/lambda_max at initialization (the classical threshold at the start)",
-                    "thresholds_at_init": th, "lr": list(lrs)}
-        return Preset("fig7", "Figure 7: 1- vs 3-layer single-channel Swish CNN, full-batch GD, no weight decay "
-                      "(paper: all rates stable for 1 layer; restrained instabilities at lr=5 for 3 layers)",
-                      variants, "stability", rule)
+            rule = {
+                "rule": "the paper's rates 1, 2, 5 plus, for each variant, the first 1-2-5 value above its "
+                "2/lambda_max at initialization (the classical threshold at the start)",
+                "thresholds_at_init": th,
+                "lr": list(lrs),
+            }
+        return Preset(
+            "fig7",
+            "Figure 7: 1- vs 3-layer single-channel Swish CNN, full-batch GD, no weight decay "
+            "(paper: all rates stable for 1 layer; restrained instabilities at lr=5 for 3 layers)",
+            variants,
+            "stability",
+            rule,
+        )
     if name == "fig8":
         base = dict(steps=2000, sharpness_every=50, checkpoint_every=500)
         base.update(ov)
@@ -176,10 +198,15 @@ def _preset_variants(name: str, overrides: dict[str, Any], data_dir: str | None 
             lr = FIG8_LRS.get(found, FIG8_DEFAULT_LR)
             cfgs = [(v, dataclasses.replace(c, lr=(lr,))) for v, c in cfgs]
             rule = {"rule": FIG8_LR_REASON[key], "dataset": found, "lr": [lr]}
-        return Preset("fig8", "Figure 8: fc-tanh width 200, 2 vs 4 hidden layers, full-batch GD, no weight decay, "
-                      "CIFAR-5k at lr 2/150 (or the fallback at a rate scaled to its sharpening, see preset.json) "
-                      "(paper: 2 layers stable, 4 layers spikes and sharpness above 2/lr)", tuple(cfgs), "stability",
-                      rule)
+        return Preset(
+            "fig8",
+            "Figure 8: fc-tanh width 200, 2 vs 4 hidden layers, full-batch GD, no weight decay, "
+            "CIFAR-5k at lr 2/150 (or the fallback at a rate scaled to its sharpening, see preset.json) "
+            "(paper: 2 layers stable, 4 layers spikes and sharpness above 2/lr)",
+            tuple(cfgs),
+            "stability",
+            rule,
+        )
     if name == "fig9":
         # The grid spans a decade either side of the measured thresholds. With mean pooling on the
         # Fashion-MNIST 0/1 fallback, 2/lambda_max at init (wd 5e-4) is 20.1 (1 layer) and 42.7
@@ -196,11 +223,20 @@ def _preset_variants(name: str, overrides: dict[str, Any], data_dir: str | None 
                 raise ConfigError("--preset fig9: lambda_max at initialization is <= 0 for every variant; give --lr")
             lrs = tuple(series_125(min(ts) / 10.0, max(ts) * 10.0))
             variants = tuple((v, dataclasses.replace(c, lr=lrs)) for v, c in variants)
-            rule = {"rule": "1-2-5 series from a decade below the smallest to a decade above the largest "
-                            "2/lambda_max at initialization (weight decay included) of the variants",
-                    "thresholds_at_init": th, "lr": list(lrs)}
-        return Preset("fig9", "Figure 9: weight decay 5e-4, 1- vs 2-layer Swish CNN, learning-rate sweep "
-                      "(paper: the stable boundary is more stringent with 2 layers)", variants, "boundary", rule)
+            rule = {
+                "rule": "1-2-5 series from a decade below the smallest to a decade above the largest "
+                "2/lambda_max at initialization (weight decay included) of the variants",
+                "thresholds_at_init": th,
+                "lr": list(lrs),
+            }
+        return Preset(
+            "fig9",
+            "Figure 9: weight decay 5e-4, 1- vs 2-layer Swish CNN, learning-rate sweep "
+            "(paper: the stable boundary is more stringent with 2 layers)",
+            variants,
+            "boundary",
+            rule,
+        )
     raise ConfigError(f"--preset {name!r} is not allowed; choose from {', '.join(PRESETS)}")
 
 
@@ -229,8 +265,16 @@ def run_preset(
     """
     stream = stream or sys.stdout
     if name == "fig7-readings":
-        return run_readings(overrides=overrides, out=out, resume=resume, quiet=quiet, data_dir=data_dir,
-                            runs_root=runs_root, runtime_metadata=runtime_metadata, stream=stream)
+        return run_readings(
+            overrides=overrides,
+            out=out,
+            resume=resume,
+            quiet=quiet,
+            data_dir=data_dir,
+            runs_root=runs_root,
+            runtime_metadata=runtime_metadata,
+            stream=stream,
+        )
     # Validate the flags before measuring anything.
     for _, c in _preset_variants(name, overrides or {}, measure=False).variants:
         c.validate()
@@ -247,25 +291,50 @@ def run_preset(
     root = eio.open_run_dir(root, config, resume=resume)
     if not quiet:
         print(preset.description, file=stream, flush=True)
-    findings: dict[str, Any] = {"preset": name, "description": preset.description, "variants": {},
-                                "lr_rule": preset.lr_rule}
+    findings: dict[str, Any] = {
+        "preset": name,
+        "description": preset.description,
+        "variants": {},
+        "lr_rule": preset.lr_rule,
+    }
     plots = []
     threshold = 2.0
     for vname, c in preset.variants:
         vdir = root / vname
         vresume = resume and (vdir / "config.json").exists()
-        _, res = run(c, out=vdir, resume=vresume, quiet=quiet, data_dir=data_dir,
-                     runtime_metadata=runtime_metadata, stream=stream)
+        _, res = run(
+            c,
+            out=vdir,
+            resume=vresume,
+            quiet=quiet,
+            data_dir=data_dir,
+            runtime_metadata=runtime_metadata,
+            stream=stream,
+        )
         threshold = res["summary"]["threshold"]
         meta = eio.read_json(vdir / "metadata.json")
         entry = {
             "dataset": meta["dataset"]["name"],
             "lanes": [
-                {k: l.get(k) for k in ("learning_rate", "weight_decay", "finite", "first_nonfinite_step", "final_loss",
-                                       "max_normalized_sharpness", "final_normalized_sharpness",
-                                       "first_step_above_threshold",
-                                       "num_loss_increases_1pct", "num_loss_increases_1pct_late",
-                                       "max_rel_loss_increase", "max_rel_loss_increase_late", "stable", "params_digest")}
+                {
+                    k: l.get(k)
+                    for k in (
+                        "learning_rate",
+                        "weight_decay",
+                        "finite",
+                        "first_nonfinite_step",
+                        "final_loss",
+                        "max_normalized_sharpness",
+                        "final_normalized_sharpness",
+                        "first_step_above_threshold",
+                        "num_loss_increases_1pct",
+                        "num_loss_increases_1pct_late",
+                        "max_rel_loss_increase",
+                        "max_rel_loss_increase_late",
+                        "stable",
+                        "params_digest",
+                    )
+                }
                 for l in res["lanes"]
             ],
         }
@@ -289,22 +358,27 @@ def format_findings(preset: Preset, findings: dict[str, Any], threshold: float) 
     if rule:
         rows.append(f"  learning rates {', '.join(f'{v:g}' for v in rule['lr'])}: {rule['rule']}")
         for vname, t in (rule.get("thresholds_at_init") or {}).items():
-            rows.append(f"    {vname}: lambda_max at init = {t['lambda_max']:.4g} -> 2/lambda_max = "
-                        f"{_fmt(t['lr_threshold'])}")
+            rows.append(
+                f"    {vname}: lambda_max at init = {t['lambda_max']:.4g} -> 2/lambda_max = {_fmt(t['lr_threshold'])}"
+            )
     for vname, entry in findings["variants"].items():
         parts = []
         for l in entry["lanes"]:
             tag = l.get("regime") or regime(l, threshold)
             if tag == "divergent":
-                tag = "divergent@%d" % l["first_nonfinite_step"]
+                tag = f"divergent@{l['first_nonfinite_step']:d}"
             elif tag != "stable":
                 tag += f" ({l['num_loss_increases_1pct']} spikes, {l['num_loss_increases_1pct_late']} late)"
-            parts.append(f"lr={l['learning_rate']:.4g}: {tag}, lr*lam max {_fmt(l['max_normalized_sharpness'], '.3g')}"
-                         f" last {_fmt(l.get('final_normalized_sharpness'), '.3g')}, loss {_fmt(l['final_loss'], '.3g')}")
+            parts.append(
+                f"lr={l['learning_rate']:.4g}: {tag}, lr*lam max {_fmt(l['max_normalized_sharpness'], '.3g')}"
+                f" last {_fmt(l.get('final_normalized_sharpness'), '.3g')}, loss {_fmt(l['final_loss'], '.3g')}"
+            )
         rows.append(f"  {vname} [{entry['dataset']}]:")
         rows.extend(f"    {p}" for p in parts)
         if "boundary" in entry:
             b = entry["boundary"]
-            rows.append(f"    largest stable lr = {_fmt(b['largest_stable_lr'])}, smallest unstable lr = "
-                        f"{_fmt(b['smallest_unstable_lr'])}" + ("" if b["monotone"] else " (not monotone in lr)"))
+            rows.append(
+                f"    largest stable lr = {_fmt(b['largest_stable_lr'])}, smallest unstable lr = "
+                f"{_fmt(b['smallest_unstable_lr'])}" + ("" if b["monotone"] else " (not monotone in lr)")
+            )
     return "\n".join(rows)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from eos_jax import data as edata
 from eos_jax import io as eio
@@ -31,7 +32,9 @@ from experiments.eos.runner import _fmt, run
 # The first reading is the default; the order decides ties.
 READINGS = tuple(
     {"pool": p, "standardize": z, "binary": b}
-    for p in ("mean", "sum") for z in (False, True) for b in ("bce", "softmax")
+    for p in ("mean", "sum")
+    for z in (False, True)
+    for b in ("bce", "softmax")
 )
 READINGS_STEPS = 200  # fewer than fig7's 300: eight readings x two depths on a shared 2-core CPU
 READINGS_SHARPNESS_EVERY = 25
@@ -50,6 +53,7 @@ def matches_paper_fig7(variants: dict[str, dict[str, Any]], lr: float = 5.0) -> 
     Returns:
       ``{"matches": bool, "layers1": regime at lr, "layers3": regime at lr}`` (None when lr was not run).
     """
+
     def at(v: str) -> str | None:
         return next((l["regime"] for l in variants[v]["lanes"] if l["learning_rate"] == lr), None)
 
@@ -61,27 +65,39 @@ def choose_reading(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The first reading (in :data:`READINGS` order, the default first) that matches Figure 7, if any."""
     matching = [n for n, t in table.items() if t["match"]["matches"]]
     if matching:
-        return {"reading": matching[0], "matching": matching,
-                "why": f"{matching[0]} is the first reading (default first) under which the 1-layer net is stable "
-                       "and the 3-layer net restrained at lr 5"}
+        return {
+            "reading": matching[0],
+            "matching": matching,
+            "why": f"{matching[0]} is the first reading (default first) under which the 1-layer net is stable "
+            "and the 3-layer net restrained at lr 5",
+        }
     default = reading_name(READINGS[0])
-    return {"reading": default, "matching": [],
-            "why": f"no reading shows the 1-layer net stable and the 3-layer net restrained at lr 5; the default "
-                   f"stays the authors' code ({default})"}
+    return {
+        "reading": default,
+        "matching": [],
+        "why": f"no reading shows the 1-layer net stable and the 3-layer net restrained at lr 5; the default "
+        f"stays the authors' code ({default})",
+    }
 
 
 def format_readings(table: dict[str, dict[str, Any]], choice: dict[str, Any], steps: int) -> str:
     """The Markdown table of the readings: lr x (max / last lr*lambda, late spikes, final loss, regime)."""
-    rows = [f"# Figure 7 readings ({steps} steps; regime per lr)", "",
-            "| reading | layers | 2/lambda at step 0 | lr | max lr*lambda | last lr*lambda | spikes (late) | "
-            "final loss | regime |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        f"# Figure 7 readings ({steps} steps; regime per lr)",
+        "",
+        "| reading | layers | 2/lambda at step 0 | lr | max lr*lambda | last lr*lambda | spikes (late) | "
+        "final loss | regime |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for rname, t in table.items():
         for vname, entry in t["variants"].items():
             for l in entry["lanes"]:
-                rows.append(f"| {rname} | {vname[6:]} | {_fmt(entry.get('lr_threshold_step0'))} | {l['learning_rate']:g} | "
-                            f"{_fmt(l['max_normalized_sharpness'], '.3g')} | "
-                            f"{_fmt(l.get('final_normalized_sharpness'), '.3g')} | {l['num_loss_increases_1pct']} "
-                            f"({l['num_loss_increases_1pct_late']}) | {_fmt(l['final_loss'], '.3g')} | {l['regime']} |")
+                rows.append(
+                    f"| {rname} | {vname[6:]} | {_fmt(entry.get('lr_threshold_step0'))} | {l['learning_rate']:g} | "
+                    f"{_fmt(l['max_normalized_sharpness'], '.3g')} | "
+                    f"{_fmt(l.get('final_normalized_sharpness'), '.3g')} | {l['num_loss_increases_1pct']} "
+                    f"({l['num_loss_increases_1pct_late']}) | {_fmt(l['final_loss'], '.3g')} | {l['regime']} |"
+                )
     rows += ["", "| reading | 1 layer at lr 5 | 3 layers at lr 5 | matches Figure 7 |", "|---|---|---|---|"]
     for rname, t in table.items():
         m = t["match"]
@@ -131,33 +147,63 @@ def run_readings(
             res = eio.read_json(vdir / "results.json")
         else:
             vresume = resume and (vdir / "config.json").exists()
-            _, res = run(c, out=vdir, resume=vresume, quiet=True, data_dir=data_dir,
-                         runtime_metadata=runtime_metadata, stream=stream)
+            _, res = run(
+                c,
+                out=vdir,
+                resume=vresume,
+                quiet=True,
+                data_dir=data_dir,
+                runtime_metadata=runtime_metadata,
+                stream=stream,
+            )
         thr = res["summary"]["threshold"]
         lines = tr.read_metrics(vdir / "metrics.jsonl")
         lam0 = next((r["sharpness"] for r in lines if r["step"] == 0 and r.get("sharpness") is not None), None)
         lanes = []
         for l in res["lanes"]:
-            keep = {k: l.get(k) for k in ("learning_rate", "finite", "first_nonfinite_step", "final_loss",
-                                          "max_normalized_sharpness", "final_normalized_sharpness",
-                                          "num_loss_increases_1pct", "num_loss_increases_1pct_late",
-                                          "max_rel_loss_increase", "stable")}
+            keep = {
+                k: l.get(k)
+                for k in (
+                    "learning_rate",
+                    "finite",
+                    "first_nonfinite_step",
+                    "final_loss",
+                    "max_normalized_sharpness",
+                    "final_normalized_sharpness",
+                    "num_loss_increases_1pct",
+                    "num_loss_increases_1pct_late",
+                    "max_rel_loss_increase",
+                    "stable",
+                )
+            }
             keep["regime"] = regime(l, thr)
             lanes.append(keep)
         entry = table.setdefault(rname, {"variants": {}})
-        entry["variants"][f"layers{n}"] = {"dataset": res.get("dataset"), "lambda_max_step0": lam0,
-                                           "lr_threshold_step0": (thr / lam0) if lam0 and lam0 > 0 else None,
-                                           "lanes": lanes}
+        entry["variants"][f"layers{n}"] = {
+            "dataset": res.get("dataset"),
+            "lambda_max_step0": lam0,
+            "lr_threshold_step0": (thr / lam0) if lam0 and lam0 > 0 else None,
+            "lanes": lanes,
+        }
         if not quiet:
-            print(f"  {rname} layers{n}: " + ", ".join(f"lr {l['learning_rate']:g} {l['regime']}" for l in lanes),
-                  file=stream, flush=True)
+            print(
+                f"  {rname} layers{n}: " + ", ".join(f"lr {l['learning_rate']:g} {l['regime']}" for l in lanes),
+                file=stream,
+                flush=True,
+            )
     for t in table.values():
         t["match"] = matches_paper_fig7(t["variants"])
     choice = choose_reading(table)
     steps = runs[0][2].steps
     text = format_readings(table, choice, steps)
-    findings = {"preset": "fig7-readings", "steps": steps, "readings": table, "choice": choice,
-                "regimes": "see eos_jax.stability.regime", "note": f"{steps} steps (fig7 runs 300)"}
+    findings = {
+        "preset": "fig7-readings",
+        "steps": steps,
+        "readings": table,
+        "choice": choice,
+        "regimes": "see eos_jax.stability.regime",
+        "note": f"{steps} steps (fig7 runs 300)",
+    }
     eio.atomic_write_json(root / "readings.json", findings)
     eio.atomic_write_text(root / "readings.md", text + "\n")
     print(text, file=stream, flush=True)

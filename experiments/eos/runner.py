@@ -65,7 +65,9 @@ def run(
         old = eio.read_json(run_dir / "metadata.json") if (run_dir / "metadata.json").exists() else {}
         old_name = old.get("dataset", {}).get("name")
         if old_name is not None and old_name != data_info["name"]:
-            raise RunDirError(f"--resume: {run_dir} was trained on {old_name} but {data_info['name']} would be used now")
+            raise RunDirError(
+                f"--resume: {run_dir} was trained on {old_name} but {data_info['name']} would be used now"
+            )
     run_dir = eio.open_run_dir(run_dir, config, resume=resume)
     lanes = tr.make_lanes(list(cfg.lr), list(cfg.k), list(cfg.seed), list(cfg.weight_decay))
     if resume:
@@ -87,7 +89,12 @@ def run(
         meta["started_utc"] = _utc_stamp()
     eio.atomic_write_json(run_dir / "metadata.json", meta)
     results = tr.train(
-        problem, lanes, cfg.engine_config(), run_dir, resume=resume, quiet=quiet,
+        problem,
+        lanes,
+        cfg.engine_config(),
+        run_dir,
+        resume=resume,
+        quiet=quiet,
         dtype=jnp.dtype(cfg.dtype),
     )
     results["stable"] = {str(l["lane"]): is_stable(l) for l in results["lanes"]}
@@ -96,8 +103,10 @@ def run(
     results["dataset"] = data_info["name"]
     eio.atomic_write_json(run_dir / "results.json", results)
     lines = tr.read_metrics(run_dir / "metrics.jsonl")
-    title = (f"{cfg.model} {cfg.layers} layers on {data_info['name']} ({data_info['num_examples_used']} examples, "
-             f"{cfg.steps} steps)")
+    title = (
+        f"{cfg.model} {cfg.layers} layers on {data_info['name']} ({data_info['num_examples_used']} examples, "
+        f"{cfg.steps} steps)"
+    )
     plotting.plot_run(lines, run_dir / "eos.png", threshold=problem.threshold, title=title)
     if not quiet:
         print(format_summary(results, title, run_dir), file=stream or sys.stdout, flush=True)
@@ -117,7 +126,7 @@ def format_summary(results: dict[str, Any], title: str, run_dir: Path) -> str:
         f"{'spikes':>6} {'late':>5} {'RelL1 vs k=1':>12} {'params sha256':>13}  stable",
     ]
     for l in results["lanes"]:
-        status = "yes" if l.get("stable") else ("DIVERGED@%d" % l["first_nonfinite_step"] if not l["finite"] else "no")
+        status = "yes" if l.get("stable") else (f"DIVERGED@{l['first_nonfinite_step']:d}" if not l["finite"] else "no")
         rows.append(
             f"  {l['learning_rate']:>9.4g} {l['k']:>3} {l['seed']:>4} {l['weight_decay']:>8.2g} "
             f"{_fmt(l['final_loss']):>11} {_fmt(l.get('max_normalized_sharpness')):>10} "
@@ -132,6 +141,8 @@ def format_summary(results: dict[str, Any], title: str, run_dir: Path) -> str:
         if l.get("rel_l1_to_k1_missing"):
             rows.append(f"  lane {l['lane']} (k={l['k']}): no RelL1 to k=1: {l['rel_l1_to_k1_missing']}")
     if any("rel_l1_to_k1" in l for l in results["lanes"]):
-        rows.append("  RelL1 vs k=1: the paper's relative L1 distance of the final parameters to the k=1 lane of the same "
-                    "lr, seed and weight decay (0 = bitwise equal)")
+        rows.append(
+            "  RelL1 vs k=1: the paper's relative L1 distance of the final parameters to the k=1 lane of the same "
+            "lr, seed and weight decay (0 = bitwise equal)"
+        )
     return "\n".join(rows)

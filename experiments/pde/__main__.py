@@ -7,7 +7,7 @@ to ``XLA_FLAGS`` before the backend starts. Bad flags: one line on stderr, exit 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from eos_jax import cli, runtime
 from experiments.pde.commands import main

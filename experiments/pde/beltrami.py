@@ -41,29 +41,55 @@ def run_beltrami(config: BeltramiConfig, out_dir: str | Path) -> dict[str, Any]:
     dt0 = strict_step_bound(lam=config.lam, delta=config.delta, dx=dx)
     clean, noisy = piecewise_constant_signal(config.points, jax.random.key(config.seed), noise=config.noise)
     dts = jnp.asarray([m * dt0 for m in config.multiples], F64)
-    out = {k: np.asarray(v) for k, v in simulate(
-        jnp.asarray(noisy, F64), dts, steps=config.steps, lam=config.lam, delta=config.delta, dx=dx,
-        record_every=config.record_every).items()}
+    out = {
+        k: np.asarray(v)
+        for k, v in simulate(
+            jnp.asarray(noisy, F64),
+            dts,
+            steps=config.steps,
+            lam=config.lam,
+            delta=config.delta,
+            dx=dx,
+            record_every=config.record_every,
+        ).items()
+    }
     smax = float(np.max(np.abs(noisy)))
     runs = {}
     for i, m in enumerate(config.multiples):
-        cls = classify(out["max_abs_u"][i], out["update"][i], out["u"][i], smax, window=config.window,
-                       divergence_factor=config.divergence_factor, oscillation_tol=config.oscillation_tol)
-        tail = out["update"][i][-max(1, int(round(config.window * out["update"].shape[1]))):]
+        cls = classify(
+            out["max_abs_u"][i],
+            out["update"][i],
+            out["u"][i],
+            smax,
+            window=config.window,
+            divergence_factor=config.divergence_factor,
+            oscillation_tol=config.oscillation_tol,
+        )
+        tail = out["update"][i][-max(1, int(round(config.window * out["update"].shape[1]))) :]
         runs[str(m)] = {
-            "multiple": m, "dt": float(dts[i]), "classification": cls,
+            "multiple": m,
+            "dt": float(dts[i]),
+            "classification": cls,
             "final_update_inf": float(np.max(tail)),
             "max_abs_u": float(np.max(out["max_abs_u"][i])),
             "final_loss": float(out["loss"][i][-1]),
             "rms_error_to_clean": float(np.sqrt(np.mean((out["u"][i] - clean) ** 2))),
-            "loss_history": out["loss"][i], "update_history": out["update"][i], "final_u": out["u"][i],
+            "loss_history": out["loss"][i],
+            "update_history": out["update"][i],
+            "final_u": out["u"][i],
         }
     results = {
-        "dx": dx, "dt_strict": dt0, "kappa_max": 1.0 / config.delta,
-        "rule": (f"divergent: non-finite or max|u| > {config.divergence_factor} max|I|; restrained: bounded and "
-                 f"max ||u^(n+1)-u^n||_inf over the last {config.window:.0%} of steps > "
-                 f"{config.oscillation_tol:g} max|I|; stable: otherwise"),
-        "signal_clean": clean, "signal_noisy": noisy, "runs": runs,
+        "dx": dx,
+        "dt_strict": dt0,
+        "kappa_max": 1.0 / config.delta,
+        "rule": (
+            f"divergent: non-finite or max|u| > {config.divergence_factor} max|I|; restrained: bounded and "
+            f"max ||u^(n+1)-u^n||_inf over the last {config.window:.0%} of steps > "
+            f"{config.oscillation_tol:g} max|I|; stable: otherwise"
+        ),
+        "signal_clean": clean,
+        "signal_noisy": noisy,
+        "runs": runs,
         "notes": _notes(runs, config, smax, dx),
     }
     _plot(results, config, path / "figure2.png")
@@ -87,19 +113,29 @@ def _notes(runs: dict[str, Any], config: BeltramiConfig, smax: float, dx: float)
         parts = []
         for m in bounded:
             r = runs[m]
-            check = (f" (<= bound {bound:.4g}: {'yes' if r['max_abs_u'] <= bound else 'NO'})"
-                     if config.lam * r["dt"] <= 1 else "")
+            check = (
+                f" (<= bound {bound:.4g}: {'yes' if r['max_abs_u'] <= bound else 'NO'})"
+                if config.lam * r["dt"] <= 1
+                else ""
+            )
             parts.append(f"{m} x: {r['classification']}, max|u| {r['max_abs_u']:.4g}{check}")
         div = [m for m in bounded if runs[m]["classification"] == "divergent"]
         notes.append(
             f"multiples {', '.join(bounded)} have lambda*dt < 2, where the fidelity term contracts and the TV term "
-            "is bounded, so u cannot blow up: " + "; ".join(parts)
+            "is bounded, so u cannot blow up: "
+            + "; ".join(parts)
             + (f" -- CONTRADICTED at {div}" if div else " -- none diverges, as the bound says")
-            + ("; the paper calls its 1000x run 'unstable without restraint'"
-               if any(float(m) == 1000.0 and runs[m]["classification"] != "divergent" for m in bounded) else ""))
+            + (
+                "; the paper calls its 1000x run 'unstable without restraint'"
+                if any(float(m) == 1000.0 and runs[m]["classification"] != "divergent" for m in bounded)
+                else ""
+            )
+        )
     if unbounded:
-        notes.append(f"multiples {', '.join(unbounded)}: lambda*dt >= 2, the fidelity term alone is unstable: "
-                     + "; ".join(f"{m} x: {runs[m]['classification']}" for m in unbounded))
+        notes.append(
+            f"multiples {', '.join(unbounded)}: lambda*dt >= 2, the fidelity term alone is unstable: "
+            + "; ".join(f"{m} x: {runs[m]['classification']}" for m in unbounded)
+        )
     return notes
 
 
@@ -130,10 +166,14 @@ def _plot(results: dict[str, Any], config: BeltramiConfig, path: Path) -> None:
 
 def summarize(results: dict[str, Any]) -> str:
     """One line per multiple."""
-    lines = [f"dt_strict = {results['dt_strict']:.6g} (dx={results['dx']:.6g}, kappa_max={results['kappa_max']:g})",
-             f"rule: {results['rule']}"]
+    lines = [
+        f"dt_strict = {results['dt_strict']:.6g} (dx={results['dx']:.6g}, kappa_max={results['kappa_max']:g})",
+        f"rule: {results['rule']}",
+    ]
     for m, r in results["runs"].items():
-        lines.append(f"{m:>7} x: {r['classification']:<10} final update {r['final_update_inf']:.3g}, "
-                     f"max|u| {r['max_abs_u']:.3g}, rms error to clean {r['rms_error_to_clean']:.3g}")
+        lines.append(
+            f"{m:>7} x: {r['classification']:<10} final update {r['final_update_inf']:.3g}, "
+            f"max|u| {r['max_abs_u']:.3g}, rms error to clean {r['rms_error_to_clean']:.3g}"
+        )
     lines += [f"note: {n}" for n in results["notes"]]
     return "\n".join(lines)

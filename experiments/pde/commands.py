@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from eos_jax import cli
 from eos_jax.pde.beltrami import BeltramiConfig
@@ -35,16 +35,25 @@ def _add_heat(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--points", type=cli.positive_int, default=29, help="interior grid points K")
     p.add_argument("--length", type=cli.positive_float, default=30.0, help="domain length L")
     p.add_argument("--steps", type=cli.positive_int, default=200, help="time steps per run")
-    p.add_argument("--cross-factor", type=cli.positive_float, default=10.0,
-                   help="a mode grows when its coefficient exceeds this times the largest initial one")
+    p.add_argument(
+        "--cross-factor",
+        type=cli.positive_float,
+        default=10.0,
+        help="a mode grows when its coefficient exceeds this times the largest initial one",
+    )
     p.add_argument("--out", required=True, help="run directory (new or empty)")
     p.set_defaults(handler=_run_heat)
 
 
 def _run_heat(args: argparse.Namespace) -> int:
     """Builds the heat config, runs it and prints the summary."""
-    config = HeatConfig(ratios=tuple(args.ratio), points=args.points, length=args.length, steps=args.steps,
-                             cross_factor=args.cross_factor)
+    config = HeatConfig(
+        ratios=tuple(args.ratio),
+        points=args.points,
+        length=args.length,
+        steps=args.steps,
+        cross_factor=args.cross_factor,
+    )
     results = heat.run_heat(config, args.out)
     print(heat.summarize(results))
     return 0
@@ -58,8 +67,13 @@ def _add_beltrami(subparsers: argparse._SubParsersAction) -> None:
         description="Gradient descent on the discretized Beltrami loss of a piecewise-constant noisy signal, at "
         "multiples of the strict CFL step bound; each run is classified stable / restrained / divergent.",
     )
-    p.add_argument("--multiples", type=cli.positive_float, nargs="+", default=[1.0, 10.0, 100.0, 1000.0],
-                   help="step sizes as multiples of the strict bound")
+    p.add_argument(
+        "--multiples",
+        type=cli.positive_float,
+        nargs="+",
+        default=[1.0, 10.0, 100.0, 1000.0],
+        help="step sizes as multiples of the strict bound",
+    )
     p.add_argument("--points", type=cli.positive_int, default=256, help="grid points of the signal")
     p.add_argument("--steps", type=cli.positive_int, default=50000, help="gradient-descent steps")
     p.add_argument("--record-every", type=cli.positive_int, default=50, help="history stride")
@@ -74,8 +88,14 @@ def _add_beltrami(subparsers: argparse._SubParsersAction) -> None:
 def _run_beltrami(args: argparse.Namespace) -> int:
     """Builds the Beltrami config, runs it and prints the summary."""
     config = BeltramiConfig(
-        multiples=tuple(args.multiples), points=args.points, steps=args.steps, lam=args.lam,
-        delta=args.delta, noise=args.noise, seed=args.seed, record_every=args.record_every,
+        multiples=tuple(args.multiples),
+        points=args.points,
+        steps=args.steps,
+        lam=args.lam,
+        delta=args.delta,
+        noise=args.noise,
+        seed=args.seed,
+        record_every=args.record_every,
     )
     results = beltrami.run_beltrami(config, args.out)
     print(beltrami.summarize(results))
@@ -96,17 +116,33 @@ def _add_linear(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dt", type=cli.positive_float, required=True, help="step size dt")
     p.add_argument("--a", type=float, default=-0.5, help="constant a of the linearization")
     p.add_argument("--beta", type=cli.positive_float, default=1.0, help="beta of Eq. (10)")
-    p.add_argument("--momentum", type=cli.positive_float, default=0.9,
-                   help="Nesterov momentum (2 - d dt)/(2 + d dt), in (0, 1); nesterov only")
+    p.add_argument(
+        "--momentum",
+        type=cli.positive_float,
+        default=0.9,
+        help="Nesterov momentum (2 - d dt)/(2 + d dt), in (0, 1); nesterov only",
+    )
     p.add_argument("--size", type=cli.positive_int, default=256, help="checkerboard side")
-    p.add_argument("--square", type=cli.positive_int, default=1,
-                   help="checkerboard square side in pixels (1: (-1)^(i+j); the paper does not say)")
+    p.add_argument(
+        "--square",
+        type=cli.positive_int,
+        default=1,
+        help="checkerboard square side in pixels (1: (-1)^(i+j); the paper does not say)",
+    )
     p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of K ~ N(0, 1)")
-    p.add_argument("--pool", choices=("sum", "mean"), default="sum",
-                   help="data term (K*I)*I summed over the output positions (default, as the authors' "
-                        "single_layer/linear.py does) or averaged (mean pooling: M -> M/(n-w+1)^2)")
-    p.add_argument("--ibar", choices=("mean", "sum"), default="mean",
-                   help="Ibar of (10): the image mean (default, as in linear.py) or its sum (the paper's Eq. (47))")
+    p.add_argument(
+        "--pool",
+        choices=("sum", "mean"),
+        default="sum",
+        help="data term (K*I)*I summed over the output positions (default, as the authors' "
+        "single_layer/linear.py does) or averaged (mean pooling: M -> M/(n-w+1)^2)",
+    )
+    p.add_argument(
+        "--ibar",
+        choices=("mean", "sum"),
+        default="mean",
+        help="Ibar of (10): the image mean (default, as in linear.py) or its sum (the paper's Eq. (47))",
+    )
     p.add_argument("--bisect-steps", type=cli.positive_int, default=400, help="iterations per bisection run")
     p.add_argument("--rel-tol", type=cli.positive_float, default=1e-4, help="bisection relative bracket width")
     p.add_argument("--plot-steps", type=cli.positive_int, default=1000, help="iterations of the Figure-4 runs")
@@ -117,10 +153,20 @@ def _add_linear(subparsers: argparse._SubParsersAction) -> None:
 def _run_linear(args: argparse.Namespace) -> int:
     """Builds the linear-PDE config, runs it and prints the summary."""
     config = LinearConfig(
-        kernels=tuple(args.kernel), scheme=args.scheme, dt=args.dt, a=args.a, beta=args.beta,
-        momentum=args.momentum, size=args.size, square=args.square, seed=args.seed, pool=args.pool,
-        ibar=args.ibar, bisect_steps=args.bisect_steps,
-        rel_tol=args.rel_tol, plot_steps=args.plot_steps,
+        kernels=tuple(args.kernel),
+        scheme=args.scheme,
+        dt=args.dt,
+        a=args.a,
+        beta=args.beta,
+        momentum=args.momentum,
+        size=args.size,
+        square=args.square,
+        seed=args.seed,
+        pool=args.pool,
+        ibar=args.ibar,
+        bisect_steps=args.bisect_steps,
+        rel_tol=args.rel_tol,
+        plot_steps=args.plot_steps,
     )
     results = linear.run_linear(config, args.out)
     print(linear.summarize(results))
@@ -136,13 +182,22 @@ def _add_nonlinear(subparsers: argparse._SubParsersAction) -> None:
         "loss) over a +1/-1 checkerboard, every dt with k=1 and k=3 as one vmapped program; classifies each dt "
         "stable / restrained / divergent and prints Table 3's bounds beside the simulation (Figures 5-6).",
     )
-    p.add_argument("--dt", type=cli.positive_float, nargs="+", default=[0.01, 0.03, 0.05, 0.07, 0.09, 0.11],
-                   help="step sizes (learning rates)")
+    p.add_argument(
+        "--dt",
+        type=cli.positive_float,
+        nargs="+",
+        default=[0.01, 0.03, 0.05, 0.07, 0.09, 0.11],
+        help="step sizes (learning rates)",
+    )
     p.add_argument("--steps", type=cli.positive_int, default=2000, help="gradient-descent steps")
     p.add_argument("--k", type=cli.positive_int, default=3, help="perturbation factor of the second lane (>= 2)")
-    p.add_argument("--pool", choices=("mean", "sum"), default="mean",
-                   help="global pooling over the (n-w+1)^2 output positions: mean (the authors' AvgPooling, "
-                        "single_layer/PySun.py) or sum")
+    p.add_argument(
+        "--pool",
+        choices=("mean", "sum"),
+        default="mean",
+        help="global pooling over the (n-w+1)^2 output positions: mean (the authors' AvgPooling, "
+        "single_layer/PySun.py) or sum",
+    )
     p.add_argument("--alpha", type=cli.nonnegative_float, default=20.0, help="weight decay alpha (in the loss)")
     p.add_argument("--beta", type=cli.positive_float, default=1.0, help="Swish beta")
     p.add_argument("--label", type=int, choices=(0, 1), default=1, help="label y")
@@ -152,17 +207,29 @@ def _add_nonlinear(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of K ~ N(0, 1)")
     p.add_argument("--sharpness-every", type=cli.positive_int, default=10, help="steps between dt*lambda_max")
     p.add_argument("--sharpness-iters", type=cli.positive_int, default=20, help="Lanczos iterations per sharpness")
-    p.add_argument("--regime-tol", type=cli.positive_float, default=0.05,
-                   help="transitioning regime: |r'(x) - (1/2 + beta x/2)| <= tol")
-    p.add_argument("--conv-impl", choices=("auto", "lax", "fft", "shifted"), default="auto",
-                   help="convolution of the cnn model")
-    p.add_argument("--window", type=cli.nonnegative_int, default=0,
-                   help="records used by the classification (0: steps // 10)")
+    p.add_argument(
+        "--regime-tol",
+        type=cli.positive_float,
+        default=0.05,
+        help="transitioning regime: |r'(x) - (1/2 + beta x/2)| <= tol",
+    )
+    p.add_argument(
+        "--conv-impl", choices=("auto", "lax", "fft", "shifted"), default="auto", help="convolution of the cnn model"
+    )
+    p.add_argument(
+        "--window", type=cli.nonnegative_int, default=0, help="records used by the classification (0: steps // 10)"
+    )
     p.add_argument("--osc-level", type=cli.positive_float, default=1e-3, help="oscillation level (restrained)")
     p.add_argument("--rel-l1-level", type=cli.positive_float, default=1e-3, help="RelL1 amplification level")
-    p.add_argument("--growth-factor", type=cli.positive_float, default=10.0, help="divergent: loss above this x initial")
-    p.add_argument("--rel-l1-window", type=cli.positive_int, default=100,
-                   help="steps of the trailing RelL1 moving average (100, as the authors plot)")
+    p.add_argument(
+        "--growth-factor", type=cli.positive_float, default=10.0, help="divergent: loss above this x initial"
+    )
+    p.add_argument(
+        "--rel-l1-window",
+        type=cli.positive_int,
+        default=100,
+        help="steps of the trailing RelL1 moving average (100, as the authors plot)",
+    )
     p.add_argument("--out", required=True, help="run directory (new or empty)")
     p.set_defaults(handler=_run_nonlinear)
 
@@ -170,12 +237,26 @@ def _add_nonlinear(subparsers: argparse._SubParsersAction) -> None:
 def _run_nonlinear(args: argparse.Namespace) -> int:
     """Builds the non-linear PDE config, runs it and prints the summary."""
     config = NonlinearConfig(
-        dts=tuple(args.dt), steps=args.steps, k=args.k, pool=args.pool, alpha=args.alpha, beta=args.beta,
+        dts=tuple(args.dt),
+        steps=args.steps,
+        k=args.k,
+        pool=args.pool,
+        alpha=args.alpha,
+        beta=args.beta,
         label=args.label,
-        size=args.size, square=args.square, kernel=args.kernel, seed=args.seed,
-        sharpness_every=args.sharpness_every, sharpness_iters=args.sharpness_iters, regime_tol=args.regime_tol,
-        conv_impl=args.conv_impl, window=args.window, osc_level=args.osc_level, rel_l1_level=args.rel_l1_level,
-        growth_factor=args.growth_factor, rel_l1_window=args.rel_l1_window,
+        size=args.size,
+        square=args.square,
+        kernel=args.kernel,
+        seed=args.seed,
+        sharpness_every=args.sharpness_every,
+        sharpness_iters=args.sharpness_iters,
+        regime_tol=args.regime_tol,
+        conv_impl=args.conv_impl,
+        window=args.window,
+        osc_level=args.osc_level,
+        rel_l1_level=args.rel_l1_level,
+        growth_factor=args.growth_factor,
+        rel_l1_window=args.rel_l1_window,
     )
     config.validate()
     results = nonlinear.run_nonlinear(config, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -202,4 +283,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = _build_parser().parse_args(argv)
     return int(args.handler(args) or 0)
-

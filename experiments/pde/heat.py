@@ -73,5 +73,6 @@ def summarize(results: dict[str, Any]) -> str:
             f"r={r}: {res['behaviour']} (max|u| {res['max_abs_u_initial']:.3g} -> {res['max_abs_u_final']:.3g}); "
             f"growth vs A: max rel err {res['max_rel_err_growth_vs_amplifier']:.2e} over {res['modes_measured']} modes; "
             f"largest |A| mode {res['largest_abs_amplifier_mode']}, first to grow {res['first_mode_to_grow']} "
-            f"(step {res['first_growth_step']}), predicted {res['predicted_first_mode_to_grow']}")
+            f"(step {res['first_growth_step']}), predicted {res['predicted_first_mode_to_grow']}"
+        )
     return "\n".join(lines)

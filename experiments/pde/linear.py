@@ -60,25 +60,46 @@ def run_linear(config: LinearConfig, out_dir: str | Path) -> dict[str, Any]:
     image = checkerboard(config.size, square=config.square, dtype=np.float64)
     spec = np.asarray(image_spectrum(image))
     q_per = data_scale(config.pool, spec.size)
-    th_min, th_max = theory_bounds(image, scheme=config.scheme, dt=config.dt, a=config.a, beta=config.beta,
-                                   momentum=config.momentum, pool=config.pool)
-    pa_min, pa_max = theory_bounds(image, scheme=config.scheme, dt=config.dt, a=config.a, beta=config.beta,
-                                   momentum=config.momentum, pool=config.pool, form="paper")
+    th_min, th_max = theory_bounds(
+        image,
+        scheme=config.scheme,
+        dt=config.dt,
+        a=config.a,
+        beta=config.beta,
+        momentum=config.momentum,
+        pool=config.pool,
+    )
+    pa_min, pa_max = theory_bounds(
+        image,
+        scheme=config.scheme,
+        dt=config.dt,
+        a=config.a,
+        beta=config.beta,
+        momentum=config.momentum,
+        pool=config.pool,
+        form="paper",
+    )
     results: dict[str, Any] = {
         "scheme": config.scheme,
-        "image": (f"{config.size}x{config.size} pixel checkerboard (-1)^(i+j)" if config.square == 1 else
-                  f"{config.size}x{config.size} checkerboard of {config.square}x{config.square} squares"),
+        "image": (
+            f"{config.size}x{config.size} pixel checkerboard (-1)^(i+j)"
+            if config.square == 1
+            else f"{config.size}x{config.size} checkerboard of {config.square}x{config.square} squares"
+        ),
         "image_sum": float(np.sum(image)),
         "pool": config.pool,
         "ibar": config.ibar,
-        "reading": (f"data term (K*I)*I {'summed' if config.pool == 'sum' else 'averaged'} over the output positions"
-                    f"{' as in linear.py' if config.pool == 'sum' else ' (mean pooling; linear.py sums)'}; Ibar = the "
-                    f"image {config.ibar}"
-                    f"{' as in linear.py' if config.ibar == 'mean' else ' (the paper text, Eq. (47))'}"
-                    "; defaults follow the authors' single_layer/linear.py (sunyx523/surprising-instabilities)"),
+        "reading": (
+            f"data term (K*I)*I {'summed' if config.pool == 'sum' else 'averaged'} over the output positions"
+            f"{' as in linear.py' if config.pool == 'sum' else ' (mean pooling; linear.py sums)'}; Ibar = the "
+            f"image {config.ibar}"
+            f"{' as in linear.py' if config.ibar == 'mean' else ' (the paper text, Eq. (47))'}"
+            "; defaults follow the authors' single_layer/linear.py (sunyx523/surprising-instabilities)"
+        ),
         "Ibar_used": image_bar(image, config.ibar),
         "periodic_data_scale": q_per,
-        "min_abs_I_hat_sq": float(spec.min()), "max_abs_I_hat_sq": float(spec.max()),
+        "min_abs_I_hat_sq": float(spec.min()),
+        "max_abs_I_hat_sq": float(spec.max()),
         "z_bound_exact": z_bound(config.scheme, config.dt, config.momentum),
         "z_bound_paper": z_bound(config.scheme, config.dt, config.momentum, form="paper"),
         "blowup_criterion": is_unstable.__doc__.split("\n\n")[1].strip().replace("\n", " "),
@@ -98,27 +119,43 @@ def run_linear(config: LinearConfig, out_dir: str | Path) -> dict[str, Any]:
         bis = res["bisection"]
         spec_min, spec_max = res["spectral"]
         # The closed form holds for the pixel checkerboard only; the operator is q M.
-        closed_form = ([res["q"] * x for x in checkerboard_window_extremes(config.size, w)]
-                       if config.square == 1 else None)
+        closed_form = (
+            [res["q"] * x for x in checkerboard_window_extremes(config.size, w)] if config.square == 1 else None
+        )
         entry = {
-            "alpha_min_theory": th_min, "alpha_max_theory": th_max,
-            "alpha_min_paper_formula": pa_min, "alpha_max_paper_formula": pa_max,
-            "alpha_min_empirical": bis["alpha_min"], "alpha_max_empirical": bis["alpha_max"],
-            "alpha_min_spectral": spec_min, "alpha_max_spectral": spec_max,
-            "window_mu_min": res["eig"]["mu_min"], "window_mu_max": res["eig"]["mu_max"],
+            "alpha_min_theory": th_min,
+            "alpha_max_theory": th_max,
+            "alpha_min_paper_formula": pa_min,
+            "alpha_max_paper_formula": pa_max,
+            "alpha_min_empirical": bis["alpha_min"],
+            "alpha_max_empirical": bis["alpha_max"],
+            "alpha_min_spectral": spec_min,
+            "alpha_max_spectral": spec_max,
+            "window_mu_min": res["eig"]["mu_min"],
+            "window_mu_max": res["eig"]["mu_max"],
             "data_scale_q": res["q"],
             "window_mu_closed_form": closed_form,
-            "rel_diff_mu_max_power_vs_closed_form": (None if closed_form is None else
-                                                     _rel(res["eig"]["mu_max"], closed_form[1])),
-            "abs_diff_mu_min_power_vs_closed_form": (None if closed_form is None else
-                                                     abs(res["eig"]["mu_min"] - closed_form[0])),
+            "rel_diff_mu_max_power_vs_closed_form": (
+                None if closed_form is None else _rel(res["eig"]["mu_max"], closed_form[1])
+            ),
+            "abs_diff_mu_min_power_vs_closed_form": (
+                None if closed_form is None else abs(res["eig"]["mu_min"] - closed_form[0])
+            ),
             "power_iterations": [res["eig"]["iters_min"], res["eig"]["iters_max"]],
             "bisection": {k: v for k, v in bis.items() if k not in ("alpha_min", "alpha_max")},
-            "seconds_bisection": res["seconds_bisection"], "seconds_spectral": res["seconds_spectral"],
+            "seconds_bisection": res["seconds_bisection"],
+            "seconds_spectral": res["seconds_spectral"],
         }
         entry["alpha_max_spectral_paper_formula"] = alpha_bounds(
-            res["eig"]["mu_min"], res["eig"]["mu_max"], scheme=config.scheme, dt=config.dt, a=config.a,
-            beta=config.beta, momentum=config.momentum, form="paper")[1]
+            res["eig"]["mu_min"],
+            res["eig"]["mu_max"],
+            scheme=config.scheme,
+            dt=config.dt,
+            a=config.a,
+            beta=config.beta,
+            momentum=config.momentum,
+            form="paper",
+        )[1]
         entry["rel_diff_min_bisection_vs_spectral"] = _rel(bis["alpha_min"], spec_min)
         entry["rel_diff_max_bisection_vs_spectral"] = _rel(bis["alpha_max"], spec_max)
         curves[w] = _figure_curves(res, kernel0, entry, config)
@@ -137,8 +174,9 @@ def _rel(x: float | None, ref: float) -> float | None:
     return None if x is None else abs(x - ref) / abs(ref)
 
 
-def _figure_curves(res: dict[str, Any], kernel0: jax.Array, entry: dict[str, Any], config: LinearConfig
-                   ) -> dict[str, Any]:
+def _figure_curves(
+    res: dict[str, Any], kernel0: jax.Array, entry: dict[str, Any], config: LinearConfig
+) -> dict[str, Any]:
     """Loss and ||K|| histories for alphas inside and outside the empirical bounds (Figure 4)."""
     lo = entry["alpha_min_empirical"] or entry["alpha_min_spectral"]
     hi = entry["alpha_max_empirical"] or entry["alpha_max_spectral"]
@@ -161,8 +199,13 @@ def _spectrum_support(spec: np.ndarray, rel: float = 1e-9) -> dict[str, Any]:
     """Where ``|I_hat|^2`` lives: coefficients above ``rel * max`` and the argmax frequency."""
     top = float(spec.max())
     idx = np.unravel_index(int(np.argmax(spec)), spec.shape)
-    return {"nonzero_coefficients": int(np.sum(spec > rel * top)), "total_coefficients": int(spec.size),
-            "argmax_frequency": [int(i) for i in idx], "max": top, "relative_level": rel}
+    return {
+        "nonzero_coefficients": int(np.sum(spec > rel * top)),
+        "total_coefficients": int(spec.size),
+        "argmax_frequency": [int(i) for i in idx],
+        "max": top,
+        "relative_level": rel,
+    }
 
 
 # A closed form and a power iteration "match" when their relative difference is below this
@@ -178,65 +221,97 @@ def _notes(results: dict[str, Any], config: LinearConfig) -> list[str]:
     n = config.size
     if k0["alpha_min_theory"] >= k0["alpha_max_theory"]:
         sup = results["spectrum_support"]
-        why = (f"|I_hat|^2 has {sup['nonzero_coefficients']} of {sup['total_coefficients']} DFT coefficients above "
-               f"{sup['relative_level']:g} x its max {sup['max']:.6g} (= {sup['max'] / float(n) ** 4:.6g} n^4), at "
-               f"frequency {tuple(sup['argmax_frequency'])}, so (14) needs alpha above "
-               f"{k0['alpha_min_theory']:.6g} and below {k0['alpha_max_theory']:.6g} at once")
-        notes.append(f"periodic theory gives an EMPTY stable interval: alpha_min={k0['alpha_min_theory']:.6g} >= "
-                     f"alpha_max={k0['alpha_max_theory']:.6g}: {why}")
+        why = (
+            f"|I_hat|^2 has {sup['nonzero_coefficients']} of {sup['total_coefficients']} DFT coefficients above "
+            f"{sup['relative_level']:g} x its max {sup['max']:.6g} (= {sup['max'] / float(n) ** 4:.6g} n^4), at "
+            f"frequency {tuple(sup['argmax_frequency'])}, so (14) needs alpha above "
+            f"{k0['alpha_min_theory']:.6g} and below {k0['alpha_max_theory']:.6g} at once"
+        )
+        notes.append(
+            f"periodic theory gives an EMPTY stable interval: alpha_min={k0['alpha_min_theory']:.6g} >= "
+            f"alpha_max={k0['alpha_max_theory']:.6g}: {why}"
+        )
     cf = {w: e for w, e in results["kernels"].items() if e["window_mu_closed_form"] is not None}
     if cf:
         diffs = {w: e["rel_diff_mu_max_power_vs_closed_form"] for w, e in cf.items()}
         matched = all(d is not None and d <= MATCH_RTOL for d in diffs.values())
         notes.append(
             "windowed mu_max of q M, closed form q (n-w+1)^2 w^2 (pixel checkerboard, valid correlation) vs power "
-            "iteration: relative difference " + ", ".join(f"w={w}: {d:.2e}" for w, d in diffs.items())
-            + (f" -- matched (all <= {MATCH_RTOL:g})" if matched else f" -- NOT matched (tolerance {MATCH_RTOL:g})"))
+            "iteration: relative difference "
+            + ", ".join(f"w={w}: {d:.2e}" for w, d in diffs.items())
+            + (f" -- matched (all <= {MATCH_RTOL:g})" if matched else f" -- NOT matched (tolerance {MATCH_RTOL:g})")
+        )
         if matched and k0["alpha_min_theory"] > 0:
             # Over all w the closed form peaks at w = (n+1)/2; compare its largest alpha_min with (14).
             best = max(range(1, n + 1), key=lambda w: (n - w + 1) ** 2 * w * w)
             q = data_scale(config.pool, (n - best + 1) ** 2)
-            lo_best = alpha_bounds(0.0, q * (n - best + 1) ** 2 * best * best, scheme=config.scheme, dt=config.dt,
-                                   a=config.a, beta=config.beta, momentum=config.momentum)[0]
+            lo_best = alpha_bounds(
+                0.0,
+                q * (n - best + 1) ** 2 * best * best,
+                scheme=config.scheme,
+                dt=config.dt,
+                a=config.a,
+                beta=config.beta,
+                momentum=config.momentum,
+            )[0]
             notes.append(
                 f"largest windowed alpha_min over every w (closed form, at w={best}): {lo_best:.6g} = "
                 f"{lo_best / k0['alpha_min_theory']:.4g} x the periodic (14) alpha_min {k0['alpha_min_theory']:.6g}"
-                + (": no kernel size reaches (14)" if lo_best < (1 - 0.02) * k0["alpha_min_theory"] else ""))
+                + (": no kernel size reaches (14)" if lo_best < (1 - 0.02) * k0["alpha_min_theory"] else "")
+            )
     ws = [w for w, e in results["kernels"].items() if e["alpha_min_empirical"] is not None]
     if len(ws) >= 2 and k0["alpha_min_theory"] != 0:
         gaps = [abs(results["kernels"][w]["alpha_min_empirical"] / k0["alpha_min_theory"] - 1) for w in ws]
         approach = all(g2 < g1 for g1, g2 in zip(gaps, gaps[1:])) and [int(w) for w in ws] == sorted(int(w) for w in ws)
         notes.append(
             "empirical alpha_min / periodic (14) alpha_min per kernel size: "
-            + ", ".join(f"w={w}: {results['kernels'][w]['alpha_min_empirical'] / k0['alpha_min_theory']:.4g}"
-                        for w in ws)
-            + (" -- the gap to (14) shrinks as w grows (the paper's Table 2 conjecture)" if approach else
-               " -- the gap to (14) does NOT shrink monotonically as w grows, unlike the paper's Table 2 conjecture"))
+            + ", ".join(
+                f"w={w}: {results['kernels'][w]['alpha_min_empirical'] / k0['alpha_min_theory']:.4g}" for w in ws
+            )
+            + (
+                " -- the gap to (14) shrinks as w grows (the paper's Table 2 conjecture)"
+                if approach
+                else " -- the gap to (14) does NOT shrink monotonically as w grows, unlike the paper's Table 2 conjecture"
+            )
+        )
     if config.scheme == "nesterov":
         exact, paper = results["z_bound_exact"], results["z_bound_paper"]
         per_w = []
         for w, e in results["kernels"].items():
             if e["alpha_max_empirical"] is None:
                 continue
-            per_w.append(f"w={w}: bisection {e['alpha_max_empirical']:.6g} vs exact {e['alpha_max_spectral']:.6g} "
-                         f"(rel {_rel(e['alpha_max_empirical'], e['alpha_max_spectral']):.2e}) vs (18) as printed "
-                         f"{e['alpha_max_spectral_paper_formula']:.6g} "
-                         f"(rel {_rel(e['alpha_max_empirical'], e['alpha_max_spectral_paper_formula']):.2e})")
-        closer = [w for w, e in results["kernels"].items() if e["alpha_max_empirical"] is not None
-                  and _rel(e["alpha_max_empirical"], e["alpha_max_spectral"])
-                  < _rel(e["alpha_max_empirical"], e["alpha_max_spectral_paper_formula"])]
+            per_w.append(
+                f"w={w}: bisection {e['alpha_max_empirical']:.6g} vs exact {e['alpha_max_spectral']:.6g} "
+                f"(rel {_rel(e['alpha_max_empirical'], e['alpha_max_spectral']):.2e}) vs (18) as printed "
+                f"{e['alpha_max_spectral_paper_formula']:.6g} "
+                f"(rel {_rel(e['alpha_max_empirical'], e['alpha_max_spectral_paper_formula']):.2e})"
+            )
+        closer = [
+            w
+            for w, e in results["kernels"].items()
+            if e["alpha_max_empirical"] is not None
+            and _rel(e["alpha_max_empirical"], e["alpha_max_spectral"])
+            < _rel(e["alpha_max_empirical"], e["alpha_max_spectral_paper_formula"])
+        ]
         notes.append(
             f"Nesterov upper bound: exact Von Neumann bound of (16)-(17) z < 4/((1+2m) dt^2) = {exact:.6g}, the "
             f"paper's (18) 4/(3 dt^2) = {paper:.6g} (ratio {exact / paper:.6g}); "
             + ("; ".join(per_w) if per_w else "no bisection bound to compare")
-            + (f" -- the simulation follows the exact bound at w in {closer} (the damping d changes the bound, "
-               "contrary to Appendix E.2)" if closer and exact != paper else ""))
+            + (
+                f" -- the simulation follows the exact bound at w in {closer} (the damping d changes the bound, "
+                "contrary to Appendix E.2)"
+                if closer and exact != paper
+                else ""
+            )
+        )
     for w, e in results["kernels"].items():
         if e["alpha_min_empirical"] is None:
             empty = e["alpha_min_spectral"] >= e["alpha_max_spectral"]
-            notes.append(f"w={w}: bisection found no stable alpha (its start alpha={e['bisection']['note']}); the "
-                         f"spectral interval ({e['alpha_min_spectral']:.6g}, {e['alpha_max_spectral']:.6g}) is "
-                         + ("empty too" if empty else "NOT empty: the two methods disagree"))
+            notes.append(
+                f"w={w}: bisection found no stable alpha (its start alpha={e['bisection']['note']}); the "
+                f"spectral interval ({e['alpha_min_spectral']:.6g}, {e['alpha_max_spectral']:.6g}) is "
+                + ("empty too" if empty else "NOT empty: the two methods disagree")
+            )
             continue
         for side in ("min", "max"):
             r = e[f"rel_diff_{side}_bisection_vs_spectral"]
@@ -264,8 +339,11 @@ def _plot(curves: dict[int, dict[str, Any]], results: dict[str, Any], config: Li
         axes[1, j].set_yscale("log")
         e = results["kernels"][str(w)]
         fmt = lambda x: "none" if x is None else f"{x:.4g}"  # noqa: E731
-        axes[0, j].set_title(f"w={w}, {config.scheme}, dt={config.dt:g}\nempirical ({fmt(e['alpha_min_empirical'])}, "
-                             f"{fmt(e['alpha_max_empirical'])})", fontsize=9)
+        axes[0, j].set_title(
+            f"w={w}, {config.scheme}, dt={config.dt:g}\nempirical ({fmt(e['alpha_min_empirical'])}, "
+            f"{fmt(e['alpha_max_empirical'])})",
+            fontsize=9,
+        )
         axes[0, j].set_ylabel("linearized loss (symlog)")
         axes[1, j].set_ylabel("||K||")
         axes[1, j].set_xlabel("iteration")
@@ -276,15 +354,19 @@ def _plot(curves: dict[int, dict[str, Any]], results: dict[str, Any], config: Li
 
 def summarize(results: dict[str, Any]) -> str:
     """A short table of theory vs empirical bounds per kernel size, plus notes."""
-    lines = [f"scheme={results['scheme']}  image={results['image']}  sum(I)={results['image_sum']:g}",
-             f"reading: {results['reading']}",
-             f"{'w':>4} {'a_min theory':>13} {'a_max theory':>13} {'a_min emp':>13} {'a_max emp':>13} "
-             f"{'a_min spec':>13} {'a_max spec':>13}"]
+    lines = [
+        f"scheme={results['scheme']}  image={results['image']}  sum(I)={results['image_sum']:g}",
+        f"reading: {results['reading']}",
+        f"{'w':>4} {'a_min theory':>13} {'a_max theory':>13} {'a_min emp':>13} {'a_max emp':>13} "
+        f"{'a_min spec':>13} {'a_max spec':>13}",
+    ]
     f = lambda x: "None" if x is None else f"{x:.6g}"  # noqa: E731
     for w, e in results["kernels"].items():
-        lines.append(f"{w:>4} {f(e['alpha_min_theory']):>13} {f(e['alpha_max_theory']):>13} "
-                     f"{f(e['alpha_min_empirical']):>13} {f(e['alpha_max_empirical']):>13} "
-                     f"{f(e['alpha_min_spectral']):>13} {f(e['alpha_max_spectral']):>13}")
+        lines.append(
+            f"{w:>4} {f(e['alpha_min_theory']):>13} {f(e['alpha_max_theory']):>13} "
+            f"{f(e['alpha_min_empirical']):>13} {f(e['alpha_max_empirical']):>13} "
+            f"{f(e['alpha_min_spectral']):>13} {f(e['alpha_max_spectral']):>13}"
+        )
     lines += [f"note: {n}" for n in results["notes"]]
     lines.append(f"total {results['seconds_total']:.1f} s")
     return "\n".join(lines)

@@ -10,8 +10,9 @@ assembles the results, the findings (:mod:`experiments.pde.nonlinear_notes`) and
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -40,8 +41,9 @@ from experiments.pde.rundir import start_run
 __all__ = ["build_results", "notes", "run_nonlinear", "summarize"]
 
 
-def run_nonlinear(config: NonlinearConfig, out_dir: str | Path, *, log: Callable[[str], None] | None = None
-                  ) -> dict[str, Any]:
+def run_nonlinear(
+    config: NonlinearConfig, out_dir: str | Path, *, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Runs the Figure 5 / Figure 6 experiment and writes the run directory.
 
     Writes ``config.json`` and ``metadata.json`` first (refusing a used directory), then
@@ -62,8 +64,16 @@ def run_nonlinear(config: NonlinearConfig, out_dir: str | Path, *, log: Callable
     sim = simulate(config, log=log)
     t_sim = time.perf_counter() - t_start
     image = checkerboard(config.size, square=config.square, dtype=np.float64)
-    th = theory(image, config.kernel, alpha=config.alpha, beta=config.beta, label=config.label, dts=config.dts,
-                pool=config.pool, square=config.square)
+    th = theory(
+        image,
+        config.kernel,
+        alpha=config.alpha,
+        beta=config.beta,
+        label=config.label,
+        dts=config.dts,
+        pool=config.pool,
+        square=config.square,
+    )
     results = build_results(config, sim, th)
     meta = dict(meta, model_info=sim["model_info"], timing=dict(sim["timing"], simulate_s=t_sim))
     plot_figure5(results, config, path / "figure5.png")
@@ -87,7 +97,7 @@ def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, An
         k1 = norm[:, 0]
         ev["max_normalized_sharpness"] = _nanmax(k1)
         ev["window_max_normalized_sharpness"] = _nanmax(k1[late])
-        ev["window_fraction_above_2"] = (float(np.mean(k1[late] > 2.0)) if np.any(np.isfinite(k1[late])) else None)
+        ev["window_fraction_above_2"] = float(np.mean(k1[late] > 2.0)) if np.any(np.isfinite(k1[late])) else None
         fin = k1[np.isfinite(k1)]
         ev["fraction_above_2"] = float(np.mean(fin > 2.0)) if fin.size else None
         lam = sim["sharpness"][:, i, 0]
@@ -98,8 +108,9 @@ def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, An
         if a_last is not None:
             # Eq. (14) on the windowed spectrum with the run's last a = y_hat - y instead of s(0) - y.
             lo, hi = _alpha_bounds_gd(*th["window_mu_scaled"], dt=dt, a=a_last, beta=config.beta)
-            th_dt.update(a_last=a_last, transitioning_window_alpha_min_at_a_last=lo,
-                         transitioning_window_alpha_max_at_a_last=hi)
+            th_dt.update(
+                a_last=a_last, transitioning_window_alpha_min_at_a_last=lo, transitioning_window_alpha_max_at_a_last=hi
+            )
         logit = np.asarray(sim["logit"][-w:, i, 0], np.float64)
         a = 0.5 * (1.0 + np.tanh(0.5 * logit[np.isfinite(logit)])) - config.label  # a = y_hat - y of Eq. (8)
         ev["window_a_range"] = [float(a.min()), float(a.max())] if a.size else None
@@ -112,7 +123,7 @@ def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, An
         ev["rel_l1_peak_step"] = int(np.nanargmax(rel)) if np.any(np.isfinite(rel)) else None
         ev["rel_l1_avg_last"] = float(rel_avg[-1]) if rel_avg.size and np.isfinite(rel_avg[-1]) else None
         ev["rel_l1_avg_peak"] = _nanmax(rel_avg) if rel_avg.size else None
-        ev["last_normalized_sharpness"] = (float(k1[np.isfinite(k1)][-1]) if np.any(np.isfinite(k1)) else None)
+        ev["last_normalized_sharpness"] = float(k1[np.isfinite(k1)][-1]) if np.any(np.isfinite(k1)) else None
         if config.square == 1:
             # c = <K, chi>: the one coordinate the pixel checkerboard sees (checkerboard_loss_1d).
             kern = np.asarray(kernel_of(jax.tree_util.tree_map(lambda x: x[i, 0], sim["final_params"])), np.float64)
@@ -120,52 +131,89 @@ def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, An
         lanes = {}
         for j, kk in enumerate((1, config.k)):
             lanes[f"k{kk}"] = {
-                "loss": sim["loss"][:, i, j], "data_loss": sim["data_loss"][:, i, j], "logit": sim["logit"][:, i, j],
+                "loss": sim["loss"][:, i, j],
+                "data_loss": sim["data_loss"][:, i, j],
+                "logit": sim["logit"][:, i, j],
                 "fractions": {r: sim["fractions"][:, i, j, m] for m, r in enumerate(REGIMES)},
-                "sharpness": sim["sharpness"][:, i, j], "normalized_sharpness": norm[:, j],
+                "sharpness": sim["sharpness"][:, i, j],
+                "normalized_sharpness": norm[:, j],
                 "lanczos_residual": sim["lanczos_residual"][:, i, j],
                 "first_nonfinite_step": sim["first_nonfinite"][i][j],
             }
         per_dt[dt_key(dt)] = {
-            "dt": dt, "classification": cls, "evidence": ev, "rel_l1": sim["rel_l1"][:, i],
-            "rel_l1_moving_average": {"window": config.rel_l1_window, "first_step": config.rel_l1_window - 1,
-                                      "values": rel_avg},
-            "lanes": lanes, "theory": th_dt,
+            "dt": dt,
+            "classification": cls,
+            "evidence": ev,
+            "rel_l1": sim["rel_l1"][:, i],
+            "rel_l1_moving_average": {
+                "window": config.rel_l1_window,
+                "first_step": config.rel_l1_window - 1,
+                "values": rel_avg,
+            },
+            "lanes": lanes,
+            "theory": th_dt,
         }
-    c0 = (float(np.sum(np.asarray(sim["initial_kernel"], np.float64) * chi(config.kernel)))
-          if config.square == 1 else None)
+    c0 = (
+        float(np.sum(np.asarray(sim["initial_kernel"], np.float64) * chi(config.kernel)))
+        if config.square == 1
+        else None
+    )
     results = {
         "setting": {
             "image": f"{config.size}x{config.size} checkerboard of +1/-1, squares of {config.square} px",
-            "kernel": (f"{config.kernel}x{config.kernel}, K0 ~ N(0, 1) from the JAX key fold_in(key({config.seed}), 0) "
-                       "(same K0 in every lane); the authors draw np.random.randn after np.random.seed(7) "
-                       "(single_layer/PySun.py), a stream JAX does not reproduce"),
-            "model": (f"cnn: valid cross-correlation, Swish(beta), global {config.pool} over the "
-                      f"{num_positions(config.size, config.kernel)} output positions, sigmoid in the BCE (Eq. (6))"
-                      + ("; the authors' AvgPooling (single_layer/PySun.py)" if config.pool == "mean" else
-                         "; the authors pool with the mean (single_layer/PySun.py)")),
+            "kernel": (
+                f"{config.kernel}x{config.kernel}, K0 ~ N(0, 1) from the JAX key fold_in(key({config.seed}), 0) "
+                "(same K0 in every lane); the authors draw np.random.randn after np.random.seed(7) "
+                "(single_layer/PySun.py), a stream JAX does not reproduce"
+            ),
+            "model": (
+                f"cnn: valid cross-correlation, Swish(beta), global {config.pool} over the "
+                f"{num_positions(config.size, config.kernel)} output positions, sigmoid in the BCE (Eq. (6))"
+                + (
+                    "; the authors' AvgPooling (single_layer/PySun.py)"
+                    if config.pool == "mean"
+                    else "; the authors pool with the mean (single_layer/PySun.py)"
+                )
+            ),
             "pool": config.pool,
             "loss": "BCE(s(g), y) + (alpha/2)||K||^2 (Eq. (7)); weight decay in the loss, not in the optimizer",
             "optimizer": f"eos_jax.optim.sgd(dt, k) -- k=1 and k={config.k}: K - (dt/k)(k grad) (Section 4.1)",
             "dtype": "float32 (model, kernel, loss, optimizer); theory in float64",
             "sharpness": f"largest algebraic Hessian eigenvalue of the loss in K, Lanczos with "
-                         f"{config.sharpness_iters} HVPs warm-started, every {config.sharpness_every} steps",
+            f"{config.sharpness_iters} HVPs warm-started, every {config.sharpness_every} steps",
         },
         "regime_threshold_eps": sim["eps"],
-        "regime_rule": (f"activated: K*I > eps, transitioning: |K*I| <= eps, not activated: K*I < -eps, "
-                        f"eps={sim['eps']:.6g}: where |r'(x) - (1/2 + beta x/2)| (Eq. (46)) reaches "
-                        f"{config.regime_tol:g}"),
+        "regime_rule": (
+            f"activated: K*I > eps, transitioning: |K*I| <= eps, not activated: K*I < -eps, "
+            f"eps={sim['eps']:.6g}: where |r'(x) - (1/2 + beta x/2)| (Eq. (46)) reaches "
+            f"{config.regime_tol:g}"
+        ),
         "record_index": "record t of every history is the iterate K_t (before update t); t = 0..steps-1",
         "classification_rule": classification_rule(config),
         "sharpness_steps": sh_steps,
-        "rel_l1_moving_average_rule": (f"trailing mean over {config.rel_l1_window} consecutive steps, value j "
-                                       f"averaging steps j..j+{config.rel_l1_window - 1} (as the authors smooth "
-                                       "Figure 5 right, instability/compute_one_layer.m)"),
+        "rel_l1_moving_average_rule": (
+            f"trailing mean over {config.rel_l1_window} consecutive steps, value j "
+            f"averaging steps j..j+{config.rel_l1_window - 1} (as the authors smooth "
+            "Figure 5 right, instability/compute_one_layer.m)"
+        ),
         "initial_c": c0,
-        "checkerboard_orbit": (checkerboard_orbit(
-            c0, config.dts, steps=config.steps, window=config.num_window, sample_every=config.sharpness_every,
-            size=config.size, kernel=config.kernel, alpha=config.alpha, beta=config.beta, label=config.label,
-            pool=config.pool) if c0 is not None else None),
+        "checkerboard_orbit": (
+            checkerboard_orbit(
+                c0,
+                config.dts,
+                steps=config.steps,
+                window=config.num_window,
+                sample_every=config.sharpness_every,
+                size=config.size,
+                kernel=config.kernel,
+                alpha=config.alpha,
+                beta=config.beta,
+                label=config.label,
+                pool=config.pool,
+            )
+            if c0 is not None
+            else None
+        ),
         "theory": {k: v for k, v in th.items() if k != "per_dt"},
         "per_dt": per_dt,
     }
@@ -192,10 +240,13 @@ def _nanmean(x: np.ndarray) -> float | None:
 
 def summarize(results: dict[str, Any]) -> str:
     """A table of classification, evidence and theory per dt, then the notes."""
-    lines = [f"regimes: {results['regime_rule']}", f"rule: {results['classification_rule']}",
-             f"{'dt':>6} {'class':>10} {'nonfinite':>9} {'final loss':>11} {'win RelL1':>10} {'osc':>9} "
-             f"{'max dt*lam':>11} {'last dt*lam':>11} {'RelL1 last':>10} {'peak':>9} {'avg last':>9} {'avg peak':>9} "
-             f"{'th: not-act':>11} {'act':>5} {'trans(win)':>10}"]
+    lines = [
+        f"regimes: {results['regime_rule']}",
+        f"rule: {results['classification_rule']}",
+        f"{'dt':>6} {'class':>10} {'nonfinite':>9} {'final loss':>11} {'win RelL1':>10} {'osc':>9} "
+        f"{'max dt*lam':>11} {'last dt*lam':>11} {'RelL1 last':>10} {'peak':>9} {'avg last':>9} {'avg peak':>9} "
+        f"{'th: not-act':>11} {'act':>5} {'trans(win)':>10}",
+    ]
     f = lambda x, spec=".3g": "-" if x is None else format(x, spec)  # noqa: E731
     for key, v in results["per_dt"].items():
         ev, th = v["evidence"], v["theory"]

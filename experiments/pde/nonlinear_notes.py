@@ -41,7 +41,8 @@ def notes(results: dict[str, Any], config: NonlinearConfig) -> list[str]:
         ok_below = all(cls_of[d] != "divergent" for d in below)
         out.append(
             f"theory dt < 2/alpha = {na:g} (not-activated regime"
-            + (" and, with Ibar=0, activated" if th["image_sum_Ibar"] == 0 else "") + "): "
+            + (" and, with Ibar=0, activated" if th["image_sum_Ibar"] == 0 else "")
+            + "): "
             f"{'confirmed' if div_above and ok_below else 'NOT confirmed'} -- divergent above: "
             f"{[d for d in above if cls_of[d] == 'divergent']} of {above}, finite below: "
             f"{[d for d in below if cls_of[d] != 'divergent']} of {below} (paper: the loss blows up for dt > 0.1)."
@@ -49,11 +50,13 @@ def notes(results: dict[str, Any], config: NonlinearConfig) -> list[str]:
     first = per[dt_key(config.dts[0])]["theory"]
     trans = [d for d in config.dts if per[dt_key(d)]["theory"]["transitioning_window_stable"]]
     untrans = [d for d in config.dts if d not in trans]
-    line = (f"transitioning regime (linearized at K=0, a = s(0) - y = {th['a_linearization']:g}, data term x "
-            f"q = {th['data_term_scale_q']:.4g} for pool={config.pool}): windowed alpha_min = "
-            f"{first['transitioning_window_alpha_min']:.4g}, periodic alpha_min = "
-            f"{first['transitioning_alpha_min']:.4g}"
-            f", alpha = {config.alpha:g}: stable at dt in {trans}, unstable at dt in {untrans}")
+    line = (
+        f"transitioning regime (linearized at K=0, a = s(0) - y = {th['a_linearization']:g}, data term x "
+        f"q = {th['data_term_scale_q']:.4g} for pool={config.pool}): windowed alpha_min = "
+        f"{first['transitioning_window_alpha_min']:.4g}, periodic alpha_min = "
+        f"{first['transitioning_alpha_min']:.4g}"
+        f", alpha = {config.alpha:g}: stable at dt in {trans}, unstable at dt in {untrans}"
+    )
     if not trans:
         line += " -- so at this alpha every visit of K*I ~ 0 is unstable, at every dt of the sweep"
     out.append(line + ".")
@@ -70,26 +73,45 @@ def notes(results: dict[str, Any], config: NonlinearConfig) -> list[str]:
         f"dts whose dt*lambda_max exceeds 2 at some sample: {above} of {rest}; stable dts that stay <= 2: "
         f"{stable_ok} of {stab}; max dt*lambda_max per dt: "
         + ", ".join(f"{d:g}: {'-' if ns[d] is None else format(ns[d], '.3g')}" for d in config.dts)
-        + (" -- consistent with the paper." if agree else " -- NOT consistent with the paper at "
-           f"{sorted(never + stable_bad)}.")
+        + (
+            " -- consistent with the paper."
+            if agree
+            else f" -- NOT consistent with the paper at {sorted(never + stable_bad)}."
+        )
     )
     if stable_bad:
-        out.append(f"DIFFERENCE FROM THE PAPER: stable dts {stable_bad} have dt*lambda_max > 2 at some sample "
-                   "(max " + ", ".join(f"{d:g}: {ns[d]:.3g}" for d in stable_bad) + ").")
+        out.append(
+            f"DIFFERENCE FROM THE PAPER: stable dts {stable_bad} have dt*lambda_max > 2 at some sample "
+            "(max " + ", ".join(f"{d:g}: {ns[d]:.3g}" for d in stable_bad) + ")."
+        )
     if never:
         orbit = results.get("checkerboard_orbit") or {}
-        unseen = [d for d in never if (orbit.get(dt_key(d)) or {}).get("max_dt_lambda") is not None
-                  and orbit[dt_key(d)]["max_dt_lambda"] > 2 >= orbit[dt_key(d)]["max_dt_lambda_sampled"]]
-        line = f"restrained dts {never} never show dt*lambda_max > 2 at the sampled steps (every " \
-               f"{config.sharpness_every})."
+        unseen = [
+            d
+            for d in never
+            if (orbit.get(dt_key(d)) or {}).get("max_dt_lambda") is not None
+            and orbit[dt_key(d)]["max_dt_lambda"] > 2 >= orbit[dt_key(d)]["max_dt_lambda_sampled"]
+        ]
+        line = (
+            f"restrained dts {never} never show dt*lambda_max > 2 at the sampled steps (every "
+            f"{config.sharpness_every})."
+        )
         if unseen:
-            line += (" The 1-D map of c predicts, over the last window, " + ", ".join(
-                f"{d:g}: period {orbit[dt_key(d)]['period']}, max dt*lambda_max "
-                f"{orbit[dt_key(d)]['max_dt_lambda']:.3g} at all steps vs "
-                f"{orbit[dt_key(d)]['max_dt_lambda_sampled']:.3g} at the sampled ones" for d in unseen)
-                + f": above 2 at steps the sampling skips (rerun with an odd --sharpness-every to see both phases)."
-                + ("" if len(unseen) == len(never) else
-                   f" DIFFERENCE FROM THE PAPER at {[d for d in never if d not in unseen]}."))
+            line += (
+                " The 1-D map of c predicts, over the last window, "
+                + ", ".join(
+                    f"{d:g}: period {orbit[dt_key(d)]['period']}, max dt*lambda_max "
+                    f"{orbit[dt_key(d)]['max_dt_lambda']:.3g} at all steps vs "
+                    f"{orbit[dt_key(d)]['max_dt_lambda_sampled']:.3g} at the sampled ones"
+                    for d in unseen
+                )
+                + ": above 2 at steps the sampling skips (rerun with an odd --sharpness-every to see both phases)."
+                + (
+                    ""
+                    if len(unseen) == len(never)
+                    else f" DIFFERENCE FROM THE PAPER at {[d for d in never if d not in unseen]}."
+                )
+            )
         else:
             line = "DIFFERENCE FROM THE PAPER: " + line
         out.append(line)
@@ -114,10 +136,12 @@ def notes(results: dict[str, Any], config: NonlinearConfig) -> list[str]:
         f"RelL1(k=1, k={config.k}) amplified above {config.rel_l1_level:g} at dt in {amp}; restrained dts {rest}; "
         f"last {config.rel_l1_window}-step average per dt: "
         + ", ".join(f"{d:g}: {'-' if avg[d] is None else format(avg[d], '.3g')}" for d in config.dts)
-        + (" -- amplified exactly at the restrained dts, as in the paper's Fig. 5 (right)."
-           if len(same) == len(nondiv) and nondiv else
-           f" -- NOT the same set as the restrained dts (the paper's Fig. 5 right: amplified exactly there); "
-           f"differ at {[d for d in nondiv if d not in same]}.")
+        + (
+            " -- amplified exactly at the restrained dts, as in the paper's Fig. 5 (right)."
+            if len(same) == len(nondiv) and nondiv
+            else f" -- NOT the same set as the restrained dts (the paper's Fig. 5 right: amplified exactly there); "
+            f"differ at {[d for d in nondiv if d not in same]}."
+        )
     )
     return out
 
@@ -127,8 +151,9 @@ def _fmt_range(r: list[float] | None) -> str:
     return "-" if r is None else f"[{r[0]:.3g}, {r[1]:.3g}]"
 
 
-def _checkerboard_notes(results: dict[str, Any], config: NonlinearConfig, by_class: dict[str, list[float]]
-                        ) -> list[str]:
+def _checkerboard_notes(
+    results: dict[str, Any], config: NonlinearConfig, by_class: dict[str, list[float]]
+) -> list[str]:
     """The closed-form minimum of the pixel checkerboard beside the run's classes and sharpness."""
     th, per = results["theory"], results["per_dt"]
     minima = th.get("checkerboard_minima")
@@ -144,10 +169,14 @@ def _checkerboard_notes(results: dict[str, Any], config: NonlinearConfig, by_cla
     agree = sorted(stab) == sorted(pred_stable) and all(d in by_class["restrained"] for d in pred_osc)
     out.append(
         f"theory (pixel checkerboard, pool={config.pool}): the loss depends on K through c = <K, chi> and ||K||; "
-        "its minima are at c* = " + ", ".join(f"{m['c']:.6g}" for m in minima)
-        + " (logit g = " + ", ".join(f"{m['logit_g']:.4g}" for m in minima)
-        + ", a = y_hat - y = " + ", ".join(f"{m['a']:.3g}" for m in minima)
-        + "), where lambda_max = " + ", ".join(f"{m['lambda_max']:.6g}" for m in minima)
+        "its minima are at c* = "
+        + ", ".join(f"{m['c']:.6g}" for m in minima)
+        + " (logit g = "
+        + ", ".join(f"{m['logit_g']:.4g}" for m in minima)
+        + ", a = y_hat - y = "
+        + ", ".join(f"{m['a']:.3g}" for m in minima)
+        + "), where lambda_max = "
+        + ", ".join(f"{m['lambda_max']:.6g}" for m in minima)
         + f", so GD converges there iff dt < 2/lambda_max = {dt_star:.4g}"
         + (f"..{dt_star_hi:.4g}" if dt_star_hi != dt_star else "")
         + f" (initial c = <K0, chi> = {results['initial_c']:.4g}). Predicted stable: {pred_stable}; simulation "
@@ -160,32 +189,48 @@ def _checkerboard_notes(results: dict[str, Any], config: NonlinearConfig, by_cla
         differ = [d for d in config.dts if pred[d] != sim_cls[d]]
         out.append(
             "1-D map of c = <K, chi> (exact reduction of GD (9) on this image, float64, from the run's c0), last "
-            f"{config.num_window} steps: " + "; ".join(
+            f"{config.num_window} steps: "
+            + "; ".join(
                 f"{d:g}: {pred[d]} (period {orbit[dt_key(d)]['period'] or 'none found'}, max dt*lambda_max "
-                + ("-" if orbit[dt_key(d)]["max_dt_lambda"] is None else
-                   format(orbit[dt_key(d)]["max_dt_lambda"], ".3g")) + ")" for d in config.dts)
-            + (" -- the simulation's classes agree at every dt." if not differ else
-               f" -- the simulation's classes DIFFER at {differ}.")
+                + (
+                    "-"
+                    if orbit[dt_key(d)]["max_dt_lambda"] is None
+                    else format(orbit[dt_key(d)]["max_dt_lambda"], ".3g")
+                )
+                + ")"
+                for d in config.dts
+            )
+            + (
+                " -- the simulation's classes agree at every dt."
+                if not differ
+                else f" -- the simulation's classes DIFFER at {differ}."
+            )
         )
     lam_meas = {d: per[dt_key(d)]["evidence"].get("last_lambda_max") for d in stab}
     lam_meas = {d: x for d, x in lam_meas.items() if x is not None}
     if lam_meas:
         c_fin = {d: per[dt_key(d)]["evidence"].get("final_c") for d in lam_meas}
-        ref = {d: min(minima, key=lambda m, c=c_fin[d]: abs(m["c"] - (c if c is not None else 0.0)))
-               for d in lam_meas}
+        ref = {d: min(minima, key=lambda m, c=c_fin[d]: abs(m["c"] - (c if c is not None else 0.0))) for d in lam_meas}
         out.append(
             "stable dts: measured (Lanczos, last sample) vs closed-form lambda_max at the minimum they reach: "
-            + ", ".join(f"{d:g}: {lam_meas[d]:.6g} vs {ref[d]['lambda_max']:.6g} (rel "
-                        f"{abs(lam_meas[d] - ref[d]['lambda_max']) / ref[d]['lambda_max']:.2e}), final c "
-                        f"{'-' if c_fin[d] is None else format(c_fin[d], '.6g')} vs {ref[d]['c']:.6g}"
-                        for d in lam_meas) + "."
+            + ", ".join(
+                f"{d:g}: {lam_meas[d]:.6g} vs {ref[d]['lambda_max']:.6g} (rel "
+                f"{abs(lam_meas[d] - ref[d]['lambda_max']) / ref[d]['lambda_max']:.2e}), final c "
+                f"{'-' if c_fin[d] is None else format(c_fin[d], '.6g')} vs {ref[d]['c']:.6g}"
+                for d in lam_meas
+            )
+            + "."
         )
     if not stab and by_class["restrained"]:
         below_all = all(d >= dt_star_hi for d in config.dts)
         out.append(
             "DIFFERENCE FROM THE PAPER: no dt of this run converges; the paper reports a stable range below an "
             "empirically found threshold."
-            + (f" The closed-form threshold 2/lambda_max = {dt_star:.4g} lies below every dt of this sweep "
-               f"(smallest {min(config.dts):g}); a sweep below it locates the stable range." if below_all else "")
+            + (
+                f" The closed-form threshold 2/lambda_max = {dt_star:.4g} lies below every dt of this sweep "
+                f"(smallest {min(config.dts):g}); a sweep below it locates the stable range."
+                if below_all
+                else ""
+            )
         )
     return out

@@ -44,8 +44,9 @@ def plot_figure5(results: dict[str, Any], config: NonlinearConfig, path: Path) -
         a2.plot(np.arange(rel.size), np.where(rel > 0, rel, np.nan), color=c, lw=0.5, alpha=0.35)
         ma = v["rel_l1_moving_average"]
         avg = np.asarray(ma["values"], np.float64)
-        a2.plot(np.arange(avg.size) + ma["first_step"], np.where(avg > 0, avg, np.nan), color=c, lw=1.4,
-                label=f"dt={key}")
+        a2.plot(
+            np.arange(avg.size) + ma["first_step"], np.where(avg > 0, avg, np.nan), color=c, lw=1.4, label=f"dt={key}"
+        )
     a2.axhline(config.rel_l1_level, color="k", ls=":", lw=0.8, label="amplified level")
     a2.set_yscale("log")
     a2.set_xlabel("iteration (average: last step of its window)")

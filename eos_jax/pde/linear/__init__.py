@@ -74,22 +74,6 @@ eigenvalues by :mod:`eos_jax.eigen`), :mod:`~eos_jax.pde.linear.schemes` (the sc
 
 from __future__ import annotations
 
-from eos_jax.pde.linear.theory import (
-    C128,
-    F64,
-    IBARS,
-    POOLS,
-    SCHEMES,
-    Operator,
-    alpha_bounds,
-    amplifier,
-    data_scale,
-    image_bar,
-    image_spectrum,
-    nesterov_coefficients,
-    theory_bounds,
-    z_bound,
-)
 from eos_jax.pde.linear.operators import (
     checkerboard_window_extremes,
     linearized_loss,
@@ -109,6 +93,22 @@ from eos_jax.pde.linear.schemes import (
     make_instability_test,
     make_step,
     simulate,
+)
+from eos_jax.pde.linear.theory import (
+    C128,
+    F64,
+    IBARS,
+    POOLS,
+    SCHEMES,
+    Operator,
+    alpha_bounds,
+    amplifier,
+    data_scale,
+    image_bar,
+    image_spectrum,
+    nesterov_coefficients,
+    theory_bounds,
+    z_bound,
 )
 
 __all__ = [

@@ -27,7 +27,10 @@ def valid_correlation(kernel: jax.Array, image: jax.Array) -> jax.Array:
     """
     require_x64("linear.valid_correlation")
     out = jax.lax.conv_general_dilated(
-        image[None, None].astype(F64), kernel[None, None].astype(F64), (1, 1), "VALID",
+        image[None, None].astype(F64),
+        kernel[None, None].astype(F64),
+        (1, 1),
+        "VALID",
         precision=jax.lax.Precision.HIGHEST,
     )
     return out[0, 0]
@@ -86,8 +89,9 @@ def make_periodic_operator(image: jax.typing.ArrayLike) -> Operator:
     return op
 
 
-def linearized_loss(kernel: jax.Array, image: jax.Array, *, a: float, beta: float, alpha: float,
-                    pool: str = "sum", ibar: str = "mean") -> jax.Array:
+def linearized_loss(
+    kernel: jax.Array, image: jax.Array, *, a: float, beta: float, alpha: float, pool: str = "sum", ibar: str = "mean"
+) -> jax.Array:
     """Quadratic loss whose gradient is the right-hand side of (10) (windowed, valid correlation).
 
     ``L(K) = (a beta q/4) ||K * I||^2 + (a/2) Ibar sum(K) + (alpha/2) ||K||^2``; its gradient is
@@ -98,19 +102,25 @@ def linearized_loss(kernel: jax.Array, image: jax.Array, *, a: float, beta: floa
     r = valid_correlation(kernel, image)
     q = data_scale(pool, r.size)
     ib = image_bar(image, ibar)
-    return (0.25 * a * beta * q * jnp.sum(r * r) + 0.5 * a * ib * jnp.sum(kernel)
-            + 0.5 * alpha * jnp.sum(kernel * kernel))
+    return (
+        0.25 * a * beta * q * jnp.sum(r * r) + 0.5 * a * ib * jnp.sum(kernel) + 0.5 * alpha * jnp.sum(kernel * kernel)
+    )
 
 
-def loss_from_operator(op: Operator, kernel: jax.Array, ibar: jax.Array, *, a: float, beta: float,
-                       alpha: jax.Array) -> jax.Array:
+def loss_from_operator(
+    op: Operator, kernel: jax.Array, ibar: jax.Array, *, a: float, beta: float, alpha: jax.Array
+) -> jax.Array:
     """The same loss written with ``M``: ``||K * I||^2 = <K, M K>``."""
-    return (0.25 * a * beta * jnp.vdot(kernel, op(kernel)) + 0.5 * a * ibar * jnp.sum(kernel)
-            + 0.5 * alpha * jnp.vdot(kernel, kernel))
+    return (
+        0.25 * a * beta * jnp.vdot(kernel, op(kernel))
+        + 0.5 * a * ibar * jnp.sum(kernel)
+        + 0.5 * alpha * jnp.vdot(kernel, kernel)
+    )
 
 
-def operator_extremes(op: Operator, shape: tuple[int, ...], key: jax.Array, *, tol: float = 1e-10,
-                      max_iters: int = 20000) -> Extremes:
+def operator_extremes(
+    op: Operator, shape: tuple[int, ...], key: jax.Array, *, tol: float = 1e-10, max_iters: int = 20000
+) -> Extremes:
     """``mu_max`` and ``mu_min`` of a symmetric PSD map by power iteration, the latter with a shift.
 
     The shared solver :func:`eos_jax.eigen.psd_extremes` on the raveled map: ``mu_max`` by power
@@ -132,8 +142,13 @@ def operator_extremes(op: Operator, shape: tuple[int, ...], key: jax.Array, *, t
     k1, k2 = jax.random.split(key)
     size = math.prod(shape)
     flat = lambda v: op(v.reshape(shape)).reshape(size)  # noqa: E731
-    return psd_extremes(flat, jax.random.normal(k1, shape, F64).reshape(size),
-                        jax.random.normal(k2, shape, F64).reshape(size), tol=tol, max_iters=max_iters)
+    return psd_extremes(
+        flat,
+        jax.random.normal(k1, shape, F64).reshape(size),
+        jax.random.normal(k2, shape, F64).reshape(size),
+        tol=tol,
+        max_iters=max_iters,
+    )
 
 
 def checkerboard_window_extremes(n: int, w: int) -> tuple[float, float]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,9 @@ class SchemeState(NamedTuple):
     prev_kernel: jax.Array
 
 
-def make_step(op: Operator, ibar: jax.typing.ArrayLike, *, scheme: str, dt: float, a: float, beta: float,
-              momentum: float = 0.9) -> Callable[[SchemeState, jax.Array], SchemeState]:
+def make_step(
+    op: Operator, ibar: jax.typing.ArrayLike, *, scheme: str, dt: float, a: float, beta: float, momentum: float = 0.9
+) -> Callable[[SchemeState, jax.Array], SchemeState]:
     """One step of forward Euler (11) or semi-implicit Nesterov (16)-(17) on (10).
 
     Args:
@@ -57,6 +59,7 @@ def make_step(op: Operator, ibar: jax.typing.ArrayLike, *, scheme: str, dt: floa
         return 0.5 * a * (ibar + beta * op(k)) + alpha * k
 
     if scheme == "gd":
+
         def step(state: SchemeState, alpha: jax.Array) -> SchemeState:
             k = state.kernel
             return SchemeState(k - dt * grad(k, alpha), k)
@@ -71,9 +74,15 @@ def make_step(op: Operator, ibar: jax.typing.ArrayLike, *, scheme: str, dt: floa
     return step
 
 
-def simulate(step: Callable[[SchemeState, jax.Array], SchemeState], kernel0: jax.Array, alpha: jax.Array,
-             num_steps: int, record: Callable[[SchemeState], jax.Array]) -> tuple[SchemeState, jax.Array]:
+def simulate(
+    step: Callable[[SchemeState, jax.Array], SchemeState],
+    kernel0: jax.Array,
+    alpha: jax.Array,
+    num_steps: int,
+    record: Callable[[SchemeState], jax.Array],
+) -> tuple[SchemeState, jax.Array]:
     """Runs ``num_steps`` steps from ``kernel0`` (``K^{-1} = K^0``) in a ``lax.scan``; returns final state and records."""
+
     def body(state: SchemeState, _: None) -> tuple[SchemeState, jax.Array]:
         new = step(state, alpha)
         return new, record(new)
@@ -81,8 +90,9 @@ def simulate(step: Callable[[SchemeState, jax.Array], SchemeState], kernel0: jax
     return jax.lax.scan(body, SchemeState(kernel0, kernel0), None, length=num_steps)
 
 
-def make_instability_test(step: Callable[[SchemeState, jax.Array], SchemeState], num_steps: int
-                          ) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def make_instability_test(
+    step: Callable[[SchemeState, jax.Array], SchemeState], num_steps: int
+) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``is_unstable(kernel0, alpha) -> bool`` by simulation (see :func:`is_unstable` for the rule)."""
     if num_steps < 8:
         raise ConfigError(f"bisection steps={num_steps}; expected >= 8")
@@ -93,8 +103,8 @@ def make_instability_test(step: Callable[[SchemeState, jax.Array], SchemeState],
             return jnp.sqrt(jnp.sum((state.kernel - state.prev_kernel) ** 2))
 
         final, upd = simulate(step, kernel0, alpha, num_steps, record)
-        last = jnp.max(upd[num_steps - q:])
-        before = jnp.max(upd[num_steps - 2 * q:num_steps - q])
+        last = jnp.max(upd[num_steps - q :])
+        before = jnp.max(upd[num_steps - 2 * q : num_steps - q])
         finite = jnp.all(jnp.isfinite(final.kernel)) & jnp.all(jnp.isfinite(upd))
         return (~finite) | (last > before)
 
@@ -118,8 +128,14 @@ def is_unstable(test: Callable[[jax.Array, jax.Array], jax.Array], kernel0: jax.
     return bool(test(kernel0, jnp.asarray(alpha, F64)))
 
 
-def bisect_bounds(test: Callable[[jax.Array, jax.Array], jax.Array], kernel0: jax.Array, *, scale: float,
-                  rel_tol: float = 1e-4, max_expand: int = 60) -> dict[str, Any]:
+def bisect_bounds(
+    test: Callable[[jax.Array, jax.Array], jax.Array],
+    kernel0: jax.Array,
+    *,
+    scale: float,
+    rel_tol: float = 1e-4,
+    max_expand: int = 60,
+) -> dict[str, Any]:
     """Empirical ``(alpha_min, alpha_max)`` by bisection on simulated runs.
 
     Starts from ``alpha = scale`` (``1/dt`` for GD, ``0.5/s`` for Nesterov: the middle of
@@ -136,13 +152,18 @@ def bisect_bounds(test: Callable[[jax.Array, jax.Array], jax.Array], kernel0: ja
     one = lambda al: bool(vtest(kernel0, jnp.asarray([al], F64))[0])  # noqa: E731
     sims = 1
     if one(scale):
-        return {"alpha_min": None, "alpha_max": None, "stable_start": None, "simulations": sims,
-                "note": f"{scale:.6g} is unstable"}
+        return {
+            "alpha_min": None,
+            "alpha_max": None,
+            "stable_start": None,
+            "simulations": sims,
+            "note": f"{scale:.6g} is unstable",
+        }
     # Expand: lower probes s - scale 2^k, upper probes s + scale 2^k, until each side is unstable.
     lo = [None, scale]  # [unstable, stable]
     hi = [scale, None]  # [stable, unstable]
     for k in range(max_expand):
-        delta = scale * 2.0 ** k
+        delta = scale * 2.0**k
         probes = [scale - delta, scale + delta]
         res = np.asarray(vtest(kernel0, jnp.asarray(probes, F64)))
         sims += 2
@@ -180,8 +201,13 @@ def bisect_bounds(test: Callable[[jax.Array, jax.Array], jax.Array], kernel0: ja
         else:
             hi[0] = mids[1]
     return {
-        "alpha_min": 0.5 * (lo[0] + lo[1]), "alpha_max": 0.5 * (hi[0] + hi[1]),
-        "bracket_min": lo, "bracket_max": hi, "stable_start": scale, "rounds": rounds, "simulations": sims,
+        "alpha_min": 0.5 * (lo[0] + lo[1]),
+        "alpha_max": 0.5 * (hi[0] + hi[1]),
+        "bracket_min": lo,
+        "bracket_max": hi,
+        "stable_start": scale,
+        "rounds": rounds,
+        "simulations": sims,
     }
 
 
@@ -258,23 +284,41 @@ class LinearConfig:
             raise ConfigError(f"plot_steps={self.plot_steps!r}; expected an integer >= 1")
 
 
-def analyze_window(image: np.ndarray, w: int, kernel0: jax.Array, config: LinearConfig, key: jax.Array
-                   ) -> dict[str, Any]:
+def analyze_window(
+    image: np.ndarray, w: int, kernel0: jax.Array, config: LinearConfig, key: jax.Array
+) -> dict[str, Any]:
     """Empirical bounds of the windowed scheme for one kernel size, by bisection and by spectrum."""
     q = data_scale(config.pool, (image.shape[0] - w + 1) ** 2)
     op = scaled_operator(make_windowed_operator(image, w), q)  # q M: the pooled data term
     ibar = image_bar(image, config.ibar)
-    step = make_step(op, ibar, scheme=config.scheme, dt=config.dt, a=config.a, beta=config.beta,
-                     momentum=config.momentum)
+    step = make_step(
+        op, ibar, scheme=config.scheme, dt=config.dt, a=config.a, beta=config.beta, momentum=config.momentum
+    )
     t0 = time.perf_counter()
     eig = operator_extremes(op, (w, w), key)  # eigenvalues of q M
     t_spec = time.perf_counter() - t0
-    spec_min, spec_max = alpha_bounds(eig.mu_min, eig.mu_max, scheme=config.scheme, dt=config.dt, a=config.a,
-                                      beta=config.beta, momentum=config.momentum)
+    spec_min, spec_max = alpha_bounds(
+        eig.mu_min,
+        eig.mu_max,
+        scheme=config.scheme,
+        dt=config.dt,
+        a=config.a,
+        beta=config.beta,
+        momentum=config.momentum,
+    )
     scale = 1.0 / config.dt if config.scheme == "gd" else 0.5 / nesterov_coefficients(config.dt, config.momentum)[1]
     t0 = time.perf_counter()
     test = make_instability_test(step, config.bisect_steps)
     bis = bisect_bounds(test, kernel0, scale=scale, rel_tol=config.rel_tol)
     t_bis = time.perf_counter() - t0
-    return {"eig": eig._asdict(), "spectral": (spec_min, spec_max), "bisection": bis,
-            "seconds_spectral": t_spec, "seconds_bisection": t_bis, "step": step, "op": op, "ibar": ibar, "q": q}
+    return {
+        "eig": eig._asdict(),
+        "spectral": (spec_min, spec_max),
+        "bisection": bis,
+        "seconds_spectral": t_spec,
+        "seconds_bisection": t_bis,
+        "step": step,
+        "op": op,
+        "ibar": ibar,
+        "q": q,
+    }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,6 @@ import numpy as np
 
 from eos_jax.errors import ConfigError
 from eos_jax.pde.common import require_x64
-
 
 SCHEMES = ("gd", "nesterov")
 POOLS = ("sum", "mean")
@@ -65,7 +64,14 @@ def z_bound(scheme: str, dt: float, momentum: float = 0.9, *, form: str = "exact
 
 
 def alpha_bounds(
-    mu_min: float, mu_max: float, *, scheme: str, dt: float, a: float, beta: float, momentum: float = 0.9,
+    mu_min: float,
+    mu_max: float,
+    *,
+    scheme: str,
+    dt: float,
+    a: float,
+    beta: float,
+    momentum: float = 0.9,
     form: str = "exact",
 ) -> tuple[float, float]:
     """Stability interval ``(alpha_min, alpha_max)`` for a spectrum ``[mu_min, mu_max]`` of ``M``.
@@ -140,8 +146,15 @@ def image_bar(image: jax.typing.ArrayLike, ibar: str) -> float:
 
 
 def theory_bounds(
-    image: jax.typing.ArrayLike, *, scheme: str, dt: float, a: float, beta: float, momentum: float = 0.9,
-    form: str = "exact", pool: str = "sum",
+    image: jax.typing.ArrayLike,
+    *,
+    scheme: str,
+    dt: float,
+    a: float,
+    beta: float,
+    momentum: float = 0.9,
+    form: str = "exact",
+    pool: str = "sum",
 ) -> tuple[float, float]:
     """Bounds (14) / (18) of the periodic (``w -> infinity``) scheme from the DFT of ``image``.
 
@@ -150,8 +163,9 @@ def theory_bounds(
     """
     spec = np.asarray(image_spectrum(image))
     q = data_scale(pool, spec.size)
-    return alpha_bounds(q * float(spec.min()), q * float(spec.max()), scheme=scheme, dt=dt, a=a, beta=beta,
-                        momentum=momentum, form=form)
+    return alpha_bounds(
+        q * float(spec.min()), q * float(spec.max()), scheme=scheme, dt=dt, a=a, beta=beta, momentum=momentum, form=form
+    )
 
 
 def _check_scheme(scheme: str) -> None:

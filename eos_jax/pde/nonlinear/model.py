@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,6 @@ import numpy as np
 
 from eos_jax import losses, models
 from eos_jax.errors import ConfigError
-
 
 PyTree = Any
 
@@ -90,7 +90,10 @@ def regime_fractions(pre_activation: jax.Array, eps: float) -> jax.Array:
 def valid_correlation(kernel: jax.Array, image: jax.Array) -> jax.Array:
     """``(K * I)(x) = sum_z K(z) I(x + z)`` over valid positions, in the kernel's dtype (lax.conv)."""
     out = jax.lax.conv_general_dilated(
-        image[None, None].astype(kernel.dtype), kernel[None, None], (1, 1), "VALID",
+        image[None, None].astype(kernel.dtype),
+        kernel[None, None],
+        (1, 1),
+        "VALID",
         precision=jax.lax.Precision.HIGHEST,
     )
     return out[0, 0]
@@ -108,8 +111,9 @@ def pool_scale(pool: str, positions: int) -> float:
     return 1.0 / positions if pool == "mean" else 1.0
 
 
-def analytic_gradient(kernel: jax.Array, image: jax.Array, *, alpha: float, beta: float, label: int,
-                      pool: str = "mean") -> jax.Array:
+def analytic_gradient(
+    kernel: jax.Array, image: jax.Array, *, alpha: float, beta: float, label: int, pool: str = "mean"
+) -> jax.Array:
     """Theorem 5.1, Eq. (8): ``grad L(K) = (y_hat - y) q r'(K * I) * I + alpha K``.
 
     Computed directly from the formula (two valid correlations), not by autodiff:
@@ -136,12 +140,24 @@ def analytic_gradient(kernel: jax.Array, image: jax.Array, *, alpha: float, beta
     return (a * q) * valid_correlation(swish_prime(z, beta), image) + alpha * kernel
 
 
-def make_model(kernel: int, *, beta: float = 1.0, pool: str = "mean", conv_impl: str = "auto",
-               dtype: str = "float32"):
+def make_model(kernel: int, *, beta: float = 1.0, pool: str = "mean", conv_impl: str = "auto", dtype: str = "float32"):
     """The one-layer ``cnn`` of Eq. (6): one ``kernel x kernel`` filter, Swish, global mean or sum, K ~ N(0, 1)."""
-    return models.get("cnn", layers=1, channels=1, kernel_size=kernel, padding="valid", activation="swish",
-                      beta=beta, init="normal", init_std=1.0, head="sum", pool=pool, num_outputs=1,
-                      conv_impl=conv_impl, dtype=dtype)
+    return models.get(
+        "cnn",
+        layers=1,
+        channels=1,
+        kernel_size=kernel,
+        padding="valid",
+        activation="swish",
+        beta=beta,
+        init="normal",
+        init_std=1.0,
+        head="sum",
+        pool=pool,
+        num_outputs=1,
+        conv_impl=conv_impl,
+        dtype=dtype,
+    )
 
 
 def make_batch(image: np.ndarray, label: int, dtype: Any = np.float32) -> dict[str, jax.Array]:
@@ -156,6 +172,7 @@ def kernel_of(params: PyTree) -> jax.Array:
     if len(leaves) != 1 or leaves[0].ndim != 4 or leaves[0].shape[2:] != (1, 1):
         raise ConfigError(f"expected one (w, w, 1, 1) kernel, got {[x.shape for x in leaves]}")
     return leaves[0][:, :, 0, 0]
+
 
 LossParts = Callable[[PyTree, dict], tuple[jax.Array, tuple[jax.Array, jax.Array]]]
 

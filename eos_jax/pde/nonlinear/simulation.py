@@ -7,7 +7,8 @@ Lane state, one step, a chunk of steps in ``lax.scan``, the sharpness (Lanczos) 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +86,9 @@ def make_lane_step(model: Any, alpha: float, eps: float) -> Callable[..., tuple[
         nan = jnp.asarray(jnp.nan, loss.dtype)
         rec_ok = state.alive & loss_ok
         record = StepRecord(
-            jnp.where(rec_ok, loss, nan), jnp.where(rec_ok, data, nan), jnp.where(rec_ok, logit, nan),
+            jnp.where(rec_ok, loss, nan),
+            jnp.where(rec_ok, data, nan),
+            jnp.where(rec_ok, logit, nan),
             jnp.where(rec_ok, fractions, jnp.full_like(fractions, jnp.nan)),
         )
         return out, record
@@ -120,8 +123,9 @@ def make_chunk_fn(model: Any, alpha: float, eps: float, chunk: int) -> Callable[
         return jax.vmap(one)(state.params)
 
     @jax.jit
-    def run_chunk(state: LaneState, dts: jax.Array, ks: jax.Array, t0: jax.Array, num_steps: jax.Array,
-                  batch: dict) -> tuple[LaneState, dict]:
+    def run_chunk(
+        state: LaneState, dts: jax.Array, ks: jax.Array, t0: jax.Array, num_steps: jax.Array, batch: dict
+    ) -> tuple[LaneState, dict]:
         def body(st: LaneState, i: jax.Array) -> tuple[LaneState, dict]:
             t = t0 + i
             new, rec = lanes(st, dts, ks, t, batch)
@@ -131,8 +135,13 @@ def make_chunk_fn(model: Any, alpha: float, eps: float, chunk: int) -> Callable[
             r = jnp.where(pair_ok, r, jnp.full_like(r, jnp.nan))
             active = t < num_steps
             new = jax.tree_util.tree_map(lambda a, b: jnp.where(active, a, b), new, st)
-            return new, {"loss": rec.loss, "data_loss": rec.data_loss, "logit": rec.logit,
-                         "fractions": rec.fractions, "rel_l1": r}
+            return new, {
+                "loss": rec.loss,
+                "data_loss": rec.data_loss,
+                "logit": rec.logit,
+                "fractions": rec.fractions,
+                "rel_l1": r,
+            }
 
         return jax.lax.scan(body, state, jnp.arange(chunk, dtype=jnp.int32))
 
@@ -149,8 +158,9 @@ def make_sharpness_fn(model: Any, alpha: float, num_iters: int) -> Callable[...,
     loss_fn = make_loss_fn(model, alpha)
 
     def one(params: PyTree, v0: PyTree, key: jax.Array, batch: dict) -> tuple[jax.Array, PyTree, jax.Array]:
-        res = hessian.top_eigenvalue(loss_fn, params, batch, method="lanczos", num_iters=num_iters, tol=None,
-                                     v0=v0, key=key)
+        res = hessian.top_eigenvalue(
+            loss_fn, params, batch, method="lanczos", num_iters=num_iters, tol=None, v0=v0, key=key
+        )
         return res.eigenvalue, res.eigenvector, res.residual
 
     flat = jax.vmap(one, in_axes=(0, 0, 0, None))
@@ -174,8 +184,9 @@ def _unflat(tree: PyTree, n: int) -> PyTree:
     return jax.tree_util.tree_map(lambda x: x.reshape((n, -1, *x.shape[1:])), tree)
 
 
-def init_lanes(model: Any, config: NonlinearConfig, image_shape: tuple[int, int]
-               ) -> tuple[LaneState, jax.Array, jax.Array]:
+def init_lanes(
+    model: Any, config: NonlinearConfig, image_shape: tuple[int, int]
+) -> tuple[LaneState, jax.Array, jax.Array]:
     """Initial stacked state ``(n_dt, 2)`` (every lane from the same ``K_0``), and the lanes' dt and k."""
     variables = model.init(jax.random.fold_in(jax.random.key(config.seed), 0), (*image_shape, 1))
     params = variables["params"]
@@ -185,8 +196,10 @@ def init_lanes(model: Any, config: NonlinearConfig, image_shape: tuple[int, int]
     opt_state = optim.sgd(jnp.asarray(config.dts[0], F32), k=jnp.asarray(1, jnp.int32)).init(params)
     stack = lambda x: jnp.broadcast_to(x, (n, 2, *jnp.shape(x)))  # noqa: E731
     state = LaneState(
-        jax.tree_util.tree_map(stack, params), jax.tree_util.tree_map(stack, opt_state),
-        jnp.ones((n, 2), bool), jnp.zeros((n, 2), jnp.int32),
+        jax.tree_util.tree_map(stack, params),
+        jax.tree_util.tree_map(stack, opt_state),
+        jnp.ones((n, 2), bool),
+        jnp.zeros((n, 2), jnp.int32),
     )
     return state, dts, ks
 
@@ -214,8 +227,10 @@ def simulate(config: NonlinearConfig, *, log: Callable[[str], None] | None = Non
     sharp = make_sharpness_fn(model, config.alpha, config.sharpness_iters)
     n = len(config.dts)
     base_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    lane_keys = jax.vmap(jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base_key, i), j),
-                                  in_axes=(None, 0)), in_axes=(0, None))(jnp.arange(n), jnp.arange(2))
+    lane_keys = jax.vmap(
+        jax.vmap(lambda i, j: jax.random.fold_in(jax.random.fold_in(base_key, i), j), in_axes=(None, 0)),
+        in_axes=(0, None),
+    )(jnp.arange(n), jnp.arange(2))
     v0 = jax.tree_util.tree_map(jnp.zeros_like, state.params)
     num_steps = jnp.asarray(config.steps, jnp.int32)
     records: dict[str, list[np.ndarray]] = {}
@@ -261,8 +276,10 @@ def simulate(config: NonlinearConfig, *, log: Callable[[str], None] | None = Non
         crossed = (t + take) * 10 // config.steps > t * 10 // config.steps  # one line per 10% of the run
         t += take
         if log is not None and crossed:
-            log(f"step {t}/{config.steps}  alive lanes {int(np.asarray(state.alive).sum())}/{2 * n}  "
-                f"{time.perf_counter() - t_begin:.0f} s")
+            log(
+                f"step {t}/{config.steps}  alive lanes {int(np.asarray(state.alive).sum())}/{2 * n}  "
+                f"{time.perf_counter() - t_begin:.0f} s"
+            )
     if config.steps % config.sharpness_every == 0:
         measure(config.steps)
     out = {name: np.concatenate(parts, axis=0) for name, parts in records.items()}
@@ -277,8 +294,13 @@ def simulate(config: NonlinearConfig, *, log: Callable[[str], None] | None = Non
         initial_kernel=initial_kernel,
         eps=eps,
         model_info=model.info,
-        timing={"first_chunk_with_compile_s": t_first_chunk, "other_chunks_s": t_chunks,
-                "first_sharpness_with_compile_s": t_first_sharp, "other_sharpness_s": t_sharp,
-                "chunk_steps": chunk, "lanes": 2 * n},
+        timing={
+            "first_chunk_with_compile_s": t_first_chunk,
+            "other_chunks_s": t_chunks,
+            "first_sharpness_with_compile_s": t_first_sharp,
+            "other_sharpness_s": t_sharp,
+            "chunk_steps": chunk,
+            "lanes": 2 * n,
+        },
     )
     return out

@@ -63,8 +63,9 @@ def classification_rule(config: NonlinearConfig) -> str:
     )
 
 
-def classify(loss: np.ndarray, rel: np.ndarray, first_nonfinite: list[int | None], config: NonlinearConfig
-             ) -> tuple[str, dict[str, Any]]:
+def classify(
+    loss: np.ndarray, rel: np.ndarray, first_nonfinite: list[int | None], config: NonlinearConfig
+) -> tuple[str, dict[str, Any]]:
     """Classifies one ``dt`` from its histories (see :func:`classification_rule`).
 
     Args:
@@ -108,8 +109,9 @@ def _sigmoid64(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, np.float64)))
 
 
-def checkerboard_loss_1d(c: np.ndarray, *, size: int, kernel: int, alpha: float, beta: float, label: int,
-                         pool: str) -> dict[str, np.ndarray]:
+def checkerboard_loss_1d(
+    c: np.ndarray, *, size: int, kernel: int, alpha: float, beta: float, label: int, pool: str
+) -> dict[str, np.ndarray]:
     """The loss (7) on the pixel checkerboard as a function of ``c = <K, chi>``, with its derivatives.
 
     For ``I(x) = (-1)^(x1+x2)`` every output is ``(K * I)(x) = (-1)^(x1+x2) c`` with
@@ -154,8 +156,9 @@ def checkerboard_loss_1d(c: np.ndarray, *, size: int, kernel: int, alpha: float,
     }
 
 
-def checkerboard_minima(*, size: int, kernel: int, alpha: float, beta: float, label: int, pool: str,
-                        c_max: float = 200.0, grid: int = 40001) -> list[dict[str, float]]:
+def checkerboard_minima(
+    *, size: int, kernel: int, alpha: float, beta: float, label: int, pool: str, c_max: float = 200.0, grid: int = 40001
+) -> list[dict[str, float]]:
     """Local minima of the loss (7) on the pixel checkerboard and GD's stability bound there.
 
     Roots of ``d/dc [l(c) + alpha c^2/(2 w^2)]`` (:func:`checkerboard_loss_1d`) with a
@@ -185,15 +188,35 @@ def checkerboard_minima(*, size: int, kernel: int, alpha: float, beta: float, la
         c = 0.5 * (lo + hi)
         f = checkerboard_loss_1d(np.asarray(c), **kw)
         lam = max(float(alpha), float(f["lambda_chi"]))
-        out.append({"c": c, "logit_g": float(f["g"]), "a": float(_sigmoid64(f["g"])) - label,
-                    "loss": float(f["loss_c"]), "lambda_chi": float(f["lambda_chi"]), "lambda_max": lam,
-                    "dt_max": 2.0 / lam if lam > 0 else None})
+        out.append(
+            {
+                "c": c,
+                "logit_g": float(f["g"]),
+                "a": float(_sigmoid64(f["g"])) - label,
+                "loss": float(f["loss_c"]),
+                "lambda_chi": float(f["lambda_chi"]),
+                "lambda_max": lam,
+                "dt_max": 2.0 / lam if lam > 0 else None,
+            }
+        )
     return out
 
 
-def checkerboard_orbit(c0: float, dts: tuple[float, ...], *, steps: int, window: int, sample_every: int,
-                       size: int, kernel: int, alpha: float, beta: float, label: int, pool: str,
-                       max_period: int = 8) -> dict[str, dict[str, Any]]:
+def checkerboard_orbit(
+    c0: float,
+    dts: tuple[float, ...],
+    *,
+    steps: int,
+    window: int,
+    sample_every: int,
+    size: int,
+    kernel: int,
+    alpha: float,
+    beta: float,
+    label: int,
+    pool: str,
+    max_period: int = 8,
+) -> dict[str, dict[str, Any]]:
     """Gradient descent (9) on the pixel checkerboard as the one-dimensional map of ``c = <K, chi>``.
 
     With ``K = (c/w^2) chi + K_perp`` the step ``K <- K - dt grad L`` is exactly
@@ -245,7 +268,8 @@ def checkerboard_orbit(c0: float, dts: tuple[float, ...], *, steps: int, window:
         else:
             pred = "restrained"
         out[dt_key(dt)] = {
-            "predicted": pred, "period": period,
+            "predicted": pred,
+            "period": period,
             "c_range": [float(np.min(hc)), float(np.max(hc))] if finite else None,
             "max_dt_lambda": float(np.max(hl)) if finite else None,
             "max_dt_lambda_sampled": float(np.max(hl[sampled])) if finite and np.any(sampled) else None,
@@ -253,8 +277,18 @@ def checkerboard_orbit(c0: float, dts: tuple[float, ...], *, steps: int, window:
     return out
 
 
-def theory(image: np.ndarray, kernel: int, *, alpha: float, beta: float, label: int, dts: tuple[float, ...],
-           pool: str = "mean", square: int | None = None, key: jax.Array | None = None) -> dict[str, Any]:
+def theory(
+    image: np.ndarray,
+    kernel: int,
+    *,
+    alpha: float,
+    beta: float,
+    label: int,
+    dts: tuple[float, ...],
+    pool: str = "mean",
+    square: int | None = None,
+    key: jax.Array | None = None,
+) -> dict[str, Any]:
     """Table 3's stability bounds for this input and pooling, beside the windowed bounds.
 
     The pooling scales the data term of (8) by ``q`` (:func:`pool_scale`): ``q = 1/P``,
@@ -294,8 +328,12 @@ def theory(image: np.ndarray, kernel: int, *, alpha: float, beta: float, label: 
     q_per = pool_scale(pool, n * n)
     # S(z) = sum over the valid (v x v) block of I shifted by z: a (kernel x kernel) map.
     csum = np.pad(np.cumsum(np.cumsum(img, 0), 1), ((1, 0), (1, 0)))
-    s_map = (csum[v:v + kernel, v:v + kernel] - csum[:kernel, v:v + kernel] - csum[v:v + kernel, :kernel]
-             + csum[:kernel, :kernel])
+    s_map = (
+        csum[v : v + kernel, v : v + kernel]
+        - csum[:kernel, v : v + kernel]
+        - csum[v : v + kernel, :kernel]
+        + csum[:kernel, :kernel]
+    )
     op = linear.make_windowed_operator(img, kernel)
     eig = linear.operator_extremes(op, (kernel, kernel), jax.random.key(0) if key is None else key)
     act = alpha + (q_per * ibar) ** 2 / 8.0
@@ -306,34 +344,43 @@ def theory(image: np.ndarray, kernel: int, *, alpha: float, beta: float, label: 
         "data_term_scale_periodic": q_per,
         "image_sum_Ibar": ibar,
         "image_mean": ibar / (n * n),
-        "window_sums_S": {"min": float(s_map.min()), "max": float(s_map.max()), "sum_sq": float((s_map ** 2).sum())},
-        "min_abs_I_hat_sq": float(spec.min()), "max_abs_I_hat_sq": float(spec.max()),
+        "window_sums_S": {"min": float(s_map.min()), "max": float(s_map.max()), "sum_sq": float((s_map**2).sum())},
+        "min_abs_I_hat_sq": float(spec.min()),
+        "max_abs_I_hat_sq": float(spec.max()),
         "a_linearization": a0,
-        "window_mu_min": eig.mu_min, "window_mu_max": eig.mu_max,
+        "window_mu_min": eig.mu_min,
+        "window_mu_max": eig.mu_max,
         "window_mu_scaled": [q * eig.mu_min, q * eig.mu_max],
         "not_activated_dt_max": 2.0 / alpha if alpha > 0 else None,
         "activated_dt_max": 2.0 / act if act > 0 else None,
-        "activated_window_dt_max": 2.0 / (alpha + q * q * float((s_map ** 2).sum()) / 8.0),
-        "checkerboard_minima": (checkerboard_minima(size=n, kernel=kernel, alpha=alpha, beta=beta, label=label,
-                                                    pool=pool) if square == 1 else None),
+        "activated_window_dt_max": 2.0 / (alpha + q * q * float((s_map**2).sum()) / 8.0),
+        "checkerboard_minima": (
+            checkerboard_minima(size=n, kernel=kernel, alpha=alpha, beta=beta, label=label, pool=pool)
+            if square == 1
+            else None
+        ),
         "per_dt": {},
     }
     c = 0.5 * a0 * beta
     for dt in dts:
-        p_min, p_max = linear.alpha_bounds(q_per * float(spec.min()), q_per * float(spec.max()), scheme="gd", dt=dt,
-                                           a=a0, beta=beta)
+        p_min, p_max = linear.alpha_bounds(
+            q_per * float(spec.min()), q_per * float(spec.max()), scheme="gd", dt=dt, a=a0, beta=beta
+        )
         w_min, w_max = linear.alpha_bounds(q * eig.mu_min, q * eig.mu_max, scheme="gd", dt=dt, a=a0, beta=beta)
         out["per_dt"][dt_key(dt)] = {
             "not_activated_stable": bool(dt * alpha < 2),
             "activated_stable": bool(alpha < 2.0 / dt - (q_per * ibar) ** 2 / 8.0),
-            "transitioning_alpha_min": p_min, "transitioning_alpha_max": p_max,
+            "transitioning_alpha_min": p_min,
+            "transitioning_alpha_max": p_max,
             "transitioning_stable": bool(p_min < alpha < p_max),
-            "transitioning_window_alpha_min": w_min, "transitioning_window_alpha_max": w_max,
+            "transitioning_window_alpha_min": w_min,
+            "transitioning_window_alpha_max": w_max,
             "transitioning_window_stable": bool(w_min < alpha < w_max),
         }
         if out["checkerboard_minima"]:
             out["per_dt"][dt_key(dt)]["checkerboard_minimum_stable"] = [
-                bool(m["dt_max"] is not None and dt < m["dt_max"]) for m in out["checkerboard_minima"]]
+                bool(m["dt_max"] is not None and dt < m["dt_max"]) for m in out["checkerboard_minima"]
+            ]
     out["transitioning_c"] = c
     return out
 
