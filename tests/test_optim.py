@@ -258,7 +258,8 @@ def test_traced_float_k_rejected():
 
 
 def test_state_shapes_do_not_depend_on_lr_or_k_and_build_inside_vmap():
-    params = {"w": np.ones((3, 2), np.float32), "b": np.zeros((2,), np.float32)}
+    # Six different weights: whether k = 3 moves a given element's last bit depends on its value.
+    params = {"w": np.linspace(0.5, 1.7, 6, dtype=np.float32).reshape(3, 2), "b": np.zeros((2,), np.float32)}
     shapes = [
         jax.eval_shape(optim.sgd(lr, k=k, momentum=0.9, weight_decay=1e-4).init, params)
         for lr, k in [(0.1, 1), (5.0, 3), (jnp.asarray(0.2), jnp.asarray(12, jnp.int32))]
@@ -432,3 +433,57 @@ def test_trajectories_k_and_k_times_power_of_two_are_bitwise_identical():
     d = ulp_diff(final[1], final[3])
     assert d.n_diff > 0, "k=1 and k=3 gave the same trajectory"
     assert float(_loss(final[1], batch)) < float(_loss(params, batch))  # it trains
+
+
+# ------------------------------------------------------------------ rounding="paper": every operation rounds apart
+
+
+def _np_paper_sgd(params, grads_seq, lr, k, mu, nesterov, wd):
+    """The paper rounding of ``optim.sgd`` in NumPy float32: every product and sum rounded apart
+    (NumPy never fuses a multiply with an add)."""
+    f = np.float32
+    lr, k, mu, wd = f(lr), f(k), f(mu), f(wd)
+    q = lr / k
+    p, b = params.copy(), None
+    for g in grads_seq:
+        d = g + wd * p
+        if mu != 0:
+            b = d.copy() if b is None else mu * b + d
+            d = d + mu * b if nesterov else b
+        p = p + (-(q * (k * d)))
+    return p
+
+
+@pytest.mark.parametrize("mu,nesterov,wd", [(0.9, False, 0.0), (0.9, True, 5e-4), (0.0, False, 1e-2)])
+def test_paper_rounding_sgd_is_bitwise_every_operation_apart_when_jitted(mu, nesterov, wd):
+    """XLA:CPU contracts ``g + wd*p`` and ``mu*b + g`` into fused multiply-adds inside a jitted
+    step (23,613 of 100,000 float32 weight-decay terms differed before the products were kept
+    rounded); the paper rounding must round each product."""
+    rng = np.random.default_rng(5)
+    params = (rng.standard_normal(4000) * 100).astype(np.float32)
+    grads_seq = [rng.standard_normal(4000).astype(np.float32) for _ in range(4)]
+    opt = optim.sgd(0.1, k=3, momentum=mu, nesterov=nesterov, weight_decay=wd)
+    got = _run_jax(opt, params, grads_seq)
+    want = _np_paper_sgd(params, grads_seq, 0.1, 3, mu, nesterov, wd)
+    assert_tree_equal_bits(got, want)
+
+
+def test_paper_rounding_adam_moments_are_bitwise_every_operation_apart_when_jitted():
+    rng = np.random.default_rng(6)
+    params = rng.standard_normal(4000).astype(np.float32)
+    grads_seq = [rng.standard_normal(4000).astype(np.float32) for _ in range(3)]
+    opt = optim.adam(1e-3, k=3, weight_decay=5e-4)
+    state = opt.init(params)
+    step = jax.jit(lambda p, g, s: (lambda u, s: (optax.apply_updates(p, u), s))(*opt.update(g, s, p)))
+    f = np.float32
+    b1, b2, wd = f(0.9), f(0.999), f(5e-4)
+    m, v, p = np.zeros_like(params), np.zeros_like(params), params
+    for g in grads_seq:
+        d = g + wd * p
+        m = m + (f(1) - b1) * (d - m)
+        v = b2 * v + (f(1) - b2) * (d * d)
+        params, state = step(params, g, state)
+        p = np.asarray(params)  # the update itself involves pow and sqrt; the moments are checked here
+        adam_state = next(s for s in state if hasattr(s, "exp_avg"))
+        assert_tree_equal_bits(adam_state.exp_avg, m)
+        assert_tree_equal_bits(adam_state.exp_avg_sq, v)
