@@ -232,7 +232,8 @@ def time_resnet_lanes(blocks_per_stage: int, batch_size: int, num_lanes: int, re
     key = jax.random.key(3)
     x = jax.random.normal(jax.random.fold_in(key, 1), (batch_size, 32, 32, 3), jnp.float32)
     y = jax.random.randint(jax.random.fold_in(key, 2), (batch_size,), 0, 10)
-    variables = module.init(jax.random.fold_in(key, 3), x[:1], train=False)
+    # One compiled init (an eager init dispatches every layer's ops one by one).
+    variables = jax.jit(lambda k, xb: module.init(k, xb, train=False))(jax.random.fold_in(key, 3), x[:1])
     params, stats = variables["params"], variables["batch_stats"]
     num_params = int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
 

@@ -39,6 +39,16 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Long tests first (child processes and ``slow``), in their file order otherwise.
+
+    With ``--dist worksteal`` an idle worker takes tests from the end of the other's queue, so
+    when the long ones come first the session does not end with one worker running a long test
+    while the other waits.
+    """
+    items.sort(key=lambda item: 0 if item.get_closest_marker("subprocess") or item.get_closest_marker("slow") else 1)
+
+
 def pytest_unconfigure(config):
     if _OWNS_CACHE:
         shutil.rmtree(os.environ[_CACHE_ENV], ignore_errors=True)

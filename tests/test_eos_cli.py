@@ -56,6 +56,7 @@ def _check_run_dir(d: Path, n_lanes: int, steps: int = 6) -> dict:
     return res
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "preset,variants",
     [("fig7", ("layers1", "layers3")), ("fig8", ("depth2", "depth4")), ("fig9", ("layers1", "layers2"))],
@@ -211,6 +212,7 @@ def test_stability_criterion_and_boundary():
     assert (b["largest_stable_lr"], b["smallest_unstable_lr"], b["monotone"]) == (16.0, 4.0, False)
 
 
+@pytest.mark.slow
 def test_tracked_cnn_sharpness_matches_dense_hessian(tmp_path, capsys):
     """Main-job path end to end: the sharpness logged for the 3-layer CNN (default conv, warm-started
     Lanczos) equals the top eigenvalue of the dense Hessian computed with the lax convolution."""
@@ -469,15 +471,15 @@ def test_main_job_on_a_fresh_machine(tmp_path):
         "--lr",
         "5",
         "--steps",
-        "10",
+        "4",
         "--sharpness-every",
-        "5",
+        "4",
         "--sharpness-iters",
-        "5",
+        "3",
         "--sharpness-method",
         "power",
         "--chunk-steps",
-        "5",
+        "4",
         "--checkpoint-every",
         "0",
         "--out",
@@ -494,7 +496,7 @@ def test_main_job_on_a_fresh_machine(tmp_path):
     assert meta["name"] == "fashion_mnist01_bundled" and meta["num_examples_used"] == 2000
     assert [f["name"] for f in meta["fallback_from"]] == ["mnist01", "fashion_mnist01"]
     assert "EOS_JAX_NO_SYSTEM_DATA is set" in meta["fallback_from"][1]["reason"]
-    assert "on fashion_mnist01_bundled (2000 examples, 10 steps)" in proc.stdout
+    assert "on fashion_mnist01_bundled (2000 examples, 4 steps)" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"] == "fashion_mnist01_bundled" and all(l["finite"] for l in res["lanes"])
 
@@ -571,6 +573,7 @@ def test_pool_and_binary_reach_the_model_and_are_recorded(tmp_path, capsys):
     assert eos.default_config("cnn").pool == "mean" and eos.default_config("cnn").binary == "bce"
 
 
+@pytest.mark.slow
 def test_initial_sharpness_matches_dense_hessian():
     """2/lambda_max at initialization (the fig7/fig9 rate rule) vs eigh of the dense Hessian of loss + wd/2|p|^2."""
     import jax
@@ -642,6 +645,7 @@ def test_regime_and_the_figure7_finding_both_ways():
     assert c["reading"] == "mean-raw-bce" and c["matching"] == [] and "no reading" in c["why"]
 
 
+@pytest.mark.slow
 def test_fig7_readings_writes_the_table(tmp_path, capsys):
     """The readings comparison (two readings here, tiny) writes readings.md/json with every lr and regime.
 

@@ -139,6 +139,7 @@ def _cnn_loss(model):
     return loss
 
 
+@pytest.mark.slow
 def test_fused_hvp_matches_dense_hessian_and_jvp_of_grad():
     # float64, 20 examples of 9x9: the model (chunk 256, the tail path only) by jvp(grad), and the
     # stack with chunk 8 (two chunks in the scan and a tail of 4) by jax.linearize.

@@ -289,6 +289,7 @@ def _eig_with_key(p, b, key, method):
     return hs.top_eigenvalue(mlp_loss, p, b, method=method, num_iters=24, key=key)
 
 
+@pytest.mark.slow
 def test_vmap_over_params_equals_separate_calls():
     key = jax.random.key(2)
     batch = mlp_batch(jax.random.fold_in(key, 1), jnp.float64)

@@ -98,6 +98,7 @@ def test_small_models_shape_dtype_and_no_recompile(name, cfg, shape, n_out, dtyp
     assert len(traces) == 1, "apply retraced on a second call with the same shapes"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vgg16_bn", "resnet56"])
 def test_bn_models_init_apply_and_batch_stats(name):
     # Same modules and code paths as the full networks (whose counts are checked above),

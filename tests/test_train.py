@@ -222,6 +222,7 @@ def test_chunk_length_and_checkpoint_schedule_do_not_change_bits(baseline, tmp_p
         assert (out / "metrics.jsonl").read_bytes() == (base_dir / "metrics.jsonl").read_bytes(), (cs, ce)
 
 
+@pytest.mark.slow
 def test_minibatch_sgd_resumable_schedule_and_sharpness_subset(tmp_path):
     """Minibatch SGD (per-epoch permutations from the lane key): chunk length does not change bits,
     and sharpness on a fixed subset of examples is tracked."""

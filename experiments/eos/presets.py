@@ -82,9 +82,9 @@ def initial_sharpness(cfg: EosConfig, data: dict[str, Any], *, num_iters: int = 
     state = tr.init_state(problem, hp1)
 
     @jax.jit
-    def top(params, batch):
+    def top(params, batch, hparams):  # hparams an argument, not a constant: one program for every weight decay
         res = hessian.top_eigenvalue(
-            tr.objective_fn(problem, hp1),
+            tr.objective_fn(problem, hparams),
             params,
             batch,
             method="lanczos",
@@ -94,7 +94,7 @@ def initial_sharpness(cfg: EosConfig, data: dict[str, Any], *, num_iters: int = 
         )
         return res.eigenvalue
 
-    lam = float(top(state.params, problem.data))
+    lam = float(top(state.params, problem.data, hp1))
     return {
         "lambda_max": lam,
         "lr_threshold": problem.threshold / lam if lam > 0 else None,
