@@ -571,7 +571,7 @@ def test_unused_files_in_data_dir_are_reported_only_when_passed_over(isolated, m
     assert ds.name == "mnist01"
     (u,) = data.unused_in_data_dir(dd, ds, chain)
     assert u["path"] == str(dd / "fashion_mnist") and u["holds"] == "Fashion-MNIST"
-    assert "mnist01 comes before fashion_mnist01" in u["why"] and "--dataset fashion_mnist01" in u["why"]
+    assert "mnist01 comes before fashion_mnist01" in u["why"] and "request dataset fashion_mnist01" in u["why"]
     # Another dataset asked for.
     ds = data.load("digits01")
     (u,) = data.unused_in_data_dir(dd, ds, ["digits01"])

@@ -273,6 +273,7 @@ def test_sigint_checkpoints_exits_130_and_resume_matches_uninterrupted(tmp_path,
         m.setattr(progress.ProgressBar, "update", interrupting_update)
         code, _, err = _run([*argv, "--out", str(tmp_path / "run")], capsys)
     assert code == 128 + signal.SIGINT and err.count("\n") == 1 and "SIGINT at step 3" in err, err
+    assert err.rstrip().endswith("continue with --resume"), err  # the library's resume=True, as the flag
     assert not (tmp_path / "run" / "results.json").exists()
     code, _, err = _run([*argv, "--out", str(tmp_path / "run"), "--resume"], capsys)
     assert code == 0, err

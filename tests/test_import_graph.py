@@ -248,3 +248,41 @@ def test_py_typed_is_shipped():
     text = (ROOT / "pyproject.toml").read_text()
     section = text.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
     assert '"eos_jax" = ["py.typed"]' in section, section
+
+
+_FLAG = __import__("re").compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*\b")
+
+
+def _flag_strings(path: Path) -> list[str]:
+    """String constants (docstrings excluded) of ``path`` that name a command-line flag."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
+    found = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings:
+            found += [f"{path.relative_to(ROOT)}:{n.lineno}: {m}" for m in _FLAG.findall(n.value)]
+    return found
+
+
+def test_flag_finder_finds_a_flag(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    f = tmp_path / "m.py"
+    f.write_text('"""Docs may say --resume."""\nMSG = "continue with --resume"\nOK = "resume=True, --xla_flag"\n')
+    assert _flag_strings(f) == ["m.py:2: --resume"]
+
+
+def test_library_messages_name_arguments_not_flags():
+    """Library errors and notes say ``resume=True`` / ``data_dir=DIR``; the entry points translate them
+    into their flags (``eos_jax.cli.as_flags``). Only the CLI helper module itself writes flags."""
+    found = []
+    for m, path in MODS.items():
+        if m.startswith("eos_jax.") and m != "eos_jax.cli":
+            found += _flag_strings(path)
+    assert found == []

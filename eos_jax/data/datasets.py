@@ -304,7 +304,7 @@ def unused_in_data_dir(
         elif rank[names[0]] > used_rank:
             why = (
                 f"{used.name} comes before {names[0]} in the search order and was found in {used_where} "
-                f"(pass --dataset {names[0]} to use it)"
+                f"(request dataset {names[0]} to use it)"
             )
         else:
             why = f"{names[0]} could not be loaded from it (see fallback_from)"

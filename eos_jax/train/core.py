@@ -97,7 +97,7 @@ def find_twins(lanes: Sequence[Lane], groups: list[list[int]]) -> list[dict[str,
                     f", and the groups are programs of different widths ({width[gt]} vs {width[gi]} lanes), "
                     "whose roundings may differ: a difference would be the program's, not the perturbation's"
                 )
-            out.append({"lane": t, "in_group": False, "missing": why + " (raise --max-lanes to put them in one group)"})
+            out.append({"lane": t, "in_group": False, "missing": why + " (raise max_lanes to put them in one group)"})
         else:
             out.append({"lane": t, "in_group": True, "missing": None})
     return out

@@ -35,7 +35,7 @@ class TrainingInterrupted(Exception):
         self.step = step
         self.run_dir = run_dir
         super().__init__(
-            f"{signal.Signals(signum).name} at step {step}: checkpoint saved in {run_dir}; continue with --resume"
+            f"{signal.Signals(signum).name} at step {step}: checkpoint saved in {run_dir}; continue with resume=True"
         )
 
 

@@ -225,6 +225,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EosJaxError as e:
         raise cli.name_flags(e, LIBRARY_ARGUMENTS) from None  # "data_dir=DIR" -> "--data-dir DIR"
     except tr.TrainingInterrupted as e:
-        print(f"{parser.prog}: {e}", file=sys.stderr)
+        print(f"{parser.prog}: {cli.as_flags(str(e), LIBRARY_ARGUMENTS)}", file=sys.stderr)
         return 128 + int(e.signum)
     return 0
