@@ -54,6 +54,19 @@ def opaque_zero(dtype: np.dtype) -> jax.Array:
     return jax.lax.optimization_barrier(jnp.zeros((), dtype))
 
 
+def runtime_zero(count: jax.Array, dtype: np.dtype) -> jax.Array:
+    """``+0`` of ``dtype`` that neither XLA nor LLVM can prove zero: the bits of ``count >> (bits-1)``
+    (``count`` is a non-negative step count, below ``2**31``).
+
+    ``opaque_zero``'s barrier is expanded before code generation, after which LLVM sees a constant
+    ``+0``; where it can also prove the product non-negative it drops ``x + 0`` and contracts
+    the product into the next sum. A zero computed from runtime bits stays an opaque addend.
+    """
+    bits = np.dtype(dtype).itemsize * 8
+    u = {16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[bits]
+    return jax.lax.bitcast_convert_type(jax.lax.shift_right_logical(count.astype(u), u(bits - 1)), dtype)
+
+
 def rounded_mul(a: jax.Array, b: jax.Array, zero: jax.Array) -> jax.Array:
     """``RN(a * b)`` that stays rounded even if the compiler contracts it with a later add.
 

@@ -36,7 +36,7 @@ Two compiler hazards are kept away:
   momentum ``mu*b + g``, Nesterov, Adam's moments: 23,613 of 100,000 float32 weight-decay terms
   came out once-rounded in a jitted step), so each such product is ``a*b + z`` as well
   (``_mul``); where LLVM can prove a product non-negative (Adam's ``(1-b2)*g*g``) it drops a
-  constant ``+0``, and that zero is computed from runtime bits instead (``_runtime_zero``).
+  constant ``+0``, and that zero is computed from runtime bits instead (``eos_jax.fma.runtime_zero``).
   Tested bitwise against NumPy's separately rounded operations, jitted.
 * Division by a broadcast. XLA rewrites ``a / broadcast(b)`` into ``a * broadcast(1/b)``,
   which is not correctly rounded; under vmap a lane's divisor becomes such a broadcast
@@ -62,7 +62,7 @@ import numpy as np
 import optax
 
 from eos_jax.errors import ConfigError
-from eos_jax.fma import opaque_zero, rounded_mul
+from eos_jax.fma import opaque_zero, rounded_mul, runtime_zero
 from eos_jax.optim_torch import TorchRoundedOptimizer, torch_adam, torch_sgd
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]
@@ -177,19 +177,6 @@ def _opaque_scalars(lr: Any, k: Any, dtype: np.dtype) -> tuple[jax.Array, jax.Ar
 def _cast(x: Any, dtype: np.dtype) -> jax.Array:
     """``x`` as a scalar of ``dtype`` (one rounding when ``x`` is wider)."""
     return jnp.asarray(x).astype(dtype)
-
-
-def _runtime_zero(count: jax.Array, dtype: np.dtype) -> jax.Array:
-    """``+0`` of ``dtype`` that neither XLA nor LLVM can prove zero: the bits of ``count >> (bits-1)``
-    (``count`` is a non-negative step count, below ``2**31``).
-
-    ``opaque_zero``'s barrier is expanded before code generation, after which LLVM sees a constant
-    ``+0``; where it can also prove the product non-negative it drops ``x + 0`` and contracts
-    the product into the next sum. A zero computed from runtime bits stays an opaque addend.
-    """
-    bits = np.dtype(dtype).itemsize * 8
-    u = {16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[bits]
-    return jax.lax.bitcast_convert_type(jax.lax.shift_right_logical(count.astype(u), u(bits - 1)), dtype)
 
 
 def _mul(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -341,7 +328,7 @@ def _torch_adam_direction(b1: float, b2: float, eps: float) -> optax.GradientTra
             m = m + _mul(one - b1_d, g - m)  # torch: exp_avg.lerp_(grad, 1 - beta1)
             # (1 - b2) * g*g is never -0, so LLVM drops a constant `+ 0` there and contracts the product
             # into the sum (623 of 4,000 elements once-rounded): its zero must be unknown to the compiler.
-            zero = _runtime_zero(state.count, dtype)
+            zero = runtime_zero(state.count, dtype)
             v = _mul(b2_d, v) + rounded_mul(one - b2_d, g * g, zero)  # torch: mul_(beta2).addcmul_(g, g, 1 - beta2)
             return m, v
 
