@@ -61,7 +61,9 @@ def test_public_definitions_have_examples(module):
 
 def test_the_check_finds_a_missing_example(tmp_path):
     f = tmp_path / "m.py"
-    f.write_text('def f():\n    """No example."""\n\ndef _g():\n    pass\n\ndef h():\n    """\n    >>> 1\n    1\n    """\n')
+    f.write_text(
+        'def f():\n    """No example."""\n\ndef _g():\n    pass\n\ndef h():\n    """\n    >>> 1\n    1\n    """\n'
+    )
     names = [n for n, node in _public_defs(f) if ">>>" not in (ast.get_docstring(node) or "")]
     assert names == ["f"]
 

@@ -15,11 +15,13 @@ import optax
 import pytest
 
 from eos_jax import cli, optim
+from eos_jax import train as tr
 from eos_jax.errors import ConfigError
 from eos_jax.pde import nonlinear as nl
 from eos_jax.pde.common import checkerboard
 from experiments import pde
 from experiments.pde import nonlinear as nl_exp
+from experiments.pde.nonlinear_sim import nonlinear_problem, simulate
 
 # ------------------------------------------------------------------ Theorem 5.1 / Eq. (8)
 
@@ -144,7 +146,7 @@ _SMALL = nl.NonlinearConfig(dts=(0.01, 0.03, 10.0), steps=12, size=16, kernel=4,
 @pytest.fixture(scope="module")
 def small_sim():
     """One vmapped run: two finite step sizes and dt=10 (K grows by about -199 per step)."""
-    return nl.simulate(_SMALL)
+    return simulate(_SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +159,7 @@ def reference_lane():
     config = _SMALL
     image = checkerboard(config.size, dtype=np.float32)
     model = nl.make_model(config.kernel, beta=config.beta, conv_impl=config.conv_impl)
-    params0 = model.init(jax.random.fold_in(jax.random.key(config.seed), 0), (config.size, config.size, 1))["params"]
+    params0 = model.init(tr.lane_init_key(config.seed), (config.size, config.size, 1))["params"]
     batch = nl.make_batch(image, config.label)
     loss_fn = nl.make_loss_fn(model, config.alpha)
 
@@ -232,25 +234,65 @@ def test_divergent_lane_is_flagged_with_its_step_and_others_stay_finite(small_si
 
 @pytest.mark.parametrize("pool", ["mean", "sum"])
 def test_sharpness_is_the_largest_algebraic_eigenvalue_of_the_dense_hessian(pool):
-    """The vmapped Lanczos sharpness equals eigh(jax.hessian) of the loss (7) at each lane's K (float64)."""
-    n, w, alpha = 8, 3, 0.5 if pool == "sum" else 0.02
-    model = nl.make_model(w, beta=1.0, pool=pool, conv_impl="lax", dtype="float64")
-    batch = nl.make_batch(np.random.default_rng(1).uniform(-1, 1, (n, n)), 1, dtype=np.float64)
-    base = model.init(jax.random.key(0), (n, n, 1))["params"]
-    params = jax.tree_util.tree_map(lambda x: jnp.stack([jnp.stack([x * 0.05, x * 0.3])]), base)  # (1, 2) lanes
-    fn = nl.make_sharpness_fn(model, alpha, w * w)
-    v0 = jax.tree_util.tree_map(jnp.zeros_like, params)
-    keys = jnp.stack([jnp.stack([jax.random.key(1), jax.random.key(2)])])
-    lam, _, _ = fn(params, v0, keys, batch)
-    loss_fn = nl.make_loss_fn(model, alpha)
-    dense = jax.jit(jax.hessian(lambda kk, b: loss_fn({"conv0": {"kernel": kk[:, :, None, None]}}, b)))
-    for j in range(2):
-        p = jax.tree_util.tree_map(lambda x: x[0, j], params)
-        hess = dense(nl.kernel_of(p), batch)
-        eig = np.linalg.eigvalsh(np.asarray(hess).reshape(w * w, w * w))
-        assert float(lam[0, j]) == pytest.approx(eig[-1], rel=1e-8)
-        assert abs(eig[-1] - alpha) > 0.1 * alpha  # the data term shapes the top eigenvalue
-    assert set(base) == {"conv0"}
+    """The sharpness the experiment records (the engine's Lanczos, float32) is the largest algebraic
+    eigenvalue of eigh(jax.hessian) of the loss (7), evaluated in float64 at each lane's recorded K.
+
+    3x3 kernel, 9 Lanczos products: the whole Krylov space, so the only error is float32 rounding.
+    Label 0: on the pixel checkerboard the logit is ``(P/2) c (s(c) - s(-c)) >= 0`` (``c = <K, chi>``),
+    so with label 1 the sum-pooled sigmoid saturates at the right answer and the data term vanishes.
+    """
+    w, alpha = 3, 0.5 if pool == "sum" else 0.02
+    config = nl.NonlinearConfig(
+        dts=(0.01, 0.3),
+        steps=4,
+        size=8,
+        kernel=w,
+        alpha=alpha,
+        pool=pool,
+        label=0,
+        sharpness_every=4,
+        sharpness_iters=w * w,
+    )
+    sim = simulate(config)
+    assert list(sim["sharpness_steps"]) == [0, 4]
+    model64 = nl.make_model(w, beta=config.beta, pool=pool, conv_impl="lax", dtype="float64")
+    loss64 = nl.make_loss_fn(model64, alpha)
+    batch = nl.make_batch(checkerboard(config.size, dtype=np.float64), config.label, dtype=np.float64)
+    dense = jax.jit(jax.hessian(lambda kk, b: loss64({"conv0": {"kernel": kk[:, :, None, None]}}, b)))
+
+    def spectrum(kern):
+        return np.linalg.eigvalsh(np.asarray(dense(jnp.asarray(kern, jnp.float64), batch)).reshape(w * w, w * w))
+
+    # Step 0: every lane at K_0. The data term shapes the spectrum there; it is rank one along chi
+    # (on the pixel checkerboard the loss sees K only through c = <K, chi> and ||K||).
+    eig0 = spectrum(sim["initial_kernel"])
+    assert np.max(np.abs(eig0 - alpha)) > 0.1 * alpha
+    for i in range(2):
+        for j in range(2):
+            assert float(sim["sharpness"][0, i, j]) == pytest.approx(eig0[-1], rel=2e-4, abs=1e-4 * alpha)
+            kern = nl.kernel_of(jax.tree_util.tree_map(lambda x: x[i, j], sim["final_params"]))
+            eig = spectrum(kern)
+            assert float(sim["sharpness"][-1, i, j]) == pytest.approx(eig[-1], rel=2e-4, abs=1e-4 * alpha)
+
+
+def test_problem_is_the_engines_dt_by_k_sweep():
+    """One group of (dt, k) lanes of one seed, the weight decay inside the loss (7), exact Lanczos count."""
+    problem, lanes, engine, model = nonlinear_problem(nl.NonlinearConfig(dts=(0.01, 0.1), size=8, kernel=3, seed=5))
+    assert [(l.learning_rate, l.k, l.seed, l.weight_decay) for l in lanes] == [
+        (0.01, 1, 5, 0.0),
+        (0.01, 3, 5, 0.0),
+        (0.1, 1, 5, 0.0),
+        (0.1, 3, 5, 0.0),
+    ]
+    assert engine.max_lanes == 4 and engine.sharpness_tol is None and engine.log_every == 1
+    assert not problem.l2_weight_decay and set(
+        problem.step_metrics(problem.init_params(tr.lane_init_key(5)), problem.data)
+    ) == {
+        "data_loss",
+        "logit",
+        "fractions",
+    }
+    assert tr.group_lanes(len(lanes), engine.max_lanes) == [[0, 1, 2, 3]]
 
 
 # ------------------------------------------------------------------------ classification

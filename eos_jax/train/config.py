@@ -44,6 +44,14 @@ class Problem:
         the objective (coupled); the sharpness is then that of ``loss + wd/2 |p|^2``.
       eig_fn: how to compute the top eigenpair; default :func:`eos_jax.train.make_eig_fn`.
       name: for the progress bar and plots.
+      step_metrics: optional per-step auxiliary metrics of one lane, ``(params, batch) ->
+        dict[str, array]`` at the parameters *before* the step's update, on the step's
+        batch (e.g. Table 3's regime fractions of the non-linear PDE). Computed inside the
+        scan for every step; each value keeps a fixed shape and dtype. They reach
+        ``LogBlock.aux``, :attr:`eos_jax.train.History.aux` and the ``aux`` field of the
+        ``metrics.jsonl`` lines. A lane that has become non-finite keeps its frozen
+        parameters, so its later values are those of the frozen parameters (mask them with
+        ``finite``).
     """
 
     init_params: Callable[[jax.Array], PyTree]
@@ -54,6 +62,7 @@ class Problem:
     l2_weight_decay: bool = True
     eig_fn: EigFn | None = None
     name: str = ""
+    step_metrics: Callable[[PyTree, Batch], dict[str, jax.Array]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

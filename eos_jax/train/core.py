@@ -231,7 +231,8 @@ class LogBlock(NamedTuple):
     """Host values of steps ``start .. start + n - 1`` of one group (its real and padding lanes).
 
     ``sharpness`` (per lane) belongs to step ``start`` when not None; ``force`` logs every
-    step of the block (the final line).
+    step of the block (the final line). ``aux`` holds the values of the problem's
+    ``step_metrics``, each ``(lanes, n, ...)`` (``{}`` without them).
     """
 
     group: int
@@ -243,6 +244,7 @@ class LogBlock(NamedTuple):
     rel_l1: np.ndarray  # (lanes, n)
     rel_l1_ma: np.ndarray  # (lanes, n)
     force: bool = False
+    aux: dict[str, np.ndarray] = {}  # never mutated (a shared NamedTuple default)
 
 
 def logged_columns(block: LogBlock, log_every: int) -> list[int]:
@@ -259,7 +261,8 @@ def metric_records(block: LogBlock, log_every: int, threshold: float) -> list[di
 
     Lanes with a k=1 twin in their group get ``rel_l1_to_k1`` and ``rel_l1_to_k1_ma100``;
     the sharpness step gets ``sharpness``, ``normalized_sharpness = lr * sharpness`` (in
-    float64) and its ratio to ``threshold``.
+    float64) and its ratio to ``threshold``; with the problem's ``step_metrics``, ``aux``
+    maps each name to the step's value (a number, or a nested list for an array).
     """
     out = []
     gi = block.inputs
@@ -286,6 +289,8 @@ def metric_records(block: LogBlock, log_every: int, threshold: float) -> list[di
                 lam = float(block.sharpness[li])
                 ns = float(np.float64(lane.learning_rate) * lam)
                 rec.update(sharpness=lam, normalized_sharpness=ns, threshold_ratio=ns / threshold)
+            if block.aux:
+                rec["aux"] = {name: np.asarray(v[li, j]).tolist() for name, v in block.aux.items()}
             out.append(rec)
     return out
 
@@ -340,7 +345,7 @@ def run_group(
             timing["sharpness_s"] += time.perf_counter() - t0
             last_sharp = float(pending_sharp[0])
         if s == total:
-            fl, ff, frel, fma, fstats = jax.device_get(plan.final_fn(state, gi.hp, plan.data, gi.twin))
+            fl, ff, frel, fma, fstats, faux = jax.device_get(plan.final_fn(state, gi.hp, plan.data, gi.twin))
             emit(
                 LogBlock(
                     g,
@@ -352,6 +357,7 @@ def run_group(
                     np.asarray(frel)[:, None],
                     np.asarray(fma)[:, None],
                     force=True,
+                    aux={name: np.asarray(v)[:, None] for name, v in faux.items()},
                 )
             )
             return state, {k: np.asarray(v) for k, v in fstats.items()}
@@ -376,6 +382,7 @@ def run_group(
                 pending_sharp,
                 np.asarray(met["rel_l1"]),
                 np.asarray(met["rel_l1_ma"]),
+                aux={name: np.asarray(v) for name, v in met.get("aux", {}).items()},
             )
         )
         pending_sharp = None

@@ -56,6 +56,11 @@ class History:
       summary: over lanes (number finite, diverged lanes, final loss range, threshold).
       groups: lane indices of each vmapped group (the programs compared like with like).
       threshold: the stability threshold of ``lr * sharpness`` for the optimizer.
+      aux: the problem's ``step_metrics`` (``{}`` without them): per name a ``(lanes, T,
+        ...)`` array at the logged steps, before each step's update (after a lane's first
+        non-finite step, the values of its frozen parameters: mask with ``finite``).
+      timing: wall-clock seconds: ``compile_and_first_chunk_s`` (the first chunk, with
+        its compilation), ``train_s`` (the other chunks), ``sharpness_s``.
     """
 
     lanes: tuple[Lane, ...]
@@ -71,6 +76,8 @@ class History:
     summary: dict[str, Any]
     groups: tuple[tuple[int, ...], ...]
     threshold: float
+    aux: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    timing: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def fit(
@@ -156,6 +163,7 @@ def fit(
         summary=summary,
         groups=tuple(tuple(idx) for idx in plan.groups),
         threshold=problem.threshold,
+        timing=dict(timing),
         **series,
     )
 
@@ -179,11 +187,19 @@ def _series(blocks: list[LogBlock], num_lanes: int, log_every: int) -> dict[str,
         "rel_l1": empty(first.rel_l1.dtype),
         "rel_l1_ma": empty(first.rel_l1_ma.dtype),
     }
+    aux = {
+        name: np.full(
+            (num_lanes, len(steps), *v.shape[2:]), np.nan if np.issubdtype(v.dtype, np.inexact) else 0, v.dtype
+        )
+        for name, v in first.aux.items()
+    }
     for b, js in cols:
         gi = b.inputs
         for li, lane_index in enumerate(gi.idx):
             ts = [pos[b.start + j] for j in js]
             out["loss"][lane_index, ts] = b.loss[li, js]
+            for name, v in b.aux.items():
+                aux[name][lane_index, ts] = v[li, js]
             out["finite"][lane_index, ts] = b.finite[li, js]
             if gi.has_twin[li]:
                 out["rel_l1"][lane_index, ts] = b.rel_l1[li, js]
@@ -195,4 +211,4 @@ def _series(blocks: list[LogBlock], num_lanes: int, log_every: int) -> dict[str,
                 out["normalized_sharpness"][lane_index, t0] = np.float64(gi.lanes[li].learning_rate) * np.float64(
                     b.sharpness[li]
                 )
-    return {"step": steps, **out}
+    return {"step": steps, **out, "aux": aux}

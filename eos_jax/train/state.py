@@ -185,6 +185,20 @@ def _lane_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jax.random.fold_in(lane, 0), jax.random.fold_in(lane, 1), jax.random.fold_in(lane, 2)
 
 
+def lane_init_key(seed: int | jax.Array) -> jax.Array:
+    """The key ``problem.init_params`` receives for a lane of seed ``seed`` (the key tree above).
+
+    Example:
+      >>> import jax
+      >>> from eos_jax.train import lane_init_key
+      >>> k = lane_init_key(7)
+      >>> bool((jax.random.key_data(k) == jax.random.key_data(
+      ...     jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 7), 0))).all())
+      True
+    """
+    return _lane_keys(jnp.asarray(seed, jnp.int32))[0]
+
+
 def hparam_dtype(problem: Problem, dtype: Any = None) -> np.dtype:
     """The dtype of a run's learning rate and weight decay: that of the parameters.
 

@@ -55,7 +55,9 @@ def make_train_step(
     decay). ``metrics["loss"]`` is the loss at the parameters *before* the update (the
     loss of step ``state.step``). A step whose loss, new parameters or new optimizer
     state are not all finite leaves the state unchanged apart from ``step``, and sets
-    ``finite=False`` and ``nonfinite_step`` (first time only).
+    ``finite=False`` and ``nonfinite_step`` (first time only). With
+    ``problem.step_metrics``, ``metrics["aux"]`` holds its values at the parameters
+    before the update, on the same batch.
     """
 
     def step(state: TrainState, hp: HParams, data: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -78,7 +80,10 @@ def make_train_step(
             rel_buf=state.rel_buf,
             rel_count=state.rel_count,
         )
-        return new_state, {"loss": loss, "finite": ok}
+        met = {"loss": loss, "finite": ok}
+        if problem.step_metrics is not None:
+            met["aux"] = problem.step_metrics(state.params, batch)
+        return new_state, met
 
     return step
 
@@ -98,7 +103,8 @@ def make_chunk_fn(
     scan emitted it, is then folded into the lane's running loss statistics
     (:func:`update_loss_stats`, pairs whose earlier step is ``>= late_from`` are late) by
     a second compiled program on device (no host round trip). Metrics ``loss``, ``finite``,
-    ``rel_l1`` and ``rel_l1_ma`` have shape ``(lanes, chunk_steps)``; entries ``>= n``
+    ``rel_l1`` and ``rel_l1_ma`` have shape ``(lanes, chunk_steps)``, and each value of
+    ``aux`` (``problem.step_metrics``) ``(lanes, chunk_steps, ...)``; entries ``>= n``
     are padding.
     """
     vstep = jax.vmap(make_train_step(problem, batch_size), in_axes=(0, 0, None))
@@ -150,34 +156,37 @@ def make_chunk_fn(
 
 
 def make_final_fn(problem: Problem, batch_size: int | None, late_from: int = 0):
-    """``(states, hparams, data, twin) -> (loss, finite, rel_l1, rel_l1_ma, loss_stats)`` at the last step.
+    """``(states, hparams, data, twin) -> (loss, finite, rel_l1, rel_l1_ma, loss_stats, aux)`` at the last step.
 
     The loss and RelL1 of the final parameters (the line of step ``steps``), with the
     final loss folded into the statistics, without changing the state (so a run resumed
     from its last checkpoint recomputes the same values). The statistics are updated in
     a second program from the materialized loss: inside one program XLA may compute the
     loss twice (in two fusions) and round the copies differently, so that the logged loss
-    and the one in the statistics would differ by an ulp.
+    and the one in the statistics would differ by an ulp. ``aux`` holds the values of
+    ``problem.step_metrics`` at the final parameters (``{}`` without it).
     """
     vpush = jax.vmap(push_rel)
     vstats = jax.jit(jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from)))
 
     def one_loss(state: TrainState, data: Batch):
-        return problem.loss_fn(state.params, select_batch(data, state.key, state.step, batch_size))
+        batch = select_batch(data, state.key, state.step, batch_size)
+        aux = problem.step_metrics(state.params, batch) if problem.step_metrics is not None else {}
+        return problem.loss_fn(state.params, batch), aux
 
     def final(states: TrainState, hp: HParams, data: Batch, twin: jax.Array):
         del hp
-        loss = jax.vmap(one_loss, in_axes=(0, None))(states, data)
+        loss, aux = jax.vmap(one_loss, in_axes=(0, None))(states, data)
         finite = states.finite & jnp.isfinite(loss)
         rel = rel_l1_to_twin(states.params, twin)
         _, _, ma = vpush(states.rel_buf, states.rel_count, rel)
-        return loss, finite, rel.astype(ma.dtype), ma
+        return loss, finite, rel.astype(ma.dtype), ma, aux
 
     jitted = jax.jit(final)
 
     def call(states: TrainState, hp: HParams, data: Batch, twin: jax.Array):
-        loss, finite, rel, ma = jitted(states, hp, data, twin)
-        return loss, finite, rel, ma, vstats(states.loss_stats, states.step, loss, finite)
+        loss, finite, rel, ma, aux = jitted(states, hp, data, twin)
+        return loss, finite, rel, ma, vstats(states.loss_stats, states.step, loss, finite), aux
 
     return call
 

@@ -1,9 +1,10 @@
 """Non-linear one-layer CNN PDE experiment (Section 6.1, Eq. (9), Figures 5-6, Table 3): run and results.
 
 ``python -m experiments.pde nonlinear --dt 0.01 0.03 0.05 0.07 0.09 0.11 --steps 2000
---out runs/nonlinear``. The maths (Swish regimes, the cnn loss, the vmapped k=1 / k=3 simulation,
-classification, checkerboard closed forms and theory) is :mod:`eos_jax.pde.nonlinear`; this module
-assembles the results, the findings (:mod:`experiments.pde.nonlinear_notes`) and the plots
+--out runs/nonlinear``. The maths (Swish regimes, the cnn loss, classification,
+checkerboard closed forms and theory) is :mod:`eos_jax.pde.nonlinear`; the k=1 / k=3 lanes run
+through the training engine (:mod:`experiments.pde.nonlinear_sim`); this module assembles the
+results, the findings (:mod:`experiments.pde.nonlinear_notes`) and the plots
 (:mod:`experiments.pde.nonlinear_plots`) into the run directory.
 """
 
@@ -31,11 +32,11 @@ from eos_jax.pde.nonlinear import (
     kernel_of,
     moving_average,
     num_positions,
-    simulate,
     theory,
 )
 from experiments.pde.nonlinear_notes import notes
 from experiments.pde.nonlinear_plots import plot_figure5, plot_figure6, plot_regimes
+from experiments.pde.nonlinear_sim import simulate
 from experiments.pde.rundir import start_run
 
 __all__ = ["build_results", "notes", "run_nonlinear", "summarize"]
@@ -137,7 +138,6 @@ def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, An
                 "fractions": {r: sim["fractions"][:, i, j, m] for m, r in enumerate(REGIMES)},
                 "sharpness": sim["sharpness"][:, i, j],
                 "normalized_sharpness": norm[:, j],
-                "lanczos_residual": sim["lanczos_residual"][:, i, j],
                 "first_nonfinite_step": sim["first_nonfinite"][i][j],
             }
         per_dt[dt_key(dt)] = {

@@ -21,16 +21,19 @@ learning rate) is forward Euler on (9): ``K <- K - dt grad L(K)``, done by
 :func:`eos_jax.optim.sgd` so that the perturbed lane ``k = 3`` computes
 ``K - (dt/k)(k grad)`` (Section 4.1).
 
-One vmapped program runs every lane ``(dt, k)``, ``k in {1, k_perturbed}``, for the
-given step sizes, in ``lax.scan`` chunks. Per step and lane it records the loss (7),
+The lanes ``(dt, k)``, ``k in {1, k_perturbed}``, are the training engine's
+``dt x k`` sweep of this one-layer ``cnn`` on one image (:func:`eos_jax.train.fit`, one
+vmapped program in ``lax.scan`` chunks; built by ``experiments/pde/nonlinear_sim.py``,
+since the engine sits above this maths layer). Per step and lane it records the loss (7),
 its cross-entropy part, the logit ``g``, and the fraction of output positions in each
 regime of Table 3 (:func:`regime_fractions`, threshold :func:`regime_threshold`); per
 step and ``dt`` the RelL1 distance between the ``k = 1`` and ``k = 3`` kernels; every
 ``sharpness_every`` steps the normalized sharpness ``dt * lambda_max`` (largest
 ALGEBRAIC Hessian eigenvalue of the loss in ``K``, fixed-iteration Lanczos from
 :func:`eos_jax.hessian.top_eigenvalue`, warm-started from the previous eigenvector).
-A lane whose loss or kernel becomes non-finite records that step and is frozen; its
-later records are NaN (``null`` in JSON), the other lanes go on.
+A lane whose step does not complete finitely (``L(K_t)``, its gradient or ``K_{t+1}``
+not finite) records that step ``t`` (the engine's convention) and is frozen; its later
+records are NaN (``null`` in JSON), the other lanes go on.
 
 Indexing: record ``t`` of every history describes the iterate ``K_t`` (``K_0`` the
 initial kernel), before the update that produces ``K_{t+1}``.
@@ -46,7 +49,8 @@ last ``window`` records:
   (amplified perturbation);
 * ``stable``: neither (converged, perturbation not amplified).
 
-Initial kernel: ``K_0 ~ N(0, 1)`` from a JAX key (``fold_in(key(seed), 0)``). The authors
+Initial kernel: ``K_0 ~ N(0, 1)`` from the engine's lane init key
+(``fold_in(fold_in(key(0), seed), 0)``, :func:`eos_jax.train.lane_init_key`). The authors
 draw ``np.random.randn`` after ``np.random.seed(7)`` in float64; JAX does not reproduce
 NumPy's stream, so ``K_0`` differs as a sample. On the pixel checkerboard what matters is
 ``c_0 = <K_0, chi>`` (``results.json`` ``initial_c``): it sets where the run starts on the
@@ -76,8 +80,7 @@ Measured with ``pool="mean"`` (the default): stable at 0.01 and 0.03, restrained
 minimum is ``dt < 2/61.997 = 0.0323``. With ``pool="sum"`` it is ``2/563 = 0.00355``.
 
 Submodules: :mod:`~eos_jax.pde.nonlinear.model` (Swish regimes, the cnn model and loss, the
-config), :mod:`~eos_jax.pde.nonlinear.simulation` (the vmapped k=1 / k lanes and their
-sharpness), :mod:`~eos_jax.pde.nonlinear.theory` (classification, checkerboard closed forms, the
+config), :mod:`~eos_jax.pde.nonlinear.theory` (classification, checkerboard closed forms, the
 bounds of Table 3). Their public names are re-exported here.
 """
 
@@ -104,15 +107,6 @@ from eos_jax.pde.nonlinear.model import (
     swish_prime,
     valid_correlation,
 )
-from eos_jax.pde.nonlinear.simulation import (
-    LaneState,
-    StepRecord,
-    init_lanes,
-    make_chunk_fn,
-    make_lane_step,
-    make_sharpness_fn,
-    simulate,
-)
 from eos_jax.pde.nonlinear.theory import (
     checkerboard_loss_1d,
     checkerboard_minima,
@@ -129,13 +123,11 @@ from eos_jax.pde.nonlinear.theory import (
 __all__ = [
     "CLASSES",
     "F32",
-    "LaneState",
     "LossParts",
     "NonlinearConfig",
     "POOLS",
     "PyTree",
     "REGIMES",
-    "StepRecord",
     "analytic_gradient",
     "checkerboard_loss_1d",
     "checkerboard_minima",
@@ -144,22 +136,17 @@ __all__ = [
     "classification_rule",
     "classify",
     "dt_key",
-    "init_lanes",
     "kernel_of",
     "make_batch",
-    "make_chunk_fn",
-    "make_lane_step",
     "make_loss_fn",
     "make_loss_parts",
     "make_model",
-    "make_sharpness_fn",
     "moving_average",
     "num_positions",
     "oscillation",
     "pool_scale",
     "regime_fractions",
     "regime_threshold",
-    "simulate",
     "swish_prime",
     "theory",
     "valid_correlation",
