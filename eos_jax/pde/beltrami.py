@@ -169,11 +169,11 @@ def simulate(
       ...     _, noisy = beltrami.piecewise_constant_signal(16, jax.random.PRNGKey(0), noise=0.1)
       ...     dts = beltrami.strict_step_bound(**kw) * jnp.array([1.0, 10.0, 50.0])
       ...     out = beltrami.simulate(jnp.asarray(noisy), dts, steps=200, record_every=10, **kw)
+      ...     out = {name: np.asarray(v) for name, v in out.items()}
       >>> out["loss"].shape, out["u"].shape
       ((3, 20), (3, 16))
-      >>> [beltrami.classify(np.asarray(out["max_abs_u"][i]), np.asarray(out["update"][i]),
-      ...                    np.asarray(out["u"][i]), float(np.abs(noisy).max()), window=0.1,
-      ...                    divergence_factor=10.0, oscillation_tol=1e-6) for i in range(3)]
+      >>> [beltrami.classify(out["max_abs_u"][i], out["update"][i], out["u"][i], float(np.abs(noisy).max()),
+      ...                    window=0.1, divergence_factor=10.0, oscillation_tol=1e-6) for i in range(3)]
       ['stable', 'restrained', 'divergent']
     """
     grad = jax.grad(loss)

@@ -100,7 +100,7 @@ def simulate(u0: jax.typing.ArrayLike, ratio: float, steps: int) -> jax.Array:
       >>> from eos_jax.pde import heat
       >>> phi = heat.sine_basis(5)[1]  # mode m = 2
       >>> with jax.enable_x64(True):
-      ...     hist = heat.simulate(phi, 0.4, 3)
+      ...     hist = np.asarray(heat.simulate(phi, 0.4, 3))
       >>> hist.shape, hist.dtype
       ((4, 5), dtype('float64'))
       >>> bool(np.allclose(hist[3], heat.amplifier(0.4, 5)[1] ** 3 * phi, rtol=0, atol=1e-12))
