@@ -162,7 +162,7 @@ def make_bias_init(scheme: str, fan_in: int) -> Callable[..., Array]:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax.models.layers import make_bias_init
       >>> init = make_bias_init("pytorch", fan_in=4)  # U(-0.5, 0.5)
-      >>> jax.eval_shape(init, jax.random.PRNGKey(0), (5,), jnp.float32).shape
+      >>> jax.eval_shape(lambda key: init(key, (5,), jnp.float32), jax.random.PRNGKey(0)).shape
       (5,)
       >>> make_bias_init("jax", fan_in=4) is jax.nn.initializers.zeros
       True
