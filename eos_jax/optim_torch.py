@@ -109,7 +109,8 @@ class TorchRoundedOptimizer(NamedTuple):
       >>> opt.update(p, opt.init(p), p)
       Traceback (most recent call last):
       ...
-      eos_jax.errors.ConfigError: rounding='torch' rounds p + alpha*d once, which no update u reproduces through params + u; allowed: eos_jax.optim.apply_step(opt, grads, state, params)
+      eos_jax.errors.ConfigError: rounding='torch' rounds p + alpha*d once, which no update u reproduces
+        through params + u; allowed: eos_jax.optim.apply_step(opt, grads, state, params)
     """
 
     init: Callable[[optax.Params], Any]

@@ -398,7 +398,8 @@ def get(name: str, **cfg: Any) -> Model:
       >>> models.get("cnn", width=3)
       Traceback (most recent call last):
       ...
-      eos_jax.errors.ConfigError: unknown option(s) width for model 'cnn'; allowed: layers, channels, kernel_size, padding, activation, beta, init, init_std, head, num_outputs, conv_impl, in_channels, pool, dtype
+      eos_jax.errors.ConfigError: unknown option(s) width for model 'cnn'; allowed: layers, channels,
+        kernel_size, padding, activation, beta, init, init_std, head, num_outputs, conv_impl, in_channels, pool, dtype
     """
     if name not in _REGISTRY:
         raise ConfigError(f"model name={name!r}; allowed: {', '.join(_REGISTRY)}")

@@ -195,7 +195,8 @@ def resolve_conv_impl(
       >>> resolve_conv_impl("fft", 3, 16, (3, 3))
       Traceback (most recent call last):
       ...
-      eos_jax.errors.ConfigError: conv_impl='fft' needs in_channels == out_channels == 1 and stride 1, got 3->16 channels, strides (1, 1); use 'lax' or 'auto'
+      eos_jax.errors.ConfigError: conv_impl='fft' needs in_channels == out_channels == 1 and stride 1,
+        got 3->16 channels, strides (1, 1); use 'lax' or 'auto'
     """
     check_choice("conv_impl", impl, CONV_IMPLS)
     single = in_channels == 1 and out_channels == 1 and tuple(strides) == (1, 1)

@@ -69,7 +69,8 @@ def require_x64(what: str) -> None:
       ...     require_x64("my_bound")
       Traceback (most recent call last):
       ...
-      eos_jax.errors.ConfigError: my_bound computes in float64 and needs JAX's x64 mode, which is off; enable it before calling (jax.config.update('jax_enable_x64', True), or eos_jax.runtime.configure())
+      eos_jax.errors.ConfigError: my_bound computes in float64 and needs JAX's x64 mode, which is off;
+        enable it before calling (jax.config.update('jax_enable_x64', True), or eos_jax.runtime.configure())
     """
     if not jax.config.jax_enable_x64:
         raise ConfigError(

@@ -191,7 +191,8 @@ def is_unstable(test: Callable[[jax.Array, jax.Array], jax.Array], kernel0: jax.
       ...     op = linear.make_windowed_operator(checkerboard(4), 1)
       ...     step = linear.make_step(op, 0.0, scheme="gd", dt=0.01, a=-0.5, beta=1.0)
       ...     test = jax.jit(linear.make_instability_test(step, 64))
-      ...     print(linear.is_unstable(test, jnp.ones((1, 1)), 100.0), linear.is_unstable(test, jnp.ones((1, 1)), 205.0))
+      ...     k0 = jnp.ones((1, 1))
+      ...     print(linear.is_unstable(test, k0, 100.0), linear.is_unstable(test, k0, 205.0))
       False True
     """
     require_x64("linear.is_unstable")
