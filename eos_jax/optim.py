@@ -71,20 +71,56 @@ ROUNDINGS = ("paper", "torch")
 
 
 class PerturbedScaleState(NamedTuple):
-    """State of :func:`perturbed_scale`."""
+    """State of :func:`perturbed_scale`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import optim
+      >>> opt = optim.perturbed_scale(0.1, k=3)
+      >>> state = opt.init({"w": jnp.zeros(2)})
+      >>> type(state).__name__, int(state.count)
+      ('PerturbedScaleState', 0)
+      >>> _, state = jax.jit(opt.update)({"w": jnp.ones(2)}, state)
+      >>> int(state.count)
+      1
+    """
 
     count: jax.Array  # int32: number of updates so far; the schedule is evaluated at it
 
 
 class TorchMomentumState(NamedTuple):
-    """State of the PyTorch-style momentum of :func:`sgd`."""
+    """State of the PyTorch-style momentum of :func:`sgd`.
+
+    Example:
+      PyTorch copies the first (weight-decayed) gradient into the buffer:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import optim
+      >>> opt = optim.sgd(0.1, momentum=0.9)
+      >>> p = jnp.zeros(2); g = jnp.array([0.5, -0.25])
+      >>> state = opt.init(p)
+      >>> type(state[0]).__name__, state[0].momentum_buffer.tolist()
+      ('TorchMomentumState', [0.0, 0.0])
+      >>> _, state = jax.jit(opt.update)(g, state, p)
+      >>> int(state[0].count), state[0].momentum_buffer.tolist()
+      (1, [0.5, -0.25])
+    """
 
     count: jax.Array  # int32: number of updates so far (0: the buffer is not yet set)
     momentum_buffer: optax.Updates
 
 
 class TorchAdamState(NamedTuple):
-    """State of the PyTorch-style Adam direction of :func:`adam`."""
+    """State of the PyTorch-style Adam direction of :func:`adam`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax import optim
+      >>> opt = optim.adam(0.1)
+      >>> state = opt.init(jnp.zeros(3))
+      >>> type(state[0]).__name__, int(state[0].count), state[0].exp_avg_sq.shape
+      ('TorchAdamState', 0, (3,))
+    """
 
     count: jax.Array  # int32: number of updates so far
     exp_avg: optax.Updates  # first moment m
@@ -221,6 +257,28 @@ def perturbed_scale(
     Raises:
       ConfigError (a ValueError): ``k`` is zero, negative, not an integer or a bool;
         ``learning_rate`` is negative or not finite; ``form`` is unknown.
+
+    Example:
+      In float32, ``lr = 0.1`` and ``u = 0.3``: ``k = 3`` moves the update by one ulp,
+      ``k = 2`` (a power of two) does not, and NumPy's three separate roundings agree:
+
+      >>> import jax, numpy as np
+      >>> import jax.numpy as jnp
+      >>> from eos_jax import optim
+      >>> u = jnp.float32(0.3)
+      >>> @jax.jit  # k may be traced: one compilation for every k
+      ... def update(k):
+      ...     opt = optim.perturbed_scale(0.1, k=k)
+      ...     return opt.update(u, opt.init(u))[0]
+      >>> [float(update(k)) for k in (1, 2, 3)]
+      [-0.030000001192092896, -0.030000001192092896, -0.030000003054738045]
+      >>> lr, k3 = np.float32(0.1), np.float32(3)
+      >>> float(update(3)) == float(-((lr / k3) * (k3 * np.float32(0.3))))
+      True
+      >>> optim.perturbed_scale(0.1, k=0)
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: k=0; allowed: an integer >= 1 (Python int or integer scalar array, possibly traced)
     """
     _check_k(k)
     _check_nonnegative("learning_rate", learning_rate)
@@ -392,10 +450,28 @@ def sgd(
       :class:`~eos_jax.optim_torch.TorchRoundedOptimizer`, stepped with :func:`apply_step`.
 
     Example:
-      >>> import jax.numpy as jnp
-      >>> p = jnp.ones(3, jnp.float32); g = jnp.full(3, 0.3, jnp.float32)
-      >>> opt = sgd(0.1, k=3, momentum=0.9, rounding="torch", form="reference")
-      >>> p, state = apply_step(opt, g, opt.init(p), p)
+      One step from ``theta = 0`` with ``g = 0.3`` (float32): ``k = 3`` changes the last
+      bit of the new parameter, ``k = 2`` does not:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import optim
+      >>> p = jnp.zeros(1, jnp.float32); g = jnp.full(1, 0.3, jnp.float32)
+      >>> @jax.jit
+      ... def step(p, k):
+      ...     opt = optim.sgd(0.1, k=k)
+      ...     return optim.apply_step(opt, g, opt.init(p), p)[0]
+      >>> [step(p, k).tolist() for k in (1, 2, 3)]
+      [[-0.030000001192092896], [-0.030000001192092896], [-0.030000003054738045]]
+
+      ``rounding="torch"`` rounds ``p - lr*g`` once, as PyTorch's ``p.add_(g, alpha=-lr)``,
+      where the default rounds the product and the sum apart:
+
+      >>> p = jnp.ones(1, jnp.float32)
+      >>> step(p, 1).tolist()
+      [0.9700000286102295]
+      >>> opt = optim.sgd(0.1, rounding="torch")
+      >>> jax.jit(lambda p: optim.apply_step(opt, g, opt.init(p), p)[0])(p).tolist()
+      [0.9699999690055847]
 
     Raises:
       ConfigError (a ValueError) on an invalid ``k``, learning rate or hyperparameter.
@@ -461,6 +537,22 @@ def adam(
 
     Raises:
       ConfigError (a ValueError) on an invalid ``k``, learning rate or hyperparameter.
+
+    Example:
+      Adam's first step is ``-lr * sign(g)`` up to ``eps``, whatever ``k``:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import optim
+      >>> p = jnp.ones(2, jnp.float32); g = jnp.array([0.5, -0.25], jnp.float32)
+      >>> opt = optim.adam(0.1, k=3)
+      >>> step = jax.jit(lambda g, state, p: optim.apply_step(opt, g, state, p))
+      >>> new_p, state = step(g, opt.init(p), p)
+      >>> [round(float(x), 6) for x in new_p], int(state[0].count)
+      ([0.9, 1.1], 1)
+      >>> optim.adam(0.1, b2=1.0)
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: b2=1.0; allowed: a finite real number in [0, 1)
     """
     _check_nonnegative("b1", b1, below_one=True)
     _check_nonnegative("b2", b2, below_one=True)
@@ -490,10 +582,12 @@ def apply_step(
     parameters itself (its last operation is a fused multiply-add).
 
     Example:
-      >>> import jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.optim import apply_step, sgd
       >>> p = jnp.zeros(2, jnp.float32); g = jnp.ones(2, jnp.float32)
       >>> opt = sgd(0.5)
-      >>> [float(x) for x in apply_step(opt, g, opt.init(p), p)[0]]
+      >>> new_p, state = jax.jit(lambda g, s, p: apply_step(opt, g, s, p))(g, opt.init(p), p)
+      >>> new_p.tolist()
       [-0.5, -0.5]
     """
     if isinstance(opt, TorchRoundedOptimizer):

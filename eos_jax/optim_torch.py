@@ -59,14 +59,32 @@ from eos_jax.fma import fma, opaque_zero, rounded_mul
 
 
 class TorchSGDState(NamedTuple):
-    """State of the ``rounding="torch"`` SGD."""
+    """State of the ``rounding="torch"`` SGD.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax import optim
+      >>> state = optim.sgd(0.1, rounding="torch").init(jnp.zeros(2))
+      >>> type(state).__name__, int(state.count), state.momentum_buffer
+      ('TorchSGDState', 0, None)
+      >>> optim.sgd(0.1, momentum=0.9, rounding="torch").init(jnp.zeros(2)).momentum_buffer.tolist()
+      [0.0, 0.0]
+    """
 
     count: jax.Array  # int32: steps taken so far (0: the momentum buffer is not yet set)
     momentum_buffer: Any  # pytree like params, or None without momentum
 
 
 class TorchAdamState(NamedTuple):
-    """State of the ``rounding="torch"`` Adam (PyTorch's ``state_steps``, ``exp_avg``, ``exp_avg_sq``)."""
+    """State of the ``rounding="torch"`` Adam (PyTorch's ``state_steps``, ``exp_avg``, ``exp_avg_sq``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax import optim
+      >>> state = optim.adam(0.1, rounding="torch").init({"w": jnp.zeros(3)})
+      >>> type(state).__name__, int(state.count), state.exp_avg["w"].shape
+      ('TorchAdamState', 0, (3,))
+    """
 
     count: jax.Array  # int32: steps taken so far
     exp_avg: optax.Updates
@@ -79,6 +97,20 @@ class TorchRoundedOptimizer(NamedTuple):
 
     Use :func:`eos_jax.optim.apply_step` (or ``step``) instead of ``update`` +
     ``optax.apply_updates``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax import optim
+      >>> from eos_jax.optim_torch import TorchRoundedOptimizer
+      >>> opt = optim.sgd(0.1, rounding="torch")
+      >>> isinstance(opt, TorchRoundedOptimizer)
+      True
+      >>> p = jnp.zeros(2)
+      >>> opt.update(p, opt.init(p), p)
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: rounding='torch' rounds p + alpha*d once, which no update u reproduces
+        through params + u; allowed: eos_jax.optim.apply_step(opt, grads, state, params)
     """
 
     init: Callable[[optax.Params], Any]
@@ -143,7 +175,24 @@ def _scale_by_k(d: jax.Array, k: Any, form: str) -> jax.Array:
 def torch_sgd(
     learning_rate: Any, *, k: Any, momentum: float, nesterov: bool, weight_decay: float, form: str
 ) -> TorchRoundedOptimizer:
-    """SGD with PyTorch's CPU roundings (module docstring); arguments as :func:`eos_jax.optim.sgd`."""
+    """SGD with PyTorch's CPU roundings (module docstring); arguments as :func:`eos_jax.optim.sgd`.
+
+    Example:
+      ``p - lr*g`` rounded once (``p.add_(g, alpha=-lr)``), checked against the exact
+      value rounded to float32 (``Fraction``):
+
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from fractions import Fraction
+      >>> from eos_jax.optim_torch import torch_sgd
+      >>> opt = torch_sgd(0.1, k=1, momentum=0.0, nesterov=False, weight_decay=0.0, form="reference")
+      >>> p = jnp.ones(1, jnp.float32); g = jnp.full(1, 0.3, jnp.float32)
+      >>> new_p, state = jax.jit(opt.step)(g, opt.init(p), p)
+      >>> new_p.tolist(), int(state.count)
+      ([0.9699999690055847], 1)
+      >>> exact = 1 - Fraction(float(np.float32(0.1))) * Fraction(float(np.float32(0.3)))
+      >>> float(np.float32(float(exact)))
+      0.9699999690055847
+    """
     use_momentum = _is_tracer(momentum) or float(np.asarray(momentum)) != 0.0
     use_wd = _is_tracer(weight_decay) or float(np.asarray(weight_decay)) != 0.0
 
@@ -206,7 +255,19 @@ def _adam_host_scalars(lr, k, b1: float, b2: float, form: str, dtype: np.dtype):
 def torch_adam(
     learning_rate: Any, *, k: Any, b1: float, b2: float, eps: float, weight_decay: float, form: str
 ) -> TorchRoundedOptimizer:
-    """Adam with PyTorch's CPU roundings (module docstring); arguments as :func:`eos_jax.optim.adam`."""
+    """Adam with PyTorch's CPU roundings (module docstring); arguments as :func:`eos_jax.optim.adam`.
+
+    Example:
+      The first step moves each parameter by ``lr`` against the gradient's sign (up to ``eps``):
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.optim_torch import torch_adam
+      >>> opt = torch_adam(0.1, k=3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, form="reference")
+      >>> p = jnp.ones(2, jnp.float32); g = jnp.array([0.5, -0.25], jnp.float32)
+      >>> new_p, state = jax.jit(opt.step)(g, opt.init(p), p)
+      >>> [round(float(x), 6) for x in new_p], int(state.count)
+      ([0.9, 1.1], 1)
+    """
     for name, v in (("b1", b1), ("b2", b2), ("eps", eps), ("weight_decay", weight_decay)):
         if not _concrete(v):
             raise ConfigError(f"rounding='torch': {name} is traced; allowed: a Python number")

@@ -58,6 +58,22 @@ class Model:
       dtype: working dtype of parameters and activations.
       has_batch_stats: whether ``variables`` carry ``"batch_stats"``.
       in_channels: required number of input channels, or None for any.
+
+    Example:
+      A one-layer 3x3 CNN (Eq. (6)) on a batch of two 8x8 grey images:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import models
+      >>> model = models.get("cnn", kernel_size=3)
+      >>> variables = jax.jit(model.init, static_argnums=1)(jax.random.PRNGKey(0), (8, 8, 1))
+      >>> variables["params"]["conv0"]["kernel"].shape
+      (3, 3, 1, 1)
+      >>> apply = jax.jit(model.apply, static_argnames="train")
+      >>> logits, new_state = apply(variables, jnp.ones((2, 8, 8, 1)), train=False)
+      >>> logits.shape, logits.dtype, new_state
+      ((2, 1), dtype('float32'), {})
+      >>> model.info["conv_impl"], model.has_batch_stats
+      ('shifted', False)
     """
 
     name: str
@@ -117,7 +133,21 @@ class Model:
 
 
 def count_params(variables_or_params: Any) -> int:
-    """Number of trainable scalars (``variables["params"]`` if given full variables)."""
+    """Number of trainable scalars (``variables["params"]`` if given full variables).
+
+    Example:
+      Cohen et al.'s fc-tanh on MNIST has ``784*200 + 200 + 200*200 + 200 + 200*10 + 10``
+      parameters; shapes alone suffice (:func:`jax.eval_shape`, nothing is initialised):
+
+      >>> import jax
+      >>> from eos_jax import models
+      >>> fc = models.get("fc", width=200, depth=2, num_outputs=10)
+      >>> shapes = jax.eval_shape(lambda key: fc.init(key, (28, 28, 1)), jax.random.PRNGKey(0))
+      >>> models.count_params(shapes)
+      199210
+      >>> models.count_params(shapes) == 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10
+      True
+    """
     tree = variables_or_params
     if isinstance(tree, dict) and "params" in tree:
         tree = tree["params"]
@@ -324,7 +354,13 @@ _REGISTRY = {
 
 
 def names() -> tuple[str, ...]:
-    """Registered model names."""
+    """Registered model names.
+
+    Example:
+      >>> from eos_jax import models
+      >>> models.names()
+      ('cnn', 'fc', 'vgg16', 'vgg16_bn', 'resnet56')
+    """
     return tuple(_REGISTRY)
 
 
@@ -347,6 +383,23 @@ def get(name: str, **cfg: Any) -> Model:
 
     Raises:
       ConfigError: unknown name, unknown keyword or invalid value.
+
+    Example:
+      The paper's three-layer Swish CNN (Eq. (20)-(21)) and two rejected configurations:
+
+      >>> from eos_jax import models
+      >>> cnn = models.get("cnn", layers=3, kernel_size=3, activation="swish", beta=1.0)
+      >>> cnn.info["config"]["channels"], cnn.info["conv_impl_per_layer"]
+      ([1, 1, 1], ['shifted', 'shifted', 'shifted'])
+      >>> models.get("mlp")
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: model name='mlp'; allowed: cnn, fc, vgg16, vgg16_bn, resnet56
+      >>> models.get("cnn", width=3)
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: unknown option(s) width for model 'cnn'; allowed: layers, channels,
+        kernel_size, padding, activation, beta, init, init_std, head, num_outputs, conv_impl, in_channels, pool, dtype
     """
     if name not in _REGISTRY:
         raise ConfigError(f"model name={name!r}; allowed: {', '.join(_REGISTRY)}")

@@ -32,7 +32,22 @@ POOLS = ("mean", "sum")
 
 
 class PaperCNN(nn.Module):
-    """Eq. (20)-(21): bias-free convolutions + activation, global mean or sum (or linear head)."""
+    """Eq. (20)-(21): bias-free convolutions + activation, global mean or sum (or linear head).
+
+    Example:
+      Eq. (6) with a 3x3 kernel of ones on an 8x8 image of ones: every output is
+      ``swish(9) = 9 * sigmoid(9)``, and so is their mean:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import models
+      >>> model = models.get("cnn", kernel_size=3, activation="swish")
+      >>> type(model.module).__name__
+      'PaperCNN'
+      >>> variables = {"params": {"conv0": {"kernel": jnp.ones((3, 3, 1, 1))}}}
+      >>> logit, _ = jax.jit(model.apply, static_argnames="train")(variables, jnp.ones((1, 8, 8, 1)), train=False)
+      >>> round(float(logit[0, 0]), 5)
+      8.99889
+    """
 
     channels: tuple[int, ...]
     kernel_size: tuple[int, int]
@@ -127,7 +142,16 @@ class _KernelParam(nn.Module):
 
 
 class FC(nn.Module):
-    """Fully connected network: ``depth`` hidden layers of ``width`` units."""
+    """Fully connected network: ``depth`` hidden layers of ``width`` units.
+
+    Example:
+      >>> import jax
+      >>> from eos_jax import models
+      >>> fc = models.get("fc", width=4, depth=1, num_outputs=2)
+      >>> shapes = jax.eval_shape(lambda key: fc.init(key, (2, 2, 1)), jax.random.PRNGKey(0))
+      >>> {name: p["kernel"].shape for name, p in shapes["params"].items()}
+      {'dense0': (4, 4), 'out': (4, 2)}
+    """
 
     width: int
     depth: int

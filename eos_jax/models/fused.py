@@ -278,6 +278,19 @@ def single_channel_stack(
 
     Returns:
       ``(N,)`` pooled values.
+
+    Example:
+      Two layers of the delta kernel (a 1 at the centre) and ``tanh`` on images of ones:
+      every pooled value is ``tanh(tanh(1))``, here computed in two chunks of 8 examples:
+
+      >>> import math
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.models.fused import single_channel_stack
+      >>> delta = jnp.zeros((3, 3)).at[1, 1].set(1.0)
+      >>> f = jax.jit(lambda ks, x: single_channel_stack(ks, x, jnp.tanh, chunk=8))
+      >>> g = f([delta, delta], jnp.ones((16, 6, 6)))
+      >>> g.shape, bool(jnp.allclose(g, math.tanh(math.tanh(1.0))))
+      ((16,), True)
     """
     kernels = tuple(kernels)
     if x_NHW.shape[0] < MIN_BATCH:

@@ -56,7 +56,16 @@ Array = jax.Array
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
-    """Raises ConfigError naming ``value`` and the allowed values."""
+    """Raises ConfigError naming ``value`` and the allowed values.
+
+    Example:
+      >>> from eos_jax.models.layers import check_choice
+      >>> check_choice("padding", "valid", ("valid", "same"))
+      >>> check_choice("padding", "full", ("valid", "same"))
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: padding='full'; allowed: 'valid', 'same'
+    """
     if value not in allowed:
         raise ConfigError(f"{name}={value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
 
@@ -71,6 +80,20 @@ def make_activation(name: str, beta: float = 1.0) -> Callable[[Array], Array]:
 
     Returns:
       An elementwise function keeping the dtype of its input.
+
+    Example:
+      Swish with ``beta = 1`` at 2 is ``2 * sigmoid(2)``:
+
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.models.layers import make_activation
+      >>> swish = make_activation("swish", beta=1.0)
+      >>> y = swish(jnp.float32(2.0))
+      >>> round(float(y), 6), y.dtype
+      (1.761594, dtype('float32'))
+      >>> make_activation("swish", beta=0.0)
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: swish beta=0.0; allowed: a finite number > 0
     """
     check_choice("activation", name, ACTIVATIONS)
     if name == "relu":
@@ -106,6 +129,16 @@ def make_kernel_init(scheme: str, *, std: float = 1.0) -> Callable[..., Array]:
 
     Returns:
       ``init(key, shape, dtype) -> Array``.
+
+    Example:
+      PyTorch's default for a 3x3 one-channel kernel is uniform in ``[-1/3, 1/3]``:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.models.layers import make_kernel_init
+      >>> init = jax.jit(make_kernel_init("pytorch"), static_argnums=(1, 2))
+      >>> k = init(jax.random.PRNGKey(0), (3, 3, 1, 1), jnp.float32)
+      >>> k.shape, bool(jnp.all(jnp.abs(k) <= 1 / 3))
+      ((3, 3, 1, 1), True)
     """
     check_choice("init", scheme, INIT_SCHEMES)
     if scheme == "jax":
@@ -123,7 +156,17 @@ def make_kernel_init(scheme: str, *, std: float = 1.0) -> Callable[..., Array]:
 
 
 def make_bias_init(scheme: str, fan_in: int) -> Callable[..., Array]:
-    """Bias initializer: PyTorch's ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` or zeros."""
+    """Bias initializer: PyTorch's ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` or zeros.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.models.layers import make_bias_init
+      >>> init = make_bias_init("pytorch", fan_in=4)  # U(-0.5, 0.5)
+      >>> jax.eval_shape(lambda key: init(key, (5,), jnp.float32), jax.random.PRNGKey(0)).shape
+      (5,)
+      >>> make_bias_init("jax", fan_in=4) is jax.nn.initializers.zeros
+      True
+    """
     if scheme != "pytorch":
         return nn.initializers.zeros
     bound = 1.0 / math.sqrt(fan_in)
@@ -142,6 +185,18 @@ def resolve_conv_impl(
     Raises:
       ConfigError: unknown ``impl``, or ``"shifted"``/``"fft"`` forced on a layer
         that is not single-channel with stride 1.
+
+    Example:
+      >>> from eos_jax.models.layers import resolve_conv_impl
+      >>> resolve_conv_impl("auto", 1, 1, (3, 3)), resolve_conv_impl("auto", 1, 1, (5, 5))
+      ('shifted', 'fft')
+      >>> resolve_conv_impl("auto", 3, 16, (3, 3))
+      'lax'
+      >>> resolve_conv_impl("fft", 3, 16, (3, 3))
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: conv_impl='fft' needs in_channels == out_channels == 1 and stride 1,
+        got 3->16 channels, strides (1, 1); use 'lax' or 'auto'
     """
     check_choice("conv_impl", impl, CONV_IMPLS)
     single = in_channels == 1 and out_channels == 1 and tuple(strides) == (1, 1)
@@ -179,6 +234,18 @@ def conv2d(
 
     Returns:
       ``(N, Ho, Wo, O)`` in the input dtype.
+
+    Example:
+      A 3x3 box of ones over an image of ones sums nine ones at every valid position:
+
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.models.layers import conv2d
+      >>> x = jnp.ones((1, 4, 4, 1)); k = jnp.ones((3, 3, 1, 2))
+      >>> y = conv2d(x, k)
+      >>> y.shape, y[0, :, :, 0].tolist()
+      ((1, 2, 2, 2), [[9.0, 9.0], [9.0, 9.0]])
+      >>> conv2d(x, k, padding="same").shape
+      (1, 4, 4, 2)
     """
     check_choice("padding", padding, PADDINGS)
     kh, kw, cin, cout = kernel_HWIO.shape
@@ -253,6 +320,16 @@ def conv2d_single_channel(x_NHW: Array, k_HW: Array, *, padding: str = "valid", 
 
     Returns:
       ``(N, Ho, Wo)``.
+
+    Example:
+      A cross-correlation (not a convolution): ``K = [[1, 0], [0, -1]]`` gives
+      ``x[p, q] - x[p+1, q+1]``, which is ``-5`` on a 4x4 ``arange``:
+
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.models.layers import conv2d_single_channel
+      >>> x = jnp.arange(16.0).reshape(1, 4, 4); k = jnp.array([[1.0, 0.0], [0.0, -1.0]])
+      >>> conv2d_single_channel(x, k).tolist()
+      [[[-5.0, -5.0, -5.0], [-5.0, -5.0, -5.0], [-5.0, -5.0, -5.0]]]
     """
     check_choice("padding", padding, PADDINGS)
     kh, kw = k_HW.shape
@@ -286,7 +363,19 @@ def conv2d_single_channel(x_NHW: Array, k_HW: Array, *, padding: str = "valid", 
 
 
 class Conv(nn.Module):
-    """Conv layer (HWIO kernel, optional bias) with a selectable init and implementation."""
+    """Conv layer (HWIO kernel, optional bias) with a selectable init and implementation.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.models.layers import Conv
+      >>> layer = Conv(4, (3, 3), padding="valid")
+      >>> x = jnp.ones((2, 8, 8, 1))
+      >>> shapes = jax.eval_shape(layer.init, jax.random.PRNGKey(0), x)
+      >>> jax.tree_util.tree_map(lambda a: a.shape, shapes["params"])
+      {'bias': (4,), 'kernel': (3, 3, 1, 4)}
+      >>> jax.eval_shape(layer.apply, shapes, x).shape
+      (2, 6, 6, 4)
+    """
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
@@ -311,7 +400,16 @@ class Conv(nn.Module):
 
 
 class SingleChannelConv(nn.Module):
-    """Bias-free one-channel conv on ``(N, H, W)`` arrays; kernel stored as HWIO ``(kh, kw, 1, 1)``."""
+    """Bias-free one-channel conv on ``(N, H, W)`` arrays; kernel stored as HWIO ``(kh, kw, 1, 1)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.models.layers import SingleChannelConv
+      >>> layer = SingleChannelConv((3, 3))
+      >>> y = jax.jit(layer.apply)({"params": {"kernel": jnp.ones((3, 3, 1, 1))}}, jnp.ones((2, 5, 5)))
+      >>> y.shape, float(y[0, 0, 0])
+      ((2, 3, 3), 9.0)
+    """
 
     kernel_size: tuple[int, int] = (3, 3)
     padding: str = "valid"
@@ -328,7 +426,15 @@ class SingleChannelConv(nn.Module):
 
 
 class Dense(nn.Module):
-    """Dense layer with a selectable init (PyTorch uniform fan-in or flax defaults)."""
+    """Dense layer with a selectable init (PyTorch uniform fan-in or flax defaults).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.models.layers import Dense
+      >>> params = {"kernel": jnp.ones((3, 2)), "bias": jnp.array([0.5, -0.5])}
+      >>> jax.jit(Dense(2).apply)({"params": params}, jnp.ones((1, 3))).tolist()
+      [[3.5, 2.5]]
+    """
 
     features: int
     use_bias: bool = True

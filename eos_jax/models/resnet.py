@@ -22,7 +22,21 @@ from eos_jax.models.vgg import batch_norm
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers plus an option-A shortcut."""
+    """Two 3x3 conv-BN layers plus an option-A shortcut.
+
+    Example:
+      A stride-2 block from 4 to 8 channels halves the image (shapes only):
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.models.resnet import BasicBlock
+      >>> block = BasicBlock(8, 2, "relu", 1.0, "pytorch", jnp.float32)
+      >>> x = jnp.zeros((1, 8, 8, 4))
+      >>> variables = jax.eval_shape(block.init, jax.random.PRNGKey(0), x)
+      >>> sorted(variables["params"]), variables["params"]["conv1"]["kernel"].shape
+      (['bn1', 'bn2', 'conv1', 'conv2'], (3, 3, 4, 8))
+      >>> jax.eval_shape(block.apply, variables, x).shape
+      (1, 4, 4, 8)
+    """
 
     planes: int
     stride: int
@@ -68,7 +82,19 @@ class BasicBlock(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    """CIFAR ResNet with ``6 * blocks_per_stage + 2`` layers."""
+    """CIFAR ResNet with ``6 * blocks_per_stage + 2`` layers.
+
+    Example:
+      ResNet-20 (``blocks_per_stage=3``; He et al. Table 6: "0.27M"), counted from shapes:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.models import count_params
+      >>> from eos_jax.models.resnet import ResNetCifar
+      >>> net = ResNetCifar(3, 10, "relu", 1.0, "pytorch", jnp.float32)
+      >>> shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+      >>> count_params(shapes)
+      269722
+    """
 
     blocks_per_stage: int
     num_outputs: int

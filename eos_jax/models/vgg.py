@@ -33,6 +33,22 @@ class BatchNorm(nn.Module):
     ``mean((x - mean)^2)``, no ``E[x^2] - E[x]^2`` cancellation) and updates the
     running statistics with the UNBIASED variance ``var * n / (n - 1)`` as PyTorch
     does (flax's BatchNorm uses the biased one). Evaluation uses the running ones.
+
+    Example:
+      A batch of the two values 1 and 3: mean 2, biased variance 1, unbiased 2, so the
+      running statistics become ``0.1 * 2 = 0.2`` and ``0.9 * 1 + 0.1 * 2 = 1.1``:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.models.vgg import BatchNorm
+      >>> x = jnp.array([1.0, 3.0]).reshape(2, 1, 1, 1)
+      >>> bn = BatchNorm(train=True)
+      >>> variables = {"params": {"scale": jnp.ones(1), "bias": jnp.zeros(1)},
+      ...              "batch_stats": {"mean": jnp.zeros(1), "var": jnp.ones(1)}}
+      >>> y, new = jax.jit(lambda v, x: bn.apply(v, x, mutable=["batch_stats"]))(variables, x)
+      >>> [round(float(v), 5) for v in y.ravel()]
+      [-0.99999, 0.99999]
+      >>> round(float(new["batch_stats"]["mean"][0]), 6), round(float(new["batch_stats"]["var"][0]), 6)
+      (0.2, 1.1)
     """
 
     train: bool
@@ -60,12 +76,33 @@ class BatchNorm(nn.Module):
 
 
 def batch_norm(train: bool, dtype: Any, name: str) -> BatchNorm:
-    """PyTorch-equivalent batch norm layer (see :class:`BatchNorm`)."""
+    """PyTorch-equivalent batch norm layer (see :class:`BatchNorm`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.models.vgg import batch_norm
+      >>> bn = batch_norm(False, jnp.float32, "bn0")
+      >>> type(bn).__name__, bn.train, bn.name
+      ('BatchNorm', False, 'bn0')
+    """
     return BatchNorm(train, dtype, name=name)
 
 
 class VGG(nn.Module):
-    """VGG for 32x32 inputs with a single linear classifier."""
+    """VGG for 32x32 inputs with a single linear classifier.
+
+    Example:
+      VGG16 for CIFAR-10 (the kuangliu/pytorch-cifar count), from shapes only:
+
+      >>> import jax
+      >>> from eos_jax import models
+      >>> vgg = models.get("vgg16")
+      >>> type(vgg.module).__name__
+      'VGG'
+      >>> shapes = jax.eval_shape(lambda key: vgg.init(key, (32, 32, 3)), jax.random.PRNGKey(0))
+      >>> models.count_params(shapes)
+      14719818
+    """
 
     cfg: tuple[Any, ...]
     num_outputs: int

@@ -39,20 +39,50 @@ F64 = jnp.float64
 
 
 def loss(u: jax.Array, signal: jax.Array, *, lam: float, delta: float, dx: float) -> jax.Array:
-    """Discrete Beltrami loss (4) divided by ``dx``: ``sum lambda/2 (I - u)^2 + sum sqrt(p^2 + delta^2)``."""
+    """Discrete Beltrami loss (4) divided by ``dx``: ``sum lambda/2 (I - u)^2 + sum sqrt(p^2 + delta^2)``.
+
+    Example:
+      At ``u = I`` constant only the ``N - 1`` terms ``sqrt(0 + delta^2)`` remain:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.pde import beltrami
+      >>> u = jnp.zeros(5)
+      >>> round(float(jax.jit(beltrami.loss)(u, u, lam=1.0, delta=0.1, dx=0.2)), 6)
+      0.4
+    """
     p = jnp.diff(u) / dx
     return 0.5 * lam * jnp.sum((signal - u) ** 2) + jnp.sum(jnp.sqrt(p * p + delta * delta))
 
 
 def strict_step_bound(*, lam: float, delta: float, dx: float) -> float:
-    """``dt_strict = 1/(lambda + 2 kappa_max/dx^2)`` with ``kappa_max = 1/delta`` (CFL for Beltrami)."""
+    """``dt_strict = 1/(lambda + 2 kappa_max/dx^2)`` with ``kappa_max = 1/delta`` (CFL for Beltrami).
+
+    Example:
+      Figure 2's setting, ``lambda = 1000``, ``delta = 0.1``, ``N = 256``:
+      ``1/dt_strict = 1000 + 2 * 256**2 / 0.1``:
+
+      >>> from eos_jax.pde import beltrami
+      >>> round(1 / beltrami.strict_step_bound(lam=1000.0, delta=0.1, dx=1 / 256), 6)
+      1311720.0
+    """
     return 1.0 / (lam + 2.0 / (delta * dx * dx))
 
 
 def piecewise_constant_signal(
     points: int, key: jax.Array, *, noise: float, levels: tuple[float, ...] = (0.0, 1.0, 0.3, 0.8, 0.0, 0.6, 0.2, 1.0)
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Clean piecewise-constant signal (equal-length pieces at ``levels``) and its noisy version (Gaussian)."""
+    """Clean piecewise-constant signal (equal-length pieces at ``levels``) and its noisy version (Gaussian).
+
+    Example:
+      >>> import jax
+      >>> from eos_jax.pde import beltrami
+      >>> with jax.enable_x64(True):
+      ...     clean, noisy = beltrami.piecewise_constant_signal(16, jax.random.PRNGKey(0), noise=0.1)
+      >>> clean.tolist()
+      [0.0, 0.0, 1.0, 1.0, 0.3, 0.3, 0.8, 0.8, 0.0, 0.0, 0.6, 0.6, 0.2, 0.2, 1.0, 1.0]
+      >>> noisy.shape, noisy.dtype
+      ((16,), dtype('float64'))
+    """
     require_x64("beltrami.piecewise_constant_signal")
     idx = np.minimum(np.arange(points) * len(levels) // points, len(levels) - 1)
     clean = np.asarray(levels, dtype=np.float64)[idx]
@@ -76,6 +106,15 @@ class BeltramiConfig:
       divergence_factor: divergent when ``max|u|`` exceeds this times ``max|I|``.
       oscillation_tol: restrained when the final updates exceed this times ``max|I|``.
       record_every: loss / update history stride.
+
+    Example:
+      >>> from eos_jax.pde.beltrami import BeltramiConfig
+      >>> BeltramiConfig().multiples, BeltramiConfig().points
+      ((1.0, 10.0, 100.0, 1000.0), 256)
+      >>> BeltramiConfig(window=0.9).validate()
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: window=0.9; expected 0 < window <= 0.5
     """
 
     multiples: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
@@ -118,6 +157,24 @@ def simulate(
 
     Returns per step size: final ``u``, and every ``record_every`` steps the loss,
     ``max|u|`` and ``||u^{n+1} - u^n||_inf`` (shape ``(len(dts), steps // record_every)``).
+
+    Example:
+      Figure 2 in miniature (16 samples, 200 steps) at 1, 10 and 50 times ``dt_strict``:
+      converged, restrained (bounded but still moving), divergent:
+
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax.pde import beltrami
+      >>> kw = dict(lam=1000.0, delta=0.1, dx=1 / 16)
+      >>> with jax.enable_x64(True):
+      ...     _, noisy = beltrami.piecewise_constant_signal(16, jax.random.PRNGKey(0), noise=0.1)
+      ...     dts = beltrami.strict_step_bound(**kw) * jnp.array([1.0, 10.0, 50.0])
+      ...     out = beltrami.simulate(jnp.asarray(noisy), dts, steps=200, record_every=10, **kw)
+      ...     out = {name: np.asarray(v) for name, v in out.items()}
+      >>> out["loss"].shape, out["u"].shape
+      ((3, 20), (3, 16))
+      >>> [beltrami.classify(out["max_abs_u"][i], out["update"][i], out["u"][i], float(np.abs(noisy).max()),
+      ...                    window=0.1, divergence_factor=10.0, oscillation_tol=1e-6) for i in range(3)]
+      ['stable', 'restrained', 'divergent']
     """
     grad = jax.grad(loss)
 
@@ -147,7 +204,20 @@ def classify(
     divergence_factor: float,
     oscillation_tol: float,
 ) -> str:
-    """The module docstring's rule: "divergent", "restrained" or "stable"."""
+    """The module docstring's rule: "divergent", "restrained" or "stable".
+
+    Example:
+      >>> import numpy as np
+      >>> from eos_jax.pde.beltrami import classify
+      >>> kw = dict(window=0.5, divergence_factor=10.0, oscillation_tol=1e-6)
+      >>> bounded, u = np.ones(4), np.zeros(3)
+      >>> classify(bounded, np.array([1.0, 0.1, 0.0, 0.0]), u, 1.0, **kw)
+      'stable'
+      >>> classify(bounded, np.array([1.0, 0.1, 0.01, 0.01]), u, 1.0, **kw)
+      'restrained'
+      >>> classify(np.array([1.0, 2.0, 50.0, 1.0]), np.zeros(4), u, 1.0, **kw)
+      'divergent'
+    """
     if not (np.all(np.isfinite(max_abs_u)) and np.all(np.isfinite(final_u)) and np.all(np.isfinite(update))):
         return "divergent"
     if np.max(max_abs_u) > divergence_factor * signal_max:

@@ -27,6 +27,19 @@ def checkerboard(size: int = 256, *, square: int = 1, dtype: Any = np.float64) -
 
     Returns:
       A NumPy array of shape ``(size, size)``; entry ``(0, 0)`` is +1.
+
+    Example:
+      The pixel pattern's DFT is one spike of height ``n**2`` at the Nyquist frequency:
+
+      >>> import numpy as np
+      >>> from eos_jax.pde.common import checkerboard
+      >>> checkerboard(4).astype(int).tolist()
+      [[1, -1, 1, -1], [-1, 1, -1, 1], [1, -1, 1, -1], [-1, 1, -1, 1]]
+      >>> spec = np.abs(np.fft.fft2(checkerboard(8)))
+      >>> float(spec[4, 4]), float(spec.sum())
+      (64.0, 64.0)
+      >>> checkerboard(4, square=2)[:, 0].tolist()
+      [1.0, 1.0, -1.0, -1.0]
     """
     if int(size) != size or size < 1:
         raise ConfigError(f"checkerboard size={size!r}; expected an integer >= 1")
@@ -46,6 +59,18 @@ def require_x64(what: str) -> None:
 
     Args:
       what: the function that needs float64, named in the message.
+
+    Example:
+      >>> import jax
+      >>> from eos_jax.pde.common import require_x64
+      >>> with jax.enable_x64(True):
+      ...     require_x64("my_bound")
+      >>> with jax.enable_x64(False):
+      ...     require_x64("my_bound")
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: my_bound computes in float64 and needs JAX's x64 mode, which is off;
+        enable it before calling (jax.config.update('jax_enable_x64', True), or eos_jax.runtime.configure())
     """
     if not jax.config.jax_enable_x64:
         raise ConfigError(

@@ -34,30 +34,78 @@ F64 = jnp.float64
 
 
 def amplifier(ratio: float, points: int) -> np.ndarray:
-    """``A_m = 1 - 2 r (1 - cos(m pi/(K + 1)))`` for ``m = 1..K`` (Eq. (3) with Dirichlet modes)."""
+    """``A_m = 1 - 2 r (1 - cos(m pi/(K + 1)))`` for ``m = 1..K`` (Eq. (3) with Dirichlet modes).
+
+    Example:
+      At ``r = 1/2`` and ``K = 3``, ``A_m = cos(m pi/4)``:
+
+      >>> import numpy as np
+      >>> from eos_jax.pde import heat
+      >>> np.round(heat.amplifier(0.5, 3), 6).tolist()
+      [0.707107, 0.0, -0.707107]
+    """
     m = np.arange(1, points + 1, dtype=np.float64)
     return 1.0 - 2.0 * ratio * (1.0 - np.cos(m * np.pi / (points + 1)))
 
 
 def cfl_ratio_bound() -> float:
-    """The CFL bound on ``r = kappa dt/dx^2``: stable for every grid iff ``r <= 1/2``."""
+    """The CFL bound on ``r = kappa dt/dx^2``: stable for every grid iff ``r <= 1/2``.
+
+    Example:
+      Above the bound the highest mode is amplified (``|A_K| > 1``), at it none is:
+
+      >>> import numpy as np
+      >>> from eos_jax.pde import heat
+      >>> r = heat.cfl_ratio_bound()
+      >>> r, bool(np.abs(heat.amplifier(r, 29)).max() <= 1), bool(np.abs(heat.amplifier(0.6, 29)).max() > 1)
+      (0.5, True, True)
+    """
     return 0.5
 
 
 def sine_basis(points: int) -> np.ndarray:
-    """The ``K x K`` DST-I matrix ``S[m-1, j-1] = sin(m pi j/(K + 1))`` (``S @ S = (K + 1)/2 I``)."""
+    """The ``K x K`` DST-I matrix ``S[m-1, j-1] = sin(m pi j/(K + 1))`` (``S @ S = (K + 1)/2 I``).
+
+    Example:
+      >>> import numpy as np
+      >>> from eos_jax.pde import heat
+      >>> S = heat.sine_basis(5)
+      >>> S.shape, bool(np.allclose(S @ S, 3.0 * np.eye(5)))
+      ((5, 5), True)
+    """
     j = np.arange(1, points + 1, dtype=np.float64)
     return np.sin(np.outer(j, j) * np.pi / (points + 1))
 
 
 def triangle(points: int, length: float, height: float = 1.0) -> np.ndarray:
-    """Triangle initial condition on the interior points: 0 at both ends, ``height`` at ``L/2``."""
+    """Triangle initial condition on the interior points: 0 at both ends, ``height`` at ``L/2``.
+
+    Example:
+      >>> from eos_jax.pde import heat
+      >>> heat.triangle(3, 4.0).tolist()
+      [0.5, 1.0, 0.5]
+    """
     x = np.arange(1, points + 1, dtype=np.float64) * (length / (points + 1))
     return height * (1.0 - np.abs(x - 0.5 * length) / (0.5 * length))
 
 
 def simulate(u0: jax.typing.ArrayLike, ratio: float, steps: int) -> jax.Array:
-    """Scheme (2) with Dirichlet zeros; returns all iterates ``u^0..u^steps`` as ``(steps + 1, K)`` float64."""
+    """Scheme (2) with Dirichlet zeros; returns all iterates ``u^0..u^steps`` as ``(steps + 1, K)`` float64.
+
+    Example:
+      A sine mode is an eigenvector of the scheme: after ``n`` steps it is ``A_m^n`` times itself.
+      The scheme runs in float64, so JAX's x64 mode must be on:
+
+      >>> import jax, numpy as np
+      >>> from eos_jax.pde import heat
+      >>> phi = heat.sine_basis(5)[1]  # mode m = 2
+      >>> with jax.enable_x64(True):
+      ...     hist = np.asarray(heat.simulate(phi, 0.4, 3))
+      >>> hist.shape, hist.dtype
+      ((4, 5), dtype('float64'))
+      >>> bool(np.allclose(hist[3], heat.amplifier(0.4, 5)[1] ** 3 * phi, rtol=0, atol=1e-12))
+      True
+    """
     require_x64("heat.simulate")
     u0 = jnp.asarray(u0, dtype=F64)
 
@@ -76,6 +124,19 @@ def measured_growth(history: np.ndarray, *, rel_floor: float = 1e-8) -> tuple[np
     ``g_m = sum_n c_m^{n+1} c_m^n / sum_n (c_m^n)^2`` with ``c^n = S u^n``, over the steps where
     ``|c_m^n|`` is above ``rel_floor`` times the largest coefficient at that step (below it
     the coefficient is rounding noise). Returns ``(g, used)``; ``g`` is NaN where unused.
+
+    Example:
+      The triangle has only odd modes; their measured growth is the amplifier ``A_m``:
+
+      >>> import jax, numpy as np
+      >>> from eos_jax.pde import heat
+      >>> with jax.enable_x64(True):
+      ...     hist = np.asarray(heat.simulate(heat.triangle(9, 10.0), 0.8, 60))
+      >>> g, used = heat.measured_growth(hist)
+      >>> np.flatnonzero(used).tolist()
+      [0, 2, 4, 6, 8]
+      >>> bool(np.allclose(g[used], heat.amplifier(0.8, 9)[used]))
+      True
     """
     coeffs = np.asarray(history) @ sine_basis(history.shape[1])
     scale = np.max(np.abs(coeffs), axis=1, keepdims=True)
@@ -89,7 +150,22 @@ def measured_growth(history: np.ndarray, *, rel_floor: float = 1e-8) -> tuple[np
 
 
 def first_mode_to_cross(history: np.ndarray, threshold: float) -> tuple[int | None, int | None]:
-    """The first mode ``m`` (1-based) whose sine coefficient reaches ``|c_m^n| > threshold``, and that step ``n``."""
+    """The first mode ``m`` (1-based) whose sine coefficient reaches ``|c_m^n| > threshold``, and that step ``n``.
+
+    Example:
+      Above the CFL bound the highest mode (``m = K = 9``) is the first to grow tenfold:
+
+      >>> import jax, numpy as np
+      >>> from eos_jax.pde import heat
+      >>> u0 = heat.triangle(9, 10.0)
+      >>> with jax.enable_x64(True):
+      ...     hist = np.asarray(heat.simulate(u0, 0.8, 60))
+      >>> threshold = 10 * np.abs(u0 @ heat.sine_basis(9)).max()
+      >>> heat.first_mode_to_cross(hist, threshold)
+      (9, 8)
+      >>> heat.first_mode_to_cross(hist[:5], threshold)
+      (None, None)
+    """
     coeffs = np.abs(np.asarray(history) @ sine_basis(history.shape[1]))
     hit = coeffs > threshold
     if not hit.any():
@@ -110,6 +186,15 @@ class HeatConfig:
       steps: time steps per run.
       cross_factor: a mode "grows" when its sine coefficient exceeds ``cross_factor`` times
         the largest initial coefficient.
+
+    Example:
+      >>> from eos_jax.pde.heat import HeatConfig
+      >>> HeatConfig().ratios, HeatConfig(points=9).points
+      ((0.4, 0.8), 9)
+      >>> HeatConfig(ratios=(-0.1,)).validate()
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: ratios=(-0.1,); expected positive finite values of kappa*dt/dx^2
     """
 
     ratios: tuple[float, ...] = (0.4, 0.8)
@@ -133,7 +218,19 @@ class HeatConfig:
 
 
 def analyze(config: HeatConfig, ratio: float) -> dict[str, Any]:
-    """Simulates one ``r`` and compares the measured per-mode growth with ``A_m``."""
+    """Simulates one ``r`` and compares the measured per-mode growth with ``A_m``.
+
+    Example:
+      >>> import jax
+      >>> from eos_jax.pde import heat
+      >>> config = heat.HeatConfig(ratios=(0.8,), points=9, steps=60)
+      >>> with jax.enable_x64(True):
+      ...     res = heat.analyze(config, 0.8)
+      >>> res["behaviour"], res["largest_abs_amplifier_mode"], res["first_mode_to_grow"]
+      ('blows up', 9, 9)
+      >>> res["predicted_first_mode_to_grow"], res["max_rel_err_growth_vs_amplifier"] < 1e-6
+      (9, True)
+    """
     u0 = triangle(config.points, config.length)
     hist = np.asarray(simulate(u0, ratio, config.steps))
     amp = amplifier(ratio, config.points)

@@ -14,7 +14,17 @@ from eos_jax.pde.linear.theory import C128, F64, Operator, data_scale, image_bar
 
 
 def scaled_operator(op: Operator, q: float) -> Operator:
-    """``q M`` (the data term of a mean pooling when ``q = 1/P``); ``op`` itself when ``q == 1``."""
+    """``q M`` (the data term of a mean pooling when ``q = 1/P``); ``op`` itself when ``q == 1``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.pde import linear
+      >>> double = lambda k: 2.0 * k
+      >>> linear.scaled_operator(double, 0.25)(jnp.ones(2)).tolist()
+      [0.5, 0.5]
+      >>> linear.scaled_operator(double, 1.0) is double
+      True
+    """
     if q == 1.0:
         return op
     return lambda kernel: q * op(kernel)
@@ -24,6 +34,16 @@ def valid_correlation(kernel: jax.Array, image: jax.Array) -> jax.Array:
     """``(K * I)(x) = sum_z K(z) I(x + z)`` over valid positions (no padding), via ``lax.conv``.
 
     Deep-learning libraries' convolution; the direct reference for the FFT operators.
+
+    Example:
+      ``K = [[1, 0], [0, -1]]`` gives ``I(x) - I(x + (1, 1))``, ``-5`` on a 4x4 ``arange``:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.pde import linear
+      >>> with jax.enable_x64(True):
+      ...     r = linear.valid_correlation(jnp.array([[1.0, 0.0], [0.0, -1.0]]), jnp.arange(16.0).reshape(4, 4))
+      >>> r.dtype, r.tolist()
+      (dtype('float64'), [[-5.0, -5.0, -5.0], [-5.0, -5.0, -5.0], [-5.0, -5.0, -5.0]])
     """
     require_x64("linear.valid_correlation")
     out = jax.lax.conv_general_dilated(
@@ -49,6 +69,20 @@ def make_windowed_operator(image: jax.typing.ArrayLike, w: int) -> Operator:
 
     Returns:
       A jittable linear map ``(w, w) float64 -> (w, w) float64`` (symmetric PSD).
+
+    Example:
+      On the pixel checkerboard ``M = (n - w + 1)^2 chi chi^T``, so ``chi`` (the window's own
+      checkerboard, ``||chi||^2 = w^2``) is an eigenvector with eigenvalue ``6^2 * 3^2 = 324``
+      for ``n = 8``, ``w = 3``:
+
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax.pde import linear
+      >>> from eos_jax.pde.common import checkerboard
+      >>> with jax.enable_x64(True):
+      ...     op = linear.make_windowed_operator(checkerboard(8), 3)
+      ...     chi = jnp.asarray(checkerboard(3))
+      ...     print(bool(np.allclose(jax.jit(op)(chi), 324.0 * chi)))
+      True
     """
     require_x64("linear.make_windowed_operator")
     img = jnp.asarray(image, dtype=F64)
@@ -77,6 +111,19 @@ def make_periodic_operator(image: jax.typing.ArrayLike) -> Operator:
     """``M K = (K * I) * I`` with circular correlations on the ``n x n`` torus (``w -> infinity``).
 
     Diagonal in the DFT basis: ``DFT{M K} = K_hat |I_hat|^2`` (Eqs. (50)-(53)).
+
+    Example:
+      The 4x4 pixel checkerboard has ``|I_hat|^2 = 4**4`` at the Nyquist frequency and 0
+      elsewhere: it scales itself by 256 and annihilates constants:
+
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax.pde import linear
+      >>> from eos_jax.pde.common import checkerboard
+      >>> with jax.enable_x64(True):
+      ...     img = jnp.asarray(checkerboard(4))
+      ...     op = jax.jit(linear.make_periodic_operator(img))
+      ...     print(bool(np.allclose(op(img), 256.0 * img)), bool(np.allclose(op(jnp.ones((4, 4))), 0.0)))
+      True True
     """
     require_x64("linear.make_periodic_operator")
     img = jnp.asarray(image, dtype=F64)
@@ -98,6 +145,23 @@ def linearized_loss(
     ``(a/2)(Ibar + beta q (K * I) * I) + alpha K``, so forward Euler (11) is gradient descent on it.
     ``q`` is :func:`data_scale` of ``pool`` over the ``(n - w + 1)^2`` valid positions and
     ``Ibar`` :func:`image_bar` (defaults: as in the authors' ``single_layer/linear.py``).
+
+    Example:
+      ``jax.grad`` of the loss is the right-hand side of (10), written with the windowed ``M``:
+
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax.pde import linear
+      >>> from eos_jax.pde.common import checkerboard
+      >>> with jax.enable_x64(True):
+      ...     img = jnp.asarray(checkerboard(6))
+      ...     op, ibar = linear.make_windowed_operator(img, 3), linear.image_bar(img, "mean")
+      ...     @jax.jit
+      ...     def grad_and_rhs(k):
+      ...         g = jax.grad(linear.linearized_loss)(k, img, a=-0.5, beta=1.0, alpha=2.0)
+      ...         return g, 0.5 * -0.5 * (ibar + op(k)) + 2.0 * k
+      ...     g, rhs = grad_and_rhs(jnp.arange(9.0).reshape(3, 3) / 9)
+      ...     print(bool(np.allclose(g, rhs)))
+      True
     """
     r = valid_correlation(kernel, image)
     q = data_scale(pool, r.size)
@@ -110,7 +174,20 @@ def linearized_loss(
 def loss_from_operator(
     op: Operator, kernel: jax.Array, ibar: jax.Array, *, a: float, beta: float, alpha: jax.Array
 ) -> jax.Array:
-    """The same loss written with ``M``: ``||K * I||^2 = <K, M K>``."""
+    """The same loss written with ``M``: ``||K * I||^2 = <K, M K>``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax.pde import linear
+      >>> from eos_jax.pde.common import checkerboard
+      >>> with jax.enable_x64(True):
+      ...     img = jnp.asarray(checkerboard(6)); k = jnp.arange(9.0).reshape(3, 3) / 9
+      ...     op, ibar = linear.make_windowed_operator(img, 3), linear.image_bar(img, "mean")
+      ...     a, b = jax.jit(lambda k: (linear.loss_from_operator(op, k, ibar, a=-0.5, beta=1.0, alpha=2.0),
+      ...                               linear.linearized_loss(k, img, a=-0.5, beta=1.0, alpha=2.0)))(k)
+      ...     print(bool(np.isclose(a, b)))
+      True
+    """
     return (
         0.25 * a * beta * jnp.vdot(kernel, op(kernel))
         + 0.5 * a * ibar * jnp.sum(kernel)
@@ -137,6 +214,19 @@ def operator_extremes(
 
     Returns:
       :class:`eos_jax.eigen.Extremes`.
+
+    Example:
+      The windowed checkerboard operator against its closed form
+      (:func:`checkerboard_window_extremes`):
+
+      >>> import jax
+      >>> from eos_jax.pde import linear
+      >>> from eos_jax.pde.common import checkerboard
+      >>> with jax.enable_x64(True):
+      ...     op = linear.make_windowed_operator(checkerboard(8), 3)
+      ...     e = linear.operator_extremes(op, (3, 3), jax.random.PRNGKey(0))
+      >>> round(e.mu_min, 6) + 0.0, round(e.mu_max, 6), linear.checkerboard_window_extremes(8, 3)
+      (0.0, 324.0, (0.0, 324.0))
     """
     require_x64("linear.operator_extremes")
     k1, k2 = jax.random.split(key)
@@ -157,6 +247,11 @@ def checkerboard_window_extremes(n: int, w: int) -> tuple[float, float]:
     ``(K * I)(x) = (-1)^{x1+x2} <K, chi>`` with ``chi(z) = (-1)^{z1+z2}``: ``C`` has rank one,
     ``M = (n - w + 1)^2 chi chi^T``, so ``mu_max = (n - w + 1)^2 w^2`` and ``mu_min = 0``
     (``w >= 2``; for ``w = 1`` both equal ``n^2``).
+
+    Example:
+      >>> from eos_jax.pde import linear
+      >>> linear.checkerboard_window_extremes(8, 3), linear.checkerboard_window_extremes(4, 1)
+      ((0.0, 324.0), (16.0, 16.0))
     """
     mu_max = float((n - w + 1) ** 2 * w * w)
     return (mu_max if w == 1 else 0.0), mu_max

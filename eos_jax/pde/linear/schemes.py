@@ -32,7 +32,15 @@ from eos_jax.pde.linear.theory import (
 
 
 class SchemeState(NamedTuple):
-    """State of the two schemes: current and previous kernel (previous unused by "gd")."""
+    """State of the two schemes: current and previous kernel (previous unused by "gd").
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.pde.linear import SchemeState
+      >>> state = SchemeState(kernel=jnp.zeros((2, 2)), prev_kernel=jnp.ones((2, 2)))
+      >>> state.kernel.shape, float(state.prev_kernel.sum())
+      ((2, 2), 4.0)
+    """
 
     kernel: jax.Array
     prev_kernel: jax.Array
@@ -50,6 +58,21 @@ def make_step(
 
     Returns:
       ``step(state, alpha) -> state`` (jittable, vmappable over ``alpha``).
+
+    Example:
+      A ``1 x 1`` kernel on the 4x4 pixel checkerboard has ``M = 16``; with ``a = -1/2``,
+      ``Ibar = 0`` and ``alpha = 10`` the gradient at ``K = 1`` is ``-4 + 10 = 6``, so one
+      forward-Euler step with ``dt = 0.01`` gives ``1 - 0.06``:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.pde import linear
+      >>> from eos_jax.pde.common import checkerboard
+      >>> with jax.enable_x64(True):
+      ...     op = linear.make_windowed_operator(checkerboard(4), 1)
+      ...     step = linear.make_step(op, 0.0, scheme="gd", dt=0.01, a=-0.5, beta=1.0)
+      ...     k1 = jnp.ones((1, 1))
+      ...     print(jax.jit(step)(linear.SchemeState(k1, k1), 10.0).kernel.tolist())
+      [[0.94]]
     """
     require_x64("linear.make_step")
     _check_scheme(scheme)
@@ -81,7 +104,22 @@ def simulate(
     num_steps: int,
     record: Callable[[SchemeState], jax.Array],
 ) -> tuple[SchemeState, jax.Array]:
-    """Runs ``num_steps`` steps from ``kernel0`` (``K^{-1} = K^0``) in a ``lax.scan``; returns final state and records."""
+    """Runs ``num_steps`` steps from ``kernel0`` (``K^{-1} = K^0``) in a ``lax.scan``; returns final state and records.
+
+    Example:
+      The setting of :func:`make_step`: each step multiplies ``K`` by ``A = 1 - dt z = 0.94``
+      (Eq. (13), ``z = alpha + (a beta/2) mu = 10 - 4``):
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.pde import linear
+      >>> from eos_jax.pde.common import checkerboard
+      >>> with jax.enable_x64(True):
+      ...     op = linear.make_windowed_operator(checkerboard(4), 1)
+      ...     step = linear.make_step(op, 0.0, scheme="gd", dt=0.01, a=-0.5, beta=1.0)
+      ...     final, ks = linear.simulate(step, jnp.ones((1, 1)), 10.0, 3, lambda s: s.kernel[0, 0])
+      ...     print([round(k, 12) for k in ks.tolist()])
+      [0.94, 0.8836, 0.830584]
+    """
 
     def body(state: SchemeState, _: None) -> tuple[SchemeState, jax.Array]:
         new = step(state, alpha)
@@ -93,7 +131,26 @@ def simulate(
 def make_instability_test(
     step: Callable[[SchemeState, jax.Array], SchemeState], num_steps: int
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``is_unstable(kernel0, alpha) -> bool`` by simulation (see :func:`is_unstable` for the rule)."""
+    """``is_unstable(kernel0, alpha) -> bool`` by simulation (see :func:`is_unstable` for the rule).
+
+    Example:
+      In the setting of :func:`make_step` forward Euler is stable iff ``0 < dt (alpha - 4) < 2``,
+      i.e. ``4 < alpha < 204``:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.pde import linear
+      >>> from eos_jax.pde.common import checkerboard
+      >>> with jax.enable_x64(True):
+      ...     op = linear.make_windowed_operator(checkerboard(4), 1)
+      ...     step = linear.make_step(op, 0.0, scheme="gd", dt=0.01, a=-0.5, beta=1.0)
+      ...     test = jax.jit(linear.make_instability_test(step, 64))
+      ...     print([bool(test(jnp.ones((1, 1)), jnp.float64(alpha))) for alpha in (3.0, 100.0, 205.0)])
+      [True, False, True]
+      >>> linear.make_instability_test(step, 4)
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: bisection steps=4; expected >= 8
+    """
     if num_steps < 8:
         raise ConfigError(f"bisection steps={num_steps}; expected >= 8")
     q = num_steps // 8
@@ -123,6 +180,20 @@ def is_unstable(test: Callable[[jax.Array, jax.Array], jax.Array], kernel0: jax.
     Nesterov modes from passing for growth. Resolution: a growth ``rho = 1 + eps`` is
     seen when ``eps`` exceeds roughly the decaying modes' weight at ``3N/4``, i.e.
     ``N`` must be long against ``1/(1 - |A_2|)`` (the second largest mode).
+
+    Example:
+      Stable iff ``4 < alpha < 204`` (see :func:`make_instability_test`):
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.pde import linear
+      >>> from eos_jax.pde.common import checkerboard
+      >>> with jax.enable_x64(True):
+      ...     op = linear.make_windowed_operator(checkerboard(4), 1)
+      ...     step = linear.make_step(op, 0.0, scheme="gd", dt=0.01, a=-0.5, beta=1.0)
+      ...     test = jax.jit(linear.make_instability_test(step, 64))
+      ...     k0 = jnp.ones((1, 1))
+      ...     print(linear.is_unstable(test, k0, 100.0), linear.is_unstable(test, k0, 205.0))
+      False True
     """
     require_x64("linear.is_unstable")
     return bool(test(kernel0, jnp.asarray(alpha, F64)))
@@ -146,6 +217,20 @@ def bisect_bounds(
     Returns:
       dict with ``alpha_min``, ``alpha_max`` (midpoints of the final brackets; ``None``
       when no stable alpha was found at ``scale``), brackets, rounds and simulations run.
+
+    Example:
+      Bisection recovers the exact interval ``(4, 204)`` of the setting of :func:`make_step`
+      to the relative tolerance:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.pde import linear
+      >>> from eos_jax.pde.common import checkerboard
+      >>> with jax.enable_x64(True):
+      ...     op = linear.make_windowed_operator(checkerboard(4), 1)
+      ...     step = linear.make_step(op, 0.0, scheme="gd", dt=0.01, a=-0.5, beta=1.0)
+      ...     res = linear.bisect_bounds(linear.make_instability_test(step, 64), jnp.ones((1, 1)), scale=100.0)
+      >>> bool(abs(res["alpha_min"] - 4.0) < 1e-3), bool(abs(res["alpha_max"] - 204.0) < 0.03)
+      (True, True)
     """
     require_x64("linear.bisect_bounds")
     vtest = jax.jit(jax.vmap(test, in_axes=(None, 0)))
@@ -235,6 +320,15 @@ class LinearConfig:
       bisect_steps: iterations per simulated run of the bisection.
       rel_tol: relative bracket width at which bisection stops.
       plot_steps: iterations of the Figure-4 runs.
+
+    Example:
+      >>> from eos_jax.pde.linear import LinearConfig
+      >>> LinearConfig().kernels, LinearConfig().dt, LinearConfig(scheme="nesterov").momentum
+      ((16, 32, 64), 1e-08, 0.9)
+      >>> LinearConfig(kernels=(300,)).validate()
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: kernel size 300; expected 1 <= w <= size=256
     """
 
     kernels: tuple[int, ...] = (16, 32, 64)
@@ -287,7 +381,23 @@ class LinearConfig:
 def analyze_window(
     image: np.ndarray, w: int, kernel0: jax.Array, config: LinearConfig, key: jax.Array
 ) -> dict[str, Any]:
-    """Empirical bounds of the windowed scheme for one kernel size, by bisection and by spectrum."""
+    """Empirical bounds of the windowed scheme for one kernel size, by bisection and by spectrum.
+
+    Example:
+      A ``1 x 1`` kernel on the 4x4 pixel checkerboard (``M = 16``): the spectral bounds are
+      exact, the simulated ones agree to the bisection's tolerance:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.pde import linear
+      >>> from eos_jax.pde.common import checkerboard
+      >>> config = linear.LinearConfig(kernels=(1,), size=4, dt=0.01, bisect_steps=64)
+      >>> with jax.enable_x64(True):
+      ...     res = linear.analyze_window(checkerboard(4), 1, jnp.ones((1, 1)), config, jax.random.PRNGKey(0))
+      >>> res["spectral"], res["eig"]["mu_max"], res["q"]
+      ((4.0, 204.0), 16.0, 1.0)
+      >>> round(float(res["bisection"]["alpha_min"]), 2), round(float(res["bisection"]["alpha_max"]), 1)
+      (4.0, 204.0)
+    """
     q = data_scale(config.pool, (image.shape[0] - w + 1) ** 2)
     op = scaled_operator(make_windowed_operator(image, w), q)  # q M: the pooled data term
     ibar = image_bar(image, config.ibar)

@@ -30,6 +30,14 @@ def nesterov_coefficients(dt: float, momentum: float) -> tuple[float, float]:
 
     Returns:
       ``(d, s)`` with ``d = 2 (1 - m)/((1 + m) dt)`` and ``s = 2 dt^2/(2 + d dt)``.
+
+    Example:
+      ``s = (1 + m) dt^2 / 2``:
+
+      >>> from eos_jax.pde import linear
+      >>> d, s = linear.nesterov_coefficients(0.1, 0.9)
+      >>> round(d, 9), round(s, 9)
+      (1.052631579, 0.0095)
     """
     _check_dt_momentum(dt, momentum)
     d = 2.0 * (1.0 - momentum) / ((1.0 + momentum) * dt)
@@ -49,6 +57,15 @@ def z_bound(scheme: str, dt: float, momentum: float = 0.9, *, form: str = "exact
 
     Returns:
       ``Z`` as a Python float.
+
+    Example:
+      At ``m = 0.9`` the exact Nesterov bound ``4/2.8`` is 7% above the paper's ``4/3``:
+
+      >>> from eos_jax.pde import linear
+      >>> linear.z_bound("gd", 0.5)
+      4.0
+      >>> round(linear.z_bound("nesterov", 1.0, 0.9), 6), round(linear.z_bound("nesterov", 1.0, 0.9, form="paper"), 6)
+      (1.428571, 1.333333)
     """
     _check_scheme(scheme)
     if form not in ("exact", "paper"):
@@ -87,6 +104,14 @@ def alpha_bounds(
     Returns:
       ``(alpha_min, alpha_max)``; the scheme is stable iff ``alpha_min < alpha < alpha_max``
       (an empty interval when ``alpha_min >= alpha_max``).
+
+    Example:
+      Eq. (14) with ``a = -1/2``, ``beta = 1``: ``alpha_min = max mu / 4`` and
+      ``alpha_max = 2/dt - min mu / 4``:
+
+      >>> from eos_jax.pde import linear
+      >>> linear.alpha_bounds(0.0, 64.0, scheme="gd", dt=0.01, a=-0.5, beta=1.0)
+      (16.0, 200.0)
     """
     c = 0.5 * a * beta
     zmax = z_bound(scheme, dt, momentum, form=form)
@@ -107,6 +132,19 @@ def amplifier(z: jax.typing.ArrayLike, *, scheme: str, dt: float, momentum: floa
 
     Returns:
       ``A`` (float64) for "gd"; the dominant root (complex128) for "nesterov".
+
+    Example:
+      Forward Euler: ``A = 1 - dt z`` (float64, so x64 must be on); Nesterov at
+      ``m = 0.9`` crosses ``|A| = 1`` at ``z = 4/(2.8 dt^2)``:
+
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax.pde import linear
+      >>> with jax.enable_x64(True):
+      ...     gd = linear.amplifier(jnp.array([0.0, 100.0, 300.0]), scheme="gd", dt=0.01)
+      ...     z = 4 / (2.8 * 0.01**2) * jnp.array([0.999, 1.001])
+      ...     nag = jax.jit(lambda z: linear.amplifier(z, scheme="nesterov", dt=0.01, momentum=0.9))(z)
+      ...     print(gd.tolist(), nag.dtype, (np.abs(nag) > 1).tolist())
+      [1.0, 0.0, -2.0] complex128 [False, True]
     """
     require_x64("linear.amplifier")
     _check_scheme(scheme)
@@ -123,21 +161,47 @@ def amplifier(z: jax.typing.ArrayLike, *, scheme: str, dt: float, momentum: floa
 
 
 def image_spectrum(image: jax.typing.ArrayLike) -> jax.Array:
-    """``|I_hat(omega)|^2`` on the full DFT grid (unnormalized DFT, as in Section 3.1), float64."""
+    """``|I_hat(omega)|^2`` on the full DFT grid (unnormalized DFT, as in Section 3.1), float64.
+
+    Example:
+      The pixel checkerboard's energy is all at the Nyquist frequency: ``n**4`` there:
+
+      >>> import jax, numpy as np
+      >>> from eos_jax.pde import linear
+      >>> from eos_jax.pde.common import checkerboard
+      >>> with jax.enable_x64(True):
+      ...     spec = np.asarray(linear.image_spectrum(checkerboard(4)))
+      >>> spec.shape, float(spec[2, 2]), float(spec.sum())
+      ((4, 4), 256.0, 256.0)
+    """
     require_x64("linear.image_spectrum")
     img = jnp.asarray(image, dtype=F64)
     return jnp.abs(jnp.fft.fft2(img)) ** 2
 
 
 def data_scale(pool: str, positions: int) -> float:
-    """Factor ``q`` of the data term ``beta (K * I) * I``: ``1/positions`` for "mean", 1 for "sum"."""
+    """Factor ``q`` of the data term ``beta (K * I) * I``: ``1/positions`` for "mean", 1 for "sum".
+
+    Example:
+      >>> from eos_jax.pde import linear
+      >>> linear.data_scale("mean", 4), linear.data_scale("sum", 4)
+      (0.25, 1.0)
+    """
     if pool not in POOLS:
         raise ConfigError(f"pool={pool!r}; allowed: {', '.join(POOLS)}")
     return 1.0 / positions if pool == "mean" else 1.0
 
 
 def image_bar(image: jax.typing.ArrayLike, ibar: str) -> float:
-    """``Ibar`` of (10): the image mean (``ibar="mean"``, as in linear.py) or its sum (the paper's text)."""
+    """``Ibar`` of (10): the image mean (``ibar="mean"``, as in linear.py) or its sum (the paper's text).
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from eos_jax.pde import linear
+      >>> with jax.enable_x64(True):
+      ...     print(linear.image_bar(np.ones((2, 2)), "mean"), linear.image_bar(np.ones((2, 2)), "sum"))
+      1.0 4.0
+    """
     require_x64("linear.image_bar")
     if ibar not in IBARS:
         raise ConfigError(f"ibar={ibar!r}; allowed: {', '.join(IBARS)}")
@@ -160,6 +224,18 @@ def theory_bounds(
 
     With ``pool="mean"`` the periodic data term is averaged over the ``n^2`` positions of
     the torus, so ``|I_hat|^2`` enters as ``|I_hat|^2 / n^2``.
+
+    Example:
+      Table 2's periodic setting (256 x 256 pixel checkerboard, ``dt = 1e-8``,
+      ``a = -1/2``): ``alpha_min = 256**4 / 4`` exceeds ``alpha_max = 2/dt``, an empty interval:
+
+      >>> import jax
+      >>> from eos_jax.pde import linear
+      >>> from eos_jax.pde.common import checkerboard
+      >>> with jax.enable_x64(True):
+      ...     lo, hi = linear.theory_bounds(checkerboard(256), scheme="gd", dt=1e-8, a=-0.5, beta=1.0)
+      >>> lo, hi, lo >= hi
+      (1073741824.0, 200000000.0, True)
     """
     spec = np.asarray(image_spectrum(image))
     q = data_scale(pool, spec.size)

@@ -27,6 +27,18 @@ def swish_prime(x: jax.typing.ArrayLike, beta: float = 1.0) -> jax.Array:
 
     The form with the sigmoid ``s = s(beta x)`` is Eq. (45) rewritten so that it does not
     overflow (``e^{-beta x}`` in (45) is ``inf`` for large negative ``x``).
+
+    Example:
+      ``r'(0) = 1/2``, and the formula agrees with autodiff of Swish:
+
+      >>> import jax, numpy as np
+      >>> from eos_jax.pde.nonlinear.model import swish_prime
+      >>> r1 = jax.jit(swish_prime)
+      >>> float(r1(0.0))
+      0.5
+      >>> auto = jax.jit(jax.grad(lambda x: x * jax.nn.sigmoid(x)))(1.5)
+      >>> bool(np.isclose(r1(1.5), auto))
+      True
     """
     x = jnp.asarray(x)
     s = jax.nn.sigmoid(beta * x)
@@ -45,8 +57,8 @@ def regime_threshold(beta: float = 1.0, tol: float = 0.05) -> float:
     ``eps`` is where Swish's derivative departs from its linearization at 0,
     ``r'(x) ~ 1/2 + (beta/2) x`` (Eq. (46)), by ``tol``: ``|r'(x) - 1/2 - beta x/2| <= tol``
     for ``|x| <= eps`` (the error is odd, ``-(beta x)^3/12 + ...``, and monotone). With
-    ``tol = 0.05`` and ``beta = 1``, ``eps = 0.87``; there ``r'(eps) = 0.885`` and
-    ``r'(-eps) = 0.115``, i.e. within 0.12 of the activated (1) and not-activated (0) values.
+    ``tol = 0.05`` and ``beta = 1``, ``eps = 0.87``; there ``r'(eps) = 0.887`` and
+    ``r'(-eps) = 0.113``, i.e. within 0.12 of the activated (1) and not-activated (0) values.
 
     Args:
       beta: Swish parameter > 0 (``eps`` scales as ``1/beta``).
@@ -54,6 +66,16 @@ def regime_threshold(beta: float = 1.0, tol: float = 0.05) -> float:
 
     Returns:
       ``eps`` as a Python float.
+
+    Example:
+      >>> import jax
+      >>> from eos_jax.pde.nonlinear.model import regime_threshold, swish_prime
+      >>> eps = regime_threshold()
+      >>> r1 = jax.jit(swish_prime)
+      >>> round(eps, 2), round(float(r1(eps)), 3), round(float(r1(-eps)), 3)
+      (0.87, 0.887, 0.113)
+      >>> regime_threshold(beta=2.0) == eps / 2
+      True
     """
     if not (beta > 0 and math.isfinite(beta)):
         raise ConfigError(f"beta={beta!r}; expected a positive finite float")
@@ -78,6 +100,12 @@ def regime_fractions(pre_activation: jax.Array, eps: float) -> jax.Array:
 
     Returns:
       ``(3,)`` array in the input's dtype: (activated, transitioning, not activated).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.pde.nonlinear.model import regime_fractions
+      >>> jax.jit(regime_fractions)(jnp.array([2.0, 0.5, -0.1, -3.0]), 0.87).tolist()
+      [0.25, 0.5, 0.25]
     """
     z = pre_activation
     n = z.size
@@ -88,7 +116,15 @@ def regime_fractions(pre_activation: jax.Array, eps: float) -> jax.Array:
 
 
 def valid_correlation(kernel: jax.Array, image: jax.Array) -> jax.Array:
-    """``(K * I)(x) = sum_z K(z) I(x + z)`` over valid positions, in the kernel's dtype (lax.conv)."""
+    """``(K * I)(x) = sum_z K(z) I(x + z)`` over valid positions, in the kernel's dtype (lax.conv).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.pde.nonlinear.model import valid_correlation
+      >>> r = valid_correlation(jnp.array([[1.0, 0.0], [0.0, -1.0]]), jnp.arange(9.0).reshape(3, 3))
+      >>> r.dtype, r.tolist()
+      (dtype('float32'), [[-4.0, -4.0], [-4.0, -4.0]])
+    """
     out = jax.lax.conv_general_dilated(
         image[None, None].astype(kernel.dtype),
         kernel[None, None],
@@ -100,12 +136,30 @@ def valid_correlation(kernel: jax.Array, image: jax.Array) -> jax.Array:
 
 
 def num_positions(size: int, kernel: int) -> int:
-    """``P = (n - w + 1)^2``: the valid output positions the global pooling runs over."""
+    """``P = (n - w + 1)^2``: the valid output positions the global pooling runs over.
+
+    Example:
+      The paper's 256 x 256 image and 32 x 32 kernel:
+
+      >>> from eos_jax.pde.nonlinear.model import num_positions
+      >>> num_positions(256, 32)
+      50625
+    """
     return (size - kernel + 1) ** 2
 
 
 def pool_scale(pool: str, positions: int) -> float:
-    """Factor of the data term: ``1/P`` for ``pool="mean"``, ``1`` for ``pool="sum"``."""
+    """Factor of the data term: ``1/P`` for ``pool="mean"``, ``1`` for ``pool="sum"``.
+
+    Example:
+      >>> from eos_jax.pde.nonlinear.model import pool_scale
+      >>> pool_scale("mean", 4), pool_scale("sum", 4)
+      (0.25, 1.0)
+      >>> pool_scale("max", 4)
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: pool='max'; allowed: mean, sum
+    """
     if pool not in POOLS:
         raise ConfigError(f"pool={pool!r}; allowed: {', '.join(POOLS)}")
     return 1.0 / positions if pool == "mean" else 1.0
@@ -132,6 +186,23 @@ def analytic_gradient(
 
     Returns:
       ``(w, w)`` gradient in the kernel's dtype.
+
+    Example:
+      Eq. (8) agrees with ``jax.grad`` of the ``cnn`` model's loss (7) (a 3 x 3 kernel on an
+      8 x 8 checkerboard, float32):
+
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax.pde.common import checkerboard
+      >>> from eos_jax.pde.nonlinear import model as nl
+      >>> img = checkerboard(8)
+      >>> k = jnp.arange(9.0).reshape(3, 3) / 9 - 0.5
+      >>> eq8 = jax.jit(lambda k: nl.analytic_gradient(k, jnp.asarray(img, jnp.float32), alpha=2.0,
+      ...                                              beta=1.0, label=1))(k)
+      >>> loss_fn = nl.make_loss_fn(nl.make_model(3), alpha=2.0)
+      >>> params = {"conv0": {"kernel": k[:, :, None, None]}}
+      >>> auto = jax.jit(jax.grad(loss_fn))(params, nl.make_batch(img, 1))
+      >>> eq8.shape, bool(np.allclose(nl.kernel_of(auto), eq8, atol=1e-6))
+      ((3, 3), True)
     """
     z = valid_correlation(kernel, image)
     q = pool_scale(pool, z.size)
@@ -141,7 +212,15 @@ def analytic_gradient(
 
 
 def make_model(kernel: int, *, beta: float = 1.0, pool: str = "mean", conv_impl: str = "auto", dtype: str = "float32"):
-    """The one-layer ``cnn`` of Eq. (6): one ``kernel x kernel`` filter, Swish, global mean or sum, K ~ N(0, 1)."""
+    """The one-layer ``cnn`` of Eq. (6): one ``kernel x kernel`` filter, Swish, global mean or sum, K ~ N(0, 1).
+
+    Example:
+      >>> from eos_jax.pde.nonlinear.model import make_model
+      >>> model = make_model(32)
+      >>> cfg = model.info["config"]
+      >>> cfg["kernel_size"], cfg["activation"], cfg["init"], cfg["pool"], model.info["conv_impl"]
+      ([32, 32], 'swish', 'normal', 'mean', 'fft')
+    """
     return models.get(
         "cnn",
         layers=1,
@@ -161,13 +240,32 @@ def make_model(kernel: int, *, beta: float = 1.0, pool: str = "mean", conv_impl:
 
 
 def make_batch(image: np.ndarray, label: int, dtype: Any = np.float32) -> dict[str, jax.Array]:
-    """The one-example dataset ``{"x": (1, n, n, 1), "y": (1,) int32}``."""
+    """The one-example dataset ``{"x": (1, n, n, 1), "y": (1,) int32}``.
+
+    Example:
+      >>> from eos_jax.pde.common import checkerboard
+      >>> from eos_jax.pde.nonlinear.model import make_batch
+      >>> batch = make_batch(checkerboard(8), 1)
+      >>> batch["x"].shape, batch["x"].dtype, batch["y"].tolist()
+      ((1, 8, 8, 1), dtype('float32'), [1])
+    """
     x = jnp.asarray(np.asarray(image, dtype=dtype)[None, :, :, None])
     return {"x": x, "y": jnp.asarray([label], dtype=jnp.int32)}
 
 
 def kernel_of(params: PyTree) -> jax.Array:
-    """The ``(w, w)`` kernel of the one-layer model's params (its only leaf)."""
+    """The ``(w, w)`` kernel of the one-layer model's params (its only leaf).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.pde.nonlinear.model import kernel_of
+      >>> kernel_of({"conv0": {"kernel": jnp.ones((3, 3, 1, 1))}}).shape
+      (3, 3)
+      >>> kernel_of({"a": jnp.ones(2), "b": jnp.ones(2)})
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: expected one (w, w, 1, 1) kernel, got [(2,), (2,)]
+    """
     leaves = jax.tree_util.tree_leaves(params)
     if len(leaves) != 1 or leaves[0].ndim != 4 or leaves[0].shape[2:] != (1, 1):
         raise ConfigError(f"expected one (w, w, 1, 1) kernel, got {[x.shape for x in leaves]}")
@@ -178,7 +276,20 @@ LossParts = Callable[[PyTree, dict], tuple[jax.Array, tuple[jax.Array, jax.Array
 
 
 def make_loss_parts(model: Any, alpha: float) -> LossParts:
-    """``(params, batch) -> (L, (BCE, logit))`` for the loss (7) with weight decay in the loss."""
+    """``(params, batch) -> (L, (BCE, logit))`` for the loss (7) with weight decay in the loss.
+
+    Example:
+      At ``K = 0`` the logit is 0 and the loss is ``BCE(s(0), 1) = log 2``:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.pde.common import checkerboard
+      >>> from eos_jax.pde.nonlinear import model as nl
+      >>> parts = nl.make_loss_parts(nl.make_model(3), alpha=20.0)
+      >>> zero = {"conv0": {"kernel": jnp.zeros((3, 3, 1, 1))}}
+      >>> loss, (bce, logit) = jax.jit(parts)(zero, nl.make_batch(checkerboard(8), 1))
+      >>> round(float(loss), 6), round(float(bce), 6), float(logit)
+      (0.693147, 0.693147, 0.0)
+    """
     half_alpha = 0.5 * float(alpha)
 
     def loss_parts(params: PyTree, batch: dict) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -191,7 +302,21 @@ def make_loss_parts(model: Any, alpha: float) -> LossParts:
 
 
 def make_loss_fn(model: Any, alpha: float) -> Callable[[PyTree, dict], jax.Array]:
-    """``loss_fn(params, batch) -> L(K)`` of Eq. (7) (the form :mod:`eos_jax.hessian` takes)."""
+    """``loss_fn(params, batch) -> L(K)`` of Eq. (7) (the form :mod:`eos_jax.hessian` takes).
+
+    Example:
+      The weight decay ``(alpha/2) ||K||^2`` is in the loss. On the pixel checkerboard the
+      kernel with two horizontal ones has ``K * I = I(x) + I(x + (0, 1)) = 0``, so the logit is 0
+      and the loss is ``log 2 + (alpha/2) * 2``:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.pde.common import checkerboard
+      >>> from eos_jax.pde.nonlinear import model as nl
+      >>> loss_fn = nl.make_loss_fn(nl.make_model(3), alpha=2.0)
+      >>> k = jnp.zeros((3, 3, 1, 1)).at[0, :2].set(1.0)
+      >>> round(float(jax.jit(loss_fn)({"conv0": {"kernel": k}}, nl.make_batch(checkerboard(8), 1))), 6)
+      2.693147
+    """
     parts = make_loss_parts(model, alpha)
     return lambda params, batch: parts(params, batch)[0]
 
@@ -227,6 +352,16 @@ class NonlinearConfig:
         authors plot (100 in ``instability/compute_one_layer.m``).
       pool: global pooling over the ``(n - w + 1)^2`` output positions: "mean" (default,
         the authors' ``AvgPooling`` in ``single_layer/PySun.py``) or "sum".
+
+    Example:
+      >>> from eos_jax.pde.nonlinear.model import NonlinearConfig
+      >>> config = NonlinearConfig()
+      >>> config.k, config.kernel, config.size, config.num_window
+      (3, 32, 256, 200)
+      >>> NonlinearConfig(k=1).validate()
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: k=1; expected an integer >= 2
     """
 
     dts: tuple[float, ...] = (0.01, 0.03, 0.05, 0.07, 0.09, 0.11)

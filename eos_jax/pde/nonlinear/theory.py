@@ -24,6 +24,14 @@ def oscillation(values: np.ndarray) -> float:
     ``(TV - |v_end - v_start|) / (W * mean|v|)`` with ``TV = sum |v_{i+1} - v_i|`` over
     the ``W`` values: 0 for a monotone sequence, ``~ 2A/m`` for a period-2 oscillation of
     amplitude ``A`` around ``m``. NaN if any value is not finite.
+
+    Example:
+      A period-2 oscillation between 1 and 2: ``TV = 5``, net change 1, ``W = 6``, mean 1.5:
+
+      >>> import numpy as np
+      >>> from eos_jax.pde.nonlinear.theory import oscillation
+      >>> round(oscillation(np.array([1.0, 2.0, 1.0, 2.0, 1.0, 2.0])), 6), oscillation(np.arange(5.0))
+      (0.444444, 0.0)
     """
     v = np.asarray(values, np.float64)
     if v.size < 2 or not np.all(np.isfinite(v)):
@@ -43,6 +51,12 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     ``L2_average(i) = mean(L2(i:i+interval-1))``, ``interval = 100``); their loop stops one
     window short of the end, this one keeps every full window (``len - window + 1``
     values; none when the series is shorter). A NaN in a window gives NaN.
+
+    Example:
+      >>> import numpy as np
+      >>> from eos_jax.pde.nonlinear.theory import moving_average
+      >>> moving_average(np.arange(5.0), 2).tolist(), moving_average(np.arange(5.0), 9).shape
+      ([0.5, 1.5, 2.5, 3.5], (0,))
     """
     v = np.asarray(values, np.float64)
     if v.size < window:
@@ -52,7 +66,14 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def classification_rule(config: NonlinearConfig) -> str:
-    """The classification rule in words, with this run's levels."""
+    """The classification rule in words, with this run's levels.
+
+    Example:
+      >>> from eos_jax.pde.nonlinear.model import NonlinearConfig
+      >>> from eos_jax.pde.nonlinear.theory import classification_rule
+      >>> classification_rule(NonlinearConfig(steps=100))[:60]
+      "on the last W=10 records: 'divergent' if a lane (k=1 or k=3)"
+    """
     return (
         f"on the last W={config.num_window} records: 'divergent' if a lane (k=1 or k={config.k}) of this dt "
         f"became non-finite, or its loss stays above {config.growth_factor:g} x the initial loss over the whole "
@@ -76,6 +97,23 @@ def classify(
 
     Returns:
       ``(class, evidence)`` where evidence holds the measured quantities.
+
+    Example:
+      A flat loss is "stable" unless the perturbation is amplified (RelL1 above
+      ``rel_l1_level``) or a lane went non-finite:
+
+      >>> import numpy as np
+      >>> from eos_jax.pde.nonlinear.model import NonlinearConfig
+      >>> from eos_jax.pde.nonlinear.theory import classify
+      >>> config = NonlinearConfig(steps=8, window=4)
+      >>> loss = np.ones((8, 2))
+      >>> classify(loss, np.zeros(8), [None, None], config)[0]
+      'stable'
+      >>> cls, evidence = classify(loss, np.full(8, 0.01), [None, None], config)
+      >>> cls, evidence["amplified"], evidence["oscillating"]
+      ('restrained', True, False)
+      >>> classify(loss, np.zeros(8), [None, 5], config)[0]
+      'divergent'
     """
     w = config.num_window
     initial = float(loss[0, 0])
@@ -130,6 +168,16 @@ def checkerboard_loss_1d(
       dict of float64 arrays: ``g``, ``loss_c`` (``l(c) + alpha c^2/(2 w^2)``, the loss at
       ``K_perp = 0``), ``grad_c`` (its derivative in ``c``) and ``lambda_chi``
       (``w^2 l''(c) + alpha``, the Hessian eigenvalue along ``chi``).
+
+    Example:
+      At ``c = 0`` (``n = 8``, ``w = 3``, mean pooling, ``y = 1``): ``g = 0``, the loss is
+      ``log 2``, and ``lambda_chi = w^2 (s(0) - 1) g''(0) + alpha = 9 (-1/2)(1/2) + 20``:
+
+      >>> import numpy as np
+      >>> from eos_jax.pde.nonlinear.theory import checkerboard_loss_1d
+      >>> f = checkerboard_loss_1d(np.array([0.0]), size=8, kernel=3, alpha=20.0, beta=1.0, label=1, pool="mean")
+      >>> float(f["g"][0]), round(float(f["loss_c"][0]), 6), float(f["grad_c"][0]), float(f["lambda_chi"][0])
+      (0.0, 0.693147, 0.0, 17.75)
     """
     c = np.asarray(c, np.float64)
     v = size - kernel + 1
@@ -170,6 +218,16 @@ def checkerboard_minima(
     Returns:
       One dict per minimum (ascending ``c``): ``c``, ``logit_g``, ``a`` (``y_hat - y``),
       ``lambda_chi``, ``lambda_max``, ``dt_max`` (``2/lambda_max``).
+
+    Example:
+      The paper's setting (256 x 256, ``w = 32``, ``alpha = 20``, mean pooling): two
+      symmetric minima, at which GD is stable only for ``dt`` below about 0.032, under
+      every ``dt`` of Figure 5 but the smallest:
+
+      >>> from eos_jax.pde.nonlinear.theory import checkerboard_minima
+      >>> mins = checkerboard_minima(size=256, kernel=32, alpha=20.0, beta=1.0, label=1, pool="mean")
+      >>> [round(m["c"], 3) for m in mins], [round(m["dt_max"], 4) for m in mins]
+      ([-3.865, 3.865], [0.0323, 0.0323])
     """
     kw = dict(size=size, kernel=kernel, alpha=alpha, beta=beta, label=label, pool=pool)
     xs = np.linspace(-c_max, c_max, grid)
@@ -232,6 +290,17 @@ def checkerboard_orbit(
     Returns:
       Per ``dt`` key a dict: ``predicted``, ``period`` (1..max_period, None if aperiodic),
       ``c_range``, ``max_dt_lambda``, ``max_dt_lambda_sampled``.
+
+    Example:
+      The paper's setting: below the minima's bound (0.032, :func:`checkerboard_minima`) GD
+      converges, above it the orbit stays bounded but never settles, and ``dt alpha >= 2``
+      diverges:
+
+      >>> from eos_jax.pde.nonlinear.theory import checkerboard_orbit
+      >>> orbit = checkerboard_orbit(1.0, (0.01, 0.05, 0.11), steps=1000, window=100, sample_every=10,
+      ...                            size=256, kernel=32, alpha=20.0, beta=1.0, label=1, pool="mean")
+      >>> {dt: o["predicted"] for dt, o in orbit.items()}
+      {'0.01': 'stable', '0.05': 'restrained', '0.11': 'divergent'}
     """
     kw = dict(size=size, kernel=kernel, alpha=alpha, beta=beta, label=label, pool=pool)
     d = np.asarray(dts, np.float64)
@@ -316,6 +385,21 @@ def theory(
 
     Returns:
       A JSON-able dict (per-dt booleans under ``per_dt``).
+
+    Example:
+      An 8 x 8 pixel checkerboard with a 3 x 3 kernel (float64: x64 must be on): the
+      windowed ``M`` has ``mu_max = 6^2 * 3^2 = 324``, and ``dt = 0.11`` breaks the
+      not-activated bound ``2/alpha = 0.1``:
+
+      >>> import jax
+      >>> from eos_jax.pde.common import checkerboard
+      >>> from eos_jax.pde.nonlinear.theory import theory
+      >>> with jax.enable_x64(True):
+      ...     out = theory(checkerboard(8), 3, alpha=20.0, beta=1.0, label=1, dts=(0.05, 0.11), square=1)
+      >>> out["positions_P"], round(out["window_mu_max"], 6), out["max_abs_I_hat_sq"], out["not_activated_dt_max"]
+      (36, 324.0, 4096.0, 0.1)
+      >>> [out["per_dt"][dt]["not_activated_stable"] for dt in ("0.05", "0.11")]
+      [True, False]
     """
     require_x64("nonlinear.theory")
     img = np.asarray(image, np.float64)
@@ -386,11 +470,23 @@ def theory(
 
 
 def dt_key(dt: float) -> str:
-    """The JSON key of a step size."""
+    """The JSON key of a step size.
+
+    Example:
+      >>> from eos_jax.pde.nonlinear.theory import dt_key
+      >>> dt_key(0.05), dt_key(1e-8)
+      ('0.05', '1e-08')
+    """
     return f"{dt:g}"
 
 
 def chi(kernel: int) -> np.ndarray:
-    """``chi(z) = (-1)^(z1+z2)`` on the ``kernel x kernel`` window (float64)."""
+    """``chi(z) = (-1)^(z1+z2)`` on the ``kernel x kernel`` window (float64).
+
+    Example:
+      >>> from eos_jax.pde.nonlinear.theory import chi
+      >>> chi(3).astype(int).tolist()
+      [[1, -1, 1], [-1, 1, -1], [1, -1, 1]]
+    """
     i = np.arange(kernel)
     return np.where((i[:, None] + i[None, :]) % 2 == 0, 1.0, -1.0)
