@@ -111,7 +111,7 @@ def check_resume(
       >>> import jax
       >>> from eos_jax.checkpoint import CheckpointStore
       >>> lanes, run_dir = tr.make_lanes([0.1, 0.5]), tempfile.mkdtemp()
-      >>> state = jax.vmap(lambda hp: tr.init_state(problem, hp))(tr.stack_hparams(lanes, jnp.float32))
+      >>> state = jax.jit(jax.vmap(lambda hp: tr.init_state(problem, hp)))(tr.stack_hparams(lanes, jnp.float32))
       >>> store = CheckpointStore(os.path.join(run_dir, "checkpoints", "group_000"))
       >>> store.save(2, state); store.close()
       >>> one = jax.devices()[:1]
