@@ -111,7 +111,8 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
       >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
       ...     return jnp.mean((x @ params["w"]) ** 2)
       >>> params, x = {"w": jnp.array([0.5, -1.0])}, jnp.array([[1.0, 0.0], [0.0, 2.0]])
-      >>> hessian.hvp(loss, params, x, {"w": jnp.array([1.0, 1.0])})["w"].tolist()
+      >>> hv = jax.jit(lambda p, b, v: hessian.hvp(loss, p, b, v))  # one compiled program
+      >>> hv(params, x, {"w": jnp.array([1.0, 1.0])})["w"].tolist()
       [1.0, 4.0]
     """
     return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
@@ -139,7 +140,7 @@ def linearized_hvp(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Callable[[
       >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
       ...     return jnp.mean((x @ params["w"]) ** 2)
       >>> params, x = {"w": jnp.array([0.5, -1.0])}, jnp.array([[1.0, 0.0], [0.0, 2.0]])
-      >>> hv = hessian.linearized_hvp(loss, params, x)  # linearize once, then many products
+      >>> hv = jax.jit(hessian.linearized_hvp(loss, params, x))  # linearize once, then many products
       >>> hv({"w": jnp.array([1.0, 0.0])})["w"].tolist(), hv({"w": jnp.array([0.0, 1.0])})["w"].tolist()
       ([1.0, 0.0], [0.0, 4.0])
     """
@@ -195,8 +196,8 @@ def make_hvp(
       >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
       ...     return jnp.mean((x @ params["w"]) ** 2)
       >>> params, x = {"w": jnp.array([0.5, -1.0])}, jnp.array([[1.0, 0.0], [0.0, 2.0]])
-      >>> hv = hessian.make_hvp(loss, params, x, chunk_size=1)  # one example at a time
-      >>> hv({"w": jnp.array([1.0, 1.0])})["w"].tolist()  # the full batch's H v
+      >>> hv = jax.jit(lambda p, b, v: hessian.make_hvp(loss, p, b, chunk_size=1)(v))  # one example at a time
+      >>> hv(params, x, {"w": jnp.array([1.0, 1.0])})["w"].tolist()  # the full batch's H v
       [1.0, 4.0]
     """
     if chunk_size is None:
@@ -302,7 +303,8 @@ def data_parallel_hvp(
       ...     return jnp.mean((x @ params["w"]) ** 2)
       >>> params, x = {"w": jnp.array([0.5, -1.0])}, jnp.array([[1.0, 0.0], [0.0, 2.0]])
       >>> mesh = hessian.data_mesh(jax.local_devices()[:1])  # the batch size must divide evenly
-      >>> hessian.data_parallel_hvp(loss, params, x, {"w": jnp.array([1.0, 1.0])}, mesh=mesh)["w"].tolist()
+      >>> hv = jax.jit(lambda p, b, v: hessian.data_parallel_hvp(loss, p, b, v, mesh=mesh))
+      >>> hv(params, x, {"w": jnp.array([1.0, 1.0])})["w"].tolist()
       [1.0, 4.0]
     """
     axis, n_dev = _mesh_axis(mesh)
@@ -674,13 +676,13 @@ def layer_sharpness(
     Example:
       Two layers whose diagonal blocks are ``diag(1, 4)`` and ``diag(1, 4) / 4``:
 
-      >>> import jax.numpy as jnp
+      >>> import jax, jax.numpy as jnp
       >>> from eos_jax.hessian import layer_sharpness
       >>> def loss(p, x):
       ...     return jnp.mean((x @ p["a"]["w"]) ** 2) + jnp.mean((x @ p["b"]["w"]) ** 2) / 4
       >>> params = {"a": {"w": jnp.array([0.5, -1.0])}, "b": {"w": jnp.array([0.5, -1.0])}}
       >>> x = jnp.array([[1.0, 0.0], [0.0, 2.0]])
-      >>> r = layer_sharpness(loss, params, x, method="power", num_iters=20)
+      >>> r = jax.jit(lambda p, b: layer_sharpness(loss, p, b, method="power", num_iters=20))(params, x)
       >>> {name: round(float(e.eigenvalue), 4) for name, e in r.items()}
       {"['a']": 4.0, "['b']": 1.0}
     """
