@@ -37,7 +37,17 @@ from eos_jax.metrics import tree_digest
 
 
 class CorruptCheckpointWarning(UserWarning):
-    """A checkpoint could not be restored or failed its digest check and was skipped."""
+    """A checkpoint could not be restored or failed its digest check and was skipped.
+
+    Example:
+      >>> import warnings
+      >>> from eos_jax.checkpoint import CorruptCheckpointWarning
+      >>> with warnings.catch_warnings(record=True) as caught:
+      ...     warnings.simplefilter("always")
+      ...     warnings.warn("checkpoint at step 4 is unusable", CorruptCheckpointWarning)
+      >>> [w.category.__name__ for w in caught]
+      ['CorruptCheckpointWarning']
+    """
 
 
 def _to_record(leaves: list[Any]) -> dict[str, Any]:
@@ -46,12 +56,28 @@ def _to_record(leaves: list[Any]) -> dict[str, Any]:
 
 
 def leaf_specs(tree: Any) -> list[list[Any]]:
-    """``[[shape, dtype name], ...]`` of the leaves of ``tree`` (arrays or ShapeDtypeStructs), JSON-ready."""
+    """``[[shape, dtype name], ...]`` of the leaves of ``tree`` (arrays or ShapeDtypeStructs), JSON-ready.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.checkpoint import leaf_specs
+      >>> leaf_specs({"b": jnp.zeros(3), "w": jax.ShapeDtypeStruct((2, 3), jnp.float32)})
+      [[[3], 'float32'], [[2, 3], 'float32']]
+    """
     return [[[int(d) for d in x.shape], str(x.dtype)] for x in jax.tree_util.tree_leaves(tree)]
 
 
 def describe_mismatch(saved: list[list[Any]], wanted: list[list[Any]]) -> str | None:
-    """One phrase naming the first difference between two :func:`leaf_specs`; None when equal."""
+    """One phrase naming the first difference between two :func:`leaf_specs`; None when equal.
+
+    Example:
+      >>> from eos_jax.checkpoint import describe_mismatch
+      >>> saved = [[[4, 10], "float32"], [[4], "int32"]]  # 4 lanes
+      >>> describe_mismatch(saved, [[[2, 10], "float32"], [[2], "int32"]])  # 2 lanes
+      "array 0 of shape (4, 10) float32, this run's is (2, 10) float32"
+      >>> describe_mismatch(saved, saved) is None
+      True
+    """
     if len(saved) != len(wanted):
         return f"a state of {len(saved)} arrays, this run's has {len(wanted)}"
     for i, (a, b) in enumerate(zip(saved, wanted)):
@@ -67,6 +93,25 @@ class CheckpointStore:
       directory: where the orbax ``CheckpointManager`` keeps its step directories.
       max_to_keep: how many committed checkpoints are kept (at least 2, so a corrupted
         latest one can fall back to the previous).
+
+    Example:
+      >>> import tempfile
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.checkpoint import CheckpointStore
+      >>> store = CheckpointStore(tempfile.mkdtemp())
+      >>> state = {"step": jnp.int32(3), "w": jnp.arange(4.0)}
+      >>> store.save(3, state)
+      >>> store.wait()
+      >>> store.all_steps()
+      [3]
+      >>> step, restored = store.restore_latest(state)  # the template: arrays or ShapeDtypeStructs
+      >>> step, restored["w"].tolist()
+      (3, [0.0, 1.0, 2.0, 3.0])
+      >>> store.restore(3, {"step": jnp.int32(3), "w": jnp.arange(5.0)})  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.CheckpointMismatchError: checkpoint 3 in ... holds array 1 of shape (4,) float32, this run's is (5,) float32
+      >>> store.close()
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3):

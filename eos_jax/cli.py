@@ -20,14 +20,40 @@ from eos_jax.errors import EosJaxError
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line error message (no usage block) and exit code 2."""
+    """argparse with a one-line error message (no usage block) and exit code 2.
+
+    Example:
+      >>> import contextlib, sys
+      >>> from eos_jax.cli import ArgumentParser, positive_float
+      >>> parser = ArgumentParser(prog="demo")
+      >>> _ = parser.add_argument("--lr", type=positive_float, default=0.1)
+      >>> parser.parse_args(["--lr", "0.5"]).lr
+      0.5
+      >>> with contextlib.redirect_stderr(sys.stdout):
+      ...     try:
+      ...         parser.parse_args(["--lr", "-1"])
+      ...     except SystemExit as e:
+      ...         print("exit", e.code)
+      demo: error: argument --lr: '-1' is not allowed; expected a positive, finite float (see --help)
+      exit 2
+    """
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
+    """argparse type: a finite float > 0.
+
+    Example:
+      >>> from eos_jax.cli import positive_float
+      >>> positive_float("2e-3")
+      0.002
+      >>> positive_float("0")
+      Traceback (most recent call last):
+      ...
+      argparse.ArgumentTypeError: '0' is not allowed; expected a positive, finite float
+    """
     try:
         value = float(text)
     except ValueError:
@@ -38,7 +64,17 @@ def positive_float(text: str) -> float:
 
 
 def nonnegative_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
+    """argparse type: a finite float >= 0.
+
+    Example:
+      >>> from eos_jax.cli import nonnegative_float
+      >>> nonnegative_float("0")
+      0.0
+      >>> nonnegative_float("inf")
+      Traceback (most recent call last):
+      ...
+      argparse.ArgumentTypeError: 'inf' is not allowed; expected a finite float >= 0
+    """
     try:
         value = float(text)
     except ValueError:
@@ -49,7 +85,17 @@ def nonnegative_float(text: str) -> float:
 
 
 def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+    """argparse type: an integer >= 1.
+
+    Example:
+      >>> from eos_jax.cli import positive_int
+      >>> positive_int("20")
+      20
+      >>> positive_int("1.5")
+      Traceback (most recent call last):
+      ...
+      argparse.ArgumentTypeError: '1.5' is not an integer; expected an integer >= 1
+    """
     try:
         value = int(text)
     except ValueError:
@@ -60,7 +106,17 @@ def positive_int(text: str) -> int:
 
 
 def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
+    """argparse type: an integer >= 0.
+
+    Example:
+      >>> from eos_jax.cli import nonnegative_int
+      >>> nonnegative_int("0")
+      0
+      >>> nonnegative_int("-3")
+      Traceback (most recent call last):
+      ...
+      argparse.ArgumentTypeError: '-3' is not allowed; expected an integer >= 0
+    """
     try:
         value = int(text)
     except ValueError:
@@ -73,7 +129,22 @@ def nonnegative_int(text: str) -> int:
 def run(
     main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, prog: str | None = None
 ) -> NoReturn:
-    """Calls ``main(argv)`` and exits; an EosJaxError becomes one line and exit code 2."""
+    """Calls ``main(argv)`` and exits; an EosJaxError becomes one line and exit code 2.
+
+    Example:
+      >>> import contextlib, sys
+      >>> from eos_jax.cli import run
+      >>> from eos_jax.errors import ConfigError
+      >>> def main(argv):
+      ...     raise ConfigError(f"lr={argv[0]}; allowed: a positive float")
+      >>> with contextlib.redirect_stderr(sys.stdout):
+      ...     try:
+      ...         run(main, ["-1"], prog="demo")
+      ...     except SystemExit as e:
+      ...         print("exit", e.code)
+      demo: error: lr=-1; allowed: a positive float
+      exit 2
+    """
     try:
         code = main(argv)
     except EosJaxError as e:
@@ -91,8 +162,10 @@ def as_flags(message: str, arguments: Iterable[str]) -> str:
     """``message`` with each library argument ``name=True`` / ``name=VALUE`` of ``arguments`` written as
     the flag ``--name`` / ``--name VALUE`` (underscores become dashes).
 
-    Example: ``as_flags("pass data_dir=DIR or resume=True", ["data_dir", "resume"])`` is
-    ``"pass --data-dir DIR or --resume"``.
+    Example:
+      >>> from eos_jax.cli import as_flags
+      >>> as_flags("pass data_dir=DIR or resume=True", ["data_dir", "resume"])
+      'pass --data-dir DIR or --resume'
     """
     for name in arguments:
         flag = "--" + name.replace("_", "-")
@@ -102,6 +175,14 @@ def as_flags(message: str, arguments: Iterable[str]) -> str:
 
 
 def name_flags(error: EosJaxError, arguments: Iterable[str]) -> EosJaxError:
-    """Rewrites ``error``'s message in place with :func:`as_flags` (type and attributes kept); returns it."""
+    """Rewrites ``error``'s message in place with :func:`as_flags` (type and attributes kept); returns it.
+
+    Example:
+      >>> from eos_jax.cli import name_flags
+      >>> from eos_jax.errors import RunDirError
+      >>> e = name_flags(RunDirError("nothing to resume; drop resume=True"), ["resume"])
+      >>> type(e).__name__, str(e)
+      ('RunDirError', 'nothing to resume; drop --resume')
+    """
     error.args = (as_flags(str(error), arguments), *error.args[1:])
     return error

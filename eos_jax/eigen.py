@@ -45,7 +45,17 @@ def _normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def start_vector(v0_flat: jax.Array | None, key: jax.Array, n: int, dtype) -> jax.Array:
-    """Unit start vector: ``v0`` when given and nonzero, else a Gaussian draw from ``key``."""
+    """Unit start vector: ``v0`` when given and nonzero, else a Gaussian draw from ``key``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.eigen import start_vector
+      >>> start_vector(jnp.array([3.0, 0.0, 4.0]), jax.random.key(0), 3, jnp.float32).tolist()
+      [0.6000000238418579, 0.0, 0.800000011920929]
+      >>> v = start_vector(None, jax.random.key(0), 3, jnp.float32)  # random, unit norm
+      >>> v.shape, round(float(jnp.linalg.norm(v)), 6)
+      ((3,), 1.0)
+    """
     rnd, _ = _normalize(jax.random.normal(key, (n,), dtype))
     if v0_flat is None:
         return rnd
@@ -54,7 +64,16 @@ def start_vector(v0_flat: jax.Array | None, key: jax.Array, n: int, dtype) -> ja
 
 
 class PowerState(NamedTuple):
-    """Carry of power iteration: next iterate, and the last Rayleigh pair with its residual."""
+    """Carry of power iteration: next iterate, and the last Rayleigh pair with its residual.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.eigen import PowerState
+      >>> v = jnp.array([1.0, 0.0])
+      >>> s = PowerState(v=v, vec=v, lam=jnp.float32(0), res=jnp.float32(jnp.inf), n=jnp.int32(0))
+      >>> int(s.n), float(s.res)
+      (0, inf)
+    """
 
     v: jax.Array  # next iterate (unit)
     vec: jax.Array  # vector whose Rayleigh quotient is ``lam``
@@ -87,6 +106,18 @@ def power_iteration(op, v_init: jax.Array, num_iters: int, tol: float | None) ->
       ``(state, top)``: ``top`` is False when the returned quotient may not be the largest
       algebraic eigenvalue (phase 2 never ran after a negative ``mu``, or the unshifted iteration
       ended on a negative quotient).
+
+    Example:
+      The dominant eigenvalue of ``diag(-4, 1, 2)`` is -4; the largest algebraic one, 2, is
+      found after the shift:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.eigen import power_iteration
+      >>> a = jnp.diag(jnp.array([-4.0, 1.0, 2.0]))
+      >>> solve = jax.jit(lambda v: power_iteration(lambda x: a @ x, v, num_iters=100, tol=None))
+      >>> state, top = solve(jnp.ones(3) / jnp.sqrt(3.0))
+      >>> round(float(state.lam), 4), bool(top), int(state.n)
+      (2.0, True, 100)
     """
     dtype = v_init.dtype
     inf = jnp.asarray(jnp.inf, dtype)
@@ -142,7 +173,16 @@ def _ritz(alpha: jax.Array, beta: jax.Array, n_active: jax.Array, k: int):
 
 
 class LanczosState(NamedTuple):
-    """Carry of Lanczos: basis rows ``q_0..q_m``, tridiagonal, products so far, norm estimate."""
+    """Carry of Lanczos: basis rows ``q_0..q_m``, tridiagonal, products so far, norm estimate.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.eigen import LanczosState
+      >>> st = LanczosState(q=jnp.zeros((8, 3)), alpha=jnp.zeros(2), beta=jnp.zeros(2),
+      ...                   j=jnp.int32(0), hnorm=jnp.float32(0))
+      >>> st.q.shape, int(st.j)
+      ((8, 3), 0)
+    """
 
     q: jax.Array  # (m + 1 rounded up to a multiple of _BLOCK, n); rows past j are zero
     alpha: jax.Array  # (m,)
@@ -205,6 +245,15 @@ def lanczos(op, v_init: jax.Array, key: jax.Array, num_iters: int, tol: float | 
     Returns ``(theta (k,), vectors (k, n), residual (k,), num_hvps)``. The residual is the Lanczos
     bound ``|beta_m s_m|``, equal to ``||H y - theta y||`` up to rounding when the basis is
     orthonormal (kept so by full reorthogonalization); it costs no product.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.eigen import lanczos
+      >>> a = jnp.diag(jnp.array([-4.0, 1.0, 2.0]))
+      >>> top2 = jax.jit(lambda v, key: lanczos(lambda x: a @ x, v, key, num_iters=3, tol=None, k=2))
+      >>> theta, vecs, res, n = top2(jnp.ones(3) / jnp.sqrt(3.0), jax.random.key(0))
+      >>> [round(t, 4) for t in theta.tolist()], vecs.shape, int(n)
+      ([2.0, 1.0], (2, 3), 3)
     """
     n = v_init.shape[0]
     dtype = v_init.dtype
@@ -246,6 +295,12 @@ class Extremes(NamedTuple):
       iters_max, iters_min: operator products used by each power iteration.
       residual_max, residual_min: relative residuals ``||B v - lam v|| / |lam|`` at the stop
         (``B = A`` for ``mu_max``, ``B = mu_max I - A`` for ``mu_min``).
+
+    Example:
+      >>> from eos_jax.eigen import Extremes
+      >>> e = Extremes(mu_min=1.0, mu_max=5.0, iters_max=40, iters_min=25, residual_max=1e-7, residual_min=1e-7)
+      >>> e.mu_max / e.mu_min  # the condition number
+      5.0
     """
 
     mu_min: float

@@ -7,31 +7,85 @@ raises the most specific subclass; messages name the bad value and what is allow
 
 
 class EosJaxError(Exception):
-    """Base class of errors whose message is meant for the user as it is."""
+    """Base class of errors whose message is meant for the user as it is.
+
+    Example:
+      >>> from eos_jax.errors import ConfigError, EosJaxError
+      >>> try:
+      ...     raise ConfigError("lr=-1.0; allowed: a positive float")
+      ... except EosJaxError as e:
+      ...     print(e)
+      lr=-1.0; allowed: a positive float
+    """
 
 
 class ConfigError(EosJaxError, ValueError):
-    """An invalid configuration value (bad flag, bad hyperparameter)."""
+    """An invalid configuration value (bad flag, bad hyperparameter).
+
+    Example:
+      >>> from eos_jax.errors import ConfigError
+      >>> issubclass(ConfigError, ValueError)
+      True
+      >>> raise ConfigError("steps=0; allowed: a positive integer")
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: steps=0; allowed: a positive integer
+    """
 
 
 class DataError(EosJaxError):
-    """Data could not be found or read."""
+    """Data could not be found or read.
+
+    Example:
+      >>> from eos_jax.errors import DataError, DataNotFoundError, MalformedDataError
+      >>> issubclass(DataNotFoundError, DataError), issubclass(MalformedDataError, DataError)
+      (True, True)
+    """
 
 
 class DataNotFoundError(DataError, FileNotFoundError):
-    """No files for a dataset were found; the message lists where we looked."""
+    """No files for a dataset were found; the message lists where we looked.
+
+    Example:
+      >>> from eos_jax.errors import DataNotFoundError
+      >>> try:
+      ...     raise DataNotFoundError("no files for mnist in /tmp/nowhere")
+      ... except FileNotFoundError as e:  # also a FileNotFoundError
+      ...     print(e)
+      no files for mnist in /tmp/nowhere
+    """
 
 
 class MalformedDataError(DataError, ValueError):
-    """A data file exists but is not in the published format (names the file)."""
+    """A data file exists but is not in the published format (names the file).
+
+    Example:
+      >>> from eos_jax.errors import MalformedDataError
+      >>> raise MalformedDataError("x.idx: bad magic number 0x00000000")
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.MalformedDataError: x.idx: bad magic number 0x00000000
+    """
 
 
 class ChecksumError(DataError):
-    """A downloaded file did not match its published SHA-256."""
+    """A downloaded file did not match its published SHA-256.
+
+    Example:
+      >>> from eos_jax.errors import ChecksumError, DataError
+      >>> isinstance(ChecksumError("sha256 mismatch"), DataError)
+      True
+    """
 
 
 class RunDirError(EosJaxError):
-    """A run directory cannot be used (other config, nothing to resume, ...)."""
+    """A run directory cannot be used (other config, nothing to resume, ...).
+
+    Example:
+      >>> from eos_jax.errors import EosJaxError, RunDirError
+      >>> isinstance(RunDirError("runs/a holds another config"), EosJaxError)
+      True
+    """
 
 
 class CheckpointMismatchError(ConfigError):
@@ -42,6 +96,14 @@ class CheckpointMismatchError(ConfigError):
       saved, wanted: ``[[shape, dtype], ...]`` of the checkpoint's arrays and of the run's
         (None when unknown).
       difference: a phrase naming the first difference.
+
+    Example:
+      >>> from eos_jax.errors import CheckpointMismatchError
+      >>> e = CheckpointMismatchError("checkpoint holds 2 lanes, the run 4", difference="lanes 2 != 4")
+      >>> e.difference, e.saved
+      ('lanes 2 != 4', None)
+      >>> isinstance(e, ValueError)
+      True
     """
 
     def __init__(

@@ -50,7 +50,14 @@ def _dtype(*xs: jax.Array) -> np.dtype:
 
 
 def opaque_zero(dtype: np.dtype) -> jax.Array:
-    """``+0`` of ``dtype`` that XLA's simplifier cannot see through (an optimization barrier)."""
+    """``+0`` of ``dtype`` that XLA's simplifier cannot see through (an optimization barrier).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> z = opaque_zero(jnp.float32)
+      >>> float(z), z.dtype, z.shape
+      (0.0, dtype('float32'), ())
+    """
     return jax.lax.optimization_barrier(jnp.zeros((), dtype))
 
 
@@ -61,6 +68,12 @@ def runtime_zero(count: jax.Array, dtype: np.dtype) -> jax.Array:
     ``opaque_zero``'s barrier is expanded before code generation, after which LLVM sees a constant
     ``+0``; where it can also prove the product non-negative it drops ``x + 0`` and contracts
     the product into the next sum. A zero computed from runtime bits stays an opaque addend.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> z = runtime_zero(jnp.int32(7), jnp.float32)  # the bits of 7 >> 31
+      >>> float(z), z.dtype
+      (0.0, dtype('float32'))
     """
     bits = np.dtype(dtype).itemsize * 8
     u = {16: jnp.uint16, 32: jnp.uint32, 64: jnp.uint64}[bits]

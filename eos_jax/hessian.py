@@ -72,6 +72,14 @@ class EigResult(NamedTuple):
         phase ran on a spectrum dominated by the top eigenvalue (never the unshifted iteration on
         a negative Rayleigh quotient, which converges to the most negative eigenvalue). False means
         the eigenvalue may not be the top one: use more ``num_iters`` or ``method="lanczos"``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.hessian import EigResult
+      >>> r = EigResult(eigenvalue=jnp.float32(4.0), eigenvector={"w": jnp.array([0.0, 1.0])},
+      ...               num_hvps=jnp.int32(20), residual=jnp.float32(0.0), converged=jnp.bool_(True))
+      >>> float(r.eigenvalue), bool(r.converged)
+      (4.0, True)
     """
 
     eigenvalue: jax.Array
@@ -96,6 +104,16 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
 
     Returns:
       ``H v``, a pytree like ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import hessian
+      >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
+      ...     return jnp.mean((x @ params["w"]) ** 2)
+      >>> params, x = {"w": jnp.array([0.5, -1.0])}, jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> hv = jax.jit(lambda p, b, v: hessian.hvp(loss, p, b, v))  # one compiled program
+      >>> hv(params, x, {"w": jnp.array([1.0, 1.0])})["w"].tolist()
+      [1.0, 4.0]
     """
     return jax.jvp(lambda p: jax.grad(loss_fn)(p, batch), (params,), (v,))[1]
 
@@ -115,6 +133,16 @@ def linearized_hvp(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Callable[[
 
     Returns:
       A function ``v -> H v`` on pytrees like ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import hessian
+      >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
+      ...     return jnp.mean((x @ params["w"]) ** 2)
+      >>> params, x = {"w": jnp.array([0.5, -1.0])}, jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> hv = jax.jit(hessian.linearized_hvp(loss, params, x))  # linearize once, then many products
+      >>> hv({"w": jnp.array([1.0, 0.0])})["w"].tolist(), hv({"w": jnp.array([0.0, 1.0])})["w"].tolist()
+      ([1.0, 0.0], [0.0, 4.0])
     """
     _, f_jvp = jax.linearize(lambda p: jax.grad(loss_fn)(p, batch), params)
     return f_jvp
@@ -161,6 +189,16 @@ def make_hvp(
 
     Returns:
       A function ``v -> H v`` on pytrees like ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import hessian
+      >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
+      ...     return jnp.mean((x @ params["w"]) ** 2)
+      >>> params, x = {"w": jnp.array([0.5, -1.0])}, jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> hv = jax.jit(lambda p, b, v: hessian.make_hvp(loss, p, b, chunk_size=1)(v))  # one example at a time
+      >>> hv(params, x, {"w": jnp.array([1.0, 1.0])})["w"].tolist()  # the full batch's H v
+      [1.0, 4.0]
     """
     if chunk_size is None:
         if linearize:
@@ -191,7 +229,15 @@ def make_hvp(
 
 
 def data_mesh(devices: Any = None, axis_name: str = "data") -> Mesh:
-    """A one-axis mesh over ``devices`` (default: all local devices) for data parallelism."""
+    """A one-axis mesh over ``devices`` (default: all local devices) for data parallelism.
+
+    Example:
+      >>> import jax
+      >>> from eos_jax.hessian import data_mesh
+      >>> mesh = data_mesh()
+      >>> mesh.axis_names, mesh.shape["data"] == len(jax.local_devices())
+      (('data',), True)
+    """
     devices = jax.local_devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (axis_name,))
 
@@ -249,6 +295,17 @@ def data_parallel_hvp(
 
     Returns:
       ``H v``, replicated, a pytree like ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import hessian
+      >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
+      ...     return jnp.mean((x @ params["w"]) ** 2)
+      >>> params, x = {"w": jnp.array([0.5, -1.0])}, jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> mesh = hessian.data_mesh(jax.local_devices()[:1])  # the batch size must divide evenly
+      >>> hv = jax.jit(lambda p, b, v: hessian.data_parallel_hvp(loss, p, b, v, mesh=mesh))
+      >>> hv(params, x, {"w": jnp.array([1.0, 1.0])})["w"].tolist()
+      [1.0, 4.0]
     """
     axis, n_dev = _mesh_axis(mesh)
     _check_divisible(batch, n_dev)
@@ -382,6 +439,19 @@ def top_eigenvalue(
     Returns:
       :class:`EigResult` with scalar eigenvalue and residual, the unit eigenvector as a pytree like
       params, and the number of products used.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import hessian
+      >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
+      ...     return jnp.mean((x @ params["w"]) ** 2)
+      >>> params, x = {"w": jnp.array([0.5, -1.0])}, jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> sharpness = jax.jit(lambda p, b: hessian.top_eigenvalue(loss, p, b, method="power", num_iters=20))
+      >>> r = sharpness(params, x)
+      >>> round(float(r.eigenvalue), 4), bool(r.converged), int(r.num_hvps)
+      (4.0, True, 20)
+      >>> [round(abs(c), 4) for c in r.eigenvector["w"].tolist()]
+      [0.0, 1.0]
     """
     return _eig(
         lambda p, a, b: loss_fn(p, b),
@@ -429,6 +499,16 @@ def top_eigenvalues(
     Returns:
       :class:`EigResult` with eigenvalues ``(k,)`` in descending order, eigenvectors as a pytree whose
       leaves have a leading k axis, the number of products, and residuals ``(k,)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import hessian
+      >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
+      ...     return jnp.mean((x @ params["w"]) ** 2)
+      >>> params, x = {"w": jnp.array([0.5, -1.0])}, jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> r = jax.jit(lambda p, b: hessian.top_eigenvalues(loss, p, b, k=2))(params, x)
+      >>> [round(e, 4) for e in r.eigenvalue.tolist()], r.eigenvector["w"].shape, r.converged.tolist()
+      ([4.0, 1.0], (2, 2), [True, True])
     """
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise ConfigError(f"k must be a positive int, got {k!r}")
@@ -472,6 +552,15 @@ def adam_preconditioner(
 
     Returns:
       ``P`` (pytree like ``nu``), positive.
+
+    Example:
+      After one step, ``nu_hat = nu / (1 - b2)`` and ``P = (1 - b1) * sqrt(nu_hat)`` (eps = 0):
+
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.hessian import adam_preconditioner
+      >>> p = adam_preconditioner({"w": jnp.array([4.0, 1.0])}, 1, b1=0.5, b2=0.75, eps=0.0)
+      >>> p["w"].tolist()  # 0.5 * sqrt([16, 4])
+      [2.0, 1.0]
     """
 
     def leaf(x):
@@ -511,6 +600,20 @@ def preconditioned_top_eigenvalue(
     Returns:
       :class:`EigResult` whose eigenvector ``u`` is that of ``P^-1/2 H P^-1/2``; the eigenvector of
       ``P^-1 H`` is ``P^-1/2 u`` (unnormalized).
+
+    Example:
+      With ``H = diag(1, 4)`` and ``P = diag(0.5, 8)``, ``P^-1 H = diag(2, 0.5)``:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import hessian
+      >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
+      ...     return jnp.mean((x @ params["w"]) ** 2)
+      >>> params, x = {"w": jnp.array([0.5, -1.0])}, jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> precond = {"w": jnp.array([0.5, 8.0])}
+      >>> sharpness = jax.jit(lambda p, b: hessian.preconditioned_top_eigenvalue(
+      ...     loss, p, b, precond, method="power", num_iters=20))
+      >>> round(float(sharpness(params, x).eigenvalue), 4)
+      2.0
     """
     s = jax.tree_util.tree_map(lambda p: 1 / jnp.sqrt(p), precond)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -569,6 +672,19 @@ def layer_sharpness(
     Returns:
       ``{layer name (jax.tree_util.keystr of its path prefix): EigResult}``, in tree order; each
       eigenvector is the list of that layer's leaves.
+
+    Example:
+      Two layers whose diagonal blocks are ``diag(1, 4)`` and ``diag(1, 4) / 4``:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.hessian import layer_sharpness
+      >>> def loss(p, x):
+      ...     return jnp.mean((x @ p["a"]["w"]) ** 2) + jnp.mean((x @ p["b"]["w"]) ** 2) / 4
+      >>> params = {"a": {"w": jnp.array([0.5, -1.0])}, "b": {"w": jnp.array([0.5, -1.0])}}
+      >>> x = jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> r = jax.jit(lambda p, b: layer_sharpness(loss, p, b, method="power", num_iters=20))(params, x)
+      >>> {name: round(float(e.eigenvalue), 4) for name, e in r.items()}
+      {"['a']": 4.0, "['b']": 1.0}
     """
     opts = dict(method="lanczos", num_iters=20, tol=None, key=None, chunk_size=None, mesh=None, linearize=True)
     unknown = set(kwargs) - set(opts)
@@ -613,6 +729,17 @@ def stability_threshold(kind: str, *, beta: float = 0.0) -> float:
 
     Returns:
       The threshold as a Python float.
+
+    Example:
+      >>> from eos_jax.hessian import stability_threshold
+      >>> stability_threshold("gd"), stability_threshold("heavy_ball", beta=0.5)
+      (2.0, 3.0)
+      >>> round(stability_threshold("adam", beta=0.9), 6)
+      38.0
+      >>> stability_threshold("gd", beta=0.9)
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: kind='gd' takes no momentum, got beta=0.9
     """
     if kind not in _THRESHOLD_KINDS:
         raise ConfigError(f"kind must be one of {_THRESHOLD_KINDS}, got {kind!r}")

@@ -27,6 +27,14 @@ def to_jsonable(obj: Any) -> Any:
 
     Non-finite floats become ``None`` (JSON has no NaN or infinity); a reader treats
     ``null`` in a numeric history as "not finite".
+
+    Example:
+      >>> import numpy as np
+      >>> from eos_jax.io import to_jsonable
+      >>> to_jsonable({"lr": np.float32(0.5), "steps": np.int64(3), "loss": [1.0, float("nan")]})
+      {'lr': 0.5, 'steps': 3, 'loss': [1.0, None]}
+      >>> to_jsonable(np.array([[1, 2], [3, 4]]))
+      [[1, 2], [3, 4]]
     """
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
@@ -49,7 +57,23 @@ def to_jsonable(obj: Any) -> Any:
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
-    """Opens a temporary sibling of ``path``; on success fsyncs and renames it over ``path``."""
+    """Opens a temporary sibling of ``path``; on success fsyncs and renames it over ``path``.
+
+    Example:
+      >>> import os, tempfile
+      >>> from eos_jax.io import atomic_open
+      >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
+      >>> with atomic_open(path) as f:
+      ...     _ = f.write("first")
+      >>> try:
+      ...     with atomic_open(path) as f:
+      ...         _ = f.write("second, torn")
+      ...         raise RuntimeError("killed half-way")
+      ... except RuntimeError:
+      ...     pass
+      >>> open(path).read(), os.listdir(os.path.dirname(path))  # the old file, no temporary left
+      ('first', ['notes.txt'])
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -66,27 +90,79 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` atomically (see :func:`atomic_open`); creates parent directories.
+
+    Example:
+      >>> import os, tempfile
+      >>> from eos_jax.io import atomic_write_bytes
+      >>> path = os.path.join(tempfile.mkdtemp(), "sub", "blob.bin")
+      >>> atomic_write_bytes(path, bytes([0, 255]))
+      >>> list(open(path, "rb").read())
+      [0, 255]
+    """
     with atomic_open(path, "wb") as f:
         f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically (see :func:`atomic_open`); creates parent directories.
+
+    Example:
+      >>> import os, tempfile
+      >>> from eos_jax.io import atomic_write_text
+      >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
+      >>> atomic_write_text(path, "lr = 0.1")
+      >>> open(path).read()
+      'lr = 0.1'
+    """
     with atomic_open(path, "w") as f:
         f.write(text)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Writes ``to_jsonable(obj)`` as indented JSON (strict: no NaN literals)."""
+    """Writes ``to_jsonable(obj)`` as indented JSON (strict: no NaN literals).
+
+    Example:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from eos_jax.io import atomic_write_json, read_json
+      >>> path = os.path.join(tempfile.mkdtemp(), "results.json")
+      >>> atomic_write_json(path, {"loss": np.float32(0.25), "sharpness": float("inf")})
+      >>> read_json(path)
+      {'loss': 0.25, 'sharpness': None}
+    """
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """Reads one JSON document from ``path``.
+
+    Example:
+      >>> import os, tempfile
+      >>> from eos_jax.io import atomic_write_json, read_json
+      >>> path = os.path.join(tempfile.mkdtemp(), "config.json")
+      >>> atomic_write_json(path, {"steps": 3})
+      >>> read_json(path)["steps"]
+      3
+    """
     with open(path) as f:
         return json.load(f)
 
 
 def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
-    """Saves a matplotlib figure atomically (format from the suffix of ``path``)."""
+    """Saves a matplotlib figure atomically (format from the suffix of ``path``).
+
+    Example:
+      >>> import os, tempfile
+      >>> from matplotlib.figure import Figure
+      >>> from eos_jax.io import save_figure
+      >>> fig = Figure(figsize=(1, 1))
+      >>> _ = fig.add_subplot().plot([0, 1], [1, 0])
+      >>> path = os.path.join(tempfile.mkdtemp(), "loss.svg")
+      >>> save_figure(fig, path)
+      >>> open(path).read().count("<svg") >= 1
+      True
+    """
     path = Path(path)
     kwargs.setdefault("dpi", 120)
     kwargs.setdefault("bbox_inches", "tight")
@@ -105,6 +181,19 @@ def open_run_dir(path: str | os.PathLike, config: dict[str, Any], *, resume: boo
 
     Raises:
       RunDirError: with a one-line message naming the directory and what to do.
+
+    Example:
+      >>> import os, tempfile
+      >>> from eos_jax.io import open_run_dir
+      >>> run = os.path.join(tempfile.mkdtemp(), "run")
+      >>> sorted(os.listdir(open_run_dir(run, {"lr": 0.1})))
+      ['config.json']
+      >>> str(open_run_dir(run, {"lr": 0.1}, resume=True)) == run  # the same config resumes
+      True
+      >>> open_run_dir(run, {"lr": 0.2})  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.RunDirError: run directory .../run holds a run with another config (differs in: lr); choose another run directory
     """
     path = Path(path)
     cfg = to_jsonable(config)

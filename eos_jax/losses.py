@@ -43,6 +43,14 @@ def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
     Returns:
       Scalar ``mean(-y log s(z) - (1 - y) log(1 - s(z)))`` in the logits' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.losses import binary_cross_entropy
+      >>> round(float(binary_cross_entropy(jnp.array([0.0, 0.0]), jnp.array([0, 1]))), 4)  # log 2
+      0.6931
+      >>> float(binary_cross_entropy(jnp.array([[-100.0]]), jnp.array([0])))  # confident and right
+      0.0
     """
     if logits.ndim == 2:
         if logits.shape[1] != 1:
@@ -65,6 +73,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
     Returns:
       Scalar in the logits' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.losses import cross_entropy
+      >>> round(float(cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))), 4)  # log 4
+      1.3863
+      >>> cross_entropy(jnp.zeros((2, 4)), jnp.array([0.0, 3.0]))
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: labels have dtype float32; allowed: an integer dtype
     """
     if logits.ndim != 2:
         raise ConfigError(f"cross_entropy needs logits (N, C), got {logits.shape}")
@@ -83,6 +101,13 @@ def mse(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
 
     Returns:
       Scalar in the logits' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.losses import mse
+      >>> logits = jnp.array([[1.0, 0.0], [1.0, 0.0]])  # right on example 0, wrong on example 1
+      >>> float(mse(logits, jnp.array([0, 1]), num_classes=2))  # (0 + 0.5 * 2) / 2
+      0.5
     """
     if logits.ndim != 2 or logits.shape[1] != num_classes:
         raise ConfigError(f"mse needs logits (N, num_classes={num_classes}), got {logits.shape}")

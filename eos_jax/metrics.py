@@ -32,6 +32,16 @@ def rel_l1(a: Any, b: Any) -> jax.Array:
 
     Elements where both are zero contribute 0. The result lies in [0, 2]; it is
     computed in the leaves' dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.metrics import rel_l1
+      >>> float(rel_l1(jnp.array([1.0, 1.0]), jnp.array([1.0, 3.0])))  # (2/2) * (0 + 2/4)
+      0.5
+      >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array([0.0])}
+      >>> b = {"w": jnp.array([1.0, 6.0]), "b": jnp.array([0.0])}
+      >>> round(float(rel_l1(a, b)), 6)  # (2/3) * (0 + 4/8 + 0): 0/0 counts as 0
+      0.333333
     """
     la, ta = jax.tree_util.tree_flatten(a)
     lb, tb = jax.tree_util.tree_flatten(b)
@@ -45,12 +55,28 @@ def rel_l1(a: Any, b: Any) -> jax.Array:
 
 
 def rel_l1_per_leaf(a: Any, b: Any) -> Any:
-    """:func:`rel_l1` of each pair of leaves; a pytree of scalars shaped like ``a``."""
+    """:func:`rel_l1` of each pair of leaves; a pytree of scalars shaped like ``a``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.metrics import rel_l1_per_leaf
+      >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array([0.0])}
+      >>> b = {"w": jnp.array([1.0, 6.0]), "b": jnp.array([0.0])}
+      >>> {k: float(v) for k, v in rel_l1_per_leaf(a, b).items()}
+      {'b': 0.0, 'w': 0.5}
+    """
     return jax.tree_util.tree_map(lambda x, y: 2.0 * _leaf_rel_l1_sum(x, y) / max(int(np.size(x)), 1), a, b)
 
 
 class UlpDiff(NamedTuple):
-    """Result of :func:`ulp_diff`."""
+    """Result of :func:`ulp_diff`.
+
+    Example:
+      >>> from eos_jax.metrics import UlpDiff
+      >>> d = UlpDiff(n_diff=1, n_total=4, max_ulp=3)
+      >>> d.max_ulp, d.fraction
+      (3, 0.25)
+    """
 
     n_diff: int  # elements whose bits differ
     n_total: int  # elements compared
@@ -75,6 +101,16 @@ def ulp_diff(a: Any, b: Any) -> UlpDiff:
 
     Equality is bitwise: +0.0 vs -0.0 counts as a differing element at distance 0 ulps.
     Leaves must have equal dtypes and shapes.
+
+    Example:
+      >>> import numpy as np
+      >>> from eos_jax.metrics import ulp_diff
+      >>> x = np.array([1.0, 2.0, 3.0], np.float32)
+      >>> y = x.copy(); y[1] = np.nextafter(np.nextafter(x[1], 3), 3)  # two ulps up
+      >>> ulp_diff(x, y)
+      UlpDiff(n_diff=1, n_total=3, max_ulp=2)
+      >>> ulp_diff(np.float32([0.0]), np.float32([-0.0]))
+      UlpDiff(n_diff=1, n_total=1, max_ulp=0)
     """
     la, ta = jax.tree_util.tree_flatten(a)
     lb, tb = jax.tree_util.tree_flatten(b)
@@ -101,7 +137,17 @@ def ulp_diff(a: Any, b: Any) -> UlpDiff:
 
 
 def tree_digest(tree: Any) -> str:
-    """SHA-256 (hex) over each leaf's key path, dtype, shape and raw bytes, in tree order."""
+    """SHA-256 (hex) over each leaf's key path, dtype, shape and raw bytes, in tree order.
+
+    Example:
+      >>> import numpy as np
+      >>> from eos_jax.metrics import tree_digest
+      >>> d = tree_digest({"w": np.float32([1.0, 2.0])})
+      >>> len(d), d == tree_digest({"w": np.float32([1.0, 2.0])})
+      (64, True)
+      >>> d == tree_digest({"w": np.float64([1.0, 2.0])})  # same values, other dtype
+      False
+    """
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         arr = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))

@@ -52,6 +52,19 @@ def plot_run(
       threshold: the optimizer's stability threshold, drawn as a dashed line.
       title: figure title.
       max_lanes: lanes drawn at most (the first ones).
+
+    Example:
+      >>> import os, tempfile
+      >>> from eos_jax.plotting import plot_run
+      >>> lines = [
+      ...     {"lane": i, "step": t, "loss": 1.0 / (t + 1), "normalized_sharpness": 0.5 * t * (i + 1),
+      ...      "learning_rate": lr, "k": 1.0, "seed": 0, "weight_decay": 0.0}
+      ...     for i, lr in enumerate([0.1, 0.2]) for t in range(3)
+      ... ]
+      >>> path = os.path.join(tempfile.mkdtemp(), "run.png")
+      >>> plot_run(lines, path, threshold=2.0, title="two lanes")
+      >>> open(path, "rb").read(4)[1:]  # the PNG signature
+      b'PNG'
     """
     by_lane: dict[int, list[dict[str, Any]]] = {}
     for r in lines:
@@ -100,7 +113,17 @@ def plot_run(
 
 
 def draw_rel_l1(ax: Any, rs: Sequence[dict[str, Any]], *, color: Any = None, label: str = "") -> None:
-    """RelL1 to the k=1 twin of one lane's lines: raw (thin) and 100-step moving average (thick)."""
+    """RelL1 to the k=1 twin of one lane's lines: raw (thin) and 100-step moving average (thick).
+
+    Example:
+      >>> from matplotlib.figure import Figure
+      >>> from eos_jax.plotting import draw_rel_l1
+      >>> ax = Figure().add_subplot()
+      >>> rs = [{"step": t, "rel_l1_to_k1": 1e-7 * t, "rel_l1_to_k1_ma100": 5e-8 * t} for t in range(4)]
+      >>> draw_rel_l1(ax, rs, label="k=0.5")
+      >>> len(ax.lines)  # raw and moving average
+      2
+    """
     pts = [(r["step"], r["rel_l1_to_k1"], r.get(REL_MA_KEY)) for r in rs if "rel_l1_to_k1" in r]
     if not pts:
         return
@@ -109,7 +132,20 @@ def draw_rel_l1(ax: Any, rs: Sequence[dict[str, Any]], *, color: Any = None, lab
 
 
 def finish_rel_l1_axis(ax: Any, lines: Sequence[dict[str, Any]]) -> None:
-    """Log scale when some RelL1 is positive (all zero: k=2, 4 equal their twin bit for bit)."""
+    """Log scale when some RelL1 is positive (all zero: k=2, 4 equal their twin bit for bit).
+
+    Example:
+      >>> from matplotlib.figure import Figure
+      >>> from eos_jax.plotting import finish_rel_l1_axis
+      >>> from eos_jax.plotting import draw_rel_l1
+      >>> ax = Figure().add_subplot()
+      >>> rs = [{"step": 0, "rel_l1_to_k1": 0.0, "rel_l1_to_k1_ma100": 0.0},
+      ...       {"step": 1, "rel_l1_to_k1": 3e-8, "rel_l1_to_k1_ma100": 1.5e-8}]
+      >>> draw_rel_l1(ax, rs, label="k=0.5")
+      >>> finish_rel_l1_axis(ax, rs)
+      >>> ax.get_yscale()
+      'symlog'
+    """
     if any(r.get("rel_l1_to_k1", 0) > 0 for r in lines):
         ax.set_yscale("symlog", linthresh=1e-9)
     ax.set_xlabel("step")
@@ -126,7 +162,19 @@ def plot_variants(
     threshold: float = 2.0,
     title: str = "",
 ) -> None:
-    """One column per variant (e.g. 1 vs 3 layers): loss on top, normalized sharpness below."""
+    """One column per variant (e.g. 1 vs 3 layers): loss on top, normalized sharpness below.
+
+    Example:
+      >>> import os, tempfile
+      >>> from eos_jax.plotting import plot_variants
+      >>> def lines(scale):
+      ...     return [{"lane": 0, "step": t, "loss": scale / (t + 1), "normalized_sharpness": 0.6 * t,
+      ...              "learning_rate": 0.1, "k": 1.0, "seed": 0, "weight_decay": 0.0} for t in range(3)]
+      >>> path = os.path.join(tempfile.mkdtemp(), "variants.png")
+      >>> plot_variants([("1 layer", lines(1.0)), ("3 layers", lines(2.0))], path)
+      >>> os.path.getsize(path) > 0
+      True
+    """
     n = max(len(runs), 1)
     fig = Figure(figsize=(5.5 * n, 7))
     axes = fig.subplots(2, n, squeeze=False)

@@ -30,6 +30,21 @@ class ProgressBar:
       stream: where to draw (default ``sys.stderr``).
       width: characters of the bar itself.
       min_interval: seconds between two plain lines when ``stream`` is not a terminal.
+      label: text written before the bar.
+
+    Example:
+      >>> import io
+      >>> from eos_jax.progress import ProgressBar
+      >>> out = io.StringIO()  # not a terminal: plain lines, at most one per min_interval
+      >>> bar = ProgressBar(10, stream=out, width=10)
+      >>> bar.update(5, loss=0.25)
+      >>> bar.message("sharpness tracked every 5 steps")
+      >>> bar.update(10, loss=0.125, sharpness=float("nan"))  # the last step always prints
+      >>> bar.close()
+      >>> print(out.getvalue(), end="")  # doctest: +ELLIPSIS
+      [#####.....] step 5/10  loss 0.25  sharpness -  ...s
+      sharpness tracked every 5 steps
+      [##########] step 10/10  loss 0.125  sharpness nan  ...s
     """
 
     def __init__(

@@ -45,7 +45,16 @@ def _backend_started() -> bool:
 
 
 def check_xla_flags(flags: str | None = None) -> None:
-    """Raises ConfigError if ``flags`` (default: ``$XLA_FLAGS``) enable fast math."""
+    """Raises ConfigError if ``flags`` (default: ``$XLA_FLAGS``) enable fast math.
+
+    Example:
+      >>> from eos_jax.runtime import check_xla_flags
+      >>> check_xla_flags("--xla_gpu_deterministic_ops=true")  # fine: returns None
+      >>> check_xla_flags("--xla_cpu_enable_fast_math=true")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: XLA_FLAGS contains '--xla_cpu_enable_fast_math=true': fast math ...
+    """
     flags = os.environ.get("XLA_FLAGS", "") if flags is None else flags
     for token in flags.split():
         if token in _FAST_MATH_FLAGS:
@@ -76,6 +85,17 @@ def configure(
     Raises:
       ConfigError: fast math is enabled in ``XLA_FLAGS``, or the deterministic GPU
         flag is requested after a GPU backend already started without it.
+
+    Example:
+      An entry point calls ``meta = configure()`` first thing (it changes process-wide
+      settings, so a library function never does). A bad setting is refused before
+      anything is changed:
+
+      >>> from eos_jax.runtime import configure
+      >>> configure(matmul_precision="tf32")
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: matmul_precision='tf32'; allowed: highest, float32, high, bfloat16_3x, default, bfloat16
     """
     allowed = ("highest", "float32", "high", "bfloat16_3x", "default", "bfloat16")
     if matmul_precision not in allowed:
@@ -104,7 +124,17 @@ def _version(dist: str) -> str | None:
 
 
 def metadata() -> dict[str, Any]:
-    """Versions, devices and numerical settings of this process, for ``metadata.json``."""
+    """Versions, devices and numerical settings of this process, for ``metadata.json``.
+
+    Example:
+      >>> from eos_jax.runtime import metadata
+      >>> m = metadata()
+      >>> m["x64"], m["device_count"] >= 1, m["versions"]["jax"] is not None  # under JAX's defaults
+      (False, True, True)
+      >>> sorted(m)  # doctest: +NORMALIZE_WHITESPACE
+      ['backend', 'device_count', 'device_kinds', 'matmul_precision', 'platform', 'python', 'versions',
+       'x64', 'xla_flags']
+    """
     devices = jax.devices()
     return {
         "python": sys.version.split()[0],

@@ -26,12 +26,32 @@ CRITERION = "stable = finite and the loss never rises by more than 1% from one s
 
 
 def is_stable(lane: dict[str, Any]) -> bool:
-    """The stability criterion of the module docstring for one lane of results.json."""
+    """The stability criterion of the module docstring for one lane of results.json.
+
+    Example:
+      >>> from eos_jax.stability import is_stable
+      >>> is_stable({"finite": True, "max_rel_loss_increase": 0.004})
+      True
+      >>> is_stable({"finite": True, "max_rel_loss_increase": 0.25})  # a 25 % spike
+      False
+    """
     return bool(lane["finite"]) and lane["max_rel_loss_increase"] <= STABLE_MAX_REL_INCREASE
 
 
 def stability_boundary(lanes: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Largest stable and smallest unstable learning rate (criterion of the module docstring)."""
+    """Largest stable and smallest unstable learning rate (criterion of the module docstring).
+
+    Example:
+      >>> from eos_jax.stability import stability_boundary
+      >>> lanes = [
+      ...     {"learning_rate": 0.1, "finite": True, "max_rel_loss_increase": 0.0},
+      ...     {"learning_rate": 0.2, "finite": True, "max_rel_loss_increase": 0.3},
+      ...     {"learning_rate": 0.4, "finite": False, "max_rel_loss_increase": 0.0},
+      ... ]
+      >>> b = stability_boundary(lanes)
+      >>> b["largest_stable_lr"], b["smallest_unstable_lr"], b["monotone"]
+      (0.1, 0.2, True)
+    """
     stable = sorted(l["learning_rate"] for l in lanes if is_stable(l))
     unstable = sorted(l["learning_rate"] for l in lanes if not is_stable(l))
     out = {
@@ -58,6 +78,15 @@ def regime(lane: dict[str, Any], threshold: float) -> str:
     * ``spikes-off-edge``: late spikes, but the tracked sharpness (sampled every
       ``sharpness_every`` steps, so it can miss a short excursion) stayed below the edge,
       or was not tracked.
+
+    Example:
+      >>> from eos_jax.stability import regime
+      >>> lane = {"finite": True, "max_rel_loss_increase": 0.2,
+      ...         "num_loss_increases_1pct_late": 7, "max_normalized_sharpness": 1.98}
+      >>> regime(lane, threshold=2.0)
+      'restrained'
+      >>> regime(dict(lane, num_loss_increases_1pct_late=0), threshold=2.0)
+      'transient'
     """
     if not lane["finite"]:
         return "divergent"

@@ -70,6 +70,18 @@ class Dataset:
       num_classes: number of classes (2 for the binary subsets).
       source: the files read (paths as strings), or the scikit-learn data file.
       sha256: SHA-256 of each file in ``source``, in the same order.
+
+    Example:
+      >>> import jax
+      >>> from eos_jax.data import load
+      >>> ds = load("fashion_mnist01_bundled", "test")  # ships with the package
+      >>> len(ds), ds.x.shape, ds.x.dtype, ds.y.dtype, ds.num_classes
+      (500, (500, 28, 28, 1), dtype('float32'), dtype('int32'), 2)
+      >>> ds.info["example_shape"], sorted(set(ds.y.tolist()))
+      ([28, 28, 1], [0, 1])
+      >>> on_device = ds.to_device()  # a pytree of (x, y): one transfer
+      >>> isinstance(on_device.x, jax.Array), on_device.name
+      (True, 'fashion_mnist01_bundled')
     """
 
     x: np.ndarray | jax.Array
@@ -112,6 +124,16 @@ def search_paths(name: str, data_dir: str | os.PathLike | None = None) -> list[P
     Empty for ``digits01`` (bundled with scikit-learn); the package's own directory for
     ``fashion_mnist01_bundled``. See :mod:`eos_jax.data.sources` for the order of roots
     and the accepted layouts.
+
+    Example:
+      >>> import os
+      >>> from unittest import mock
+      >>> from eos_jax.data import search_paths
+      >>> with mock.patch.dict(os.environ, {"EOS_JAX_NO_SYSTEM_DATA": "1", "EOS_JAX_DATA": ""}):
+      ...     [str(p) for p in search_paths("fashion_mnist01", "/data")]
+      ['/data/fashion_mnist', '/data/fashion-mnist', '/data/FashionMNIST/raw', '/data/FashionMNIST', '/data/fashion', '/data']
+      >>> search_paths("digits01"), search_paths("fashion_mnist01_bundled")[0].name
+      ([], 'fashion_mnist01')
     """
     if name in sources.BUNDLED:
         return [sources.bundled_dir(name)]
@@ -196,6 +218,28 @@ def load(name: str, split: str = "train", *, data_dir: str | os.PathLike | None 
       MalformedDataError: a file is not in the published format (names the file).
       ChecksumError: a bundled file does not have its recorded SHA-256 (names the file).
       DataError: loose IDX files in ``data_dir`` that cannot be identified.
+
+    Example:
+      ``mnist01`` keeps the digits 0 and 1 of MNIST files found in ``data_dir``:
+
+      >>> import os, struct, tempfile
+      >>> def write_idx(path, shape, values):  # a tiny uint8 file in MNIST's IDX format
+      ...     os.makedirs(os.path.dirname(path), exist_ok=True)
+      ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
+      ...     with open(path, "wb") as f:
+      ...         _ = f.write(head + bytes(values))
+      >>> d = tempfile.mkdtemp()  # three 2x2 MNIST images of the digits 0, 7, 1 per split
+      >>> for prefix in ("train", "t10k"):
+      ...     write_idx(os.path.join(d, "mnist", f"{prefix}-images-idx3-ubyte"), (3, 2, 2), [255] * 12)
+      ...     write_idx(os.path.join(d, "mnist", f"{prefix}-labels-idx1-ubyte"), (3,), [0, 7, 1])
+      >>> from eos_jax.data import load
+      >>> ds = load("mnist01", "train", data_dir=d)
+      >>> ds.x.shape, ds.y.tolist(), float(ds.x.max())  # pixels / 255
+      ((2, 2, 2, 1), [0, 1], 1.0)
+      >>> load("mnist01", "validation")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: unknown split 'validation' for dataset 'mnist01'; allowed: train, test
     """
     _check_name_split(name, split)
     base, keep, first_n, num_classes = _REGISTRY[name]
@@ -253,6 +297,27 @@ def load_first_available(
     Raises:
       ConfigError: an unknown name or split, or an empty ``names``.
       DataNotFoundError: none was found (lists every reason).
+
+    Example:
+      On a machine without CIFAR-10 (the user cache and system directories switched off),
+      the MNIST files of ``data_dir`` are used:
+
+      >>> import os, struct, tempfile
+      >>> def write_idx(path, shape, values):  # a tiny uint8 file in MNIST's IDX format
+      ...     os.makedirs(os.path.dirname(path), exist_ok=True)
+      ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
+      ...     with open(path, "wb") as f:
+      ...         _ = f.write(head + bytes(values))
+      >>> d = tempfile.mkdtemp()  # three 2x2 MNIST images of the digits 0, 7, 1 per split
+      >>> for prefix in ("train", "t10k"):
+      ...     write_idx(os.path.join(d, "mnist", f"{prefix}-images-idx3-ubyte"), (3, 2, 2), [255] * 12)
+      ...     write_idx(os.path.join(d, "mnist", f"{prefix}-labels-idx1-ubyte"), (3,), [0, 7, 1])
+      >>> from unittest import mock
+      >>> from eos_jax.data import load_first_available
+      >>> with mock.patch.dict(os.environ, {"EOS_JAX_NO_SYSTEM_DATA": "1", "EOS_JAX_DATA": ""}):
+      ...     ds, skipped = load_first_available(["cifar10", "mnist01"], "test", data_dir=d)
+      >>> ds.name, len(ds), [name for name, why in skipped]
+      ('mnist01', 2, ['cifar10'])
     """
     names = list(names)
     if not names:
@@ -283,6 +348,24 @@ def unused_in_data_dir(
 
     Returns:
       ``[{"path", "holds", "why"}]``, JSON-able, for the warning and metadata.json.
+
+    Example:
+      MNIST files in ``data_dir`` while the run asked for the bundled Fashion-MNIST subset:
+
+      >>> import os, struct, tempfile
+      >>> def write_idx(path, shape, values):  # a tiny uint8 file in MNIST's IDX format
+      ...     os.makedirs(os.path.dirname(path), exist_ok=True)
+      ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
+      ...     with open(path, "wb") as f:
+      ...         _ = f.write(head + bytes(values))
+      >>> d = tempfile.mkdtemp()  # three 2x2 MNIST images of the digits 0, 7, 1 per split
+      >>> for prefix in ("train", "t10k"):
+      ...     write_idx(os.path.join(d, "mnist", f"{prefix}-images-idx3-ubyte"), (3, 2, 2), [255] * 12)
+      ...     write_idx(os.path.join(d, "mnist", f"{prefix}-labels-idx1-ubyte"), (3,), [0, 7, 1])
+      >>> from eos_jax.data import load, unused_in_data_dir
+      >>> used = load("fashion_mnist01_bundled", "test")
+      >>> [u["why"] for u in unused_in_data_dir(d, used, ["fashion_mnist01_bundled"])]
+      ['MNIST is not among the requested datasets (fashion_mnist01_bundled)']
     """
     if data_dir is None:
         return []

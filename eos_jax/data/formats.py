@@ -51,7 +51,17 @@ _CIFAR_RECORD = 1 + _CIFAR_PIXELS
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """SHA-256 hex digest of a file's bytes, read in chunks."""
+    """SHA-256 hex digest of a file's bytes, read in chunks.
+
+    Example:
+      >>> import os, tempfile
+      >>> from eos_jax.data.formats import sha256_file
+      >>> path = os.path.join(tempfile.mkdtemp(), "abc.txt")
+      >>> with open(path, "wb") as f:
+      ...     _ = f.write(b"abc")
+      >>> sha256_file(path)  # the FIPS 180-2 test vector
+      'ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad'
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -83,6 +93,23 @@ def read_idx(
     Raises:
       MalformedDataError: bad magic, unknown type code, unexpected ndim or dtype,
         truncated data, trailing bytes, or a corrupt gzip stream (names the file).
+
+    Example:
+      >>> import gzip, os, struct, tempfile
+      >>> from eos_jax.data.formats import read_idx
+      >>> d = tempfile.mkdtemp()
+      >>> raw = struct.pack(">BBBBI", 0, 0, 0x08, 1, 3) + bytes([7, 0, 1])  # uint8, 1 dim of size 3
+      >>> with open(os.path.join(d, "labels-idx1-ubyte.gz"), "wb") as f:
+      ...     _ = f.write(gzip.compress(raw))
+      >>> y = read_idx(os.path.join(d, "labels-idx1-ubyte.gz"), expected_ndim=1)
+      >>> y.tolist(), y.dtype
+      ([7, 0, 1], dtype('uint8'))
+      >>> with open(os.path.join(d, "short"), "wb") as f:
+      ...     _ = f.write(raw[:-1])
+      >>> read_idx(os.path.join(d, "short"))  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.MalformedDataError: .../short: truncated IDX data for shape (3,) (expected 3 bytes, got 2)
     """
     path = Path(path)
     try:
@@ -114,7 +141,18 @@ def read_idx(
 
 
 def check_labels(labels: np.ndarray, num_classes: int, path: str | os.PathLike) -> np.ndarray:
-    """Returns ``labels`` as int32 after checking they lie in ``[0, num_classes)``."""
+    """Returns ``labels`` as int32 after checking they lie in ``[0, num_classes)``.
+
+    Example:
+      >>> import numpy as np
+      >>> from eos_jax.data.formats import check_labels
+      >>> check_labels(np.array([0, 1, 1], np.uint8), 2, "y.idx").dtype
+      dtype('int32')
+      >>> check_labels(np.array([0, 2], np.uint8), 2, "y.idx")
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.MalformedDataError: y.idx: labels out of range [0, 2], expected 0..1
+    """
     if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise MalformedDataError(
             f"{path}: labels out of range [{int(labels.min())}, {int(labels.max())}], expected 0..{num_classes - 1}"
@@ -125,7 +163,20 @@ def check_labels(labels: np.ndarray, num_classes: int, path: str | os.PathLike) 
 def read_idx_pair(
     images_path: str | os.PathLike, labels_path: str | os.PathLike, num_classes: int = 10
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reads an MNIST-style (images, labels) pair: uint8 (N, H, W) and labels (N,) int32."""
+    """Reads an MNIST-style (images, labels) pair: uint8 (N, H, W) and labels (N,) int32.
+
+    Example:
+      >>> import os, struct, tempfile
+      >>> from eos_jax.data.formats import read_idx_pair
+      >>> d = tempfile.mkdtemp()
+      >>> with open(os.path.join(d, "x"), "wb") as f:  # two 2x2 uint8 images
+      ...     _ = f.write(struct.pack(">BBBB3I", 0, 0, 0x08, 3, 2, 2, 2) + bytes(range(8)))
+      >>> with open(os.path.join(d, "y"), "wb") as f:
+      ...     _ = f.write(struct.pack(">BBBBI", 0, 0, 0x08, 1, 2) + bytes([1, 0]))
+      >>> x, y = read_idx_pair(os.path.join(d, "x"), os.path.join(d, "y"), num_classes=2)
+      >>> x.shape, x[1].tolist(), y.tolist(), y.dtype
+      ((2, 2, 2), [[4, 5], [6, 7]], [1, 0], dtype('int32'))
+    """
     images = read_idx(images_path, expected_ndim=3, expected_dtype="uint8")
     labels = read_idx(labels_path, expected_ndim=1, expected_dtype="uint8")
     if images.shape[0] != labels.shape[0]:
@@ -144,6 +195,17 @@ def read_cifar_binary(path: str | os.PathLike, num_classes: int = 10) -> tuple[n
     Raises:
       MalformedDataError: the size is not a positive multiple of 3073 bytes, or a label
         is out of range (names the file).
+
+    Example:
+      >>> import os, tempfile
+      >>> from eos_jax.data.formats import read_cifar_binary
+      >>> path = os.path.join(tempfile.mkdtemp(), "data_batch_1.bin")
+      >>> red = bytes([255] * 1024)  # one record: label 3, a pure red image (R, G, B planes)
+      >>> with open(path, "wb") as f:
+      ...     _ = f.write(bytes([3]) + red + bytes(1024) + bytes(1024))
+      >>> x, y = read_cifar_binary(path)
+      >>> x.shape, x[0, 0, 0].tolist(), y.tolist()
+      ((1, 32, 32, 3), [255, 0, 0], [3])
     """
     path = Path(path)
     raw = path.read_bytes()
@@ -258,6 +320,16 @@ class RestrictedUnpickler(pickle.Unpickler):
     ndarray pickles use to local validating stand-ins and refuses every other global
     (``os.system``, ``builtins.eval``, any class), so loading a hostile file cannot run
     code. Persistent ids are refused too (the base class raises on them).
+
+    Example:
+      >>> import io, pickle
+      >>> from eos_jax.data.formats import RestrictedUnpickler
+      >>> RestrictedUnpickler(io.BytesIO(pickle.dumps({"labels": [1, 2], "name": "batch"}))).load()
+      {'labels': [1, 2], 'name': 'batch'}
+      >>> RestrictedUnpickler(io.BytesIO(pickle.dumps(print))).load()
+      Traceback (most recent call last):
+      ...
+      _pickle.UnpicklingError: refused global builtins.print
     """
 
     def find_class(self, module: str, name: str) -> Any:
@@ -285,7 +357,20 @@ def _finish(obj: Any) -> Any:
 
 
 def restricted_loads(data: bytes, *, source: str | os.PathLike = "<bytes>") -> Any:
-    """Unpickles ``data`` with :class:`RestrictedUnpickler`; any failure is a MalformedDataError."""
+    """Unpickles ``data`` with :class:`RestrictedUnpickler`; any failure is a MalformedDataError.
+
+    Example:
+      >>> import os, pickle
+      >>> import numpy as np
+      >>> from eos_jax.data.formats import restricted_loads
+      >>> obj = restricted_loads(pickle.dumps({"data": np.arange(3, dtype=np.uint8)}, protocol=2))
+      >>> obj["data"].tolist(), obj["data"].dtype
+      ([0, 1, 2], dtype('uint8'))
+      >>> restricted_loads(pickle.dumps(os.system), source="evil.pkl")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.MalformedDataError: evil.pkl: not a safe CIFAR-10 python pickle (UnpicklingError: refused global ...system)
+    """
     try:
         # encoding="latin1": Python 2 str objects (the CIFAR raw pixel data) come back as
         # str with one code point per byte, converted back to bytes losslessly.
@@ -316,6 +401,18 @@ def read_cifar_python(path: str | os.PathLike, num_classes: int = 10) -> tuple[n
       MalformedDataError: the pickle names a refused global, is not a dict with a uint8
         ``data`` array of shape (N, 3072) and ``labels`` list of N ints in range, or is
         truncated (names the file).
+
+    Example:
+      >>> import os, pickle, tempfile
+      >>> import numpy as np
+      >>> from eos_jax.data.formats import read_cifar_python
+      >>> path = os.path.join(tempfile.mkdtemp(), "data_batch_1")
+      >>> batch = {"data": np.zeros((2, 3072), np.uint8), "labels": [3, 9]}
+      >>> with open(path, "wb") as f:
+      ...     pickle.dump(batch, f, protocol=2)
+      >>> x, y = read_cifar_python(path)
+      >>> x.shape, x.dtype, y.tolist()
+      ((2, 32, 32, 3), dtype('uint8'), [3, 9])
     """
     path = Path(path)
     batch = restricted_loads(path.read_bytes(), source=path)

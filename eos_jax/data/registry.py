@@ -35,6 +35,16 @@ def _check_name_split(name: str, split: str) -> None:
 
 
 def base_of(name: str) -> str | None:
-    """The base dataset whose files are searched for ``name`` (None: bundled with the package or scikit-learn)."""
+    """The base dataset whose files are searched for ``name`` (None: bundled with the package or scikit-learn).
+
+    Example:
+      >>> from eos_jax.data.registry import base_of
+      >>> base_of("mnist01"), base_of("cifar10_5k"), base_of("fashion_mnist01_bundled")
+      ('mnist', 'cifar10', None)
+      >>> base_of("imagenet")  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: unknown dataset 'imagenet'; allowed: mnist, fashion_mnist, ...
+    """
     _check_name_split(name, "train")
     return _REGISTRY[name][0]

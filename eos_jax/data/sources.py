@@ -92,7 +92,14 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
 
 
 class Resource(NamedTuple):
-    """One published file: name, default URL directory, SHA-256 and size in bytes."""
+    """One published file: name, default URL directory, SHA-256 and size in bytes.
+
+    Example:
+      >>> from eos_jax.data.sources import PUBLISHED
+      >>> r = PUBLISHED["mnist"][1]
+      >>> r.filename, r.size
+      ('train-labels-idx1-ubyte.gz', 28881)
+    """
 
     filename: str
     base_url: str
@@ -201,7 +208,14 @@ BASE_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "C
 
 
 class BundledFile(NamedTuple):
-    """One file of a dataset bundled with the package: name, SHA-256, size in bytes."""
+    """One file of a dataset bundled with the package: name, SHA-256, size in bytes.
+
+    Example:
+      >>> from eos_jax.data.sources import BUNDLED
+      >>> images, labels = BUNDLED["fashion_mnist01_bundled"].files["test"]
+      >>> labels.filename, labels.size  # 8 header bytes + 500 labels
+      ('t10k-labels-idx1-ubyte', 508)
+    """
 
     filename: str
     sha256: str
@@ -214,6 +228,12 @@ class BundledSpec(NamedTuple):
     ``counts[split]`` examples of ``classes`` of ``base`` (the first ones, in the published
     order), with their original labels, as UNCOMPRESSED IDX files: compressed bytes can
     differ between zlib builds, raw bytes regenerate bit for bit.
+
+    Example:
+      >>> from eos_jax.data.sources import BUNDLED
+      >>> spec = BUNDLED["fashion_mnist01_bundled"]
+      >>> spec.base, spec.classes, spec.counts
+      ('fashion_mnist', (0, 1), {'train': 2000, 'test': 500})
     """
 
     base: str
@@ -258,7 +278,14 @@ BUNDLED_ROOT: Path = Path(__file__).resolve().parent / "bundled"
 
 
 def bundled_dir(name: str) -> Path:
-    """The directory of the bundled dataset ``name`` (read at call time from :data:`BUNDLED_ROOT`)."""
+    """The directory of the bundled dataset ``name`` (read at call time from :data:`BUNDLED_ROOT`).
+
+    Example:
+      >>> from eos_jax.data.sources import bundled_dir
+      >>> d = bundled_dir("fashion_mnist01_bundled")
+      >>> d.name, sorted(p.name for p in d.glob("t10k-*"))
+      ('fashion_mnist01', ['t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'])
+    """
     return BUNDLED_ROOT / BUNDLED[name].subdir
 
 
@@ -268,14 +295,35 @@ _DOWNLOAD_SUBDIR = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10
 
 
 def user_cache_dir() -> Path:
-    """The user cache directory: ``$XDG_CACHE_HOME/eos_jax`` or ``~/.cache/eos_jax``."""
+    """The user cache directory: ``$XDG_CACHE_HOME/eos_jax`` or ``~/.cache/eos_jax``.
+
+    Example:
+      >>> import os
+      >>> from unittest import mock
+      >>> from eos_jax.data.sources import user_cache_dir
+      >>> with mock.patch.dict(os.environ, {"XDG_CACHE_HOME": "/scratch/me/cache"}):
+      ...     str(user_cache_dir())
+      '/scratch/me/cache/eos_jax'
+    """
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".cache"
     return base / "eos_jax"
 
 
 def system_data_disabled() -> bool:
-    """True when ``$EOS_JAX_NO_SYSTEM_DATA`` is set to anything but empty or ``0`` (read at call time)."""
+    """True when ``$EOS_JAX_NO_SYSTEM_DATA`` is set to anything but empty or ``0`` (read at call time).
+
+    Example:
+      >>> import os
+      >>> from unittest import mock
+      >>> from eos_jax.data.sources import system_data_disabled
+      >>> with mock.patch.dict(os.environ, {"EOS_JAX_NO_SYSTEM_DATA": "1"}):
+      ...     system_data_disabled()
+      True
+      >>> with mock.patch.dict(os.environ, {"EOS_JAX_NO_SYSTEM_DATA": "0"}):
+      ...     system_data_disabled()
+      False
+    """
     return os.environ.get(NO_SYSTEM_DATA_ENV, "").strip() not in ("", "0")
 
 
@@ -283,6 +331,19 @@ def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
     """Root directories in search order (explicit, ``$EOS_JAX_DATA``, cache, system), deduplicated.
 
     With ``EOS_JAX_NO_SYSTEM_DATA=1`` the cache and the system directories are left out.
+
+    Example:
+      >>> import os
+      >>> from unittest import mock
+      >>> from eos_jax.data.sources import search_roots
+      >>> env = {"EOS_JAX_DATA": "/data/a" + os.pathsep + "/data/b", "XDG_CACHE_HOME": "/scratch/cache",
+      ...        "EOS_JAX_NO_SYSTEM_DATA": ""}
+      >>> with mock.patch.dict(os.environ, env):
+      ...     [str(p) for p in search_roots("/data/mine")]
+      ['/data/mine', '/data/a', '/data/b', '/scratch/cache/eos_jax', '/usr/share/datasets']
+      >>> with mock.patch.dict(os.environ, dict(env, EOS_JAX_NO_SYSTEM_DATA="1")):
+      ...     [str(p) for p in search_roots("/data/mine")]
+      ['/data/mine', '/data/a', '/data/b']
     """
     roots: list[Path] = []
     if data_dir is not None:
@@ -307,6 +368,14 @@ def candidate_dirs(base: str, data_dir: str | os.PathLike | None = None) -> list
 
     For MNIST and Fashion-MNIST the explicit ``data_dir`` itself comes right after its
     subfolders (loose files, identified before use: :func:`identify_loose`).
+
+    Example:
+      >>> import os
+      >>> from unittest import mock
+      >>> from eos_jax.data.sources import candidate_dirs
+      >>> with mock.patch.dict(os.environ, {"EOS_JAX_NO_SYSTEM_DATA": "1", "EOS_JAX_DATA": ""}):
+      ...     [str(p) for p in candidate_dirs("mnist", "/data")]
+      ['/data/mnist', '/data/MNIST/raw', '/data/MNIST', '/data']
     """
     if base not in LAYOUTS:
         raise ConfigError(f"unknown base dataset {base!r}; allowed: {', '.join(sorted(LAYOUTS))}")
@@ -320,7 +389,16 @@ def candidate_dirs(base: str, data_dir: str | os.PathLike | None = None) -> list
 
 
 def required_files(base: str, directory: Path, split: str) -> list[list[Path]] | None:
-    """For each file the split needs, the accepted spellings in ``directory`` (None: unknown layout)."""
+    """For each file the split needs, the accepted spellings in ``directory`` (None: unknown layout).
+
+    Example:
+      >>> from pathlib import Path
+      >>> from eos_jax.data.sources import required_files
+      >>> [[p.name for p in options] for options in required_files("mnist", Path("/data/mnist"), "test")]
+      [['t10k-images-idx3-ubyte', 't10k-images-idx3-ubyte.gz'], ['t10k-labels-idx1-ubyte', 't10k-labels-idx1-ubyte.gz']]
+      >>> [p[0].name for p in required_files("cifar10", Path("/data/cifar-10-batches-bin"), "test")]
+      ['test_batch.bin']
+    """
     if base in ("mnist", "fashion_mnist"):
         return [[directory / n, directory / (n + ".gz")] for n in IDX_FILES[split]]
     if directory.name == "cifar-10-batches-bin":
@@ -350,7 +428,15 @@ def _label_prefix(path: Path, n: int) -> tuple[int, ...] | None:
 
 
 class LooseFiles(NamedTuple):
-    """What :func:`identify_loose` found directly in a directory."""
+    """What :func:`identify_loose` found directly in a directory.
+
+    Example:
+      >>> from pathlib import Path
+      >>> from eos_jax.data.sources import LooseFiles
+      >>> lf = LooseFiles(files=(Path("/data/t10k-labels-idx1-ubyte"),), base=None, evidence=(), conflict=False)
+      >>> lf.base is None and not lf.conflict  # nothing identifies the file: it is refused
+      True
+    """
 
     files: tuple[Path, ...]  # the IDX files lying there (MNIST/Fashion-MNIST names)
     base: str | None  # "mnist" or "fashion_mnist"; None when nothing identifies them
@@ -367,6 +453,22 @@ def identify_loose(directory: str | os.PathLike) -> LooseFiles:
 
     Returns:
       A :class:`LooseFiles`; ``files`` is empty when there are none.
+
+    Example:
+      A labels file starting with MNIST's first ten test labels (7, 2, 1, 0, 4, ...):
+
+      >>> import os, struct, tempfile
+      >>> def write_idx(path, shape, values):  # a tiny uint8 file in MNIST's IDX format
+      ...     os.makedirs(os.path.dirname(path), exist_ok=True)
+      ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
+      ...     with open(path, "wb") as f:
+      ...         _ = f.write(head + bytes(values))
+      >>> from eos_jax.data.sources import identify_loose
+      >>> d = tempfile.mkdtemp()
+      >>> write_idx(os.path.join(d, "t10k-labels-idx1-ubyte"), (10,), [7, 2, 1, 0, 4, 1, 4, 9, 5, 9])
+      >>> found = identify_loose(d)
+      >>> found.base, found.evidence
+      ('mnist', ('t10k-labels-idx1-ubyte: first labels of MNIST',))
     """
     d = Path(directory)
     names = [n for split in ("train", "test") for n in IDX_FILES[split]]
@@ -419,6 +521,21 @@ def find_files(base: str, split: str, data_dir: str | os.PathLike | None = None)
       DataNotFoundError: ``data_dir`` is given but is not a directory.
       DataError: loose IDX files in ``data_dir`` that cannot be identified (see
         :func:`identify_loose`): refused rather than passed over or guessed.
+
+    Example:
+      >>> import os, struct, tempfile
+      >>> def write_idx(path, shape, values):  # a tiny uint8 file in MNIST's IDX format
+      ...     os.makedirs(os.path.dirname(path), exist_ok=True)
+      ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
+      ...     with open(path, "wb") as f:
+      ...         _ = f.write(head + bytes(values))
+      >>> from eos_jax.data.sources import find_files
+      >>> d = tempfile.mkdtemp()
+      >>> write_idx(os.path.join(d, "mnist", "t10k-images-idx3-ubyte"), (1, 2, 2), [0, 1, 2, 3])
+      >>> write_idx(os.path.join(d, "mnist", "t10k-labels-idx1-ubyte"), (1,), [7])
+      >>> files, looked = find_files("mnist", "test", d)  # data_dir is searched first
+      >>> [os.path.relpath(f, d) for f in files], looked
+      (['mnist/t10k-images-idx3-ubyte', 'mnist/t10k-labels-idx1-ubyte'], [])
     """
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
         # An explicit directory that does not exist is a typo, not a reason to read
@@ -455,6 +572,20 @@ def files_in(directory: str | os.PathLike) -> list[tuple[str, Path, str]]:
     Looks at every layout of :data:`LAYOUTS` under ``directory`` (a folder holding at least
     one of the expected files counts) and at loose IDX files in ``directory`` itself
     (``base`` is ``"unidentified"`` when :func:`identify_loose` cannot tell).
+
+    Example:
+      >>> import os, struct, tempfile
+      >>> def write_idx(path, shape, values):  # a tiny uint8 file in MNIST's IDX format
+      ...     os.makedirs(os.path.dirname(path), exist_ok=True)
+      ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
+      ...     with open(path, "wb") as f:
+      ...         _ = f.write(head + bytes(values))
+      >>> from eos_jax.data.sources import files_in
+      >>> d = tempfile.mkdtemp()
+      >>> write_idx(os.path.join(d, "fashion-mnist", "train-labels-idx1-ubyte"), (1,), [9])
+      >>> write_idx(os.path.join(d, "t10k-labels-idx1-ubyte"), (2,), [3, 3])  # loose, unidentifiable
+      >>> [(base, os.path.relpath(where, d), note) for base, where, note in files_in(d)]
+      [('fashion_mnist', 'fashion-mnist', ''), ('unidentified', '.', 'loose IDX files')]
     """
     d = Path(directory).expanduser()
     out: list[tuple[str, Path, str]] = []
@@ -490,6 +621,26 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str, *, size: int | None = 
     Raises:
       ChecksumError: the digest differs (names the URL, the expected and the actual digest).
       DataError: the download failed.
+
+    Example:
+      A ``file://`` URL stands for a mirror here:
+
+      >>> import hashlib, os, tempfile
+      >>> from eos_jax.data.sources import fetch
+      >>> d = tempfile.mkdtemp()
+      >>> with open(os.path.join(d, "published.bin"), "wb") as f:
+      ...     _ = f.write(b"abc")
+      >>> url = "file://" + os.path.join(d, "published.bin")
+      >>> digest = hashlib.sha256(b"abc").hexdigest()
+      >>> dest = fetch(url, os.path.join(d, "cache", "x.bin"), digest, size=3)
+      >>> dest.read_bytes()
+      b'abc'
+      >>> fetch(url, os.path.join(d, "cache", "y.bin"), "0" * 64)  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ChecksumError: file://...published.bin: SHA-256 ba7816bf... (3 bytes) does not match the expected 000...; nothing was saved
+      >>> sorted(os.listdir(os.path.join(d, "cache")))  # no y.bin, no temporary file
+      ['x.bin']
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -580,6 +731,24 @@ def download(
     Raises:
       ConfigError: unknown name. ChecksumError: a digest mismatch (no file left behind).
       DataError: network or archive failure.
+
+    Example:
+      From a local mirror (a ``file://`` URL) serving four small stand-in files, verified
+      against the digests given for them:
+
+      >>> import hashlib, os, tempfile
+      >>> from eos_jax.data.sources import PUBLISHED, download
+      >>> mirror, cache = tempfile.mkdtemp(), tempfile.mkdtemp()
+      >>> digests = {}
+      >>> for r in PUBLISHED["mnist"]:
+      ...     with open(os.path.join(mirror, r.filename), "wb") as f:
+      ...         _ = f.write(r.filename.encode())
+      ...     digests[r.filename] = hashlib.sha256(r.filename.encode()).hexdigest()
+      >>> paths = download("mnist01", cache_dir=cache, base_url="file://" + mirror, sha256=digests)
+      >>> [os.path.relpath(p, cache) for p in paths][:2]
+      ['mnist/train-images-idx3-ubyte.gz', 'mnist/train-labels-idx1-ubyte.gz']
+      >>> download("digits01")  # bundled with scikit-learn: nothing to fetch
+      []
     """
     base = base_of(name)
     if base is None:
@@ -605,7 +774,16 @@ def download(
 
 
 def describe_sources(base: str, split: str, looked: Sequence[str]) -> str:
-    """The one-line 'not found' message: where we looked and how to provide the files."""
+    """The one-line 'not found' message: where we looked and how to provide the files.
+
+    Example:
+      >>> import os
+      >>> from unittest import mock
+      >>> from eos_jax.data.sources import describe_sources
+      >>> with mock.patch.dict(os.environ, {"EOS_JAX_NO_SYSTEM_DATA": "1"}):
+      ...     print(describe_sources("mnist", "train", ["/data/mnist"]))
+      no MNIST IDX files (train-images-idx3-ubyte.gz, ...) for split 'train'; looked in: /data/mnist (EOS_JAX_NO_SYSTEM_DATA is set: the user cache and /usr/share/datasets are not searched). Pass data_dir=DIR or set EOS_JAX_DATA=DIR
+    """
     names = {
         "mnist": "MNIST IDX files (train-images-idx3-ubyte.gz, ...)",
         "fashion_mnist": "Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...)",

@@ -35,6 +35,16 @@ def channel_stats(train_x: ArrayLike, *, per: str = "channel") -> tuple[np.ndarr
 
     Returns:
       ``(mean, std)``, float32 arrays of shape (C,) or (H, W, C).
+
+    Example:
+      >>> import numpy as np
+      >>> from eos_jax.data.transforms import channel_stats
+      >>> x = np.arange(8, dtype=np.float32).reshape(2, 2, 2, 1)  # N=2 images of 2x2, one channel
+      >>> mean, std = channel_stats(x)
+      >>> mean.tolist(), round(float(std[0]) ** 2, 4), mean.dtype  # std**2 = var(0..7) = 5.25
+      ([3.5], 5.25, dtype('float32'))
+      >>> channel_stats(x, per="pixel")[0].shape
+      (2, 2, 1)
     """
     x = np.asarray(train_x, dtype=np.float64)
     if x.ndim != 4:
@@ -52,7 +62,14 @@ def channel_stats(train_x: ArrayLike, *, per: str = "channel") -> tuple[np.ndarr
 
 
 def normalize(x: ArrayLike, mean: ArrayLike, std: ArrayLike) -> jax.Array:
-    """``(x - mean) / std`` in ``x``'s dtype, with mean/std of shape (C,) or (H, W, C); jittable."""
+    """``(x - mean) / std`` in ``x``'s dtype, with mean/std of shape (C,) or (H, W, C); jittable.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.data.transforms import normalize
+      >>> normalize(jnp.array([[1.0, 4.0]]), mean=jnp.array([1.0, 2.0]), std=jnp.array([2.0, 4.0])).tolist()
+      [[0.0, 0.5]]
+    """
     x = jnp.asarray(x)
     shape = (1,) * (x.ndim - jnp.ndim(mean)) + tuple(jnp.shape(mean))
     m = jnp.reshape(jnp.asarray(mean, dtype=x.dtype), shape)
@@ -75,6 +92,17 @@ def standardize(train_x: ArrayLike, *xs: ArrayLike, per: str = "channel") -> tup
     Returns:
       ``(train_x_std, *xs_std)`` as float32 numpy arrays, computed as
       ``(x - mean) / std`` in float32.
+
+    Example:
+      >>> import numpy as np
+      >>> from eos_jax.data.transforms import standardize
+      >>> train = np.arange(8, dtype=np.float32).reshape(2, 2, 2, 1)
+      >>> test = train[:1] + 16
+      >>> train_s, test_s = standardize(train, test)
+      >>> round(float(train_s.mean()), 6), round(float(train_s.std()), 6)
+      (0.0, 1.0)
+      >>> test_s.shape, test_s.dtype, bool(test_s.min() > 2)  # the test set uses the TRAINING statistics
+      ((1, 2, 2, 1), dtype('float32'), True)
     """
     mean, std = channel_stats(train_x, per=per)
     out = []
@@ -91,6 +119,16 @@ def one_hot(y: ArrayLike, num_classes: int, dtype: jnp.dtype = jnp.float32) -> j
 
     Concrete labels outside ``[0, num_classes)`` raise ConfigError (under ``jit`` they
     cannot be checked and give an all-zero row, as ``jax.nn.one_hot``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.data.transforms import one_hot
+      >>> one_hot(jnp.array([0, 2]), 3).tolist()
+      [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+      >>> one_hot(jnp.array([0, 3]), 3)
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: one_hot: labels in [0, 3] are outside [0, 3)
     """
     if not isinstance(y, jax.core.Tracer):
         yn = np.asarray(y)
@@ -111,12 +149,28 @@ def epoch_permutation(key: jax.Array, epoch: int | jax.Array, n: int) -> jax.Arr
 
     Returns:
       An int32 array of shape (n,).
+
+    Example:
+      >>> import jax
+      >>> from eos_jax.data.transforms import epoch_permutation
+      >>> key = jax.random.key(0)
+      >>> p = epoch_permutation(key, 3, 5)
+      >>> sorted(p.tolist()), p.dtype
+      ([0, 1, 2, 3, 4], dtype('int32'))
+      >>> p.tolist() == epoch_permutation(key, 3, 5).tolist()  # a pure function of (key, epoch)
+      True
     """
     return jax.random.permutation(jax.random.fold_in(key, epoch), n).astype(jnp.int32)
 
 
 def num_batches(n: int, batch_size: int, *, drop_remainder: bool = False) -> int:
-    """How many batches an epoch of ``n`` examples has."""
+    """How many batches an epoch of ``n`` examples has.
+
+    Example:
+      >>> from eos_jax.data.transforms import num_batches
+      >>> num_batches(10, 4), num_batches(10, 4, drop_remainder=True)
+      (3, 2)
+    """
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} is not allowed; expected an integer >= 1")
     return n // batch_size if drop_remainder else -(-n // batch_size)
@@ -127,6 +181,13 @@ def batch_indices(key: jax.Array, epoch: int | jax.Array, n: int, batch_size: in
 
     The remainder (the last ``n % batch_size`` indices of the permutation) is dropped,
     which gives every step the same shape inside ``lax.scan``.
+
+    Example:
+      >>> import jax
+      >>> from eos_jax.data.transforms import batch_indices
+      >>> idx = batch_indices(jax.random.key(0), 0, n=10, batch_size=4)
+      >>> idx.shape, len(set(idx.reshape(-1).tolist()))  # 2 full batches of distinct examples
+      ((2, 4), 8)
     """
     nb = num_batches(n, batch_size, drop_remainder=True)
     return epoch_permutation(key, epoch, n)[: nb * batch_size].reshape(nb, batch_size)
@@ -140,6 +201,14 @@ def iterate_batches(
     Gathers with ``jnp.take`` where ``x``/``y`` live (put the dataset on the device once
     with :meth:`Dataset.to_device`). Without ``drop_remainder`` the last batch is the
     short remainder (as PyTorch's ``DataLoader``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.data.transforms import iterate_batches
+      >>> x, y = jnp.arange(5.0), jnp.arange(5)
+      >>> batches = list(iterate_batches(x, y, jax.random.key(0), epoch=0, batch_size=2))
+      >>> [bx.shape[0] for bx, by in batches], all(bool((bx == by).all()) for bx, by in batches)
+      ([2, 2, 1], True)
     """
     n = int(np.shape(y)[0])
     if int(np.shape(x)[0]) != n:
@@ -166,6 +235,15 @@ def augment_cifar(key: jax.Array, x_NHWC: ArrayLike, *, pad_value: ArrayLike = 0
 
     Returns:
       Augmented images, same shape and dtype as ``x_NHWC``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.data.transforms import augment_cifar
+      >>> augment = jax.jit(augment_cifar)  # one compile; eager dispatch of its many ops is slower
+      >>> images = jnp.ones((2, 8, 8, 3))  # any H x W; CIFAR's is 32 x 32
+      >>> out = augment(jax.random.key(0), images)
+      >>> out.shape, out.dtype, bool(jnp.array_equal(out, augment(jax.random.key(0), images)))
+      ((2, 8, 8, 3), dtype('float32'), True)
     """
     x = jnp.asarray(x_NHWC)
     n, h, w, c = x.shape

@@ -28,7 +28,18 @@ from eos_jax.train.writer import RunWriter, read_metrics
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM arrived; a checkpoint of ``step`` was saved before stopping."""
+    """SIGINT or SIGTERM arrived; a checkpoint of ``step`` was saved before stopping.
+
+    Example:
+      >>> import signal
+      >>> from pathlib import Path
+      >>> from eos_jax.train import TrainingInterrupted
+      >>> e = TrainingInterrupted(signal.SIGTERM, 40, Path("runs/toy"))
+      >>> print(e)
+      SIGTERM at step 40: checkpoint saved in runs/toy; continue with resume=True
+      >>> e.step
+      40
+    """
 
     def __init__(self, signum: int, step: int, run_dir: Path):
         self.signum = signum
@@ -85,6 +96,32 @@ def check_resume(
 
     Raises:
       CheckpointMismatchError: one line naming the group and what differs (nothing is moved).
+
+    Example:
+      A run whose one group of two lanes was checkpointed, resumed with ``max_lanes=1``:
+
+      >>> import jax.numpy as jnp
+      >>> from eos_jax import optim, train as tr
+      >>> batch = {"x": jnp.array([[1.0, 0.0], [0.0, 2.0]]), "y": jnp.array([[1.0], [0.0]])}
+      >>> def loss(p, b):  # least squares; the Hessian is 2/N x^T x = diag(1, 4)
+      ...     return jnp.mean(jnp.square(b["x"] @ p["w"] - b["y"]))
+      >>> problem = tr.Problem(lambda key: {"w": jnp.zeros((2, 1), jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), batch)
+      >>> import os, tempfile
+      >>> import jax
+      >>> from eos_jax.checkpoint import CheckpointStore
+      >>> lanes, run_dir = tr.make_lanes([0.1, 0.5]), tempfile.mkdtemp()
+      >>> state = jax.jit(jax.vmap(lambda hp: tr.init_state(problem, hp)))(tr.stack_hparams(lanes, jnp.float32))
+      >>> store = CheckpointStore(os.path.join(run_dir, "checkpoints", "group_000"))
+      >>> store.save(2, state); store.close()
+      >>> one = jax.devices()[:1]
+      >>> tr.check_resume(problem, lanes, tr.EngineConfig(steps=4), run_dir, devices=one) is None  # fine
+      True
+      >>> tr.check_resume(problem, lanes, tr.EngineConfig(steps=4, max_lanes=1), run_dir, devices=one)
+      ... # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.CheckpointMismatchError: checkpoints/group_000 of ... holds 2 lanes, this run would put 1 there (lanes 0..0 of 2; max_lanes=1, 1 device): resume with the same max_lanes and number of devices as the run that wrote it, or start a new run directory
     """
     devices = list(devices) if devices is not None else jax.devices()
     groups = group_lanes(len(lanes), config.max_lanes, len(devices))
@@ -177,8 +214,24 @@ def train(
       TrainingInterrupted: SIGINT/SIGTERM (after saving a checkpoint).
 
     Example:
-      >>> run_dir = eos_jax.io.open_run_dir("runs/toy", {"lrs": [0.05, 0.3]})  # doctest: +SKIP
-      >>> res = train(problem, make_lanes([0.05, 0.3]), EngineConfig(steps=100), run_dir)  # doctest: +SKIP
+      Two steps of gradient descent into a fresh run directory:
+
+      >>> import jax.numpy as jnp
+      >>> from eos_jax import optim, train as tr
+      >>> batch = {"x": jnp.array([[1.0, 0.0], [0.0, 2.0]]), "y": jnp.array([[1.0], [0.0]])}
+      >>> def loss(p, b):  # least squares; the Hessian is 2/N x^T x = diag(1, 4)
+      ...     return jnp.mean(jnp.square(b["x"] @ p["w"] - b["y"]))
+      >>> problem = tr.Problem(lambda key: {"w": jnp.zeros((2, 1), jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), batch)
+      >>> import os, tempfile
+      >>> from eos_jax.io import open_run_dir
+      >>> run_dir = open_run_dir(os.path.join(tempfile.mkdtemp(), "run"), {"lrs": [0.5]})
+      >>> config = tr.EngineConfig(steps=2, sharpness_every=None)
+      >>> res = tr.train(problem, tr.make_lanes([0.5]), config, run_dir, quiet=True)
+      >>> res["lanes"][0]["final_loss"], res["summary"]["num_finite"]
+      (0.03125, 1)
+      >>> sorted(os.listdir(run_dir)), len(tr.read_metrics(run_dir / "metrics.jsonl"))  # steps 0, 1, 2
+      (['checkpoints', 'config.json', 'metrics.jsonl', 'results.json'], 3)
     """
     plan = Plan.build(problem, lanes, config, dtype=dtype, devices=devices)
     run_dir = Path(run_dir)

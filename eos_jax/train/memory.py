@@ -61,6 +61,20 @@ class History:
         non-finite step, the values of its frozen parameters: mask with ``finite``).
       timing: wall-clock seconds: ``compile_and_first_chunk_s`` (the first chunk, with
         its compilation), ``train_s`` (the other chunks), ``sharpness_s``.
+
+    Example:
+      :func:`fit` builds it; a hand-made one of one lane and three logged steps reads the same way:
+
+      >>> import numpy as np
+      >>> from eos_jax.train import History, make_lanes
+      >>> nan = float("nan")
+      >>> h = History(lanes=tuple(make_lanes([0.5])), step=np.arange(3), loss=np.array([[0.5, 0.125, 0.03125]]),
+      ...             finite=np.ones((1, 3), bool), sharpness=np.array([[4.0, nan, 4.0]]),
+      ...             normalized_sharpness=np.array([[2.0, nan, 2.0]]), rel_l1=np.full((1, 3), nan),
+      ...             rel_l1_ma=np.full((1, 3), nan), params={"w": np.zeros((1, 2, 1))}, lane_summaries=({},),
+      ...             summary={}, groups=((0,),), threshold=2.0)
+      >>> float(h.loss[0, -1]), bool(np.nanmax(h.normalized_sharpness) >= h.threshold)
+      (0.03125, True)
     """
 
     lanes: tuple[Lane, ...]
@@ -117,27 +131,28 @@ def fit(
       ConfigError: a bad config or lane list.
 
     Example:
-      A two-layer net of one's own, plain GD (k=1) next to perturbed GD (k=3), at two
-      learning rates; sharpness every 10 steps:
+      Gradient descent on a least-squares problem, plain (k=1) next to perturbed (k=3), at two
+      learning rates, sharpness every 2 steps:
 
-      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> import jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
-      >>> x = jax.random.normal(jax.random.key(0), (16, 3), jnp.float32)
-      >>> y = jnp.sin(x[:, :1])
-      >>> def init(key):
-      ...     k1, k2 = jax.random.split(key)
-      ...     return {"w1": jax.random.normal(k1, (3, 8), jnp.float32) * jnp.float32(0.5),
-      ...             "w2": jax.random.normal(k2, (8, 1), jnp.float32) * jnp.float32(0.5)}
-      >>> def loss(p, b):
-      ...     return jnp.mean(jnp.square(jnp.tanh(b["x"] @ p["w1"]) @ p["w2"] - b["y"]))
-      >>> problem = tr.Problem(init, loss, lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"x": x, "y": y})
-      >>> hist = tr.fit(problem, tr.make_lanes([0.1, 0.5], ks=[1, 3]), 40)
-      >>> hist.loss.shape, int(hist.step[-1])  # 4 lanes; steps 0..40 logged
-      ((4, 41), 40)
-      >>> bool(hist.lane_summaries[0]["finite"]), int(np.isfinite(hist.sharpness[0]).sum())  # steps 0, 10, .., 40
-      (True, 5)
-      >>> bool(np.isnan(hist.rel_l1[0]).all()), hist.lanes[1].k, bool(hist.rel_l1[1, -1] > 0)  # k=1 has no twin
-      (True, 3, True)
+      >>> batch = {"x": jnp.array([[1.0, 0.0], [0.0, 2.0]]), "y": jnp.array([[1.0], [0.0]])}
+      >>> def loss(p, b):  # least squares; the Hessian is 2/N x^T x = diag(1, 4)
+      ...     return jnp.mean(jnp.square(b["x"] @ p["w"] - b["y"]))
+      >>> problem = tr.Problem(lambda key: {"w": jnp.zeros((2, 1), jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), batch)
+      >>> config = tr.EngineConfig(steps=4, sharpness_every=2, sharpness_method="power", sharpness_tol=None)
+      >>> hist = tr.fit(problem, tr.make_lanes([0.1, 0.5], ks=[1, 3]), 4, config=config)
+      >>> hist.loss.shape, hist.step.tolist()  # 4 lanes; steps 0..4 logged
+      ((4, 5), [0, 1, 2, 3, 4])
+      >>> hist.lanes[2].learning_rate, hist.loss[2].tolist()  # lr=0.5: the residual halves each step
+      (0.5, [0.5, 0.125, 0.03125, 0.0078125, 0.001953125])
+      >>> np.round(hist.sharpness[0], 4).tolist()  # lambda_max = 4, measured at steps 0, 2, 4
+      [4.0, nan, 4.0, nan, 4.0]
+      >>> np.round(hist.normalized_sharpness[:, 0], 4).tolist(), hist.threshold  # lr=0.5: at the edge 2 / lambda_max
+      ([0.4, 0.4, 2.0, 2.0], 2.0)
+      >>> bool(np.isnan(hist.rel_l1[0]).all()), hist.lanes[3].k, hist.lane_summaries[3]["n_diff_to_k1"]
+      (True, 3, 0)
     """
     config = EngineConfig(steps=steps) if config is None else dataclasses.replace(config, steps=steps)
     plan = Plan.build(problem, lanes, config, dtype=dtype, devices=devices)

@@ -36,6 +36,13 @@ def init_loss_stats(dtype: Any) -> dict[str, jax.Array]:
 
     ``max_inc`` and ``max_inc_late`` start at -inf (no pair yet; reported as 0.0),
     ``min_loss`` at +inf (no finite loss yet; reported as None).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.train import init_loss_stats
+      >>> stats = init_loss_stats(jnp.float32)
+      >>> float(stats["max_inc"]), float(stats["min_loss"]), int(stats["n_inc"])
+      (-inf, inf, 0)
     """
     return {
         "prev": jnp.zeros((), dtype),
@@ -57,6 +64,20 @@ def update_loss_stats(
     taken between consecutive counted steps in the loss's dtype, and it is *late* when
     the earlier step is ``>= late_from`` (the first 10 % of a run are its transient).
     :func:`loss_stats_reference` is the same computation in NumPy.
+
+    Example:
+      A period-2 oscillation: every other step rises by 25 %, which a log every 2 steps
+      would not see:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.train import init_loss_stats, summarize_loss_stats, update_loss_stats
+      >>> losses = jnp.array([1.0, 0.8, 1.0, 0.8, 1.0], jnp.float32)
+      >>> def fold(stats, t):
+      ...     return update_loss_stats(stats, t, losses[t], jnp.bool_(True), late_from=1), None
+      >>> stats, _ = jax.lax.scan(fold, init_loss_stats(jnp.float32), jnp.arange(5))
+      >>> s = summarize_loss_stats(stats)
+      >>> round(s["max_rel_loss_increase"], 4), s["num_loss_increases_1pct"], s["num_loss_increases_1pct_late"]
+      (0.25, 2, 2)
     """
     dt = stats["prev"].dtype
     loss = loss.astype(dt)
@@ -89,6 +110,14 @@ def loss_stats_reference(
 
     Returns:
       The summary fields :func:`summarize_loss_stats` reports.
+
+    Example:
+      >>> from eos_jax.train import loss_stats_reference
+      >>> r = loss_stats_reference([1.0, 0.8, 1.0, 0.5], [True] * 4, late_from=2)
+      >>> round(r["max_rel_loss_increase"], 4), r["num_loss_increases_1pct"], r["num_loss_increases_1pct_late"]
+      (0.25, 1, 0)
+      >>> r["min_loss"]
+      0.5
     """
     x = np.asarray(losses, dtype=dtype)
     kept = [(t, x[t]) for t in range(len(x)) if finite[t]]
@@ -104,7 +133,16 @@ def loss_stats_reference(
 
 
 def summarize_loss_stats(stats: dict[str, Any]) -> dict[str, Any]:
-    """The results.json fields of one lane's final running statistics (host values)."""
+    """The results.json fields of one lane's final running statistics (host values).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.train import init_loss_stats, summarize_loss_stats
+      >>> summarize_loss_stats(init_loss_stats(jnp.float32))  # no step yet
+      ... # doctest: +NORMALIZE_WHITESPACE
+      {'max_rel_loss_increase': 0.0, 'num_loss_increases_1pct': 0, 'max_rel_loss_increase_late': 0.0,
+       'num_loss_increases_1pct_late': 0, 'min_loss': None}
+    """
 
     def fin(v: Any, default: Any) -> Any:
         v = float(v)
@@ -124,6 +162,15 @@ def push_rel(buf: jax.Array, count: jax.Array, rel: jax.Array) -> tuple[jax.Arra
 
     The average is the sum of the filled slots (empty ones hold 0) divided by their
     number, ``min(count, REL_L1_WINDOW)``, in the buffer's dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.train.stats import REL_L1_WINDOW, push_rel
+      >>> buf, count = jnp.zeros(REL_L1_WINDOW, jnp.float32), jnp.int32(0)
+      >>> buf, count, ma = push_rel(buf, count, jnp.float32(1.0))
+      >>> buf, count, ma = push_rel(buf, count, jnp.float32(0.5))
+      >>> int(count), float(ma)  # the mean of the two values pushed so far
+      (2, 0.75)
     """
     buf = buf.at[count % REL_L1_WINDOW].set(rel.astype(buf.dtype))
     count = count + jnp.ones((), count.dtype)
@@ -136,18 +183,42 @@ def rel_l1_to_twin(params: PyTree, twin: jax.Array) -> jax.Array:
 
     ``params`` has a leading lane axis; the twin's parameters are gathered inside the
     compiled program (no transfer to the host).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.train import rel_l1_to_twin
+      >>> params = {"w": jnp.array([[1.0, 1.0], [1.0, 3.0]])}  # lane 1 (k=3) has lane 0 (k=1) as its twin
+      >>> rel_l1_to_twin(params, jnp.array([0, 0])).tolist()
+      [0.0, 0.5]
     """
     other = jax.tree_util.tree_map(lambda a: jnp.take(a, twin, axis=0), params)
     return jax.vmap(rel_l1)(params, other)
 
 
 def index_lane(tree: PyTree, i: int) -> PyTree:
-    """Lane ``i`` of a lane-stacked pytree, as NumPy arrays."""
+    """Lane ``i`` of a lane-stacked pytree, as NumPy arrays.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.train.stats import index_lane
+      >>> index_lane({"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}, 1)["w"].tolist()
+      [3.0, 4.0]
+    """
     return jax.tree_util.tree_map(lambda x: np.asarray(x)[i], tree)
 
 
 def lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
-    """Loss and sharpness statistics of one lane from its metrics lines (sorted by step)."""
+    """Loss and sharpness statistics of one lane from its metrics lines (sorted by step).
+
+    Example:
+      >>> from eos_jax.train.stats import lane_summary
+      >>> lines = [{"step": 0, "loss": 1.0, "finite": True, "sharpness": 3.0, "normalized_sharpness": 1.5},
+      ...          {"step": 1, "loss": 1.25, "finite": True},
+      ...          {"step": 2, "loss": 0.5, "finite": True, "sharpness": 4.4, "normalized_sharpness": 2.2}]
+      >>> s = lane_summary(lines, threshold=2.0)
+      >>> s["final_loss"], s["max_rel_loss_increase"], s["num_loss_increases_1pct"], s["first_step_above_threshold"]
+      (0.5, 0.25, 1, 2)
+    """
     losses = [(r["step"], r["loss"]) for r in lines if r.get("finite") and r.get("loss") is not None]
     sharp = [(r["step"], r["sharpness"], r["normalized_sharpness"]) for r in lines if r.get("sharpness") is not None]
     out: dict[str, Any] = {
@@ -185,6 +256,17 @@ def compare_to_k1(
     program (lane group) is compared, so that a difference is the perturbation's, not
     the program's. Adds ``rel_l1_to_k1`` (the paper's RelL1), ``n_diff_to_k1`` and
     ``max_ulp_to_k1``; otherwise ``rel_l1_to_k1_missing`` says why there is none.
+
+    Example:
+      >>> import numpy as np
+      >>> from eos_jax.train.stats import compare_to_k1
+      >>> w = np.float32([1.0, 2.0])
+      >>> w_k3 = w.copy(); w_k3[1] = np.nextafter(w[1], np.float32(3))  # one ulp apart
+      >>> records = [{"lane": 0, "k": 1}, {"lane": 1, "k": 3}]
+      >>> twins = [{"lane": 0, "in_group": False, "missing": None}, {"lane": 0, "in_group": True, "missing": None}]
+      >>> compare_to_k1(records, {0: {"w": w}, 1: {"w": w_k3}}, twins)
+      >>> records[1]["n_diff_to_k1"], records[1]["max_ulp_to_k1"], records[1]["rel_l1_to_k1"] > 0
+      (1, 1, True)
     """
     for r in lane_results:
         if r["k"] == 1:
@@ -220,6 +302,28 @@ def summarize_run(
 
     Returns:
       ``(lane records sorted by lane, summary over lanes, final parameters by lane index)``.
+
+    Example:
+      Two lanes at step 0, as :func:`eos_jax.train.init_state` makes them, with one metrics
+      line each:
+
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> from eos_jax.train.stats import summarize_run
+      >>> problem = tr.Problem(lambda key: {"w": jnp.zeros(2, jnp.float32)},
+      ...                      lambda p, b: jnp.mean(jnp.square(b - p["w"])),
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), jnp.ones((4, 2)))
+      >>> lanes = tr.make_lanes([0.1, 0.5])
+      >>> state = jax.jit(jax.vmap(lambda hp: tr.init_state(problem, hp)))(tr.stack_hparams(lanes, jnp.float32))
+      >>> stats = {k: np.stack([np.asarray(v)] * 2) for k, v in tr.init_loss_stats(jnp.float32).items()}
+      >>> lines = [{"lane": i, "step": 0, "loss": 1.0, "finite": True} for i in range(2)]
+      >>> groups = [[0, 1]]
+      >>> records, summary, params = summarize_run(lanes, groups, [([0, 1], state, stats)], lines, 2.0,
+      ...                                          tr.find_twins(lanes, groups))
+      >>> [(r["lane"], r["learning_rate"], r["finite"], r["steps"]) for r in records]
+      [(0, 0.1, True, 0), (1, 0.5, True, 0)]
+      >>> summary["num_finite"], summary["final_loss_max"], params[1]["w"].tolist()
+      (2, 1.0, [0.0, 0.0])
     """
     by_lane: dict[int, list[dict[str, Any]]] = {}
     for r in lines:

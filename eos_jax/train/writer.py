@@ -24,7 +24,17 @@ from eos_jax.train.state import TrainState
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Parses metrics.jsonl, dropping a torn last line."""
+    """Parses metrics.jsonl, dropping a torn last line.
+
+    Example:
+      >>> import os, tempfile
+      >>> from pathlib import Path
+      >>> from eos_jax.train import read_metrics
+      >>> path = Path(tempfile.mkdtemp()) / "metrics.jsonl"
+      >>> _ = path.write_text('{"lane": 0, "loss": 1.0, "step": 0}\\n{"lane": 0, "loss": 0.5, "st')  # killed mid-write
+      >>> read_metrics(path)
+      [{'lane': 0, 'loss': 1.0, 'step': 0}]
+    """
     out = []
     if not path.exists():
         return out
@@ -40,7 +50,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def json_line(rec: dict[str, Any]) -> str:
-    """One metrics line: sorted keys, no NaN (non-finite values are written as null)."""
+    """One metrics line: sorted keys, no NaN (non-finite values are written as null).
+
+    Example:
+      >>> import numpy as np
+      >>> from eos_jax.train.writer import json_line
+      >>> json_line({"step": 3, "loss": np.float32(0.25), "sharpness": float("nan")})
+      '{"loss": 0.25, "sharpness": null, "step": 3}\\n'
+    """
     return json.dumps(eio.to_jsonable(rec), sort_keys=True, allow_nan=False) + "\n"
 
 
@@ -52,6 +69,22 @@ class RunWriter:
       num_groups: lane groups of the run (one checkpoint store each).
       checkpoint_keep: committed checkpoints kept per group.
       log_every, threshold: what :func:`eos_jax.train.core.metric_records` needs.
+
+    Example:
+      :func:`eos_jax.train.train` drives it; a fresh start, a checkpoint and the results:
+
+      >>> import os, tempfile
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.train.writer import RunWriter
+      >>> w = RunWriter(tempfile.mkdtemp(), num_groups=1, checkpoint_keep=2, log_every=1, threshold=2.0)
+      >>> w.start(resume=False, template=None)  # every group starts at step 0
+      [0]
+      >>> w.save(0, 5, {"w": jnp.ones(2)}); w.wait(0)
+      >>> w.restore(0, 5, {"w": jnp.zeros(2)})["w"].tolist()
+      [1.0, 1.0]
+      >>> w.write_results({"summary": {"num_finite": 1}}); w.close()
+      >>> sorted(os.listdir(w.run_dir))
+      ['checkpoints', 'metrics.jsonl', 'results.json']
     """
 
     def __init__(self, run_dir: Path, num_groups: int, checkpoint_keep: int, log_every: int, threshold: float):
