@@ -710,6 +710,11 @@ def test_digits01_deterministic_split():
     from sklearn.datasets import load_digits
 
     d = load_digits()
+    # The loader parses scikit-learn's CSV itself (no sklearn import): all 1,797 digits as sklearn gives them.
+    from eos_jax.data.datasets import _load_digits
+
+    images, labels, _ = _load_digits()
+    assert_tree_equal_bits((images[..., 0], labels), (d.images.astype(np.uint8), d.target.astype(np.int32)))
     keep = d.target < 2
     ref_x = (d.images[keep].astype(np.float32) / np.float32(16))[..., None]
     tr, te = data.load("digits01", "train"), data.load("digits01", "test")

@@ -40,6 +40,8 @@ others the training split (288).
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -159,16 +161,40 @@ def _load_base(base: str, split: str, data_dir: str | os.PathLike | None) -> tup
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), files
 
 
-def _load_digits() -> tuple[np.ndarray, np.ndarray, list[Path]]:
-    """scikit-learn's bundled 8x8 digits (values 0..16) as uint8 NHWC, labels, the data file."""
-    import sklearn.datasets  # imported on use: scikit-learn takes ~1 s to import and only digits01 needs it
+def _digits_file() -> Path:
+    """scikit-learn's ``datasets/data/digits.csv.gz``, found without importing scikit-learn (~3 s)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataNotFoundError("digits01 needs scikit-learn's bundled 8x8 digits: pip install scikit-learn")
+    for root in spec.submodule_search_locations:
+        f = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if f.is_file():
+            return f
+    raise DataNotFoundError(f"scikit-learn is installed but has no datasets/data/digits.csv.gz under {spec.origin}")
 
-    bunch = sklearn.datasets.load_digits()
-    data_file = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"
-    images = np.asarray(bunch.images)
-    if images.shape[1:] != (8, 8) or images.min() < 0 or images.max() > 16 or np.any(images != np.round(images)):
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray, list[Path]]:
+    """scikit-learn's bundled 8x8 digits (values 0..16) as uint8 NHWC, labels, the data file.
+
+    Parsed as ``sklearn.datasets.load_digits`` parses it (``np.loadtxt`` of the gzipped CSV:
+    64 pixel columns, then the label), without importing scikit-learn; the suite checks
+    that both give the same arrays.
+    """
+    data_file = _digits_file()
+    with gzip.open(data_file, "rt") as f:
+        table = np.loadtxt(f, delimiter=",")
+    if table.ndim != 2 or table.shape[1] != 65:
+        raise MalformedDataError(f"{data_file}: expected 65 comma-separated columns, got shape {table.shape}")
+    images = table[:, :-1].reshape(-1, 8, 8)
+    labels = table[:, -1]
+    if (
+        images.min() < 0
+        or images.max() > 16
+        or np.any(images != np.round(images))
+        or np.any(labels != np.round(labels))
+    ):
         raise MalformedDataError(f"{data_file}: scikit-learn digits are not 8x8 integers in 0..16")
-    return images.astype(np.uint8)[..., None], np.asarray(bunch.target, dtype=np.int32), [data_file]
+    return images.astype(np.uint8)[..., None], labels.astype(np.int32), [data_file]
 
 
 def _load_bundled(name: str, split: str) -> tuple[np.ndarray, np.ndarray, list[Path], list[str]]:

@@ -52,6 +52,18 @@ class Problem:
         ``metrics.jsonl`` lines. A lane that has become non-finite keeps its frozen
         parameters, so its later values are those of the frozen parameters (mask them with
         ``finite``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+
+      >>> hist = tr.fit(problem, tr.make_lanes([0.25, 0.5]), 2, config=tr.EngineConfig(steps=2, sharpness_every=None))
+      >>> hist.loss.tolist()
+      [[2.5, 0.28125, 0.158203125], [2.5, 2.125, 2.03125]]
     """
 
     init_params: Callable[[jax.Array], PyTree]
@@ -92,6 +104,13 @@ class EngineConfig:
         on SIGINT/SIGTERM).
       max_lanes: lanes per vmapped program (memory).
       checkpoint_keep: committed checkpoints kept per group (>= 2).
+
+    Example:
+      >>> EngineConfig(steps=100, sharpness_every=None, chunk_steps=25).validate()
+      >>> EngineConfig(steps=0).validate()
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: steps=0 is not allowed; expected an integer >= 1
     """
 
     steps: int

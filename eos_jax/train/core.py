@@ -36,7 +36,14 @@ from eos_jax.train.step import make_chunk_fn, make_eig_fn, make_final_fn, make_s
 
 
 def next_boundary(s: int, total: int, periods: Iterable[int | None]) -> int:
-    """The first step after ``s`` that is a multiple of one of ``periods``, capped at ``total``."""
+    """The first step after ``s`` that is a multiple of one of ``periods``, capped at ``total``.
+
+    Example:
+      >>> next_boundary(0, 100, (50, 30, None))
+      30
+      >>> next_boundary(90, 100, (50, 30))
+      100
+    """
     nxt = total
     for p in periods:
         if p:
@@ -45,7 +52,14 @@ def next_boundary(s: int, total: int, periods: Iterable[int | None]) -> int:
 
 
 def group_lanes(num_lanes: int, max_lanes: int, num_devices: int = 1) -> list[list[int]]:
-    """Splits lane indices into groups of at most ``max_lanes`` (a multiple of ``num_devices`` when possible)."""
+    """Splits lane indices into groups of at most ``max_lanes`` (a multiple of ``num_devices`` when possible).
+
+    Example:
+      >>> group_lanes(5, 2)
+      [[0, 1], [2, 3], [4]]
+      >>> group_lanes(5, 3, num_devices=2)  # groups of 2: a multiple of the device count
+      [[0, 1], [2, 3], [4]]
+    """
     size = max_lanes
     if num_devices > 1 and max_lanes >= num_devices:
         size = (max_lanes // num_devices) * num_devices
@@ -53,7 +67,13 @@ def group_lanes(num_lanes: int, max_lanes: int, num_devices: int = 1) -> list[li
 
 
 def pad_lanes(ls: list[Lane], num_devices: int) -> list[Lane]:
-    """A group's lanes, padded (repeating the last) to a multiple of ``num_devices`` when sharded."""
+    """A group's lanes, padded (repeating the last) to a multiple of ``num_devices`` when sharded.
+
+    Example:
+      >>> from eos_jax.train import make_lanes
+      >>> [l.learning_rate for l in pad_lanes(make_lanes([0.1, 0.2, 0.3]), num_devices=2)]
+      [0.1, 0.2, 0.3, 0.3]
+    """
     if num_devices > 1 and len(ls) % num_devices:
         ls = ls + [ls[-1]] * (num_devices - len(ls) % num_devices)  # padding lanes, dropped later
     return ls
@@ -68,6 +88,14 @@ def find_twins(lanes: Sequence[Lane], groups: list[list[int]]) -> list[dict[str,
       A twin in another group is not compared: the series is gathered inside one program,
       and a group of another width is another program whose rounding may differ (the
       difference would be the program's, not the perturbation's).
+
+    Example:
+      >>> from eos_jax.train import make_lanes
+      >>> lanes = make_lanes(0.1, ks=[1, 3, 5])
+      >>> [(t["lane"], t["in_group"]) for t in find_twins(lanes, [[0, 1, 2]])]
+      [(0, False), (0, True), (0, True)]
+      >>> print(find_twins(lanes, [[0, 1], [2]])[2]["missing"])
+      its k=1 twin (lane 0) ran in lane group 0, not in this lane's group 1: ...
     """
     group_of = {i: g for g, idx in enumerate(groups) for i in idx}
     width = {g: len(idx) for g, idx in enumerate(groups)}
@@ -104,7 +132,21 @@ def find_twins(lanes: Sequence[Lane], groups: list[list[int]]) -> list[dict[str,
 
 
 class GroupInputs(NamedTuple):
-    """The placed per-group inputs: lanes (padded), hyperparameters, twin indices into the group."""
+    """The placed per-group inputs: lanes (padded), hyperparameters, twin indices into the group.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+
+      >>> plan = Plan.build(problem, tr.make_lanes([0.25, 0.5], ks=[1, 3]), tr.EngineConfig(steps=2))
+      >>> gi = plan.inputs(0)
+      >>> gi.idx, gi.twin.tolist(), gi.has_twin.tolist()
+      ([0, 1, 2, 3], [0, 0, 2, 2], [False, True, False, True])
+    """
 
     idx: list[int]  # indices of the group's real lanes in the run
     lanes: list[Lane]  # the group's lanes, padded to a multiple of the device count
@@ -118,6 +160,20 @@ class Plan:
     """What every lane group of a run shares: placement, data and the compiled programs.
 
     Build it with :meth:`Plan.build`; :func:`run_group` runs one group with it.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+
+      >>> plan = Plan.build(problem, tr.make_lanes([0.25, 0.5], ks=[1, 3]), tr.EngineConfig(steps=2, max_lanes=2))
+      >>> plan.groups, plan.dtype  # the k=3 lanes' twins sit in their groups
+      ([[0, 1], [2, 3]], dtype('float32'))
+      >>> plan.template(0).params["w"].shape  # what a checkpoint of group 0 restores into
+      (2, 2)
     """
 
     problem: Problem
@@ -233,6 +289,11 @@ class LogBlock(NamedTuple):
     ``sharpness`` (per lane) belongs to step ``start`` when not None; ``force`` logs every
     step of the block (the final line). ``aux`` holds the values of the problem's
     ``step_metrics``, each ``(lanes, n, ...)`` (``{}`` without them).
+
+    Example:
+      >>> block = LogBlock(0, None, 10, np.zeros((1, 5)), np.ones((1, 5), bool), None, np.zeros((1, 5)), np.zeros((1, 5)))
+      >>> block.loss.shape, block.force, block.aux
+      ((1, 5), False, {})
     """
 
     group: int
@@ -248,7 +309,15 @@ class LogBlock(NamedTuple):
 
 
 def logged_columns(block: LogBlock, log_every: int) -> list[int]:
-    """The columns of ``block`` that get a metrics line: forced, sharpness, or multiples of ``log_every``."""
+    """The columns of ``block`` that get a metrics line: forced, sharpness, or multiples of ``log_every``.
+
+    Example:
+      >>> block = LogBlock(0, None, 10, np.zeros((1, 5)), np.ones((1, 5), bool), None, np.zeros((1, 5)), np.zeros((1, 5)))
+      >>> logged_columns(block, log_every=4)  # steps 10..14: 12 is a multiple of 4
+      [2]
+      >>> logged_columns(block._replace(sharpness=np.ones(1)), log_every=4)  # and the sharpness step
+      [0, 2]
+    """
     return [
         j
         for j in range(block.loss.shape[1])
@@ -263,6 +332,15 @@ def metric_records(block: LogBlock, log_every: int, threshold: float) -> list[di
     the sharpness step gets ``sharpness``, ``normalized_sharpness = lr * sharpness`` (in
     float64) and its ratio to ``threshold``; with the problem's ``step_metrics``, ``aux``
     maps each name to the step's value (a number, or a nested list for an array).
+
+    Example:
+      >>> from eos_jax.train import make_lanes
+      >>> gi = GroupInputs([0], make_lanes([0.5]), None, None, np.array([False]))
+      >>> block = LogBlock(0, gi, 0, np.array([[2.5, 1.0]]), np.ones((1, 2), bool), np.array([4.0]),
+      ...                  np.zeros((1, 2)), np.zeros((1, 2)))
+      >>> [(r["step"], r["loss"], r["normalized_sharpness"], r["threshold_ratio"])
+      ...  for r in metric_records(block, log_every=2, threshold=2.0)]
+      [(0, 2.5, 2.0, 1.0)]
     """
     out = []
     gi = block.inputs
@@ -296,7 +374,12 @@ def metric_records(block: LogBlock, log_every: int, threshold: float) -> list[di
 
 
 def new_timing() -> dict[str, Any]:
-    """The timing record :func:`run_group` adds to (seconds)."""
+    """The timing record :func:`run_group` adds to (seconds).
+
+    Example:
+      >>> sorted(new_timing())
+      ['checkpoint_s', 'compile_and_first_chunk_s', 'sharpness_s', 'train_s']
+    """
     return {"train_s": 0.0, "sharpness_s": 0.0, "checkpoint_s": 0.0, "compile_and_first_chunk_s": None}
 
 
@@ -321,6 +404,22 @@ def run_group(
 
     Returns:
       The final state and the final running loss statistics (host arrays).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+
+      >>> plan = Plan.build(problem, tr.make_lanes([0.25]), tr.EngineConfig(steps=2, sharpness_every=None))
+      >>> blocks = []
+      >>> state, stats = run_group(plan, 0, None, 0, emit=blocks.append)
+      >>> [(b.start, b.loss.tolist(), b.force) for b in blocks]  # w <- (1 - 0.25 h) w: a chunk, then the final line
+      [(0, [[2.5, 0.28125]], False), (2, [[0.158203125]], True)]
+      >>> state.params["w"].tolist()  # (lanes, 2)
+      [[0.5625, 0.0]]
     """
     cfg = plan.config
     total = cfg.steps

@@ -42,12 +42,28 @@ STREAM_SHARPNESS = 1  # fold_in tag of the data key's eigensolver stream (one ke
 
 
 def batch_order_key(key_data: jax.Array) -> jax.Array:
-    """The batch-order stream of a lane's data key (raw ``uint32[2]``); epoch ``e`` folds in ``e``."""
+    """The batch-order stream of a lane's data key (raw ``uint32[2]``); epoch ``e`` folds in ``e``.
+
+    Example:
+      >>> import jax
+      >>> kd = jax.random.key_data(jax.random.key(1))
+      >>> a = jax.random.key_data(jax.random.fold_in(batch_order_key(kd), 3))  # epoch 3's permutation key
+      >>> b = jax.random.key_data(sharpness_key(kd, 3))  # step 3's eigensolver key
+      >>> bool((a != b).any())
+      True
+    """
     return jax.random.fold_in(jax.random.wrap_key_data(key_data), STREAM_BATCH_ORDER)
 
 
 def sharpness_key(key_data: jax.Array, step: jax.Array | int) -> jax.Array:
-    """The eigensolver key of a lane at ``step``: ``fold_in(fold_in(data key, STREAM_SHARPNESS), step)``."""
+    """The eigensolver key of a lane at ``step``: ``fold_in(fold_in(data key, STREAM_SHARPNESS), step)``.
+
+    Example:
+      >>> import jax
+      >>> kd = jax.random.key_data(jax.random.key(1))
+      >>> bool((jax.random.key_data(sharpness_key(kd, 3)) == jax.random.key_data(sharpness_key(kd, 3))).all())  # pure
+      True
+    """
     return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key_data), STREAM_SHARPNESS), step)
 
 
@@ -56,7 +72,12 @@ def sharpness_key(key_data: jax.Array, step: jax.Array | int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Lane:
-    """One run of a sweep: Python values of its hyperparameters."""
+    """One run of a sweep: Python values of its hyperparameters.
+
+    Example:
+      >>> Lane(0.1, k=3).asdict()
+      {'learning_rate': 0.1, 'k': 3, 'seed': 0, 'weight_decay': 0.0}
+    """
 
     learning_rate: float
     k: int = 1
@@ -96,6 +117,14 @@ def make_lanes(
 
     Raises:
       ConfigError: a bad value (named) or a duplicated lane.
+
+    Example:
+      >>> [(l.learning_rate, l.k) for l in make_lanes([0.1, 0.2], ks=[1, 3])]
+      [(0.1, 1), (0.1, 3), (0.2, 1), (0.2, 3)]
+      >>> make_lanes(0.1, ks=0)
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: k=0 is not allowed; expected an integer >= 1
     """
     lrs = _as_list("learning rate", learning_rates)
     kk = _as_list("k", ks)
@@ -120,7 +149,13 @@ def make_lanes(
 
 
 class HParams(NamedTuple):
-    """Traced hyperparameters of one lane (a leading lane axis when stacked)."""
+    """Traced hyperparameters of one lane (a leading lane axis when stacked).
+
+    Example:
+      >>> hp = stack_hparams(make_lanes([0.1, 0.2], ks=3), jnp.float32)
+      >>> hp.k.tolist(), hp.learning_rate.dtype, hp.seed.tolist()
+      ([3, 3], dtype('float32'), [0, 0])
+    """
 
     learning_rate: jax.Array  # working float dtype
     k: jax.Array  # int32
@@ -135,6 +170,13 @@ def stack_hparams(lanes: Sequence[Lane], dtype: Any = jnp.float32) -> HParams:
     dtype of the parameters (:func:`hparam_dtype`; :func:`init_state` and the step
     refuse another): float64 parameters get ``float64(lr)``, never
     ``float64(float32(lr))``.
+
+    Example:
+      >>> import jax
+      >>> with jax.enable_x64(True):  # float64 parameters get float64(lr), not float64(float32(lr))
+      ...     hp = stack_hparams(make_lanes([0.1]), np.float64)
+      ...     print(hp.learning_rate.dtype, float(hp.learning_rate[0]) == 0.1)
+      float64 True
     """
     return HParams(
         learning_rate=jnp.asarray(np.array([l.learning_rate for l in lanes], dtype=dtype)),
@@ -165,6 +207,18 @@ class TrainState(NamedTuple):
       rel_buf: the last :data:`REL_L1_WINDOW` values of the lane's RelL1 to its k=1
         twin (a ring buffer, for the moving average the authors plot).
       rel_count: RelL1 values pushed so far.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+
+      >>> state = tr.init_state(problem, tr.HParams(jnp.float32(0.1), jnp.int32(1), jnp.float32(0.0), jnp.int32(0)))
+      >>> int(state.step), bool(state.finite), state.params["w"].tolist(), state.rel_buf.shape
+      (0, True, [1.0, 1.0], (100,))
     """
 
     step: jax.Array
@@ -208,6 +262,21 @@ def hparam_dtype(problem: Problem, dtype: Any = None) -> np.dtype:
 
     Raises:
       ConfigError: ``dtype`` is given and is not the parameters' dtype.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+
+      >>> hparam_dtype(problem)
+      dtype('float32')
+      >>> hparam_dtype(problem, np.float64)
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: dtype=float64 for the hyperparameters, but the parameters are float32: ...
     """
     shapes = jax.eval_shape(problem.init_params, jax.random.key(_ROOT_SEED))
     want = np.dtype(param_dtype(shapes))
@@ -220,7 +289,14 @@ def hparam_dtype(problem: Problem, dtype: Any = None) -> np.dtype:
 
 
 def check_hparams(hp: HParams, params: PyTree) -> None:
-    """Refuses (at trace time) hyperparameters of another float dtype than the parameters."""
+    """Refuses (at trace time) hyperparameters of another float dtype than the parameters.
+
+    Example:
+      >>> check_hparams(HParams(jnp.float16(0.1), jnp.int32(1), jnp.float16(0), jnp.int32(0)), {"w": jnp.ones(2)})
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: learning_rate is float16 but the parameters are float32: ...
+    """
     want = np.dtype(param_dtype(params))
     for name in ("learning_rate", "weight_decay"):
         got = np.dtype(jnp.result_type(getattr(hp, name)))
@@ -242,7 +318,21 @@ def _random_like(key: jax.Array, tree: PyTree) -> PyTree:
 
 
 def init_state(problem: Problem, hp: HParams) -> TrainState:
-    """The state of one lane at step 0 (pure; vmap it over stacked HParams)."""
+    """The state of one lane at step 0 (pure; vmap it over stacked HParams).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+
+      >>> hp = jax.tree_util.tree_map(lambda a: a[0], tr.stack_hparams(tr.make_lanes([0.25], seeds=4), jnp.float32))
+      >>> state = init_state(problem, hp)
+      >>> int(state.step), state.params["w"].tolist(), round(float(jnp.linalg.norm(state.eigvec["w"])), 5)
+      (0, [1.0, 1.0], 1.0)
+    """
     init_key, data_key, eig_key = _lane_keys(hp.seed)
     params = problem.init_params(init_key)
     check_hparams(hp, params)
@@ -262,13 +352,23 @@ def init_state(problem: Problem, hp: HParams) -> TrainState:
 
 
 def param_dtype(params: PyTree) -> Any:
-    """The floating dtype of the parameters (RelL1 and loss statistics are kept in it)."""
+    """The floating dtype of the parameters (RelL1 and loss statistics are kept in it).
+
+    Example:
+      >>> param_dtype({"w": jnp.ones(2, jnp.float16), "n": jnp.int32(3)})
+      dtype('float16')
+    """
     leaves = [x for x in jax.tree_util.tree_leaves(params) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     return jnp.result_type(*leaves) if leaves else jnp.float32
 
 
 def all_finite(tree: PyTree) -> jax.Array:
-    """True iff every inexact leaf of ``tree`` is finite."""
+    """True iff every inexact leaf of ``tree`` is finite.
+
+    Example:
+      >>> bool(all_finite({"a": jnp.ones(2), "b": jnp.array([1.0, jnp.inf])})), bool(all_finite({"n": jnp.int32(1)}))
+      (False, True)
+    """
     ok = jnp.ones((), jnp.bool_)
     for x in jax.tree_util.tree_leaves(tree):
         if jnp.issubdtype(jnp.result_type(x), jnp.inexact):

@@ -32,6 +32,16 @@ def select_batch(data: Batch, key_data: jax.Array, step: jax.Array, batch_size: 
     Epoch ``e`` uses the permutation from ``fold_in(batch_order_key(key), e)`` (the key
     tree of the module docstring); step ``t`` takes slice ``t % steps_per_epoch`` of it.
     Pure in (key, step), hence exactly resumable.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> data = {"x": jnp.arange(6.0)}
+      >>> key = jax.random.key_data(jax.random.key(0))
+      >>> select_batch(data, key, jnp.int32(0), None)["x"].shape  # full batch
+      (6,)
+      >>> epoch = [select_batch(data, key, jnp.int32(t), 2)["x"] for t in range(3)]
+      >>> sorted(jnp.concatenate(epoch).tolist())  # one epoch of minibatches of 2: every example once
+      [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     """
     if batch_size is None:
         return data
@@ -58,6 +68,20 @@ def make_train_step(
     ``finite=False`` and ``nonfinite_step`` (first time only). With
     ``problem.step_metrics``, ``metrics["aux"]`` holds its values at the parameters
     before the update, on the same batch.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+
+      >>> hp = jax.tree_util.tree_map(lambda a: a[0], tr.stack_hparams(tr.make_lanes([0.25]), jnp.float32))
+      >>> state = tr.init_state(problem, hp)
+      >>> state, met = jax.jit(make_train_step(problem))(state, hp, problem.data)
+      >>> float(met["loss"]), bool(met["finite"]), state.params["w"].tolist()  # w <- (1 - 0.25 h) w
+      (2.5, True, [0.75, 0.0])
     """
 
     def step(state: TrainState, hp: HParams, data: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -106,6 +130,20 @@ def make_chunk_fn(
     ``rel_l1`` and ``rel_l1_ma`` have shape ``(lanes, chunk_steps)``, and each value of
     ``aux`` (``problem.step_metrics``) ``(lanes, chunk_steps, ...)``; entries ``>= n``
     are padding.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+      >>> hp = tr.stack_hparams(tr.make_lanes([0.25, 0.5]), jnp.float32)
+      >>> states = jax.vmap(lambda h: tr.init_state(problem, h))(hp)
+      >>> chunk = make_chunk_fn(problem, chunk_steps=4)
+      >>> states, met = chunk(states, hp, problem.data, jnp.int32(3))  # 3 of at most 4 steps
+      >>> met["loss"][:, :3].tolist(), states.step.tolist()
+      ([[2.5, 0.28125, 0.158203125], [2.5, 2.125, 2.03125]], [3, 3])
     """
     vstep = jax.vmap(make_train_step(problem, batch_size), in_axes=(0, 0, None))
     vpush = jax.vmap(push_rel)
@@ -165,6 +203,20 @@ def make_final_fn(problem: Problem, batch_size: int | None, late_from: int = 0):
     loss twice (in two fusions) and round the copies differently, so that the logged loss
     and the one in the statistics would differ by an ulp. ``aux`` holds the values of
     ``problem.step_metrics`` at the final parameters (``{}`` without it).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+      >>> hp = tr.stack_hparams(tr.make_lanes([0.25, 0.5]), jnp.float32)
+      >>> states = jax.vmap(lambda h: tr.init_state(problem, h))(hp)
+      >>> final = make_final_fn(problem, batch_size=None)
+      >>> loss, finite, rel, rel_ma, stats, aux = final(states, hp, problem.data, jnp.arange(2, dtype=jnp.int32))
+      >>> loss.tolist(), finite.tolist(), rel.tolist()  # each lane its own twin: RelL1 0
+      ([2.5, 2.5], [True, True], [0.0, 0.0])
     """
     vpush = jax.vmap(push_rel)
     vstats = jax.jit(jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from)))
@@ -207,6 +259,19 @@ def make_eig_fn(
         benchmarks/bench_main.py): a linearized product cost 3.4 gradients, ``jvp(grad)``
         1.3: the linearization keeps full-batch residuals whose reads and fresh temporaries
         cost more than recomputing the forward pass.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+
+      >>> eig = make_eig_fn(num_iters=2)  # Lanczos: 2 products span the 2-dimensional space
+      >>> val, vec = eig(loss, {"w": jnp.ones(2)}, problem.data, {"w": jnp.zeros(2)}, jax.random.key(0))
+      >>> round(float(val), 4), [round(abs(float(x)), 4) for x in vec["w"]]
+      (4.0, [0.0, 1.0])
     """
 
     def eig(objective: LossFn, params: PyTree, batch: Batch, v0: PyTree, key: jax.Array):
@@ -219,7 +284,20 @@ def make_eig_fn(
 
 
 def objective_fn(problem: Problem, hp: HParams) -> LossFn:
-    """The function gradient descent descends for lane ``hp``: the loss, plus ``wd/2 |p|^2`` when coupled."""
+    """The function gradient descent descends for lane ``hp``: the loss, plus ``wd/2 |p|^2`` when coupled.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+
+      >>> hp = tr.HParams(jnp.float32(0.1), jnp.int32(1), jnp.float32(0.5), jnp.int32(0))
+      >>> float(objective_fn(problem, hp)({"w": jnp.ones(2)}, problem.data))  # 2.5 + (0.5 / 2) * 2
+      3.0
+    """
     if not problem.l2_weight_decay:
         return problem.loss_fn
 
@@ -239,6 +317,19 @@ def make_sharpness_fn(
     Warm-started from ``state.eigvec``; a non-finite eigenvector is not kept. The
     eigensolver's key (random start when the warm start is zero, Lanczos restarts) is
     :func:`sharpness_key` of the lane's data key and step.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+      >>> hp = tr.stack_hparams(tr.make_lanes([0.25, 0.5]), jnp.float32)
+      >>> states = jax.vmap(lambda h: tr.init_state(problem, h))(hp)
+      >>> states, lam = make_sharpness_fn(problem, make_eig_fn(num_iters=2))(states, hp, problem.data)
+      >>> [round(float(x), 4) for x in lam], [round(float(x) * float(l), 4) for x, l in zip(lam, hp.learning_rate)]
+      ([4.0, 4.0], [1.0, 2.0])
     """
 
     def one(state: TrainState, hp: HParams, batch: Batch):
@@ -252,7 +343,20 @@ def make_sharpness_fn(
 
 
 def make_eval_fn(problem: Problem, batch_size: int | None) -> Callable[[TrainState, HParams, Batch], jax.Array]:
-    """Jitted, lane-vmapped loss at the current parameters on the batch of the current step."""
+    """Jitted, lane-vmapped loss at the current parameters on the batch of the current step.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+      >>> hp = tr.stack_hparams(tr.make_lanes([0.25, 0.5]), jnp.float32)
+      >>> states = jax.vmap(lambda h: tr.init_state(problem, h))(hp)
+      >>> make_eval_fn(problem, batch_size=None)(states, hp, problem.data).tolist()
+      [2.5, 2.5]
+    """
 
     def one(state: TrainState, hp: HParams, data: Batch):
         return problem.loss_fn(state.params, select_batch(data, state.key, state.step, batch_size))
