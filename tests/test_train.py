@@ -446,6 +446,12 @@ def test_resume_with_another_grouping_or_model_is_an_error_and_moves_nothing(bas
             TOY_CONFIG,
             ["checkpoints/group_000", "another model", "(2, 4) float32", "(2, 5) float32"],
         ),
+        (  # another model AND another grouping: the model is named (the lane count alone would not
+            # resume it); before, the leading axis of the first array was read as the lane count.
+            dataclasses.replace(toy_problem(), init_params=wider_init),
+            dataclasses.replace(TOY_CONFIG, max_lanes=1),
+            ["checkpoints/group_000", "another model"],
+        ),
     ]
     for prob, cfg, needles in cases:
         with warnings.catch_warnings():

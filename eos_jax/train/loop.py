@@ -73,6 +73,23 @@ class _SignalCatcher:
             signal.signal(sig, old)
 
 
+def _saved_lane_count(saved: list | None, wanted: list | None) -> int | None:
+    """The lane count of a checkpoint that differs from this run's state ONLY in its lane axis.
+
+    Every saved array must match the wanted one in dtype and in every axis but the first
+    (the lanes), and all saved arrays must share one lane count; anything else is another
+    model's state (None), whatever the first array's leading axis happens to be.
+    """
+    if not saved or not wanted or len(saved) != len(wanted):
+        return None
+    counts = set()
+    for (s_shape, s_dtype), (w_shape, w_dtype) in zip(saved, wanted):
+        if s_dtype != w_dtype or len(s_shape) != len(w_shape) or not s_shape or list(s_shape[1:]) != list(w_shape[1:]):
+            return None
+        counts.add(s_shape[0])
+    return counts.pop() if len(counts) == 1 else None
+
+
 def check_resume(
     problem: Problem,
     lanes: Sequence[Lane],
@@ -139,8 +156,7 @@ def check_resume(
         try:
             store.check_all(template)
         except CheckpointMismatchError as e:
-            saved = e.saved or []
-            n_saved = saved[0][0][0] if saved and saved[0][0] else None
+            n_saved = _saved_lane_count(e.saved, e.wanted)
             n_wanted = len(glanes)
             ndev = f"{len(devices)} device{'s' if len(devices) > 1 else ''}"
             padding = f", padded to a multiple of {ndev}" if n_wanted != len(idx) else ""
