@@ -69,14 +69,14 @@ constant forcing ``-(a/2) Ibar`` of (10) vanishes. For that image the loss depen
 minimum and the curvature there give the threshold ``dt < 2/lambda_max`` between
 converging and oscillating, printed beside the classification.
 
-Command and runtime (12 lanes, float32, FFT convolution; 3.6 min wall on an idle 2-core
-CPU, 12.7 min on the same CPU shared with other jobs, of which ~55% is the Lanczos
-sharpness every 10 steps)::
+Command and runtime (12 lanes, float32, FFT convolution, through the training engine; 3.6
+min wall on a 2-core CPU shared with the test suite, of which ~55% is the Lanczos sharpness
+every 10 steps)::
 
     python -m experiments.pde nonlinear --dt 0.01 0.03 0.05 0.07 0.09 0.11 --steps 2000 --out runs/nonlinear
 
-Measured with ``pool="mean"`` (the default): stable at 0.01 and 0.03, restrained at 0.05,
-0.07 and 0.09, divergent at 0.11 (step 218); the closed-form threshold of the checkerboard
+Measured with ``pool="mean"`` (the default; again after the move onto the engine, with its
+``K_0``): stable at 0.01 and 0.03, restrained at 0.05, 0.07 and 0.09, divergent at 0.11 (step 218); the closed-form threshold of the checkerboard
 minimum is ``dt < 2/61.997 = 0.0323``. With ``pool="sum"`` it is ``2/563 = 0.00355``.
 
 Submodules: :mod:`~eos_jax.pde.nonlinear.model` (Swish regimes, the cnn model and loss, the
