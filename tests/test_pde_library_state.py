@@ -37,6 +37,7 @@ _CHILD = textwrap.dedent(
     from eos_jax.pde import beltrami, common, heat, linear, nonlinear
     from experiments.pde import beltrami as beltrami_exp
     from experiments.pde import heat as heat_exp, linear as linear_exp, nonlinear as nonlinear_exp  # noqa: F401
+    from experiments.pde.nonlinear_sim import simulate as nonlinear_simulate
     assert state() == before, ("import", state(), before)
 
     def refuses(fn, *args, **kwargs):
@@ -74,7 +75,7 @@ _CHILD = textwrap.dedent(
     assert nonlinear.swish_prime(jnp.asarray([0.0], jnp.float32)).dtype == jnp.float32
     cfg = nonlinear.NonlinearConfig(dts=(0.01, 0.2), steps=4, size=8, kernel=3, sharpness_every=2, sharpness_iters=3,
                                     rel_l1_window=2)
-    sim = nonlinear.simulate(cfg)  # the float32 k=1 / k lanes
+    sim = nonlinear_simulate(cfg)  # the float32 k=1 / k lanes, through the library's engine (fit)
     assert sim["loss"].dtype == np.float32 and sim["loss"].shape == (4, 2, 2)
     refuses(nonlinear.theory, cb, 3, alpha=20.0, beta=1.0, label=1, dts=(0.01,), pool="mean")
     # eigen: the shared solver in float32.
