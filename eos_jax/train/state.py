@@ -216,7 +216,7 @@ class TrainState(NamedTuple):
       >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
       ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
 
-      >>> state = tr.init_state(problem, tr.HParams(jnp.float32(0.1), jnp.int32(1), jnp.float32(0.0), jnp.int32(0)))
+      >>> state = jax.jit(lambda h: tr.init_state(problem, h))(tr.HParams(jnp.float32(0.1), jnp.int32(1), jnp.float32(0.0), jnp.int32(0)))
       >>> int(state.step), bool(state.finite), state.params["w"].tolist(), state.rel_buf.shape
       (0, True, [1.0, 1.0], (100,))
     """
@@ -308,10 +308,21 @@ def check_hparams(hp: HParams, params: PyTree) -> None:
 
 
 def _random_like(key: jax.Array, tree: PyTree) -> PyTree:
-    """Unit-norm Gaussian pytree shaped like ``tree`` (per-leaf dtype)."""
+    """Unit-norm Gaussian pytree shaped like ``tree`` (per-leaf dtype).
+
+    One Gaussian draw of the total size in the parameters' dtype, cut into the leaves: a
+    draw per leaf compiles a threefry-and-erfinv kernel per leaf (about 0.45 s each on a
+    2-core CPU: most of the compile time of a small model's init program).
+    """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    vs = [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    if not leaves:
+        return tree
+    sizes = [int(np.size(x)) for x in leaves]
+    flat = jax.random.normal(key, (sum(sizes),), param_dtype(tree))
+    vs, start = [], 0
+    for x, n in zip(leaves, sizes):
+        vs.append(flat[start : start + n].reshape(jnp.shape(x)).astype(jnp.result_type(x)))
+        start += n
     sq = sum(jnp.sum(jnp.square(v)).astype(jnp.float32) for v in vs)
     inv = jax.lax.rsqrt(sq)
     return jax.tree_util.tree_unflatten(treedef, [v * inv.astype(v.dtype) for v in vs])
@@ -329,7 +340,7 @@ def init_state(problem: Problem, hp: HParams) -> TrainState:
       ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
 
       >>> hp = jax.tree_util.tree_map(lambda a: a[0], tr.stack_hparams(tr.make_lanes([0.25], seeds=4), jnp.float32))
-      >>> state = init_state(problem, hp)
+      >>> state = jax.jit(lambda h: init_state(problem, h))(hp)
       >>> int(state.step), state.params["w"].tolist(), round(float(jnp.linalg.norm(state.eigvec["w"])), 5)
       (0, [1.0, 1.0], 1.0)
     """

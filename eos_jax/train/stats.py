@@ -246,6 +246,9 @@ def lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, Any
     return out
 
 
+_REL_L1 = jax.jit(rel_l1)  # one program per parameter structure (eagerly, every op of every leaf compiles)
+
+
 def compare_to_k1(
     lane_results: list[dict[str, Any]], final_params: dict[int, Any], twins: Sequence[dict[str, Any]]
 ) -> None:
@@ -277,7 +280,7 @@ def compare_to_k1(
             continue
         a, b = final_params[r["lane"]], final_params[t["lane"]]
         d = ulp_diff(a, b)
-        r["rel_l1_to_k1"] = float(rel_l1(a, b))
+        r["rel_l1_to_k1"] = float(_REL_L1(a, b))
         r["n_diff_to_k1"] = d.n_diff
         r["max_ulp_to_k1"] = d.max_ulp
 

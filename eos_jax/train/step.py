@@ -78,7 +78,7 @@ def make_train_step(
       ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
 
       >>> hp = jax.tree_util.tree_map(lambda a: a[0], tr.stack_hparams(tr.make_lanes([0.25]), jnp.float32))
-      >>> state = tr.init_state(problem, hp)
+      >>> state = jax.jit(lambda h: tr.init_state(problem, h))(hp)
       >>> state, met = jax.jit(make_train_step(problem))(state, hp, problem.data)
       >>> float(met["loss"]), bool(met["finite"]), state.params["w"].tolist()  # w <- (1 - 0.25 h) w
       (2.5, True, [0.75, 0.0])
@@ -139,7 +139,7 @@ def make_chunk_fn(
       >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
       ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
       >>> hp = tr.stack_hparams(tr.make_lanes([0.25, 0.5]), jnp.float32)
-      >>> states = jax.vmap(lambda h: tr.init_state(problem, h))(hp)
+      >>> states = jax.jit(jax.vmap(lambda h: tr.init_state(problem, h)))(hp)
       >>> chunk = make_chunk_fn(problem, chunk_steps=4)
       >>> states, met = chunk(states, hp, problem.data, jnp.int32(3))  # 3 of at most 4 steps
       >>> met["loss"][:, :3].tolist(), states.step.tolist()
@@ -212,7 +212,7 @@ def make_final_fn(problem: Problem, batch_size: int | None, late_from: int = 0):
       >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
       ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
       >>> hp = tr.stack_hparams(tr.make_lanes([0.25, 0.5]), jnp.float32)
-      >>> states = jax.vmap(lambda h: tr.init_state(problem, h))(hp)
+      >>> states = jax.jit(jax.vmap(lambda h: tr.init_state(problem, h)))(hp)
       >>> final = make_final_fn(problem, batch_size=None)
       >>> loss, finite, rel, rel_ma, stats, aux = final(states, hp, problem.data, jnp.arange(2, dtype=jnp.int32))
       >>> loss.tolist(), finite.tolist(), rel.tolist()  # each lane its own twin: RelL1 0
@@ -269,7 +269,7 @@ def make_eig_fn(
       ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
 
       >>> eig = make_eig_fn(num_iters=2)  # Lanczos: 2 products span the 2-dimensional space
-      >>> val, vec = eig(loss, {"w": jnp.ones(2)}, problem.data, {"w": jnp.zeros(2)}, jax.random.key(0))
+      >>> val, vec = jax.jit(lambda p, v, key: eig(loss, p, problem.data, v, key))({"w": jnp.ones(2)}, {"w": jnp.zeros(2)}, jax.random.key(0))
       >>> round(float(val), 4), [round(abs(float(x)), 4) for x in vec["w"]]
       (4.0, [0.0, 1.0])
     """
@@ -326,7 +326,7 @@ def make_sharpness_fn(
       >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
       ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
       >>> hp = tr.stack_hparams(tr.make_lanes([0.25, 0.5]), jnp.float32)
-      >>> states = jax.vmap(lambda h: tr.init_state(problem, h))(hp)
+      >>> states = jax.jit(jax.vmap(lambda h: tr.init_state(problem, h)))(hp)
       >>> states, lam = make_sharpness_fn(problem, make_eig_fn(num_iters=2))(states, hp, problem.data)
       >>> [round(float(x), 4) for x in lam], [round(float(x) * float(l), 4) for x, l in zip(lam, hp.learning_rate)]
       ([4.0, 4.0], [1.0, 2.0])
@@ -353,7 +353,7 @@ def make_eval_fn(problem: Problem, batch_size: int | None) -> Callable[[TrainSta
       >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
       ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
       >>> hp = tr.stack_hparams(tr.make_lanes([0.25, 0.5]), jnp.float32)
-      >>> states = jax.vmap(lambda h: tr.init_state(problem, h))(hp)
+      >>> states = jax.jit(jax.vmap(lambda h: tr.init_state(problem, h)))(hp)
       >>> make_eval_fn(problem, batch_size=None)(states, hp, problem.data).tolist()
       [2.5, 2.5]
     """
