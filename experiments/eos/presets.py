@@ -79,7 +79,8 @@ def initial_sharpness(cfg: EosConfig, data: dict[str, Any], *, num_iters: int = 
     wd = max(cfg.weight_decay)
     hp = tr.stack_hparams(tr.make_lanes([1.0], 1, [cfg.seed[0]], [wd]), jnp.dtype(cfg.dtype))
     hp1 = jax.tree_util.tree_map(lambda a: a[0], hp)
-    state = tr.init_state(problem, hp1)
+    # One compiled init (eagerly, every op of the model's init and of the key tree compiles on its own).
+    state = jax.jit(lambda h: tr.init_state(problem, h))(hp1)
 
     @jax.jit
     def top(params, batch, hparams):  # hparams an argument, not a constant: one program for every weight decay

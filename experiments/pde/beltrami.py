@@ -161,7 +161,7 @@ def _plot(results: dict[str, Any], config: BeltramiConfig, path: Path) -> None:
         axes[1, j].set_xlabel("step")
         axes[1, j].set_ylabel("max ||u^{n+1} - u^n||_inf per record")
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, bbox_inches=None)  # laid out already: no second (bbox) render
 
 
 def summarize(results: dict[str, Any]) -> str:

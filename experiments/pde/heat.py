@@ -62,7 +62,7 @@ def _plot(results: dict[str, Any], config: HeatConfig, path: Path) -> None:
         axes[1, j].set_xlabel("mode m")
         axes[1, j].legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, bbox_inches=None)  # laid out already: no second (bbox) render
 
 
 def summarize(results: dict[str, Any]) -> str:

@@ -349,7 +349,7 @@ def _plot(curves: dict[int, dict[str, Any]], results: dict[str, Any], config: Li
         axes[1, j].set_xlabel("iteration")
         axes[0, j].legend(fontsize=7)
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, bbox_inches=None)  # laid out already: no second (bbox) render
 
 
 def summarize(results: dict[str, Any]) -> str:

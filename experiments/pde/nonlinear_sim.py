@@ -120,7 +120,8 @@ def simulate(config: NonlinearConfig, *, log: Callable[[str], None] | None = Non
     """
     problem, lanes, engine, model = nonlinear_problem(config)
     n, steps = len(config.dts), config.steps
-    initial_kernel = np.asarray(kernel_of(problem.init_params(tr.lane_init_key(config.seed))))
+    # K_0 as the engine draws it (one compiled program: eagerly every op of the init would compile).
+    initial_kernel = np.asarray(kernel_of(jax.jit(lambda s: problem.init_params(tr.lane_init_key(s)))(config.seed)))
     marks = {max(1, steps * p // 10) for p in range(1, 11)}  # a log line per 10 % of the run
 
     def on_chunk(s: int) -> None:
