@@ -50,6 +50,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from eos_jax.eigen import lanczos, power_iteration, start_vector
 from eos_jax.errors import ConfigError
+from eos_jax.metrics import layer_groups
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
@@ -626,14 +627,6 @@ def preconditioned_top_eigenvalue(
     return _eig(_reparam_loss(loss_fn), zeros, (params, s), batch, v0, key, k=None, **opts)
 
 
-def _layer_groups(params: PyTree, level: int) -> dict[str, list[int]]:
-    """Leaf indices grouped by the first ``level`` entries of their key paths (in tree order)."""
-    groups: dict[str, list[int]] = {}
-    for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
-        groups.setdefault(jax.tree_util.keystr(tuple(path[:level])), []).append(i)
-    return groups
-
-
 def _block_loss(loss_fn: LossFn, treedef, idx: tuple[int, ...]):
     """Loss of one block of leaves with the other leaves passed as ``aux`` (a full leaf list)."""
 
@@ -695,7 +688,7 @@ def layer_sharpness(
     key = jax.random.key(0) if key is None else key
     leaves, treedef = jax.tree_util.tree_flatten(params)
     out: dict[str, EigResult] = {}
-    for g, (name, idx) in enumerate(_layer_groups(params, level).items()):
+    for g, (name, idx) in enumerate(layer_groups(params, level).items()):
         block = [leaves[i] for i in idx]
         start = None if v0 is None else v0.get(name)
         out[name] = _eig(

@@ -6,6 +6,8 @@
 * :func:`ulp_diff`: how many elements differ and by how many units in the last place.
 * :func:`tree_digest`: SHA-256 of dtypes, shapes and raw bytes, for bit-for-bit
   comparisons of runs through their logs.
+* :func:`layer_groups`: leaves grouped into layers by their key-path prefix (the layers of
+  :func:`eos_jax.hessian.layer_sharpness` and of the per-layer RelL1 of ``experiments.sensitivity``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from eos_jax.errors import ConfigError
 
 
 def _leaf_rel_l1_sum(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -156,3 +160,37 @@ def tree_digest(tree: Any) -> str:
         h.update(repr(arr.shape).encode())
         h.update(arr.tobytes())
     return h.hexdigest()
+
+
+def layer_groups(tree: Any, level: int = 1) -> dict[str, list[int]]:
+    """Leaf indices (in tree order) grouped by the first ``level`` entries of their key paths.
+
+    A "layer" is the set of leaves that share a path prefix, e.g. the top-level modules
+    ``{"Dense_0": {"kernel", "bias"}, ...}`` of a flax params dict with ``level=1``. Names are
+    ``jax.tree_util.keystr`` of the prefix; groups come in the order of their first leaf.
+
+    Args:
+      tree: any pytree.
+      level: path depth that defines a layer (>= 1); leaves with shorter paths form their own group.
+
+    Returns:
+      ``{layer name: [indices into jax.tree_util.tree_leaves(tree)]}``.
+
+    Raises:
+      ConfigError: ``level`` is not an integer >= 1.
+
+    Example:
+      >>> import numpy as np
+      >>> from eos_jax.metrics import layer_groups
+      >>> tree = {"conv": {"b": np.zeros(2), "w": np.zeros(3)}, "dense": {"w": np.zeros(1)}}
+      >>> layer_groups(tree)
+      {"['conv']": [0, 1], "['dense']": [2]}
+      >>> layer_groups(tree, level=2)
+      {"['conv']['b']": [0], "['conv']['w']": [1], "['dense']['w']": [2]}
+    """
+    if isinstance(level, bool) or not isinstance(level, int) or level < 1:
+        raise ConfigError(f"layer_groups: level must be an integer >= 1, got {level!r}")
+    groups: dict[str, list[int]] = {}
+    for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
+        groups.setdefault(jax.tree_util.keystr(tuple(path[:level])), []).append(i)
+    return groups

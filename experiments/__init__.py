@@ -2,7 +2,9 @@
 
 * :mod:`experiments.eos`: the Edge-of-Stability experiments of Section 6 (Figures 7, 8, 9),
   ``python -m experiments.eos``;
-* :mod:`experiments.pde`: the PDE experiments of Sections 3, 5 and 6.1, ``python -m experiments.pde``.
+* :mod:`experiments.pde`: the PDE experiments of Sections 3, 5 and 6.1, ``python -m experiments.pde``;
+* :mod:`experiments.sensitivity`: the floating-point sensitivity experiments of Section 4 and
+  Appendices B-C; for now their tables and measures (Tables 1, 4-8, Figure 3 left, footnote 5).
 
 Nothing in ``eos_jax`` imports this package (tests/test_import_graph.py).
 """
