@@ -593,7 +593,7 @@ def test_initial_sharpness_matches_dense_hessian():
         hp = tr.stack_hparams(tr.make_lanes([1.0], weight_decays=[5e-4]))
         params = tr.init_state(prob, jax.tree_util.tree_map(lambda a: a[0], hp)).params
         flat, unravel = ravel_pytree(params)
-        h = np.asarray(jax.hessian(lambda f: prob.loss_fn(unravel(f), prob.data))(flat), np.float64)
+        h = np.asarray(jax.jit(jax.hessian(lambda f, b: prob.loss_fn(unravel(f), b)))(flat, prob.data), np.float64)
         top = float(np.linalg.eigvalsh(h + 5e-4 * np.eye(h.shape[0]))[-1])
         assert got["lambda_max"] == pytest.approx(top, rel=1e-4), pool
         assert got["lr_threshold"] == pytest.approx(2.0 / top, rel=1e-4)

@@ -117,17 +117,17 @@ def test_fused_model_matches_lax_model():
     assert m_auto.info["conv_impl_per_layer"] == ["fused"] * 3
     m_lax = models.get("cnn", layers=3, conv_impl="lax")
     m_sh = models.get("cnn", layers=3, conv_impl="shifted")
-    v = m_auto.init(KEY, (14, 14, 1))
+    v = jax.jit(lambda k: m_auto.init(k, (14, 14, 1)))(KEY)  # compiled: eagerly every op of init compiles
     # Same parameter tree and the same initial values as the per-layer implementations.
     for other in (m_lax, m_sh):
-        vo = other.init(KEY, (14, 14, 1))
+        vo = jax.jit(lambda k, m=other: m.init(k, (14, 14, 1)))(KEY)
         assert jax.tree_util.tree_structure(vo) == jax.tree_util.tree_structure(v)
         assert all(
             ulp_diff(a, b).n_diff == 0 for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(vo))
         )
     x = jax.random.uniform(jax.random.key(5), (30, 14, 14, 1), jnp.float32)
-    out = m_auto.apply(v, x, train=True)[0]
-    ref = m_lax.apply(v, x, train=True)[0]
+    out = jax.jit(lambda v_, x_: m_auto.apply(v_, x_, train=True)[0])(v, x)
+    ref = jax.jit(lambda v_, x_: m_lax.apply(v_, x_, train=True)[0])(v, x)
     assert out.shape == ref.shape == (30, 1)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
 
@@ -149,7 +149,7 @@ def test_fused_hvp_matches_dense_hessian_and_jvp_of_grad():
     batch = {"x": jnp.asarray(rs.rand(20, 9, 9, 1)), "y": jnp.asarray(rs.randint(0, 2, 20), jnp.int32)}
     m_f = models.get("cnn", layers=2, conv_impl="fused", dtype="float64")
     m_l = models.get("cnn", layers=2, conv_impl="lax", dtype="float64")
-    params = m_f.init(KEY, (9, 9, 1))["params"]
+    params = jax.jit(lambda k: m_f.init(k, (9, 9, 1))["params"])(KEY)
     flat, unravel = ravel_pytree(params)
     dense = np.asarray(jax.jit(jax.hessian(lambda f: _cnn_loss(m_l)(unravel(f), batch)))(flat))
     v = unravel(jnp.asarray(rs.randn(flat.shape[0])))

@@ -203,7 +203,8 @@ def test_cnn_impls_agree_in_a_full_model():
     outs = {}
     for impl in ("lax", "shifted", "fft"):
         m = models.get("cnn", layers=3, padding="same", conv_impl=impl, dtype="float64")
-        outs[impl] = m.apply(m.init(KEY, (11, 11, 1)), x, train=False)[0]
+        # Compiled (eagerly every op compiles on its own); the same params for every impl (init is impl-free).
+        outs[impl] = jax.jit(lambda k, xx, m=m: m.apply(m.init(k, (11, 11, 1)), xx, train=False)[0])(KEY, x)
     np.testing.assert_allclose(outs["shifted"], outs["lax"], rtol=1e-12)
     np.testing.assert_allclose(outs["fft"], outs["lax"], rtol=1e-12)
 
@@ -236,7 +237,7 @@ def test_one_layer_cnn_matches_eq6_and_eq8(impl, pool):
         pool=pool,
         dtype="float64",
     )
-    params = model.init(KEY, (size, size, 1))["params"]
+    params = jax.jit(lambda k: model.init(k, (size, size, 1))["params"])(KEY)
     kernel = np.asarray(params["conv0"]["kernel"])[:, :, 0, 0]
     # A checkerboard with a column ramp so that K*I crosses zero (transitioning regime).
     x = jnp.asarray(checker[None, :, :, None] * np.linspace(0.5, 1.5, size)[None, None, :, None])

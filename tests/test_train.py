@@ -283,7 +283,7 @@ def test_tracked_sharpness_matches_dense_hessian():
     for i, lane in enumerate(lanes):
         p = jax.tree_util.tree_map(lambda a: a[i], state.params)
         flat, unravel = ravel_pytree(p)
-        h = jax.hessian(lambda f: toy_loss(unravel(f), prob.data))(flat).astype(jnp.float64)
+        h = jax.jit(jax.hessian(lambda f, b: toy_loss(unravel(f), b)))(flat, prob.data).astype(jnp.float64)
         h = h + lane.weight_decay * jnp.eye(h.shape[0], dtype=jnp.float64)
         top = float(jnp.linalg.eigvalsh(h)[-1])
         assert float(lam[i]) == pytest.approx(top, rel=2e-5), lane
