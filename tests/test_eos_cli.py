@@ -15,7 +15,13 @@ from eos_jax.train.stats import lane_summary
 from experiments import eos as eos_cli
 
 # Tiny and fast: scikit-learn's 8x8 digits 0/1 (always installed), few steps, power iteration.
+# Plumbing runs (presets, resume, refusals, signals) use XLA's convolution: its Hessian-vector
+# programs compile in about half the time of the default single-channel "shifted" one. The default
+# path is run by test_main_job_on_a_fresh_machine and checked against dense Hessians by
+# test_tracked_cnn_sharpness_matches_dense_hessian; the impls' agreement by tests/test_models.py.
 SMALL = [
+    "--conv-impl",
+    "lax",
     "--dataset",
     "digits01",
     "--num-examples",
@@ -656,6 +662,7 @@ def test_fig7_readings_writes_the_table(tmp_path, capsys):
 
     # The data and schedule of SMALL: the fig7 preset test compiles the same initial-sharpness programs.
     ov = dict(
+        conv_impl="lax",
         dataset=("digits01",),
         num_examples=64,
         steps=6,
