@@ -29,8 +29,13 @@ def _clip_sharpness_axis(ax: Any, values: list[float], threshold: float) -> str:
     return ""
 
 
+# Lane fields a legend names when they vary; init_seed is absent from the lines of runs made
+# before it existed (it was the seed then), hence .get.
+_LANE_FIELDS = ("learning_rate", "k", "seed", "init_seed", "weight_decay")
+
+
 def _lane_label(r: dict[str, Any], varying: Sequence[str]) -> str:
-    names = {"learning_rate": "lr", "k": "k", "seed": "seed", "weight_decay": "wd"}
+    names = {"learning_rate": "lr", "k": "k", "seed": "seed", "init_seed": "init", "weight_decay": "wd"}
     parts = [f"{names[k]}={r[k]:g}" for k in varying]
     return ", ".join(parts) if parts else f"lane {r['lane']}"
 
@@ -70,9 +75,7 @@ def plot_run(
     for r in lines:
         by_lane.setdefault(int(r["lane"]), []).append(r)
     lanes = sorted(by_lane)[:max_lanes]
-    varying = [
-        k for k in ("learning_rate", "k", "seed", "weight_decay") if len({by_lane[i][0][k] for i in by_lane}) > 1
-    ]
+    varying = [k for k in _LANE_FIELDS if len({by_lane[i][0].get(k) for i in by_lane}) > 1]
     has_rel = any("rel_l1_to_k1" in r for r in lines)
     fig = Figure(figsize=(16.5 if has_rel else 11, 4))
     axes = fig.subplots(1, 3 if has_rel else 2)
@@ -182,9 +185,7 @@ def plot_variants(
         by_lane: dict[int, list[dict[str, Any]]] = {}
         for r in lines:
             by_lane.setdefault(int(r["lane"]), []).append(r)
-        varying = [
-            k for k in ("learning_rate", "k", "seed", "weight_decay") if len({by_lane[i][0][k] for i in by_lane}) > 1
-        ]
+        varying = [k for k in _LANE_FIELDS if len({by_lane[i][0].get(k) for i in by_lane}) > 1]
         ax_l, ax_s = axes[0, col], axes[1, col]
         for i in sorted(by_lane):
             rs = sorted(by_lane[i], key=lambda r: r["step"])

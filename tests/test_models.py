@@ -142,6 +142,66 @@ def test_batch_norm_matches_pytorch_formulas():
     np.testing.assert_allclose(y_eval, x / np.sqrt(1.0 + 1e-5), rtol=1e-13)
 
 
+def _resnet_cifar_count(blocks_per_stage: int, classes: int, shortcut: str) -> int:
+    """Hand count of He et al.'s CIFAR ResNet from its layer shapes (bias-free convs, BN scale+shift)."""
+    conv = lambda cin, cout, k: k * k * cin * cout  # noqa: E731
+    bn = lambda c: 2 * c  # noqa: E731
+    total, cin = conv(3, 16, 3) + bn(16), 16
+    for planes in (16, 32, 64):
+        for _ in range(blocks_per_stage):
+            total += conv(cin, planes, 3) + bn(planes) + conv(planes, planes, 3) + bn(planes)
+            if shortcut == "B" and cin != planes:  # authors' _make_layer: 1x1 conv + BN
+                total += conv(cin, planes, 1) + bn(planes)
+            cin = planes
+    return total + 64 * classes + classes  # fc with bias
+
+
+@pytest.mark.parametrize("name,shortcut,expected", [("resnet56", "A", 853_018), ("resnet56_authors", "B", 855_770)])
+def test_resnet56_counts_match_a_hand_count_of_the_layers(name, shortcut, expected):
+    assert _resnet_cifar_count(9, 10, shortcut) == expected  # the numbers the docstrings state
+    assert _abstract_count(models.get(name), (32, 32, 3)) == expected
+
+
+def test_resnet_authors_option_b_shortcut_and_init():
+    # The authors' construction (instability/resnet.py): the projection exists exactly where the
+    # shape changes; convs take "he_fan_out" and the fc PyTorch's default (values: next test).
+    model = models.get("resnet56_authors")
+    shapes = jax.eval_shape(lambda k: model.init(k, (32, 32, 3)), KEY)
+    with_proj = sorted(b for b, leaves in shapes["params"].items() if "shortcut_conv" in leaves)
+    assert with_proj == ["stage2_block0", "stage3_block0"]
+    assert shapes["params"]["stage3_block0"]["shortcut_conv"]["kernel"].shape == (1, 1, 32, 64)
+    assert "bias" not in shapes["params"]["stage3_block0"]["shortcut_conv"]
+    assert sorted(shapes["batch_stats"]["stage2_block0"]) == ["bn1", "bn2", "shortcut_bn"]
+    m = model.module
+    assert (m.init_scheme, m.fc_init_scheme, m.shortcut) == ("he_fan_out", "pytorch", "B")
+    assert models.get("resnet56").module.shortcut == "A" and models.get("resnet56").module.fc_init_scheme is None
+
+
+def test_resnet_option_b_shortcut_is_conv1x1_then_batch_norm_and_he_init():
+    from eos_jax.models.resnet import BasicBlock
+
+    rs = np.random.RandomState(3)
+    x = rs.randn(2, 6, 6, 32)
+    block = BasicBlock(64, 2, "relu", 1.0, "he_fan_out", jnp.float64, shortcut="B")
+    v = jax.tree_util.tree_map(np.asarray, jax.jit(block.init)(KEY, jnp.asarray(x)))
+    # He fan-out init, N(0, 2 / (kh*kw*out)), as the authors' normal_(0, sqrt(2. / n)).
+    for kernel, fan_out in (("conv1", 9 * 64), ("conv2", 9 * 64), ("shortcut_conv", 64)):
+        k = v["params"][kernel]["kernel"]
+        assert abs(k.std() / math.sqrt(2.0 / fan_out) - 1.0) < 0.05 and abs(k.mean()) < 0.05 * k.std()
+    assert np.all(v["params"]["shortcut_bn"]["scale"] == 1) and not np.any(v["params"]["shortcut_bn"]["bias"])
+    # With conv2 = 0 and running mean 0 the residual branch is bn2's shift, 0: the block is
+    # relu(BN(x[:, ::2, ::2] @ W)), recomputed here in NumPy (float64, eval mode).
+    w, scale, shift, var = rs.randn(32, 64), rs.rand(64) + 0.5, rs.randn(64), rs.rand(64) + 0.5
+    v["params"]["conv2"]["kernel"] = np.zeros_like(v["params"]["conv2"]["kernel"])
+    v["params"]["shortcut_conv"]["kernel"] = w[None, None]
+    v["params"]["shortcut_bn"] = {"scale": scale, "bias": shift}
+    v["batch_stats"]["shortcut_bn"] = {"mean": np.zeros(64), "var": var}
+    y = np.asarray(jax.jit(lambda v, x: block.apply(v, x, train=False))(v, jnp.asarray(x)))
+    ref = np.maximum((x[:, ::2, ::2, :] @ w) * scale / np.sqrt(var + 1e-5) + shift, 0.0)
+    assert y.shape == (2, 3, 3, 64)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_resnet_option_a_shortcut_is_parameter_free():
     params = jax.eval_shape(lambda k: models.get("resnet56").init(k, (32, 32, 3)), KEY)["params"]
     block = params["stage2_block0"]

@@ -76,6 +76,88 @@ def test_make_lanes_product_and_errors():
         tr.EngineConfig(steps=1, sharpness_method="qr").validate()
 
 
+def _lane(tree, i: int):
+    return jax.tree_util.tree_map(lambda a: a[i], tree)
+
+
+_TOY = toy_problem()
+# One compiled init for the init-seed tests (5 lanes each, so they share it).
+_VINIT = jax.jit(jax.vmap(lambda h: tr.init_state(_TOY, h)))
+
+
+def _init_states(lanes):
+    """Step-0 states of ``lanes`` as one vmapped program (like with like: every lane in the same program)."""
+    hp = tr.stack_hparams(lanes)
+    return hp, _VINIT(hp)
+
+
+def test_init_seed_fixes_the_parameters_and_seed_the_batch_order():
+    # Three batch orders from one initialization (Table 1 of the paper), next to a lane of seed 7
+    # and no init seed, whose init key is fold_in(fold_in(key(0), 7), 0) as well, and one of init seed 8.
+    lanes = tr.make_lanes([0.1], seeds=[0, 1, 2], init_seeds=7) + [tr.Lane(0.1, seed=7), tr.Lane(0.1, init_seed=8)]
+    seeds = [(l.seed, l.init_seed, l.used_init_seed) for l in lanes]
+    assert seeds == [(0, 7, 7), (1, 7, 7), (2, 7, 7), (7, None, 7), (0, 8, 8)]
+    hp, state = _init_states(lanes)
+    assert hp.init_seed.tolist() == [7, 7, 7, 7, 8] and hp.seed.tolist() == [0, 1, 2, 7, 0]
+    for i in range(1, 4):
+        assert_tree_equal_bits(_lane(state, i).params, _lane(state, 0).params)
+    # Another init seed, another initialization: all 20 random weights differ (b1 starts at zero).
+    a, b = (np.asarray(ravel_pytree(_lane(state, i).params)[0]) for i in (0, 4))
+    assert a.size == 24 and int(np.sum(a != b)) == 20
+    # The data keys (batch order) stay the seed's: lanes 0 and 4 (seed 0) share the order of epoch 0,
+    # the four seeds 0, 1, 2, 7 have four different ones.
+    order = jax.jit(jax.vmap(lambda key: tr.select_batch(_TOY.data, key, jnp.int32(0), 24)["x"][:, 0]))
+    firsts = np.asarray(order(state.key))
+    assert np.array_equal(firsts[0], firsts[4])
+    for i in range(4):
+        for j in range(i):
+            assert not np.array_equal(firsts[i], firsts[j]), (i, j)
+
+
+def test_init_seed_none_keeps_the_bits_of_runs_made_before_it():
+    # Lanes without init seed, with init_seed == seed, and HParams built positionally without the
+    # field (as every caller did before it existed): the whole step-0 state is bitwise the same.
+    lrs = [0.05, 0.1, 0.2, 0.3, 0.4]
+    lanes = tr.make_lanes(lrs, seeds=3)
+    assert all(l.init_seed is None for l in lanes)
+    hp, state = _init_states(lanes)
+    _, state_explicit = _init_states(tr.make_lanes(lrs, seeds=3, init_seeds=3))
+    old = tr.HParams(hp.learning_rate, hp.k, hp.weight_decay, hp.seed)
+    assert old.init_seed is None
+    assert_tree_equal_bits(state_explicit, state)
+    assert_tree_equal_bits(_VINIT(old), state)
+    # ... and the key tree of the module docstring: init key fold_in(fold_in(key(0), 3), 0).
+    ref = jax.jit(lambda: _TOY.init_params(jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 3), 0)))()
+    assert_tree_equal_bits(_lane(state, 1).params, ref)
+
+
+def test_init_seed_twins_and_errors():
+    lanes = [tr.Lane(0.1, 1, 0), tr.Lane(0.1, 3, 0, init_seed=5), tr.Lane(0.1, 1, 0, init_seed=5), tr.Lane(0.1, 3, 0)]
+    twins = tr.find_twins(lanes, [[0, 1, 2, 3]])
+    assert [t["lane"] for t in twins] == [0, 2, 2, 0]  # the twin shares the init seed, not just the seed
+    alone = tr.find_twins([tr.Lane(0.1, 1, 0, init_seed=4), tr.Lane(0.1, 3, 0, init_seed=5)], [[0, 1]])
+    assert alone[1]["lane"] is None and "init seed" in alone[1]["missing"]
+    # Lane(seed=2) and Lane(seed=2, init_seed=2) start alike and are twins.
+    assert tr.find_twins([tr.Lane(0.1, 1, 2, init_seed=2), tr.Lane(0.1, 3, 2)], [[0, 1]])[1]["lane"] == 0
+    assert tr.Lane(0.1, seed=2).asdict()["init_seed"] == 2
+    assert len(tr.make_lanes([0.1], seeds=[0, 1], init_seeds=[3, 4], ks=[1, 3])) == 8
+    for bad in (-1, 2**31, 1.5, "3", True, None, [0, -2]):
+        arg = [bad] if bad is None else bad
+        with pytest.raises(ConfigError) as err:
+            tr.make_lanes([0.1], init_seeds=arg)
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith("init seed ") and "[0, 2147483647]" in msg, msg
+    assert "init seed -2 " in _error(lambda: tr.make_lanes([0.1], init_seeds=[0, -2]))
+    with pytest.raises(ConfigError, match="init seed: empty list"):
+        tr.make_lanes([0.1], init_seeds=[])
+
+
+def _error(fn) -> str:
+    with pytest.raises(ConfigError) as err:
+        fn()
+    return str(err.value)
+
+
 def test_group_lanes_respects_max_and_devices():
     assert tr.group_lanes(5, 2) == [[0, 1], [2, 3], [4]]
     assert tr.group_lanes(10, 6, num_devices=4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
@@ -269,6 +351,8 @@ def test_run_files_metrics_and_sharpness(baseline):
     assert CheckpointStore(out / "checkpoints" / "group_000").all_steps() == [60, 90, 120]
     for lane in res["lanes"]:
         assert lane["finite"] and lane["steps"] == steps and len(lane["params_digest"]) == 64
+        assert lane["init_seed"] == lane["seed"] == 0  # no init seed given: the seed's initialization
+    assert all(r["init_seed"] == r["seed"] == 0 for r in lines)
 
 
 def test_tracked_sharpness_matches_dense_hessian():

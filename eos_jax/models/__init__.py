@@ -13,7 +13,8 @@ updated batch statistics when ``train=True``, the unchanged ones when
 before the sigmoid. Inputs are cast to the model's dtype (float32 by default).
 
 Names: ``"cnn"`` (the paper's Eq. (6), (20)-(21)), ``"fc"``, ``"vgg16"``,
-``"vgg16_bn"``, ``"resnet56"``. ``model.info`` is a JSON-able dict for run metadata
+``"vgg16_bn"``, ``"resnet56"`` (option-A shortcuts), ``"resnet56_authors"`` (the authors' option-B
+ResNet-56; see :mod:`eos_jax.models.resnet`). ``model.info`` is a JSON-able dict for run metadata
 (resolved config, convolution implementation per layer, dtype).
 """
 
@@ -326,7 +327,7 @@ def _vgg(name: str, bn: bool):
 def _resnet56(
     *, num_outputs: int = 10, activation: str = "relu", beta: float = 1.0, init: str = "pytorch", dtype: Any = "float32"
 ) -> Model:
-    """ResNet-56 for CIFAR, option-A shortcuts (He et al. 2016)."""
+    """ResNet-56 for CIFAR, option-A shortcuts (He et al. 2016): 853,018 parameters for 10 classes."""
     num_outputs = _pos_int("num_outputs", num_outputs)
     _common(activation, beta, init)
     jdtype, dname = _dtype(dtype)
@@ -344,12 +345,48 @@ def _resnet56(
     return Model("resnet56", module, info, jdtype, True)
 
 
+def _resnet56_authors(
+    *, num_outputs: int = 10, activation: str = "relu", beta: float = 5.0, dtype: Any = "float32"
+) -> Model:
+    """ResNet-56 as the authors build it (``instability/resnet.py``, ``resnet_swish.py``).
+
+    Option-B shortcuts (1x1 conv + BN), convolutions initialized ``N(0, 2 / (kh*kw*out))``, the
+    linear layer PyTorch's default, Swish ``x * sigmoid(5 x)`` (``beta=5.0``, used only with
+    ``activation="swish"``). 855,770 parameters for 10 classes (``"resnet56"``: 853,018). The
+    initialization is part of the construction, so there is no ``init`` option.
+
+    Example:
+      >>> from eos_jax import models
+      >>> m = models.get("resnet56_authors", activation="swish")
+      >>> m.info["shortcut"], m.info["config"]["beta"], m.info["init"]
+      ('B', 5.0, {'conv': 'he_fan_out', 'fc': 'pytorch'})
+    """
+    num_outputs = _pos_int("num_outputs", num_outputs)
+    _common(activation, beta, "he_fan_out")
+    jdtype, dname = _dtype(dtype)
+    module = ResNetCifar(9, num_outputs, activation, float(beta), "he_fan_out", jdtype, "B", "pytorch")
+    cfg = dict(num_outputs=num_outputs, activation=activation, beta=float(beta), dtype=dname)
+    info = {
+        "name": "resnet56_authors",
+        "config": cfg,
+        "dtype": dname,
+        "num_outputs": num_outputs,
+        "conv_impl": "lax",
+        "shortcut": "B",
+        "init": {"conv": "he_fan_out", "fc": "pytorch"},
+        "source": "sunyx523/surprising-instabilities instability/resnet.py, resnet_swish.py",
+        "batch_stats": True,
+    }
+    return Model("resnet56_authors", module, info, jdtype, True)
+
+
 _REGISTRY = {
     "cnn": _cnn,
     "fc": _fc,
     "vgg16": _vgg("vgg16", False),
     "vgg16_bn": _vgg("vgg16_bn", True),
     "resnet56": _resnet56,
+    "resnet56_authors": _resnet56_authors,
 }
 
 
@@ -359,7 +396,7 @@ def names() -> tuple[str, ...]:
     Example:
       >>> from eos_jax import models
       >>> models.names()
-      ('cnn', 'fc', 'vgg16', 'vgg16_bn', 'resnet56')
+      ('cnn', 'fc', 'vgg16', 'vgg16_bn', 'resnet56', 'resnet56_authors')
     """
     return tuple(_REGISTRY)
 
@@ -394,7 +431,8 @@ def get(name: str, **cfg: Any) -> Model:
       >>> models.get("mlp")
       Traceback (most recent call last):
       ...
-      eos_jax.errors.ConfigError: model name='mlp'; allowed: cnn, fc, vgg16, vgg16_bn, resnet56
+      eos_jax.errors.ConfigError: model name='mlp'; allowed: cnn, fc, vgg16, vgg16_bn, resnet56,
+        resnet56_authors
       >>> models.get("cnn", width=3)
       Traceback (most recent call last):
       ...

@@ -45,7 +45,7 @@ from jax import lax
 from eos_jax.errors import ConfigError
 
 ACTIVATIONS = ("relu", "swish", "tanh")
-INIT_SCHEMES = ("pytorch", "jax", "normal")
+INIT_SCHEMES = ("pytorch", "jax", "normal", "he_fan_out")
 CONV_IMPLS = ("auto", "lax", "shifted", "fft", "fused")
 PADDINGS = ("valid", "same")
 # Largest single-channel kernel (in taps) done as shifted slices under "auto" (3x3); above
@@ -124,7 +124,11 @@ def make_kernel_init(scheme: str, *, std: float = 1.0) -> Callable[..., Array]:
         ``kaiming_uniform_(a=sqrt(5))``, i.e. ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``;
         ``"jax"``: flax's default ``lecun_normal`` (truncated normal, variance
         ``1/fan_in``); ``"normal"``: ``N(0, std^2)`` (the PDE experiments of Sec. 5.3
-        initialise K ~ N(0, 1)).
+        initialise K ~ N(0, 1)); ``"he_fan_out"``: ``N(0, 2 / fan_out)`` with ``fan_out =
+        kh * kw * out`` for a conv kernel (``out`` for a dense one), He et al. (2015)'s init in its
+        fan-out form, which the authors' ResNet uses for every convolution
+        (``m.weight.data.normal_(0, math.sqrt(2. / n))``, ``n = kh * kw * out_channels``, in
+        ``ResNet_Cifar.__init__`` of ``instability/resnet.py``, sunyx523/surprising-instabilities).
       std: standard deviation of ``"normal"``.
 
     Returns:
@@ -139,6 +143,13 @@ def make_kernel_init(scheme: str, *, std: float = 1.0) -> Callable[..., Array]:
       >>> k = init(jax.random.PRNGKey(0), (3, 3, 1, 1), jnp.float32)
       >>> k.shape, bool(jnp.all(jnp.abs(k) <= 1 / 3))
       ((3, 3, 1, 1), True)
+
+      ``"he_fan_out"`` on a 3x3 kernel into 64 channels has standard deviation ``sqrt(2 / 576)``:
+
+      >>> he = jax.jit(make_kernel_init("he_fan_out"), static_argnums=(1, 2))
+      >>> k = he(jax.random.PRNGKey(0), (3, 3, 64, 64), jnp.float32)
+      >>> round(float(jnp.std(k) / (2 / 576) ** 0.5), 1)
+      1.0
     """
     check_choice("init", scheme, INIT_SCHEMES)
     if scheme == "jax":
@@ -147,6 +158,14 @@ def make_kernel_init(scheme: str, *, std: float = 1.0) -> Callable[..., Array]:
         if not (math.isfinite(std) and std > 0):
             raise ConfigError(f"init_std={std!r}; allowed: a finite number > 0")
         return nn.initializers.normal(stddev=float(std))
+    if scheme == "he_fan_out":
+
+        def he_normal_fan_out(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+            # fan_out = kh * kw * out (conv, HWIO) or out (dense, IO): every axis but the input one.
+            fan_out = int(math.prod(shape[:-2])) * int(shape[-1])
+            return math.sqrt(2.0 / fan_out) * jax.random.normal(key, tuple(shape), dtype)
+
+        return he_normal_fan_out
 
     def pytorch_uniform(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
         bound = 1.0 / math.sqrt(_fan_in(shape))

@@ -1,7 +1,8 @@
 """The training engine: one state pytree, a pure step, scan-chunked loops, vmapped sweeps.
 
 A run trains one or more *lanes*, each a point of the product of lists of learning
-rate, perturbation factor k, seed and weight decay (:func:`make_lanes`). All lanes of
+rate, perturbation factor k, seed (batch order), initialization seed (defaults to the seed)
+and weight decay (:func:`make_lanes`). All lanes of
 a group run as one vmapped program; the optimizer is built *inside* the vmapped step
 from the lane's traced hyperparameters (:class:`HParams`), so one compilation serves
 every learning rate. Groups hold at most ``max_lanes`` lanes (memory); with several

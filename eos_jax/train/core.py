@@ -80,7 +80,10 @@ def pad_lanes(ls: list[Lane], num_devices: int) -> list[Lane]:
 
 
 def find_twins(lanes: Sequence[Lane], groups: list[list[int]]) -> list[dict[str, Any]]:
-    """For each lane, its k=1 twin (same lr, seed, weight decay) and whether it runs in the same group.
+    """For each lane, its k=1 twin (same lr, seed, init seed, weight decay) and whether it runs in the same group.
+
+    Init seeds compare as used (:attr:`Lane.used_init_seed`): a lane without one is the twin
+    of a k=1 lane whose init seed equals its seed, which starts from the same parameters.
 
     Returns:
       Per lane ``{"lane": twin index or None, "in_group": bool, "missing": reason or None}``;
@@ -96,22 +99,28 @@ def find_twins(lanes: Sequence[Lane], groups: list[list[int]]) -> list[dict[str,
       [(0, False), (0, True), (0, True)]
       >>> print(find_twins(lanes, [[0, 1], [2]])[2]["missing"])
       its k=1 twin (lane 0) ran in lane group 0, not in this lane's group 1: ...
+
+      Lanes of another initialization are no twins:
+
+      >>> from eos_jax.train import Lane
+      >>> print(find_twins([Lane(0.1, k=1, init_seed=1), Lane(0.1, k=3, init_seed=2)], [[0, 1]])[1]["missing"])
+      no k=1 lane with the same learning rate, seed, init seed and weight decay in this sweep
     """
     group_of = {i: g for g, idx in enumerate(groups) for i in idx}
     width = {g: len(idx) for g, idx in enumerate(groups)}
-    k1 = {(l.learning_rate, l.seed, l.weight_decay): i for i, l in enumerate(lanes) if l.k == 1}
+    k1 = {(l.learning_rate, l.seed, l.used_init_seed, l.weight_decay): i for i, l in enumerate(lanes) if l.k == 1}
     out = []
     for i, l in enumerate(lanes):
         if l.k == 1:
             out.append({"lane": i, "in_group": False, "missing": None})
             continue
-        t = k1.get((l.learning_rate, l.seed, l.weight_decay))
+        t = k1.get((l.learning_rate, l.seed, l.used_init_seed, l.weight_decay))
         if t is None:
             out.append(
                 {
                     "lane": None,
                     "in_group": False,
-                    "missing": "no k=1 lane with the same learning rate, seed and weight decay in this sweep",
+                    "missing": "no k=1 lane with the same learning rate, seed, init seed and weight decay in this sweep",
                 }
             )
         elif group_of[t] != group_of[i]:
@@ -358,6 +367,7 @@ def metric_records(block: LogBlock, log_every: int, threshold: float) -> list[di
                 "learning_rate": lane.learning_rate,
                 "k": lane.k,
                 "seed": lane.seed,
+                "init_seed": lane.used_init_seed,
                 "weight_decay": lane.weight_decay,
             }
             if gi.has_twin[li]:

@@ -45,7 +45,7 @@ class History:
       normalized_sharpness: ``float64 (lanes, T)`` ``lr * sharpness`` (Section 6), NaN where
         not measured; compare with ``threshold``.
       rel_l1: ``(lanes, T)`` RelL1 of the lane's parameters to its k=1 twin's (same lr,
-        seed, weight decay; same lane group); NaN for k=1 lanes and lanes without a twin in
+        seed, init seed, weight decay; same lane group); NaN for k=1 lanes and lanes without a twin in
         their group (``lane_summaries[i]["rel_l1_to_k1_missing"]`` says why).
       rel_l1_ma: ``(lanes, T)`` its trailing mean over ``eos_jax.train.REL_L1_WINDOW`` steps, NaN likewise.
       params: the final parameters, a pytree of NumPy arrays with a leading lane axis.

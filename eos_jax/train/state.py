@@ -1,18 +1,25 @@
 """Lanes, their traced hyperparameters, and the state pytree one lane carries from step to step.
 
 A run trains one or more *lanes*, each a point of the product of lists of learning
-rate, perturbation factor k, seed and weight decay (:func:`make_lanes`). Their
+rate, perturbation factor k, seed, initialization seed and weight decay (:func:`make_lanes`). Their
 hyperparameters are stacked into an :class:`HParams` of arrays with a leading lane
 axis (:func:`stack_hparams`), in the dtype of the parameters (:func:`hparam_dtype`).
 
-Randomness is a pure function of the lane's seed. The key tree (every edge a
-``jax.random.fold_in``; no key is used for two purposes)::
+Randomness is a pure function of the lane's seed and initialization seed. The key tree
+(every edge a ``jax.random.fold_in``; no key is used for two purposes)::
 
-    key(0) -> seed -> 0: init key           problem.init_params
-                   -> 1: data key           TrainState.key
-                           -> STREAM_BATCH_ORDER (0) -> epoch e: permutation of epoch e
-                           -> STREAM_SHARPNESS (1)   -> step t:  eigensolver key at step t
-                   -> 2: eigenvector key    first guess of TrainState.eigvec
+    key(0) -> init_seed -> 0: init key      problem.init_params
+    key(0) -> seed      -> 1: data key      TrainState.key
+                                -> STREAM_BATCH_ORDER (0) -> epoch e: permutation of epoch e
+                                -> STREAM_SHARPNESS (1)   -> step t:  eigensolver key at step t
+                        -> 2: eigenvector key   first guess of TrainState.eigvec
+
+``init_seed`` defaults to ``seed`` (``Lane.init_seed=None``), which is the tree of every run
+made before the two were separated, bit for bit: ``fold_in(fold_in(key(0), seed), 0)`` is
+the init key either way. A separate ``init_seed`` fixes the initialization across lanes of
+different seeds (batch orders), as Section 4 of the paper does ("we repeat this experiment
+over different seeds for the stochastic batch selection ... fixing the initialization"); the
+authors' ``instability/main6.py`` instead seeds both with one ``torch.manual_seed(args.r)``.
 
 The two streams of the data key hang off distinct tags, so the sharpness key of step
 ``t`` and the batch-order key of epoch ``e`` differ even when ``t == e`` (before the
@@ -74,18 +81,30 @@ def sharpness_key(key_data: jax.Array, step: jax.Array | int) -> jax.Array:
 class Lane:
     """One run of a sweep: Python values of its hyperparameters.
 
+    ``seed`` drives the batch order, the eigensolver and the eigenvector's first guess;
+    ``init_seed`` the initial parameters (None: ``seed``, the tree of the module docstring).
+    :meth:`asdict` records the initialization seed actually used.
+
     Example:
       >>> Lane(0.1, k=3).asdict()
-      {'learning_rate': 0.1, 'k': 3, 'seed': 0, 'weight_decay': 0.0}
+      {'learning_rate': 0.1, 'k': 3, 'seed': 0, 'weight_decay': 0.0, 'init_seed': 0}
+      >>> Lane(0.1, seed=4, init_seed=7).used_init_seed
+      7
     """
 
     learning_rate: float
     k: int = 1
     seed: int = 0
     weight_decay: float = 0.0
+    init_seed: int | None = None
+
+    @property
+    def used_init_seed(self) -> int:
+        """The seed of the init key: ``init_seed``, or ``seed`` when it is None."""
+        return self.seed if self.init_seed is None else self.init_seed
 
     def asdict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "init_seed": self.used_init_seed}
 
 
 def _as_list(name: str, values: Any) -> list[Any]:
@@ -103,17 +122,22 @@ def make_lanes(
     ks: int | Sequence[int] = 1,
     seeds: int | Sequence[int] = 0,
     weight_decays: float | Sequence[float] = 0.0,
+    init_seeds: int | Sequence[int] | None = None,
 ) -> list[Lane]:
     """The product of the hyperparameter lists, learning rate varying slowest.
 
     Args:
       learning_rates: finite values > 0.
       ks: perturbation factors, integers >= 1 (k=1 is plain SGD/GD; Section 4.1).
-      seeds: integers in [0, 2**31 - 1].
+      seeds: integers in [0, 2**31 - 1]: batch order and eigensolver keys.
       weight_decays: finite values >= 0.
+      init_seeds: None (each lane initializes from its ``seed``, as before the two were
+        separated), or integers in [0, 2**31 - 1]: the initialization seeds, one factor of the
+        product, between seed and weight decay.
 
     Returns:
-      ``len(lr) * len(k) * len(seed) * len(wd)`` lanes.
+      ``len(lr) * len(k) * len(seed) * len(init_seeds) * len(wd)`` lanes (``len(init_seeds)``
+      is 1 for None).
 
     Raises:
       ConfigError: a bad value (named) or a duplicated lane.
@@ -125,6 +149,11 @@ def make_lanes(
       Traceback (most recent call last):
       ...
       eos_jax.errors.ConfigError: k=0 is not allowed; expected an integer >= 1
+
+      One initialization for three batch orders (Table 1 of the paper):
+
+      >>> [(l.seed, l.init_seed) for l in make_lanes(0.1, seeds=[0, 1, 2], init_seeds=7)]
+      [(0, 7), (1, 7), (2, 7)]
     """
     lrs = _as_list("learning rate", learning_rates)
     kk = _as_list("k", ks)
@@ -142,7 +171,14 @@ def make_lanes(
     for wd in wds:
         if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0):
             raise ConfigError(f"weight decay {wd!r} is not allowed; expected a finite float >= 0")
-    lanes = [Lane(float(lr), int(k), int(s), float(wd)) for lr, k, s, wd in itertools.product(lrs, kk, ss, wds)]
+    iss: list[Any] = _as_list("init seed", init_seeds) if init_seeds is not None else []
+    for s in iss:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= _MAX_SEED:
+            raise ConfigError(f"init seed {s!r} is not allowed; expected an integer in [0, {_MAX_SEED}]")
+    lanes = [
+        Lane(float(lr), int(k), int(s), float(wd), None if i is None else int(i))
+        for lr, k, s, i, wd in itertools.product(lrs, kk, ss, iss or [None], wds)
+    ]
     if len(set(lanes)) != len(lanes):
         raise ConfigError("the hyperparameter lists contain duplicates; every lane must be distinct")
     return lanes
@@ -151,16 +187,20 @@ def make_lanes(
 class HParams(NamedTuple):
     """Traced hyperparameters of one lane (a leading lane axis when stacked).
 
+    ``init_seed`` is last and optional, so ``HParams(lr, k, wd, seed)`` still builds: None
+    initializes from ``seed`` (:func:`init_state`); :func:`stack_hparams` always fills it.
+
     Example:
-      >>> hp = stack_hparams(make_lanes([0.1, 0.2], ks=3), jnp.float32)
-      >>> hp.k.tolist(), hp.learning_rate.dtype, hp.seed.tolist()
-      ([3, 3], dtype('float32'), [0, 0])
+      >>> hp = stack_hparams(make_lanes([0.1, 0.2], ks=3, seeds=1, init_seeds=5), jnp.float32)
+      >>> hp.k.tolist(), hp.learning_rate.dtype, hp.seed.tolist(), hp.init_seed.tolist()
+      ([3, 3], dtype('float32'), [1, 1], [5, 5])
     """
 
     learning_rate: jax.Array  # working float dtype
     k: jax.Array  # int32
     weight_decay: jax.Array  # working float dtype
     seed: jax.Array  # int32
+    init_seed: jax.Array | None = None  # int32; None: seed
 
 
 def stack_hparams(lanes: Sequence[Lane], dtype: Any = jnp.float32) -> HParams:
@@ -183,6 +223,7 @@ def stack_hparams(lanes: Sequence[Lane], dtype: Any = jnp.float32) -> HParams:
         k=jnp.asarray(np.array([l.k for l in lanes], dtype=np.int32)),
         weight_decay=jnp.asarray(np.array([l.weight_decay for l in lanes], dtype=dtype)),
         seed=jnp.asarray(np.array([l.seed for l in lanes], dtype=np.int32)),
+        init_seed=jnp.asarray(np.array([l.used_init_seed for l in lanes], dtype=np.int32)),
     )
 
 
@@ -240,7 +281,9 @@ def _lane_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def lane_init_key(seed: int | jax.Array) -> jax.Array:
-    """The key ``problem.init_params`` receives for a lane of seed ``seed`` (the key tree above).
+    """The key ``problem.init_params`` receives for a lane of init seed ``seed`` (the key tree above).
+
+    Pass the lane's :attr:`Lane.used_init_seed` (its ``seed`` unless ``init_seed`` is set).
 
     Example:
       >>> import jax
@@ -344,7 +387,10 @@ def init_state(problem: Problem, hp: HParams) -> TrainState:
       >>> int(state.step), state.params["w"].tolist(), round(float(jnp.linalg.norm(state.eigvec["w"])), 5)
       (0, [1.0, 1.0], 1.0)
     """
-    init_key, data_key, eig_key = _lane_keys(hp.seed)
+    _, data_key, eig_key = _lane_keys(hp.seed)
+    # The init key from the init seed (the seed itself when HParams was built without one):
+    # the same fold_in path as the seed's, so init_seed == seed gives the same bits.
+    init_key = _lane_keys(hp.seed if hp.init_seed is None else hp.init_seed)[0]
     params = problem.init_params(init_key)
     check_hparams(hp, params)
     opt_state = problem.make_optimizer(hp).init(params)
