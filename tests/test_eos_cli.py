@@ -15,13 +15,10 @@ from eos_jax.train.stats import lane_summary
 from experiments import eos as eos_cli
 
 # Tiny and fast: scikit-learn's 8x8 digits 0/1 (always installed), few steps, power iteration.
-# Plumbing runs (presets, resume, refusals, signals) use XLA's convolution: its Hessian-vector
-# programs compile in about half the time of the default single-channel "shifted" one. The default
-# path is run by test_main_job_on_a_fresh_machine and checked against dense Hessians by
-# test_tracked_cnn_sharpness_matches_dense_hessian; the impls' agreement by tests/test_models.py.
+# Plumbing runs keep the default convolution: XLA's (--conv-impl lax) compiles an unvmapped
+# Hessian-vector program in about half the time, but vmapped over lanes it becomes a grouped
+# convolution whose sharpness program compiled 4x slower (fig9 preset: 12.0 s vs 2.9 s).
 SMALL = [
-    "--conv-impl",
-    "lax",
     "--dataset",
     "digits01",
     "--num-examples",
@@ -662,7 +659,6 @@ def test_fig7_readings_writes_the_table(tmp_path, capsys):
 
     # The data and schedule of SMALL: the fig7 preset test compiles the same initial-sharpness programs.
     ov = dict(
-        conv_impl="lax",
         dataset=("digits01",),
         num_examples=64,
         steps=6,

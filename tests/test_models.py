@@ -79,7 +79,7 @@ SMALL = [
 @pytest.mark.parametrize("name,cfg,shape,n_out,dtype", SMALL)
 def test_small_models_shape_dtype_and_no_recompile(name, cfg, shape, n_out, dtype):
     model = models.get(name, dtype=dtype, **cfg)
-    variables = model.init(KEY, shape)
+    variables = jax.jit(lambda k: model.init(k, shape))(KEY)  # one program (eagerly every op compiles)
     for leaf in jax.tree_util.tree_leaves(variables):
         assert leaf.dtype == np.dtype(dtype)
     traces = []

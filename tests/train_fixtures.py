@@ -33,7 +33,7 @@ def toy_data(n: int = 24) -> dict[str, jax.Array]:
 
 
 def toy_init(key: jax.Array) -> dict[str, jax.Array]:
-    """A 3-4-2 tanh network (26 parameters)."""
+    """A 3-4-2 tanh network (24 parameters: w1 12, b1 4, w2 8)."""
     k1, k2 = jax.random.split(key)
     return {
         "w1": jax.random.normal(k1, (3, 4), jnp.float32) * jnp.float32(0.7),
