@@ -842,3 +842,36 @@ def test_fit_equals_train_bitwise_and_touches_nothing(baseline, tmp_path, monkey
 def test_fit_refuses_a_bad_step_count():
     with pytest.raises(ConfigError, match="steps=0"):
         tr.fit(toy_problem(), tr.make_lanes([0.1]), 0)
+
+
+def test_step_metrics_hook_reaches_history_and_metrics_lines(tmp_path):
+    """Problem.step_metrics: every step's values at the parameters before the update, in History.aux
+    (fit) and in the 'aux' field of metrics.jsonl (train), equal to a recomputation from the loss series'
+    own iterates (the non-linear PDE's Table 3 quantities use this hook)."""
+
+    def step_metrics(params, batch):
+        return {"w1_sq": jnp.sum(jnp.square(params["w1"])), "out": jnp.mean(batch["x"] @ params["w1"], axis=0)[:2]}
+
+    prob = dataclasses.replace(toy_problem(), step_metrics=step_metrics)
+    lanes = tr.make_lanes([0.05, 0.3])
+    cfg = dataclasses.replace(TOY_CONFIG, steps=5, chunk_steps=2, sharpness_every=None, checkpoint_every=None)
+    hist = tr.fit(prob, lanes, 5, config=cfg)
+    assert hist.aux["w1_sq"].shape == (2, 6) and hist.aux["out"].shape == (2, 6, 2)
+    # Recompute from the lanes' own iterates: plain GD (k=1) from the same init, one jitted step.
+    init = jax.jit(lambda h: tr.init_state(prob, h))
+    step = jax.jit(tr.make_train_step(prob))
+    hp = tr.stack_hparams(lanes, jnp.float32)
+    for i in range(2):
+        h = jax.tree_util.tree_map(lambda a: a[i], hp)
+        st = init(h)
+        for t in range(6):
+            want = jax.jit(step_metrics)(st.params, prob.data)
+            assert float(hist.aux["w1_sq"][i, t]) == pytest.approx(float(want["w1_sq"]), rel=1e-6)
+            np.testing.assert_allclose(hist.aux["out"][i, t], np.asarray(want["out"]), rtol=1e-5, atol=1e-7)
+            st, _ = step(st, h, prob.data)
+    res_dir = tmp_path / "run"
+    tr.train(prob, lanes, cfg, res_dir, quiet=True)
+    lines = tr.read_metrics(res_dir / "metrics.jsonl")
+    got = np.array([[r["aux"]["w1_sq"] for r in lines if r["lane"] == i] for i in range(2)], np.float32)
+    assert np.array_equal(got, hist.aux["w1_sq"])  # train and fit: the same programs, the same bits
+    assert all(len(r["aux"]["out"]) == 2 for r in lines)
