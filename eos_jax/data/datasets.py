@@ -35,6 +35,8 @@ changed file is an error naming the file, never a silent fallback.
 ``digits01`` has no official split: of the 360 examples of digits 0 and 1 in
 scikit-learn's order, those at positions ``i % 5 == 4`` form the test split (72) and the
 others the training split (288).
+
+Length: most of this module is docstrings with runnable examples (issue 10); its code is 190 lines.
 """
 
 from __future__ import annotations

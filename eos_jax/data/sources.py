@@ -42,6 +42,10 @@ for the python archive) and agree with Keras and torchvision's prototype dataset
 Debian's Fashion-MNIST files are recompressed (gzip header without the file name,
 23 bytes shorter), so their digests are not the published ones; ``Dataset.sha256``
 records what was actually read.
+
+Length: most of this module is docstrings with runnable examples (issue 10); its code is 409 lines.
+It keeps every dataset's locations, mirrors, file names and SHA-256 digests in one place, read by
+the loader, the downloader and the bundled-data script alike.
 """
 
 from __future__ import annotations
