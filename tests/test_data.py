@@ -920,3 +920,15 @@ def test_augment_cifar_is_a_keyed_crop_and_flip():
     pv = np.array([-1.0, -2.0, -3.0], np.float32)
     a4 = np.asarray(data.augment_cifar(key, x, pad_value=pv))
     assert all(len(_find_crop(a4[i], x[i], pv)) == 1 for i in range(8))
+
+
+@pytest.mark.parametrize("dtype,gz", [(np.uint8, False), (np.float32, True), (np.int16, False)])
+def test_write_idx_is_the_independent_writer_and_reads_back(tmp_path, dtype, gz):
+    """formats.write_idx gives the bytes of this file's own IDX writer (gzip decompressed), and read_idx inverts it."""
+    arr = (np.arange(24).reshape(2, 3, 4) * 3 - 7).astype(dtype) if dtype != np.uint8 else np.arange(24, dtype=np.uint8)
+    path = data.write_idx(tmp_path / ("a.idx.gz" if gz else "a.idx"), arr)
+    raw = path.read_bytes()
+    assert (gzip.decompress(raw) if gz else raw) == idx_bytes(arr)
+    assert_tree_equal_bits(data.read_idx(path), arr)
+    with pytest.raises(ValueError, match="complex64"):
+        data.write_idx(tmp_path / "c.idx", np.zeros(2, np.complex64))

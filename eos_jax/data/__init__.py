@@ -31,6 +31,7 @@ from eos_jax.data.formats import (
     read_idx_pair,
     restricted_loads,
     sha256_file,
+    write_idx,
 )
 from eos_jax.data.sources import (
     BUNDLED,
@@ -86,4 +87,5 @@ __all__ = [
     "num_batches",
     "one_hot",
     "standardize",
+    "write_idx",
 ]

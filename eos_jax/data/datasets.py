@@ -250,16 +250,13 @@ def load(name: str, split: str = "train", *, data_dir: str | os.PathLike | None 
     Example:
       ``mnist01`` keeps the digits 0 and 1 of MNIST files found in ``data_dir``:
 
-      >>> import os, struct, tempfile
-      >>> def write_idx(path, shape, values):  # a tiny uint8 file in MNIST's IDX format
-      ...     os.makedirs(os.path.dirname(path), exist_ok=True)
-      ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
-      ...     with open(path, "wb") as f:
-      ...         _ = f.write(head + bytes(values))
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from eos_jax.data.formats import write_idx  # tiny uint8 files in MNIST's IDX format
       >>> d = tempfile.mkdtemp()  # three 2x2 MNIST images of the digits 0, 7, 1 per split
       >>> for prefix in ("train", "t10k"):
-      ...     write_idx(os.path.join(d, "mnist", f"{prefix}-images-idx3-ubyte"), (3, 2, 2), [255] * 12)
-      ...     write_idx(os.path.join(d, "mnist", f"{prefix}-labels-idx1-ubyte"), (3,), [0, 7, 1])
+      ...     _ = write_idx(os.path.join(d, "mnist", f"{prefix}-images-idx3-ubyte"), np.reshape(np.uint8([255] * 12), (3, 2, 2)))
+      ...     _ = write_idx(os.path.join(d, "mnist", f"{prefix}-labels-idx1-ubyte"), np.reshape(np.uint8([0, 7, 1]), (3,)))
       >>> from eos_jax.data import load
       >>> ds = load("mnist01", "train", data_dir=d)
       >>> ds.x.shape, ds.y.tolist(), float(ds.x.max())  # pixels / 255
@@ -330,16 +327,13 @@ def load_first_available(
       On a machine without CIFAR-10 (the user cache and system directories switched off),
       the MNIST files of ``data_dir`` are used:
 
-      >>> import os, struct, tempfile
-      >>> def write_idx(path, shape, values):  # a tiny uint8 file in MNIST's IDX format
-      ...     os.makedirs(os.path.dirname(path), exist_ok=True)
-      ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
-      ...     with open(path, "wb") as f:
-      ...         _ = f.write(head + bytes(values))
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from eos_jax.data.formats import write_idx  # tiny uint8 files in MNIST's IDX format
       >>> d = tempfile.mkdtemp()  # three 2x2 MNIST images of the digits 0, 7, 1 per split
       >>> for prefix in ("train", "t10k"):
-      ...     write_idx(os.path.join(d, "mnist", f"{prefix}-images-idx3-ubyte"), (3, 2, 2), [255] * 12)
-      ...     write_idx(os.path.join(d, "mnist", f"{prefix}-labels-idx1-ubyte"), (3,), [0, 7, 1])
+      ...     _ = write_idx(os.path.join(d, "mnist", f"{prefix}-images-idx3-ubyte"), np.reshape(np.uint8([255] * 12), (3, 2, 2)))
+      ...     _ = write_idx(os.path.join(d, "mnist", f"{prefix}-labels-idx1-ubyte"), np.reshape(np.uint8([0, 7, 1]), (3,)))
       >>> from unittest import mock
       >>> from eos_jax.data import load_first_available
       >>> with mock.patch.dict(os.environ, {"EOS_JAX_NO_SYSTEM_DATA": "1", "EOS_JAX_DATA": ""}):
@@ -380,16 +374,13 @@ def unused_in_data_dir(
     Example:
       MNIST files in ``data_dir`` while the run asked for the bundled Fashion-MNIST subset:
 
-      >>> import os, struct, tempfile
-      >>> def write_idx(path, shape, values):  # a tiny uint8 file in MNIST's IDX format
-      ...     os.makedirs(os.path.dirname(path), exist_ok=True)
-      ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
-      ...     with open(path, "wb") as f:
-      ...         _ = f.write(head + bytes(values))
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from eos_jax.data.formats import write_idx  # tiny uint8 files in MNIST's IDX format
       >>> d = tempfile.mkdtemp()  # three 2x2 MNIST images of the digits 0, 7, 1 per split
       >>> for prefix in ("train", "t10k"):
-      ...     write_idx(os.path.join(d, "mnist", f"{prefix}-images-idx3-ubyte"), (3, 2, 2), [255] * 12)
-      ...     write_idx(os.path.join(d, "mnist", f"{prefix}-labels-idx1-ubyte"), (3,), [0, 7, 1])
+      ...     _ = write_idx(os.path.join(d, "mnist", f"{prefix}-images-idx3-ubyte"), np.reshape(np.uint8([255] * 12), (3, 2, 2)))
+      ...     _ = write_idx(os.path.join(d, "mnist", f"{prefix}-labels-idx1-ubyte"), np.reshape(np.uint8([0, 7, 1]), (3,)))
       >>> from eos_jax.data import load, unused_in_data_dir
       >>> used = load("fashion_mnist01_bundled", "test")
       >>> [u["why"] for u in unused_in_data_dir(d, used, ["fashion_mnist01_bundled"])]

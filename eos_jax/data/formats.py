@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from eos_jax import io as eio
 from eos_jax.errors import MalformedDataError
 
 # IDX type codes -> numpy big-endian dtypes.
@@ -160,6 +161,42 @@ def check_labels(labels: np.ndarray, num_classes: int, path: str | os.PathLike) 
             f"{path}: labels out of range [{int(labels.min())}, {int(labels.max())}], expected 0..{num_classes - 1}"
         )
     return labels.astype(np.int32)
+
+
+def write_idx(path: str | os.PathLike, arr: Any) -> Path:
+    """Writes ``arr`` as an IDX file (MNIST's format), gzip-compressed when ``path`` ends in ``.gz``.
+
+    The inverse of :func:`read_idx` for the IDX types (uint8, int8, int16, int32, float32,
+    float64; big-endian, C order). Parent directories are created; the file appears whole or
+    not at all (:func:`eos_jax.io.atomic_open`).
+
+    Raises:
+      ValueError: a dtype IDX has no code for.
+
+    Example:
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from eos_jax.data.formats import read_idx, write_idx
+      >>> path = write_idx(os.path.join(tempfile.mkdtemp(), "mnist", "t10k-labels-idx1-ubyte"), np.uint8([7, 2, 1]))
+      >>> read_idx(path).tolist(), open(path, "rb").read(4)  # magic: 0, 0, type 0x08, 1 dimension
+      ([7, 2, 1], b'\\x00\\x00\\x08\\x01')
+    """
+    arr = np.asarray(arr)
+    codes = {dt.newbyteorder("="): code for code, dt in _IDX_DTYPES.items()}
+    code = codes.get(arr.dtype.newbyteorder("="))
+    if code is None:
+        raise ValueError(
+            f"write_idx: dtype {arr.dtype} has no IDX type code; allowed: uint8, int8, int16, int32, float32, float64"
+        )
+    head = bytes([0, 0, code, arr.ndim]) + np.asarray(arr.shape, ">u4").tobytes()
+    raw = head + np.ascontiguousarray(arr, dtype=_IDX_DTYPES[code]).tobytes()
+    path = Path(path)
+    if path.suffix == ".gz":
+        raw = gzip.compress(raw, mtime=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with eio.atomic_open(path, "wb") as f:
+        f.write(raw)
+    return path
 
 
 def read_idx_pair(

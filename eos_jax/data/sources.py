@@ -461,15 +461,12 @@ def identify_loose(directory: str | os.PathLike) -> LooseFiles:
     Example:
       A labels file starting with MNIST's first ten test labels (7, 2, 1, 0, 4, ...):
 
-      >>> import os, struct, tempfile
-      >>> def write_idx(path, shape, values):  # a tiny uint8 file in MNIST's IDX format
-      ...     os.makedirs(os.path.dirname(path), exist_ok=True)
-      ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
-      ...     with open(path, "wb") as f:
-      ...         _ = f.write(head + bytes(values))
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from eos_jax.data.formats import write_idx  # tiny uint8 files in MNIST's IDX format
       >>> from eos_jax.data.sources import identify_loose
       >>> d = tempfile.mkdtemp()
-      >>> write_idx(os.path.join(d, "t10k-labels-idx1-ubyte"), (10,), [7, 2, 1, 0, 4, 1, 4, 9, 5, 9])
+      >>> _ = write_idx(os.path.join(d, "t10k-labels-idx1-ubyte"), np.reshape(np.uint8([7, 2, 1, 0, 4, 1, 4, 9, 5, 9]), (10,)))
       >>> found = identify_loose(d)
       >>> found.base, found.evidence
       ('mnist', ('t10k-labels-idx1-ubyte: first labels of MNIST',))
@@ -527,16 +524,13 @@ def find_files(base: str, split: str, data_dir: str | os.PathLike | None = None)
         :func:`identify_loose`): refused rather than passed over or guessed.
 
     Example:
-      >>> import os, struct, tempfile
-      >>> def write_idx(path, shape, values):  # a tiny uint8 file in MNIST's IDX format
-      ...     os.makedirs(os.path.dirname(path), exist_ok=True)
-      ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
-      ...     with open(path, "wb") as f:
-      ...         _ = f.write(head + bytes(values))
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from eos_jax.data.formats import write_idx  # tiny uint8 files in MNIST's IDX format
       >>> from eos_jax.data.sources import find_files
       >>> d = tempfile.mkdtemp()
-      >>> write_idx(os.path.join(d, "mnist", "t10k-images-idx3-ubyte"), (1, 2, 2), [0, 1, 2, 3])
-      >>> write_idx(os.path.join(d, "mnist", "t10k-labels-idx1-ubyte"), (1,), [7])
+      >>> _ = write_idx(os.path.join(d, "mnist", "t10k-images-idx3-ubyte"), np.reshape(np.uint8([0, 1, 2, 3]), (1, 2, 2)))
+      >>> _ = write_idx(os.path.join(d, "mnist", "t10k-labels-idx1-ubyte"), np.reshape(np.uint8([7]), (1,)))
       >>> files, looked = find_files("mnist", "test", d)  # data_dir is searched first
       >>> [os.path.relpath(f, d) for f in files], looked
       (['mnist/t10k-images-idx3-ubyte', 'mnist/t10k-labels-idx1-ubyte'], [])
@@ -578,16 +572,13 @@ def files_in(directory: str | os.PathLike) -> list[tuple[str, Path, str]]:
     (``base`` is ``"unidentified"`` when :func:`identify_loose` cannot tell).
 
     Example:
-      >>> import os, struct, tempfile
-      >>> def write_idx(path, shape, values):  # a tiny uint8 file in MNIST's IDX format
-      ...     os.makedirs(os.path.dirname(path), exist_ok=True)
-      ...     head = struct.pack(">BBBB", 0, 0, 0x08, len(shape)) + struct.pack(f">{len(shape)}I", *shape)
-      ...     with open(path, "wb") as f:
-      ...         _ = f.write(head + bytes(values))
+      >>> import os, tempfile
+      >>> import numpy as np
+      >>> from eos_jax.data.formats import write_idx  # tiny uint8 files in MNIST's IDX format
       >>> from eos_jax.data.sources import files_in
       >>> d = tempfile.mkdtemp()
-      >>> write_idx(os.path.join(d, "fashion-mnist", "train-labels-idx1-ubyte"), (1,), [9])
-      >>> write_idx(os.path.join(d, "t10k-labels-idx1-ubyte"), (2,), [3, 3])  # loose, unidentifiable
+      >>> _ = write_idx(os.path.join(d, "fashion-mnist", "train-labels-idx1-ubyte"), np.reshape(np.uint8([9]), (1,)))
+      >>> _ = write_idx(os.path.join(d, "t10k-labels-idx1-ubyte"), np.reshape(np.uint8([3, 3]), (2,)))  # loose, unidentifiable
       >>> [(base, os.path.relpath(where, d), note) for base, where, note in files_in(d)]
       [('fashion_mnist', 'fashion-mnist', ''), ('unidentified', '.', 'loose IDX files')]
     """
