@@ -42,11 +42,13 @@ from eos_jax.train.core import Plan, find_twins, group_lanes, run_group
 from eos_jax.train.loop import TrainingInterrupted, check_resume, train
 from eos_jax.train.memory import History, fit
 from eos_jax.train.state import (
+    STREAM_AUGMENT,
     STREAM_BATCH_ORDER,
     STREAM_SHARPNESS,
     HParams,
     Lane,
     TrainState,
+    augment_key,
     batch_order_key,
     hparam_dtype,
     init_state,
@@ -70,9 +72,12 @@ from eos_jax.train.step import (
     make_eval_fn,
     make_final_fn,
     make_sharpness_fn,
+    make_test_fn,
     make_train_step,
     objective_fn,
+    problem_loss,
     select_batch,
+    step_batch,
 )
 from eos_jax.train.writer import read_metrics
 
@@ -91,6 +96,7 @@ __all__ = [
     "SPIKE_REL_INCREASE",
     "STREAM_BATCH_ORDER",
     "STREAM_SHARPNESS",
+    "STREAM_AUGMENT",
     "TrainState",
     "TrainingInterrupted",
     "batch_order_key",
@@ -110,12 +116,16 @@ __all__ = [
     "make_lanes",
     "make_sharpness_fn",
     "make_train_step",
+    "make_test_fn",
+    "problem_loss",
+    "step_batch",
     "objective_fn",
     "read_metrics",
     "rel_l1_to_twin",
     "run_group",
     "select_batch",
     "sharpness_key",
+    "augment_key",
     "stack_hparams",
     "summarize_loss_stats",
     "train",

@@ -52,6 +52,28 @@ class Problem:
         ``metrics.jsonl`` lines. A lane that has become non-finite keeps its frozen
         parameters, so its later values are those of the frozen parameters (mask them with
         ``finite``).
+      init_model_state: for models with non-parameter state (batch norm's running
+        statistics): ``key -> model_state`` (pure; the lane's init key, as ``init_params``).
+        With it, ``loss_fn`` is ``(params, batch, model_state) -> (loss, new_model_state)``
+        (train mode: batch statistics, running ones updated); the state rides in
+        :attr:`eos_jax.train.TrainState.model_state`, is checkpointed with the rest and, like
+        the parameters, keeps its last finite value when a step is not finite. The
+        sharpness is that of the train-mode loss at the current ``model_state`` (the
+        running statistics are not updated by the Hessian-vector products).
+      eval_fn: ``(params, model_state, eval_data) -> dict[str, scalar]``, e.g. test loss and
+        accuracy (``model_state`` is ``{}`` without ``init_model_state``; use the running
+        statistics: eval mode). Run every ``EngineConfig.eval_every`` steps and at the end;
+        the values reach the ``eval`` field of ``metrics.jsonl``, :attr:`History.evals
+        <eos_jax.train.History>` and each lane's ``final_eval`` in ``results.json``.
+      eval_data: the held-out set ``eval_fn`` receives (a pytree of arrays).
+      rel_l1_level: also compute, every step inside the program, the RelL1 of each layer of
+        a lane's parameters to its k=1 twin's (the layers of
+        :func:`eos_jax.metrics.layer_groups` at this path depth; Figure 3, left). The values
+        reach ``aux["rel_l1_layers"]`` (one entry per layer, in ``layer_groups`` order); 0 for
+        lanes without a twin in their group. ``None``: only the whole network's RelL1.
+      augment: ``(batch, key) -> batch``, applied to every step's batch (after the
+        minibatch is selected) with :func:`eos_jax.train.augment_key` of the lane's data key
+        and the step: pure in (key, step), so resumed runs draw the same augmentations.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -75,6 +97,15 @@ class Problem:
     eig_fn: EigFn | None = None
     name: str = ""
     step_metrics: Callable[[PyTree, Batch], dict[str, jax.Array]] | None = None
+    init_model_state: Callable[[jax.Array], PyTree] | None = None
+    eval_fn: Callable[[PyTree, PyTree, Batch], dict[str, jax.Array]] | None = None
+    eval_data: Batch | None = None
+    augment: Callable[[Batch, jax.Array], Batch] | None = None
+    rel_l1_level: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.eval_fn is None) != (self.eval_data is None):
+            raise ConfigError("Problem: eval_fn and eval_data go together (both or neither)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +135,8 @@ class EngineConfig:
         on SIGINT/SIGTERM).
       max_lanes: lanes per vmapped program (memory).
       checkpoint_keep: committed checkpoints kept per group (>= 2).
+      eval_every: run the problem's ``eval_fn`` every this many steps and at the end
+        (``None``: at step 0 and at the end only, when the problem has one).
 
     Example:
       >>> EngineConfig(steps=100, sharpness_every=None, chunk_steps=25).validate()
@@ -125,6 +158,7 @@ class EngineConfig:
     checkpoint_every: int | None = 100
     max_lanes: int = 64
     checkpoint_keep: int = 3
+    eval_every: int | None = None
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad field."""
@@ -132,7 +166,7 @@ class EngineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}={v!r} is not allowed; expected an integer >= 1")
-        for name in ("batch_size", "sharpness_every", "sharpness_examples", "checkpoint_every"):
+        for name in ("batch_size", "sharpness_every", "sharpness_examples", "checkpoint_every", "eval_every"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{name}={v!r} is not allowed; expected an integer >= 1 or None")

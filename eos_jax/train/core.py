@@ -34,7 +34,7 @@ from eos_jax.errors import ConfigError
 from eos_jax.train.config import EngineConfig, Problem, PyTree
 from eos_jax.train.state import HParams, Lane, TrainState, hparam_dtype, init_state, stack_hparams
 from eos_jax.train.stats import REL_L1_WINDOW
-from eos_jax.train.step import make_chunk_fn, make_eig_fn, make_final_fn, make_sharpness_fn
+from eos_jax.train.step import make_chunk_fn, make_eig_fn, make_final_fn, make_sharpness_fn, make_test_fn
 
 
 def next_boundary(s: int, total: int, periods: Iterable[int | None]) -> int:
@@ -201,6 +201,8 @@ class Plan:
     chunk_fn: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
     final_fn: Callable[..., Any]
     sharp_fn: Callable[..., tuple[TrainState, jax.Array]]
+    eval_data: PyTree = None
+    test_fn: Callable[..., dict[str, jax.Array]] | None = None
 
     @classmethod
     def build(
@@ -231,9 +233,11 @@ class Plan:
         mesh = None
         if len(devices) > 1:
             mesh = jax.sharding.Mesh(np.array(devices), ("lanes",))
-            data = jax.device_put(problem.data, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         else:
-            data = jax.device_put(problem.data, devices[0])
+            replicated = devices[0]
+        data = jax.device_put(problem.data, replicated)
+        eval_data = jax.device_put(problem.eval_data, replicated) if problem.eval_fn is not None else None
         if config.sharpness_examples is not None:
             m = min(config.sharpness_examples, n_examples)
             sharp_data = jax.tree_util.tree_map(lambda a: a[:m], data)
@@ -255,6 +259,8 @@ class Plan:
             chunk_fn=make_chunk_fn(problem, config.batch_size, config.chunk_steps, late_from),
             final_fn=make_final_fn(problem, config.batch_size, late_from),
             sharp_fn=make_sharpness_fn(problem, eig_fn),
+            eval_data=eval_data,
+            test_fn=make_test_fn(problem) if problem.eval_fn is not None else None,
         )
 
     def _lane_sharding(self) -> jax.sharding.NamedSharding:
@@ -297,9 +303,10 @@ class Plan:
 class LogBlock(NamedTuple):
     """Host values of steps ``start .. start + n - 1`` of one group (its real and padding lanes).
 
-    ``sharpness`` (per lane) belongs to step ``start`` when not None; ``force`` logs every
-    step of the block (the final line). ``aux`` holds the values of the problem's
-    ``step_metrics``, each ``(lanes, n, ...)`` (``{}`` without them).
+    ``sharpness`` (per lane) belongs to step ``start`` when not None, as do ``evals`` (the
+    problem's ``eval_fn``: per name a ``(lanes,)`` array); ``force`` logs every step of the
+    block (the final line). ``aux`` holds the values of the problem's ``step_metrics``, each
+    ``(lanes, n, ...)`` (``{}`` without them).
 
     Example:
       >>> block = LogBlock(0, None, 10, np.zeros((1, 5)), np.ones((1, 5), bool), None, np.zeros((1, 5)), np.zeros((1, 5)))
@@ -317,10 +324,11 @@ class LogBlock(NamedTuple):
     rel_l1_ma: np.ndarray  # (lanes, n)
     force: bool = False
     aux: dict[str, np.ndarray] = {}  # never mutated (a shared NamedTuple default)
+    evals: dict[str, np.ndarray] | None = None  # (lanes,) per name, at step ``start``
 
 
 def logged_columns(block: LogBlock, log_every: int) -> list[int]:
-    """The columns of ``block`` that get a metrics line: forced, sharpness, or multiples of ``log_every``.
+    """The columns of ``block`` that get a metrics line: forced, sharpness or eval, or multiples of ``log_every``.
 
     Example:
       >>> block = LogBlock(0, None, 10, np.zeros((1, 5)), np.ones((1, 5), bool), None, np.zeros((1, 5)), np.zeros((1, 5)))
@@ -332,7 +340,9 @@ def logged_columns(block: LogBlock, log_every: int) -> list[int]:
     return [
         j
         for j in range(block.loss.shape[1])
-        if block.force or (block.sharpness is not None and j == 0) or (block.start + j) % log_every == 0
+        if block.force
+        or (j == 0 and (block.sharpness is not None or block.evals is not None))
+        or (block.start + j) % log_every == 0
     ]
 
 
@@ -341,8 +351,9 @@ def metric_records(block: LogBlock, log_every: int, threshold: float) -> list[di
 
     Lanes with a k=1 twin in their group get ``rel_l1_to_k1`` and ``rel_l1_to_k1_ma100``;
     the sharpness step gets ``sharpness``, ``normalized_sharpness = lr * sharpness`` (in
-    float64) and its ratio to ``threshold``; with the problem's ``step_metrics``, ``aux``
-    maps each name to the step's value (a number, or a nested list for an array).
+    float64) and its ratio to ``threshold``; the eval step gets ``eval`` (the problem's
+    ``eval_fn``, name to value); with the problem's ``step_metrics``, ``aux`` maps each name
+    to the step's value (a number, or a nested list for an array).
 
     Example:
       >>> from eos_jax.train import make_lanes
@@ -379,6 +390,8 @@ def metric_records(block: LogBlock, log_every: int, threshold: float) -> list[di
                 lam = float(block.sharpness[li])
                 ns = float(np.float64(lane.learning_rate) * lam)
                 rec.update(sharpness=lam, normalized_sharpness=ns, threshold_ratio=ns / threshold)
+            if block.evals is not None and j == 0:
+                rec["eval"] = {name: np.asarray(v[li]).tolist() for name, v in block.evals.items()}
             if block.aux:
                 rec["aux"] = {name: np.asarray(v[li, j]).tolist() for name, v in block.aux.items()}
             out.append(rec)
@@ -390,9 +403,9 @@ def new_timing() -> dict[str, Any]:
 
     Example:
       >>> sorted(new_timing())
-      ['checkpoint_s', 'compile_and_first_chunk_s', 'sharpness_s', 'train_s']
+      ['checkpoint_s', 'compile_and_first_chunk_s', 'eval_s', 'sharpness_s', 'train_s']
     """
-    return {"train_s": 0.0, "sharpness_s": 0.0, "checkpoint_s": 0.0, "compile_and_first_chunk_s": None}
+    return {"train_s": 0.0, "sharpness_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "compile_and_first_chunk_s": None}
 
 
 def run_group(
@@ -409,7 +422,8 @@ def run_group(
     """Runs group ``g`` from ``state`` at step ``start`` (``None``: the initial state) to ``config.steps``.
 
     At each boundary ``s``: ``save(g, s, state)`` when a checkpoint is due (not at
-    ``start``), then the sharpness when due (at ``s`` and at the end), then either the
+    ``start``), then the sharpness when due (at ``s`` and at the end), then the problem's
+    ``eval_fn`` when it has one and it is due (every ``eval_every`` steps, step 0 and the end), then either the
     final line (``s == steps``) or one chunk up to the next boundary. Every chunk's values
     go to ``emit``; ``after_chunk(g, s, state, loss of lane 0, last sharpness of lane 0)``
     runs after each chunk (progress, interrupts: it may raise).
@@ -442,6 +456,7 @@ def run_group(
     s = start
     last_sharp: float | None = None
     pending_sharp: np.ndarray | None = None
+    pending_eval: dict[str, np.ndarray] | None = None
     while True:
         # 1. checkpoint the state at boundary s (before its sharpness step).
         if save is not None and s != start and (s == total or (cfg.checkpoint_every and s % cfg.checkpoint_every == 0)):
@@ -455,6 +470,13 @@ def run_group(
             pending_sharp = np.asarray(jax.device_get(lam))
             timing["sharpness_s"] += time.perf_counter() - t0
             last_sharp = float(pending_sharp[0])
+        # 3. evaluation at s.
+        if plan.test_fn is not None and (s == total or s % (cfg.eval_every or total) == 0):
+            t0 = time.perf_counter()
+            pending_eval = {
+                name: np.asarray(v) for name, v in jax.device_get(plan.test_fn(state, plan.eval_data)).items()
+            }
+            timing["eval_s"] += time.perf_counter() - t0
         if s == total:
             fl, ff, frel, fma, fstats, faux = jax.device_get(plan.final_fn(state, gi.hp, plan.data, gi.twin))
             emit(
@@ -469,11 +491,13 @@ def run_group(
                     np.asarray(fma)[:, None],
                     force=True,
                     aux={name: np.asarray(v)[:, None] for name, v in faux.items()},
+                    evals=pending_eval,
                 )
             )
             return state, {k: np.asarray(v) for k, v in fstats.items()}
-        # 3. one chunk.
-        nxt = next_boundary(s, total, (cfg.chunk_steps, cfg.checkpoint_every, cfg.sharpness_every))
+        # 4. one chunk.
+        evals_every = cfg.eval_every if plan.test_fn is not None else None
+        nxt = next_boundary(s, total, (cfg.chunk_steps, cfg.checkpoint_every, cfg.sharpness_every, evals_every))
         t0 = time.perf_counter()
         state, met = plan.chunk_fn(state, gi.hp, plan.data, jnp.asarray(nxt - s, jnp.int32), gi.twin)
         met = jax.tree_util.tree_map(lambda a: np.asarray(a)[:, : nxt - s], jax.device_get(met))
@@ -494,9 +518,11 @@ def run_group(
                 np.asarray(met["rel_l1"]),
                 np.asarray(met["rel_l1_ma"]),
                 aux={name: np.asarray(v) for name, v in met.get("aux", {}).items()},
+                evals=pending_eval,
             )
         )
         pending_sharp = None
+        pending_eval = None
         s = nxt
         if after_chunk is not None:
             after_chunk(g, s, state, float(losses[0, -1]), last_sharp)

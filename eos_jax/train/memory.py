@@ -22,7 +22,7 @@ from eos_jax import io as eio
 from eos_jax.train.config import EngineConfig, Problem, PyTree
 from eos_jax.train.core import LogBlock, Plan, logged_columns, metric_records, new_timing, run_group
 from eos_jax.train.state import Lane, TrainState
-from eos_jax.train.stats import summarize_run
+from eos_jax.train.stats import index_lane, summarize_run
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # no ==: its fields are arrays
@@ -60,7 +60,12 @@ class History:
         ...)`` array at the logged steps, before each step's update (after a lane's first
         non-finite step, the values of its frozen parameters: mask with ``finite``).
       timing: wall-clock seconds: ``compile_and_first_chunk_s`` (the first chunk, with
-        its compilation), ``train_s`` (the other chunks), ``sharpness_s``.
+        its compilation), ``train_s`` (the other chunks), ``sharpness_s``, ``eval_s``.
+      evals: the problem's ``eval_fn`` (``{}`` without one): per name a ``float64 (lanes,
+        T)`` array, NaN where not evaluated (``config.eval_every``; always at step 0 and at
+        the last step).
+      model_state: the final model state (batch norm's running statistics; ``{}`` without
+        one), NumPy arrays with a leading lane axis.
 
     Example:
       :func:`fit` builds it; a hand-made one of one lane and three logged steps reads the same way:
@@ -92,6 +97,8 @@ class History:
     threshold: float
     aux: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     timing: dict[str, Any] = dataclasses.field(default_factory=dict)
+    evals: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    model_state: PyTree = dataclasses.field(default_factory=dict)
 
 
 def fit(
@@ -171,6 +178,12 @@ def fit(
     )
     series = _series(blocks, len(lanes), config.log_every)
     params = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[final_params[i] for i in range(len(lanes))])
+    model_state: dict[int, PyTree] = {}
+    for idx, state, _ in final_states:
+        host = jax.device_get(state.model_state)
+        for li, lane_index in enumerate(idx):
+            model_state[lane_index] = index_lane(host, li)
+    model_state_all = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[model_state[i] for i in range(len(lanes))])
     return History(
         lanes=tuple(lanes),
         params=params,
@@ -179,6 +192,7 @@ def fit(
         groups=tuple(tuple(idx) for idx in plan.groups),
         threshold=problem.threshold,
         timing=dict(timing),
+        model_state=model_state_all,
         **series,
     )
 
@@ -208,10 +222,15 @@ def _series(blocks: list[LogBlock], num_lanes: int, log_every: int) -> dict[str,
         )
         for name, v in first.aux.items()
     }
+    eval_names = sorted({name for b in blocks if b.evals is not None for name in b.evals})
+    evals = {name: np.full((num_lanes, len(steps)), np.nan, np.float64) for name in eval_names}
     for b, js in cols:
         gi = b.inputs
         for li, lane_index in enumerate(gi.idx):
             ts = [pos[b.start + j] for j in js]
+            if b.evals is not None:
+                for name, v in b.evals.items():
+                    evals[name][lane_index, pos[b.start]] = v[li]
             out["loss"][lane_index, ts] = b.loss[li, js]
             for name, v in b.aux.items():
                 aux[name][lane_index, ts] = v[li, js]
@@ -226,4 +245,4 @@ def _series(blocks: list[LogBlock], num_lanes: int, log_every: int) -> dict[str,
                 out["normalized_sharpness"][lane_index, t0] = np.float64(gi.lanes[li].learning_rate) * np.float64(
                     b.sharpness[li]
                 )
-    return {"step": steps, **out, "aux": aux}
+    return {"step": steps, **out, "aux": aux, "evals": evals}

@@ -48,6 +48,7 @@ _ROOT_SEED = 0  # every lane key is fold_in(key(_ROOT_SEED), seed): seeds are pl
 _MAX_SEED = 2**31 - 1
 STREAM_BATCH_ORDER = 0  # fold_in tag of the data key's batch-order stream (one key per epoch)
 STREAM_SHARPNESS = 1  # fold_in tag of the data key's eigensolver stream (one key per step)
+STREAM_AUGMENT = 2  # fold_in tag of the data key's augmentation stream (one key per step)
 
 
 def batch_order_key(key_data: jax.Array) -> jax.Array:
@@ -74,6 +75,18 @@ def sharpness_key(key_data: jax.Array, step: jax.Array | int) -> jax.Array:
       True
     """
     return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key_data), STREAM_SHARPNESS), step)
+
+
+def augment_key(key_data: jax.Array, step: jax.Array | int) -> jax.Array:
+    """The augmentation key of a lane at ``step``: ``fold_in(fold_in(data key, STREAM_AUGMENT), step)``.
+
+    Example:
+      >>> import jax
+      >>> kd = jax.random.key_data(jax.random.key(1))
+      >>> bool((jax.random.key_data(augment_key(kd, 3)) != jax.random.key_data(sharpness_key(kd, 3))).any())
+      True
+    """
+    return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key_data), STREAM_AUGMENT), step)
 
 
 # ----------------------------------------------------------------------------- lanes
@@ -250,6 +263,8 @@ class TrainState(NamedTuple):
       rel_buf: the last :data:`REL_L1_WINDOW` values of the lane's RelL1 to its k=1
         twin (a ring buffer, for the moving average the authors plot).
       rel_count: RelL1 values pushed so far.
+      model_state: the model's non-parameter state (batch norm's running statistics,
+        :attr:`Problem.init_model_state`); ``{}`` (no arrays) without one.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -274,6 +289,7 @@ class TrainState(NamedTuple):
     loss_stats: dict[str, jax.Array]
     rel_buf: jax.Array
     rel_count: jax.Array
+    model_state: PyTree = {}  # never mutated (a shared NamedTuple default)
 
 
 def _lane_keys(seed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -407,6 +423,7 @@ def init_state(problem: Problem, hp: HParams) -> TrainState:
         loss_stats=init_loss_stats(param_dtype(params)),
         rel_buf=jnp.zeros((REL_L1_WINDOW,), param_dtype(params)),
         rel_count=jnp.zeros((), jnp.int32),
+        model_state=problem.init_model_state(init_key) if problem.init_model_state is not None else {},
     )
 
 

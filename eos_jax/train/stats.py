@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eos_jax.metrics import rel_l1, tree_digest, ulp_diff
+from eos_jax.metrics import layer_groups, rel_l1, tree_digest, ulp_diff
 from eos_jax.train.config import PyTree
 
 # Window of the RelL1 moving average (the paper's Figure 3 / Figure 5 right are smoothed over
@@ -195,6 +195,27 @@ def rel_l1_to_twin(params: PyTree, twin: jax.Array) -> jax.Array:
     return jax.vmap(rel_l1)(params, other)
 
 
+def rel_l1_layers_to_twin(params: PyTree, twin: jax.Array, level: int) -> jax.Array:
+    """Per lane and layer (:func:`eos_jax.metrics.layer_groups` at ``level``), RelL1 to lane ``twin[lane]``.
+
+    Returns:
+      ``(lanes, layers)``, layers in ``layer_groups`` order of one lane's parameters.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.train.stats import rel_l1_layers_to_twin
+      >>> params = {"a": jnp.array([[1.0, 1.0], [1.0, 3.0]]), "b": jnp.array([[2.0], [2.0]])}
+      >>> rel_l1_layers_to_twin(params, jnp.array([0, 0]), level=1).tolist()
+      [[0.0, 0.0], [0.5, 0.0]]
+    """
+    leaves = jax.tree_util.tree_leaves(params)
+    one = jax.tree_util.tree_map(lambda a: a[0], params)
+    groups = layer_groups(one, level)
+    other = [jnp.take(a, twin, axis=0) for a in leaves]
+    per = [jax.vmap(rel_l1)([leaves[i] for i in idx], [other[i] for i in idx]) for idx in groups.values()]
+    return jnp.stack(per, axis=1)
+
+
 def index_lane(tree: PyTree, i: int) -> PyTree:
     """Lane ``i`` of a lane-stacked pytree, as NumPy arrays.
 
@@ -347,6 +368,12 @@ def summarize_run(
             rec.update(summarize_loss_stats({k: v[li] for k, v in stats.items()}))
             rec["loss_stats_from"] = "every step"
             rec["params_digest"] = tree_digest(one.params)
+            if jax.tree_util.tree_leaves(one.model_state):
+                rec["model_state_digest"] = tree_digest(one.model_state)
+            evals = [r for r in by_lane.get(lane_index, []) if "eval" in r]
+            if evals:
+                last = max(evals, key=lambda r: r["step"])
+                rec["final_eval"] = {"step": last["step"], **last["eval"]}
             final_params[lane_index] = one.params
             lane_records.append(rec)
     lane_records.sort(key=lambda r: r["lane"])

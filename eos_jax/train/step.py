@@ -22,8 +22,16 @@ from eos_jax import hessian, optim
 from eos_jax.data.transforms import epoch_permutation
 from eos_jax.errors import ConfigError
 from eos_jax.train.config import Batch, EigFn, LossFn, Problem, PyTree
-from eos_jax.train.state import HParams, TrainState, all_finite, batch_order_key, check_hparams, sharpness_key
-from eos_jax.train.stats import push_rel, rel_l1_to_twin, update_loss_stats
+from eos_jax.train.state import (
+    HParams,
+    TrainState,
+    all_finite,
+    augment_key,
+    batch_order_key,
+    check_hparams,
+    sharpness_key,
+)
+from eos_jax.train.stats import push_rel, rel_l1_layers_to_twin, rel_l1_to_twin, update_loss_stats
 
 
 def select_batch(data: Batch, key_data: jax.Array, step: jax.Array, batch_size: int | None) -> Batch:
@@ -56,6 +64,43 @@ def select_batch(data: Batch, key_data: jax.Array, step: jax.Array, batch_size: 
     return jax.tree_util.tree_map(lambda a: jnp.take(a, idx, axis=0), data)
 
 
+def problem_loss(problem: Problem, params: PyTree, batch: Batch, model_state: PyTree) -> tuple[jax.Array, PyTree]:
+    """``(loss, new model_state)`` of ``problem`` in train mode (``model_state`` passes through without one).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax import optim, train as tr
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2)}, lambda p, b: jnp.sum(p["w"] * b),
+      ...                      lambda hp: optim.sgd(hp.learning_rate), jnp.ones(2))
+      >>> loss, model_state = problem_loss(problem, {"w": jnp.ones(2)}, jnp.ones(2), {})
+      >>> float(loss), model_state
+      (2.0, {})
+    """
+    if problem.init_model_state is None:
+        return problem.loss_fn(params, batch), model_state
+    return problem.loss_fn(params, batch, model_state)
+
+
+def step_batch(problem: Problem, data: Batch, state: TrainState, batch_size: int | None) -> Batch:
+    """The batch lane ``state`` trains on at ``state.step``: its minibatch, augmented when the problem augments.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import optim, train as tr
+      >>> flip = lambda b, key: -b  # an "augmentation" that ignores its key
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2)}, lambda p, b: jnp.sum(p["w"] * b),
+      ...                      lambda hp: optim.sgd(hp.learning_rate), jnp.ones(2), augment=flip)
+      >>> hp = tr.HParams(jnp.float32(0.1), jnp.int32(1), jnp.float32(0.0), jnp.int32(0))
+      >>> state = jax.jit(lambda h: tr.init_state(problem, h))(hp)
+      >>> step_batch(problem, problem.data, state, None).tolist()
+      [-1.0, -1.0]
+    """
+    batch = select_batch(data, state.key, state.step, batch_size)
+    if problem.augment is not None:
+        batch = problem.augment(batch, augment_key(state.key, state.step))
+    return batch
+
+
 def make_train_step(
     problem: Problem, batch_size: int | None = None
 ) -> Callable[[TrainState, HParams, Batch], tuple[TrainState, dict[str, jax.Array]]]:
@@ -86,11 +131,13 @@ def make_train_step(
 
     def step(state: TrainState, hp: HParams, data: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         check_hparams(hp, state.params)
-        batch = select_batch(data, state.key, state.step, batch_size)
+        batch = step_batch(problem, data, state, batch_size)
         opt = problem.make_optimizer(hp)
-        loss, grads = jax.value_and_grad(problem.loss_fn)(state.params, batch)
+        (loss, model_state), grads = jax.value_and_grad(
+            lambda p: problem_loss(problem, p, batch, state.model_state), has_aux=True
+        )(state.params)
         params, opt_state = optim.apply_step(opt, grads, state.opt_state, state.params)
-        ok = state.finite & jnp.isfinite(loss) & all_finite(params) & all_finite(opt_state)
+        ok = state.finite & jnp.isfinite(loss) & all_finite(params) & all_finite(opt_state) & all_finite(model_state)
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         new_state = TrainState(
             step=state.step + jnp.ones((), jnp.int32),
@@ -103,6 +150,7 @@ def make_train_step(
             loss_stats=state.loss_stats,
             rel_buf=state.rel_buf,
             rel_count=state.rel_count,
+            model_state=keep(model_state, state.model_state),
         )
         met = {"loss": loss, "finite": ok}
         if problem.step_metrics is not None:
@@ -155,6 +203,9 @@ def make_chunk_fn(
             buf, count, ma = vpush(s.rel_buf, s.rel_count, rel)
             new, met = vstep(s, hp, data)
             new = new._replace(rel_buf=buf, rel_count=count)
+            if problem.rel_l1_level is not None:
+                layers = rel_l1_layers_to_twin(s.params, twin, problem.rel_l1_level)
+                met = {**met, "aux": {**met.get("aux", {}), "rel_l1_layers": layers}}
             return new, {**met, "rel_l1": rel.astype(buf.dtype), "rel_l1_ma": ma}
 
         def skip(s: TrainState):
@@ -222,15 +273,17 @@ def make_final_fn(problem: Problem, batch_size: int | None, late_from: int = 0):
     vstats = jax.jit(jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from)))
 
     def one_loss(state: TrainState, data: Batch):
-        batch = select_batch(data, state.key, state.step, batch_size)
+        batch = step_batch(problem, data, state, batch_size)
         aux = problem.step_metrics(state.params, batch) if problem.step_metrics is not None else {}
-        return problem.loss_fn(state.params, batch), aux
+        return problem_loss(problem, state.params, batch, state.model_state)[0], aux
 
     def final(states: TrainState, hp: HParams, data: Batch, twin: jax.Array):
         del hp
         loss, aux = jax.vmap(one_loss, in_axes=(0, None))(states, data)
         finite = states.finite & jnp.isfinite(loss)
         rel = rel_l1_to_twin(states.params, twin)
+        if problem.rel_l1_level is not None:
+            aux = {**aux, "rel_l1_layers": rel_l1_layers_to_twin(states.params, twin, problem.rel_l1_level)}
         _, _, ma = vpush(states.rel_buf, states.rel_count, rel)
         return loss, finite, rel.astype(ma.dtype), ma, aux
 
@@ -283,8 +336,11 @@ def make_eig_fn(
     return eig
 
 
-def objective_fn(problem: Problem, hp: HParams) -> LossFn:
+def objective_fn(problem: Problem, hp: HParams, model_state: PyTree = None) -> LossFn:
     """The function gradient descent descends for lane ``hp``: the loss, plus ``wd/2 |p|^2`` when coupled.
+
+    ``model_state``: the lane's (for a problem with ``init_model_state``: the train-mode loss
+    at these running statistics, which the objective does not update).
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -298,11 +354,17 @@ def objective_fn(problem: Problem, hp: HParams) -> LossFn:
       >>> float(objective_fn(problem, hp)({"w": jnp.ones(2)}, problem.data))  # 2.5 + (0.5 / 2) * 2
       3.0
     """
+    if problem.init_model_state is not None and model_state is None:
+        raise ConfigError("objective_fn: this problem has a model state; pass the lane's model_state")
+
+    def data_loss(params: PyTree, batch: Batch) -> jax.Array:
+        return problem_loss(problem, params, batch, model_state)[0]
+
     if not problem.l2_weight_decay:
-        return problem.loss_fn
+        return problem.loss_fn if problem.init_model_state is None else data_loss
 
     def objective(params: PyTree, batch: Batch) -> jax.Array:
-        loss = problem.loss_fn(params, batch)
+        loss = data_loss(params, batch)
         sq = sum(jnp.sum(jnp.square(p)).astype(loss.dtype) for p in jax.tree_util.tree_leaves(params))
         return loss + (hp.weight_decay.astype(loss.dtype) * jnp.asarray(0.5, loss.dtype)) * sq
 
@@ -334,7 +396,7 @@ def make_sharpness_fn(
 
     def one(state: TrainState, hp: HParams, batch: Batch):
         key = sharpness_key(state.key, state.step)  # its own stream: never a batch-order key
-        val, vec = eig_fn(objective_fn(problem, hp), state.params, batch, state.eigvec, key)
+        val, vec = eig_fn(objective_fn(problem, hp, state.model_state), state.params, batch, state.eigvec, key)
         ok = all_finite(vec)
         vec = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a.astype(b.dtype), b), vec, state.eigvec)
         return state._replace(eigvec=vec), val
@@ -359,6 +421,30 @@ def make_eval_fn(problem: Problem, batch_size: int | None) -> Callable[[TrainSta
     """
 
     def one(state: TrainState, hp: HParams, data: Batch):
-        return problem.loss_fn(state.params, select_batch(data, state.key, state.step, batch_size))
+        return problem_loss(problem, state.params, step_batch(problem, data, state, batch_size), state.model_state)[0]
 
     return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+
+
+def make_test_fn(problem: Problem) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
+    """Jitted, lane-vmapped ``(states, eval_data) -> {name: (lanes,)}``: the problem's ``eval_fn`` per lane.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import optim, train as tr
+      >>> def evaluate(params, model_state, data):  # the loss on held-out targets
+      ...     return {"test_loss": jnp.mean(jnp.square(params["w"] - data))}
+      >>> problem = tr.Problem(lambda key: {"w": jnp.zeros(2)}, lambda p, b: jnp.mean(jnp.square(p["w"] - b)),
+      ...                      lambda hp: optim.sgd(hp.learning_rate), jnp.ones((1, 2)),
+      ...                      eval_fn=evaluate, eval_data=jnp.full((2,), 2.0))
+      >>> states = jax.jit(jax.vmap(lambda h: tr.init_state(problem, h)))(tr.stack_hparams(tr.make_lanes([0.1, 0.2])))
+      >>> make_test_fn(problem)(states, problem.eval_data)["test_loss"].tolist()
+      [4.0, 4.0]
+    """
+    if problem.eval_fn is None:
+        raise ConfigError("make_test_fn: the problem has no eval_fn")
+
+    def one(state: TrainState, data: Batch) -> dict[str, jax.Array]:
+        return dict(problem.eval_fn(state.params, state.model_state, data))
+
+    return jax.jit(jax.vmap(one, in_axes=(0, None)))
