@@ -72,7 +72,7 @@ def make_forward(model: models.Model):
 def bench_single_channel(n: int, repeats: int) -> None:
     """3-layer 1-channel 3x3 CNN on n 28x28 images: GD step per conv implementation."""
     key = jax.random.key(0)
-    x = jax.random.uniform(jax.random.fold_in(key, 1), (n, 28, 28, 1), jnp.float32)
+    x = jax.random.uniform(jax.random.fold_in(key, 1), (n * 784,), jnp.float32).reshape(n, 28, 28, 1)
     y = jax.random.bernoulli(jax.random.fold_in(key, 2), 0.5, (n,)).astype(jnp.int32)
     steps = {}
     for impl in ("lax", "shifted", "fft"):
@@ -110,7 +110,7 @@ def bench_pde_kernel(size: int, ksize: int, repeats: int) -> None:
 def bench_models(batch: int, repeats: int, names: list[str]) -> None:
     """GD step of each named model on a batch of 32x32x3 inputs (resnet56 also forward only)."""
     key = jax.random.key(0)
-    x = jax.random.normal(jax.random.fold_in(key, 1), (batch, 32, 32, 3), jnp.float32)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (batch * 3072,), jnp.float32).reshape(batch, 32, 32, 3)
     y = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, 10, jnp.int32)
     for name in names:
         model = models.get(name)

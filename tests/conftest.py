@@ -9,6 +9,10 @@ directory per session, created by the controlling process, inherited by the xdis
 workers and by every child process the tests start (through ``JAX_COMPILATION_CACHE_DIR``),
 and removed at the end. A cache hit loads the executable the same HLO compiled to, so
 no bit changes; nothing is kept between sessions.
+
+Random test inputs of rank 3 or more are drawn as one flat vector and reshaped: the same
+bits (JAX's partitionable threefry counts in row-major flat order), but a shaped rank-4
+draw compiles for seconds on this CPU (see ``eos_jax.models.layers.make_kernel_init``).
 """
 
 import os

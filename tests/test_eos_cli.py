@@ -34,6 +34,8 @@ SMALL = [
     "--checkpoint-every",
     "3",
     "--quiet",
+    "--conv-impl",
+    "fft",
 ]
 RUN_FILES = {"config.json", "metadata.json", "metrics.jsonl", "results.json", "eos.png", "checkpoints"}
 
@@ -666,6 +668,7 @@ def test_fig7_readings_writes_the_table(tmp_path, capsys):
         sharpness_iters=4,
         sharpness_method="power",
         checkpoint_every=3,
+        conv_impl="fft",
     )
     readings = [r for r in eos.READINGS if r["pool"] == "mean" and r["binary"] == "bce"]
     root, found = eos.run_readings(overrides=ov, out=tmp_path / "r", quiet=True, readings=readings)

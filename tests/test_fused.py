@@ -125,7 +125,7 @@ def test_fused_model_matches_lax_model():
         assert all(
             ulp_diff(a, b).n_diff == 0 for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(vo))
         )
-    x = jax.random.uniform(jax.random.key(5), (30, 14, 14, 1), jnp.float32)
+    x = jax.random.uniform(jax.random.key(5), (30 * 14 * 14,), jnp.float32).reshape(30, 14, 14, 1)
     out = jax.jit(lambda v_, x_: m_auto.apply(v_, x_, train=True)[0])(v, x)
     ref = jax.jit(lambda v_, x_: m_lax.apply(v_, x_, train=True)[0])(v, x)
     assert out.shape == ref.shape == (30, 1)

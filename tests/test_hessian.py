@@ -57,8 +57,8 @@ def mlp_batch(key, dtype, n=16, d_in=6, d_out=3):
 def cnn_params(key, dtype):
     k1, k2 = jax.random.split(key)
     return {
-        "conv1": {"k": jax.random.normal(k1, (3, 3, 1, 2), dtype) / 3, "b": jnp.zeros((2,), dtype)},
-        "conv2": {"k": jax.random.normal(k2, (3, 3, 2, 1), dtype) / 3},
+        "conv1": {"k": jax.random.normal(k1, (18,), dtype).reshape(3, 3, 1, 2) / 3, "b": jnp.zeros((2,), dtype)},
+        "conv2": {"k": jax.random.normal(k2, (18,), dtype).reshape(3, 3, 2, 1) / 3},
     }
 
 
@@ -79,7 +79,9 @@ def cnn_loss(params, batch):
 
 def cnn_batch(key, dtype, n=8):
     kx, ky = jax.random.split(key)
-    return jax.random.uniform(kx, (n, 6, 6, 1), dtype), jax.random.bernoulli(ky, 0.5, (n,)).astype(dtype)
+    return jax.random.uniform(kx, (n * 36,), dtype).reshape(n, 6, 6, 1), jax.random.bernoulli(ky, 0.5, (n,)).astype(
+        dtype
+    )
 
 
 MODELS = {"mlp": (mlp_params, mlp_loss, mlp_batch), "cnn": (cnn_params, cnn_loss, cnn_batch)}

@@ -49,7 +49,7 @@ _CHILD = textwrap.dedent(
             assert a.dtype == np.float32 and np.isfinite(a).all(), (what, a.dtype, a)
 
     # A one-layer cnn (Eq. (6)) on a batch of four 5x5 images, binary cross-entropy (Eq. (20)).
-    x = jax.random.uniform(jax.random.key(1), (4, 5, 5, 1), jnp.float32)
+    x = jax.random.uniform(jax.random.key(1), (100,), jnp.float32).reshape(4, 5, 5, 1)
     y = (jnp.arange(4) % 2).astype(jnp.int32)
     model = models.get("cnn", layers=1)
     variables = jax.jit(model.init, static_argnums=1)(jax.random.key(0), (5, 5, 1))

@@ -134,7 +134,11 @@ def make_kernel_init(scheme: str, *, std: float = 1.0) -> Callable[..., Array]:
       std: standard deviation of ``"normal"``.
 
     Returns:
-      ``init(key, shape, dtype) -> Array``.
+      ``init(key, shape, dtype) -> Array``. Every scheme draws its numbers as one flat vector
+      and reshapes it: with JAX's partitionable threefry the counters are the row-major flat
+      indices either way, so the bits equal a draw of ``shape`` (and flax's ``lecun_normal`` /
+      ``normal``: tested), but a rank-4 draw compiles in about 5 s on this CPU against 0.3 s
+      flat, and every model init, in every run, compiles one.
 
     Example:
       PyTorch's default for a 3x3 one-channel kernel is uniform in ``[-1/3, 1/3]``:
@@ -154,26 +158,28 @@ def make_kernel_init(scheme: str, *, std: float = 1.0) -> Callable[..., Array]:
       1.0
     """
     check_choice("init", scheme, INIT_SCHEMES)
-    if scheme == "jax":
-        return nn.initializers.lecun_normal()
-    if scheme == "normal":
-        if not (math.isfinite(std) and std > 0):
-            raise ConfigError(f"init_std={std!r}; allowed: a finite number > 0")
-        return nn.initializers.normal(stddev=float(std))
-    if scheme == "he_fan_out":
+    if scheme == "normal" and not (math.isfinite(std) and std > 0):
+        raise ConfigError(f"init_std={std!r}; allowed: a finite number > 0")
 
-        def he_normal_fan_out(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+    def kernel_init(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+        shape = tuple(int(s) for s in shape)
+        n = math.prod(shape)
+        if scheme == "jax":  # flax's lecun_normal, term for term (variance_scaling(1, "fan_in", truncated_normal))
+            stddev = jnp.sqrt(jnp.array(1.0 / _fan_in(shape), dtype)) / jnp.array(0.87962566103423978, dtype)
+            flat = jax.random.truncated_normal(key, -2, 2, (n,), dtype) * stddev
+        elif scheme == "normal":  # flax's normal(std)
+            flat = jax.random.normal(key, (n,), dtype) * jnp.array(std, dtype)
+        elif scheme == "he_fan_out":
             # fan_out = kh * kw * out (conv, HWIO) or out (dense, IO): every axis but the input one.
             fan_out = int(math.prod(shape[:-2])) * int(shape[-1])
-            return math.sqrt(2.0 / fan_out) * jax.random.normal(key, tuple(shape), dtype)
+            flat = math.sqrt(2.0 / fan_out) * jax.random.normal(key, (n,), dtype)
+        else:  # "pytorch"
+            bound = 1.0 / math.sqrt(_fan_in(shape))
+            flat = jax.random.uniform(key, (n,), dtype, -bound, bound)
+        return flat.reshape(shape)
 
-        return he_normal_fan_out
-
-    def pytorch_uniform(key: Array, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
-        bound = 1.0 / math.sqrt(_fan_in(shape))
-        return jax.random.uniform(key, tuple(shape), dtype, -bound, bound)
-
-    return pytorch_uniform
+    kernel_init.__name__ = f"{scheme}_kernel_init"
+    return kernel_init
 
 
 def make_bias_init(scheme: str, fan_in: int) -> Callable[..., Array]:

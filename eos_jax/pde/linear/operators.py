@@ -234,8 +234,8 @@ def operator_extremes(
     flat = lambda v: op(v.reshape(shape)).reshape(size)  # noqa: E731
     return psd_extremes(
         flat,
-        jax.random.normal(k1, shape, F64).reshape(size),
-        jax.random.normal(k2, shape, F64).reshape(size),
+        jax.random.normal(k1, (size,), F64),
+        jax.random.normal(k2, (size,), F64),
         tol=tol,
         max_iters=max_iters,
     )
