@@ -589,8 +589,8 @@ def test_initial_sharpness_matches_dense_hessian():
     from experiments import eos
 
     for pool in ("mean", "sum"):
-        cfg = eos.default_config(
-            "cnn", layers=2, dataset=("digits01",), num_examples=32, weight_decay=(5e-4,), pool=pool
+        cfg = eos.default_config(  # fft: the same rule, a Hessian-vector program that compiles 2.5x faster
+            "cnn", layers=2, dataset=("digits01",), num_examples=32, weight_decay=(5e-4,), pool=pool, conv_impl="fft"
         )
         data, _ = eos.load_data(cfg)
         got = eos.initial_sharpness(cfg, data, num_iters=18)  # 18 = number of parameters (2 x 3x3)

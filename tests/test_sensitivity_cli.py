@@ -102,6 +102,13 @@ def test_sensitivity_tiny_sweep_writes_everything_and_its_bits_hold(tmp_path, ca
     )
     assert code == 0, err
     assert _digests(tmp_path / "b") == d
+    # --resume of the finished run: restored from its last checkpoint, the same bits and tables.
+    table = (a / "table1.csv").read_bytes()
+    code, _, err = _run(
+        sens_cli.main, "python -m experiments.sensitivity", [*argv, "--out", str(a), "--resume"], capsys
+    )
+    assert code == 0, err
+    assert _digests(a) == d and (a / "table1.csv").read_bytes() == table
 
 
 @pytest.mark.slow

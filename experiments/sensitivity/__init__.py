@@ -1,6 +1,12 @@
 """Floating-point sensitivity experiments of Section 4 and Appendices B-C (issue 11).
 
-The tables and measures, pure functions of the runs' results (no training here):
+``python -m experiments.sensitivity`` (:mod:`~experiments.sensitivity.cli`, presets ``paper-*`` and
+``cpu``) trains every (batch-order seed, k) of one configuration as lanes of the training engine
+(:mod:`~experiments.sensitivity.run`: batch-norm models with running statistics in the state, test
+evaluation every epoch, main6.py's step schedule, SGD / momentum / Nesterov / Adam, CIFAR
+augmentation) and writes the tables below from that run's numbers.
+
+The tables and measures, pure functions of the runs' results:
 
 * :mod:`~experiments.sensitivity.tables`: Table 1 (and Tables 6-8), final test accuracy over
   seeds x k with the STD over k per seed and over seeds per k (population STD, as the authors'
@@ -30,6 +36,7 @@ from experiments.sensitivity.measures import (
     rel_l1_layers,
     rel_l1_to_k1,
 )
+from experiments.sensitivity.run import SensitivityConfig, build_problem, load_data, run
 from experiments.sensitivity.tables import (
     Table1,
     comparison_markdown,
@@ -45,19 +52,23 @@ from experiments.sensitivity.tables import (
 __all__ = [
     "Fluctuation",
     "PairRow",
+    "SensitivityConfig",
     "Table1",
     "batch_selection_fluctuation",
+    "build_problem",
     "comparison_markdown",
     "determinism_markdown",
     "determinism_table",
     "final_accuracy",
     "float_fluctuation",
+    "load_data",
     "gradient_fluctuation",
     "markdown_table",
     "median_over_epochs",
     "power_of_two_pairs",
     "rel_l1_layers",
     "rel_l1_to_k1",
+    "run",
     "table1",
     "table1_csv",
     "table1_grid",

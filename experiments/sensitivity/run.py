@@ -30,6 +30,7 @@ from eos_jax import data as edata
 from eos_jax import io as eio
 from eos_jax import losses, models, optim, runtime
 from eos_jax import train as tr
+from eos_jax.checkpoint import CheckpointStore
 from eos_jax.data.transforms import augment_cifar
 from eos_jax.errors import ConfigError, RunDirError
 from eos_jax.metrics import layer_groups, tree_digest
@@ -437,7 +438,7 @@ def run(
     data_dir: str | None = None,
     runs_root: str | Path = "runs/sensitivity",
     runtime_metadata: dict[str, Any] | None = None,
-    final_epochs: int = FINAL_EPOCHS,
+    final_epochs: int | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Trains every (seed, k) lane of ``cfg`` and writes the tables, series and plot.
 
@@ -480,7 +481,7 @@ def run(
     eio.atomic_write_json(run_dir / "metadata.json", meta)
 
     # Table 1: seeds x k final test accuracy (mean of the last epochs, the authors' mean_variance.py).
-    last = min(final_epochs, cfg.epochs)
+    last = default_final_epochs(cfg.epochs) if final_epochs is None else min(final_epochs, cfg.epochs)
     idx = {(l.seed, l.k): i for i, l in enumerate(lanes)}
     acc = np.array([[np.mean(series["test_accuracy"][idx[(s, k)], -last:]) for k in cfg.ks] for s in cfg.seeds])
     finite = np.all(np.isfinite(acc))
@@ -573,10 +574,13 @@ def run(
     return run_dir, sens
 
 
+def default_final_epochs(epochs: int) -> int:
+    """Epochs Table 1 averages by default: the authors' share (the last 10 of 200), at least 1, at most 10."""
+    return max(1, min(FINAL_EPOCHS, epochs // 20))
+
+
 def _final_states(run_dir: Path, problem: tr.Problem, lanes, ecfg, cfg):
     """The final TrainState of every lane, from the run's last checkpoints (lane order)."""
-    from eos_jax.checkpoint import CheckpointStore
-
     plan = tr.Plan.build(problem, lanes, ecfg, dtype=jnp.dtype(cfg.dtype))
     out: dict[int, Any] = {}
     for g, idx in enumerate(plan.groups):
