@@ -28,6 +28,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.figure import Figure
 
 from eos_jax import cli, runtime
 from eos_jax import io as eio
@@ -206,12 +207,8 @@ def run(
 
 
 def plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.add_subplot()
     for r in runs:
         x = np.arange(len(r["rel_l1"])) / r["n"]
         ax.plot(x, r["rel_l1"], label=f"lr {r['lr']:.3g} ({r['verdict']})")
@@ -219,10 +216,7 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set(xlabel="iterations x lr / lr0", ylabel="RelL1(k=1, k=3)", title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    eio.save_figure(fig, path, dpi=110, bbox_inches=None)  # laid out already: no second render
 
 
 def format_summary(summary: dict[str, Any], root: Path) -> str:

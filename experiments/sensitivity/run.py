@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.figure import Figure
 
 from eos_jax import data as edata
 from eos_jax import io as eio
@@ -399,12 +400,8 @@ def problem_dtype(params: Any) -> Any:
 
 def plot_rel_l1(series: dict[str, np.ndarray], lanes: list[tr.Lane], names: list[str], path: Path, title: str) -> None:
     """Figure 3 (left): RelL1 to k=1 per epoch for every k of the first seed, network and per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    a0, a1 = fig.subplots(1, 2)
     seed0 = lanes[0].seed
     epochs = np.arange(series["rel_l1"].shape[1])
     for i, l in enumerate(lanes):
@@ -423,10 +420,7 @@ def plot_rel_l1(series: dict[str, np.ndarray], lanes: list[tr.Lane], names: list
         a1.legend(fontsize=5, ncol=2)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    eio.save_figure(fig, path, dpi=110, bbox_inches=None)  # laid out already: no second render
 
 
 def run(
@@ -456,8 +450,6 @@ def run(
     problem, model = build_problem(cfg, data)
     n_train = int(data["train"]["x"].shape[0])
     spe = n_train // cfg.batch_size
-    if cfg.epochs < 1 or spe < 1:  # pragma: no cover - validated above
-        raise ConfigError("nothing to train")
     run_dir = eio.open_run_dir(run_dir, config, resume=resume)
     lanes = make_lanes(cfg)
     ecfg = engine_config(cfg, n_train)
