@@ -35,6 +35,7 @@ from eos_jax.checkpoint import CheckpointStore
 from eos_jax.data.transforms import augment_cifar
 from eos_jax.errors import ConfigError, RunDirError
 from eos_jax.metrics import layer_groups, tree_digest
+from eos_jax.train.state import param_dtype
 from experiments.eos.rundir import _utc_stamp, checked_out
 from experiments.sensitivity.determinism import determinism_table, power_of_two_pairs, write_determinism
 from experiments.sensitivity.measures import batch_selection_fluctuation, float_fluctuation
@@ -366,25 +367,25 @@ def fluctuations(
         return {"skipped": f"fewer than 2 batches of {b} in {n} examples"}
     perm = np.random.RandomState(cfg.init_seed).permutation(n)
 
-    @jax.jit
-    def grad(idx):
+    @jax.jit  # data, parameters and statistics are arguments: closed over, XLA would fold them in as constants
+    def grad(data, params, model_state, idx):
         batch = {k: v[idx] for k, v in data.items()}
         return jax.grad(lambda p: problem.loss_fn(p, batch, model_state)[0])(params)
 
-    grads = [grad(jnp.asarray(perm[i * b : (i + 1) * b])) for i in range(m)]
+    grads = [grad(data, params, model_state, jnp.asarray(perm[i * b : (i + 1) * b])) for i in range(m)]
     batch = batch_selection_fluctuation(grads[:-1], grads[-1])
-    g = grads[-1]
-    updates = {}
-    for k in (1, 3):
-        hp = tr.HParams(
-            jnp.asarray(cfg.lr, problem_dtype(params)),
-            jnp.int32(k),
-            jnp.asarray(cfg.weight_decay, problem_dtype(params)),
-            jnp.int32(0),
-        )
+
+    @jax.jit  # one program for both k (k is traced, as in the engine)
+    def update(hp, g, params):
         opt = problem.make_optimizer(hp)
-        st = opt.init(params)
-        updates[k], _ = jax.jit(opt.update)(g, st, params)
+        return opt.update(g, opt.init(params), params)[0]
+
+    dt = param_dtype(params)
+    hps = {
+        k: tr.HParams(jnp.asarray(cfg.lr, dt), jnp.int32(k), jnp.asarray(cfg.weight_decay, dt), jnp.int32(0))
+        for k in (1, 3)
+    }
+    updates = {k: update(hp, grads[-1], params) for k, hp in hps.items()}
     fl = float_fluctuation(updates[1], updates[3])
     return {
         "at": "final parameters of the k=1 lane of the first seed",
@@ -392,10 +393,6 @@ def fluctuations(
         "floating_point_k3_vs_k1": dataclasses.asdict(fl),
         "ratio_batch_to_float": batch.mean_rel / fl.mean_rel if fl.mean_rel > 0 else None,
     }
-
-
-def problem_dtype(params: Any) -> Any:
-    return jax.tree_util.tree_leaves(params)[0].dtype
 
 
 def plot_rel_l1(series: dict[str, np.ndarray], lanes: list[tr.Lane], names: list[str], path: Path, title: str) -> None:
@@ -463,6 +460,10 @@ def run(
         "command": sys.argv,
         "started_utc": _utc_stamp(),
     }
+    if resume and (run_dir / "metadata.json").exists():  # as experiments.eos: the first start, and how often resumed
+        prev = eio.read_json(run_dir / "metadata.json")
+        meta["started_utc"] = prev.get("started_utc", meta["started_utc"])
+        meta["resumed"] = prev.get("resumed", 0) + 1
     eio.atomic_write_json(run_dir / "metadata.json", meta)
     results = tr.train(problem, lanes, ecfg, run_dir, resume=resume, quiet=quiet, dtype=jnp.dtype(cfg.dtype))
     lines = tr.read_metrics(run_dir / "metrics.jsonl")
