@@ -112,6 +112,10 @@ def test_default_out_and_resume_without_out(tmp_path, capsys, monkeypatch):
     (run,) = list((tmp_path / "runs" / "eos").iterdir())
     first = _check_run_dir(run, 2)
     digests = [l["params_digest"] for l in first["lanes"]]
+    # --max-lanes left out: one group sized to memory, the estimate recorded (issue 12).
+    est = first["lane_groups"]["estimate"]
+    assert first["lane_groups"]["groups"] == [2] and est["width"] == 2 and est["fit"] >= 2 and est["cap"] == 16
+    assert json.loads((run / "checkpoints" / "lane_groups.json").read_text())["width"] == 2
     code, _, err = _run([*argv, "--resume"], capsys)  # finds the run by its config
     assert code == 0, err
     assert [l["params_digest"] for l in json.loads((run / "results.json").read_text())["lanes"]] == digests
@@ -503,6 +507,7 @@ def test_main_job_on_a_fresh_machine(tmp_path):
     assert [f["name"] for f in meta["fallback_from"]] == ["mnist01", "fashion_mnist01"]
     assert "EOS_JAX_NO_SYSTEM_DATA is set" in meta["fallback_from"][1]["reason"]
     assert "on fashion_mnist01_bundled (2000 examples, 4 steps)" in proc.stdout
+    assert "lane groups: 1 lane in 1 group of at most 1 (nothing to size)" in proc.stderr, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["dataset"] == "fashion_mnist01_bundled" and all(l["finite"] for l in res["lanes"])
 

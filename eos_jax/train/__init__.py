@@ -5,8 +5,9 @@ rate, perturbation factor k, seed (batch order), initialization seed (defaults t
 and weight decay (:func:`make_lanes`). All lanes of
 a group run as one vmapped program; the optimizer is built *inside* the vmapped step
 from the lane's traced hyperparameters (:class:`HParams`), so one compilation serves
-every learning rate. Groups hold at most ``max_lanes`` lanes (memory); with several
-devices the lane axis is sharded over them.
+every learning rate. Groups hold at most ``max_lanes`` lanes, by default as many as fit in
+memory (:mod:`~eos_jax.train.sizing`: XLA's memory analysis of the compiled programs
+against the device's free memory); with several devices the lane axis is sharded over them.
 
 Steps run in chunks inside :func:`jax.lax.scan`. Between chunks the host tracks the
 sharpness (largest algebraic Hessian eigenvalue, warm-started from the eigenvector kept
@@ -32,6 +33,7 @@ Modules, top-down (each imports only those below it):
 * :mod:`~eos_jax.train.core`: lane groups, k=1 twins, the compiled :class:`~eos_jax.train.core.Plan`
   and the chunk loop of one group, shared by ``fit`` and ``train``.
 * :mod:`~eos_jax.train.step`: the pure step, the scanned chunk, the sharpness function.
+* :mod:`~eos_jax.train.sizing`: lane groups sized to memory (:class:`~eos_jax.train.sizing.LaneEstimate`).
 * :mod:`~eos_jax.train.state`: lanes, hyperparameters, :class:`TrainState`, the key tree.
 * :mod:`~eos_jax.train.stats`: running loss statistics, RelL1 to the k=1 twin, lane summaries.
 * :mod:`~eos_jax.train.config`: :class:`Problem`, :class:`EngineConfig`.
@@ -39,7 +41,7 @@ Modules, top-down (each imports only those below it):
 
 from eos_jax.train.config import Batch, EigFn, EngineConfig, LossFn, Problem, PyTree
 from eos_jax.train.core import Plan, find_twins, group_lanes, run_group
-from eos_jax.train.loop import TrainingInterrupted, check_resume, train
+from eos_jax.train.loop import TrainingInterrupted, check_resume, resumed_grouping, train
 from eos_jax.train.memory import History, fit
 from eos_jax.train.state import (
     STREAM_AUGMENT,
@@ -101,6 +103,7 @@ __all__ = [
     "TrainingInterrupted",
     "batch_order_key",
     "check_resume",
+    "resumed_grouping",
     "find_twins",
     "fit",
     "group_lanes",

@@ -133,7 +133,13 @@ class EngineConfig:
         for minibatch SGD a fixed subset keeps the cost bounded).
       checkpoint_every: checkpoint every this many steps (``None``: only at the end and
         on SIGINT/SIGTERM).
-      max_lanes: lanes per vmapped program (memory).
+      max_lanes: lanes per vmapped program; ``None`` (default): sized to memory
+        (:mod:`eos_jax.train.sizing`: the compiled programs' bytes per lane against the
+        device's free memory), at most ``auto_lane_cap``.
+      auto_lane_cap: the automatic width's upper bound (lanes per group).
+      lane_multiple: automatic widths are multiples of this (and of the device count):
+        e.g. the number of k that must share a group with their k=1 twin.
+      lane_memory_fraction: the share of the free memory automatic groups may use.
       checkpoint_keep: committed checkpoints kept per group (>= 2).
       eval_every: run the problem's ``eval_fn`` every this many steps and at the end
         (``None``: at step 0 and at the end only, when the problem has one).
@@ -156,17 +162,27 @@ class EngineConfig:
     sharpness_examples: int | None = None
     sharpness_tol: float | None = 1e-3
     checkpoint_every: int | None = 100
-    max_lanes: int = 64
+    max_lanes: int | None = None
     checkpoint_keep: int = 3
     eval_every: int | None = None
+    auto_lane_cap: int = 64
+    lane_multiple: int = 1
+    lane_memory_fraction: float = 0.75
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad field."""
-        for name in ("steps", "chunk_steps", "log_every", "sharpness_iters", "max_lanes"):
+        for name in ("steps", "chunk_steps", "log_every", "sharpness_iters", "auto_lane_cap", "lane_multiple"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}={v!r} is not allowed; expected an integer >= 1")
-        for name in ("batch_size", "sharpness_every", "sharpness_examples", "checkpoint_every", "eval_every"):
+        for name in (
+            "batch_size",
+            "sharpness_every",
+            "sharpness_examples",
+            "checkpoint_every",
+            "eval_every",
+            "max_lanes",
+        ):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{name}={v!r} is not allowed; expected an integer >= 1 or None")
@@ -175,5 +191,8 @@ class EngineConfig:
             raise ConfigError(f"sharpness_tol={tol!r} is not allowed; expected a float in (0, 1) or None")
         if self.sharpness_method not in ("lanczos", "power"):
             raise ConfigError(f"sharpness_method={self.sharpness_method!r}; allowed: lanczos, power")
+        f = self.lane_memory_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ConfigError(f"lane_memory_fraction={f!r} is not allowed; expected a float in (0, 1]")
         if self.checkpoint_keep < 2:
             raise ConfigError(f"checkpoint_keep={self.checkpoint_keep}; expected >= 2")

@@ -16,12 +16,13 @@ computations, in the same order, as an uninterrupted one. The normalized sharpne
 ``lr * lambda_max`` is compared with the optimizer's threshold (2 for gradient descent:
 the classical bound ``lr < 2/lambda_max`` that the Edge of Stability exceeds, Section 6).
 
-Length: most of this module is docstrings with runnable examples (issue 10); its code is 282 lines.
+Length: most of this module is docstrings with runnable examples (issue 10); its code is 360 lines.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -32,6 +33,7 @@ import numpy as np
 
 from eos_jax.errors import ConfigError
 from eos_jax.train.config import EngineConfig, Problem, PyTree
+from eos_jax.train.sizing import LaneEstimate, available_bytes, fit_lanes, program_bytes
 from eos_jax.train.state import HParams, Lane, TrainState, hparam_dtype, init_state, stack_hparams
 from eos_jax.train.stats import REL_L1_WINDOW
 from eos_jax.train.step import make_chunk_fn, make_eig_fn, make_final_fn, make_sharpness_fn, make_test_fn
@@ -66,6 +68,35 @@ def group_lanes(num_lanes: int, max_lanes: int, num_devices: int = 1) -> list[li
     if num_devices > 1 and max_lanes >= num_devices:
         size = (max_lanes // num_devices) * num_devices
     return [list(range(i, min(i + size, num_lanes))) for i in range(0, num_lanes, size)]
+
+
+def first_width(num_lanes: int, config: EngineConfig, num_devices: int = 1) -> int:
+    """The group width an automatic grouping starts from (before memory is measured).
+
+    ``config.auto_lane_cap`` rounded down to a multiple of ``lcm(devices, lane_multiple)``
+    (at least one such multiple), and no more than the lanes there are, rounded up to it.
+
+    Example:
+      >>> first_width(100, EngineConfig(steps=1, auto_lane_cap=16))
+      16
+      >>> first_width(5, EngineConfig(steps=1, auto_lane_cap=16), num_devices=4)  # 5 lanes padded to 8
+      8
+      >>> first_width(30, EngineConfig(steps=1, auto_lane_cap=16, lane_multiple=6))
+      12
+    """
+    step = math.lcm(num_devices, config.lane_multiple)
+    return max(step, min(config.auto_lane_cap // step * step, math.ceil(num_lanes / step) * step))
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Bytes of the arrays of ``tree`` (``None`` leaves: none).
+
+    Example:
+      >>> import jax, numpy as np
+      >>> tree_bytes({"a": np.zeros((3, 4), np.float32), "b": jax.ShapeDtypeStruct((2,), np.float64), "c": None})
+      64
+    """
+    return int(sum(np.dtype(a.dtype).itemsize * math.prod(a.shape) for a in jax.tree_util.tree_leaves(tree)))
 
 
 def pad_lanes(ls: list[Lane], num_devices: int) -> list[Lane]:
@@ -203,6 +234,8 @@ class Plan:
     sharp_fn: Callable[..., tuple[TrainState, jax.Array]]
     eval_data: PyTree = None
     test_fn: Callable[..., dict[str, jax.Array]] | None = None
+    lane_estimate: LaneEstimate | None = None
+    width: int = 0  # the group width passed to group_lanes (reproduces the groups)
 
     @classmethod
     def build(
@@ -216,6 +249,14 @@ class Plan:
     ) -> Plan:
         """Validates the run and places its data; the programs compile on first call.
 
+        With ``config.max_lanes=None`` the groups are sized to memory: the chunk (and
+        sharpness) programs of the first group are compiled here at the width
+        :func:`first_width` gives, XLA's memory analysis of them is set against the
+        device's free memory (:mod:`eos_jax.train.sizing`), and the width shrinks when they
+        do not fit (``lane_estimate`` keeps the numbers). A single group of the smallest
+        width (lanes no more than the devices, or than ``lane_multiple``) has nothing to
+        choose and is not measured.
+
         Raises:
           ConfigError: a bad config, no lanes, a hyperparameter dtype other than the
             parameters', or a batch larger than the training set.
@@ -225,7 +266,9 @@ class Plan:
             raise ConfigError("no lanes to train")
         dtype = hparam_dtype(problem, dtype)
         devices = list(devices) if devices is not None else jax.devices()
-        groups = group_lanes(len(lanes), config.max_lanes, len(devices))
+        auto = config.max_lanes is None
+        width = first_width(len(lanes), config, len(devices)) if auto else config.max_lanes
+        groups = group_lanes(len(lanes), width, len(devices))
         eig_fn = problem.eig_fn or make_eig_fn(config.sharpness_iters, config.sharpness_method, config.sharpness_tol)
         n_examples = int(jax.tree_util.tree_leaves(problem.data)[0].shape[0])
         if config.batch_size is not None and config.batch_size > n_examples:
@@ -244,7 +287,7 @@ class Plan:
         else:
             sharp_data = data
         late_from = config.steps // 10  # spikes after the first 10 % of the steps are "late"
-        return cls(
+        plan = cls(
             problem=problem,
             lanes=lanes,
             config=config,
@@ -261,7 +304,67 @@ class Plan:
             sharp_fn=make_sharpness_fn(problem, eig_fn),
             eval_data=eval_data,
             test_fn=make_test_fn(problem) if problem.eval_fn is not None else None,
+            width=width,
         )
+        if auto and len(lanes) > math.lcm(len(devices), config.lane_multiple):
+            est = fit_lanes(
+                plan.measure(0),
+                len(plan.padded(0)),
+                len(devices),
+                available_bytes(devices[0]),
+                fraction=config.lane_memory_fraction,
+                cap=config.auto_lane_cap,
+                num_lanes=len(lanes),
+                multiple=config.lane_multiple,
+            )
+            groups = group_lanes(len(lanes), est.width, len(devices))
+            plan = dataclasses.replace(
+                plan, groups=groups, twins=find_twins(lanes, groups), lane_estimate=est, width=est.width
+            )
+        return plan
+
+    def measure(self, g: int = 0) -> dict[str, tuple[int, int]]:
+        """Compiles group ``g``'s programs and reads their bytes per device: ``{name: (total, shared)}``.
+
+        ``total`` is XLA's memory analysis of the compiled program (arguments + outputs -
+        aliased + temporaries; :func:`~eos_jax.train.sizing.program_bytes`) with the data
+        that stays on the device throughout the run (training, sharpness and evaluation
+        data) counted whether or not the program reads it; ``shared`` is that data, which
+        does not grow with the lanes. Measured: the chunk program, and the sharpness
+        program when the run tracks sharpness. The executables compiled here are the ones
+        the run then calls (JAX caches the compilation of an identical program).
+        """
+        gi = self.inputs(g)
+        state = self.template(g)
+        n = jax.ShapeDtypeStruct((), jnp.int32)
+        data_b, sharp_b = tree_bytes(self.data), tree_bytes(self.sharp_data)
+        resident = data_b + (sharp_b if self.sharp_data is not self.data else 0) + tree_bytes(self.eval_data)
+        chunk = self.chunk_fn.lower(state, gi.hp, self.data, n, gi.twin).compile()  # type: ignore[attr-defined]
+        out = {"chunk": (program_bytes(chunk) - data_b + resident, resident)}
+        if self.config.sharpness_every:
+            sharp = self.sharp_fn.lower(state, gi.hp, self.sharp_data).compile()  # type: ignore[attr-defined]
+            out["sharpness"] = (program_bytes(sharp) - sharp_b + resident, resident)
+        return out
+
+    def describe_groups(self) -> str:
+        """One line: how the lanes were grouped, and the memory estimate when they were sized to it."""
+        n, ng = len(self.lanes), len(self.groups)
+        if self.lane_estimate is not None:
+            return self.lane_estimate.describe(n, ng)
+        width = max(len(self.padded(g)) for g in range(ng))
+        why = f"max_lanes={self.config.max_lanes}" if self.config.max_lanes is not None else "nothing to size"
+        return f"lane groups: {n} lane{'s' if n != 1 else ''} in {ng} group{'s' if ng != 1 else ''} of at most {width} ({why})"
+
+    def lane_record(self) -> dict[str, Any]:
+        """What ``results.json`` and ``lane_groups.json`` keep of the grouping."""
+        return {
+            "width": self.width,
+            "num_devices": len(self.devices),
+            "groups": [len(g) for g in self.groups],
+            "max_lanes": self.config.max_lanes,
+            "estimate": self.lane_estimate.to_json() if self.lane_estimate is not None else None,
+            "line": self.describe_groups(),
+        }
 
     def _lane_sharding(self) -> jax.sharding.NamedSharding:
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("lanes"))

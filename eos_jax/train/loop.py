@@ -8,8 +8,11 @@ that writes nothing and touches no signal handler, see :func:`eos_jax.train.fit`
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,11 +20,12 @@ from typing import Any
 
 import jax
 
+from eos_jax import io as eio
 from eos_jax.checkpoint import CheckpointStore
 from eos_jax.errors import CheckpointMismatchError
 from eos_jax.progress import ProgressBar
 from eos_jax.train.config import EngineConfig, Problem
-from eos_jax.train.core import Plan, group_lanes, new_timing, pad_lanes, run_group
+from eos_jax.train.core import Plan, first_width, group_lanes, new_timing, pad_lanes, run_group
 from eos_jax.train.state import Lane, TrainState, hparam_dtype, init_state, stack_hparams
 from eos_jax.train.stats import summarize_run
 from eos_jax.train.writer import RunWriter, read_metrics
@@ -104,7 +108,9 @@ def check_resume(
     Each lane group's checkpoints must hold a state of the same arrays (number, shapes,
     dtypes) as the group would train now: the lane grouping (``max_lanes``, and the padding
     to a multiple of the device count) and the model must be those of the run that wrote
-    them. Checkpoints whose record cannot be read are left to the corruption fallback of
+    them. With ``max_lanes=None`` (groups sized to memory) the width is the one the run
+    recorded in ``checkpoints/lane_groups.json`` (:func:`resumed_grouping`).
+    Checkpoints whose record cannot be read are left to the corruption fallback of
     :meth:`eos_jax.checkpoint.CheckpointStore.restore_latest`.
 
     Args:
@@ -141,6 +147,9 @@ def check_resume(
       eos_jax.errors.CheckpointMismatchError: checkpoints/group_000 of ... holds 2 lanes, this run would put 1 there (lanes 0..0 of 2; max_lanes=1, 1 device): resume with the same max_lanes and number of devices as the run that wrote it, or start a new run directory
     """
     devices = list(devices) if devices is not None else jax.devices()
+    config = resumed_grouping(config, run_dir, len(devices))  # an automatic grouping: the width the run recorded
+    if config.max_lanes is None:
+        config = dataclasses.replace(config, max_lanes=first_width(len(lanes), config, len(devices)))
     groups = group_lanes(len(lanes), config.max_lanes, len(devices))
     dtype = hparam_dtype(problem, dtype)
     vinit = jax.vmap(lambda hp: init_state(problem, hp))
@@ -188,6 +197,45 @@ def check_resume(
             f"group{'s' if len(groups) > 1 else ''} of at most {config.max_lanes} lanes on {len(devices)} "
             f"device{'s' if len(devices) > 1 else ''}): {how}"
         )
+
+
+LANE_GROUPS_FILE = "lane_groups.json"
+
+
+def resumed_grouping(config: EngineConfig, run_dir: str | os.PathLike, num_devices: int | None = None) -> EngineConfig:
+    """``config`` with the group width of the run being resumed, when it sized its groups to memory.
+
+    An automatic grouping (``max_lanes=None``) depends on the memory free when the run
+    started; a resumed run must regroup its lanes exactly as the checkpoints were written,
+    so it takes the width recorded in ``checkpoints/lane_groups.json`` instead of measuring again. An
+    explicit ``max_lanes``, a run directory without that file, or a record made on another
+    number of devices than ``num_devices`` (when given) is left as it is (:func:`check_resume`
+    then says what differs).
+
+    Example:
+      >>> import json, tempfile
+      >>> from pathlib import Path
+      >>> from eos_jax.train import EngineConfig
+      >>> run_dir = Path(tempfile.mkdtemp()); (run_dir / "checkpoints").mkdir()
+      >>> _ = (run_dir / "checkpoints" / "lane_groups.json").write_text(json.dumps({"width": 4, "num_devices": 1}))
+      >>> resumed_grouping(EngineConfig(steps=10), run_dir, 1).max_lanes  # the recorded width
+      4
+      >>> resumed_grouping(EngineConfig(steps=10, max_lanes=2), run_dir, 1).max_lanes  # set by hand: kept
+      2
+      >>> resumed_grouping(EngineConfig(steps=10), run_dir, 2).max_lanes is None  # another device count
+      True
+    """
+    path = Path(run_dir) / "checkpoints" / LANE_GROUPS_FILE
+    if config.max_lanes is not None or not path.is_file():
+        return config
+    try:
+        rec = json.loads(path.read_text())
+        width, devices = int(rec["width"]), int(rec["num_devices"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointMismatchError(f"{path} is unreadable ({e}): start a new run directory") from None
+    if num_devices is not None and devices != num_devices:
+        return config
+    return dataclasses.replace(config, max_lanes=width)
 
 
 def train(
@@ -249,13 +297,28 @@ def train(
       >>> sorted(os.listdir(run_dir)), len(tr.read_metrics(run_dir / "metrics.jsonl"))  # steps 0, 1, 2
       (['checkpoints', 'config.json', 'metrics.jsonl', 'results.json'], 3)
     """
-    plan = Plan.build(problem, lanes, config, dtype=dtype, devices=devices)
     run_dir = Path(run_dir)
+    n_dev = len(devices) if devices is not None else jax.device_count()
+    config = resumed_grouping(config, run_dir, n_dev) if resume else config
+    plan = Plan.build(problem, lanes, config, dtype=dtype, devices=devices)
+    if not quiet:
+        print(plan.describe_groups(), file=progress_stream if progress_stream is not None else sys.stderr, flush=True)
     if resume:
         # Another lane grouping, device count or model is an error (nothing moved), never a restart.
-        check_resume(problem, lanes, config, run_dir, dtype=plan.dtype, devices=plan.devices)
+        check_resume(
+            problem,
+            lanes,
+            dataclasses.replace(config, max_lanes=plan.width),
+            run_dir,
+            dtype=plan.dtype,
+            devices=plan.devices,
+        )
     writer = RunWriter(run_dir, len(plan.groups), config.checkpoint_keep, config.log_every, problem.threshold)
     start_steps = writer.start(resume, plan.template)
+    groups_file = run_dir / "checkpoints" / LANE_GROUPS_FILE
+    if not resume or not groups_file.is_file():
+        groups_file.parent.mkdir(parents=True, exist_ok=True)
+        eio.atomic_write_text(groups_file, json.dumps(plan.lane_record(), indent=1) + "\n")
     total = config.steps
     bar = ProgressBar(
         total * len(plan.groups),
@@ -293,6 +356,6 @@ def train(
     lane_records, summary, _ = summarize_run(
         lanes, plan.groups, final_states, read_metrics(writer.metrics_path), problem.threshold, plan.twins
     )
-    results = {"lanes": lane_records, "summary": summary, "timing": timing}
+    results = {"lanes": lane_records, "summary": summary, "timing": timing, "lane_groups": plan.lane_record()}
     writer.write_results(results)
     return results

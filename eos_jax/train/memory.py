@@ -66,6 +66,9 @@ class History:
         the last step).
       model_state: the final model state (batch norm's running statistics; ``{}`` without
         one), NumPy arrays with a leading lane axis.
+      lane_groups: how the lanes were grouped (``width``, ``groups``, ``max_lanes``), and
+        the memory ``estimate`` (:class:`~eos_jax.train.sizing.LaneEstimate` as a dict)
+        when ``config.max_lanes`` was None and there was a width to choose; ``line`` says it in words.
 
     Example:
       :func:`fit` builds it; a hand-made one of one lane and three logged steps reads the same way:
@@ -99,6 +102,7 @@ class History:
     timing: dict[str, Any] = dataclasses.field(default_factory=dict)
     evals: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     model_state: PyTree = dataclasses.field(default_factory=dict)
+    lane_groups: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def fit(
@@ -193,6 +197,7 @@ def fit(
         threshold=problem.threshold,
         timing=dict(timing),
         model_state=model_state_all,
+        lane_groups=plan.lane_record(),
         **series,
     )
 

@@ -241,6 +241,7 @@ def make_chunk_fn(
         stats = jfold(states.loss_stats, step0, met["loss"], met["finite"], n)
         return states._replace(loss_stats=stats), met
 
+    call.lower = jitted.lower  # type: ignore[attr-defined]  # the scan's program, for its memory analysis
     return call
 
 

@@ -139,7 +139,12 @@ def build_parser() -> cli.ArgumentParser:
         help="steps between checkpoints (default 100; 0: only at the end and on a signal)",
     )
     p.add_argument("--chunk-steps", type=cli.positive_int, default=None, help="steps per lax.scan chunk (default 50)")
-    p.add_argument("--max-lanes", type=cli.positive_int, default=None, help="lanes per vmapped program (default 16)")
+    p.add_argument(
+        "--max-lanes",
+        type=cli.positive_int,
+        default=None,
+        help="lanes per vmapped program (default: as many as fit in memory, at most 16)",
+    )
     p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="working dtype (default float32)")
     p.add_argument("--out", default=None, help="run directory (default runs/eos/<UTC time>-<config hash>)")
     p.add_argument(

@@ -27,6 +27,7 @@ from eos_jax import train as tr
 from eos_jax.errors import ConfigError
 
 MODELS = ("cnn", "fc")
+AUTO_LANE_CAP = 16  # lanes per vmapped program when sized to memory (the width runs used before sizing)
 LOSSES = ("ce", "mse")
 POOLS = ("mean", "sum")
 # Two classes with --loss ce: one logit + sigmoid binary cross-entropy (Eq. (7), (20)), or two
@@ -90,7 +91,8 @@ class EosConfig:
         or ``"mse"`` (Cohen et al.'s squared loss on one-hot targets).
       standardize: standardize pixels with the training set's per-channel statistics.
       sharpness_every, sharpness_iters, sharpness_method, checkpoint_every, chunk_steps,
-      log_every, max_lanes: see :class:`eos_jax.train.EngineConfig`.
+      log_every, max_lanes: see :class:`eos_jax.train.EngineConfig` (``max_lanes=None``: sized to
+        memory, at most ``AUTO_LANE_CAP``).
       dtype: working float dtype of parameters and data.
     """
 
@@ -120,7 +122,7 @@ class EosConfig:
     checkpoint_every: int | None = 100
     chunk_steps: int = 50
     log_every: int = 1
-    max_lanes: int = 16
+    max_lanes: int | None = None
     dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
@@ -142,11 +144,11 @@ class EosConfig:
             raise ConfigError(f"--conv-impl {self.conv_impl!r} is not allowed; choose from auto, lax, shifted, fft")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"--dtype {self.dtype!r} is not allowed; choose from float32, float64")
-        for name in ("layers", "width", "steps", "sharpness_iters", "chunk_steps", "log_every", "max_lanes"):
+        for name in ("layers", "width", "steps", "sharpness_iters", "chunk_steps", "log_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
-        for name in ("batch_size", "num_examples", "sharpness_every", "checkpoint_every"):
+        for name in ("batch_size", "num_examples", "sharpness_every", "checkpoint_every", "max_lanes"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
@@ -175,6 +177,7 @@ class EosConfig:
             sharpness_method=self.sharpness_method,
             checkpoint_every=self.checkpoint_every,
             max_lanes=self.max_lanes,
+            auto_lane_cap=AUTO_LANE_CAP,
         )
 
     def short_hash(self) -> str:

@@ -100,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_k, nargs="+", help="perturbation factors (default 1 3 5 7 9 11); 1 is required")
     p.add_argument("--seeds", type=cli.nonnegative_int, nargs="+", help="batch-order seeds")
     p.add_argument("--init-seed", type=cli.nonnegative_int, help="the initialization, fixed across the table")
-    p.add_argument("--max-lanes", type=cli.positive_int, help="lanes per vmapped program (memory)")
+    p.add_argument(
+        "--max-lanes",
+        type=cli.positive_int,
+        help="lanes per vmapped program (default: as many as fit in memory, whole seeds, at most 64)",
+    )
     p.add_argument(
         "--final-epochs",
         type=cli.positive_int,

@@ -92,7 +92,7 @@ class SensitivityConfig:
     ks: tuple[int, ...] = (1, 3, 5, 7, 9, 11)
     seeds: tuple[int, ...] = (0, 1, 2)
     init_seed: int = 7
-    max_lanes: int = 64
+    max_lanes: int | None = None
     checkpoint_epochs: int = 1
 
     def validate(self) -> None:
@@ -108,11 +108,11 @@ class SensitivityConfig:
             if getattr(self, name) not in allowed:
                 flag = name.replace("_", "-")
                 raise ConfigError(f"--{flag} {getattr(self, name)!r} is not allowed; choose from {', '.join(allowed)}")
-        for name in ("epochs", "batch_size", "decay_epochs", "max_lanes", "checkpoint_epochs"):
+        for name in ("epochs", "batch_size", "decay_epochs", "checkpoint_epochs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
-        for name in ("num_train", "num_test"):
+        for name in ("num_train", "num_test", "max_lanes"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
@@ -134,7 +134,7 @@ class SensitivityConfig:
         for s in (*self.seeds, self.init_seed):
             if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= 2**31 - 1:
                 raise ConfigError(f"seed {s!r} is not allowed; expected an integer in [0, 2**31 - 1]")
-        if self.max_lanes < len(self.ks):
+        if self.max_lanes is not None and self.max_lanes < len(self.ks):
             raise ConfigError(
                 f"--max-lanes {self.max_lanes} is less than the {len(self.ks)} k of a seed: every k must train in "
                 "the k=1 lane's program (the same batches, compared like with like)"
@@ -311,6 +311,7 @@ def engine_config(cfg: SensitivityConfig, n_train: int) -> tr.EngineConfig:
         sharpness_every=None,
         checkpoint_every=cfg.checkpoint_epochs * spe,
         max_lanes=cfg.max_lanes,
+        lane_multiple=len(cfg.ks),  # every k of a seed in its k=1 lane's program
         eval_every=spe,
     )
 
