@@ -91,6 +91,34 @@ def test_memory_sized_groups_equal_the_same_groups_by_hand_bitwise(monkeypatch):
     assert (paired.fit, paired.width) == (5, 4) and core.group_lanes(6, paired.width) == [[0, 1, 2, 3], [4, 5]]
 
 
+def test_measuring_compiles_nothing_twice():
+    """The programs measured for the estimate are the ones the run calls: sizing to memory costs
+    no extra compilation (counted with jax.monitoring; each fit has shapes of its own, so nothing
+    comes from another one's cache)."""
+    events: list[float] = []
+
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    cfg = tr.EngineConfig(steps=2, sharpness_every=2, sharpness_iters=2, sharpness_method="power", chunk_steps=2)
+    lanes = tr.make_lanes([0.05, 0.1, 0.2])
+    tr.fit(
+        _problem(n=32, d=12, h=8), lanes, 2, config=dataclasses.replace(cfg, max_lanes=3)
+    )  # the small shared programs
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        auto = tr.fit(_problem(n=40, d=12, h=8), lanes, 2, config=cfg)
+        n_auto, events[:] = len(events), []
+        by_hand = tr.fit(_problem(n=48, d=12, h=8), lanes, 2, config=dataclasses.replace(cfg, max_lanes=3))
+        n_hand = len(events)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert auto.lane_groups["estimate"] is not None and by_hand.lane_groups["estimate"] is None
+    assert auto.groups == by_hand.groups == ((0, 1, 2),)
+    assert n_auto == n_hand > 0, (n_auto, n_hand)
+
+
 def test_resume_keeps_the_recorded_grouping_when_memory_changed(tmp_path, monkeypatch, capsys):
     problem = _problem()
     lanes = tr.make_lanes([0.05, 0.1, 0.2, 0.4])

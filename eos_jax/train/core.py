@@ -331,12 +331,16 @@ class Plan:
         that stays on the device throughout the run (training, sharpness and evaluation
         data) counted whether or not the program reads it; ``shared`` is that data, which
         does not grow with the lanes. Measured: the chunk program, and the sharpness
-        program when the run tracks sharpness. The executables compiled here are the ones
-        the run then calls (JAX caches the compilation of an identical program).
+        program when the run tracks sharpness. They are lowered from the group's real
+        initial state, so the executables compiled here are the ones the run then calls
+        (JAX caches the lowering and compilation of an identical call; tested).
         """
         gi = self.inputs(g)
-        state = self.template(g)
-        n = jax.ShapeDtypeStruct((), jnp.int32)
+        # The group's real initial state and a chunk length as run_group passes them: lowered from
+        # abstract values (no sharding, uncommitted) the programs would differ from the ones the
+        # run calls in their sharding annotations and compile a second time.
+        state = self.init_fn(gi.hp)
+        n = jnp.asarray(1, jnp.int32)
         data_b, sharp_b = tree_bytes(self.data), tree_bytes(self.sharp_data)
         resident = data_b + (sharp_b if self.sharp_data is not self.data else 0) + tree_bytes(self.eval_data)
         chunk = self.chunk_fn.lower(state, gi.hp, self.data, n, gi.twin).compile()  # type: ignore[attr-defined]
