@@ -13,6 +13,7 @@ their presets, run directories and findings, are in the ``experiments`` package)
       fma          a correctly rounded fused multiply-add in the operands' own dtype
       metrics      distances between parameter pytrees (the paper's RelL1)
       progress     a one-line terminal progress bar
+      distributed  several processes, one run: jax.distributed set-up, host views of global arrays
     Maths
       losses       losses from logits, averaged over examples
       optim        the perturbed optimizers of Section 4.1 as optax transforms
@@ -50,6 +51,7 @@ __all__ = [
     "fma",
     "metrics",
     "progress",
+    "distributed",
     "losses",
     "optim",
     "optim_torch",
@@ -69,6 +71,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the modules load on
         checkpoint,
         cli,
         data,
+        distributed,
         eigen,
         errors,
         fma,

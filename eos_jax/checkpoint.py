@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from eos_jax.distributed import barrier, is_primary
 from eos_jax.errors import CheckpointMismatchError
 from eos_jax.metrics import tree_digest
 
@@ -248,7 +249,11 @@ class CheckpointStore:
             self.check(step, template)
 
     def _quarantine(self, step: int) -> None:
-        """Moves a bad step directory out of orbax's view."""
+        """Moves a bad step directory out of orbax's view (process 0 moves it; every process waits)."""
+        if not is_primary():
+            barrier(f"eos_jax.checkpoint.quarantine.{self.directory}.{step}")
+            self._manager.reload()
+            return
         src = self.directory / str(step)
         dst = self.directory / f"corrupt-{step}"
         n = 0
@@ -257,6 +262,7 @@ class CheckpointStore:
             dst = self.directory / f"corrupt-{step}.{n}"
         if src.exists():
             shutil.move(str(src), str(dst))
+        barrier(f"eos_jax.checkpoint.quarantine.{self.directory}.{step}")
         self._manager.reload()
 
     def close(self) -> None:

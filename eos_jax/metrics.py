@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eos_jax.distributed import to_host
 from eos_jax.errors import ConfigError
 
 
@@ -154,7 +155,7 @@ def tree_digest(tree: Any) -> str:
     """
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        arr = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        arr = np.ascontiguousarray(np.asarray(to_host(leaf)))
         h.update(jax.tree_util.keystr(path).encode())
         h.update(str(arr.dtype).encode())
         h.update(repr(arr.shape).encode())

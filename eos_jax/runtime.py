@@ -132,8 +132,8 @@ def metadata() -> dict[str, Any]:
       >>> m["x64"], m["device_count"] >= 1, m["versions"]["jax"] is not None  # under JAX's defaults
       (False, True, True)
       >>> sorted(m)  # doctest: +NORMALIZE_WHITESPACE
-      ['backend', 'device_count', 'device_kinds', 'matmul_precision', 'platform', 'python', 'versions',
-       'x64', 'xla_flags']
+      ['backend', 'device_count', 'device_kinds', 'matmul_precision', 'platform', 'process_count', 'python',
+       'versions', 'x64', 'xla_flags']
     """
     devices = jax.devices()
     return {
@@ -153,6 +153,7 @@ def metadata() -> dict[str, Any]:
         },
         "backend": jax.default_backend(),
         "device_count": len(devices),
+        "process_count": jax.process_count(),
         "device_kinds": sorted({d.device_kind for d in devices}),
         "x64": bool(jax.config.jax_enable_x64),
         "matmul_precision": str(jax.config.jax_default_matmul_precision),

@@ -24,7 +24,7 @@ PACKAGES = ("eos_jax", "experiments")
 
 # Top-level components of eos_jax (the first name after ``eos_jax.``), lowest layer first.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("foundation", frozenset({"errors", "io", "fma", "runtime", "progress", "cli", "metrics"})),
+    ("foundation", frozenset({"errors", "io", "fma", "runtime", "progress", "cli", "metrics", "distributed"})),
     ("maths", frozenset({"eigen", "losses", "optim_torch", "optim", "hessian", "models", "data", "pde", "stability"})),
     ("engine", frozenset({"checkpoint", "train", "plotting"})),
 )

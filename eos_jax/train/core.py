@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eos_jax.distributed import min_over_processes, to_host
 from eos_jax.errors import ConfigError
 from eos_jax.train.config import EngineConfig, Problem, PyTree
 from eos_jax.train.sizing import LaneEstimate, available_bytes, fit_lanes, program_bytes
@@ -317,6 +318,8 @@ class Plan:
                 num_lanes=len(lanes),
                 multiple=config.lane_multiple,
             )
+            if jax.process_count() > 1:  # every process must group alike: the width all of them can hold
+                est = dataclasses.replace(est, width=min_over_processes(est.width))
             groups = group_lanes(len(lanes), est.width, len(devices))
             plan = dataclasses.replace(
                 plan, groups=groups, twins=find_twins(lanes, groups), lane_estimate=est, width=est.width
@@ -574,18 +577,16 @@ def run_group(
         if cfg.sharpness_every and (s % cfg.sharpness_every == 0 or s == total):
             t0 = time.perf_counter()
             state, lam = plan.sharp_fn(state, gi.hp, plan.sharp_data)
-            pending_sharp = np.asarray(jax.device_get(lam))
+            pending_sharp = np.asarray(to_host(lam))
             timing["sharpness_s"] += time.perf_counter() - t0
             last_sharp = float(pending_sharp[0])
         # 3. evaluation at s.
         if plan.test_fn is not None and (s == total or s % (cfg.eval_every or total) == 0):
             t0 = time.perf_counter()
-            pending_eval = {
-                name: np.asarray(v) for name, v in jax.device_get(plan.test_fn(state, plan.eval_data)).items()
-            }
+            pending_eval = {name: np.asarray(v) for name, v in to_host(plan.test_fn(state, plan.eval_data)).items()}
             timing["eval_s"] += time.perf_counter() - t0
         if s == total:
-            fl, ff, frel, fma, fstats, faux = jax.device_get(plan.final_fn(state, gi.hp, plan.data, gi.twin))
+            fl, ff, frel, fma, fstats, faux = to_host(plan.final_fn(state, gi.hp, plan.data, gi.twin))
             emit(
                 LogBlock(
                     g,
@@ -607,7 +608,7 @@ def run_group(
         nxt = next_boundary(s, total, (cfg.chunk_steps, cfg.checkpoint_every, cfg.sharpness_every, evals_every))
         t0 = time.perf_counter()
         state, met = plan.chunk_fn(state, gi.hp, plan.data, jnp.asarray(nxt - s, jnp.int32), gi.twin)
-        met = jax.tree_util.tree_map(lambda a: np.asarray(a)[:, : nxt - s], jax.device_get(met))
+        met = jax.tree_util.tree_map(lambda a: np.asarray(a)[:, : nxt - s], to_host(met))
         dt = time.perf_counter() - t0
         if timing["compile_and_first_chunk_s"] is None:
             timing["compile_and_first_chunk_s"] = dt

@@ -22,6 +22,7 @@ import jax
 
 from eos_jax import io as eio
 from eos_jax.checkpoint import CheckpointStore
+from eos_jax.distributed import any_process, barrier, is_primary
 from eos_jax.errors import CheckpointMismatchError
 from eos_jax.progress import ProgressBar
 from eos_jax.train.config import EngineConfig, Problem
@@ -301,6 +302,8 @@ def train(
     n_dev = len(devices) if devices is not None else jax.device_count()
     config = resumed_grouping(config, run_dir, n_dev) if resume else config
     plan = Plan.build(problem, lanes, config, dtype=dtype, devices=devices)
+    primary = is_primary()  # with several processes, process 0 writes the files and the progress
+    quiet = quiet or not primary
     if not quiet:
         print(plan.describe_groups(), file=progress_stream if progress_stream is not None else sys.stderr, flush=True)
     if resume:
@@ -313,10 +316,12 @@ def train(
             dtype=plan.dtype,
             devices=plan.devices,
         )
-    writer = RunWriter(run_dir, len(plan.groups), config.checkpoint_keep, config.log_every, problem.threshold)
+    writer = RunWriter(
+        run_dir, len(plan.groups), config.checkpoint_keep, config.log_every, problem.threshold, primary=primary
+    )
     start_steps = writer.start(resume, plan.template)
     groups_file = run_dir / "checkpoints" / LANE_GROUPS_FILE
-    if not resume or not groups_file.is_file():
+    if primary and (not resume or not groups_file.is_file()):
         groups_file.parent.mkdir(parents=True, exist_ok=True)
         eio.atomic_write_text(groups_file, json.dumps(plan.lane_record(), indent=1) + "\n")
     total = config.steps
@@ -336,11 +341,12 @@ def train(
             bar.update(g * total + s, loss, sharpness, extra=f"lanes {n_real}" if n_real > 1 else "")
             if on_chunk is not None:
                 on_chunk(s)
-            if sig.signum is not None:
+            # Several processes stop together: a signal seen by any of them stops them all here.
+            if any_process(sig.signum is not None):
                 writer.save(g, s, state)
                 writer.close()  # waits for the save to commit
                 bar.close()
-                raise TrainingInterrupted(sig.signum, s, run_dir)
+                raise TrainingInterrupted(sig.signum or signal.SIGTERM, s, run_dir)
 
         for g, idx in enumerate(plan.groups):
             s = start_steps[g]
@@ -353,6 +359,8 @@ def train(
     bar.close()
     writer.close()
     timing["num_devices"] = len(plan.devices)
+    timing["num_processes"] = jax.process_count()
+    barrier("eos_jax.train.metrics")  # process 0 has written every metrics line
     lane_records, summary, _ = summarize_run(
         lanes, plan.groups, final_states, read_metrics(writer.metrics_path), problem.threshold, plan.twins
     )

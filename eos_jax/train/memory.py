@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from eos_jax import io as eio
+from eos_jax.distributed import to_host
 from eos_jax.train.config import EngineConfig, Problem, PyTree
 from eos_jax.train.core import LogBlock, Plan, logged_columns, metric_records, new_timing, run_group
 from eos_jax.train.state import Lane, TrainState
@@ -184,7 +185,7 @@ def fit(
     params = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[final_params[i] for i in range(len(lanes))])
     model_state: dict[int, PyTree] = {}
     for idx, state, _ in final_states:
-        host = jax.device_get(state.model_state)
+        host = to_host(state.model_state)
         for li, lane_index in enumerate(idx):
             model_state[lane_index] = index_lane(host, li)
     model_state_all = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *[model_state[i] for i in range(len(lanes))])

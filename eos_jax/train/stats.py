@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eos_jax.distributed import to_host
 from eos_jax.metrics import layer_groups, rel_l1, tree_digest, ulp_diff
 from eos_jax.train.config import PyTree
 
@@ -355,7 +356,7 @@ def summarize_run(
     lane_records = []
     final_params: dict[int, Any] = {}
     for idx, state, stats in final_states:
-        host = jax.device_get(state)
+        host = to_host(state)
         for li, lane_index in enumerate(idx):
             one = index_lane(host, li)
             rec = {"lane": lane_index, **lanes[lane_index].asdict()}

@@ -4,7 +4,8 @@
 every chunk), ``checkpoints/group_NNN`` (verified orbax checkpoints,
 :class:`eos_jax.checkpoint.CheckpointStore`) and ``results.json`` (written atomically at
 the end). On resume, metrics lines past each group's restored step are dropped, so the
-file ends identical to an uninterrupted run's.
+file ends identical to an uninterrupted run's. With several processes only process 0
+(``primary``) writes files; every process saves and restores its shards of the checkpoints.
 """
 
 from __future__ import annotations
@@ -87,7 +88,16 @@ class RunWriter:
       ['checkpoints', 'metrics.jsonl', 'results.json']
     """
 
-    def __init__(self, run_dir: Path, num_groups: int, checkpoint_keep: int, log_every: int, threshold: float):
+    def __init__(
+        self,
+        run_dir: Path,
+        num_groups: int,
+        checkpoint_keep: int,
+        log_every: int,
+        threshold: float,
+        primary: bool = True,
+    ):
+        self.primary = primary  # writes the files; with several processes every process checkpoints its shards
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.log_every = log_every
@@ -105,7 +115,8 @@ class RunWriter:
         state), and lines at or past it are dropped.
         """
         if not resume:
-            eio.atomic_write_text(self.metrics_path, "")
+            if self.primary:
+                eio.atomic_write_text(self.metrics_path, "")
             return [0] * len(self.stores)
         starts = []
         for g, store in enumerate(self.stores):
@@ -116,7 +127,8 @@ class RunWriter:
             for r in read_metrics(self.metrics_path)
             if 0 <= r.get("group", -1) < len(starts) and r.get("step", math.inf) < starts[r["group"]]
         ]
-        eio.atomic_write_text(self.metrics_path, "".join(json_line(r) for r in kept))
+        if self.primary:
+            eio.atomic_write_text(self.metrics_path, "".join(json_line(r) for r in kept))
         return starts
 
     def restore(self, g: int, step: int, template: PyTree) -> TrainState:
@@ -129,6 +141,8 @@ class RunWriter:
 
     def log(self, block: LogBlock) -> None:
         """Appends the lines of ``block``'s logged steps, then fsyncs."""
+        if not self.primary:
+            return
         out = [json_line(r) for r in metric_records(block, self.log_every, self.threshold)]
         if not out:
             return
@@ -147,5 +161,6 @@ class RunWriter:
             st.close()
 
     def write_results(self, results: dict[str, Any]) -> None:
-        """Atomically writes ``results.json``."""
-        eio.atomic_write_json(self.run_dir / "results.json", results)
+        """Atomically writes ``results.json`` (process 0 only)."""
+        if self.primary:
+            eio.atomic_write_json(self.run_dir / "results.json", results)

@@ -14,8 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from eos_jax import distributed, plotting, runtime
 from eos_jax import io as eio
-from eos_jax import plotting, runtime
 from eos_jax import train as tr
 from eos_jax.errors import RunDirError
 from eos_jax.stability import CRITERION, is_stable
@@ -58,7 +58,9 @@ def run(
     """
     cfg.validate()
     config = cfg.to_dict()
+    primary = distributed.is_primary()  # with several processes, process 0 writes every file but the checkpoints
     run_dir = checked_out(out, runs_root, config, cfg.short_hash(), resume)
+    distributed.barrier("experiments.eos.checked")  # every process checked the directory before process 0 writes
     data, data_info = load_data(cfg, data_dir, stream=sys.stderr)
     problem, model_info = build_problem(cfg, data)
     if resume:
@@ -68,7 +70,10 @@ def run(
             raise RunDirError(
                 f"--resume: {run_dir} was trained on {old_name} but {data_info['name']} would be used now"
             )
-    run_dir = eio.open_run_dir(run_dir, config, resume=resume)
+    if primary:
+        run_dir = eio.open_run_dir(run_dir, config, resume=resume)
+    distributed.barrier("experiments.eos.opened")
+    run_dir = Path(run_dir)
     lanes = tr.make_lanes(list(cfg.lr), list(cfg.k), list(cfg.seed), list(cfg.weight_decay))
     if resume:
         # Checkpoints of another lane grouping or device count: one line, before metadata.json is rewritten.
@@ -87,7 +92,8 @@ def run(
         meta["started_utc"] = prev.get("started_utc")
     else:
         meta["started_utc"] = _utc_stamp()
-    eio.atomic_write_json(run_dir / "metadata.json", meta)
+    if primary:
+        eio.atomic_write_json(run_dir / "metadata.json", meta)
     results = tr.train(
         problem,
         lanes,
@@ -101,6 +107,8 @@ def run(
     for l in results["lanes"]:
         l["stable"] = is_stable(l)
     results["dataset"] = data_info["name"]
+    if not primary:
+        return run_dir, results
     eio.atomic_write_json(run_dir / "results.json", results)
     lines = tr.read_metrics(run_dir / "metrics.jsonl")
     title = (

@@ -1,0 +1,163 @@
+"""One experiments.eos sweep over two processes joined by jax.distributed on 127.0.0.1 (gloo
+collectives), against the same sweep in one process with two devices: the same per-device lane
+grouping, so the same bits; both processes killed mid-run and resumed: the same bits again; one
+process killed: the other stops within a bounded time with an error, and nothing hangs (issue 12).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from eos_jax import cli
+from experiments.eos import cli as eos_cli
+
+REPO = Path(__file__).resolve().parents[1]
+# A tiny fc sweep: 4 learning rates, 2 per device; 24 steps in chunks of 4.
+SWEEP = [
+    "--model", "fc", "--layers", "2", "--width", "8", "--lr", "0.5", "1", "2", "4", "--dataset", "digits01",
+    "--num-examples", "64", "--steps", "24", "--chunk-steps", "4", "--sharpness-every", "8", "--sharpness-iters",
+    "3", "--sharpness-method", "power", "--quiet",
+]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "EOS_JAX_COORDINATOR")}
+    env.update(PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return env
+
+
+def _launch(out: Path, n: int, *extra: str) -> list[subprocess.Popen]:
+    port = _free_port()
+    procs = []
+    for i in range(n):
+        cmd = [sys.executable, "-m", "experiments.eos", *SWEEP, "--out", str(out), *extra]
+        cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)]
+        cmd += ["--heartbeat-timeout", "5", "--join-timeout", "60"]
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str, str]]:
+    out = []
+    for p in procs:
+        so, se = p.communicate(timeout=timeout)
+        out.append((p.returncode, so, se))
+    return out
+
+
+def _digests(run: Path) -> list[str]:
+    return [l["params_digest"] for l in json.loads((run / "results.json").read_text())["lanes"]]
+
+
+def _wait_for_checkpoint(run: Path, procs: list[subprocess.Popen], timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError("a process ended before the first checkpoint: " + str([p.poll() for p in procs]))
+        d = run / "checkpoints" / "group_000"
+        if d.is_dir() and any(c.name.isdigit() and (c / "_CHECKPOINT_METADATA").exists() for c in d.iterdir()):
+            return
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+@pytest.mark.subprocess
+def test_two_processes_killed_and_resumed_equal_one_process_with_two_devices(tmp_path):
+    # One process, two devices: lanes 0-1 on device 0, 2-3 on device 1.
+    ref = tmp_path / "one"
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.eos", *SWEEP, "--out", str(ref), "--checkpoint-every", "0"],
+        cwd=REPO, env=_env(2), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    # Two processes, one device each (the same placement of lanes, across processes), both killed
+    # (SIGKILL: no handler runs) after their first checkpoint, then resumed: the bits of the one
+    # process, in the parameters and in every metrics line. (Checkpoint schedules do not change
+    # bits: tests/test_train.py.)
+    two = tmp_path / "two"
+    procs = _launch(two, 2, "--checkpoint-every", "4")
+    _wait_for_checkpoint(two, procs)
+    for p in procs:
+        p.kill()
+    _finish(procs)
+    assert not (two / "results.json").exists()
+    results = _finish(_launch(two, 2, "--checkpoint-every", "4", "--resume"))
+    assert [rc for rc, _, _ in results] == [0, 0], [e[-2000:] for _, _, e in results]
+    assert _digests(two) == _digests(ref)
+    assert (two / "metrics.jsonl").read_bytes() == (ref / "metrics.jsonl").read_bytes()
+    res = json.loads((two / "results.json").read_text())
+    assert res["timing"]["num_processes"] == 2 and res["timing"]["num_devices"] == 2
+    assert json.loads((two / "metadata.json").read_text())["runtime"]["process_count"] == 2
+
+
+@pytest.mark.subprocess
+def test_one_process_killed_stops_the_other_with_an_error(tmp_path):
+    run = tmp_path / "run"
+    procs = _launch(run, 2, "--checkpoint-every", "4")
+    _wait_for_checkpoint(run, procs)
+    procs[1].kill()
+    t0 = time.time()
+    rc, _, err = _finish(procs[:1], timeout=120)[0]
+    waited = time.time() - t0
+    procs[1].wait(timeout=30)
+    assert rc not in (0, None) and waited < 60, (rc, waited, err[-2000:])
+    # JAX's coordination service ends it (its own message; the process aborts, no Python traceback).
+    assert "another task died" in err, err[-2000:]
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+        (["--coordinator", "127.0.0.1:99999", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+        (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], "--process-id 2"),
+        (["--num-processes", "2", "--process-id", "1"], "--coordinator"),
+        (
+            ["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "1", "--preset", "fig7"],
+            "--preset",
+        ),
+    ],
+)
+def test_bad_coordinator_settings_one_line_exit_2_nothing_written(argv, needle, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.run(eos_cli.main, [*argv, "--out", str(out)], prog="python -m experiments.eos")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and needle in err, err
+    assert not out.exists()
+
+
+@pytest.mark.subprocess
+def test_port_in_use_and_unreachable_coordinator_are_one_line_exit_2(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "experiments.eos", *SWEEP, "--out", str(tmp_path / "a")]
+        cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "0"]
+        r = subprocess.run(cmd, cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "already in use" in r.stderr and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    # Process 1 of 2 with nobody at the address: gives up after --join-timeout, one line.
+    cmd = [sys.executable, "-m", "experiments.eos", *SWEEP, "--out", str(tmp_path / "b")]
+    cmd += ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id", "1"]
+    r = subprocess.run(
+        [*cmd, "--join-timeout", "3"], cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2 and "nothing answered within 3 s" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
