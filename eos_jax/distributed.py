@@ -37,7 +37,16 @@ from jax.experimental import multihost_utils
 
 from eos_jax.errors import ConfigError
 
-__all__ = ["DistributedConfig", "any_process", "barrier", "initialize", "is_primary", "min_over_processes", "to_host"]
+__all__ = [
+    "DistributedConfig",
+    "any_process",
+    "barrier",
+    "check_joined",
+    "initialize",
+    "is_primary",
+    "min_over_processes",
+    "to_host",
+]
 
 ENV = {
     "coordinator": "EOS_JAX_COORDINATOR",
@@ -191,6 +200,31 @@ def initialize(cfg: DistributedConfig) -> None:
             f"{cfg.timeout_s} s ({_first_line(e)}); check the address, that every process was started with the same "
             "num_processes, and that process 0 is running"
         ) from None
+
+
+def check_joined(cfg: DistributedConfig) -> None:
+    """Checks that every process that joined was started with the same ``num_processes`` (a collective).
+
+    JAX takes process 0's count and ignores the others', so a process started with another
+    count would run (or wait) under a wrong assumption; here every process compares the
+    counts all of them declared, and all of them stop with the same one-line error. Call it
+    after :func:`initialize` and after the backend is configured (it runs a small program).
+
+    Raises:
+      ConfigError: the declared counts differ, or differ from the processes that joined.
+
+    Example:
+      >>> check_joined(DistributedConfig())  # one process: nothing to compare
+    """
+    if cfg.single or cfg.coordinator == "auto":
+        return
+    declared = np.asarray(multihost_utils.process_allgather(np.array([cfg.num_processes], np.int64))).ravel()
+    if jax.process_count() != cfg.num_processes or np.any(declared != cfg.num_processes):
+        counts = ", ".join(f"process {i}: {int(n)}" for i, n in enumerate(declared))
+        raise ConfigError(
+            f"num_processes={cfg.num_processes} is not what every process was started with ({counts}; "
+            f"{jax.process_count()} joined): start every process with the same num_processes"
+        )
 
 
 def _reachable(host: str, port: int, timeout_s: float) -> bool:

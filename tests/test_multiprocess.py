@@ -161,3 +161,16 @@ def test_port_in_use_and_unreachable_coordinator_are_one_line_exit_2(tmp_path):
     )
     assert r.returncode == 2 and "nothing answered within 3 s" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # Process 1 started with another process count than process 0: both stop with one line.
+    port = _free_port()
+    procs = []
+    for i, n in ((0, 2), (1, 3)):
+        cmd = [sys.executable, "-m", "experiments.eos", *SWEEP, "--out", str(tmp_path / "c")]
+        cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)]
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    for rc, _, err in _finish(procs, timeout=120):
+        lines = [l for l in err.splitlines() if "error" in l]
+        assert rc == 2 and len(lines) == 1 and "process 0: 2, process 1: 3" in lines[0], err[-2000:]
+    assert not (tmp_path / "c").exists()

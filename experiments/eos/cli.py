@@ -248,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = runtime.configure()
     ov = overrides_from_args(args)
     try:
+        distributed.check_joined(dist)
         if args.preset:
             run_preset(
                 args.preset,
