@@ -312,7 +312,8 @@ class Plan:
                 plan.measure(0),
                 len(plan.padded(0)),
                 len(devices),
-                available_bytes(devices[0]),
+                # One of this process's devices: another process's cannot report its memory here.
+                available_bytes(next((d for d in devices if d.process_index == jax.process_index()), devices[0])),
                 fraction=config.lane_memory_fraction,
                 cap=config.auto_lane_cap,
                 num_lanes=len(lanes),
