@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from eos_jax.distributed import barrier, is_primary, to_host
+from eos_jax.distributed import barrier, is_primary
 from eos_jax.errors import CheckpointMismatchError
 from eos_jax.metrics import tree_digest
 
@@ -136,7 +136,7 @@ class CheckpointStore:
         meta = {
             "step": int(step),
             "num_leaves": len(leaves),
-            "digest": tree_digest(to_host(_to_record(leaves))),  # gathered once, not leaf by leaf
+            "digest": tree_digest(_to_record(leaves)),
             "leaves": leaf_specs(leaves),
         }
         self._manager.save(
@@ -205,7 +205,7 @@ class CheckpointStore:
         meta, record = out["meta"], out["state"]
         if meta.get("num_leaves") != len(leaves) or int(meta.get("step", -1)) != int(step):
             raise ValueError(f"checkpoint {step}: metadata {meta} does not match a state of {len(leaves)} leaves")
-        if tree_digest(to_host(record)) != meta.get("digest"):
+        if tree_digest(record) != meta.get("digest"):
             raise ValueError(f"checkpoint {step}: SHA-256 of the restored arrays differs from the one saved")
         return jax.tree_util.tree_unflatten(treedef, [record[k] for k in sorted(record)])
 

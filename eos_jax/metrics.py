@@ -144,6 +144,9 @@ def ulp_diff(a: Any, b: Any) -> UlpDiff:
 def tree_digest(tree: Any) -> str:
     """SHA-256 (hex) over each leaf's key path, dtype, shape and raw bytes, in tree order.
 
+    The tree is brought to the host once (:func:`eos_jax.distributed.to_host`: with several
+    processes, one collective for the whole tree, which every process must call).
+
     Example:
       >>> import numpy as np
       >>> from eos_jax.metrics import tree_digest
@@ -154,8 +157,8 @@ def tree_digest(tree: Any) -> str:
       False
     """
     h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        arr = np.ascontiguousarray(np.asarray(to_host(leaf)))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(to_host(tree))[0]:
+        arr = np.ascontiguousarray(np.asarray(leaf))
         h.update(jax.tree_util.keystr(path).encode())
         h.update(str(arr.dtype).encode())
         h.update(repr(arr.shape).encode())
