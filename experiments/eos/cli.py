@@ -242,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--out is required with several processes: every process must name the same run directory")
         if not dist.single and args.preset:
             parser.error(f"--preset {args.preset} runs on one process only; run its variants one by one with --out")
+        runtime.retain_host_memory()  # before the backend's threads exist (speed only)
         distributed.initialize(dist)  # before anything touches a device (runtime.configure reads the devices)
     except EosJaxError as e:
         raise cli.name_flags(e, LIBRARY_ARGUMENTS) from None
