@@ -153,24 +153,7 @@ def build_parser() -> cli.ArgumentParser:
         help="continue the run in --out, or the latest run under runs/eos/ with the same config",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary (for scripts)")
-    g = p.add_argument_group("several processes (jax.distributed; see README, Running on several hosts)")
-    g.add_argument(
-        "--coordinator",
-        default=None,
-        help="HOST:PORT of process 0 (or 'auto': a cluster launcher JAX detects); default $EOS_JAX_COORDINATOR, "
-        "else one process",
-    )
-    g.add_argument("--num-processes", type=cli.positive_int, default=None, help="processes in the run")
-    g.add_argument("--process-id", type=cli.nonnegative_int, default=None, help="this process's index, 0 .. N-1")
-    g.add_argument(
-        "--join-timeout", type=cli.positive_int, default=60, help="seconds to wait for every process to join (60)"
-    )
-    g.add_argument(
-        "--heartbeat-timeout",
-        type=cli.positive_int,
-        default=10,
-        help="seconds without a heartbeat after which a process counts as dead and the others stop (10)",
-    )
+    distributed.add_arguments(p)
     return p
 
 
@@ -230,20 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The only place of the EoS experiments that changes process-wide state (x64, matmul precision,
     # XLA_FLAGS): before any array exists (importing the modules above starts no backend).
     try:
-        dist = distributed.DistributedConfig.from_values(
-            args.coordinator,
-            args.num_processes,
-            args.process_id,
-            timeout_s=args.join_timeout,
-            heartbeat_s=args.heartbeat_timeout,
-        )
-        dist.validate()
+        dist = distributed.config_from_args(args)
         if not dist.single and args.out is None:
             parser.error("--out is required with several processes: every process must name the same run directory")
         if not dist.single and args.preset:
             parser.error(f"--preset {args.preset} runs on one process only; run its variants one by one with --out")
-        runtime.retain_host_memory()  # before the backend's threads exist (speed only)
-        distributed.initialize(dist)  # before anything touches a device (runtime.configure reads the devices)
+        distributed.join(dist)
     except EosJaxError as e:
         raise cli.name_flags(e, LIBRARY_ARGUMENTS) from None
     meta = runtime.configure()
