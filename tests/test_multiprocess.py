@@ -174,3 +174,59 @@ def test_port_in_use_and_unreachable_coordinator_are_one_line_exit_2(tmp_path):
         lines = [l for l in err.splitlines() if "error" in l]
         assert rc == 2 and len(lines) == 1 and "process 0: 2, process 1: 3" in lines[0], err[-2000:]
     assert not (tmp_path / "c").exists()
+
+
+# experiments.sensitivity: the k=1 and k=3 lanes of one seed, one per device, 2 epochs of 2 steps.
+SENS = [
+    "--model", "vgg_small_bn", "--dataset", "fashion_mnist01_bundled", "--num-train", "32", "--num-test", "16",
+    "--batch-size", "16", "--lr", "0.05", "--epochs", "2", "--k", "1", "3", "--seeds", "5", "--final-epochs", "1",
+    "--quiet",
+]  # fmt: skip
+SENS_SAME = ("metrics.jsonl", "sensitivity.json", "table1.csv", "table1.md", "determinism.md", "rel_l1.json")
+
+
+@pytest.mark.subprocess
+def test_sensitivity_over_two_processes_equals_one_process_with_two_devices(tmp_path):
+    ref = tmp_path / "one"
+    r = subprocess.run(
+        [sys.executable, "-m", "experiments.sensitivity", *SENS, "--out", str(ref)],
+        cwd=REPO, env=_env(2), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = tmp_path / "two"
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        cmd = [sys.executable, "-m", "experiments.sensitivity", *SENS, "--out", str(two)]
+        cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
+        procs.append(
+            subprocess.Popen(cmd, cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    results = _finish(procs)
+    assert [rc for rc, _, _ in results] == [0, 0], [e[-2000:] for _, _, e in results]
+    # The k=1 lane trains in process 0 and the k=3 lane in process 1, as on the two devices of
+    # one process: the same bits in every line, table and digest (the k=1 vs k=3 RelL1 and
+    # the determinism table compare lanes of different processes).
+    for name in SENS_SAME:
+        assert (two / name).read_bytes() == (ref / name).read_bytes(), name
+    assert _digests(two) == _digests(ref)
+    sens = json.loads((two / "sensitivity.json").read_text())
+    assert sens["summary"]["k1_vs_k3"][0]["bitwise_equal"] is False
+    assert json.loads((two / "metadata.json").read_text())["runtime"]["process_count"] == 2
+    assert (two / "rel_l1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sensitivity_several_processes_need_out(tmp_path, capsys, monkeypatch):
+    from experiments.sensitivity import cli as sens_cli
+
+    monkeypatch.chdir(tmp_path)
+    argv = [*SENS, "--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "1"]
+    with pytest.raises(SystemExit) as e:
+        cli.run(sens_cli.main, argv, prog="python -m experiments.sensitivity")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--out is required" in err, err
+    with pytest.raises(SystemExit) as e:
+        cli.run(sens_cli.main, [*argv[:-1], "7", "--out", "x"], prog="python -m experiments.sensitivity")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--process-id 7" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from eos_jax import cli, runtime
+from eos_jax import cli, distributed, runtime
 from eos_jax import train as tr
 from eos_jax.errors import ConfigError, EosJaxError
 from experiments.sensitivity.run import DATASETS, MODELS, OPTIMIZERS, SCHEDULES, SensitivityConfig, run
@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         init_seed=7,
     ),  # fmt: skip
 }
-LIBRARY_ARGUMENTS = {"data_dir": "--data-dir", "resume": "--resume", "max_lanes": "--max-lanes"}
+LIBRARY_ARGUMENTS = {"data_dir": "--data-dir", "resume": "--resume", "max_lanes": "--max-lanes", **distributed.FLAGS}
 
 
 def _k(text: str) -> int:
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/sensitivity/<UTC time>-<hash>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    distributed.add_arguments(p)
     return p
 
 
@@ -147,8 +148,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ConfigError as e:
         parser.error(str(e))
+    # Before anything touches a device: several processes join here (and freed host memory is kept).
+    try:
+        dist = distributed.config_from_args(args)
+        if not dist.single and args.out is None:
+            parser.error("--out is required with several processes: every process must name the same run directory")
+        distributed.join(dist)
+    except EosJaxError as e:
+        raise cli.name_flags(e, LIBRARY_ARGUMENTS) from None
     meta = runtime.configure()
     try:
+        distributed.check_joined(dist)
         run(
             cfg,
             out=args.out,

@@ -28,8 +28,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from eos_jax import data as edata
+from eos_jax import distributed, losses, models, optim, runtime
 from eos_jax import io as eio
-from eos_jax import losses, models, optim, runtime
 from eos_jax import train as tr
 from eos_jax.checkpoint import CheckpointStore
 from eos_jax.data.transforms import augment_cifar
@@ -440,15 +440,24 @@ def run(
     ``sensitivity.json``), ``rel_l1.json`` and ``rel_l1.png`` (Figure 3, left),
     ``determinism.md`` (Tables 4-5: the k vs 2k / 4k pairs in this run, bitwise), ``comparison.md``
     (footnote 5) and ``sensitivity.json`` with everything the tables hold.
+
+    With several processes (:mod:`eos_jax.distributed`, joined by the CLI) the lanes shard over
+    every process's devices; every process computes the tables from the gathered final states,
+    and process 0 writes every file but the checkpoints (each process writes its own shards).
     """
     cfg.validate()
     config = cfg.to_dict()
+    primary = distributed.is_primary()  # with several processes, process 0 writes every file but the checkpoints
     run_dir = checked_out(out, runs_root, config, cfg.short_hash(), resume)
+    distributed.barrier("experiments.sensitivity.checked")  # every process checked the directory first
     data, data_info = load_data(cfg, data_dir)
     problem, model = build_problem(cfg, data)
     n_train = int(data["train"]["x"].shape[0])
     spe = n_train // cfg.batch_size
-    run_dir = eio.open_run_dir(run_dir, config, resume=resume)
+    if primary:
+        run_dir = eio.open_run_dir(run_dir, config, resume=resume)
+    distributed.barrier("experiments.sensitivity.opened")
+    run_dir = Path(run_dir)
     lanes = make_lanes(cfg)
     ecfg = engine_config(cfg, n_train)
     if resume:
@@ -465,14 +474,16 @@ def run(
         prev = eio.read_json(run_dir / "metadata.json")
         meta["started_utc"] = prev.get("started_utc", meta["started_utc"])
         meta["resumed"] = prev.get("resumed", 0) + 1
-    eio.atomic_write_json(run_dir / "metadata.json", meta)
+    if primary:
+        eio.atomic_write_json(run_dir / "metadata.json", meta)
     results = tr.train(problem, lanes, ecfg, run_dir, resume=resume, quiet=quiet, dtype=jnp.dtype(cfg.dtype))
     lines = tr.read_metrics(run_dir / "metrics.jsonl")
     series = per_epoch(lines, spe, lanes)
     template = jax.eval_shape(problem.init_params, jax.random.key(0))
     names = list(layer_groups(template, 1))
     meta["model"]["num_params"] = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(template)))
-    eio.atomic_write_json(run_dir / "metadata.json", meta)
+    if primary:
+        eio.atomic_write_json(run_dir / "metadata.json", meta)
 
     # Table 1: seeds x k final test accuracy (mean of the last epochs, the authors' mean_variance.py).
     last = default_final_epochs(cfg.epochs) if final_epochs is None else min(final_epochs, cfg.epochs)
@@ -484,7 +495,8 @@ def run(
     if finite:
         t = table1(acc, seeds=list(cfg.seeds), ks=list(cfg.ks), ddof=0)
         t1 = table1(acc, seeds=list(cfg.seeds), ks=list(cfg.ks), ddof=1) if min(acc.shape) >= 2 else None
-        out_files += write_table1(t, run_dir)
+        if primary:
+            out_files += write_table1(t, run_dir)
         summary["table1"] = {
             "acc": acc.tolist(),
             "std_over_k": t.std_over_k.tolist(),
@@ -511,11 +523,13 @@ def run(
             if l.k != 1
         ],
     }
-    eio.atomic_write_json(run_dir / "rel_l1.json", eio.to_jsonable(rel))
     title = f"{cfg.model} {cfg.optimizer} lr {cfg.lr:g} on {cfg.dataset} ({n_train} images, {cfg.epochs} epochs)"
-    plot_rel_l1(series, lanes, names, run_dir / "rel_l1.png", title)
+    if primary:
+        eio.atomic_write_json(run_dir / "rel_l1.json", eio.to_jsonable(rel))
+        plot_rel_l1(series, lanes, names, run_dir / "rel_l1.png", title)
 
     # Appendix B (Tables 4-5): k vs 2k / 4k in this run, bitwise, from the final states' digests and arrays.
+    # Every process restores (a collective) and holds every lane's final state on the host.
     states = _final_states(run_dir, problem, lanes, ecfg, cfg)
     final = {i: st.params for i, st in states.items()}
     for rec in results["lanes"]:  # the restored final states are those train() reported
@@ -540,7 +554,8 @@ def run(
             )
             pairs.append((la, lb))
     rows = determinism_table(runs, pairs, accs)
-    out_files.append(write_determinism(rows, run_dir / "determinism.md"))
+    if primary:
+        out_files.append(write_determinism(rows, run_dir / "determinism.md"))
     summary["determinism"] = [dataclasses.asdict(r) for r in rows]
 
     # Footnote 5: batch selection vs floating point, at the final k=1 parameters of the first seed.
@@ -548,7 +563,7 @@ def run(
     ms = states[i0].model_state
     fl = fluctuations(problem, cfg, jax.tree_util.tree_map(jnp.asarray, final[i0]), ms)
     summary["fluctuation"] = fl
-    if finite and "skipped" not in fl:
+    if finite and "skipped" not in fl and primary:
         md = comparison_markdown(t, fl["floating_point_k3_vs_k1"]["mean_rel"], fl["batch_selection"]["mean_rel"])
         eio.atomic_write_text(run_dir / "comparison.md", md)
     k1_vs_3 = [r for r in rows if r.a.endswith("k=1") and r.b.endswith("k=3")]
@@ -562,6 +577,8 @@ def run(
         for r in k1_vs_3
     ]
     sens = {"config": config, "summary": summary, "per_epoch_test_accuracy": series["test_accuracy"].tolist()}
+    if not primary:
+        return run_dir, sens
     eio.atomic_write_json(run_dir / "sensitivity.json", eio.to_jsonable(sens))
     if not quiet:
         print(format_summary(summary, title, run_dir, cfg), flush=True)
@@ -574,7 +591,13 @@ def default_final_epochs(epochs: int) -> int:
 
 
 def _final_states(run_dir: Path, problem: tr.Problem, lanes, ecfg, cfg):
-    """The final TrainState of every lane, from the run's last checkpoints (lane order)."""
+    """The final TrainState of every lane, from the run's last checkpoints (lane order), as NumPy.
+
+    The lanes are grouped as the run recorded (``checkpoints/lane_groups.json``: nothing is
+    measured again); with several processes every process restores its shards and gathers all
+    lanes (:func:`eos_jax.distributed.to_host`, a collective).
+    """
+    ecfg = tr.resumed_grouping(ecfg, run_dir, jax.device_count())
     plan = tr.Plan.build(problem, lanes, ecfg, dtype=jnp.dtype(cfg.dtype))
     out: dict[int, Any] = {}
     for g, idx in enumerate(plan.groups):
@@ -585,7 +608,7 @@ def _final_states(run_dir: Path, problem: tr.Problem, lanes, ecfg, cfg):
             store.close()
         if step != ecfg.steps:
             raise RunDirError(f"{run_dir}: group {g}'s last checkpoint is step {step}, not {ecfg.steps}")
-        host = jax.device_get(state)
+        host = distributed.to_host(state)
         for li, i in enumerate(idx):
             out[i] = jax.tree_util.tree_map(lambda a, li=li: np.asarray(a[li]), host)
     return out
