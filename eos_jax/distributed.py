@@ -307,6 +307,9 @@ def join(dist: DistributedConfig) -> None:
 
     Raises:
       ConfigError: process 0's port is in use, or the coordinator does not answer in time.
+
+    Example:
+      >>> join(DistributedConfig())  # one process: nobody to join (freed memory kept if no backend started)
     """
     from eos_jax import runtime  # runtime imports nothing from here
 

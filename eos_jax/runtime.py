@@ -80,6 +80,12 @@ def retain_host_memory() -> str:
     Returns:
       ``"retained"``, or why not: ``"system (EOS_JAX_HOST_MEMORY=system)"``,
       ``"system (backend already started)"``, ``"system (not glibc)"``.
+
+    Example:
+      >>> from eos_jax.runtime import retain_host_memory
+      >>> status = retain_host_memory()  # first thing in an entry point; later calls repeat the answer
+      >>> status == "retained" or status.startswith("system ("), retain_host_memory() == status
+      (True, True)
     """
     global _host_memory
     if _host_memory is not None:
