@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NoReturn
 
+from eos_jax import distributed
 from eos_jax.errors import EosJaxError
 
 
@@ -186,3 +187,70 @@ def name_flags(error: EosJaxError, arguments: Iterable[str]) -> EosJaxError:
     """
     error.args = (as_flags(str(error), arguments), *error.args[1:])
     return error
+
+
+# The flags of eos_jax.distributed's settings (its errors name the settings: coordinator=...).
+DISTRIBUTED_FLAGS = {"coordinator": "--coordinator", "num_processes": "--num-processes", "process_id": "--process-id"}
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the coordinator flags every experiment CLI takes (one argument group).
+
+    ``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``$EOS_JAX_*``, or
+    ``--coordinator auto``), ``--join-timeout`` and ``--heartbeat-timeout``; read back with
+    :func:`distributed_config`.
+
+    Example:
+      >>> import argparse
+      >>> from eos_jax.cli import add_distributed_arguments
+      >>> p = argparse.ArgumentParser()
+      >>> add_distributed_arguments(p)
+      >>> a = p.parse_args(["--coordinator", "127.0.0.1:12355", "--num-processes", "2", "--process-id", "1"])
+      >>> a.coordinator, a.num_processes, a.process_id, a.join_timeout, a.heartbeat_timeout
+      ('127.0.0.1:12355', 2, 1, 60, 10)
+    """
+    g = parser.add_argument_group("several processes (jax.distributed; see README, Running on several hosts)")
+    g.add_argument(
+        "--coordinator",
+        default=None,
+        help="HOST:PORT of process 0 (or 'auto': a cluster launcher JAX detects); default $EOS_JAX_COORDINATOR, "
+        "else one process",
+    )
+    g.add_argument("--num-processes", type=positive_int, default=None, help="processes in the run")
+    g.add_argument("--process-id", type=nonnegative_int, default=None, help="this process's index, 0 .. N-1")
+    g.add_argument(
+        "--join-timeout", type=positive_int, default=60, help="seconds to wait for every process to join (60)"
+    )
+    g.add_argument(
+        "--heartbeat-timeout",
+        type=positive_int,
+        default=10,
+        help="seconds without a heartbeat after which a process counts as dead and the others stop (10)",
+    )
+
+
+def distributed_config(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> distributed.DistributedConfig:
+    """The validated settings of :func:`add_distributed_arguments`'s flags (or ``$EOS_JAX_*`` for those not given).
+
+    Raises:
+      ConfigError: a malformed setting (named ``coordinator=...`` etc.: :func:`name_flags`
+        with :data:`DISTRIBUTED_FLAGS` turns the names into the flags).
+
+    Example:
+      >>> import argparse
+      >>> p = argparse.ArgumentParser()
+      >>> from eos_jax.cli import add_distributed_arguments, distributed_config
+      >>> add_distributed_arguments(p)
+      >>> distributed_config(p.parse_args([]), env={}).single
+      True
+    """
+    dist = distributed.DistributedConfig.from_values(
+        args.coordinator,
+        args.num_processes,
+        args.process_id,
+        env=env,
+        timeout_s=args.join_timeout,
+        heartbeat_s=args.heartbeat_timeout,
+    )
+    dist.validate()
+    return dist

@@ -23,7 +23,6 @@ cluster launcher that JAX detects by itself (SLURM, Open MPI, ...) is used with
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -36,17 +35,16 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from eos_jax import runtime
 from eos_jax.errors import ConfigError
 
 __all__ = [
     "DistributedConfig",
-    "add_arguments",
     "any_process",
     "barrier",
     "check_joined",
     "initialize",
     "is_primary",
-    "config_from_args",
     "join",
     "min_over_processes",
     "to_host",
@@ -231,73 +229,6 @@ def check_joined(cfg: DistributedConfig) -> None:
         )
 
 
-# The flags of the settings, for errors raised here and named in a CLI's own terms.
-FLAGS = {"coordinator": "--coordinator", "num_processes": "--num-processes", "process_id": "--process-id"}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the coordinator flags every experiment CLI takes (one argument group).
-
-    ``--coordinator HOST:PORT --num-processes N --process-id I`` (or ``$EOS_JAX_*``, or
-    ``--coordinator auto``), ``--join-timeout`` and ``--heartbeat-timeout``; read back with
-    :func:`config_from_args`.
-
-    Example:
-      >>> import argparse
-      >>> p = argparse.ArgumentParser()
-      >>> add_arguments(p)
-      >>> a = p.parse_args(["--coordinator", "127.0.0.1:12355", "--num-processes", "2", "--process-id", "1"])
-      >>> a.coordinator, a.num_processes, a.process_id, a.join_timeout, a.heartbeat_timeout
-      ('127.0.0.1:12355', 2, 1, 60, 10)
-    """
-    from eos_jax import cli  # the CLI's argument types (cli imports nothing from here)
-
-    g = parser.add_argument_group("several processes (jax.distributed; see README, Running on several hosts)")
-    g.add_argument(
-        "--coordinator",
-        default=None,
-        help="HOST:PORT of process 0 (or 'auto': a cluster launcher JAX detects); default $EOS_JAX_COORDINATOR, "
-        "else one process",
-    )
-    g.add_argument("--num-processes", type=cli.positive_int, default=None, help="processes in the run")
-    g.add_argument("--process-id", type=cli.nonnegative_int, default=None, help="this process's index, 0 .. N-1")
-    g.add_argument(
-        "--join-timeout", type=cli.positive_int, default=60, help="seconds to wait for every process to join (60)"
-    )
-    g.add_argument(
-        "--heartbeat-timeout",
-        type=cli.positive_int,
-        default=10,
-        help="seconds without a heartbeat after which a process counts as dead and the others stop (10)",
-    )
-
-
-def config_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> DistributedConfig:
-    """The validated settings of :func:`add_arguments`'s flags (or ``$EOS_JAX_*`` for those not given).
-
-    Raises:
-      ConfigError: a malformed setting (named ``coordinator=...`` etc.: :func:`eos_jax.cli.name_flags`
-        with :data:`FLAGS` turns the names into the flags).
-
-    Example:
-      >>> import argparse
-      >>> p = argparse.ArgumentParser()
-      >>> add_arguments(p)
-      >>> config_from_args(p.parse_args([]), env={}).single
-      True
-    """
-    dist = DistributedConfig.from_values(
-        args.coordinator,
-        args.num_processes,
-        args.process_id,
-        env=env,
-        timeout_s=args.join_timeout,
-        heartbeat_s=args.heartbeat_timeout,
-    )
-    dist.validate()
-    return dist
-
-
 def join(dist: DistributedConfig) -> None:
     """Prepares this process and joins the others: first thing in a CLI, before anything touches a device.
 
@@ -311,8 +242,6 @@ def join(dist: DistributedConfig) -> None:
     Example:
       >>> join(DistributedConfig())  # one process: nobody to join (freed memory kept if no backend started)
     """
-    from eos_jax import runtime  # runtime imports nothing from here
-
     runtime.retain_host_memory()  # before the backend's threads exist (speed only)
     initialize(dist)  # before anything touches a device (runtime.configure reads the devices)
 

@@ -153,7 +153,7 @@ def build_parser() -> cli.ArgumentParser:
         help="continue the run in --out, or the latest run under runs/eos/ with the same config",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary (for scripts)")
-    distributed.add_arguments(p)
+    cli.add_distributed_arguments(p)
     return p
 
 
@@ -213,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The only place of the EoS experiments that changes process-wide state (x64, matmul precision,
     # XLA_FLAGS): before any array exists (importing the modules above starts no backend).
     try:
-        dist = distributed.config_from_args(args)
+        dist = cli.distributed_config(args)
         if not dist.single and args.out is None:
             parser.error("--out is required with several processes: every process must name the same run directory")
         if not dist.single and args.preset:

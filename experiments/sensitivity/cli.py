@@ -53,7 +53,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         init_seed=7,
     ),  # fmt: skip
 }
-LIBRARY_ARGUMENTS = {"data_dir": "--data-dir", "resume": "--resume", "max_lanes": "--max-lanes", **distributed.FLAGS}
+LIBRARY_ARGUMENTS = {
+    "data_dir": "--data-dir",
+    "resume": "--resume",
+    "max_lanes": "--max-lanes",
+    **cli.DISTRIBUTED_FLAGS,
+}
 
 
 def _k(text: str) -> int:
@@ -116,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/sensitivity/<UTC time>-<hash>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    distributed.add_arguments(p)
+    cli.add_distributed_arguments(p)
     return p
 
 
@@ -150,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))
     # Before anything touches a device: several processes join here (and freed host memory is kept).
     try:
-        dist = distributed.config_from_args(args)
+        dist = cli.distributed_config(args)
         if not dist.single and args.out is None:
             parser.error("--out is required with several processes: every process must name the same run directory")
         distributed.join(dist)
