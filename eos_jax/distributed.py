@@ -11,6 +11,10 @@ host side of a run:
 * files are written once: by process 0 (:func:`is_primary`); the others wait at
   :func:`barrier` where they must see what it wrote; orbax checkpoints are the exception,
   every process writing its own shards;
+* a batch can be split over processes too: each process loads (or slices out with
+  :func:`process_slice`) its own examples and :func:`shard_batch` makes one global array of
+  them, sharded over the devices of all processes, for :func:`eos_jax.hessian.data_parallel_hvp`
+  and the sharpness solvers with ``mesh=``;
 * a process that dies is noticed by the coordination service's heartbeat: the others stop
   with an error within ``heartbeat_s`` seconds instead of waiting in a collective forever.
 
@@ -47,6 +51,8 @@ __all__ = [
     "is_primary",
     "join",
     "min_over_processes",
+    "process_slice",
+    "shard_batch",
     "to_host",
 ]
 
@@ -344,3 +350,123 @@ def min_over_processes(value: int) -> int:
     if jax.process_count() == 1:
         return int(value)
     return int(np.min(multihost_utils.process_allgather(np.array([int(value)], np.int64))))
+
+
+def _data_axis(mesh: jax.sharding.Mesh, axis: str | None) -> str:
+    """The mesh axis a batch is split along: ``axis``, or the mesh's only axis."""
+    names = tuple(mesh.axis_names)
+    if axis is None:
+        if len(names) != 1:
+            raise ConfigError(f"mesh has axes {names}; pass axis= one of them to shard the batch along")
+        return names[0]
+    if axis not in names:
+        raise ConfigError(f"axis={axis!r} is not allowed; expected one of the mesh's axes {names}")
+    return axis
+
+
+def _local_positions(mesh: jax.sharding.Mesh, axis: str) -> tuple[int, int]:
+    """First position along ``axis`` of this process's devices, and how many positions they hold.
+
+    Raises unless those positions are contiguous (each process then holds one contiguous block of
+    the examples).
+    """
+    devs = np.asarray(mesh.devices)
+    along = list(mesh.axis_names).index(axis)
+    me = jax.process_index()
+    pos = sorted({int(ix[along]) for ix in np.ndindex(devs.shape) if devs[ix].process_index == me})
+    if not pos:
+        raise ConfigError(f"the mesh has no device of process {me}; expected a mesh over every process's devices")
+    if pos != list(range(pos[0], pos[-1] + 1)):
+        raise ConfigError(
+            f"process {me}'s devices sit at positions {pos} of mesh axis {axis!r}; expected contiguous positions "
+            "(order the mesh's devices by process, as jax.devices() and eos_jax.hessian.data_mesh() do)"
+        )
+    return pos[0], len(pos)
+
+
+def process_slice(n: int, mesh: jax.sharding.Mesh | None = None, axis: str | None = None) -> slice:
+    """This process's contiguous share of a batch of ``n`` examples sharded over ``mesh``.
+
+    ``mesh`` defaults to :func:`eos_jax.hessian.data_mesh` (every process's devices). The examples
+    are split into equal blocks, one per position along the mesh's data axis; this process gets the
+    blocks of its own devices. Feeding ``batch[process_slice(n, mesh)]`` of every process to
+    :func:`shard_batch` rebuilds the full batch, in order, as one global array. No collective.
+
+    Raises:
+      ConfigError: ``n`` is not divisible by the devices along the data axis.
+
+    Example:
+      >>> import jax
+      >>> from eos_jax.hessian import data_mesh
+      >>> mesh = data_mesh(jax.devices()[:1])
+      >>> process_slice(6, mesh)  # one process holds everything
+      slice(0, 6, None)
+    """
+    if mesh is None:  # eos_jax.hessian.data_mesh() (a higher layer, not imported here)
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    axis = _data_axis(mesh, axis)
+    total = int(mesh.shape[axis])
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 or n % total:
+        raise ConfigError(
+            f"batch size n={n!r} is not allowed; expected a positive multiple of the {total} devices of mesh axis {axis!r}"
+        )
+    first, count = _local_positions(mesh, axis)
+    per = int(n) // total
+    return slice(first * per, (first + count) * per)
+
+
+def shard_batch(local_batch: Any, mesh: jax.sharding.Mesh, axis: str | None = None) -> Any:
+    """Global arrays of a batch from each process's own examples, sharded along the mesh's data axis.
+
+    Every process calls it (a collective with several processes: the local sizes are compared)
+    with the same ``mesh`` and its own ``local_batch``: a pytree of NumPy or JAX arrays whose
+    leading axis holds this process's examples (e.g. ``batch[process_slice(n, mesh)]``). The result
+    is a pytree of global ``jax.Array`` (``jax.make_array_from_process_local_data`` with
+    ``NamedSharding(mesh, PartitionSpec(axis))``) whose rows are process 0's examples, then
+    process 1's, ..., each process's rows split equally over its devices. With one process it is a
+    ``device_put`` of the batch onto the mesh. Pass it with ``mesh=mesh`` to
+    :func:`eos_jax.hessian.data_parallel_hvp`, :func:`eos_jax.hessian.top_eigenvalue` or
+    :func:`eos_jax.hessian.top_eigenvalues`: each device then computes the Hessian of the mean loss
+    on its equal shard, and the full batch's Hessian is the mean of those.
+
+    Raises:
+      ConfigError: the leaves do not share one leading axis; the local size is not divisible by
+        this process's devices on the axis; the number of examples per device differs between
+        processes (raised on every process alike).
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from eos_jax.hessian import data_mesh
+      >>> mesh = data_mesh(jax.devices()[:1])
+      >>> x = shard_batch({"x": np.arange(6.0).reshape(3, 2)}, mesh)["x"]
+      >>> x.shape, tuple(x.sharding.spec)
+      ((3, 2), ('data',))
+    """
+    axis = _data_axis(mesh, axis)
+    sizes = {int(np.shape(x)[0]) if np.ndim(x) else -1 for x in jax.tree_util.tree_leaves(local_batch)}
+    if not sizes or len(sizes) != 1 or -1 in sizes:
+        raise ConfigError(
+            f"local_batch leaves must share one leading example axis; got leading sizes {sorted(sizes)} "
+            "(-1: a scalar leaf)"
+        )
+    n, (_, d) = sizes.pop(), _local_positions(mesh, axis)
+    if jax.process_count() > 1:  # every process sees every size, so all of them raise alike
+        got = np.asarray(multihost_utils.process_allgather(np.array([n, d], np.int64))).reshape(-1, 2)
+    else:
+        got = np.array([[n, d]], np.int64)
+    for i, (ni, di) in enumerate(got):
+        if ni % di:
+            raise ConfigError(
+                f"local batch size {int(ni)} of process {i} is not allowed; expected a multiple of its {int(di)} "
+                f"devices on mesh axis {axis!r}"
+            )
+    if len({int(ni) // int(di) for ni, di in got}) > 1:
+        sizes_txt = ", ".join(
+            f"process {i}: {int(ni)} over {int(di)} device{'s' if di != 1 else ''}" for i, (ni, di) in enumerate(got)
+        )
+        raise ConfigError(
+            f"local batch sizes differ between processes ({sizes_txt}); expected the same number of examples per "
+            "device on every process"
+        )
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+    return jax.make_array_from_process_local_data(sharding, local_batch)

@@ -9,7 +9,8 @@ Everything here is a pure function of ``(loss_fn, params, batch, ...)`` and runs
 
 * :func:`hvp`: forward-over-reverse ``jvp(grad)``; :func:`linearized_hvp`: one ``jax.linearize``
   reused for many products; :func:`make_hvp`: either of them, optionally summed over chunks of the
-  batch; :func:`data_parallel_hvp`: the batch sharded over a device mesh.
+  batch; :func:`data_parallel_hvp`: the batch sharded over a device mesh, whose devices may belong
+  to several processes (:func:`data_mesh`, :func:`eos_jax.distributed.shard_batch`).
 * :func:`top_eigenvalue` (power iteration with a shift, or Lanczos) and :func:`top_eigenvalues`
   (Lanczos with full reorthogonalization), returning :class:`EigResult`.
 * :func:`preconditioned_top_eigenvalue` with :func:`adam_preconditioner`: ``lambda_max(P^-1 H)`` of
@@ -232,16 +233,22 @@ def make_hvp(
 
 
 def data_mesh(devices: Any = None, axis_name: str = "data") -> Mesh:
-    """A one-axis mesh over ``devices`` (default: all local devices) for data parallelism.
+    """A one-axis mesh over ``devices`` for data parallelism; by default every process's devices.
+
+    The default is ``jax.devices()``: in a single process these are its local devices
+    (``jax.local_devices()``); with several processes joined by ``jax.distributed``
+    (:mod:`eos_jax.distributed`) it spans the devices of all of them (by id: process 0's first on CPU),
+    and :func:`eos_jax.distributed.shard_batch` puts each process's examples on that process's own
+    devices. Pass ``jax.local_devices()`` for a mesh of this process alone.
 
     Example:
       >>> import jax
       >>> from eos_jax.hessian import data_mesh
       >>> mesh = data_mesh()
-      >>> mesh.axis_names, mesh.shape["data"] == len(jax.local_devices())
+      >>> mesh.axis_names, mesh.shape["data"] == len(jax.devices())
       (('data',), True)
     """
-    devices = jax.local_devices() if devices is None else list(devices)
+    devices = jax.devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (axis_name,))
 
 
@@ -285,8 +292,19 @@ def data_parallel_hvp(
 ) -> PyTree:
     """``H v`` with the batch sharded over the devices of a one-axis ``mesh``, params replicated.
 
-    Exact for a loss that is a mean over examples (module docstring); the batch size must be
-    divisible by the number of devices.
+    What runs where: each device of the mesh computes the Hessian-vector product of the mean loss
+    on its own equal shard of the batch; one all-reduce (the transpose of the params' broadcast
+    inside ``jax.shard_map``, see :func:`_sharded_op`) sums them, and dividing by the number of
+    shards gives the full batch's: for a loss that is a mean over examples split into ``S`` equal
+    shards, ``H = (1/S) sum_s H_s`` (the full-batch Hessian of a mean loss is the mean of the equal
+    shards' Hessians; module docstring). The batch size must be divisible by the number of devices.
+
+    Several processes: with ``mesh=data_mesh()`` (every process's devices) and the batch built by
+    :func:`eos_jax.distributed.shard_batch` from each process's own examples, every process calls
+    this (jitted or not) with the same params and ``v``; the all-reduce crosses processes (gloo on
+    CPU) and the result is replicated on every device of every process, readable anywhere
+    (``np.asarray`` or :func:`eos_jax.distributed.to_host`). With two shards, 2 processes x 1 device
+    and 1 process x 2 devices give the same bits (tests/test_dp_multiprocess.py).
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, a mean over examples.
@@ -436,7 +454,12 @@ def top_eigenvalue(
         defaults to ``jax.random.key(0)``.
       chunk_size: sum each product over chunks of this many examples (memory), see :func:`make_hvp`.
       mesh: a one-axis device mesh: the batch is sharded over it, params replicated, and the whole
-        solver runs inside ``jax.shard_map``.
+        solver runs inside ``jax.shard_map``: every device runs the same iteration on the replicated
+        vectors, and each product is the mean of the shards' Hessian-vector products (one
+        all-reduce, see :func:`data_parallel_hvp`). Its devices may belong to several processes
+        (:func:`data_mesh`, batch from :func:`eos_jax.distributed.shard_batch`): the result is then
+        replicated on every device of every process, so ``float(r.eigenvalue)`` and the
+        eigenvector can be read on each process.
       linearize: reuse one linearization for all products (without chunking).
 
     Returns:
