@@ -9,7 +9,10 @@ subcommand (:mod:`experiments.pde.commands`) parses its flags into a frozen data
 and calls the experiment's ``run_*(config, out_dir)``, which writes the run directory
 (``config.json``, ``metadata.json``, ``results.json``, plots) atomically, then prints a short
 summary. Only the entry point :mod:`experiments.pde.__main__` configures the runtime (x64,
-matmul precision, deterministic GPU ops).
+matmul precision, deterministic GPU ops). Every subcommand also runs over several processes
+joined by ``jax.distributed`` (``--coordinator HOST:PORT --num-processes N --process-id I``):
+``nonlinear``'s lanes are sharded over all their devices, the rest runs in each, process 0
+writes (:mod:`experiments.pde.commands`).
 
 Commands (wall-clock runtimes measured on the shared 2-core CPU under load from other jobs;
 ``user`` CPU time in brackets):

@@ -1,8 +1,11 @@
-"""Entry point of ``python -m experiments.pde``: configures the runtime, then runs the command line.
+"""Entry point of ``python -m experiments.pde``: parses the command line, joins the other processes, configures the runtime, runs.
 
 The only place on the PDE side that changes process-wide state: :func:`eos_jax.runtime.configure`
 turns x64 on, sets the float32 matmul precision to ``highest`` and adds the deterministic-ops flag
-to ``XLA_FLAGS`` before the backend starts. Bad flags: one line on stderr, exit code 2.
+to ``XLA_FLAGS`` before the backend starts. With the coordinator flags (``--coordinator HOST:PORT
+--num-processes N --process-id I``) the process first joins the others through ``jax.distributed``,
+which must precede the backend too: :func:`experiments.pde.commands.main` parses the flags, joins,
+then calls ``configure``. Bad flags: one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -14,9 +17,8 @@ from experiments.pde.commands import main
 
 
 def configured_main(argv: Sequence[str] | None = None) -> int:
-    """Sets the runtime (:func:`eos_jax.runtime.configure`) and runs :func:`experiments.pde.commands.main`."""
-    runtime.configure()
-    return main(argv)
+    """Runs :func:`experiments.pde.commands.main` with the runtime set (:func:`eos_jax.runtime.configure`) after the join."""
+    return main(argv, configure=runtime.configure)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
+from eos_jax import distributed
 from eos_jax.io import atomic_write_json, save_figure
 from eos_jax.pde.beltrami import (
     F64,
@@ -28,6 +29,8 @@ from experiments.pde.rundir import start_run
 
 def run_beltrami(config: BeltramiConfig, out_dir: str | Path) -> dict[str, Any]:
     """Runs every multiple of ``dt_strict``; writes ``results.json`` and ``figure2.png``.
+
+    With several processes every process runs every multiple; process 0 writes the files.
 
     Args:
       config: the experiment's configuration.
@@ -92,8 +95,9 @@ def run_beltrami(config: BeltramiConfig, out_dir: str | Path) -> dict[str, Any]:
         "runs": runs,
         "notes": _notes(runs, config, smax, dx),
     }
-    _plot(results, config, path / "figure2.png")
-    atomic_write_json(path / "results.json", results)
+    if distributed.is_primary():  # several processes: each computed the same results; process 0 writes
+        _plot(results, config, path / "figure2.png")
+        atomic_write_json(path / "results.json", results)
     return results
 
 

@@ -4,16 +4,27 @@ Each subcommand parses its flags into the library's frozen config dataclass and 
 experiment's ``run_*(config, out_dir)`` (:mod:`experiments.pde.heat`, ``.beltrami``,
 ``.linear``, ``.nonlinear``), then prints its summary. The process's numerical settings
 (x64, matmul precision, deterministic GPU flags) are set by the entry point,
-:mod:`experiments.pde.__main__`, never here.
+:mod:`experiments.pde.__main__` (it hands :func:`eos_jax.runtime.configure` to :func:`main`),
+never here.
+
+Several processes (issue 12): every subcommand takes the coordinator flags of
+:func:`eos_jax.cli.add_distributed_arguments` (``--coordinator HOST:PORT --num-processes N
+--process-id I``, ``--join-timeout``, ``--heartbeat-timeout``, or ``$EOS_JAX_*``). What runs
+where: ``nonlinear``'s ``dt x k`` lanes are sharded over the devices of every process by the
+training engine; everything else (heat, Beltrami, the linearized PDE, theory, classification,
+notes) runs whole and identically in every process; only process 0 writes the run directory
+and prints the summary and progress. Without the flags: one process, as before.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from eos_jax import cli
+from eos_jax import cli, distributed
+from eos_jax.errors import EosJaxError
 from eos_jax.pde.beltrami import BeltramiConfig
 from eos_jax.pde.heat import HeatConfig
 from eos_jax.pde.linear import LinearConfig
@@ -55,7 +66,7 @@ def _run_heat(args: argparse.Namespace) -> int:
         cross_factor=args.cross_factor,
     )
     results = heat.run_heat(config, args.out)
-    print(heat.summarize(results))
+    _print(heat.summarize(results))
     return 0
 
 
@@ -98,7 +109,7 @@ def _run_beltrami(args: argparse.Namespace) -> int:
         record_every=args.record_every,
     )
     results = beltrami.run_beltrami(config, args.out)
-    print(beltrami.summarize(results))
+    _print(beltrami.summarize(results))
     return 0
 
 
@@ -169,7 +180,7 @@ def _run_linear(args: argparse.Namespace) -> int:
         plot_steps=args.plot_steps,
     )
     results = linear.run_linear(config, args.out)
-    print(linear.summarize(results))
+    _print(linear.summarize(results))
     return 0
 
 
@@ -259,8 +270,9 @@ def _run_nonlinear(args: argparse.Namespace) -> int:
         rel_l1_window=args.rel_l1_window,
     )
     config.validate()
-    results = nonlinear.run_nonlinear(config, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(nonlinear.summarize(results))
+    log = (lambda line: print(line, file=sys.stderr, flush=True)) if distributed.is_primary() else None
+    results = nonlinear.run_nonlinear(config, args.out, log=log)
+    _print(nonlinear.summarize(results))
     return 0
 
 
@@ -272,14 +284,44 @@ def _build_parser() -> cli.ArgumentParser:
     _add_beltrami(subparsers)
     _add_linear(subparsers)
     _add_nonlinear(subparsers)
+    for sub in subparsers.choices.values():
+        cli.add_distributed_arguments(sub)  # after the subcommand: python -m experiments.pde heat --coordinator ...
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parses ``argv`` and runs one subcommand (its ``run_*`` writes the run directory).
+def _print(text: str) -> None:
+    """Prints a summary in process 0 only (every process computed it)."""
+    if distributed.is_primary():
+        print(text)
 
-    The caller sets the runtime first (``python -m experiments.pde`` does, through
-    :func:`eos_jax.runtime.configure`); the linearized-PDE analysis refuses to run without x64.
+
+def main(argv: Sequence[str] | None = None, *, configure: Callable[[], Any] | None = None) -> int:
+    """Parses ``argv``, joins the other processes (if any) and runs one subcommand (its ``run_*`` writes the run).
+
+    Args:
+      argv: the command line after ``python -m experiments.pde`` (default ``sys.argv[1:]``).
+      configure: the entry point's runtime set-up (:func:`eos_jax.runtime.configure`):
+        ``python -m experiments.pde`` passes it, and then, in this order, this process keeps
+        freed host memory and joins the others (:func:`eos_jax.distributed.join`: before
+        anything touches a device), ``configure()`` runs, and the processes compare their
+        counts (:func:`eos_jax.distributed.check_joined`). In-process callers (tests, a
+        notebook) set the runtime themselves and pass None: one process changes no
+        process-wide setting; coordinator flags still join (:func:`eos_jax.distributed.initialize`).
+        The linearized-PDE analysis refuses to run without x64.
+
+    Raises:
+      EosJaxError: bad coordinator settings (named by their flags: ``--process-id 2 ...``),
+        a refused run directory, a config the library rejects; before anything is written.
     """
     args = _build_parser().parse_args(argv)
+    try:
+        dist = cli.distributed_config(args)
+        if configure is not None:
+            distributed.join(dist)
+            configure()
+        else:
+            distributed.initialize(dist)
+        distributed.check_joined(dist)
+    except EosJaxError as e:
+        raise cli.name_flags(e, cli.DISTRIBUTED_FLAGS) from None  # "process_id=2" -> "--process-id 2"
     return int(args.handler(args) or 0)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from eos_jax import distributed
 from eos_jax.io import atomic_write_json, save_figure
 from eos_jax.pde.heat import HeatConfig, analyze
 from experiments.pde.rundir import start_run
@@ -19,6 +20,8 @@ from experiments.pde.rundir import start_run
 
 def run_heat(config: HeatConfig, out_dir: str | Path) -> dict[str, Any]:
     """Runs every ratio, writes ``config.json``, ``metadata.json``, ``results.json``, ``figure1.png``.
+
+    With several processes every process runs every ratio; process 0 writes the files.
 
     Args:
       config: the experiment's configuration.
@@ -35,8 +38,9 @@ def run_heat(config: HeatConfig, out_dir: str | Path) -> dict[str, Any]:
         "amplifier_formula": "A_m = 1 - 2 r (1 - cos(m pi/(K+1))), m = 1..K (Dirichlet sine modes)",
         "runs": {str(r): analyze(config, r) for r in config.ratios},
     }
-    _plot(results, config, path / "figure1.png")
-    atomic_write_json(path / "results.json", results)
+    if distributed.is_primary():  # several processes: each computed the same results; process 0 writes
+        _plot(results, config, path / "figure1.png")
+        atomic_write_json(path / "results.json", results)
     return results
 
 

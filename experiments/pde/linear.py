@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 
+from eos_jax import distributed
 from eos_jax.io import atomic_write_json, save_figure
 from eos_jax.pde.common import checkerboard
 from eos_jax.pde.linear import (
@@ -46,7 +47,8 @@ def run_linear(config: LinearConfig, out_dir: str | Path) -> dict[str, Any]:
     For each kernel size: theory bounds (periodic, Eq. (14) or (18) exact and as printed),
     the windowed operator's extreme eigenvalues (power iteration) and the thresholds they
     give, the bisection thresholds, and loss curves for alphas inside and outside the
-    empirical bounds (``figure4.png``).
+    empirical bounds (``figure4.png``). With several processes every process runs the whole
+    analysis; process 0 writes the files.
 
     Args:
       config: the experiment's configuration.
@@ -164,8 +166,9 @@ def run_linear(config: LinearConfig, out_dir: str | Path) -> dict[str, Any]:
     results["spectrum_support"] = _spectrum_support(spec)
     results["notes"] = _notes(results, config)
     results["seconds_total"] = time.perf_counter() - t_start
-    _plot(curves, results, config, path / "figure4.png")
-    atomic_write_json(path / "results.json", results)
+    if distributed.is_primary():  # several processes: each computed the same results; process 0 writes
+        _plot(curves, results, config, path / "figure4.png")
+        atomic_write_json(path / "results.json", results)
     return results
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from eos_jax import distributed
 from eos_jax.io import atomic_write_json
 from eos_jax.pde.common import checkerboard
 from eos_jax.pde.linear import alpha_bounds
@@ -52,6 +53,10 @@ def run_nonlinear(
     ``figure5.png`` (loss; RelL1), ``figure6.png`` (loss; normalized sharpness with the
     line at 2) and ``regimes.png`` (Table 3 fractions), each atomically.
 
+    Several processes (``jax.distributed``): the lanes are sharded over the devices of every
+    process (:func:`~experiments.pde.nonlinear_sim.simulate`), whose histories come back to
+    every process; theory, classification and notes run in each; process 0 writes the files.
+
     Args:
       config: the experiment's configuration.
       out_dir: a new or empty run directory.
@@ -77,12 +82,13 @@ def run_nonlinear(
     )
     results = build_results(config, sim, th)
     meta = dict(meta, model_info=sim["model_info"], timing=dict(sim["timing"], simulate_s=t_sim))
-    plot_figure5(results, config, path / "figure5.png")
-    plot_figure6(results, config, path / "figure6.png")
-    plot_regimes(results, config, path / "regimes.png")
-    meta["timing"]["total_s"] = time.perf_counter() - t_start
-    atomic_write_json(path / "results.json", results)
-    atomic_write_json(path / "metadata.json", meta)
+    if distributed.is_primary():  # several processes: each holds the same results; process 0 writes
+        plot_figure5(results, config, path / "figure5.png")
+        plot_figure6(results, config, path / "figure6.png")
+        plot_regimes(results, config, path / "regimes.png")
+        meta["timing"]["total_s"] = time.perf_counter() - t_start
+        atomic_write_json(path / "results.json", results)
+        atomic_write_json(path / "metadata.json", meta)
     return results
 
 

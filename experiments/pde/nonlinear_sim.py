@@ -117,6 +117,12 @@ def simulate(config: NonlinearConfig, *, log: Callable[[str], None] | None = Non
       ``first_nonfinite`` (per dt a list of 2: the first non-finite step or None),
       ``final_params`` (leading ``(n_dt, 2)`` axes), ``initial_kernel``, ``eps``,
       ``model_info`` and the engine's wall-clock ``timing``.
+
+    Several processes (``jax.distributed``): :func:`eos_jax.train.fit` shards the lanes over the
+    devices of every process and gathers its histories and final parameters onto every process
+    (:func:`eos_jax.distributed.to_host`, collectives every process calls in the same order:
+    each runs this function once, with the same config); ``K_0`` is drawn on this process's own
+    device; so every process returns the same NumPy arrays.
     """
     problem, lanes, engine, model = nonlinear_problem(config)
     n, steps = len(config.dts), config.steps
