@@ -299,7 +299,14 @@ class Plan:
             mesh=mesh,
             data=data,
             sharp_data=sharp_data,
-            init_fn=jax.jit(jax.vmap(lambda hp: init_state(problem, hp))),
+            # Lane-sharded like every later state: an initial state placed otherwise (some leaves
+            # replicated by XLA's propagation) would compile the chunk and sharpness programs twice.
+            init_fn=jax.jit(
+                jax.vmap(lambda hp: init_state(problem, hp)),
+                out_shardings=None
+                if mesh is None
+                else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("lanes")),
+            ),
             chunk_fn=make_chunk_fn(problem, config.batch_size, config.chunk_steps, late_from),
             final_fn=make_final_fn(problem, config.batch_size, late_from),
             sharp_fn=make_sharpness_fn(problem, eig_fn),
