@@ -13,7 +13,10 @@ Prints, measured in this one run:
 * the one-layer 32x32-kernel CNN on one 256x256 image in float64 (Sec. 5.3): step
   time and compile time per implementation (why ``auto`` picks the FFT there);
 * step times of fc, vgg16, vgg16_bn and resnet56 (batch 128, 32x32x3), and for
-  resnet56 the forward-only time, so that the backward share is visible.
+  resnet56 the forward-only time, so that the backward share is visible;
+* with ``--torch`` (PyTorch installed): the same ResNet-56 (option A) in PyTorch, one SGD step
+  with momentum 0.9, Nesterov and weight decay 5e-4 (the authors' ``main6.py``), NCHW as a
+  PyTorch user writes it, and eos-jax's step over PyTorch's, measured in this run.
 """
 
 from __future__ import annotations
@@ -126,11 +129,96 @@ def bench_models(batch: int, repeats: int, names: list[str]) -> None:
         print(line, flush=True)
 
 
+def bench_torch_resnet56(batch: int, repeats: int) -> float | None:
+    """PyTorch's ResNet-56 (option A, He et al.) SGD step at ``batch``; None when torch is missing."""
+    try:
+        import torch
+        import torch.nn.functional as F
+        from torch import nn
+    except ImportError:
+        print("torch     not installed: no PyTorch reference (pip install torch)", flush=True)
+        return None
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, planes: int, stride: int):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(planes)
+            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(planes)
+            self.pad = (planes - cin) // 2 if (stride != 1 or cin != planes) else None
+
+        def forward(self, x):
+            out = F.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            sc = x if self.pad is None else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+            return F.relu(out + sc)
+
+    class ResNet56(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(16)
+            blocks, cin = [], 16
+            for stage, planes in enumerate((16, 32, 64)):
+                for b in range(9):
+                    blocks.append(Block(cin, planes, 2 if stage > 0 and b == 0 else 1))
+                    cin = planes
+            self.blocks = nn.Sequential(*blocks)
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            x = self.blocks(F.relu(self.bn1(self.conv1(x))))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    net = ResNet56()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    x = torch.randn(batch, 3, 32, 32)
+    y = torch.randint(0, 10, (batch,))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    with torch.no_grad():
+        fwd = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            net(x)
+            fwd.append(time.perf_counter() - t0)
+    t, tf = statistics.median(times), statistics.median(fwd)
+    print(
+        f"torch     batch {batch:4d} step {t:8.3f} s   (PyTorch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"SGD Nesterov + wd)   forward {tf:.3f} s -> backward+update {t - tf:.3f} s",
+        flush=True,
+    )
+    return t
+
+
+def resnet_step_time(batch: int, repeats: int) -> float:
+    """Median seconds of resnet56's jitted GD step at ``batch`` (random 32x32x3 inputs)."""
+    key = jax.random.key(0)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (batch * 3072,), jnp.float32).reshape(batch, 32, 32, 3)
+    y = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, 10, jnp.int32)
+    model = models.get("resnet56")
+    variables = jax.jit(lambda k: model.init(k, (32, 32, 3)))(key)
+    return _time(make_gd_step(model, "ce"), variables, x, y, repeats=repeats)[1]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="fc,vgg16,vgg16_bn,resnet56")
+    parser.add_argument("--torch", action="store_true", help="PyTorch's ResNet-56 step beside eos-jax's")
     args = parser.parse_args(argv)
     runtime.configure()
     print(f"jax {jax.__version__} backend {jax.default_backend()} devices {jax.devices()}", flush=True)
@@ -143,6 +231,13 @@ def main(argv: list[str] | None = None) -> None:
         bench_single_channel(12000, args.repeats)
         bench_pde_kernel(256, 32, args.repeats)
         bench_models(128, args.repeats, names)
+    batch = 16 if args.quick else 128
+    if args.torch:
+        ours = resnet_step_time(batch, args.repeats)
+        print(f"resnet56  batch {batch:4d} step {ours:8.3f} s   (eos-jax, measured again beside the lines below)")
+        theirs = bench_torch_resnet56(batch, args.repeats)
+        if theirs is not None:
+            print(f"ratio resnet56 eos-jax / PyTorch = {ours / theirs:.2f}", flush=True)
 
 
 if __name__ == "__main__":

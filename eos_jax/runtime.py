@@ -13,16 +13,10 @@ It fixes what changes bits from one run to the next:
 * it refuses ``--xla_cpu_enable_fast_math=true``, which lets XLA reassociate
   floating-point arithmetic and would turn ``(lr/k)*(k*g)`` back into ``lr*g``.
 
-It also sets two things that change no bit, only speed (both tested bit for bit):
-
-* :func:`retain_host_memory` keeps the host memory XLA:CPU frees for its next step instead of
-  handing it back to the operating system (with glibc's defaults the main job's step spends two
-  thirds of its time in page faults on freshly mapped temporaries);
-* ``--xla_cpu_use_fusion_emitters=false`` (:data:`CPU_FUSION_FLAG`) in ``XLA_FLAGS``: XLA:CPU's
-  newer fusion emitters fuse a ResNet stage's whole chain of batch-norm, ReLU and residual adds
-  into the transposes that feed every weight-gradient convolution, so the backward pass
-  recomputes the stage from its first block for every block (quadratic in depth: 3.6 s of
-  ResNet-56's step at batch 128, against 1.8 s without them).
+It also sets one thing that changes no bit, only speed: :func:`retain_host_memory`, which
+keeps the host memory XLA:CPU frees for its next step instead of handing it back to the
+operating system (with glibc's defaults the main job's step spends two thirds of its time
+in page faults on freshly mapped temporaries).
 """
 
 from __future__ import annotations
@@ -33,7 +27,6 @@ import os
 import platform
 import sys
 from importlib import metadata as importlib_metadata
-from pathlib import Path
 from typing import Any
 
 # Importing jax starts no backend: XLA reads XLA_FLAGS when the first backend starts, which
@@ -48,7 +41,6 @@ except ImportError:  # pragma: no cover
     _xla_bridge = None
 
 DETERMINISTIC_GPU_FLAG = "--xla_gpu_deterministic_ops=true"
-CPU_FUSION_FLAG = "--xla_cpu_use_fusion_emitters=false"
 _FAST_MATH_FLAGS = ("--xla_cpu_enable_fast_math=true", "--xla_cpu_enable_fast_math")
 
 
@@ -115,28 +107,6 @@ def retain_host_memory() -> str:
     return _host_memory
 
 
-def _jaxlib_knows(flag: str) -> bool:
-    """Whether this jaxlib registers the XLA flag ``flag`` (its name is in the XLA library).
-
-    XLA aborts the process on an unknown flag in ``XLA_FLAGS``, so a flag that a later jaxlib
-    may drop is only added when the installed one has it.
-    """
-    import mmap
-
-    import jaxlib
-
-    name = flag.lstrip("-").split("=")[0].encode()
-    root = Path(jaxlib.__file__).parent
-    for lib in sorted(root.glob("*.so"), key=lambda p: -p.stat().st_size):
-        try:
-            with lib.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                if m.find(name) >= 0:
-                    return True
-        except (OSError, ValueError):  # pragma: no cover - unreadable or empty file
-            continue
-    return False
-
-
 def check_xla_flags(flags: str | None = None) -> None:
     """Raises ConfigError if ``flags`` (default: ``$XLA_FLAGS``) enable fast math.
 
@@ -164,7 +134,6 @@ def configure(
     matmul_precision: str = "highest",
     deterministic_gpu: bool = True,
     retain_memory: bool = True,
-    cpu_fusion_emitters: bool = False,
 ) -> dict[str, Any]:
     """Sets the numerical run-time options and returns :func:`metadata`.
 
@@ -174,9 +143,6 @@ def configure(
         float32 products on every backend.
       deterministic_gpu: add ``--xla_gpu_deterministic_ops=true`` to ``XLA_FLAGS``.
       retain_memory: call :func:`retain_host_memory` (speed only: no bit changes).
-      cpu_fusion_emitters: leave XLA:CPU's fusion emitters on; by default
-        :data:`CPU_FUSION_FLAG` turns them off (speed only; added when the backend has not
-        started, the user's ``XLA_FLAGS`` do not set it already and this jaxlib knows the flag).
 
     Returns:
       The metadata dict of :func:`metadata`.
@@ -202,11 +168,6 @@ def configure(
     check_xla_flags()
     if retain_memory:
         retain_host_memory()
-    if not cpu_fusion_emitters and not _backend_started():
-        flags = os.environ.get("XLA_FLAGS", "")
-        name = CPU_FUSION_FLAG.split("=")[0]
-        if not any(t.split("=")[0] == name for t in flags.split()) and _jaxlib_knows(CPU_FUSION_FLAG):
-            os.environ["XLA_FLAGS"] = (flags + " " + CPU_FUSION_FLAG).strip()
     if deterministic_gpu:
         flags = os.environ.get("XLA_FLAGS", "")
         if DETERMINISTIC_GPU_FLAG not in flags.split():

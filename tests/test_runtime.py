@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from eos_jax.errors import ConfigError
-from eos_jax.runtime import CPU_FUSION_FLAG, DETERMINISTIC_GPU_FLAG, check_xla_flags, configure
+from eos_jax.runtime import DETERMINISTIC_GPU_FLAG, check_xla_flags, configure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,12 +56,7 @@ def test_configure_in_fresh_process_sets_flags_and_returns_metadata():
     proc = _child("--xla_cpu_enable_fast_math=false " + DETERMINISTIC_GPU_FLAG)
     assert proc.returncode == 0, proc.stderr
     flags = json.loads(proc.stdout.strip().splitlines()[-1])["meta"]["xla_flags"].split()
-    assert flags == ["--xla_cpu_enable_fast_math=false", DETERMINISTIC_GPU_FLAG, CPU_FUSION_FLAG]
-    # A user's own choice of the fusion emitters is kept (XLA takes the last value, so none is added).
-    proc = _child("--xla_cpu_use_fusion_emitters=true")
-    assert proc.returncode == 0, proc.stderr
-    flags = json.loads(proc.stdout.strip().splitlines()[-1])["meta"]["xla_flags"].split()
-    assert flags == ["--xla_cpu_use_fusion_emitters=true", DETERMINISTIC_GPU_FLAG]
+    assert flags == ["--xla_cpu_enable_fast_math=false", DETERMINISTIC_GPU_FLAG]
 
 
 @pytest.mark.subprocess
@@ -147,48 +142,3 @@ def test_retain_host_memory_after_the_backend_started_is_a_recorded_no_op():
     status = runtime.retain_host_memory()
     assert status == "retained" or status.startswith("system (")
     assert runtime.metadata()["host_memory"] == status
-
-
-_RESNET_CHILD = r"""
-import hashlib, json, sys
-from eos_jax import models, runtime
-meta = runtime.configure(cpu_fusion_emitters=sys.argv[1] == "on")
-import jax, jax.numpy as jnp, numpy as np
-from eos_jax import losses
-
-# ResNet-8 with batch norm and Swish (exp inside the fusions), one SGD step, float32.
-model = models.get("resnet56", activation="swish", beta=5.0)
-model = model.__class__(model.name, model.module.clone(blocks_per_stage=1), model.info, model.dtype, True)
-key = jax.random.key(0)
-x = jax.random.normal(key, (8 * 16 * 16 * 3,), jnp.float32).reshape(8, 16, 16, 3)
-y = jnp.arange(8, dtype=jnp.int32) % 10
-v = jax.jit(lambda k: model.init(k, (16, 16, 3)))(key)
-
-@jax.jit
-def step(v, x, y):
-    def loss(p):
-        logits, new = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True)
-        return losses.cross_entropy(logits, y), new
-    (l, new), g = jax.value_and_grad(loss, has_aux=True)(v["params"])
-    return jax.tree_util.tree_map(lambda p, g: p - jnp.float32(0.1) * g, v["params"], g), new, l
-
-out = jax.device_get(step(v, x, y))
-digest = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in jax.tree_util.tree_leaves(out))).hexdigest()
-print(json.dumps({"flags": meta["xla_flags"], "digest": digest}))
-"""
-
-
-@pytest.mark.subprocess
-def test_cpu_fusion_flag_changes_no_bit():
-    """The flag configure() adds by default (speed only) against XLA:CPU's fusion emitters left on."""
-    runs = {}
-    for mode in ("off", "on"):
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        env["JAX_PLATFORMS"] = "cpu"
-        proc = subprocess.run(
-            [sys.executable, "-c", _RESNET_CHILD, mode], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert CPU_FUSION_FLAG in runs["off"]["flags"].split() and CPU_FUSION_FLAG not in runs["on"]["flags"].split()
-    assert runs["off"]["digest"] == runs["on"]["digest"]
