@@ -467,3 +467,64 @@ def test_kernel_inits_draw_flat_with_the_bits_of_a_shaped_draw():
     for (got, want), (_, _, shape, dtype) in zip(jax.jit(draws)(jax.random.key(5)), cases):
         assert got.shape == shape and got.dtype == dtype
         assert_tree_equal_bits(got, want)
+
+
+def test_materialize_is_the_identity_bit_for_bit_and_for_derivatives():
+    bits = np.array([0x3FC00000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 2, 0x80000003], np.uint32)
+    x = jnp.asarray(bits.view(np.float32))  # 1.5, -0, +-inf, NaNs with payloads, subnormals
+    for f in (layers.materialize, jax.jit(layers.materialize)):
+        assert np.array_equal(np.asarray(f(x)).view(np.uint32), bits)
+    lanes = jnp.stack([x, x[::-1]])  # one lane starts with a NaN (its loop makes no trip)
+    out = jax.jit(jax.vmap(layers.materialize))(lanes)
+    assert np.array_equal(np.asarray(out).view(np.uint32), np.asarray(lanes).view(np.uint32))
+    x64 = jnp.asarray(np.array([1.0, -0.0, 5e-324], np.float64)) if jax.config.jax_enable_x64 else None
+    if x64 is not None:
+        assert np.array_equal(
+            np.asarray(jax.jit(layers.materialize)(x64)).view(np.uint64), np.asarray(x64).view(np.uint64)
+        )
+    v = jnp.array([1.0, -2.0, 3.0], jnp.float32)
+    f = lambda w: jnp.sum(jnp.tanh(layers.materialize(w * w)))  # noqa: E731
+    g = lambda w: jnp.sum(jnp.tanh(w * w))  # noqa: E731
+    assert np.array_equal(np.asarray(jax.grad(f)(v)), np.asarray(jax.grad(g)(v)))
+    hvp = lambda fn: jax.jvp(jax.grad(fn), (v,), (jnp.ones_like(v),))[1]  # noqa: E731
+    assert np.array_equal(np.asarray(jax.jit(lambda: hvp(f))()), np.asarray(jax.jit(lambda: hvp(g))()))
+
+
+def _resnet_step():
+    model = models.get("resnet56")
+    model = dataclasses.replace(model, module=model.module.clone(blocks_per_stage=2))
+    key = jax.random.key(0)
+    x = jax.random.normal(key, (8 * 16 * 16 * 3,), jnp.float32).reshape(8, 16, 16, 3)
+    y = jnp.arange(8, dtype=jnp.int32) % 10
+    v = jax.jit(lambda k: model.init(k, (16, 16, 3)))(key)
+
+    def step(v, x, y):
+        def loss(p):
+            logits, new = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True)
+            return losses.cross_entropy(logits, y), new
+
+        (l, new), g = jax.value_and_grad(loss, has_aux=True)(v["params"])
+        return jax.tree_util.tree_map(lambda p, g: p - jnp.float32(0.1) * g, v["params"], g), new, l
+
+    jitted = jax.jit(step)
+    return jitted(v, x, y), jitted.lower(v, x, y).compile().as_text()
+
+
+def test_resnet_residual_stream_is_materialized_with_the_same_bits(monkeypatch):
+    """ResNet-14's train step with its block outputs materialized (one while loop each, kept by
+    XLA) equals the step without, bit for bit; without, XLA fuses a stage's whole residual chain
+    into single fusions (many more operands per fusion)."""
+    import re
+
+    from eos_jax.models import resnet
+
+    def widest_fusion(hlo: str) -> int:
+        return max(line.count("%") - 1 for line in hlo.splitlines() if re.search(r"= \S+ fusion\(", line))
+
+    with_out, with_hlo = _resnet_step()
+    monkeypatch.setattr(resnet, "materialize", lambda x: x)
+    without_out, without_hlo = _resnet_step()
+    assert_tree_equal_bits(with_out, without_out)
+    assert with_hlo.count(" while(") == 1 + 3 * 2  # the stem and every block
+    assert without_hlo.count(" while(") == 0
+    assert widest_fusion(with_hlo) < widest_fusion(without_hlo), (widest_fusion(with_hlo), widest_fusion(without_hlo))

@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from eos_jax.models.layers import Conv, Dense, make_activation
+from eos_jax.models.layers import Conv, Dense, make_activation, materialize
 from eos_jax.models.vgg import batch_norm
 
 
@@ -117,7 +117,7 @@ class BasicBlock(nn.Module):
                 x[:, :: self.stride, :: self.stride, :],
                 ((0, 0), (0, 0), (0, 0), (pad, self.planes - x.shape[-1] - pad)),
             )
-        return act(y + shortcut)
+        return materialize(act(y + shortcut))  # the residual stream in memory: see layers.materialize
 
 
 class ResNetCifar(nn.Module):
@@ -157,7 +157,7 @@ class ResNetCifar(nn.Module):
         x = Conv(
             16, (3, 3), padding="same", use_bias=False, init_scheme=self.init_scheme, dtype=self.dtype, name="conv1"
         )(x)
-        x = act(batch_norm(train, self.dtype, "bn1")(x))
+        x = materialize(act(batch_norm(train, self.dtype, "bn1")(x)))
         for stage, planes in enumerate((16, 32, 64)):
             for b in range(self.blocks_per_stage):
                 stride = 2 if (stage > 0 and b == 0) else 1
