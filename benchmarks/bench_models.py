@@ -110,11 +110,12 @@ def bench_pde_kernel(size: int, ksize: int, repeats: int) -> None:
         )
 
 
-def bench_models(batch: int, repeats: int, names: list[str]) -> None:
-    """GD step of each named model on a batch of 32x32x3 inputs (resnet56 also forward only)."""
+def bench_models(batch: int, repeats: int, names: list[str]) -> dict[str, float]:
+    """GD step of each named model on a batch of 32x32x3 inputs (resnet56 also forward only); returns the step times."""
     key = jax.random.key(0)
     x = jax.random.normal(jax.random.fold_in(key, 1), (batch * 3072,), jnp.float32).reshape(batch, 32, 32, 3)
     y = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, 10, jnp.int32)
+    steps: dict[str, float] = {}
     for name in names:
         model = models.get(name)
         t0 = time.perf_counter()
@@ -127,6 +128,8 @@ def bench_models(batch: int, repeats: int, names: list[str]) -> None:
             _, t_fwd = _time(make_forward(model), variables, x, repeats=repeats)
             line += f"   forward {t_fwd:.3f} s -> backward+update {t - t_fwd:.3f} s"
         print(line, flush=True)
+        steps[name] = t
+    return steps
 
 
 def bench_torch_resnet56(batch: int, repeats: int) -> float | None:
@@ -203,16 +206,6 @@ def bench_torch_resnet56(batch: int, repeats: int) -> float | None:
     return t
 
 
-def resnet_step_time(batch: int, repeats: int) -> float:
-    """Median seconds of resnet56's jitted GD step at ``batch`` (random 32x32x3 inputs)."""
-    key = jax.random.key(0)
-    x = jax.random.normal(jax.random.fold_in(key, 1), (batch * 3072,), jnp.float32).reshape(batch, 32, 32, 3)
-    y = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, 10, jnp.int32)
-    model = models.get("resnet56")
-    variables = jax.jit(lambda k: model.init(k, (32, 32, 3)))(key)
-    return _time(make_gd_step(model, "ce"), variables, x, y, repeats=repeats)[1]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
@@ -223,18 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     runtime.configure()
     print(f"jax {jax.__version__} backend {jax.default_backend()} devices {jax.devices()}", flush=True)
     names = [n for n in args.models.split(",") if n]
-    if args.quick:
-        bench_single_channel(1200, args.repeats)
-        bench_pde_kernel(64, 16, args.repeats)
-        bench_models(16, args.repeats, names)
-    else:
-        bench_single_channel(12000, args.repeats)
-        bench_pde_kernel(256, 32, args.repeats)
-        bench_models(128, args.repeats, names)
     batch = 16 if args.quick else 128
+    bench_single_channel(1200 if args.quick else 12000, args.repeats)
+    bench_pde_kernel(64 if args.quick else 256, 16 if args.quick else 32, args.repeats)
+    steps = bench_models(batch, args.repeats, names)
     if args.torch:
-        ours = resnet_step_time(batch, args.repeats)
-        print(f"resnet56  batch {batch:4d} step {ours:8.3f} s   (eos-jax, measured again beside the lines below)")
+        # eos-jax's resnet56 step from above (measured now if --models left it out), beside PyTorch's.
+        ours = steps["resnet56"] if "resnet56" in steps else bench_models(batch, args.repeats, ["resnet56"])["resnet56"]
         theirs = bench_torch_resnet56(batch, args.repeats)
         if theirs is not None:
             print(f"ratio resnet56 eos-jax / PyTorch = {ours / theirs:.2f}", flush=True)
