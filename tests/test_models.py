@@ -490,6 +490,72 @@ def test_materialize_is_the_identity_bit_for_bit_and_for_derivatives():
     assert np.array_equal(np.asarray(jax.jit(lambda: hvp(f))()), np.asarray(jax.jit(lambda: hvp(g))()))
 
 
+def test_materialize_tangents_is_the_identity_and_leaves_gradients_alone():
+    bits = np.array([0x3FC00000, 0x80000000, 0x7F800000, 0x7FC00000, 2, 0x80000003], np.uint32)
+    x = jnp.asarray(bits.view(np.float32))  # 1.5, -0, inf, NaN, subnormals
+    for f in (layers.materialize_tangents, jax.jit(layers.materialize_tangents)):
+        assert np.array_equal(np.asarray(f(x)).view(np.uint32), bits)
+    v = jnp.array([0.5, -2.0, 3.0], jnp.float32)
+    f = lambda w: jnp.sum(jnp.tanh(layers.materialize_tangents(w * w)) * w)  # noqa: E731
+    g = lambda w: jnp.sum(jnp.tanh(w * w) * w)  # noqa: E731
+    assert np.array_equal(np.asarray(jax.jit(jax.grad(f))(v)), np.asarray(jax.jit(jax.grad(g))(v)))
+    # A gradient compiles to the program it would be without it: no while loop; a
+    # Hessian-vector product keeps the value, its cotangent and both tangents (loops).
+    assert " while(" not in jax.jit(jax.grad(f)).lower(v).compile().as_text()
+    hvp = lambda fn: jax.jit(lambda w, t: jax.jvp(jax.grad(fn), (w,), (t,))[1])  # noqa: E731
+    t = jnp.array([1.0, 0.5, -1.0], jnp.float32)
+    assert " while(" in hvp(f).lower(v, t).compile().as_text()
+    np.testing.assert_allclose(np.asarray(hvp(f)(v, t)), np.asarray(jax.hessian(g)(v) @ t), rtol=1e-5)
+    # Lanes (vmap) and a Hessian through jax.hessian work too.
+    np.testing.assert_allclose(np.asarray(jax.hessian(f)(v)), np.asarray(jax.hessian(g)(v)), rtol=1e-5)
+    lanes = jnp.stack([v, 2 * v])
+    assert np.array_equal(np.asarray(jax.vmap(jax.grad(f))(lanes)), np.asarray(jax.vmap(jax.grad(g))(lanes)))
+
+
+def test_cnn_hvp_keeps_activations_and_the_gradient_keeps_its_bits(monkeypatch):
+    """The 3-layer shifted CNN passes its activations through materialize_tangents: its gradient
+    is bit for bit the one without, its HVP agrees with the dense Hessian, and the HVP's fusions
+    no longer recompute a layer inside the next one's slices (measured: at most 36 slices per
+    fusion with it, 90 without, on this size)."""
+    import re
+
+    import jax.flatten_util
+
+    from eos_jax import hessian
+    from eos_jax.models import cnn
+
+    model = models.get("cnn", layers=3, kernel_size=3, activation="swish")
+    key = jax.random.key(0)
+    x = jax.random.uniform(key, (32 * 10 * 10,), jnp.float32).reshape(32, 10, 10, 1)
+    y = (jnp.arange(32) % 2).astype(jnp.int32)
+    params = jax.jit(lambda k: model.init(k, (10, 10, 1)))(key)["params"]
+
+    def loss(p, b):
+        return losses.binary_cross_entropy(model.apply({"params": p}, b[0], train=True)[0][:, 0], b[1])
+
+    t = jax.tree_util.tree_map(lambda a: jnp.full_like(a, 0.1), params)
+
+    def most_slices(hlo: str) -> int:
+        return max(c.count(" slice(") for c in re.split(r"\n(?=\S)", hlo) if "fused_computation" in c.split("\n")[0])
+
+    def run():
+        grad = jax.jit(jax.grad(loss))
+        hv = jax.jit(lambda p, b, v: hessian.hvp(loss, p, b, v))
+        return grad(params, (x, y)), hv(params, (x, y), t), hv.lower(params, (x, y), t).compile().as_text()
+
+    g_with, h_with, hlo_with = run()
+    monkeypatch.setattr(cnn, "materialize_tangents", lambda a: a)
+    g_without, h_without, hlo_without = run()
+    assert_tree_equal_bits(g_with, g_without)
+    assert hlo_with.count(" while(") == 8 and hlo_without.count(" while(") == 0  # 2 activations x 4 arrays
+    assert most_slices(hlo_with) < most_slices(hlo_without), (most_slices(hlo_with), most_slices(hlo_without))
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    dense = jax.hessian(lambda w: loss(unravel(w), (x, y)))(flat)
+    ref = np.asarray(dense, np.float64) @ np.asarray(jax.flatten_util.ravel_pytree(t)[0], np.float64)
+    for h in (h_with, h_without):
+        np.testing.assert_allclose(np.asarray(jax.flatten_util.ravel_pytree(h)[0]), ref, rtol=2e-4, atol=1e-6)
+
+
 def _resnet_step():
     model = models.get("resnet56")
     model = dataclasses.replace(model, module=model.module.clone(blocks_per_stage=2))
