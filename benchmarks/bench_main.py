@@ -25,7 +25,8 @@ Prints, all measured in this run on the machine at hand (medians of ``--repeats`
 * ``roofline <kernel>``: achieved GFLOP/s (useful convolution FLOPs, counted analytically)
   and GB/s (compulsory traffic: the images read once) against the peaks, and how many
   times slower than the roofline bound ``max(flops / peak_flops, bytes / peak_bw)`` it ran;
-* ``sweep``: 16 learning rates as one vmapped program vs 16 sequential runs.
+* ``sweep``: 16 learning rates as one program, all lanes vectorized and one lane at a time
+  (``lane_batch=1``), vs 16 sequential runs.
 
 Ratios are taken within this run; on a shared machine, compare ``uptime`` before and after.
 """
@@ -295,16 +296,27 @@ def main(argv: list[str] | None = None) -> None:
     hp_all = tr.stack_hparams(tr.make_lanes(lrs))
     s_all = init(hp_all)
     t_vmapped = _timed(lambda s: chunk(s, hp_all, data, ns), s_all, repeats=1)
+    chunk_b1 = tr.make_chunk_fn(problem, None, chunk_steps=args.sweep_steps, lane_batch=1)
+    t_b1 = _timed(lambda s: chunk_b1(s, hp_all, data, ns), s_all, repeats=1)
     hps = [tr.stack_hparams([tr.Lane(lr)]) for lr in lrs]
     states = [init(h) for h in hps]
     jax.block_until_ready(chunk(states[0], hps[0], data, ns))
     t0 = time.perf_counter()
-    for s, h in zip(states, hps):
-        jax.block_until_ready(chunk(s, h, data, ns))
+    outs = [jax.block_until_ready(chunk(s, h, data, ns)[0].params) for s, h in zip(states, hps)]
     t_seq = time.perf_counter() - t0
+    p_b1 = chunk_b1(s_all, hp_all, data, ns)[0].params
+    same = sum(
+        all(
+            np.array_equal(np.asarray(a)[i], np.asarray(b)[0])
+            for a, b in zip(jax.tree_util.tree_leaves(p_b1), jax.tree_util.tree_leaves(o))
+        )
+        for i, o in enumerate(outs)
+    )
     print(
-        f"sweep {args.lanes} lrs x {args.sweep_steps} steps: vmapped {t_vmapped:.3f} s, sequential {t_seq:.3f} s, "
-        f"sequential/vmapped = {t_seq / t_vmapped:.2f}",
+        f"sweep {args.lanes} lrs x {args.sweep_steps} steps: vmapped {t_vmapped:.3f} s, lane_batch=1 {t_b1:.3f} s, "
+        f"sequential {t_seq:.3f} s; sequential/vmapped = {t_seq / t_vmapped:.2f}, "
+        f"sequential/lane_batch=1 = {t_seq / t_b1:.2f} ({same} of {args.lanes} lanes bitwise equal to their "
+        "separate runs)",
         flush=True,
     )
     load = os.getloadavg()

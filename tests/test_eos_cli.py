@@ -130,6 +130,7 @@ def test_default_out_and_resume_without_out(tmp_path, capsys, monkeypatch):
         (["--lr", "-1"], "'-1'"),
         (["--lr", "nan"], "'nan'"),
         (["--steps", "0"], "'0'"),
+        (["--lane-batch", "0"], "'0'"),
         (["--model", "resnet"], "resnet"),
         (["--dataset", "imagenet"], "imagenet"),
         (["--loss", "hinge"], "hinge"),
@@ -572,12 +573,14 @@ def test_pool_and_binary_reach_the_model_and_are_recorded(tmp_path, capsys):
     """--pool sum / --binary softmax: config.json and metadata.json record them, and the model uses them."""
     out = tmp_path / "run"
     code, _, err = _run(
-        ["--layers", "1", "--lr", "2", "--pool", "sum", "--binary", "softmax", "--out", str(out), *SMALL], capsys
+        ["--layers", "1", "--lr", "2", "--pool", "sum", "--binary", "softmax", "--lane-batch", "1", "--out", str(out)]
+        + SMALL,
+        capsys,
     )
     assert code == 0, err
     cfg = json.loads((out / "config.json").read_text())
     model = json.loads((out / "metadata.json").read_text())["model"]
-    assert cfg["pool"] == "sum" and cfg["binary"] == "softmax"
+    assert cfg["pool"] == "sum" and cfg["binary"] == "softmax" and cfg["lane_batch"] == 1
     assert model["config"]["pool"] == "sum" and model["num_outputs"] == 2 and model["config"]["head"] == "linear"
     from experiments import eos
 

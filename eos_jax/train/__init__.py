@@ -69,6 +69,7 @@ from eos_jax.train.stats import (
     update_loss_stats,
 )
 from eos_jax.train.step import (
+    lane_map,
     make_chunk_fn,
     make_eig_fn,
     make_eval_fn,
@@ -117,6 +118,7 @@ __all__ = [
     "make_eval_fn",
     "make_final_fn",
     "make_lanes",
+    "lane_map",
     "make_sharpness_fn",
     "make_train_step",
     "make_test_fn",

@@ -307,9 +307,9 @@ class Plan:
                 if mesh is None
                 else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("lanes")),
             ),
-            chunk_fn=make_chunk_fn(problem, config.batch_size, config.chunk_steps, late_from),
+            chunk_fn=make_chunk_fn(problem, config.batch_size, config.chunk_steps, late_from, config.lane_batch),
             final_fn=make_final_fn(problem, config.batch_size, late_from),
-            sharp_fn=make_sharpness_fn(problem, eig_fn),
+            sharp_fn=make_sharpness_fn(problem, eig_fn, config.lane_batch),
             eval_data=eval_data,
             test_fn=make_test_fn(problem) if problem.eval_fn is not None else None,
             width=width,

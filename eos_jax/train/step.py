@@ -14,6 +14,7 @@ stability boundary on purpose).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -160,8 +161,53 @@ def make_train_step(
     return step
 
 
+def lane_map(
+    fn: Callable[..., Any], lane_batch: int | None = None, in_axes: tuple[int | None, ...] = (0, 0, None)
+) -> Callable[..., Any]:
+    """``fn`` of one lane applied to every lane (leading axis of the arguments with ``in_axes`` 0).
+
+    ``lane_batch=None``: ``jax.vmap`` over all lanes at once (one vectorized program: every
+    array of the step exists for every lane at the same time). An int: ``lax.map`` over
+    groups of ``lane_batch`` lanes, each group vmapped, one group after another inside the
+    same program: memory for ``lane_batch`` lanes' temporaries instead of all of them, and a
+    ``while`` loop inside ``fn`` (a warm-started eigensolver) stops at each group's own
+    convergence. The lanes' results are the same functions of their inputs either way, but
+    not the same bits (vectorized and looped programs round their reductions differently):
+    runs compare like with like.
+
+    Measured (``benchmarks/bench_main.py``, 16 learning rates of the main job on 12,000
+    images, 2-core CPU): all 16 vectorized ran at 0.35-0.43x the speed of 16 separate runs
+    (16 lanes' temporaries, ~5 GB, fault in fresh pages every step); ``lane_batch=1`` at the
+    speed of the separate runs or better.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> f = lambda w, hp, data: w * hp + data  # one lane
+      >>> w, hp = jnp.arange(4.0), jnp.full(4, 2.0)
+      >>> lane_map(f)(w, hp, 1.0).tolist(), lane_map(f, lane_batch=3)(w, hp, 1.0).tolist()
+      ([1.0, 3.0, 5.0, 7.0], [1.0, 3.0, 5.0, 7.0])
+    """
+    if lane_batch is None:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def mapped(*args: Any) -> Any:
+        lane_args = tuple(a for a, ax in zip(args, in_axes) if ax == 0)
+
+        def one(xs: tuple[Any, ...]) -> Any:
+            it = iter(xs)
+            return fn(*(next(it) if ax == 0 else a for a, ax in zip(args, in_axes)))
+
+        return jax.lax.map(one, lane_args, batch_size=lane_batch)
+
+    return mapped
+
+
 def make_chunk_fn(
-    problem: Problem, batch_size: int | None = None, chunk_steps: int = 50, late_from: int = 0
+    problem: Problem,
+    batch_size: int | None = None,
+    chunk_steps: int = 50,
+    late_from: int = 0,
+    lane_batch: int | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Jitted ``(states, hparams, data, n, twin=None) -> (states, metrics)``: ``n`` steps of every lane.
 
@@ -177,7 +223,8 @@ def make_chunk_fn(
     a second compiled program on device (no host round trip). Metrics ``loss``, ``finite``,
     ``rel_l1`` and ``rel_l1_ma`` have shape ``(lanes, chunk_steps)``, and each value of
     ``aux`` (``problem.step_metrics``) ``(lanes, chunk_steps, ...)``; entries ``>= n``
-    are padding.
+    are padding. ``lane_batch``: the step runs on that many lanes at a time (:func:`lane_map`);
+    ``None`` vectorizes all lanes.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -193,7 +240,7 @@ def make_chunk_fn(
       >>> met["loss"][:, :3].tolist(), states.step.tolist()
       ([[2.5, 0.28125, 0.158203125], [2.5, 2.125, 2.03125]], [3, 3])
     """
-    vstep = jax.vmap(make_train_step(problem, batch_size), in_axes=(0, 0, None))
+    vstep = lane_map(make_train_step(problem, batch_size), lane_batch)
     vpush = jax.vmap(push_rel)
     vstats = jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from))
 
@@ -373,13 +420,14 @@ def objective_fn(problem: Problem, hp: HParams, model_state: PyTree = None) -> L
 
 
 def make_sharpness_fn(
-    problem: Problem, eig_fn: EigFn
+    problem: Problem, eig_fn: EigFn, lane_batch: int | None = None
 ) -> Callable[[TrainState, HParams, Batch], tuple[TrainState, jax.Array]]:
     """Jitted, lane-vmapped ``(states, hparams, batch) -> (states with new eigvec, lambda_max)``.
 
     Warm-started from ``state.eigvec``; a non-finite eigenvector is not kept. The
     eigensolver's key (random start when the warm start is zero, Lanczos restarts) is
-    :func:`sharpness_key` of the lane's data key and step.
+    :func:`sharpness_key` of the lane's data key and step. ``lane_batch``: lanes per
+    vectorized group (:func:`lane_map`; ``None``: all).
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -402,7 +450,7 @@ def make_sharpness_fn(
         vec = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a.astype(b.dtype), b), vec, state.eigvec)
         return state._replace(eigvec=vec), val
 
-    return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+    return jax.jit(lane_map(one, lane_batch))
 
 
 def make_eval_fn(problem: Problem, batch_size: int | None) -> Callable[[TrainState, HParams, Batch], jax.Array]:

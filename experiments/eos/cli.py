@@ -145,6 +145,13 @@ def build_parser() -> cli.ArgumentParser:
         default=None,
         help="lanes per vmapped program (default: as many as fit in memory, at most 16)",
     )
+    p.add_argument(
+        "--lane-batch",
+        type=cli.positive_int,
+        default=None,
+        help="inside a program, train this many lanes at a time, one batch after another (default: all at once; "
+        "1 is faster for big batches on a CPU; a lane's bits depend on it)",
+    )
     p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="working dtype (default float32)")
     p.add_argument("--out", default=None, help="run directory (default runs/eos/<UTC time>-<config hash>)")
     p.add_argument(
@@ -177,6 +184,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         "sharpness_method",
         "chunk_steps",
         "max_lanes",
+        "lane_batch",
         "dtype",
         "conv_impl",
         "standardize",

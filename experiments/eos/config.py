@@ -91,7 +91,7 @@ class EosConfig:
         or ``"mse"`` (Cohen et al.'s squared loss on one-hot targets).
       standardize: standardize pixels with the training set's per-channel statistics.
       sharpness_every, sharpness_iters, sharpness_method, checkpoint_every, chunk_steps,
-      log_every, max_lanes: see :class:`eos_jax.train.EngineConfig` (``max_lanes=None``: sized to
+      log_every, max_lanes, lane_batch: see :class:`eos_jax.train.EngineConfig` (``max_lanes=None``: sized to
         memory, at most ``AUTO_LANE_CAP``).
       dtype: working float dtype of parameters and data.
     """
@@ -123,6 +123,7 @@ class EosConfig:
     chunk_steps: int = 50
     log_every: int = 1
     max_lanes: int | None = None
+    lane_batch: int | None = None
     dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,7 +149,7 @@ class EosConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
-        for name in ("batch_size", "num_examples", "sharpness_every", "checkpoint_every", "max_lanes"):
+        for name in ("batch_size", "num_examples", "sharpness_every", "checkpoint_every", "max_lanes", "lane_batch"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
@@ -177,6 +178,7 @@ class EosConfig:
             sharpness_method=self.sharpness_method,
             checkpoint_every=self.checkpoint_every,
             max_lanes=self.max_lanes,
+            lane_batch=self.lane_batch,
             auto_lane_cap=AUTO_LANE_CAP,
         )
 
