@@ -533,7 +533,7 @@ def _tree_bytes(d: Path) -> dict[str, bytes | None]:
 
 
 def test_resume_with_another_grouping_or_model_is_an_error_and_moves_nothing(baseline, tmp_path):
-    """Checkpoints written with 2 lanes per group, resumed with max_lanes=1 (or with another model):
+    """Checkpoints written with 2 lanes per group, resumed with max_lanes=1 (or another lane_batch, or another model):
     one-line CheckpointMismatchError naming the group and what differs; no checkpoint is declared
     corrupt or moved, nothing under the run directory changes (issue 10, correctness 1)."""
     import shutil
@@ -571,6 +571,11 @@ def test_resume_with_another_grouping_or_model_is_an_error_and_moves_nothing(bas
             dataclasses.replace(toy_problem(), init_params=wider_init),
             TOY_CONFIG,
             ["checkpoints/group_000", "another model", "(2, 4) float32", "(2, 5) float32"],
+        ),
+        (  # the same groups, trained another number of lanes at a time (another lane's bits)
+            toy_problem(),
+            dataclasses.replace(TOY_CONFIG, lane_batch=1),
+            ["lane_batch=None", "lane_batch=1", "resume with the lane_batch that started it"],
         ),
         (  # another model AND another grouping: the model is named (the lane count alone would not
             # resume it); before, the leading axis of the first array was read as the lane count.

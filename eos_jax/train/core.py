@@ -377,6 +377,7 @@ class Plan:
             "num_devices": len(self.devices),
             "groups": [len(g) for g in self.groups],
             "max_lanes": self.config.max_lanes,
+            "lane_batch": self.config.lane_batch,
             "estimate": self.lane_estimate.to_json() if self.lane_estimate is not None else None,
             "line": self.describe_groups(),
         }

@@ -184,6 +184,19 @@ def check_resume(
             raise CheckpointMismatchError(msg) from None
         finally:
             store.close()
+    groups_file = root / LANE_GROUPS_FILE
+    if groups_file.is_file():
+        # The lanes' bits depend on how many trained at a time (lane_map): a record without the
+        # key was written before lane_batch existed, when all lanes of a group trained at once.
+        try:
+            recorded = json.loads(groups_file.read_text()).get("lane_batch")
+        except (ValueError, AttributeError) as e:
+            raise CheckpointMismatchError(f"{groups_file} is unreadable ({e}): start a new run directory") from None
+        if recorded != config.lane_batch:
+            raise CheckpointMismatchError(
+                f"{run_dir} was trained with lane_batch={recorded}, this run has lane_batch={config.lane_batch}: "
+                "resume with the lane_batch that started it, or start a new run directory"
+            )
     extra = sorted(
         p.name
         for p in root.glob("group_*")
