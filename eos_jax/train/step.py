@@ -176,9 +176,10 @@ def lane_map(
     runs compare like with like.
 
     Measured (``benchmarks/bench_main.py``, 16 learning rates of the main job on 12,000
-    images, 2-core CPU): all 16 vectorized ran at 0.35-0.43x the speed of 16 separate runs
-    (16 lanes' temporaries, ~5 GB, fault in fresh pages every step); ``lane_batch=1`` at the
-    speed of the separate runs or better.
+    images, 2-core CPU): all 16 vectorized ran at 0.35-0.48x the speed of 16 separate runs
+    (16 lanes' temporaries, ~5 GB, fault in fresh pages every step); ``lane_batch=1`` at
+    0.95-1.01x, the separate runs' speed within this VM's noise. A ``lane_batch`` larger than
+    the number of lanes vectorizes them all (as one remainder batch).
 
     Example:
       >>> import jax.numpy as jnp
