@@ -27,9 +27,9 @@ of the backward scan is again one scan over chunks with primal and tangent fused
 
 Cost of second order: a Hessian-vector product through this stack (``jvp`` of the backward
 scan) measured 7.8 gradients (``jvp(grad)``) and 38 gradients through ``jax.linearize``
-(2,000 images, benchmarks/bench_main.py), against 1.8 for ``"shifted"``; ``"auto"``
-therefore keeps ``"shifted"`` for the main job, whose run time is dominated by sharpness
-tracking. A hand-written second-order pass per chunk (forward and backward tangents in the
+(2,000 images, benchmarks/bench_main.py), against 1.8 for ``"shifted"`` then (1.1-1.16 now,
+12,000 images); ``"auto"`` therefore keeps ``"shifted"`` for the main job, which tracks
+sharpness. A hand-written second-order pass per chunk (forward and backward tangents in the
 same chunk loop as the primal) is what is missing.
 
 Rounding: the gradient sums over the batch chunk by chunk (a fixed ``CHUNK``), which
