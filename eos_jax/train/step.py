@@ -178,8 +178,9 @@ def lane_map(
     Measured (``benchmarks/bench_main.py``, 16 learning rates of the main job on 12,000
     images, 2-core CPU): all 16 vectorized ran at 0.35-0.48x the speed of 16 separate runs
     (16 lanes' temporaries, ~5 GB, fault in fresh pages every step); ``lane_batch=1`` at
-    0.85-1.21x in single runs, 0.97-1.02x the fastest of three (1 or 2 lanes at a time): the separate runs' speed within this VM's noise. A ``lane_batch`` larger than
-    the number of lanes vectorizes them all (as one remainder batch).
+    0.85-1.21x in single runs and 1 or 2 at 0.97-1.02x as the fastest of three: the separate
+    runs' speed within this VM's noise. A ``lane_batch`` larger than the number of lanes
+    vectorizes them all (as one remainder batch).
 
     Example:
       >>> import jax.numpy as jnp
