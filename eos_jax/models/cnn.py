@@ -32,7 +32,6 @@ from eos_jax.models.layers import (
     SingleChannelConv,
     make_activation,
     make_kernel_init,
-    materialize_tangents,
 )
 
 POOLS = ("mean", "sum")
@@ -94,13 +93,8 @@ class PaperCNN(nn.Module):
         if x.shape[-1] == 1 and set(self.channels) == {1}:
             # All layers single-channel: run on (N, H, W) arrays (much faster on CPU than
             # with a trailing channel axis of size 1; same parameters, same function).
-            # Activations feeding a shifted layer go through materialize_tangents: it keeps XLA from
-            # recomputing a layer inside the next one's shifted slices in Hessian-vector
-            # products (same values, same gradient bits; see layers.materialize_tangents).
             x = x[..., 0]
             for i, impl in enumerate(self.impls):
-                if i and impl == "shifted":
-                    x = materialize_tangents(x)
                 x = act(
                     SingleChannelConv(
                         self.kernel_size,

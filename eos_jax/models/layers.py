@@ -35,9 +35,9 @@ without it, XLA fuses a ResNet stage's chain of batch norm, ReLU and residual ad
 every consumer of a block's output, so the backward pass recomputes the stage from its first
 block for each weight gradient (ResNet-56 at batch 128 on 2 cores: 1.9 s per step, 0.93 s with
 it, the same bits). :func:`materialize_tangents` keeps a value's tangents and cotangents in memory in
-Hessian-vector products and changes nothing in a gradient: the single-channel CNN passes its
-activations through it (with a one-pass kernel-gradient tangent, :func:`_kernel_grad`), which made
-its HVP 3.4-4.4x faster.
+Hessian-vector products and changes nothing in a gradient: the shifted single-channel convolution
+passes its input through it (with a one-pass kernel-gradient tangent, :func:`_kernel_grad`), which
+made the CNN's HVP 3.4-4.4x faster.
 
 Length: most of this module is docstrings with runnable examples (issue 10).
 """
@@ -520,7 +520,9 @@ def conv2d_single_channel(x_NHW: Array, k_HW: Array, *, padding: str = "valid", 
     if ho < 1 or wo < 1:
         raise ConfigError(f"kernel {kh}x{kw} larger than its (padded) input {h}x{w}")
     if impl == "shifted":
-        return _shifted_conv(x, k_HW)
+        # The input in memory, with its derivatives, in Hessian-vector products (nothing in a
+        # gradient, nothing for data, which is not differentiated): see materialize_tangents.
+        return _shifted_conv(materialize_tangents(x), k_HW)
     if impl == "fused":
         # One layer on its own: the batch-minor shifted slices of eos_jax.models.fused (the
         # whole-stack fusion happens in PaperCNN when every layer is "fused"). Imported here, not at
