@@ -14,9 +14,15 @@ Prints, measured in this one run:
   time and compile time per implementation (why ``auto`` picks the FFT there);
 * step times of fc, vgg16, vgg16_bn and resnet56 (batch 128, 32x32x3), and for
   resnet56 the forward-only time, so that the backward share is visible;
+* for resnet56 and vgg16_bn, the convolution-library candidates side by side (calls
+  interleaved, fastest of the repeats): the step with XLA:CPU's Eigen convolutions (what
+  ``eos_jax.runtime.configure`` sets, :data:`eos_jax.runtime.EIGEN_CONV_FLAG`) against XLA's
+  default YNNPACK convolutions (per-program ``compiler_options``), their ratio, and how many
+  elements of the updated weights differ between the two;
 * with ``--torch`` (PyTorch installed): the same ResNet-56 (option A) in PyTorch, one SGD step
   with momentum 0.9, Nesterov and weight decay 5e-4 (the authors' ``main6.py``), NCHW as a
-  PyTorch user writes it, and eos-jax's step over PyTorch's, measured in this run.
+  PyTorch user writes it, beside eos-jax's ResNet-56 step with the same optimizer (optax), and
+  eos-jax's step over PyTorch's, measured in this run.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 from eos_jax import losses, models, runtime
 
@@ -65,6 +73,38 @@ def make_gd_step(model: models.Model, loss_name: str, lr: float = 0.01):
         return {"params": params, **new_state}, loss
 
     return step
+
+
+def time_candidates(compiled: dict, args: tuple, repeats: int) -> dict[str, float]:
+    """Fastest of ``repeats`` calls of each compiled program, the calls interleaved (candidates see the same machine)."""
+    for fn in compiled.values():
+        jax.block_until_ready(fn(*args))
+    times: dict[str, list[float]] = {name: [] for name in compiled}
+    for _ in range(repeats):
+        for name, fn in compiled.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(ts) for name, ts in times.items()}
+
+
+def bench_conv_libraries(name: str, step, variables, x, y, repeats: int) -> None:
+    """One model's step with Eigen convolutions (the configured default) against YNNPACK's (XLA's default)."""
+    lowered = step.lower(variables, x, y)
+    compiled = {
+        "eigen": lowered.compile(compiler_options=runtime.EIGEN_CONV_COMPILER_OPTIONS),
+        "ynn": lowered.compile(compiler_options=runtime.YNN_CONV_COMPILER_OPTIONS),
+    }
+    outs = {k: jax.tree_util.tree_leaves(fn(variables, x, y)[0]["params"]) for k, fn in compiled.items()}
+    differ = sum(int(np.sum(np.asarray(a) != np.asarray(b))) for a, b in zip(outs["eigen"], outs["ynn"]))
+    total = sum(int(np.asarray(a).size) for a in outs["eigen"])
+    t = time_candidates(compiled, (variables, x, y), repeats)
+    print(
+        f"{name:9s} convolutions: Eigen (configured) step {t['eigen']:.3f} s, YNNPACK (XLA's default) "
+        f"{t['ynn']:.3f} s: ratio YNNPACK / Eigen = {t['ynn'] / t['eigen']:.2f}   "
+        f"(updated weights differ in {differ} of {total} elements)",
+        flush=True,
+    )
 
 
 def make_forward(model: models.Model):
@@ -129,7 +169,35 @@ def bench_models(batch: int, repeats: int, names: list[str]) -> dict[str, float]
             line += f"   forward {t_fwd:.3f} s -> backward+update {t - t_fwd:.3f} s"
         print(line, flush=True)
         steps[name] = t
+        if name in ("resnet56", "vgg16_bn"):
+            bench_conv_libraries(name, make_gd_step(model, "ce"), variables, x, y, repeats)
     return steps
+
+
+def bench_resnet56_nesterov(batch: int, repeats: int) -> float:
+    """eos-jax's ResNet-56 step with PyTorch's update (SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4)."""
+    model = models.get("resnet56")
+    key = jax.random.key(0)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (batch * 3072,), jnp.float32).reshape(batch, 32, 32, 3)
+    y = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, 10, jnp.int32)
+    variables = jax.jit(lambda k: model.init(k, (32, 32, 3)))(key)
+    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9, nesterov=True))
+
+    def loss_fn(params, state):
+        logits, new_state = model.apply({"params": params, **state}, x, train=True)
+        return losses.cross_entropy(logits, y), new_state
+
+    @jax.jit
+    def step(variables, opt_state):
+        params = variables["params"]
+        state = {k: v for k, v in variables.items() if k != "params"}
+        (_, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return {"params": optax.apply_updates(params, updates), **new_state}, opt_state
+
+    _, t = _time(step, variables, tx.init(variables["params"]), repeats=repeats)
+    print(f"resnet56  batch {batch:4d} step {t:8.3f} s   (SGD Nesterov + wd, as PyTorch's below)", flush=True)
+    return t
 
 
 def bench_torch_resnet56(batch: int, repeats: int) -> float | None:
@@ -219,10 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     batch = 16 if args.quick else 128
     bench_single_channel(1200 if args.quick else 12000, args.repeats)
     bench_pde_kernel(64 if args.quick else 256, 16 if args.quick else 32, args.repeats)
-    steps = bench_models(batch, args.repeats, names)
+    bench_models(batch, args.repeats, names)
     if args.torch:
-        # eos-jax's resnet56 step from above (measured now if --models left it out), beside PyTorch's.
-        ours = steps["resnet56"] if "resnet56" in steps else bench_models(batch, args.repeats, ["resnet56"])["resnet56"]
+        # eos-jax's resnet56 step with PyTorch's optimizer, beside PyTorch's (medians of the repeats).
+        ours = bench_resnet56_nesterov(batch, args.repeats)
         theirs = bench_torch_resnet56(batch, args.repeats)
         if theirs is not None:
             print(f"ratio resnet56 eos-jax / PyTorch = {ours / theirs:.2f}", flush=True)

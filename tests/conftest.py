@@ -10,6 +10,9 @@ workers and by every child process the tests start (through ``JAX_COMPILATION_CA
 and removed at the end. A cache hit loads the executable the same HLO compiled to, so
 no bit changes; nothing is kept between sessions.
 
+XLA:CPU compiles convolutions with Eigen, as ``eos_jax.runtime.configure()`` sets for every
+entry point (set here before the backend starts, so in-process runs match the CLIs).
+
 Random test inputs of rank 3 or more are drawn as one flat vector and reshaped: the same
 bits (JAX's partitionable threefry counts in row-major flat order), but a shaped rank-4
 draw compiles for seconds on this CPU (see ``eos_jax.models.layers.make_kernel_init``).
@@ -31,6 +34,14 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402  (after the cache variables, which jax reads at import)
+
+from eos_jax import runtime  # noqa: E402
+
+# The convolution setting runtime.configure() gives every entry point (importing jax starts no
+# backend, so it still takes effect here): in-process programs and CLI runs, and the child
+# processes that inherit this environment, then compile convolutions alike.
+if runtime.eigen_conv_supported() and runtime.YNN_FUSION_OPTION not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + runtime.EIGEN_CONV_FLAG).strip()
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 

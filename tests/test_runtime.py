@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
+from eos_jax import runtime
 from eos_jax.errors import ConfigError
-from eos_jax.runtime import DETERMINISTIC_GPU_FLAG, check_xla_flags, configure
+from eos_jax.runtime import DETERMINISTIC_GPU_FLAG, EIGEN_CONV_FLAG, check_xla_flags, configure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,11 +53,76 @@ def test_configure_in_fresh_process_sets_flags_and_returns_metadata():
     assert meta["backend"] == "cpu" and meta["device_count"] >= 1 and meta["device_kinds"]
     for name in ("jax", "jaxlib", "flax", "optax"):
         assert meta["versions"][name], name
-    # A user's own flags are kept, the deterministic flag is appended once.
+    assert EIGEN_CONV_FLAG in meta["xla_flags"].split()
+    # A user's own flags are kept, the deterministic and convolution flags are appended once.
     proc = _child("--xla_cpu_enable_fast_math=false " + DETERMINISTIC_GPU_FLAG)
     assert proc.returncode == 0, proc.stderr
     flags = json.loads(proc.stdout.strip().splitlines()[-1])["meta"]["xla_flags"].split()
-    assert flags == ["--xla_cpu_enable_fast_math=false", DETERMINISTIC_GPU_FLAG]
+    assert flags == ["--xla_cpu_enable_fast_math=false", DETERMINISTIC_GPU_FLAG, EIGEN_CONV_FLAG]
+    # A user's own choice of YNNPACK fusions is theirs: nothing is added.
+    proc = _child("--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+    assert proc.returncode == 0, proc.stderr
+    flags = json.loads(proc.stdout.strip().splitlines()[-1])["meta"]["xla_flags"].split()
+    assert flags == ["--xla_cpu_experimental_ynn_fusion_type=individual_dot", DETERMINISTIC_GPU_FLAG]
+
+
+@pytest.mark.subprocess
+def test_configure_after_the_cpu_backend_started_refuses_the_convolution_setting():
+    code = (
+        "import json, jax.numpy as jnp\n"
+        "from eos_jax.errors import ConfigError\n"
+        "from eos_jax.runtime import configure\n"
+        "jnp.ones(2).block_until_ready()\n"
+        "try:\n    configure()\nexcept ConfigError as e:\n    print(json.dumps({'error': str(e)}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    message = json.loads(proc.stdout.strip().splitlines()[-1])["error"]
+    assert EIGEN_CONV_FLAG in message and "configure() first" in message
+
+
+def _hlo(fn, *args, compiler_options=None) -> str:
+    """Compiled HLO text without metadata (source locations differ between otherwise equal programs)."""
+    import re
+
+    import jax
+
+    text = jax.jit(fn, compiler_options=compiler_options).lower(*args).compile().as_text()
+    return re.sub(r"metadata=\{[^}]*\}", "", text)
+
+
+def test_convolution_setting_changes_convolutions_only():
+    import jax
+    import jax.numpy as jnp
+
+    if not runtime.eigen_conv_supported():
+        pytest.skip("this jaxlib predates the YNNPACK fusion flag")
+    # 32 channels: XLA:CPU leaves smaller convolutions (16 channels) out of YNNPACK anyway.
+    x = jnp.ones((2, 8, 8, 32), jnp.float32)
+    w = jnp.ones((3, 3, 32, 32), jnp.float32)
+
+    def conv_loss(w, x):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.tanh(y))
+
+    conv = jax.grad(conv_loss)
+    eigen = _hlo(conv, w, x, compiler_options=runtime.EIGEN_CONV_COMPILER_OPTIONS)
+    ynn = _hlo(conv, w, x, compiler_options=runtime.YNN_CONV_COMPILER_OPTIONS)
+    assert "__ynn_fusion" not in eigen and "convolution(" in eigen
+    assert "__ynn_fusion" in ynn
+    # This process runs under EIGEN_CONV_FLAG (tests/conftest.py), the flag form of the same setting.
+    assert EIGEN_CONV_FLAG in os.environ["XLA_FLAGS"].split()
+    assert _hlo(conv, w, x) == eigen
+    # XLA's default (no flag) is the YNNPACK list: checked on a program without convolutions
+    # (a dot, a reduction, elementwise ops), which compiles to the same HLO under both.
+    a = jnp.ones((64, 128), jnp.float32)
+    b = jnp.ones((128, 32), jnp.float32)
+    dense = jax.grad(lambda b, a: jnp.sum(jnp.tanh(a @ b) ** 2))
+    dense_ynn = _hlo(dense, b, a, compiler_options=runtime.YNN_CONV_COMPILER_OPTIONS)
+    assert "__ynn_fusion" in dense_ynn
+    assert _hlo(dense, b, a, compiler_options=runtime.EIGEN_CONV_COMPILER_OPTIONS) == dense_ynn
 
 
 @pytest.mark.subprocess
@@ -142,3 +208,30 @@ def test_retain_host_memory_after_the_backend_started_is_a_recorded_no_op():
     status = runtime.retain_host_memory()
     assert status == "retained" or status.startswith("system (")
     assert runtime.metadata()["host_memory"] == status
+
+
+_DEFAULT_CHILD = r"""
+import json, re, jax, jax.numpy as jnp
+from eos_jax import runtime
+def hlo(fn, *args, **kw):
+    return re.sub(r"metadata=\{[^}]*\}", "", jax.jit(fn, **kw).lower(*args).compile().as_text())
+x = jnp.ones((2, 8, 8, 32), jnp.float32); w = jnp.ones((3, 3, 32, 32), jnp.float32)
+conv = jax.grad(lambda w, x: jnp.sum(jnp.tanh(jax.lax.conv_general_dilated(
+    x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))))
+print(json.dumps({"default_is_ynn": hlo(conv, w, x) == hlo(conv, w, x, compiler_options=runtime.YNN_CONV_COMPILER_OPTIONS),
+                  "default_is_eigen": hlo(conv, w, x) == hlo(conv, w, x, compiler_options=runtime.EIGEN_CONV_COMPILER_OPTIONS)}))
+"""
+
+
+@pytest.mark.subprocess
+def test_xla_default_is_the_ynnpack_list():
+    """What ``bench_models.py`` labels "XLA's default" is: a process without the flag compiles like the YNNPACK list."""
+    if not runtime.eigen_conv_supported():
+        pytest.skip("this jaxlib predates the YNNPACK fusion flag")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", _DEFAULT_CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"default_is_ynn": True, "default_is_eigen": False}
