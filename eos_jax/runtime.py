@@ -72,7 +72,15 @@ def _jaxlib_version() -> tuple[int, ...]:
 
 
 def eigen_conv_supported() -> bool:
-    """Whether this jaxlib knows :data:`EIGEN_CONV_FLAG` (0.10 and newer)."""
+    """Whether this jaxlib knows :data:`EIGEN_CONV_FLAG` (0.10 and newer), so :func:`configure` sets it.
+
+    Example:
+      >>> from eos_jax.runtime import EIGEN_CONV_FLAG, eigen_conv_supported
+      >>> EIGEN_CONV_FLAG
+      '--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce'
+      >>> eigen_conv_supported() in (True, False)
+      True
+    """
     return _jaxlib_version() >= _EIGEN_CONV_MIN_JAXLIB
 
 
