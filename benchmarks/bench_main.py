@@ -304,17 +304,19 @@ def main(argv: list[str] | None = None) -> None:
     hp_all = tr.stack_hparams(tr.make_lanes(lrs))
     s_all = init(hp_all)
     sweep_repeats = 1 if args.quick else 3  # single runs of seconds each: the fastest of 3
-    t_vmapped = _timed(lambda s: chunk(s, hp_all, data, ns), s_all, repeats=sweep_repeats)
+    fn_vmapped = lambda s: chunk(s, hp_all, data, ns)  # noqa: E731
+    t_vmapped = _timed(fn_vmapped, s_all, repeats=sweep_repeats)
     chunk_b1 = tr.make_chunk_fn(problem, None, chunk_steps=args.sweep_steps, lane_batch=1)
-    t_b1 = _timed(lambda s: chunk_b1(s, hp_all, data, ns), s_all, repeats=sweep_repeats)
+    fn_b1 = lambda s: chunk_b1(s, hp_all, data, ns)  # noqa: E731
+    t_b1 = _timed(fn_b1, s_all, repeats=sweep_repeats)
     hps = [tr.stack_hparams([tr.Lane(lr)]) for lr in lrs]
     states = [init(h) for h in hps]
     jax.block_until_ready(chunk(states[0], hps[0], data, ns))
-    t_seq = float("inf")
+    t_seq, c_seq = float("inf"), float("inf")
     for _ in range(sweep_repeats):
-        t0 = time.perf_counter()
+        c0, t0 = _cpu(), time.perf_counter()
         outs = [jax.block_until_ready(chunk(s, h, data, ns)[0].params) for s, h in zip(states, hps)]
-        t_seq = min(t_seq, time.perf_counter() - t0)
+        t_seq, c_seq = min(t_seq, time.perf_counter() - t0), min(c_seq, _cpu() - c0)
     p_b1 = chunk_b1(s_all, hp_all, data, ns)[0].params
     same = sum(
         all(
@@ -328,6 +330,13 @@ def main(argv: list[str] | None = None) -> None:
         f"sequential {t_seq:.3f} s; sequential/vmapped = {t_seq / t_vmapped:.2f}, "
         f"sequential/lane_batch=1 = {t_seq / t_b1:.2f} ({same} of {args.lanes} lanes bitwise equal to their "
         "separate runs)",
+        flush=True,
+    )
+    # What limits the sweep on this machine: how busy the cores are in each mode (CPU seconds of all
+    # threads over wall seconds, out of os.cpu_count()); both modes move the same bytes per lane.
+    print(
+        f"sweep core use (cpu s / wall s of {os.cpu_count()} cores): sequential {c_seq / t_seq:.2f}, "
+        f"lane_batch=1 {CPU_TIMES[id(fn_b1)] / t_b1:.2f}, vmapped {CPU_TIMES[id(fn_vmapped)] / t_vmapped:.2f}",
         flush=True,
     )
     load = os.getloadavg()
