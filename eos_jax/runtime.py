@@ -17,8 +17,10 @@ It fixes what changes bits from one run to the next:
   library fusion left as it is. The two give different bits for any program with a
   convolution (programs without one compile to the same HLO), and the Eigen ones are faster
   on this project's models: ResNet-56's step 0.91 s against 1.18 s at batch 128 on a 2-core
-  CPU, vmapped VGG lanes' grouped convolutions 2.7x (``benchmarks/bench_models.py`` measures
-  both side by side). A user's own ``--xla_cpu_experimental_ynn_fusion_type`` is kept.
+  CPU (``benchmarks/bench_models.py`` measures both side by side). A user's own
+  ``--xla_cpu_experimental_ynn_fusion_type`` is kept. Called after the CPU backend started,
+  it can no longer take effect: a warning, and :func:`metadata` records which convolutions
+  the process has (``cpu_convolutions``).
 
 It also sets one thing that changes no bit, only speed: :func:`retain_host_memory`, which
 keeps the host memory XLA:CPU frees for its next step instead of handing it back to the
@@ -33,6 +35,7 @@ import ctypes.util
 import os
 import platform
 import sys
+import warnings
 from importlib import metadata as importlib_metadata
 from typing import Any
 
@@ -69,6 +72,17 @@ _EIGEN_CONV_MIN_JAXLIB = (0, 10)
 def _jaxlib_version() -> tuple[int, ...]:
     version = _version("jaxlib") or "0"
     return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+
+_cpu_convolutions: str | None = None
+
+
+def _conv_status(flags: str) -> str | None:
+    """What ``XLA_FLAGS`` says about XLA:CPU's convolutions, or None when it names no YNNPACK list."""
+    for token in flags.split():
+        if token.split("=")[0] == f"--{YNN_FUSION_OPTION}":
+            return "eigen" if token == EIGEN_CONV_FLAG else f"as XLA_FLAGS sets ({token})"
+    return None
 
 
 def eigen_conv_supported() -> bool:
@@ -197,10 +211,11 @@ def configure(
       The metadata dict of :func:`metadata`.
 
     Raises:
-      ConfigError: fast math is enabled in ``XLA_FLAGS``; the deterministic GPU flag is
-        requested after a GPU backend already started without it; or the convolution flag
-        after the CPU backend started without it (its programs would not get the bits that
-        an entry point's programs get).
+      ConfigError: fast math is enabled in ``XLA_FLAGS``, or the deterministic GPU flag is
+        requested after a GPU backend already started without it. (The convolution flag
+        after the CPU backend started is a warning, not an error: that process's convolutions
+        stay in YNNPACK, deterministic but with other bits, and :func:`metadata` records it as
+        ``cpu_convolutions``.)
 
     Example:
       An entry point calls ``meta = configure()`` first thing (it changes process-wide
@@ -229,16 +244,27 @@ def configure(
                         f"{DETERMINISTIC_GPU_FLAG} cannot take effect; call configure() first"
                     )
             os.environ["XLA_FLAGS"] = (flags + " " + DETERMINISTIC_GPU_FLAG).strip()
-    if eigen_convolutions and eigen_conv_supported():
-        flags = os.environ.get("XLA_FLAGS", "")
-        if not any(token.split("=")[0] == f"--{YNN_FUSION_OPTION}" for token in flags.split()):
-            if _backend_started() and jax.default_backend() == "cpu":
-                raise ConfigError(
-                    "the CPU backend started before eos_jax.runtime.configure(): "
-                    f"{EIGEN_CONV_FLAG} cannot take effect; call configure() first "
-                    "(or put the flag in XLA_FLAGS before Python starts)"
-                )
-            os.environ["XLA_FLAGS"] = (flags + " " + EIGEN_CONV_FLAG).strip()
+    global _cpu_convolutions
+    flags = os.environ.get("XLA_FLAGS", "")
+    status = _conv_status(flags)
+    if status is None and not eigen_conv_supported():
+        status = f"XLA's default (jaxlib {_version('jaxlib')} predates {EIGEN_CONV_FLAG.split('=')[0]})"
+    elif status is None and not eigen_convolutions:
+        status = "ynnpack (XLA's default)"
+    elif status is None and _backend_started() and jax.default_backend() == "cpu":
+        # XLA read XLA_FLAGS when the backend started: too late for this process. Its programs
+        # with convolutions get other bits than an entry point's; the metadata says so.
+        status = "ynnpack (XLA's default: the CPU backend started before configure())"
+        warnings.warn(
+            f"eos_jax.runtime.configure(): the CPU backend already started, so {EIGEN_CONV_FLAG} cannot "
+            "take effect: convolutions run in YNNPACK and give other bits than the command-line tools "
+            "(call configure() first, or put the flag in XLA_FLAGS before Python starts)",
+            stacklevel=2,
+        )
+    elif status is None:
+        os.environ["XLA_FLAGS"] = (flags + " " + EIGEN_CONV_FLAG).strip()
+        status = "eigen"
+    _cpu_convolutions = status
     jax.config.update("jax_enable_x64", bool(x64))
     jax.config.update("jax_default_matmul_precision", matmul_precision)
     return metadata()
@@ -260,8 +286,8 @@ def metadata() -> dict[str, Any]:
       >>> m["x64"], m["device_count"] >= 1, m["versions"]["jax"] is not None  # under JAX's defaults
       (False, True, True)
       >>> sorted(m)  # doctest: +NORMALIZE_WHITESPACE
-      ['backend', 'device_count', 'device_kinds', 'host_memory', 'matmul_precision', 'platform', 'process_count',
-       'python', 'versions', 'x64', 'xla_flags']
+      ['backend', 'cpu_convolutions', 'device_count', 'device_kinds', 'host_memory', 'matmul_precision', 'platform',
+       'process_count', 'python', 'versions', 'x64', 'xla_flags']
     """
     devices = jax.devices()
     return {
@@ -287,4 +313,8 @@ def metadata() -> dict[str, Any]:
         "matmul_precision": str(jax.config.jax_default_matmul_precision),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "host_memory": _host_memory or "system",
+        # What configure() found or set; without configure(), what XLA_FLAGS says now.
+        "cpu_convolutions": _cpu_convolutions
+        or _conv_status(os.environ.get("XLA_FLAGS", ""))
+        or "ynnpack (XLA's default)",
     }

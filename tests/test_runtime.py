@@ -53,7 +53,7 @@ def test_configure_in_fresh_process_sets_flags_and_returns_metadata():
     assert meta["backend"] == "cpu" and meta["device_count"] >= 1 and meta["device_kinds"]
     for name in ("jax", "jaxlib", "flax", "optax"):
         assert meta["versions"][name], name
-    assert EIGEN_CONV_FLAG in meta["xla_flags"].split()
+    assert EIGEN_CONV_FLAG in meta["xla_flags"].split() and meta["cpu_convolutions"] == "eigen"
     # A user's own flags are kept, the deterministic and convolution flags are appended once.
     proc = _child("--xla_cpu_enable_fast_math=false " + DETERMINISTIC_GPU_FLAG)
     assert proc.returncode == 0, proc.stderr
@@ -62,25 +62,33 @@ def test_configure_in_fresh_process_sets_flags_and_returns_metadata():
     # A user's own choice of YNNPACK fusions is theirs: nothing is added.
     proc = _child("--xla_cpu_experimental_ynn_fusion_type=individual_dot")
     assert proc.returncode == 0, proc.stderr
-    flags = json.loads(proc.stdout.strip().splitlines()[-1])["meta"]["xla_flags"].split()
-    assert flags == ["--xla_cpu_experimental_ynn_fusion_type=individual_dot", DETERMINISTIC_GPU_FLAG]
+    meta = json.loads(proc.stdout.strip().splitlines()[-1])["meta"]
+    assert meta["xla_flags"].split() == [
+        "--xla_cpu_experimental_ynn_fusion_type=individual_dot",
+        DETERMINISTIC_GPU_FLAG,
+    ]
+    assert meta["cpu_convolutions"] == "as XLA_FLAGS sets (--xla_cpu_experimental_ynn_fusion_type=individual_dot)"
 
 
 @pytest.mark.subprocess
-def test_configure_after_the_cpu_backend_started_refuses_the_convolution_setting():
+def test_configure_after_the_cpu_backend_started_warns_and_records_ynnpack_convolutions():
     code = (
-        "import json, jax.numpy as jnp\n"
-        "from eos_jax.errors import ConfigError\n"
+        "import json, warnings, jax.numpy as jnp\n"
         "from eos_jax.runtime import configure\n"
         "jnp.ones(2).block_until_ready()\n"
-        "try:\n    configure()\nexcept ConfigError as e:\n    print(json.dumps({'error': str(e)}))\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    meta = configure()\n"
+        "print(json.dumps({'warnings': [str(w.message) for w in caught], 'conv': meta['cpu_convolutions']}))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    message = json.loads(proc.stdout.strip().splitlines()[-1])["error"]
-    assert EIGEN_CONV_FLAG in message and "configure() first" in message
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["conv"] == "ynnpack (XLA's default: the CPU backend started before configure())"
+    assert len(out["warnings"]) == 1 and EIGEN_CONV_FLAG in out["warnings"][0]
+    assert "configure() first" in out["warnings"][0] and "\n" not in out["warnings"][0]
 
 
 def _hlo(fn, *args, compiler_options=None) -> str:
