@@ -48,6 +48,7 @@ def _run(main, prog, argv, capsys):
         (["--augment", "maybe"], "'maybe'"),
         (["--preset", "paper-resnet18"], "paper-resnet18"),
         (["--max-lanes", "2"], "--max-lanes 2"),
+        (["--lane-batch", "0"], "'0'"),
         (["--num-train", "100000"], "100000"),
     ],
 )
@@ -109,6 +110,17 @@ def test_sensitivity_tiny_sweep_writes_everything_and_its_bits_hold(tmp_path, ca
     )
     assert code == 0, err
     assert _digests(a) == d and (a / "table1.csv").read_bytes() == table
+    # One lane at a time (the cpu preset's --lane-batch 1): other bits, the same equalities within the sweep.
+    code, _, err = _run(
+        sens_cli.main,
+        "python -m experiments.sensitivity",
+        [*argv, "--lane-batch", "1", "--out", str(tmp_path / "c")],
+        capsys,
+    )
+    assert code == 0, err
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["lane_batch"] == 1
+    c = _digests(tmp_path / "c")
+    assert c[2] == c[1] and c[4] == c[1] and c[6] == c[3] and c[3] != c[1]
 
 
 @pytest.mark.slow

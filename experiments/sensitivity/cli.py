@@ -51,12 +51,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         ks=(1, 3, 5, 7, 9, 11),
         seeds=(0, 1, 2),
         init_seed=7,
+        lane_batch=1,
     ),  # fmt: skip
 }
 LIBRARY_ARGUMENTS = {
     "data_dir": "--data-dir",
     "resume": "--resume",
     "max_lanes": "--max-lanes",
+    "lane_batch": "--lane-batch",
     **cli.DISTRIBUTED_FLAGS,
 }
 
@@ -111,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="lanes per vmapped program (default: as many as fit in memory, whole seeds, at most 64)",
     )
     p.add_argument(
+        "--lane-batch",
+        type=cli.positive_int,
+        help="lanes the training step runs at a time inside a program (default all; the cpu preset: 1); "
+        "changes the bits, not the comparison",
+    )
+    p.add_argument(
         "--final-epochs",
         type=cli.positive_int,
         default=None,
@@ -128,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FIELDS = {
     "model", "activation", "beta", "dataset", "num_train", "num_test", "optimizer", "lr", "schedule",
     "decay_epochs", "epochs", "batch_size", "weight_decay", "dtype", "augment", "init_seed", "max_lanes",
+    "lane_batch",
 }  # fmt: skip
 
 
