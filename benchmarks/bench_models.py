@@ -150,11 +150,17 @@ def bench_pde_kernel(size: int, ksize: int, repeats: int) -> None:
         )
 
 
-def bench_models(batch: int, repeats: int, names: list[str]) -> dict[str, float]:
-    """GD step of each named model on a batch of 32x32x3 inputs (resnet56 also forward only); returns the step times."""
+def cifar_batch(batch: int):
+    """``(key, x, y)``: the benchmarks' random 32x32x3 batch and 10-class labels (the same bits in every use)."""
     key = jax.random.key(0)
     x = jax.random.normal(jax.random.fold_in(key, 1), (batch * 3072,), jnp.float32).reshape(batch, 32, 32, 3)
     y = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, 10, jnp.int32)
+    return key, x, y
+
+
+def bench_models(batch: int, repeats: int, names: list[str]) -> dict[str, float]:
+    """GD step of each named model on a batch of 32x32x3 inputs (resnet56 also forward only); returns the step times."""
+    key, x, y = cifar_batch(batch)
     steps: dict[str, float] = {}
     for name in names:
         model = models.get(name)
@@ -177,9 +183,7 @@ def bench_models(batch: int, repeats: int, names: list[str]) -> dict[str, float]
 def bench_resnet56_nesterov(batch: int, repeats: int) -> float:
     """eos-jax's ResNet-56 step with PyTorch's update (SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4)."""
     model = models.get("resnet56")
-    key = jax.random.key(0)
-    x = jax.random.normal(jax.random.fold_in(key, 1), (batch * 3072,), jnp.float32).reshape(batch, 32, 32, 3)
-    y = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, 10, jnp.int32)
+    key, x, y = cifar_batch(batch)
     variables = jax.jit(lambda k: model.init(k, (32, 32, 3)))(key)
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9, nesterov=True))
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from eos_jax import runtime
@@ -93,18 +96,11 @@ def test_configure_after_the_cpu_backend_started_warns_and_records_ynnpack_convo
 
 def _hlo(fn, *args, compiler_options=None) -> str:
     """Compiled HLO text without metadata (source locations differ between otherwise equal programs)."""
-    import re
-
-    import jax
-
     text = jax.jit(fn, compiler_options=compiler_options).lower(*args).compile().as_text()
     return re.sub(r"metadata=\{[^}]*\}", "", text)
 
 
 def test_convolution_setting_changes_convolutions_only():
-    import jax
-    import jax.numpy as jnp
-
     if not runtime.eigen_conv_supported():
         pytest.skip("this jaxlib predates the YNNPACK fusion flag")
     # 32 channels: XLA:CPU leaves smaller convolutions (16 channels) out of YNNPACK anyway.
