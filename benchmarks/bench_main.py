@@ -27,8 +27,9 @@ on a shared VM, noise only adds time; this one's kernel also pages out idle memo
 * ``roofline <kernel>``: achieved GFLOP/s (useful convolution FLOPs, counted analytically)
   and GB/s (compulsory traffic: the images read once) against the peaks, and how many
   times slower than the roofline bound ``max(flops / peak_flops, bytes / peak_bw)`` it ran;
-* ``sweep``: 16 learning rates as one program, all lanes vectorized and one lane at a time
-  (``lane_batch=1``), vs 16 sequential runs.
+* ``sweep``: 16 learning rates as one program, all lanes vectorized, one lane at a time
+  (``lane_batch=1``) and as the engine runs them by default (``lane_batch="auto"``: the batch its
+  :class:`eos_jax.train.Plan` picks from the programs' temporaries), vs 16 sequential runs.
 
 Ratios are taken within this run; on a shared machine, compare ``uptime`` before and after.
 """
@@ -309,6 +310,18 @@ def main(argv: list[str] | None = None) -> None:
     chunk_b1 = tr.make_chunk_fn(problem, None, chunk_steps=args.sweep_steps, lane_batch=1)
     fn_b1 = lambda s: chunk_b1(s, hp_all, data, ns)  # noqa: E731
     t_b1 = _timed(fn_b1, s_all, repeats=sweep_repeats)
+    # What the engine runs by default (EngineConfig.lane_batch="auto"), decided by its Plan from the
+    # temporaries of the run's all-at-once chunk and sharpness programs.
+    choice = tr.Plan.build(problem, tr.make_lanes(lrs), cfg.engine_config()).lane_batch_choice
+    auto = choice.lane_batch
+    if auto == 1:
+        fn_auto, t_auto = fn_b1, t_b1
+    elif auto is None:
+        fn_auto, t_auto = fn_vmapped, t_vmapped
+    else:
+        chunk_auto = tr.make_chunk_fn(problem, None, chunk_steps=args.sweep_steps, lane_batch=auto)
+        fn_auto = lambda s: chunk_auto(s, hp_all, data, ns)  # noqa: E731
+        t_auto = _timed(fn_auto, s_all, repeats=sweep_repeats)
     hps = [tr.stack_hparams([tr.Lane(lr)]) for lr in lrs]
     states = [init(h) for h in hps]
     jax.block_until_ready(chunk(states[0], hps[0], data, ns))
@@ -332,11 +345,17 @@ def main(argv: list[str] | None = None) -> None:
         "separate runs)",
         flush=True,
     )
+    print(
+        f"sweep default (lane_batch='auto'): {choice.describe()}; {t_auto:.3f} s, "
+        f"sequential/auto = {t_seq / t_auto:.2f}",
+        flush=True,
+    )
     # What limits the sweep on this machine: how busy the cores are in each mode (CPU seconds of all
     # threads over wall seconds, out of os.cpu_count()); both modes move the same bytes per lane.
     print(
         f"sweep core use (cpu s / wall s of {os.cpu_count()} cores): sequential {c_seq / t_seq:.2f}, "
-        f"lane_batch=1 {CPU_TIMES[id(fn_b1)] / t_b1:.2f}, vmapped {CPU_TIMES[id(fn_vmapped)] / t_vmapped:.2f}",
+        f"lane_batch=1 {CPU_TIMES[id(fn_b1)] / t_b1:.2f}, vmapped {CPU_TIMES[id(fn_vmapped)] / t_vmapped:.2f}, "
+        f"auto {CPU_TIMES[id(fn_auto)] / t_auto:.2f}",
         flush=True,
     )
     load = os.getloadavg()

@@ -14,10 +14,10 @@ import argparse
 import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from eos_jax import distributed
-from eos_jax.errors import EosJaxError
+from eos_jax.errors import ConfigError, EosJaxError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -104,6 +104,47 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected an integer >= 1")
     return value
+
+
+def lane_batch_arg(text: str) -> int | str:
+    """argparse type of ``--lane-batch``: ``auto`` or an integer >= 1.
+
+    Example:
+      >>> from eos_jax.cli import lane_batch_arg
+      >>> lane_batch_arg("auto"), lane_batch_arg("2")
+      ('auto', 2)
+      >>> lane_batch_arg("0")
+      Traceback (most recent call last):
+      ...
+      argparse.ArgumentTypeError: '0' is not allowed; expected auto or an integer >= 1
+    """
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected auto or an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected auto or an integer >= 1")
+    return value
+
+
+def check_lane_batch(value: Any) -> None:
+    """A config's ``lane_batch``: ``"auto"``, ``None`` (all at once) or an integer >= 1; else ConfigError.
+
+    Example:
+      >>> from eos_jax.cli import check_lane_batch
+      >>> check_lane_batch("auto"), check_lane_batch(None), check_lane_batch(3)
+      (None, None, None)
+      >>> check_lane_batch(0)
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: --lane-batch 0 is not allowed; expected auto or an integer >= 1
+    """
+    if value is None or value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"--lane-batch {value!r} is not allowed; expected auto or an integer >= 1")
 
 
 def nonnegative_int(text: str) -> int:

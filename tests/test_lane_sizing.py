@@ -199,3 +199,60 @@ def test_estimate_is_within_a_factor_of_two_of_the_measured_peak(tmp_path):
     ratio = got["estimate"] / got["measured"]
     assert 0.5 <= ratio <= 2.0, got
     assert got["estimate"] > 200 * 2**20, got  # large enough that the process's own noise is small
+
+
+def test_choose_lane_batch_rule():
+    """lane_batch="auto": all at once while the largest program's temporaries fit under the ceiling
+    a CPU call keeps between calls, else as many lanes as fit (at least one)."""
+    c = sizing.HOST_TEMP_CEILING
+    assert c == 2**31 - 1  # mallopt's M_TRIM_THRESHOLD is a C int (eos_jax.runtime.retain_host_memory)
+    assert sizing.choose_lane_batch({"chunk": c}, 16).lane_batch is None  # at the ceiling: all at once
+    assert sizing.choose_lane_batch({"chunk": c + 1}, 16).lane_batch == 15
+    gib = 2**30
+    # The main job's 16-lane sweep at 12,000 images: ~0.86 GiB of temporaries per lane -> 2 at a time.
+    assert sizing.choose_lane_batch({"chunk": int(16 * 0.86 * gib)}, 16).lane_batch == 2
+    # The larger program decides, and its name is in the reason.
+    both = sizing.choose_lane_batch({"chunk": 3 * gib, "sharpness": 6 * gib}, 6)
+    assert both.lane_batch == 1 and "(sharpness)" in both.reason and "6.0 GiB" in both.reason
+    assert both.describe().startswith("lane batch: 1 lane at a time (auto: 6 lanes need 6.0 GiB")
+    assert sizing.choose_lane_batch({"chunk": 100 * gib}, 1).lane_batch is None  # one lane: nothing to batch
+    assert sizing.choose_lane_batch({"chunk": 100 * gib}, 4, ceiling=50 * gib).lane_batch == 2
+
+
+def test_auto_lane_batch_equals_the_same_batch_by_hand_and_resumes_with_its_choice(tmp_path, monkeypatch, capsys):
+    """With a ceiling below the all-at-once temporaries, "auto" trains 2 lanes at a time: bitwise the
+    run with lane_batch=2 by hand (the same programs), recorded in lane_groups.json. A run
+    interrupted at step 3 and resumed after the ceiling went up (auto would now pick all at once)
+    keeps its recorded batch and ends bitwise equal to the uninterrupted run."""
+    problem = _problem()
+    lanes = tr.make_lanes([0.05, 0.1, 0.2], ks=[1, 3])  # 6 lanes, one group
+    cfg = tr.EngineConfig(steps=6, sharpness_every=3, sharpness_iters=3, sharpness_method="power", chunk_steps=3)
+    assert cfg.lane_batch == "auto"
+    probe = core.Plan.build(problem, lanes, cfg).lane_batch_choice
+    assert probe.lane_batch is None and set(probe.temp_bytes) == {"chunk", "sharpness"} and probe.lanes == 6
+    worst = max(probe.temp_bytes.values())
+    monkeypatch.setattr(sizing, "HOST_TEMP_CEILING", int(2.5 * worst / 6))
+    full = eio.open_run_dir(tmp_path / "full", {"t": 1})
+    capsys.readouterr()
+    res = tr.train(problem, lanes, cfg, full, progress_stream=sys.stdout)
+    assert "lane batch: 2 lanes at a time (auto: 6 lanes need" in capsys.readouterr().out
+    rec = json.loads((full / "checkpoints" / "lane_groups.json").read_text())
+    assert rec["lane_batch"] == 2 and rec["lane_batch_auto"]["lane_batch"] == 2
+    assert res["lane_groups"]["lane_batch"] == 2
+    by_hand = tr.train(
+        problem,
+        lanes,
+        dataclasses.replace(cfg, lane_batch=2),
+        eio.open_run_dir(tmp_path / "hand", {"t": 1}),
+        quiet=True,
+    )
+    digests = [l["params_digest"] for l in res["lanes"]]
+    assert [l["params_digest"] for l in by_hand["lanes"]] == digests
+    assert by_hand["lane_groups"]["lane_batch_auto"] is None
+    part = eio.open_run_dir(tmp_path / "part", {"t": 1})
+    tr.train(problem, lanes, dataclasses.replace(cfg, steps=3), part, quiet=True)
+    monkeypatch.setattr(sizing, "HOST_TEMP_CEILING", 10 * worst)
+    assert core.Plan.build(problem, lanes, cfg).config.lane_batch is None  # what a fresh run would pick now
+    res2 = tr.train(problem, lanes, cfg, part, resume=True, quiet=True)
+    assert res2["lane_groups"]["lane_batch"] == 2
+    assert [l["params_digest"] for l in res2["lanes"]] == digests

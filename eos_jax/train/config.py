@@ -145,9 +145,14 @@ class EngineConfig:
         (``None``: at step 0 and at the end only, when the problem has one).
       lane_batch: inside a group's program, the training step and the sharpness solver run
         on this many lanes at a time, one batch of lanes after another
-        (:func:`eos_jax.train.lane_map`); ``None`` (default): all the group's lanes at once.
-        A lane's bits depend on it (compare like with like). On the 2-core CPU the main
-        job's 16-lane sweep at 12,000 images ran faster with 1 than vectorized.
+        (:func:`eos_jax.train.lane_map`); ``None``: all the group's lanes at once;
+        ``"auto"`` (default): all at once unless, on one CPU device, that needs more
+        temporaries per call than the process keeps between calls (2 GiB), then as many
+        as fit (:func:`eos_jax.train.sizing.choose_lane_batch`; the run records the choice
+        and a resumed run keeps it). A lane's bits depend on it (compare like with like).
+        On the 2-core CPU the main job's 16-lane sweep at 12,000 images (~0.9 GiB of
+        temporaries per lane) ran 2-2.7x slower all at once than 16 separate runs, at
+        their speed with 1 or 2 at a time (``auto`` picks 2).
 
     Example:
       >>> EngineConfig(steps=100, sharpness_every=None, chunk_steps=25).validate()
@@ -173,7 +178,7 @@ class EngineConfig:
     auto_lane_cap: int = 64
     lane_multiple: int = 1
     lane_memory_fraction: float = 0.75
-    lane_batch: int | None = None
+    lane_batch: int | str | None = "auto"
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad field."""
@@ -191,8 +196,11 @@ class EngineConfig:
             "lane_batch",
         ):
             v = getattr(self, name)
+            if name == "lane_batch" and v == "auto":
+                continue
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{name}={v!r} is not allowed; expected an integer >= 1 or None")
+                also = ", None or 'auto'" if name == "lane_batch" else " or None"
+                raise ConfigError(f"{name}={v!r} is not allowed; expected an integer >= 1{also}")
         tol = self.sharpness_tol
         if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1):
             raise ConfigError(f"sharpness_tol={tol!r} is not allowed; expected a float in (0, 1) or None")

@@ -34,7 +34,16 @@ import numpy as np
 from eos_jax.distributed import min_over_processes, to_host
 from eos_jax.errors import ConfigError
 from eos_jax.train.config import EngineConfig, Problem, PyTree
-from eos_jax.train.sizing import LaneEstimate, available_bytes, fit_lanes, program_bytes
+from eos_jax.train.sizing import (
+    AUTO_LANE_BATCH,
+    LaneBatchChoice,
+    LaneEstimate,
+    available_bytes,
+    choose_lane_batch,
+    fit_lanes,
+    program_bytes,
+    program_temp_bytes,
+)
 from eos_jax.train.state import HParams, Lane, TrainState, hparam_dtype, init_state, stack_hparams
 from eos_jax.train.stats import REL_L1_WINDOW
 from eos_jax.train.step import make_chunk_fn, make_eig_fn, make_final_fn, make_sharpness_fn, make_test_fn
@@ -237,6 +246,7 @@ class Plan:
     test_fn: Callable[..., dict[str, jax.Array]] | None = None
     lane_estimate: LaneEstimate | None = None
     width: int = 0  # the group width passed to group_lanes (reproduces the groups)
+    lane_batch_choice: LaneBatchChoice | None = None  # how lane_batch="auto" was resolved
 
     @classmethod
     def build(
@@ -288,6 +298,8 @@ class Plan:
         else:
             sharp_data = data
         late_from = config.steps // 10  # spikes after the first 10 % of the steps are "late"
+        # "auto" measures the all-at-once programs first (the ones the automatic width measures too).
+        first_batch = None if config.lane_batch == AUTO_LANE_BATCH else config.lane_batch
         plan = cls(
             problem=problem,
             lanes=lanes,
@@ -307,9 +319,9 @@ class Plan:
                 if mesh is None
                 else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("lanes")),
             ),
-            chunk_fn=make_chunk_fn(problem, config.batch_size, config.chunk_steps, late_from, config.lane_batch),
+            chunk_fn=make_chunk_fn(problem, config.batch_size, config.chunk_steps, late_from, first_batch),
             final_fn=make_final_fn(problem, config.batch_size, late_from),
-            sharp_fn=make_sharpness_fn(problem, eig_fn, config.lane_batch),
+            sharp_fn=make_sharpness_fn(problem, eig_fn, first_batch),
             eval_data=eval_data,
             test_fn=make_test_fn(problem) if problem.eval_fn is not None else None,
             width=width,
@@ -332,7 +344,45 @@ class Plan:
             plan = dataclasses.replace(
                 plan, groups=groups, twins=find_twins(lanes, groups), lane_estimate=est, width=est.width
             )
+        if config.lane_batch == AUTO_LANE_BATCH:
+            choice = plan.choose_lane_batch()
+            plan = dataclasses.replace(
+                plan, config=dataclasses.replace(config, lane_batch=choice.lane_batch), lane_batch_choice=choice
+            )
+            if choice.lane_batch is not None:
+                plan = dataclasses.replace(
+                    plan,
+                    chunk_fn=make_chunk_fn(
+                        problem, config.batch_size, config.chunk_steps, late_from, choice.lane_batch
+                    ),
+                    sharp_fn=make_sharpness_fn(problem, eig_fn, choice.lane_batch),
+                )
         return plan
+
+    def choose_lane_batch(self) -> LaneBatchChoice:
+        """Resolves ``lane_batch="auto"`` (:func:`~eos_jax.train.sizing.choose_lane_batch`).
+
+        On one CPU device, group 0's all-at-once chunk and sharpness programs are compiled
+        (the executables the automatic width measured, from JAX's cache, and the ones the run
+        calls when all lanes stay at once) and their temporaries decide. Elsewhere all lanes
+        run at once: an accelerator's memory is not handed back between calls, and on several
+        devices (so in every multi-process run) each holds only its share of the lanes.
+        """
+        lanes = math.ceil(len(self.padded(0)) / len(self.devices))
+        if self.devices[0].platform != "cpu" or len(self.devices) > 1 or lanes <= 1:
+            where = (
+                "one lane per device"
+                if lanes <= 1
+                else (f"{len(self.devices)} devices" if len(self.devices) > 1 else self.devices[0].platform)
+            )
+            return LaneBatchChoice(None, f"{where}: all at once", lanes, {}, 0)
+        gi = self.inputs(0)
+        state = self.init_fn(gi.hp)
+        n = jnp.asarray(1, jnp.int32)
+        temps = {"chunk": program_temp_bytes(self.chunk_fn.lower(state, gi.hp, self.data, n, gi.twin).compile())}  # type: ignore[attr-defined]
+        if self.config.sharpness_every:
+            temps["sharpness"] = program_temp_bytes(self.sharp_fn.lower(state, gi.hp, self.sharp_data).compile())  # type: ignore[attr-defined]
+        return choose_lane_batch(temps, lanes)
 
     def measure(self, g: int = 0) -> dict[str, tuple[int, int]]:
         """Compiles group ``g``'s programs and reads their bytes per device: ``{name: (total, shared)}``.
@@ -365,10 +415,14 @@ class Plan:
         """One line: how the lanes were grouped, and the memory estimate when they were sized to it."""
         n, ng = len(self.lanes), len(self.groups)
         if self.lane_estimate is not None:
-            return self.lane_estimate.describe(n, ng)
-        width = max(len(self.padded(g)) for g in range(ng))
-        why = f"max_lanes={self.config.max_lanes}" if self.config.max_lanes is not None else "nothing to size"
-        return f"lane groups: {n} lane{'s' if n != 1 else ''} in {ng} group{'s' if ng != 1 else ''} of at most {width} ({why})"
+            line = self.lane_estimate.describe(n, ng)
+        else:
+            width = max(len(self.padded(g)) for g in range(ng))
+            why = f"max_lanes={self.config.max_lanes}" if self.config.max_lanes is not None else "nothing to size"
+            line = f"lane groups: {n} lane{'s' if n != 1 else ''} in {ng} group{'s' if ng != 1 else ''} of at most {width} ({why})"
+        if self.lane_batch_choice is not None and self.lane_batch_choice.lane_batch is not None:
+            line += "; " + self.lane_batch_choice.describe()
+        return line
 
     def lane_record(self) -> dict[str, Any]:
         """What ``results.json`` and ``lane_groups.json`` keep of the grouping."""
@@ -378,6 +432,7 @@ class Plan:
             "groups": [len(g) for g in self.groups],
             "max_lanes": self.config.max_lanes,
             "lane_batch": self.config.lane_batch,
+            "lane_batch_auto": self.lane_batch_choice.to_json() if self.lane_batch_choice is not None else None,
             "estimate": self.lane_estimate.to_json() if self.lane_estimate is not None else None,
             "line": self.describe_groups(),
         }

@@ -27,6 +27,7 @@ from eos_jax.errors import CheckpointMismatchError
 from eos_jax.progress import ProgressBar
 from eos_jax.train.config import EngineConfig, Problem
 from eos_jax.train.core import Plan, first_width, group_lanes, new_timing, pad_lanes, run_group
+from eos_jax.train.sizing import AUTO_LANE_BATCH
 from eos_jax.train.state import Lane, TrainState, hparam_dtype, init_state, stack_hparams
 from eos_jax.train.stats import summarize_run
 from eos_jax.train.writer import RunWriter, read_metrics
@@ -224,7 +225,7 @@ def resumed_grouping(config: EngineConfig, run_dir: str | os.PathLike, num_devic
     so it takes the width recorded in ``checkpoints/lane_groups.json`` instead of measuring again. An
     explicit ``max_lanes``, a run directory without that file, or a record made on another
     number of devices than ``num_devices`` (when given) is left as it is (:func:`check_resume`
-    then says what differs).
+    then says what differs). Likewise ``lane_batch="auto"`` takes the lane batch the run chose.
 
     Example:
       >>> import json, tempfile
@@ -238,16 +239,21 @@ def resumed_grouping(config: EngineConfig, run_dir: str | os.PathLike, num_devic
       2
       >>> resumed_grouping(EngineConfig(steps=10), run_dir, 2).max_lanes is None  # another device count
       True
+      >>> resumed_grouping(EngineConfig(steps=10), run_dir, 1).lane_batch is None  # no record: all at once
+      True
     """
     path = Path(run_dir) / "checkpoints" / LANE_GROUPS_FILE
-    if config.max_lanes is not None or not path.is_file():
+    if not path.is_file() or (config.max_lanes is not None and config.lane_batch != AUTO_LANE_BATCH):
         return config
     try:
         rec = json.loads(path.read_text())
         width, devices = int(rec["width"]), int(rec["num_devices"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointMismatchError(f"{path} is unreadable ({e}): start a new run directory") from None
-    if num_devices is not None and devices != num_devices:
+    if config.lane_batch == AUTO_LANE_BATCH:
+        # The batch the run chose (a record without the key predates lane_batch: all at once).
+        config = dataclasses.replace(config, lane_batch=rec.get("lane_batch"))
+    if config.max_lanes is not None or (num_devices is not None and devices != num_devices):
         return config
     return dataclasses.replace(config, max_lanes=width)
 
@@ -324,7 +330,7 @@ def train(
         check_resume(
             problem,
             lanes,
-            dataclasses.replace(config, max_lanes=plan.width),
+            dataclasses.replace(plan.config, max_lanes=plan.width),
             run_dir,
             dtype=plan.dtype,
             devices=plan.devices,

@@ -32,7 +32,18 @@ import jax
 
 from eos_jax.errors import ConfigError
 
-__all__ = ["LaneEstimate", "available_bytes", "fit_lanes", "program_bytes", "format_bytes"]
+__all__ = [
+    "AUTO_LANE_BATCH",
+    "HOST_TEMP_CEILING",
+    "LaneBatchChoice",
+    "LaneEstimate",
+    "available_bytes",
+    "choose_lane_batch",
+    "fit_lanes",
+    "format_bytes",
+    "program_bytes",
+    "program_temp_bytes",
+]
 
 
 def format_bytes(n: float) -> str:
@@ -215,4 +226,107 @@ def fit_lanes(
         fit=fit,
         width=int(width),
         cap=cap,
+    )
+
+
+#: ``EngineConfig.lane_batch`` value that picks the lanes per batch from the compiled programs.
+AUTO_LANE_BATCH = "auto"
+
+#: Temporaries one CPU program call may need without faulting fresh pages in: XLA:CPU allocates
+#: a program's temporaries at each call and frees them after it, and the heap top that
+#: :func:`eos_jax.runtime.retain_host_memory` keeps is at most ``mallopt``'s ``M_TRIM_THRESHOLD``,
+#: a C int (2 GiB - 1). Above it glibc hands the freed pages back and the next call faults them in
+#: again (measured, the main job's 16-lane sweep at 12,000 images: 0.9-3.6 M faults per chunk).
+HOST_TEMP_CEILING = (1 << 31) - 1
+
+
+def program_temp_bytes(compiled: Any) -> int:
+    """The temporaries XLA allocates for one call of a compiled program (per device).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> c = jax.jit(lambda x: jnp.sin(x @ x.T).sum()).lower(jax.ShapeDtypeStruct((100, 50), jnp.float32)).compile()
+      >>> program_temp_bytes(c) >= 0
+      True
+    """
+    m = compiled.memory_analysis()
+    if m is None:
+        raise ConfigError("XLA gave no memory analysis for this backend: set lane_batch by hand")
+    return int(m.temp_size_in_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaneBatchChoice:
+    """How ``lane_batch="auto"`` chose the lanes per batch of a group's programs.
+
+    Attributes:
+      lane_batch: the choice (``None``: all the group's lanes at once).
+      reason: why, in words.
+      lanes: lanes of the group on one device.
+      temp_bytes: per measured program, its temporaries with all ``lanes`` at once (empty
+        when nothing was measured).
+      ceiling: the temporaries a call may have (:data:`HOST_TEMP_CEILING`).
+
+    Example:
+      >>> c = choose_lane_batch({"chunk": 3 * 2**30, "sharpness": 2**30}, 16)
+      >>> c.lane_batch, c.describe()
+      (10, 'lane batch: 10 lanes at a time (auto: 16 lanes need 3.0 GiB of temporaries per call (chunk), more than the 2.0 GiB a CPU call keeps between calls)')
+      >>> choose_lane_batch({"chunk": 2**30}, 16).lane_batch is None
+      True
+    """
+
+    lane_batch: int | None
+    reason: str
+    lanes: int
+    temp_bytes: dict[str, int]
+    ceiling: int
+
+    def describe(self) -> str:
+        """One line: the choice and its reason."""
+        what = (
+            "all lanes at once"
+            if self.lane_batch is None
+            else f"{self.lane_batch} lane{'s' if self.lane_batch != 1 else ''} at a time"
+        )
+        return f"lane batch: {what} (auto: {self.reason})"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def choose_lane_batch(temp_bytes: dict[str, int], lanes: int, ceiling: int | None = None) -> LaneBatchChoice:
+    """``lane_batch="auto"`` on one CPU device, from the temporaries of the all-at-once programs.
+
+    ``ceiling``: the temporaries a call may have (``None``: :data:`HOST_TEMP_CEILING`). The lanes of a vmapped program need ``lanes`` times one lane's temporaries. When the
+    largest program's (``temp_bytes``, measured with all ``lanes`` at once) exceed ``ceiling``,
+    the lanes run in batches of ``floor(ceiling / per-lane temporaries)`` (at least 1), one
+    batch after another (:func:`eos_jax.train.lane_map`), so that no call faults its memory in
+    again; otherwise all at once (``None``), the programs measured. A lane's bits depend on
+    the choice; a resumed run keeps the one recorded in its checkpoints.
+
+    Example:
+      >>> choose_lane_batch({"chunk": 16 * 900 * 2**20}, 16).lane_batch  # the main job, 12,000 images
+      2
+      >>> choose_lane_batch({"chunk": 16 * 3 * 2**30}, 16).lane_batch  # one lane over the ceiling: 1
+      1
+    """
+    ceiling = HOST_TEMP_CEILING if ceiling is None else ceiling
+    name, worst = max(temp_bytes.items(), key=lambda kv: kv[1])
+    need = f"{lanes} lanes need {format_bytes(worst)} of temporaries per call ({name})"
+    if lanes <= 1 or worst <= ceiling:
+        return LaneBatchChoice(
+            None,
+            f"{need}, within the {format_bytes(ceiling)} a CPU call keeps between calls",
+            lanes,
+            dict(temp_bytes),
+            ceiling,
+        )
+    per_lane = max(1, math.ceil(worst / lanes))
+    batch = max(1, min(lanes - 1, ceiling // per_lane))
+    return LaneBatchChoice(
+        int(batch),
+        f"{need}, more than the {format_bytes(ceiling)} a CPU call keeps between calls",
+        lanes,
+        dict(temp_bytes),
+        ceiling,
     )

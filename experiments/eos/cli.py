@@ -147,10 +147,10 @@ def build_parser() -> cli.ArgumentParser:
     )
     p.add_argument(
         "--lane-batch",
-        type=cli.positive_int,
+        type=cli.lane_batch_arg,
         default=None,
-        help="inside a program, train this many lanes at a time, one batch after another (default: all at once; "
-        "1 is faster for big batches on a CPU; a lane's bits depend on it)",
+        help="inside a program, train this many lanes at a time, one batch after another, or auto (the default: "
+        "all at once unless, on a CPU, that needs over 2 GiB of temporaries per call; a lane's bits depend on it)",
     )
     p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="working dtype (default float32)")
     p.add_argument("--out", default=None, help="run directory (default runs/eos/<UTC time>-<config hash>)")

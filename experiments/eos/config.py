@@ -24,6 +24,7 @@ from eos_jax import data as edata
 from eos_jax import hessian, losses, models, optim
 from eos_jax import io as eio
 from eos_jax import train as tr
+from eos_jax.cli import check_lane_batch
 from eos_jax.errors import ConfigError
 
 MODELS = ("cnn", "fc")
@@ -123,7 +124,7 @@ class EosConfig:
     chunk_steps: int = 50
     log_every: int = 1
     max_lanes: int | None = None
-    lane_batch: int | None = None
+    lane_batch: int | str | None = "auto"
     dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,10 +150,11 @@ class EosConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
-        for name in ("batch_size", "num_examples", "sharpness_every", "checkpoint_every", "max_lanes", "lane_batch"):
+        for name in ("batch_size", "num_examples", "sharpness_every", "checkpoint_every", "max_lanes"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
+        check_lane_batch(self.lane_batch)
         if not isinstance(self.num_examples_exact, bool):
             raise ConfigError(f"num_examples_exact {self.num_examples_exact!r} is not allowed; expected True or False")
         if not (math.isfinite(self.beta) and self.beta > 0):

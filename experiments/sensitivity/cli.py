@@ -114,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--lane-batch",
-        type=cli.positive_int,
-        help="lanes the training step runs at a time inside a program (default all; the cpu preset: 1); "
-        "changes the bits, not the comparison",
+        type=cli.lane_batch_arg,
+        help="lanes the training step runs at a time inside a program, or auto (default: all at once unless on "
+        "a CPU that needs over 2 GiB of temporaries per call; the cpu preset: 1); changes the bits, not the comparison",
     )
     p.add_argument(
         "--final-epochs",

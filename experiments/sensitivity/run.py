@@ -32,6 +32,7 @@ from eos_jax import distributed, losses, models, optim, runtime
 from eos_jax import io as eio
 from eos_jax import train as tr
 from eos_jax.checkpoint import CheckpointStore
+from eos_jax.cli import check_lane_batch
 from eos_jax.data.transforms import augment_cifar
 from eos_jax.errors import ConfigError, RunDirError
 from eos_jax.metrics import layer_groups, tree_digest
@@ -98,7 +99,7 @@ class SensitivityConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     init_seed: int = 7
     max_lanes: int | None = None
-    lane_batch: int | None = None
+    lane_batch: int | str | None = "auto"
     checkpoint_epochs: int = 1
 
     def validate(self) -> None:
@@ -118,10 +119,11 @@ class SensitivityConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
-        for name in ("num_train", "num_test", "max_lanes", "lane_batch"):
+        for name in ("num_train", "num_test", "max_lanes"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
+        check_lane_batch(self.lane_batch)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr {self.lr!r} is not allowed; expected a finite number > 0")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
