@@ -671,6 +671,7 @@ for name, devs, max_lanes in (("four", jax.devices(), 4), ("one", jax.devices()[
     res = tr.train(toy_problem(), lanes, dataclasses.replace(cfg, max_lanes=max_lanes), tempfile.mkdtemp(),
                    quiet=True, devices=devs)
     out[name] = res["lanes"]
+    out[name + "_auto"] = res["lane_groups"]["lane_batch_auto"]
 print(json.dumps(out))
 """
 
@@ -684,6 +685,11 @@ def test_lanes_sharded_over_four_devices_match_one_device():
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert len(out["four"]) == len(out["one"]) == 6
+    # lane_batch="auto": several devices keep their lanes at once without measuring; one CPU device
+    # measures its programs (the toy's temporaries are far below the 2 GiB ceiling).
+    assert out["four_auto"]["lane_batch"] is None and out["four_auto"]["reason"] == "4 devices: all at once"
+    assert out["four_auto"]["temp_bytes"] == {}
+    assert out["one_auto"]["lane_batch"] is None and set(out["one_auto"]["temp_bytes"]) == {"chunk", "sharpness"}
     for a, b in zip(out["four"], out["one"]):
         assert (a["learning_rate"], a["seed"]) == (b["learning_rate"], b["seed"])
         assert a["finite"] and b["finite"] and a["steps"] == b["steps"] == 40

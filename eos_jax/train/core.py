@@ -369,13 +369,12 @@ class Plan:
         devices (so in every multi-process run) each holds only its share of the lanes.
         """
         lanes = math.ceil(len(self.padded(0)) / len(self.devices))
-        if self.devices[0].platform != "cpu" or len(self.devices) > 1 or lanes <= 1:
-            where = (
-                "one lane per device"
-                if lanes <= 1
-                else (f"{len(self.devices)} devices" if len(self.devices) > 1 else self.devices[0].platform)
-            )
-            return LaneBatchChoice(None, f"{where}: all at once", lanes, {}, 0)
+        if self.devices[0].platform != "cpu":
+            return LaneBatchChoice(None, f"{self.devices[0].platform}: all at once", lanes, {}, 0)
+        if len(self.devices) > 1:
+            return LaneBatchChoice(None, f"{len(self.devices)} devices: all at once", lanes, {}, 0)
+        if lanes <= 1:
+            return LaneBatchChoice(None, "one lane: nothing to batch", lanes, {}, 0)
         gi = self.inputs(0)
         state = self.init_fn(gi.hp)
         n = jnp.asarray(1, jnp.int32)

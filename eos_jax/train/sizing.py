@@ -297,12 +297,13 @@ class LaneBatchChoice:
 def choose_lane_batch(temp_bytes: dict[str, int], lanes: int, ceiling: int | None = None) -> LaneBatchChoice:
     """``lane_batch="auto"`` on one CPU device, from the temporaries of the all-at-once programs.
 
-    ``ceiling``: the temporaries a call may have (``None``: :data:`HOST_TEMP_CEILING`). The lanes of a vmapped program need ``lanes`` times one lane's temporaries. When the
-    largest program's (``temp_bytes``, measured with all ``lanes`` at once) exceed ``ceiling``,
-    the lanes run in batches of ``floor(ceiling / per-lane temporaries)`` (at least 1), one
-    batch after another (:func:`eos_jax.train.lane_map`), so that no call faults its memory in
-    again; otherwise all at once (``None``), the programs measured. A lane's bits depend on
-    the choice; a resumed run keeps the one recorded in its checkpoints.
+    The lanes of a vmapped program need ``lanes`` times one lane's temporaries. When the
+    largest program's (``temp_bytes``, measured with all ``lanes`` at once) exceed ``ceiling``
+    (``None``: :data:`HOST_TEMP_CEILING`), the lanes run in batches of ``floor(ceiling /
+    per-lane temporaries)`` (at least 1), one batch after another
+    (:func:`eos_jax.train.lane_map`), so that no call faults its memory in again; otherwise
+    all at once (``None``), the programs measured. A lane's bits depend on the choice; a
+    resumed run keeps the one recorded in its checkpoints.
 
     Example:
       >>> choose_lane_batch({"chunk": 16 * 900 * 2**20}, 16).lane_batch  # the main job, 12,000 images

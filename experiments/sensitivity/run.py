@@ -73,7 +73,9 @@ class SensitivityConfig:
       ks: the k of (PERTURBED SGD); seeds: batch-order seeds; init_seed: the initialization.
       max_lanes: lanes per vmapped program (all k of a seed must share one).
       lane_batch: inside that program, the training step runs this many lanes at a time
-        (:func:`eos_jax.train.lane_map`; None: all at once). It changes the bits (each lane's
+        (:func:`eos_jax.train.lane_map`; None: all at once; ``"auto"``, the default: all at once
+        unless, on one CPU device, their temporaries exceed 2 GiB per call, see
+        :func:`eos_jax.train.sizing.choose_lane_batch`). It changes the bits (each lane's
         convolutions are compiled for one lane instead of as one grouped convolution), not what
         is compared: every lane of a group still sees the same batches. The ``cpu`` preset uses
         1: its epoch took 49 s against 80 s with all 18 lanes at once (2-core CPU).
