@@ -10,9 +10,11 @@ needs nothing installed), then scikit-learn's digits 0/1)::
 Defaults: 300 full-batch GD steps on the first 2000 training examples (or all of a smaller
 dataset, with a warning; an explicit ``--num-examples`` larger than the dataset is an error), sharpness (20
 warm-started Lanczos iterations) every 20 steps, a checkpoint every 100 steps. Measured on the
-shared 2-core CPU (Fashion-MNIST 0/1 fallback): 49 s wall (83 s CPU) at load ~1.6, 90 s wall at
-load ~5; sharpness tracking is about 80 % of it (benchmarks/bench_sweep.py). Sweeps: ``--lr 1 2 5 --seed 0 1`` runs the product of the
-lists as one vmapped program. Presets reproduce the figures, printing what they found::
+shared 2-core CPU (Fashion-MNIST 0/1 fallback): 17 s wall (25 s CPU), compilation included;
+at 12,000 images sharpness tracking is 23-24 % of a run (benchmarks/bench_main.py). Sweeps:
+``--lr 1 2 5 --seed 0 1`` runs the product of the lists as one vmapped program, a few lanes at a
+time when all at once would not fit the memory a CPU call keeps (``--lane-batch auto``, the default;
+benchmarks/bench_sweep.py). Presets reproduce the figures, printing what they found::
 
     python -m experiments.eos --preset fig7     # 1 vs 3 layers, lr 1 2 5 (~4 min)
     python -m experiments.eos --preset fig8     # fc-tanh 2 vs 4 layers, 2000 steps; lr 2/150 on CIFAR-5k, 2/30 on fallbacks
