@@ -365,8 +365,9 @@ class Plan:
         On one CPU device, group 0's all-at-once chunk and sharpness programs are compiled
         (the executables the automatic width measured, from JAX's cache, and the ones the run
         calls when all lanes stay at once) and their temporaries decide. Elsewhere all lanes
-        run at once: an accelerator's memory is not handed back between calls, and on several
-        devices (so in every multi-process run) each holds only its share of the lanes.
+        run at once: an accelerator's memory is not handed back between calls, and with several
+        devices (so in every multi-process run) the lane axis is sharded over them, and a
+        ``lax.map`` over a sharded axis has not been measured (set ``lane_batch`` by hand there).
         """
         lanes = math.ceil(len(self.padded(0)) / len(self.devices))
         if self.devices[0].platform != "cpu":
