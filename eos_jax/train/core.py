@@ -16,7 +16,7 @@ computations, in the same order, as an uninterrupted one. The normalized sharpne
 ``lr * lambda_max`` is compared with the optimizer's threshold (2 for gradient descent:
 the classical bound ``lr < 2/lambda_max`` that the Edge of Stability exceeds, Section 6).
 
-Length: most of this module is docstrings with runnable examples (issue 10); its code is 360 lines.
+Length: most of this module is docstrings with runnable examples (issue 10); its code is about 400 lines.
 """
 
 from __future__ import annotations
@@ -266,7 +266,8 @@ class Plan:
         device's free memory (:mod:`eos_jax.train.sizing`), and the width shrinks when they
         do not fit (``lane_estimate`` keeps the numbers). A single group of the smallest
         width (lanes no more than the devices, or than ``lane_multiple``) has nothing to
-        choose and is not measured.
+        choose and is not measured. With ``config.lane_batch="auto"`` the lanes per batch are
+        then chosen (:meth:`choose_lane_batch`) and the plan's ``config`` holds the choice.
 
         Raises:
           ConfigError: a bad config, no lanes, a hyperparameter dtype other than the
