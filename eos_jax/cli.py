@@ -107,26 +107,40 @@ def positive_int(text: str) -> int:
 
 
 def lane_batch_arg(text: str) -> int | str:
-    """argparse type of ``--lane-batch``: ``auto`` or an integer >= 1.
+    """argparse type of ``--lane-batch``: ``auto``, ``all`` or an integer >= 1.
+
+    ``all`` (every lane of a group at once) is the config value ``None``, which argparse cannot
+    tell from an absent flag: :func:`lane_batch_value` turns it into ``None``.
 
     Example:
       >>> from eos_jax.cli import lane_batch_arg
-      >>> lane_batch_arg("auto"), lane_batch_arg("2")
-      ('auto', 2)
+      >>> lane_batch_arg("auto"), lane_batch_arg("all"), lane_batch_arg("2")
+      ('auto', 'all', 2)
       >>> lane_batch_arg("0")
       Traceback (most recent call last):
       ...
-      argparse.ArgumentTypeError: '0' is not allowed; expected auto or an integer >= 1
+      argparse.ArgumentTypeError: '0' is not allowed; expected auto, all or an integer >= 1
     """
-    if text == "auto":
+    if text in ("auto", "all"):
         return text
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected auto or an integer >= 1") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected auto, all or an integer >= 1") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected auto or an integer >= 1")
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected auto, all or an integer >= 1")
     return value
+
+
+def lane_batch_value(arg: int | str) -> int | str | None:
+    """The config's ``lane_batch`` for a parsed ``--lane-batch``: ``all`` is ``None``.
+
+    Example:
+      >>> from eos_jax.cli import lane_batch_value
+      >>> lane_batch_value("all"), lane_batch_value("auto"), lane_batch_value(2)
+      (None, 'auto', 2)
+    """
+    return None if arg == "all" else arg
 
 
 def check_lane_batch(value: Any) -> None:

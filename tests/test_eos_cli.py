@@ -300,6 +300,16 @@ def test_standardize_flag_reaches_the_config():
     assert "standardize" not in parse([])
 
 
+def test_lane_batch_flag_values():
+    """--lane-batch: absent keeps the default "auto"; "all" is None (every lane at once, the setting
+    of runs made before "auto" existed, so that they resume); an integer is itself."""
+    parse = lambda argv: eos_cli.overrides_from_args(eos_cli.build_parser().parse_args(argv))  # noqa: E731
+    assert "lane_batch" not in parse([]) and eos_cli.default_config("cnn").lane_batch == "auto"
+    assert parse(["--lane-batch", "all"])["lane_batch"] is None
+    assert parse(["--lane-batch", "auto"])["lane_batch"] == "auto"
+    assert parse(["--lane-batch", "3"])["lane_batch"] == 3
+
+
 # ------------------------------------------------------------------ data on a fresh machine, --num-examples, --data-dir
 
 TINY = ["--layers", "1", "--lr", "2", "--steps", "2", "--sharpness-every", "0", "--checkpoint-every", "0"]

@@ -149,8 +149,9 @@ def build_parser() -> cli.ArgumentParser:
         "--lane-batch",
         type=cli.lane_batch_arg,
         default=None,
-        help="inside a program, train this many lanes at a time, one batch after another, or auto (the default: "
-        "all at once unless, on a CPU, that needs over 2 GiB of temporaries per call; a lane's bits depend on it)",
+        help="inside a program, train this many lanes at a time, one batch after another; all: every lane at once; "
+        "auto (the default): all at once unless, on a CPU, that needs over 2 GiB of temporaries per call. A lane's "
+        "bits depend on it; runs started before auto existed resume with all",
     )
     p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="working dtype (default float32)")
     p.add_argument("--out", default=None, help="run directory (default runs/eos/<UTC time>-<config hash>)")
@@ -193,7 +194,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     ):
         value = getattr(args, name)
         if value is not None:
-            ov[name] = value
+            ov[name] = cli.lane_batch_value(value) if name == "lane_batch" else value
     for name in ("lr", "k", "seed", "weight_decay"):
         value = getattr(args, name)
         if value is not None:

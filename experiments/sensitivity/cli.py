@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lane-batch",
         type=cli.lane_batch_arg,
-        help="lanes the training step runs at a time inside a program, or auto (default: all at once unless on "
-        "a CPU that needs over 2 GiB of temporaries per call; the cpu preset: 1); changes the bits, not the comparison",
+        help="lanes the training step runs at a time inside a program; all: every lane at once; auto (default): "
+        "all at once unless on a CPU that needs over 2 GiB of temporaries per call; the cpu preset: 1. Changes the "
+        "bits, not the comparison; runs started before auto existed resume with all",
     )
     p.add_argument(
         "--final-epochs",
@@ -145,7 +146,7 @@ def config_from_args(args: argparse.Namespace) -> SensitivityConfig:
     for name in _FIELDS:
         v = getattr(args, name)
         if v is not None:
-            base[name] = v
+            base[name] = cli.lane_batch_value(v) if name == "lane_batch" else v
     if args.k is not None:
         base["ks"] = tuple(args.k)
     if args.seeds is not None:
