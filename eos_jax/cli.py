@@ -124,12 +124,9 @@ def lane_batch_arg(text: str) -> int | str:
     if text in ("auto", "all"):
         return text
     try:
-        value = int(text)
-    except ValueError:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected auto, all or an integer >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; expected auto, all or an integer >= 1")
-    return value
 
 
 def lane_batch_value(arg: int | str) -> int | str | None:
