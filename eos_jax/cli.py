@@ -141,7 +141,7 @@ def lane_batch_value(arg: int | str) -> int | str | None:
 
 
 def check_lane_batch(value: Any) -> None:
-    """A config's ``lane_batch``: ``"auto"``, ``None`` (all at once) or an integer >= 1; else ConfigError.
+    """A config's ``lane_batch``: ``"auto"``, ``None`` (``all``: every lane at once) or an integer >= 1; else ConfigError.
 
     Example:
       >>> from eos_jax.cli import check_lane_batch
@@ -150,12 +150,12 @@ def check_lane_batch(value: Any) -> None:
       >>> check_lane_batch(0)
       Traceback (most recent call last):
       ...
-      eos_jax.errors.ConfigError: --lane-batch 0 is not allowed; expected auto or an integer >= 1
+      eos_jax.errors.ConfigError: --lane-batch 0 is not allowed; expected auto, all or an integer >= 1
     """
     if value is None or value == "auto":
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"--lane-batch {value!r} is not allowed; expected auto or an integer >= 1")
+        raise ConfigError(f"--lane-batch {value!r} is not allowed; expected auto, all or an integer >= 1")
 
 
 def nonnegative_int(text: str) -> int:

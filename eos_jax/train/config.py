@@ -151,8 +151,9 @@ class EngineConfig:
         as fit (:func:`eos_jax.train.sizing.choose_lane_batch`; the run records the choice
         and a resumed run keeps it). A lane's bits depend on it (compare like with like).
         On the 2-core CPU the main job's 16-lane sweep at 12,000 images (~0.9 GiB of
-        temporaries per lane) ran 2-2.7x slower all at once than 16 separate runs, at
-        their speed with 1 or 2 at a time (``auto`` picks 2).
+        temporaries per lane) ran its 2-step chunks 2.3-2.7x slower all at once than 16
+        separate runs, 0.93-1.00x their speed one at a time and 1.04-1.09x two at a time
+        (``auto`` picks 2; benchmarks/bench_main.py).
 
     Example:
       >>> EngineConfig(steps=100, sharpness_every=None, chunk_steps=25).validate()
