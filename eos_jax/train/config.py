@@ -15,6 +15,7 @@ import optax
 
 from eos_jax import optim
 from eos_jax.errors import ConfigError
+from eos_jax.train.sizing import AUTO_LANE_BATCH
 
 if TYPE_CHECKING:  # annotation only: state.py imports this module (Problem) at run time
     from eos_jax.train.state import HParams
@@ -179,7 +180,7 @@ class EngineConfig:
     auto_lane_cap: int = 64
     lane_multiple: int = 1
     lane_memory_fraction: float = 0.75
-    lane_batch: int | str | None = "auto"
+    lane_batch: int | str | None = AUTO_LANE_BATCH
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad field."""
@@ -197,7 +198,7 @@ class EngineConfig:
             "lane_batch",
         ):
             v = getattr(self, name)
-            if name == "lane_batch" and v == "auto":
+            if name == "lane_batch" and v == AUTO_LANE_BATCH:
                 continue
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 also = ", None or 'auto'" if name == "lane_batch" else " or None"
