@@ -47,8 +47,11 @@ def plot_run(
     threshold: float = 2.0,
     title: str = "",
     max_lanes: int = 16,
+    regimes: dict[int, str] | None = None,
 ) -> None:
     """Two panels, loss (log scale) and normalized sharpness ``lr * lambda_max`` against steps.
+
+    Lanes that differ only in ``k`` share a colour; perturbed lanes (k != 1) are dashed.
 
     Args:
       lines: metrics records (``lane``, ``step``, ``loss``, optional ``normalized_sharpness``
@@ -57,6 +60,7 @@ def plot_run(
       threshold: the optimizer's stability threshold, drawn as a dashed line.
       title: figure title.
       max_lanes: lanes drawn at most (the first ones).
+      regimes: a regime per lane index (:func:`eos_jax.stability.regime`), added to its label.
 
     Example:
       >>> import os, tempfile
@@ -80,18 +84,38 @@ def plot_run(
     fig = Figure(figsize=(16.5 if has_rel else 11, 4))
     axes = fig.subplots(1, 3 if has_rel else 2)
     ax_l, ax_s = axes[0], axes[1]
+    colours: dict[tuple, Any] = {}
     for i in lanes:
         rs = sorted(by_lane[i], key=lambda r: r["step"])
         label = _lane_label(rs[0], varying)
+        if regimes and i in regimes:
+            label += f" ({regimes[i]})"
+        twin_key = tuple(rs[0].get(k) for k in _LANE_FIELDS if k != "k")
+        perturbed = rs[0].get("k", 1) != 1
         pts = [(r["step"], r["loss"]) for r in rs if r.get("loss") is not None and r["loss"] > 0]
-        (line,) = ax_l.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=label)
+        (line,) = ax_l.plot(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            lw=1,
+            ls="--" if perturbed else "-",
+            label=label,
+            color=colours.get(twin_key),
+        )
+        colours.setdefault(twin_key, line.get_color())
         diverged = [r["step"] for r in rs if not r.get("finite", True)]
         if diverged:
             ax_l.axvline(diverged[0], color=line.get_color(), ls=":", lw=1)
         sh = [(r["step"], r["normalized_sharpness"]) for r in rs if r.get("normalized_sharpness") is not None]
         if sh:
             ax_s.plot(
-                [p[0] for p in sh], [p[1] for p in sh], lw=1, marker=".", ms=3, color=line.get_color(), label=label
+                [p[0] for p in sh],
+                [p[1] for p in sh],
+                lw=1,
+                ls="--" if perturbed else "-",
+                marker=".",
+                ms=3,
+                color=line.get_color(),
+                label=label,
             )
         if has_rel:
             draw_rel_l1(axes[2], rs, color=line.get_color(), label=label)
@@ -167,6 +191,9 @@ def plot_variants(
 ) -> None:
     """One column per variant (e.g. 1 vs 3 layers): loss on top, normalized sharpness below.
 
+    One colour per setting (learning rate, ...); with several seeds the first seed is drawn
+    solid and the others faint, as the paper's Figure 7 draws one run per rate.
+
     Example:
       >>> import os, tempfile
       >>> from eos_jax.plotting import plot_variants
@@ -185,16 +212,36 @@ def plot_variants(
         by_lane: dict[int, list[dict[str, Any]]] = {}
         for r in lines:
             by_lane.setdefault(int(r["lane"]), []).append(r)
-        varying = [k for k in _LANE_FIELDS if len({by_lane[i][0].get(k) for i in by_lane}) > 1]
+        seeds = sorted({by_lane[i][0].get("seed", 0) for i in by_lane})
+        varying = [k for k in _LANE_FIELDS if k != "seed" and len({by_lane[i][0].get(k) for i in by_lane}) > 1]
         ax_l, ax_s = axes[0, col], axes[1, col]
+        colours: dict[tuple, Any] = {}
         for i in sorted(by_lane):
             rs = sorted(by_lane[i], key=lambda r: r["step"])
-            label = _lane_label(rs[0], varying)
+            key = tuple(rs[0].get(k) for k in varying)
+            first = rs[0].get("seed", 0) == seeds[0]  # one seed drawn solid, the others faint
+            label = _lane_label(rs[0], varying) + (f" (seed {seeds[0]} solid)" if len(seeds) > 1 else "")
             pts = [(r["step"], r["loss"]) for r in rs if r.get("loss") is not None and r["loss"] > 0]
-            (line,) = ax_l.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=label)
+            (line,) = ax_l.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                lw=1 if first else 0.6,
+                alpha=1.0 if first else 0.3,
+                label=label if first else None,
+                color=colours.get(key),
+            )
+            colours.setdefault(key, line.get_color())
             sh = [(r["step"], r["normalized_sharpness"]) for r in rs if r.get("normalized_sharpness") is not None]
             if sh:
-                ax_s.plot([p[0] for p in sh], [p[1] for p in sh], lw=1, marker=".", ms=3, color=line.get_color())
+                ax_s.plot(
+                    [p[0] for p in sh],
+                    [p[1] for p in sh],
+                    lw=1 if first else 0.6,
+                    alpha=1.0 if first else 0.3,
+                    marker="." if first else None,
+                    ms=3,
+                    color=line.get_color(),
+                )
         ax_l.set_yscale("log")
         ax_l.set_title(f"{name}: loss")
         ax_s.axhline(threshold, color="k", ls="--", lw=1)

@@ -4,11 +4,13 @@ without overwriting anything; default run directories and --resume without --out
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from eos_jax import cli
+from eos_jax import data as edata
 from eos_jax import train as tr
 from eos_jax.stability import CRITERION, is_stable, stability_boundary
 from eos_jax.train.stats import lane_summary
@@ -18,7 +20,7 @@ from experiments import eos as eos_cli
 # Plumbing runs keep the default convolution: XLA's (--conv-impl lax) compiles an unvmapped
 # Hessian-vector program in about half the time, but vmapped over lanes it becomes a grouped
 # convolution whose sharpness program compiled 4x slower (fig9 preset: 12.0 s vs 2.9 s).
-SMALL = [
+SMALL_DATA = [
     "--dataset",
     "digits01",
     "--num-examples",
@@ -37,6 +39,8 @@ SMALL = [
     "--conv-impl",
     "fft",
 ]
+# One lane (the main job's default is seeds 0-4 x k 1, 3) for plumbing tests.
+SMALL = [*SMALL_DATA, "--seed", "0", "--k", "1"]
 RUN_FILES = {"config.json", "metadata.json", "metrics.jsonl", "results.json", "eos.png", "checkpoints"}
 
 
@@ -68,20 +72,33 @@ def _check_run_dir(d: Path, n_lanes: int, steps: int = 6) -> dict:
 )
 def test_preset_writes_every_file_and_prints_findings(preset, variants, tmp_path, capsys):
     out = tmp_path / preset
-    code, stdout, stderr = _run(["--preset", preset, "--out", str(out), *SMALL], capsys)
+    code, stdout, stderr = _run(["--preset", preset, "--out", str(out), *SMALL_DATA], capsys)
     assert code == 0, stderr
     assert {"config.json", "preset.json", "preset.png", *variants} <= {p.name for p in out.iterdir()}
     findings = json.loads((out / "preset.json").read_text())
     rule = findings["lr_rule"]
+    seeds = 5 if preset in ("fig7", "fig9") else 1  # the cnn presets run seeds 0-4 as lanes
     for v in variants:
-        _check_run_dir(out / v, len(rule["lr"]))
+        _check_run_dir(out / v, len(rule["lr"]) * seeds)
         assert json.loads((out / v / "config.json").read_text())["lr"] == rule["lr"]
     assert set(findings["variants"]) == set(variants)
     assert f"{preset} findings" in stdout  # printed even with --quiet
     if preset in ("fig7", "fig9"):
-        # The rates come from 2/lambda_max at initialization, measured on the variants' data.
+        from eos_jax.stability import format_counts, regime_counts
+
+        # The rates come from 2/lambda_max at initialization (median over the seeds), measured on the variants' data.
         ts = [t["lr_threshold"] for t in rule["thresholds_at_init"].values()]
         assert set(rule["thresholds_at_init"]) == set(variants) and all(t > 0 for t in ts)
+        for t in rule["thresholds_at_init"].values():
+            per = sorted(p["lambda_max"] for p in t["per_seed"])
+            assert [p["seed"] for p in t["per_seed"]] == [0, 1, 2, 3, 4] and t["lambda_max"] == per[2]
+        # Regimes are counted over the seeds, per lr, from the lanes' own regimes.
+        for v in variants:
+            entry = findings["variants"][v]
+            for c in entry["counts"]:
+                regs = [l["regime"] for l in entry["lanes"] if l["learning_rate"] == c["learning_rate"]]
+                assert c["seeds"] == [0, 1, 2, 3, 4] and c["counts"] == regime_counts(regs)
+                assert f"lr={c['learning_rate']:.4g}: {format_counts(c['counts'], 5)} seeds" in stdout
         if preset == "fig9":
             assert min(rule["lr"]) <= min(ts) / 10 and max(rule["lr"]) >= max(ts) * 10
             assert len(rule["lr"]) <= 3 * (len(ts) + 3)  # 1-2-5: three per decade
@@ -96,7 +113,12 @@ def test_preset_writes_every_file_and_prints_findings(preset, variants, tmp_path
             stable = [l["learning_rate"] for l in lanes if l["stable"]]
             assert b["largest_stable_lr"] == (max(stable) if stable else None)
             assert all(l["weight_decay"] == 5e-4 for l in lanes)
-        assert "largest stable lr" in stdout
+            ps = findings["variants"][v]["boundary_per_seed"]
+            assert set(ps["per_seed"]) == {"0", "1", "2", "3", "4"}
+            for seed, bs in ps["per_seed"].items():
+                st = [l["learning_rate"] for l in lanes if l["stable"] and l["seed"] == int(seed)]
+                assert bs["largest_stable_lr"] == (max(st) if st else None)
+        assert "largest stable lr" in stdout and "per seed: largest stable lr" in stdout
     if preset == "fig8":
         cfg = json.loads((out / "depth4" / "config.json").read_text())
         assert cfg["model"] == "fc" and cfg["layers"] == 4 and cfg["width"] == 200 and cfg["activation"] == "tanh"
@@ -240,6 +262,8 @@ def test_tracked_cnn_sharpness_matches_dense_hessian(tmp_path, capsys):
         "cnn",
         layers=3,
         lr=(2.0,),
+        seed=(0,),
+        k=(1,),
         dataset=("digits01",),
         num_examples=64,
         steps=6,
@@ -301,10 +325,10 @@ def test_standardize_flag_reaches_the_config():
 
 
 def test_lane_batch_flag_values():
-    """--lane-batch: absent keeps the default "auto"; "all" is None (every lane at once, the setting
-    of runs made before "auto" existed, so that they resume); an integer is itself."""
+    """--lane-batch: absent keeps the experiment's default 1 (one lane at a time); "all" is None (every lane
+    at once, the setting of runs made before "auto" existed, so that they resume); an integer is itself."""
     parse = lambda argv: eos_cli.overrides_from_args(eos_cli.build_parser().parse_args(argv))  # noqa: E731
-    assert "lane_batch" not in parse([]) and eos_cli.default_config("cnn").lane_batch == "auto"
+    assert "lane_batch" not in parse([]) and eos_cli.default_config("cnn").lane_batch == 1
     assert parse(["--lane-batch", "all"])["lane_batch"] is None
     assert parse(["--lane-batch", "auto"])["lane_batch"] == "auto"
     assert parse(["--lane-batch", "3"])["lane_batch"] == 3
@@ -463,50 +487,27 @@ def test_unidentifiable_loose_files_in_data_dir_are_refused(tmp_path, capsys):
     assert f"put them in {dd / 'mnist'}/ or {dd / 'fashion_mnist'}/" in err and not out.exists()
 
 
-@pytest.mark.subprocess
-def test_main_job_on_a_fresh_machine(tmp_path):
-    """README's first command (fewer steps, cheaper sharpness) with no data installed anywhere:
-    the cache and /usr/share/datasets switched off, no EOS_JAX_DATA, a new HOME. It must finish
-    on the Fashion-MNIST 0/1 subset shipped with the package, with the fallback visible."""
+def _fresh_machine_run(tmp_path, name, *flags):
+    """README's first command (with ``flags``) with no data installed anywhere: the cache and
+    /usr/share/datasets switched off, no EOS_JAX_DATA, a new HOME. Returns (process, run dir)."""
     import os
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in ("EOS_JAX_DATA", "XLA_FLAGS")}
+    home = tmp_path / f"home-{name}"
     env.update(
         EOS_JAX_NO_SYSTEM_DATA="1",
-        HOME=str(tmp_path / "home"),
-        XDG_CACHE_HOME=str(tmp_path / "xdg"),
+        HOME=str(home),
+        XDG_CACHE_HOME=str(tmp_path / f"xdg-{name}"),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(repo),
     )
-    (tmp_path / "home").mkdir()
-    out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "experiments.eos",
-        "--layers",
-        "3",
-        "--lr",
-        "5",
-        "--steps",
-        "4",
-        "--sharpness-every",
-        "4",
-        "--sharpness-iters",
-        "3",
-        "--sharpness-method",
-        "power",
-        "--chunk-steps",
-        "4",
-        "--checkpoint-every",
-        "0",
-        "--out",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    home.mkdir()
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "experiments.eos", *flags, "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     warn = [l for l in proc.stderr.splitlines() if l.startswith("WARNING")]
     assert warn == [
@@ -517,10 +518,54 @@ def test_main_job_on_a_fresh_machine(tmp_path):
     assert meta["name"] == "fashion_mnist01_bundled" and meta["num_examples_used"] == 2000
     assert [f["name"] for f in meta["fallback_from"]] == ["mnist01", "fashion_mnist01"]
     assert "EOS_JAX_NO_SYSTEM_DATA is set" in meta["fallback_from"][1]["reason"]
-    assert "on fashion_mnist01_bundled (2000 examples, 4 steps)" in proc.stdout
-    assert "lane groups: 1 lane in 1 group of at most 1 (nothing to size)" in proc.stderr, proc.stderr[-3000:]
+    return proc, out
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_main_job_on_a_fresh_machine_shows_figure7_and_the_amplified_perturbation(tmp_path):
+    """README's first command, as written, on the bundled data of a fresh machine: seeds 0-4 with k = 1
+    and k = 3 as lanes. The 3-layer net at lr 5 shows restrained instabilities (lr*lambda_max above 2,
+    late spikes, the loss finite and below the constant predictor's) in some seeds, and those amplify
+    the last-bit perturbation to RelL1 >= 1e-2; collapsed seeds meet the collapse criterion. The
+    1-layer net at lr 5 is stable in every seed, with RelL1 <= 1e-5. The summary's findings are the
+    counts of the lanes' own regimes."""
+    from eos_jax.stability import constant_loss, format_counts, is_collapsed, regime_counts
+
+    proc, out = _fresh_machine_run(tmp_path, "layers3", "--layers", "3", "--lr", "5")
+    assert "on fashion_mnist01_bundled (2000 examples, 200 steps)" in proc.stdout
     res = json.loads((out / "results.json").read_text())
-    assert res["dataset"] == "fashion_mnist01_bundled" and all(l["finite"] for l in res["lanes"])
+    lanes = res["lanes"]
+    assert sorted((l["seed"], l["k"]) for l in lanes) == [(s, k) for s in range(5) for k in (1, 3)]
+    y = edata.load("fashion_mnist01_bundled", "train").y[:2000]
+    c0 = constant_loss(y, "bce")
+    plain = sorted((l for l in lanes if l["k"] == 1), key=lambda l: l["seed"])
+    perturbed = {l["seed"]: l for l in lanes if l["k"] == 3}
+    restrained = [l for l in plain if l["regime"] == "restrained"]
+    assert restrained, [l["regime"] for l in plain]
+    for l in restrained:
+        assert l["finite"] and l["max_normalized_sharpness"] > 2.0 and l["num_loss_increases_1pct_late"] > 0
+        assert l["tail_loss_min"] < c0 and l["constant_loss"] == pytest.approx(c0, rel=1e-12)
+        assert perturbed[l["seed"]]["rel_l1_to_k1"] >= 1e-2, (l["seed"], perturbed[l["seed"]]["rel_l1_to_k1"])
+    for l in lanes:  # collapse: fires exactly where its criterion holds
+        assert (l["regime"] == "collapsed") == (not l["stable"] and is_collapsed(l, 2.0))
+    text = format_counts(regime_counts([l["regime"] for l in plain]), 5)
+    assert f"lr 5, k=1: {text} seeds" in proc.stdout
+    amplified = [l["seed"] for l in plain if perturbed[l["seed"]]["rel_l1_to_k1"] >= 1e-4]
+    assert (
+        f"amplified (RelL1 >= 0.0001) in seed{'s' if len(amplified) > 1 else ''} {', '.join(map(str, amplified))}"
+        in (proc.stdout)
+    )
+    assert (out / "eos.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    proc, out = _fresh_machine_run(tmp_path, "layers1", "--layers", "1", "--lr", "5")
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["lanes"]) == 10 and all(l["regime"] == "stable" for l in res["lanes"]), [
+        l["regime"] for l in res["lanes"]
+    ]
+    rel = [l["rel_l1_to_k1"] for l in res["lanes"] if l["k"] == 3]
+    assert len(rel) == 5 and max(rel) <= 1e-5, rel
+    assert "lr 5, k=1: stable in 5/5 seeds" in proc.stdout and "stayed small in every seed" in proc.stdout
 
 
 @pytest.mark.subprocess
@@ -643,7 +688,7 @@ def _lane(lr, *, finite=True, spikes=0, late=0, max_inc=0.0, ns=None):
 
 
 def test_regime_and_the_figure7_finding_both_ways():
-    """regime() from the numbers; the readings' 'matches Figure 7' and the chosen reading follow from them."""
+    """regime() from the numbers; the readings' per-seed 'matches Figure 7' and the chosen reading follow from them."""
     from experiments import eos
 
     assert eos.regime(_lane(5, finite=False), 2.0) == "divergent"
@@ -652,21 +697,60 @@ def test_regime_and_the_figure7_finding_both_ways():
     assert eos.regime(_lane(5, spikes=3, late=2, max_inc=0.3, ns=0.5), 2.0) == "spikes-off-edge"
     assert eos.regime(_lane(5, spikes=1, late=0, max_inc=3.0, ns=9.0), 2.0) == "transient"
 
-    def entry(*regimes):
-        return {"lanes": [{"learning_rate": lr, "regime": r} for lr, r in zip((1.0, 2.0, 5.0), regimes)]}
+    def entry(*regimes_by_seed):
+        return {
+            "lanes": [
+                {"learning_rate": lr, "seed": seed, "regime": r}
+                for seed, regimes in enumerate(regimes_by_seed)
+                for lr, r in zip((1.0, 2.0, 5.0), regimes)
+            ]
+        }
 
-    paper = {"layers1": entry("stable", "stable", "stable"), "layers3": entry("stable", "stable", "restrained")}
-    other = {"layers1": entry("stable", "stable", "stable"), "layers3": entry("stable", "stable", "stable")}
-    assert eos.matches_paper_fig7(paper)["matches"] and not eos.matches_paper_fig7(other)["matches"]
+    s, r, c = ("stable",) * 3, ("stable", "stable", "restrained"), ("stable", "stable", "collapsed")
+    paper = {"layers1": entry(s, s, s), "layers3": entry(r, r, c)}  # 3 of 3 seeds unstable, 2 restrained
+    other = {"layers1": entry(s, s, s), "layers3": entry(s, r, s)}  # 1 of 3
+    m = eos.matches_paper_fig7(paper)
+    assert (m["matching_seeds"], m["restrained_seeds"], m["matches"]) == (3, 2, True)
+    assert m["layers3"] == ["restrained", "restrained", "collapsed"]
+    m = eos.matches_paper_fig7(other)
+    assert (m["matching_seeds"], m["restrained_seeds"], m["matches"]) == (1, 1, False)
     table = {
-        "mean-raw-bce": {"match": eos.matches_paper_fig7(other)},
-        "mean-raw-softmax": {"match": eos.matches_paper_fig7(paper)},
+        "normal-mean-raw-bce": {"match": eos.matches_paper_fig7(other)},
+        "pytorch-mean-raw-bce": {"match": eos.matches_paper_fig7(paper)},
     }
     c = eos.choose_reading(table)
-    assert c["reading"] == "mean-raw-softmax" and c["matching"] == ["mean-raw-softmax"]
-    table["mean-raw-softmax"]["match"] = eos.matches_paper_fig7(other)
+    assert c["reading"] == "pytorch-mean-raw-bce" and c["matching"] == ["pytorch-mean-raw-bce"]
+    assert "(3/3; 3 layers restrained in 2/3)" in c["why"]
+    none = {"layers1": entry(s, s, s), "layers3": entry(s, s, s)}
+    table = {n: {"match": eos.matches_paper_fig7(none)} for n in table}
     c = eos.choose_reading(table)
-    assert c["reading"] == "mean-raw-bce" and c["matching"] == [] and "no reading" in c["why"]
+    assert c["reading"] == "normal-mean-raw-bce" and c["matching"] == [] and "no reading" in c["why"]
+
+
+def test_collapse_fires_where_it_must_and_not_elsewhere():
+    """collapsed: a non-stable lane whose last tenth sits at (or above) the constant predictor's loss on a flat
+    landscape. Not for a restrained lane below it, a lane still moving at the edge (stalled), or without the loss."""
+    from eos_jax.stability import constant_loss, is_collapsed, regime
+
+    c0 = constant_loss([0] * 953 + [1] * 1047)  # the bundled subset's label counts
+    assert c0 == pytest.approx(0.692042273560129, rel=1e-12)
+    assert constant_loss([0, 1, 2, 2], "ce", 3) == pytest.approx(-(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)))
+    assert constant_loss([0, 1], "mse") == pytest.approx(0.25)  # 0.5 (1 - 2 * 0.25)
+    unstable = _lane(5, spikes=3, late=3, max_inc=0.3, ns=4.8)
+    dead = dict(
+        unstable, constant_loss=c0, tail_loss_min=0.69220, tail_loss_max=0.69221, final_normalized_sharpness=0.02
+    )
+    assert regime(dead, 2.0) == "collapsed" and is_collapsed(dead, 2.0)
+    dead_above = dict(dead, tail_loss_min=0.9045, tail_loss_max=0.9203, final_normalized_sharpness=0.001)
+    assert regime(dead_above, 2.0) == "collapsed"  # a dead net at a worse constant
+    assert regime(dict(dead, tail_loss_min=0.541), 2.0) == "restrained"  # below the constant: alive
+    assert regime(dict(dead, final_normalized_sharpness=1.7), 2.0) == "stalled"  # at the constant, not flat
+    untracked = dict(dead, final_normalized_sharpness=None)
+    assert regime(untracked, 2.0) == "collapsed"  # flat loss stands in for the flat landscape
+    assert regime(dict(untracked, tail_loss_max=0.75), 2.0) == "stalled"
+    assert regime({k: v for k, v in dead.items() if k != "constant_loss"}, 2.0) == "restrained"  # no labels, no call
+    assert regime(dict(dead, max_rel_loss_increase=0.0), 2.0) == "stable"  # stable comes first
+    assert regime(dict(dead, finite=False), 2.0) == "divergent"
 
 
 @pytest.mark.slow
@@ -698,7 +782,7 @@ def test_fig7_readings_writes_the_table(tmp_path, capsys):
             lanes = t["variants"][v]["lanes"]
             assert [l["learning_rate"] for l in lanes] == [1.0, 2.0, 5.0]
             for l in lanes:
-                assert l["regime"] in ("stable", "restrained", "transient", "spikes-off-edge", "divergent")
+                assert l["regime"] in eos.REGIMES
                 assert f"| {name} | {v[6:]} |" in md
         assert t["match"] == eos.matches_paper_fig7(t["variants"])
     assert got["choice"] == eos.choose_reading(got["readings"]) and got["choice"]["why"] in md

@@ -60,7 +60,16 @@ def test_sensitivity_bad_flags_one_line_exit_2_nothing_written(argv, needle, tmp
 
 
 @pytest.mark.parametrize(
-    "argv,needle", [(["--n", "0"], "'0'"), (["--n", "2", "2"], "distinct"), (["--lr0", "nan"], "'nan'")]
+    "argv,needle",
+    [
+        (["--n", "0"], "'0'"),
+        (["--n", "2", "2"], "distinct"),
+        (["--lr0", "nan"], "'nan'"),
+        (["--seed", "0", "1"], "one seed"),
+        (["--preset", "cnn", "--n", "2", "2"], "distinct"),
+        (["--preset", "cnn", "--model", "vgg_small_bn"], "--model"),
+        (["--preset", "cnn", "--seed", "-1"], "'-1'"),
+    ],
 )
 def test_lr_threshold_bad_flags_one_line_exit_2_nothing_written(argv, needle, tmp_path, capsys):
     out = tmp_path / "run"
@@ -152,3 +161,27 @@ def test_lr_threshold_rule_from_hand_made_series():
     t = lr_threshold.threshold(runs)
     assert t["largest_attenuating_lr"] == 0.01 and t["smallest_amplifying_lr"] == 0.05 and t["monotone"]
     assert not lr_threshold.threshold([*runs, {"lr": 0.001, "verdict": "amplified"}])["monotone"]
+
+
+def test_lr_threshold_cnn_preset_counts_verdicts_over_seeds(tmp_path, capsys, monkeypatch):
+    """--preset cnn (the paper's 3-layer CNN on the bundled data, tiny): one sweep of rates x seeds x k = 1, 3;
+    each k = 3 lane's verdict is the library rule on its own RelL1 series, and 2/lambda_max at init is printed."""
+    from eos_jax.stability import perturbation_verdict
+
+    monkeypatch.setenv("EOS_JAX_NO_SYSTEM_DATA", "1")
+    out = tmp_path / "cnn"
+    argv = ["--preset", "cnn", "--iterations", "6", "--n", "1", "10", "--seed", "0", "1", "--out", str(out), "--quiet"]
+    code, _, err = _run(lr_threshold.main, "python -m experiments.lr_threshold", argv, capsys)
+    assert code == 0, err
+    got = json.loads((out / "lr_threshold.json").read_text())
+    assert [r["lr"] for r in got["runs"]] == [1.0, 10.0] and (out / "lr_threshold.png").exists()
+    res = json.loads((out / "sweep" / "results.json").read_text())
+    assert sorted((l["learning_rate"], l["seed"], l["k"]) for l in res["lanes"]) == [
+        (lr, s, k) for lr in (1.0, 10.0) for s in (0, 1) for k in (1, 3)
+    ]
+    for r in got["runs"]:
+        assert [s["seed"] for s in r["seeds"]] == [0, 1]
+        for s in r["seeds"]:
+            assert s["verdict"] == perturbation_verdict(s["rel_l1"])["verdict"] and len(s["rel_l1"]) == 7
+        assert r["amplified_seeds"] == sum(s["verdict"] == "amplified" for s in r["seeds"])
+    assert [p["seed"] for p in got["initial_sharpness"]["per_seed"]] == [0, 1]

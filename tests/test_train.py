@@ -932,3 +932,38 @@ def test_step_metrics_hook_reaches_history_and_metrics_lines(tmp_path):
     got = np.array([[r["aux"]["w1_sq"] for r in lines if r["lane"] == i] for i in range(2)], np.float32)
     assert np.array_equal(got, hist.aux["w1_sq"])  # train and fit: the same programs, the same bits
     assert all(len(r["aux"]["out"]) == 2 for r in lines)
+
+
+def test_alternating_sharpness_schedule_sees_both_phases_of_a_period2_orbit():
+    """GD at lr 2.5 on f(w) = log cosh(w) + 0.2 w settles into a period-2 orbit whose two points have
+    lr * f''(w) = 2.132 and 0.965 (closed form: f'' = 1 - tanh^2). Sampled every 20 steps, the plain
+    schedule sees one phase only; the alternating one (0, 21, 40, 61, ...) sees both, the high one included.
+    Training bits do not depend on the schedule."""
+    import math
+
+    def loss(p, b):
+        return jnp.sum(jnp.log(jnp.cosh(p["w"])) + b["c"][0] * p["w"])
+
+    problem = tr.Problem(
+        lambda key: {"w": jnp.full((1,), 0.01, jnp.float32)},
+        loss,
+        lambda hp: optim.sgd(hp.learning_rate, k=hp.k),
+        {"c": jnp.array([0.2], jnp.float32)},
+    )
+    w = 0.01  # the orbit in float64
+    for _ in range(400):
+        w -= 2.5 * (math.tanh(w) + 0.2)
+    orbit = sorted(2.5 * (1 - math.tanh(x) ** 2) for x in (w, w - 2.5 * (math.tanh(w) + 0.2)))
+    assert orbit == pytest.approx([0.965, 2.132], abs=1e-3)
+    runs = {}
+    for alternate in (False, True):
+        cfg = tr.EngineConfig(steps=400, sharpness_every=20, sharpness_iters=1, sharpness_alternate=alternate)
+        h = tr.fit(problem, tr.make_lanes([2.5]), 400, config=cfg)
+        late = [(int(s), float(v)) for s, v in zip(h.step, h.normalized_sharpness[0]) if s >= 200 and not math.isnan(v)]
+        runs[alternate] = (late, h.params["w"])
+    plain, alt = runs[False][0], runs[True][0]
+    assert [s for s, _ in plain][:4] == [200, 220, 240, 260] and [s for s, _ in alt][:4] == [200, 221, 240, 261]
+    assert max(v for _, v in plain) - min(v for _, v in plain) < 1e-3  # one phase only
+    assert {round(v, 2) for _, v in alt} == {round(orbit[0], 2), round(orbit[1], 2)}  # both phases
+    assert max(v for _, v in alt) == pytest.approx(orbit[1], abs=1e-3)  # the high one included
+    assert np.array_equal(runs[False][1], runs[True][1])

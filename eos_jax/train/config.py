@@ -121,6 +121,11 @@ class EngineConfig:
         other schedules).
       log_every: a metrics line every this many steps (and at every sharpness step).
       sharpness_every: track sharpness every this many steps (``None``: never).
+      sharpness_alternate: with an even ``sharpness_every``, every other sample is taken one
+        step later (steps 0, 21, 40, 61, ... for 20: :func:`eos_jax.train.core.sharpness_due`),
+        so the samples alternate the parity of the step and the high phase of a period-2
+        orbit cannot be missed; ``False``: every multiple of ``sharpness_every``, which sees
+        only one phase of a period-2 orbit.
       sharpness_iters: eigensolver iterations (Hessian-vector products): exactly this many
         with ``sharpness_tol=None``, at most this many otherwise.
       sharpness_tol: stop the warm-started solver once the relative residual
@@ -170,6 +175,7 @@ class EngineConfig:
     log_every: int = 1
     sharpness_every: int | None = 10
     sharpness_iters: int = 20
+    sharpness_alternate: bool = False
     sharpness_method: str = "lanczos"
     sharpness_examples: int | None = None
     sharpness_tol: float | None = 1e-3
@@ -203,6 +209,10 @@ class EngineConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 also = ", None or 'auto'" if name == "lane_batch" else " or None"
                 raise ConfigError(f"{name}={v!r} is not allowed; expected an integer >= 1{also}")
+        if not isinstance(self.sharpness_alternate, bool):
+            raise ConfigError(
+                f"sharpness_alternate={self.sharpness_alternate!r} is not allowed; expected True or False"
+            )
         tol = self.sharpness_tol
         if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1):
             raise ConfigError(f"sharpness_tol={tol!r} is not allowed; expected a float in (0, 1) or None")

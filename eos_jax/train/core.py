@@ -65,6 +65,45 @@ def next_boundary(s: int, total: int, periods: Iterable[int | None]) -> int:
     return nxt
 
 
+def sharpness_due(s: int, every: int | None, alternate: bool) -> bool:
+    """Whether the sharpness is estimated at step ``s`` (the end of the run aside).
+
+    Plain schedule: every multiple of ``every``. ``alternate``: the ``j``-th sample is at
+    ``j * every + (j % 2)`` when ``every`` is even (steps 0, 21, 40, 61, ... for 20), so
+    consecutive samples alternate the parity of the step and a period-2 orbit is seen in both
+    of its phases; an odd ``every`` alternates by itself and keeps its multiples.
+
+    Example:
+      >>> [s for s in range(70) if sharpness_due(s, 20, alternate=True)]
+      [0, 21, 40, 61]
+      >>> [s for s in range(70) if sharpness_due(s, 20, alternate=False)]
+      [0, 20, 40, 60]
+    """
+    if not every:
+        return False
+    if not alternate or every % 2:
+        return s % every == 0
+    j, r = divmod(s, every)
+    return r == j % 2
+
+
+def next_sharpness_step(s: int, every: int | None, alternate: bool) -> int | None:
+    """The first step after ``s`` at which :func:`sharpness_due` holds (``None``: never).
+
+    Example:
+      >>> next_sharpness_step(0, 20, True), next_sharpness_step(21, 20, True), next_sharpness_step(0, 20, False)
+      (21, 40, 20)
+    """
+    if not every:
+        return None
+    j = s // every
+    for c in (j, j + 1, j + 2):
+        t = c * every + (c % 2 if alternate and every % 2 == 0 else 0)
+        if t > s:
+            return t
+    raise AssertionError("unreachable: two periods ahead is always after s")  # pragma: no cover
+
+
 def group_lanes(num_lanes: int, max_lanes: int, num_devices: int = 1) -> list[list[int]]:
     """Splits lane indices into groups of at most ``max_lanes`` (a multiple of ``num_devices`` when possible).
 
@@ -639,7 +678,7 @@ def run_group(
             save(g, s, state)
             timing["checkpoint_s"] += time.perf_counter() - t0
         # 2. sharpness at s.
-        if cfg.sharpness_every and (s % cfg.sharpness_every == 0 or s == total):
+        if cfg.sharpness_every and (sharpness_due(s, cfg.sharpness_every, cfg.sharpness_alternate) or s == total):
             t0 = time.perf_counter()
             state, lam = plan.sharp_fn(state, gi.hp, plan.sharp_data)
             pending_sharp = np.asarray(to_host(lam))
@@ -670,7 +709,10 @@ def run_group(
             return state, {k: np.asarray(v) for k, v in fstats.items()}
         # 4. one chunk.
         evals_every = cfg.eval_every if plan.test_fn is not None else None
-        nxt = next_boundary(s, total, (cfg.chunk_steps, cfg.checkpoint_every, cfg.sharpness_every, evals_every))
+        nxt = next_boundary(s, total, (cfg.chunk_steps, cfg.checkpoint_every, evals_every))
+        sharp_next = next_sharpness_step(s, cfg.sharpness_every, cfg.sharpness_alternate)
+        if sharp_next is not None:
+            nxt = min(nxt, sharp_next)
         t0 = time.perf_counter()
         state, met = plan.chunk_fn(state, gi.hp, plan.data, jnp.asarray(nxt - s, jnp.int32), gi.twin)
         met = jax.tree_util.tree_map(lambda a: np.asarray(a)[:, : nxt - s], to_host(met))

@@ -259,6 +259,11 @@ def lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, Any
     late = [x for s, x in incs if s >= last // 10]
     out["max_rel_loss_increase_late"] = max(late, default=0.0)
     out["num_loss_increases_1pct_late"] = sum(1 for x in late if x > 0.01)
+    # The loss over the last 10% of the steps: where a run ended up (a collapse to the constant
+    # predictor's loss, eos_jax.stability.regime, is read from it).
+    tail = [l for st, l in losses if st >= last - last // 10]
+    out["tail_loss_min"] = min(tail, default=None)
+    out["tail_loss_max"] = max(tail, default=None)
     if sharp:
         out["final_sharpness"] = sharp[-1][1]
         out["final_normalized_sharpness"] = sharp[-1][2]

@@ -35,12 +35,21 @@ Modules: :mod:`~experiments.eos.config` (EosConfig, data, problem), :mod:`~exper
 The names below are re-exported so that ``from experiments import eos; eos.run(...)`` works.
 """
 
-from eos_jax.stability import CRITERION, EDGE_FRACTION, STABLE_MAX_REL_INCREASE, is_stable, regime, stability_boundary
+from eos_jax.stability import (
+    CRITERION,
+    EDGE_FRACTION,
+    REGIMES,
+    STABLE_MAX_REL_INCREASE,
+    is_stable,
+    regime,
+    stability_boundary,
+)
 from experiments.eos.cli import build_parser, main, overrides_from_args
 from experiments.eos.config import (
     BINARY_HEADS,
     DEFAULT_DATASETS,
     FIG7_PAPER_LRS,
+    INITS,
     LOSSES,
     MODELS,
     POOLS,
@@ -53,6 +62,7 @@ from experiments.eos.presets import (
     FIG8_DEFAULT_LR,
     FIG8_LR_REASON,
     FIG8_LRS,
+    PRESET_SEEDS,
     PRESETS,
     Preset,
     ceil_125,
@@ -62,7 +72,9 @@ from experiments.eos.presets import (
     series_125,
 )
 from experiments.eos.readings import (
+    PRESET_READINGS,
     READINGS,
+    READINGS_SEEDS,
     READINGS_SHARPNESS_EVERY,
     READINGS_STEPS,
     choose_reading,
@@ -80,6 +92,7 @@ __all__ = [
     "STABLE_MAX_REL_INCREASE",
     "is_stable",
     "regime",
+    "REGIMES",
     "stability_boundary",
     "build_parser",
     "main",
@@ -87,6 +100,7 @@ __all__ = [
     "BINARY_HEADS",
     "DEFAULT_DATASETS",
     "FIG7_PAPER_LRS",
+    "INITS",
     "LOSSES",
     "MODELS",
     "POOLS",
@@ -97,6 +111,7 @@ __all__ = [
     "FIG8_DEFAULT_LR",
     "FIG8_LR_REASON",
     "FIG8_LRS",
+    "PRESET_SEEDS",
     "PRESETS",
     "Preset",
     "ceil_125",
@@ -104,7 +119,9 @@ __all__ = [
     "initial_sharpness",
     "run_preset",
     "series_125",
+    "PRESET_READINGS",
     "READINGS",
+    "READINGS_SEEDS",
     "READINGS_SHARPNESS_EVERY",
     "READINGS_STEPS",
     "choose_reading",

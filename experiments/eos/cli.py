@@ -61,6 +61,19 @@ def build_parser() -> cli.ArgumentParser:
         "linear head with two outputs + softmax cross-entropy (Cohen et al.'s archs)",
     )
     p.add_argument(
+        "--init",
+        choices=("normal", "pytorch"),
+        default=None,
+        help="kernel initialization: normal, N(0, init_std^2) (cnn default: the paper's Sec. 5.3 and the authors' "
+        "np.random.randn kernels), or pytorch, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (fc default: Cohen et al.)",
+    )
+    p.add_argument(
+        "--init-std",
+        type=cli.positive_float,
+        default=None,
+        help="standard deviation of --init normal (default 1)",
+    )
+    p.add_argument(
         "--lr",
         type=cli.positive_float,
         nargs="+",
@@ -72,9 +85,12 @@ def build_parser() -> cli.ArgumentParser:
         type=cli.positive_int,
         nargs="+",
         default=None,
-        help="perturbation factor(s) of Section 4.1 (default 1: plain GD)",
+        help="perturbation factor(s) of Section 4.1 (default 1 3 for cnn: plain GD beside the last-bit "
+        "perturbation; 1 for fc)",
     )
-    p.add_argument("--seed", type=cli.nonnegative_int, nargs="+", default=None, help="seed(s) (default 0)")
+    p.add_argument(
+        "--seed", type=cli.nonnegative_int, nargs="+", default=None, help="seed(s) (default 0-4 for cnn, 0 for fc)"
+    )
     p.add_argument(
         "--weight-decay",
         type=cli.nonnegative_float,
@@ -89,7 +105,7 @@ def build_parser() -> cli.ArgumentParser:
         default=None,
         help="minibatch SGD with this batch size (default: full-batch GD)",
     )
-    p.add_argument("--steps", type=cli.positive_int, default=None, help="optimizer steps (default 300)")
+    p.add_argument("--steps", type=cli.positive_int, default=None, help="optimizer steps (default 200)")
     p.add_argument(
         "--dataset",
         default=None,
@@ -123,7 +139,14 @@ def build_parser() -> cli.ArgumentParser:
         "--sharpness-every",
         type=cli.nonnegative_int,
         default=None,
-        help="steps between sharpness evaluations (default 20; 0 turns tracking off)",
+        help="steps between sharpness evaluations (default 20; 0 turns tracking off); with an even value every "
+        "other sample is one step later (0, 21, 40, 61, ...) unless --no-sharpness-alternate",
+    )
+    p.add_argument(
+        "--sharpness-alternate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="alternate the parity of the sharpness steps, so both phases of a period-2 orbit are sampled (default on)",
     )
     p.add_argument("--sharpness-iters", type=cli.positive_int, default=None, help="Lanczos iterations (default 20)")
     p.add_argument(
@@ -149,9 +172,10 @@ def build_parser() -> cli.ArgumentParser:
         "--lane-batch",
         type=cli.lane_batch_arg,
         default=None,
-        help="inside a program, train this many lanes at a time, one batch after another; all: every lane at once; "
-        "auto (the default): all at once unless, on a CPU, that needs over 2 GiB of temporaries per call. A lane's "
-        "bits depend on it; runs started before auto existed resume with all",
+        help="inside a program, train this many lanes at a time, one batch after another (default 1: the "
+        "warm-started sharpness solver then stops for each lane on its own); all: every lane at once; auto: all "
+        "at once unless, on a CPU, that needs over 2 GiB of temporaries per call. A lane's bits depend on it; "
+        "runs started before auto existed resume with all",
     )
     p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="working dtype (default float32)")
     p.add_argument("--out", default=None, help="run directory (default runs/eos/<UTC time>-<config hash>)")
@@ -191,6 +215,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         "standardize",
         "pool",
         "binary",
+        "init",
+        "init_std",
+        "sharpness_alternate",
     ):
         value = getattr(args, name)
         if value is not None:

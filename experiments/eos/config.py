@@ -28,6 +28,13 @@ from eos_jax.cli import check_lane_batch
 from eos_jax.errors import ConfigError
 
 MODELS = ("cnn", "fc")
+# Kernel initializations the experiment offers (eos_jax.models.layers.make_kernel_init):
+# "normal" draws every kernel entry from N(0, init_std^2): the paper's Sec. 5.3 ("initialize the
+# weights K ... according to a normal distribution (mean 0, variance 1)") and the authors' code
+# (np.random.randn for every kernel, single_layer/PySun.py in sunyx523/surprising-instabilities);
+# "pytorch" is PyTorch's nn.Conv2d / nn.Linear default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), what
+# Cohen et al. (2021) use (U(-1/3, 1/3) for a one-channel 3x3 kernel).
+INITS = ("normal", "pytorch")
 AUTO_LANE_CAP = 16  # lanes per vmapped program when sized to memory (the width runs used before sizing)
 LOSSES = ("ce", "mse")
 POOLS = ("mean", "sum")
@@ -69,6 +76,11 @@ class EosConfig:
         cross-entropy, Eq. (20) and (7)) or ``"softmax"`` (the pooled feature feeds a
         linear layer with bias and two outputs, softmax cross-entropy: Cohen et al.'s
         ``nn.Linear(features, num_classes)`` head and ``CrossEntropyLoss``).
+      init: kernel initialization (:data:`INITS`): ``"normal"`` (cnn default: ``N(0, init_std^2)``,
+        the paper's Sec. 5.3 and the authors' ``np.random.randn`` kernels; ``--preset fig7-readings``
+        measures it against the other reading) or ``"pytorch"`` (fc default, Cohen et al.'s
+        PyTorch defaults: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, ``U(-1/3, 1/3)`` for a 3x3 kernel).
+      init_std: standard deviation of ``init="normal"``.
       activation: ``"swish"`` (cnn default, beta below) or ``"tanh"`` (fc default), or ``"relu"``.
       beta: Swish parameter.
       conv_impl: convolution of the cnn (see :func:`eos_jax.models.get`); ``"auto"``
@@ -76,12 +88,17 @@ class EosConfig:
         ``"fft"`` measured 1.4x (gradient) and 2x (Hessian-vector product) faster on the
         2-core CPU (2000 28x28 images) but rounds differently.
       lr: learning rates (list: a sweep).
-      k: perturbation factors of Section 4.1 (k=1: plain GD).
-      seed: initialization seeds.
+      k: perturbation factors of Section 4.1 (k=1: plain GD). cnn default ``(1, 3)``: every
+        seed runs plain GD beside its last-bit perturbation, so the run reports RelL1(k=1, k=3)
+        (Sections 4-6: restrained instabilities amplify floating-point error); fc default ``(1,)``.
+      seed: initialization seeds. cnn default 0-4: a regime is a count over seeds, not one
+        seed's picture; fc default ``(0,)``.
       weight_decay: L2 coefficients alpha of Eq. (7).
       momentum: heavy-ball momentum (0: gradient descent).
       batch_size: ``None`` for full-batch gradient descent (the paper), else SGD.
-      steps: optimizer steps.
+      steps: optimizer steps (200: the 3-layer net's regimes over seeds 0-4 at lr 5 are the
+        same after 200 and 300 steps, and the main job's ten lanes finish in about a minute on
+        2 cores).
       dataset: the dataset chain; the first one found is used (``--dataset`` gives one).
       num_examples: use the first n training examples (``None``: all).
       num_examples_exact: True when ``num_examples`` was asked for explicitly
@@ -91,9 +108,14 @@ class EosConfig:
       loss: ``"ce"`` (binary cross-entropy with one logit for 2 classes, else softmax)
         or ``"mse"`` (Cohen et al.'s squared loss on one-hot targets).
       standardize: standardize pixels with the training set's per-channel statistics.
+      sharpness_alternate: sample the sharpness one step later every other time (steps 0,
+        21, 40, 61, ...), so the high phase of a period-2 orbit is seen (see
+        :class:`eos_jax.train.EngineConfig`).
       sharpness_every, sharpness_iters, sharpness_method, checkpoint_every, chunk_steps,
       log_every, max_lanes, lane_batch: see :class:`eos_jax.train.EngineConfig` (``max_lanes=None``: sized to
-        memory, at most ``AUTO_LANE_CAP``).
+        memory, at most ``AUTO_LANE_CAP``). ``lane_batch`` defaults to 1 (one lane at a time inside
+        the group's program): the warm-started sharpness solver then stops for each lane when that
+        lane has converged, instead of every lane waiting for the slowest (``docs/performance.md``).
       dtype: working float dtype of parameters and data.
     """
 
@@ -105,13 +127,15 @@ class EosConfig:
     conv_impl: str = "auto"
     pool: str = "mean"
     binary: str = "bce"
+    init: str = "normal"
+    init_std: float = 1.0
     lr: tuple[float, ...] = (5.0,)
-    k: tuple[int, ...] = (1,)
-    seed: tuple[int, ...] = (0,)
+    k: tuple[int, ...] = (1, 3)
+    seed: tuple[int, ...] = (0, 1, 2, 3, 4)
     weight_decay: tuple[float, ...] = (0.0,)
     momentum: float = 0.0
     batch_size: int | None = None
-    steps: int = 300
+    steps: int = 200
     dataset: tuple[str, ...] = DEFAULT_DATASETS["cnn"]
     num_examples: int | None = 2000
     num_examples_exact: bool = False
@@ -119,12 +143,13 @@ class EosConfig:
     standardize: bool = False
     sharpness_every: int | None = 20
     sharpness_iters: int = 20
+    sharpness_alternate: bool = True
     sharpness_method: str = "lanczos"
     checkpoint_every: int | None = 100
     chunk_steps: int = 50
     log_every: int = 1
     max_lanes: int | None = None
-    lane_batch: int | str | None = "auto"
+    lane_batch: int | str | None = 1
     dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +165,17 @@ class EosConfig:
             raise ConfigError(f"--pool {self.pool!r} is not allowed; choose from {', '.join(POOLS)}")
         if self.binary not in BINARY_HEADS:
             raise ConfigError(f"--binary {self.binary!r} is not allowed; choose from {', '.join(BINARY_HEADS)}")
+        if self.init not in INITS:
+            raise ConfigError(f"--init {self.init!r} is not allowed; choose from {', '.join(INITS)}")
+        if isinstance(self.init_std, bool) or not (
+            isinstance(self.init_std, (int, float)) and math.isfinite(self.init_std) and self.init_std > 0
+        ):
+            raise ConfigError(f"--init-std {self.init_std!r} is not allowed; expected a finite float > 0")
+        if self.init_std != 1.0 and (self.init != "normal" or self.model != "cnn"):
+            raise ConfigError(
+                f"--init-std {self.init_std!r} is not allowed with --model {self.model} --init {self.init}; "
+                "it sets the cnn's --init normal"
+            )
         if self.activation not in ("swish", "tanh", "relu"):
             raise ConfigError(f"--activation {self.activation!r} is not allowed; choose from swish, tanh, relu")
         if self.conv_impl not in ("auto", "lax", "shifted", "fft"):
@@ -177,6 +213,7 @@ class EosConfig:
             log_every=self.log_every,
             sharpness_every=self.sharpness_every,
             sharpness_iters=self.sharpness_iters,
+            sharpness_alternate=self.sharpness_alternate,
             sharpness_method=self.sharpness_method,
             checkpoint_every=self.checkpoint_every,
             max_lanes=self.max_lanes,
@@ -199,7 +236,10 @@ def default_config(model: str = "cnn", **overrides: Any) -> EosConfig:
         base.update(
             layers=2,
             activation="tanh",
+            init="pytorch",
             lr=(2.0 / 150.0,),
+            k=(1,),
+            seed=(0,),
             dataset=DEFAULT_DATASETS["fc"],
             num_examples=5000,
             standardize=True,
@@ -278,6 +318,13 @@ def load_data(cfg: EosConfig, data_dir: str | None = None, *, stream: Any = None
     return {"x": x, "y": y.astype(np.int32), "num_classes": ds.num_classes, "name": ds.name}, info
 
 
+def loss_kind(cfg: EosConfig, num_classes: int) -> str:
+    """The training loss of ``cfg`` on ``num_classes`` classes: ``"bce"`` (one logit), ``"ce"`` (softmax) or ``"mse"``."""
+    if cfg.loss == "mse":
+        return "mse"
+    return "bce" if num_classes == 2 and cfg.binary == "bce" else "ce"
+
+
 def build_problem(cfg: EosConfig, data: dict[str, Any]):
     """Model, loss, optimizer and threshold of ``cfg`` as an :class:`eos_jax.train.Problem`.
 
@@ -285,7 +332,7 @@ def build_problem(cfg: EosConfig, data: dict[str, Any]):
       ``(problem, model_info)``.
     """
     num_classes = int(data["num_classes"])
-    binary_ce = cfg.loss == "ce" and num_classes == 2 and cfg.binary == "bce"
+    binary_ce = loss_kind(cfg, num_classes) == "bce"
     num_outputs = 1 if binary_ce else num_classes
     if cfg.model == "cnn":
         in_ch = int(data["x"].shape[-1])
@@ -300,6 +347,8 @@ def build_problem(cfg: EosConfig, data: dict[str, Any]):
             dtype=cfg.dtype,
             conv_impl=cfg.conv_impl,
             pool=cfg.pool,
+            init=cfg.init,
+            init_std=cfg.init_std,
         )
     else:
         model = models.get(
@@ -309,6 +358,7 @@ def build_problem(cfg: EosConfig, data: dict[str, Any]):
             activation=cfg.activation,
             beta=cfg.beta,
             num_outputs=num_outputs,
+            init=cfg.init,
             dtype=cfg.dtype,
         )
     if model.has_batch_stats:  # pragma: no cover - cnn and fc have none

@@ -21,13 +21,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eos_jax import data as edata
 from eos_jax import hessian, plotting
 from eos_jax import io as eio
 from eos_jax import train as tr
 from eos_jax.errors import ConfigError
-from eos_jax.stability import CRITERION, regime, stability_boundary
+from eos_jax.stability import CRITERION, REGIME_CRITERION, format_counts, regime_counts, stability_boundary
 from experiments.eos.config import FIG7_PAPER_LRS, EosConfig, build_problem, default_config, load_data
 from experiments.eos.readings import run_readings
 from experiments.eos.rundir import checked_out
@@ -63,30 +64,34 @@ FIG8_LR_REASON = {
 }
 
 
-def initial_sharpness(cfg: EosConfig, data: dict[str, Any], *, num_iters: int = 40) -> dict[str, Any]:
-    """``lambda_max`` at initialization of the objective GD descends, for the first seed of ``cfg``.
+def initial_sharpness(
+    cfg: EosConfig, data: dict[str, Any], *, num_iters: int = 40, seeds: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """``lambda_max`` at initialization of the objective GD descends, per seed, and their median.
 
     The objective is the loss plus ``wd/2 |theta|^2`` (Eq. (7)) with the largest weight decay
     of ``cfg``; the eigenvalue is the largest algebraic one (Lanczos with full
     reorthogonalization, ``num_iters`` Hessian-vector products on the full training set).
     ``2 / lambda_max`` is the classical GD step-size bound at the start of training: rates
-    below it start stable, above it the first steps leave the quadratic regime.
+    below it start stable, above it the first steps leave the quadratic regime. Under
+    ``N(0, 1)`` kernels it varies over seeds by orders of magnitude, so a rule built on it
+    takes the median over ``seeds`` (default: the first seed of ``cfg``). One compiled
+    program serves every seed.
 
     Returns:
-      ``{"lambda_max", "lr_threshold" (= threshold / lambda_max), "seed", "weight_decay", "num_iters"}``.
+      ``{"lambda_max", "lr_threshold" (= threshold / lambda_max)`` (the median over seeds),
+      ``"per_seed": [{"seed", "lambda_max", "lr_threshold"}, ...], "seed", "weight_decay", "num_iters"}``.
     """
     problem, _ = build_problem(cfg, data)
     wd = max(cfg.weight_decay)
-    hp = tr.stack_hparams(tr.make_lanes([1.0], 1, [cfg.seed[0]], [wd]), jnp.dtype(cfg.dtype))
-    hp1 = jax.tree_util.tree_map(lambda a: a[0], hp)
-    # One compiled init (eagerly, every op of the model's init and of the key tree compiles on its own).
-    state = jax.jit(lambda h: tr.init_state(problem, h))(hp1)
+    seeds = list(seeds) if seeds is not None else [cfg.seed[0]]
 
     @jax.jit
-    def top(params, batch, hparams):  # hparams an argument, not a constant: one program for every weight decay
+    def top(hparams, batch):  # hparams an argument, not a constant: one program for every seed and weight decay
+        state = tr.init_state(problem, hparams)
         res = hessian.top_eigenvalue(
             tr.objective_fn(problem, hparams),
-            params,
+            state.params,
             batch,
             method="lanczos",
             num_iters=num_iters,
@@ -95,11 +100,17 @@ def initial_sharpness(cfg: EosConfig, data: dict[str, Any], *, num_iters: int = 
         )
         return res.eigenvalue
 
-    lam = float(top(state.params, problem.data, hp1))
+    per_seed = []
+    for seed in seeds:
+        hp = tr.stack_hparams(tr.make_lanes([1.0], 1, [seed], [wd]), jnp.dtype(cfg.dtype))
+        lam = float(top(jax.tree_util.tree_map(lambda a: a[0], hp), problem.data))
+        per_seed.append({"seed": seed, "lambda_max": lam, "lr_threshold": problem.threshold / lam if lam > 0 else None})
+    lam = float(np.median([r["lambda_max"] for r in per_seed]))
     return {
         "lambda_max": lam,
         "lr_threshold": problem.threshold / lam if lam > 0 else None,
-        "seed": cfg.seed[0],
+        "per_seed": per_seed,
+        "seed": seeds[0] if len(seeds) == 1 else seeds,
         "weight_decay": wd,
         "num_iters": num_iters,
     }
@@ -130,11 +141,11 @@ def ceil_125(x: float) -> float:
 
 
 def _measure_thresholds(variants: Sequence[tuple[str, EosConfig]], data_dir: str | None) -> dict[str, Any]:
-    """2/lambda_max at initialization of each variant (see :func:`initial_sharpness`)."""
+    """2/lambda_max at initialization of each variant, per seed and its median (see :func:`initial_sharpness`)."""
     out = {}
     for vname, c in variants:
         data, info = load_data(c, data_dir, stream=_Quiet())
-        r = initial_sharpness(c, data)
+        r = initial_sharpness(c, data, seeds=c.seed)
         out[vname] = {**r, "dataset": info["name"]}
     return out
 
@@ -145,6 +156,10 @@ class _Quiet:
 
     def flush(self) -> None:
         pass
+
+
+# Seeds of the cnn presets (lanes of one sweep): a regime is a count over at least 5 seeds.
+PRESET_SEEDS = (0, 1, 2, 3, 4)
 
 
 def _preset_variants(
@@ -162,7 +177,7 @@ def _preset_variants(
     if name == "fig7":
         # With mean pooling on the Fashion-MNIST 0/1 fallback, 2/lambda_max at init is 20.2 (1 layer)
         # and 355 (3 layers) on 2000 examples (22.9 / 429 on 500): rates 1, 2, 5, 50, 500.
-        base = dict(lr=FIG7_PAPER_LRS, steps=300)
+        base = dict(lr=FIG7_PAPER_LRS, steps=300, seed=PRESET_SEEDS, k=(1,))
         base.update(ov)
         variants = tuple((f"layers{n}", default_config("cnn", **{**base, "layers": n})) for n in (1, 3))
         rule = None
@@ -173,7 +188,7 @@ def _preset_variants(
             variants = tuple((v, dataclasses.replace(c, lr=lrs)) for v, c in variants)
             rule = {
                 "rule": "the paper's rates 1, 2, 5 plus, for each variant, the first 1-2-5 value above its "
-                "2/lambda_max at initialization (the classical threshold at the start)",
+                "2/lambda_max at initialization (the classical threshold at the start; median over the seeds)",
                 "thresholds_at_init": th,
                 "lr": list(lrs),
             }
@@ -213,7 +228,13 @@ def _preset_variants(
         # Fashion-MNIST 0/1 fallback, 2/lambda_max at init (wd 5e-4) is 20.1 (1 layer) and 42.7
         # (2 layers) on 2000 examples, 22.8 and 53.1 on 500: grid 2 ... 500 (1000). The static list
         # below is used only for validation and when measuring is off.
-        base = dict(lr=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0), weight_decay=(5e-4,), steps=300)
+        base = dict(
+            lr=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+            weight_decay=(5e-4,),
+            steps=300,
+            seed=PRESET_SEEDS,
+            k=(1,),
+        )
         base.update(ov)
         variants = tuple((f"layers{n}", default_config("cnn", **{**base, "layers": n})) for n in (1, 2))
         rule = None
@@ -226,7 +247,7 @@ def _preset_variants(
             variants = tuple((v, dataclasses.replace(c, lr=lrs)) for v, c in variants)
             rule = {
                 "rule": "1-2-5 series from a decade below the smallest to a decade above the largest "
-                "2/lambda_max at initialization (weight decay included) of the variants",
+                "2/lambda_max at initialization (weight decay included; median over the seeds) of the variants",
                 "thresholds_at_init": th,
                 "lr": list(lrs),
             }
@@ -322,6 +343,8 @@ def run_preset(
                     for k in (
                         "learning_rate",
                         "weight_decay",
+                        "seed",
+                        "k",
                         "finite",
                         "first_nonfinite_step",
                         "final_loss",
@@ -333,16 +356,21 @@ def run_preset(
                         "max_rel_loss_increase",
                         "max_rel_loss_increase_late",
                         "stable",
+                        "regime",
+                        "constant_loss",
+                        "tail_loss_min",
+                        "tail_loss_max",
+                        "rel_l1_to_k1",
                         "params_digest",
                     )
                 }
                 for l in res["lanes"]
             ],
         }
-        for l in entry["lanes"]:
-            l["regime"] = regime(l, threshold)
+        entry["counts"] = counts_by_lr(entry["lanes"])
         if preset.report == "boundary":
             entry["boundary"] = stability_boundary(res["lanes"])
+            entry["boundary_per_seed"] = boundary_per_seed(res["lanes"])
         findings["variants"][vname] = entry
         plots.append((vname, tr.read_metrics(vdir / "metrics.jsonl")))
     findings["text"] = format_findings(preset, findings, threshold)
@@ -352,34 +380,95 @@ def run_preset(
     return root, findings
 
 
+def counts_by_lr(lanes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (learning rate, weight decay) of the k = 1 lanes: each seed's regime and the counts over seeds."""
+    out = []
+    plain = [l for l in lanes if l.get("k", 1) == 1]
+    for lr, wd in sorted({(l["learning_rate"], l["weight_decay"]) for l in plain}):
+        ls = sorted((l for l in plain if l["learning_rate"] == lr and l["weight_decay"] == wd), key=lambda l: l["seed"])
+        regs = [l["regime"] for l in ls]
+        out.append(
+            {
+                "learning_rate": lr,
+                "weight_decay": wd,
+                "seeds": [l["seed"] for l in ls],
+                "regimes": regs,
+                "counts": regime_counts(regs),
+                "text": format_counts(regime_counts(regs), len(regs)),
+            }
+        )
+    return out
+
+
+def boundary_per_seed(lanes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`eos_jax.stability.stability_boundary` of each seed's k = 1 lanes, and the spread over seeds."""
+    plain = [l for l in lanes if l.get("k", 1) == 1]
+    per = {}
+    for seed in sorted({l["seed"] for l in plain}):
+        per[str(seed)] = stability_boundary([l for l in plain if l["seed"] == seed])
+    stable = [b["largest_stable_lr"] for b in per.values() if b["largest_stable_lr"] is not None]
+    unstable = [b["smallest_unstable_lr"] for b in per.values() if b["smallest_unstable_lr"] is not None]
+    return {
+        "per_seed": per,
+        "largest_stable_lr_range": [min(stable), max(stable)] if stable else None,
+        "smallest_unstable_lr_range": [min(unstable), max(unstable)] if unstable else None,
+        "monotone_seeds": sum(1 for b in per.values() if b["monotone"]),
+        "num_seeds": len(per),
+    }
+
+
+def _range(r: list[float] | None) -> str:
+    if not r:
+        return "none"
+    return f"{r[0]:g}" if r[0] == r[1] else f"{r[0]:g}-{r[1]:g}"
+
+
 def format_findings(preset: Preset, findings: dict[str, Any], threshold: float) -> str:
-    """What a preset found, in a few lines."""
-    rows = [f"{preset.name} findings (threshold lr*lambda_max = {threshold:g}; {CRITERION}):"]
+    """What a preset found, in a few lines: regimes counted over seeds per (variant, lr)."""
+    rows = [f"{preset.name} findings (threshold lr*lambda_max = {threshold:g}; {CRITERION}; {REGIME_CRITERION}):"]
     rule = findings.get("lr_rule")
     if rule:
         rows.append(f"  learning rates {', '.join(f'{v:g}' for v in rule['lr'])}: {rule['rule']}")
         for vname, t in (rule.get("thresholds_at_init") or {}).items():
+            per = t.get("per_seed") or []
+            spread = (
+                f" (seeds {min(p['lr_threshold'] or 0 for p in per):.3g}-{max(p['lr_threshold'] or 0 for p in per):.3g})"
+                if len(per) > 1
+                else ""
+            )
             rows.append(
                 f"    {vname}: lambda_max at init = {t['lambda_max']:.4g} -> 2/lambda_max = {_fmt(t['lr_threshold'])}"
+                + spread
             )
     for vname, entry in findings["variants"].items():
-        parts = []
-        for l in entry["lanes"]:
-            tag = l.get("regime") or regime(l, threshold)
-            if tag == "divergent":
-                tag = f"divergent@{l['first_nonfinite_step']:d}"
-            elif tag != "stable":
-                tag += f" ({l['num_loss_increases_1pct']} spikes, {l['num_loss_increases_1pct_late']} late)"
-            parts.append(
-                f"lr={l['learning_rate']:.4g}: {tag}, lr*lam max {_fmt(l['max_normalized_sharpness'], '.3g')}"
-                f" last {_fmt(l.get('final_normalized_sharpness'), '.3g')}, loss {_fmt(l['final_loss'], '.3g')}"
-            )
         rows.append(f"  {vname} [{entry['dataset']}]:")
-        rows.extend(f"    {p}" for p in parts)
+        for c in entry.get("counts") or counts_by_lr(entry["lanes"]):
+            ls = [
+                l
+                for l in entry["lanes"]
+                if l["learning_rate"] == c["learning_rate"]
+                and l["weight_decay"] == c["weight_decay"]
+                and l.get("k", 1) == 1
+            ]
+            mx = [l["max_normalized_sharpness"] for l in ls if l.get("max_normalized_sharpness") is not None]
+            fl = [l["final_loss"] for l in ls if l.get("final_loss") is not None]
+            per = ", ".join(f"{s}:{r}" for s, r in zip(c["seeds"], c["regimes"]))
+            rows.append(
+                f"    lr={c['learning_rate']:.4g}: {c['text']} seeds ({per}); max lr*lam "
+                f"{_fmt(min(mx, default=None), '.3g')}-{_fmt(max(mx, default=None), '.3g')}, final loss "
+                f"{_fmt(min(fl, default=None), '.3g')}-{_fmt(max(fl, default=None), '.3g')}"
+            )
         if "boundary" in entry:
             b = entry["boundary"]
             rows.append(
-                f"    largest stable lr = {_fmt(b['largest_stable_lr'])}, smallest unstable lr = "
+                f"    all seeds: largest stable lr = {_fmt(b['largest_stable_lr'])}, smallest unstable lr = "
                 f"{_fmt(b['smallest_unstable_lr'])}" + ("" if b["monotone"] else " (not monotone in lr)")
             )
+            ps = entry.get("boundary_per_seed")
+            if ps:
+                rows.append(
+                    f"    per seed: largest stable lr {_range(ps['largest_stable_lr_range'])}, smallest unstable lr "
+                    f"{_range(ps['smallest_unstable_lr_range'])} over {ps['num_seeds']} seeds "
+                    f"(monotone in lr in {ps['monotone_seeds']}/{ps['num_seeds']})"
+                )
     return "\n".join(rows)

@@ -18,8 +18,16 @@ from eos_jax import distributed, plotting, runtime
 from eos_jax import io as eio
 from eos_jax import train as tr
 from eos_jax.errors import RunDirError
-from eos_jax.stability import CRITERION, is_stable
-from experiments.eos.config import EosConfig, build_problem, load_data
+from eos_jax.stability import (
+    CRITERION,
+    REGIME_CRITERION,
+    constant_loss,
+    format_counts,
+    is_stable,
+    regime,
+    regime_counts,
+)
+from experiments.eos.config import EosConfig, build_problem, load_data, loss_kind
 from experiments.eos.rundir import _utc_stamp, checked_out
 
 
@@ -104,8 +112,12 @@ def run(
         dtype=jnp.dtype(cfg.dtype),
     )
     results["stable"] = {str(l["lane"]): is_stable(l) for l in results["lanes"]}
+    closs = constant_loss(data["y"], loss_kind(cfg, int(data["num_classes"])), int(data["num_classes"]))
     for l in results["lanes"]:
         l["stable"] = is_stable(l)
+        l["constant_loss"] = closs
+        l["regime"] = regime(l, problem.threshold)
+    results["findings"] = findings(results["lanes"], problem.threshold)
     results["dataset"] = data_info["name"]
     if not primary:
         return run_dir, results
@@ -115,7 +127,8 @@ def run(
         f"{cfg.model} {cfg.layers} layers on {data_info['name']} ({data_info['num_examples_used']} examples, "
         f"{cfg.steps} steps)"
     )
-    plotting.plot_run(lines, run_dir / "eos.png", threshold=problem.threshold, title=title)
+    regimes = {l["lane"]: l["regime"] for l in results["lanes"]}
+    plotting.plot_run(lines, run_dir / "eos.png", threshold=problem.threshold, title=title, regimes=regimes)
     if not quiet:
         print(format_summary(results, title, run_dir), file=stream or sys.stdout, flush=True)
     return run_dir, results
@@ -125,16 +138,86 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec)
 
 
+AMPLIFIED_REL_L1 = 1e-4  # "amplified": RelL1 to the k=1 twin over ~1700x float32's unit roundoff 2^-24
+
+
+def findings(lanes: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
+    """What the run shows, per (learning rate, weight decay): regimes over seeds and the perturbation's growth.
+
+    For each (lr, weight decay, k): the regime of every seed and their counts. For each k != 1:
+    the RelL1 of each seed's final weights to its k = 1 twin, and which seeds amplified the
+    last-bit perturbation (RelL1 >= :data:`AMPLIFIED_REL_L1`). Computed from the lanes' records.
+    """
+    out = []
+    keys = sorted({(l["learning_rate"], l["weight_decay"]) for l in lanes})
+    for lr, wd in keys:
+        cell = [l for l in lanes if l["learning_rate"] == lr and l["weight_decay"] == wd]
+        entry: dict[str, Any] = {"learning_rate": lr, "weight_decay": wd, "by_k": []}
+        for k in sorted({l["k"] for l in cell}):
+            ls = sorted((l for l in cell if l["k"] == k), key=lambda l: l["seed"])
+            regs = [l["regime"] for l in ls]
+            row: dict[str, Any] = {
+                "k": k,
+                "seeds": [l["seed"] for l in ls],
+                "regimes": regs,
+                "counts": regime_counts(regs),
+                "text": format_counts(regime_counts(regs), len(regs)),
+            }
+            if k != 1:
+                rel = [l.get("rel_l1_to_k1") for l in ls]
+                row["rel_l1_to_k1"] = rel
+                row["amplified_seeds"] = [l["seed"] for l, r in zip(ls, rel) if r is not None and r >= AMPLIFIED_REL_L1]
+            entry["by_k"].append(row)
+        out.append(entry)
+    return out
+
+
+def format_findings(found: list[dict[str, Any]], lanes: list[dict[str, Any]]) -> list[str]:
+    """The findings of :func:`findings` as summary lines."""
+    rows = []
+    k1 = {(l["learning_rate"], l["weight_decay"], l["seed"]): l["regime"] for l in lanes if l["k"] == 1}
+    for e in found:
+        head = f"lr {e['learning_rate']:g}" + (f", wd {e['weight_decay']:g}" if e["weight_decay"] else "")
+        for row in e["by_k"]:
+            n = len(row["seeds"])
+            rows.append(f"  {head}, k={row['k']}: {row['text']} seed{'s' if n > 1 else ''}")
+        for row in e["by_k"]:
+            if row["k"] == 1 or "rel_l1_to_k1" not in row:
+                continue
+            per = []
+            for seed, rel in zip(row["seeds"], row["rel_l1_to_k1"]):
+                reg = k1.get((e["learning_rate"], e["weight_decay"], seed))
+                per.append(f"seed {seed} {_fmt(rel, '.2g')}" + (f" ({reg})" if reg else ""))
+            amp = row["amplified_seeds"]
+            rows.append(f"  {head}: RelL1(k=1, k={row['k']}) at the end: " + ", ".join(per))
+            if amp:
+                vals = [r for s_, r in zip(row["seeds"], row["rel_l1_to_k1"]) if s_ in amp]
+                rows.append(
+                    f"    the last-bit perturbation was amplified (RelL1 >= {AMPLIFIED_REL_L1:g}) in seed"
+                    f"{'s' if len(amp) > 1 else ''} {', '.join(map(str, amp))} of {len(row['seeds'])}, to "
+                    f"{_fmt(min(vals), '.2g')}-{_fmt(max(vals), '.2g')}"
+                )
+            else:
+                top = max((r for r in row["rel_l1_to_k1"] if r is not None), default=None)
+                rows.append(
+                    f"    the last-bit perturbation stayed small in every seed (RelL1 at most {_fmt(top, '.2g')} "
+                    f"< {AMPLIFIED_REL_L1:g})"
+                )
+    return rows
+
+
 def format_summary(results: dict[str, Any], title: str, run_dir: Path) -> str:
-    """A table of lanes: lr, k, seed, wd, final loss, max lr*lambda, stable."""
+    """A table of lanes (lr, k, seed, wd, final loss, max lr*lambda, spikes, RelL1, regime) and the findings."""
     thr = results["summary"]["threshold"]
     rows = [
         f"{title}  ->  {run_dir}",
         f"  {'lr':>9} {'k':>3} {'seed':>4} {'wd':>8} {'final loss':>11} {'max lr*lam':>10} {'>thr at':>7} "
-        f"{'spikes':>6} {'late':>5} {'RelL1 vs k=1':>12} {'params sha256':>13}  stable",
+        f"{'spikes':>6} {'late':>5} {'RelL1 vs k=1':>12} {'params sha256':>13}  regime",
     ]
     for l in results["lanes"]:
-        status = "yes" if l.get("stable") else (f"DIVERGED@{l['first_nonfinite_step']:d}" if not l["finite"] else "no")
+        status = l.get("regime") or ("stable" if l.get("stable") else "unstable")
+        if not l["finite"]:
+            status = f"divergent@{l['first_nonfinite_step']:d}"
         rows.append(
             f"  {l['learning_rate']:>9.4g} {l['k']:>3} {l['seed']:>4} {l['weight_decay']:>8.2g} "
             f"{_fmt(l['final_loss']):>11} {_fmt(l.get('max_normalized_sharpness')):>10} "
@@ -143,8 +226,12 @@ def format_summary(results: dict[str, Any], title: str, run_dir: Path) -> str:
             f"{('n/a' if l.get('rel_l1_to_k1_missing') else _fmt(l.get('rel_l1_to_k1'), '.3g')):>12} "
             f"{l['params_digest'][:12]:>13}  {status}"
         )
-    rows.append(f"  threshold lr*lambda_max = {thr:g}; spikes = loss rises > 1% (late: after the first 10% of steps)")
-    rows.append(f"  {CRITERION}")
+    closs = next((l.get("constant_loss") for l in results["lanes"]), None)
+    rows.append(
+        f"  threshold lr*lambda_max = {thr:g}; spikes = loss rises > 1% (late: after the first 10% of steps)"
+        + (f"; constant predictor's loss {closs:.4f}" if closs is not None else "")
+    )
+    rows.append(f"  {CRITERION}; {REGIME_CRITERION}")
     for l in results["lanes"]:
         if l.get("rel_l1_to_k1_missing"):
             rows.append(f"  lane {l['lane']} (k={l['k']}): no RelL1 to k=1: {l['rel_l1_to_k1_missing']}")
@@ -153,4 +240,7 @@ def format_summary(results: dict[str, Any], title: str, run_dir: Path) -> str:
             "  RelL1 vs k=1: the paper's relative L1 distance of the final parameters to the k=1 lane of the same "
             "lr, seed and weight decay (0 = bitwise equal)"
         )
+    if results.get("findings"):
+        rows.append("Findings:")
+        rows.extend(format_findings(results["findings"], results["lanes"]))
     return "\n".join(rows)

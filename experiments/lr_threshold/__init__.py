@@ -9,7 +9,7 @@ scaled iteration ``step / n``; the test accuracy of both lanes at the end of eac
 check that a stable rate is not stuck.
 
 Rule (printed with the result): a run *amplifies* the perturbation when the largest RelL1 over the
-last tenth of its steps exceeds :data:`AMPLIFIED_FACTOR` times the first nonzero RelL1 (the size of
+last tenth of its steps exceeds :data:`eos_jax.stability.AMPLIFIED_FACTOR` times the first nonzero RelL1 (the size of
 the perturbation when it first reached the weights), else it *attenuates* it (a RelL1 that stays 0:
 the two lanes never differed). The reported threshold is the largest learning rate that attenuates,
 and whether every smaller rate attenuates too.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import io
 import json
 import sys
 from collections.abc import Sequence
@@ -34,6 +35,8 @@ from eos_jax import cli, runtime
 from eos_jax import io as eio
 from eos_jax import train as tr
 from eos_jax.errors import ConfigError, EosJaxError
+from eos_jax.stability import AMPLIFIED_FACTOR
+from eos_jax.stability import perturbation_verdict as classify
 from experiments.eos.rundir import checked_out
 from experiments.sensitivity.run import (
     DATASETS,
@@ -44,7 +47,6 @@ from experiments.sensitivity.run import (
     load_data,
 )
 
-AMPLIFIED_FACTOR = 10.0
 PRESETS: dict[str, dict[str, Any]] = {
     # Figure 3 (right): ResNet-56 (the authors'), CIFAR-10, main6.py's optimizer at fixed rates
     # 0.1 / n down to Figure 10's 3.125e-6 (= 0.1 / 32000); 100 iterations at lr0.
@@ -71,25 +73,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         iterations=4,
     ),  # fmt: skip
 }
-
-
-def classify(rel: np.ndarray) -> dict[str, Any]:
-    """Amplified or attenuated, by the rule of the module docstring, from one run's RelL1 series (per step)."""
-    rel = np.asarray(rel, np.float64)
-    nz = np.flatnonzero(rel > 0)
-    tail = rel[int(len(rel) * 0.9) :] if len(rel) >= 10 else rel[-1:]
-    end = float(np.max(tail)) if len(tail) else 0.0
-    if nz.size == 0:
-        return {"verdict": "attenuated", "first_nonzero": None, "first_nonzero_step": None, "end": end, "growth": 0.0}
-    first = float(rel[nz[0]])
-    growth = end / first
-    return {
-        "verdict": "amplified" if growth > AMPLIFIED_FACTOR else "attenuated",
-        "first_nonzero": first,
-        "first_nonzero_step": int(nz[0]),
-        "end": end,
-        "growth": growth,
-    }
+# The paper's own network (Section 6.2, Figure 7's 3-layer single-channel Swish CNN, N(0, 1) kernels, full-batch
+# GD on the Fashion-MNIST 0/1 data the main job uses): rates lr0 / n = 10 ... 0.25 spanning its edge (2/lambda_max
+# at initialization, printed beside), seeds 0-4, every rate for the same `iterations` steps (lr x steps constant
+# would give the smallest rate 40x the steps), all rates, seeds and k = 1, 3 as lanes of one engine run.
+CNN_PRESET = dict(layers=3, lr0=10.0, ns=(1, 2, 5, 10, 20, 40), iterations=200, seeds=(0, 1, 2, 3, 4))
 
 
 def threshold(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -111,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Figure 3 (right) / Figure 10: RelL1(k=1, k=3) at fixed learning rates lr0/n, "
         "iterations x n steps each; the largest rate that attenuates the perturbation.",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    p.add_argument(
+        "--preset",
+        choices=sorted([*PRESETS, "cnn"]),
+        default=None,
+        help="cpu (default): the sensitivity experiment's VGG; paper: ResNet-56 on CIFAR-10; cnn: the paper's "
+        "3-layer CNN of Figure 7 (N(0, 1) kernels, full-batch GD, seeds 0-4, the same steps at every rate)",
+    )
     p.add_argument("--model", choices=MODELS)
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--num-train", type=cli.positive_int)
@@ -122,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr0", type=cli.positive_float)
     p.add_argument("--n", type=cli.positive_int, nargs="+", help="divisors of lr0 (runs lr0/n for iterations*n steps)")
     p.add_argument("--iterations", type=cli.positive_int, help="steps of the lr0 run")
-    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="batch order")
+    p.add_argument(
+        "--seed", type=cli.nonnegative_int, nargs="+", default=None, help="batch order (default 0; cnn: seeds 0-4)"
+    )
     p.add_argument("--init-seed", type=cli.nonnegative_int, default=7)
     p.add_argument("--data-dir")
     p.add_argument("--out", help="output directory (default runs/lr_threshold/<UTC time>-<hash>)")
@@ -143,8 +139,11 @@ def settings(args: argparse.Namespace) -> tuple[SensitivityConfig, float, tuple[
     iterations = args.iterations if args.iterations is not None else preset["iterations"]
     if len(set(ns)) != len(ns):
         raise ConfigError(f"--n {' '.join(map(str, ns))}: the values must be distinct")
+    if args.seed is not None and len(args.seed) != 1:
+        raise ConfigError(f"--seed {' '.join(map(str, args.seed))}: this preset runs one seed; give one value")
+    seed = args.seed[0] if args.seed is not None else 0
     cfg = SensitivityConfig(
-        **base, lr=lr0, schedule="constant", ks=(1, 3), seeds=(args.seed,), init_seed=args.init_seed, epochs=1
+        **base, lr=lr0, schedule="constant", ks=(1, 3), seeds=(seed,), init_seed=args.init_seed, epochs=1
     )
     cfg.validate()
     return cfg, float(lr0), ns, int(iterations)
@@ -237,9 +236,163 @@ def format_summary(summary: dict[str, Any], root: Path) -> str:
     return "\n".join(rows)
 
 
+def cnn_settings(args: argparse.Namespace) -> tuple[Any, list[float]]:
+    """The ``cnn`` preset's :class:`~experiments.eos.config.EosConfig` (one sweep) and its rates ``lr0 / n``."""
+    from experiments.eos.config import default_config
+
+    for name in ("model", "dataset", "num_train", "num_test", "optimizer", "batch_size", "weight_decay"):
+        if getattr(args, name) is not None:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} does not apply to --preset cnn (the paper's CNN, full-batch GD)"
+            )
+    lr0 = args.lr0 if args.lr0 is not None else CNN_PRESET["lr0"]
+    ns = tuple(args.n) if args.n is not None else CNN_PRESET["ns"]
+    if len(set(ns)) != len(ns):
+        raise ConfigError(f"--n {' '.join(map(str, ns))}: the values must be distinct")
+    lrs = sorted(lr0 / n for n in ns)
+    cfg = default_config(
+        "cnn",
+        layers=CNN_PRESET["layers"],
+        lr=tuple(lrs),
+        k=(1, 3),
+        seed=tuple(args.seed) if args.seed is not None else CNN_PRESET["seeds"],
+        steps=args.iterations if args.iterations is not None else CNN_PRESET["iterations"],
+        sharpness_every=None,
+        checkpoint_every=None,
+    )
+    cfg.validate()
+    return cfg, lrs
+
+
+def run_cnn(
+    cfg: Any,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    data_dir: str | None = None,
+    runtime_metadata: dict[str, Any] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """The ``cnn`` preset: one engine sweep (rates x seeds x k = 1, 3), each k = 3 lane's verdict by the rule.
+
+    Writes ``out/sweep/`` (the ``experiments.eos`` run directory), ``lr_threshold.json`` (per rate: each
+    seed's RelL1 series verdict, end value and growth; the counts; 2/lambda_max at initialization per
+    seed and their median) and ``lr_threshold.png``.
+    """
+    from experiments.eos import presets as eos_presets
+    from experiments.eos import runner as eos_runner
+    from experiments.eos.config import load_data as eos_load_data
+
+    config = {"cnn": cfg.to_dict()}
+    digest = hashlib.sha256(json.dumps(eio.to_jsonable(config), sort_keys=True).encode()).hexdigest()[:8]
+    root = checked_out(out, "runs/lr_threshold", config, digest, resume)
+    root = eio.open_run_dir(root, config, resume=resume)
+    data, data_info = eos_load_data(cfg, data_dir, stream=io.StringIO())  # the sweep's run prints the warnings
+    init = eos_presets.initial_sharpness(cfg, data, seeds=cfg.seed)
+    sub = root / "sweep"
+    _, res = eos_runner.run(
+        cfg,
+        out=sub,
+        resume=resume and (sub / "config.json").exists(),
+        quiet=True,
+        data_dir=data_dir,
+        runtime_metadata=runtime_metadata,
+    )
+    lines = tr.read_metrics(sub / "metrics.jsonl")
+    runs = []
+    for lr in sorted(set(cfg.lr)):
+        per_seed = []
+        for l in sorted((l for l in res["lanes"] if l["learning_rate"] == lr and l["k"] == 3), key=lambda l: l["seed"]):
+            ls = sorted((r for r in lines if r["lane"] == l["lane"]), key=lambda r: r["step"])
+            rel = np.array([r.get("rel_l1_to_k1", 0.0) for r in ls])
+            per_seed.append(
+                {"seed": l["seed"], "rel_l1_end": l.get("rel_l1_to_k1"), "rel_l1": rel.tolist(), **classify(rel)}
+            )
+        amp = sum(1 for r in per_seed if r["verdict"] == "amplified")
+        runs.append(
+            {
+                "lr": lr,
+                "steps": cfg.steps,
+                "seeds": per_seed,
+                "amplified_seeds": amp,
+                "num_seeds": len(per_seed),
+                # the rate's verdict: the majority of its seeds (ties: amplified)
+                "verdict": "amplified" if 2 * amp >= len(per_seed) else "attenuated",
+            }
+        )
+    thr = threshold(runs)
+    summary = {
+        "config": config,
+        "dataset": data_info,
+        "runs": runs,
+        "threshold": thr,
+        "rate_rule": "a rate amplifies when the rule amplifies in at least half of its seeds",
+        "initial_sharpness": init,
+    }
+    eio.atomic_write_json(root / "lr_threshold.json", summary)
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.add_subplot()
+    for r in runs:
+        (line,) = ax.plot(
+            r["seeds"][0]["rel_l1"], lw=1, label=f"lr {r['lr']:g} ({r['amplified_seeds']}/{r['num_seeds']} amplified)"
+        )
+        for s_ in r["seeds"][1:]:
+            ax.plot(s_["rel_l1"], lw=0.6, alpha=0.3, color=line.get_color())
+    ax.set_yscale("symlog", linthresh=1e-8)
+    ax.set(
+        xlabel="step",
+        ylabel="RelL1(k=1, k=3)",
+        title=f"cnn {cfg.layers} layers on {data_info['name']}: first seed solid",
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    eio.save_figure(fig, root / "lr_threshold.png", dpi=110, bbox_inches=None)
+    if not quiet:
+        print(format_cnn_summary(summary, root), flush=True)
+    return root, summary
+
+
+def format_cnn_summary(summary: dict[str, Any], root: Path) -> str:
+    """Per rate: the verdict of each seed and its end RelL1; where amplification starts, beside 2/lambda_max."""
+    rows = [f"learning-rate threshold of the paper's CNN  ->  {root}"]
+    for r in summary["runs"]:
+        per = ", ".join(f"seed {s['seed']} {s['rel_l1_end'] or 0:.2g} ({s['verdict'][:3]})" for s in r["seeds"])
+        rows.append(
+            f"  lr {r['lr']:<6g} {r['steps']} steps: amplified in {r['amplified_seeds']}/{r['num_seeds']} seeds; RelL1 at the end: {per}"
+        )
+    t = summary["threshold"]
+    init = summary["initial_sharpness"]
+    ths = [p["lr_threshold"] for p in init["per_seed"] if p["lr_threshold"]]
+    amp = t["smallest_amplifying_lr"]
+    rows.append(
+        f"  amplification starts at lr {'(none of these)' if amp is None else format(amp, 'g')} (largest attenuating "
+        f"{'none' if t['largest_attenuating_lr'] is None else format(t['largest_attenuating_lr'], 'g')}"
+        f"{'' if t['monotone'] else '; not monotone: a smaller rate amplifies'}); 2/lambda_max at initialization: "
+        f"median {init['lr_threshold']:.3g} over the seeds ({min(ths):.3g}-{max(ths):.3g})"
+    )
+    rows.append(f"  rule: {t['rule']}; {summary['rate_rule']}")
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.preset == "cnn":
+        try:
+            cfg, _ = cnn_settings(args)
+        except ConfigError as e:
+            parser.error(str(e))
+        meta = runtime.configure()
+        try:
+            run_cnn(
+                cfg, out=args.out, resume=args.resume, quiet=args.quiet, data_dir=args.data_dir, runtime_metadata=meta
+            )
+        except EosJaxError as e:
+            raise cli.name_flags(e, {"data_dir": "--data-dir", "resume": "--resume"}) from None
+        except tr.TrainingInterrupted as e:
+            print(f"{parser.prog}: {cli.as_flags(str(e), {'resume': '--resume'})}", file=sys.stderr)
+            return 128 + int(e.signum)
+        return 0
     try:
         cfg, lr0, ns, iterations = settings(args)
     except ConfigError as e:
