@@ -153,6 +153,10 @@ def test_default_out_and_resume_without_out(tmp_path, capsys, monkeypatch):
         (["--lr", "nan"], "'nan'"),
         (["--steps", "0"], "'0'"),
         (["--lane-batch", "0"], "'0'"),
+        (["--loss-goal", "0"], "'0'"),
+        (["--acc-goal", "1.5"], "1.5"),
+        (["--init", "xavier"], "xavier"),
+        (["--init-std", "2", "--init", "pytorch"], "--init-std"),
         (["--model", "resnet"], "resnet"),
         (["--dataset", "imagenet"], "imagenet"),
         (["--loss", "hinge"], "hinge"),
@@ -786,3 +790,43 @@ def test_fig7_readings_writes_the_table(tmp_path, capsys):
                 assert f"| {name} | {v[6:]} |" in md
         assert t["match"] == eos.matches_paper_fig7(t["variants"])
     assert got["choice"] == eos.choose_reading(got["readings"]) and got["choice"]["why"] in md
+
+
+def test_acc_goal_stops_lanes_and_is_recorded(tmp_path, capsys):
+    """--acc-goal: a lane stops at the first step whose training accuracy (before the update) exceeds the goal,
+    with its parameters frozen from then on. On 64 digits the 1-layer net of seed 1 starts at 38/64 correct
+    and seed 0 at 1/64 (N(0, 1) kernels, one logit): with goal 0.5 seed 1 stops at step 0, seed 0 trains on."""
+    import jax
+    import numpy as np
+
+    from eos_jax.metrics import tree_digest
+    from experiments import eos
+
+    out = tmp_path / "run"
+    argv = ["--layers", "1", "--lr", "2", *SMALL_DATA, "--seed", "0", "1", "--k", "1", "--acc-goal", "0.5"]
+    code, _, err = _run([*argv, "--out", str(out)], capsys)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    cfg = eos.default_config(
+        "cnn", layers=1, dataset=("digits01",), num_examples=64, conv_impl="fft", acc_goal=0.5, seed=(0, 1), k=(1,)
+    )
+    data, _ = eos.load_data(cfg)
+    prob, _ = eos.build_problem(cfg, data)
+    x, y = np.asarray(data["x"], np.float64), np.asarray(data["y"])
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    for l in res["lanes"]:
+        hp = jax.tree_util.tree_map(lambda a: a[0], tr.stack_hparams(tr.make_lanes([2.0], 1, [l["seed"]])))
+        params = tr.init_state(prob, hp).params
+        # Independent accuracy: the 1-layer net's logit in float64 (valid 3x3 correlation, Swish, mean).
+        kern = np.asarray(jax.tree_util.tree_leaves(params)[0], np.float64).reshape(3, 3)
+        z = sum(kern[i, j] * x[:, i : i + 6, j : j + 6, 0] for i in range(3) for j in range(3))
+        logit = (z / (1 + np.exp(-z))).mean(axis=(1, 2))
+        acc0 = float(np.mean((logit > 0) == (y == 1)))
+        assert acc0 == {0: 1 / 64, 1: 38 / 64}[l["seed"]] and float(prob.accuracy_fn(params, prob.data)) == acc0
+        if acc0 > 0.5:
+            assert l["stop_step"] == 0 and l["params_digest"] == tree_digest(params)  # never updated
+        else:
+            assert l["stop_step"] is None or l["stop_step"] > 0
+        if l["stop_step"] is not None:
+            after = [r["loss"] for r in lines if r["lane"] == l["lane"] and r["step"] >= l["stop_step"]]
+            assert len(set(after)) == 1, after  # frozen

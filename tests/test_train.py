@@ -967,3 +967,31 @@ def test_alternating_sharpness_schedule_sees_both_phases_of_a_period2_orbit():
     assert {round(v, 2) for _, v in alt} == {round(orbit[0], 2), round(orbit[1], 2)}  # both phases
     assert max(v for _, v in alt) == pytest.approx(orbit[1], abs=1e-3)  # the high one included
     assert np.array_equal(runs[False][1], runs[True][1])
+
+
+def test_loss_goal_freezes_a_lane_and_ends_the_group_when_all_have_stopped():
+    """Cohen et al.'s stopping rule on 0.5 w^T diag(1, 4) w from w = (1, 1): at lr 0.25 the loss is 2.5, 0.28125,
+    0.158203125 at steps 0-2, so loss_goal 0.2 stops that lane at step 2 with the parameters of two updates; the
+    lr 0.5 lane never gets below 2 and trains on. Alone, the stopped lane ends its group at the next boundary."""
+
+    def loss(p, b):
+        return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+
+    problem = tr.Problem(
+        lambda key: {"w": jnp.ones(2, jnp.float32)},
+        loss,
+        lambda hp: optim.sgd(hp.learning_rate, k=hp.k),
+        {"h": jnp.array([[1.0, 4.0]], jnp.float32)},
+    )
+    cfg = tr.EngineConfig(steps=10, chunk_steps=4, sharpness_every=None, loss_goal=0.2)
+    h = tr.fit(problem, tr.make_lanes([0.25, 0.5]), 10, config=cfg)
+    assert [s["stop_step"] for s in h.lane_summaries] == [2, None]
+    two = tr.fit(problem, tr.make_lanes([0.25]), 2, config=tr.EngineConfig(steps=2, sharpness_every=None))
+    assert np.array_equal(h.params["w"][0], two.params["w"][0])  # frozen after two updates, bit for bit
+    assert list(h.step) == list(range(11)) and float(h.loss[0, -1]) == 0.158203125
+    assert h.lane_summaries[1]["steps"] == 10 and h.loss[1, -1] >= 2.0
+    alone = tr.fit(problem, tr.make_lanes([0.25]), 10, config=cfg)
+    assert int(alone.step[-1]) == 4 and alone.lane_summaries[0]["stop_step"] == 2  # the group ended at step 4
+    assert np.array_equal(alone.params["w"], h.params["w"][:1])
+    with pytest.raises(ConfigError, match="acc_goal"):
+        tr.EngineConfig(steps=2, acc_goal=1.5).validate()

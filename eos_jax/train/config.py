@@ -7,6 +7,7 @@ no computation.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +73,8 @@ class Problem:
         :func:`eos_jax.metrics.layer_groups` at this path depth; Figure 3, left). The values
         reach ``aux["rel_l1_layers"]`` (one entry per layer, in ``layer_groups`` order); 0 for
         lanes without a twin in their group. ``None``: only the whole network's RelL1.
+      accuracy_fn: ``(params, batch) -> scalar`` accuracy in [0, 1] of the parameters on a
+        batch; needed by ``EngineConfig.acc_goal`` only.
       augment: ``(batch, key) -> batch``, applied to every step's batch (after the
         minibatch is selected) with :func:`eos_jax.train.augment_key` of the lane's data key
         and the step: pure in (key, step), so resumed runs draw the same augmentations.
@@ -103,6 +106,7 @@ class Problem:
     eval_data: Batch | None = None
     augment: Callable[[Batch, jax.Array], Batch] | None = None
     rel_l1_level: int | None = None
+    accuracy_fn: Callable[[PyTree, Batch], jax.Array] | None = None
 
     def __post_init__(self) -> None:
         if (self.eval_fn is None) != (self.eval_data is None):
@@ -149,6 +153,11 @@ class EngineConfig:
       checkpoint_keep: committed checkpoints kept per group (>= 2).
       eval_every: run the problem's ``eval_fn`` every this many steps and at the end
         (``None``: at step 0 and at the end only, when the problem has one).
+      loss_goal: Cohen et al.'s stopping rule (``src/gd.py``): a lane whose training loss (at
+        the parameters before a step) falls below this stops: it takes no more updates and
+        records ``stop_step``; a group ends when all its lanes have stopped or diverged, at
+        that step (``None``: train every lane for ``steps``).
+      acc_goal: likewise, when the training accuracy (``Problem.accuracy_fn``) exceeds this.
       lane_batch: inside a group's program, the training step and the sharpness solver run
         on this many lanes at a time, one batch of lanes after another
         (:func:`eos_jax.train.lane_map`); ``None``: all the group's lanes at once;
@@ -187,6 +196,13 @@ class EngineConfig:
     lane_multiple: int = 1
     lane_memory_fraction: float = 0.75
     lane_batch: int | str | None = AUTO_LANE_BATCH
+    loss_goal: float | None = None
+    acc_goal: float | None = None
+
+    @property
+    def has_goal(self) -> bool:
+        """Whether a stopping rule is set (``loss_goal`` or ``acc_goal``)."""
+        return self.loss_goal is not None or self.acc_goal is not None
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad field."""
@@ -209,6 +225,12 @@ class EngineConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 also = ", None or 'auto'" if name == "lane_batch" else " or None"
                 raise ConfigError(f"{name}={v!r} is not allowed; expected an integer >= 1{also}")
+        for name in ("loss_goal", "acc_goal"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                raise ConfigError(f"{name}={v!r} is not allowed; expected a finite number or None")
+        if self.acc_goal is not None and not 0 <= self.acc_goal < 1:
+            raise ConfigError(f"acc_goal={self.acc_goal!r} is not allowed; expected a float in [0, 1)")
         if not isinstance(self.sharpness_alternate, bool):
             raise ConfigError(
                 f"sharpness_alternate={self.sharpness_alternate!r} is not allowed; expected True or False"

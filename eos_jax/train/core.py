@@ -359,7 +359,15 @@ class Plan:
                 if mesh is None
                 else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("lanes")),
             ),
-            chunk_fn=make_chunk_fn(problem, config.batch_size, config.chunk_steps, late_from, first_batch),
+            chunk_fn=make_chunk_fn(
+                problem,
+                config.batch_size,
+                config.chunk_steps,
+                late_from,
+                first_batch,
+                config.loss_goal,
+                config.acc_goal,
+            ),
             final_fn=make_final_fn(problem, config.batch_size, late_from),
             sharp_fn=make_sharpness_fn(problem, eig_fn, first_batch),
             eval_data=eval_data,
@@ -393,7 +401,13 @@ class Plan:
                 plan = dataclasses.replace(
                     plan,
                     chunk_fn=make_chunk_fn(
-                        problem, config.batch_size, config.chunk_steps, late_from, choice.lane_batch
+                        problem,
+                        config.batch_size,
+                        config.chunk_steps,
+                        late_from,
+                        choice.lane_batch,
+                        config.loss_goal,
+                        config.acc_goal,
                     ),
                     sharp_fn=make_sharpness_fn(problem, eig_fn, choice.lane_batch),
                 )
@@ -672,6 +686,12 @@ def run_group(
     pending_sharp: np.ndarray | None = None
     pending_eval: dict[str, np.ndarray] | None = None
     while True:
+        # 0. with a stopping rule, the group ends at the first boundary where every lane has stopped or
+        # diverged (read from the state, so a run resumed from a checkpoint there ends there too).
+        if cfg.has_goal and s < total:
+            done = (np.asarray(to_host(state.stop_step)) >= 0) | ~np.asarray(to_host(state.finite))
+            if done.all():
+                total = s
         # 1. checkpoint the state at boundary s (before its sharpness step).
         if save is not None and s != start and (s == total or (cfg.checkpoint_every and s % cfg.checkpoint_every == 0)):
             t0 = time.perf_counter()

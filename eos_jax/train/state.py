@@ -263,6 +263,9 @@ class TrainState(NamedTuple):
       rel_buf: the last :data:`REL_L1_WINDOW` values of the lane's RelL1 to its k=1
         twin (a ring buffer, for the moving average the authors plot).
       rel_count: RelL1 values pushed so far.
+      stop_step: ``-1`` while the lane trains; the step at which it met the run's stopping
+        rule (``EngineConfig.loss_goal`` / ``acc_goal``, Cohen et al.'s ``gd.py``), after
+        which its state is frozen.
       model_state: the model's non-parameter state (batch norm's running statistics,
         :attr:`Problem.init_model_state`); ``{}`` (no arrays) without one.
 
@@ -289,6 +292,7 @@ class TrainState(NamedTuple):
     loss_stats: dict[str, jax.Array]
     rel_buf: jax.Array
     rel_count: jax.Array
+    stop_step: jax.Array
     model_state: PyTree = {}  # never mutated (a shared NamedTuple default)
 
 
@@ -423,6 +427,7 @@ def init_state(problem: Problem, hp: HParams) -> TrainState:
         loss_stats=init_loss_stats(param_dtype(params)),
         rel_buf=jnp.zeros((REL_L1_WINDOW,), param_dtype(params)),
         rel_count=jnp.zeros((), jnp.int32),
+        stop_step=jnp.full((), -1, jnp.int32),
         model_state=problem.init_model_state(init_key) if problem.init_model_state is not None else {},
     )
 

@@ -368,6 +368,7 @@ def summarize_run(
             rec["finite"] = bool(one.finite)
             rec["first_nonfinite_step"] = int(one.nonfinite_step) if not bool(one.finite) else None
             rec["steps"] = int(one.step)
+            rec["stop_step"] = int(one.stop_step) if int(one.stop_step) >= 0 else None
             rec.update(lane_summary(sorted(by_lane.get(lane_index, []), key=lambda r: r["step"]), threshold))
             # Spikes and the stability verdict from EVERY step's loss (running statistics kept
             # inside the scan), not from the logged lines only.

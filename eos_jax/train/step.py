@@ -103,7 +103,10 @@ def step_batch(problem: Problem, data: Batch, state: TrainState, batch_size: int
 
 
 def make_train_step(
-    problem: Problem, batch_size: int | None = None
+    problem: Problem,
+    batch_size: int | None = None,
+    loss_goal: float | None = None,
+    acc_goal: float | None = None,
 ) -> Callable[[TrainState, HParams, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The pure step of one lane: ``(state, hparams, data) -> (state, metrics)``.
 
@@ -114,6 +117,11 @@ def make_train_step(
     ``finite=False`` and ``nonfinite_step`` (first time only). With
     ``problem.step_metrics``, ``metrics["aux"]`` holds its values at the parameters
     before the update, on the same batch.
+
+    Stopping rule (Cohen et al.'s ``src/gd.py``, locuslab/edge-of-stability): a lane whose
+    loss at the parameters before the update is below ``loss_goal``, or whose accuracy
+    (``problem.accuracy_fn``) is above ``acc_goal``, takes no update: ``stop_step`` records
+    the step and the state stays frozen from then on (its loss keeps being reported).
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -139,7 +147,21 @@ def make_train_step(
         )(state.params)
         params, opt_state = optim.apply_step(opt, grads, state.opt_state, state.params)
         ok = state.finite & jnp.isfinite(loss) & all_finite(params) & all_finite(opt_state) & all_finite(model_state)
-        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        update = ok
+        stop_step = state.stop_step
+        if loss_goal is not None or acc_goal is not None:
+            reached = jnp.zeros((), jnp.bool_)
+            if loss_goal is not None:
+                reached = reached | (loss < jnp.asarray(loss_goal, loss.dtype))
+            if acc_goal is not None:
+                if problem.accuracy_fn is None:
+                    raise ConfigError("acc_goal needs Problem.accuracy_fn")
+                acc = problem.accuracy_fn(state.params, batch)
+                reached = reached | (acc > jnp.asarray(acc_goal, acc.dtype))
+            stop_now = (state.stop_step < 0) & reached & state.finite
+            update = ok & (state.stop_step < 0) & ~stop_now
+            stop_step = jnp.where(stop_now, state.step, state.stop_step)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(update, a, b), new, old)  # noqa: E731
         new_state = TrainState(
             step=state.step + jnp.ones((), jnp.int32),
             params=keep(params, state.params),
@@ -151,6 +173,7 @@ def make_train_step(
             loss_stats=state.loss_stats,
             rel_buf=state.rel_buf,
             rel_count=state.rel_count,
+            stop_step=stop_step,
             model_state=keep(model_state, state.model_state),
         )
         met = {"loss": loss, "finite": ok}
@@ -212,6 +235,8 @@ def make_chunk_fn(
     chunk_steps: int = 50,
     late_from: int = 0,
     lane_batch: int | None = None,
+    loss_goal: float | None = None,
+    acc_goal: float | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Jitted ``(states, hparams, data, n, twin=None) -> (states, metrics)``: ``n`` steps of every lane.
 
@@ -228,7 +253,8 @@ def make_chunk_fn(
     ``rel_l1`` and ``rel_l1_ma`` have shape ``(lanes, chunk_steps)``, and each value of
     ``aux`` (``problem.step_metrics``) ``(lanes, chunk_steps, ...)``; entries ``>= n``
     are padding. ``lane_batch``: the step runs on that many lanes at a time (:func:`lane_map`);
-    ``None`` vectorizes all lanes.
+    ``None`` vectorizes all lanes. ``loss_goal`` / ``acc_goal``: the stopping rule of
+    :func:`make_train_step`.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -244,7 +270,7 @@ def make_chunk_fn(
       >>> met["loss"][:, :3].tolist(), states.step.tolist()
       ([[2.5, 0.28125, 0.158203125], [2.5, 2.125, 2.03125]], [3, 3])
     """
-    vstep = lane_map(make_train_step(problem, batch_size), lane_batch)
+    vstep = lane_map(make_train_step(problem, batch_size, loss_goal, acc_goal), lane_batch)
     vpush = jax.vmap(push_rel)
     vstats = jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from))
 

@@ -107,6 +107,19 @@ def build_parser() -> cli.ArgumentParser:
     )
     p.add_argument("--steps", type=cli.positive_int, default=None, help="optimizer steps (default 200)")
     p.add_argument(
+        "--loss-goal",
+        type=cli.positive_float,
+        default=None,
+        help="stop a lane once its training loss falls below this (Cohen et al.'s gd.py); the sweep ends when "
+        "every lane has stopped, or at --steps",
+    )
+    p.add_argument(
+        "--acc-goal",
+        type=cli.nonnegative_float,
+        default=None,
+        help="stop a lane once its training accuracy exceeds this (a fraction in [0, 1))",
+    )
+    p.add_argument(
         "--dataset",
         default=None,
         help="dataset name (no fallback when given); default: mnist01 -> fashion_mnist01 -> "
@@ -218,6 +231,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         "init",
         "init_std",
         "sharpness_alternate",
+        "loss_goal",
+        "acc_goal",
     ):
         value = getattr(args, name)
         if value is not None:

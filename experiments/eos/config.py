@@ -116,6 +116,10 @@ class EosConfig:
         memory, at most ``AUTO_LANE_CAP``). ``lane_batch`` defaults to 1 (one lane at a time inside
         the group's program): the warm-started sharpness solver then stops for each lane when that
         lane has converged, instead of every lane waiting for the slowest (``docs/performance.md``).
+      loss_goal, acc_goal: Cohen et al.'s stopping rule (``src/gd.py`` of
+        locuslab/edge-of-stability): a lane stops (is frozen, its step recorded as
+        ``stop_step``) once its training loss falls below ``loss_goal`` or its training
+        accuracy exceeds ``acc_goal``; the sweep ends when every lane has stopped, or at ``steps``.
       dtype: working float dtype of parameters and data.
     """
 
@@ -150,6 +154,8 @@ class EosConfig:
     log_every: int = 1
     max_lanes: int | None = None
     lane_batch: int | str | None = 1
+    loss_goal: float | None = None
+    acc_goal: float | None = None
     dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,6 +197,10 @@ class EosConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
         check_lane_batch(self.lane_batch)
+        if self.loss_goal is not None and not (math.isfinite(self.loss_goal) and self.loss_goal > 0):
+            raise ConfigError(f"--loss-goal {self.loss_goal!r} is not allowed; expected a finite float > 0")
+        if self.acc_goal is not None and not (math.isfinite(self.acc_goal) and 0 <= self.acc_goal < 1):
+            raise ConfigError(f"--acc-goal {self.acc_goal!r} is not allowed; expected a float in [0, 1)")
         if not isinstance(self.num_examples_exact, bool):
             raise ConfigError(f"num_examples_exact {self.num_examples_exact!r} is not allowed; expected True or False")
         if not (math.isfinite(self.beta) and self.beta > 0):
@@ -218,6 +228,8 @@ class EosConfig:
             checkpoint_every=self.checkpoint_every,
             max_lanes=self.max_lanes,
             lane_batch=self.lane_batch,
+            loss_goal=self.loss_goal,
+            acc_goal=self.acc_goal,
             auto_lane_cap=AUTO_LANE_CAP,
         )
 
@@ -368,6 +380,11 @@ def build_problem(cfg: EosConfig, data: dict[str, Any]):
     def init_params(key: jax.Array):
         return model.init(key, input_shape)["params"]
 
+    def accuracy_fn(params, batch):
+        logits, _ = model.apply({"params": params}, batch["x"], train=True)
+        pred = (logits[:, 0] > 0).astype(batch["y"].dtype) if num_outputs == 1 else jnp.argmax(logits, axis=-1)
+        return jnp.mean((pred == batch["y"]).astype(logits.dtype))
+
     def loss_fn(params, batch):
         logits, _ = model.apply({"params": params}, batch["x"], train=True)
         if binary_ce:
@@ -392,6 +409,7 @@ def build_problem(cfg: EosConfig, data: dict[str, Any]):
         data={"x": jnp.asarray(data["x"]), "y": jnp.asarray(data["y"])},
         threshold=threshold,
         l2_weight_decay=True,  # optim.sgd adds wd * theta to the gradient: L2 of Eq. (7)
+        accuracy_fn=accuracy_fn if cfg.acc_goal is not None else None,
         name=f"{cfg.model}{cfg.layers}",
     )
     return problem, dict(model.info)
