@@ -66,16 +66,17 @@ def stability_boundary(lanes: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 EDGE_FRACTION = 0.9  # "at the edge": max lr*lambda_max reached 90 % of the threshold
-# A collapse: over the last 10 % of the steps the loss is never more than COLLAPSE_LOSS_MARGIN (relative)
-# below the constant predictor's loss, and the landscape has gone flat: the final lr*lambda_max is below
-# COLLAPSE_FLAT_FRACTION of the threshold (or, without tracked sharpness, the loss moved by at most
-# COLLAPSE_LOSS_MARGIN of the constant predictor's loss over those steps).
+# A collapse: the loss had left the constant predictor's (at some logged step more than COLLAPSE_LOSS_MARGIN,
+# relative, below or above it), and over the last 10 % of the steps it is never more than COLLAPSE_LOSS_MARGIN
+# below it again, on a flat landscape: the final lr*lambda_max is below COLLAPSE_FLAT_FRACTION of the threshold
+# (or, without tracked sharpness, the loss moved by at most COLLAPSE_LOSS_MARGIN of the constant's over those steps).
 COLLAPSE_LOSS_MARGIN = 0.005
 COLLAPSE_FLAT_FRACTION = 0.1
 REGIMES = ("stable", "restrained", "collapsed", "transient", "stalled", "spikes-off-edge", "divergent")
 REGIME_CRITERION = (
-    "collapsed = not stable, and over the last 10% of the steps the loss is never more than 0.5% below the "
-    "constant predictor's and the final lr*lambda_max is under 0.1x the threshold (a flat, dead network); "
+    "collapsed = not stable, the loss left the constant predictor's (by over 0.5%) and returned: over the last "
+    "10% of the steps never more than 0.5% below it, with the final lr*lambda_max under 0.1x the threshold "
+    "(a flat, dead network); "
     "restrained = not stable, loss spikes after the first 10% of the steps, max lr*lambda_max >= 0.9x the "
     "threshold and the loss below the constant predictor's"
 )
@@ -107,23 +108,29 @@ def constant_loss(y: Any, loss: str = "bce", num_classes: int = 2) -> float:
 def is_collapsed(lane: dict[str, Any], threshold: float) -> bool:
     """Whether a finite lane collapsed to the constant predictor (see :data:`REGIME_CRITERION`).
 
-    Needs ``constant_loss`` (:func:`constant_loss` of the training labels) and
-    ``tail_loss_min`` / ``tail_loss_max`` (the loss over the last 10 % of the steps,
-    :func:`eos_jax.train.stats.lane_summary`) in the lane; without them nothing collapses.
-    A network whose units have saturated or died computes a constant: its loss sits at (or
-    above) the constant predictor's and its gradient and Hessian vanish, so the final
-    ``lr * lambda_max`` is near zero.
+    Needs ``constant_loss`` (:func:`constant_loss` of the training labels), ``min_loss`` /
+    ``max_loss`` (over the logged steps) and ``tail_loss_min`` / ``tail_loss_max`` (the loss
+    over the last 10 % of the steps, :func:`eos_jax.train.stats.lane_summary`) in the lane;
+    without them nothing collapses. A network whose units have saturated or died computes a
+    constant: its loss sits at (or above) the constant predictor's and its gradient and
+    Hessian vanish, so the final ``lr * lambda_max`` is near zero. A network that never left
+    the constant predictor's loss (a flat start that learns slowly) has not collapsed.
 
     Example:
       >>> from eos_jax.stability import is_collapsed
-      >>> dead = {"finite": True, "constant_loss": 0.692, "tail_loss_min": 0.6912, "tail_loss_max": 0.6915,
-      ...         "final_normalized_sharpness": 0.003}
+      >>> dead = {"finite": True, "constant_loss": 0.692, "min_loss": 0.60, "max_loss": 0.75,
+      ...         "tail_loss_min": 0.6912, "tail_loss_max": 0.6915, "final_normalized_sharpness": 0.003}
       >>> is_collapsed(dead, 2.0), is_collapsed(dict(dead, tail_loss_min=0.55), 2.0)
       (True, False)
+      >>> is_collapsed(dict(dead, min_loss=0.6905, max_loss=0.6931), 2.0)  # never left the constant's loss
+      False
     """
     c, lo, hi = lane.get("constant_loss"), lane.get("tail_loss_min"), lane.get("tail_loss_max")
     if not lane.get("finite") or c is None or lo is None or hi is None:
         return False
+    mn, mx = lane.get("min_loss"), lane.get("max_loss")
+    if mn is None or mx is None or (1.0 - COLLAPSE_LOSS_MARGIN) * c <= mn <= mx <= (1.0 + COLLAPSE_LOSS_MARGIN) * c:
+        return False  # never left the constant predictor's loss: nothing to return from
     if lo < (1.0 - COLLAPSE_LOSS_MARGIN) * c:
         return False  # better than any constant: the network still computes something
     ns = lane.get("final_normalized_sharpness")
@@ -137,9 +144,10 @@ def regime(lane: dict[str, Any], threshold: float) -> str:
 
     * ``divergent``: the loss or parameters became non-finite.
     * ``stable``: the stability criterion (the loss never rises by more than 1 % in a step).
-    * ``collapsed``: an instability killed the network (:func:`is_collapsed`: over the last
-      10 % of the steps the loss is no better than the constant predictor's and the
-      landscape is flat): it did not show a restrained instability, it died.
+    * ``collapsed``: an instability killed the network (:func:`is_collapsed`: the loss left
+      the constant predictor's and came back; over the last 10 % of the steps it is no
+      better than the constant predictor's and the landscape is flat): it did not show a
+      restrained instability, it died.
     * ``restrained``: loss spikes after the first 10 % of the steps while the normalized
       sharpness reached the edge (max ``lr * lambda_max >= 0.9 * threshold``) and the loss
       stayed below the constant predictor's: the restrained instabilities of Section 6.
@@ -161,8 +169,8 @@ def regime(lane: dict[str, Any], threshold: float) -> str:
       'restrained'
       >>> regime(dict(lane, num_loss_increases_1pct_late=0), threshold=2.0)
       'transient'
-      >>> regime(dict(lane, constant_loss=0.692, tail_loss_min=0.6921, tail_loss_max=0.6922,
-      ...             final_normalized_sharpness=0.02), threshold=2.0)
+      >>> regime(dict(lane, constant_loss=0.692, min_loss=0.61, max_loss=0.74, tail_loss_min=0.6921,
+      ...             tail_loss_max=0.6922, final_normalized_sharpness=0.02), threshold=2.0)
       'collapsed'
     """
     if not lane["finite"]:

@@ -742,7 +742,13 @@ def test_collapse_fires_where_it_must_and_not_elsewhere():
     assert constant_loss([0, 1], "mse") == pytest.approx(0.25)  # 0.5 (1 - 2 * 0.25)
     unstable = _lane(5, spikes=3, late=3, max_inc=0.3, ns=4.8)
     dead = dict(
-        unstable, constant_loss=c0, tail_loss_min=0.69220, tail_loss_max=0.69221, final_normalized_sharpness=0.02
+        unstable,
+        constant_loss=c0,
+        min_loss=0.6852,  # left the constant's loss (by 1%) ...
+        max_loss=0.7327,
+        tail_loss_min=0.69220,  # ... and returned to it, on a flat landscape
+        tail_loss_max=0.69221,
+        final_normalized_sharpness=0.02,
     )
     assert regime(dead, 2.0) == "collapsed" and is_collapsed(dead, 2.0)
     dead_above = dict(dead, tail_loss_min=0.9045, tail_loss_max=0.9203, final_normalized_sharpness=0.001)
@@ -753,6 +759,9 @@ def test_collapse_fires_where_it_must_and_not_elsewhere():
     assert regime(untracked, 2.0) == "collapsed"  # flat loss stands in for the flat landscape
     assert regime(dict(untracked, tail_loss_max=0.75), 2.0) == "stalled"
     assert regime({k: v for k, v in dead.items() if k != "constant_loss"}, 2.0) == "restrained"  # no labels, no call
+    never_left = dict(dead, min_loss=0.6905, max_loss=0.6931, final_normalized_sharpness=0.02)
+    assert regime(never_left, 2.0) == "stalled" and not is_collapsed(never_left, 2.0)
+    assert regime(dict(never_left, max_normalized_sharpness=0.07), 2.0) == "spikes-off-edge"  # a flat, slow start
     assert regime(dict(dead, max_rel_loss_increase=0.0), 2.0) == "stable"  # stable comes first
     assert regime(dict(dead, finite=False), 2.0) == "divergent"
 

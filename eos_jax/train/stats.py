@@ -247,6 +247,7 @@ def lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, Any
         "initial_loss": losses[0][1] if losses else None,
         "final_loss": lines[-1].get("loss") if lines else None,
         "min_loss": min((l for _, l in losses), default=None),
+        "max_loss": max((l for _, l in losses), default=None),
     }
     # Largest relative increase of the loss between consecutive logged steps: GD below
     # the stability bound decreases the loss monotonically; spikes mark instabilities.
