@@ -34,6 +34,15 @@ def _clip_sharpness_axis(ax: Any, values: list[float], threshold: float) -> str:
 _LANE_FIELDS = ("learning_rate", "k", "seed", "init_seed", "weight_decay")
 
 
+def _varying(by_lane: dict[int, list[dict[str, Any]]]) -> list[str]:
+    """The lane fields that differ between lanes (the init seed only where it is not the seed)."""
+    first = [rs[0] for rs in by_lane.values()]
+    out = [k for k in _LANE_FIELDS if len({r.get(k) for r in first}) > 1]
+    if "init_seed" in out and all(r.get("init_seed", r.get("seed")) == r.get("seed") for r in first):
+        out.remove("init_seed")
+    return out
+
+
 def _lane_label(r: dict[str, Any], varying: Sequence[str]) -> str:
     names = {"learning_rate": "lr", "k": "k", "seed": "seed", "init_seed": "init", "weight_decay": "wd"}
     parts = [f"{names[k]}={r[k]:g}" for k in varying]
@@ -48,6 +57,7 @@ def plot_run(
     title: str = "",
     max_lanes: int = 16,
     regimes: dict[int, str] | None = None,
+    constant_loss: float | None = None,
 ) -> None:
     """Two panels, loss (log scale) and normalized sharpness ``lr * lambda_max`` against steps.
 
@@ -61,6 +71,8 @@ def plot_run(
       title: figure title.
       max_lanes: lanes drawn at most (the first ones).
       regimes: a regime per lane index (:func:`eos_jax.stability.regime`), added to its label.
+      constant_loss: the loss of the best constant predictor (:func:`eos_jax.stability.constant_loss`),
+        drawn as a grey line: where a collapsed lane ends.
 
     Example:
       >>> import os, tempfile
@@ -79,7 +91,7 @@ def plot_run(
     for r in lines:
         by_lane.setdefault(int(r["lane"]), []).append(r)
     lanes = sorted(by_lane)[:max_lanes]
-    varying = [k for k in _LANE_FIELDS if len({by_lane[i][0].get(k) for i in by_lane}) > 1]
+    varying = _varying(by_lane)
     has_rel = any("rel_l1_to_k1" in r for r in lines)
     fig = Figure(figsize=(16.5 if has_rel else 11, 4))
     axes = fig.subplots(1, 3 if has_rel else 2)
@@ -121,6 +133,8 @@ def plot_run(
             draw_rel_l1(axes[2], rs, color=line.get_color(), label=label)
     if has_rel:
         finish_rel_l1_axis(axes[2], lines)
+    if constant_loss is not None:
+        ax_l.axhline(constant_loss, color="0.5", ls=":", lw=1, label=f"constant predictor {constant_loss:.4f}")
     ax_l.set_yscale("log")
     ax_l.set_xlabel("step")
     ax_l.set_ylabel("training loss")
@@ -213,7 +227,7 @@ def plot_variants(
         for r in lines:
             by_lane.setdefault(int(r["lane"]), []).append(r)
         seeds = sorted({by_lane[i][0].get("seed", 0) for i in by_lane})
-        varying = [k for k in _LANE_FIELDS if k != "seed" and len({by_lane[i][0].get(k) for i in by_lane}) > 1]
+        varying = [k for k in _varying(by_lane) if k not in ("seed", "init_seed")]
         ax_l, ax_s = axes[0, col], axes[1, col]
         colours: dict[tuple, Any] = {}
         for i in sorted(by_lane):

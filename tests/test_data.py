@@ -213,8 +213,13 @@ def test_load_mnist_layouts_scaling_and_subset(isolated, layout, gz):
 
 def test_fashion_from_env_var_read_at_call_time(isolated, monkeypatch):
     written = write_mnist_dir(isolated / "env" / "fashion-mnist", seed=5)
-    with pytest.raises(DataNotFoundError, match="nothing is not a directory"):
+    with pytest.raises(ConfigError, match="nothing does not exist"):  # a named directory: honoured or refused
         data.load("fashion_mnist01", data_dir=isolated / "nothing")
+    with pytest.raises(ConfigError, match="nothing does not exist"):  # never a fallback past it
+        data.load_first_available(["fashion_mnist01", "fashion_mnist01_bundled"], data_dir=isolated / "nothing")
+    (isolated / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="afile is not a directory"):
+        data.load("fashion_mnist01_bundled", data_dir=isolated / "afile")
     with pytest.raises(DataNotFoundError, match="no Fashion-MNIST"):
         data.load("fashion_mnist01")
     monkeypatch.setenv("EOS_JAX_DATA", str(isolated / "env"))

@@ -185,3 +185,22 @@ def test_lr_threshold_cnn_preset_counts_verdicts_over_seeds(tmp_path, capsys, mo
             assert s["verdict"] == perturbation_verdict(s["rel_l1"])["verdict"] and len(s["rel_l1"]) == 7
         assert r["amplified_seeds"] == sum(s["verdict"] == "amplified" for s in r["seeds"])
     assert [p["seed"] for p in got["initial_sharpness"]["per_seed"]] == [0, 1]
+
+
+@pytest.mark.parametrize("module", ["eos", "sensitivity", "lr_threshold", "lr_threshold-cnn"])
+@pytest.mark.parametrize("bad", ["missing", "file"])
+def test_a_named_data_dir_is_honoured_or_refused(module, bad, tmp_path, capsys):
+    """--data-dir naming a missing directory or a file: one line, exit 2, nothing written, in every CLI."""
+    from experiments import eos as eos_cli
+
+    main = {"eos": eos_cli.main, "sensitivity": sens_cli.main}.get(module, lr_threshold.main)
+    path = tmp_path / "no_such_dir"
+    if bad == "file":
+        path = tmp_path / "a_file"
+        path.write_text("not a directory")
+    out = tmp_path / "run"
+    argv = ["--data-dir", str(path), "--out", str(out)] + (["--preset", "cnn"] if module == "lr_threshold-cnn" else [])
+    code, _, err = _run(main, f"python -m experiments.{module}", argv, capsys)
+    why = "does not exist" if bad == "missing" else "is not a directory"
+    assert code == 2 and err.count("\n") == 1 and f"--data-dir {path} {why}" in err, err
+    assert not out.exists()

@@ -246,6 +246,7 @@ def load(name: str, split: str = "train", *, data_dir: str | os.PathLike | None 
       MalformedDataError: a file is not in the published format (names the file).
       ChecksumError: a bundled file does not have its recorded SHA-256 (names the file).
       DataError: loose IDX files in ``data_dir`` that cannot be identified.
+      ConfigError: ``data_dir`` does not exist, is not a directory or cannot be read.
 
     Example:
       ``mnist01`` keeps the digits 0 and 1 of MNIST files found in ``data_dir``:
@@ -267,6 +268,7 @@ def load(name: str, split: str = "train", *, data_dir: str | os.PathLike | None 
       eos_jax.errors.ConfigError: unknown split 'validation' for dataset 'mnist01'; allowed: train, test
     """
     _check_name_split(name, split)
+    sources.check_data_dir(data_dir)  # a named directory is honoured or refused, never passed over
     base, keep, first_n, num_classes = _REGISTRY[name]
     if name in sources.BUNDLED:
         images, labels, files, digests = _load_bundled(name, split)
@@ -344,6 +346,7 @@ def load_first_available(
     names = list(names)
     if not names:
         raise ConfigError("load_first_available: names is empty; give at least one of " + ", ".join(NAMES))
+    sources.check_data_dir(data_dir)  # a named directory is honoured or refused, never passed over
     for n in names:
         _check_name_split(n, split)
     skipped: list[tuple[str, str]] = []

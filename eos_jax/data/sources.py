@@ -63,7 +63,7 @@ from typing import NamedTuple
 
 from eos_jax.data.formats import read_idx, sha256_file
 from eos_jax.data.registry import base_of
-from eos_jax.errors import ChecksumError, ConfigError, DataError, DataNotFoundError, MalformedDataError
+from eos_jax.errors import ChecksumError, ConfigError, DataError, MalformedDataError
 from eos_jax.io import atomic_write_bytes
 
 SYSTEM_DIRS: tuple[str, ...] = ("/usr/share/datasets",)
@@ -511,6 +511,35 @@ def _refuse_loose(directory: Path, loose: LooseFiles) -> DataError:
     )
 
 
+def check_data_dir(data_dir: str | os.PathLike | None) -> None:
+    """Refuses an explicit ``data_dir`` that does not exist, is not a directory or cannot be read.
+
+    A named directory is honoured or refused, never silently passed over for the cache or
+    the data shipped with the package (a typo would otherwise train on other data).
+
+    Raises:
+      ConfigError: naming the directory and what is wrong with it.
+
+    Example:
+      >>> import tempfile
+      >>> from eos_jax.data import check_data_dir
+      >>> check_data_dir(tempfile.mkdtemp())  # an existing, readable directory: nothing to say
+      >>> check_data_dir("/no/such/dir")
+      Traceback (most recent call last):
+      ...
+      eos_jax.errors.ConfigError: data_dir=/no/such/dir does not exist; pass an existing directory as data_dir=DIR
+    """
+    if data_dir is None:
+        return
+    p = Path(data_dir).expanduser()
+    if not p.exists():
+        raise ConfigError(f"data_dir={data_dir} does not exist; pass an existing directory as data_dir=DIR")
+    if not p.is_dir():
+        raise ConfigError(f"data_dir={data_dir} is not a directory; pass an existing directory as data_dir=DIR")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise ConfigError(f"data_dir={data_dir} cannot be read (permission denied); pass a readable directory")
+
+
 def find_files(base: str, split: str, data_dir: str | os.PathLike | None = None) -> tuple[list[Path] | None, list[str]]:
     """The first complete set of files for ``base``/``split``, and notes on where it looked.
 
@@ -535,10 +564,7 @@ def find_files(base: str, split: str, data_dir: str | os.PathLike | None = None)
       >>> [os.path.relpath(f, d) for f in files], looked
       (['mnist/t10k-images-idx3-ubyte', 'mnist/t10k-labels-idx1-ubyte'], [])
     """
-    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
-        # An explicit directory that does not exist is a typo, not a reason to read
-        # whatever the cache or the system happens to hold.
-        raise DataNotFoundError(f"data_dir {data_dir} is not a directory; pass an existing directory as data_dir=DIR")
+    check_data_dir(data_dir)  # a typo is not a reason to read whatever the cache or the system holds
     explicit = Path(data_dir).expanduser() if data_dir is not None else None
     looked: list[str] = []
     for d in candidate_dirs(base, data_dir):

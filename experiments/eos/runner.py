@@ -128,7 +128,9 @@ def run(
         f"{cfg.steps} steps)"
     )
     regimes = {l["lane"]: l["regime"] for l in results["lanes"]}
-    plotting.plot_run(lines, run_dir / "eos.png", threshold=problem.threshold, title=title, regimes=regimes)
+    plotting.plot_run(
+        lines, run_dir / "eos.png", threshold=problem.threshold, title=title, regimes=regimes, constant_loss=closs
+    )
     if not quiet:
         print(format_summary(results, title, run_dir), file=stream or sys.stdout, flush=True)
     return run_dir, results

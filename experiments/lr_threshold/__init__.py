@@ -32,6 +32,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from eos_jax import cli, runtime
+from eos_jax import data as edata
 from eos_jax import io as eio
 from eos_jax import train as tr
 from eos_jax.errors import ConfigError, EosJaxError
@@ -377,6 +378,10 @@ def format_cnn_summary(summary: dict[str, Any], root: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        edata.check_data_dir(args.data_dir)  # before anything is written
+    except ConfigError as e:
+        parser.error(cli.as_flags(str(e), ["data_dir"]))
     if args.preset == "cnn":
         try:
             cfg, _ = cnn_settings(args)
