@@ -233,6 +233,17 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     print(f"hvp jvp(grad)           {t_plain * 1e3:9.2f} ms  ratio to gradient = {t_plain / t_grad:.2f}", flush=True)
+    # hessian.top_eigenvalue as a notebook calls it (its defaults), fixed iteration counts: the slope per product.
+    few, many = (4, 8) if args.quick else (10, 30)
+    top = jax.jit(lambda p, b, n: hessian.top_eigenvalue(loss, p, b, num_iters=n).eigenvalue, static_argnums=2)
+    t_few = _timed(top, params, data, few, repeats=args.repeats)
+    t_many = _timed(top, params, data, many, repeats=args.repeats)
+    per = max(t_many - t_few, 1e-9) / (many - few)
+    print(
+        f"top_eigenvalue defaults {per * 1e3:9.2f} ms per product  ratio to gradient = {per / t_grad:.2f}"
+        f"  (slope between {few} and {many} iterations; goal <= 1.3)",
+        flush=True,
+    )
 
     every = cfg.sharpness_every
     step_fn = jax.jit(lambda p, b: jax.tree_util.tree_map(lambda w, g: w - 5.0 * g, p, jax.grad(loss)(p, b)))

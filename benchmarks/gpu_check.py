@@ -285,7 +285,9 @@ def time_resnet_lanes(blocks_per_stage: int, batch_size: int, num_lanes: int, re
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python benchmarks/gpu_check.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes for a CPU (the test suite)")
-    p.add_argument("--out", default=None, help="write the JSON summary here (default: print it only)")
+    p.add_argument(
+        "--out", default=None, help="write the JSON summary to this file (without it, only the lines above are printed)"
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5; quick 1)")
     args = p.parse_args(argv)
     quick = args.quick

@@ -173,7 +173,7 @@ def make_hvp(
     batch: PyTree,
     *,
     chunk_size: int | None = None,
-    linearize: bool = True,
+    linearize: bool = False,
 ) -> Callable[[PyTree], PyTree]:
     """Returns ``v -> H v``, optionally summing the batch in chunks.
 
@@ -189,7 +189,10 @@ def make_hvp(
       batch: data; with ``chunk_size``, leaves must share a leading example axis.
       chunk_size: examples per chunk, or None for the whole batch at once.
       linearize: without chunking, reuse one linearization (:func:`linearized_hvp`) instead of
-        a fresh ``jvp(grad)`` per product (:func:`hvp`).
+        a fresh ``jvp(grad)`` per product (:func:`hvp`, the default). Which is cheaper depends on
+        the model: ``jvp(grad)`` for the paper's shifted-slice CNN (a linearization keeps
+        residuals that cost more to read than to recompute), one linearization for a dense tanh
+        MLP (``benchmarks/bench_hessian.py`` prints both per product, in gradients).
 
     Returns:
       A function ``v -> H v`` on pytrees like ``params``.
@@ -432,7 +435,7 @@ def top_eigenvalue(
     key: jax.Array | None = None,
     chunk_size: int | None = None,
     mesh: Mesh | None = None,
-    linearize: bool = True,
+    linearize: bool = False,
 ) -> EigResult:
     """The largest ALGEBRAIC eigenvalue of the Hessian of ``loss_fn`` at ``params`` (the sharpness).
 
@@ -460,7 +463,8 @@ def top_eigenvalue(
         (:func:`data_mesh`, batch from :func:`eos_jax.distributed.shard_batch`): the result is then
         replicated on every device of every process, so ``float(r.eigenvalue)`` and the
         eigenvector can be read on each process.
-      linearize: reuse one linearization for all products (without chunking).
+      linearize: reuse one linearization for all products (without chunking); default ``False``:
+        a fresh ``jvp(grad)`` per product (see :func:`make_hvp` for which is cheaper).
 
     Returns:
       :class:`EigResult` with scalar eigenvalue and residual, the unit eigenvector as a pytree like
@@ -508,7 +512,7 @@ def top_eigenvalues(
     key: jax.Array | None = None,
     chunk_size: int | None = None,
     mesh: Mesh | None = None,
-    linearize: bool = True,
+    linearize: bool = False,
 ) -> EigResult:
     """The k largest algebraic Hessian eigenvalues by Lanczos with full reorthogonalization.
 
@@ -643,7 +647,7 @@ def preconditioned_top_eigenvalue(
     """
     s = jax.tree_util.tree_map(lambda p: 1 / jnp.sqrt(p), precond)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    opts = dict(method="lanczos", num_iters=20, tol=None, v0=None, key=None, chunk_size=None, mesh=None, linearize=True)
+    opts = dict(method="lanczos", num_iters=20, tol=None, v0=None, key=None, chunk_size=None, mesh=None, linearize=False)
     unknown = set(kwargs) - set(opts)
     if unknown:
         raise ConfigError(f"unknown options {sorted(unknown)}; allowed: {sorted(opts)}")
@@ -704,7 +708,7 @@ def layer_sharpness(
       >>> {name: round(float(e.eigenvalue), 4) for name, e in r.items()}
       {"['a']": 4.0, "['b']": 1.0}
     """
-    opts = dict(method="lanczos", num_iters=20, tol=None, key=None, chunk_size=None, mesh=None, linearize=True)
+    opts = dict(method="lanczos", num_iters=20, tol=None, key=None, chunk_size=None, mesh=None, linearize=False)
     unknown = set(kwargs) - set(opts)
     if unknown:
         raise ConfigError(f"unknown options {sorted(unknown)}; allowed: {sorted(opts)} and v0")
