@@ -21,7 +21,7 @@ from scipy.special import expit, log_expit, logsumexp
 
 from eos_jax import losses, models
 from eos_jax.errors import ConfigError
-from eos_jax.models import layers
+from eos_jax.models import layers, shifted
 
 KEY = jax.random.key(0)
 
@@ -570,7 +570,7 @@ def test_kernel_gradient_tangent_runs_in_one_pass_and_matches_autodiff():
     def plain(g, x):
         return jnp.stack([jnp.stack([jnp.sum(g * x[:, i : i + 6, j : j + 6]) for j in range(3)]) for i in range(3)])
 
-    ours = lambda g, x: layers._kernel_grad(g, x, (3, 3))  # noqa: E731
+    ours = lambda g, x: shifted.kernel_grad_nhw(g, x, (3, 3))  # noqa: E731
     assert np.array_equal(np.asarray(jax.jit(ours)(g, x)), np.asarray(jax.jit(plain)(g, x)))
     jvp = lambda f: jax.jit(lambda *a: jax.jvp(f, a[:2], a[2:]))  # noqa: E731
     (p1, t1), (p2, t2) = jvp(ours)(g, x, dg, dx), jvp(plain)(g, x, dg, dx)

@@ -44,7 +44,6 @@ Length: most of this module is docstrings with runnable examples (issue 10).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -55,6 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from eos_jax.errors import ConfigError
+from eos_jax.models import shifted
 
 ACTIVATIONS = ("relu", "swish", "tanh")
 INIT_SCHEMES = ("pytorch", "jax", "normal", "he_fan_out")
@@ -404,83 +404,6 @@ def conv2d(
     return conv2d_single_channel(x_NHWC[..., 0], kernel_HWIO[:, :, 0, 0], padding=padding, impl=impl)[..., None]
 
 
-def _shifted_valid(x_NHW: Array, k_HW: Array) -> Array:
-    """Valid cross-correlation as kh*kw shifted, scaled slices added in row-major tap order."""
-    kh, kw = k_HW.shape
-    ho, wo = x_NHW.shape[1] - kh + 1, x_NHW.shape[2] - kw + 1
-    acc = None
-    for i in range(kh):
-        for j in range(kw):
-            term = k_HW[i, j] * x_NHW[:, i : i + ho, j : j + wo]
-            acc = term if acc is None else acc + term
-    return acc
-
-
-@jax.custom_vjp
-def _shifted_conv(x_NHW: Array, k_HW: Array) -> Array:
-    """Shifted-slice correlation with a hand-written VJP (see :func:`_shifted_bwd`)."""
-    return _shifted_valid(x_NHW, k_HW)
-
-
-def _shifted_fwd(x_NHW: Array, k_HW: Array):
-    """Forward pass saving the inputs."""
-    return _shifted_valid(x_NHW, k_HW), (x_NHW, k_HW)
-
-
-def _shifted_bwd(res, g_NHW: Array):
-    """VJP: dx is the full correlation of g with the flipped kernel, again as shifted slices.
-
-    Autodiff would transpose each slice into a zero-padded full-size array and add
-    kh*kw of them; this form fuses into one loop like the forward (about 30% faster
-    per GD step of the 3-layer CNN). dK[i, j] = sum(g * x[:, i:i+Ho, j:j+Wo]).
-    """
-    x, k = res
-    kh, kw = k.shape
-    g_pad = jnp.pad(g_NHW, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1)))
-    dx = _shifted_valid(g_pad, k[::-1, ::-1])
-    return dx, _kernel_grad(g_NHW, x, (kh, kw))
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _kernel_grad(g_NHW: Array, x_NHW: Array, shape: tuple[int, int]) -> Array:
-    """``dK[i, j] = sum(g * x[:, i:i+Ho, j:j+Wo])``: one full reduction per tap (the gradient's bits)."""
-    kh, kw = shape
-    ho, wo = g_NHW.shape[1], g_NHW.shape[2]
-    return jnp.stack(
-        [jnp.stack([jnp.sum(g_NHW * x_NHW[:, i : i + ho, j : j + wo]) for j in range(kw)]) for i in range(kh)]
-    )
-
-
-@_kernel_grad.defjvp
-def _kernel_grad_jvp(shape: tuple[int, int], primals: tuple[Array, Array], tangents: tuple[Array, Array]):
-    """Tangent ``sum(dg * x_ij + g * dx_ij)`` of every tap in one pass over ``g, dg, x, dx``.
-
-    A Hessian-vector product (``jvp`` of the gradient) needs this tangent, not the primal
-    (which XLA then drops). Autodiff of the nine full reductions above reads the four arrays
-    nine times and writes a sliced copy for each tap (XLA:CPU's library reduction takes no
-    slice); here one variadic reduction over each example's positions computes all nine taps
-    per example in a single pass, and a sum over the examples follows (measured, one layer of
-    12,000 26x26 maps on the 2-core CPU: 5.7 ms against 38 ms for nine products of two arrays,
-    relative error against float64 1.2e-6 against 1.0e-6). JAX has no transpose for a variadic
-    reduction, so reverse-over-reverse (``grad(grad)``) through a shifted convolution is not
-    supported; forward-over-reverse (``jvp(grad)``, ``jax.hessian``) is.
-    """
-    g, x = primals
-    dg, dx = tangents
-    kh, kw = shape
-    ho, wo = g.shape[1], g.shape[2]
-    terms = tuple(
-        dg * x[:, i : i + ho, j : j + wo] + g * dx[:, i : i + ho, j : j + wo] for i in range(kh) for j in range(kw)
-    )
-    zero = jnp.zeros((), g.dtype)
-    per_example = lax.reduce(terms, (zero,) * len(terms), lambda a, b: tuple(u + v for u, v in zip(a, b)), (1, 2))
-    tangent = jnp.stack([jnp.sum(t) for t in per_example]).reshape(kh, kw)
-    return _kernel_grad(g, x, shape), tangent
-
-
-_shifted_conv.defvjp(_shifted_fwd, _shifted_bwd)
-
-
 def conv2d_single_channel(x_NHW: Array, k_HW: Array, *, padding: str = "valid", impl: str = "shifted") -> Array:
     """One-channel cross-correlation on ``(N, H, W)`` arrays (no channel axis).
 
@@ -522,14 +445,11 @@ def conv2d_single_channel(x_NHW: Array, k_HW: Array, *, padding: str = "valid", 
     if impl == "shifted":
         # The input in memory, with its derivatives, in Hessian-vector products (nothing in a
         # gradient, nothing for data, which is not differentiated): see materialize_tangents.
-        return _shifted_conv(materialize_tangents(x), k_HW)
+        return shifted.conv(materialize_tangents(x), k_HW, "NHW")
     if impl == "fused":
-        # One layer on its own: the batch-minor shifted slices of eos_jax.models.fused (the
-        # whole-stack fusion happens in PaperCNN when every layer is "fused"). Imported here, not at
-        # the top: fused builds on this module (its small-batch path uses conv2d_single_channel).
-        from eos_jax.models import fused
-
-        return jnp.transpose(fused._conv(jnp.transpose(x, (1, 2, 0)), k_HW), (2, 0, 1))
+        # One layer on its own: the batch-minor layout of eos_jax.models.fused (the whole-stack
+        # fusion happens in PaperCNN when every layer is "fused").
+        return jnp.transpose(shifted.conv(jnp.transpose(x, (1, 2, 0)), k_HW, "HWN"), (2, 0, 1))
     if impl == "fft":
         # Circular cross-correlation of size (h, w) equals the linear one on the valid
         # region: c[n] = sum_m K[m] x[n+m] has n+m <= h-1 there.

@@ -38,6 +38,10 @@ from eos_jax import train as tr
 from eos_jax.errors import ConfigError, EosJaxError
 from eos_jax.stability import AMPLIFIED_FACTOR
 from eos_jax.stability import perturbation_verdict as classify
+from experiments.eos import presets as eos_presets
+from experiments.eos import runner as eos_runner
+from experiments.eos.config import default_config
+from experiments.eos.config import load_data as eos_load_data
 from experiments.eos.rundir import checked_out
 from experiments.sensitivity.run import (
     DATASETS,
@@ -239,8 +243,6 @@ def format_summary(summary: dict[str, Any], root: Path) -> str:
 
 def cnn_settings(args: argparse.Namespace) -> tuple[Any, list[float]]:
     """The ``cnn`` preset's :class:`~experiments.eos.config.EosConfig` (one sweep) and its rates ``lr0 / n``."""
-    from experiments.eos.config import default_config
-
     for name in ("model", "dataset", "num_train", "num_test", "optimizer", "batch_size", "weight_decay"):
         if getattr(args, name) is not None:
             raise ConfigError(
@@ -280,10 +282,6 @@ def run_cnn(
     seed's RelL1 series verdict, end value and growth; the counts; 2/lambda_max at initialization per
     seed and their median) and ``lr_threshold.png``.
     """
-    from experiments.eos import presets as eos_presets
-    from experiments.eos import runner as eos_runner
-    from experiments.eos.config import load_data as eos_load_data
-
     config = {"cnn": cfg.to_dict()}
     digest = hashlib.sha256(json.dumps(eio.to_jsonable(config), sort_keys=True).encode()).hexdigest()[:8]
     root = checked_out(out, "runs/lr_threshold", config, digest, resume)
