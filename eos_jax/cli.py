@@ -11,13 +11,16 @@ flags of an entry point (``--data-dir DIR``, ``--resume``) for its user.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NoReturn
 
 from eos_jax import distributed
-from eos_jax.errors import ConfigError, EosJaxError
+from eos_jax.errors import ConfigError, EosJaxError, RunWriteError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -179,10 +182,68 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+DEBUG_ENV = "EOS_JAX_DEBUG"
+
+
+class _DropBackgroundFailures(logging.Filter):
+    """Drops the error records of orbax's background writes (and of the asyncio tasks and futures
+    they run on): a failed write reaches the main thread as an exception, which the command line
+    reports in one line (:class:`~eos_jax.errors.RunWriteError`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.name == "absl":
+            return "orbax" not in record.pathname
+        return False  # asyncio's "Task exception was never retrieved", concurrent.futures' callback errors
+
+
+# Loggers whose error records a failed background checkpoint write floods stderr with.
+_BACKGROUND_LOGGERS = ("absl", "asyncio", "concurrent.futures")
+
+
+def _quiet_background_failures() -> None:
+    for name in _BACKGROUND_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropBackgroundFailures) for f in logger.filters):
+            logger.addFilter(_DropBackgroundFailures())
+    if getattr(sys.unraisablehook, "__name__", "") != "_closed_loop_unraisablehook":
+        sys.unraisablehook = _closed_loop_unraisablehook(sys.unraisablehook)
+
+
+def _closed_loop_unraisablehook(previous: Callable[..., Any]) -> Callable[..., Any]:
+    """``sys.unraisablehook`` less tensorstore's callbacks into the asyncio loop of a failed checkpoint
+    write, which orbax closed (they end in native threads; the write's failure itself is reported)."""
+
+    def hook(unraisable: Any) -> None:
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.__name__ = "_closed_loop_unraisablehook"
+    return hook
+
+
+def resume_command(prog: str, argv: Sequence[str]) -> str:
+    """The command line that resumes the run of ``prog argv`` (``--resume`` added once).
+
+    Example:
+      >>> from eos_jax.cli import resume_command
+      >>> resume_command("python -m experiments.eos", ["--lr", "5", "--out", "runs/a b"])
+      "python -m experiments.eos --lr 5 --out 'runs/a b' --resume"
+    """
+    args = [a for a in argv if a != "--resume"]
+    return " ".join([prog, *(shlex.quote(a) for a in args), "--resume"])
+
+
 def run(
     main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None, prog: str | None = None
 ) -> NoReturn:
     """Calls ``main(argv)`` and exits; an EosJaxError becomes one line and exit code 2.
+
+    A :class:`~eos_jax.errors.RunWriteError` (a file of the run could not be written) is one line
+    too, with exit code 1. ``EOS_JAX_DEBUG=1`` shows the traceback instead, and orbax's own log
+    lines of a failed background write.
 
     Example:
       >>> import contextlib, sys
@@ -198,13 +259,24 @@ def run(
       demo: error: lr=-1; allowed: a positive float
       exit 2
     """
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if not debug:
+        _quiet_background_failures()
     try:
         code = main(argv)
     except EosJaxError as e:
+        if debug:
+            raise
         name = prog or (sys.argv[0] if sys.argv and sys.argv[0] else "eos_jax")
         msg = str(e).replace("\n", " ")
+        if isinstance(e, RunWriteError):
+            msg += ": " + resume_command(name, sys.argv[1:] if argv is None else argv)
+            print(f"{name}: error: {msg}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            # Orbax's failed background tasks would print again while the interpreter shuts down.
+            os._exit(e.exit_code)
         print(f"{name}: error: {msg}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

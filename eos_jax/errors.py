@@ -111,3 +111,29 @@ class CheckpointMismatchError(ConfigError):
     ):
         super().__init__(message)
         self.saved, self.wanted, self.difference = saved, wanted, difference
+
+
+class RunWriteError(EosJaxError):
+    """A run could not write its files (disk full, a directory that became unwritable, a checkpoint
+    that could not be committed). The message names what failed, the last complete checkpoint and
+    how to resume; the command lines print it as one line and exit with code 1.
+
+    Attributes:
+      what: the file or directory that could not be written.
+      reason: the operating system's words (``No space left on device``, ...).
+      run_dir: the run directory.
+      last_checkpoint: the newest committed checkpoint step of each lane group (``None``: none yet).
+    """
+
+    exit_code = 1
+
+    def __init__(self, what: str, reason: str, run_dir: str, last_checkpoint: list[int | None]):
+        self.what, self.reason, self.run_dir, self.last_checkpoint = what, reason, run_dir, last_checkpoint
+        steps = sorted({s for s in last_checkpoint if s is not None})
+        if not steps:
+            kept = "no checkpoint was committed yet (a resumed run starts from step 0)"
+        elif len(last_checkpoint) == 1 or len(steps) == 1:
+            kept = f"the last complete checkpoint is step {steps[-1]} in {run_dir}/checkpoints"
+        else:
+            kept = f"the last complete checkpoints are steps {', '.join(map(str, last_checkpoint))} (per lane group) in {run_dir}/checkpoints"
+        super().__init__(f"could not write {what}: {reason}; {kept}; make room there and resume the run")

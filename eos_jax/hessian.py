@@ -647,7 +647,9 @@ def preconditioned_top_eigenvalue(
     """
     s = jax.tree_util.tree_map(lambda p: 1 / jnp.sqrt(p), precond)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    opts = dict(method="lanczos", num_iters=20, tol=None, v0=None, key=None, chunk_size=None, mesh=None, linearize=False)
+    opts = dict(
+        method="lanczos", num_iters=20, tol=None, v0=None, key=None, chunk_size=None, mesh=None, linearize=False
+    )
     unknown = set(kwargs) - set(opts)
     if unknown:
         raise ConfigError(f"unknown options {sorted(unknown)}; allowed: {sorted(opts)}")

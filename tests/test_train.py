@@ -995,3 +995,87 @@ def test_loss_goal_freezes_a_lane_and_ends_the_group_when_all_have_stopped():
     assert np.array_equal(alone.params["w"], h.params["w"][:1])
     with pytest.raises(ConfigError, match="acc_goal"):
         tr.EngineConfig(steps=2, acc_goal=1.5).validate()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs (root can mount one; elsewhere the test cannot make a disk fill up)."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip()}): a full disk needs one")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(directory: Path, leave: int = 0) -> Path:
+    """Fills the filesystem of ``directory`` to all but ``leave`` bytes; returns the filler file."""
+    filler = directory / "filler"
+    st = os.statvfs(directory)
+    want = max(st.f_bavail * st.f_frsize - leave, 0)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 1):
+            while want >= size:
+                try:
+                    want -= os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_error_and_resume_is_bitwise(small_fs, tmp_path):
+    """The disk fills after the checkpoint of step 30 is committed: train() raises one RunWriteError naming the
+    file, the reason and the last complete checkpoint (30); after making room, resume ends bitwise equal to an
+    uninterrupted run, with no step logged twice."""
+    from eos_jax.errors import RunWriteError
+
+    problem = toy_problem()
+    lanes = tr.make_lanes(list(TOY_LRS))
+    ref = tr.train(problem, lanes, TOY_CONFIG, tmp_path / "ref", quiet=True)
+    run = small_fs / "run"
+    filler = []
+
+    def fill_after_first_checkpoint(s):
+        if s == 40 and not filler:
+            committed = run / "checkpoints" / "group_000" / "30"  # orbax renames a checkpoint here on commit
+            deadline = time.monotonic() + 60
+            while not committed.is_dir() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            filler.append(_fill(small_fs))
+
+    with pytest.raises(RunWriteError) as e:
+        tr.train(problem, lanes, TOY_CONFIG, run, quiet=True, on_chunk=fill_after_first_checkpoint)
+    err = e.value
+    assert err.reason == "No space left on device" and err.last_checkpoint == [30], (str(err), err.last_checkpoint)
+    assert str(run) in err.what and "step 30" in str(err) and "\n" not in str(err)
+    filler[0].unlink()
+    got = tr.train(problem, lanes, TOY_CONFIG, run, resume=True, quiet=True)
+    assert [l["params_digest"] for l in got["lanes"]] == [l["params_digest"] for l in ref["lanes"]]
+    steps = [(r["lane"], r["step"]) for r in tr.read_metrics(run / "metrics.jsonl")]
+    assert len(steps) == len(set(steps)) and steps == [
+        (r["lane"], r["step"]) for r in tr.read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    ]
+
+
+def test_a_full_disk_is_one_line_and_exit_1_from_the_command_line(small_fs):
+    """The command line: no traceback, no orbax log lines; one line naming the file, the reason and the
+    command that resumes; exit code 1."""
+    _fill(small_fs, leave=120 * 1024)  # room for the run's first files, none for a checkpoint
+    out = small_fs / "run"
+    env = {k: v for k, v in os.environ.items() if k != "EOS_JAX_DEBUG"}
+    env.update(EOS_JAX_NO_SYSTEM_DATA="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "experiments.eos", "--layers", "1", "--lr", "5", "--seed", "0", "--k", "1"]
+    cmd += ["--steps", "60", "--sharpness-every", "0", "--checkpoint-every", "20", "--quiet", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    lines = [l for l in proc.stderr.splitlines() if not l.startswith("WARNING: dataset")]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+    assert (
+        "No space left on device" in lines[0]
+        and str(out) in lines[0]
+        and lines[0].endswith(f"--quiet --out {out} --resume")
+    )
+    assert "Traceback" not in proc.stderr and "ERROR:" not in proc.stderr

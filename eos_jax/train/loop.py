@@ -9,8 +9,10 @@ that writes nothing and touches no signal handler, see :func:`eos_jax.train.fit`
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -23,7 +25,7 @@ import jax
 from eos_jax import io as eio
 from eos_jax.checkpoint import CheckpointStore
 from eos_jax.distributed import any_process, barrier, is_primary
-from eos_jax.errors import CheckpointMismatchError
+from eos_jax.errors import CheckpointMismatchError, RunWriteError
 from eos_jax.progress import ProgressBar
 from eos_jax.train.config import EngineConfig, Problem
 from eos_jax.train.core import Plan, first_width, group_lanes, new_timing, pad_lanes, run_group
@@ -351,8 +353,103 @@ def train(
         label=f"{problem.name} " if problem.name else "",
     )
     timing = new_timing()
-    final_states: list[tuple[list[int], TrainState, dict[str, Any]]] = []
+    try:
+        final_states = _run_groups(plan, writer, start_steps, bar, timing, run_dir, on_chunk)
+    except Exception as e:  # a write that failed: one error naming it, the last checkpoint and the remedy
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise _write_error(e, reason, writer, run_dir) from e
+    bar.close()
+    writer.close()
+    timing["num_devices"] = len(plan.devices)
+    timing["num_processes"] = jax.process_count()
+    barrier("eos_jax.train.metrics")  # process 0 has written every metrics line
+    lane_records, summary, _ = summarize_run(
+        lanes, plan.groups, final_states, read_metrics(writer.metrics_path), problem.threshold, plan.twins
+    )
+    results = {"lanes": lane_records, "summary": summary, "timing": timing, "lane_groups": plan.lane_record()}
+    try:
+        writer.write_results(results)
+    except OSError as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise
+        raise _write_error(e, reason, writer, run_dir) from e
+    return results
 
+
+# What the operating system says when a run's files cannot be written (errno, or the words orbax's
+# tensorstore puts in its messages).
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO}
+_WRITE_WORDS = ("No space left on device", "Disk quota exceeded", "Permission denied", "Read-only file system")
+
+
+def write_failure(e: BaseException) -> str | None:
+    """The reason a run's write failed (``"No space left on device"``, ...), or None if ``e`` is something else.
+
+    Looks through ``e``'s causes and contexts: orbax re-raises a background thread's failure as
+    a ``ValueError`` whose text carries the operating system's words.
+
+    Example:
+      >>> import errno, os
+      >>> from eos_jax.train.loop import write_failure
+      >>> write_failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+      'No space left on device'
+      >>> write_failure(ValueError("RESOURCE_EXHAUSTED: ... Failed to write 236 bytes to file 12: No space left on device"))
+      'No space left on device'
+      >>> write_failure(ValueError("lr must be positive")) is None
+      True
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            return e.strerror or os.strerror(e.errno)
+        for words in _WRITE_WORDS:
+            if words in str(e):
+                return words
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _write_error(e: BaseException, reason: str, writer: RunWriter, run_dir: Path) -> RunWriteError:
+    """Waits for the background writes to end (they fail too), then the one error to raise."""
+    try:
+        writer.close()
+    except Exception:  # noqa: BLE001 - the failure being reported, raised again by the pending save
+        pass
+    what = None
+    seen: BaseException | None = e
+    while seen is not None and what is None:  # the first named file along the chain
+        what = getattr(seen, "filename", None) or _path_in(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    what = what or str(run_dir)
+    last = []
+    for store in writer.stores:
+        try:
+            steps = store.all_steps()
+        except Exception:  # noqa: BLE001 - an unreadable directory: no checkpoint to name
+            steps = []
+        last.append(steps[-1] if steps else None)
+    return RunWriteError(str(what), reason, str(run_dir), last)
+
+
+def _path_in(text: str) -> str | None:
+    """The first quoted absolute path in an error message (orbax names the file it failed on)."""
+    m = re.search(r'"(/[^"]+)"', text)
+    if m is None:
+        return None
+    path = m.group(1)
+    # Name the checkpoint being written, not orbax's temporary file inside it.
+    cut = path.find(".orbax-checkpoint-tmp")
+    return path[:cut] if cut >= 0 else path
+
+
+def _run_groups(plan, writer, start_steps, bar, timing, run_dir, on_chunk):
+    """Every group from its start step to the end (or until a signal); the final states."""
+    total = plan.config.steps
+    final_states: list[tuple[list[int], TrainState, dict[str, Any]]] = []
     with _SignalCatcher() as sig:
 
         def after_chunk(g: int, s: int, state: TrainState, loss: float, sharpness: float | None) -> None:
@@ -375,14 +472,4 @@ def train(
             )
             writer.wait(g)
             final_states.append((idx, state, fstats))
-    bar.close()
-    writer.close()
-    timing["num_devices"] = len(plan.devices)
-    timing["num_processes"] = jax.process_count()
-    barrier("eos_jax.train.metrics")  # process 0 has written every metrics line
-    lane_records, summary, _ = summarize_run(
-        lanes, plan.groups, final_states, read_metrics(writer.metrics_path), problem.threshold, plan.twins
-    )
-    results = {"lanes": lane_records, "summary": summary, "timing": timing, "lane_groups": plan.lane_record()}
-    writer.write_results(results)
-    return results
+    return final_states

@@ -146,10 +146,13 @@ class RunWriter:
         out = [json_line(r) for r in metric_records(block, self.log_every, self.threshold)]
         if not out:
             return
-        with open(self.metrics_path, "a") as f:
-            f.write("".join(out))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write("".join(out))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # name the file (a failed flush does not): the run reports it in one line
+            raise OSError(e.errno, e.strerror, str(self.metrics_path)) from e
 
     def wait(self, g: int) -> None:
         """Waits for group ``g``'s checkpoint saves to commit."""
