@@ -9,7 +9,7 @@ Prints, measured in this one run:
 * the time of one jitted gradient-descent step (forward, backward, update) of the
   3-layer single-channel 3x3 CNN of the paper's Sec. 6.2 on a full batch of 12,000
   28x28 images for each convolution implementation, and the ratios lax / shifted
-  and lax / fft (issue 4 measured 1.67 s vs 0.41 s);
+  and lax / fft;
 * the one-layer 32x32-kernel CNN on one 256x256 image in float64 (Sec. 5.3): step
   time and compile time per implementation (why ``auto`` picks the FFT there);
 * step times of fc, vgg16, vgg16_bn and resnet56 (batch 128, 32x32x3), and for

@@ -40,7 +40,7 @@ from eos_jax.metrics import tree_digest
 class CorruptCheckpointWarning(UserWarning):
     """A checkpoint could not be restored or failed its digest check and was skipped.
 
-    Example:
+    Examples:
       >>> import warnings
       >>> from eos_jax.checkpoint import CorruptCheckpointWarning
       >>> with warnings.catch_warnings(record=True) as caught:
@@ -59,7 +59,7 @@ def _to_record(leaves: list[Any]) -> dict[str, Any]:
 def leaf_specs(tree: Any) -> list[list[Any]]:
     """``[[shape, dtype name], ...]`` of the leaves of ``tree`` (arrays or ShapeDtypeStructs), JSON-ready.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax.checkpoint import leaf_specs
       >>> leaf_specs({"b": jnp.zeros(3), "w": jax.ShapeDtypeStruct((2, 3), jnp.float32)})
@@ -71,7 +71,7 @@ def leaf_specs(tree: Any) -> list[list[Any]]:
 def describe_mismatch(saved: list[list[Any]], wanted: list[list[Any]]) -> str | None:
     """One phrase naming the first difference between two :func:`leaf_specs`; None when equal.
 
-    Example:
+    Examples:
       >>> from eos_jax.checkpoint import describe_mismatch
       >>> saved = [[[4, 10], "float32"], [[4], "int32"]]  # 4 lanes
       >>> describe_mismatch(saved, [[[2, 10], "float32"], [[2], "int32"]])  # 2 lanes
@@ -95,7 +95,7 @@ class CheckpointStore:
       max_to_keep: how many committed checkpoints are kept (at least 2, so a corrupted
         latest one can fall back to the previous).
 
-    Example:
+    Examples:
       >>> import tempfile
       >>> import jax.numpy as jnp
       >>> from eos_jax.checkpoint import CheckpointStore

@@ -26,7 +26,7 @@ from eos_jax.errors import ConfigError, EosJaxError, RunWriteError
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error message (no usage block) and exit code 2.
 
-    Example:
+    Examples:
       >>> import contextlib, sys
       >>> from eos_jax.cli import ArgumentParser, positive_float
       >>> parser = ArgumentParser(prog="demo")
@@ -49,7 +49,7 @@ class ArgumentParser(argparse.ArgumentParser):
 def positive_float(text: str) -> float:
     """argparse type: a finite float > 0.
 
-    Example:
+    Examples:
       >>> from eos_jax.cli import positive_float
       >>> positive_float("2e-3")
       0.002
@@ -70,7 +70,7 @@ def positive_float(text: str) -> float:
 def nonnegative_float(text: str) -> float:
     """argparse type: a finite float >= 0.
 
-    Example:
+    Examples:
       >>> from eos_jax.cli import nonnegative_float
       >>> nonnegative_float("0")
       0.0
@@ -91,7 +91,7 @@ def nonnegative_float(text: str) -> float:
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1.
 
-    Example:
+    Examples:
       >>> from eos_jax.cli import positive_int
       >>> positive_int("20")
       20
@@ -115,7 +115,7 @@ def lane_batch_arg(text: str) -> int | str:
     ``all`` (every lane of a group at once) is the config value ``None``, which argparse cannot
     tell from an absent flag: :func:`lane_batch_value` turns it into ``None``.
 
-    Example:
+    Examples:
       >>> from eos_jax.cli import lane_batch_arg
       >>> lane_batch_arg("auto"), lane_batch_arg("all"), lane_batch_arg("2")
       ('auto', 'all', 2)
@@ -135,7 +135,7 @@ def lane_batch_arg(text: str) -> int | str:
 def lane_batch_value(arg: int | str) -> int | str | None:
     """The config's ``lane_batch`` for a parsed ``--lane-batch``: ``all`` is ``None``.
 
-    Example:
+    Examples:
       >>> from eos_jax.cli import lane_batch_value
       >>> lane_batch_value("all"), lane_batch_value("auto"), lane_batch_value(2)
       (None, 'auto', 2)
@@ -146,7 +146,7 @@ def lane_batch_value(arg: int | str) -> int | str | None:
 def check_lane_batch(value: Any) -> None:
     """A config's ``lane_batch``: ``"auto"``, ``None`` (``all``: every lane at once) or an integer >= 1; else ConfigError.
 
-    Example:
+    Examples:
       >>> from eos_jax.cli import check_lane_batch
       >>> check_lane_batch("auto"), check_lane_batch(None), check_lane_batch(3)
       (None, None, None)
@@ -164,7 +164,7 @@ def check_lane_batch(value: Any) -> None:
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0.
 
-    Example:
+    Examples:
       >>> from eos_jax.cli import nonnegative_int
       >>> nonnegative_int("0")
       0
@@ -227,7 +227,7 @@ def _closed_loop_unraisablehook(previous: Callable[..., Any]) -> Callable[..., A
 def resume_command(prog: str, argv: Sequence[str]) -> str:
     """The command line that resumes the run of ``prog argv`` (``--resume`` added once).
 
-    Example:
+    Examples:
       >>> from eos_jax.cli import resume_command
       >>> resume_command("python -m experiments.eos", ["--lr", "5", "--out", "runs/a b"])
       "python -m experiments.eos --lr 5 --out 'runs/a b' --resume"
@@ -245,7 +245,7 @@ def run(
     too, with exit code 1. ``EOS_JAX_DEBUG=1`` shows the traceback instead, and orbax's own log
     lines of a failed background write.
 
-    Example:
+    Examples:
       >>> import contextlib, sys
       >>> from eos_jax.cli import run
       >>> from eos_jax.errors import ConfigError
@@ -287,7 +287,7 @@ def as_flags(message: str, arguments: Iterable[str]) -> str:
     """``message`` with each library argument ``name=True`` / ``name=VALUE`` of ``arguments`` written as
     the flag ``--name`` / ``--name VALUE`` (underscores become dashes).
 
-    Example:
+    Examples:
       >>> from eos_jax.cli import as_flags
       >>> as_flags("pass data_dir=DIR or resume=True", ["data_dir", "resume"])
       'pass --data-dir DIR or --resume'
@@ -302,7 +302,7 @@ def as_flags(message: str, arguments: Iterable[str]) -> str:
 def name_flags(error: EosJaxError, arguments: Iterable[str]) -> EosJaxError:
     """Rewrites ``error``'s message in place with :func:`as_flags` (type and attributes kept); returns it.
 
-    Example:
+    Examples:
       >>> from eos_jax.cli import name_flags
       >>> from eos_jax.errors import RunDirError
       >>> e = name_flags(RunDirError("nothing to resume; drop resume=True"), ["resume"])
@@ -324,7 +324,7 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     ``--coordinator auto``), ``--join-timeout`` and ``--heartbeat-timeout``; read back with
     :func:`distributed_config`.
 
-    Example:
+    Examples:
       >>> import argparse
       >>> from eos_jax.cli import add_distributed_arguments
       >>> p = argparse.ArgumentParser()
@@ -360,7 +360,7 @@ def distributed_config(args: argparse.Namespace, env: Mapping[str, str] | None =
       ConfigError: a malformed setting (named ``coordinator=...`` etc.: :func:`name_flags`
         with :data:`DISTRIBUTED_FLAGS` turns the names into the flags).
 
-    Example:
+    Examples:
       >>> import argparse
       >>> p = argparse.ArgumentParser()
       >>> from eos_jax.cli import add_distributed_arguments, distributed_config

@@ -76,7 +76,7 @@ class DistributedConfig:
       heartbeat_s: after how long without a heartbeat a process counts as dead and the
         others stop.
 
-    Example:
+    Examples:
       >>> DistributedConfig.from_values("127.0.0.1:12355", 2, 1).validate()
       >>> DistributedConfig.from_values(None, None, None).single
       True
@@ -167,7 +167,7 @@ def initialize(cfg: DistributedConfig) -> None:
       ConfigError: bad settings; process 0's port already in use; nothing answering at the
         coordinator's address within ``timeout_s``; JAX refusing to join.
 
-    Example:
+    Examples:
       >>> initialize(DistributedConfig())  # one process: nothing to join
       >>> initialize(DistributedConfig("127.0.0.1:0", 2, 0))
       Traceback (most recent call last):
@@ -221,7 +221,7 @@ def check_joined(cfg: DistributedConfig) -> None:
     Raises:
       ConfigError: the declared counts differ, or differ from the processes that joined.
 
-    Example:
+    Examples:
       >>> check_joined(DistributedConfig())  # one process: nothing to compare
     """
     if cfg.single or cfg.coordinator == "auto":
@@ -245,7 +245,7 @@ def join(dist: DistributedConfig) -> None:
     Raises:
       ConfigError: process 0's port is in use, or the coordinator does not answer in time.
 
-    Example:
+    Examples:
       >>> join(DistributedConfig())  # one process: nobody to join (freed memory kept if no backend started)
     """
     runtime.retain_host_memory()  # before the backend's threads exist (speed only)
@@ -272,7 +272,7 @@ def _first_line(e: BaseException) -> str:
 def is_primary() -> bool:
     """True in the process that writes files (process 0; a single process always).
 
-    Example:
+    Examples:
       >>> is_primary()
       True
     """
@@ -282,7 +282,7 @@ def is_primary() -> bool:
 def barrier(name: str) -> None:
     """Waits until every process reaches the barrier ``name`` (nothing for a single process).
 
-    Example:
+    Examples:
       >>> barrier("example")  # one process: returns at once
     """
     if jax.process_count() > 1:
@@ -302,7 +302,7 @@ def to_host(tree: Any) -> Any:
     gathered by one program (a collective every process must call; one per call, not one per
     leaf: gloo collectives cost milliseconds each), replicated ones read locally.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> to_host({"a": jnp.arange(3)})["a"].tolist()
       [0, 1, 2]
@@ -331,7 +331,7 @@ def to_host(tree: Any) -> Any:
 def any_process(flag: bool) -> bool:
     """True when ``flag`` is true in any process (a collective with several; the flag itself with one).
 
-    Example:
+    Examples:
       >>> any_process(False), any_process(True)
       (False, True)
     """
@@ -343,7 +343,7 @@ def any_process(flag: bool) -> bool:
 def min_over_processes(value: int) -> int:
     """The smallest of ``value`` over the processes (e.g. a lane width every process can hold).
 
-    Example:
+    Examples:
       >>> min_over_processes(7)
       7
     """
@@ -395,7 +395,7 @@ def process_slice(n: int, mesh: jax.sharding.Mesh | None = None, axis: str | Non
     Raises:
       ConfigError: ``n`` is not divisible by the devices along the data axis.
 
-    Example:
+    Examples:
       >>> import jax
       >>> from eos_jax.hessian import data_mesh
       >>> mesh = data_mesh(jax.devices()[:1])
@@ -434,7 +434,7 @@ def shard_batch(local_batch: Any, mesh: jax.sharding.Mesh, axis: str | None = No
         this process's devices on the axis; the number of examples per device differs between
         processes (raised on every process alike).
 
-    Example:
+    Examples:
       >>> import jax, numpy as np
       >>> from eos_jax.hessian import data_mesh
       >>> mesh = data_mesh(jax.devices()[:1])

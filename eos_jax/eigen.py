@@ -47,7 +47,7 @@ def _normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def start_vector(v0_flat: jax.Array | None, key: jax.Array, n: int, dtype) -> jax.Array:
     """Unit start vector: ``v0`` when given and nonzero, else a Gaussian draw from ``key``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax.eigen import start_vector
       >>> start_vector(jnp.array([3.0, 0.0, 4.0]), jax.random.key(0), 3, jnp.float32).tolist()
@@ -66,7 +66,7 @@ def start_vector(v0_flat: jax.Array | None, key: jax.Array, n: int, dtype) -> ja
 class PowerState(NamedTuple):
     """Carry of power iteration: next iterate, and the last Rayleigh pair with its residual.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.eigen import PowerState
       >>> v = jnp.array([1.0, 0.0])
@@ -107,7 +107,7 @@ def power_iteration(op, v_init: jax.Array, num_iters: int, tol: float | None) ->
       algebraic eigenvalue (phase 2 never ran after a negative ``mu``, or the unshifted iteration
       ended on a negative quotient).
 
-    Example:
+    Examples:
       The dominant eigenvalue of ``diag(-4, 1, 2)`` is -4; the largest algebraic one, 2, is
       found after the shift:
 
@@ -175,7 +175,7 @@ def _ritz(alpha: jax.Array, beta: jax.Array, n_active: jax.Array, k: int):
 class LanczosState(NamedTuple):
     """Carry of Lanczos: basis rows ``q_0..q_m``, tridiagonal, products so far, norm estimate.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.eigen import LanczosState
       >>> st = LanczosState(q=jnp.zeros((8, 3)), alpha=jnp.zeros(2), beta=jnp.zeros(2),
@@ -246,7 +246,7 @@ def lanczos(op, v_init: jax.Array, key: jax.Array, num_iters: int, tol: float | 
     bound ``|beta_m s_m|``, equal to ``||H y - theta y||`` up to rounding when the basis is
     orthonormal (kept so by full reorthogonalization); it costs no product.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax.eigen import lanczos
       >>> a = jnp.diag(jnp.array([-4.0, 1.0, 2.0]))
@@ -296,7 +296,7 @@ class Extremes(NamedTuple):
       residual_max, residual_min: relative residuals ``||B v - lam v|| / |lam|`` at the stop
         (``B = A`` for ``mu_max``, ``B = mu_max I - A`` for ``mu_min``).
 
-    Example:
+    Examples:
       >>> from eos_jax.eigen import Extremes
       >>> e = Extremes(mu_min=1.0, mu_max=5.0, iters_max=40, iters_min=25, residual_max=1e-7, residual_min=1e-7)
       >>> e.mu_max / e.mu_min  # the condition number
@@ -337,7 +337,7 @@ def psd_extremes(
     Returns:
       :class:`Extremes` with Python floats and ints.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> a = jnp.diag(jnp.array([1.0, 2.0, 5.0]))
       >>> e = psd_extremes(lambda v: a @ v, jnp.ones(3), jnp.array([1.0, -1.0, 0.5]), tol=1e-6)

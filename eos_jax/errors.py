@@ -9,7 +9,7 @@ raises the most specific subclass; messages name the bad value and what is allow
 class EosJaxError(Exception):
     """Base class of errors whose message is meant for the user as it is.
 
-    Example:
+    Examples:
       >>> from eos_jax.errors import ConfigError, EosJaxError
       >>> try:
       ...     raise ConfigError("lr=-1.0; allowed: a positive float")
@@ -22,7 +22,7 @@ class EosJaxError(Exception):
 class ConfigError(EosJaxError, ValueError):
     """An invalid configuration value (bad flag, bad hyperparameter).
 
-    Example:
+    Examples:
       >>> from eos_jax.errors import ConfigError
       >>> issubclass(ConfigError, ValueError)
       True
@@ -36,7 +36,7 @@ class ConfigError(EosJaxError, ValueError):
 class DataError(EosJaxError):
     """Data could not be found or read.
 
-    Example:
+    Examples:
       >>> from eos_jax.errors import DataError, DataNotFoundError, MalformedDataError
       >>> issubclass(DataNotFoundError, DataError), issubclass(MalformedDataError, DataError)
       (True, True)
@@ -46,7 +46,7 @@ class DataError(EosJaxError):
 class DataNotFoundError(DataError, FileNotFoundError):
     """No files for a dataset were found; the message lists where we looked.
 
-    Example:
+    Examples:
       >>> from eos_jax.errors import DataNotFoundError
       >>> try:
       ...     raise DataNotFoundError("no files for mnist in /tmp/nowhere")
@@ -59,7 +59,7 @@ class DataNotFoundError(DataError, FileNotFoundError):
 class MalformedDataError(DataError, ValueError):
     """A data file exists but is not in the published format (names the file).
 
-    Example:
+    Examples:
       >>> from eos_jax.errors import MalformedDataError
       >>> raise MalformedDataError("x.idx: bad magic number 0x00000000")
       Traceback (most recent call last):
@@ -71,7 +71,7 @@ class MalformedDataError(DataError, ValueError):
 class ChecksumError(DataError):
     """A downloaded file did not match its published SHA-256.
 
-    Example:
+    Examples:
       >>> from eos_jax.errors import ChecksumError, DataError
       >>> isinstance(ChecksumError("sha256 mismatch"), DataError)
       True
@@ -81,7 +81,7 @@ class ChecksumError(DataError):
 class RunDirError(EosJaxError):
     """A run directory cannot be used (other config, nothing to resume, ...).
 
-    Example:
+    Examples:
       >>> from eos_jax.errors import EosJaxError, RunDirError
       >>> isinstance(RunDirError("runs/a holds another config"), EosJaxError)
       True
@@ -97,7 +97,7 @@ class CheckpointMismatchError(ConfigError):
         (None when unknown).
       difference: a phrase naming the first difference.
 
-    Example:
+    Examples:
       >>> from eos_jax.errors import CheckpointMismatchError
       >>> e = CheckpointMismatchError("checkpoint holds 2 lanes, the run 4", difference="lanes 2 != 4")
       >>> e.difference, e.saved

@@ -52,7 +52,7 @@ def _dtype(*xs: jax.Array) -> np.dtype:
 def opaque_zero(dtype: np.dtype) -> jax.Array:
     """``+0`` of ``dtype`` that XLA's simplifier cannot see through (an optimization barrier).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> z = opaque_zero(jnp.float32)
       >>> float(z), z.dtype, z.shape
@@ -69,7 +69,7 @@ def runtime_zero(count: jax.Array, dtype: np.dtype) -> jax.Array:
     ``+0``; where it can also prove the product non-negative it drops ``x + 0`` and contracts
     the product into the next sum. A zero computed from runtime bits stays an opaque addend.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> z = runtime_zero(jnp.int32(7), jnp.float32)  # the bits of 7 >> 31
       >>> float(z), z.dtype
@@ -83,7 +83,7 @@ def runtime_zero(count: jax.Array, dtype: np.dtype) -> jax.Array:
 def rounded_mul(a: jax.Array, b: jax.Array, zero: jax.Array) -> jax.Array:
     """``RN(a * b)`` that stays rounded even if the compiler contracts it with a later add.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> float(rounded_mul(jnp.float32(3), jnp.float32(0.1), opaque_zero(jnp.float32)))
       0.30000001192092896
@@ -94,7 +94,7 @@ def rounded_mul(a: jax.Array, b: jax.Array, zero: jax.Array) -> jax.Array:
 def two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Knuth's TwoSum: ``(s, e)`` with ``s = RN(a + b)`` and ``s + e == a + b`` exactly.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> s, e = two_sum(jnp.float32(1), jnp.float32(2**-30))
       >>> float(s), float(e)
@@ -113,7 +113,7 @@ def two_product(a: jax.Array, b: jax.Array, zero: jax.Array) -> tuple[jax.Array,
     of at most ``s`` bits, so the four partial products are exact. See the module
     docstring for the range in which this holds.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> z = opaque_zero(jnp.float32)
       >>> p, e = two_product(jnp.float32(1 + 2**-20), jnp.float32(1 + 2**-20), z)
@@ -139,7 +139,7 @@ def two_product(a: jax.Array, b: jax.Array, zero: jax.Array) -> tuple[jax.Array,
 def add_round_to_odd(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a + b`` rounded to odd: exact sums unchanged, otherwise the neighbour with odd last bit.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> float(add_round_to_odd(jnp.float32(1), jnp.float32(2**-30))) == 1 + 2**-23
       True
@@ -167,7 +167,7 @@ def fma(a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
     Raises:
       ConfigError: the operands' dtypes differ or are not float32/float64.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> a = jnp.float32(1 + 2**-12); c = jnp.float32(-(1 + 2**-11))
       >>> float(fma(a, a, c)) == 2**-24   # a*a + c rounds to 0 without the fused add

@@ -34,8 +34,6 @@ Hessian-vector products in ``lax.fori_loop``/``lax.scan`` (no data-dependent con
 vmaps over lanes of a sweep); a float ``tol`` stops in ``lax.while_loop`` as soon as the residual
 ``||H v - lambda v|| <= tol * |lambda|`` (at most ``num_iters`` products). The eigenvalue error is
 then at most ``tol * |lambda|`` and typically ``(tol * lambda)**2 / gap``.
-
-Length: most of this module is docstrings with runnable examples (issue 10); its code is 302 lines.
 """
 
 from __future__ import annotations
@@ -77,7 +75,7 @@ class EigResult(NamedTuple):
         a negative Rayleigh quotient, which converges to the most negative eigenvalue). False means
         the eigenvalue may not be the top one: use more ``num_iters`` or ``method="lanczos"``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.hessian import EigResult
       >>> r = EigResult(eigenvalue=jnp.float32(4.0), eigenvector={"w": jnp.array([0.0, 1.0])},
@@ -109,7 +107,7 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
     Returns:
       ``H v``, a pytree like ``params``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax import hessian
       >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
@@ -138,7 +136,7 @@ def linearized_hvp(loss_fn: LossFn, params: PyTree, batch: PyTree) -> Callable[[
     Returns:
       A function ``v -> H v`` on pytrees like ``params``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax import hessian
       >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
@@ -197,7 +195,7 @@ def make_hvp(
     Returns:
       A function ``v -> H v`` on pytrees like ``params``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax import hessian
       >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
@@ -244,7 +242,7 @@ def data_mesh(devices: Any = None, axis_name: str = "data") -> Mesh:
     and :func:`eos_jax.distributed.shard_batch` puts each process's examples on that process's own
     devices. Pass ``jax.local_devices()`` for a mesh of this process alone.
 
-    Example:
+    Examples:
       >>> import jax
       >>> from eos_jax.hessian import data_mesh
       >>> mesh = data_mesh()
@@ -320,7 +318,7 @@ def data_parallel_hvp(
     Returns:
       ``H v``, replicated, a pytree like ``params``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax import hessian
       >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
@@ -470,7 +468,7 @@ def top_eigenvalue(
       :class:`EigResult` with scalar eigenvalue and residual, the unit eigenvector as a pytree like
       params, and the number of products used.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax import hessian
       >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
@@ -530,7 +528,7 @@ def top_eigenvalues(
       :class:`EigResult` with eigenvalues ``(k,)`` in descending order, eigenvectors as a pytree whose
       leaves have a leading k axis, the number of products, and residuals ``(k,)``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax import hessian
       >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
@@ -583,7 +581,7 @@ def adam_preconditioner(
     Returns:
       ``P`` (pytree like ``nu``), positive.
 
-    Example:
+    Examples:
       After one step, ``nu_hat = nu / (1 - b2)`` and ``P = (1 - b1) * sqrt(nu_hat)`` (eps = 0):
 
       >>> import jax.numpy as jnp
@@ -631,7 +629,7 @@ def preconditioned_top_eigenvalue(
       :class:`EigResult` whose eigenvector ``u`` is that of ``P^-1/2 H P^-1/2``; the eigenvector of
       ``P^-1 H`` is ``P^-1/2 u`` (unnormalized).
 
-    Example:
+    Examples:
       With ``H = diag(1, 4)`` and ``P = diag(0.5, 8)``, ``P^-1 H = diag(2, 0.5)``:
 
       >>> import jax, jax.numpy as jnp
@@ -697,7 +695,7 @@ def layer_sharpness(
       ``{layer name (jax.tree_util.keystr of its path prefix): EigResult}``, in tree order; each
       eigenvector is the list of that layer's leaves.
 
-    Example:
+    Examples:
       Two layers whose diagonal blocks are ``diag(1, 4)`` and ``diag(1, 4) / 4``:
 
       >>> import jax, jax.numpy as jnp
@@ -754,7 +752,7 @@ def stability_threshold(kind: str, *, beta: float = 0.0) -> float:
     Returns:
       The threshold as a Python float.
 
-    Example:
+    Examples:
       >>> from eos_jax.hessian import stability_threshold
       >>> stability_threshold("gd"), stability_threshold("heavy_ball", beta=0.5)
       (2.0, 3.0)

@@ -28,7 +28,7 @@ def to_jsonable(obj: Any) -> Any:
     Non-finite floats become ``None`` (JSON has no NaN or infinity); a reader treats
     ``null`` in a numeric history as "not finite".
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from eos_jax.io import to_jsonable
       >>> to_jsonable({"lr": np.float32(0.5), "steps": np.int64(3), "loss": [1.0, float("nan")]})
@@ -59,7 +59,7 @@ def to_jsonable(obj: Any) -> Any:
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     """Opens a temporary sibling of ``path``; on success fsyncs and renames it over ``path``.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> from eos_jax.io import atomic_open
       >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
@@ -92,7 +92,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes ``data`` to ``path`` atomically (see :func:`atomic_open`); creates parent directories.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> from eos_jax.io import atomic_write_bytes
       >>> path = os.path.join(tempfile.mkdtemp(), "sub", "blob.bin")
@@ -107,7 +107,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` to ``path`` atomically (see :func:`atomic_open`); creates parent directories.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> from eos_jax.io import atomic_write_text
       >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
@@ -122,7 +122,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes ``to_jsonable(obj)`` as indented JSON (strict: no NaN literals).
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> import numpy as np
       >>> from eos_jax.io import atomic_write_json, read_json
@@ -137,7 +137,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     """Reads one JSON document from ``path``.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> from eos_jax.io import atomic_write_json, read_json
       >>> path = os.path.join(tempfile.mkdtemp(), "config.json")
@@ -152,7 +152,7 @@ def read_json(path: str | os.PathLike) -> Any:
 def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
     """Saves a matplotlib figure atomically (format from the suffix of ``path``).
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> from matplotlib.figure import Figure
       >>> from eos_jax.io import save_figure
@@ -182,7 +182,7 @@ def open_run_dir(path: str | os.PathLike, config: dict[str, Any], *, resume: boo
     Raises:
       RunDirError: with a one-line message naming the directory and what to do.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> from eos_jax.io import open_run_dir
       >>> run = os.path.join(tempfile.mkdtemp(), "run")

@@ -44,7 +44,7 @@ def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     Returns:
       Scalar ``mean(-y log s(z) - (1 - y) log(1 - s(z)))`` in the logits' dtype.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.losses import binary_cross_entropy
       >>> round(float(binary_cross_entropy(jnp.array([0.0, 0.0]), jnp.array([0, 1]))), 4)  # log 2
@@ -74,7 +74,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     Returns:
       Scalar in the logits' dtype.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.losses import cross_entropy
       >>> round(float(cross_entropy(jnp.zeros((2, 4)), jnp.array([0, 3]))), 4)  # log 4
@@ -102,7 +102,7 @@ def mse(logits: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
     Returns:
       Scalar in the logits' dtype.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.losses import mse
       >>> logits = jnp.array([[1.0, 0.0], [1.0, 0.0]])  # right on example 0, wrong on example 1

@@ -38,7 +38,7 @@ def rel_l1(a: Any, b: Any) -> jax.Array:
     Elements where both are zero contribute 0. The result lies in [0, 2]; it is
     computed in the leaves' dtype.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.metrics import rel_l1
       >>> float(rel_l1(jnp.array([1.0, 1.0]), jnp.array([1.0, 3.0])))  # (2/2) * (0 + 2/4)
@@ -62,7 +62,7 @@ def rel_l1(a: Any, b: Any) -> jax.Array:
 def rel_l1_per_leaf(a: Any, b: Any) -> Any:
     """:func:`rel_l1` of each pair of leaves; a pytree of scalars shaped like ``a``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.metrics import rel_l1_per_leaf
       >>> a = {"w": jnp.array([1.0, 2.0]), "b": jnp.array([0.0])}
@@ -76,7 +76,7 @@ def rel_l1_per_leaf(a: Any, b: Any) -> Any:
 class UlpDiff(NamedTuple):
     """Result of :func:`ulp_diff`.
 
-    Example:
+    Examples:
       >>> from eos_jax.metrics import UlpDiff
       >>> d = UlpDiff(n_diff=1, n_total=4, max_ulp=3)
       >>> d.max_ulp, d.fraction
@@ -107,7 +107,7 @@ def ulp_diff(a: Any, b: Any) -> UlpDiff:
     Equality is bitwise: +0.0 vs -0.0 counts as a differing element at distance 0 ulps.
     Leaves must have equal dtypes and shapes.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from eos_jax.metrics import ulp_diff
       >>> x = np.array([1.0, 2.0, 3.0], np.float32)
@@ -147,7 +147,7 @@ def tree_digest(tree: Any) -> str:
     The tree is brought to the host once (:func:`eos_jax.distributed.to_host`: with several
     processes, one collective for the whole tree, which every process must call).
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from eos_jax.metrics import tree_digest
       >>> d = tree_digest({"w": np.float32([1.0, 2.0])})
@@ -183,7 +183,7 @@ def layer_groups(tree: Any, level: int = 1) -> dict[str, list[int]]:
     Raises:
       ConfigError: ``level`` is not an integer >= 1.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from eos_jax.metrics import layer_groups
       >>> tree = {"conv": {"b": np.zeros(2), "w": np.zeros(3)}, "dense": {"w": np.zeros(1)}}

@@ -48,8 +48,6 @@ Two compiler hazards are kept away:
 ``learning_rate`` and ``k`` may be traced scalars (a sweep builds the optimizer inside a
 vmapped function); ``init`` never looks at their values, so state shapes do not depend
 on them, and every state carries a step ``count`` (which drives schedules).
-
-Length: most of this module is docstrings with runnable examples (issue 10); its code is 236 lines.
 """
 
 from __future__ import annotations
@@ -75,7 +73,7 @@ ROUNDINGS = ("paper", "torch")
 class PerturbedScaleState(NamedTuple):
     """State of :func:`perturbed_scale`.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax import optim
       >>> opt = optim.perturbed_scale(0.1, k=3)
@@ -93,7 +91,7 @@ class PerturbedScaleState(NamedTuple):
 class TorchMomentumState(NamedTuple):
     """State of the PyTorch-style momentum of :func:`sgd`.
 
-    Example:
+    Examples:
       PyTorch copies the first (weight-decayed) gradient into the buffer:
 
       >>> import jax, jax.numpy as jnp
@@ -115,7 +113,7 @@ class TorchMomentumState(NamedTuple):
 class TorchAdamState(NamedTuple):
     """State of the PyTorch-style Adam direction of :func:`adam`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax import optim
       >>> opt = optim.adam(0.1)
@@ -260,7 +258,7 @@ def perturbed_scale(
       ConfigError (a ValueError): ``k`` is zero, negative, not an integer or a bool;
         ``learning_rate`` is negative or not finite; ``form`` is unknown.
 
-    Example:
+    Examples:
       In float32, ``lr = 0.1`` and ``u = 0.3``: ``k = 3`` moves the update by one ulp,
       ``k = 2`` (a power of two) does not, and NumPy's three separate roundings agree:
 
@@ -451,7 +449,7 @@ def sgd(
       ``params`` when ``weight_decay`` is nonzero. ``rounding="torch"``: a
       :class:`~eos_jax.optim_torch.TorchRoundedOptimizer`, stepped with :func:`apply_step`.
 
-    Example:
+    Examples:
       One step from ``theta = 0`` with ``g = 0.3`` (float32): ``k = 3`` changes the last
       bit of the new parameter, ``k = 2`` does not:
 
@@ -476,7 +474,7 @@ def sgd(
       [0.9699999690055847]
 
     Raises:
-      ConfigError (a ValueError) on an invalid ``k``, learning rate or hyperparameter.
+      ConfigError: (a ValueError) on an invalid ``k``, learning rate or hyperparameter.
     """
     _check_nonnegative("momentum", momentum)
     _check_nonnegative("weight_decay", weight_decay)
@@ -538,9 +536,9 @@ def adam(
       :class:`~eos_jax.optim_torch.TorchRoundedOptimizer`, stepped with :func:`apply_step`.
 
     Raises:
-      ConfigError (a ValueError) on an invalid ``k``, learning rate or hyperparameter.
+      ConfigError: (a ValueError) on an invalid ``k``, learning rate or hyperparameter.
 
-    Example:
+    Examples:
       Adam's first step is ``-lr * sign(g)`` up to ``eps``, whatever ``k``:
 
       >>> import jax, jax.numpy as jnp
@@ -583,7 +581,7 @@ def apply_step(
     more rounding per element); a ``rounding="torch"`` optimizer computes the new
     parameters itself (its last operation is a fused multiply-add).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax.optim import apply_step, sgd
       >>> p = jnp.zeros(2, jnp.float32); g = jnp.ones(2, jnp.float32)

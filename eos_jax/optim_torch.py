@@ -61,7 +61,7 @@ from eos_jax.fma import fma, opaque_zero, rounded_mul
 class TorchSGDState(NamedTuple):
     """State of the ``rounding="torch"`` SGD.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax import optim
       >>> state = optim.sgd(0.1, rounding="torch").init(jnp.zeros(2))
@@ -78,7 +78,7 @@ class TorchSGDState(NamedTuple):
 class TorchAdamState(NamedTuple):
     """State of the ``rounding="torch"`` Adam (PyTorch's ``state_steps``, ``exp_avg``, ``exp_avg_sq``).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax import optim
       >>> state = optim.adam(0.1, rounding="torch").init({"w": jnp.zeros(3)})
@@ -98,7 +98,7 @@ class TorchRoundedOptimizer(NamedTuple):
     Use :func:`eos_jax.optim.apply_step` (or ``step``) instead of ``update`` +
     ``optax.apply_updates``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax import optim
       >>> from eos_jax.optim_torch import TorchRoundedOptimizer
@@ -177,7 +177,7 @@ def torch_sgd(
 ) -> TorchRoundedOptimizer:
     """SGD with PyTorch's CPU roundings (module docstring); arguments as :func:`eos_jax.optim.sgd`.
 
-    Example:
+    Examples:
       ``p - lr*g`` rounded once (``p.add_(g, alpha=-lr)``), checked against the exact
       value rounded to float32 (``Fraction``):
 
@@ -257,7 +257,7 @@ def torch_adam(
 ) -> TorchRoundedOptimizer:
     """Adam with PyTorch's CPU roundings (module docstring); arguments as :func:`eos_jax.optim.adam`.
 
-    Example:
+    Examples:
       The first step moves each parameter by ``lr`` against the gradient's sign (up to ``eps``):
 
       >>> import jax, jax.numpy as jnp

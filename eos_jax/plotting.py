@@ -74,7 +74,7 @@ def plot_run(
       constant_loss: the loss of the best constant predictor (:func:`eos_jax.stability.constant_loss`),
         drawn as a grey line: where a collapsed lane ends.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> from eos_jax.plotting import plot_run
       >>> lines = [
@@ -156,7 +156,7 @@ def plot_run(
 def draw_rel_l1(ax: Any, rs: Sequence[dict[str, Any]], *, color: Any = None, label: str = "") -> None:
     """RelL1 to the k=1 twin of one lane's lines: raw (thin) and 100-step moving average (thick).
 
-    Example:
+    Examples:
       >>> from matplotlib.figure import Figure
       >>> from eos_jax.plotting import draw_rel_l1
       >>> ax = Figure().add_subplot()
@@ -175,7 +175,7 @@ def draw_rel_l1(ax: Any, rs: Sequence[dict[str, Any]], *, color: Any = None, lab
 def finish_rel_l1_axis(ax: Any, lines: Sequence[dict[str, Any]]) -> None:
     """Log scale when some RelL1 is positive (all zero: k=2, 4 equal their twin bit for bit).
 
-    Example:
+    Examples:
       >>> from matplotlib.figure import Figure
       >>> from eos_jax.plotting import finish_rel_l1_axis
       >>> from eos_jax.plotting import draw_rel_l1
@@ -208,7 +208,7 @@ def plot_variants(
     One colour per setting (learning rate, ...); with several seeds the first seed is drawn
     solid and the others faint, as the paper's Figure 7 draws one run per rate.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> from eos_jax.plotting import plot_variants
       >>> def lines(scale):

@@ -4,7 +4,7 @@ On a terminal the line is redrawn in place with ``\\r``; on a pipe or file it pr
 plain line at most every ``min_interval`` seconds, so logs of scripted runs stay short.
 ``enabled=False`` (the ``--quiet`` flag) prints nothing.
 
-Kept instead of ``tqdm`` or ``rich`` (issue 10 asked whether a kept library removes code):
+Kept instead of ``tqdm`` or ``rich``:
 neither is a dependency; ``tqdm`` would replace about 60 lines, but on a pipe or file it still
 writes ``\r`` redraws into the log (ours writes one plain line per ``min_interval``), and the
 bar's fields (loss, sharpness) would come back as a formatted postfix anyway.
@@ -37,7 +37,7 @@ class ProgressBar:
       min_interval: seconds between two plain lines when ``stream`` is not a terminal.
       label: text written before the bar.
 
-    Example:
+    Examples:
       >>> import io
       >>> from eos_jax.progress import ProgressBar
       >>> out = io.StringIO()  # not a terminal: plain lines, at most one per min_interval

@@ -88,7 +88,7 @@ def _conv_status(flags: str) -> str | None:
 def eigen_conv_supported() -> bool:
     """Whether this jaxlib knows :data:`EIGEN_CONV_FLAG` (0.10 and newer), so :func:`configure` sets it.
 
-    Example:
+    Examples:
       >>> from eos_jax.runtime import EIGEN_CONV_FLAG, eigen_conv_supported
       >>> EIGEN_CONV_FLAG
       '--xla_cpu_experimental_ynn_fusion_type=individual_dot,reduce'
@@ -140,7 +140,7 @@ def retain_host_memory() -> str:
       ``"retained"``, or why not: ``"system (EOS_JAX_HOST_MEMORY=system)"``,
       ``"system (backend already started)"``, ``"system (not glibc)"``.
 
-    Example:
+    Examples:
       >>> from eos_jax.runtime import retain_host_memory
       >>> status = retain_host_memory()  # first thing in an entry point; later calls repeat the answer
       >>> status == "retained" or status.startswith("system ("), retain_host_memory() == status
@@ -169,7 +169,7 @@ def retain_host_memory() -> str:
 def check_xla_flags(flags: str | None = None) -> None:
     """Raises ConfigError if ``flags`` (default: ``$XLA_FLAGS``) enable fast math.
 
-    Example:
+    Examples:
       >>> from eos_jax.runtime import check_xla_flags
       >>> check_xla_flags("--xla_gpu_deterministic_ops=true")  # fine: returns None
       >>> check_xla_flags("--xla_cpu_enable_fast_math=true")  # doctest: +ELLIPSIS
@@ -217,7 +217,7 @@ def configure(
         stay in YNNPACK, deterministic but with other bits, and :func:`metadata` records it as
         ``cpu_convolutions``.)
 
-    Example:
+    Examples:
       An entry point calls ``meta = configure()`` first thing (it changes process-wide
       settings, so a library function never does). A bad setting is refused before
       anything is changed:
@@ -280,7 +280,7 @@ def _version(dist: str) -> str | None:
 def metadata() -> dict[str, Any]:
     """Versions, devices and numerical settings of this process, for ``metadata.json``.
 
-    Example:
+    Examples:
       >>> from eos_jax.runtime import metadata
       >>> m = metadata()
       >>> m["x64"], m["device_count"] >= 1, m["versions"]["jax"] is not None  # under JAX's defaults

@@ -30,7 +30,7 @@ CRITERION = "stable = finite and the loss never rises by more than 1% from one s
 def is_stable(lane: dict[str, Any]) -> bool:
     """The stability criterion of the module docstring for one lane of results.json.
 
-    Example:
+    Examples:
       >>> from eos_jax.stability import is_stable
       >>> is_stable({"finite": True, "max_rel_loss_increase": 0.004})
       True
@@ -43,7 +43,7 @@ def is_stable(lane: dict[str, Any]) -> bool:
 def stability_boundary(lanes: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Largest stable and smallest unstable learning rate (criterion of the module docstring).
 
-    Example:
+    Examples:
       >>> from eos_jax.stability import stability_boundary
       >>> lanes = [
       ...     {"learning_rate": 0.1, "finite": True, "max_rel_loss_increase": 0.0},
@@ -90,7 +90,7 @@ def constant_loss(y: Any, loss: str = "bce", num_classes: int = 2) -> float:
     targets, :func:`eos_jax.losses.mse`): its value at the outputs equal to the frequencies.
     Computed in float64 from the labels.
 
-    Example:
+    Examples:
       >>> from eos_jax.stability import constant_loss
       >>> round(constant_loss([0, 1, 0, 1]), 6), round(constant_loss([0, 0, 0, 1]), 6)  # ln 2, H(1/4)
       (0.693147, 0.562335)
@@ -116,7 +116,7 @@ def is_collapsed(lane: dict[str, Any], threshold: float) -> bool:
     Hessian vanish, so the final ``lr * lambda_max`` is near zero. A network that never left
     the constant predictor's loss (a flat start that learns slowly) has not collapsed.
 
-    Example:
+    Examples:
       >>> from eos_jax.stability import is_collapsed
       >>> dead = {"finite": True, "constant_loss": 0.692, "min_loss": 0.60, "max_loss": 0.75,
       ...         "tail_loss_min": 0.6912, "tail_loss_max": 0.6915, "final_normalized_sharpness": 0.003}
@@ -161,7 +161,7 @@ def regime(lane: dict[str, Any], threshold: float) -> str:
     The loss criteria need ``constant_loss`` in the lane (the experiments add it from the
     labels, :func:`constant_loss`); without it no lane is ``collapsed`` or ``stalled``.
 
-    Example:
+    Examples:
       >>> from eos_jax.stability import regime
       >>> lane = {"finite": True, "max_rel_loss_increase": 0.2,
       ...         "num_loss_increases_1pct_late": 7, "max_normalized_sharpness": 1.98}
@@ -193,7 +193,7 @@ def regime(lane: dict[str, Any], threshold: float) -> str:
 def regime_counts(regimes: Sequence[str]) -> dict[str, int]:
     """How many lanes fell in each regime, in :data:`REGIMES` order (regimes seen only).
 
-    Example:
+    Examples:
       >>> from eos_jax.stability import regime_counts
       >>> regime_counts(["restrained", "stable", "restrained", "collapsed"])
       {'stable': 1, 'restrained': 2, 'collapsed': 1}
@@ -204,7 +204,7 @@ def regime_counts(regimes: Sequence[str]) -> dict[str, int]:
 def format_counts(counts: dict[str, int], total: int) -> str:
     """``"restrained in 3/5, collapsed in 1/5, stable in 1/5"`` (largest count first).
 
-    Example:
+    Examples:
       >>> from eos_jax.stability import format_counts
       >>> format_counts({"stable": 1, "restrained": 3, "collapsed": 1}, 5)
       'restrained in 3/5, stable in 1/5, collapsed in 1/5'
@@ -226,7 +226,7 @@ def perturbation_verdict(rel: Any) -> dict[str, Any]:
     differed). Returns the verdict, the first nonzero value and its step, the end value and
     the growth ``end / first``.
 
-    Example:
+    Examples:
       >>> from eos_jax.stability import perturbation_verdict
       >>> v = perturbation_verdict([0, 1e-8, 1e-7, 1e-5, 1e-3, 1e-2, 0.1, 0.5, 1.0, 1.2])
       >>> v["verdict"], v["first_nonzero_step"], round(v["growth"])

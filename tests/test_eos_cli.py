@@ -712,23 +712,26 @@ def test_regime_and_the_figure7_finding_both_ways():
 
     s, r, c = ("stable",) * 3, ("stable", "stable", "restrained"), ("stable", "stable", "collapsed")
     paper = {"layers1": entry(s, s, s), "layers3": entry(r, r, c)}  # 3 of 3 seeds unstable, 2 restrained
-    other = {"layers1": entry(s, s, s), "layers3": entry(s, r, s)}  # 1 of 3
+    other = {"layers1": entry(s, s, s), "layers3": entry(c, r, c)}  # 3 of 3 unstable, 1 restrained
     m = eos.matches_paper_fig7(paper)
     assert (m["matching_seeds"], m["restrained_seeds"], m["matches"]) == (3, 2, True)
     assert m["layers3"] == ["restrained", "restrained", "collapsed"]
     m = eos.matches_paper_fig7(other)
-    assert (m["matching_seeds"], m["restrained_seeds"], m["matches"]) == (1, 1, False)
+    assert (m["matching_seeds"], m["restrained_seeds"], m["matches"]) == (3, 1, False)
     table = {
         "normal-mean-raw-bce": {"match": eos.matches_paper_fig7(other)},
         "pytorch-mean-raw-bce": {"match": eos.matches_paper_fig7(paper)},
     }
-    c = eos.choose_reading(table)
-    assert c["reading"] == "pytorch-mean-raw-bce" and c["matching"] == ["pytorch-mean-raw-bce"]
-    assert "(3/3; 3 layers restrained in 2/3)" in c["why"]
-    none = {"layers1": entry(s, s, s), "layers3": entry(s, s, s)}
+    ch = eos.choose_reading(table)  # restrained counts, not collapses
+    assert ch["reading"] == "pytorch-mean-raw-bce" and ch["matching"] == ["pytorch-mean-raw-bce"]
+    assert "(2/3; unstable in 3/3)" in ch["why"] and not ch["tied_with"]
+    table["normal-mean-raw-bce"]["match"] = eos.matches_paper_fig7(paper)  # a tie: the readings' order decides
+    ch = eos.choose_reading(table)
+    assert ch["reading"] == "normal-mean-raw-bce" and ch["tied_with"] == ["pytorch-mean-raw-bce"]
+    none = {"layers1": entry(s, s, s), "layers3": entry(s, c, s)}
     table = {n: {"match": eos.matches_paper_fig7(none)} for n in table}
-    c = eos.choose_reading(table)
-    assert c["reading"] == "normal-mean-raw-bce" and c["matching"] == [] and "no reading" in c["why"]
+    ch = eos.choose_reading(table)
+    assert ch["reading"] == "normal-mean-raw-bce" and ch["matching"] == [] and "no reading" in ch["why"]
 
 
 def test_collapse_fires_where_it_must_and_not_elsewhere():

@@ -35,8 +35,6 @@ changed file is an error naming the file, never a silent fallback.
 ``digits01`` has no official split: of the 360 examples of digits 0 and 1 in
 scikit-learn's order, those at positions ``i % 5 == 4`` form the test split (72) and the
 others the training split (288).
-
-Length: most of this module is docstrings with runnable examples (issue 10); its code is 190 lines.
 """
 
 from __future__ import annotations
@@ -75,7 +73,7 @@ class Dataset:
       source: the files read (paths as strings), or the scikit-learn data file.
       sha256: SHA-256 of each file in ``source``, in the same order.
 
-    Example:
+    Examples:
       >>> import jax
       >>> from eos_jax.data import load
       >>> ds = load("fashion_mnist01_bundled", "test")  # ships with the package
@@ -129,7 +127,7 @@ def search_paths(name: str, data_dir: str | os.PathLike | None = None) -> list[P
     ``fashion_mnist01_bundled``. See :mod:`eos_jax.data.sources` for the order of roots
     and the accepted layouts.
 
-    Example:
+    Examples:
       >>> import os
       >>> from unittest import mock
       >>> from eos_jax.data import search_paths
@@ -248,7 +246,7 @@ def load(name: str, split: str = "train", *, data_dir: str | os.PathLike | None 
       DataError: loose IDX files in ``data_dir`` that cannot be identified.
       ConfigError: ``data_dir`` does not exist, is not a directory or cannot be read.
 
-    Example:
+    Examples:
       ``mnist01`` keeps the digits 0 and 1 of MNIST files found in ``data_dir``:
 
       >>> import os, tempfile
@@ -325,7 +323,7 @@ def load_first_available(
       ConfigError: an unknown name or split, or an empty ``names``.
       DataNotFoundError: none was found (lists every reason).
 
-    Example:
+    Examples:
       On a machine without CIFAR-10 (the user cache and system directories switched off),
       the MNIST files of ``data_dir`` are used:
 
@@ -374,7 +372,7 @@ def unused_in_data_dir(
     Returns:
       ``[{"path", "holds", "why"}]``, JSON-able, for the warning and metadata.json.
 
-    Example:
+    Examples:
       MNIST files in ``data_dir`` while the run asked for the bundled Fashion-MNIST subset:
 
       >>> import os, tempfile

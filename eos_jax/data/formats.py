@@ -16,8 +16,6 @@
 Every reader checks the header against the data length (truncated or trailing bytes,
 wrong counts) and raises :class:`~eos_jax.errors.MalformedDataError` naming the file;
 it never returns a silent garbage array.
-
-Length: most of this module is docstrings with runnable examples (issue 10); its code is 206 lines.
 """
 
 from __future__ import annotations
@@ -56,7 +54,7 @@ _CIFAR_RECORD = 1 + _CIFAR_PIXELS
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """SHA-256 hex digest of a file's bytes, read in chunks.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> from eos_jax.data.formats import sha256_file
       >>> path = os.path.join(tempfile.mkdtemp(), "abc.txt")
@@ -97,7 +95,7 @@ def read_idx(
       MalformedDataError: bad magic, unknown type code, unexpected ndim or dtype,
         truncated data, trailing bytes, or a corrupt gzip stream (names the file).
 
-    Example:
+    Examples:
       >>> import gzip, os, struct, tempfile
       >>> from eos_jax.data.formats import read_idx
       >>> d = tempfile.mkdtemp()
@@ -146,7 +144,7 @@ def read_idx(
 def check_labels(labels: np.ndarray, num_classes: int, path: str | os.PathLike) -> np.ndarray:
     """Returns ``labels`` as int32 after checking they lie in ``[0, num_classes)``.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from eos_jax.data.formats import check_labels
       >>> check_labels(np.array([0, 1, 1], np.uint8), 2, "y.idx").dtype
@@ -173,7 +171,7 @@ def write_idx(path: str | os.PathLike, arr: Any) -> Path:
     Raises:
       ValueError: a dtype IDX has no code for.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> import numpy as np
       >>> from eos_jax.data.formats import read_idx, write_idx
@@ -204,7 +202,7 @@ def read_idx_pair(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reads an MNIST-style (images, labels) pair: uint8 (N, H, W) and labels (N,) int32.
 
-    Example:
+    Examples:
       >>> import os, struct, tempfile
       >>> from eos_jax.data.formats import read_idx_pair
       >>> d = tempfile.mkdtemp()
@@ -235,7 +233,7 @@ def read_cifar_binary(path: str | os.PathLike, num_classes: int = 10) -> tuple[n
       MalformedDataError: the size is not a positive multiple of 3073 bytes, or a label
         is out of range (names the file).
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> from eos_jax.data.formats import read_cifar_binary
       >>> path = os.path.join(tempfile.mkdtemp(), "data_batch_1.bin")
@@ -360,7 +358,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     (``os.system``, ``builtins.eval``, any class), so loading a hostile file cannot run
     code. Persistent ids are refused too (the base class raises on them).
 
-    Example:
+    Examples:
       >>> import io, pickle
       >>> from eos_jax.data.formats import RestrictedUnpickler
       >>> RestrictedUnpickler(io.BytesIO(pickle.dumps({"labels": [1, 2], "name": "batch"}))).load()
@@ -398,7 +396,7 @@ def _finish(obj: Any) -> Any:
 def restricted_loads(data: bytes, *, source: str | os.PathLike = "<bytes>") -> Any:
     """Unpickles ``data`` with :class:`RestrictedUnpickler`; any failure is a MalformedDataError.
 
-    Example:
+    Examples:
       >>> import os, pickle
       >>> import numpy as np
       >>> from eos_jax.data.formats import restricted_loads
@@ -441,7 +439,7 @@ def read_cifar_python(path: str | os.PathLike, num_classes: int = 10) -> tuple[n
         ``data`` array of shape (N, 3072) and ``labels`` list of N ints in range, or is
         truncated (names the file).
 
-    Example:
+    Examples:
       >>> import os, pickle, tempfile
       >>> import numpy as np
       >>> from eos_jax.data.formats import read_cifar_python

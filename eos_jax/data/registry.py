@@ -37,7 +37,7 @@ def _check_name_split(name: str, split: str) -> None:
 def base_of(name: str) -> str | None:
     """The base dataset whose files are searched for ``name`` (None: bundled with the package or scikit-learn).
 
-    Example:
+    Examples:
       >>> from eos_jax.data.registry import base_of
       >>> base_of("mnist01"), base_of("cifar10_5k"), base_of("fashion_mnist01_bundled")
       ('mnist', 'cifar10', None)

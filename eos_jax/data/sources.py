@@ -43,7 +43,6 @@ Debian's Fashion-MNIST files are recompressed (gzip header without the file name
 23 bytes shorter), so their digests are not the published ones; ``Dataset.sha256``
 records what was actually read.
 
-Length: most of this module is docstrings with runnable examples (issue 10); its code is 409 lines.
 It keeps every dataset's locations, mirrors, file names and SHA-256 digests in one place, read by
 the loader, the downloader and the bundled-data script alike.
 """
@@ -98,7 +97,7 @@ LAYOUTS: dict[str, tuple[str, ...]] = {
 class Resource(NamedTuple):
     """One published file: name, default URL directory, SHA-256 and size in bytes.
 
-    Example:
+    Examples:
       >>> from eos_jax.data.sources import PUBLISHED
       >>> r = PUBLISHED["mnist"][1]
       >>> r.filename, r.size
@@ -214,7 +213,7 @@ BASE_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "C
 class BundledFile(NamedTuple):
     """One file of a dataset bundled with the package: name, SHA-256, size in bytes.
 
-    Example:
+    Examples:
       >>> from eos_jax.data.sources import BUNDLED
       >>> images, labels = BUNDLED["fashion_mnist01_bundled"].files["test"]
       >>> labels.filename, labels.size  # 8 header bytes + 500 labels
@@ -233,7 +232,7 @@ class BundledSpec(NamedTuple):
     order), with their original labels, as UNCOMPRESSED IDX files: compressed bytes can
     differ between zlib builds, raw bytes regenerate bit for bit.
 
-    Example:
+    Examples:
       >>> from eos_jax.data.sources import BUNDLED
       >>> spec = BUNDLED["fashion_mnist01_bundled"]
       >>> spec.base, spec.classes, spec.counts
@@ -284,7 +283,7 @@ BUNDLED_ROOT: Path = Path(__file__).resolve().parent / "bundled"
 def bundled_dir(name: str) -> Path:
     """The directory of the bundled dataset ``name`` (read at call time from :data:`BUNDLED_ROOT`).
 
-    Example:
+    Examples:
       >>> from eos_jax.data.sources import bundled_dir
       >>> d = bundled_dir("fashion_mnist01_bundled")
       >>> d.name, sorted(p.name for p in d.glob("t10k-*"))
@@ -301,7 +300,7 @@ _DOWNLOAD_SUBDIR = {"mnist": "mnist", "fashion_mnist": "fashion_mnist", "cifar10
 def user_cache_dir() -> Path:
     """The user cache directory: ``$XDG_CACHE_HOME/eos_jax`` or ``~/.cache/eos_jax``.
 
-    Example:
+    Examples:
       >>> import os
       >>> from unittest import mock
       >>> from eos_jax.data.sources import user_cache_dir
@@ -317,7 +316,7 @@ def user_cache_dir() -> Path:
 def system_data_disabled() -> bool:
     """True when ``$EOS_JAX_NO_SYSTEM_DATA`` is set to anything but empty or ``0`` (read at call time).
 
-    Example:
+    Examples:
       >>> import os
       >>> from unittest import mock
       >>> from eos_jax.data.sources import system_data_disabled
@@ -336,7 +335,7 @@ def search_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
 
     With ``EOS_JAX_NO_SYSTEM_DATA=1`` the cache and the system directories are left out.
 
-    Example:
+    Examples:
       >>> import os
       >>> from unittest import mock
       >>> from eos_jax.data.sources import search_roots
@@ -373,7 +372,7 @@ def candidate_dirs(base: str, data_dir: str | os.PathLike | None = None) -> list
     For MNIST and Fashion-MNIST the explicit ``data_dir`` itself comes right after its
     subfolders (loose files, identified before use: :func:`identify_loose`).
 
-    Example:
+    Examples:
       >>> import os
       >>> from unittest import mock
       >>> from eos_jax.data.sources import candidate_dirs
@@ -395,7 +394,7 @@ def candidate_dirs(base: str, data_dir: str | os.PathLike | None = None) -> list
 def required_files(base: str, directory: Path, split: str) -> list[list[Path]] | None:
     """For each file the split needs, the accepted spellings in ``directory`` (None: unknown layout).
 
-    Example:
+    Examples:
       >>> from pathlib import Path
       >>> from eos_jax.data.sources import required_files
       >>> [[p.name for p in options] for options in required_files("mnist", Path("/data/mnist"), "test")]
@@ -434,7 +433,7 @@ def _label_prefix(path: Path, n: int) -> tuple[int, ...] | None:
 class LooseFiles(NamedTuple):
     """What :func:`identify_loose` found directly in a directory.
 
-    Example:
+    Examples:
       >>> from pathlib import Path
       >>> from eos_jax.data.sources import LooseFiles
       >>> lf = LooseFiles(files=(Path("/data/t10k-labels-idx1-ubyte"),), base=None, evidence=(), conflict=False)
@@ -458,7 +457,7 @@ def identify_loose(directory: str | os.PathLike) -> LooseFiles:
     Returns:
       A :class:`LooseFiles`; ``files`` is empty when there are none.
 
-    Example:
+    Examples:
       A labels file starting with MNIST's first ten test labels (7, 2, 1, 0, 4, ...):
 
       >>> import os, tempfile
@@ -520,7 +519,7 @@ def check_data_dir(data_dir: str | os.PathLike | None) -> None:
     Raises:
       ConfigError: naming the directory and what is wrong with it.
 
-    Example:
+    Examples:
       >>> import tempfile
       >>> from eos_jax.data import check_data_dir
       >>> check_data_dir(tempfile.mkdtemp())  # an existing, readable directory: nothing to say
@@ -552,7 +551,7 @@ def find_files(base: str, split: str, data_dir: str | os.PathLike | None = None)
       DataError: loose IDX files in ``data_dir`` that cannot be identified (see
         :func:`identify_loose`): refused rather than passed over or guessed.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> import numpy as np
       >>> from eos_jax.data.formats import write_idx  # tiny uint8 files in MNIST's IDX format
@@ -597,7 +596,7 @@ def files_in(directory: str | os.PathLike) -> list[tuple[str, Path, str]]:
     one of the expected files counts) and at loose IDX files in ``directory`` itself
     (``base`` is ``"unidentified"`` when :func:`identify_loose` cannot tell).
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> import numpy as np
       >>> from eos_jax.data.formats import write_idx  # tiny uint8 files in MNIST's IDX format
@@ -643,7 +642,7 @@ def fetch(url: str, dest: str | os.PathLike, sha256: str, *, size: int | None = 
       ChecksumError: the digest differs (names the URL, the expected and the actual digest).
       DataError: the download failed.
 
-    Example:
+    Examples:
       A ``file://`` URL stands for a mirror here:
 
       >>> import hashlib, os, tempfile
@@ -753,7 +752,7 @@ def download(
       ConfigError: unknown name. ChecksumError: a digest mismatch (no file left behind).
       DataError: network or archive failure.
 
-    Example:
+    Examples:
       From a local mirror (a ``file://`` URL) serving four small stand-in files, verified
       against the digests given for them:
 
@@ -797,7 +796,7 @@ def download(
 def describe_sources(base: str, split: str, looked: Sequence[str]) -> str:
     """The one-line 'not found' message: where we looked and how to provide the files.
 
-    Example:
+    Examples:
       >>> import os
       >>> from unittest import mock
       >>> from eos_jax.data.sources import describe_sources

@@ -36,7 +36,7 @@ def channel_stats(train_x: ArrayLike, *, per: str = "channel") -> tuple[np.ndarr
     Returns:
       ``(mean, std)``, float32 arrays of shape (C,) or (H, W, C).
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from eos_jax.data.transforms import channel_stats
       >>> x = np.arange(8, dtype=np.float32).reshape(2, 2, 2, 1)  # N=2 images of 2x2, one channel
@@ -64,7 +64,7 @@ def channel_stats(train_x: ArrayLike, *, per: str = "channel") -> tuple[np.ndarr
 def normalize(x: ArrayLike, mean: ArrayLike, std: ArrayLike) -> jax.Array:
     """``(x - mean) / std`` in ``x``'s dtype, with mean/std of shape (C,) or (H, W, C); jittable.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.data.transforms import normalize
       >>> normalize(jnp.array([[1.0, 4.0]]), mean=jnp.array([1.0, 2.0]), std=jnp.array([2.0, 4.0])).tolist()
@@ -93,7 +93,7 @@ def standardize(train_x: ArrayLike, *xs: ArrayLike, per: str = "channel") -> tup
       ``(train_x_std, *xs_std)`` as float32 numpy arrays, computed as
       ``(x - mean) / std`` in float32.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from eos_jax.data.transforms import standardize
       >>> train = np.arange(8, dtype=np.float32).reshape(2, 2, 2, 1)
@@ -120,7 +120,7 @@ def one_hot(y: ArrayLike, num_classes: int, dtype: jnp.dtype = jnp.float32) -> j
     Concrete labels outside ``[0, num_classes)`` raise ConfigError (under ``jit`` they
     cannot be checked and give an all-zero row, as ``jax.nn.one_hot``).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.data.transforms import one_hot
       >>> one_hot(jnp.array([0, 2]), 3).tolist()
@@ -150,7 +150,7 @@ def epoch_permutation(key: jax.Array, epoch: int | jax.Array, n: int) -> jax.Arr
     Returns:
       An int32 array of shape (n,).
 
-    Example:
+    Examples:
       >>> import jax
       >>> from eos_jax.data.transforms import epoch_permutation
       >>> key = jax.random.key(0)
@@ -166,7 +166,7 @@ def epoch_permutation(key: jax.Array, epoch: int | jax.Array, n: int) -> jax.Arr
 def num_batches(n: int, batch_size: int, *, drop_remainder: bool = False) -> int:
     """How many batches an epoch of ``n`` examples has.
 
-    Example:
+    Examples:
       >>> from eos_jax.data.transforms import num_batches
       >>> num_batches(10, 4), num_batches(10, 4, drop_remainder=True)
       (3, 2)
@@ -182,7 +182,7 @@ def batch_indices(key: jax.Array, epoch: int | jax.Array, n: int, batch_size: in
     The remainder (the last ``n % batch_size`` indices of the permutation) is dropped,
     which gives every step the same shape inside ``lax.scan``.
 
-    Example:
+    Examples:
       >>> import jax
       >>> from eos_jax.data.transforms import batch_indices
       >>> idx = batch_indices(jax.random.key(0), 0, n=10, batch_size=4)
@@ -202,7 +202,7 @@ def iterate_batches(
     with :meth:`Dataset.to_device`). Without ``drop_remainder`` the last batch is the
     short remainder (as PyTorch's ``DataLoader``).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax.data.transforms import iterate_batches
       >>> x, y = jnp.arange(5.0), jnp.arange(5)
@@ -236,7 +236,7 @@ def augment_cifar(key: jax.Array, x_NHWC: ArrayLike, *, pad_value: ArrayLike = 0
     Returns:
       Augmented images, same shape and dtype as ``x_NHWC``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax.data.transforms import augment_cifar
       >>> augment = jax.jit(augment_cifar)  # one compile; eager dispatch of its many ops is slower

@@ -16,8 +16,6 @@ Names: ``"cnn"`` (the paper's Eq. (6), (20)-(21)), ``"fc"``, ``"vgg16"``,
 ``"vgg16_bn"``, ``"resnet56"`` (option-A shortcuts), ``"resnet56_authors"`` (the authors' option-B
 ResNet-56; see :mod:`eos_jax.models.resnet`). ``model.info`` is a JSON-able dict for run metadata
 (resolved config, convolution implementation per layer, dtype).
-
-Length: most of this module is docstrings with runnable examples (issue 10); its code is 258 lines.
 """
 
 from __future__ import annotations
@@ -62,7 +60,7 @@ class Model:
       has_batch_stats: whether ``variables`` carry ``"batch_stats"``.
       in_channels: required number of input channels, or None for any.
 
-    Example:
+    Examples:
       A one-layer 3x3 CNN (Eq. (6)) on a batch of two 8x8 grey images:
 
       >>> import jax, jax.numpy as jnp
@@ -138,7 +136,7 @@ class Model:
 def count_params(variables_or_params: Any) -> int:
     """Number of trainable scalars (``variables["params"]`` if given full variables).
 
-    Example:
+    Examples:
       Cohen et al.'s fc-tanh on MNIST has ``784*200 + 200 + 200*200 + 200 + 200*10 + 10``
       parameters; shapes alone suffice (:func:`jax.eval_shape`, nothing is initialised):
 
@@ -357,7 +355,7 @@ def _resnet56_authors(
     ``activation="swish"``). 855,770 parameters for 10 classes (``"resnet56"``: 853,018). The
     initialization is part of the construction, so there is no ``init`` option.
 
-    Example:
+    Examples:
       >>> from eos_jax import models
       >>> m = models.get("resnet56_authors", activation="swish")
       >>> m.info["shortcut"], m.info["config"]["beta"], m.info["init"]
@@ -395,7 +393,7 @@ _REGISTRY = {
 def names() -> tuple[str, ...]:
     """Registered model names.
 
-    Example:
+    Examples:
       >>> from eos_jax import models
       >>> models.names()
       ('cnn', 'fc', 'vgg16', 'vgg16_bn', 'resnet56', 'resnet56_authors')
@@ -423,7 +421,7 @@ def get(name: str, **cfg: Any) -> Model:
     Raises:
       ConfigError: unknown name, unknown keyword or invalid value.
 
-    Example:
+    Examples:
       The paper's three-layer Swish CNN (Eq. (20)-(21)) and two rejected configurations:
 
       >>> from eos_jax import models

@@ -40,7 +40,7 @@ POOLS = ("mean", "sum")
 class PaperCNN(nn.Module):
     """Eq. (20)-(21): bias-free convolutions + activation, global mean or sum (or linear head).
 
-    Example:
+    Examples:
       Eq. (6) with a 3x3 kernel of ones on an 8x8 image of ones: every output is
       ``swish(9) = 9 * sigmoid(9)``, and so is their mean:
 
@@ -150,7 +150,7 @@ class _KernelParam(nn.Module):
 class FC(nn.Module):
     """Fully connected network: ``depth`` hidden layers of ``width`` units.
 
-    Example:
+    Examples:
       >>> import jax
       >>> from eos_jax import models
       >>> fc = models.get("fc", width=4, depth=1, num_outputs=2)

@@ -240,7 +240,7 @@ def single_channel_stack(
     Returns:
       ``(N,)`` pooled values.
 
-    Example:
+    Examples:
       Two layers of the delta kernel (a 1 at the centre) and ``tanh`` on images of ones:
       every pooled value is ``tanh(tanh(1))``, here computed in two chunks of 8 examples:
 

@@ -7,9 +7,8 @@ compute the same function and differ only in rounding:
 * ``"lax"``: :func:`jax.lax.conv_general_dilated` (XLA's convolution).
 * ``"shifted"``: for one input and one output channel, the sum over the kernel taps
   ``K[i, j] * x[:, i:i+Ho, j:j+Wo]`` in row-major tap order, on ``(N, H, W)`` arrays,
-  with a hand-written VJP. XLA's CPU convolution is poor at one channel (issue 4:
-  1.67 s vs 0.41 s per GD step of the 3-layer 3x3 CNN on 12,000 MNIST images), while
-  the slices fuse into one loop. It keeps exact zeros exact (a direct sum), which
+  with a hand-written VJP. XLA's CPU convolution is poor at one channel
+  (``benchmarks/bench_main.py`` prints the ratio), while the slices fuse into one loop. It keeps exact zeros exact (a direct sum), which
   the FFT does not.
 * ``"fft"``: for one input and one output channel, ``irfft2(rfft2(x) *
   conj(rfft2(K)))`` cropped to the valid region (no wrap-around: the FFT has the
@@ -38,8 +37,6 @@ it, the same bits). :func:`materialize_tangents` keeps a value's tangents and co
 Hessian-vector products and changes nothing in a gradient: the shifted single-channel convolution
 passes its input through it (with a one-pass kernel-gradient tangent, :func:`_kernel_grad`), which
 made the CNN's HVP 3.4-4.4x faster.
-
-Length: most of this module is docstrings with runnable examples (issue 10).
 """
 
 from __future__ import annotations
@@ -93,7 +90,7 @@ def materialize(x: Array) -> Array:
     infinities, NaNs and subnormals, which XLA:CPU's arithmetic flushes to zero, all kept). Its derivative is the identity (a custom JVP: forward and
     reverse mode, ``vmap``); the tangent is not materialized.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax.models.layers import materialize
       >>> x = jnp.array([1.5, -0.0, jnp.inf, jnp.nan, 3e-45])  # 3e-45: a subnormal
@@ -146,7 +143,7 @@ def materialize_tangents(x: Array) -> Array:
     for every ``custom_vjp`` function) and reverse-over-reverse (``grad(grad)``: JAX cannot
     transpose the loop that the tangent rule runs).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax.models.layers import materialize_tangents
       >>> f = lambda v: jnp.sum(jnp.sin(materialize_tangents(v)))
@@ -174,7 +171,7 @@ materialize_tangents.defvjp(_materialize_tangents_fwd, _materialize_tangents_bwd
 def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
     """Raises ConfigError naming ``value`` and the allowed values.
 
-    Example:
+    Examples:
       >>> from eos_jax.models.layers import check_choice
       >>> check_choice("padding", "valid", ("valid", "same"))
       >>> check_choice("padding", "full", ("valid", "same"))
@@ -197,7 +194,7 @@ def make_activation(name: str, beta: float = 1.0) -> Callable[[Array], Array]:
     Returns:
       An elementwise function keeping the dtype of its input.
 
-    Example:
+    Examples:
       Swish with ``beta = 1`` at 2 is ``2 * sigmoid(2)``:
 
       >>> import jax.numpy as jnp
@@ -254,7 +251,7 @@ def make_kernel_init(scheme: str, *, std: float = 1.0) -> Callable[..., Array]:
       ``normal``: tested), but a rank-4 draw compiles in about 5 s on this CPU against 0.3 s
       flat, and every model init, in every run, compiles one.
 
-    Example:
+    Examples:
       PyTorch's default for a 3x3 one-channel kernel is uniform in ``[-1/3, 1/3]``:
 
       >>> import jax, jax.numpy as jnp
@@ -299,7 +296,7 @@ def make_kernel_init(scheme: str, *, std: float = 1.0) -> Callable[..., Array]:
 def make_bias_init(scheme: str, fan_in: int) -> Callable[..., Array]:
     """Bias initializer: PyTorch's ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` or zeros.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax.models.layers import make_bias_init
       >>> init = make_bias_init("pytorch", fan_in=4)  # U(-0.5, 0.5)
@@ -327,7 +324,7 @@ def resolve_conv_impl(
       ConfigError: unknown ``impl``, or ``"shifted"``/``"fft"`` forced on a layer
         that is not single-channel with stride 1.
 
-    Example:
+    Examples:
       >>> from eos_jax.models.layers import resolve_conv_impl
       >>> resolve_conv_impl("auto", 1, 1, (3, 3)), resolve_conv_impl("auto", 1, 1, (5, 5))
       ('shifted', 'fft')
@@ -376,7 +373,7 @@ def conv2d(
     Returns:
       ``(N, Ho, Wo, O)`` in the input dtype.
 
-    Example:
+    Examples:
       A 3x3 box of ones over an image of ones sums nine ones at every valid position:
 
       >>> import jax.numpy as jnp
@@ -420,7 +417,7 @@ def conv2d_single_channel(x_NHW: Array, k_HW: Array, *, padding: str = "valid", 
     Returns:
       ``(N, Ho, Wo)``.
 
-    Example:
+    Examples:
       A cross-correlation (not a convolution): ``K = [[1, 0], [0, -1]]`` gives
       ``x[p, q] - x[p+1, q+1]``, which is ``-5`` on a 4x4 ``arange``:
 
@@ -463,7 +460,7 @@ def conv2d_single_channel(x_NHW: Array, k_HW: Array, *, padding: str = "valid", 
 class Conv(nn.Module):
     """Conv layer (HWIO kernel, optional bias) with a selectable init and implementation.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax.models.layers import Conv
       >>> layer = Conv(4, (3, 3), padding="valid")
@@ -500,7 +497,7 @@ class Conv(nn.Module):
 class SingleChannelConv(nn.Module):
     """Bias-free one-channel conv on ``(N, H, W)`` arrays; kernel stored as HWIO ``(kh, kw, 1, 1)``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax.models.layers import SingleChannelConv
       >>> layer = SingleChannelConv((3, 3))
@@ -526,7 +523,7 @@ class SingleChannelConv(nn.Module):
 class Dense(nn.Module):
     """Dense layer with a selectable init (PyTorch uniform fan-in or flax defaults).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax.models.layers import Dense
       >>> params = {"kernel": jnp.ones((3, 2)), "bias": jnp.array([0.5, -0.5])}

@@ -41,7 +41,7 @@ from eos_jax.models.vgg import batch_norm
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers plus an option-A (zero-padded) or option-B (1x1 conv + BN) shortcut.
 
-    Example:
+    Examples:
       A stride-2 block from 4 to 8 channels halves the image (shapes only):
 
       >>> import jax, jax.numpy as jnp
@@ -123,7 +123,7 @@ class BasicBlock(nn.Module):
 class ResNetCifar(nn.Module):
     """CIFAR ResNet with ``6 * blocks_per_stage + 2`` layers.
 
-    Example:
+    Examples:
       ResNet-20 (``blocks_per_stage=3``; He et al. Table 6: "0.27M"), counted from shapes:
 
       >>> import jax, jax.numpy as jnp

@@ -33,7 +33,7 @@ def _spatial(layout: str) -> int:
 def valid(x: Array, k: Array, layout: str = "NHW") -> Array:
     """Valid cross-correlation as ``kh*kw`` shifted, scaled slices added in row-major tap order.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.models.shifted import valid
       >>> x = jnp.arange(16.0).reshape(1, 4, 4); k = jnp.array([[1.0, 0.0], [0.0, -1.0]])
@@ -58,7 +58,7 @@ def valid(x: Array, k: Array, layout: str = "NHW") -> Array:
 def conv(x: Array, k: Array, layout: str = "NHW") -> Array:
     """:func:`valid` with the hand-written VJP of the module docstring.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax.models.shifted import conv, valid
       >>> x = jnp.arange(32.0).reshape(2, 4, 4) / 10; k = jnp.array([[1.0, 2.0], [3.0, 4.0]])

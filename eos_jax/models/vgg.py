@@ -34,7 +34,7 @@ class BatchNorm(nn.Module):
     running statistics with the UNBIASED variance ``var * n / (n - 1)`` as PyTorch
     does (flax's BatchNorm uses the biased one). Evaluation uses the running ones.
 
-    Example:
+    Examples:
       A batch of the two values 1 and 3: mean 2, biased variance 1, unbiased 2, so the
       running statistics become ``0.1 * 2 = 0.2`` and ``0.9 * 1 + 0.1 * 2 = 1.1``:
 
@@ -78,7 +78,7 @@ class BatchNorm(nn.Module):
 def batch_norm(train: bool, dtype: Any, name: str) -> BatchNorm:
     """PyTorch-equivalent batch norm layer (see :class:`BatchNorm`).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.models.vgg import batch_norm
       >>> bn = batch_norm(False, jnp.float32, "bn0")
@@ -91,7 +91,7 @@ def batch_norm(train: bool, dtype: Any, name: str) -> BatchNorm:
 class VGG(nn.Module):
     """VGG for 32x32 inputs with a single linear classifier.
 
-    Example:
+    Examples:
       VGG16 for CIFAR-10 (the kuangliu/pytorch-cifar count), from shapes only:
 
       >>> import jax

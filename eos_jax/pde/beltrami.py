@@ -41,7 +41,7 @@ F64 = jnp.float64
 def loss(u: jax.Array, signal: jax.Array, *, lam: float, delta: float, dx: float) -> jax.Array:
     """Discrete Beltrami loss (4) divided by ``dx``: ``sum lambda/2 (I - u)^2 + sum sqrt(p^2 + delta^2)``.
 
-    Example:
+    Examples:
       At ``u = I`` constant only the ``N - 1`` terms ``sqrt(0 + delta^2)`` remain:
 
       >>> import jax, jax.numpy as jnp
@@ -57,7 +57,7 @@ def loss(u: jax.Array, signal: jax.Array, *, lam: float, delta: float, dx: float
 def strict_step_bound(*, lam: float, delta: float, dx: float) -> float:
     """``dt_strict = 1/(lambda + 2 kappa_max/dx^2)`` with ``kappa_max = 1/delta`` (CFL for Beltrami).
 
-    Example:
+    Examples:
       Figure 2's setting, ``lambda = 1000``, ``delta = 0.1``, ``N = 256``:
       ``1/dt_strict = 1000 + 2 * 256**2 / 0.1``:
 
@@ -73,7 +73,7 @@ def piecewise_constant_signal(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Clean piecewise-constant signal (equal-length pieces at ``levels``) and its noisy version (Gaussian).
 
-    Example:
+    Examples:
       >>> import jax
       >>> from eos_jax.pde import beltrami
       >>> with jax.enable_x64(True):
@@ -107,7 +107,7 @@ class BeltramiConfig:
       oscillation_tol: restrained when the final updates exceed this times ``max|I|``.
       record_every: loss / update history stride.
 
-    Example:
+    Examples:
       >>> from eos_jax.pde.beltrami import BeltramiConfig
       >>> BeltramiConfig().multiples, BeltramiConfig().points
       ((1.0, 10.0, 100.0, 1000.0), 256)
@@ -158,7 +158,7 @@ def simulate(
     Returns per step size: final ``u``, and every ``record_every`` steps the loss,
     ``max|u|`` and ``||u^{n+1} - u^n||_inf`` (shape ``(len(dts), steps // record_every)``).
 
-    Example:
+    Examples:
       Figure 2 in miniature (16 samples, 200 steps) at 1, 10 and 50 times ``dt_strict``:
       converged, restrained (bounded but still moving), divergent:
 
@@ -206,7 +206,7 @@ def classify(
 ) -> str:
     """The module docstring's rule: "divergent", "restrained" or "stable".
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from eos_jax.pde.beltrami import classify
       >>> kw = dict(window=0.5, divergence_factor=10.0, oscillation_tol=1e-6)

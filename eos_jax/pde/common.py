@@ -28,7 +28,7 @@ def checkerboard(size: int = 256, *, square: int = 1, dtype: Any = np.float64) -
     Returns:
       A NumPy array of shape ``(size, size)``; entry ``(0, 0)`` is +1.
 
-    Example:
+    Examples:
       The pixel pattern's DFT is one spike of height ``n**2`` at the Nyquist frequency:
 
       >>> import numpy as np
@@ -60,7 +60,7 @@ def require_x64(what: str) -> None:
     Args:
       what: the function that needs float64, named in the message.
 
-    Example:
+    Examples:
       >>> import jax
       >>> from eos_jax.pde.common import require_x64
       >>> with jax.enable_x64(True):

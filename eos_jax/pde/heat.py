@@ -36,7 +36,7 @@ F64 = jnp.float64
 def amplifier(ratio: float, points: int) -> np.ndarray:
     """``A_m = 1 - 2 r (1 - cos(m pi/(K + 1)))`` for ``m = 1..K`` (Eq. (3) with Dirichlet modes).
 
-    Example:
+    Examples:
       At ``r = 1/2`` and ``K = 3``, ``A_m = cos(m pi/4)``:
 
       >>> import numpy as np
@@ -51,7 +51,7 @@ def amplifier(ratio: float, points: int) -> np.ndarray:
 def cfl_ratio_bound() -> float:
     """The CFL bound on ``r = kappa dt/dx^2``: stable for every grid iff ``r <= 1/2``.
 
-    Example:
+    Examples:
       Above the bound the highest mode is amplified (``|A_K| > 1``), at it none is:
 
       >>> import numpy as np
@@ -66,7 +66,7 @@ def cfl_ratio_bound() -> float:
 def sine_basis(points: int) -> np.ndarray:
     """The ``K x K`` DST-I matrix ``S[m-1, j-1] = sin(m pi j/(K + 1))`` (``S @ S = (K + 1)/2 I``).
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from eos_jax.pde import heat
       >>> S = heat.sine_basis(5)
@@ -80,7 +80,7 @@ def sine_basis(points: int) -> np.ndarray:
 def triangle(points: int, length: float, height: float = 1.0) -> np.ndarray:
     """Triangle initial condition on the interior points: 0 at both ends, ``height`` at ``L/2``.
 
-    Example:
+    Examples:
       >>> from eos_jax.pde import heat
       >>> heat.triangle(3, 4.0).tolist()
       [0.5, 1.0, 0.5]
@@ -92,7 +92,7 @@ def triangle(points: int, length: float, height: float = 1.0) -> np.ndarray:
 def simulate(u0: jax.typing.ArrayLike, ratio: float, steps: int) -> jax.Array:
     """Scheme (2) with Dirichlet zeros; returns all iterates ``u^0..u^steps`` as ``(steps + 1, K)`` float64.
 
-    Example:
+    Examples:
       A sine mode is an eigenvector of the scheme: after ``n`` steps it is ``A_m^n`` times itself.
       The scheme runs in float64, so JAX's x64 mode must be on:
 
@@ -125,7 +125,7 @@ def measured_growth(history: np.ndarray, *, rel_floor: float = 1e-8) -> tuple[np
     ``|c_m^n|`` is above ``rel_floor`` times the largest coefficient at that step (below it
     the coefficient is rounding noise). Returns ``(g, used)``; ``g`` is NaN where unused.
 
-    Example:
+    Examples:
       The triangle has only odd modes; their measured growth is the amplifier ``A_m``:
 
       >>> import jax, numpy as np
@@ -152,7 +152,7 @@ def measured_growth(history: np.ndarray, *, rel_floor: float = 1e-8) -> tuple[np
 def first_mode_to_cross(history: np.ndarray, threshold: float) -> tuple[int | None, int | None]:
     """The first mode ``m`` (1-based) whose sine coefficient reaches ``|c_m^n| > threshold``, and that step ``n``.
 
-    Example:
+    Examples:
       Above the CFL bound the highest mode (``m = K = 9``) is the first to grow tenfold:
 
       >>> import jax, numpy as np
@@ -187,7 +187,7 @@ class HeatConfig:
       cross_factor: a mode "grows" when its sine coefficient exceeds ``cross_factor`` times
         the largest initial coefficient.
 
-    Example:
+    Examples:
       >>> from eos_jax.pde.heat import HeatConfig
       >>> HeatConfig().ratios, HeatConfig(points=9).points
       ((0.4, 0.8), 9)
@@ -220,7 +220,7 @@ class HeatConfig:
 def analyze(config: HeatConfig, ratio: float) -> dict[str, Any]:
     """Simulates one ``r`` and compares the measured per-mode growth with ``A_m``.
 
-    Example:
+    Examples:
       >>> import jax
       >>> from eos_jax.pde import heat
       >>> config = heat.HeatConfig(ratios=(0.8,), points=9, steps=60)

@@ -79,7 +79,7 @@ class Problem:
         minibatch is selected) with :func:`eos_jax.train.augment_key` of the lane's data key
         and the step: pure in (key, step), so resumed runs draw the same augmentations.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
@@ -165,12 +165,9 @@ class EngineConfig:
         temporaries per call than the process keeps between calls (2 GiB), then as many
         as fit (:func:`eos_jax.train.sizing.choose_lane_batch`; the run records the choice
         and a resumed run keeps it). A lane's bits depend on it (compare like with like).
-        On the 2-core CPU the main job's 16-lane sweep at 12,000 images (~0.9 GiB of
-        temporaries per lane) ran its 2-step chunks 2.3-2.7x slower all at once than 16
-        separate runs, 0.93-1.00x their speed one at a time and 1.04-1.09x two at a time
-        (``auto`` picks 2; benchmarks/bench_main.py).
+        ``docs/scaling.md`` says when each is faster; ``benchmarks/bench_main.py`` measures them.
 
-    Example:
+    Examples:
       >>> EngineConfig(steps=100, sharpness_every=None, chunk_steps=25).validate()
       >>> EngineConfig(steps=0).validate()
       Traceback (most recent call last):

@@ -15,8 +15,6 @@ Chunk boundaries fall on multiples of ``chunk_steps``, ``checkpoint_every``,
 computations, in the same order, as an uninterrupted one. The normalized sharpness
 ``lr * lambda_max`` is compared with the optimizer's threshold (2 for gradient descent:
 the classical bound ``lr < 2/lambda_max`` that the Edge of Stability exceeds, Section 6).
-
-Length: most of this module is docstrings with runnable examples (issue 10); its code is about 400 lines.
 """
 
 from __future__ import annotations
@@ -52,7 +50,7 @@ from eos_jax.train.step import make_chunk_fn, make_eig_fn, make_final_fn, make_s
 def next_boundary(s: int, total: int, periods: Iterable[int | None]) -> int:
     """The first step after ``s`` that is a multiple of one of ``periods``, capped at ``total``.
 
-    Example:
+    Examples:
       >>> next_boundary(0, 100, (50, 30, None))
       30
       >>> next_boundary(90, 100, (50, 30))
@@ -73,7 +71,7 @@ def sharpness_due(s: int, every: int | None, alternate: bool) -> bool:
     consecutive samples alternate the parity of the step and a period-2 orbit is seen in both
     of its phases; an odd ``every`` alternates by itself and keeps its multiples.
 
-    Example:
+    Examples:
       >>> [s for s in range(70) if sharpness_due(s, 20, alternate=True)]
       [0, 21, 40, 61]
       >>> [s for s in range(70) if sharpness_due(s, 20, alternate=False)]
@@ -90,7 +88,7 @@ def sharpness_due(s: int, every: int | None, alternate: bool) -> bool:
 def next_sharpness_step(s: int, every: int | None, alternate: bool) -> int | None:
     """The first step after ``s`` at which :func:`sharpness_due` holds (``None``: never).
 
-    Example:
+    Examples:
       >>> next_sharpness_step(0, 20, True), next_sharpness_step(21, 20, True), next_sharpness_step(0, 20, False)
       (21, 40, 20)
     """
@@ -107,7 +105,7 @@ def next_sharpness_step(s: int, every: int | None, alternate: bool) -> int | Non
 def group_lanes(num_lanes: int, max_lanes: int, num_devices: int = 1) -> list[list[int]]:
     """Splits lane indices into groups of at most ``max_lanes`` (a multiple of ``num_devices`` when possible).
 
-    Example:
+    Examples:
       >>> group_lanes(5, 2)
       [[0, 1], [2, 3], [4]]
       >>> group_lanes(5, 3, num_devices=2)  # groups of 2: a multiple of the device count
@@ -125,7 +123,7 @@ def first_width(num_lanes: int, config: EngineConfig, num_devices: int = 1) -> i
     ``config.auto_lane_cap`` rounded down to a multiple of ``lcm(devices, lane_multiple)``
     (at least one such multiple), and no more than the lanes there are, rounded up to it.
 
-    Example:
+    Examples:
       >>> first_width(100, EngineConfig(steps=1, auto_lane_cap=16))
       16
       >>> first_width(5, EngineConfig(steps=1, auto_lane_cap=16), num_devices=4)  # 5 lanes padded to 8
@@ -140,7 +138,7 @@ def first_width(num_lanes: int, config: EngineConfig, num_devices: int = 1) -> i
 def tree_bytes(tree: PyTree) -> int:
     """Bytes of the arrays of ``tree`` (``None`` leaves: none).
 
-    Example:
+    Examples:
       >>> import jax, numpy as np
       >>> tree_bytes({"a": np.zeros((3, 4), np.float32), "b": jax.ShapeDtypeStruct((2,), np.float64), "c": None})
       64
@@ -151,7 +149,7 @@ def tree_bytes(tree: PyTree) -> int:
 def pad_lanes(ls: list[Lane], num_devices: int) -> list[Lane]:
     """A group's lanes, padded (repeating the last) to a multiple of ``num_devices`` when sharded.
 
-    Example:
+    Examples:
       >>> from eos_jax.train import make_lanes
       >>> [l.learning_rate for l in pad_lanes(make_lanes([0.1, 0.2, 0.3]), num_devices=2)]
       [0.1, 0.2, 0.3, 0.3]
@@ -174,7 +172,7 @@ def find_twins(lanes: Sequence[Lane], groups: list[list[int]]) -> list[dict[str,
       and a group of another width is another program whose rounding may differ (the
       difference would be the program's, not the perturbation's).
 
-    Example:
+    Examples:
       >>> from eos_jax.train import make_lanes
       >>> lanes = make_lanes(0.1, ks=[1, 3, 5])
       >>> [(t["lane"], t["in_group"]) for t in find_twins(lanes, [[0, 1, 2]])]
@@ -225,7 +223,7 @@ def find_twins(lanes: Sequence[Lane], groups: list[list[int]]) -> list[dict[str,
 class GroupInputs(NamedTuple):
     """The placed per-group inputs: lanes (padded), hyperparameters, twin indices into the group.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
@@ -252,7 +250,7 @@ class Plan:
 
     Build it with :meth:`Plan.build`; :func:`run_group` runs one group with it.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
@@ -536,7 +534,7 @@ class LogBlock(NamedTuple):
     block (the final line). ``aux`` holds the values of the problem's ``step_metrics``, each
     ``(lanes, n, ...)`` (``{}`` without them).
 
-    Example:
+    Examples:
       >>> block = LogBlock(0, None, 10, np.zeros((1, 5)), np.ones((1, 5), bool), None, np.zeros((1, 5)), np.zeros((1, 5)))
       >>> block.loss.shape, block.force, block.aux
       ((1, 5), False, {})
@@ -558,7 +556,7 @@ class LogBlock(NamedTuple):
 def logged_columns(block: LogBlock, log_every: int) -> list[int]:
     """The columns of ``block`` that get a metrics line: forced, sharpness or eval, or multiples of ``log_every``.
 
-    Example:
+    Examples:
       >>> block = LogBlock(0, None, 10, np.zeros((1, 5)), np.ones((1, 5), bool), None, np.zeros((1, 5)), np.zeros((1, 5)))
       >>> logged_columns(block, log_every=4)  # steps 10..14: 12 is a multiple of 4
       [2]
@@ -583,7 +581,7 @@ def metric_records(block: LogBlock, log_every: int, threshold: float) -> list[di
     ``eval_fn``, name to value); with the problem's ``step_metrics``, ``aux`` maps each name
     to the step's value (a number, or a nested list for an array).
 
-    Example:
+    Examples:
       >>> from eos_jax.train import make_lanes
       >>> gi = GroupInputs([0], make_lanes([0.5]), None, None, np.array([False]))
       >>> block = LogBlock(0, gi, 0, np.array([[2.5, 1.0]]), np.ones((1, 2), bool), np.array([4.0]),
@@ -629,7 +627,7 @@ def metric_records(block: LogBlock, log_every: int, threshold: float) -> list[di
 def new_timing() -> dict[str, Any]:
     """The timing record :func:`run_group` adds to (seconds).
 
-    Example:
+    Examples:
       >>> sorted(new_timing())
       ['checkpoint_s', 'compile_and_first_chunk_s', 'eval_s', 'sharpness_s', 'train_s']
     """
@@ -659,7 +657,7 @@ def run_group(
     Returns:
       The final state and the final running loss statistics (host arrays).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)

@@ -38,7 +38,7 @@ from eos_jax.train.writer import RunWriter, read_metrics
 class TrainingInterrupted(Exception):
     """SIGINT or SIGTERM arrived; a checkpoint of ``step`` was saved before stopping.
 
-    Example:
+    Examples:
       >>> import signal
       >>> from pathlib import Path
       >>> from eos_jax.train import TrainingInterrupted
@@ -124,7 +124,7 @@ def check_resume(
     Raises:
       CheckpointMismatchError: one line naming the group and what differs (nothing is moved).
 
-    Example:
+    Examples:
       A run whose one group of two lanes was checkpointed, resumed with ``max_lanes=1``:
 
       >>> import jax.numpy as jnp
@@ -229,7 +229,7 @@ def resumed_grouping(config: EngineConfig, run_dir: str | os.PathLike, num_devic
     number of devices than ``num_devices`` (when given) is left as it is (:func:`check_resume`
     then says what differs). Likewise ``lane_batch="auto"`` takes the lane batch the run chose.
 
-    Example:
+    Examples:
       >>> import json, tempfile
       >>> from pathlib import Path
       >>> from eos_jax.train import EngineConfig
@@ -299,7 +299,7 @@ def train(
       CheckpointMismatchError: ``resume`` with checkpoints of another lane grouping or model.
       TrainingInterrupted: SIGINT/SIGTERM (after saving a checkpoint).
 
-    Example:
+    Examples:
       Two steps of gradient descent into a fresh run directory:
 
       >>> import jax.numpy as jnp
@@ -391,7 +391,7 @@ def write_failure(e: BaseException) -> str | None:
     Looks through ``e``'s causes and contexts: orbax re-raises a background thread's failure as
     a ``ValueError`` whose text carries the operating system's words.
 
-    Example:
+    Examples:
       >>> import errno, os
       >>> from eos_jax.train.loop import write_failure
       >>> write_failure(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))

@@ -71,7 +71,7 @@ class History:
         the memory ``estimate`` (:class:`~eos_jax.train.sizing.LaneEstimate` as a dict)
         when ``config.max_lanes`` was None and there was a width to choose; ``line`` says it in words.
 
-    Example:
+    Examples:
       :func:`fit` builds it; a hand-made one of one lane and three logged steps reads the same way:
 
       >>> import numpy as np
@@ -142,7 +142,7 @@ def fit(
     Raises:
       ConfigError: a bad config or lane list.
 
-    Example:
+    Examples:
       Gradient descent on a least-squares problem, plain (k=1) next to perturbed (k=3), at two
       learning rates, sharpness every 2 steps:
 

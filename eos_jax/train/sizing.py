@@ -49,7 +49,7 @@ __all__ = [
 def format_bytes(n: float) -> str:
     """``n`` bytes in the largest binary unit that keeps it >= 1.
 
-    Example:
+    Examples:
       >>> format_bytes(512), format_bytes(3 * 2**20), format_bytes(1.5 * 2**30)
       ('512 B', '3.0 MiB', '1.5 GiB')
     """
@@ -64,7 +64,7 @@ def program_bytes(compiled: Any) -> int:
 
     ``compiled`` is a ``jax.stages.Compiled`` (``jax.jit(f).lower(...).compile()``).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> c = jax.jit(lambda x: x @ x.T).lower(jax.ShapeDtypeStruct((100, 50), jnp.float32)).compile()
       >>> program_bytes(c) >= 100 * 50 * 4 + 100 * 100 * 4  # the argument and the output at least
@@ -94,7 +94,7 @@ def available_bytes(device: Any) -> tuple[int, str]:
     memory statistics): the host's available memory divided by the number of this
     process's CPU devices, which share it.
 
-    Example:
+    Examples:
       >>> import jax
       >>> n, source = available_bytes(jax.devices("cpu")[0])
       >>> n > 0, source.startswith(("MemAvailable", "free physical pages"))
@@ -130,7 +130,7 @@ class LaneEstimate:
       fit: lanes (over all devices) that fit; ``width``: the width chosen (the cap, the lane
         count and the multiples applied); ``cap``: the automatic width's upper bound.
 
-    Example:
+    Examples:
       >>> est = fit_lanes({"chunk": (3 * 2**20, 2**20)}, 2, 1, (8 * 2**20, "test"), fraction=0.5, cap=64, num_lanes=9)
       >>> est.per_lane_bytes == 2**20, est.fit, est.width, est.bytes_for(3) == 4 * 2**20
       (True, 3, 3, True)
@@ -190,7 +190,7 @@ def fit_lanes(
     the lanes there are (rounded up to the multiple); at least one multiple, even when
     that does not fit (the run then may fail for memory; the estimate says so).
 
-    Example:
+    Examples:
       >>> est = fit_lanes({"chunk": (1000 + 4 * 250, 1000)}, 4, 1, (10_000, "test"), fraction=0.5,
       ...                 cap=64, num_lanes=100)
       >>> est.per_lane_bytes, est.fit, est.width  # (5000 - 1000) // 250 lanes fit
@@ -243,7 +243,7 @@ HOST_TEMP_CEILING = (1 << 31) - 1
 def program_temp_bytes(compiled: Any) -> int:
     """The temporaries XLA allocates for one call of a compiled program (per device).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> c = jax.jit(lambda x: jnp.sin(x @ x.T).sum()).lower(jax.ShapeDtypeStruct((100, 50), jnp.float32)).compile()
       >>> program_temp_bytes(c) >= 0
@@ -267,7 +267,7 @@ class LaneBatchChoice:
         when nothing was measured).
       ceiling: the temporaries a call may have (:data:`HOST_TEMP_CEILING`).
 
-    Example:
+    Examples:
       >>> c = choose_lane_batch({"chunk": 3 * 2**30, "sharpness": 2**30}, 16)
       >>> c.lane_batch, c.describe()
       (10, 'lane batch: 10 lanes at a time (auto: 16 lanes need 3.0 GiB of temporaries per call (chunk), more than the 2.0 GiB a CPU call keeps between calls)')
@@ -305,7 +305,7 @@ def choose_lane_batch(temp_bytes: dict[str, int], lanes: int, ceiling: int | Non
     all at once (``None``), the programs measured. A lane's bits depend on the choice; a
     resumed run keeps the one recorded in its checkpoints.
 
-    Example:
+    Examples:
       >>> choose_lane_batch({"chunk": 16 * 900 * 2**20}, 16).lane_batch  # the main job, 12,000 images
       2
       >>> choose_lane_batch({"chunk": 16 * 3 * 2**30}, 16).lane_batch  # one lane over the ceiling: 1

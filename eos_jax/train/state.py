@@ -24,8 +24,6 @@ authors' ``instability/main6.py`` instead seeds both with one ``torch.manual_see
 The two streams of the data key hang off distinct tags, so the sharpness key of step
 ``t`` and the batch-order key of epoch ``e`` differ even when ``t == e`` (before the
 tags, both were ``fold_in(data key, n)`` and collided whenever step == epoch).
-
-Length: most of this module is docstrings with runnable examples (issue 10); its code is 162 lines.
 """
 
 from __future__ import annotations
@@ -54,7 +52,7 @@ STREAM_AUGMENT = 2  # fold_in tag of the data key's augmentation stream (one key
 def batch_order_key(key_data: jax.Array) -> jax.Array:
     """The batch-order stream of a lane's data key (raw ``uint32[2]``); epoch ``e`` folds in ``e``.
 
-    Example:
+    Examples:
       >>> import jax
       >>> kd = jax.random.key_data(jax.random.key(1))
       >>> a = jax.random.key_data(jax.random.fold_in(batch_order_key(kd), 3))  # epoch 3's permutation key
@@ -68,7 +66,7 @@ def batch_order_key(key_data: jax.Array) -> jax.Array:
 def sharpness_key(key_data: jax.Array, step: jax.Array | int) -> jax.Array:
     """The eigensolver key of a lane at ``step``: ``fold_in(fold_in(data key, STREAM_SHARPNESS), step)``.
 
-    Example:
+    Examples:
       >>> import jax
       >>> kd = jax.random.key_data(jax.random.key(1))
       >>> bool((jax.random.key_data(sharpness_key(kd, 3)) == jax.random.key_data(sharpness_key(kd, 3))).all())  # pure
@@ -80,7 +78,7 @@ def sharpness_key(key_data: jax.Array, step: jax.Array | int) -> jax.Array:
 def augment_key(key_data: jax.Array, step: jax.Array | int) -> jax.Array:
     """The augmentation key of a lane at ``step``: ``fold_in(fold_in(data key, STREAM_AUGMENT), step)``.
 
-    Example:
+    Examples:
       >>> import jax
       >>> kd = jax.random.key_data(jax.random.key(1))
       >>> bool((jax.random.key_data(augment_key(kd, 3)) != jax.random.key_data(sharpness_key(kd, 3))).any())
@@ -100,7 +98,7 @@ class Lane:
     ``init_seed`` the initial parameters (None: ``seed``, the tree of the module docstring).
     :meth:`asdict` records the initialization seed actually used.
 
-    Example:
+    Examples:
       >>> Lane(0.1, k=3).asdict()
       {'learning_rate': 0.1, 'k': 3, 'seed': 0, 'weight_decay': 0.0, 'init_seed': 0}
       >>> Lane(0.1, seed=4, init_seed=7).used_init_seed
@@ -157,7 +155,7 @@ def make_lanes(
     Raises:
       ConfigError: a bad value (named) or a duplicated lane.
 
-    Example:
+    Examples:
       >>> [(l.learning_rate, l.k) for l in make_lanes([0.1, 0.2], ks=[1, 3])]
       [(0.1, 1), (0.1, 3), (0.2, 1), (0.2, 3)]
       >>> make_lanes(0.1, ks=0)
@@ -205,7 +203,7 @@ class HParams(NamedTuple):
     ``init_seed`` is last and optional, so ``HParams(lr, k, wd, seed)`` still builds: None
     initializes from ``seed`` (:func:`init_state`); :func:`stack_hparams` always fills it.
 
-    Example:
+    Examples:
       >>> hp = stack_hparams(make_lanes([0.1, 0.2], ks=3, seeds=1, init_seeds=5), jnp.float32)
       >>> hp.k.tolist(), hp.learning_rate.dtype, hp.seed.tolist(), hp.init_seed.tolist()
       ([3, 3], dtype('float32'), [1, 1], [5, 5])
@@ -226,7 +224,7 @@ def stack_hparams(lanes: Sequence[Lane], dtype: Any = jnp.float32) -> HParams:
     refuse another): float64 parameters get ``float64(lr)``, never
     ``float64(float32(lr))``.
 
-    Example:
+    Examples:
       >>> import jax
       >>> with jax.enable_x64(True):  # float64 parameters get float64(lr), not float64(float32(lr))
       ...     hp = stack_hparams(make_lanes([0.1]), np.float64)
@@ -269,7 +267,7 @@ class TrainState(NamedTuple):
       model_state: the model's non-parameter state (batch norm's running statistics,
         :attr:`Problem.init_model_state`); ``{}`` (no arrays) without one.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
@@ -307,7 +305,7 @@ def lane_init_key(seed: int | jax.Array) -> jax.Array:
 
     Pass the lane's :attr:`Lane.used_init_seed` (its ``seed`` unless ``init_seed`` is set).
 
-    Example:
+    Examples:
       >>> import jax
       >>> from eos_jax.train import lane_init_key
       >>> k = lane_init_key(7)
@@ -328,7 +326,7 @@ def hparam_dtype(problem: Problem, dtype: Any = None) -> np.dtype:
     Raises:
       ConfigError: ``dtype`` is given and is not the parameters' dtype.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
@@ -356,7 +354,7 @@ def hparam_dtype(problem: Problem, dtype: Any = None) -> np.dtype:
 def check_hparams(hp: HParams, params: PyTree) -> None:
     """Refuses (at trace time) hyperparameters of another float dtype than the parameters.
 
-    Example:
+    Examples:
       >>> check_hparams(HParams(jnp.float16(0.1), jnp.int32(1), jnp.float16(0), jnp.int32(0)), {"w": jnp.ones(2)})
       Traceback (most recent call last):
       ...
@@ -396,7 +394,7 @@ def _random_like(key: jax.Array, tree: PyTree) -> PyTree:
 def init_state(problem: Problem, hp: HParams) -> TrainState:
     """The state of one lane at step 0 (pure; vmap it over stacked HParams).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
@@ -435,7 +433,7 @@ def init_state(problem: Problem, hp: HParams) -> TrainState:
 def param_dtype(params: PyTree) -> Any:
     """The floating dtype of the parameters (RelL1 and loss statistics are kept in it).
 
-    Example:
+    Examples:
       >>> param_dtype({"w": jnp.ones(2, jnp.float16), "n": jnp.int32(3)})
       dtype('float16')
     """
@@ -446,7 +444,7 @@ def param_dtype(params: PyTree) -> Any:
 def all_finite(tree: PyTree) -> jax.Array:
     """True iff every inexact leaf of ``tree`` is finite.
 
-    Example:
+    Examples:
       >>> bool(all_finite({"a": jnp.ones(2), "b": jnp.array([1.0, jnp.inf])})), bool(all_finite({"n": jnp.int32(1)}))
       (False, True)
     """

@@ -38,7 +38,7 @@ def init_loss_stats(dtype: Any) -> dict[str, jax.Array]:
     ``max_inc`` and ``max_inc_late`` start at -inf (no pair yet; reported as 0.0),
     ``min_loss`` at +inf (no finite loss yet; reported as None).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.train import init_loss_stats
       >>> stats = init_loss_stats(jnp.float32)
@@ -66,7 +66,7 @@ def update_loss_stats(
     the earlier step is ``>= late_from`` (the first 10 % of a run are its transient).
     :func:`loss_stats_reference` is the same computation in NumPy.
 
-    Example:
+    Examples:
       A period-2 oscillation: every other step rises by 25 %, which a log every 2 steps
       would not see:
 
@@ -112,7 +112,7 @@ def loss_stats_reference(
     Returns:
       The summary fields :func:`summarize_loss_stats` reports.
 
-    Example:
+    Examples:
       >>> from eos_jax.train import loss_stats_reference
       >>> r = loss_stats_reference([1.0, 0.8, 1.0, 0.5], [True] * 4, late_from=2)
       >>> round(r["max_rel_loss_increase"], 4), r["num_loss_increases_1pct"], r["num_loss_increases_1pct_late"]
@@ -136,7 +136,7 @@ def loss_stats_reference(
 def summarize_loss_stats(stats: dict[str, Any]) -> dict[str, Any]:
     """The results.json fields of one lane's final running statistics (host values).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.train import init_loss_stats, summarize_loss_stats
       >>> summarize_loss_stats(init_loss_stats(jnp.float32))  # no step yet
@@ -164,7 +164,7 @@ def push_rel(buf: jax.Array, count: jax.Array, rel: jax.Array) -> tuple[jax.Arra
     The average is the sum of the filled slots (empty ones hold 0) divided by their
     number, ``min(count, REL_L1_WINDOW)``, in the buffer's dtype.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.train.stats import REL_L1_WINDOW, push_rel
       >>> buf, count = jnp.zeros(REL_L1_WINDOW, jnp.float32), jnp.int32(0)
@@ -185,7 +185,7 @@ def rel_l1_to_twin(params: PyTree, twin: jax.Array) -> jax.Array:
     ``params`` has a leading lane axis; the twin's parameters are gathered inside the
     compiled program (no transfer to the host).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.train import rel_l1_to_twin
       >>> params = {"w": jnp.array([[1.0, 1.0], [1.0, 3.0]])}  # lane 1 (k=3) has lane 0 (k=1) as its twin
@@ -202,7 +202,7 @@ def rel_l1_layers_to_twin(params: PyTree, twin: jax.Array, level: int) -> jax.Ar
     Returns:
       ``(lanes, layers)``, layers in ``layer_groups`` order of one lane's parameters.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.train.stats import rel_l1_layers_to_twin
       >>> params = {"a": jnp.array([[1.0, 1.0], [1.0, 3.0]]), "b": jnp.array([[2.0], [2.0]])}
@@ -220,7 +220,7 @@ def rel_l1_layers_to_twin(params: PyTree, twin: jax.Array, level: int) -> jax.Ar
 def index_lane(tree: PyTree, i: int) -> PyTree:
     """Lane ``i`` of a lane-stacked pytree, as NumPy arrays.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.train.stats import index_lane
       >>> index_lane({"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}, 1)["w"].tolist()
@@ -232,7 +232,7 @@ def index_lane(tree: PyTree, i: int) -> PyTree:
 def lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
     """Loss and sharpness statistics of one lane from its metrics lines (sorted by step).
 
-    Example:
+    Examples:
       >>> from eos_jax.train.stats import lane_summary
       >>> lines = [{"step": 0, "loss": 1.0, "finite": True, "sharpness": 3.0, "normalized_sharpness": 1.5},
       ...          {"step": 1, "loss": 1.25, "finite": True},
@@ -288,7 +288,7 @@ def compare_to_k1(
     the program's. Adds ``rel_l1_to_k1`` (the paper's RelL1), ``n_diff_to_k1`` and
     ``max_ulp_to_k1``; otherwise ``rel_l1_to_k1_missing`` says why there is none.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from eos_jax.train.stats import compare_to_k1
       >>> w = np.float32([1.0, 2.0])
@@ -334,7 +334,7 @@ def summarize_run(
     Returns:
       ``(lane records sorted by lane, summary over lanes, final parameters by lane index)``.
 
-    Example:
+    Examples:
       Two lanes at step 0, as :func:`eos_jax.train.init_state` makes them, with one metrics
       line each:
 

@@ -42,7 +42,7 @@ def select_batch(data: Batch, key_data: jax.Array, step: jax.Array, batch_size: 
     tree of the module docstring); step ``t`` takes slice ``t % steps_per_epoch`` of it.
     Pure in (key, step), hence exactly resumable.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> data = {"x": jnp.arange(6.0)}
       >>> key = jax.random.key_data(jax.random.key(0))
@@ -68,7 +68,7 @@ def select_batch(data: Batch, key_data: jax.Array, step: jax.Array, batch_size: 
 def problem_loss(problem: Problem, params: PyTree, batch: Batch, model_state: PyTree) -> tuple[jax.Array, PyTree]:
     """``(loss, new model_state)`` of ``problem`` in train mode (``model_state`` passes through without one).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax import optim, train as tr
       >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2)}, lambda p, b: jnp.sum(p["w"] * b),
@@ -85,7 +85,7 @@ def problem_loss(problem: Problem, params: PyTree, batch: Batch, model_state: Py
 def step_batch(problem: Problem, data: Batch, state: TrainState, batch_size: int | None) -> Batch:
     """The batch lane ``state`` trains on at ``state.step``: its minibatch, augmented when the problem augments.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax import optim, train as tr
       >>> flip = lambda b, key: -b  # an "augmentation" that ignores its key
@@ -123,7 +123,7 @@ def make_train_step(
     (``problem.accuracy_fn``) is above ``acc_goal``, takes no update: ``stop_step`` records
     the step and the state stays frozen from then on (its loss keeps being reported).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
@@ -198,16 +198,14 @@ def lane_map(
     not the same bits (vectorized and looped programs round their reductions differently):
     runs compare like with like.
 
-    Measured (``benchmarks/bench_main.py``, 16 learning rates of the main job on 12,000
-    images, 2-core CPU): all 16 vectorized ran at 0.35-0.48x the speed of 16 separate runs
-    (16 lanes' temporaries, ~5 GB, fault in fresh pages every step); ``lane_batch=1`` at
-    0.85-1.21x in single runs and 1 or 2 at 0.97-1.02x as the fastest of three: the separate
-    runs' speed within this VM's noise. A ``lane_batch`` larger than the number of lanes
-    vectorizes them all (as one remainder batch). The engine's default,
-    ``EngineConfig.lane_batch="auto"``, picks it from the programs' temporaries
-    (:func:`eos_jax.train.sizing.choose_lane_batch`: 2 for that sweep, 1.04-1.09x).
+    How the speed compares with all lanes at once and with separate runs is measured by
+    ``benchmarks/bench_main.py`` and ``bench_sweep.py`` (``docs/performance.md``): with many lanes
+    all at once, their temporaries can outgrow the memory a CPU process keeps between calls. A
+    ``lane_batch`` larger than the number of lanes vectorizes them all (as one remainder batch).
+    The engine's default, ``EngineConfig.lane_batch="auto"``, picks it from the programs'
+    temporaries (:func:`eos_jax.train.sizing.choose_lane_batch`).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> f = lambda w, hp, data: w * hp + data  # one lane
       >>> w, hp = jnp.arange(4.0), jnp.full(4, 2.0)
@@ -256,7 +254,7 @@ def make_chunk_fn(
     ``None`` vectorizes all lanes. ``loss_goal`` / ``acc_goal``: the stopping rule of
     :func:`make_train_step`.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
@@ -333,7 +331,7 @@ def make_final_fn(problem: Problem, batch_size: int | None, late_from: int = 0):
     and the one in the statistics would differ by an ulp. ``aux`` holds the values of
     ``problem.step_metrics`` at the final parameters (``{}`` without it).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
@@ -391,7 +389,7 @@ def make_eig_fn(
         1.3: the linearization keeps full-batch residuals whose reads and fresh temporaries
         cost more than recomputing the forward pass.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
@@ -420,7 +418,7 @@ def objective_fn(problem: Problem, hp: HParams, model_state: PyTree = None) -> L
     ``model_state``: the lane's (for a problem with ``init_model_state``: the train-mode loss
     at these running statistics, which the objective does not update).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
@@ -459,7 +457,7 @@ def make_sharpness_fn(
     :func:`sharpness_key` of the lane's data key and step. ``lane_batch``: lanes per
     vectorized group (:func:`lane_map`; ``None``: all).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
@@ -486,7 +484,7 @@ def make_sharpness_fn(
 def make_eval_fn(problem: Problem, batch_size: int | None) -> Callable[[TrainState, HParams, Batch], jax.Array]:
     """Jitted, lane-vmapped loss at the current parameters on the batch of the current step.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
       >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4)
@@ -508,7 +506,7 @@ def make_eval_fn(problem: Problem, batch_size: int | None) -> Callable[[TrainSta
 def make_test_fn(problem: Problem) -> Callable[[TrainState, Batch], dict[str, jax.Array]]:
     """Jitted, lane-vmapped ``(states, eval_data) -> {name: (lanes,)}``: the problem's ``eval_fn`` per lane.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax import optim, train as tr
       >>> def evaluate(params, model_state, data):  # the loss on held-out targets

@@ -27,7 +27,7 @@ from eos_jax.train.state import TrainState
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """Parses metrics.jsonl, dropping a torn last line.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> from pathlib import Path
       >>> from eos_jax.train import read_metrics
@@ -53,7 +53,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def json_line(rec: dict[str, Any]) -> str:
     """One metrics line: sorted keys, no NaN (non-finite values are written as null).
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from eos_jax.train.writer import json_line
       >>> json_line({"step": 3, "loss": np.float32(0.25), "sharpness": float("nan")})
@@ -71,7 +71,7 @@ class RunWriter:
       checkpoint_keep: committed checkpoints kept per group.
       log_every, threshold: what :func:`eos_jax.train.core.metric_records` needs.
 
-    Example:
+    Examples:
       :func:`eos_jax.train.train` drives it; a fresh start, a checkpoint and the results:
 
       >>> import os, tempfile

@@ -1,25 +1,26 @@
 """Edge-of-Stability experiments of Section 6 (Figures 7, 8, 9): loss and sharpness under GD.
 
-Main job (the paper's Figure 7, 3-layer single-channel 3x3 Swish(beta=1) CNN, full-batch GD,
-no weight decay, MNIST digits 0/1, falling back with a warning to Fashion-MNIST 0/1, then to
-the Fashion-MNIST 0/1 subset shipped with the package (2000 training images: a fresh machine
-needs nothing installed), then scikit-learn's digits 0/1)::
+Main job (the paper's Figure 7, 3-layer single-channel 3x3 Swish(beta=1) CNN, kernels N(0, 1),
+full-batch GD, no weight decay, MNIST digits 0/1, falling back with a warning to Fashion-MNIST 0/1,
+then to the Fashion-MNIST 0/1 subset shipped with the package (2000 training images: a fresh
+machine needs nothing installed), then scikit-learn's digits 0/1)::
 
     python -m experiments.eos --layers 3 --lr 5
 
-Defaults: 300 full-batch GD steps on the first 2000 training examples (or all of a smaller
-dataset, with a warning; an explicit ``--num-examples`` larger than the dataset is an error), sharpness (20
-warm-started Lanczos iterations) every 20 steps, a checkpoint every 100 steps. Measured on the
-shared 2-core CPU (Fashion-MNIST 0/1 fallback): 17 s wall (25 s CPU), compilation included;
-at 12,000 images sharpness tracking is 23-24 % of a run (benchmarks/bench_main.py). Sweeps:
-``--lr 1 2 5 --seed 0 1`` runs the product of the lists as one vmapped program, a few lanes at a
-time when all at once would not fit the memory a CPU call keeps (``--lane-batch auto``, the default;
-benchmarks/bench_sweep.py). Presets reproduce the figures, printing what they found::
+Defaults: seeds 0-4 with k = 1 and k = 3 as ten lanes of one sweep, 200 full-batch GD steps on
+the first 2000 training examples (or all of a smaller dataset, with a warning; an explicit
+``--num-examples`` larger than the dataset is an error), the sharpness (warm-started Lanczos to
+1e-3) every 20 steps with every other sample one step later, a checkpoint every 100 steps. The
+summary gives each seed's regime (:func:`eos_jax.stability.regime`), the counts per regime and
+RelL1(k=1, k=3) per seed, and says which seeds amplified the last-bit perturbation. Sweeps:
+``--lr 1 2 5 --seed 0 1`` runs the product of the lists as one vmapped program. ``--loss-goal`` /
+``--acc-goal`` stop each lane at Cohen et al.'s goal. Presets reproduce the figures, printing
+what they found::
 
-    python -m experiments.eos --preset fig7     # 1 vs 3 layers, lr 1 2 5 (~4 min)
+    python -m experiments.eos --preset fig7     # 1 vs 3 layers, lr 1 2 5 and above, seeds 0-4
     python -m experiments.eos --preset fig8     # fc-tanh 2 vs 4 layers, 2000 steps; lr 2/150 on CIFAR-5k, 2/30 on fallbacks
-    python -m experiments.eos --preset fig9     # wd 5e-4, 1 vs 2 layers, lr sweep -> stability boundary
-    python -m experiments.eos --preset fig7-readings  # Figure 7 under 8 readings (pool x inputs x loss)
+    python -m experiments.eos --preset fig9     # wd 5e-4, 1 vs 2 layers, lr sweep -> stability boundary per seed
+    python -m experiments.eos --preset fig7-readings  # Figure 7 under init x loss readings, seeds 0-4
 
 Figures 7 and 9 take their learning rates from 2/lambda_max at initialization, measured on the
 data found (recorded with the rule in preset.json); ``--lr`` overrides that.

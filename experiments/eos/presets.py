@@ -54,7 +54,7 @@ class Preset:
 # sharpening on CIFAR-5k ends. On other data the sharpening ends elsewhere: on the Fashion-MNIST
 # fallback (5000 examples, standardized) the 2-layer net at lr 2/150 reaches only lr*lambda = 0.36
 # in 2000 steps (lambda ~ 27), while at lr 2/30 it reaches lr*lambda = 2 by step ~450 and then
-# hovers at 2.0-2.7 (measured, issue 9). So the rate is scaled to the sharpening of the data found.
+# hovers at 2.0-2.7 (measured). So the rate is scaled to the sharpening of the data found.
 FIG8_LRS = {"cifar10_5k": 2.0 / 150.0}
 FIG8_DEFAULT_LR = 2.0 / 30.0
 FIG8_LR_REASON = {

@@ -7,7 +7,7 @@ experiment's ``run_*(config, out_dir)`` (:mod:`experiments.pde.heat`, ``.beltram
 :mod:`experiments.pde.__main__` (it hands :func:`eos_jax.runtime.configure` to :func:`main`),
 never here.
 
-Several processes (issue 12): every subcommand takes the coordinator flags of
+Several processes: every subcommand takes the coordinator flags of
 :func:`eos_jax.cli.add_distributed_arguments` (``--coordinator HOST:PORT --num-processes N
 --process-id I``, ``--join-timeout``, ``--heartbeat-timeout``, or ``$EOS_JAX_*``). What runs
 where: ``nonlinear``'s ``dt x k`` lanes are sharded over the devices of every process by the

@@ -55,7 +55,7 @@ def nonlinear_problem(config: NonlinearConfig) -> tuple[tr.Problem, list[tr.Lane
     that of (7). The sharpness runs exactly ``config.sharpness_iters`` Lanczos products
     (no tolerance) every ``config.sharpness_every`` steps.
 
-    Example:
+    Examples:
       >>> from eos_jax.pde.nonlinear import NonlinearConfig
       >>> problem, lanes, engine, model = nonlinear_problem(NonlinearConfig(dts=(0.01, 0.1), size=8, kernel=3))
       >>> [(l.learning_rate, l.k) for l in lanes]

@@ -1,4 +1,4 @@
-"""Floating-point sensitivity experiments of Section 4 and Appendices B-C (issue 11).
+"""Floating-point sensitivity experiments of Section 4 and Appendices B-C.
 
 ``python -m experiments.sensitivity`` (:mod:`~experiments.sensitivity.cli`, presets ``paper-*`` and
 ``cpu``) trains every (batch-order seed, k) of one configuration as lanes of the training engine

@@ -38,7 +38,7 @@ class PairRow:
       digest_a, digest_b: SHA-256 of each run's parameters (:func:`eos_jax.metrics.tree_digest`).
       accuracy_a, accuracy_b: final test accuracies when given (Tables 4-5 report them), else None.
 
-    Example:
+    Examples:
       >>> from experiments.sensitivity.determinism import PairRow
       >>> PairRow("k=1", "k=2", True, 0, 4, 0, "ab", "ab").verdict
       'bitwise equal'
@@ -81,7 +81,7 @@ def determinism_table(
     Raises:
       ValueError: a label not in ``runs``, or two runs of different structure, dtypes or shapes.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from experiments.sensitivity.determinism import determinism_table
       >>> w = np.float32([1.0, 2.0, 3.0])
@@ -129,7 +129,7 @@ def power_of_two_pairs(ks: Sequence[int]) -> list[tuple[int, int]]:
 
     "for any integer k, results on k' and k will have the same trajectories" (Appendix B).
 
-    Example:
+    Examples:
       >>> from experiments.sensitivity.determinism import power_of_two_pairs
       >>> power_of_two_pairs([1, 3, 2, 4, 6, 12, 10])
       [(1, 2), (1, 4), (3, 6), (3, 12)]
@@ -151,7 +151,7 @@ def power_of_two_pairs(ks: Sequence[int]) -> list[tuple[int, int]]:
 def determinism_markdown(rows: Sequence[PairRow], digits: int = 2, digest_chars: int = 16) -> str:
     """Tables 4-5 as Markdown: one line per pair, digests cut to ``digest_chars`` hex digits.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from experiments.sensitivity.determinism import determinism_markdown, determinism_table
       >>> w = {"w": np.float32([1.0])}
@@ -182,7 +182,7 @@ def determinism_markdown(rows: Sequence[PairRow], digits: int = 2, digest_chars:
 def write_determinism(rows: Sequence[PairRow], path: str | os.PathLike, digits: int = 2) -> str:
     """Writes :func:`determinism_markdown` (full digests) to ``path`` atomically; returns the path.
 
-    Example:
+    Examples:
       >>> import os, tempfile, numpy as np
       >>> from experiments.sensitivity.determinism import determinism_table, write_determinism
       >>> rows = determinism_table({"a": np.float32([1.0]), "b": np.float32([1.0])}, [("a", "b")])

@@ -53,7 +53,7 @@ def rel_l1_layers(a: Any, b: Any, level: int = 1) -> dict[str, Any]:
       ``{"network": float, "layers": {name: float}, "leaves": {name: float}}``; names are
       ``jax.tree_util.keystr`` of the path, in tree order.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from experiments.sensitivity.measures import rel_l1_layers
       >>> a = {"conv": {"w": np.float32([1.0, 2.0]), "b": np.float32([0.0])}, "fc": {"w": np.float32([1.0])}}
@@ -88,7 +88,7 @@ def rel_l1_to_k1(params_by_k: Mapping[Any, Any], level: int = 1) -> dict[Any, di
     Returns:
       ``{k: rel_l1_layers(params_by_k[1], params_by_k[k])}`` for every k other than 1, in order.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from experiments.sensitivity.measures import rel_l1_to_k1
       >>> w = np.float32([1.0, 2.0])
@@ -111,7 +111,7 @@ class Fluctuation:
       n_used: M, the components with ``x_i != 0``.
       n_total: all components.
 
-    Example:
+    Examples:
       >>> from experiments.sensitivity.measures import Fluctuation
       >>> Fluctuation(mean_rel=0.5, norm_rel=0.25, n_used=3, n_total=4).n_zero
       1
@@ -154,7 +154,7 @@ def gradient_fluctuation(x: Any, y: Any) -> Fluctuation:
     Returns:
       A :class:`Fluctuation`.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from experiments.sensitivity.measures import gradient_fluctuation
       >>> f = gradient_fluctuation({"w": np.array([1.0, -2.0, 0.0])}, {"w": np.array([1.5, -2.0, 0.0])})
@@ -190,7 +190,7 @@ def batch_selection_fluctuation(batch_grads: Sequence[Any], sample_grad: Any) ->
     Returns:
       :func:`gradient_fluctuation` ``(x, y)``.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from experiments.sensitivity.measures import batch_selection_fluctuation
       >>> gs = [{"w": np.float32([1.0, 2.0])}, {"w": np.float32([3.0, 2.0])}]  # x = [2, 2]
@@ -215,7 +215,7 @@ def float_fluctuation(update_k1: Any, update_k: Any) -> Fluctuation:
     :func:`eos_jax.optim.perturbed_scale` with k=1 and with k), not the gradients of two
     diverged runs.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from experiments.sensitivity.measures import float_fluctuation
       >>> g, lr, k = np.float32([0.3, -0.7, 1.1]), np.float32(0.1), np.float32(3)
@@ -232,7 +232,7 @@ def median_over_epochs(values: Sequence[Fluctuation]) -> Fluctuation:
     Medians of ``mean_rel`` and ``norm_rel`` taken separately (NumPy's median: the mean of the
     two middle values for an even count); ``n_used`` and ``n_total`` are the smallest seen.
 
-    Example:
+    Examples:
       >>> from experiments.sensitivity.measures import Fluctuation, median_over_epochs
       >>> fs = [Fluctuation(0.1, 0.2, 4, 4), Fluctuation(0.3, 0.1, 3, 4), Fluctuation(0.2, 0.4, 4, 4)]
       >>> median_over_epochs(fs)

@@ -48,7 +48,7 @@ def final_accuracy(history: Any, last: int = FINAL_EPOCHS) -> np.ndarray:
     Returns:
       ``history`` without its last axis, float64.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from experiments.sensitivity.tables import final_accuracy
       >>> final_accuracy(np.array([[10.0, 20.0, 30.0], [1.0, 2.0, 4.0]]), last=2)
@@ -79,7 +79,7 @@ class Table1:
       mean_std_over_seeds: mean over k of ``std_over_seeds``.
       mean: mean of all accuracies.
 
-    Example:
+    Examples:
       >>> from experiments.sensitivity.tables import table1
       >>> t = table1([[90.0, 92.0]], seeds=[0], ks=[1, 3])
       >>> t.std_over_k.tolist(), t.mean
@@ -122,7 +122,7 @@ def table1(acc: Any, seeds: Sequence[Any] | None = None, ks: Sequence[Any] | Non
       ValueError: ``acc`` is not a finite 2-D array, the labels do not match its shape, ``ddof``
         is not 0 or 1, or ``ddof=1`` with a single seed or a single k.
 
-    Example:
+    Examples:
       Two seeds x three k (population STD):
 
       >>> from experiments.sensitivity.tables import table1
@@ -178,7 +178,7 @@ def table1_grid(t: Table1) -> tuple[list[str], list[list[Any]]]:
     Returns:
       ``(header, rows)``; numbers are Python floats.
 
-    Example:
+    Examples:
       >>> from experiments.sensitivity.tables import table1, table1_grid
       >>> header, rows = table1_grid(table1([[90.0, 92.0], [91.0, 91.0]], seeds=["a", "b"]))
       >>> header
@@ -198,7 +198,7 @@ def table1_grid(t: Table1) -> tuple[list[str], list[list[Any]]]:
 def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]], digits: int = 2) -> str:
     """A GitHub Markdown table; floats with ``digits`` decimals, None as an empty cell.
 
-    Example:
+    Examples:
       >>> from experiments.sensitivity.tables import markdown_table
       >>> print(markdown_table(["k", "acc"], [[1, 93.456], [3, None]]))
       | k | acc |
@@ -222,7 +222,7 @@ def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]], digits:
 def table1_markdown(t: Table1, digits: int = 2) -> str:
     """Table 1 (left) as Markdown, with a line saying which STD and the two averages.
 
-    Example:
+    Examples:
       >>> from experiments.sensitivity.tables import table1, table1_markdown
       >>> print(table1_markdown(table1([[90.0, 92.0]], ks=[1, 3])))
       | k | seed 0 | mean over seeds | STD over seeds |
@@ -246,7 +246,7 @@ def table1_markdown(t: Table1, digits: int = 2) -> str:
 def table1_csv(t: Table1) -> str:
     """Table 1 (left) as CSV, the grid of :func:`table1_grid` at full precision (``repr`` floats).
 
-    Example:
+    Examples:
       >>> from experiments.sensitivity.tables import table1, table1_csv
       >>> print(table1_csv(table1([[90.0, 92.0]], ks=[1, 3])), end="")
       k,seed 0,mean over seeds,STD over seeds
@@ -270,7 +270,7 @@ def write_table1(t: Table1, directory: str | os.PathLike, stem: str = "table1", 
     Returns:
       The two paths written.
 
-    Example:
+    Examples:
       >>> import os, tempfile
       >>> from experiments.sensitivity.tables import table1, write_table1
       >>> d = tempfile.mkdtemp()
@@ -293,7 +293,7 @@ def comparison_markdown(t: Table1, float_fluctuation: float, batch_fluctuation: 
       batch_fluctuation: relative gradient fluctuation of batch selection (footnote 5,
         :func:`experiments.sensitivity.measures.batch_selection_fluctuation`, median over epochs).
 
-    Example:
+    Examples:
       >>> from experiments.sensitivity.tables import comparison_markdown, table1
       >>> print(comparison_markdown(table1([[90.0, 92.0], [90.0, 91.0]]), 3.1e-8, 0.42))
       | source | relative gradient error | test accuracy STD |

@@ -16,7 +16,7 @@ from eos_jax.pde.linear.theory import C128, F64, Operator, data_scale, image_bar
 def scaled_operator(op: Operator, q: float) -> Operator:
     """``q M`` (the data term of a mean pooling when ``q = 1/P``); ``op`` itself when ``q == 1``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.pde import linear
       >>> double = lambda k: 2.0 * k
@@ -35,7 +35,7 @@ def valid_correlation(kernel: jax.Array, image: jax.Array) -> jax.Array:
 
     Deep-learning libraries' convolution; the direct reference for the FFT operators.
 
-    Example:
+    Examples:
       ``K = [[1, 0], [0, -1]]`` gives ``I(x) - I(x + (1, 1))``, ``-5`` on a 4x4 ``arange``:
 
       >>> import jax, jax.numpy as jnp
@@ -70,7 +70,7 @@ def make_windowed_operator(image: jax.typing.ArrayLike, w: int) -> Operator:
     Returns:
       A jittable linear map ``(w, w) float64 -> (w, w) float64`` (symmetric PSD).
 
-    Example:
+    Examples:
       On the pixel checkerboard ``M = (n - w + 1)^2 chi chi^T``, so ``chi`` (the window's own
       checkerboard, ``||chi||^2 = w^2``) is an eigenvector with eigenvalue ``6^2 * 3^2 = 324``
       for ``n = 8``, ``w = 3``:
@@ -112,7 +112,7 @@ def make_periodic_operator(image: jax.typing.ArrayLike) -> Operator:
 
     Diagonal in the DFT basis: ``DFT{M K} = K_hat |I_hat|^2`` (Eqs. (50)-(53)).
 
-    Example:
+    Examples:
       The 4x4 pixel checkerboard has ``|I_hat|^2 = 4**4`` at the Nyquist frequency and 0
       elsewhere: it scales itself by 256 and annihilates constants:
 
@@ -146,7 +146,7 @@ def linearized_loss(
     ``q`` is :func:`data_scale` of ``pool`` over the ``(n - w + 1)^2`` valid positions and
     ``Ibar`` :func:`image_bar` (defaults: as in the authors' ``single_layer/linear.py``).
 
-    Example:
+    Examples:
       ``jax.grad`` of the loss is the right-hand side of (10), written with the windowed ``M``:
 
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -176,7 +176,7 @@ def loss_from_operator(
 ) -> jax.Array:
     """The same loss written with ``M``: ``||K * I||^2 = <K, M K>``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax.pde import linear
       >>> from eos_jax.pde.common import checkerboard
@@ -215,7 +215,7 @@ def operator_extremes(
     Returns:
       :class:`eos_jax.eigen.Extremes`.
 
-    Example:
+    Examples:
       The windowed checkerboard operator against its closed form
       (:func:`checkerboard_window_extremes`):
 
@@ -248,7 +248,7 @@ def checkerboard_window_extremes(n: int, w: int) -> tuple[float, float]:
     ``M = (n - w + 1)^2 chi chi^T``, so ``mu_max = (n - w + 1)^2 w^2`` and ``mu_min = 0``
     (``w >= 2``; for ``w = 1`` both equal ``n^2``).
 
-    Example:
+    Examples:
       >>> from eos_jax.pde import linear
       >>> linear.checkerboard_window_extremes(8, 3), linear.checkerboard_window_extremes(4, 1)
       ((0.0, 324.0), (16.0, 16.0))

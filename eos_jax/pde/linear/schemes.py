@@ -1,7 +1,5 @@
 """Time discretizations of (10): forward Euler (11) and semi-implicit Nesterov (16)-(17), their simulation and the
 empirical stability bounds on alpha (bisection on simulated runs, Table 2 / Table 9).
-
-Length: most of this module is docstrings with runnable examples (issue 10); its code is 226 lines.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ from eos_jax.pde.linear.theory import (
 class SchemeState(NamedTuple):
     """State of the two schemes: current and previous kernel (previous unused by "gd").
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.pde.linear import SchemeState
       >>> state = SchemeState(kernel=jnp.zeros((2, 2)), prev_kernel=jnp.ones((2, 2)))
@@ -61,7 +59,7 @@ def make_step(
     Returns:
       ``step(state, alpha) -> state`` (jittable, vmappable over ``alpha``).
 
-    Example:
+    Examples:
       A ``1 x 1`` kernel on the 4x4 pixel checkerboard has ``M = 16``; with ``a = -1/2``,
       ``Ibar = 0`` and ``alpha = 10`` the gradient at ``K = 1`` is ``-4 + 10 = 6``, so one
       forward-Euler step with ``dt = 0.01`` gives ``1 - 0.06``:
@@ -108,7 +106,7 @@ def simulate(
 ) -> tuple[SchemeState, jax.Array]:
     """Runs ``num_steps`` steps from ``kernel0`` (``K^{-1} = K^0``) in a ``lax.scan``; returns final state and records.
 
-    Example:
+    Examples:
       The setting of :func:`make_step`: each step multiplies ``K`` by ``A = 1 - dt z = 0.94``
       (Eq. (13), ``z = alpha + (a beta/2) mu = 10 - 4``):
 
@@ -135,7 +133,7 @@ def make_instability_test(
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``is_unstable(kernel0, alpha) -> bool`` by simulation (see :func:`is_unstable` for the rule).
 
-    Example:
+    Examples:
       In the setting of :func:`make_step` forward Euler is stable iff ``0 < dt (alpha - 4) < 2``,
       i.e. ``4 < alpha < 204``:
 
@@ -183,7 +181,7 @@ def is_unstable(test: Callable[[jax.Array, jax.Array], jax.Array], kernel0: jax.
     seen when ``eps`` exceeds roughly the decaying modes' weight at ``3N/4``, i.e.
     ``N`` must be long against ``1/(1 - |A_2|)`` (the second largest mode).
 
-    Example:
+    Examples:
       Stable iff ``4 < alpha < 204`` (see :func:`make_instability_test`):
 
       >>> import jax, jax.numpy as jnp
@@ -220,7 +218,7 @@ def bisect_bounds(
       dict with ``alpha_min``, ``alpha_max`` (midpoints of the final brackets; ``None``
       when no stable alpha was found at ``scale``), brackets, rounds and simulations run.
 
-    Example:
+    Examples:
       Bisection recovers the exact interval ``(4, 204)`` of the setting of :func:`make_step`
       to the relative tolerance:
 
@@ -323,7 +321,7 @@ class LinearConfig:
       rel_tol: relative bracket width at which bisection stops.
       plot_steps: iterations of the Figure-4 runs.
 
-    Example:
+    Examples:
       >>> from eos_jax.pde.linear import LinearConfig
       >>> LinearConfig().kernels, LinearConfig().dt, LinearConfig(scheme="nesterov").momentum
       ((16, 32, 64), 1e-08, 0.9)
@@ -385,7 +383,7 @@ def analyze_window(
 ) -> dict[str, Any]:
     """Empirical bounds of the windowed scheme for one kernel size, by bisection and by spectrum.
 
-    Example:
+    Examples:
       A ``1 x 1`` kernel on the 4x4 pixel checkerboard (``M = 16``): the spectral bounds are
       exact, the simulated ones agree to the bisection's tolerance:
 

@@ -31,7 +31,7 @@ def nesterov_coefficients(dt: float, momentum: float) -> tuple[float, float]:
     Returns:
       ``(d, s)`` with ``d = 2 (1 - m)/((1 + m) dt)`` and ``s = 2 dt^2/(2 + d dt)``.
 
-    Example:
+    Examples:
       ``s = (1 + m) dt^2 / 2``:
 
       >>> from eos_jax.pde import linear
@@ -58,7 +58,7 @@ def z_bound(scheme: str, dt: float, momentum: float = 0.9, *, form: str = "exact
     Returns:
       ``Z`` as a Python float.
 
-    Example:
+    Examples:
       At ``m = 0.9`` the exact Nesterov bound ``4/2.8`` is 7% above the paper's ``4/3``:
 
       >>> from eos_jax.pde import linear
@@ -105,7 +105,7 @@ def alpha_bounds(
       ``(alpha_min, alpha_max)``; the scheme is stable iff ``alpha_min < alpha < alpha_max``
       (an empty interval when ``alpha_min >= alpha_max``).
 
-    Example:
+    Examples:
       Eq. (14) with ``a = -1/2``, ``beta = 1``: ``alpha_min = max mu / 4`` and
       ``alpha_max = 2/dt - min mu / 4``:
 
@@ -133,7 +133,7 @@ def amplifier(z: jax.typing.ArrayLike, *, scheme: str, dt: float, momentum: floa
     Returns:
       ``A`` (float64) for "gd"; the dominant root (complex128) for "nesterov".
 
-    Example:
+    Examples:
       Forward Euler: ``A = 1 - dt z`` (float64, so x64 must be on); Nesterov at
       ``m = 0.9`` crosses ``|A| = 1`` at ``z = 4/(2.8 dt^2)``:
 
@@ -163,7 +163,7 @@ def amplifier(z: jax.typing.ArrayLike, *, scheme: str, dt: float, momentum: floa
 def image_spectrum(image: jax.typing.ArrayLike) -> jax.Array:
     """``|I_hat(omega)|^2`` on the full DFT grid (unnormalized DFT, as in Section 3.1), float64.
 
-    Example:
+    Examples:
       The pixel checkerboard's energy is all at the Nyquist frequency: ``n**4`` there:
 
       >>> import jax, numpy as np
@@ -182,7 +182,7 @@ def image_spectrum(image: jax.typing.ArrayLike) -> jax.Array:
 def data_scale(pool: str, positions: int) -> float:
     """Factor ``q`` of the data term ``beta (K * I) * I``: ``1/positions`` for "mean", 1 for "sum".
 
-    Example:
+    Examples:
       >>> from eos_jax.pde import linear
       >>> linear.data_scale("mean", 4), linear.data_scale("sum", 4)
       (0.25, 1.0)
@@ -195,7 +195,7 @@ def data_scale(pool: str, positions: int) -> float:
 def image_bar(image: jax.typing.ArrayLike, ibar: str) -> float:
     """``Ibar`` of (10): the image mean (``ibar="mean"``, as in linear.py) or its sum (the paper's text).
 
-    Example:
+    Examples:
       >>> import jax, numpy as np
       >>> from eos_jax.pde import linear
       >>> with jax.enable_x64(True):
@@ -225,7 +225,7 @@ def theory_bounds(
     With ``pool="mean"`` the periodic data term is averaged over the ``n^2`` positions of
     the torus, so ``|I_hat|^2`` enters as ``|I_hat|^2 / n^2``.
 
-    Example:
+    Examples:
       Table 2's periodic setting (256 x 256 pixel checkerboard, ``dt = 1e-8``,
       ``a = -1/2``): ``alpha_min = 256**4 / 4`` exceeds ``alpha_max = 2/dt``, an empty interval:
 

@@ -1,6 +1,4 @@
 """The one-layer CNN of the non-linear PDE (9): Swish regimes (Table 3), the cnn model and loss (6)-(7), the config.
-
-Length: most of this module is docstrings with runnable examples (issue 10); its code is 168 lines.
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ def swish_prime(x: jax.typing.ArrayLike, beta: float = 1.0) -> jax.Array:
     The form with the sigmoid ``s = s(beta x)`` is Eq. (45) rewritten so that it does not
     overflow (``e^{-beta x}`` in (45) is ``inf`` for large negative ``x``).
 
-    Example:
+    Examples:
       ``r'(0) = 1/2``, and the formula agrees with autodiff of Swish:
 
       >>> import jax, numpy as np
@@ -70,7 +68,7 @@ def regime_threshold(beta: float = 1.0, tol: float = 0.05) -> float:
     Returns:
       ``eps`` as a Python float.
 
-    Example:
+    Examples:
       >>> import jax
       >>> from eos_jax.pde.nonlinear.model import regime_threshold, swish_prime
       >>> eps = regime_threshold()
@@ -104,7 +102,7 @@ def regime_fractions(pre_activation: jax.Array, eps: float) -> jax.Array:
     Returns:
       ``(3,)`` array in the input's dtype: (activated, transitioning, not activated).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp
       >>> from eos_jax.pde.nonlinear.model import regime_fractions
       >>> jax.jit(regime_fractions)(jnp.array([2.0, 0.5, -0.1, -3.0]), 0.87).tolist()
@@ -121,7 +119,7 @@ def regime_fractions(pre_activation: jax.Array, eps: float) -> jax.Array:
 def valid_correlation(kernel: jax.Array, image: jax.Array) -> jax.Array:
     """``(K * I)(x) = sum_z K(z) I(x + z)`` over valid positions, in the kernel's dtype (lax.conv).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.pde.nonlinear.model import valid_correlation
       >>> r = valid_correlation(jnp.array([[1.0, 0.0], [0.0, -1.0]]), jnp.arange(9.0).reshape(3, 3))
@@ -141,7 +139,7 @@ def valid_correlation(kernel: jax.Array, image: jax.Array) -> jax.Array:
 def num_positions(size: int, kernel: int) -> int:
     """``P = (n - w + 1)^2``: the valid output positions the global pooling runs over.
 
-    Example:
+    Examples:
       The paper's 256 x 256 image and 32 x 32 kernel:
 
       >>> from eos_jax.pde.nonlinear.model import num_positions
@@ -154,7 +152,7 @@ def num_positions(size: int, kernel: int) -> int:
 def pool_scale(pool: str, positions: int) -> float:
     """Factor of the data term: ``1/P`` for ``pool="mean"``, ``1`` for ``pool="sum"``.
 
-    Example:
+    Examples:
       >>> from eos_jax.pde.nonlinear.model import pool_scale
       >>> pool_scale("mean", 4), pool_scale("sum", 4)
       (0.25, 1.0)
@@ -190,7 +188,7 @@ def analytic_gradient(
     Returns:
       ``(w, w)`` gradient in the kernel's dtype.
 
-    Example:
+    Examples:
       Eq. (8) agrees with ``jax.grad`` of the ``cnn`` model's loss (7) (a 3 x 3 kernel on an
       8 x 8 checkerboard, float32):
 
@@ -217,7 +215,7 @@ def analytic_gradient(
 def make_model(kernel: int, *, beta: float = 1.0, pool: str = "mean", conv_impl: str = "auto", dtype: str = "float32"):
     """The one-layer ``cnn`` of Eq. (6): one ``kernel x kernel`` filter, Swish, global mean or sum, K ~ N(0, 1).
 
-    Example:
+    Examples:
       >>> from eos_jax.pde.nonlinear.model import make_model
       >>> model = make_model(32)
       >>> cfg = model.info["config"]
@@ -245,7 +243,7 @@ def make_model(kernel: int, *, beta: float = 1.0, pool: str = "mean", conv_impl:
 def make_batch(image: np.ndarray, label: int, dtype: Any = np.float32) -> dict[str, jax.Array]:
     """The one-example dataset ``{"x": (1, n, n, 1), "y": (1,) int32}``.
 
-    Example:
+    Examples:
       >>> from eos_jax.pde.common import checkerboard
       >>> from eos_jax.pde.nonlinear.model import make_batch
       >>> batch = make_batch(checkerboard(8), 1)
@@ -259,7 +257,7 @@ def make_batch(image: np.ndarray, label: int, dtype: Any = np.float32) -> dict[s
 def kernel_of(params: PyTree) -> jax.Array:
     """The ``(w, w)`` kernel of the one-layer model's params (its only leaf).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp
       >>> from eos_jax.pde.nonlinear.model import kernel_of
       >>> kernel_of({"conv0": {"kernel": jnp.ones((3, 3, 1, 1))}}).shape
@@ -281,7 +279,7 @@ LossParts = Callable[[PyTree, dict], tuple[jax.Array, tuple[jax.Array, jax.Array
 def make_loss_parts(model: Any, alpha: float) -> LossParts:
     """``(params, batch) -> (L, (BCE, logit))`` for the loss (7) with weight decay in the loss.
 
-    Example:
+    Examples:
       At ``K = 0`` the logit is 0 and the loss is ``BCE(s(0), 1) = log 2``:
 
       >>> import jax, jax.numpy as jnp
@@ -307,7 +305,7 @@ def make_loss_parts(model: Any, alpha: float) -> LossParts:
 def make_loss_fn(model: Any, alpha: float) -> Callable[[PyTree, dict], jax.Array]:
     """``loss_fn(params, batch) -> L(K)`` of Eq. (7) (the form :mod:`eos_jax.hessian` takes).
 
-    Example:
+    Examples:
       The weight decay ``(alpha/2) ||K||^2`` is in the loss. On the pixel checkerboard the
       kernel with two horizontal ones has ``K * I = I(x) + I(x + (0, 1)) = 0``, so the logit is 0
       and the loss is ``log 2 + (alpha/2) * 2``:
@@ -356,7 +354,7 @@ class NonlinearConfig:
       pool: global pooling over the ``(n - w + 1)^2`` output positions: "mean" (default,
         the authors' ``AvgPooling`` in ``single_layer/PySun.py``) or "sum".
 
-    Example:
+    Examples:
       >>> from eos_jax.pde.nonlinear.model import NonlinearConfig
       >>> config = NonlinearConfig()
       >>> config.k, config.kernel, config.size, config.num_window

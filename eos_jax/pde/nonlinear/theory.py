@@ -4,8 +4,6 @@ The pixel checkerboard reduces gradient descent (9) to a 1-D map of ``c = <K, ch
 :func:`checkerboard_loss_1d`, its minima and orbit; :func:`theory` gathers the bounds of
 Table 3 (not activated, activated, transitioning, with the windowed spectrum of
 :mod:`eos_jax.pde.linear`).
-
-Length: most of this module is docstrings with runnable examples (issue 10); its code is 256 lines.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ def oscillation(values: np.ndarray) -> float:
     the ``W`` values: 0 for a monotone sequence, ``~ 2A/m`` for a period-2 oscillation of
     amplitude ``A`` around ``m``. NaN if any value is not finite.
 
-    Example:
+    Examples:
       A period-2 oscillation between 1 and 2: ``TV = 5``, net change 1, ``W = 6``, mean 1.5:
 
       >>> import numpy as np
@@ -54,7 +52,7 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     window short of the end, this one keeps every full window (``len - window + 1``
     values; none when the series is shorter). A NaN in a window gives NaN.
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from eos_jax.pde.nonlinear.theory import moving_average
       >>> moving_average(np.arange(5.0), 2).tolist(), moving_average(np.arange(5.0), 9).shape
@@ -70,7 +68,7 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
 def classification_rule(config: NonlinearConfig) -> str:
     """The classification rule in words, with this run's levels.
 
-    Example:
+    Examples:
       >>> from eos_jax.pde.nonlinear.model import NonlinearConfig
       >>> from eos_jax.pde.nonlinear.theory import classification_rule
       >>> classification_rule(NonlinearConfig(steps=100))[:60]
@@ -100,7 +98,7 @@ def classify(
     Returns:
       ``(class, evidence)`` where evidence holds the measured quantities.
 
-    Example:
+    Examples:
       A flat loss is "stable" unless the perturbation is amplified (RelL1 above
       ``rel_l1_level``) or a lane went non-finite:
 
@@ -171,7 +169,7 @@ def checkerboard_loss_1d(
       ``K_perp = 0``), ``grad_c`` (its derivative in ``c``) and ``lambda_chi``
       (``w^2 l''(c) + alpha``, the Hessian eigenvalue along ``chi``).
 
-    Example:
+    Examples:
       At ``c = 0`` (``n = 8``, ``w = 3``, mean pooling, ``y = 1``): ``g = 0``, the loss is
       ``log 2``, and ``lambda_chi = w^2 (s(0) - 1) g''(0) + alpha = 9 (-1/2)(1/2) + 20``:
 
@@ -221,7 +219,7 @@ def checkerboard_minima(
       One dict per minimum (ascending ``c``): ``c``, ``logit_g``, ``a`` (``y_hat - y``),
       ``lambda_chi``, ``lambda_max``, ``dt_max`` (``2/lambda_max``).
 
-    Example:
+    Examples:
       The paper's setting (256 x 256, ``w = 32``, ``alpha = 20``, mean pooling): two
       symmetric minima, at which GD is stable only for ``dt`` below about 0.032, under
       every ``dt`` of Figure 5 but the smallest:
@@ -293,7 +291,7 @@ def checkerboard_orbit(
       Per ``dt`` key a dict: ``predicted``, ``period`` (1..max_period, None if aperiodic),
       ``c_range``, ``max_dt_lambda``, ``max_dt_lambda_sampled``.
 
-    Example:
+    Examples:
       The paper's setting: below the minima's bound (0.032, :func:`checkerboard_minima`) GD
       converges, above it the orbit stays bounded but never settles, and ``dt alpha >= 2``
       diverges:
@@ -388,7 +386,7 @@ def theory(
     Returns:
       A JSON-able dict (per-dt booleans under ``per_dt``).
 
-    Example:
+    Examples:
       An 8 x 8 pixel checkerboard with a 3 x 3 kernel (float64: x64 must be on): the
       windowed ``M`` has ``mu_max = 6^2 * 3^2 = 324``, and ``dt = 0.11`` breaks the
       not-activated bound ``2/alpha = 0.1``:
@@ -474,7 +472,7 @@ def theory(
 def dt_key(dt: float) -> str:
     """The JSON key of a step size.
 
-    Example:
+    Examples:
       >>> from eos_jax.pde.nonlinear.theory import dt_key
       >>> dt_key(0.05), dt_key(1e-8)
       ('0.05', '1e-08')
@@ -485,7 +483,7 @@ def dt_key(dt: float) -> str:
 def chi(kernel: int) -> np.ndarray:
     """``chi(z) = (-1)^(z1+z2)`` on the ``kernel x kernel`` window (float64).
 
-    Example:
+    Examples:
       >>> from eos_jax.pde.nonlinear.theory import chi
       >>> chi(3).astype(int).tolist()
       [[1, -1, 1], [-1, 1, -1], [1, -1, 1]]
