@@ -249,7 +249,9 @@ def test_lane_batch_runs_the_same_lanes_deterministically():
 
     rs = np.random.RandomState(0)
     x, y = rs.rand(16, 8, 8, 1).astype(np.float32), rs.randint(0, 2, 16).astype(np.int32)
-    cfg = eos.default_config("cnn", layers=2, lr=(5.0,), num_examples=None, conv_impl="shifted")
+    # PyTorch's init: at these rates the N(0, 1) kernels' lanes are past the edge, where 3 steps amplify
+    # rounding differences beyond float32 rounding (what this test compares is the plumbing, not the dynamics).
+    cfg = eos.default_config("cnn", layers=2, lr=(5.0,), num_examples=None, conv_impl="shifted", init="pytorch")
     prob, _ = eos.build_problem(cfg, {"x": x, "y": y, "num_classes": 2})
     lrs = [1.0, 5.0, 20.0]
     init = jax.jit(jax.vmap(lambda h: tr.init_state(prob, h)))
