@@ -123,6 +123,14 @@ class RunWriteError(EosJaxError):
       reason: the operating system's words (``No space left on device``, ...).
       run_dir: the run directory.
       last_checkpoint: the newest committed checkpoint step of each lane group (``None``: none yet).
+
+    Examples:
+      >>> from eos_jax.errors import RunWriteError
+      >>> e = RunWriteError("runs/a/metrics.jsonl", "No space left on device", "runs/a", [300])
+      >>> print(e)
+      could not write runs/a/metrics.jsonl: No space left on device; the last complete checkpoint is step 300 in runs/a/checkpoints; make room there and resume the run
+      >>> e.exit_code
+      1
     """
 
     exit_code = 1

@@ -26,5 +26,10 @@ def test_docs_build_strict(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "WARNING" not in proc.stderr, proc.stderr[-4000:]
     api = (tmp_path / "site" / "api" / "index.html").read_text()
-    for name in ("eos_jax.hessian.top_eigenvalue", "eos_jax.optim.sgd", "eos_jax.stability.regime", "eos_jax.train.fit"):
+    for name in (
+        "eos_jax.hessian.top_eigenvalue",
+        "eos_jax.optim.sgd",
+        "eos_jax.stability.regime",
+        "eos_jax.train.fit",
+    ):
         assert name in api, name

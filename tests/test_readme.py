@@ -13,7 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-TEST_COMMAND = 'pip install -e ".[test]" && ruff check . && ruff format --check . && python -m pytest -n 2 --dist worksteal'
+TEST_COMMAND = (
+    'pip install -e ".[test]" && ruff check . && ruff format --check . && python -m pytest -n 2 --dist worksteal'
+)
 MAIN_COMMAND = "pip install -e . && python -m experiments.eos --layers 3 --lr 5"
 
 # Words about the work process, not the project (sessions, issue numbers, the machine it was written on).

@@ -90,7 +90,15 @@ conv.defvjp(_conv_fwd, _conv_bwd)
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def kernel_grad_nhw(g_NHW: Array, x_NHW: Array, shape: tuple[int, int]) -> Array:
-    """``dK[i, j] = sum(g * x[:, i:i+Ho, j:j+Wo])``: one full reduction per tap (the gradient's bits)."""
+    """``dK[i, j] = sum(g * x[:, i:i+Ho, j:j+Wo])``: one full reduction per tap (the gradient's bits).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.models.shifted import kernel_grad_nhw
+      >>> g = jnp.ones((1, 2, 2)); x = jnp.arange(9.0).reshape(1, 3, 3)
+      >>> kernel_grad_nhw(g, x, (2, 2)).tolist()  # the sum of each 2x2 window's shifted input
+      [[8.0, 12.0], [20.0, 24.0]]
+    """
     kh, kw = shape
     ho, wo = g_NHW.shape[1], g_NHW.shape[2]
     return jnp.stack(
@@ -126,7 +134,14 @@ def _kernel_grad_jvp(shape: tuple[int, int], primals: tuple[Array, Array], tange
 
 
 def kernel_grad_hwn(g: Array, x: Array, kh: int, kw: int) -> Array:
-    """``dK[i, j] = sum g * x[i:i+Ho, j:j+Wo]``, one full reduction per tap.
+    """``dK[i, j] = sum g * x[i:i+Ho, j:j+Wo]``, one full reduction per tap (batch-minor ``(H, W, n)`` arrays).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.models.shifted import kernel_grad_hwn
+      >>> g = jnp.ones((2, 2, 1)); x = jnp.arange(9.0).reshape(3, 3, 1)
+      >>> kernel_grad_hwn(g, x, 2, 2).tolist()
+      [[8.0, 12.0], [20.0, 24.0]]
 
     (Measured alternatives, 2-core CPU, value and gradient of 12,000 images: per-tap row
     sums first, 0.65-0.75 s CPU; an im2col matrix-vector product, 0.91 s; this, 0.63 s.)

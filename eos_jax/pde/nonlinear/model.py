@@ -1,5 +1,4 @@
-"""The one-layer CNN of the non-linear PDE (9): Swish regimes (Table 3), the cnn model and loss (6)-(7), the config.
-"""
+"""The one-layer CNN of the non-linear PDE (9): Swish regimes (Table 3), the cnn model and loss (6)-(7), the config."""
 
 from __future__ import annotations
 
