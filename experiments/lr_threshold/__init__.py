@@ -378,32 +378,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         edata.check_data_dir(args.data_dir)  # before anything is written
+        if args.preset == "cnn":
+            cfg, _ = cnn_settings(args)
+            job = lambda meta: run_cnn(cfg, out=args.out, resume=args.resume, quiet=args.quiet,  # noqa: E731
+                                       data_dir=args.data_dir, runtime_metadata=meta)  # fmt: skip
+        else:
+            scfg, lr0, ns, iterations = settings(args)
+            job = lambda meta: run(scfg, lr0, ns, iterations, out=args.out, resume=args.resume,  # noqa: E731
+                                   quiet=args.quiet, data_dir=args.data_dir, runtime_metadata=meta)  # fmt: skip
     except ConfigError as e:
         parser.error(cli.as_flags(str(e), ["data_dir"]))
-    if args.preset == "cnn":
-        try:
-            cfg, _ = cnn_settings(args)
-        except ConfigError as e:
-            parser.error(str(e))
-        meta = runtime.configure()
-        try:
-            run_cnn(
-                cfg, out=args.out, resume=args.resume, quiet=args.quiet, data_dir=args.data_dir, runtime_metadata=meta
-            )
-        except EosJaxError as e:
-            raise cli.name_flags(e, {"data_dir": "--data-dir", "resume": "--resume"}) from None
-        except tr.TrainingInterrupted as e:
-            print(f"{parser.prog}: {cli.as_flags(str(e), {'resume': '--resume'})}", file=sys.stderr)
-            return 128 + int(e.signum)
-        return 0
-    try:
-        cfg, lr0, ns, iterations = settings(args)
-    except ConfigError as e:
-        parser.error(str(e))
     meta = runtime.configure()
     try:
-        run(cfg, lr0, ns, iterations, out=args.out, resume=args.resume, quiet=args.quiet, data_dir=args.data_dir,
-            runtime_metadata=meta)  # fmt: skip
+        job(meta)
     except EosJaxError as e:
         raise cli.name_flags(e, {"data_dir": "--data-dir", "resume": "--resume"}) from None
     except tr.TrainingInterrupted as e:
