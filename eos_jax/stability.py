@@ -214,6 +214,9 @@ def format_counts(counts: dict[str, int], total: int) -> str:
 
 
 AMPLIFIED_FACTOR = 10.0
+# "Amplified to a macroscopic difference": RelL1 to the k = 1 twin of at least this, over 1,600 times float32's
+# unit roundoff 2^-24 (a last-bit difference in every weight is a RelL1 of about 6e-8).
+AMPLIFIED_REL_L1 = 1e-4
 
 
 def perturbation_verdict(rel: Any) -> dict[str, Any]:

@@ -845,3 +845,21 @@ def test_acc_goal_stops_lanes_and_is_recorded(tmp_path, capsys):
         if l["stop_step"] is not None:
             after = [r["loss"] for r in lines if r["lane"] == l["lane"] and r["step"] >= l["stop_step"]]
             assert len(set(after)) == 1, after  # frozen
+
+
+def test_automatic_groups_keep_every_perturbed_lane_with_its_twin():
+    """Lanes run learning rate slowest; automatic lane groups are whole learning-rate blocks (k x seed x wd), so
+    RelL1 to the k = 1 twin is always measured inside one program."""
+    from experiments import eos
+
+    cfg = eos.default_config("cnn", lr=(0.25, 0.5, 1.0, 2.0, 5.0, 10.0), k=(1, 3), seed=(0, 1, 2, 3, 4))
+    ec = cfg.engine_config()
+    assert ec.lane_multiple == 10 and ec.auto_lane_cap == 16
+    lanes = tr.make_lanes(list(cfg.lr), list(cfg.k), list(cfg.seed), list(cfg.weight_decay))
+    from eos_jax.train.core import first_width
+
+    assert first_width(len(lanes), ec) == 10  # the widest multiple of 10 under the cap
+    groups = tr.group_lanes(len(lanes), 10)
+    twins = tr.find_twins(lanes, groups)
+    assert all(t["in_group"] for l, t in zip(lanes, twins) if l.k != 1)
+    assert eos.default_config("cnn", k=(1,)).engine_config().lane_multiple == 1

@@ -184,6 +184,7 @@ def test_lr_threshold_cnn_preset_counts_verdicts_over_seeds(tmp_path, capsys, mo
         for s in r["seeds"]:
             assert s["verdict"] == perturbation_verdict(s["rel_l1"])["verdict"] and len(s["rel_l1"]) == 7
         assert r["amplified_seeds"] == sum(s["verdict"] == "amplified" for s in r["seeds"])
+        assert r["macroscopic_seeds"] == sum(s["rel_l1_end"] >= 1e-4 for s in r["seeds"])
     assert [p["seed"] for p in got["initial_sharpness"]["per_seed"]] == [0, 1]
 
 

@@ -228,6 +228,9 @@ class EosConfig:
             checkpoint_every=self.checkpoint_every,
             max_lanes=self.max_lanes,
             lane_batch=self.lane_batch,
+            # Lanes run learning rate slowest (eos_jax.train.make_lanes): automatic groups of whole
+            # learning-rate blocks keep every k != 1 lane with its k = 1 twin (RelL1 is measured in-program).
+            lane_multiple=len(self.k) * len(self.seed) * len(self.weight_decay) if len(self.k) > 1 else 1,
             loss_goal=self.loss_goal,
             acc_goal=self.acc_goal,
             auto_lane_cap=AUTO_LANE_CAP,

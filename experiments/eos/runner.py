@@ -19,6 +19,7 @@ from eos_jax import io as eio
 from eos_jax import train as tr
 from eos_jax.errors import RunDirError
 from eos_jax.stability import (
+    AMPLIFIED_REL_L1,
     CRITERION,
     REGIME_CRITERION,
     constant_loss,
@@ -138,9 +139,6 @@ def run(
 
 def _fmt(x: Any, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec)
-
-
-AMPLIFIED_REL_L1 = 1e-4  # "amplified": RelL1 to the k=1 twin over ~1700x float32's unit roundoff 2^-24
 
 
 def findings(lanes: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
