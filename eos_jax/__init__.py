@@ -33,12 +33,15 @@ The submodules are imported lazily, on first attribute access (PEP 562): ``impor
 eos_jax; eos_jax.hessian.top_eigenvalue`` works, while ``import eos_jax`` alone imports
 neither JAX, Flax nor matplotlib (seconds of import time) and changes no state. Nothing in
 the library configures the runtime at import; an entry point calls
-:func:`eos_jax.runtime.configure` before it computes anything.
+:func:`eos_jax.runtime.configure` before it computes anything. In a REPL or a notebook, where
+no entry point does, ``import eos_jax`` says so in one line (:data:`CONFIGURE_HINT`).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
@@ -89,6 +92,22 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the modules load on
         stability,
         train,
     )
+
+
+CONFIGURE_HINT = (
+    "eos-jax: call eos_jax.runtime.configure() before the first JAX array: x64, exact float32 matmuls, "
+    "XLA:CPU's Eigen convolutions and the host-memory reuse that makes CPU steps several times faster "
+    "(EOS_JAX_QUIET=1 hides this line)"
+)
+
+
+def _interactive() -> bool:
+    """A REPL or a notebook kernel (where no entry point calls ``runtime.configure()`` for the user)."""
+    return hasattr(sys, "ps1") or "ipykernel" in sys.modules or "IPython" in sys.modules
+
+
+if _interactive() and os.environ.get("EOS_JAX_QUIET", "") in ("", "0"):
+    print(CONFIGURE_HINT, file=sys.stderr)
 
 
 def __getattr__(name: str) -> Any:

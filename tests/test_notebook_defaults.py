@@ -1,4 +1,4 @@
-"""The public API under JAX's defaults, as a notebook user calls it (issue 10, correctness 7).
+"""The public API under JAX's defaults, as a notebook user calls it.
 
 The suite's conftest turns x64 on and dtype promotion to strict for every in-process test, so
 nothing else checks what a user with a fresh interpreter gets. One child process starts with a
@@ -122,3 +122,20 @@ def test_public_api_under_jax_defaults_is_float32_and_leaves_the_process_as_it_f
     r = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "UNCHANGED (False, 'standard', 'svg')", r.stdout[-2000:]
+
+
+@pytest.mark.subprocess
+def test_an_interactive_import_says_once_how_to_configure():
+    """In a REPL or notebook (no entry point calls runtime.configure()), `import eos_jax` prints one line naming
+    it; a script (the command lines) prints nothing, and EOS_JAX_QUIET=1 silences the REPL's line."""
+    from eos_jax import CONFIGURE_HINT
+
+    env = {k: v for k, v in os.environ.items() if k != "EOS_JAX_QUIET"}
+    repl = "import sys; sys.ps1 = '>>> '; import eos_jax; from eos_jax import stability"
+    for code, quiet, want in ((repl, "0", 1), ("import eos_jax", "0", 0), (repl, "1", 0)):
+        proc = subprocess.run(
+            [sys.executable, "-c", code], env={**env, "EOS_JAX_QUIET": quiet}, capture_output=True, text=True
+        )
+        assert proc.returncode == 0 and proc.stderr.count(CONFIGURE_HINT) == want, (code, quiet, proc.stderr)
+        assert proc.stderr.count("\n") == want
+    assert "eos_jax.runtime.configure()" in CONFIGURE_HINT
