@@ -119,6 +119,16 @@ def test_preset_writes_every_file_and_prints_findings(preset, variants, tmp_path
                 st = [l["learning_rate"] for l in lanes if l["stable"] and l["seed"] == int(seed)]
                 assert bs["largest_stable_lr"] == (max(st) if st else None)
         assert "largest stable lr" in stdout and "per seed: largest stable lr" in stdout
+        c = findings["comparison"]
+        a, b = (findings["variants"][v]["boundary_per_seed"]["per_seed"] for v in variants)
+        pairs = [(a[s]["smallest_unstable_lr"], b[s]["smallest_unstable_lr"]) for s in a]
+        pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+        assert (c["lower"], c["equal"], c["higher"]) == (
+            sum(y < x for x, y in pairs),
+            sum(y == x for x, y in pairs),
+            sum(y > x for x, y in pairs),
+        )
+        assert "seed by seed, the smallest unstable lr of layers2" in stdout
     if preset == "fig8":
         cfg = json.loads((out / "depth4" / "config.json").read_text())
         assert cfg["model"] == "fc" and cfg["layers"] == 4 and cfg["width"] == 200 and cfg["activation"] == "tanh"

@@ -373,6 +373,8 @@ def run_preset(
             entry["boundary_per_seed"] = boundary_per_seed(res["lanes"])
         findings["variants"][vname] = entry
         plots.append((vname, tr.read_metrics(vdir / "metrics.jsonl")))
+    if preset.report == "boundary":
+        findings["comparison"] = compare_boundaries(findings["variants"])
     findings["text"] = format_findings(preset, findings, threshold)
     eio.atomic_write_json(root / "preset.json", findings)
     plotting.plot_variants(plots, root / "preset.png", threshold=threshold, title=preset.description.split(" (")[0])
@@ -415,6 +417,28 @@ def boundary_per_seed(lanes: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "monotone_seeds": sum(1 for b in per.values() if b["monotone"]),
         "num_seeds": len(per),
     }
+
+
+def compare_boundaries(variants: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Seed by seed, whether the last variant's smallest unstable lr is below the first's (Figure 9's claim).
+
+    Returns None unless there are two variants with per-seed boundaries; else the counts of
+    seeds where the second variant's boundary is lower, equal and higher (a seed with no
+    unstable rate in either is left out).
+    """
+    names = list(variants)
+    if len(names) != 2 or any("boundary_per_seed" not in variants[n] for n in names):
+        return None
+    a, b = (variants[n]["boundary_per_seed"]["per_seed"] for n in names)
+    lower = equal = higher = 0
+    for seed in sorted(set(a) & set(b), key=int):
+        ua, ub = a[seed]["smallest_unstable_lr"], b[seed]["smallest_unstable_lr"]
+        if ua is None or ub is None:
+            continue
+        lower += ub < ua
+        equal += ub == ua
+        higher += ub > ua
+    return {"first": names[0], "second": names[1], "lower": lower, "equal": equal, "higher": higher}
 
 
 def _range(r: list[float] | None) -> str:
@@ -471,4 +495,11 @@ def format_findings(preset: Preset, findings: dict[str, Any], threshold: float) 
                     f"{_range(ps['smallest_unstable_lr_range'])} over {ps['num_seeds']} seeds "
                     f"(monotone in lr in {ps['monotone_seeds']}/{ps['num_seeds']})"
                 )
+    c = findings.get("comparison")
+    if c:
+        n = c["lower"] + c["equal"] + c["higher"]
+        rows.append(
+            f"  seed by seed, the smallest unstable lr of {c['second']} is below {c['first']}'s in {c['lower']}/{n} "
+            f"seeds, equal in {c['equal']}/{n}, above in {c['higher']}/{n}"
+        )
     return "\n".join(rows)
