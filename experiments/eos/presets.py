@@ -28,11 +28,11 @@ from eos_jax import hessian, plotting
 from eos_jax import io as eio
 from eos_jax import train as tr
 from eos_jax.errors import ConfigError
-from eos_jax.stability import CRITERION, REGIME_CRITERION, format_counts, regime_counts, stability_boundary
+from eos_jax.stability import CRITERION, REGIME_CRITERION, stability_boundary
 from experiments.eos.config import FIG7_PAPER_LRS, EosConfig, build_problem, default_config, load_data
 from experiments.eos.readings import run_readings
 from experiments.eos.rundir import checked_out
-from experiments.eos.runner import _fmt, run
+from experiments.eos.runner import _fmt, run, run_findings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,22 +383,12 @@ def run_preset(
 
 
 def counts_by_lr(lanes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (learning rate, weight decay) of the k = 1 lanes: each seed's regime and the counts over seeds."""
+    """Per (learning rate, weight decay) of the k = 1 lanes: each seed's regime and the counts over seeds
+    (the k = 1 rows of :func:`experiments.eos.runner.run_findings`)."""
     out = []
-    plain = [l for l in lanes if l.get("k", 1) == 1]
-    for lr, wd in sorted({(l["learning_rate"], l["weight_decay"]) for l in plain}):
-        ls = sorted((l for l in plain if l["learning_rate"] == lr and l["weight_decay"] == wd), key=lambda l: l["seed"])
-        regs = [l["regime"] for l in ls]
-        out.append(
-            {
-                "learning_rate": lr,
-                "weight_decay": wd,
-                "seeds": [l["seed"] for l in ls],
-                "regimes": regs,
-                "counts": regime_counts(regs),
-                "text": format_counts(regime_counts(regs), len(regs)),
-            }
-        )
+    for e in run_findings([l for l in lanes if l.get("k", 1) == 1]):
+        for row in e["by_k"]:
+            out.append({"learning_rate": e["learning_rate"], "weight_decay": e["weight_decay"], **row})
     return out
 
 

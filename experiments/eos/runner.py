@@ -118,7 +118,7 @@ def run(
         l["stable"] = is_stable(l)
         l["constant_loss"] = closs
         l["regime"] = regime(l, problem.threshold)
-    results["findings"] = findings(results["lanes"], problem.threshold)
+    results["findings"] = run_findings(results["lanes"])
     results["dataset"] = data_info["name"]
     if not primary:
         return run_dir, results
@@ -141,7 +141,7 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def findings(lanes: list[dict[str, Any]], threshold: float) -> list[dict[str, Any]]:
+def run_findings(lanes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What the run shows, per (learning rate, weight decay): regimes over seeds and the perturbation's growth.
 
     For each (lr, weight decay, k): the regime of every seed and their counts. For each k != 1:
@@ -172,8 +172,8 @@ def findings(lanes: list[dict[str, Any]], threshold: float) -> list[dict[str, An
     return out
 
 
-def format_findings(found: list[dict[str, Any]], lanes: list[dict[str, Any]]) -> list[str]:
-    """The findings of :func:`findings` as summary lines."""
+def format_run_findings(found: list[dict[str, Any]], lanes: list[dict[str, Any]]) -> list[str]:
+    """The findings of :func:`run_findings` as summary lines."""
     rows = []
     k1 = {(l["learning_rate"], l["weight_decay"], l["seed"]): l["regime"] for l in lanes if l["k"] == 1}
     for e in found:
@@ -242,5 +242,5 @@ def format_summary(results: dict[str, Any], title: str, run_dir: Path) -> str:
         )
     if results.get("findings"):
         rows.append("Findings:")
-        rows.extend(format_findings(results["findings"], results["lanes"]))
+        rows.extend(format_run_findings(results["findings"], results["lanes"]))
     return "\n".join(rows)
