@@ -16,8 +16,7 @@ It fixes what changes bits from one run to the next:
   kernels instead of the YNNPACK library fusions it uses by default, with every other
   library fusion left as it is. The two give different bits for any program with a
   convolution (programs without one compile to the same HLO), and the Eigen ones are faster
-  on this project's models: ResNet-56's step 0.91 s against 1.18 s at batch 128 on a 2-core
-  CPU (``benchmarks/bench_models.py`` measures both side by side). A user's own
+  on this project's models (``benchmarks/bench_models.py`` measures both side by side). A user's own
   ``--xla_cpu_experimental_ynn_fusion_type`` is kept. Called after the CPU backend started,
   it can no longer take effect: a warning, and :func:`metadata` records which convolutions
   the process has (``cpu_convolutions``).

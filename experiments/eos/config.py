@@ -85,8 +85,7 @@ class EosConfig:
       beta: Swish parameter.
       conv_impl: convolution of the cnn (see :func:`eos_jax.models.get`); ``"auto"``
         (direct, shifted-slice sums for 1-channel 3x3 layers: the paper's arithmetic).
-        ``"fft"`` measured 1.4x (gradient) and 2x (Hessian-vector product) faster on the
-        2-core CPU (2000 28x28 images) but rounds differently.
+        ``"fft"`` is faster on a CPU but rounds differently.
       lr: learning rates (list: a sweep).
       k: perturbation factors of Section 4.1 (k=1: plain GD). cnn default ``(1, 3)``: every
         seed runs plain GD beside its last-bit perturbation, so the run reports RelL1(k=1, k=3)
@@ -96,9 +95,8 @@ class EosConfig:
       weight_decay: L2 coefficients alpha of Eq. (7).
       momentum: heavy-ball momentum (0: gradient descent).
       batch_size: ``None`` for full-batch gradient descent (the paper), else SGD.
-      steps: optimizer steps (200: the 3-layer net's regimes over seeds 0-4 at lr 5 are the
-        same after 200 and 300 steps, and the main job's ten lanes finish in about a minute on
-        2 cores).
+      steps: optimizer steps (200 for the cnn: the 3-layer net's regimes over seeds 0-4 at lr 5
+        are the same after 200 and 300 steps).
       dataset: the dataset chain; the first one found is used (``--dataset`` gives one).
       num_examples: use the first n training examples (``None``: all).
       num_examples_exact: True when ``num_examples`` was asked for explicitly

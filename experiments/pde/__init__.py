@@ -14,15 +14,14 @@ joined by ``jax.distributed`` (``--coordinator HOST:PORT --num-processes N --pro
 ``nonlinear``'s lanes are sharded over all their devices, the rest runs in each, process 0
 writes (:mod:`experiments.pde.commands`).
 
-Commands (wall-clock runtimes measured on the shared 2-core CPU under load from other jobs;
-``user`` CPU time in brackets):
+Commands (their run times are in ``docs/claims.md``):
 
-  python -m experiments.pde heat --out runs/heat                      # Eq. (2), Figure 1: ~6 s [2 s]
-  python -m experiments.pde beltrami --out runs/beltrami              # Eq. (4), Figure 2: ~7 s [4 s]
+  python -m experiments.pde heat --out runs/heat                      # Eq. (2), Figure 1
+  python -m experiments.pde beltrami --out runs/beltrami              # Eq. (4), Figure 2
   python -m experiments.pde linear --kernel 16 32 64 --scheme gd --dt 1e-8 --a -0.5 --beta 1 \
-      --out runs/linear_gd                                            # Eqs. (10)-(14), Table 2, Figure 4: ~3.2 min [76 s]
+      --out runs/linear_gd                                            # Eqs. (10)-(14), Table 2, Figure 4
   python -m experiments.pde linear --kernel 16 32 64 --scheme nesterov --dt 1e-4 --a -0.5 --beta 1 \
-      --out runs/linear_nesterov                                      # Eqs. (16)-(18), Table 9 (momentum 0.9): ~2.8 min [73 s]
+      --out runs/linear_nesterov                                      # Eqs. (16)-(18), Table 9 (momentum 0.9)
   python -m experiments.pde nonlinear --dt 0.01 0.03 0.05 0.07 0.09 0.11 --steps 2000 \
       --out runs/nonlinear                                            # Eq. (9), Figures 5-6
 

@@ -78,7 +78,7 @@ class SensitivityConfig:
         :func:`eos_jax.train.sizing.choose_lane_batch`). It changes the bits (each lane's
         convolutions are compiled for one lane instead of as one grouped convolution), not what
         is compared: every lane of a group still sees the same batches. The ``cpu`` preset uses
-        1: its epoch took 49 s against 80 s with all 18 lanes at once (2-core CPU).
+        1, which is faster there (``docs/performance.md``).
       checkpoint_epochs: checkpoint every this many epochs.
     """
 

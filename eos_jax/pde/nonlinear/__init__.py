@@ -69,8 +69,7 @@ constant forcing ``-(a/2) Ibar`` of (10) vanishes. For that image the loss depen
 minimum and the curvature there give the threshold ``dt < 2/lambda_max`` between
 converging and oscillating, printed beside the classification.
 
-Command and runtime (12 lanes, float32, FFT convolution, through the training engine; 3.6
-min wall on a 2-core CPU shared with the test suite, of which ~55% is the Lanczos sharpness
+Command (12 lanes, float32, FFT convolution, through the training engine, the Lanczos sharpness
 every 10 steps)::
 
     python -m experiments.pde nonlinear --dt 0.01 0.03 0.05 0.07 0.09 0.11 --steps 2000 --out runs/nonlinear
