@@ -351,6 +351,7 @@ def test_lane_batch_flag_values():
 # ------------------------------------------------------------------ data on a fresh machine, --num-examples, --data-dir
 
 TINY = ["--layers", "1", "--lr", "2", "--steps", "2", "--sharpness-every", "0", "--checkpoint-every", "0"]
+TINY += ["--seed", "0", "--k", "1"]  # one lane: the data tests need no sweep
 
 
 def test_default_num_examples_means_up_to(tmp_path, capsys):
