@@ -111,9 +111,10 @@ class EosConfig:
         :class:`eos_jax.train.EngineConfig`).
       sharpness_every, sharpness_iters, sharpness_method, checkpoint_every, chunk_steps,
       log_every, max_lanes, lane_batch: see :class:`eos_jax.train.EngineConfig` (``max_lanes=None``: sized to
-        memory, at most ``AUTO_LANE_CAP``). ``lane_batch`` defaults to 1 (one lane at a time inside
-        the group's program): the warm-started sharpness solver then stops for each lane when that
-        lane has converged, instead of every lane waiting for the slowest (``docs/performance.md``).
+        memory, at most ``AUTO_LANE_CAP``). ``lane_batch`` defaults to 1 for the cnn (one lane at a time
+        inside the group's program): the warm-started sharpness solver then stops for each lane when
+        that lane has converged, instead of every lane waiting for the slowest
+        (``docs/performance.md``); ``"auto"`` for fc.
       loss_goal, acc_goal: Cohen et al.'s stopping rule (``src/gd.py`` of
         locuslab/edge-of-stability): a lane stops (is frozen, its step recorded as
         ``stop_step``) once its training loss falls below ``loss_goal`` or its training
@@ -253,6 +254,9 @@ def default_config(model: str = "cnn", **overrides: Any) -> EosConfig:
             lr=(2.0 / 150.0,),
             k=(1,),
             seed=(0,),
+            # Dense layers vectorize well over lanes (their matmuls batch); the CNN's one lane at a time
+            # is for its warm-started sharpness solver (see lane_batch above).
+            lane_batch="auto",
             dataset=DEFAULT_DATASETS["fc"],
             num_examples=5000,
             standardize=True,
