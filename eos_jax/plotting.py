@@ -31,7 +31,7 @@ def _clip_sharpness_axis(ax: Any, values: list[float], threshold: float) -> str:
 
 # Lane fields a legend names when they vary; init_seed is absent from the lines of runs made
 # before it existed (it was the seed then), hence .get.
-_LANE_FIELDS = ("learning_rate", "k", "seed", "init_seed", "weight_decay")
+_LANE_FIELDS = ("learning_rate", "momentum", "k", "seed", "init_seed", "weight_decay")
 
 
 def _varying(by_lane: dict[int, list[dict[str, Any]]]) -> list[str]:
@@ -44,8 +44,15 @@ def _varying(by_lane: dict[int, list[dict[str, Any]]]) -> list[str]:
 
 
 def _lane_label(r: dict[str, Any], varying: Sequence[str]) -> str:
-    names = {"learning_rate": "lr", "k": "k", "seed": "seed", "init_seed": "init", "weight_decay": "wd"}
-    parts = [f"{names[k]}={r[k]:g}" for k in varying]
+    names = {
+        "learning_rate": "lr",
+        "k": "k",
+        "seed": "seed",
+        "init_seed": "init",
+        "weight_decay": "wd",
+        "momentum": "mom",
+    }
+    parts = [f"{names.get(k, k)}={r[k]:g}" for k in varying]
     return ", ".join(parts) if parts else f"lane {r['lane']}"
 
 
@@ -53,7 +60,7 @@ def plot_run(
     lines: Sequence[dict[str, Any]],
     path: str | os.PathLike,
     *,
-    threshold: float = 2.0,
+    threshold: float | Sequence[float] = 2.0,
     title: str = "",
     max_lanes: int = 16,
     regimes: dict[int, str] | None = None,
@@ -67,7 +74,8 @@ def plot_run(
       lines: metrics records (``lane``, ``step``, ``loss``, optional ``normalized_sharpness``
         and the lane's hyperparameters).
       path: output file (PNG).
-      threshold: the optimizer's stability threshold, drawn as a dashed line.
+      threshold: the optimizer's stability threshold, drawn as a dashed line (several: one
+        line each, e.g. heavy ball's ``2 + 2 beta`` over a momentum axis).
       title: figure title.
       max_lanes: lanes drawn at most (the first ones).
       regimes: a regime per lane index (:func:`eos_jax.stability.regime`), added to its label.
@@ -139,11 +147,13 @@ def plot_run(
     ax_l.set_xlabel("step")
     ax_l.set_ylabel("training loss")
     ax_l.set_title("loss (dotted: first non-finite step)")
-    ax_s.axhline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+    thresholds = [float(t) for t in (threshold if isinstance(threshold, Sequence) else [threshold])]
+    for t in thresholds:
+        ax_s.axhline(t, color="k", ls="--", lw=1, label=f"threshold {t:g}")
     ax_s.set_xlabel("step")
     ax_s.set_ylabel("normalized sharpness  lr \u00b7 \u03bb_max")  # plain text: mathtext parsing costs ~0.8 s a figure
     values = [r["normalized_sharpness"] for r in lines if r.get("normalized_sharpness") is not None]
-    ax_s.set_title("normalized sharpness" + _clip_sharpness_axis(ax_s, values, threshold))
+    ax_s.set_title("normalized sharpness" + _clip_sharpness_axis(ax_s, values, max(thresholds)))
     for ax in (ax_l, ax_s):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

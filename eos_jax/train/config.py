@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -19,7 +19,7 @@ from eos_jax.errors import ConfigError
 from eos_jax.train.sizing import AUTO_LANE_BATCH
 
 if TYPE_CHECKING:  # annotation only: state.py imports this module (Problem) at run time
-    from eos_jax.train.state import HParams
+    from eos_jax.train.state import HParams, Lane
 
 PyTree = Any
 Batch = Any
@@ -41,7 +41,9 @@ class Problem:
         inside vmap with traced values, so it must accept traced lr, k, weight decay.
       data: the training set, a pytree of arrays with a leading example axis.
       threshold: stability threshold of the normalized sharpness ``lr * lambda_max``
-        for the optimizer (2 for gradient descent).
+        for the optimizer (2 for gradient descent), or ``Lane -> threshold`` when it depends
+        on a swept hyperparameter (heavy-ball momentum ``beta``: ``2 + 2 beta``;
+        :func:`lane_threshold`).
       l2_weight_decay: the optimizer's weight decay is an L2 term ``wd/2 |p|^2`` added to
         the objective (coupled); the sharpness is then that of ``loss + wd/2 |p|^2``.
       eig_fn: how to compute the top eigenpair; default :func:`eos_jax.train.make_eig_fn`.
@@ -96,7 +98,7 @@ class Problem:
     loss_fn: LossFn
     make_optimizer: Callable[[HParams], optax.GradientTransformation | optim.TorchRoundedOptimizer]
     data: Batch
-    threshold: float = 2.0
+    threshold: float | Callable[[Lane], float] = 2.0
     l2_weight_decay: bool = True
     eig_fn: EigFn | None = None
     name: str = ""
@@ -111,6 +113,29 @@ class Problem:
     def __post_init__(self) -> None:
         if (self.eval_fn is None) != (self.eval_data is None):
             raise ConfigError("Problem: eval_fn and eval_data go together (both or neither)")
+
+
+def lane_threshold(threshold: float | Callable[[Lane], float], lane: Lane) -> float:
+    """The stability threshold of ``lane``: ``threshold`` itself, or its value at the lane.
+
+    Examples:
+      >>> from eos_jax.train import Lane
+      >>> lane_threshold(2.0, Lane(0.1)), lane_threshold(lambda l: 2 + 2 * dict(l.hyper)["momentum"], Lane(0.1, hyper={"momentum": 0.5}))
+      (2.0, 3.0)
+    """
+    return float(threshold(lane)) if callable(threshold) else float(threshold)
+
+
+def uniform_threshold(threshold: float | Callable[[Lane], float], lanes: Sequence[Lane]) -> float | None:
+    """The threshold shared by every lane, or None when the lanes have different ones.
+
+    Examples:
+      >>> from eos_jax.train import make_lanes
+      >>> uniform_threshold(2.0, make_lanes([1, 2])), uniform_threshold(lambda l: 2 + 2 * l.hyper[0][1], make_lanes(1, momentum=[0, 0.5]))
+      (2.0, None)
+    """
+    values = {lane_threshold(threshold, l) for l in lanes}
+    return values.pop() if len(values) == 1 else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ import numpy as np
 
 from eos_jax.distributed import min_over_processes, to_host
 from eos_jax.errors import ConfigError
-from eos_jax.train.config import EngineConfig, Problem, PyTree
+from eos_jax.train.config import EngineConfig, Problem, PyTree, lane_threshold
 from eos_jax.train.sizing import (
     AUTO_LANE_BATCH,
     LaneBatchChoice,
@@ -159,8 +159,13 @@ def pad_lanes(ls: list[Lane], num_devices: int) -> list[Lane]:
     return ls
 
 
+def _twin_key(lane: Lane) -> tuple[Any, ...]:
+    """What a lane shares with its k=1 twin: every hyperparameter but k."""
+    return (lane.learning_rate, lane.seed, lane.used_init_seed, lane.weight_decay, lane.hyper)
+
+
 def find_twins(lanes: Sequence[Lane], groups: list[list[int]]) -> list[dict[str, Any]]:
-    """For each lane, its k=1 twin (same lr, seed, init seed, weight decay) and whether it runs in the same group.
+    """For each lane, its k=1 twin (same lr, seed, init seed, weight decay, named hyperparameters) and whether it runs in the same group.
 
     Init seeds compare as used (:attr:`Lane.used_init_seed`): a lane without one is the twin
     of a k=1 lane whose init seed equals its seed, which starts from the same parameters.
@@ -184,23 +189,23 @@ def find_twins(lanes: Sequence[Lane], groups: list[list[int]]) -> list[dict[str,
 
       >>> from eos_jax.train import Lane
       >>> print(find_twins([Lane(0.1, k=1, init_seed=1), Lane(0.1, k=3, init_seed=2)], [[0, 1]])[1]["missing"])
-      no k=1 lane with the same learning rate, seed, init seed and weight decay in this sweep
+      no k=1 lane with the same learning rate, seed, init seed, weight decay and named hyperparameters in this sweep
     """
     group_of = {i: g for g, idx in enumerate(groups) for i in idx}
     width = {g: len(idx) for g, idx in enumerate(groups)}
-    k1 = {(l.learning_rate, l.seed, l.used_init_seed, l.weight_decay): i for i, l in enumerate(lanes) if l.k == 1}
+    k1 = {_twin_key(l): i for i, l in enumerate(lanes) if l.k == 1}
     out = []
     for i, l in enumerate(lanes):
         if l.k == 1:
             out.append({"lane": i, "in_group": False, "missing": None})
             continue
-        t = k1.get((l.learning_rate, l.seed, l.used_init_seed, l.weight_decay))
+        t = k1.get(_twin_key(l))
         if t is None:
             out.append(
                 {
                     "lane": None,
                     "in_group": False,
-                    "missing": "no k=1 lane with the same learning rate, seed, init seed and weight decay in this sweep",
+                    "missing": "no k=1 lane with the same learning rate, seed, init seed, weight decay and named hyperparameters in this sweep",
                 }
             )
         elif group_of[t] != group_of[i]:
@@ -572,12 +577,12 @@ def logged_columns(block: LogBlock, log_every: int) -> list[int]:
     ]
 
 
-def metric_records(block: LogBlock, log_every: int, threshold: float) -> list[dict[str, Any]]:
+def metric_records(block: LogBlock, log_every: int, threshold: float | Callable[[Lane], float]) -> list[dict[str, Any]]:
     """The metrics lines of ``block``'s logged steps for its real lanes (step-major, then lane).
 
     Lanes with a k=1 twin in their group get ``rel_l1_to_k1`` and ``rel_l1_to_k1_ma100``;
     the sharpness step gets ``sharpness``, ``normalized_sharpness = lr * sharpness`` (in
-    float64) and its ratio to ``threshold``; the eval step gets ``eval`` (the problem's
+    float64) and its ratio to ``threshold`` (a number, or ``Lane -> number``); the eval step gets ``eval`` (the problem's
     ``eval_fn``, name to value); with the problem's ``step_metrics``, ``aux`` maps each name
     to the step's value (a number, or a nested list for an array).
 
@@ -608,6 +613,7 @@ def metric_records(block: LogBlock, log_every: int, threshold: float) -> list[di
                 "seed": lane.seed,
                 "init_seed": lane.used_init_seed,
                 "weight_decay": lane.weight_decay,
+                **dict(lane.hyper),
             }
             if gi.has_twin[li]:
                 rec["rel_l1_to_k1"] = float(block.rel_l1[li, j])
@@ -615,7 +621,7 @@ def metric_records(block: LogBlock, log_every: int, threshold: float) -> list[di
             if has_sharp:
                 lam = float(block.sharpness[li])
                 ns = float(np.float64(lane.learning_rate) * lam)
-                rec.update(sharpness=lam, normalized_sharpness=ns, threshold_ratio=ns / threshold)
+                rec.update(sharpness=lam, normalized_sharpness=ns, threshold_ratio=ns / lane_threshold(threshold, lane))
             if block.evals is not None and j == 0:
                 rec["eval"] = {name: np.asarray(v[li]).tolist() for name, v in block.evals.items()}
             if block.aux:

@@ -20,7 +20,7 @@ import numpy as np
 
 from eos_jax import io as eio
 from eos_jax.distributed import to_host
-from eos_jax.train.config import EngineConfig, Problem, PyTree
+from eos_jax.train.config import EngineConfig, Problem, PyTree, lane_threshold, uniform_threshold
 from eos_jax.train.core import LogBlock, Plan, logged_columns, metric_records, new_timing, run_group
 from eos_jax.train.state import Lane, TrainState
 from eos_jax.train.stats import index_lane, summarize_run
@@ -56,7 +56,9 @@ class History:
         k != 1 lanes, ``rel_l1_to_k1``, ``n_diff_to_k1`` and ``max_ulp_to_k1``.
       summary: over lanes (number finite, diverged lanes, final loss range, threshold).
       groups: lane indices of each vmapped group (the programs compared like with like).
-      threshold: the stability threshold of ``lr * sharpness`` for the optimizer.
+      threshold: the stability threshold of ``lr * sharpness`` for the optimizer; a
+        ``float64 (lanes,)`` array when it differs between lanes (``Problem.threshold`` given
+        as ``Lane -> threshold``, e.g. over a momentum axis).
       aux: the problem's ``step_metrics`` (``{}`` without them): per name a ``(lanes, T,
         ...)`` array at the logged steps, before each step's update (after a lane's first
         non-finite step, the values of its frozen parameters: mask with ``finite``).
@@ -98,7 +100,7 @@ class History:
     lane_summaries: tuple[dict[str, Any], ...]
     summary: dict[str, Any]
     groups: tuple[tuple[int, ...], ...]
-    threshold: float
+    threshold: float | np.ndarray
     aux: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     timing: dict[str, Any] = dataclasses.field(default_factory=dict)
     evals: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
@@ -195,12 +197,18 @@ def fit(
         lane_summaries=tuple(lane_records),
         summary=summary,
         groups=tuple(tuple(idx) for idx in plan.groups),
-        threshold=problem.threshold,
+        threshold=_threshold(problem, lanes),
         timing=dict(timing),
         model_state=model_state_all,
         lane_groups=plan.lane_record(),
         **series,
     )
+
+
+def _threshold(problem: Problem, lanes: Sequence[Lane]) -> float | np.ndarray:
+    """The problem's threshold: one number, or one per lane when they differ."""
+    same = uniform_threshold(problem.threshold, lanes)
+    return same if same is not None else np.array([lane_threshold(problem.threshold, l) for l in lanes])
 
 
 def _series(blocks: list[LogBlock], num_lanes: int, log_every: int) -> dict[str, np.ndarray]:

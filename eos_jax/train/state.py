@@ -98,11 +98,18 @@ class Lane:
     ``init_seed`` the initial parameters (None: ``seed``, the tree of the module docstring).
     :meth:`asdict` records the initialization seed actually used.
 
+    ``hyper`` holds any other named hyperparameters of the lane (momentum, Adam's ``b2``, a
+    loss temperature, ...): the optimizer factory reads them as attributes of its
+    :class:`HParams` (``hp.momentum``). A mapping is kept as sorted ``(name, value)`` pairs,
+    so lanes stay hashable and compare by value.
+
     Examples:
       >>> Lane(0.1, k=3).asdict()
       {'learning_rate': 0.1, 'k': 3, 'seed': 0, 'weight_decay': 0.0, 'init_seed': 0}
       >>> Lane(0.1, seed=4, init_seed=7).used_init_seed
       7
+      >>> Lane(0.1, hyper={"momentum": 0.9}).asdict()["momentum"], Lane(0.1, hyper={"momentum": 0.9}).hyper
+      (0.9, (('momentum', 0.9),))
     """
 
     learning_rate: float
@@ -110,6 +117,18 @@ class Lane:
     seed: int = 0
     weight_decay: float = 0.0
     init_seed: int | None = None
+    hyper: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        items = self.hyper.items() if isinstance(self.hyper, dict) else self.hyper
+        pairs = tuple(sorted((str(n), float(v)) for n, v in items))
+        for name, _ in pairs:
+            if name in _LANE_FIELDS or not name.isidentifier():
+                raise ConfigError(
+                    f"hyperparameter name {name!r} is not allowed; expected an identifier other than "
+                    f"{', '.join(sorted(_LANE_FIELDS))}"
+                )
+        object.__setattr__(self, "hyper", pairs)
 
     @property
     def used_init_seed(self) -> int:
@@ -117,7 +136,12 @@ class Lane:
         return self.seed if self.init_seed is None else self.init_seed
 
     def asdict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "init_seed": self.used_init_seed}
+        """The lane's values as a flat dict (the named hyperparameters after the fixed ones)."""
+        d = {f: getattr(self, f) for f in _LANE_FIELDS if f != "hyper"}
+        return {**d, "init_seed": self.used_init_seed, **dict(self.hyper)}
+
+
+_LANE_FIELDS = ("learning_rate", "k", "seed", "weight_decay", "init_seed", "hyper")
 
 
 def _as_list(name: str, values: Any) -> list[Any]:
@@ -136,6 +160,7 @@ def make_lanes(
     seeds: int | Sequence[int] = 0,
     weight_decays: float | Sequence[float] = 0.0,
     init_seeds: int | Sequence[int] | None = None,
+    **hyper: float | Sequence[float],
 ) -> list[Lane]:
     """The product of the hyperparameter lists, learning rate varying slowest.
 
@@ -147,10 +172,14 @@ def make_lanes(
       init_seeds: None (each lane initializes from its ``seed``, as before the two were
         separated), or integers in [0, 2**31 - 1]: the initialization seeds, one factor of the
         product, between seed and weight decay.
+      **hyper: any other named hyperparameter, a value or a list of finite values (e.g.
+        ``momentum=[0, 0.9]``, ``b2=[0.99, 0.999]``): axes of the product right after the
+        learning rate, in the order given, so the k lanes of one point stay adjacent. The
+        optimizer factory reads them as ``hp.<name>`` (:class:`HParams`).
 
     Returns:
-      ``len(lr) * len(k) * len(seed) * len(init_seeds) * len(wd)`` lanes (``len(init_seeds)``
-      is 1 for None).
+      ``len(lr) * prod(len(h) for h in hyper) * len(k) * len(seed) * len(init_seeds) *
+      len(wd)`` lanes (``len(init_seeds)`` is 1 for None).
 
     Raises:
       ConfigError: a bad value (named) or a duplicated lane.
@@ -167,6 +196,11 @@ def make_lanes(
 
       >>> [(l.seed, l.init_seed) for l in make_lanes(0.1, seeds=[0, 1, 2], init_seeds=7)]
       [(0, 7), (1, 7), (2, 7)]
+
+      Momentum as a lane axis (the k twins of each point stay adjacent):
+
+      >>> [(l.learning_rate, dict(l.hyper)["momentum"], l.k) for l in make_lanes([1, 2], ks=[1, 3], momentum=[0, 0.9])]
+      [(1.0, 0.0, 1), (1.0, 0.0, 3), (1.0, 0.9, 1), (1.0, 0.9, 3), (2.0, 0.0, 1), (2.0, 0.0, 3), (2.0, 0.9, 1), (2.0, 0.9, 3)]
     """
     lrs = _as_list("learning rate", learning_rates)
     kk = _as_list("k", ks)
@@ -188,9 +222,15 @@ def make_lanes(
     for s in iss:
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s <= _MAX_SEED:
             raise ConfigError(f"init seed {s!r} is not allowed; expected an integer in [0, {_MAX_SEED}]")
+    axes = {name: _as_list(name, v) for name, v in hyper.items()}
+    for name, values in axes.items():
+        for v in values:
+            if isinstance(v, bool) or not (isinstance(v, (int, float, np.number)) and math.isfinite(v)):
+                raise ConfigError(f"{name} {v!r} is not allowed; expected a finite number")
+    points = [dict(zip(axes, p)) for p in itertools.product(*axes.values())]
     lanes = [
-        Lane(float(lr), int(k), int(s), float(wd), None if i is None else int(i))
-        for lr, k, s, i, wd in itertools.product(lrs, kk, ss, iss or [None], wds)
+        Lane(float(lr), int(k), int(s), float(wd), None if i is None else int(i), hyper=h)
+        for lr, h, k, s, i, wd in itertools.product(lrs, points, kk, ss, iss or [None], wds)
     ]
     if len(set(lanes)) != len(lanes):
         raise ConfigError("the hyperparameter lists contain duplicates; every lane must be distinct")
@@ -198,15 +238,21 @@ def make_lanes(
 
 
 class HParams(NamedTuple):
-    """Traced hyperparameters of one lane (a leading lane axis when stacked).
+    """Traced hyperparameters of one lane (a leading lane axis when stacked): a pytree.
 
-    ``init_seed`` is last and optional, so ``HParams(lr, k, wd, seed)`` still builds: None
-    initializes from ``seed`` (:func:`init_state`); :func:`stack_hparams` always fills it.
+    ``init_seed`` is last but one and optional, so ``HParams(lr, k, wd, seed)`` still builds:
+    None initializes from ``seed`` (:func:`init_state`); :func:`stack_hparams` always fills it.
+    ``hyper`` maps the lanes' other named hyperparameters (:attr:`Lane.hyper`) to arrays in the
+    parameters' dtype; they read as attributes, so an optimizer factory writes
+    ``lambda hp: optim.sgd(hp.learning_rate, k=hp.k, momentum=hp.momentum)``, the pattern of
+    ``optax.inject_hyperparams`` with the values carried by the lane instead of the state.
 
     Examples:
       >>> hp = stack_hparams(make_lanes([0.1, 0.2], ks=3, seeds=1, init_seeds=5), jnp.float32)
       >>> hp.k.tolist(), hp.learning_rate.dtype, hp.seed.tolist(), hp.init_seed.tolist()
       ([3, 3], dtype('float32'), [1, 1], [5, 5])
+      >>> stack_hparams(make_lanes(0.1, b2=[0.99, 0.999]), jnp.float32).b2.tolist()
+      [0.9900000095367432, 0.9990000128746033]
     """
 
     learning_rate: jax.Array  # working float dtype
@@ -214,6 +260,16 @@ class HParams(NamedTuple):
     weight_decay: jax.Array  # working float dtype
     seed: jax.Array  # int32
     init_seed: jax.Array | None = None  # int32; None: seed
+    hyper: dict[str, jax.Array] = {}  # working float dtype; never mutated (a shared default)
+
+    def __getattr__(self, name: str) -> jax.Array:
+        hyper = tuple.__getitem__(self, 5)
+        if name in hyper:
+            return hyper[name]
+        raise AttributeError(
+            f"HParams has no hyperparameter {name!r}; the lanes carry {sorted(hyper) or 'none'} besides "
+            "learning_rate, k, weight_decay, seed, init_seed (make_lanes(..., name=[values]) adds one)"
+        )
 
 
 def stack_hparams(lanes: Sequence[Lane], dtype: Any = jnp.float32) -> HParams:
@@ -231,12 +287,23 @@ def stack_hparams(lanes: Sequence[Lane], dtype: Any = jnp.float32) -> HParams:
       ...     print(hp.learning_rate.dtype, float(hp.learning_rate[0]) == 0.1)
       float64 True
     """
+    names = {tuple(n for n, _ in l.hyper) for l in lanes}
+    if len(names) > 1:
+        raise ConfigError(
+            f"the lanes name different hyperparameters ({' / '.join(str(list(n)) for n in sorted(names))}); "
+            "every lane of a sweep must carry the same names"
+        )
+    hyper = {
+        name: jnp.asarray(np.array([dict(l.hyper)[name] for l in lanes], dtype=dtype))
+        for name in (names.pop() if names else ())
+    }
     return HParams(
         learning_rate=jnp.asarray(np.array([l.learning_rate for l in lanes], dtype=dtype)),
         k=jnp.asarray(np.array([l.k for l in lanes], dtype=np.int32)),
         weight_decay=jnp.asarray(np.array([l.weight_decay for l in lanes], dtype=dtype)),
         seed=jnp.asarray(np.array([l.seed for l in lanes], dtype=np.int32)),
         init_seed=jnp.asarray(np.array([l.used_init_seed for l in lanes], dtype=np.int32)),
+        hyper=hyper,
     )
 
 
@@ -361,8 +428,9 @@ def check_hparams(hp: HParams, params: PyTree) -> None:
       eos_jax.errors.ConfigError: learning_rate is float16 but the parameters are float32: ...
     """
     want = np.dtype(param_dtype(params))
-    for name in ("learning_rate", "weight_decay"):
-        got = np.dtype(jnp.result_type(getattr(hp, name)))
+    named = {"learning_rate": hp.learning_rate, "weight_decay": hp.weight_decay, **hp.hyper}
+    for name, value in named.items():
+        got = np.dtype(jnp.result_type(value))
         if got != want:
             raise ConfigError(
                 f"{name} is {got} but the parameters are {want}: stack the hyperparameters with "

@@ -22,7 +22,7 @@ import numpy as np
 
 from eos_jax.distributed import to_host
 from eos_jax.metrics import layer_groups, rel_l1, tree_digest, ulp_diff
-from eos_jax.train.config import PyTree
+from eos_jax.train.config import PyTree, lane_threshold, uniform_threshold
 
 # Window of the RelL1 moving average (the paper's Figure 3 / Figure 5 right are smoothed over
 # 100 steps; the released scripts, scripts/oscillation_plot.py and scripts/loss_plot.py of
@@ -318,7 +318,7 @@ def summarize_run(
     groups: list[list[int]],
     final_states: list[tuple[list[int], Any, dict[str, np.ndarray]]],
     lines: list[dict[str, Any]],
-    threshold: float,
+    threshold: Any,
     twins: Sequence[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[int, PyTree]]:
     """The per-lane records and the summary of ``results.json``, from the final states and the metrics lines.
@@ -328,7 +328,8 @@ def summarize_run(
       groups: lane indices per vmapped group.
       final_states: per group ``(lane indices, final TrainState, final loss statistics)``.
       lines: every metrics line of the run (any order).
-      threshold: the problem's stability threshold.
+      threshold: the problem's stability threshold (a number, or ``Lane -> number``: each lane
+        record gets its own ``threshold``; the summary's is None when they differ).
       twins: :func:`eos_jax.train.core.find_twins` of the run.
 
     Returns:
@@ -370,7 +371,8 @@ def summarize_run(
             rec["first_nonfinite_step"] = int(one.nonfinite_step) if not bool(one.finite) else None
             rec["steps"] = int(one.step)
             rec["stop_step"] = int(one.stop_step) if int(one.stop_step) >= 0 else None
-            rec.update(lane_summary(sorted(by_lane.get(lane_index, []), key=lambda r: r["step"]), threshold))
+            rec["threshold"] = lane_threshold(threshold, lanes[lane_index])
+            rec.update(lane_summary(sorted(by_lane.get(lane_index, []), key=lambda r: r["step"]), rec["threshold"]))
             # Spikes and the stability verdict from EVERY step's loss (running statistics kept
             # inside the scan), not from the logged lines only.
             rec.update(summarize_loss_stats({k: v[li] for k, v in stats.items()}))
@@ -399,6 +401,6 @@ def summarize_run(
         ],
         "final_loss_min": min(fl, default=None),
         "final_loss_max": max(fl, default=None),
-        "threshold": threshold,
+        "threshold": uniform_threshold(threshold, lanes),
     }
     return lane_records, summary, final_params

@@ -98,7 +98,13 @@ def build_parser() -> cli.ArgumentParser:
         default=None,
         help="L2 weight decay alpha of Eq. (7) (default 0)",
     )
-    p.add_argument("--momentum", type=cli.nonnegative_float, default=None, help="heavy-ball momentum (default 0)")
+    p.add_argument(
+        "--momentum",
+        type=cli.nonnegative_float,
+        nargs="+",
+        default=None,
+        help="heavy-ball momentum (default 0); several values are a lane axis, like --lr",
+    )
     p.add_argument(
         "--batch-size",
         type=cli.positive_int,
@@ -213,7 +219,6 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         "layers",
         "width",
         "activation",
-        "momentum",
         "batch_size",
         "steps",
         "num_examples",
@@ -237,7 +242,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         value = getattr(args, name)
         if value is not None:
             ov[name] = cli.lane_batch_value(value) if name == "lane_batch" else value
-    for name in ("lr", "k", "seed", "weight_decay"):
+    for name in ("lr", "k", "seed", "weight_decay", "momentum"):
         value = getattr(args, name)
         if value is not None:
             ov[name] = tuple(value)

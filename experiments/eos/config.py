@@ -93,7 +93,10 @@ class EosConfig:
       seed: initialization seeds. cnn default 0-4: a regime is a count over seeds, not one
         seed's picture; fc default ``(0,)``.
       weight_decay: L2 coefficients alpha of Eq. (7).
-      momentum: heavy-ball momentum (0: gradient descent).
+      momentum: heavy-ball momentum (0: gradient descent); several values are a lane axis
+        (``--momentum 0 0.5 0.9``: the optimizer reads each lane's value, ``hp.momentum``, and
+        each lane is judged against its own threshold ``2 + 2 * momentum``). One value is a
+        constant of the program, as it always was (the same bits as before the axis existed).
       batch_size: ``None`` for full-batch gradient descent (the paper), else SGD.
       steps: optimizer steps (200 for the cnn: the 3-layer net's regimes over seeds 0-4 at lr 5
         are the same after 200 and 300 steps).
@@ -136,7 +139,7 @@ class EosConfig:
     k: tuple[int, ...] = (1, 3)
     seed: tuple[int, ...] = (0, 1, 2, 3, 4)
     weight_decay: tuple[float, ...] = (0.0,)
-    momentum: float = 0.0
+    momentum: tuple[float, ...] = (0.0,)
     batch_size: int | None = None
     steps: int = 200
     dataset: tuple[str, ...] = DEFAULT_DATASETS["cnn"]
@@ -157,8 +160,25 @@ class EosConfig:
     acc_goal: float | None = None
     dtype: str = "float32"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.momentum, tuple):  # a number (configs written before the axis)
+            object.__setattr__(
+                self, "momentum", tuple(self.momentum) if isinstance(self.momentum, list) else (self.momentum,)
+            )
+
     def to_dict(self) -> dict[str, Any]:
-        return eio.to_jsonable(dataclasses.asdict(self))
+        d = eio.to_jsonable(dataclasses.asdict(self))
+        if len(self.momentum) == 1:  # one value is a number, as before the axis (same config hash)
+            d["momentum"] = self.momentum[0]
+        return d
+
+    def hyper_axes(self) -> dict[str, list[float]]:
+        """The named lane axes besides lr, k, seed and weight decay: momentum when it has several values."""
+        return {"momentum": list(self.momentum)} if len(self.momentum) > 1 else {}
+
+    def lanes(self) -> list:
+        """The run's lanes (:func:`eos_jax.train.make_lanes`: learning rate slowest, then momentum, k, seed, wd)."""
+        return tr.make_lanes(list(self.lr), list(self.k), list(self.seed), list(self.weight_decay), **self.hyper_axes())
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad value and what is allowed."""
@@ -204,14 +224,15 @@ class EosConfig:
             raise ConfigError(f"num_examples_exact {self.num_examples_exact!r} is not allowed; expected True or False")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ConfigError(f"--beta {self.beta!r} is not allowed; expected a finite float > 0")
-        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
-            raise ConfigError(f"--momentum {self.momentum!r} is not allowed; expected a float in [0, 1)")
+        for m in self.momentum:
+            if isinstance(m, bool) or not (isinstance(m, (int, float)) and math.isfinite(m) and 0 <= m < 1):
+                raise ConfigError(f"--momentum {m!r} is not allowed; expected a float in [0, 1)")
         if not self.dataset:
             raise ConfigError(f"--dataset: empty; choose from {', '.join(edata.NAMES)}")
         for d in self.dataset:
             if d not in edata.NAMES:
                 raise ConfigError(f"--dataset {d!r} is not allowed; choose from {', '.join(edata.NAMES)}")
-        tr.make_lanes(list(self.lr), list(self.k), list(self.seed), list(self.weight_decay))
+        self.lanes()
         self.engine_config().validate()
 
     def engine_config(self):
@@ -398,15 +419,21 @@ def build_problem(cfg: EosConfig, data: dict[str, Any]):
             return losses.cross_entropy(logits, batch["y"])
         return losses.mse(logits, batch["y"], num_classes)
 
-    momentum = cfg.momentum
+    swept = len(cfg.momentum) > 1
+    momentum = cfg.momentum[0]
 
     def make_optimizer(hp: tr.HParams):
-        return optim.sgd(hp.learning_rate, k=hp.k, weight_decay=hp.weight_decay, momentum=momentum)
+        mu = hp.momentum if swept else momentum  # one value: a constant of the program, as before the axis
+        return optim.sgd(hp.learning_rate, k=hp.k, weight_decay=hp.weight_decay, momentum=mu)
 
-    if momentum > 0:
-        threshold = hessian.stability_threshold("heavy_ball", beta=momentum)
-    else:
-        threshold = hessian.stability_threshold("gd")
+    def heavy_ball_threshold(beta: float) -> float:
+        return hessian.stability_threshold("heavy_ball", beta=beta) if beta > 0 else hessian.stability_threshold("gd")
+
+    def lane_threshold(lane: tr.Lane) -> float:  # 2 + 2 beta, per lane
+        return heavy_ball_threshold(dict(lane.hyper)["momentum"])
+
+    threshold = lane_threshold if swept else heavy_ball_threshold(momentum)
+
     problem = tr.Problem(
         init_params=init_params,
         loss_fn=loss_fn,

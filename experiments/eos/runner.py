@@ -28,6 +28,7 @@ from eos_jax.stability import (
     regime,
     regime_counts,
 )
+from eos_jax.train.config import uniform_threshold
 from experiments.eos.config import EosConfig, build_problem, load_data, loss_kind
 from experiments.eos.rundir import _utc_stamp, checked_out
 
@@ -83,7 +84,7 @@ def run(
         run_dir = eio.open_run_dir(run_dir, config, resume=resume)
     distributed.barrier("experiments.eos.opened")
     run_dir = Path(run_dir)
-    lanes = tr.make_lanes(list(cfg.lr), list(cfg.k), list(cfg.seed), list(cfg.weight_decay))
+    lanes = cfg.lanes()
     if resume:
         # Checkpoints of another lane grouping or device count: one line, before metadata.json is rewritten.
         tr.check_resume(problem, lanes, cfg.engine_config(), run_dir, dtype=jnp.dtype(cfg.dtype))
@@ -91,7 +92,7 @@ def run(
         "runtime": runtime_metadata or runtime.metadata(),
         "dataset": data_info,
         "model": model_info,
-        "threshold": problem.threshold,
+        "threshold": uniform_threshold(problem.threshold, lanes),
         "stability_criterion": CRITERION,
         "command": sys.argv,
     }
@@ -117,7 +118,7 @@ def run(
     for l in results["lanes"]:
         l["stable"] = is_stable(l)
         l["constant_loss"] = closs
-        l["regime"] = regime(l, problem.threshold)
+        l["regime"] = regime(l, l["threshold"])
     results["findings"] = run_findings(results["lanes"])
     results["dataset"] = data_info["name"]
     if not primary:
@@ -129,8 +130,9 @@ def run(
         f"{cfg.steps} steps)"
     )
     regimes = {l["lane"]: l["regime"] for l in results["lanes"]}
+    thresholds = sorted({l["threshold"] for l in results["lanes"]})
     plotting.plot_run(
-        lines, run_dir / "eos.png", threshold=problem.threshold, title=title, regimes=regimes, constant_loss=closs
+        lines, run_dir / "eos.png", threshold=thresholds, title=title, regimes=regimes, constant_loss=closs
     )
     if not quiet:
         print(format_summary(results, title, run_dir), file=stream or sys.stdout, flush=True)
@@ -141,18 +143,25 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def run_findings(lanes: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What the run shows, per (learning rate, weight decay): regimes over seeds and the perturbation's growth.
+def _cell(l: dict[str, Any]) -> tuple[float, float | None, float]:
+    """A lane record's point of the grid but seed and k: (lr, momentum when swept, weight decay)."""
+    return (l["learning_rate"], l.get("momentum"), l["weight_decay"])
 
-    For each (lr, weight decay, k): the regime of every seed and their counts. For each k != 1:
+
+def run_findings(lanes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What the run shows, per (learning rate, momentum, weight decay): regimes over seeds and the perturbation's growth.
+
+    For each (lr, momentum when swept, weight decay, k): the regime of every seed and their counts. For each k != 1:
     the RelL1 of each seed's final weights to its k = 1 twin, and which seeds amplified the
     last-bit perturbation (RelL1 >= :data:`AMPLIFIED_REL_L1`). Computed from the lanes' records.
     """
     out = []
-    keys = sorted({(l["learning_rate"], l["weight_decay"]) for l in lanes})
-    for lr, wd in keys:
-        cell = [l for l in lanes if l["learning_rate"] == lr and l["weight_decay"] == wd]
+    keys = sorted({_cell(l) for l in lanes}, key=lambda c: tuple(-1.0 if v is None else v for v in c))
+    for lr, mom, wd in keys:
+        cell = [l for l in lanes if _cell(l) == (lr, mom, wd)]
         entry: dict[str, Any] = {"learning_rate": lr, "weight_decay": wd, "by_k": []}
+        if mom is not None:
+            entry["momentum"] = mom
         for k in sorted({l["k"] for l in cell}):
             ls = sorted((l for l in cell if l["k"] == k), key=lambda l: l["seed"])
             regs = [l["regime"] for l in ls]
@@ -175,9 +184,10 @@ def run_findings(lanes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_run_findings(found: list[dict[str, Any]], lanes: list[dict[str, Any]]) -> list[str]:
     """The findings of :func:`run_findings` as summary lines."""
     rows = []
-    k1 = {(l["learning_rate"], l["weight_decay"], l["seed"]): l["regime"] for l in lanes if l["k"] == 1}
+    k1 = {(*_cell(l), l["seed"]): l["regime"] for l in lanes if l["k"] == 1}
     for e in found:
-        head = f"lr {e['learning_rate']:g}" + (f", wd {e['weight_decay']:g}" if e["weight_decay"] else "")
+        head = f"lr {e['learning_rate']:g}" + (f", momentum {e['momentum']:g}" if "momentum" in e else "")
+        head += f", wd {e['weight_decay']:g}" if e["weight_decay"] else ""
         for row in e["by_k"]:
             n = len(row["seeds"])
             rows.append(f"  {head}, k={row['k']}: {row['text']} seed{'s' if n > 1 else ''}")
@@ -186,7 +196,7 @@ def format_run_findings(found: list[dict[str, Any]], lanes: list[dict[str, Any]]
                 continue
             per = []
             for seed, rel in zip(row["seeds"], row["rel_l1_to_k1"]):
-                reg = k1.get((e["learning_rate"], e["weight_decay"], seed))
+                reg = k1.get((e["learning_rate"], e.get("momentum"), e["weight_decay"], seed))
                 per.append(f"seed {seed} {_fmt(rel, '.2g')}" + (f" ({reg})" if reg else ""))
             amp = row["amplified_seeds"]
             rows.append(f"  {head}: RelL1(k=1, k={row['k']}) at the end: " + ", ".join(per))
@@ -206,20 +216,30 @@ def format_run_findings(found: list[dict[str, Any]], lanes: list[dict[str, Any]]
     return rows
 
 
+def _threshold_text(thr: float | None, lanes: list[dict[str, Any]]) -> str:
+    """The threshold, or each lane's (heavy ball: 2 + 2 momentum) when they differ."""
+    if thr is not None:
+        return f"{thr:g}"
+    pairs = sorted({(l.get("momentum"), l["threshold"]) for l in lanes}, key=lambda p: p[1])
+    return "2 + 2 momentum: " + ", ".join(f"{t:g} at momentum {m:g}" for m, t in pairs)
+
+
 def format_summary(results: dict[str, Any], title: str, run_dir: Path) -> str:
     """A table of lanes (lr, k, seed, wd, final loss, max lr*lambda, spikes, RelL1, regime) and the findings."""
     thr = results["summary"]["threshold"]
+    mom = any("momentum" in l for l in results["lanes"])
     rows = [
         f"{title}  ->  {run_dir}",
-        f"  {'lr':>9} {'k':>3} {'seed':>4} {'wd':>8} {'final loss':>11} {'max lr*lam':>10} {'>thr at':>7} "
-        f"{'spikes':>6} {'late':>5} {'RelL1 vs k=1':>12} {'params sha256':>13}  regime",
+        f"  {'lr':>9}{' momentum' if mom else ''} {'k':>3} {'seed':>4} {'wd':>8} {'final loss':>11} {'max lr*lam':>10} "
+        f"{'>thr at':>7} {'spikes':>6} {'late':>5} {'RelL1 vs k=1':>12} {'params sha256':>13}  regime",
     ]
     for l in results["lanes"]:
         status = l.get("regime") or ("stable" if l.get("stable") else "unstable")
         if not l["finite"]:
             status = f"divergent@{l['first_nonfinite_step']:d}"
         rows.append(
-            f"  {l['learning_rate']:>9.4g} {l['k']:>3} {l['seed']:>4} {l['weight_decay']:>8.2g} "
+            f"  {l['learning_rate']:>9.4g}{format(l['momentum'], '>9.3g') if mom else ''} {l['k']:>3} {l['seed']:>4} "
+            f"{l['weight_decay']:>8.2g} "
             f"{_fmt(l['final_loss']):>11} {_fmt(l.get('max_normalized_sharpness')):>10} "
             f"{_fmt(l.get('first_step_above_threshold'), 'd') if l.get('first_step_above_threshold') is not None else '-':>7} "
             f"{l['num_loss_increases_1pct']:>6} {l['num_loss_increases_1pct_late']:>5} "
@@ -228,7 +248,7 @@ def format_summary(results: dict[str, Any], title: str, run_dir: Path) -> str:
         )
     closs = next((l.get("constant_loss") for l in results["lanes"]), None)
     rows.append(
-        f"  threshold lr*lambda_max = {thr:g}; spikes = loss rises > 1% (late: after the first 10% of steps)"
+        f"  threshold lr*lambda_max = {_threshold_text(thr, results['lanes'])}; spikes = loss rises > 1% (late: after the first 10% of steps)"
         + (f"; constant predictor's loss {closs:.4f}" if closs is not None else "")
     )
     rows.append(f"  {CRITERION}; {REGIME_CRITERION}")
