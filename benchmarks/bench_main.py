@@ -29,7 +29,7 @@ on a shared VM, noise only adds time; this one's kernel also pages out idle memo
   times slower than the roofline bound ``max(flops / peak_flops, bytes / peak_bw)`` it ran;
 * ``sweep``: 16 learning rates as one program, all lanes vectorized, one lane at a time
   (``lane_batch=1``) and as the engine runs them by default (``lane_batch="auto"``: the batch its
-  :class:`eos_jax.train.Plan` picks from the programs' temporaries), vs 16 sequential runs.
+  :class:`eos_jax.train.core.Plan` picks from the programs' temporaries), vs 16 sequential runs.
 
 Ratios are taken within this run; on a shared machine, compare ``uptime`` before and after.
 """
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     t_b1 = _timed(fn_b1, s_all, repeats=sweep_repeats)
     # What the engine runs by default (EngineConfig.lane_batch="auto"), decided by its Plan from the
     # temporaries of the run's all-at-once chunk and sharpness programs.
-    choice = tr.Plan.build(problem, tr.make_lanes(lrs), cfg.engine_config()).lane_batch_choice
+    choice = tr.core.Plan.build(problem, tr.make_lanes(lrs), cfg.engine_config()).lane_batch_choice
     auto = choice.lane_batch
     if auto == 1:
         fn_auto, t_auto = fn_b1, t_b1

@@ -7,7 +7,7 @@ with it, in a notebook as well as by ``experiments.eos``.
 
 A lane is *stable* when it stays finite and its training loss never rises by more than
 1 % from one step to the next (``max_rel_loss_increase <= 0.01``), over EVERY step:
-the statistics are kept inside the compiled scan (:func:`eos_jax.train.update_loss_stats`),
+the statistics are kept inside the compiled scan (:func:`eos_jax.train.stats.update_loss_stats`),
 so a logging interval cannot hide a period-2 oscillation. Gradient descent below the
 classical bound ``lr < 2 / lambda_max`` decreases the loss monotonically; restrained
 instabilities show as spikes and oscillations, and an initial blow-up that later settles

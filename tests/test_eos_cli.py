@@ -874,7 +874,7 @@ def test_automatic_groups_keep_every_perturbed_lane_with_its_twin():
     from eos_jax.train.core import first_width
 
     assert first_width(len(lanes), ec) == 10  # the widest multiple of 10 under the cap
-    groups = tr.group_lanes(len(lanes), 10)
-    twins = tr.find_twins(lanes, groups)
+    groups = tr.core.group_lanes(len(lanes), 10)
+    twins = tr.core.find_twins(lanes, groups)
     assert all(t["in_group"] for l, t in zip(lanes, twins) if l.k != 1)
     assert eos.default_config("cnn", k=(1,)).engine_config().lane_multiple == 1

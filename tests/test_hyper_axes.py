@@ -41,7 +41,7 @@ def test_make_lanes_named_axes_order_and_errors():
         "learning_rate": 0.1, "k": 1, "seed": 0, "weight_decay": 0.0, "init_seed": 0, "momentum": 0.9,
     }  # fmt: skip
     # k twins: every hyperparameter but k, the named ones included
-    twins = tr.find_twins(lanes, [list(range(8))])
+    twins = tr.core.find_twins(lanes, [list(range(8))])
     assert [t["lane"] for t in twins] == [0, 0, 2, 2, 4, 4, 6, 6]
     assert tr.make_lanes(0.1)[0].asdict() == tr.Lane(0.1).asdict()  # no axis: records as before
     with pytest.raises(ConfigError, match="momentum nan is not allowed"):

@@ -89,7 +89,7 @@ _CHILD = textwrap.dedent(
     # The engine's file-free pieces: k = 1 and 3 lanes, float32 hyperparameters, one scanned chunk.
     prob = tr.Problem(lambda k: model.init(k, (5, 5, 1))["params"], loss_fn,
                       lambda hp: optim.sgd(hp.learning_rate, k=hp.k, weight_decay=hp.weight_decay), (x, y))
-    hp = tr.stack_hparams(tr.make_lanes([0.1], ks=[1, 3]), tr.hparam_dtype(prob))
+    hp = tr.stack_hparams(tr.make_lanes([0.1], ks=[1, 3]), tr.state.hparam_dtype(prob))
     f32((hp.learning_rate, hp.weight_decay), "hparams")
     st = jax.jit(jax.vmap(lambda h: tr.init_state(prob, h)))(hp)
     st, met = tr.make_chunk_fn(prob, None, 3)(st, hp, prob.data, jnp.asarray(3, jnp.int32))

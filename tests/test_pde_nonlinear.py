@@ -292,7 +292,7 @@ def test_problem_is_the_engines_dt_by_k_sweep():
         "logit",
         "fractions",
     }
-    assert tr.group_lanes(len(lanes), engine.max_lanes) == [[0, 1, 2, 3]]
+    assert tr.core.group_lanes(len(lanes), engine.max_lanes) == [[0, 1, 2, 3]]
 
 
 # ------------------------------------------------------------------------ classification

@@ -106,7 +106,7 @@ def test_init_seed_fixes_the_parameters_and_seed_the_batch_order():
     assert a.size == 24 and int(np.sum(a != b)) == 20
     # The data keys (batch order) stay the seed's: lanes 0 and 4 (seed 0) share the order of epoch 0,
     # the four seeds 0, 1, 2, 7 have four different ones.
-    order = jax.jit(jax.vmap(lambda key: tr.select_batch(_TOY.data, key, jnp.int32(0), 24)["x"][:, 0]))
+    order = jax.jit(jax.vmap(lambda key: tr.step.select_batch(_TOY.data, key, jnp.int32(0), 24)["x"][:, 0]))
     firsts = np.asarray(order(state.key))
     assert np.array_equal(firsts[0], firsts[4])
     for i in range(4):
@@ -133,12 +133,12 @@ def test_init_seed_none_keeps_the_bits_of_runs_made_before_it():
 
 def test_init_seed_twins_and_errors():
     lanes = [tr.Lane(0.1, 1, 0), tr.Lane(0.1, 3, 0, init_seed=5), tr.Lane(0.1, 1, 0, init_seed=5), tr.Lane(0.1, 3, 0)]
-    twins = tr.find_twins(lanes, [[0, 1, 2, 3]])
+    twins = tr.core.find_twins(lanes, [[0, 1, 2, 3]])
     assert [t["lane"] for t in twins] == [0, 2, 2, 0]  # the twin shares the init seed, not just the seed
-    alone = tr.find_twins([tr.Lane(0.1, 1, 0, init_seed=4), tr.Lane(0.1, 3, 0, init_seed=5)], [[0, 1]])
+    alone = tr.core.find_twins([tr.Lane(0.1, 1, 0, init_seed=4), tr.Lane(0.1, 3, 0, init_seed=5)], [[0, 1]])
     assert alone[1]["lane"] is None and "init seed" in alone[1]["missing"]
     # Lane(seed=2) and Lane(seed=2, init_seed=2) start alike and are twins.
-    assert tr.find_twins([tr.Lane(0.1, 1, 2, init_seed=2), tr.Lane(0.1, 3, 2)], [[0, 1]])[1]["lane"] == 0
+    assert tr.core.find_twins([tr.Lane(0.1, 1, 2, init_seed=2), tr.Lane(0.1, 3, 2)], [[0, 1]])[1]["lane"] == 0
     assert tr.Lane(0.1, seed=2).asdict()["init_seed"] == 2
     assert len(tr.make_lanes([0.1], seeds=[0, 1], init_seeds=[3, 4], ks=[1, 3])) == 8
     for bad in (-1, 2**31, 1.5, "3", True, None, [0, -2]):
@@ -159,19 +159,19 @@ def _error(fn) -> str:
 
 
 def test_group_lanes_respects_max_and_devices():
-    assert tr.group_lanes(5, 2) == [[0, 1], [2, 3], [4]]
-    assert tr.group_lanes(10, 6, num_devices=4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert tr.core.group_lanes(5, 2) == [[0, 1], [2, 3], [4]]
+    assert tr.core.group_lanes(10, 6, num_devices=4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 def test_minibatch_selection_is_a_pure_function_of_key_and_step():
     data = {"x": jnp.arange(10, dtype=jnp.float32)[:, None], "y": jnp.arange(10, dtype=jnp.int32)}
     key = jax.random.key_data(jax.random.key(3))
-    seen = [np.asarray(tr.select_batch(data, key, jnp.int32(s), 3)["y"]) for s in range(6)]
+    seen = [np.asarray(tr.step.select_batch(data, key, jnp.int32(s), 3)["y"]) for s in range(6)]
     # Epoch 0 = steps 0..2 (one remainder example dropped): 9 distinct examples.
     assert len(set(np.concatenate(seen[:3]).tolist())) == 9
-    again = np.asarray(jax.jit(tr.select_batch, static_argnums=3)(data, key, jnp.int32(4), 3)["y"])
+    again = np.asarray(jax.jit(tr.step.select_batch, static_argnums=3)(data, key, jnp.int32(4), 3)["y"])
     np.testing.assert_array_equal(again, seen[4])
-    assert tr.select_batch(data, key, jnp.int32(0), None) is data
+    assert tr.step.select_batch(data, key, jnp.int32(0), None) is data
 
 
 def test_sharpness_key_is_not_the_batch_order_key_when_step_equals_epoch():
@@ -195,12 +195,14 @@ def test_sharpness_key_is_not_the_batch_order_key_when_step_equals_epoch():
     hp = tr.stack_hparams(tr.make_lanes([0.1], seeds=[0, 7]))
     state0 = jax.jit(jax.vmap(lambda h: tr.init_state(prob, h)))(hp)
     sharp = tr.make_sharpness_fn(prob, perm_of_key)
-    order_of = jax.jit(jax.vmap(lambda key, t: tr.select_batch(data, key, t, n)["i"], in_axes=(0, None)))  # epoch t
+    order_of = jax.jit(
+        jax.vmap(lambda key, t: tr.step.select_batch(data, key, t, n)["i"], in_axes=(0, None))
+    )  # epoch t
     keys_of = jax.jit(
         jax.vmap(
             lambda key, t: (
-                jax.random.key_data(tr.sharpness_key(key, t)),
-                jax.random.key_data(jax.random.fold_in(tr.batch_order_key(key), t)),
+                jax.random.key_data(tr.state.sharpness_key(key, t)),
+                jax.random.key_data(jax.random.fold_in(tr.state.batch_order_key(key), t)),
             ),
             in_axes=(0, None),
         )
@@ -377,7 +379,7 @@ def test_minibatch_sgd_resumable_schedule_and_sharpness_subset(tmp_path):
     # The logged loss of step t is the minibatch loss of step t.
     hp = tr.stack_hparams(lanes)
     state = jax.jit(jax.vmap(lambda h: tr.init_state(prob, h)))(hp)
-    batch0 = tr.select_batch(prob.data, state.key[0], jnp.int32(0), 5)
+    batch0 = tr.step.select_batch(prob.data, state.key[0], jnp.int32(0), 5)
     ref = float(jax.jit(toy_loss)(jax.tree_util.tree_map(lambda x: x[0], state.params), batch0))
     assert lines[0]["loss"] == pytest.approx(ref, rel=1e-6)  # a lone lane vs a vmapped one: not bitwise
 
@@ -742,7 +744,7 @@ def _rel_series(lines: list[dict], lane: int) -> tuple[np.ndarray, np.ndarray, n
     return (
         np.array([r["step"] for r in rs]),
         np.array([r["rel_l1_to_k1"] for r in rs]),
-        np.array([r[f"rel_l1_to_k1_ma{tr.REL_L1_WINDOW}"] for r in rs]),
+        np.array([r[f"rel_l1_to_k1_ma{tr.stats.REL_L1_WINDOW}"] for r in rs]),
     )
 
 
@@ -763,7 +765,9 @@ def test_rel_l1_series_to_the_k1_twin_every_step(tmp_path):
     assert raw[0] == 0.0 and raw[-1] > 0 and int(np.argmax(raw > 0)) > 0
     # NumPy reference of the trailing mean over min(t + 1, 100) values (float32 sums in the engine:
     # a relative tolerance, not a bitwise claim).
-    ref = np.array([raw[max(0, t - tr.REL_L1_WINDOW + 1) : t + 1].astype(np.float64).mean() for t in range(len(raw))])
+    ref = np.array(
+        [raw[max(0, t - tr.stats.REL_L1_WINDOW + 1) : t + 1].astype(np.float64).mean() for t in range(len(raw))]
+    )
     np.testing.assert_allclose(ma, ref, rtol=1e-5, atol=0)
     assert ma[-1] != pytest.approx(raw[-1], rel=1e-3)  # the average is not the last value
     # The end-of-run RelL1 of results.json is the last point of the series.
@@ -785,9 +789,9 @@ def test_twin_in_another_lane_group_is_flagged_not_compared(tmp_path):
     lines = _lines(tmp_path)
     assert all("rel_l1_to_k1" in r for r in lines if r["lane"] == 1)
     assert not any("rel_l1_to_k1" in r for r in lines if r["lane"] == 3)
-    twins = tr.find_twins(lanes, tr.group_lanes(4, 3))
+    twins = tr.core.find_twins(lanes, tr.core.group_lanes(4, 3))
     assert [t["in_group"] for t in twins] == [False, True, False, False] and twins[3]["lane"] == 2
-    lone = tr.find_twins(tr.make_lanes([0.1], ks=[3]), [[0]])
+    lone = tr.core.find_twins(tr.make_lanes([0.1], ks=[3]), [[0]])
     assert "no k=1 lane" in lone[0]["missing"]
     # fit() runs the same two programs (compiled once, in train above): lane 1's RelL1 series is train's bit
     # for bit and grows from 0; lane 3 gets NaN and train's reason.
@@ -831,7 +835,7 @@ def test_period_two_oscillation_is_seen_with_log_every_2(tmp_path):
     assert lane["num_loss_increases_1pct"] == 10 and lane["max_rel_loss_increase"] == 1.0
     assert lane["num_loss_increases_1pct_late"] == 9  # late: the earlier step >= 20 // 10 = 2
     assert lane["loss_stats_from"] == "every step"
-    ref = tr.loss_stats_reference([0.5, 1.0] * 10 + [0.5], [True] * 21, late_from=2)
+    ref = tr.stats.loss_stats_reference([0.5, 1.0] * 10 + [0.5], [True] * 21, late_from=2)
     assert {k: lane[k] for k in ref} == ref
 
 
@@ -842,7 +846,7 @@ def test_every_step_loss_stats_match_numpy(tmp_path):
     lines = _lines(tmp_path)
     for lane in res["lanes"]:
         rs = sorted((r for r in lines if r["lane"] == lane["lane"]), key=lambda r: r["step"])
-        ref = tr.loss_stats_reference([r["loss"] for r in rs], [r["finite"] for r in rs], late_from=4)
+        ref = tr.stats.loss_stats_reference([r["loss"] for r in rs], [r["finite"] for r in rs], late_from=4)
         assert {k: lane[k] for k in ref} == ref, lane["learning_rate"]
     assert res["lanes"][1]["num_loss_increases_1pct"] > 0  # lr 2.5 oscillates: the test can fail
 
@@ -869,7 +873,7 @@ def _assert_fit_is_train(hist: tr.History, lines: list[dict], res: dict) -> None
         ("loss", hist.loss),
         ("sharpness", hist.sharpness),
         ("rel_l1_to_k1", hist.rel_l1),
-        (f"rel_l1_to_k1_ma{tr.REL_L1_WINDOW}", hist.rel_l1_ma),
+        (f"rel_l1_to_k1_ma{tr.stats.REL_L1_WINDOW}", hist.rel_l1_ma),
         ("normalized_sharpness", hist.normalized_sharpness),
     ]:
         ref = _from_lines(lines, key, hist.step, n).astype(arr.dtype)

@@ -181,7 +181,7 @@ def test_chunking_does_not_change_bits_and_per_layer_rel_l1_and_augmentation():
     state = jax.tree_util.tree_map(
         lambda x: x[0], jax.jit(jax.vmap(lambda h: tr.init_state(problem, h)))(tr.stack_hparams(LANES[:1], F64))
     )
-    plain = tr.select_batch(problem.data, state.key, state.step, CFG.batch_size)
-    aug = tr.step_batch(problem, problem.data, state, CFG.batch_size)
-    want = _noise(plain, tr.augment_key(state.key, state.step))
+    plain = tr.step.select_batch(problem.data, state.key, state.step, CFG.batch_size)
+    aug = tr.step.step_batch(problem, problem.data, state, CFG.batch_size)
+    want = _noise(plain, tr.state.augment_key(state.key, state.step))
     assert_tree_equal_bits(aug, want) and not np.array_equal(np.asarray(aug["x"]), np.asarray(plain["x"]))

@@ -1,8 +1,9 @@
 """The training engine: one state pytree, a pure step, scan-chunked loops, vmapped sweeps.
 
 A run trains one or more *lanes*, each a point of the product of lists of learning
-rate, perturbation factor k, seed (batch order), initialization seed (defaults to the seed)
-and weight decay (:func:`make_lanes`). All lanes of
+rate, any named hyperparameter (momentum, Adam's ``b2``, ...), perturbation factor k, seed
+(batch order), initialization seed (defaults to the seed) and weight decay
+(:func:`make_lanes`). All lanes of
 a group run as one vmapped program; the optimizer is built *inside* the vmapped step
 from the lane's traced hyperparameters (:class:`HParams`), so one compilation serves
 every learning rate. Groups hold at most ``max_lanes`` lanes, by default as many as fit in
@@ -23,6 +24,13 @@ Both run the same compiled programs in the same order, so the same problem, lane
 config give the same bits. Divergence is a result: a lane that goes non-finite records
 the step and keeps its last finite state.
 
+A notebook needs four names: :class:`Problem` (model, loss, optimizer factory, data),
+:func:`make_lanes` (the grid), :func:`fit` (schedule keywords such as ``sharpness_every``)
+and the :class:`History` it returns::
+
+    problem = train.Problem(init_params, loss_fn, lambda hp: optim.sgd(hp.learning_rate, k=hp.k), data)
+    hist = train.fit(problem, train.make_lanes([0.5, 2.0], ks=[1, 3]), 100, sharpness_every=10)
+
 Modules, top-down (each imports only those below it):
 
 * :mod:`~eos_jax.train.memory`: :func:`fit` and :class:`History` (in memory; not named ``fit.py``,
@@ -39,100 +47,34 @@ Modules, top-down (each imports only those below it):
 * :mod:`~eos_jax.train.config`: :class:`Problem`, :class:`EngineConfig`.
 """
 
-from eos_jax.train.config import Batch, EigFn, EngineConfig, LossFn, Problem, PyTree
-from eos_jax.train.core import Plan, find_twins, group_lanes, run_group
-from eos_jax.train.loop import TrainingInterrupted, check_resume, resumed_grouping, train
+from eos_jax.train.config import EngineConfig, Problem
+from eos_jax.train.loop import TrainingInterrupted, check_resume, train
 from eos_jax.train.memory import History, fit
-from eos_jax.train.state import (
-    STREAM_AUGMENT,
-    STREAM_BATCH_ORDER,
-    STREAM_SHARPNESS,
-    HParams,
-    Lane,
-    TrainState,
-    augment_key,
-    batch_order_key,
-    hparam_dtype,
-    init_state,
-    lane_init_key,
-    make_lanes,
-    sharpness_key,
-    stack_hparams,
-)
-from eos_jax.train.stats import (
-    REL_L1_WINDOW,
-    SPIKE_REL_INCREASE,
-    init_loss_stats,
-    loss_stats_reference,
-    rel_l1_to_twin,
-    summarize_loss_stats,
-    update_loss_stats,
-)
-from eos_jax.train.step import (
-    lane_map,
-    make_chunk_fn,
-    make_eig_fn,
-    make_eval_fn,
-    make_final_fn,
-    make_sharpness_fn,
-    make_test_fn,
-    make_train_step,
-    objective_fn,
-    problem_loss,
-    select_batch,
-    step_batch,
-)
+from eos_jax.train.state import HParams, Lane, TrainState, init_state, lane_init_key, make_lanes, stack_hparams
+from eos_jax.train.step import make_chunk_fn, make_eig_fn, make_sharpness_fn, make_train_step
 from eos_jax.train.writer import read_metrics
 
+# The public surface: what a notebook or an experiment needs. The rest lives in the submodules
+# (``eos_jax.train.core.Plan``, ``eos_jax.train.stats.REL_L1_WINDOW``, ``eos_jax.train.step.select_batch``, ...),
+# which importing this package loads, so ``train.core.Plan`` reads as well as an import.
 __all__ = [
-    "Batch",
-    "EigFn",
     "EngineConfig",
     "HParams",
     "History",
     "Lane",
-    "LossFn",
-    "Plan",
     "Problem",
-    "PyTree",
-    "REL_L1_WINDOW",
-    "SPIKE_REL_INCREASE",
-    "STREAM_BATCH_ORDER",
-    "STREAM_SHARPNESS",
-    "STREAM_AUGMENT",
     "TrainState",
     "TrainingInterrupted",
-    "batch_order_key",
     "check_resume",
-    "resumed_grouping",
-    "find_twins",
     "fit",
-    "group_lanes",
-    "hparam_dtype",
-    "init_loss_stats",
     "init_state",
     "lane_init_key",
-    "loss_stats_reference",
     "make_chunk_fn",
     "make_eig_fn",
-    "make_eval_fn",
-    "make_final_fn",
     "make_lanes",
-    "lane_map",
     "make_sharpness_fn",
     "make_train_step",
-    "make_test_fn",
-    "problem_loss",
-    "step_batch",
-    "objective_fn",
     "read_metrics",
-    "rel_l1_to_twin",
-    "run_group",
-    "select_batch",
-    "sharpness_key",
-    "augment_key",
     "stack_hparams",
-    "summarize_loss_stats",
     "train",
-    "update_loss_stats",
 ]

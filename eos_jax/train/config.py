@@ -78,7 +78,7 @@ class Problem:
       accuracy_fn: ``(params, batch) -> scalar`` accuracy in [0, 1] of the parameters on a
         batch; needed by ``EngineConfig.acc_goal`` only.
       augment: ``(batch, key) -> batch``, applied to every step's batch (after the
-        minibatch is selected) with :func:`eos_jax.train.augment_key` of the lane's data key
+        minibatch is selected) with :func:`eos_jax.train.state.augment_key` of the lane's data key
         and the step: pure in (key, step), so resumed runs draw the same augmentations.
 
     Examples:
@@ -185,7 +185,7 @@ class EngineConfig:
       acc_goal: likewise, when the training accuracy (``Problem.accuracy_fn``) exceeds this.
       lane_batch: inside a group's program, the training step and the sharpness solver run
         on this many lanes at a time, one batch of lanes after another
-        (:func:`eos_jax.train.lane_map`); ``None``: all the group's lanes at once;
+        (:func:`eos_jax.train.step.lane_map`); ``None``: all the group's lanes at once;
         ``"auto"`` (default): all at once unless, on one CPU device, that needs more
         temporaries per call than the process keeps between calls (2 GiB), then as many
         as fit (:func:`eos_jax.train.sizing.choose_lane_batch`; the run records the choice

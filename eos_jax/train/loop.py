@@ -284,7 +284,7 @@ def train(
         past it are dropped so the file ends identical to an uninterrupted run's.
       quiet: no progress bar.
       dtype: None (default): learning rate and weight decay take the parameters' dtype
-        (:func:`eos_jax.train.hparam_dtype`); a dtype given must be that one (ConfigError otherwise).
+        (:func:`eos_jax.train.state.hparam_dtype`); a dtype given must be that one (ConfigError otherwise).
       devices: devices to spread the lane axis over (default: all).
       progress_stream: where the progress bar goes (default stderr).
       on_chunk: called with the step reached after each chunk (e.g. to report elsewhere).

@@ -20,6 +20,7 @@ import numpy as np
 
 from eos_jax import io as eio
 from eos_jax.distributed import to_host
+from eos_jax.errors import ConfigError
 from eos_jax.train.config import EngineConfig, Problem, PyTree, lane_threshold, uniform_threshold
 from eos_jax.train.core import LogBlock, Plan, logged_columns, metric_records, new_timing, run_group
 from eos_jax.train.state import Lane, TrainState
@@ -48,7 +49,7 @@ class History:
       rel_l1: ``(lanes, T)`` RelL1 of the lane's parameters to its k=1 twin's (same lr,
         seed, init seed, weight decay; same lane group); NaN for k=1 lanes and lanes without a twin in
         their group (``lane_summaries[i]["rel_l1_to_k1_missing"]`` says why).
-      rel_l1_ma: ``(lanes, T)`` its trailing mean over ``eos_jax.train.REL_L1_WINDOW`` steps, NaN likewise.
+      rel_l1_ma: ``(lanes, T)`` its trailing mean over ``eos_jax.train.stats.REL_L1_WINDOW`` steps, NaN likewise.
       params: the final parameters, a pytree of NumPy arrays with a leading lane axis.
       lane_summaries: per lane the record ``train`` writes to ``results.json``: ``finite``,
         ``first_nonfinite_step``, loss spikes of EVERY step (``num_loss_increases_1pct``,
@@ -117,6 +118,7 @@ def fit(
     dtype: Any = None,
     devices: Sequence[Any] | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    **schedule: Any,
 ) -> History:
     """Trains every lane for ``steps`` steps in memory and returns its :class:`History`.
 
@@ -137,6 +139,8 @@ def fit(
       dtype: None: learning rate and weight decay take the parameters' dtype.
       devices: devices to spread the lane axis over (default: all).
       on_chunk: called with the step reached after each chunk.
+      **schedule: :class:`EngineConfig` fields replacing ``config``'s (``sharpness_every=10``,
+        ``batch_size=128``, ...), so a notebook needs no ``EngineConfig``.
 
     Returns:
       The :class:`History`.
@@ -168,7 +172,15 @@ def fit(
       >>> bool(np.isnan(hist.rel_l1[0]).all()), hist.lanes[3].k, hist.lane_summaries[3]["n_diff_to_k1"]
       (True, 3, 0)
     """
-    config = EngineConfig(steps=steps) if config is None else dataclasses.replace(config, steps=steps)
+    unknown = sorted(set(schedule) - {f.name for f in dataclasses.fields(EngineConfig)} - {"steps"})
+    if unknown or "steps" in schedule:
+        bad = unknown or ["steps"]
+        raise ConfigError(
+            f"fit: {', '.join(bad)} is not a schedule keyword; allowed: the EngineConfig fields but steps "
+            "(given once, as fit's third argument)"
+        )
+    config = EngineConfig(steps=steps) if config is None else config
+    config = dataclasses.replace(config, steps=steps, **schedule)
     plan = Plan.build(problem, lanes, config, dtype=dtype, devices=devices)
     blocks: list[LogBlock] = []
     final_states: list[tuple[list[int], TrainState, dict[str, Any]]] = []

@@ -301,7 +301,7 @@ def choose_lane_batch(temp_bytes: dict[str, int], lanes: int, ceiling: int | Non
     largest program's (``temp_bytes``, measured with all ``lanes`` at once) exceed ``ceiling``
     (``None``: :data:`HOST_TEMP_CEILING`), the lanes run in batches of ``floor(ceiling /
     per-lane temporaries)`` (at least 1), one batch after another
-    (:func:`eos_jax.train.lane_map`), so that no call faults its memory in again; otherwise
+    (:func:`eos_jax.train.step.lane_map`), so that no call faults its memory in again; otherwise
     all at once (``None``), the programs measured. A lane's bits depend on the choice; a
     resumed run keeps the one recorded in its checkpoints.
 

@@ -40,7 +40,7 @@ def init_loss_stats(dtype: Any) -> dict[str, jax.Array]:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from eos_jax.train import init_loss_stats
+      >>> from eos_jax.train.stats import init_loss_stats
       >>> stats = init_loss_stats(jnp.float32)
       >>> float(stats["max_inc"]), float(stats["min_loss"]), int(stats["n_inc"])
       (-inf, inf, 0)
@@ -71,7 +71,7 @@ def update_loss_stats(
       would not see:
 
       >>> import jax, jax.numpy as jnp
-      >>> from eos_jax.train import init_loss_stats, summarize_loss_stats, update_loss_stats
+      >>> from eos_jax.train.stats import init_loss_stats, summarize_loss_stats, update_loss_stats
       >>> losses = jnp.array([1.0, 0.8, 1.0, 0.8, 1.0], jnp.float32)
       >>> def fold(stats, t):
       ...     return update_loss_stats(stats, t, losses[t], jnp.bool_(True), late_from=1), None
@@ -113,7 +113,7 @@ def loss_stats_reference(
       The summary fields :func:`summarize_loss_stats` reports.
 
     Examples:
-      >>> from eos_jax.train import loss_stats_reference
+      >>> from eos_jax.train.stats import loss_stats_reference
       >>> r = loss_stats_reference([1.0, 0.8, 1.0, 0.5], [True] * 4, late_from=2)
       >>> round(r["max_rel_loss_increase"], 4), r["num_loss_increases_1pct"], r["num_loss_increases_1pct_late"]
       (0.25, 1, 0)
@@ -138,7 +138,7 @@ def summarize_loss_stats(stats: dict[str, Any]) -> dict[str, Any]:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from eos_jax.train import init_loss_stats, summarize_loss_stats
+      >>> from eos_jax.train.stats import init_loss_stats, summarize_loss_stats
       >>> summarize_loss_stats(init_loss_stats(jnp.float32))  # no step yet
       ... # doctest: +NORMALIZE_WHITESPACE
       {'max_rel_loss_increase': 0.0, 'num_loss_increases_1pct': 0, 'max_rel_loss_increase_late': 0.0,
@@ -187,7 +187,7 @@ def rel_l1_to_twin(params: PyTree, twin: jax.Array) -> jax.Array:
 
     Examples:
       >>> import jax.numpy as jnp
-      >>> from eos_jax.train import rel_l1_to_twin
+      >>> from eos_jax.train.stats import rel_l1_to_twin
       >>> params = {"w": jnp.array([[1.0, 1.0], [1.0, 3.0]])}  # lane 1 (k=3) has lane 0 (k=1) as its twin
       >>> rel_l1_to_twin(params, jnp.array([0, 0])).tolist()
       [0.0, 0.5]
@@ -347,11 +347,11 @@ def summarize_run(
       ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), jnp.ones((4, 2)))
       >>> lanes = tr.make_lanes([0.1, 0.5])
       >>> state = jax.jit(jax.vmap(lambda hp: tr.init_state(problem, hp)))(tr.stack_hparams(lanes, jnp.float32))
-      >>> stats = {k: np.stack([np.asarray(v)] * 2) for k, v in tr.init_loss_stats(jnp.float32).items()}
+      >>> stats = {k: np.stack([np.asarray(v)] * 2) for k, v in tr.stats.init_loss_stats(jnp.float32).items()}
       >>> lines = [{"lane": i, "step": 0, "loss": 1.0, "finite": True} for i in range(2)]
       >>> groups = [[0, 1]]
       >>> records, summary, params = summarize_run(lanes, groups, [([0, 1], state, stats)], lines, 2.0,
-      ...                                          tr.find_twins(lanes, groups))
+      ...                                          tr.core.find_twins(lanes, groups))
       >>> [(r["lane"], r["learning_rate"], r["finite"], r["steps"]) for r in records]
       [(0, 0.1, True, 0), (1, 0.5, True, 0)]
       >>> summary["num_finite"], summary["final_loss_max"], params[1]["w"].tolist()

@@ -90,7 +90,7 @@ def initial_sharpness(
     def top(hparams, batch):  # hparams an argument, not a constant: one program for every seed and weight decay
         state = tr.init_state(problem, hparams)
         res = hessian.top_eigenvalue(
-            tr.objective_fn(problem, hparams),
+            tr.step.objective_fn(problem, hparams),
             state.params,
             batch,
             method="lanczos",

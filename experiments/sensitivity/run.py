@@ -73,7 +73,7 @@ class SensitivityConfig:
       ks: the k of (PERTURBED SGD); seeds: batch-order seeds; init_seed: the initialization.
       max_lanes: lanes per vmapped program (all k of a seed must share one).
       lane_batch: inside that program, the training step runs this many lanes at a time
-        (:func:`eos_jax.train.lane_map`; None: all at once; ``"auto"``, the default: all at once
+        (:func:`eos_jax.train.step.lane_map`; None: all at once; ``"auto"``, the default: all at once
         unless, on one CPU device, their temporaries exceed 2 GiB per call, see
         :func:`eos_jax.train.sizing.choose_lane_batch`). It changes the bits (each lane's
         convolutions are compiled for one lane instead of as one grouped convolution), not what
@@ -608,8 +608,8 @@ def _final_states(run_dir: Path, problem: tr.Problem, lanes, ecfg, cfg):
     measured again); with several processes every process restores its shards and gathers all
     lanes (:func:`eos_jax.distributed.to_host`, a collective).
     """
-    ecfg = tr.resumed_grouping(ecfg, run_dir, jax.device_count())
-    plan = tr.Plan.build(problem, lanes, ecfg, dtype=jnp.dtype(cfg.dtype))
+    ecfg = tr.loop.resumed_grouping(ecfg, run_dir, jax.device_count())
+    plan = tr.core.Plan.build(problem, lanes, ecfg, dtype=jnp.dtype(cfg.dtype))
     out: dict[int, Any] = {}
     for g, idx in enumerate(plan.groups):
         store = CheckpointStore(run_dir / "checkpoints" / f"group_{g:03d}", max_to_keep=ecfg.checkpoint_keep)
