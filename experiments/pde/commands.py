@@ -33,11 +33,41 @@ from experiments.pde import beltrami, heat, linear, nonlinear
 
 _DESCRIPTION = "PDE stability toolkit: heat, Beltrami, linearized and non-linear CNN gradient-descent PDEs."
 
+_Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_command(
+    subparsers: argparse._SubParsersAction, name: str, handler: _Handler, *, help: str, description: str
+) -> argparse.ArgumentParser:
+    """Registers subcommand ``name`` that runs ``handler(args)``; returns its parser for its own flags.
+
+    Every subcommand's own flags are followed by ``--out`` and the coordinator flags, which
+    :func:`_build_parser` adds to all of them.
+    """
+    p = subparsers.add_parser(name, help=help, description=description)
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _run_and_print(
+    run: Callable[..., dict[str, Any]],
+    summarize: Callable[[dict[str, Any]], str],
+    config: Any,
+    out: str,
+    **kwargs: Any,
+) -> int:
+    """Runs one analysis, ``run(config, out, **kwargs)``, prints its summary in process 0 and returns 0."""
+    results = run(config, out, **kwargs)
+    _print(summarize(results))
+    return 0
+
 
 def _add_heat(subparsers: argparse._SubParsersAction) -> None:
     """Registers ``heat``: forward-Euler heat equation (2) with Dirichlet ends."""
-    p = subparsers.add_parser(
+    p = _add_command(
+        subparsers,
         "heat",
+        _run_heat,
         help="heat equation, scheme (2): simulation, amplifier A(omega), CFL bound, per-mode growth",
         description="Forward-Euler / central-difference heat equation (2) on [0, L] with Dirichlet ends and a "
         "triangle initial condition, at each r = kappa*dt/dx^2; compares measured per-mode growth with A(omega).",
@@ -52,8 +82,6 @@ def _add_heat(subparsers: argparse._SubParsersAction) -> None:
         default=10.0,
         help="a mode grows when its coefficient exceeds this times the largest initial one",
     )
-    p.add_argument("--out", required=True, help="run directory (new or empty)")
-    p.set_defaults(handler=_run_heat)
 
 
 def _run_heat(args: argparse.Namespace) -> int:
@@ -65,15 +93,15 @@ def _run_heat(args: argparse.Namespace) -> int:
         steps=args.steps,
         cross_factor=args.cross_factor,
     )
-    results = heat.run_heat(config, args.out)
-    _print(heat.summarize(results))
-    return 0
+    return _run_and_print(heat.run_heat, heat.summarize, config, args.out)
 
 
 def _add_beltrami(subparsers: argparse._SubParsersAction) -> None:
     """Registers ``beltrami``: gradient descent on the Beltrami loss (4)."""
-    p = subparsers.add_parser(
+    p = _add_command(
+        subparsers,
         "beltrami",
+        _run_beltrami,
         help="Beltrami reaction-diffusion (4): gradient descent at multiples of the CFL step bound",
         description="Gradient descent on the discretized Beltrami loss of a piecewise-constant noisy signal, at "
         "multiples of the strict CFL step bound; each run is classified stable / restrained / divergent.",
@@ -92,8 +120,6 @@ def _add_beltrami(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--delta", type=cli.positive_float, default=0.1, help="Beltrami regularizer delta")
     p.add_argument("--noise", type=cli.nonnegative_float, default=0.1, help="noise standard deviation")
     p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="noise seed")
-    p.add_argument("--out", required=True, help="run directory (new or empty)")
-    p.set_defaults(handler=_run_beltrami)
 
 
 def _run_beltrami(args: argparse.Namespace) -> int:
@@ -108,15 +134,15 @@ def _run_beltrami(args: argparse.Namespace) -> int:
         seed=args.seed,
         record_every=args.record_every,
     )
-    results = beltrami.run_beltrami(config, args.out)
-    _print(beltrami.summarize(results))
-    return 0
+    return _run_and_print(beltrami.run_beltrami, beltrami.summarize, config, args.out)
 
 
 def _add_linear(subparsers: argparse._SubParsersAction) -> None:
     """Registers ``linear``: the linearized CNN PDE (10), schemes (11) and (16)-(17)."""
-    p = subparsers.add_parser(
+    p = _add_command(
+        subparsers,
         "linear",
+        _run_linear,
         help="linearized CNN PDE (10): theory bounds (14)/(18) vs empirical bounds on weight decay alpha",
         description="Linearized one-layer CNN gradient-descent PDE (10) with constant a on a +1/-1 checkerboard; "
         "forward Euler (11) or semi-implicit Nesterov (16)-(17). For each kernel size: theory bounds on alpha, "
@@ -157,8 +183,6 @@ def _add_linear(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bisect-steps", type=cli.positive_int, default=400, help="iterations per bisection run")
     p.add_argument("--rel-tol", type=cli.positive_float, default=1e-4, help="bisection relative bracket width")
     p.add_argument("--plot-steps", type=cli.positive_int, default=1000, help="iterations of the Figure-4 runs")
-    p.add_argument("--out", required=True, help="run directory (new or empty)")
-    p.set_defaults(handler=_run_linear)
 
 
 def _run_linear(args: argparse.Namespace) -> int:
@@ -179,15 +203,15 @@ def _run_linear(args: argparse.Namespace) -> int:
         rel_tol=args.rel_tol,
         plot_steps=args.plot_steps,
     )
-    results = linear.run_linear(config, args.out)
-    _print(linear.summarize(results))
-    return 0
+    return _run_and_print(linear.run_linear, linear.summarize, config, args.out)
 
 
 def _add_nonlinear(subparsers: argparse._SubParsersAction) -> None:
     """Registers ``nonlinear``: the one-layer CNN gradient-descent PDE (9), Figures 5 and 6."""
-    p = subparsers.add_parser(
+    p = _add_command(
+        subparsers,
         "nonlinear",
+        _run_nonlinear,
         help="non-linear one-layer CNN PDE (9): loss, RelL1(k=1,k=3), Table 3 regimes, dt*lambda_max per dt",
         description="Gradient descent on the one-layer cnn (Swish, global mean or sum, BCE, weight decay alpha in the "
         "loss) over a +1/-1 checkerboard, every dt with k=1 and k=3 as one vmapped program; classifies each dt "
@@ -241,8 +265,6 @@ def _add_nonlinear(subparsers: argparse._SubParsersAction) -> None:
         default=100,
         help="steps of the trailing RelL1 moving average (100, as the authors plot)",
     )
-    p.add_argument("--out", required=True, help="run directory (new or empty)")
-    p.set_defaults(handler=_run_nonlinear)
 
 
 def _run_nonlinear(args: argparse.Namespace) -> int:
@@ -271,9 +293,7 @@ def _run_nonlinear(args: argparse.Namespace) -> int:
     )
     config.validate()
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if distributed.is_primary() else None
-    results = nonlinear.run_nonlinear(config, args.out, log=log)
-    _print(nonlinear.summarize(results))
-    return 0
+    return _run_and_print(nonlinear.run_nonlinear, nonlinear.summarize, config, args.out, log=log)
 
 
 def _build_parser() -> cli.ArgumentParser:
@@ -284,7 +304,8 @@ def _build_parser() -> cli.ArgumentParser:
     _add_beltrami(subparsers)
     _add_linear(subparsers)
     _add_nonlinear(subparsers)
-    for sub in subparsers.choices.values():
+    for sub in subparsers.choices.values():  # after each subcommand's own flags, in --help too
+        sub.add_argument("--out", required=True, help="run directory (new or empty)")
         cli.add_distributed_arguments(sub)  # after the subcommand: python -m experiments.pde heat --coordinator ...
     return parser
 

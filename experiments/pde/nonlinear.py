@@ -95,99 +95,15 @@ def run_nonlinear(
 def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, Any]) -> dict[str, Any]:
     """The JSON-able results: per dt histories, classification and evidence, theory, notes."""
     per_dt: dict[str, Any] = {}
-    sh_steps = sim["sharpness_steps"]
-    w = config.num_window
     for i, dt in enumerate(config.dts):
-        cls, ev = classify(sim["loss"][:, i, :], sim["rel_l1"][:, i], sim["first_nonfinite"][i], config)
-        norm = dt * sim["sharpness"][:, i, :]
-        late = sh_steps >= config.steps - w
-        k1 = norm[:, 0]
-        ev["max_normalized_sharpness"] = _nanmax(k1)
-        ev["window_max_normalized_sharpness"] = _nanmax(k1[late])
-        ev["window_fraction_above_2"] = float(np.mean(k1[late] > 2.0)) if np.any(np.isfinite(k1[late])) else None
-        fin = k1[np.isfinite(k1)]
-        ev["fraction_above_2"] = float(np.mean(fin > 2.0)) if fin.size else None
-        lam = sim["sharpness"][:, i, 0]
-        ev["last_lambda_max"] = float(lam[np.isfinite(lam)][-1]) if np.any(np.isfinite(lam)) else None
-        last_logit = sim["logit"][:, i, 0][np.isfinite(sim["logit"][:, i, 0])]
-        a_last = float(0.5 * (1.0 + np.tanh(0.5 * float(last_logit[-1]))) - config.label) if last_logit.size else None
-        th_dt = dict(th["per_dt"][dt_key(dt)])
-        if a_last is not None:
-            # Eq. (14) on the windowed spectrum with the run's last a = y_hat - y instead of s(0) - y.
-            lo, hi = _alpha_bounds_gd(*th["window_mu_scaled"], dt=dt, a=a_last, beta=config.beta)
-            th_dt.update(
-                a_last=a_last, transitioning_window_alpha_min_at_a_last=lo, transitioning_window_alpha_max_at_a_last=hi
-            )
-        logit = np.asarray(sim["logit"][-w:, i, 0], np.float64)
-        a = 0.5 * (1.0 + np.tanh(0.5 * logit[np.isfinite(logit)])) - config.label  # a = y_hat - y of Eq. (8)
-        ev["window_a_range"] = [float(a.min()), float(a.max())] if a.size else None
-        fr = sim["fractions"][-w:, i, 0, :]
-        ev["window_mean_fractions"] = {r: _nanmean(fr[:, j]) for j, r in enumerate(REGIMES)}
-        rel = np.asarray(sim["rel_l1"][:, i], np.float64)
-        rel_avg = moving_average(rel, config.rel_l1_window)
-        ev["rel_l1_last"] = float(rel[-1]) if np.isfinite(rel[-1]) else None
-        ev["rel_l1_peak"] = _nanmax(rel)
-        ev["rel_l1_peak_step"] = int(np.nanargmax(rel)) if np.any(np.isfinite(rel)) else None
-        ev["rel_l1_avg_last"] = float(rel_avg[-1]) if rel_avg.size and np.isfinite(rel_avg[-1]) else None
-        ev["rel_l1_avg_peak"] = _nanmax(rel_avg) if rel_avg.size else None
-        ev["last_normalized_sharpness"] = float(k1[np.isfinite(k1)][-1]) if np.any(np.isfinite(k1)) else None
-        if config.square == 1:
-            # c = <K, chi>: the one coordinate the pixel checkerboard sees (checkerboard_loss_1d).
-            kern = np.asarray(kernel_of(jax.tree_util.tree_map(lambda x: x[i, 0], sim["final_params"])), np.float64)
-            ev["final_c"] = float(np.sum(kern * chi(config.kernel)))
-        lanes = {}
-        for j, kk in enumerate((1, config.k)):
-            lanes[f"k{kk}"] = {
-                "loss": sim["loss"][:, i, j],
-                "data_loss": sim["data_loss"][:, i, j],
-                "logit": sim["logit"][:, i, j],
-                "fractions": {r: sim["fractions"][:, i, j, m] for m, r in enumerate(REGIMES)},
-                "sharpness": sim["sharpness"][:, i, j],
-                "normalized_sharpness": norm[:, j],
-                "first_nonfinite_step": sim["first_nonfinite"][i][j],
-            }
-        per_dt[dt_key(dt)] = {
-            "dt": dt,
-            "classification": cls,
-            "evidence": ev,
-            "rel_l1": sim["rel_l1"][:, i],
-            "rel_l1_moving_average": {
-                "window": config.rel_l1_window,
-                "first_step": config.rel_l1_window - 1,
-                "values": rel_avg,
-            },
-            "lanes": lanes,
-            "theory": th_dt,
-        }
+        per_dt[dt_key(dt)] = _dt_results(config, sim, th, i, dt)
     c0 = (
         float(np.sum(np.asarray(sim["initial_kernel"], np.float64) * chi(config.kernel)))
         if config.square == 1
         else None
     )
     results = {
-        "setting": {
-            "image": f"{config.size}x{config.size} checkerboard of +1/-1, squares of {config.square} px",
-            "kernel": (
-                f"{config.kernel}x{config.kernel}, K0 ~ N(0, 1) from the JAX key fold_in(key({config.seed}), 0) "
-                "(same K0 in every lane); the authors draw np.random.randn after np.random.seed(7) "
-                "(single_layer/PySun.py), a stream JAX does not reproduce"
-            ),
-            "model": (
-                f"cnn: valid cross-correlation, Swish(beta), global {config.pool} over the "
-                f"{num_positions(config.size, config.kernel)} output positions, sigmoid in the BCE (Eq. (6))"
-                + (
-                    "; the authors' AvgPooling (single_layer/PySun.py)"
-                    if config.pool == "mean"
-                    else "; the authors pool with the mean (single_layer/PySun.py)"
-                )
-            ),
-            "pool": config.pool,
-            "loss": "BCE(s(g), y) + (alpha/2)||K||^2 (Eq. (7)); weight decay in the loss, not in the optimizer",
-            "optimizer": f"eos_jax.optim.sgd(dt, k) -- k=1 and k={config.k}: K - (dt/k)(k grad) (Section 4.1)",
-            "dtype": "float32 (model, kernel, loss, optimizer); theory in float64",
-            "sharpness": f"largest algebraic Hessian eigenvalue of the loss in K, Lanczos with "
-            f"{config.sharpness_iters} HVPs warm-started, every {config.sharpness_every} steps",
-        },
+        "setting": _setting(config),
         "regime_threshold_eps": sim["eps"],
         "regime_rule": (
             f"activated: K*I > eps, transitioning: |K*I| <= eps, not activated: K*I < -eps, "
@@ -196,35 +112,163 @@ def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, An
         ),
         "record_index": "record t of every history is the iterate K_t (before update t); t = 0..steps-1",
         "classification_rule": classification_rule(config),
-        "sharpness_steps": sh_steps,
+        "sharpness_steps": sim["sharpness_steps"],
         "rel_l1_moving_average_rule": (
             f"trailing mean over {config.rel_l1_window} consecutive steps, value j "
             f"averaging steps j..j+{config.rel_l1_window - 1} (as the authors smooth "
             "Figure 5 right, instability/compute_one_layer.m)"
         ),
         "initial_c": c0,
-        "checkerboard_orbit": (
-            checkerboard_orbit(
-                c0,
-                config.dts,
-                steps=config.steps,
-                window=config.num_window,
-                sample_every=config.sharpness_every,
-                size=config.size,
-                kernel=config.kernel,
-                alpha=config.alpha,
-                beta=config.beta,
-                label=config.label,
-                pool=config.pool,
-            )
-            if c0 is not None
-            else None
-        ),
+        "checkerboard_orbit": _checkerboard_orbit(config, c0) if c0 is not None else None,
         "theory": {k: v for k, v in th.items() if k != "per_dt"},
         "per_dt": per_dt,
     }
     results["notes"] = notes(results, config)
     return results
+
+
+def _dt_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, Any], i: int, dt: float) -> dict[str, Any]:
+    """One step size's entry (lane ``i`` of the sweep): classification, evidence, histories, theory."""
+    cls, ev = classify(sim["loss"][:, i, :], sim["rel_l1"][:, i], sim["first_nonfinite"][i], config)
+    norm = dt * sim["sharpness"][:, i, :]
+    k1 = norm[:, 0]
+    ev.update(_sharpness_evidence(config, sim, i, k1))
+    th_dt = _theory_at_last_a(config, sim, th, i, dt)
+    ev.update(_window_evidence(config, sim, i))
+    rel = np.asarray(sim["rel_l1"][:, i], np.float64)
+    rel_avg = moving_average(rel, config.rel_l1_window)
+    ev.update(_rel_l1_evidence(rel, rel_avg))
+    ev["last_normalized_sharpness"] = float(k1[np.isfinite(k1)][-1]) if np.any(np.isfinite(k1)) else None
+    if config.square == 1:
+        # c = <K, chi>: the one coordinate the pixel checkerboard sees (checkerboard_loss_1d).
+        kern = np.asarray(kernel_of(jax.tree_util.tree_map(lambda x: x[i, 0], sim["final_params"])), np.float64)
+        ev["final_c"] = float(np.sum(kern * chi(config.kernel)))
+    return {
+        "dt": dt,
+        "classification": cls,
+        "evidence": ev,
+        "rel_l1": sim["rel_l1"][:, i],
+        "rel_l1_moving_average": {
+            "window": config.rel_l1_window,
+            "first_step": config.rel_l1_window - 1,
+            "values": rel_avg,
+        },
+        "lanes": _lane_histories(config, sim, i, norm),
+        "theory": th_dt,
+    }
+
+
+def _sharpness_evidence(config: NonlinearConfig, sim: dict[str, Any], i: int, k1: np.ndarray) -> dict[str, Any]:
+    """The k=1 lane's normalized sharpness ``k1 = dt * lambda_max``: maxima, fractions above 2, last lambda_max."""
+    late = sim["sharpness_steps"] >= config.steps - config.num_window
+    fin = k1[np.isfinite(k1)]
+    lam = sim["sharpness"][:, i, 0]
+    return {
+        "max_normalized_sharpness": _nanmax(k1),
+        "window_max_normalized_sharpness": _nanmax(k1[late]),
+        "window_fraction_above_2": float(np.mean(k1[late] > 2.0)) if np.any(np.isfinite(k1[late])) else None,
+        "fraction_above_2": float(np.mean(fin > 2.0)) if fin.size else None,
+        "last_lambda_max": float(lam[np.isfinite(lam)][-1]) if np.any(np.isfinite(lam)) else None,
+    }
+
+
+def _theory_at_last_a(
+    config: NonlinearConfig, sim: dict[str, Any], th: dict[str, Any], i: int, dt: float
+) -> dict[str, Any]:
+    """The theory of step size ``dt``, with the windowed bounds (14) at the k=1 lane's last ``a = y_hat - y``."""
+    last_logit = sim["logit"][:, i, 0][np.isfinite(sim["logit"][:, i, 0])]
+    a_last = float(0.5 * (1.0 + np.tanh(0.5 * float(last_logit[-1]))) - config.label) if last_logit.size else None
+    th_dt = dict(th["per_dt"][dt_key(dt)])
+    if a_last is not None:
+        # Eq. (14) on the windowed spectrum with the run's last a = y_hat - y instead of s(0) - y.
+        lo, hi = _alpha_bounds_gd(*th["window_mu_scaled"], dt=dt, a=a_last, beta=config.beta)
+        th_dt.update(
+            a_last=a_last, transitioning_window_alpha_min_at_a_last=lo, transitioning_window_alpha_max_at_a_last=hi
+        )
+    return th_dt
+
+
+def _window_evidence(config: NonlinearConfig, sim: dict[str, Any], i: int) -> dict[str, Any]:
+    """Over the classification window of the k=1 lane: the range of ``a = y_hat - y`` and mean regime fractions."""
+    w = config.num_window
+    logit = np.asarray(sim["logit"][-w:, i, 0], np.float64)
+    a = 0.5 * (1.0 + np.tanh(0.5 * logit[np.isfinite(logit)])) - config.label  # a = y_hat - y of Eq. (8)
+    fr = sim["fractions"][-w:, i, 0, :]
+    return {
+        "window_a_range": [float(a.min()), float(a.max())] if a.size else None,
+        "window_mean_fractions": {r: _nanmean(fr[:, j]) for j, r in enumerate(REGIMES)},
+    }
+
+
+def _rel_l1_evidence(rel: np.ndarray, rel_avg: np.ndarray) -> dict[str, Any]:
+    """Last value and peak of RelL1 (``rel``) and of its trailing moving average (``rel_avg``)."""
+    return {
+        "rel_l1_last": float(rel[-1]) if np.isfinite(rel[-1]) else None,
+        "rel_l1_peak": _nanmax(rel),
+        "rel_l1_peak_step": int(np.nanargmax(rel)) if np.any(np.isfinite(rel)) else None,
+        "rel_l1_avg_last": float(rel_avg[-1]) if rel_avg.size and np.isfinite(rel_avg[-1]) else None,
+        "rel_l1_avg_peak": _nanmax(rel_avg) if rel_avg.size else None,
+    }
+
+
+def _lane_histories(config: NonlinearConfig, sim: dict[str, Any], i: int, norm: np.ndarray) -> dict[str, Any]:
+    """The histories of the k=1 and k=k lanes of step size ``i`` (``norm``: their ``dt * lambda_max``)."""
+    lanes = {}
+    for j, kk in enumerate((1, config.k)):
+        lanes[f"k{kk}"] = {
+            "loss": sim["loss"][:, i, j],
+            "data_loss": sim["data_loss"][:, i, j],
+            "logit": sim["logit"][:, i, j],
+            "fractions": {r: sim["fractions"][:, i, j, m] for m, r in enumerate(REGIMES)},
+            "sharpness": sim["sharpness"][:, i, j],
+            "normalized_sharpness": norm[:, j],
+            "first_nonfinite_step": sim["first_nonfinite"][i][j],
+        }
+    return lanes
+
+
+def _setting(config: NonlinearConfig) -> dict[str, Any]:
+    """The experiment's setting in words: image, kernel, model, loss, optimizer, dtypes, sharpness."""
+    return {
+        "image": f"{config.size}x{config.size} checkerboard of +1/-1, squares of {config.square} px",
+        "kernel": (
+            f"{config.kernel}x{config.kernel}, K0 ~ N(0, 1) from the JAX key fold_in(key({config.seed}), 0) "
+            "(same K0 in every lane); the authors draw np.random.randn after np.random.seed(7) "
+            "(single_layer/PySun.py), a stream JAX does not reproduce"
+        ),
+        "model": (
+            f"cnn: valid cross-correlation, Swish(beta), global {config.pool} over the "
+            f"{num_positions(config.size, config.kernel)} output positions, sigmoid in the BCE (Eq. (6))"
+            + (
+                "; the authors' AvgPooling (single_layer/PySun.py)"
+                if config.pool == "mean"
+                else "; the authors pool with the mean (single_layer/PySun.py)"
+            )
+        ),
+        "pool": config.pool,
+        "loss": "BCE(s(g), y) + (alpha/2)||K||^2 (Eq. (7)); weight decay in the loss, not in the optimizer",
+        "optimizer": f"eos_jax.optim.sgd(dt, k) -- k=1 and k={config.k}: K - (dt/k)(k grad) (Section 4.1)",
+        "dtype": "float32 (model, kernel, loss, optimizer); theory in float64",
+        "sharpness": f"largest algebraic Hessian eigenvalue of the loss in K, Lanczos with "
+        f"{config.sharpness_iters} HVPs warm-started, every {config.sharpness_every} steps",
+    }
+
+
+def _checkerboard_orbit(config: NonlinearConfig, c0: float) -> dict[str, dict[str, Any]]:
+    """The 1-D map of ``c = <K, chi>`` on the pixel checkerboard from the run's ``c0``, per step size."""
+    return checkerboard_orbit(
+        c0,
+        config.dts,
+        steps=config.steps,
+        window=config.num_window,
+        sample_every=config.sharpness_every,
+        size=config.size,
+        kernel=config.kernel,
+        alpha=config.alpha,
+        beta=config.beta,
+        label=config.label,
+        pool=config.pool,
+    )
 
 
 def _alpha_bounds_gd(mu_min: float, mu_max: float, *, dt: float, a: float, beta: float) -> tuple[float, float]:
