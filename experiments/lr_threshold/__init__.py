@@ -298,38 +298,7 @@ def run_cnn(
         runtime_metadata=runtime_metadata,
     )
     lines = tr.read_metrics(sub / "metrics.jsonl")
-    runs = []
-    for lr in sorted(set(cfg.lr)):
-        per_seed = []
-        for l in sorted((l for l in res["lanes"] if l["learning_rate"] == lr and l["k"] == 3), key=lambda l: l["seed"]):
-            if l.get("rel_l1_to_k1_missing"):  # its twin ran in another program (--max-lanes too small)
-                raise ConfigError(f"lr {lr:g} seed {l['seed']}: {l['rel_l1_to_k1_missing']}")
-            ls = sorted((r for r in lines if r["lane"] == l["lane"]), key=lambda r: r["step"])
-            rel = np.array([r["rel_l1_to_k1"] for r in ls])
-            end = l["rel_l1_to_k1"]
-            per_seed.append(
-                {
-                    "seed": l["seed"],
-                    "rel_l1_end": end,
-                    "macroscopic": end >= AMPLIFIED_REL_L1,
-                    "rel_l1": rel.tolist(),
-                    **classify(rel),
-                }
-            )
-        amp = sum(1 for r in per_seed if r["verdict"] == "amplified")
-        macro = sum(1 for r in per_seed if r["macroscopic"])
-        runs.append(
-            {
-                "lr": lr,
-                "steps": cfg.steps,
-                "seeds": per_seed,
-                "amplified_seeds": amp,
-                "macroscopic_seeds": macro,
-                "num_seeds": len(per_seed),
-                # the rate's verdict: the majority of its seeds (ties: amplified)
-                "verdict": "amplified" if 2 * amp >= len(per_seed) else "attenuated",
-            }
-        )
+    runs = [_cnn_rate(lr, cfg.steps, _cnn_seed_verdicts(lr, res, lines)) for lr in sorted(set(cfg.lr))]
     thr = threshold(runs)
     macro = [r["lr"] for r in runs if 2 * r["macroscopic_seeds"] >= r["num_seeds"]]
     summary = {
@@ -346,6 +315,53 @@ def run_cnn(
         "initial_sharpness": init,
     }
     eio.atomic_write_json(root / "lr_threshold.json", summary)
+    _plot_cnn(runs, root / "lr_threshold.png", f"cnn {cfg.layers} layers on {data_info['name']}: first seed solid")
+    if not quiet:
+        print(format_cnn_summary(summary, root), flush=True)
+    return root, summary
+
+
+def _cnn_seed_verdicts(lr: float, res: dict[str, Any], lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The k = 3 lanes of rate ``lr`` in seed order: each one's RelL1 series to its k = 1 twin (from the
+    metrics ``lines``), its end value, whether that is macroscopic, and the rule's verdict."""
+    per_seed = []
+    for l in sorted((l for l in res["lanes"] if l["learning_rate"] == lr and l["k"] == 3), key=lambda l: l["seed"]):
+        if l.get("rel_l1_to_k1_missing"):  # its twin ran in another program (--max-lanes too small)
+            raise ConfigError(f"lr {lr:g} seed {l['seed']}: {l['rel_l1_to_k1_missing']}")
+        ls = sorted((r for r in lines if r["lane"] == l["lane"]), key=lambda r: r["step"])
+        rel = np.array([r["rel_l1_to_k1"] for r in ls])
+        end = l["rel_l1_to_k1"]
+        per_seed.append(
+            {
+                "seed": l["seed"],
+                "rel_l1_end": end,
+                "macroscopic": end >= AMPLIFIED_REL_L1,
+                "rel_l1": rel.tolist(),
+                **classify(rel),
+            }
+        )
+    return per_seed
+
+
+def _cnn_rate(lr: float, steps: int, per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """One rate's entry of ``lr_threshold.json``: its seeds, the counts of amplified and macroscopic
+    seeds, and the rate's verdict (the majority of its seeds; ties: amplified)."""
+    amp = sum(1 for r in per_seed if r["verdict"] == "amplified")
+    macro = sum(1 for r in per_seed if r["macroscopic"])
+    return {
+        "lr": lr,
+        "steps": steps,
+        "seeds": per_seed,
+        "amplified_seeds": amp,
+        "macroscopic_seeds": macro,
+        "num_seeds": len(per_seed),
+        # the rate's verdict: the majority of its seeds (ties: amplified)
+        "verdict": "amplified" if 2 * amp >= len(per_seed) else "attenuated",
+    }
+
+
+def _plot_cnn(runs: list[dict[str, Any]], path: Path, title: str) -> None:
+    """RelL1(k=1, k=3) per step of every rate: the first seed solid, the other seeds faint in its colour."""
     fig = Figure(figsize=(6.5, 4))
     ax = fig.add_subplot()
     for r in runs:
@@ -355,17 +371,10 @@ def run_cnn(
         for s_ in r["seeds"][1:]:
             ax.plot(s_["rel_l1"], lw=0.6, alpha=0.3, color=line.get_color())
     ax.set_yscale("symlog", linthresh=1e-8)
-    ax.set(
-        xlabel="step",
-        ylabel="RelL1(k=1, k=3)",
-        title=f"cnn {cfg.layers} layers on {data_info['name']}: first seed solid",
-    )
+    ax.set(xlabel="step", ylabel="RelL1(k=1, k=3)", title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    eio.save_figure(fig, root / "lr_threshold.png", dpi=110, bbox_inches=None)
-    if not quiet:
-        print(format_cnn_summary(summary, root), flush=True)
-    return root, summary
+    eio.save_figure(fig, path, dpi=110, bbox_inches=None)
 
 
 def format_cnn_summary(summary: dict[str, Any], root: Path) -> str:

@@ -473,18 +473,7 @@ def run(
     ecfg = engine_config(cfg, n_train)
     if resume:
         tr.check_resume(problem, lanes, ecfg, run_dir, dtype=jnp.dtype(cfg.dtype))
-    meta = {
-        "runtime": runtime_metadata or runtime.metadata(),
-        "dataset": data_info,
-        "model": {**model.info, "num_params": None},
-        "steps_per_epoch": spe,
-        "command": sys.argv,
-        "started_utc": _utc_stamp(),
-    }
-    if resume and (run_dir / "metadata.json").exists():  # as experiments.eos: the first start, and how often resumed
-        prev = eio.read_json(run_dir / "metadata.json")
-        meta["started_utc"] = prev.get("started_utc", meta["started_utc"])
-        meta["resumed"] = prev.get("resumed", 0) + 1
+    meta = _run_metadata(run_dir, resume, runtime_metadata, data_info, model, spe)
     if primary:
         eio.atomic_write_json(run_dir / "metadata.json", meta)
     results = tr.train(problem, lanes, ecfg, run_dir, resume=resume, quiet=quiet, dtype=jnp.dtype(cfg.dtype))
@@ -500,28 +489,90 @@ def run(
     last = default_final_epochs(cfg.epochs) if final_epochs is None else min(final_epochs, cfg.epochs)
     idx = {(l.seed, l.k): i for i, l in enumerate(lanes)}
     acc = np.array([[np.mean(series["test_accuracy"][idx[(s, k)], -last:]) for k in cfg.ks] for s in cfg.seeds])
-    finite = np.all(np.isfinite(acc))
-    out_files = []
     summary: dict[str, Any] = {"final_epochs_averaged": last, "steps_per_epoch": spe}
-    if finite:
-        t = table1(acc, seeds=list(cfg.seeds), ks=list(cfg.ks), ddof=0)
-        t1 = table1(acc, seeds=list(cfg.seeds), ks=list(cfg.ks), ddof=1) if min(acc.shape) >= 2 else None
-        if primary:
-            out_files += write_table1(t, run_dir)
-        summary["table1"] = {
-            "acc": acc.tolist(),
-            "std_over_k": t.std_over_k.tolist(),
-            "std_over_seeds": t.std_over_seeds.tolist(),
-            "mean_std_over_k": float(t.mean_std_over_k),
-            "mean_std_over_seeds": float(t.mean_std_over_seeds),
-            "std": "population (ddof=0, the authors' np.std)",
-            "sample_std_over_k": t1.std_over_k.tolist() if t1 is not None else None,
-            "sample_std_over_seeds": t1.std_over_seeds.tolist() if t1 is not None else None,
-        }
-    else:
-        summary["table1"] = {"skipped": "a lane ended with a non-finite test accuracy", "acc": acc.tolist()}
+    t, summary["table1"] = _table1_summary(acc, cfg, run_dir, primary)
 
     # Figure 3 (left): RelL1 to k=1 per epoch, network and per layer.
+    title = f"{cfg.model} {cfg.optimizer} lr {cfg.lr:g} on {cfg.dataset} ({n_train} images, {cfg.epochs} epochs)"
+    if primary:
+        _write_rel_l1(series, lanes, names, run_dir, title)
+
+    # Appendix B (Tables 4-5): k vs 2k / 4k in this run, bitwise, from the final states' digests and arrays.
+    # Every process restores (a collective) and holds every lane's final state on the host.
+    states = _final_states(run_dir, problem, lanes, ecfg, cfg)
+    final = _checked_final_params(states, results, run_dir)
+    rows = determinism_table(*_determinism_pairs(cfg, idx, final, series["test_accuracy"]))
+    if primary:
+        write_determinism(rows, run_dir / "determinism.md")
+    summary["determinism"] = [dataclasses.asdict(r) for r in rows]
+
+    # Footnote 5: batch selection vs floating point, at the final k=1 parameters of the first seed.
+    i0 = idx[(cfg.seeds[0], 1)]
+    summary["fluctuation"] = _fluctuation_summary(problem, cfg, final[i0], states[i0].model_state, t, run_dir, primary)
+    summary["k1_vs_k3"] = _k1_vs_k3(rows)
+    sens = {"config": config, "summary": summary, "per_epoch_test_accuracy": series["test_accuracy"].tolist()}
+    if not primary:
+        return run_dir, sens
+    eio.atomic_write_json(run_dir / "sensitivity.json", eio.to_jsonable(sens))
+    if not quiet:
+        print(format_summary(summary, title, run_dir, cfg), flush=True)
+    return run_dir, sens
+
+
+def _run_metadata(
+    run_dir: Path,
+    resume: bool,
+    runtime_metadata: dict[str, Any] | None,
+    data_info: dict[str, Any],
+    model: models.Model,
+    spe: int,
+) -> dict[str, Any]:
+    """``metadata.json`` before training: runtime, dataset, model and command; on a resume, the first
+    start's time and how often the run was resumed (as ``experiments.eos``)."""
+    meta = {
+        "runtime": runtime_metadata or runtime.metadata(),
+        "dataset": data_info,
+        "model": {**model.info, "num_params": None},
+        "steps_per_epoch": spe,
+        "command": sys.argv,
+        "started_utc": _utc_stamp(),
+    }
+    if resume and (run_dir / "metadata.json").exists():
+        prev = eio.read_json(run_dir / "metadata.json")
+        meta["started_utc"] = prev.get("started_utc", meta["started_utc"])
+        meta["resumed"] = prev.get("resumed", 0) + 1
+    return meta
+
+
+def _table1_summary(
+    acc: np.ndarray, cfg: SensitivityConfig, run_dir: Path, primary: bool
+) -> tuple[Any, dict[str, Any]]:
+    """Table 1 of the seeds x k accuracies ``acc`` and its ``sensitivity.json`` entry; the primary
+    process writes ``table1.md`` / ``table1.csv``. Returns ``(None, skipped entry)`` when an accuracy
+    is not finite."""
+    if not np.all(np.isfinite(acc)):
+        return None, {"skipped": "a lane ended with a non-finite test accuracy", "acc": acc.tolist()}
+    t = table1(acc, seeds=list(cfg.seeds), ks=list(cfg.ks), ddof=0)
+    t1 = table1(acc, seeds=list(cfg.seeds), ks=list(cfg.ks), ddof=1) if min(acc.shape) >= 2 else None
+    if primary:
+        write_table1(t, run_dir)
+    return t, {
+        "acc": acc.tolist(),
+        "std_over_k": t.std_over_k.tolist(),
+        "std_over_seeds": t.std_over_seeds.tolist(),
+        "mean_std_over_k": float(t.mean_std_over_k),
+        "mean_std_over_seeds": float(t.mean_std_over_seeds),
+        "std": "population (ddof=0, the authors' np.std)",
+        "sample_std_over_k": t1.std_over_k.tolist() if t1 is not None else None,
+        "sample_std_over_seeds": t1.std_over_seeds.tolist() if t1 is not None else None,
+    }
+
+
+def _write_rel_l1(
+    series: dict[str, np.ndarray], lanes: list[tr.Lane], names: list[str], run_dir: Path, title: str
+) -> None:
+    """Writes ``rel_l1.json`` (RelL1 to k=1 per epoch of every k != 1 lane, network and per layer)
+    and its plot ``rel_l1.png``."""
     rel = {
         "layers": names,
         "lanes": [
@@ -534,51 +585,68 @@ def run(
             if l.k != 1
         ],
     }
-    title = f"{cfg.model} {cfg.optimizer} lr {cfg.lr:g} on {cfg.dataset} ({n_train} images, {cfg.epochs} epochs)"
-    if primary:
-        eio.atomic_write_json(run_dir / "rel_l1.json", eio.to_jsonable(rel))
-        plot_rel_l1(series, lanes, names, run_dir / "rel_l1.png", title)
+    eio.atomic_write_json(run_dir / "rel_l1.json", eio.to_jsonable(rel))
+    plot_rel_l1(series, lanes, names, run_dir / "rel_l1.png", title)
 
-    # Appendix B (Tables 4-5): k vs 2k / 4k in this run, bitwise, from the final states' digests and arrays.
-    # Every process restores (a collective) and holds every lane's final state on the host.
-    states = _final_states(run_dir, problem, lanes, ecfg, cfg)
+
+def _checked_final_params(states: dict[int, Any], results: dict[str, Any], run_dir: Path) -> dict[int, Any]:
+    """Every lane's final parameters from the restored ``states``; raises RunDirError unless each
+    lane's digest is the one ``train()`` reported."""
     final = {i: st.params for i, st in states.items()}
     for rec in results["lanes"]:  # the restored final states are those train() reported
         if tree_digest(final[rec["lane"]]) != rec["params_digest"]:
             raise RunDirError(f"{run_dir}: the last checkpoint of lane {rec['lane']} is not its final state")
+    return final
+
+
+def _determinism_pairs(
+    cfg: SensitivityConfig, idx: dict[tuple[int, int], int], final: dict[int, Any], test_accuracy: np.ndarray
+) -> tuple[dict[str, Any], list[tuple[str, str]], dict[str, float]]:
+    """The arguments of :func:`determinism_table`: per seed the k vs 2k / 4k pairs of ``cfg.ks``
+    (and k=1 vs k=3 when 3 is among them), each run's final parameters and last test accuracy."""
     runs, pairs, accs = {}, [], {}
     for s in cfg.seeds:
         for a, b in power_of_two_pairs(list(cfg.ks)):
             la, lb = f"seed {s} k={a}", f"seed {s} k={b}"
             runs[la], runs[lb] = final[idx[(s, a)]], final[idx[(s, b)]]
             accs[la], accs[lb] = (
-                float(series["test_accuracy"][idx[(s, a)], -1]),
-                float(series["test_accuracy"][idx[(s, b)], -1]),
+                float(test_accuracy[idx[(s, a)], -1]),
+                float(test_accuracy[idx[(s, b)], -1]),
             )
             pairs.append((la, lb))
         if 3 in cfg.ks:
             la, lb = f"seed {s} k=1", f"seed {s} k=3"
             runs[la], runs[lb] = final[idx[(s, 1)]], final[idx[(s, 3)]]
             accs[la], accs[lb] = (
-                float(series["test_accuracy"][idx[(s, 1)], -1]),
-                float(series["test_accuracy"][idx[(s, 3)], -1]),
+                float(test_accuracy[idx[(s, 1)], -1]),
+                float(test_accuracy[idx[(s, 3)], -1]),
             )
             pairs.append((la, lb))
-    rows = determinism_table(runs, pairs, accs)
-    if primary:
-        out_files.append(write_determinism(rows, run_dir / "determinism.md"))
-    summary["determinism"] = [dataclasses.asdict(r) for r in rows]
+    return runs, pairs, accs
 
-    # Footnote 5: batch selection vs floating point, at the final k=1 parameters of the first seed.
-    i0 = idx[(cfg.seeds[0], 1)]
-    ms = states[i0].model_state
-    fl = fluctuations(problem, cfg, jax.tree_util.tree_map(jnp.asarray, final[i0]), ms)
-    summary["fluctuation"] = fl
-    if finite and "skipped" not in fl and primary:
+
+def _fluctuation_summary(
+    problem: tr.Problem,
+    cfg: SensitivityConfig,
+    params: Any,
+    model_state: Any,
+    t: Any,
+    run_dir: Path,
+    primary: bool,
+) -> dict[str, Any]:
+    """Footnote 5's measures at the host ``params`` and ``model_state`` (see :func:`fluctuations`);
+    the primary process writes ``comparison.md`` when Table 1 ``t`` exists and nothing was skipped."""
+    fl = fluctuations(problem, cfg, jax.tree_util.tree_map(jnp.asarray, params), model_state)
+    if t is not None and "skipped" not in fl and primary:
         md = comparison_markdown(t, fl["floating_point_k3_vs_k1"]["mean_rel"], fl["batch_selection"]["mean_rel"])
         eio.atomic_write_text(run_dir / "comparison.md", md)
+    return fl
+
+
+def _k1_vs_k3(rows: list[Any]) -> list[dict[str, Any]]:
+    """The k=1 vs k=3 rows of the determinism table: per seed, bitwise equality and both accuracies."""
     k1_vs_3 = [r for r in rows if r.a.endswith("k=1") and r.b.endswith("k=3")]
-    summary["k1_vs_k3"] = [
+    return [
         {
             "seeds": r.a.split(" k=")[0],
             "bitwise_equal": r.equal,
@@ -587,13 +655,6 @@ def run(
         }
         for r in k1_vs_3
     ]
-    sens = {"config": config, "summary": summary, "per_epoch_test_accuracy": series["test_accuracy"].tolist()}
-    if not primary:
-        return run_dir, sens
-    eio.atomic_write_json(run_dir / "sensitivity.json", eio.to_jsonable(sens))
-    if not quiet:
-        print(format_summary(summary, title, run_dir, cfg), flush=True)
-    return run_dir, sens
 
 
 def default_final_epochs(epochs: int) -> int:
