@@ -159,6 +159,46 @@ def pad_lanes(ls: list[Lane], num_devices: int) -> list[Lane]:
     return ls
 
 
+def _late_from(config: EngineConfig) -> int:
+    """The first "late" step: spikes after the first 10 % of the steps are late."""
+    return config.steps // 10
+
+
+def _place_data(
+    problem: Problem, config: EngineConfig, devices: list[Any]
+) -> tuple[jax.sharding.Mesh | None, PyTree, PyTree, PyTree]:
+    """``(mesh, data, sharpness data, eval data)``: the data replicated on the devices (a lane mesh for several)."""
+    mesh = None
+    if len(devices) > 1:
+        mesh = jax.sharding.Mesh(np.array(devices), ("lanes",))
+        replicated: Any = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    else:
+        replicated = devices[0]
+    data = jax.device_put(problem.data, replicated)
+    eval_data = jax.device_put(problem.eval_data, replicated) if problem.eval_fn is not None else None
+    if config.sharpness_examples is not None:
+        n_examples = int(jax.tree_util.tree_leaves(problem.data)[0].shape[0])
+        m = min(config.sharpness_examples, n_examples)
+        sharp_data = jax.tree_util.tree_map(lambda a: a[:m], data)
+    else:
+        sharp_data = data
+    return mesh, data, sharp_data, eval_data
+
+
+def _step_programs(problem: Problem, config: EngineConfig, eig_fn: Any, lane_batch: int | None) -> tuple[Any, Any]:
+    """The chunk and sharpness programs of a run at ``lane_batch`` lanes per batch (jitted, not compiled)."""
+    chunk_fn = make_chunk_fn(
+        problem,
+        config.batch_size,
+        config.chunk_steps,
+        _late_from(config),
+        lane_batch,
+        config.loss_goal,
+        config.acc_goal,
+    )
+    return chunk_fn, make_sharpness_fn(problem, eig_fn, lane_batch)
+
+
 def _twin_key(lane: Lane) -> tuple[Any, ...]:
     """What a lane shares with its k=1 twin: every hyperparameter but k."""
     return (lane.learning_rate, lane.seed, lane.used_init_seed, lane.weight_decay, lane.hyper)
@@ -327,22 +367,10 @@ class Plan:
         n_examples = int(jax.tree_util.tree_leaves(problem.data)[0].shape[0])
         if config.batch_size is not None and config.batch_size > n_examples:
             raise ConfigError(f"batch_size={config.batch_size} exceeds the {n_examples} training examples")
-        mesh = None
-        if len(devices) > 1:
-            mesh = jax.sharding.Mesh(np.array(devices), ("lanes",))
-            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        else:
-            replicated = devices[0]
-        data = jax.device_put(problem.data, replicated)
-        eval_data = jax.device_put(problem.eval_data, replicated) if problem.eval_fn is not None else None
-        if config.sharpness_examples is not None:
-            m = min(config.sharpness_examples, n_examples)
-            sharp_data = jax.tree_util.tree_map(lambda a: a[:m], data)
-        else:
-            sharp_data = data
-        late_from = config.steps // 10  # spikes after the first 10 % of the steps are "late"
+        mesh, data, sharp_data, eval_data = _place_data(problem, config, devices)
         # "auto" measures the all-at-once programs first (the ones the automatic width measures too).
         first_batch = None if config.lane_batch == AUTO_LANE_BATCH else config.lane_batch
+        chunk_fn, sharp_fn = _step_programs(problem, config, eig_fn, first_batch)
         plan = cls(
             problem=problem,
             lanes=lanes,
@@ -362,59 +390,54 @@ class Plan:
                 if mesh is None
                 else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("lanes")),
             ),
-            chunk_fn=make_chunk_fn(
-                problem,
-                config.batch_size,
-                config.chunk_steps,
-                late_from,
-                first_batch,
-                config.loss_goal,
-                config.acc_goal,
-            ),
-            final_fn=make_final_fn(problem, config.batch_size, late_from),
-            sharp_fn=make_sharpness_fn(problem, eig_fn, first_batch),
+            chunk_fn=chunk_fn,
+            final_fn=make_final_fn(problem, config.batch_size, _late_from(config)),
+            sharp_fn=sharp_fn,
             eval_data=eval_data,
             test_fn=make_test_fn(problem) if problem.eval_fn is not None else None,
             width=width,
         )
         if auto and len(lanes) > math.lcm(len(devices), config.lane_multiple):
-            est = fit_lanes(
-                plan.measure(0),
-                len(plan.padded(0)),
-                len(devices),
-                # One of this process's devices: another process's cannot report its memory here.
-                available_bytes(next((d for d in devices if d.process_index == jax.process_index()), devices[0])),
-                fraction=config.lane_memory_fraction,
-                cap=config.auto_lane_cap,
-                num_lanes=len(lanes),
-                multiple=config.lane_multiple,
-            )
-            if jax.process_count() > 1:  # every process must group alike: the width all of them can hold
-                est = dataclasses.replace(est, width=min_over_processes(est.width))
-            groups = group_lanes(len(lanes), est.width, len(devices))
-            plan = dataclasses.replace(
-                plan, groups=groups, twins=find_twins(lanes, groups), lane_estimate=est, width=est.width
-            )
+            plan = plan.sized_to_memory()
         if config.lane_batch == AUTO_LANE_BATCH:
-            choice = plan.choose_lane_batch()
-            plan = dataclasses.replace(
-                plan, config=dataclasses.replace(config, lane_batch=choice.lane_batch), lane_batch_choice=choice
-            )
-            if choice.lane_batch is not None:
-                plan = dataclasses.replace(
-                    plan,
-                    chunk_fn=make_chunk_fn(
-                        problem,
-                        config.batch_size,
-                        config.chunk_steps,
-                        late_from,
-                        choice.lane_batch,
-                        config.loss_goal,
-                        config.acc_goal,
-                    ),
-                    sharp_fn=make_sharpness_fn(problem, eig_fn, choice.lane_batch),
-                )
+            plan = plan.with_lane_batch_chosen(eig_fn)
         return plan
+
+    def sized_to_memory(self) -> Plan:
+        """The plan regrouped at the widest group whose measured programs fit the device's free memory.
+
+        Group 0's chunk (and sharpness) programs are compiled at the current width and XLA's
+        memory analysis of them is set against the free memory (:func:`~eos_jax.train.sizing.fit_lanes`);
+        with several processes every one takes the width all of them can hold.
+        """
+        config, devices = self.config, self.devices
+        est = fit_lanes(
+            self.measure(0),
+            len(self.padded(0)),
+            len(devices),
+            # One of this process's devices: another process's cannot report its memory here.
+            available_bytes(next((d for d in devices if d.process_index == jax.process_index()), devices[0])),
+            fraction=config.lane_memory_fraction,
+            cap=config.auto_lane_cap,
+            num_lanes=len(self.lanes),
+            multiple=config.lane_multiple,
+        )
+        if jax.process_count() > 1:  # every process must group alike: the width all of them can hold
+            est = dataclasses.replace(est, width=min_over_processes(est.width))
+        groups = group_lanes(len(self.lanes), est.width, len(devices))
+        return dataclasses.replace(
+            self, groups=groups, twins=find_twins(self.lanes, groups), lane_estimate=est, width=est.width
+        )
+
+    def with_lane_batch_chosen(self, eig_fn: Any) -> Plan:
+        """The plan with ``lane_batch="auto"`` resolved (:meth:`choose_lane_batch`) and its programs rebuilt for it."""
+        choice = self.choose_lane_batch()
+        config = dataclasses.replace(self.config, lane_batch=choice.lane_batch)
+        plan = dataclasses.replace(self, config=config, lane_batch_choice=choice)
+        if choice.lane_batch is None:
+            return plan
+        chunk_fn, sharp_fn = _step_programs(self.problem, self.config, eig_fn, choice.lane_batch)
+        return dataclasses.replace(plan, chunk_fn=chunk_fn, sharp_fn=sharp_fn)
 
     def choose_lane_batch(self) -> LaneBatchChoice:
         """Resolves ``lane_batch="auto"`` (:func:`~eos_jax.train.sizing.choose_lane_batch`).
@@ -640,6 +663,45 @@ def new_timing() -> dict[str, Any]:
     return {"train_s": 0.0, "sharpness_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0, "compile_and_first_chunk_s": None}
 
 
+def _chunk_end(plan: Plan, s: int, total: int) -> int:
+    """The boundary that ends the chunk starting at ``s``: the next chunk, checkpoint, eval or sharpness step."""
+    cfg = plan.config
+    evals_every = cfg.eval_every if plan.test_fn is not None else None
+    nxt = next_boundary(s, total, (cfg.chunk_steps, cfg.checkpoint_every, evals_every))
+    sharp_next = next_sharpness_step(s, cfg.sharpness_every, cfg.sharpness_alternate)
+    return nxt if sharp_next is None else min(nxt, sharp_next)
+
+
+def _final_block(
+    plan: Plan,
+    g: int,
+    gi: GroupInputs,
+    s: int,
+    state: TrainState,
+    pending_sharp: np.ndarray | None,
+    pending_eval: dict[str, np.ndarray] | None,
+    emit: Callable[[LogBlock], None],
+) -> tuple[TrainState, dict[str, np.ndarray]]:
+    """Emits the last line of group ``g`` (the loss at the final parameters) and returns its end state and statistics."""
+    fl, ff, frel, fma, fstats, faux = to_host(plan.final_fn(state, gi.hp, plan.data, gi.twin))
+    emit(
+        LogBlock(
+            g,
+            gi,
+            s,
+            np.asarray(fl)[:, None],
+            np.asarray(ff)[:, None],
+            pending_sharp,
+            np.asarray(frel)[:, None],
+            np.asarray(fma)[:, None],
+            force=True,
+            aux={name: np.asarray(v)[:, None] for name, v in faux.items()},
+            evals=pending_eval,
+        )
+    )
+    return state, {k: np.asarray(v) for k, v in fstats.items()}
+
+
 def run_group(
     plan: Plan,
     g: int,
@@ -714,29 +776,9 @@ def run_group(
             pending_eval = {name: np.asarray(v) for name, v in to_host(plan.test_fn(state, plan.eval_data)).items()}
             timing["eval_s"] += time.perf_counter() - t0
         if s == total:
-            fl, ff, frel, fma, fstats, faux = to_host(plan.final_fn(state, gi.hp, plan.data, gi.twin))
-            emit(
-                LogBlock(
-                    g,
-                    gi,
-                    s,
-                    np.asarray(fl)[:, None],
-                    np.asarray(ff)[:, None],
-                    pending_sharp,
-                    np.asarray(frel)[:, None],
-                    np.asarray(fma)[:, None],
-                    force=True,
-                    aux={name: np.asarray(v)[:, None] for name, v in faux.items()},
-                    evals=pending_eval,
-                )
-            )
-            return state, {k: np.asarray(v) for k, v in fstats.items()}
+            return _final_block(plan, g, gi, s, state, pending_sharp, pending_eval, emit)
         # 4. one chunk.
-        evals_every = cfg.eval_every if plan.test_fn is not None else None
-        nxt = next_boundary(s, total, (cfg.chunk_steps, cfg.checkpoint_every, evals_every))
-        sharp_next = next_sharpness_step(s, cfg.sharpness_every, cfg.sharpness_alternate)
-        if sharp_next is not None:
-            nxt = min(nxt, sharp_next)
+        nxt = _chunk_end(plan, s, total)
         t0 = time.perf_counter()
         state, met = plan.chunk_fn(state, gi.hp, plan.data, jnp.asarray(nxt - s, jnp.int32), gi.twin)
         met = jax.tree_util.tree_map(lambda a: np.asarray(a)[:, : nxt - s], to_host(met))

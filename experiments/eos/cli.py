@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
 from eos_jax import cli, distributed, runtime
 from eos_jax import train as tr
 from eos_jax.errors import EosJaxError
-from experiments.eos.config import default_config
+from experiments.eos.config import EosConfig, default_config
 from experiments.eos.presets import run_preset
 from experiments.eos.runner import run
 
@@ -29,6 +30,24 @@ def build_parser() -> cli.ArgumentParser:
         help="run a figure of the paper (explicit flags below override its settings); fig7-readings "
         "compares the candidate readings of Figure 7's setting (pooling x inputs x loss)",
     )
+    _add_model_flags(p)
+    _add_sweep_flags(p)
+    _add_data_flags(p)
+    _add_engine_flags(p)
+    p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="working dtype (default float32)")
+    p.add_argument("--out", default=None, help="run directory (default runs/eos/<UTC time>-<config hash>)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out, or the latest run under runs/eos/ with the same config",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary (for scripts)")
+    cli.add_distributed_arguments(p)
+    return p
+
+
+def _add_model_flags(p: cli.ArgumentParser) -> None:
+    """The model: architecture, activation, convolution, pooling, binary head, initialization."""
     p.add_argument("--model", choices=("cnn", "fc"), default=None, help="cnn (default) or fc (tanh, width 200)")
     p.add_argument(
         "--layers",
@@ -73,6 +92,10 @@ def build_parser() -> cli.ArgumentParser:
         default=None,
         help="standard deviation of --init normal (default 1)",
     )
+
+
+def _add_sweep_flags(p: cli.ArgumentParser) -> None:
+    """The lane axes (learning rate, k, seed, weight decay, momentum) and the optimizer's schedule."""
     p.add_argument(
         "--lr",
         type=cli.positive_float,
@@ -125,6 +148,10 @@ def build_parser() -> cli.ArgumentParser:
         default=None,
         help="stop a lane once its training accuracy exceeds this (a fraction in [0, 1))",
     )
+
+
+def _add_data_flags(p: cli.ArgumentParser) -> None:
+    """The training data and the loss."""
     p.add_argument(
         "--dataset",
         default=None,
@@ -154,6 +181,10 @@ def build_parser() -> cli.ArgumentParser:
         help="standardize pixels with the training set's per-channel mean and std "
         "(default: off for cnn, as pixels in [0, 1]; on for the fig8 preset)",
     )
+
+
+def _add_engine_flags(p: cli.ArgumentParser) -> None:
+    """Sharpness tracking, checkpoints and how the lanes are grouped and batched."""
     p.add_argument(
         "--sharpness-every",
         type=cli.nonnegative_int,
@@ -196,66 +227,40 @@ def build_parser() -> cli.ArgumentParser:
         "at once unless, on a CPU, that needs over 2 GiB of temporaries per call. A lane's bits depend on it; "
         "runs started before auto existed resume with all",
     )
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None, help="working dtype (default float32)")
-    p.add_argument("--out", default=None, help="run directory (default runs/eos/<UTC time>-<config hash>)")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out, or the latest run under runs/eos/ with the same config",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary (for scripts)")
-    cli.add_distributed_arguments(p)
-    return p
+
+
+# EosConfig fields that a flag gives as a list (a sweep axis) and those a flag of 0 turns off.
+_LIST_FIELDS = ("lr", "k", "seed", "weight_decay", "momentum")
+_ZERO_IS_OFF = ("sharpness_every", "checkpoint_every")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """The EosConfig fields given explicitly on the command line (absent keys keep defaults).
 
-    A value of None is meaningful here: ``--all-examples`` sets ``num_examples=None``,
-    ``--sharpness-every 0`` and ``--checkpoint-every 0`` turn those schedules off.
+    Every flag named like a field of :class:`~experiments.eos.config.EosConfig` (``--lane-batch``
+    for ``lane_batch``) overrides it when given; ``--model`` picks the defaults instead
+    (:func:`~experiments.eos.config.default_config`). A value of None is meaningful here:
+    ``--all-examples`` sets ``num_examples=None``, ``--sharpness-every 0`` and
+    ``--checkpoint-every 0`` turn those schedules off.
     """
     ov: dict = {}
-    for name in (
-        "layers",
-        "width",
-        "activation",
-        "batch_size",
-        "steps",
-        "num_examples",
-        "loss",
-        "sharpness_iters",
-        "sharpness_method",
-        "chunk_steps",
-        "max_lanes",
-        "lane_batch",
-        "dtype",
-        "conv_impl",
-        "standardize",
-        "pool",
-        "binary",
-        "init",
-        "init_std",
-        "sharpness_alternate",
-        "loss_goal",
-        "acc_goal",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            ov[name] = cli.lane_batch_value(value) if name == "lane_batch" else value
-    for name in ("lr", "k", "seed", "weight_decay", "momentum"):
-        value = getattr(args, name)
-        if value is not None:
-            ov[name] = tuple(value)
-    if args.dataset is not None:
-        ov["dataset"] = (args.dataset,)
+    for field in dataclasses.fields(EosConfig):
+        value = getattr(args, field.name, None)
+        if value is None or field.name == "model":
+            continue
+        if field.name in _LIST_FIELDS:
+            value = tuple(value)
+        elif field.name == "dataset":
+            value = (value,)
+        elif field.name == "lane_batch":
+            value = cli.lane_batch_value(value)
+        elif field.name in _ZERO_IS_OFF:
+            value = value or None
+        ov[field.name] = value
     if args.num_examples is not None:
         ov["num_examples_exact"] = True  # explicit: fewer examples is an error, not "up to"
     if args.all_examples:
         ov["num_examples"] = None
-    if args.sharpness_every is not None:
-        ov["sharpness_every"] = args.sharpness_every or None
-    if args.checkpoint_every is not None:
-        ov["checkpoint_every"] = args.checkpoint_every or None
     return ov
 
 

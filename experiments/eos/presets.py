@@ -32,7 +32,7 @@ from eos_jax.stability import CRITERION, REGIME_CRITERION, stability_boundary
 from experiments.eos.config import FIG7_PAPER_LRS, EosConfig, build_problem, default_config, load_data
 from experiments.eos.readings import run_readings
 from experiments.eos.rundir import checked_out
-from experiments.eos.runner import _fmt, run, run_findings
+from experiments.eos.runner import _fmt, lane_fields, run_findings, run_variant
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,92 +174,104 @@ def _preset_variants(
     ov = dict(overrides)
     if "model" in ov or "layers" in ov:
         raise ConfigError(f"--preset {name} fixes the model and its layers; drop --model/--layers")
-    if name == "fig7":
-        # With mean pooling on the Fashion-MNIST 0/1 fallback, 2/lambda_max at init is 20.2 (1 layer)
-        # and 355 (3 layers) on 2000 examples (22.9 / 429 on 500): rates 1, 2, 5, 50, 500.
-        base = dict(lr=FIG7_PAPER_LRS, steps=300, seed=PRESET_SEEDS, k=(1,))
-        base.update(ov)
-        variants = tuple((f"layers{n}", default_config("cnn", **{**base, "layers": n})) for n in (1, 3))
-        rule = None
-        if "lr" not in ov and measure:
-            th = _measure_thresholds(variants, data_dir)
-            extra = sorted({ceil_125(t["lr_threshold"]) for t in th.values() if t["lr_threshold"]})
-            lrs = tuple(sorted(set(FIG7_PAPER_LRS) | set(extra)))
-            variants = tuple((v, dataclasses.replace(c, lr=lrs)) for v, c in variants)
-            rule = {
-                "rule": "the paper's rates 1, 2, 5 plus, for each variant, the first 1-2-5 value above its "
-                "2/lambda_max at initialization (the classical threshold at the start; median over the seeds)",
-                "thresholds_at_init": th,
-                "lr": list(lrs),
-            }
-        return Preset(
-            "fig7",
-            "Figure 7: 1- vs 3-layer single-channel Swish CNN, full-batch GD, no weight decay "
-            "(paper: all rates stable for 1 layer; restrained instabilities at lr=5 for 3 layers)",
-            variants,
-            "stability",
-            rule,
-        )
-    if name == "fig8":
-        base = dict(steps=2000, sharpness_every=50, checkpoint_every=500)
-        base.update(ov)
-        cfgs = [(f"depth{n}", default_config("fc", **{**base, "layers": n})) for n in (2, 4)]
-        rule = None
-        if "lr" not in ov:
-            found = None
-            if measure:
-                ds, _ = edata.load_first_available(list(cfgs[0][1].dataset), "train", data_dir=data_dir)
-                found = ds.name
-            key = found if found in FIG8_LRS else None
-            lr = FIG8_LRS.get(found, FIG8_DEFAULT_LR)
-            cfgs = [(v, dataclasses.replace(c, lr=(lr,))) for v, c in cfgs]
-            rule = {"rule": FIG8_LR_REASON[key], "dataset": found, "lr": [lr]}
-        return Preset(
-            "fig8",
-            "Figure 8: fc-tanh width 200, 2 vs 4 hidden layers, full-batch GD, no weight decay, "
-            "CIFAR-5k at lr 2/150 (or the fallback at a rate scaled to its sharpening, see preset.json) "
-            "(paper: 2 layers stable, 4 layers spikes and sharpness above 2/lr)",
-            tuple(cfgs),
-            "stability",
-            rule,
-        )
-    if name == "fig9":
-        # The grid spans a decade either side of the measured thresholds. With mean pooling on the
-        # Fashion-MNIST 0/1 fallback, 2/lambda_max at init (wd 5e-4) is 20.1 (1 layer) and 42.7
-        # (2 layers) on 2000 examples, 22.8 and 53.1 on 500: grid 2 ... 500 (1000). The static list
-        # below is used only for validation and when measuring is off.
-        base = dict(
-            lr=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
-            weight_decay=(5e-4,),
-            steps=300,
-            seed=PRESET_SEEDS,
-            k=(1,),
-        )
-        base.update(ov)
-        variants = tuple((f"layers{n}", default_config("cnn", **{**base, "layers": n})) for n in (1, 2))
-        rule = None
-        if "lr" not in ov and measure:
-            th = _measure_thresholds(variants, data_dir)
-            ts = [t["lr_threshold"] for t in th.values() if t["lr_threshold"]]
-            if not ts:
-                raise ConfigError("--preset fig9: lambda_max at initialization is <= 0 for every variant; give --lr")
-            lrs = tuple(series_125(min(ts) / 10.0, max(ts) * 10.0))
-            variants = tuple((v, dataclasses.replace(c, lr=lrs)) for v, c in variants)
-            rule = {
-                "rule": "1-2-5 series from a decade below the smallest to a decade above the largest "
-                "2/lambda_max at initialization (weight decay included; median over the seeds) of the variants",
-                "thresholds_at_init": th,
-                "lr": list(lrs),
-            }
-        return Preset(
-            "fig9",
-            "Figure 9: weight decay 5e-4, 1- vs 2-layer Swish CNN, learning-rate sweep "
-            "(paper: the stable boundary is more stringent with 2 layers)",
-            variants,
-            "boundary",
-            rule,
-        )
-    raise ConfigError(f"--preset {name!r} is not allowed; choose from {', '.join(PRESETS)}")
+    builders = {"fig7": _fig7, "fig8": _fig8, "fig9": _fig9}
+    if name not in builders:
+        raise ConfigError(f"--preset {name!r} is not allowed; choose from {', '.join(PRESETS)}")
+    return builders[name](ov, data_dir, measure)
+
+
+def _fig7(ov: dict[str, Any], data_dir: str | None, measure: bool) -> Preset:
+    """Figure 7: the 1- and 3-layer CNN at the paper's rates and the first 1-2-5 rate above 2/lambda_max."""
+    # With mean pooling on the Fashion-MNIST 0/1 fallback, 2/lambda_max at init is 20.2 (1 layer)
+    # and 355 (3 layers) on 2000 examples (22.9 / 429 on 500): rates 1, 2, 5, 50, 500.
+    base = dict(lr=FIG7_PAPER_LRS, steps=300, seed=PRESET_SEEDS, k=(1,))
+    base.update(ov)
+    variants = tuple((f"layers{n}", default_config("cnn", **{**base, "layers": n})) for n in (1, 3))
+    rule = None
+    if "lr" not in ov and measure:
+        th = _measure_thresholds(variants, data_dir)
+        extra = sorted({ceil_125(t["lr_threshold"]) for t in th.values() if t["lr_threshold"]})
+        lrs = tuple(sorted(set(FIG7_PAPER_LRS) | set(extra)))
+        variants = tuple((v, dataclasses.replace(c, lr=lrs)) for v, c in variants)
+        rule = {
+            "rule": "the paper's rates 1, 2, 5 plus, for each variant, the first 1-2-5 value above its "
+            "2/lambda_max at initialization (the classical threshold at the start; median over the seeds)",
+            "thresholds_at_init": th,
+            "lr": list(lrs),
+        }
+    return Preset(
+        "fig7",
+        "Figure 7: 1- vs 3-layer single-channel Swish CNN, full-batch GD, no weight decay "
+        "(paper: all rates stable for 1 layer; restrained instabilities at lr=5 for 3 layers)",
+        variants,
+        "stability",
+        rule,
+    )
+
+
+def _fig8(ov: dict[str, Any], data_dir: str | None, measure: bool) -> Preset:
+    """Figure 8: the fc-tanh net at 2 and 4 hidden layers, at a rate chosen by the dataset found."""
+    base = dict(steps=2000, sharpness_every=50, checkpoint_every=500)
+    base.update(ov)
+    cfgs = [(f"depth{n}", default_config("fc", **{**base, "layers": n})) for n in (2, 4)]
+    rule = None
+    if "lr" not in ov:
+        found = None
+        if measure:
+            ds, _ = edata.load_first_available(list(cfgs[0][1].dataset), "train", data_dir=data_dir)
+            found = ds.name
+        key = found if found in FIG8_LRS else None
+        lr = FIG8_LRS.get(found, FIG8_DEFAULT_LR)
+        cfgs = [(v, dataclasses.replace(c, lr=(lr,))) for v, c in cfgs]
+        rule = {"rule": FIG8_LR_REASON[key], "dataset": found, "lr": [lr]}
+    return Preset(
+        "fig8",
+        "Figure 8: fc-tanh width 200, 2 vs 4 hidden layers, full-batch GD, no weight decay, "
+        "CIFAR-5k at lr 2/150 (or the fallback at a rate scaled to its sharpening, see preset.json) "
+        "(paper: 2 layers stable, 4 layers spikes and sharpness above 2/lr)",
+        tuple(cfgs),
+        "stability",
+        rule,
+    )
+
+
+def _fig9(ov: dict[str, Any], data_dir: str | None, measure: bool) -> Preset:
+    """Figure 9: the 1- and 2-layer CNN with weight decay over a 1-2-5 grid around 2/lambda_max."""
+    # The grid spans a decade either side of the measured thresholds. With mean pooling on the
+    # Fashion-MNIST 0/1 fallback, 2/lambda_max at init (wd 5e-4) is 20.1 (1 layer) and 42.7
+    # (2 layers) on 2000 examples, 22.8 and 53.1 on 500: grid 2 ... 500 (1000). The static list
+    # below is used only for validation and when measuring is off.
+    base = dict(
+        lr=(0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
+        weight_decay=(5e-4,),
+        steps=300,
+        seed=PRESET_SEEDS,
+        k=(1,),
+    )
+    base.update(ov)
+    variants = tuple((f"layers{n}", default_config("cnn", **{**base, "layers": n})) for n in (1, 2))
+    rule = None
+    if "lr" not in ov and measure:
+        th = _measure_thresholds(variants, data_dir)
+        ts = [t["lr_threshold"] for t in th.values() if t["lr_threshold"]]
+        if not ts:
+            raise ConfigError("--preset fig9: lambda_max at initialization is <= 0 for every variant; give --lr")
+        lrs = tuple(series_125(min(ts) / 10.0, max(ts) * 10.0))
+        variants = tuple((v, dataclasses.replace(c, lr=lrs)) for v, c in variants)
+        rule = {
+            "rule": "1-2-5 series from a decade below the smallest to a decade above the largest "
+            "2/lambda_max at initialization (weight decay included; median over the seeds) of the variants",
+            "thresholds_at_init": th,
+            "lr": list(lrs),
+        }
+    return Preset(
+        "fig9",
+        "Figure 9: weight decay 5e-4, 1- vs 2-layer Swish CNN, learning-rate sweep "
+        "(paper: the stable boundary is more stringent with 2 layers)",
+        variants,
+        "boundary",
+        rule,
+    )
 
 
 PRESETS = ("fig7", "fig8", "fig9", "fig7-readings")
@@ -297,12 +309,7 @@ def run_preset(
             runtime_metadata=runtime_metadata,
             stream=stream,
         )
-    # Validate the flags before measuring anything.
-    for _, c in _preset_variants(name, overrides or {}, measure=False).variants:
-        c.validate()
-    preset = _preset_variants(name, overrides or {}, data_dir)
-    for _, c in preset.variants:
-        c.validate()
+    preset = _validated_preset(name, overrides or {}, data_dir)
     config = {"preset": name, "variants": {v: c.to_dict() for v, c in preset.variants}}
     tag = f"{name}-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
     root = checked_out(out, runs_root, config, tag, resume)
@@ -323,55 +330,11 @@ def run_preset(
     threshold = 2.0
     for vname, c in preset.variants:
         vdir = root / vname
-        vresume = resume and (vdir / "config.json").exists()
-        _, res = run(
-            c,
-            out=vdir,
-            resume=vresume,
-            quiet=quiet,
-            data_dir=data_dir,
-            runtime_metadata=runtime_metadata,
-            stream=stream,
+        res = run_variant(
+            c, vdir, resume=resume, quiet=quiet, data_dir=data_dir, runtime_metadata=runtime_metadata, stream=stream
         )
         threshold = res["summary"]["threshold"]
-        meta = eio.read_json(vdir / "metadata.json")
-        entry = {
-            "dataset": meta["dataset"]["name"],
-            "lanes": [
-                {
-                    k: l.get(k)
-                    for k in (
-                        "learning_rate",
-                        "weight_decay",
-                        "seed",
-                        "k",
-                        "finite",
-                        "first_nonfinite_step",
-                        "final_loss",
-                        "max_normalized_sharpness",
-                        "final_normalized_sharpness",
-                        "first_step_above_threshold",
-                        "num_loss_increases_1pct",
-                        "num_loss_increases_1pct_late",
-                        "max_rel_loss_increase",
-                        "max_rel_loss_increase_late",
-                        "stable",
-                        "regime",
-                        "constant_loss",
-                        "tail_loss_min",
-                        "tail_loss_max",
-                        "rel_l1_to_k1",
-                        "params_digest",
-                    )
-                }
-                for l in res["lanes"]
-            ],
-        }
-        entry["counts"] = counts_by_lr(entry["lanes"])
-        if preset.report == "boundary":
-            entry["boundary"] = stability_boundary(res["lanes"])
-            entry["boundary_per_seed"] = boundary_per_seed(res["lanes"])
-        findings["variants"][vname] = entry
+        findings["variants"][vname] = _variant_entry(preset, vdir, res)
         plots.append((vname, tr.read_metrics(vdir / "metrics.jsonl")))
     if preset.report == "boundary":
         findings["comparison"] = compare_boundaries(findings["variants"])
@@ -380,6 +343,53 @@ def run_preset(
     plotting.plot_variants(plots, root / "preset.png", threshold=threshold, title=preset.description.split(" (")[0])
     print(findings["text"], file=stream, flush=True)
     return root, findings
+
+
+def _validated_preset(name: str, overrides: dict[str, Any], data_dir: str | None) -> Preset:
+    """The preset's variants, every one validated (the flags first, before anything is measured)."""
+    for _, c in _preset_variants(name, overrides, measure=False).variants:
+        c.validate()
+    preset = _preset_variants(name, overrides, data_dir)
+    for _, c in preset.variants:
+        c.validate()
+    return preset
+
+
+# What preset.json keeps of each lane record.
+PRESET_LANE_FIELDS = (
+    "learning_rate",
+    "weight_decay",
+    "seed",
+    "k",
+    "finite",
+    "first_nonfinite_step",
+    "final_loss",
+    "max_normalized_sharpness",
+    "final_normalized_sharpness",
+    "first_step_above_threshold",
+    "num_loss_increases_1pct",
+    "num_loss_increases_1pct_late",
+    "max_rel_loss_increase",
+    "max_rel_loss_increase_late",
+    "stable",
+    "regime",
+    "constant_loss",
+    "tail_loss_min",
+    "tail_loss_max",
+    "rel_l1_to_k1",
+    "params_digest",
+)
+
+
+def _variant_entry(preset: Preset, vdir: Path, res: dict[str, Any]) -> dict[str, Any]:
+    """A variant's part of preset.json: its dataset, lanes, regime counts and (fig9) stability boundaries."""
+    meta = eio.read_json(vdir / "metadata.json")
+    entry = {"dataset": meta["dataset"]["name"], "lanes": lane_fields(res["lanes"], PRESET_LANE_FIELDS)}
+    entry["counts"] = counts_by_lr(entry["lanes"])
+    if preset.report == "boundary":
+        entry["boundary"] = stability_boundary(res["lanes"])
+        entry["boundary_per_seed"] = boundary_per_seed(res["lanes"])
+    return entry
 
 
 def counts_by_lr(lanes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

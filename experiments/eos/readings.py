@@ -23,7 +23,7 @@ from eos_jax.errors import ConfigError
 from eos_jax.stability import format_counts, regime_counts
 from experiments.eos.config import FIG7_PAPER_LRS, default_config
 from experiments.eos.rundir import checked_out
-from experiments.eos.runner import _fmt, run
+from experiments.eos.runner import _fmt, lane_fields, run_variant
 
 # The candidate readings of the paper's Figure 7 setting (its code is not released): the kernels'
 # initialization (N(0, 1) as Sec. 5.3 states and the authors' single_layer/PySun.py draws with
@@ -153,6 +153,61 @@ def format_readings(table: dict[str, dict[str, Any]], choice: dict[str, Any], st
     return "\n".join(rows)
 
 
+def _reading_runs(overrides: dict[str, Any], readings: Sequence[dict[str, Any]]) -> list[tuple[str, int, Any]]:
+    """``(reading name, layers, EosConfig)`` of every run of the readings preset, each validated."""
+    ov = dict(overrides)
+    for f in ("init", "pool", "standardize", "binary", "model", "layers"):
+        if f in ov:
+            raise ConfigError(
+                f"--preset fig7-readings varies the model, initialization, pooling, inputs and loss itself; drop --{f}"
+            )
+    base = {
+        "lr": FIG7_PAPER_LRS,
+        "steps": READINGS_STEPS,
+        "sharpness_every": READINGS_SHARPNESS_EVERY,
+        "seed": READINGS_SEEDS,
+        "k": (1,),
+        **ov,
+    }
+    runs = [(reading_name(r), n, default_config("cnn", **{**base, **r, "layers": n})) for r in readings for n in (1, 3)]
+    for _, _, c in runs:
+        c.validate()
+    return runs
+
+
+# What readings.json keeps of each lane record.
+READING_LANE_FIELDS = (
+    "learning_rate",
+    "seed",
+    "finite",
+    "first_nonfinite_step",
+    "final_loss",
+    "max_normalized_sharpness",
+    "final_normalized_sharpness",
+    "num_loss_increases_1pct",
+    "num_loss_increases_1pct_late",
+    "max_rel_loss_increase",
+    "stable",
+    "regime",
+)
+
+
+def _reading_variant(c: Any, vdir: Path, res: dict[str, Any]) -> dict[str, Any]:
+    """One depth of one reading: its dataset, lambda_max and 2/lambda_max at step 0 per seed, and its lanes."""
+    lines = tr.read_metrics(vdir / "metrics.jsonl")
+    lam0 = {r["lane"]: r["sharpness"] for r in lines if r["step"] == 0 and r.get("sharpness") is not None}  # per lane
+    thr = res["summary"]["threshold"]
+    seeds0 = {l["seed"]: l["lane"] for l in res["lanes"] if l["learning_rate"] == min(c.lr)}
+    return {
+        "dataset": res.get("dataset"),
+        "lambda_max_step0": [lam0.get(seeds0[s]) for s in sorted(seeds0)],
+        "lr_threshold_step0": [
+            (thr / lam0[seeds0[s]]) if lam0.get(seeds0[s]) and lam0[seeds0[s]] > 0 else None for s in sorted(seeds0)
+        ],
+        "lanes": lane_fields(res["lanes"], READING_LANE_FIELDS),
+    }
+
+
 def run_readings(
     *,
     overrides: dict[str, Any] | None = None,
@@ -173,23 +228,7 @@ def run_readings(
     written. Runs :data:`READINGS_STEPS` steps (fewer than fig7's 300) unless ``--steps``.
     """
     stream = stream or sys.stdout
-    ov = dict(overrides or {})
-    for f in ("init", "pool", "standardize", "binary", "model", "layers"):
-        if f in ov:
-            raise ConfigError(
-                f"--preset fig7-readings varies the model, initialization, pooling, inputs and loss itself; drop --{f}"
-            )
-    base = {
-        "lr": FIG7_PAPER_LRS,
-        "steps": READINGS_STEPS,
-        "sharpness_every": READINGS_SHARPNESS_EVERY,
-        "seed": READINGS_SEEDS,
-        "k": (1,),
-        **ov,
-    }
-    runs = [(reading_name(r), n, default_config("cnn", **{**base, **r, "layers": n})) for r in readings for n in (1, 3)]
-    for _, _, c in runs:
-        c.validate()
+    runs = _reading_runs(overrides or {}, readings)
     config = {"preset": "fig7-readings", "runs": {f"{r}/layers{n}": c.to_dict() for r, n, c in runs}}
     tag = "fig7-readings-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
     root = checked_out(out, runs_root, config, tag, resume)
@@ -198,53 +237,21 @@ def run_readings(
     table: dict[str, dict[str, Any]] = {}
     for rname, n, c in runs:
         vdir = root / rname / f"layers{n}"
-        vresume = resume and (vdir / "results.json").exists()
-        if vresume:
-            res = eio.read_json(vdir / "results.json")
-        else:
-            vresume = resume and (vdir / "config.json").exists()
-            _, res = run(
-                c,
-                out=vdir,
-                resume=vresume,
-                quiet=True,
-                data_dir=data_dir,
-                runtime_metadata=runtime_metadata,
-                stream=stream,
-            )
-        lines = tr.read_metrics(vdir / "metrics.jsonl")
-        lam0 = {
-            r["lane"]: r["sharpness"] for r in lines if r["step"] == 0 and r.get("sharpness") is not None
-        }  # per lane
-        thr = res["summary"]["threshold"]
-        keys = (
-            "learning_rate",
-            "seed",
-            "finite",
-            "first_nonfinite_step",
-            "final_loss",
-            "max_normalized_sharpness",
-            "final_normalized_sharpness",
-            "num_loss_increases_1pct",
-            "num_loss_increases_1pct_late",
-            "max_rel_loss_increase",
-            "stable",
-            "regime",
+        res = run_variant(
+            c,
+            vdir,
+            resume=resume,
+            quiet=True,
+            data_dir=data_dir,
+            runtime_metadata=runtime_metadata,
+            stream=stream,
+            reuse_finished=True,
         )
-        lanes = [{k: l.get(k) for k in keys} for l in res["lanes"]]
-        seeds0 = {l["seed"]: l["lane"] for l in res["lanes"] if l["learning_rate"] == min(c.lr)}
-        entry = table.setdefault(rname, {"variants": {}})
-        entry["variants"][f"layers{n}"] = {
-            "dataset": res.get("dataset"),
-            "lambda_max_step0": [lam0.get(seeds0[s]) for s in sorted(seeds0)],
-            "lr_threshold_step0": [
-                (thr / lam0[seeds0[s]]) if lam0.get(seeds0[s]) and lam0[seeds0[s]] > 0 else None for s in sorted(seeds0)
-            ],
-            "lanes": lanes,
-        }
+        variant = _reading_variant(c, vdir, res)
+        table.setdefault(rname, {"variants": {}})["variants"][f"layers{n}"] = variant
         if not quiet:
-            by_lr = {}
-            for l in lanes:
+            by_lr: dict[float, list[str]] = {}
+            for l in variant["lanes"]:
                 by_lr.setdefault(l["learning_rate"], []).append(l["regime"])
             print(
                 f"  {rname} layers{n}: "

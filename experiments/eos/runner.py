@@ -74,12 +74,7 @@ def run(
     data, data_info = load_data(cfg, data_dir, stream=sys.stderr)
     problem, model_info = build_problem(cfg, data)
     if resume:
-        old = eio.read_json(run_dir / "metadata.json") if (run_dir / "metadata.json").exists() else {}
-        old_name = old.get("dataset", {}).get("name")
-        if old_name is not None and old_name != data_info["name"]:
-            raise RunDirError(
-                f"--resume: {run_dir} was trained on {old_name} but {data_info['name']} would be used now"
-            )
+        _check_resumed_dataset(run_dir, data_info["name"])
     if primary:
         run_dir = eio.open_run_dir(run_dir, config, resume=resume)
     distributed.barrier("experiments.eos.opened")
@@ -95,13 +90,8 @@ def run(
         "threshold": uniform_threshold(problem.threshold, lanes),
         "stability_criterion": CRITERION,
         "command": sys.argv,
+        **_resume_record(run_dir, resume),
     }
-    if resume and (run_dir / "metadata.json").exists():
-        prev = eio.read_json(run_dir / "metadata.json")
-        meta["resumed"] = prev.get("resumed", 0) + 1
-        meta["started_utc"] = prev.get("started_utc")
-    else:
-        meta["started_utc"] = _utc_stamp()
     if primary:
         eio.atomic_write_json(run_dir / "metadata.json", meta)
     results = tr.train(
@@ -137,6 +127,52 @@ def run(
     if not quiet:
         print(format_summary(results, title, run_dir), file=stream or sys.stdout, flush=True)
     return run_dir, results
+
+
+def _check_resumed_dataset(run_dir: Path, name: str) -> None:
+    """Refuses to resume a run trained on another dataset than ``name`` (RunDirError)."""
+    old = eio.read_json(run_dir / "metadata.json") if (run_dir / "metadata.json").exists() else {}
+    old_name = old.get("dataset", {}).get("name")
+    if old_name is not None and old_name != name:
+        raise RunDirError(f"--resume: {run_dir} was trained on {old_name} but {name} would be used now")
+
+
+def _resume_record(run_dir: Path, resume: bool) -> dict[str, Any]:
+    """metadata.json's ``resumed`` count and ``started_utc`` (kept from the first start when resuming)."""
+    if resume and (run_dir / "metadata.json").exists():
+        prev = eio.read_json(run_dir / "metadata.json")
+        return {"resumed": prev.get("resumed", 0) + 1, "started_utc": prev.get("started_utc")}
+    return {"started_utc": _utc_stamp()}
+
+
+def run_variant(
+    cfg: EosConfig,
+    vdir: Path,
+    *,
+    resume: bool,
+    quiet: bool,
+    data_dir: str | None,
+    runtime_metadata: dict[str, Any] | None,
+    stream: Any,
+    reuse_finished: bool = False,
+) -> dict[str, Any]:
+    """One variant of a preset or a reading, run into ``vdir``; returns its results.
+
+    With ``resume``, a variant that was started (its ``config.json`` exists) resumes and one that
+    was not starts; with ``reuse_finished`` too, a finished one (``results.json``) is read, not rerun.
+    """
+    if reuse_finished and resume and (vdir / "results.json").exists():
+        return eio.read_json(vdir / "results.json")
+    vresume = resume and (vdir / "config.json").exists()
+    _, res = run(
+        cfg, out=vdir, resume=vresume, quiet=quiet, data_dir=data_dir, runtime_metadata=runtime_metadata, stream=stream
+    )
+    return res
+
+
+def lane_fields(lanes: list[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The ``keys`` of each lane record (None where a record lacks one)."""
+    return [{k: l.get(k) for k in keys} for l in lanes]
 
 
 def _fmt(x: Any, spec: str = ".4g") -> str:
