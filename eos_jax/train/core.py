@@ -600,6 +600,16 @@ def logged_columns(block: LogBlock, log_every: int) -> list[int]:
     ]
 
 
+def normalized_sharpness(learning_rate: float, sharpness: Any) -> float:
+    """``lr * lambda_max`` (Section 6) in float64: the learning rate's float64 value times the eigenvalue's.
+
+    Examples:
+      >>> normalized_sharpness(0.1, np.float32(20.0))
+      2.0
+    """
+    return float(np.float64(learning_rate) * np.float64(sharpness))
+
+
 def metric_records(block: LogBlock, log_every: int, threshold: float | Callable[[Lane], float]) -> list[dict[str, Any]]:
     """The metrics lines of ``block``'s logged steps for its real lanes (step-major, then lane).
 
@@ -643,7 +653,7 @@ def metric_records(block: LogBlock, log_every: int, threshold: float | Callable[
                 rec[f"rel_l1_to_k1_ma{REL_L1_WINDOW}"] = float(block.rel_l1_ma[li, j])
             if has_sharp:
                 lam = float(block.sharpness[li])
-                ns = float(np.float64(lane.learning_rate) * lam)
+                ns = normalized_sharpness(lane.learning_rate, lam)
                 rec.update(sharpness=lam, normalized_sharpness=ns, threshold_ratio=ns / lane_threshold(threshold, lane))
             if block.evals is not None and j == 0:
                 rec["eval"] = {name: np.asarray(v[li]).tolist() for name, v in block.evals.items()}

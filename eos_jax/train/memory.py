@@ -22,7 +22,15 @@ from eos_jax import io as eio
 from eos_jax.distributed import to_host
 from eos_jax.errors import ConfigError
 from eos_jax.train.config import EngineConfig, Problem, PyTree, lane_threshold, uniform_threshold
-from eos_jax.train.core import LogBlock, Plan, logged_columns, metric_records, new_timing, run_group
+from eos_jax.train.core import (
+    LogBlock,
+    Plan,
+    logged_columns,
+    metric_records,
+    new_timing,
+    normalized_sharpness,
+    run_group,
+)
 from eos_jax.train.state import Lane, TrainState
 from eos_jax.train.stats import index_lane, summarize_run
 
@@ -267,8 +275,7 @@ def _series(blocks: list[LogBlock], num_lanes: int, log_every: int) -> dict[str,
             if b.sharpness is not None:
                 t0 = pos[b.start]
                 out["sharpness"][lane_index, t0] = b.sharpness[li]
-                # As in the metrics lines: lr (float64) times the eigenvalue, in float64.
-                out["normalized_sharpness"][lane_index, t0] = np.float64(gi.lanes[li].learning_rate) * np.float64(
-                    b.sharpness[li]
+                out["normalized_sharpness"][lane_index, t0] = normalized_sharpness(
+                    gi.lanes[li].learning_rate, b.sharpness[li]
                 )
     return {"step": steps, **out, "aux": aux, "evals": evals}
