@@ -10,9 +10,8 @@ workers and by every child process the tests start (through ``JAX_COMPILATION_CA
 and removed at the end. A cache hit loads the executable the same HLO compiled to, so
 no bit changes; nothing is kept between sessions.
 
-XLA:CPU compiles convolutions with Eigen, and glibc keeps freed host memory for reuse, as
-``eos_jax.runtime.configure()`` sets for every entry point (set here before the backend starts, so
-in-process runs match the CLIs).
+XLA:CPU compiles convolutions with Eigen, as ``eos_jax.runtime.configure()`` sets for every
+entry point (set here before the backend starts, so in-process runs match the CLIs).
 
 Random test inputs of rank 3 or more are drawn as one flat vector and reshaped: the same
 bits (JAX's partitionable threefry counts in row-major flat order), but a shaped rank-4
@@ -43,10 +42,6 @@ from eos_jax import runtime  # noqa: E402
 # processes that inherit this environment, then compile convolutions alike.
 if runtime.eigen_conv_supported() and runtime.YNN_FUSION_OPTION not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + runtime.EIGEN_CONV_FLAG).strip()
-
-# Host memory kept for reuse, as every entry point's runtime.configure() keeps it (speed only, the same
-# bits: tests/test_runtime.py): without it each in-process program faults its temporaries in again.
-runtime.retain_host_memory()
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
