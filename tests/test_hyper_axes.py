@@ -46,8 +46,9 @@ def test_make_lanes_named_axes_order_and_errors():
     assert tr.make_lanes(0.1)[0].asdict() == tr.Lane(0.1).asdict()  # no axis: records as before
     with pytest.raises(ConfigError, match="momentum nan is not allowed"):
         tr.make_lanes(0.1, momentum=[0.0, float("nan")])
-    with pytest.raises(ConfigError, match="hyperparameter name 'seed' is not allowed"):
-        tr.Lane(0.1, hyper={"seed": 1.0})
+    for bad in ("seed", "count", "_private", "not-a-name"):
+        with pytest.raises(ConfigError, match=f"hyperparameter name '{bad}' is not allowed"):
+            tr.Lane(0.1, hyper={bad: 1.0})
     with pytest.raises(ConfigError, match="duplicates"):
         tr.make_lanes(0.1, b2=[0.9, 0.9])
     with pytest.raises(ConfigError, match="different hyperparameters"):

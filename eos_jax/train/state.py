@@ -123,10 +123,10 @@ class Lane:
         items = self.hyper.items() if isinstance(self.hyper, dict) else self.hyper
         pairs = tuple(sorted((str(n), float(v)) for n, v in items))
         for name, _ in pairs:
-            if name in _LANE_FIELDS or not name.isidentifier():
+            if name in _RESERVED or not name.isidentifier() or name.startswith("_"):
                 raise ConfigError(
-                    f"hyperparameter name {name!r} is not allowed; expected an identifier other than "
-                    f"{', '.join(sorted(_LANE_FIELDS))}"
+                    f"hyperparameter name {name!r} is not allowed; expected an identifier not starting with '_', "
+                    f"other than {', '.join(sorted(_RESERVED))}"
                 )
         object.__setattr__(self, "hyper", pairs)
 
@@ -142,6 +142,8 @@ class Lane:
 
 
 _LANE_FIELDS = ("learning_rate", "k", "seed", "weight_decay", "init_seed", "hyper")
+# Names a hyperparameter cannot take: the fixed fields, and what HParams (a tuple) already answers to.
+_RESERVED = frozenset(_LANE_FIELDS) | {"count", "index"}
 
 
 def _as_list(name: str, values: Any) -> list[Any]:
