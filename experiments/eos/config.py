@@ -224,6 +224,8 @@ class EosConfig:
             raise ConfigError(f"num_examples_exact {self.num_examples_exact!r} is not allowed; expected True or False")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ConfigError(f"--beta {self.beta!r} is not allowed; expected a finite float > 0")
+        if not self.momentum:
+            raise ConfigError("--momentum: empty; give at least one value in [0, 1)")
         for m in self.momentum:
             if isinstance(m, bool) or not (isinstance(m, (int, float)) and math.isfinite(m) and 0 <= m < 1):
                 raise ConfigError(f"--momentum {m!r} is not allowed; expected a float in [0, 1)")
