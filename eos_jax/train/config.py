@@ -33,6 +33,11 @@ EigFn = Callable[[LossFn, PyTree, Batch, PyTree, jax.Array], tuple[jax.Array, Py
 class Problem:
     """What to train, apart from the per-lane hyperparameters.
 
+    Four fields make a problem: ``init_params``, ``loss_fn``, ``make_optimizer`` and ``data``
+    (``threshold`` when the optimizer is not gradient descent). The others are optional extras
+    a study adds when it needs them: per-step metrics, batch statistics, evaluation on held-out
+    data, per-layer RelL1 to the k = 1 twin, a stopping rule's accuracy, augmentation.
+
     Attributes:
       init_params: ``key -> params`` (pure).
       loss_fn: ``(params, batch) -> scalar`` data loss, a mean over the batch.
