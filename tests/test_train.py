@@ -1067,6 +1067,43 @@ def test_a_full_disk_at_a_checkpoint_is_one_error_and_resume_is_bitwise(small_fs
     ]
 
 
+def test_a_failed_metrics_write_is_one_error_and_resume_is_bitwise(tmp_path, monkeypatch):
+    """The same error path as a full disk, on any machine (the tmpfs tests above need root to mount one): the
+    metrics write after step 40 fails with ENOSPC once the checkpoint of step 30 is committed; train() raises
+    one RunWriteError naming metrics.jsonl, the reason and checkpoint 30; resume ends bitwise equal to an
+    uninterrupted run, with no step logged twice."""
+    import errno
+
+    from eos_jax.errors import RunWriteError
+    from eos_jax.train import writer as writer_mod
+
+    problem = toy_problem()
+    lanes = tr.make_lanes(list(TOY_LRS))
+    ref = tr.train(problem, lanes, TOY_CONFIG, tmp_path / "ref", quiet=True)
+    run = tmp_path / "run"
+    real_log = writer_mod.RunWriter.log
+
+    def failing_log(self, block):
+        if block.start >= 40:
+            self.wait(0)  # checkpoint 30 committed, as on a disk that fills after it
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.metrics_path))
+        real_log(self, block)
+
+    monkeypatch.setattr(writer_mod.RunWriter, "log", failing_log)
+    with pytest.raises(RunWriteError) as e:
+        tr.train(problem, lanes, TOY_CONFIG, run, quiet=True)
+    err = e.value
+    assert err.reason == "No space left on device" and err.last_checkpoint == [30], (str(err), err.last_checkpoint)
+    assert err.what == str(run / "metrics.jsonl") and "step 30" in str(err) and "\n" not in str(err)
+    monkeypatch.setattr(writer_mod.RunWriter, "log", real_log)
+    got = tr.train(problem, lanes, TOY_CONFIG, run, resume=True, quiet=True)
+    assert [l["params_digest"] for l in got["lanes"]] == [l["params_digest"] for l in ref["lanes"]]
+    steps = [(r["lane"], r["step"]) for r in tr.read_metrics(run / "metrics.jsonl")]
+    assert len(steps) == len(set(steps)) and steps == [
+        (r["lane"], r["step"]) for r in tr.read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    ]
+
+
 def test_a_full_disk_is_one_line_and_exit_1_from_the_command_line(small_fs):
     """The command line: no traceback, no orbax log lines; one line naming the file, the reason and the
     command that resumes; exit code 1."""
