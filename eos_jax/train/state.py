@@ -265,7 +265,7 @@ class HParams(NamedTuple):
     hyper: dict[str, jax.Array] = {}  # working float dtype; never mutated (a shared default)
 
     def __getattr__(self, name: str) -> jax.Array:
-        hyper = tuple.__getitem__(self, 5)
+        hyper = self.hyper  # a field: normal lookup finds it, so this does not recurse
         if name in hyper:
             return hyper[name]
         raise AttributeError(
