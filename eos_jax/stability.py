@@ -74,11 +74,11 @@ COLLAPSE_LOSS_MARGIN = 0.005
 COLLAPSE_FLAT_FRACTION = 0.1
 REGIMES = ("stable", "restrained", "collapsed", "transient", "stalled", "spikes-off-edge", "divergent")
 REGIME_CRITERION = (
-    "collapsed = not stable, the loss left the constant predictor's (by over 0.5%) and returned: over the last "
-    "10% of the steps never more than 0.5% below it, with the final lr*lambda_max under 0.1x the threshold "
-    "(a flat, dead network); "
-    "restrained = not stable, loss spikes after the first 10% of the steps, max lr*lambda_max >= 0.9x the "
-    "threshold and the loss below the constant predictor's"
+    f"collapsed = not stable, the loss left the constant predictor's (by over {COLLAPSE_LOSS_MARGIN:.1%}) and "
+    f"returned: over the last 10% of the steps never more than {COLLAPSE_LOSS_MARGIN:.1%} below it, with the final "
+    f"lr*lambda_max under {COLLAPSE_FLAT_FRACTION:g}x the threshold (a flat, dead network); "
+    "restrained = not stable, loss spikes after the first 10% of the steps, max lr*lambda_max >= "
+    f"{EDGE_FRACTION:g}x the threshold and the loss below the constant predictor's"
 )
 
 
