@@ -1,4 +1,4 @@
-"""Every public function and class of eos_jax has a docstring with an example, and the examples run (issue 10).
+"""Every public function and class of eos_jax has a docstring with an example, and the examples run.
 
 "Public" is a module's ``__all__`` when it has one, else its top-level functions and classes
 whose names do not start with ``_`` and that are defined in that module (not imported).

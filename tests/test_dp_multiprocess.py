@@ -1,5 +1,5 @@
 """The data-parallel HVP and the sharpness solvers on a batch sharded over the devices of several
-processes (issue 12): 2 processes x 1 device, each holding its half of the batch
+processes: 2 processes x 1 device, each holding its half of the batch
 (``distributed.process_slice`` + ``distributed.shard_batch``), against 1 process x 2 devices on the
 full batch, with ``mesh=hessian.data_mesh()`` in both.
 

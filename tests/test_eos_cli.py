@@ -147,7 +147,7 @@ def test_default_out_and_resume_without_out(tmp_path, capsys, monkeypatch):
     (run,) = list((tmp_path / "runs" / "eos").iterdir())
     first = _check_run_dir(run, 2)
     digests = [l["params_digest"] for l in first["lanes"]]
-    # --max-lanes left out: one group sized to memory, the estimate recorded (issue 12).
+    # --max-lanes left out: one group sized to memory, the estimate recorded.
     est = first["lane_groups"]["estimate"]
     assert first["lane_groups"]["groups"] == [2] and est["width"] == 2 and est["fit"] >= 2 and est["cap"] == 16
     assert json.loads((run / "checkpoints" / "lane_groups.json").read_text())["width"] == 2
@@ -590,8 +590,7 @@ def test_main_job_on_a_fresh_machine_shows_figure7_and_the_amplified_perturbatio
 def test_resume_on_another_device_count_is_one_line_exit_2_and_moves_nothing(tmp_path, capsys):
     """3 lanes checkpointed on 1 device, resumed on 2 (forced host devices): the group would be padded
     to 4 lanes. One line, exit 2, and every file of the run (checkpoints, metrics, metadata) stays
-    byte for byte (issue 10, correctness 1: before, every checkpoint was moved aside as corrupt and
-    the run restarted from step 0)."""
+    byte for byte (no checkpoint is moved aside as corrupt, and the run does not restart from step 0)."""
     import os
     import subprocess
     import sys

@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_check_quick_on_cpu(tmp_path):
     out = tmp_path / "gpu_check.json"
     # Without the suite's shared compilation cache: check (b) compiles its program twice on purpose.
+    # The checkout's package, whichever copy the interpreter has installed.
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     r = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--quick", "--out", str(out)],
         cwd=REPO,

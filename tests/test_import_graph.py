@@ -1,4 +1,4 @@
-"""The import graph of eos_jax/ and experiments/ reads top-down (issue 10), checked on the source text.
+"""The import graph of eos_jax/ and experiments/ reads top-down, checked on the source text.
 
 Pure Python: every module is parsed with :mod:`ast` (nothing is imported, nothing compiled).
 Layers, from the top: ``experiments`` (studies: presets, run directories, findings, plots),

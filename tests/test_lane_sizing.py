@@ -1,4 +1,4 @@
-"""Lane groups sized to memory (issue 12): the estimate against a measured peak, the grouping it
+"""Lane groups sized to memory: the estimate against a measured peak, the grouping it
 chooses against the same groups set by hand (bitwise), and a resumed run that keeps its grouping
 when the free memory has changed."""
 

@@ -1,4 +1,4 @@
-"""The PDE library leaves the process as it found it (issue 10: no global side effects).
+"""The PDE library leaves the process as it found it (no global side effects).
 
 A child process starts under JAX's defaults (x64 off) with a user-chosen matplotlib backend and
 ``XLA_FLAGS``, imports every ``eos_jax.pde`` module (and the experiments' plotting code), calls a

@@ -1,4 +1,4 @@
-"""``python -m experiments.pde`` over two processes joined by jax.distributed on 127.0.0.1 (gloo), issue 12.
+"""``python -m experiments.pde`` over two processes joined by jax.distributed on 127.0.0.1 (gloo).
 
 The ``nonlinear`` sweep (lanes sharded over the devices of every process) over 2 processes x 1
 device writes the same files, bit for bit, as 1 process x 2 devices (the same lanes per device,

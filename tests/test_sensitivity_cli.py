@@ -106,12 +106,8 @@ def test_sensitivity_tiny_sweep_writes_everything_and_its_bits_hold(tmp_path, ca
     rel = json.loads((a / "rel_l1.json").read_text())
     k3 = next(l for l in rel["lanes"] if l["k"] == 3)
     assert len(rel["layers"]) == 7 and len(k3["rel_l1_layers"][-1]) == 7 and k3["rel_l1"][-1] > 0
-    # The same sweep again: the same bits.
-    code, _, err = _run(
-        sens_cli.main, "python -m experiments.sensitivity", [*argv, "--out", str(tmp_path / "b")], capsys
-    )
-    assert code == 0, err
-    assert _digests(tmp_path / "b") == d
+    # (The same sweep run again gives the same bits: tests/test_multiprocess.py reruns one over two
+    # processes against one process with two devices, table by table.)
     # --resume of the finished run: restored from its last checkpoint, the same bits and tables.
     table = (a / "table1.csv").read_bytes()
     code, _, err = _run(

@@ -176,8 +176,8 @@ def test_minibatch_selection_is_a_pure_function_of_key_and_step():
 
 def test_sharpness_key_is_not_the_batch_order_key_when_step_equals_epoch():
     """One batch per epoch, so epoch == step: the eigensolver key the engine hands to eig_fn at step t
-    must not reproduce the batch order of epoch t (before the stream tags both were fold_in(data key, t);
-    issue 10, correctness 4)."""
+    must not reproduce the batch order of epoch t (without the stream tags both would be
+    fold_in(data key, t))."""
     n = 64
     data = {"i": jnp.arange(n, dtype=jnp.int32)}
 
@@ -322,7 +322,7 @@ def _linear64_problem() -> tr.Problem:
 
 def test_float64_parameters_get_the_float64_learning_rate(tmp_path):
     """A float64 step with lr = 0.1, k = 3 equals NumPy's float64 -(fl(lr/3) * fl(3 c)) added to w, bit for bit:
-    lr is float64(0.1), not float64(float32(0.1)) (issue 10, correctness 3)."""
+    lr is float64(0.1), not float64(float32(0.1))."""
     cfg = tr.EngineConfig(steps=2, chunk_steps=2, sharpness_every=None, checkpoint_every=None)
     res = tr.train(_linear64_problem(), tr.make_lanes([0.1], ks=[3]), cfg, tmp_path, quiet=True)
     lr, k = np.float64(0.1), np.float64(3)
@@ -543,7 +543,7 @@ def _tree_bytes(d: Path) -> dict[str, bytes | None]:
 def test_resume_with_another_grouping_or_model_is_an_error_and_moves_nothing(baseline, tmp_path):
     """Checkpoints written with 2 lanes per group, resumed with max_lanes=1 (or another lane_batch, or another model):
     one-line CheckpointMismatchError naming the group and what differs; no checkpoint is declared
-    corrupt or moved, nothing under the run directory changes (issue 10, correctness 1)."""
+    corrupt or moved, nothing under the run directory changes."""
     import shutil
 
     from eos_jax.errors import CheckpointMismatchError

@@ -1,5 +1,5 @@
 """The engine with a model state (batch norm's running statistics), test-set evaluation and
-augmentation (issue 11): PyTorch's running-statistics update against a hand computation,
+augmentation: PyTorch's running-statistics update against a hand computation,
 train/eval modes, crash-and-resume and chunking bit for bit, the sharpness of the
 train-mode loss against the dense Hessian, and the k perturbation through all of it."""
 

@@ -72,7 +72,8 @@ class History:
         ...)`` array at the logged steps, before each step's update (after a lane's first
         non-finite step, the values of its frozen parameters: mask with ``finite``).
       timing: wall-clock seconds: ``compile_and_first_chunk_s`` (the first chunk, with
-        its compilation), ``train_s`` (the other chunks), ``sharpness_s``, ``eval_s``.
+        its compilation), ``train_s`` (the other chunks), ``compile_and_first_sharpness_s``
+        (the first estimate, with its compilation), ``sharpness_s`` (the others), ``eval_s``.
       evals: the problem's ``eval_fn`` (``{}`` without one): per name a ``float64 (lanes,
         T)`` array, NaN where not evaluated (``config.eval_every``; always at step 0 and at
         the last step).
