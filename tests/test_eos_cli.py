@@ -73,7 +73,9 @@ def _check_run_dir(d: Path, n_lanes: int, steps: int = 6) -> dict:
 def test_preset_writes_every_file_and_prints_findings(preset, variants, tmp_path, capsys):
     out = tmp_path / preset
     # Two seeds (the presets' own default is PRESET_SEEDS, 0-4: checked below without running them).
-    code, stdout, stderr = _run(["--preset", preset, "--out", str(out), *SMALL_DATA, "--seed", "0", "1"], capsys)
+    # One group per variant (every lane in one program: one compilation of each program).
+    argv = ["--preset", preset, "--out", str(out), *SMALL_DATA, "--seed", "0", "1", "--max-lanes", "64"]
+    code, stdout, stderr = _run(argv, capsys)
     assert code == 0, stderr
     assert {"config.json", "preset.json", "preset.png", *variants} <= {p.name for p in out.iterdir()}
     findings = json.loads((out / "preset.json").read_text())
