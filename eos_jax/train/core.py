@@ -666,7 +666,6 @@ def metric_records(block: LogBlock, log_every: int, threshold: float | Callable[
 def new_timing() -> dict[str, Any]:
     """The timing record :func:`run_group` adds to (seconds).
 
-    Examples:
     ``compile_and_first_chunk_s`` and ``compile_and_first_sharpness_s`` hold the first call of each
     program (its compilation with it); ``train_s`` and ``sharpness_s`` the calls after it.
 
