@@ -683,6 +683,23 @@ def new_timing() -> dict[str, Any]:
     }
 
 
+def _add_time(timing: dict[str, Any], program: str, dt: float) -> None:
+    """Adds a call of ``program`` (``"chunk"`` or ``"sharpness"``): its first call (with the compilation) apart.
+
+    Examples:
+      >>> t = new_timing()
+      >>> for dt in (5.0, 1.0, 1.0):
+      ...     _add_time(t, "chunk", dt)
+      >>> t["compile_and_first_chunk_s"], t["train_s"]
+      (5.0, 2.0)
+    """
+    first = f"compile_and_first_{program}_s"
+    if timing[first] is None:
+        timing[first] = dt
+    else:
+        timing["train_s" if program == "chunk" else "sharpness_s"] += dt
+
+
 def _chunk_end(plan: Plan, s: int, total: int) -> int:
     """The boundary that ends the chunk starting at ``s``: the next chunk, checkpoint, eval or sharpness step."""
     cfg = plan.config
@@ -788,11 +805,7 @@ def run_group(
             t0 = time.perf_counter()
             state, lam = plan.sharp_fn(state, gi.hp, plan.sharp_data)
             pending_sharp = np.asarray(to_host(lam))
-            dt = time.perf_counter() - t0
-            if timing["compile_and_first_sharpness_s"] is None:  # the program's compilation, kept apart
-                timing["compile_and_first_sharpness_s"] = dt
-            else:
-                timing["sharpness_s"] += dt
+            _add_time(timing, "sharpness", time.perf_counter() - t0)
             last_sharp = float(pending_sharp[0])
         # 3. evaluation at s.
         if plan.test_fn is not None and (s == total or s % (cfg.eval_every or total) == 0):
@@ -806,11 +819,7 @@ def run_group(
         t0 = time.perf_counter()
         state, met = plan.chunk_fn(state, gi.hp, plan.data, jnp.asarray(nxt - s, jnp.int32), gi.twin)
         met = jax.tree_util.tree_map(lambda a: np.asarray(a)[:, : nxt - s], to_host(met))
-        dt = time.perf_counter() - t0
-        if timing["compile_and_first_chunk_s"] is None:
-            timing["compile_and_first_chunk_s"] = dt
-        else:
-            timing["train_s"] += dt
+        _add_time(timing, "chunk", time.perf_counter() - t0)
         losses = np.asarray(met["loss"])
         emit(
             LogBlock(

@@ -180,6 +180,12 @@ def _preset_variants(
     return builders[name](ov, data_dir, measure)
 
 
+def _with_lr_rule(variants: tuple, lrs: tuple[float, ...], th: dict[str, Any], text: str) -> tuple[tuple, dict]:
+    """Every variant at the learning rates ``lrs``, and the rule that chose them for preset.json."""
+    variants = tuple((v, dataclasses.replace(c, lr=lrs)) for v, c in variants)
+    return variants, {"rule": text, "thresholds_at_init": th, "lr": list(lrs)}
+
+
 def _fig7(ov: dict[str, Any], data_dir: str | None, measure: bool) -> Preset:
     """Figure 7: the 1- and 3-layer CNN at the paper's rates and the first 1-2-5 rate above 2/lambda_max."""
     # With mean pooling on the Fashion-MNIST 0/1 fallback, 2/lambda_max at init is 20.2 (1 layer)
@@ -192,13 +198,13 @@ def _fig7(ov: dict[str, Any], data_dir: str | None, measure: bool) -> Preset:
         th = _measure_thresholds(variants, data_dir)
         extra = sorted({ceil_125(t["lr_threshold"]) for t in th.values() if t["lr_threshold"]})
         lrs = tuple(sorted(set(FIG7_PAPER_LRS) | set(extra)))
-        variants = tuple((v, dataclasses.replace(c, lr=lrs)) for v, c in variants)
-        rule = {
-            "rule": "the paper's rates 1, 2, 5 plus, for each variant, the first 1-2-5 value above its "
+        variants, rule = _with_lr_rule(
+            variants,
+            lrs,
+            th,
+            "the paper's rates 1, 2, 5 plus, for each variant, the first 1-2-5 value above its "
             "2/lambda_max at initialization (the classical threshold at the start; median over the seeds)",
-            "thresholds_at_init": th,
-            "lr": list(lrs),
-        }
+        )
     return Preset(
         "fig7",
         "Figure 7: 1- vs 3-layer single-channel Swish CNN, full-batch GD, no weight decay "
@@ -257,13 +263,13 @@ def _fig9(ov: dict[str, Any], data_dir: str | None, measure: bool) -> Preset:
         if not ts:
             raise ConfigError("--preset fig9: lambda_max at initialization is <= 0 for every variant; give --lr")
         lrs = tuple(series_125(min(ts) / 10.0, max(ts) * 10.0))
-        variants = tuple((v, dataclasses.replace(c, lr=lrs)) for v, c in variants)
-        rule = {
-            "rule": "1-2-5 series from a decade below the smallest to a decade above the largest "
+        variants, rule = _with_lr_rule(
+            variants,
+            lrs,
+            th,
+            "1-2-5 series from a decade below the smallest to a decade above the largest "
             "2/lambda_max at initialization (weight decay included; median over the seeds) of the variants",
-            "thresholds_at_init": th,
-            "lr": list(lrs),
-        }
+        )
     return Preset(
         "fig9",
         "Figure 9: weight decay 5e-4, 1- vs 2-layer Swish CNN, learning-rate sweep "
