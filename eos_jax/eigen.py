@@ -8,6 +8,9 @@ symmetric; everything is a pure function that runs under ``jit`` (and ``vmap`` w
 * :func:`power_iteration`: the largest ALGEBRAIC eigenvalue, by power iteration restarted on
   ``A - mu I`` when the dominant eigenvalue ``mu`` is negative; :class:`PowerState` carries it.
 * :func:`lanczos`: the top-k algebraic eigenpairs by Lanczos with full reorthogonalization.
+* :func:`lanczos_quadrature`: the Gauss quadrature (nodes and weights) of a start vector's spectral
+  measure from the same Lanczos iteration, for stochastic Lanczos quadrature
+  (:func:`eos_jax.hessian.density`); :class:`Quadrature` carries it.
 * :func:`psd_extremes`: ``lambda_min`` and ``lambda_max`` of a symmetric positive semidefinite map,
   the latter by power iteration on ``A``, the former on the shifted ``lambda_max I - A``.
 
@@ -285,6 +288,105 @@ def lanczos(op, v_init: jax.Array, key: jax.Array, num_iters: int, tol: float | 
     vecs = jnp.dot(coords.T, st.q[:m], precision=_HI)  # (k, n); padded rows have zero coordinates
     vecs = jax.vmap(lambda x: _normalize(x)[0])(vecs)
     return theta, vecs, res, st.j
+
+
+class Quadrature(NamedTuple):
+    """Gauss quadrature of the spectral measure of a unit vector ``v`` from :func:`lanczos_quadrature`.
+
+    The measure is ``mu_v = sum_j (u_j . v)^2 delta(lambda_j)`` over the eigenpairs ``(lambda_j, u_j)``
+    of the map; ``sum_i weights[i] * f(nodes[i])`` approximates ``v^T f(A) v = int f dmu_v``.
+
+    Attributes:
+      nodes: ``(m,)`` Ritz values of ``v``'s Krylov space, descending; the first ``krylov_dim`` are
+        the quadrature nodes, the rest repeat the smallest node (with weight 0).
+      weights: ``(m,)`` squared first components of the tridiagonal's eigenvectors, nonnegative,
+        summing to 1; exactly 0 past ``krylov_dim``.
+      top: ``(k,)`` the largest eigenvalues of the whole tridiagonal, descending (restarted blocks
+        included, as :func:`lanczos` reports them).
+      krylov_dim: dimension of ``v``'s Krylov space reached: ``m`` unless it became invariant earlier.
+      num_hvps: products used (``m``).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.eigen import Quadrature
+      >>> q = Quadrature(nodes=jnp.array([3.0, 1.0]), weights=jnp.array([0.5, 0.5]), top=jnp.array([3.0]),
+      ...                krylov_dim=jnp.int32(2), num_hvps=jnp.int32(2))
+      >>> float(jnp.sum(q.weights * q.nodes))  # v^T A v
+      2.0
+    """
+
+    nodes: jax.Array
+    weights: jax.Array
+    top: jax.Array
+    krylov_dim: jax.Array
+    num_hvps: jax.Array
+
+
+def lanczos_quadrature(op, v_init: jax.Array, key: jax.Array, num_steps: int, *, top_k: int = 1) -> Quadrature:
+    """Nodes and weights of the ``m``-point Gauss quadrature of ``v``'s spectral measure, by Lanczos.
+
+    ``m = min(num_steps, n)`` Lanczos steps with full reorthogonalization from ``v = v_init / ||v_init||``
+    build the tridiagonal ``T``; its eigenvalues are the nodes and the squared first components of
+    its eigenvectors the weights (Golub & Meurant; Ghorbani, Krishnan & Xiao 2019). In exact
+    arithmetic ``sum_i w_i theta_i^p = v^T A^p v`` for ``p <= 2m - 1``, and for every ``p`` once the
+    Krylov space is invariant.
+
+    Breakdown: when the Krylov space of ``v`` becomes invariant after ``d < m`` steps (e.g. ``m >= n``,
+    or ``A`` with fewer than ``m`` distinct eigenvalues seen by ``v``), :func:`lanczos`'s step restarts
+    from a random orthogonal vector with a zero coupling. The later blocks of ``T`` belong to other
+    vectors, not to ``v``'s measure: only the first block (``krylov_dim = d`` rows) gives nodes and
+    weights, the ``m - d`` others get weight exactly 0, so the quadrature stays exact. ``top`` comes
+    from the whole ``T`` (eigenvalues found after restarts count there). Fixed step count, no
+    data-dependent Python control flow: runs under ``jit`` and ``vmap``.
+
+    Args:
+      op: symmetric linear map on flat vectors ``(n,) -> (n,)``.
+      v_init: start vector ``(n,)`` (nonzero), in the working dtype.
+      key: PRNG key of the restarts after a breakdown.
+      num_steps: Lanczos steps (products), static; capped at ``n``.
+      top_k: how many of the largest Ritz values to return in ``top`` (``<= m``).
+
+    Returns:
+      :class:`Quadrature`.
+
+    Examples:
+      ``A = diag(1, 1, 3)`` and ``v = (1, 1, 1) / sqrt(3)``: the measure puts 2/3 on 1 and 1/3 on 3;
+      the Krylov space is invariant after 2 steps, so the third weight is 0:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.eigen import lanczos_quadrature
+      >>> a = jnp.array([1.0, 1.0, 3.0])
+      >>> quad = jax.jit(lambda v, key: lanczos_quadrature(lambda x: a * x, v, key, num_steps=3))
+      >>> q = quad(jnp.ones(3), jax.random.key(0))
+      >>> [round(t, 4) for t in q.nodes.tolist()], [round(w, 4) for w in q.weights.tolist()], int(q.krylov_dim)
+      ([3.0, 1.0, 1.0], [0.3333, 0.6667, 0.0], 2)
+    """
+    n = v_init.shape[0]
+    m = min(int(num_steps), n)
+    if m < 1 or not 1 <= top_k <= m:
+        raise ConfigError(f"need num_steps >= 1 and 1 <= top_k <= min(num_steps, n); got {num_steps}, {top_k}, n={n}")
+    dtype = v_init.dtype
+    rows = -(-(m + 1) // _BLOCK) * _BLOCK
+    st = LanczosState(
+        jnp.zeros((rows, n), dtype).at[0].set(_normalize(v_init)[0]),
+        jnp.zeros((m,), dtype),
+        jnp.zeros((m,), dtype),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), dtype),
+    )
+    rkey = jax.random.fold_in(key, 1)
+    st = lax.fori_loop(0, m, lambda i, s: _lanczos_step(op, rkey, s), st)
+    # A breakdown after step j leaves beta[j] == 0 exactly (j < m - 1 couples two rows of T).
+    broke = st.beta[: m - 1] == 0
+    dim = jnp.where(jnp.any(broke), jnp.argmax(broke).astype(jnp.int32) + 1, m).astype(jnp.int32)
+    # _ritz decouples rows >= dim and pads them below the first block's spectrum: in descending
+    # order the first block's dim Ritz values come first, the m - dim pads last.
+    theta, s, _ = _ritz(st.alpha, st.beta, dim, m)
+    live = jnp.arange(m, dtype=jnp.int32) < dim
+    nodes = jnp.where(live, theta, theta[dim - 1])
+    weights = jnp.where(live, s[0, :] ** 2, jnp.zeros_like(theta))
+    top, _, _ = _ritz(st.alpha, st.beta, st.j, top_k)
+    return Quadrature(nodes, weights, top, dim, st.j)
 
 
 class Extremes(NamedTuple):
