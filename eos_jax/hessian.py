@@ -13,6 +13,9 @@ Everything here is a pure function of ``(loss_fn, params, batch, ...)`` and runs
   to several processes (:func:`data_mesh`, :func:`eos_jax.distributed.shard_batch`).
 * :func:`top_eigenvalue` (power iteration with a shift, or Lanczos) and :func:`top_eigenvalues`
   (Lanczos with full reorthogonalization), returning :class:`EigResult`.
+* :func:`trace`: ``tr H`` by Hutchinson's estimator with Rademacher probes (:class:`TraceResult`);
+  :func:`density`: the eigenvalue density by stochastic Lanczos quadrature (:class:`DensityResult`),
+  the two spectrum summaries of PyHessian (Yao et al. 2020).
 * :func:`preconditioned_top_eigenvalue` with :func:`adam_preconditioner`: ``lambda_max(P^-1 H)`` of
   Adam (Cohen et al. 2022), computed as the top eigenvalue of the symmetric ``P^-1/2 H P^-1/2``.
 * :func:`layer_sharpness`: the top eigenvalue of each layer's diagonal Hessian block (Sec. 5.5:
@@ -49,7 +52,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, PartitionSpec
 
-from eos_jax.eigen import lanczos, power_iteration, start_vector
+from eos_jax.eigen import lanczos, lanczos_quadrature, power_iteration, start_vector
 from eos_jax.errors import ConfigError
 from eos_jax.metrics import layer_groups
 
@@ -555,6 +558,289 @@ def top_eigenvalues(
         mesh=mesh,
         linearize=linearize,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Spectrum: Hessian trace (Hutchinson) and eigenvalue density (stochastic Lanczos quadrature).
+
+
+class TraceResult(NamedTuple):
+    """Result of :func:`trace`: Hutchinson's estimate of ``tr H`` and its standard error.
+
+    Attributes:
+      estimate: the mean of the probes' ``z^T H z`` (scalar, dtype of params).
+      stderr: their sample standard deviation (``ddof=1``) over ``sqrt(num_probes)``: the standard
+        error of ``estimate`` (NaN for a single probe).
+      samples: ``(num_probes,)`` each probe's ``z^T H z``.
+      num_hvps: Hessian-vector products used, ``num_probes`` (int32).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.hessian import TraceResult
+      >>> r = TraceResult(estimate=jnp.float32(5.0), stderr=jnp.float32(0.0),
+      ...                 samples=jnp.array([5.0, 5.0]), num_hvps=jnp.int32(2))
+      >>> float(r.estimate), int(r.num_hvps)
+      (5.0, 2)
+    """
+
+    estimate: jax.Array
+    stderr: jax.Array
+    samples: jax.Array
+    num_hvps: jax.Array
+
+
+class DensityResult(NamedTuple):
+    """Result of :func:`density`: per-probe Gauss quadratures and the smoothed eigenvalue density.
+
+    Attributes:
+      ritz_values: ``(num_probes, m)`` each probe's quadrature nodes, descending (``m =
+        min(num_steps, number of parameters)``); past ``krylov_dim`` they repeat the smallest node.
+      weights: ``(num_probes, m)`` the Gauss weights, nonnegative, each row summing to 1; 0 past
+        ``krylov_dim``.
+      krylov_dim: ``(num_probes,)`` int32, each probe's Krylov dimension (``m`` unless invariant sooner).
+      grid: ``(num_points,)`` the points where the density is evaluated.
+      density: ``(num_points,)`` ``(1 / num_probes) sum_p sum_i w_pi N(x; theta_pi, sigma^2)``; it
+        integrates to 1 over the real line, so to ~1 over the default grid (which pads by 5 sigma).
+      sigma: the Gaussian's standard deviation (scalar).
+      top_eigenvalues: ``(top_k,)`` descending: for each rank i, the largest over probes of the probe's
+        i-th Ritz value (each a lower bound of ``lambda_i(H)`` by Cauchy interlacing).
+      num_hvps: Hessian-vector products used, ``num_probes * m`` (int32).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.hessian import DensityResult
+      >>> r = DensityResult(ritz_values=jnp.array([[4.0, 1.0]]), weights=jnp.array([[0.5, 0.5]]),
+      ...                   krylov_dim=jnp.array([2]), grid=jnp.linspace(0.0, 5.0, 3), density=jnp.zeros(3),
+      ...                   sigma=jnp.float32(0.1), top_eigenvalues=jnp.array([4.0]), num_hvps=jnp.int32(2))
+      >>> float((r.weights * r.ritz_values).sum())  # the probe's v^T H v
+      2.5
+    """
+
+    ritz_values: jax.Array
+    weights: jax.Array
+    krylov_dim: jax.Array
+    grid: jax.Array
+    density: jax.Array
+    sigma: jax.Array
+    top_eigenvalues: jax.Array
+    num_hvps: jax.Array
+
+
+def _check_count(name: str, value: Any, allow_none: bool = False) -> None:
+    """Raises unless ``value`` is a positive int (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _flat_run(fn, loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array, chunk_size, mesh, linearize):
+    """``fn(op, n, dtype, key)`` on the raveled Hessian ``op: (n,) -> (n,)``, as :func:`_eig` runs a solver.
+
+    On one device ``op`` is :func:`make_hvp`'s; with ``mesh`` the whole of ``fn`` runs inside
+    ``jax.shard_map`` with the batch sharded and params and key replicated, each product the mean of
+    the shards' (one all-reduce, :func:`_sharded_op`), and the result is replicated.
+    """
+    dtype = _flat_dtype(params)
+    if mesh is not None:
+        axis, n_dev = _mesh_axis(mesh)
+        _check_divisible(batch, n_dev)
+
+    def solve(p, b, key_):
+        if mesh is None:
+            tree_op = make_hvp(loss_fn, p, b, chunk_size=chunk_size, linearize=linearize)
+        else:
+            tree_op = _sharded_op(loss_fn, p, b, n_dev, chunk_size, linearize)
+        flat_p, unravel = ravel_pytree(p)
+        op = lambda x: ravel_pytree(tree_op(unravel(x)))[0]  # noqa: E731
+        return fn(op, flat_p.shape[0], dtype, key_)
+
+    if mesh is None:
+        return solve(params, batch, key)
+    rep = PartitionSpec()
+    return jax.shard_map(solve, mesh=mesh, in_specs=(rep, PartitionSpec(axis), rep), out_specs=rep)(params, batch, key)
+
+
+def _map_probes(f, num_probes: int, probe_chunk: int | None):
+    """``f(i)`` for probes ``i = 0..num_probes-1``: one ``vmap``, or ``probe_chunk`` at a time (``lax.map``)."""
+    idx = jnp.arange(num_probes, dtype=jnp.int32)
+    if probe_chunk is None or probe_chunk >= num_probes:
+        return jax.vmap(f)(idx)
+    return lax.map(f, idx, batch_size=None if probe_chunk == 1 else int(probe_chunk))
+
+
+def _probe(key: jax.Array, i: jax.Array, n: int, dtype) -> jax.Array:
+    """Probe ``i``: a Rademacher vector (entries +-1) drawn from ``fold_in(key, i)``."""
+    return jax.random.rademacher(jax.random.fold_in(key, i), (n,), dtype)
+
+
+def trace(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    key: jax.Array,
+    *,
+    num_probes: int = 32,
+    probe_chunk: int | None = None,
+    chunk_size: int | None = None,
+    mesh: Mesh | None = None,
+    linearize: bool = False,
+) -> TraceResult:
+    """Hessian trace ``tr H`` by Hutchinson's estimator with Rademacher probes.
+
+    ``E[z^T H z] = tr H`` for any random ``z`` with ``E[z z^T] = I`` (Hutchinson 1989); Rademacher
+    entries (+-1) give the smallest variance among such ``z``, ``Var = 2 (||H||_F^2 - sum_i H_ii^2)``
+    (Avron & Toledo 2011), and make a diagonal ``H`` exact. PyHessian (Yao et al. 2020) tracks the
+    trace this way. Probe ``i`` is ``jax.random.rademacher(jax.random.fold_in(key, i), (n,))`` on the
+    raveled params (:func:`density` draws the same ones). One product per probe; the probes are
+    vmapped, ``probe_chunk`` at a time (memory: that many tangents at once; a vmapped ``jvp(grad)``
+    computes the primal once per chunk). Runs under ``jit`` and ``vmap`` (e.g. over lanes with a
+    key per lane): fixed work, no data-dependent control flow.
+
+    Args:
+      loss_fn, params, batch, chunk_size, mesh, linearize: as in :func:`top_eigenvalue`.
+      key: PRNG key of the probes.
+      num_probes: number of probes (static).
+      probe_chunk: probes vmapped together (static); None: all at once.
+
+    Returns:
+      :class:`TraceResult` (scalars and ``(num_probes,)`` samples).
+
+    Examples:
+      A diagonal Hessian ``diag(1, 4)``: every Rademacher probe gives ``z^T H z = 5`` exactly:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import hessian
+      >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
+      ...     return jnp.mean((x @ params["w"]) ** 2)
+      >>> params, x = {"w": jnp.array([0.5, -1.0])}, jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> tr = jax.jit(lambda p, b, key: hessian.trace(loss, p, b, key, num_probes=4))
+      >>> r = tr(params, x, jax.random.key(0))
+      >>> float(r.estimate), float(r.stderr), int(r.num_hvps)
+      (5.0, 0.0, 4)
+    """
+    _check_count("num_probes", num_probes)
+    _check_count("probe_chunk", probe_chunk, allow_none=True)
+
+    def hutchinson(op, n, dtype, key_):
+        def sample(i):
+            z = _probe(key_, i, n, dtype)
+            return jnp.dot(z, op(z), precision=lax.Precision.HIGHEST)
+
+        samples = _map_probes(sample, num_probes, probe_chunk)
+        stderr = jnp.std(samples, ddof=1) / np.sqrt(num_probes).astype(dtype)
+        return TraceResult(jnp.mean(samples), stderr, samples, jnp.asarray(num_probes, jnp.int32))
+
+    return _flat_run(hutchinson, loss_fn, params, batch, key, chunk_size, mesh, linearize)
+
+
+def _smoothed(nodes: jax.Array, weights: jax.Array, grid: jax.Array | None, num_points: int, sigma) -> tuple:
+    """``(grid, density, sigma)``: the probes' quadratures smoothed by a Gaussian, averaged over probes."""
+    dtype = nodes.dtype
+    lo, hi = jnp.min(nodes), jnp.max(nodes)
+    if sigma is None:  # 1% of the span of the Ritz values (of |hi|, or 1, when that is 0)
+        span = jnp.where(hi > lo, hi - lo, jnp.where(hi != 0, jnp.abs(hi), jnp.ones_like(hi)))
+        sigma = 0.01 * span
+    else:
+        sigma = jnp.asarray(sigma, dtype)
+    if grid is None:
+        grid = jnp.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points, dtype=dtype)
+    else:
+        grid = jnp.asarray(grid, dtype)
+    z = (grid[:, None] - nodes.reshape(1, -1)) / sigma
+    gauss = jnp.exp(-0.5 * z * z) / (sigma * np.sqrt(2 * np.pi).astype(dtype))
+    dens = jnp.dot(gauss, weights.reshape(-1), precision=lax.Precision.HIGHEST) / nodes.shape[0]
+    return grid, dens, sigma
+
+
+def density(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: PyTree,
+    key: jax.Array,
+    *,
+    num_probes: int,
+    num_steps: int,
+    num_points: int = 1000,
+    sigma: float | None = None,
+    grid: jax.typing.ArrayLike | None = None,
+    top_k: int = 1,
+    probe_chunk: int | None = None,
+    chunk_size: int | None = None,
+    mesh: Mesh | None = None,
+    linearize: bool = False,
+) -> DensityResult:
+    """Eigenvalue density of the Hessian by stochastic Lanczos quadrature (SLQ).
+
+    The density ``phi(x) = (1/n) sum_j delta(x - lambda_j)`` is the average over unit probes ``v`` of
+    their spectral measures ``sum_j (u_j . v)^2 delta(x - lambda_j)`` (``E[v v^T] = I / n``). Each
+    probe's measure is replaced by its ``m``-point Gauss quadrature from ``m = min(num_steps, n)``
+    Lanczos steps with full reorthogonalization (:func:`eos_jax.eigen.lanczos_quadrature`: nodes =
+    Ritz values, weights = squared first components of the tridiagonal's eigenvectors), exact for
+    polynomials of degree ``<= 2m - 1``, and smoothed by a Gaussian of width ``sigma`` (Ghorbani,
+    Krishnan & Xiao 2019, google/spectral-density; PyHessian, Yao et al. 2020). Probe ``i`` is the
+    Rademacher vector of :func:`trace` (same key, same draws) divided by ``sqrt(n)``: unit norm. A
+    probe whose Krylov space becomes invariant before ``m`` steps (``m >= n``, repeated eigenvalues)
+    keeps only that space's nodes: later rows get weight 0, so the quadrature stays exact. Fixed
+    work (``num_probes * m`` products), no data-dependent control flow: runs under ``jit`` and
+    ``vmap`` (over lanes with a key per lane; each lane gets its own default grid).
+
+    Args:
+      loss_fn, params, batch, chunk_size, mesh, linearize: as in :func:`top_eigenvalue`.
+      key: PRNG key of the probes (and of Lanczos restarts after a breakdown).
+      num_probes: probes (static).
+      num_steps: Lanczos steps per probe (static); capped at the number of parameters.
+      num_points: points of the default grid: from the smallest to the largest Ritz value, padded by
+        5 sigma on each side. Keep its spacing below ``sigma`` for the density to integrate to ~1.
+      sigma: Gaussian width; None: 1% of the span of all Ritz values.
+      grid: points where to evaluate the density instead (1-D; ``num_points`` then unused).
+      top_k: how many of the largest Ritz values to report (``<= m``).
+      probe_chunk: probes vmapped together (static); None: all at once (each holds an ``(m, n)`` basis).
+
+    Returns:
+      :class:`DensityResult`.
+
+    Examples:
+      ``H = diag(1, 4)``: both Gauss nodes are the eigenvalues, each with weight 1/2:
+
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax import hessian
+      >>> def loss(params, x):  # a mean over examples: H = 2/N sum_i x_i x_i^T = diag(1, 4)
+      ...     return jnp.mean((x @ params["w"]) ** 2)
+      >>> params, x = {"w": jnp.array([0.5, -1.0])}, jnp.array([[1.0, 0.0], [0.0, 2.0]])
+      >>> slq = jax.jit(lambda p, b, key: hessian.density(loss, p, b, key, num_probes=1, num_steps=2))
+      >>> r = slq(params, x, jax.random.key(0))
+      >>> [round(t, 4) for t in r.ritz_values[0].tolist()], [round(w, 4) for w in r.weights[0].tolist()]
+      ([4.0, 1.0], [0.5, 0.5])
+      >>> round(float(r.top_eigenvalues[0]), 4), int(r.num_hvps), r.density.shape
+      (4.0, 2, (1000,))
+      >>> round(float(jnp.sum(r.density) * (r.grid[1] - r.grid[0])), 3)  # integrates to 1
+      1.0
+    """
+    _check_count("num_probes", num_probes)
+    _check_count("num_steps", num_steps)
+    _check_count("top_k", top_k)
+    _check_count("probe_chunk", probe_chunk, allow_none=True)
+    _check_count("num_points", num_points)
+    if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0):
+        raise ConfigError(f"sigma must be a positive float or None, got {sigma!r}")
+    if grid is not None and jnp.ndim(grid) != 1:
+        raise ConfigError(f"grid must be 1-D, got shape {np.shape(grid)}")
+
+    def slq(op, n, dtype, key_):
+        if top_k > min(num_steps, n):
+            raise ConfigError(f"top_k={top_k} needs num_steps >= top_k and as many parameters; n={n}")
+
+        def one(i):
+            v = _probe(key_, i, n, dtype) / np.sqrt(n).astype(dtype)
+            return lanczos_quadrature(op, v, jax.random.fold_in(key_, i), num_steps, top_k=top_k)
+
+        q = _map_probes(one, num_probes, probe_chunk)
+        g, dens, sig = _smoothed(q.nodes, q.weights, grid, num_points, sigma)
+        n_hvps = jnp.asarray(num_probes * min(num_steps, n), jnp.int32)
+        return DensityResult(q.nodes, q.weights, q.krylov_dim, g, dens, sig, jnp.max(q.top, axis=0), n_hvps)
+
+    return _flat_run(slq, loss_fn, params, batch, key, chunk_size, mesh, linearize)
 
 
 # ----------------------------------------------------------------------------------------------
