@@ -143,6 +143,9 @@ def uniform_threshold(threshold: float | Callable[[Lane], float], lanes: Sequenc
     return values.pop() if len(values) == 1 else None
 
 
+TRACKED = ("trace", "density")  # what EngineConfig.track may name
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How to run: steps, chunking, logging, sharpness and checkpoint schedule.
@@ -196,6 +199,15 @@ class EngineConfig:
         as fit (:func:`eos_jax.train.sizing.choose_lane_batch`; the run records the choice
         and a resumed run keeps it). A lane's bits depend on it (compare like with like).
         ``docs/scaling.md`` says when each is faster; ``benchmarks/bench_main.py`` measures them.
+      track: curvature beyond the top eigenvalue, measured at every sharpness step of every
+        lane (of the same objective): ``"trace"`` (Hutchinson's estimate of ``tr H`` and its
+        standard error, :func:`eos_jax.hessian.trace`) and ``"density"`` (stochastic Lanczos
+        quadrature, :func:`eos_jax.hessian.density`: Ritz values and Gauss weights per probe,
+        from which the eigenvalue density is drawn). Probes come from
+        :func:`~eos_jax.train.state.curvature_key` of the lane's data key and step. ``()``: neither.
+      trace_probes: Rademacher probes of the trace (one Hessian-vector product each).
+      density_probes: random starts of the density (``density_steps`` products each).
+      density_steps: Lanczos steps per density probe (the Ritz values per probe).
 
     Examples:
       >>> EngineConfig(steps=100, sharpness_every=None, chunk_steps=25).validate()
@@ -225,6 +237,10 @@ class EngineConfig:
     lane_batch: int | str | None = AUTO_LANE_BATCH
     loss_goal: float | None = None
     acc_goal: float | None = None
+    track: tuple[str, ...] = ()
+    trace_probes: int = 8
+    density_probes: int = 1
+    density_steps: int = 20
 
     @property
     def has_goal(self) -> bool:
@@ -233,7 +249,17 @@ class EngineConfig:
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad field."""
-        for name in ("steps", "chunk_steps", "log_every", "sharpness_iters", "auto_lane_cap", "lane_multiple"):
+        for name in (
+            "steps",
+            "chunk_steps",
+            "log_every",
+            "sharpness_iters",
+            "auto_lane_cap",
+            "lane_multiple",
+            "trace_probes",
+            "density_probes",
+            "density_steps",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}={v!r} is not allowed; expected an integer >= 1")
@@ -270,5 +296,14 @@ class EngineConfig:
         f = self.lane_memory_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
             raise ConfigError(f"lane_memory_fraction={f!r} is not allowed; expected a float in (0, 1]")
+        bad = [t for t in self.track if t not in TRACKED] if isinstance(self.track, tuple) else [self.track]
+        if bad:
+            raise ConfigError(
+                f"track={self.track!r} is not allowed; expected a tuple of names from {', '.join(TRACKED)}"
+            )
+        if self.track and not self.sharpness_every:
+            raise ConfigError(
+                f"track={self.track!r} needs sharpness_every: trace and density are measured at its steps"
+            )
         if self.checkpoint_keep < 2:
             raise ConfigError(f"checkpoint_keep={self.checkpoint_keep}; expected >= 2")

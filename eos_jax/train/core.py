@@ -44,7 +44,14 @@ from eos_jax.train.sizing import (
 )
 from eos_jax.train.state import HParams, Lane, TrainState, hparam_dtype, init_state, stack_hparams
 from eos_jax.train.stats import REL_L1_WINDOW
-from eos_jax.train.step import make_chunk_fn, make_eig_fn, make_final_fn, make_sharpness_fn, make_test_fn
+from eos_jax.train.step import (
+    make_chunk_fn,
+    make_curvature_fn,
+    make_eig_fn,
+    make_final_fn,
+    make_sharpness_fn,
+    make_test_fn,
+)
 
 
 def next_boundary(s: int, total: int, periods: Iterable[int | None]) -> int:
@@ -185,8 +192,8 @@ def _place_data(
     return mesh, data, sharp_data, eval_data
 
 
-def _step_programs(problem: Problem, config: EngineConfig, eig_fn: Any, lane_batch: int | None) -> tuple[Any, Any]:
-    """The chunk and sharpness programs of a run at ``lane_batch`` lanes per batch (jitted, not compiled)."""
+def _step_programs(problem: Problem, config: EngineConfig, eig_fn: Any, lane_batch: int | None) -> tuple[Any, Any, Any]:
+    """The chunk, sharpness and (with ``config.track``) curvature programs of a run at ``lane_batch`` lanes per batch (jitted, not compiled)."""
     chunk_fn = make_chunk_fn(
         problem,
         config.batch_size,
@@ -196,7 +203,17 @@ def _step_programs(problem: Problem, config: EngineConfig, eig_fn: Any, lane_bat
         config.loss_goal,
         config.acc_goal,
     )
-    return chunk_fn, make_sharpness_fn(problem, eig_fn, lane_batch)
+    curv_fn = None
+    if config.track:
+        curv_fn = make_curvature_fn(
+            problem,
+            config.track,
+            trace_probes=config.trace_probes,
+            density_probes=config.density_probes,
+            density_steps=config.density_steps,
+            lane_batch=lane_batch,
+        )
+    return chunk_fn, make_sharpness_fn(problem, eig_fn, lane_batch), curv_fn
 
 
 def _twin_key(lane: Lane) -> tuple[Any, ...]:
@@ -326,6 +343,7 @@ class Plan:
     sharp_fn: Callable[..., tuple[TrainState, jax.Array]]
     eval_data: PyTree = None
     test_fn: Callable[..., dict[str, jax.Array]] | None = None
+    curv_fn: Callable[..., dict[str, jax.Array]] | None = None  # config.track's trace / density
     lane_estimate: LaneEstimate | None = None
     width: int = 0  # the group width passed to group_lanes (reproduces the groups)
     lane_batch_choice: LaneBatchChoice | None = None  # how lane_batch="auto" was resolved
@@ -370,7 +388,7 @@ class Plan:
         mesh, data, sharp_data, eval_data = _place_data(problem, config, devices)
         # "auto" measures the all-at-once programs first (the ones the automatic width measures too).
         first_batch = None if config.lane_batch == AUTO_LANE_BATCH else config.lane_batch
-        chunk_fn, sharp_fn = _step_programs(problem, config, eig_fn, first_batch)
+        chunk_fn, sharp_fn, curv_fn = _step_programs(problem, config, eig_fn, first_batch)
         plan = cls(
             problem=problem,
             lanes=lanes,
@@ -393,6 +411,7 @@ class Plan:
             chunk_fn=chunk_fn,
             final_fn=make_final_fn(problem, config.batch_size, _late_from(config)),
             sharp_fn=sharp_fn,
+            curv_fn=curv_fn,
             eval_data=eval_data,
             test_fn=make_test_fn(problem) if problem.eval_fn is not None else None,
             width=width,
@@ -436,8 +455,8 @@ class Plan:
         plan = dataclasses.replace(self, config=config, lane_batch_choice=choice)
         if choice.lane_batch is None:
             return plan
-        chunk_fn, sharp_fn = _step_programs(self.problem, self.config, eig_fn, choice.lane_batch)
-        return dataclasses.replace(plan, chunk_fn=chunk_fn, sharp_fn=sharp_fn)
+        chunk_fn, sharp_fn, curv_fn = _step_programs(self.problem, self.config, eig_fn, choice.lane_batch)
+        return dataclasses.replace(plan, chunk_fn=chunk_fn, sharp_fn=sharp_fn, curv_fn=curv_fn)
 
     def choose_lane_batch(self) -> LaneBatchChoice:
         """Resolves ``lane_batch="auto"`` (:func:`~eos_jax.train.sizing.choose_lane_batch`).
@@ -462,6 +481,8 @@ class Plan:
         temps = {"chunk": program_temp_bytes(self.chunk_fn.lower(state, gi.hp, self.data, n, gi.twin).compile())}  # type: ignore[attr-defined]
         if self.config.sharpness_every:
             temps["sharpness"] = program_temp_bytes(self.sharp_fn.lower(state, gi.hp, self.sharp_data).compile())  # type: ignore[attr-defined]
+        if self.curv_fn is not None:
+            temps["curvature"] = program_temp_bytes(self.curv_fn.lower(state, gi.hp, self.sharp_data).compile())  # type: ignore[attr-defined]
         return choose_lane_batch(temps, lanes)
 
     def measure(self, g: int = 0) -> dict[str, tuple[int, int]]:
@@ -472,7 +493,7 @@ class Plan:
         that stays on the device throughout the run (training, sharpness and evaluation
         data) counted whether or not the program reads it; ``shared`` is that data, which
         does not grow with the lanes. Measured: the chunk program, and the sharpness
-        program when the run tracks sharpness. They are lowered from the group's real
+        program when the run tracks sharpness (and the curvature program with ``config.track``). They are lowered from the group's real
         initial state, so the executables compiled here are the ones the run then calls
         (JAX caches the lowering and compilation of an identical call; tested).
         """
@@ -489,6 +510,9 @@ class Plan:
         if self.config.sharpness_every:
             sharp = self.sharp_fn.lower(state, gi.hp, self.sharp_data).compile()  # type: ignore[attr-defined]
             out["sharpness"] = (program_bytes(sharp) - sharp_b + resident, resident)
+        if self.curv_fn is not None:
+            curv = self.curv_fn.lower(state, gi.hp, self.sharp_data).compile()  # type: ignore[attr-defined]
+            out["curvature"] = (program_bytes(curv) - sharp_b + resident, resident)
         return out
 
     def describe_groups(self) -> str:
@@ -579,6 +603,7 @@ class LogBlock(NamedTuple):
     force: bool = False
     aux: dict[str, np.ndarray] = {}  # never mutated (a shared NamedTuple default)
     evals: dict[str, np.ndarray] | None = None  # (lanes,) per name, at step ``start``
+    curvature: dict[str, np.ndarray] | None = None  # EngineConfig.track's values, (lanes, ...) per name, at ``start``
 
 
 def logged_columns(block: LogBlock, log_every: int) -> list[int]:
@@ -595,7 +620,7 @@ def logged_columns(block: LogBlock, log_every: int) -> list[int]:
         j
         for j in range(block.loss.shape[1])
         if block.force
-        or (j == 0 and (block.sharpness is not None or block.evals is not None))
+        or (j == 0 and (block.sharpness is not None or block.evals is not None or block.curvature is not None))
         or (block.start + j) % log_every == 0
     ]
 
@@ -616,7 +641,8 @@ def metric_records(block: LogBlock, log_every: int, threshold: float | Callable[
     Lanes with a k=1 twin in their group get ``rel_l1_to_k1`` and ``rel_l1_to_k1_ma100``;
     the sharpness step gets ``sharpness``, ``normalized_sharpness = lr * sharpness`` (in
     float64) and its ratio to ``threshold`` (a number, or ``Lane -> number``); the eval step gets ``eval`` (the problem's
-    ``eval_fn``, name to value); with the problem's ``step_metrics``, ``aux`` maps each name
+    ``eval_fn``, name to value), and with ``EngineConfig.track`` the sharpness step gets ``curvature``
+    (``trace``, ``trace_stderr``, ``ritz``, ``weights``: numbers or nested lists); with the problem's ``step_metrics``, ``aux`` maps each name
     to the step's value (a number, or a nested list for an array).
 
     Examples:
@@ -657,6 +683,8 @@ def metric_records(block: LogBlock, log_every: int, threshold: float | Callable[
                 rec.update(sharpness=lam, normalized_sharpness=ns, threshold_ratio=ns / lane_threshold(threshold, lane))
             if block.evals is not None and j == 0:
                 rec["eval"] = {name: np.asarray(v[li]).tolist() for name, v in block.evals.items()}
+            if block.curvature is not None and j == 0:
+                rec["curvature"] = {name: np.asarray(v[li]).tolist() for name, v in block.curvature.items()}
             if block.aux:
                 rec["aux"] = {name: np.asarray(v[li, j]).tolist() for name, v in block.aux.items()}
             out.append(rec)
@@ -700,6 +728,22 @@ def _add_time(timing: dict[str, Any], program: str, dt: float) -> None:
         timing["train_s" if program == "chunk" else "sharpness_s"] += dt
 
 
+def _curvature_at(
+    plan: Plan, gi: GroupInputs, state: TrainState, timing: dict[str, Any]
+) -> tuple[TrainState, np.ndarray, dict[str, np.ndarray] | None]:
+    """The sharpness of every lane of a group (warm-started: the state keeps the eigenvector) and, with ``config.track``, its trace / density."""
+    t0 = time.perf_counter()
+    state, lam = plan.sharp_fn(state, gi.hp, plan.sharp_data)
+    sharp = np.asarray(to_host(lam))
+    _add_time(timing, "sharpness", time.perf_counter() - t0)
+    if plan.curv_fn is None:
+        return state, sharp, None
+    t0 = time.perf_counter()
+    curv = {name: np.asarray(v) for name, v in to_host(plan.curv_fn(state, gi.hp, plan.sharp_data)).items()}
+    timing["curvature_s"] = timing.get("curvature_s", 0.0) + time.perf_counter() - t0
+    return state, sharp, curv
+
+
 def _chunk_end(plan: Plan, s: int, total: int) -> int:
     """The boundary that ends the chunk starting at ``s``: the next chunk, checkpoint, eval or sharpness step."""
     cfg = plan.config
@@ -718,6 +762,7 @@ def _final_block(
     pending_sharp: np.ndarray | None,
     pending_eval: dict[str, np.ndarray] | None,
     emit: Callable[[LogBlock], None],
+    pending_curv: dict[str, np.ndarray] | None = None,
 ) -> tuple[TrainState, dict[str, np.ndarray]]:
     """Emits the last line of group ``g`` (the loss at the final parameters) and returns its end state and statistics."""
     fl, ff, frel, fma, fstats, faux = to_host(plan.final_fn(state, gi.hp, plan.data, gi.twin))
@@ -734,6 +779,7 @@ def _final_block(
             force=True,
             aux={name: np.asarray(v)[:, None] for name, v in faux.items()},
             evals=pending_eval,
+            curvature=pending_curv,
         )
     )
     return state, {k: np.asarray(v) for k, v in fstats.items()}
@@ -787,6 +833,7 @@ def run_group(
     s = start
     last_sharp: float | None = None
     pending_sharp: np.ndarray | None = None
+    pending_curv: dict[str, np.ndarray] | None = None
     pending_eval: dict[str, np.ndarray] | None = None
     while True:
         # 0. with a stopping rule, the group ends at the first boundary where every lane has stopped or
@@ -800,12 +847,9 @@ def run_group(
             t0 = time.perf_counter()
             save(g, s, state)
             timing["checkpoint_s"] += time.perf_counter() - t0
-        # 2. sharpness at s.
+        # 2. sharpness (and the tracked trace / density) at s.
         if cfg.sharpness_every and (sharpness_due(s, cfg.sharpness_every, cfg.sharpness_alternate) or s == total):
-            t0 = time.perf_counter()
-            state, lam = plan.sharp_fn(state, gi.hp, plan.sharp_data)
-            pending_sharp = np.asarray(to_host(lam))
-            _add_time(timing, "sharpness", time.perf_counter() - t0)
+            state, pending_sharp, pending_curv = _curvature_at(plan, gi, state, timing)
             last_sharp = float(pending_sharp[0])
         # 3. evaluation at s.
         if plan.test_fn is not None and (s == total or s % (cfg.eval_every or total) == 0):
@@ -813,7 +857,7 @@ def run_group(
             pending_eval = {name: np.asarray(v) for name, v in to_host(plan.test_fn(state, plan.eval_data)).items()}
             timing["eval_s"] += time.perf_counter() - t0
         if s == total:
-            return _final_block(plan, g, gi, s, state, pending_sharp, pending_eval, emit)
+            return _final_block(plan, g, gi, s, state, pending_sharp, pending_eval, emit, pending_curv)
         # 4. one chunk.
         nxt = _chunk_end(plan, s, total)
         t0 = time.perf_counter()
@@ -833,10 +877,10 @@ def run_group(
                 np.asarray(met["rel_l1_ma"]),
                 aux={name: np.asarray(v) for name, v in met.get("aux", {}).items()},
                 evals=pending_eval,
+                curvature=pending_curv,
             )
         )
-        pending_sharp = None
-        pending_eval = None
+        pending_sharp = pending_curv = pending_eval = None
         s = nxt
         if after_chunk is not None:
             after_chunk(g, s, state, float(losses[0, -1]), last_sharp)

@@ -82,6 +82,10 @@ class History:
       lane_groups: how the lanes were grouped (``width``, ``groups``, ``max_lanes``), and
         the memory ``estimate`` (:class:`~eos_jax.train.sizing.LaneEstimate` as a dict)
         when ``config.max_lanes`` was None and there was a width to choose; ``line`` says it in words.
+      curvature: ``config.track``'s values (``{}`` without it), NaN where not measured (they are
+        measured at the sharpness steps): ``trace`` and ``trace_stderr`` ``(lanes, T)``; ``ritz``
+        and ``weights`` ``(lanes, T, density_probes, density_steps)``, the nodes and Gauss weights
+        of stochastic Lanczos quadrature (:func:`eos_jax.hessian.density`).
 
     Examples:
       :func:`fit` builds it; a hand-made one of one lane and three logged steps reads the same way:
@@ -116,6 +120,7 @@ class History:
     evals: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     model_state: PyTree = dataclasses.field(default_factory=dict)
     lane_groups: dict[str, Any] = dataclasses.field(default_factory=dict)
+    curvature: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def fit(
@@ -257,6 +262,10 @@ def _series(blocks: list[LogBlock], num_lanes: int, log_every: int) -> dict[str,
         )
         for name, v in first.aux.items()
     }
+    curv_first = next((b.curvature for b in blocks if b.curvature is not None), {})
+    curvature = {
+        name: np.full((num_lanes, len(steps), *v.shape[1:]), np.nan, v.dtype) for name, v in curv_first.items()
+    }
     eval_names = sorted({name for b in blocks if b.evals is not None for name in b.evals})
     evals = {name: np.full((num_lanes, len(steps)), np.nan, np.float64) for name in eval_names}
     for b, js in cols:
@@ -266,6 +275,8 @@ def _series(blocks: list[LogBlock], num_lanes: int, log_every: int) -> dict[str,
             if b.evals is not None:
                 for name, v in b.evals.items():
                     evals[name][lane_index, pos[b.start]] = v[li]
+            for name, v in (b.curvature or {}).items():
+                curvature[name][lane_index, pos[b.start]] = v[li]
             out["loss"][lane_index, ts] = b.loss[li, js]
             for name, v in b.aux.items():
                 aux[name][lane_index, ts] = v[li, js]
@@ -279,4 +290,4 @@ def _series(blocks: list[LogBlock], num_lanes: int, log_every: int) -> dict[str,
                 out["normalized_sharpness"][lane_index, t0] = normalized_sharpness(
                     gi.lanes[li].learning_rate, b.sharpness[li]
                 )
-    return {"step": steps, **out, "aux": aux, "evals": evals}
+    return {"step": steps, **out, "aux": aux, "evals": evals, "curvature": curvature}

@@ -12,6 +12,8 @@ Randomness is a pure function of the lane's seed and initialization seed. The ke
     key(0) -> seed      -> 1: data key      TrainState.key
                                 -> STREAM_BATCH_ORDER (0) -> epoch e: permutation of epoch e
                                 -> STREAM_SHARPNESS (1)   -> step t:  eigensolver key at step t
+                                -> STREAM_AUGMENT (2)     -> step t:  augmentation key at step t
+                                -> STREAM_CURVATURE (3)   -> step t:  trace / density probes at step t
                         -> 2: eigenvector key   first guess of TrainState.eigvec
 
 ``init_seed`` defaults to ``seed`` (``Lane.init_seed=None``), which is the tree of every run
@@ -47,6 +49,7 @@ _MAX_SEED = 2**31 - 1
 STREAM_BATCH_ORDER = 0  # fold_in tag of the data key's batch-order stream (one key per epoch)
 STREAM_SHARPNESS = 1  # fold_in tag of the data key's eigensolver stream (one key per step)
 STREAM_AUGMENT = 2  # fold_in tag of the data key's augmentation stream (one key per step)
+STREAM_CURVATURE = 3  # fold_in tag of the data key's trace / density probe stream (one key per step)
 
 
 def batch_order_key(key_data: jax.Array) -> jax.Array:
@@ -85,6 +88,18 @@ def augment_key(key_data: jax.Array, step: jax.Array | int) -> jax.Array:
       True
     """
     return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key_data), STREAM_AUGMENT), step)
+
+
+def curvature_key(key_data: jax.Array, step: jax.Array | int) -> jax.Array:
+    """The probe key of a lane's tracked trace and density at ``step``: ``fold_in(fold_in(data key, STREAM_CURVATURE), step)``.
+
+    Examples:
+      >>> import jax
+      >>> kd = jax.random.key_data(jax.random.key(1))
+      >>> bool((jax.random.key_data(curvature_key(kd, 3)) != jax.random.key_data(sharpness_key(kd, 3))).any())
+      True
+    """
+    return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key_data), STREAM_CURVATURE), step)
 
 
 # ----------------------------------------------------------------------------- lanes

@@ -384,6 +384,10 @@ def summarize_run(
             if evals:
                 last = max(evals, key=lambda r: r["step"])
                 rec["final_eval"] = {"step": last["step"], **last["eval"]}
+            curv = sorted((r for r in by_lane.get(lane_index, []) if "curvature" in r), key=lambda r: r["step"])
+            if curv:  # EngineConfig.track's series, at the sharpness steps
+                rec["curvature"] = {"step": [r["step"] for r in curv]}
+                rec["curvature"].update({name: [r["curvature"][name] for r in curv] for name in curv[0]["curvature"]})
             final_params[lane_index] = one.params
             lane_records.append(rec)
     lane_records.sort(key=lambda r: r["lane"])

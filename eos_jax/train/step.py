@@ -30,6 +30,7 @@ from eos_jax.train.state import (
     augment_key,
     batch_order_key,
     check_hparams,
+    curvature_key,
     sharpness_key,
 )
 from eos_jax.train.stats import push_rel, rel_l1_layers_to_twin, rel_l1_to_twin, update_loss_stats
@@ -477,6 +478,62 @@ def make_sharpness_fn(
         ok = all_finite(vec)
         vec = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a.astype(b.dtype), b), vec, state.eigvec)
         return state._replace(eigvec=vec), val
+
+    return jax.jit(lane_map(one, lane_batch))
+
+
+def make_curvature_fn(
+    problem: Problem,
+    track: tuple[str, ...],
+    *,
+    trace_probes: int = 8,
+    density_probes: int = 1,
+    density_steps: int = 20,
+    lane_batch: int | None = None,
+) -> Callable[[TrainState, HParams, Batch], dict[str, jax.Array]]:
+    """Jitted, lane-vmapped ``(states, hparams, batch) -> {name: (lanes, ...)}``: the tracked trace and density.
+
+    Of the same objective as the sharpness (:func:`objective_fn`), with probes from
+    :func:`~eos_jax.train.state.curvature_key` of the lane's data key and step (pure: a resumed
+    run draws the same probes). ``"trace"`` gives ``trace`` and ``trace_stderr`` (Hutchinson,
+    :func:`eos_jax.hessian.trace`); ``"density"`` gives ``ritz`` and ``weights``
+    ``(lanes, density_probes, density_steps)``: stochastic Lanczos quadrature's nodes and Gauss
+    weights per probe (:func:`eos_jax.hessian.density`), from which any smoothed density is drawn.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from eos_jax import optim, train as tr
+      >>> def loss(p, b):  # 0.5 w^T diag(h) w: Hessian diag(1, 4), trace 5
+      ...     return jnp.float32(0.5) * jnp.sum(b["h"][0] * p["w"] ** 2)
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
+      >>> hp = tr.stack_hparams(tr.make_lanes([0.25, 0.5]), jnp.float32)
+      >>> states = jax.jit(jax.vmap(lambda h: tr.init_state(problem, h)))(hp)
+      >>> out = make_curvature_fn(problem, ("trace", "density"), density_steps=2)(states, hp, problem.data)
+      >>> out["trace"].tolist(), out["trace_stderr"].tolist()  # exact for a diagonal Hessian
+      ([5.0, 5.0], [0.0, 0.0])
+      >>> np.round(np.sort(out["ritz"][0, 0]), 4).tolist(), out["weights"].shape
+      ([1.0, 4.0], (2, 1, 2))
+    """
+
+    def one(state: TrainState, hp: HParams, batch: Batch) -> dict[str, jax.Array]:
+        key = curvature_key(state.key, state.step)
+        objective = objective_fn(problem, hp, state.model_state)
+        out: dict[str, jax.Array] = {}
+        if "trace" in track:
+            t = hessian.trace(objective, state.params, batch, jax.random.fold_in(key, 0), num_probes=trace_probes)
+            out.update(trace=t.estimate, trace_stderr=t.stderr)
+        if "density" in track:
+            d = hessian.density(
+                objective,
+                state.params,
+                batch,
+                jax.random.fold_in(key, 1),
+                num_probes=density_probes,
+                num_steps=density_steps,
+            )
+            out.update(ritz=d.ritz_values, weights=d.weights)
+        return out
 
     return jax.jit(lane_map(one, lane_batch))
 
