@@ -4,7 +4,9 @@ Everything is drawn from the lines of ``metrics.jsonl`` (so a plot can be redraw
 from a finished or interrupted run) on :class:`matplotlib.figure.Figure` objects (no
 pyplot state, no GUI backend), and saved atomically with :func:`eos_jax.io.save_figure`.
 When perturbed lanes (k != 1) were compared with their k=1 twin, a third panel shows
-RelL1 over the run: raw (thin) and its 100-step moving average (thick).
+RelL1 over the run: raw (thin) and its 100-step moving average (thick). With the trace and
+the eigenvalue density tracked (``EngineConfig.track``), a second row shows the trace and the
+density against the step (:func:`draw_density`, :func:`density_grid`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,34 @@ def _lane_label(r: dict[str, Any], varying: Sequence[str]) -> str:
     return ", ".join(parts) if parts else f"lane {r['lane']}"
 
 
+def _curvature_row(
+    axes: Sequence[Any], by_lane: dict[int, list[dict[str, Any]]], labels: dict[int, str], threshold: float
+) -> None:
+    """The tracked trace (``axes[0]``, drawn per lane already) and the eigenvalue density of the first lane
+    with one (``axes[1]``); with a third axis, the density of the other lane that spent the most sharpness
+    samples at or over the threshold (then: the highest peak)."""
+    ax_t = axes[0]
+    ax_t.set_xlabel("step")
+    ax_t.set_ylabel("trace of the Hessian")
+    ax_t.set_title("Hessian trace (Hutchinson; band: 2 standard errors)")
+    ax_t.grid(alpha=0.3)
+    if ax_t.lines:
+        ax_t.legend(fontsize=7)
+    with_density = [i for i in by_lane if any("ritz" in r.get("curvature", {}) for r in by_lane[i])]
+    shown = with_density[:1]
+
+    def at_edge(i: int) -> tuple[int, float]:  # samples at or over the threshold, then the peak
+        ns = [r["normalized_sharpness"] for r in by_lane[i] if r.get("normalized_sharpness") is not None]
+        return sum(v >= threshold for v in ns), max(ns, default=0.0)
+
+    if len(axes) > 2 and len(with_density) > 1:
+        shown.append(max(with_density[1:], key=at_edge))
+    for ax, i in zip(axes[1:], shown):
+        draw_density(ax, sorted(by_lane[i], key=lambda r: r["step"]), threshold=threshold, label=labels[i])
+    for ax in axes[1 + len(shown) :]:
+        ax.set_visible(False)
+
+
 def plot_run(
     lines: Sequence[dict[str, Any]],
     path: str | os.PathLike,
@@ -68,7 +98,10 @@ def plot_run(
 ) -> None:
     """Two panels, loss (log scale) and normalized sharpness ``lr * lambda_max`` against steps.
 
-    Lanes that differ only in ``k`` share a colour; perturbed lanes (k != 1) are dashed.
+    Lanes that differ only in ``k`` share a colour; perturbed lanes (k != 1) are dashed. With
+    tracked curvature (lines with ``curvature``: ``EngineConfig.track``) a second row shows the
+    Hessian's trace per lane and the eigenvalue density over the steps of the first lane (and,
+    beside it, of the lane most often at the edge), ``threshold / lr`` marked.
 
     Args:
       lines: metrics records (``lane``, ``step``, ``loss``, optional ``normalized_sharpness``
@@ -101,10 +134,13 @@ def plot_run(
     lanes = sorted(by_lane)[:max_lanes]
     varying = _varying(by_lane)
     has_rel = any("rel_l1_to_k1" in r for r in lines)
-    fig = Figure(figsize=(16.5 if has_rel else 11, 4))
-    axes = fig.subplots(1, 3 if has_rel else 2)
+    has_curv = any("curvature" in r for r in lines)
+    fig = Figure(figsize=(16.5 if has_rel else 11, 8 if has_curv else 4))
+    grid_axes = fig.subplots(2 if has_curv else 1, 3 if has_rel else 2, squeeze=False)
+    axes = grid_axes[0]
     ax_l, ax_s = axes[0], axes[1]
     colours: dict[tuple, Any] = {}
+    labels: dict[int, str] = {}
     for i in lanes:
         rs = sorted(by_lane[i], key=lambda r: r["step"])
         label = _lane_label(rs[0], varying)
@@ -139,6 +175,12 @@ def plot_run(
             )
         if has_rel:
             draw_rel_l1(axes[2], rs, color=line.get_color(), label=label)
+        if has_curv:
+            draw_trace(grid_axes[1][0], rs, color=line.get_color(), label=label, ls="--" if perturbed else "-")
+        labels[i] = label
+    if has_curv:
+        thr = [float(t) for t in (threshold if isinstance(threshold, Sequence) else [threshold])]
+        _curvature_row(grid_axes[1], {i: by_lane[i] for i in lanes}, labels, max(thr))
     if has_rel:
         finish_rel_l1_axis(axes[2], lines)
     if constant_loss is not None:
@@ -204,6 +246,100 @@ def finish_rel_l1_axis(ax: Any, lines: Sequence[dict[str, Any]]) -> None:
     ax.set_title("RelL1 vs k=1 (thin: raw, thick: 100-step mean)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+
+
+def density_grid(
+    series: Sequence[tuple[Sequence[Sequence[float]], Sequence[Sequence[float]]]], num_points: int = 200
+) -> tuple[Any, Any]:
+    """One eigenvalue grid for every step of a lane, and each step's smoothed density on it.
+
+    ``series``: per step, the Ritz values and Gauss weights of its probes (``(probes, m)`` each,
+    :func:`eos_jax.hessian.density`). The grid spans every step's Ritz values, padded by the
+    smoothing width ``sigma`` (1 % of their range); each step's density is the probes' mean of
+    ``sum_i w_i N(x; theta_i, sigma^2)``, so it integrates to 1 over the grid.
+
+    Returns:
+      ``(grid (num_points,), density (steps, num_points))``.
+
+    Examples:
+      >>> import numpy as np
+      >>> from eos_jax.plotting import density_grid
+      >>> grid, dens = density_grid([([[0.0, 1.0]], [[0.5, 0.5]]), ([[0.0, 2.0]], [[0.75, 0.25]])])
+      >>> dens.shape, [round(float(np.sum(d) * (grid[1] - grid[0])), 3) for d in dens]
+      ((2, 200), [1.0, 1.0])
+    """
+    import numpy as np
+
+    nodes = [np.asarray(t, np.float64) for t, _ in series]
+    lo = min(float(np.min(t)) for t in nodes)
+    hi = max(float(np.max(t)) for t in nodes)
+    sigma = 0.01 * max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
+    grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points)
+    out = np.zeros((len(series), num_points))
+    for i, (t, w) in enumerate(zip(nodes, (np.asarray(w, np.float64) for _, w in series))):
+        g = np.exp(-0.5 * ((grid[None, None, :] - t[..., None]) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
+        out[i] = np.mean(np.sum(w[..., None] * g, axis=1), axis=0)
+    return grid, out
+
+
+def draw_density(ax: Any, rs: Sequence[dict[str, Any]], *, threshold: float = 2.0, label: str = "") -> None:
+    """The eigenvalue density of one lane against the step (a heat map, log colour), ``threshold / lr`` marked.
+
+    ``rs``: the lane's metrics lines; those with ``curvature["ritz"]`` are drawn. The line at
+    ``threshold / lr`` (``2 / lr`` for gradient descent) is where ``lr * lambda`` reaches the edge.
+
+    Examples:
+      >>> from matplotlib.figure import Figure
+      >>> from eos_jax.plotting import draw_density
+      >>> ax = Figure().add_subplot()
+      >>> rs = [{"step": t, "learning_rate": 0.5, "curvature": {"ritz": [[0.0, 1.0 + t]], "weights": [[0.9, 0.1]]}}
+      ...       for t in (0, 10, 20)]
+      >>> draw_density(ax, rs)
+      >>> len(ax.collections), ax.get_ylabel()  # the heat map; the 2/lr line
+      (1, 'Hessian eigenvalue')
+    """
+    import numpy as np
+
+    pts = [(r["step"], r["curvature"]) for r in rs if "ritz" in r.get("curvature", {})]
+    if not pts:
+        return
+    grid, dens = density_grid([(c["ritz"], c["weights"]) for _, c in pts])
+    steps = np.array([p[0] for p in pts], np.float64)
+    floor = max(float(dens.max()) * 1e-6, 1e-300)
+    mesh = ax.pcolormesh(steps, grid, np.log10(np.maximum(dens, floor)).T, shading="nearest", cmap="magma")
+    ax.figure.colorbar(mesh, ax=ax, label="log10 density")
+    lr = float(rs[0]["learning_rate"])
+    if lr > 0:
+        ax.axhline(threshold / lr, color="c", ls="--", lw=1, label=f"{threshold:g}/lr = {threshold / lr:.4g}")
+        ax.legend(fontsize=7, loc="upper left")
+    ax.set_xlabel("step")
+    ax.set_ylabel("Hessian eigenvalue")
+    ax.set_title(f"eigenvalue density{': ' + label if label else ''} (SLQ)")
+
+
+def draw_trace(ax: Any, rs: Sequence[dict[str, Any]], *, color: Any = None, label: str = "", ls: str = "-") -> None:
+    """Hutchinson's trace of one lane's Hessian against the step, with a band of two standard errors.
+
+    Examples:
+      >>> from matplotlib.figure import Figure
+      >>> from eos_jax.plotting import draw_trace
+      >>> ax = Figure().add_subplot()
+      >>> draw_trace(ax, [{"step": t, "curvature": {"trace": 5.0 + t, "trace_stderr": 0.5}} for t in range(3)])
+      >>> len(ax.lines), len(ax.collections)
+      (1, 1)
+    """
+    pts = [
+        (r["step"], r["curvature"]["trace"], r["curvature"]["trace_stderr"])
+        for r in rs
+        if "trace" in r.get("curvature", {})
+    ]
+    if not pts:
+        return
+    x = [p[0] for p in pts]
+    (line,) = ax.plot(x, [p[1] for p in pts], lw=1, ls=ls, marker=".", ms=3, color=color, label=label)
+    lo = [p[1] - 2 * p[2] for p in pts]
+    hi = [p[1] + 2 * p[2] for p in pts]
+    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, lw=0)
 
 
 def plot_variants(

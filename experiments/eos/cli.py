@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from eos_jax import cli, distributed, runtime
 from eos_jax import train as tr
 from eos_jax.errors import EosJaxError
+from eos_jax.train.config import TRACKED
 from experiments.eos.config import EosConfig, default_config
 from experiments.eos.presets import run_preset
 from experiments.eos.runner import run
@@ -206,6 +207,23 @@ def _add_engine_flags(p: cli.ArgumentParser) -> None:
         help="eigensolver (default lanczos; power: cheaper to compile)",
     )
     p.add_argument(
+        "--track",
+        type=_track_arg,
+        default=None,
+        metavar="NAMES",
+        help="also measure, at every sharpness step, the Hessian's trace (Hutchinson) and/or eigenvalue density "
+        "(stochastic Lanczos quadrature): a comma-separated list of trace, density",
+    )
+    p.add_argument(
+        "--trace-probes", type=cli.positive_int, default=None, help="Rademacher probes of the trace (default 8)"
+    )
+    p.add_argument(
+        "--density-probes", type=cli.positive_int, default=None, help="random starts of the density (default 1)"
+    )
+    p.add_argument(
+        "--density-steps", type=cli.positive_int, default=None, help="Lanczos steps per density probe (default 20)"
+    )
+    p.add_argument(
         "--checkpoint-every",
         type=cli.nonnegative_int,
         default=None,
@@ -227,6 +245,17 @@ def _add_engine_flags(p: cli.ArgumentParser) -> None:
         "at once unless, on a CPU, that needs over 2 GiB of temporaries per call. A lane's bits depend on it; "
         "runs started before auto existed resume with all",
     )
+
+
+def _track_arg(text: str) -> tuple[str, ...]:
+    """``--track``: comma-separated names from :data:`eos_jax.train.config.TRACKED`, each once."""
+    names = tuple(t.strip() for t in text.split(","))
+    for t in names:
+        if t not in TRACKED:
+            raise argparse.ArgumentTypeError(f"{t!r} is not allowed; a comma-separated list of {', '.join(TRACKED)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} names one twice; a comma-separated list of {', '.join(TRACKED)}")
+    return names
 
 
 # EosConfig fields that a flag gives as a list (a sweep axis) and those a flag of 0 turns off.

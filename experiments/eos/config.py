@@ -123,6 +123,10 @@ class EosConfig:
         ``stop_step``) once its training loss falls below ``loss_goal`` or its training
         accuracy exceeds ``acc_goal``; the sweep ends when every lane has stopped, or at ``steps``.
       dtype: working float dtype of parameters and data.
+      track, trace_probes, density_probes, density_steps: the Hessian's trace and eigenvalue
+        density measured at every sharpness step (see :class:`eos_jax.train.EngineConfig`);
+        ``()`` (default): neither, and the four fields are left out of ``config.json`` (so the
+        configs and their hashes stay those of runs made before them).
     """
 
     model: str = "cnn"
@@ -159,6 +163,10 @@ class EosConfig:
     loss_goal: float | None = None
     acc_goal: float | None = None
     dtype: str = "float32"
+    track: tuple[str, ...] = ()
+    trace_probes: int = 8
+    density_probes: int = 1
+    density_steps: int = 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.momentum, tuple):  # a number (configs written before the axis)
@@ -170,6 +178,9 @@ class EosConfig:
         d = eio.to_jsonable(dataclasses.asdict(self))
         if len(self.momentum) == 1:  # one value is a number, as before the axis (same config hash)
             d["momentum"] = self.momentum[0]
+        if not self.track:  # untracked: the config (and its hash) of runs made before tracking
+            for name in ("track", "trace_probes", "density_probes", "density_steps"):
+                d.pop(name)
         return d
 
     def hyper_axes(self) -> dict[str, list[float]]:
@@ -207,7 +218,17 @@ class EosConfig:
             raise ConfigError(f"--conv-impl {self.conv_impl!r} is not allowed; choose from auto, lax, shifted, fft")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"--dtype {self.dtype!r} is not allowed; choose from float32, float64")
-        for name in ("layers", "width", "steps", "sharpness_iters", "chunk_steps", "log_every"):
+        for name in (
+            "layers",
+            "width",
+            "steps",
+            "sharpness_iters",
+            "chunk_steps",
+            "log_every",
+            "trace_probes",
+            "density_probes",
+            "density_steps",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
@@ -234,6 +255,13 @@ class EosConfig:
         for d in self.dataset:
             if d not in edata.NAMES:
                 raise ConfigError(f"--dataset {d!r} is not allowed; choose from {', '.join(edata.NAMES)}")
+        for t in self.track:
+            if t not in tr.config.TRACKED:
+                raise ConfigError(f"--track {t!r} is not allowed; choose from {', '.join(tr.config.TRACKED)}")
+        if self.track and not self.sharpness_every:
+            raise ConfigError(
+                f"--track {','.join(self.track)} needs --sharpness-every >= 1 (it is measured at those steps)"
+            )
         self.lanes()
         self.engine_config().validate()
 
@@ -256,6 +284,10 @@ class EosConfig:
             loss_goal=self.loss_goal,
             acc_goal=self.acc_goal,
             auto_lane_cap=AUTO_LANE_CAP,
+            track=tuple(self.track),
+            trace_probes=self.trace_probes,
+            density_probes=self.density_probes,
+            density_steps=self.density_steps,
         )
 
     def short_hash(self) -> str:
