@@ -205,7 +205,7 @@ class EngineConfig:
         quadrature, :func:`eos_jax.hessian.density`: Ritz values and Gauss weights per probe,
         from which the eigenvalue density is drawn). Probes come from
         :func:`~eos_jax.train.state.curvature_key` of the lane's data key and step. ``()``: neither.
-      trace_probes: Rademacher probes of the trace (one Hessian-vector product each).
+      trace_probes: Rademacher probes of the trace (one Hessian-vector product each; at least 2).
       density_probes: random starts of the density (``density_steps`` products each).
       density_steps: Lanczos steps per density probe (the Ritz values per probe).
 
@@ -300,6 +300,10 @@ class EngineConfig:
         if bad:
             raise ConfigError(
                 f"track={self.track!r} is not allowed; expected a tuple of names from {', '.join(TRACKED)}"
+            )
+        if "trace" in self.track and self.trace_probes < 2:
+            raise ConfigError(
+                f"trace_probes={self.trace_probes} is not allowed; expected >= 2 (a standard error needs two)"
             )
         if self.track and not self.sharpness_every:
             raise ConfigError(
