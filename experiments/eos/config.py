@@ -258,6 +258,8 @@ class EosConfig:
         for t in self.track:
             if t not in tr.config.TRACKED:
                 raise ConfigError(f"--track {t!r} is not allowed; choose from {', '.join(tr.config.TRACKED)}")
+        if "trace" in self.track and self.trace_probes < 2:
+            raise ConfigError(f"--trace-probes {self.trace_probes} is not allowed; expected an integer >= 2")
         if self.track and not self.sharpness_every:
             raise ConfigError(
                 f"--track {','.join(self.track)} needs --sharpness-every >= 1 (it is measured at those steps)"
