@@ -327,6 +327,7 @@ def test_sigint_checkpoints_exits_130_and_resume_matches_uninterrupted(tmp_path,
     from eos_jax import progress
 
     argv = ["--layers", "1", "--lr", "2", *SMALL, "--steps", "12", "--checkpoint-every", "0", "--chunk-steps", "4"]
+    argv += ["--track", "trace,density", "--trace-probes", "2", "--density-steps", "3"]  # their probes resume too
     code, _, err = _run([*argv, "--out", str(tmp_path / "ref")], capsys)
     assert code == 0, err
     calls = []
@@ -347,6 +348,7 @@ def test_sigint_checkpoints_exits_130_and_resume_matches_uninterrupted(tmp_path,
     got, ref = (json.loads((tmp_path / d / "results.json").read_text())["lanes"] for d in ("run", "ref"))
     assert [l["params_digest"] for l in got] == [l["params_digest"] for l in ref]
     assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == (tmp_path / "ref" / "metrics.jsonl").read_bytes()
+    assert b'"curvature"' in (tmp_path / "run" / "metrics.jsonl").read_bytes()
 
 
 def test_standardize_flag_reaches_the_config():
