@@ -23,6 +23,11 @@ from jax.flatten_util import ravel_pytree
 from eos_jax import hessian as hs
 from eos_jax.errors import ConfigError
 
+# The tests that compare with dense references up to a tolerance compile with LLVM's backend
+# optimizations off: half the compile time, which is most of their time (XLA's own passes, which
+# decide the arithmetic, are unchanged). Bitwise comparisons keep the default compilation.
+jit0 = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
 # ------------------------------------------------------------------------------------------------
 # Tiny models, losses and dense references.
 
@@ -134,13 +139,13 @@ def test_hvp_matches_dense_hessian_and_finite_differences():
     v = mlp_params(jax.random.fold_in(key, 2), jnp.float64)
     h, unravel = dense_hessian(mlp_loss, p, batch)
     dense_hv = unravel(jnp.asarray(h @ np.asarray(ravel_pytree(v)[0])))
-    plain = jax.jit(functools.partial(hs.hvp, mlp_loss))(p, batch, v)
-    lin = jax.jit(lambda p, b, v: hs.linearized_hvp(mlp_loss, p, b)(v))(p, batch, v)
+    plain = jit0(functools.partial(hs.hvp, mlp_loss))(p, batch, v)
+    lin = jit0(lambda p, b, v: hs.linearized_hvp(mlp_loss, p, b)(v))(p, batch, v)
     assert rel_tree(plain, dense_hv) < 1e-12
     assert rel_tree(lin, dense_hv) < 1e-12
     # Central differences of the gradient: truncation O(eps^2), rounding O(1e-16 / eps).
     eps = 1e-5
-    g = jax.jit(jax.grad(mlp_loss))
+    g = jit0(jax.grad(mlp_loss))
     shift = lambda s: jax.tree_util.tree_map(lambda a, b: a + s * b, p, v)  # noqa: E731
     fd = jax.tree_util.tree_map(lambda a, b: (a - b) / (2 * eps), g(shift(eps), batch), g(shift(-eps), batch))
     assert rel_tree(fd, plain) < 1e-8
@@ -178,7 +183,7 @@ def test_top_eigenvalue_matches_dense(model, dtype, method):
     n = h.shape[0]
     tol = 1e-9 if dtype == jnp.float64 else 1e-5
     num_iters = n if method == "lanczos" else 3000
-    res = jax.jit(lambda p, b: hs.top_eigenvalue(loss_fn, p, b, method=method, num_iters=num_iters, tol=tol))(p, batch)
+    res = jit0(lambda p, b: hs.top_eigenvalue(loss_fn, p, b, method=method, num_iters=num_iters, tol=tol))(p, batch)
     bound = 1e-8 if dtype == jnp.float64 else 1e-4
     assert rel(res.eigenvalue, evals[-1]) < bound, (float(res.eigenvalue), evals[-1], evals[0])
     assert res.eigenvector["l1" if model == "mlp" else "conv1"]["b"].dtype == dtype
@@ -204,7 +209,7 @@ def test_dominant_negative_eigenvalue_gives_largest_algebraic():
         ("power", dict(num_iters=800, tol=1e-9)),
         ("lanczos", dict(num_iters=7, tol=1e-10)),
     ):
-        res = jax.jit(functools.partial(hs.top_eigenvalue, quad_loss, method=method, **kw))(p, a)
+        res = jit0(functools.partial(hs.top_eigenvalue, quad_loss, method=method, **kw))(p, a)
         assert rel(res.eigenvalue, 5.0) < 1e-8, (method, kw, float(res.eigenvalue))
         assert bool(res.converged), (method, kw)
 
@@ -216,7 +221,7 @@ def test_power_budget_never_returns_the_bottom_eigenvalue_as_top():
     capped, tolerance mode spent all of them there and returned ~-10 as the "top" eigenvalue.
     """
     a, p, _ = quad_problem([-10.0, -9.95, 1.0, 2.0, 5.0])
-    solve = lambda n, tol: jax.jit(  # noqa: E731
+    solve = lambda n, tol: jit0(  # noqa: E731
         functools.partial(hs.top_eigenvalue, quad_loss, method="power", num_iters=n, tol=tol)
     )(p, a)
     short = solve(40, 1e-10)  # phase 2 (shifted, ratio 12/15) gets 20 products: close, not converged
@@ -237,13 +242,13 @@ def test_repeated_top_eigenvalue():
     a, p, q = quad_problem(eigs, seed=1)
     top_space = q[:, :3]
     for method in ("lanczos", "power"):
-        res = jax.jit(functools.partial(hs.top_eigenvalue, quad_loss, method=method, num_iters=200, tol=1e-10))(p, a)
+        res = jit0(functools.partial(hs.top_eigenvalue, quad_loss, method=method, num_iters=200, tol=1e-10))(p, a)
         assert rel(res.eigenvalue, 3.0) < 1e-10
         vec = np.asarray(res.eigenvector["x"])
         assert abs(np.linalg.norm(top_space.T @ vec) - 1) < 1e-8  # lies in the 3-dim eigenspace
         assert bool(res.converged)
     # With as many steps as parameters, breakdowns restart Lanczos and the multiplicity is found.
-    res = jax.jit(lambda p, a: hs.top_eigenvalues(quad_loss, p, a, 4, num_iters=8))(p, a)
+    res = jit0(lambda p, a: hs.top_eigenvalues(quad_loss, p, a, 4, num_iters=8))(p, a)
     np.testing.assert_allclose(np.asarray(res.eigenvalue), [3.0, 3.0, 3.0, 1.0], rtol=1e-10)
     vecs = np.asarray(res.eigenvector["x"])
     np.testing.assert_allclose(vecs @ vecs.T, np.eye(4), atol=1e-10)
@@ -256,7 +261,7 @@ def test_top_eigenvalues_match_dense_spectrum():
     batch = mlp_batch(jax.random.fold_in(key, 1), jnp.float64)
     h, _ = dense_hessian(mlp_loss, p, batch)
     evals = np.linalg.eigvalsh(h)[::-1]
-    res = jax.jit(lambda p, b: hs.top_eigenvalues(mlp_loss, p, b, 3, num_iters=h.shape[0], tol=1e-10))(p, batch)
+    res = jit0(lambda p, b: hs.top_eigenvalues(mlp_loss, p, b, 3, num_iters=h.shape[0], tol=1e-10))(p, batch)
     np.testing.assert_allclose(np.asarray(res.eigenvalue), evals[:3], rtol=1e-8)
     assert int(res.num_hvps) < h.shape[0]  # stopped by the tolerance before exhausting the space
 
@@ -299,8 +304,8 @@ def test_vmap_over_params_equals_separate_calls():
     keys = jax.random.split(jax.random.key(4), 4)
     for method in ("lanczos", "power"):
         f = functools.partial(_eig_with_key, method=method)
-        lanes = jax.jit(jax.vmap(f, in_axes=(0, None, 0)))(ps, batch, keys)
-        single = jax.jit(f)
+        lanes = jit0(jax.vmap(f, in_axes=(0, None, 0)))(ps, batch, keys)
+        single = jit0(f)
         for i in range(4):
             one = single(jax.tree_util.tree_map(lambda a: a[i], ps), batch, keys[i])
             assert rel(lanes.eigenvalue[i], one.eigenvalue) < 1e-10, method
@@ -319,7 +324,7 @@ def test_layer_sharpness_equals_dense_diagonal_blocks():
     batch = mlp_batch(jax.random.fold_in(key, 1), jnp.float64)
     h, _ = dense_hessian(mlp_loss, p, batch)
     sizes = {name: sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(p[name])) for name in ("l1", "l2")}
-    out = jax.jit(functools.partial(hs.layer_sharpness, mlp_loss, num_iters=60, tol=1e-10))(p, batch)
+    out = jit0(functools.partial(hs.layer_sharpness, mlp_loss, num_iters=60, tol=1e-10))(p, batch)
     assert list(out) == ["['l1']", "['l2']"]
     start = 0
     for name in ("l1", "l2"):
@@ -348,7 +353,7 @@ def test_adam_preconditioner_matches_optax_update_and_dense_eigenvalue():
     h, _ = dense_hessian(mlp_loss, p, batch)
     pflat = np.asarray(ravel_pytree(precond)[0])
     ref = np.max(np.linalg.eigvals(h / pflat[:, None]).real)
-    res = jax.jit(functools.partial(hs.preconditioned_top_eigenvalue, mlp_loss, num_iters=h.shape[0], tol=1e-10))(
+    res = jit0(functools.partial(hs.preconditioned_top_eigenvalue, mlp_loss, num_iters=h.shape[0], tol=1e-10))(
         p, batch, precond
     )
     assert rel(res.eigenvalue, ref) < 1e-8
