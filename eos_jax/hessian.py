@@ -369,6 +369,37 @@ def _flat_dtype(params: PyTree):
     return dtypes.pop()
 
 
+def _on_hessian(fn, loss3, params: PyTree, aux: PyTree, batch: PyTree, extra: PyTree, chunk_size, mesh, linearize):
+    """``fn(op, flat_params, unravel, extra)`` with ``op: (n,) -> (n,)`` the raveled Hessian of ``loss3(params, aux, batch)`` in params.
+
+    On one device ``op`` is :func:`make_hvp`'s; with ``mesh`` the whole of ``fn`` runs inside
+    ``jax.shard_map`` with the batch sharded and params, ``aux`` and ``extra`` (start vectors,
+    keys) replicated, each product the mean of the shards' (one all-reduce, :func:`_sharded_op`),
+    and the result is replicated. ``aux`` is an undifferentiated argument of the loss, passed
+    rather than closed over.
+    """
+    if mesh is not None:
+        axis, n_dev = _mesh_axis(mesh)
+        _check_divisible(batch, n_dev)
+
+    def solve(p, a, b, extra_):
+        loss = lambda pp, bb: loss3(pp, a, bb)  # noqa: E731
+        if mesh is None:
+            tree_op = make_hvp(loss, p, b, chunk_size=chunk_size, linearize=linearize)
+        else:
+            tree_op = _sharded_op(loss, p, b, n_dev, chunk_size, linearize)
+        flat_p, unravel = ravel_pytree(p)
+        op = lambda x: ravel_pytree(tree_op(unravel(x)))[0]  # noqa: E731
+        return fn(op, flat_p, unravel, extra_)
+
+    if mesh is None:
+        return solve(params, aux, batch, extra)
+    rep = PartitionSpec()
+    return jax.shard_map(solve, mesh=mesh, in_specs=(rep, rep, PartitionSpec(axis), rep), out_specs=rep)(
+        params, aux, batch, extra
+    )
+
+
 def _eig(
     loss3: Callable[[PyTree, PyTree, PyTree], jax.Array],
     params: PyTree,
@@ -385,25 +416,17 @@ def _eig(
     mesh: Mesh | None,
     linearize: bool,
 ) -> EigResult:
-    """Shared driver: Hessian of ``loss3(params, aux, batch)`` in ``params``; ``aux`` is a replicated,
-    undifferentiated argument (so nothing is closed over); one device or the whole solver in shard_map.
+    """The eigensolvers' driver: Hessian of ``loss3(params, aux, batch)`` in ``params``; ``aux`` is a replicated,
+    undifferentiated argument (so nothing is closed over); one device or the whole solver in shard_map
+    (:func:`_on_hessian`, which :func:`trace` and :func:`density` run on too).
     """
     _check_solver_args(method, num_iters, tol)
     dtype = _flat_dtype(params)
     if key is None:
         key = jax.random.key(0)  # a fixed default start; pass a key (or v0) to choose another
-    if mesh is not None:
-        axis, n_dev = _mesh_axis(mesh)
-        _check_divisible(batch, n_dev)
 
-    def solve(p, a, b, v0_, key_):
-        loss = lambda pp, bb: loss3(pp, a, bb)  # noqa: E731
-        if mesh is None:
-            tree_op = make_hvp(loss, p, b, chunk_size=chunk_size, linearize=linearize)
-        else:
-            tree_op = _sharded_op(loss, p, b, n_dev, chunk_size, linearize)
-        flat_p, unravel = ravel_pytree(p)
-        op = lambda x: ravel_pytree(tree_op(unravel(x)))[0]  # noqa: E731
+    def solve(op, flat_p, unravel, start):
+        v0_, key_ = start
         v0_flat = None if v0_ is None else ravel_pytree(v0_)[0]
         v_init = start_vector(v0_flat, jax.random.fold_in(key_, 0), flat_p.shape[0], dtype)
         rtol = FIXED_MODE_TOL if tol is None else tol
@@ -416,12 +439,7 @@ def _eig(
             return EigResult(theta[0], unravel(vecs[0]), n_hvp, res[0], conv[0])
         return EigResult(theta, jax.vmap(unravel)(vecs), n_hvp, res, conv)
 
-    if mesh is None:
-        return solve(params, aux, batch, v0, key)
-    rep = PartitionSpec()
-    return jax.shard_map(solve, mesh=mesh, in_specs=(rep, rep, PartitionSpec(axis), rep, rep), out_specs=rep)(
-        params, aux, batch, v0, key
-    )
+    return _on_hessian(solve, loss3, params, aux, batch, (v0, key), chunk_size, mesh, linearize)
 
 
 def top_eigenvalue(
@@ -635,30 +653,19 @@ def _check_count(name: str, value: Any, allow_none: bool = False) -> None:
 
 
 def _flat_run(fn, loss_fn: LossFn, params: PyTree, batch: PyTree, key: jax.Array, chunk_size, mesh, linearize):
-    """``fn(op, n, dtype, key)`` on the raveled Hessian ``op: (n,) -> (n,)``, as :func:`_eig` runs a solver.
-
-    On one device ``op`` is :func:`make_hvp`'s; with ``mesh`` the whole of ``fn`` runs inside
-    ``jax.shard_map`` with the batch sharded and params and key replicated, each product the mean of
-    the shards' (one all-reduce, :func:`_sharded_op`), and the result is replicated.
-    """
+    """``fn(op, n, dtype, key)`` on the raveled Hessian ``op: (n,) -> (n,)`` (:func:`_on_hessian`, as :func:`_eig` runs a solver)."""
     dtype = _flat_dtype(params)
-    if mesh is not None:
-        axis, n_dev = _mesh_axis(mesh)
-        _check_divisible(batch, n_dev)
-
-    def solve(p, b, key_):
-        if mesh is None:
-            tree_op = make_hvp(loss_fn, p, b, chunk_size=chunk_size, linearize=linearize)
-        else:
-            tree_op = _sharded_op(loss_fn, p, b, n_dev, chunk_size, linearize)
-        flat_p, unravel = ravel_pytree(p)
-        op = lambda x: ravel_pytree(tree_op(unravel(x)))[0]  # noqa: E731
-        return fn(op, flat_p.shape[0], dtype, key_)
-
-    if mesh is None:
-        return solve(params, batch, key)
-    rep = PartitionSpec()
-    return jax.shard_map(solve, mesh=mesh, in_specs=(rep, PartitionSpec(axis), rep), out_specs=rep)(params, batch, key)
+    return _on_hessian(
+        lambda op, flat_p, unravel, key_: fn(op, flat_p.shape[0], dtype, key_),
+        lambda p, a, b: loss_fn(p, b),
+        params,
+        None,
+        batch,
+        key,
+        chunk_size,
+        mesh,
+        linearize,
+    )
 
 
 def _map_probes(f, num_probes: int, probe_chunk: int | None):
