@@ -22,6 +22,9 @@ from eos_jax.metrics import ulp_diff
 from eos_jax.models import fused, layers
 
 KEY = jax.random.key(0)
+# Tests against dense references up to a tolerance compile with LLVM's backend optimizations off
+# (the same HLO arithmetic, half the compile time; see tests/test_hessian.py).
+jit0 = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _swish(z):
@@ -149,13 +152,13 @@ def test_fused_hvp_matches_dense_hessian_and_jvp_of_grad():
     batch = {"x": jnp.asarray(rs.rand(20, 9, 9, 1)), "y": jnp.asarray(rs.randint(0, 2, 20), jnp.int32)}
     m_f = models.get("cnn", layers=2, conv_impl="fused", dtype="float64")
     m_l = models.get("cnn", layers=2, conv_impl="lax", dtype="float64")
-    params = jax.jit(lambda k: m_f.init(k, (9, 9, 1))["params"])(KEY)
+    params = jit0(lambda k: m_f.init(k, (9, 9, 1))["params"])(KEY)
     flat, unravel = ravel_pytree(params)
-    dense = np.asarray(jax.jit(jax.hessian(lambda f: _cnn_loss(m_l)(unravel(f), batch)))(flat))
+    dense = np.asarray(jit0(jax.hessian(lambda f: _cnn_loss(m_l)(unravel(f), batch)))(flat))
     v = unravel(jnp.asarray(rs.randn(flat.shape[0])))
     want = dense @ np.asarray(ravel_pytree(v)[0])
     loss_f = _cnn_loss(m_f)
-    plain = ravel_pytree(jax.jit(lambda p, b, t: hs.hvp(loss_f, p, b, t))(params, batch, v))[0]
+    plain = ravel_pytree(jit0(lambda p, b, t: hs.hvp(loss_f, p, b, t))(params, batch, v))[0]
     np.testing.assert_allclose(plain, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
 
     def loss_chunked(p, b):
@@ -163,11 +166,11 @@ def test_fused_hvp_matches_dense_hessian_and_jvp_of_grad():
         g = fused.single_channel_stack(ks, b["x"][..., 0], _swish, chunk=8)
         return losses.binary_cross_entropy(g[:, None], b["y"])
 
-    lin = ravel_pytree(jax.jit(lambda p, b, t: hs.linearized_hvp(loss_chunked, p, b)(t))(params, batch, v))[0]
+    lin = ravel_pytree(jit0(lambda p, b, t: hs.linearized_hvp(loss_chunked, p, b)(t))(params, batch, v))[0]
     np.testing.assert_allclose(lin, want, rtol=1e-10, atol=1e-12 * np.abs(want).max())
     np.testing.assert_allclose(lin, plain, rtol=1e-12, atol=1e-14 * np.abs(want).max())
     # Top eigenvalue through Lanczos on the fused model equals the dense one.
-    lam = jax.jit(lambda p, b: hs.top_eigenvalue(loss_f, p, b, num_iters=18, tol=None).eigenvalue)(params, batch)
+    lam = jit0(lambda p, b: hs.top_eigenvalue(loss_f, p, b, num_iters=18, tol=None).eigenvalue)(params, batch)
     assert abs(float(lam) - np.linalg.eigvalsh(dense)[-1]) <= 1e-10 * abs(np.linalg.eigvalsh(dense)).max()
 
 
