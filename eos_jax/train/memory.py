@@ -73,7 +73,8 @@ class History:
         non-finite step, the values of its frozen parameters: mask with ``finite``).
       timing: wall-clock seconds: ``compile_and_first_chunk_s`` (the first chunk, with
         its compilation), ``train_s`` (the other chunks), ``compile_and_first_sharpness_s``
-        (the first estimate, with its compilation), ``sharpness_s`` (the others), ``eval_s``.
+        (the first estimate, with its compilation), ``sharpness_s`` (the others), ``eval_s`` and,
+        with ``config.track``, ``curvature_s`` (the trace and density, their compilation included).
       evals: the problem's ``eval_fn`` (``{}`` without one): per name a ``float64 (lanes,
         T)`` array, NaN where not evaluated (``config.eval_every``; always at step 0 and at
         the last step).
