@@ -741,8 +741,28 @@ def trace(
     return _flat_run(hutchinson, loss_fn, params, batch, key, chunk_size, mesh, linearize)
 
 
-def _smoothed(nodes: jax.Array, weights: jax.Array, grid: jax.Array | None, num_points: int, sigma) -> tuple:
-    """``(grid, density, sigma)``: the probes' quadratures smoothed by a Gaussian, averaged over probes."""
+def smoothed_density(
+    nodes: jax.typing.ArrayLike,
+    weights: jax.typing.ArrayLike,
+    grid: jax.typing.ArrayLike | None = None,
+    num_points: int = 1000,
+    sigma: jax.typing.ArrayLike | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(grid, density, sigma)``: Gauss quadratures ``(probes, m)`` smoothed by a Gaussian and averaged over probes.
+
+    The density is ``(1 / probes) sum_p sum_i w_pi N(x; theta_pi, sigma^2)`` (what :func:`density`
+    returns; also how a plot redraws stored nodes and weights on a grid of its own). ``sigma``
+    None: 1% of the nodes' span; ``grid`` None: ``num_points`` from the smallest to the largest
+    node, padded by 5 sigma.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax.hessian import smoothed_density
+      >>> grid, dens, sigma = smoothed_density(jnp.array([[0.0, 1.0]]), jnp.array([[0.5, 0.5]]))
+      >>> round(float(sigma), 4), round(float(jnp.sum(dens) * (grid[1] - grid[0])), 3)
+      (0.01, 1.0)
+    """
+    nodes, weights = jnp.asarray(nodes), jnp.asarray(weights)
     dtype = nodes.dtype
     lo, hi = jnp.min(nodes), jnp.max(nodes)
     if sigma is None:  # 1% of the span of the Ritz values (of |hi|, or 1, when that is 0)
@@ -756,7 +776,7 @@ def _smoothed(nodes: jax.Array, weights: jax.Array, grid: jax.Array | None, num_
         grid = jnp.asarray(grid, dtype)
     z = (grid[:, None] - nodes.reshape(1, -1)) / sigma
     gauss = jnp.exp(-0.5 * z * z) / (sigma * np.sqrt(2 * np.pi).astype(dtype))
-    dens = jnp.dot(gauss, weights.reshape(-1), precision=lax.Precision.HIGHEST) / nodes.shape[0]
+    dens = jnp.dot(gauss, weights.reshape(-1).astype(dtype), precision=lax.Precision.HIGHEST) / nodes.shape[0]
     return grid, dens, sigma
 
 
@@ -843,7 +863,7 @@ def density(
             return lanczos_quadrature(op, v, jax.random.fold_in(key_, i), num_steps, top_k=top_k)
 
         q = _map_probes(one, num_probes, probe_chunk)
-        g, dens, sig = _smoothed(q.nodes, q.weights, grid, num_points, sigma)
+        g, dens, sig = smoothed_density(q.nodes, q.weights, grid, num_points, sigma)
         n_hvps = jnp.asarray(num_probes * min(num_steps, n), jnp.int32)
         return DensityResult(q.nodes, q.weights, q.krylov_dim, g, dens, sig, jnp.max(q.top, axis=0), n_hvps)
 

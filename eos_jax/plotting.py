@@ -18,6 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from eos_jax import io as eio
+from eos_jax.hessian import smoothed_density
 
 REL_MA_KEY = "rel_l1_to_k1_ma100"
 
@@ -275,10 +276,9 @@ def density_grid(
     hi = max(float(np.max(t)) for t in nodes)
     sigma = 0.01 * max(hi - lo, 1e-12 * max(abs(lo), abs(hi), 1.0))
     grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points)
-    out = np.zeros((len(series), num_points))
-    for i, (t, w) in enumerate(zip(nodes, (np.asarray(w, np.float64) for _, w in series))):
-        g = np.exp(-0.5 * ((grid[None, None, :] - t[..., None]) / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
-        out[i] = np.mean(np.sum(w[..., None] * g, axis=1), axis=0)
+    out = np.stack(
+        [np.asarray(smoothed_density(t, w, grid, sigma=sigma)[1], np.float64) for t, (_, w) in zip(nodes, series)]
+    )
     return grid, out
 
 
