@@ -322,8 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     fn_b1 = lambda s: chunk_b1(s, hp_all, data, ns)  # noqa: E731
     t_b1 = _timed(fn_b1, s_all, repeats=sweep_repeats)
     # What the engine runs by default (EngineConfig.lane_batch="auto"), decided by its Plan from the
-    # temporaries of the run's all-at-once chunk and sharpness programs.
-    choice = tr.core.Plan.build(problem, tr.make_lanes(lrs), cfg.engine_config()).lane_batch_choice
+    # temporaries of the run's all-at-once chunk and sharpness programs (its sizing step).
+    choice = tr.core.size_lanes(problem, tr.make_lanes(lrs), cfg.engine_config()).lane_batch_choice
     auto = choice.lane_batch
     if auto == 1:
         fn_auto, t_auto = fn_b1, t_b1

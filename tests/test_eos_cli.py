@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from eos_jax import cli
@@ -241,8 +242,11 @@ def test_dataset_fallback_is_visible(tmp_path, capsys):
 def test_stability_criterion_and_boundary():
     """A spike (> 1% loss rise) anywhere makes a lane unstable; late spikes are counted separately."""
 
-    def lines(losses):
-        return [{"step": i, "loss": l, "finite": True} for i, l in enumerate(losses)]
+    def lines(losses):  # one lane's logged series, without sharpness
+        n = len(losses)
+        nan = np.full(n, np.nan)
+        return {"step": np.arange(n), "loss": np.array(losses), "finite": np.ones(n, bool), "sharpness": nan,
+                "normalized_sharpness": nan, "measured": np.zeros(n, bool)}  # fmt: skip
 
     smooth = lane_summary(lines([1.0 - 0.01 * i for i in range(50)]), 2.0)
     early = lane_summary(lines([1.0, 5.0] + [0.9 - 0.01 * i for i in range(48)]), 2.0)

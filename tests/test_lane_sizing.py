@@ -20,6 +20,7 @@ import pytest
 from eos_jax import io as eio
 from eos_jax import optim
 from eos_jax import train as tr
+from eos_jax.errors import ConfigError
 from eos_jax.train import core, sizing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +79,15 @@ def test_memory_sized_groups_equal_the_same_groups_by_hand_bitwise(monkeypatch):
     tight = tr.fit(problem, lanes, 6, config=cfg)
     assert tight.groups == ((0, 1), (2, 3), (4, 5)) and tight.lane_groups["estimate"]["fit"] == 2
     assert "(memory)" in tight.lane_groups["line"]
-    by_hand = tr.fit(problem, lanes, 6, config=dataclasses.replace(cfg, max_lanes=2))
+    # Sizing is its own step: its result is the config with the grouping as numbers, which a run
+    # takes as given (nothing measured); Plan.build refuses a grouping not yet sized.
+    sized = core.size_lanes(problem, lanes, cfg)
+    assert (sized.config.max_lanes, sized.config.lane_batch, sized.requested_max_lanes) == (2, None, None)
+    with pytest.raises(ConfigError, match="size it first"):
+        core.Plan.build(problem, lanes, cfg)
+    with pytest.raises(ConfigError, match="give the step count once"):
+        tr.fit(problem, lanes, 5, config=cfg)
+    by_hand = tr.fit(problem, lanes, config=sized.config)
     assert by_hand.groups == tight.groups and by_hand.lane_groups["estimate"] is None
     for a, b in zip(jax.tree_util.tree_leaves(tight.params), jax.tree_util.tree_leaves(by_hand.params)):
         assert np.array_equal(a.view(np.uint32), b.view(np.uint32))
@@ -123,8 +132,7 @@ def test_resume_keeps_the_recorded_grouping_when_memory_changed(tmp_path, monkey
     problem = _problem()
     lanes = tr.make_lanes([0.05, 0.1, 0.2, 0.4])
     cfg = tr.EngineConfig(steps=6, sharpness_every=None, chunk_steps=3, checkpoint_every=3)
-    probe = core.Plan.build(problem, lanes, cfg)
-    est = probe.lane_estimate
+    est = core.size_lanes(problem, lanes, cfg).estimate
     avail = int((est.shared_bytes + 2.5 * est.per_lane_bytes) / cfg.lane_memory_fraction)
     monkeypatch.setattr(core, "available_bytes", lambda device: (avail, "test"))
     full = eio.open_run_dir(tmp_path / "full", {"t": 1})
@@ -137,7 +145,7 @@ def test_resume_keeps_the_recorded_grouping_when_memory_changed(tmp_path, monkey
     part = eio.open_run_dir(tmp_path / "part", {"t": 1})
     tr.train(problem, lanes, dataclasses.replace(cfg, steps=3), part, quiet=True)
     monkeypatch.setattr(core, "available_bytes", lambda device: (10 * avail, "test"))
-    assert core.Plan.build(problem, lanes, cfg).groups == [[0, 1, 2, 3]]
+    assert core.size_lanes(problem, lanes, cfg).config.max_lanes == 4
     capsys.readouterr()
     res2 = tr.train(problem, lanes, cfg, part, resume=True, progress_stream=sys.stdout)
     out = capsys.readouterr().out
@@ -161,8 +169,9 @@ _PEAK_SCRIPT = textwrap.dedent(
     loss = lambda p, b: jnp.mean(jnp.square(jnp.tanh(b["x"] @ p["w1"]) @ p["w2"] - b["y"]))
     problem = tr.Problem(init, loss, lambda hp: optim.sgd(hp.learning_rate, k=hp.k), batch)
     lanes = tr.make_lanes([0.01 * (i + 1) for i in range(6)])
-    plan = core.Plan.build(problem, lanes, tr.EngineConfig(steps=2, sharpness_every=None, chunk_steps=2))
-    est = plan.lane_estimate
+    sizing = core.size_lanes(problem, lanes, tr.EngineConfig(steps=2, sharpness_every=None, chunk_steps=2))
+    plan = core.Plan.build(problem, lanes, sizing.config, sizing=sizing)
+    est = sizing.estimate
     gi = plan.inputs(0)
     state = jax.block_until_ready(plan.init_fn(gi.hp))
     resident = core.tree_bytes(state) + core.tree_bytes(plan.data)
@@ -228,7 +237,7 @@ def test_auto_lane_batch_equals_the_same_batch_by_hand_and_resumes_with_its_choi
     lanes = tr.make_lanes([0.05, 0.1, 0.2], ks=[1, 3])  # 6 lanes, one group
     cfg = tr.EngineConfig(steps=6, sharpness_every=3, sharpness_iters=3, sharpness_method="power", chunk_steps=3)
     assert cfg.lane_batch == "auto"
-    probe = core.Plan.build(problem, lanes, cfg).lane_batch_choice
+    probe = core.size_lanes(problem, lanes, cfg).lane_batch_choice
     assert probe.lane_batch is None and set(probe.temp_bytes) == {"chunk", "sharpness"} and probe.lanes == 6
     worst = max(probe.temp_bytes.values())
     monkeypatch.setattr(sizing, "HOST_TEMP_CEILING", int(2.5 * worst / 6))
@@ -252,7 +261,7 @@ def test_auto_lane_batch_equals_the_same_batch_by_hand_and_resumes_with_its_choi
     part = eio.open_run_dir(tmp_path / "part", {"t": 1})
     tr.train(problem, lanes, dataclasses.replace(cfg, steps=3), part, quiet=True)
     monkeypatch.setattr(sizing, "HOST_TEMP_CEILING", 10 * worst)
-    assert core.Plan.build(problem, lanes, cfg).config.lane_batch is None  # what a fresh run would pick now
+    assert core.size_lanes(problem, lanes, cfg).config.lane_batch is None  # what a fresh run would pick now
     res2 = tr.train(problem, lanes, cfg, part, resume=True, quiet=True)
     assert res2["lane_groups"]["lane_batch"] == 2
     assert [l["params_digest"] for l in res2["lanes"]] == digests

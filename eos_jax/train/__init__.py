@@ -16,9 +16,9 @@ in the state) and hands the chunk's values to the caller:
 
 * :func:`fit` keeps them in memory and returns a :class:`History` of NumPy arrays; it
   writes no file and installs no signal handler (what a notebook calls).
-* :func:`train` writes ``metrics.jsonl``, orbax checkpoints and ``results.json`` into a
-  run directory, redraws a progress bar and reacts to SIGINT/SIGTERM (checkpoint, then
-  stop); it resumes bit for bit.
+* :func:`train` is ``fit`` with callbacks: it writes ``metrics.jsonl``, orbax checkpoints and
+  (from the ``History``) ``results.json`` into a run directory, redraws a progress bar and reacts to
+  SIGINT/SIGTERM (checkpoint, then stop); it resumes bit for bit.
 
 Both run the same compiled programs in the same order, so the same problem, lanes and
 config give the same bits. Divergence is a result: a lane that goes non-finite records
@@ -33,15 +33,17 @@ and the :class:`History` it returns::
 
 Modules, top-down (each imports only those below it):
 
-* :mod:`~eos_jax.train.memory`: :func:`fit` and :class:`History` (in memory; not named ``fit.py``,
-  which the function ``eos_jax.train.fit`` would shadow as a package attribute).
-* :mod:`~eos_jax.train.loop`: :func:`train`, :func:`check_resume`, the signal catcher.
+* :mod:`~eos_jax.train.loop`: :func:`train` (``fit`` with the run directory, progress and signal
+  :class:`Callback` s), :func:`check_resume`.
+* :mod:`~eos_jax.train.memory`: :func:`fit`, its :class:`Callback` hooks and the :class:`History`
+  (not named ``fit.py``, which the function ``eos_jax.train.fit`` would shadow as a package attribute).
 * :mod:`~eos_jax.train.writer`: :class:`~eos_jax.train.writer.RunWriter` (metrics lines,
   checkpoints, results).
-* :mod:`~eos_jax.train.core`: lane groups, k=1 twins, the compiled :class:`~eos_jax.train.core.Plan`
-  and the chunk loop of one group, shared by ``fit`` and ``train``.
+* :mod:`~eos_jax.train.core`: lane groups sized to memory as a step of their own
+  (:func:`~eos_jax.train.core.size_lanes`), k=1 twins, the compiled :class:`~eos_jax.train.core.Plan`
+  and the chunk loop of one group.
 * :mod:`~eos_jax.train.step`: the pure step, the scanned chunk, the sharpness function.
-* :mod:`~eos_jax.train.sizing`: lane groups sized to memory (:class:`~eos_jax.train.sizing.LaneEstimate`).
+* :mod:`~eos_jax.train.sizing`: the memory arithmetic of lane groups (:class:`~eos_jax.train.sizing.LaneEstimate`).
 * :mod:`~eos_jax.train.state`: lanes, hyperparameters, :class:`TrainState`, the key tree.
 * :mod:`~eos_jax.train.stats`: running loss statistics, RelL1 to the k=1 twin, lane summaries.
 * :mod:`~eos_jax.train.config`: :class:`Problem`, :class:`EngineConfig`.
@@ -49,7 +51,7 @@ Modules, top-down (each imports only those below it):
 
 from eos_jax.train.config import EngineConfig, Problem
 from eos_jax.train.loop import TrainingInterrupted, check_resume, train
-from eos_jax.train.memory import History, fit
+from eos_jax.train.memory import Callback, History, fit
 from eos_jax.train.state import HParams, Lane, TrainState, init_state, lane_init_key, make_lanes, stack_hparams
 from eos_jax.train.step import make_chunk_fn, make_eig_fn, make_sharpness_fn, make_train_step
 from eos_jax.train.writer import read_metrics
@@ -58,6 +60,7 @@ from eos_jax.train.writer import read_metrics
 # (``eos_jax.train.core.Plan``, ``eos_jax.train.stats.REL_L1_WINDOW``, ``eos_jax.train.step.select_batch``, ...),
 # which importing this package loads, so ``train.core.Plan`` reads as well as an import.
 __all__ = [
+    "Callback",
     "EngineConfig",
     "HParams",
     "History",

@@ -151,7 +151,8 @@ class EngineConfig:
     """How to run: steps, chunking, logging, sharpness and checkpoint schedule.
 
     Attributes:
-      steps: total optimizer steps (>= 1).
+      steps: total optimizer steps (>= 1); None only in a config given to
+        :func:`eos_jax.train.fit` together with its ``steps``.
       batch_size: ``None`` for full-batch gradient descent, else minibatch size
         (epochs of a per-epoch permutation from the lane key; the remainder is dropped).
       chunk_steps: steps per ``lax.scan`` (at most; boundaries also fall on the
@@ -217,7 +218,7 @@ class EngineConfig:
       eos_jax.errors.ConfigError: steps=0 is not allowed; expected an integer >= 1
     """
 
-    steps: int
+    steps: int | None = None
     batch_size: int | None = None
     chunk_steps: int = 50
     log_every: int = 1

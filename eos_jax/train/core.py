@@ -293,7 +293,7 @@ class GroupInputs(NamedTuple):
       >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
       ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
 
-      >>> plan = Plan.build(problem, tr.make_lanes([0.25, 0.5], ks=[1, 3]), tr.EngineConfig(steps=2))
+      >>> plan = build_plan(problem, tr.make_lanes([0.25, 0.5], ks=[1, 3]), tr.EngineConfig(steps=2))
       >>> gi = plan.inputs(0)
       >>> gi.idx, gi.twin.tolist(), gi.has_twin.tolist()
       ([0, 1, 2, 3], [0, 0, 2, 2], [False, True, False, True])
@@ -310,7 +310,8 @@ class GroupInputs(NamedTuple):
 class Plan:
     """What every lane group of a run shares: placement, data and the compiled programs.
 
-    Build it with :meth:`Plan.build`; :func:`run_group` runs one group with it.
+    Build it with :func:`build_plan` (or :func:`size_lanes`, then :meth:`Plan.build`);
+    :func:`run_group` runs one group with it.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -320,7 +321,7 @@ class Plan:
       >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
       ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
 
-      >>> plan = Plan.build(problem, tr.make_lanes([0.25, 0.5], ks=[1, 3]), tr.EngineConfig(steps=2, max_lanes=2))
+      >>> plan = Plan.build(problem, tr.make_lanes([0.25, 0.5], ks=[1, 3]), tr.EngineConfig(steps=2, max_lanes=2, lane_batch=None))
       >>> plan.groups, plan.dtype  # the k=3 lanes' twins sit in their groups
       ([[0, 1], [2, 3]], dtype('float32'))
       >>> plan.template(0).params["w"].shape  # what a checkpoint of group 0 restores into
@@ -344,9 +345,8 @@ class Plan:
     eval_data: PyTree = None
     test_fn: Callable[..., dict[str, jax.Array]] | None = None
     curv_fn: Callable[..., dict[str, jax.Array]] | None = None  # config.track's trace / density
-    lane_estimate: LaneEstimate | None = None
     width: int = 0  # the group width passed to group_lanes (reproduces the groups)
-    lane_batch_choice: LaneBatchChoice | None = None  # how lane_batch="auto" was resolved
+    sizing: LaneSizing | None = None  # how the grouping was chosen (size_lanes), when it was
 
     @classmethod
     def build(
@@ -357,39 +357,54 @@ class Plan:
         *,
         dtype: Any = None,
         devices: Sequence[Any] | None = None,
+        sizing: LaneSizing | None = None,
     ) -> Plan:
-        """Validates the run and places its data; the programs compile on first call.
+        """Validates the run, places its data and builds its programs (each compiles on its first call).
 
-        With ``config.max_lanes=None`` the groups are sized to memory: the chunk (and
-        sharpness) programs of the first group are compiled here at the width
-        :func:`first_width` gives, XLA's memory analysis of them is set against the
-        device's free memory (:mod:`eos_jax.train.sizing`), and the width shrinks when they
-        do not fit (``lane_estimate`` keeps the numbers). A single group of the smallest
-        width (lanes no more than the devices, or than ``lane_multiple``) has nothing to
-        choose and is not measured. With ``config.lane_batch="auto"`` the lanes per batch are
-        then chosen (:meth:`choose_lane_batch`) and the plan's ``config`` holds the choice.
+        ``config`` must give the grouping as plain numbers: ``max_lanes`` an integer and
+        ``lane_batch`` an integer or None. ``max_lanes=None`` (size to memory) and
+        ``lane_batch="auto"`` are resolved first, by :func:`size_lanes`, whose result is
+        passed here as ``sizing`` (``config=sizing.config``): the plan then reuses the
+        programs the sizing compiled when they are the ones the run calls, and records how
+        the grouping was chosen (:meth:`lane_record`). :func:`build_plan` does both.
 
         Raises:
-          ConfigError: a bad config, no lanes, a hyperparameter dtype other than the
-            parameters', or a batch larger than the training set.
+          ConfigError: a bad config, no lanes, a grouping not yet sized, a hyperparameter dtype
+            other than the parameters', or a batch larger than the training set.
         """
         config.validate()
         if not lanes:
             raise ConfigError("no lanes to train")
+        if config.max_lanes is None or config.lane_batch == AUTO_LANE_BATCH:
+            raise ConfigError(
+                f"max_lanes={config.max_lanes!r}, lane_batch={config.lane_batch!r}: Plan.build takes the grouping as "
+                "numbers; size it first (eos_jax.train.core.size_lanes, or build_plan, which sizes and builds)"
+            )
         dtype = hparam_dtype(problem, dtype)
         devices = list(devices) if devices is not None else jax.devices()
-        auto = config.max_lanes is None
-        width = first_width(len(lanes), config, len(devices)) if auto else config.max_lanes
-        groups = group_lanes(len(lanes), width, len(devices))
-        eig_fn = problem.eig_fn or make_eig_fn(config.sharpness_iters, config.sharpness_method, config.sharpness_tol)
+        groups = group_lanes(len(lanes), config.max_lanes, len(devices))
+        probe = sizing.probe if sizing is not None else None
+        if probe is not None and probe.devices == devices and probe.dtype == dtype:
+            # The sizing's programs (and the executables it compiled), rebuilt only for another lane batch.
+            plan = dataclasses.replace(probe, config=config, groups=groups, twins=find_twins(lanes, groups))
+            if probe.config.lane_batch != config.lane_batch:
+                chunk_fn, sharp_fn, curv_fn = _step_programs(
+                    problem, config, _eig_fn(problem, config), config.lane_batch
+                )
+                plan = dataclasses.replace(plan, chunk_fn=chunk_fn, sharp_fn=sharp_fn, curv_fn=curv_fn)
+        else:
+            plan = cls._new(problem, lanes, config, dtype, devices, groups)
+        return dataclasses.replace(plan, width=config.max_lanes, sizing=sizing)
+
+    @classmethod
+    def _new(cls, problem, lanes, config, dtype, devices, groups) -> Plan:
+        """A plan with freshly built (not yet compiled) programs."""
         n_examples = int(jax.tree_util.tree_leaves(problem.data)[0].shape[0])
         if config.batch_size is not None and config.batch_size > n_examples:
             raise ConfigError(f"batch_size={config.batch_size} exceeds the {n_examples} training examples")
         mesh, data, sharp_data, eval_data = _place_data(problem, config, devices)
-        # "auto" measures the all-at-once programs first (the ones the automatic width measures too).
-        first_batch = None if config.lane_batch == AUTO_LANE_BATCH else config.lane_batch
-        chunk_fn, sharp_fn, curv_fn = _step_programs(problem, config, eig_fn, first_batch)
-        plan = cls(
+        chunk_fn, sharp_fn, curv_fn = _step_programs(problem, config, _eig_fn(problem, config), config.lane_batch)
+        return cls(
             problem=problem,
             lanes=lanes,
             config=config,
@@ -414,16 +429,21 @@ class Plan:
             curv_fn=curv_fn,
             eval_data=eval_data,
             test_fn=make_test_fn(problem) if problem.eval_fn is not None else None,
-            width=width,
+            width=config.max_lanes,
         )
-        if auto and len(lanes) > math.lcm(len(devices), config.lane_multiple):
-            plan = plan.sized_to_memory()
-        if config.lane_batch == AUTO_LANE_BATCH:
-            plan = plan.with_lane_batch_chosen(eig_fn)
-        return plan
 
-    def sized_to_memory(self) -> Plan:
-        """The plan regrouped at the widest group whose measured programs fit the device's free memory.
+    @property
+    def lane_estimate(self) -> LaneEstimate | None:
+        """The memory estimate the groups were sized with (None: ``max_lanes`` was given, or nothing to choose)."""
+        return self.sizing.estimate if self.sizing is not None else None
+
+    @property
+    def lane_batch_choice(self) -> LaneBatchChoice | None:
+        """How ``lane_batch="auto"`` was resolved (None: it was given)."""
+        return self.sizing.lane_batch_choice if self.sizing is not None else None
+
+    def memory_estimate(self) -> LaneEstimate:
+        """The widest group whose measured programs fit the device's free memory.
 
         Group 0's chunk (and sharpness) programs are compiled at the current width and XLA's
         memory analysis of them is set against the free memory (:func:`~eos_jax.train.sizing.fit_lanes`);
@@ -443,20 +463,7 @@ class Plan:
         )
         if jax.process_count() > 1:  # every process must group alike: the width all of them can hold
             est = dataclasses.replace(est, width=min_over_processes(est.width))
-        groups = group_lanes(len(self.lanes), est.width, len(devices))
-        return dataclasses.replace(
-            self, groups=groups, twins=find_twins(self.lanes, groups), lane_estimate=est, width=est.width
-        )
-
-    def with_lane_batch_chosen(self, eig_fn: Any) -> Plan:
-        """The plan with ``lane_batch="auto"`` resolved (:meth:`choose_lane_batch`) and its programs rebuilt for it."""
-        choice = self.choose_lane_batch()
-        config = dataclasses.replace(self.config, lane_batch=choice.lane_batch)
-        plan = dataclasses.replace(self, config=config, lane_batch_choice=choice)
-        if choice.lane_batch is None:
-            return plan
-        chunk_fn, sharp_fn, curv_fn = _step_programs(self.problem, self.config, eig_fn, choice.lane_batch)
-        return dataclasses.replace(plan, chunk_fn=chunk_fn, sharp_fn=sharp_fn, curv_fn=curv_fn)
+        return est
 
     def choose_lane_batch(self) -> LaneBatchChoice:
         """Resolves ``lane_batch="auto"`` (:func:`~eos_jax.train.sizing.choose_lane_batch`).
@@ -522,19 +529,23 @@ class Plan:
             line = self.lane_estimate.describe(n, ng)
         else:
             width = max(len(self.padded(g)) for g in range(ng))
-            why = f"max_lanes={self.config.max_lanes}" if self.config.max_lanes is not None else "nothing to size"
+            sized = self.sizing is not None and self.sizing.requested_max_lanes is None
+            why = "nothing to size" if sized else f"max_lanes={self.config.max_lanes}"
             line = f"lane groups: {n} lane{'s' if n != 1 else ''} in {ng} group{'s' if ng != 1 else ''} of at most {width} ({why})"
         if self.lane_batch_choice is not None and self.lane_batch_choice.lane_batch is not None:
             line += "; " + self.lane_batch_choice.describe()
         return line
 
     def lane_record(self) -> dict[str, Any]:
-        """What ``results.json`` and ``lane_groups.json`` keep of the grouping."""
+        """What ``results.json`` and ``lane_groups.json`` keep of the grouping.
+
+        ``max_lanes`` is the width asked for (None: sized to memory); ``width`` the one used.
+        """
         return {
             "width": self.width,
             "num_devices": len(self.devices),
             "groups": [len(g) for g in self.groups],
-            "max_lanes": self.config.max_lanes,
+            "max_lanes": self.sizing.requested_max_lanes if self.sizing is not None else self.config.max_lanes,
             "lane_batch": self.config.lane_batch,
             "lane_batch_auto": self.lane_batch_choice.to_json() if self.lane_batch_choice is not None else None,
             "estimate": self.lane_estimate.to_json() if self.lane_estimate is not None else None,
@@ -576,6 +587,112 @@ class Plan:
             twin=self.place(jnp.asarray(np.array(twin_local, np.int32))),
             has_twin=np.array([self.twins[i]["in_group"] for i in idx], bool),
         )
+
+
+def _eig_fn(problem: Problem, config: EngineConfig) -> Any:
+    """The run's eigensolver: the problem's own, or the one ``config`` describes."""
+    return problem.eig_fn or make_eig_fn(config.sharpness_iters, config.sharpness_method, config.sharpness_tol)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaneSizing:
+    """A run's lane grouping as plain numbers, and how it was chosen: what :func:`size_lanes` returns.
+
+    Attributes:
+      config: the run's config with ``max_lanes`` an integer and ``lane_batch`` an integer or
+        None: what :meth:`Plan.build` takes (and a later run may be given, to skip the measuring).
+      requested_max_lanes: ``max_lanes`` as asked (None: sized to memory).
+      estimate: the memory estimate that chose the width (None: the width was given, or a
+        single group of the smallest width left nothing to choose).
+      lane_batch_choice: how ``lane_batch="auto"`` was resolved (None: it was given).
+      probe: the plan the programs were measured with (its compiled programs are reused by
+        :meth:`Plan.build`); None when nothing was measured.
+
+    Examples:
+      A grouping given as numbers is the sizing's result as it is (:func:`size_lanes` measures otherwise):
+
+      >>> sized = LaneSizing(EngineConfig(steps=10, max_lanes=4, lane_batch=None), requested_max_lanes=4)
+      >>> sized.config.max_lanes, sized.estimate is None
+      (4, True)
+    """
+
+    config: EngineConfig
+    requested_max_lanes: int | None = None
+    estimate: LaneEstimate | None = None
+    lane_batch_choice: LaneBatchChoice | None = None
+    probe: Plan | None = dataclasses.field(default=None, repr=False, compare=False)
+
+
+def size_lanes(
+    problem: Problem,
+    lanes: Sequence[Lane],
+    config: EngineConfig,
+    *,
+    dtype: Any = None,
+    devices: Sequence[Any] | None = None,
+) -> LaneSizing:
+    """Resolves ``max_lanes=None`` and ``lane_batch="auto"`` into numbers, measuring the programs when needed.
+
+    ``max_lanes=None``: group 0's chunk (and sharpness) programs are compiled at the width
+    :func:`first_width` gives and XLA's memory analysis of them is set against the device's
+    free memory (:mod:`eos_jax.train.sizing`); the width shrinks when they do not fit. A
+    single group of the smallest width (lanes no more than the devices, or than
+    ``lane_multiple``) has nothing to choose and is not measured. ``lane_batch="auto"``:
+    :meth:`Plan.choose_lane_batch`. A config whose grouping is already numbers comes back as it is.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax import optim, train as tr
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, lambda p, b: jnp.sum(b * p["w"] ** 2),
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), jnp.ones((1, 2), jnp.float32))
+      >>> sized = size_lanes(problem, tr.make_lanes([0.1, 0.2, 0.3]), tr.EngineConfig(steps=2))
+      >>> sized.config.max_lanes, sized.config.lane_batch, sized.estimate.fit >= 3  # all three fit at once
+      (3, None, True)
+    """
+    requested = config.max_lanes
+    if requested is not None and config.lane_batch != AUTO_LANE_BATCH:
+        return LaneSizing(config, requested)
+    devices = list(devices) if devices is not None else jax.devices()
+    auto = requested is None
+    width = first_width(len(lanes), config, len(devices)) if auto else requested
+    first_batch = None if config.lane_batch == AUTO_LANE_BATCH else config.lane_batch
+    probe_config = dataclasses.replace(config, max_lanes=width, lane_batch=first_batch)
+    probe = Plan.build(problem, lanes, probe_config, dtype=dtype, devices=devices)
+    est = None
+    if auto and len(lanes) > math.lcm(len(devices), config.lane_multiple):
+        est = probe.memory_estimate()
+        groups = group_lanes(len(lanes), est.width, len(devices))
+        probe = dataclasses.replace(probe, groups=groups, twins=find_twins(lanes, groups), width=est.width)
+        width = est.width
+    choice = probe.choose_lane_batch() if config.lane_batch == AUTO_LANE_BATCH else None
+    lane_batch = choice.lane_batch if choice is not None else config.lane_batch
+    sized = dataclasses.replace(config, max_lanes=width, lane_batch=lane_batch)
+    return LaneSizing(sized, requested, est, choice, probe)
+
+
+def build_plan(
+    problem: Problem,
+    lanes: Sequence[Lane],
+    config: EngineConfig,
+    *,
+    dtype: Any = None,
+    devices: Sequence[Any] | None = None,
+) -> Plan:
+    """:func:`size_lanes`, then :meth:`Plan.build` with its result: what :func:`~eos_jax.train.fit` and
+    :func:`~eos_jax.train.train` do with a config that leaves the grouping to be sized.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from eos_jax import optim, train as tr
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, lambda p, b: jnp.sum(b * p["w"] ** 2),
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), jnp.ones((1, 2), jnp.float32))
+      >>> plan = build_plan(problem, tr.make_lanes([0.1, 0.2]), tr.EngineConfig(steps=2, auto_lane_cap=1))
+      >>> plan.groups, plan.config.max_lanes, plan.lane_record()["max_lanes"]  # sized: one lane per group
+      ([[0], [1]], 1, None)
+    """
+    config.validate()
+    sizing = size_lanes(problem, lanes, config, dtype=dtype, devices=devices)
+    return Plan.build(problem, lanes, sizing.config, dtype=dtype, devices=devices, sizing=sizing)
 
 
 class LogBlock(NamedTuple):
@@ -816,7 +933,7 @@ def run_group(
       >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, loss,
       ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), {"h": jnp.array([[1.0, 4.0]], jnp.float32)})
 
-      >>> plan = Plan.build(problem, tr.make_lanes([0.25]), tr.EngineConfig(steps=2, sharpness_every=None))
+      >>> plan = build_plan(problem, tr.make_lanes([0.25]), tr.EngineConfig(steps=2, sharpness_every=None))
       >>> blocks = []
       >>> state, stats = run_group(plan, 0, None, 0, emit=blocks.append)
       >>> [(b.start, b.loss.tolist(), b.force) for b in blocks]  # w <- (1 - 0.25 h) w: a chunk, then the final line

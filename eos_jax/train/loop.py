@@ -28,11 +28,11 @@ from eos_jax.distributed import any_process, barrier, is_primary
 from eos_jax.errors import CheckpointMismatchError, RunWriteError
 from eos_jax.progress import ProgressBar
 from eos_jax.train.config import EngineConfig, Problem
-from eos_jax.train.core import Plan, first_width, group_lanes, new_timing, pad_lanes, run_group
+from eos_jax.train.core import first_width, group_lanes, pad_lanes
+from eos_jax.train.memory import Callback, RunStart, _OnChunk, fit
 from eos_jax.train.sizing import AUTO_LANE_BATCH
 from eos_jax.train.state import Lane, TrainState, hparam_dtype, init_state, stack_hparams
-from eos_jax.train.stats import summarize_run
-from eos_jax.train.writer import RunWriter, read_metrics
+from eos_jax.train.writer import RunWriter
 
 
 class TrainingInterrupted(Exception):
@@ -322,61 +322,191 @@ def train(
     run_dir = Path(run_dir)
     n_dev = len(devices) if devices is not None else jax.device_count()
     config = resumed_grouping(config, run_dir, n_dev) if resume else config
-    plan = Plan.build(problem, lanes, config, dtype=dtype, devices=devices)
     primary = is_primary()  # with several processes, process 0 writes the files and the progress
     quiet = quiet or not primary
-    if not quiet:
-        print(plan.describe_groups(), file=progress_stream if progress_stream is not None else sys.stderr, flush=True)
-    if resume:
-        # Another lane grouping, device count or model is an error (nothing moved), never a restart.
-        check_resume(
-            problem,
-            lanes,
-            dataclasses.replace(plan.config, max_lanes=plan.width),
-            run_dir,
-            dtype=plan.dtype,
-            devices=plan.devices,
-        )
-    writer = RunWriter(
-        run_dir, len(plan.groups), config.checkpoint_keep, config.log_every, problem.threshold, primary=primary
-    )
-    start_steps = writer.start(resume, plan.template)
-    groups_file = run_dir / "checkpoints" / LANE_GROUPS_FILE
-    if primary and (not resume or not groups_file.is_file()):
-        groups_file.parent.mkdir(parents=True, exist_ok=True)
-        eio.atomic_write_text(groups_file, json.dumps(plan.lane_record(), indent=1) + "\n")
-    total = config.steps
-    bar = ProgressBar(
-        total * len(plan.groups),
-        enabled=not quiet,
-        stream=progress_stream,
-        label=f"{problem.name} " if problem.name else "",
-    )
-    timing = new_timing()
+    rundir = RunDirectory(problem, lanes, run_dir, resume=resume, primary=primary)
+    callbacks = [
+        Progress(problem.name, enabled=not quiet, stream=progress_stream),
+        *([_OnChunk(on_chunk)] if on_chunk is not None else []),
+        rundir,
+        StopOnSignal(rundir),
+    ]
     try:
-        final_states = _run_groups(plan, writer, start_steps, bar, timing, run_dir, on_chunk)
+        history = fit(problem, lanes, config=config, dtype=dtype, devices=devices, callbacks=callbacks)
     except Exception as e:  # a write that failed: one error naming it, the last checkpoint and the remedy
         reason = write_failure(e)
-        if reason is None:
+        if reason is None or rundir.writer is None:
             raise
-        raise _write_error(e, reason, writer, run_dir) from e
-    bar.close()
-    writer.close()
-    timing["num_devices"] = len(plan.devices)
-    timing["num_processes"] = jax.process_count()
+        raise _write_error(e, reason, rundir.writer, run_dir) from e
+    rundir.writer.close()
     barrier("eos_jax.train.metrics")  # process 0 has written every metrics line
-    lane_records, summary, _ = summarize_run(
-        lanes, plan.groups, final_states, read_metrics(writer.metrics_path), problem.threshold, plan.twins
-    )
-    results = {"lanes": lane_records, "summary": summary, "timing": timing, "lane_groups": plan.lane_record()}
+    timing = {**history.timing, "num_devices": len(rundir.devices), "num_processes": jax.process_count()}
+    results = {
+        "lanes": list(history.lane_summaries),
+        "summary": history.summary,
+        "timing": timing,
+        "lane_groups": history.lane_groups,
+    }
     try:
-        writer.write_results(results)
+        rundir.writer.write_results(results)
     except OSError as e:
         reason = write_failure(e)
         if reason is None:
             raise
-        raise _write_error(e, reason, writer, run_dir) from e
+        raise _write_error(e, reason, rundir.writer, run_dir) from e
     return results
+
+
+class Progress(Callback):
+    """:func:`train`'s progress: the lane grouping's line, then a bar over every group's steps.
+
+    Examples:
+      >>> import io
+      >>> import jax.numpy as jnp
+      >>> from eos_jax import optim, train as tr
+      >>> from eos_jax.train.loop import Progress
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, lambda p, b: jnp.sum(b * p["w"] ** 2),
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), jnp.ones((1, 2), jnp.float32))
+      >>> out = io.StringIO()
+      >>> _ = tr.fit(problem, tr.make_lanes([0.1]), 4, sharpness_every=None, callbacks=[Progress("toy", enabled=True, stream=out)])
+      >>> print(out.getvalue().splitlines()[0])
+      lane groups: 1 lane in 1 group of at most 1 (nothing to size)
+    """
+
+    def __init__(self, label: str | None, *, enabled: bool, stream: Any = None):
+        self.label, self.enabled, self.stream = label, enabled, stream
+        self.bar: ProgressBar | None = None
+        self.plan: Any = None
+
+    def start(self, plan: Any) -> None:
+        self.plan = plan
+        if self.enabled:
+            print(plan.describe_groups(), file=self.stream if self.stream is not None else sys.stderr, flush=True)
+        total = plan.config.steps * len(plan.groups)
+        self.bar = ProgressBar(
+            total, enabled=self.enabled, stream=self.stream, label=f"{self.label} " if self.label else ""
+        )
+        return None
+
+    def after_chunk(self, g: int, step: int, state: TrainState, loss: float, sharpness: float | None) -> None:
+        n_real = len(self.plan.groups[g])
+        self.bar.update(
+            g * self.plan.config.steps + step, loss, sharpness, extra=f"lanes {n_real}" if n_real > 1 else ""
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class RunDirectory(Callback):
+    """:func:`train`'s files: ``metrics.jsonl`` lines, orbax checkpoints, the resume point and ``lane_groups.json``.
+
+    On ``start`` a resumed run is checked (:func:`check_resume`: another grouping or model is
+    an error, nothing moved) and each group starts from its newest valid checkpoint, the
+    metrics lines past it dropped; those before it are the :class:`~eos_jax.train.History`'s
+    first part. ``writer`` (a :class:`~eos_jax.train.writer.RunWriter`) exists from then on.
+
+    Examples:
+      ``fit`` with it writes what :func:`train` writes but ``results.json``:
+
+      >>> import os, tempfile
+      >>> import jax.numpy as jnp
+      >>> from eos_jax import optim, train as tr
+      >>> from eos_jax.train.loop import RunDirectory
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, lambda p, b: jnp.sum(b * p["w"] ** 2),
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), jnp.ones((1, 2), jnp.float32))
+      >>> lanes, run_dir = tr.make_lanes([0.1]), tempfile.mkdtemp()
+      >>> rundir = RunDirectory(problem, lanes, run_dir, resume=False, primary=True)
+      >>> hist = tr.fit(problem, lanes, 3, sharpness_every=None, callbacks=[rundir]); rundir.writer.close()
+      >>> sorted(os.listdir(run_dir)), len(tr.read_metrics(rundir.writer.metrics_path))  # steps 0..3
+      (['checkpoints', 'metrics.jsonl'], 4)
+    """
+
+    def __init__(self, problem: Problem, lanes: Sequence[Lane], run_dir: Path, *, resume: bool, primary: bool):
+        self.problem, self.lanes, self.run_dir = problem, lanes, Path(run_dir)
+        self.resume, self.primary = resume, primary
+        self.writer: RunWriter | None = None
+        self.devices: list[Any] = []
+
+    def start(self, plan: Any) -> RunStart:
+        self.devices = plan.devices
+        if self.resume:
+            # Another lane grouping, device count or model is an error (nothing moved), never a restart.
+            config = dataclasses.replace(plan.config, max_lanes=plan.width)
+            check_resume(self.problem, self.lanes, config, self.run_dir, dtype=plan.dtype, devices=plan.devices)
+        cfg = plan.config
+        self.writer = RunWriter(
+            self.run_dir,
+            len(plan.groups),
+            cfg.checkpoint_keep,
+            cfg.log_every,
+            self.problem.threshold,
+            primary=self.primary,
+        )
+        steps = self.writer.start(self.resume, plan.template)
+        groups_file = self.run_dir / "checkpoints" / LANE_GROUPS_FILE
+        if self.primary and (not self.resume or not groups_file.is_file()):
+            groups_file.parent.mkdir(parents=True, exist_ok=True)
+            eio.atomic_write_text(groups_file, json.dumps(plan.lane_record(), indent=1) + "\n")
+        return RunStart(steps, self.writer.restore, self.writer.earlier)
+
+    def on_block(self, block: Any) -> None:
+        self.writer.log(block)
+
+    def save(self, g: int, step: int, state: TrainState) -> None:
+        self.writer.save(g, step, state)
+
+    def group_done(self, g: int) -> None:
+        self.writer.wait(g)
+
+
+class StopOnSignal(Callback):
+    """:func:`train`'s SIGINT/SIGTERM handling: after the chunk it arrived in, checkpoint, then :class:`TrainingInterrupted`.
+
+    With several processes, a signal seen by any of them stops them all at the same chunk.
+    A second Ctrl-C stops at once (``KeyboardInterrupt``).
+
+    Examples:
+      A SIGTERM during the first chunk of a run into a run directory:
+
+      >>> import os, signal, tempfile
+      >>> import jax.numpy as jnp
+      >>> from eos_jax import optim, train as tr
+      >>> from eos_jax.train.loop import RunDirectory, StopOnSignal
+      >>> problem = tr.Problem(lambda key: {"w": jnp.ones(2, jnp.float32)}, lambda p, b: jnp.sum(b * p["w"] ** 2),
+      ...                      lambda hp: optim.sgd(hp.learning_rate, k=hp.k), jnp.ones((1, 2), jnp.float32))
+      >>> lanes, run_dir = tr.make_lanes([0.1]), tempfile.mkdtemp()
+      >>> rundir = RunDirectory(problem, lanes, run_dir, resume=False, primary=True)
+      >>> try:
+      ...     tr.fit(problem, lanes, 6, sharpness_every=None, chunk_steps=2, callbacks=[rundir, StopOnSignal(rundir)],
+      ...            on_chunk=lambda step: os.kill(os.getpid(), signal.SIGTERM))
+      ... except tr.TrainingInterrupted as e:
+      ...     print(e.step, sorted(os.listdir(os.path.join(run_dir, "checkpoints", "group_000"))))
+      2 ['2']
+    """
+
+    def __init__(self, rundir: RunDirectory):
+        self.rundir = rundir
+        self.catcher = _SignalCatcher()
+        self.active = False
+
+    def start(self, plan: Any) -> None:
+        self.catcher.__enter__()
+        self.active = True
+        return None
+
+    def after_chunk(self, g: int, step: int, state: TrainState, loss: float, sharpness: float | None) -> None:
+        signum = self.catcher.signum
+        if any_process(signum is not None):
+            self.rundir.writer.save(g, step, state)
+            self.rundir.writer.close()  # waits for the save to commit
+            raise TrainingInterrupted(signum or signal.SIGTERM, step, self.rundir.run_dir)
+
+    def close(self) -> None:
+        if self.active:
+            self.catcher.__exit__(None, None, None)
+            self.active = False
 
 
 # What the operating system says when a run's files cannot be written (errno, or the words orbax's
@@ -444,32 +574,3 @@ def _path_in(text: str) -> str | None:
     # Name the checkpoint being written, not orbax's temporary file inside it.
     cut = path.find(".orbax-checkpoint-tmp")
     return path[:cut] if cut >= 0 else path
-
-
-def _run_groups(plan, writer, start_steps, bar, timing, run_dir, on_chunk):
-    """Every group from its start step to the end (or until a signal); the final states."""
-    total = plan.config.steps
-    final_states: list[tuple[list[int], TrainState, dict[str, Any]]] = []
-    with _SignalCatcher() as sig:
-
-        def after_chunk(g: int, s: int, state: TrainState, loss: float, sharpness: float | None) -> None:
-            n_real = len(plan.groups[g])
-            bar.update(g * total + s, loss, sharpness, extra=f"lanes {n_real}" if n_real > 1 else "")
-            if on_chunk is not None:
-                on_chunk(s)
-            # Several processes stop together: a signal seen by any of them stops them all here.
-            if any_process(sig.signum is not None):
-                writer.save(g, s, state)
-                writer.close()  # waits for the save to commit
-                bar.close()
-                raise TrainingInterrupted(sig.signum or signal.SIGTERM, s, run_dir)
-
-        for g, idx in enumerate(plan.groups):
-            s = start_steps[g]
-            state = plan.place(writer.restore(g, s, plan.template(g))) if s > 0 else None
-            state, fstats = run_group(
-                plan, g, state, s, emit=writer.log, save=writer.save, after_chunk=after_chunk, timing=timing
-            )
-            writer.wait(g)
-            final_states.append((idx, state, fstats))
-    return final_states

@@ -5,9 +5,9 @@ chunk from EVERY step's loss, so the stability verdict and spike counts do not d
 ``log_every``; :func:`loss_stats_reference` is the same computation in NumPy (tests).
 The RelL1 to the k=1 twin (Section 4: perturbed vs plain SGD) is gathered across the
 lane axis inside the compiled program (:func:`rel_l1_to_twin`) and smoothed over
-:data:`REL_L1_WINDOW` steps. :func:`lane_results` turns a run's final states and its
-metrics lines into the per-lane records of ``results.json`` (and of
-:class:`eos_jax.train.History`).
+:data:`REL_L1_WINDOW` steps. :func:`summarize_run` turns a run's final states and its
+logged series (a :class:`eos_jax.train.History`'s arrays) into the per-lane records of
+``results.json`` and of the ``History``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eos_jax import io as eio
 from eos_jax.distributed import to_host
 from eos_jax.metrics import layer_groups, rel_l1, tree_digest, ulp_diff
 from eos_jax.train.config import PyTree, lane_threshold, uniform_threshold
@@ -229,23 +230,45 @@ def index_lane(tree: PyTree, i: int) -> PyTree:
     return jax.tree_util.tree_map(lambda x: np.asarray(x)[i], tree)
 
 
-def lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, Any]:
-    """Loss and sharpness statistics of one lane from its metrics lines (sorted by step).
+def _number(x: Any) -> float | None:
+    """A float, or None when it is not finite (as a metrics line stores it)."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def lane_summary(series: dict[str, np.ndarray], threshold: float) -> dict[str, Any]:
+    """Loss and sharpness statistics of one lane from its logged series.
+
+    Args:
+      series: one lane's values at its logged steps, in step order (a row of a
+        :class:`eos_jax.train.History` where ``logged``): ``step``, ``loss``, ``finite``,
+        ``sharpness``, ``normalized_sharpness`` and ``measured`` (True where the sharpness was
+        measured; NaN elsewhere).
+      threshold: the stability threshold of ``lr * sharpness``.
 
     Examples:
+      >>> import numpy as np
       >>> from eos_jax.train.stats import lane_summary
-      >>> lines = [{"step": 0, "loss": 1.0, "finite": True, "sharpness": 3.0, "normalized_sharpness": 1.5},
-      ...          {"step": 1, "loss": 1.25, "finite": True},
-      ...          {"step": 2, "loss": 0.5, "finite": True, "sharpness": 4.4, "normalized_sharpness": 2.2}]
-      >>> s = lane_summary(lines, threshold=2.0)
+      >>> nan = float("nan")
+      >>> series = {"step": np.arange(3), "loss": np.array([1.0, 1.25, 0.5]), "finite": np.ones(3, bool),
+      ...           "sharpness": np.array([3.0, nan, 4.4]), "normalized_sharpness": np.array([1.5, nan, 2.2]),
+      ...           "measured": np.array([True, False, True])}
+      >>> s = lane_summary(series, threshold=2.0)
       >>> s["final_loss"], s["max_rel_loss_increase"], s["num_loss_increases_1pct"], s["first_step_above_threshold"]
       (0.5, 0.25, 1, 2)
     """
-    losses = [(r["step"], r["loss"]) for r in lines if r.get("finite") and r.get("loss") is not None]
-    sharp = [(r["step"], r["sharpness"], r["normalized_sharpness"]) for r in lines if r.get("sharpness") is not None]
+    steps = [int(x) for x in series["step"]]
+    losses = [
+        (st, float(l)) for st, l, f in zip(steps, series["loss"], series["finite"]) if f and math.isfinite(float(l))
+    ]
+    sharp = [
+        (st, float(x), _number(ns))
+        for st, x, ns, m in zip(steps, series["sharpness"], series["normalized_sharpness"], series["measured"])
+        if m and math.isfinite(float(x))
+    ]
     out: dict[str, Any] = {
         "initial_loss": losses[0][1] if losses else None,
-        "final_loss": lines[-1].get("loss") if lines else None,
+        "final_loss": _number(series["loss"][-1]) if steps else None,
         "min_loss": min((l for _, l in losses), default=None),
         "max_loss": max((l for _, l in losses), default=None),
     }
@@ -256,7 +279,7 @@ def lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, Any
     out["num_loss_increases_1pct"] = sum(1 for _, x in incs if x > 0.01)
     # The same after the first 10% of the steps, to tell an initial transient (e.g. a blow-up
     # in the first steps that then settles) from persistent oscillations.
-    last = lines[-1]["step"] if lines else 0
+    last = steps[-1] if steps else 0
     late = [x for s, x in incs if s >= last // 10]
     out["max_rel_loss_increase_late"] = max(late, default=0.0)
     out["num_loss_increases_1pct_late"] = sum(1 for x in late if x > 0.01)
@@ -272,6 +295,32 @@ def lane_summary(lines: list[dict[str, Any]], threshold: float) -> dict[str, Any
         out["max_normalized_sharpness"] = max(finite_ns, default=None)
         out["first_step_above_threshold"] = next((s for s, _, ns in sharp if ns is not None and ns > threshold), None)
     return out
+
+
+def lane_series(series: dict[str, Any], lane: int) -> dict[str, Any]:
+    """Lane ``lane``'s row of a run's series, at its logged steps only (what :func:`lane_summary` takes).
+
+    Args:
+      series: the arrays of a :class:`eos_jax.train.History` (``step``, ``(lanes, T)`` arrays with
+        ``logged``, ``measured`` and ``evaluated`` masks, ``evals`` and ``curvature`` dicts).
+      lane: the lane's index.
+
+    Examples:
+      >>> import numpy as np
+      >>> from eos_jax.train.stats import lane_series
+      >>> series = {"step": np.arange(3), "loss": np.array([[1.0, 2.0, 3.0]]), "logged": np.array([[True, False, True]])}
+      >>> row = lane_series(series, 0)
+      >>> row["step"].tolist(), row["loss"].tolist()
+      ([0, 2], [1.0, 3.0])
+    """
+    keep = np.asarray(series["logged"][lane], bool)
+    row: dict[str, Any] = {"step": np.asarray(series["step"])[keep]}
+    for name, v in series.items():
+        if isinstance(v, dict):
+            row[name] = {k: np.asarray(a[lane])[keep] for k, a in v.items()}
+        elif name != "step" and isinstance(v, np.ndarray) and v.ndim >= 2:
+            row[name] = v[lane][keep]
+    return row
 
 
 _REL_L1 = jax.jit(rel_l1)  # one program per parameter structure (eagerly, every op of every leaf compiles)
@@ -317,17 +366,18 @@ def summarize_run(
     lanes: Sequence[Any],
     groups: list[list[int]],
     final_states: list[tuple[list[int], Any, dict[str, np.ndarray]]],
-    lines: list[dict[str, Any]],
+    series: dict[str, Any],
     threshold: Any,
     twins: Sequence[dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[int, PyTree]]:
-    """The per-lane records and the summary of ``results.json``, from the final states and the metrics lines.
+    """The per-lane records and the summary of ``results.json``, from the final states and the logged series.
 
     Args:
       lanes: the run's :class:`eos_jax.train.Lane` list.
       groups: lane indices per vmapped group.
       final_states: per group ``(lane indices, final TrainState, final loss statistics)``.
-      lines: every metrics line of the run (any order).
+      series: the run's logged arrays, as a :class:`eos_jax.train.History` holds them
+        (:func:`lane_series`).
       threshold: the problem's stability threshold (a number, or ``Lane -> number``: each lane
         record gets its own ``threshold``; the summary's is None when they differ).
       twins: :func:`eos_jax.train.core.find_twins` of the run.
@@ -336,8 +386,7 @@ def summarize_run(
       ``(lane records sorted by lane, summary over lanes, final parameters by lane index)``.
 
     Examples:
-      Two lanes at step 0, as :func:`eos_jax.train.init_state` makes them, with one metrics
-      line each:
+      Two lanes at step 0, as :func:`eos_jax.train.init_state` makes them, with one logged step each:
 
       >>> import jax, jax.numpy as jnp, numpy as np
       >>> from eos_jax import optim, train as tr
@@ -348,18 +397,18 @@ def summarize_run(
       >>> lanes = tr.make_lanes([0.1, 0.5])
       >>> state = jax.jit(jax.vmap(lambda hp: tr.init_state(problem, hp)))(tr.stack_hparams(lanes, jnp.float32))
       >>> stats = {k: np.stack([np.asarray(v)] * 2) for k, v in tr.stats.init_loss_stats(jnp.float32).items()}
-      >>> lines = [{"lane": i, "step": 0, "loss": 1.0, "finite": True} for i in range(2)]
+      >>> ones, nan = np.ones((2, 1), bool), np.full((2, 1), np.nan)
+      >>> series = {"step": np.zeros(1, np.int64), "loss": np.ones((2, 1)), "finite": ones, "logged": ones,
+      ...           "sharpness": nan, "normalized_sharpness": nan, "measured": ~ones, "evaluated": ~ones,
+      ...           "evals": {}, "curvature": {}}
       >>> groups = [[0, 1]]
-      >>> records, summary, params = summarize_run(lanes, groups, [([0, 1], state, stats)], lines, 2.0,
+      >>> records, summary, params = summarize_run(lanes, groups, [([0, 1], state, stats)], series, 2.0,
       ...                                          tr.core.find_twins(lanes, groups))
       >>> [(r["lane"], r["learning_rate"], r["finite"], r["steps"]) for r in records]
       [(0, 0.1, True, 0), (1, 0.5, True, 0)]
       >>> summary["num_finite"], summary["final_loss_max"], params[1]["w"].tolist()
       (2, 1.0, [0.0, 0.0])
     """
-    by_lane: dict[int, list[dict[str, Any]]] = {}
-    for r in lines:
-        by_lane.setdefault(r["lane"], []).append(r)
     lane_records = []
     final_params: dict[int, Any] = {}
     for idx, state, stats in final_states:
@@ -372,7 +421,8 @@ def summarize_run(
             rec["steps"] = int(one.step)
             rec["stop_step"] = int(one.stop_step) if int(one.stop_step) >= 0 else None
             rec["threshold"] = lane_threshold(threshold, lanes[lane_index])
-            rec.update(lane_summary(sorted(by_lane.get(lane_index, []), key=lambda r: r["step"]), rec["threshold"]))
+            row = lane_series(series, lane_index)
+            rec.update(lane_summary(row, rec["threshold"]))
             # Spikes and the stability verdict from EVERY step's loss (running statistics kept
             # inside the scan), not from the logged lines only.
             rec.update(summarize_loss_stats({k: v[li] for k, v in stats.items()}))
@@ -380,14 +430,7 @@ def summarize_run(
             rec["params_digest"] = tree_digest(one.params)
             if jax.tree_util.tree_leaves(one.model_state):
                 rec["model_state_digest"] = tree_digest(one.model_state)
-            evals = [r for r in by_lane.get(lane_index, []) if "eval" in r]
-            if evals:
-                last = max(evals, key=lambda r: r["step"])
-                rec["final_eval"] = {"step": last["step"], **last["eval"]}
-            curv = sorted((r for r in by_lane.get(lane_index, []) if "curvature" in r), key=lambda r: r["step"])
-            if curv:  # EngineConfig.track's series, at the sharpness steps
-                rec["curvature"] = {"step": [r["step"] for r in curv]}
-                rec["curvature"].update({name: [r["curvature"][name] for r in curv] for name in curv[0]["curvature"]})
+            rec.update(_last_eval_and_curvature(row))
             final_params[lane_index] = one.params
             lane_records.append(rec)
     lane_records.sort(key=lambda r: r["lane"])
@@ -408,3 +451,18 @@ def summarize_run(
         "threshold": uniform_threshold(threshold, lanes),
     }
     return lane_records, summary, final_params
+
+
+def _last_eval_and_curvature(row: dict[str, Any]) -> dict[str, Any]:
+    """A lane's ``final_eval`` (its last evaluation) and ``curvature`` series (``EngineConfig.track``'s, at the
+    sharpness steps), when it has them; non-finite values as None."""
+    out: dict[str, Any] = {}
+    evaluated = np.flatnonzero(row.get("evaluated", ()))
+    if len(evaluated) and row["evals"]:
+        t = evaluated[-1]
+        out["final_eval"] = {"step": int(row["step"][t]), **{n: _number(v[t]) for n, v in row["evals"].items()}}
+    measured = np.flatnonzero(row["measured"])
+    if len(measured) and row["curvature"]:
+        out["curvature"] = {"step": [int(row["step"][t]) for t in measured]}
+        out["curvature"].update({n: eio.to_jsonable(v[measured]) for n, v in row["curvature"].items()})
+    return out

@@ -112,8 +112,9 @@ class RunWriter:
 
         Fresh run: every group starts at 0 and the file is emptied. Resume: each group
         starts at its newest checkpoint that verifies (``template(g)`` is its abstract
-        state), and lines at or past it are dropped.
+        state), and lines at or past it are dropped; ``earlier`` keeps the lines before it.
         """
+        self.earlier: list[dict[str, Any]] = []
         if not resume:
             if self.primary:
                 eio.atomic_write_text(self.metrics_path, "")
@@ -129,6 +130,7 @@ class RunWriter:
         ]
         if self.primary:
             eio.atomic_write_text(self.metrics_path, "".join(json_line(r) for r in kept))
+        self.earlier = kept
         return starts
 
     def restore(self, g: int, step: int, template: PyTree) -> TrainState:

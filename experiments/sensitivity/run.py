@@ -670,7 +670,7 @@ def _final_states(run_dir: Path, problem: tr.Problem, lanes, ecfg, cfg):
     lanes (:func:`eos_jax.distributed.to_host`, a collective).
     """
     ecfg = tr.loop.resumed_grouping(ecfg, run_dir, jax.device_count())
-    plan = tr.core.Plan.build(problem, lanes, ecfg, dtype=jnp.dtype(cfg.dtype))
+    plan = tr.core.build_plan(problem, lanes, ecfg, dtype=jnp.dtype(cfg.dtype))
     out: dict[int, Any] = {}
     for g, idx in enumerate(plan.groups):
         store = CheckpointStore(run_dir / "checkpoints" / f"group_{g:03d}", max_to_keep=ecfg.checkpoint_keep)
