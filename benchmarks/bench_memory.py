@@ -6,10 +6,14 @@ Hessian-vector product, and the sharpness by Lanczos with ``--iters`` products. 
 in a fresh child process (peak RSS only grows), which prints its peak RSS after each phase and
 XLA's memory analysis of the compiled programs (arguments, outputs, temporaries). Settings:
 ``eos_jax.runtime.configure()`` as every entry point calls it (freed host memory kept in the
-process: ``retain_memory=True``) and with ``retain_memory=False``.
+process: ``retain_memory=True``) and with ``retain_memory=False``; and, with ``--torch``, the same work
+written as a PyTorch user would (``conv2d``, autograd's double backward for the products, Lanczos with
+full reorthogonalization as PyHessian does), in a process that imports no JAX. The last line is the
+ratio of the peaks: eos-jax / PyTorch.
 
-    python benchmarks/bench_memory.py            # 12,000 images, ~1 min on a 2-core CPU
+    python benchmarks/bench_memory.py            # 12,000 images, 3 runs per setting, ~3 min on a 2-core CPU
     python benchmarks/bench_memory.py --n 2000   # quicker
+    python benchmarks/bench_memory.py --torch    # and PyTorch's peak (needs torch installed)
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ def child(n: int, iters: int, retain: bool) -> dict:
     from eos_jax import runtime
 
     runtime.configure(retain_memory=retain)
+    host_memory = runtime.retain_host_memory() if retain else "system (retain_memory=False)"
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -40,7 +45,7 @@ def child(n: int, iters: int, retain: bool) -> dict:
     from eos_jax import hessian
     from experiments import eos
 
-    out: dict = {"retain_memory": retain, "peak_gib": {}}
+    out: dict = {"retain_memory": retain, "host_memory": host_memory, "peak_gib": {}}
     rs = np.random.RandomState(0)
     x = rs.rand(n, 28, 28, 1).astype(np.float32)
     y = rs.randint(0, 2, n).astype(np.int32)
@@ -74,34 +79,101 @@ def child(n: int, iters: int, retain: bool) -> dict:
     return out
 
 
+def torch_child(n: int, iters: int) -> dict:
+    """The same workload in PyTorch (imports no JAX): the peaks after each phase."""
+    import numpy as np
+    import torch
+
+    out: dict = {"retain_memory": "torch", "peak_gib": {}}
+    rs = np.random.RandomState(0)
+    x = torch.from_numpy(rs.rand(n, 28, 28, 1).astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(rs.randint(0, 2, n).astype(np.float32))
+    gen = torch.Generator().manual_seed(0)
+    ks = [torch.randn(1, 1, 3, 3, generator=gen).requires_grad_() for _ in range(3)]  # kernels N(0, 1)
+    out["peak_gib"]["data"] = _peak_gib()
+
+    def loss(ps):  # valid cross-correlation, no bias, Swish(1), mean pooling, one logit, BCE
+        h = x
+        for k in ps:
+            h = torch.nn.functional.conv2d(h, k)
+            h = h * torch.sigmoid(h)
+        return torch.nn.functional.binary_cross_entropy_with_logits(h.mean(dim=(1, 2, 3)), y)
+
+    for _ in range(3):
+        grads = torch.autograd.grad(loss(ks), ks)
+        with torch.no_grad():
+            for k, g in zip(ks, grads):
+                k.sub_(5.0 * g)  # the paper's update: the product rounded, then the sum
+    out["peak_gib"]["gd_steps"] = _peak_gib()
+    grads = torch.autograd.grad(loss(ks), ks, create_graph=True)
+
+    def hvp(flat):
+        vs = [c.view(1, 1, 3, 3) for c in torch.split(flat, 9)]
+        return torch.cat([h.reshape(-1) for h in torch.autograd.grad(grads, ks, grad_outputs=vs, retain_graph=True)])
+
+    hvp(torch.ones(27))
+    out["peak_gib"]["hvp"] = _peak_gib()
+    q = torch.zeros((iters, 27))
+    v = torch.randn(27, generator=gen)
+    q[0] = v / torch.linalg.norm(v)
+    alpha, beta = torch.zeros(iters), torch.zeros(max(iters - 1, 0))
+    for j in range(iters):  # Lanczos with full reorthogonalization (PyHessian's density)
+        w = hvp(q[j])
+        alpha[j] = torch.dot(w, q[j])
+        w = w - q[: j + 1].T @ (q[: j + 1] @ w)
+        if j + 1 < iters:
+            beta[j] = torch.linalg.norm(w)
+            q[j + 1] = w / beta[j]
+    torch.linalg.eigvalsh(torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1))
+    out["peak_gib"]["lanczos"] = _peak_gib()
+    out["data_gib"] = x.numel() * 4 / GIB
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=12_000, help="images (default 12000)")
     p.add_argument("--iters", type=int, default=20, help="Lanczos products (default 20)")
-    p.add_argument("--child", choices=("retain", "release"), help=argparse.SUPPRESS)
+    p.add_argument("--torch", action="store_true", help="also run the workload in PyTorch (needs torch)")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per setting (default 3)")
+    p.add_argument("--child", choices=("retain", "release", "torch"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child == "torch":
+        print(json.dumps(torch_child(args.n, args.iters)))
+        return
     if args.child:
         print(json.dumps(child(args.n, args.iters, args.child == "retain")))
         return
-    rows = []
-    for setting in ("retain", "release"):
-        cmd = [sys.executable, __file__, "--n", str(args.n), "--iters", str(args.iters), "--child", setting]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), check=True)
-        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    first = rows[0]
+    settings = ("retain", "release") + (("torch",) if args.torch else ())
+    rows: dict[str, list[dict]] = {name: [] for name in settings}
+    for _ in range(args.repeats):  # interleaved, so drifts of the machine fall on every setting alike
+        for setting in settings:
+            cmd = [sys.executable, __file__, "--n", str(args.n), "--iters", str(args.iters), "--child", setting]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), check=True)
+            rows[setting].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    first = rows["retain"][0]
     print(
-        f"main-job CNN, 3 layers, {args.n} images of 28x28 (data {first['data_gib']:.3f} GiB), {args.iters} Lanczos products"
+        f"main-job CNN, 3 layers, {args.n} images of 28x28 (data {first['data_gib']:.3f} GiB), {args.iters} Lanczos "
+        f"products; host memory: {first['host_memory']}"
     )
-    print("peak RSS (GiB) after each phase, a fresh process per setting:")
+    print(f"peak RSS (GiB) after each phase, a fresh process per run, {args.repeats} runs per setting:")
     print(f"  {'setting':<24}" + "".join(f"{k:>10}" for k in first["peak_gib"]))
-    for r in rows:
-        name = "retain_memory=" + str(r["retain_memory"])
-        print(f"  {name:<24}" + "".join(f"{v:>10.2f}" for v in r["peak_gib"].values()))
+    names = {"retain": "retain_memory=True", "release": "retain_memory=False", "torch": "PyTorch"}
+    for setting, runs in rows.items():
+        for r in runs:
+            print(f"  {names[setting]:<24}" + "".join(f"{v:>10.2f}" for v in r["peak_gib"].values()))
     print("XLA's memory analysis of the compiled programs (GiB): temporaries / arguments + outputs + temporaries")
     for name, m in first["programs_gib"].items():
         print(f"  {name:<10} {m['temp']:8.3f} / {m['total']:8.3f}")
-    ratio = rows[0]["peak_gib"]["lanczos"] / rows[1]["peak_gib"]["lanczos"]
-    print(f"peak with kept memory / peak without: {ratio:.2f}")
+    peak = {k: [r["peak_gib"]["lanczos"] for r in runs] for k, runs in rows.items()}
+    print(f"peak with kept memory / peak without: {max(peak['retain']) / max(peak['release']):.2f} (largest of each)")
+    if args.torch:
+        t = max(peak["torch"])
+        print(
+            f"peak eos-jax / PyTorch (largest of each): {max(peak['retain']) / t:.2f} with kept memory (as the CLIs "
+            f"run; {min(peak['retain']) / t:.2f}-{max(peak['retain']) / t:.2f} over the runs), "
+            f"{max(peak['release']) / t:.2f} without"
+        )
 
 
 if __name__ == "__main__":
