@@ -24,6 +24,8 @@ their presets, run directories and findings, are in the ``experiments`` package)
       data         readers, named datasets, downloads, preprocessing and batching
       pde          the PDE analysis of Sections 3, 5, 6.1: operators, schemes, bounds, classifiers
       stability    the stability criterion and regimes of a training run (Section 6)
+      optim_cfl    cfl_scale: each layer's step capped at a fraction of its stable step (Section 7)
+      predict      the regime before training: classical and per-layer bounds, verdicts
     Engine
       checkpoint   Orbax checkpoints of a training state, verified on restore
       train        the training engine: one state pytree, a pure step, scan-chunked vmapped sweeps
@@ -64,6 +66,8 @@ __all__ = [
     "data",
     "pde",
     "stability",
+    "optim_cfl",
+    "predict",
     "checkpoint",
     "train",
     "plotting",
@@ -84,9 +88,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the modules load on
         metrics,
         models,
         optim,
+        optim_cfl,
         optim_torch,
         pde,
         plotting,
+        predict,
         progress,
         runtime,
         stability,

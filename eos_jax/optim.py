@@ -63,6 +63,7 @@ import optax
 
 from eos_jax.errors import ConfigError
 from eos_jax.fma import opaque_zero, rounded_mul, runtime_zero
+from eos_jax.optim_cfl import cfl_scale  # noqa: F401 - the adaptive step of Section 7, as eos_jax.optim.cfl_scale
 from eos_jax.optim_torch import TorchRoundedOptimizer, torch_adam, torch_sgd
 
 ScalarOrSchedule = float | jax.Array | Callable[[jax.Array], jax.Array]

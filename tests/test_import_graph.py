@@ -25,7 +25,24 @@ PACKAGES = ("eos_jax", "experiments")
 # Top-level components of eos_jax (the first name after ``eos_jax.``), lowest layer first.
 LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
     ("foundation", frozenset({"errors", "io", "fma", "runtime", "progress", "cli", "metrics", "distributed"})),
-    ("maths", frozenset({"eigen", "losses", "optim_torch", "optim", "hessian", "models", "data", "pde", "stability"})),
+    (
+        "maths",
+        frozenset(
+            {
+                "eigen",
+                "losses",
+                "optim_torch",
+                "optim_cfl",
+                "optim",
+                "hessian",
+                "models",
+                "data",
+                "pde",
+                "stability",
+                "predict",
+            }
+        ),
+    ),
     ("engine", frozenset({"checkpoint", "train", "plotting"})),
 )
 # Function-local imports of eos_jax modules that are kept, (importer, imported) -> why. None: the
