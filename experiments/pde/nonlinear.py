@@ -69,17 +69,7 @@ def run_nonlinear(
     t_start = time.perf_counter()
     sim = simulate(config, log=log)
     t_sim = time.perf_counter() - t_start
-    image = checkerboard(config.size, square=config.square, dtype=np.float64)
-    th = theory(
-        image,
-        config.kernel,
-        alpha=config.alpha,
-        beta=config.beta,
-        label=config.label,
-        dts=config.dts,
-        pool=config.pool,
-        square=config.square,
-    )
+    th = config_theory(config)
     results = build_results(config, sim, th)
     meta = dict(meta, model_info=sim["model_info"], timing=dict(sim["timing"], simulate_s=t_sim))
     if distributed.is_primary():  # several processes: each holds the same results; process 0 writes
@@ -90,6 +80,21 @@ def run_nonlinear(
         atomic_write_json(path / "results.json", results)
         atomic_write_json(path / "metadata.json", meta)
     return results
+
+
+def config_theory(config: NonlinearConfig) -> dict[str, Any]:
+    """The closed-form analysis (:func:`eos_jax.pde.nonlinear.theory`) of ``config``'s checkerboard, kernel and dts."""
+    image = checkerboard(config.size, square=config.square, dtype=np.float64)
+    return theory(
+        image,
+        config.kernel,
+        alpha=config.alpha,
+        beta=config.beta,
+        label=config.label,
+        dts=config.dts,
+        pool=config.pool,
+        square=config.square,
+    )
 
 
 def build_results(config: NonlinearConfig, sim: dict[str, Any], th: dict[str, Any]) -> dict[str, Any]:

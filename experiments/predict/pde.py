@@ -18,8 +18,8 @@ import numpy as np
 
 from eos_jax import predict
 from eos_jax.io import atomic_write_json
-from eos_jax.pde.common import checkerboard
-from eos_jax.pde.nonlinear import NonlinearConfig, classify, dt_key, theory
+from eos_jax.pde.nonlinear import NonlinearConfig, classify, dt_key
+from experiments.pde.nonlinear import config_theory
 from experiments.pde.nonlinear_sim import simulate
 from experiments.pde.rundir import start_run
 from experiments.predict.common import bound_records, confusion, plot_pde
@@ -33,17 +33,7 @@ def predict_pde(config: NonlinearConfig) -> dict[str, Any]:
     Returns:
       ``{"bounds": [...], "verdicts": {dt key: verdict}, "threshold": lowest deciding bound}``.
     """
-    image = checkerboard(config.size, square=config.square, dtype=np.float64)
-    th = theory(
-        image,
-        config.kernel,
-        alpha=config.alpha,
-        beta=config.beta,
-        label=config.label,
-        dts=config.dts,
-        pool=config.pool,
-        square=config.square,
-    )
+    th = config_theory(config)
     bounds = predict.pde_bounds(th, alpha=config.alpha)
     deciding = [b.lr_max for b in bounds if b.effect is not None]
     return {
