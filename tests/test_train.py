@@ -242,9 +242,10 @@ def test_scan_chunks_equal_python_loop_bitwise():
 
 def test_lane_batch_runs_the_same_lanes_deterministically():
     """lane_batch trains a sweep's lanes a few at a time inside one program. The lanes are the
-    same functions of their hyperparameters: lane_batch=1 and 2 (3 lanes: a remainder batch)
-    agree with the lanes run alone and with the vectorized sweep to float32 rounding (training
-    chunk and, for 1, warm-started sharpness), and the same lane_batch twice is bitwise equal. No
+    same functions of their hyperparameters: lane_batch=1 agrees with each lane run alone (the
+    vectorized program of one lane) to float32 rounding (training chunk and warm-started
+    sharpness), lane_batch=2 (3 lanes: a remainder batch) with lane_batch=1 (training chunk), and
+    the same lane_batch twice is bitwise equal. No
     bitwise promise across lane_batch values: XLA compiles a loop body apart from the same code
     at top level (measured here: parameters equal, eigenvectors up to 10 ulps apart). The main
     job's CNN (2 layers: a cheaper compile) on small random images."""
@@ -263,7 +264,7 @@ def test_lane_batch_runs_the_same_lanes_deterministically():
     fns = {
         b: (tr.make_chunk_fn(prob, None, chunk_steps=3, lane_batch=b), tr.make_sharpness_fn(prob, eig, lane_batch=b))
         for b in (None, 1, 2)
-    }  # built once: each compiles once per lane count (lane_batch=2: the chunk only)
+    }  # built once: each compiles once (None: one lane; lane_batch=2: the chunk only)
 
     def sweep(hp, lane_batch):
         chunk, sharp = fns[lane_batch]
@@ -279,11 +280,8 @@ def test_lane_batch_runs_the_same_lanes_deterministically():
         lane = jax.tree_util.tree_map(lambda a, i=i: a[i : i + 1], s1)
         assert_tree_allclose(lane.params, alone.params, rtol=1e-6, atol=1e-8, msg=f"lane {i} params")
         np.testing.assert_allclose(np.asarray(lam1)[i : i + 1], np.asarray(lam_alone), rtol=1e-5)
-    s_all, lam_all = sweep(hp_all, None)
-    assert_tree_allclose(s1.params, s_all.params, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(lam1), np.asarray(lam_all), rtol=1e-4)
     s2, _ = fns[2][0](init(hp_all), hp_all, prob.data, n)  # the training chunk, 2 lanes then 1
-    assert_tree_allclose(s2.params, s_all.params, rtol=1e-5, atol=1e-7)
+    assert_tree_allclose(s2.params, s1.params, rtol=1e-5, atol=1e-7)
     with pytest.raises(ConfigError, match="lane_batch=0"):
         tr.EngineConfig(steps=1, lane_batch=0).validate()
 
@@ -345,14 +343,20 @@ def test_float64_parameters_get_the_float64_learning_rate(tmp_path):
 
 
 def test_chunk_length_and_checkpoint_schedule_do_not_change_bits(baseline, tmp_path):
-    """Final digests and metrics.jsonl are identical for chunk lengths 1, 7 and 10 (CPU)."""
+    """Final digests and metrics.jsonl are identical for chunk lengths 1, 7 and 10 (CPU); the
+    parameters' bits are the same without sharpness tracking (the estimates never feed the step)."""
     base_dir, base = baseline
+    digests = [l["params_digest"] for l in base["lanes"]]
     for i, (cs, ce) in enumerate([(7, None), (1, 45)]):
         cfg = dataclasses.replace(TOY_CONFIG, chunk_steps=cs, checkpoint_every=ce)
         out = tmp_path / f"r{i}"
         res = tr.train(toy_problem(), tr.make_lanes(list(TOY_LRS)), cfg, out, quiet=True)
-        assert [l["params_digest"] for l in res["lanes"]] == [l["params_digest"] for l in base["lanes"]], (cs, ce)
+        assert [l["params_digest"] for l in res["lanes"]] == digests, (cs, ce)
         assert (out / "metrics.jsonl").read_bytes() == (base_dir / "metrics.jsonl").read_bytes(), (cs, ce)
+    assert TOY_CONFIG.sharpness_every
+    cfg = dataclasses.replace(TOY_CONFIG, sharpness_every=None)
+    res = tr.train(toy_problem(), tr.make_lanes(list(TOY_LRS)), cfg, tmp_path / "untracked", quiet=True)
+    assert [l["params_digest"] for l in res["lanes"]] == digests
 
 
 @pytest.mark.slow
