@@ -18,8 +18,9 @@ on a shared VM, noise only adds time; this one's kernel also pages out idle memo
   speed-up over ``lax``;
 * ``hvp``: a Hessian-vector product through one linearization (the product Lanczos runs:
   marginal cost inside a jitted loop) and a fresh ``jvp(grad)``, both over a gradient;
-* ``products``: Lanczos products per sharpness estimate to a relative residual of 1e-3,
-  cold (random start) and warm (previous eigenvector, ``sharpness_every`` GD steps later);
+* ``products``: Lanczos products per sharpness estimate to 1e-3, cold (random start) and warm
+  (previous eigenvector, ``sharpness_every`` GD steps later), for each stop rule: the relative
+  residual and the estimated relative eigenvalue error (``stop="eigenvalue"``, the main job's);
 * ``tracking``: the share of sharpness tracking in the main job's run time at the default
   schedule (``EosConfig``: ``steps``, ``sharpness_every``, ``sharpness_iters``), from the
   measured times of one step, of the first (cold) tracking call and of a warm-started one
@@ -37,6 +38,7 @@ Ratios are taken within this run; on a shared machine, compare ``uptime`` before
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import statistics
@@ -49,6 +51,7 @@ from jax import lax
 
 from eos_jax import hessian, runtime
 from eos_jax import train as tr
+from eos_jax.train.sizing import AUTO_LANE_BATCH
 
 IMPLS = ("lax", "shifted", "fft", "fused")
 
@@ -145,6 +148,33 @@ def load_images(quick: bool, n: int) -> tuple[np.ndarray, np.ndarray, str]:
     x = np.asarray(ds.x)[:n].astype(np.float32)
     y = np.asarray(ds.y)[:n].astype(np.int32)
     return x, y, f"fashion_mnist01 train x {x.shape[0]}"
+
+
+def print_products_per_estimate(loss, params, data, every: int, stop: str, quick: bool) -> None:
+    """Lanczos products per estimate to 1e-3 under ``stop``, cold and warm-started ``every`` GD steps (lr 5) later."""
+    step_fn = jax.jit(lambda p, b: jax.tree_util.tree_map(lambda w, g: w - 5.0 * g, p, jax.grad(loss)(p, b)))
+    max_iters = 20 if quick else 60
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+    eig = jax.jit(
+        lambda p, b, v0, k: hessian.top_eigenvalue(loss, p, b, num_iters=max_iters, tol=1e-3, v0=v0, key=k, stop=stop)
+    )
+    p = params
+    prev = eig(p, data, zero, jax.random.key(1))
+    colds, warms = [], []
+    for r in range(1 if quick else 4):
+        for _ in range(2 if quick else every):
+            p = step_fn(p, data)
+        cold = eig(p, data, zero, jax.random.key(2 + r))
+        warm = eig(p, data, prev.eigenvector, jax.random.key(2 + r))
+        colds.append(int(cold.num_hvps))
+        warms.append(int(warm.num_hvps))
+        prev = warm
+    print(
+        f"products per estimate at 1e-3 ({stop}): cold = {statistics.median(colds):.1f} "
+        f"warm = {statistics.median(warms):.1f}  (cold {colds}, warm {warms}, every {every} steps, "
+        f"last lambda_max {float(warm.eigenvalue):.5g})",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -246,33 +276,16 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     every = cfg.sharpness_every
-    step_fn = jax.jit(lambda p, b: jax.tree_util.tree_map(lambda w, g: w - 5.0 * g, p, jax.grad(loss)(p, b)))
-    max_iters = 20 if args.quick else 60
-    eig = jax.jit(lambda p, b, v0, k: hessian.top_eigenvalue(loss, p, b, num_iters=max_iters, tol=1e-3, v0=v0, key=k))
-    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
-    p = params
-    prev = eig(p, data, zero, jax.random.key(1))
-    colds, warms = [], []
-    for r in range(1 if args.quick else 4):
-        for _ in range(2 if args.quick else every):
-            p = step_fn(p, data)
-        cold = eig(p, data, zero, jax.random.key(2 + r))
-        warm = eig(p, data, prev.eigenvector, jax.random.key(2 + r))
-        colds.append(int(cold.num_hvps))
-        warms.append(int(warm.num_hvps))
-        prev = warm
-    print(
-        f"products per estimate at 1e-3: cold = {statistics.median(colds):.1f} warm = {statistics.median(warms):.1f}"
-        f"  (cold {colds}, warm {warms}, every {every} steps, last lambda_max {float(warm.eigenvalue):.5g})",
-        flush=True,
-    )
+    for stop in ("residual", "eigenvalue"):  # what the tolerance bounds (eos_jax.eigen.STOPS)
+        print_products_per_estimate(loss, params, data, every, stop, args.quick)
 
     hp = tr.stack_hparams(tr.make_lanes([5.0]))
     state = jax.jit(jax.vmap(lambda h: tr.init_state(problem, h)))(hp)
     ecfg = cfg.engine_config()
     sharp = tr.make_sharpness_fn(
-        problem, tr.make_eig_fn(ecfg.sharpness_iters, ecfg.sharpness_method, ecfg.sharpness_tol)
-    )  # the engine's default eig_fn
+        problem,
+        tr.make_eig_fn(ecfg.sharpness_iters, ecfg.sharpness_method, ecfg.sharpness_tol, stop=ecfg.sharpness_stop),
+    )  # the main job's eig_fn
     # As in a run: the first estimate starts cold (zero eigvec) at step 0; every later one is
     # warm-started from the eigenvector of the estimate `every` steps earlier.
     t_cold = _timed(lambda s: sharp(s, hp, data)[1], state, repeats=args.repeats)
@@ -289,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     t_track = t_cold + (n_eval - 1) * t_warm
     share = t_track / (t_train + t_track)
     print(
-        f"tracking: {ecfg.sharpness_method} to tol {ecfg.sharpness_tol} (at most {ecfg.sharpness_iters} products), "
+        f"tracking: {ecfg.sharpness_method} to tol {ecfg.sharpness_tol} on the {ecfg.sharpness_stop} "
+        f"(at most {ecfg.sharpness_iters} products), "
         f"per call cold {t_cold * 1e3:.2f} ms, warm-started {t_warm * 1e3:.2f} ms (after {n_warm} steps); "
         f"{n_eval} calls in {cfg.steps} steps (every {every}, the first cold); step {t_step * 1e3:.2f} ms; "
         f"share of run time = {share:.3f}",
@@ -323,7 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     t_b1 = _timed(fn_b1, s_all, repeats=sweep_repeats)
     # What the engine runs by default (EngineConfig.lane_batch="auto"), decided by its Plan from the
     # temporaries of the run's all-at-once chunk and sharpness programs (its sizing step).
-    choice = tr.core.size_lanes(problem, tr.make_lanes(lrs), cfg.engine_config()).lane_batch_choice
+    # (The main job's own config sets lane_batch=1 for the CNN: ask for the engine's default explicitly.)
+    engine_cfg = dataclasses.replace(cfg.engine_config(), lane_batch=AUTO_LANE_BATCH)
+    choice = tr.core.size_lanes(problem, tr.make_lanes(lrs), engine_cfg).lane_batch_choice
     auto = choice.lane_batch
     if auto == 1:
         fn_auto, t_auto = fn_b1, t_b1

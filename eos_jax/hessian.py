@@ -34,9 +34,14 @@ closed over, so that ``jit`` does not fold it into the program as a constant.
 Eigen-solvers (:mod:`eos_jax.eigen`) run on a flat vector (``jax.flatten_util.ravel_pytree``) in the dtype of ``params``
 (all floating leaves must share one dtype). Stopping: ``tol=None`` runs exactly ``num_iters``
 Hessian-vector products in ``lax.fori_loop``/``lax.scan`` (no data-dependent control flow, so it
-vmaps over lanes of a sweep); a float ``tol`` stops in ``lax.while_loop`` as soon as the residual
-``||H v - lambda v|| <= tol * |lambda|`` (at most ``num_iters`` products). The eigenvalue error is
-then at most ``tol * |lambda|`` and typically ``(tol * lambda)**2 / gap``.
+vmaps over lanes of a sweep); a float ``tol`` stops in ``lax.while_loop`` as soon as the stop rule
+holds (at most ``num_iters`` products). ``stop="residual"`` (the default): the residual
+``||H v - lambda v|| <= tol * |lambda|``; the eigenvalue error is then at most ``tol * |lambda|`` and
+typically ``(tol * lambda)**2 / gap``. ``stop="eigenvalue"`` (Lanczos): the estimated error of the
+eigenvalue itself, ``min(r, 4 r**2 / gap)`` with the gap from the Ritz values but never below ``r / 5``
+(:func:`eos_jax.eigen.ritz_errors`), is at most ``tol * |lambda|``: the accuracy ``tol`` asks of the
+eigenvalue, for fewer products (the eigenvector is then less accurate, its residual up to
+``5 * tol * |lambda|``).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from jax import lax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, PartitionSpec
 
-from eos_jax.eigen import lanczos, lanczos_quadrature, power_iteration, start_vector
+from eos_jax.eigen import STOPS, lanczos_pairs, lanczos_quadrature, power_iteration, start_vector
 from eos_jax.errors import ConfigError
 from eos_jax.metrics import layer_groups
 
@@ -72,8 +77,10 @@ class EigResult(NamedTuple):
       num_hvps: number of Hessian-vector products used (int32).
       residual: ``||H v - eigenvalue * v||`` (2-norm over all leaves) for each returned pair.
       converged: bool, for each returned pair: the solver vouches that it is the top (largest
-        algebraic) eigenpair to the tolerance, i.e. ``residual <= tol * |eigenvalue|`` (in
-        fixed-iteration mode ``tol`` is :data:`FIXED_MODE_TOL`) and, for power iteration, the last
+        algebraic) eigenpair to the tolerance, i.e. ``residual <= tol * |eigenvalue|``
+        (``stop="residual"``) or the estimated eigenvalue error is (``stop="eigenvalue"``,
+        :func:`eos_jax.eigen.ritz_errors`); in fixed-iteration mode ``tol`` is
+        :data:`FIXED_MODE_TOL`. For power iteration, in addition, the last
         phase ran on a spectrum dominated by the top eigenvalue (never the unshifted iteration on
         a negative Rayleigh quotient, which converges to the most negative eigenvalue). False means
         the eigenvalue may not be the top one: use more ``num_iters`` or ``method="lanczos"``.
@@ -349,10 +356,16 @@ FIXED_MODE_TOL = 1e-3  # relative residual behind EigResult.converged when tol i
 # Public eigenvalue API.
 
 
-def _check_solver_args(method: str, num_iters: int, tol: float | None) -> None:
+def _check_solver_args(method: str, num_iters: int, tol: float | None, stop: str = "residual") -> None:
     """Validates solver options with one-line messages."""
     if method not in _METHODS:
         raise ConfigError(f"method must be one of {_METHODS}, got {method!r}")
+    if stop not in STOPS:
+        raise ConfigError(f"stop must be one of {STOPS}, got {stop!r}")
+    if stop == "eigenvalue" and method != "lanczos":
+        raise ConfigError(
+            f"stop='eigenvalue' needs method='lanczos' (its gap comes from the Ritz values), got {method!r}"
+        )
     if not isinstance(num_iters, (int, np.integer)) or isinstance(num_iters, bool) or num_iters < 1:
         raise ConfigError(f"num_iters must be a positive int, got {num_iters!r}")
     if method == "power" and num_iters < 2:
@@ -415,12 +428,13 @@ def _eig(
     chunk_size: int | None,
     mesh: Mesh | None,
     linearize: bool,
+    stop: str = "residual",
 ) -> EigResult:
     """The eigensolvers' driver: Hessian of ``loss3(params, aux, batch)`` in ``params``; ``aux`` is a replicated,
     undifferentiated argument (so nothing is closed over); one device or the whole solver in shard_map
     (:func:`_on_hessian`, which :func:`trace` and :func:`density` run on too).
     """
-    _check_solver_args(method, num_iters, tol)
+    _check_solver_args(method, num_iters, tol, stop)
     dtype = _flat_dtype(params)
     if key is None:
         key = jax.random.key(0)  # a fixed default start; pass a key (or v0) to choose another
@@ -433,8 +447,8 @@ def _eig(
         if k is None and method == "power":
             st, top = power_iteration(op, v_init, num_iters, tol)
             return EigResult(st.lam, unravel(st.vec), st.n, st.res, top & (st.res <= rtol * jnp.abs(st.lam)))
-        theta, vecs, res, n_hvp = lanczos(op, v_init, key_, num_iters, tol, 1 if k is None else k)
-        conv = res <= rtol * jnp.abs(theta)  # Ritz values from the top end of the Krylov space
+        theta, vecs, res, err, n_hvp = lanczos_pairs(op, v_init, key_, num_iters, tol, 1 if k is None else k, stop=stop)
+        conv = err <= rtol * jnp.abs(theta)  # Ritz values from the top end of the Krylov space
         if k is None:
             return EigResult(theta[0], unravel(vecs[0]), n_hvp, res[0], conv[0])
         return EigResult(theta, jax.vmap(unravel)(vecs), n_hvp, res, conv)
@@ -455,6 +469,7 @@ def top_eigenvalue(
     chunk_size: int | None = None,
     mesh: Mesh | None = None,
     linearize: bool = False,
+    stop: str = "residual",
 ) -> EigResult:
     """The largest ALGEBRAIC eigenvalue of the Hessian of ``loss_fn`` at ``params`` (the sharpness).
 
@@ -469,8 +484,8 @@ def top_eigenvalue(
         negative eigenvalue) or ``"power"`` (power iteration, shifted by the dominant eigenvalue when
         that one is negative, see :func:`eos_jax.eigen.power_iteration`).
       num_iters: Hessian-vector products in fixed mode; the maximum in tolerance mode.
-      tol: None for exactly ``num_iters`` products (vmappable, no data-dependent loop), or a
-        relative residual ``||Hv - lambda v|| <= tol |lambda|`` at which to stop.
+      tol: None for exactly ``num_iters`` products (vmappable, no data-dependent loop), or the
+        relative tolerance at which ``stop`` ends the solve.
       v0: warm start, e.g. the previous eigenvector (a pytree like params); a zero v0 means cold.
       key: PRNG key of the random start (when ``v0`` is None or zero) and of Lanczos restarts;
         defaults to ``jax.random.key(0)``.
@@ -484,6 +499,10 @@ def top_eigenvalue(
         eigenvector can be read on each process.
       linearize: reuse one linearization for all products (without chunking); default ``False``:
         a fresh ``jvp(grad)`` per product (see :func:`make_hvp` for which is cheaper).
+      stop: the stop rule of a tolerance-mode solve (module docstring): ``"residual"`` (default),
+        ``||Hv - lambda v|| <= tol |lambda|``, or ``"eigenvalue"`` (Lanczos only), the estimated
+        error of the eigenvalue ``<= tol |lambda|`` (:func:`eos_jax.eigen.ritz_errors`): fewer
+        products for the same eigenvalue accuracy, a less accurate eigenvector.
 
     Returns:
       :class:`EigResult` with scalar eigenvalue and residual, the unit eigenvector as a pytree like
@@ -516,6 +535,7 @@ def top_eigenvalue(
         chunk_size=chunk_size,
         mesh=mesh,
         linearize=linearize,
+        stop=stop,
     )
 
 
@@ -532,17 +552,18 @@ def top_eigenvalues(
     chunk_size: int | None = None,
     mesh: Mesh | None = None,
     linearize: bool = False,
+    stop: str = "residual",
 ) -> EigResult:
     """The k largest algebraic Hessian eigenvalues by Lanczos with full reorthogonalization.
 
     A single-vector Krylov method sees one direction of a repeated eigenvalue until the Krylov space
     is exhausted (then it restarts orthogonally and finds the others); with ``num_iters`` smaller
     than the parameter count, a multiplicity may therefore be reported once. ``tol`` applies to all
-    k residuals.
+    k pairs.
 
     Args:
-      loss_fn, params, batch, num_iters, tol, v0, key, chunk_size, mesh, linearize: as in
-        :func:`top_eigenvalue`.
+      loss_fn, params, batch, num_iters, tol, v0, key, chunk_size, mesh, linearize, stop: as in
+        :func:`top_eigenvalue` (``stop="eigenvalue"``: each pair's gap is to its nearest other Ritz value).
       k: number of eigenpairs (static, ``1 <= k <= min(num_iters, number of parameters)``).
 
     Returns:
@@ -575,6 +596,7 @@ def top_eigenvalues(
         chunk_size=chunk_size,
         mesh=mesh,
         linearize=linearize,
+        stop=stop,
     )
 
 
@@ -935,7 +957,7 @@ def preconditioned_top_eigenvalue(
     Args:
       loss_fn, params, batch: as in :func:`top_eigenvalue`.
       precond: ``P`` (pytree like params, positive), e.g. from :func:`adam_preconditioner`.
-      **kwargs: options of :func:`top_eigenvalue` (method, num_iters, tol, v0, key, ...); a warm
+      **kwargs: options of :func:`top_eigenvalue` (method, num_iters, tol, stop, v0, key, ...); a warm
         start ``v0`` lives in the u coordinates (pass the previous result's eigenvector).
 
     Returns:
@@ -959,7 +981,15 @@ def preconditioned_top_eigenvalue(
     s = jax.tree_util.tree_map(lambda p: 1 / jnp.sqrt(p), precond)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     opts = dict(
-        method="lanczos", num_iters=20, tol=None, v0=None, key=None, chunk_size=None, mesh=None, linearize=False
+        method="lanczos",
+        num_iters=20,
+        tol=None,
+        v0=None,
+        key=None,
+        chunk_size=None,
+        mesh=None,
+        linearize=False,
+        stop="residual",
     )
     unknown = set(kwargs) - set(opts)
     if unknown:
@@ -1021,7 +1051,9 @@ def layer_sharpness(
       >>> {name: round(float(e.eigenvalue), 4) for name, e in r.items()}
       {"['a']": 4.0, "['b']": 1.0}
     """
-    opts = dict(method="lanczos", num_iters=20, tol=None, key=None, chunk_size=None, mesh=None, linearize=False)
+    opts = dict(
+        method="lanczos", num_iters=20, tol=None, key=None, chunk_size=None, mesh=None, linearize=False, stop="residual"
+    )
     unknown = set(kwargs) - set(opts)
     if unknown:
         raise ConfigError(f"unknown options {sorted(unknown)}; allowed: {sorted(opts)} and v0")

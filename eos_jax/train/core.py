@@ -591,7 +591,9 @@ class Plan:
 
 def _eig_fn(problem: Problem, config: EngineConfig) -> Any:
     """The run's eigensolver: the problem's own, or the one ``config`` describes."""
-    return problem.eig_fn or make_eig_fn(config.sharpness_iters, config.sharpness_method, config.sharpness_tol)
+    return problem.eig_fn or make_eig_fn(
+        config.sharpness_iters, config.sharpness_method, config.sharpness_tol, stop=config.sharpness_stop
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -374,7 +374,11 @@ def make_final_fn(problem: Problem, batch_size: int | None, late_from: int = 0):
 
 
 def make_eig_fn(
-    num_iters: int = 20, method: str = "lanczos", tol: float | None = None, linearize: bool = False
+    num_iters: int = 20,
+    method: str = "lanczos",
+    tol: float | None = None,
+    linearize: bool = False,
+    stop: str = "residual",
 ) -> EigFn:
     """Top Hessian eigenpair with :func:`eos_jax.hessian.top_eigenvalue`.
 
@@ -382,8 +386,11 @@ def make_eig_fn(
       num_iters: Hessian-vector products per call (the maximum when ``tol`` is set).
       method: ``"lanczos"`` (full reorthogonalization) or ``"power"`` (shifted by the
         Hessian module so that it finds the largest algebraic eigenvalue).
-      tol: None for exactly ``num_iters`` products, or the relative residual at which to
+      tol: None for exactly ``num_iters`` products, or the relative tolerance at which to
         stop (a ``lax.while_loop``: still vmappable, no host-side test).
+      stop: what ``tol`` bounds: ``"residual"`` (``||Hv - lambda v|| <= tol |lambda|``) or
+        ``"eigenvalue"`` (Lanczos: the estimated error of the eigenvalue,
+        :func:`eos_jax.eigen.ritz_errors`); see :func:`eos_jax.hessian.top_eigenvalue`.
       linearize: products through one ``jax.linearize`` (True) or a fresh ``jvp(grad)`` each
         (False, default). Measured on the main job (2,000 images, shared 2-core VM,
         benchmarks/bench_main.py): a linearized product cost 3.4 gradients, ``jvp(grad)``
@@ -406,7 +413,16 @@ def make_eig_fn(
 
     def eig(objective: LossFn, params: PyTree, batch: Batch, v0: PyTree, key: jax.Array):
         res = hessian.top_eigenvalue(
-            objective, params, batch, method=method, num_iters=num_iters, tol=tol, v0=v0, key=key, linearize=linearize
+            objective,
+            params,
+            batch,
+            method=method,
+            num_iters=num_iters,
+            tol=tol,
+            v0=v0,
+            key=key,
+            linearize=linearize,
+            stop=stop,
         )
         return res.eigenvalue, res.eigenvector
 

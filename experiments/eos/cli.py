@@ -207,6 +207,14 @@ def _add_engine_flags(p: cli.ArgumentParser) -> None:
         help="eigensolver (default lanczos; power: cheaper to compile)",
     )
     p.add_argument(
+        "--sharpness-stop",
+        choices=("eigenvalue", "residual"),
+        default=None,
+        help="what the solver's tolerance of 1e-3 bounds: eigenvalue (default with lanczos: the estimated relative "
+        "error of each estimate) or residual (its relative residual: stricter, more products; the rule of runs "
+        "made before this flag, which resume with it; the default with --sharpness-method power)",
+    )
+    p.add_argument(
         "--track",
         type=_track_arg,
         default=None,

@@ -112,6 +112,12 @@ class EosConfig:
       sharpness_alternate: sample the sharpness one step later every other time (steps 0,
         21, 40, 61, ...), so the high phase of a period-2 orbit is seen (see
         :class:`eos_jax.train.EngineConfig`).
+      sharpness_stop: what the warm-started solver's tolerance 1e-3 bounds (see
+        :class:`eos_jax.train.EngineConfig`): ``"eigenvalue"``, the estimated relative error of
+        each sharpness estimate; ``"residual"``, its relative residual, stricter than the estimate
+        needs and the rule of runs made before the option (their configs leave it out, so
+        ``--sharpness-stop residual`` resumes them). ``None`` (default): ``"eigenvalue"`` with
+        Lanczos, ``"residual"`` with power iteration (which has no Ritz gap); :attr:`stop_rule`.
       sharpness_every, sharpness_iters, sharpness_method, checkpoint_every, chunk_steps,
       log_every, max_lanes, lane_batch: see :class:`eos_jax.train.EngineConfig` (``max_lanes=None``: sized to
         memory, at most ``AUTO_LANE_CAP``). ``lane_batch`` defaults to 1 for the cnn (one lane at a time
@@ -155,6 +161,7 @@ class EosConfig:
     sharpness_iters: int = 20
     sharpness_alternate: bool = True
     sharpness_method: str = "lanczos"
+    sharpness_stop: str | None = None
     checkpoint_every: int | None = 100
     chunk_steps: int = 50
     log_every: int = 1
@@ -181,7 +188,17 @@ class EosConfig:
         if not self.track:  # untracked: the config (and its hash) of runs made before tracking
             for name in ("track", "trace_probes", "density_probes", "density_steps"):
                 d.pop(name)
+        d["sharpness_stop"] = self.stop_rule
+        if self.stop_rule == "residual":  # the stop rule of runs made before the option: their config
+            d.pop("sharpness_stop")
         return d
+
+    @property
+    def stop_rule(self) -> str:
+        """The sharpness solver's stop rule: ``sharpness_stop``, or the method's default when it is None."""
+        if self.sharpness_stop is not None:
+            return self.sharpness_stop
+        return "eigenvalue" if self.sharpness_method == "lanczos" else "residual"
 
     def hyper_axes(self) -> dict[str, list[float]]:
         """The named lane axes besides lr, k, seed and weight decay: momentum when it has several values."""
@@ -237,6 +254,7 @@ class EosConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
         check_lane_batch(self.lane_batch)
+        check_sharpness_stop(self.stop_rule, self.sharpness_method)
         if self.loss_goal is not None and not (math.isfinite(self.loss_goal) and self.loss_goal > 0):
             raise ConfigError(f"--loss-goal {self.loss_goal!r} is not allowed; expected a finite float > 0")
         if self.acc_goal is not None and not (math.isfinite(self.acc_goal) and 0 <= self.acc_goal < 1):
@@ -277,6 +295,7 @@ class EosConfig:
             sharpness_iters=self.sharpness_iters,
             sharpness_alternate=self.sharpness_alternate,
             sharpness_method=self.sharpness_method,
+            sharpness_stop=self.stop_rule,
             checkpoint_every=self.checkpoint_every,
             max_lanes=self.max_lanes,
             lane_batch=self.lane_batch,
@@ -296,6 +315,17 @@ class EosConfig:
         """First 8 hex digits of the SHA-256 of the canonical JSON of the config."""
         text = json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
         return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def check_sharpness_stop(stop: str, method: str) -> None:
+    """Refuses a ``--sharpness-stop`` that is unknown or that ``--sharpness-method`` cannot use (one line)."""
+    if stop not in ("residual", "eigenvalue"):
+        raise ConfigError(f"--sharpness-stop {stop!r} is not allowed; choose from residual, eigenvalue")
+    if stop == "eigenvalue" and method != "lanczos":
+        raise ConfigError(
+            f"--sharpness-stop eigenvalue is not allowed with --sharpness-method {method}; it needs lanczos "
+            "(its error estimate uses the Ritz values), or pass --sharpness-stop residual"
+        )
 
 
 def default_config(model: str = "cnn", **overrides: Any) -> EosConfig:
