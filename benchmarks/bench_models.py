@@ -23,11 +23,27 @@ Prints, measured in this one run:
   with momentum 0.9, Nesterov and weight decay 5e-4 (the authors' ``main6.py``), NCHW as a
   PyTorch user writes it, beside eos-jax's ResNet-56 step with the same optimizer (optax), and
   eos-jax's step over PyTorch's, measured in this run.
+
+``--variants [NAMES]`` prints only a table of ResNet-56 SGD-Nesterov step candidates (batch 128;
+``--repeats`` rounds, every candidate and PyTorch called once per round, interleaved): each one's
+median step time and range, PyTorch's time over its time (the median of the per-round ratios, and
+their range), and whether its parameters after one step are bitwise the library's (``default``).
+The candidates (:func:`resnet56_candidates`): the library's model as configured (``default``), the
+same with donated buffers (``donated``), XLA:CPU options (YNNPACK convolutions, the
+concurrency-optimized scheduler, 512-bit vectors), and the formulations of
+``benchmarks/resnet56_variants.py``: a bit-identical rewrite (``mirror``), NCHW/OIHW end to end,
+the option-A shortcut through ``lax.slice``/``lax.pad``, one-pass batch statistics, kept
+convolution cotangents, per-block rematerialization, the kernel gradient as nine per-tap
+products; and ``convs_only`` (no batch norm, no ReLU), the time of the convolutions alone::
+
+    python benchmarks/bench_models.py --variants              # all, ~6 minutes on a 2-core CPU
+    python benchmarks/bench_models.py --variants default,nchw --repeats 7
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -36,7 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eos_jax import losses, models, runtime
+from eos_jax import losses, metrics, models, runtime
+
+# The authors' main6.py optimizer, as PyTorch's SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4).
+NESTEROV = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9, nesterov=True))
 
 
 def _time(fn, *args, repeats: int) -> tuple[float, float]:
@@ -180,38 +199,44 @@ def bench_models(batch: int, repeats: int, names: list[str]) -> dict[str, float]
     return steps
 
 
+def make_nesterov_step(apply_fn, x, y, donate: bool = False):
+    """Jitted ``(variables, opt_state) -> (variables, opt_state)``: cross-entropy of ``apply_fn(variables, x)``
+    on ``y``, then PyTorch's update as the authors' ``main6.py`` sets it (SGD lr 0.1, momentum 0.9, Nesterov,
+    weight decay 5e-4, optax). ``donate`` lets XLA write the new state over the old (as PyTorch updates in place)."""
+
+    def loss_fn(params, state):
+        logits, new_state = apply_fn({"params": params, **state}, x)
+        return losses.cross_entropy(logits, y), new_state
+
+    def step(variables, opt_state):
+        params = variables["params"]
+        state = {k: v for k, v in variables.items() if k != "params"}
+        (_, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state)
+        updates, opt_state = NESTEROV.update(grads, opt_state, params)
+        return {"params": optax.apply_updates(params, updates), **new_state}, opt_state
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
 def bench_resnet56_nesterov(batch: int, repeats: int) -> float:
     """eos-jax's ResNet-56 step with PyTorch's update (SGD lr 0.1, momentum 0.9, Nesterov, weight decay 5e-4)."""
     model = models.get("resnet56")
     key, x, y = cifar_batch(batch)
     variables = jax.jit(lambda k: model.init(k, (32, 32, 3)))(key)
-    tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9, nesterov=True))
-
-    def loss_fn(params, state):
-        logits, new_state = model.apply({"params": params, **state}, x, train=True)
-        return losses.cross_entropy(logits, y), new_state
-
-    @jax.jit
-    def step(variables, opt_state):
-        params = variables["params"]
-        state = {k: v for k, v in variables.items() if k != "params"}
-        (_, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return {"params": optax.apply_updates(params, updates), **new_state}, opt_state
-
-    _, t = _time(step, variables, tx.init(variables["params"]), repeats=repeats)
+    step = make_nesterov_step(lambda v, x_: model.apply(v, x_, train=True), x, y)
+    _, t = _time(step, variables, NESTEROV.init(variables["params"]), repeats=repeats)
     print(f"resnet56  batch {batch:4d} step {t:8.3f} s   (SGD Nesterov + wd, as PyTorch's below)", flush=True)
     return t
 
 
-def bench_torch_resnet56(batch: int, repeats: int) -> float | None:
-    """PyTorch's ResNet-56 (option A, He et al.) SGD step at ``batch``; None when torch is missing."""
+def make_torch_resnet56(batch: int):
+    """PyTorch's ResNet-56 (option A, He et al.) SGD step on a random batch: ``(step, forward, torch)``, or None
+    when torch is missing. NCHW as a PyTorch user writes it; SGD as the authors' ``main6.py``."""
     try:
         import torch
         import torch.nn.functional as F
         from torch import nn
     except ImportError:
-        print("torch     not installed: no PyTorch reference (pip install torch)", flush=True)
         return None
 
     class Block(nn.Module):
@@ -257,18 +282,31 @@ def bench_torch_resnet56(batch: int, repeats: int) -> float | None:
         F.cross_entropy(net(x), y).backward()
         opt.step()
 
+    def forward():
+        with torch.no_grad():
+            net(x)
+
+    return step, forward, torch
+
+
+def bench_torch_resnet56(batch: int, repeats: int) -> float | None:
+    """PyTorch's ResNet-56 (option A, He et al.) SGD step at ``batch``; None when torch is missing."""
+    made = make_torch_resnet56(batch)
+    if made is None:
+        print("torch     not installed: no PyTorch reference (pip install torch)", flush=True)
+        return None
+    step, forward, torch = made
     step()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    with torch.no_grad():
-        fwd = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            net(x)
-            fwd.append(time.perf_counter() - t0)
+    fwd = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        forward()
+        fwd.append(time.perf_counter() - t0)
     t, tf = statistics.median(times), statistics.median(fwd)
     print(
         f"torch     batch {batch:4d} step {t:8.3f} s   (PyTorch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -278,15 +316,122 @@ def bench_torch_resnet56(batch: int, repeats: int) -> float | None:
     return t
 
 
+def resnet56_candidates() -> dict[str, tuple]:
+    """``name -> (source, extra XLA compiler options or None, donate)`` for ``--variants``: ``source`` is a dict of
+    ``models.get("resnet56", ...)`` options (the library's model) or a ``resnet56_variants.Variant`` (a formulation
+    written out in ``benchmarks/resnet56_variants.py``; ``convs_only`` is a bound, not a candidate)."""
+    from resnet56_variants import Variant
+
+    return {
+        "default": ({}, None, False),
+        "mirror": (Variant(), None, False),
+        "donated": ({}, None, True),
+        "nchw": (Variant(layout="NCHW"), None, False),
+        "shortcut_lax": (Variant(shortcut="lax"), None, False),
+        "bn_one_pass": ({"bn_stats": "one_pass"}, None, False),
+        "keep_dy": (Variant(keep_dy=True), None, False),
+        "remat_dots": (Variant(remat=True), None, False),
+        "wgrad_taps": (Variant(wgrad="taps"), None, False),
+        "ynn_conv": ({}, runtime.YNN_CONV_COMPILER_OPTIONS, False),
+        "sched_concurrency": ({}, {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"}, False),
+        "vector_width_512": ({}, {"xla_cpu_prefer_vector_width": 512}, False),
+        "convs_only": (Variant(convs_only=True), None, False),
+    }
+
+
+def _variant_runs(batch: int, names: list[str]) -> tuple[dict, dict]:
+    """Per candidate: a zero-argument call running one step (blocking), and the digest of the parameters after
+    one step from the same start (``metrics.tree_digest``)."""
+    from resnet56_variants import make_apply
+
+    model = models.get("resnet56")
+    key, x, y = cifar_batch(batch)
+    variables = jax.jit(lambda k: model.init(k, (32, 32, 3)))(key)
+    opt_state = NESTEROV.init(variables["params"])
+    candidates = resnet56_candidates()
+    runs, digests = {}, {}
+    for name in names:
+        source, options, donate = candidates[name]
+        if isinstance(source, dict):
+            apply_fn = functools.partial(models.get("resnet56", **source).apply, train=True)
+        else:
+            apply_fn = make_apply(source)
+        step = make_nesterov_step(apply_fn, x, y, donate=donate)
+        if options is not None:
+            step = step.lower(variables, opt_state).compile(
+                compiler_options={**runtime.EIGEN_CONV_COMPILER_OPTIONS, **options}
+            )
+        state = [jax.tree_util.tree_map(jnp.copy, (variables, opt_state))] if donate else None
+        out = jax.block_until_ready(step(*state[0]) if donate else step(variables, opt_state))
+        digests[name] = metrics.tree_digest(out[0]["params"])
+        if donate:
+            state[0] = out
+
+            def run(step=step, state=state):
+                state[0] = jax.block_until_ready(step(*state[0]))
+        else:
+
+            def run(step=step):
+                jax.block_until_ready(step(variables, opt_state))
+
+        runs[name] = run
+    return runs, digests
+
+
+def bench_resnet56_variants(batch: int, rounds: int, names: list[str]) -> dict[str, list[float]]:
+    """ResNet-56 SGD-Nesterov step of each candidate beside PyTorch's, calls interleaved round by round.
+
+    Prints per candidate: median step time (fastest-slowest of the rounds), the median over rounds of
+    PyTorch's time / the candidate's time in the same round (and its range), and whether the parameters
+    after one step are bitwise those of ``default`` (the library's ``resnet56`` as configured). The order
+    of the calls rotates by one place per round.
+    """
+    runs, digests = _variant_runs(batch, names)
+    made = make_torch_resnet56(batch)
+    if made is not None:
+        runs["torch"] = made[0]
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for r in range(rounds):
+        # Each round starts one place further down the list, so no candidate always follows PyTorch's call.
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            t0 = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t0)
+    ref = digests.get("default")
+    print(f"resnet56 candidates, batch {batch}, {rounds} rounds (seconds; PyTorch / candidate per round)", flush=True)
+    for name, ts in times.items():
+        line = f"  {name:18s} step {statistics.median(ts):6.3f} s ({min(ts):.3f}-{max(ts):.3f})"
+        if "torch" in times and name != "torch":
+            ratios = [a / b for a, b in zip(times["torch"], ts)]
+            line += f"   PyTorch/this {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        if name in digests and ref is not None:
+            line += "   bits: " + ("same as default" if digests[name] == ref else "DIFFER from default")
+        print(line, flush=True)
+    return times
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--models", default="fc,vgg16,vgg16_bn,resnet56")
     parser.add_argument("--torch", action="store_true", help="PyTorch's ResNet-56 step beside eos-jax's")
+    parser.add_argument(
+        "--variants",
+        nargs="?",
+        const="all",
+        help="only the ResNet-56 candidates table (comma-separated names, default all: see resnet56_candidates)",
+    )
     args = parser.parse_args(argv)
     runtime.configure()
     print(f"jax {jax.__version__} backend {jax.default_backend()} devices {jax.devices()}", flush=True)
+    if args.variants:
+        names = list(resnet56_candidates()) if args.variants == "all" else args.variants.split(",")
+        bench_resnet56_variants(16 if args.quick else 128, max(args.repeats, 1), names)
+        return
     names = [n for n in args.models.split(",") if n]
     batch = 16 if args.quick else 128
     bench_single_channel(1200 if args.quick else 12000, args.repeats)

@@ -41,7 +41,7 @@ from eos_jax.models.layers import (
     resolve_conv_impl,
 )
 from eos_jax.models.resnet import ResNetCifar
-from eos_jax.models.vgg import VGG, VGG16_CFG
+from eos_jax.models.vgg import BN_STATS, VGG, VGG16_CFG
 
 __all__ = ["Model", "get", "names", "count_params"]
 
@@ -325,13 +325,32 @@ def _vgg(name: str, bn: bool):
 
 
 def _resnet56(
-    *, num_outputs: int = 10, activation: str = "relu", beta: float = 1.0, init: str = "pytorch", dtype: Any = "float32"
+    *,
+    num_outputs: int = 10,
+    activation: str = "relu",
+    beta: float = 1.0,
+    init: str = "pytorch",
+    dtype: Any = "float32",
+    bn_stats: str = "two_pass",
 ) -> Model:
-    """ResNet-56 for CIFAR, option-A shortcuts (He et al. 2016): 853,018 parameters for 10 classes."""
+    """ResNet-56 for CIFAR, option-A shortcuts (He et al. 2016): 853,018 parameters for 10 classes.
+
+    ``bn_stats="one_pass"`` (opt-in, other bits) computes the training batch statistics in one pass and
+    normalizes with one multiply-add (:class:`eos_jax.models.vgg.BatchNorm`); it is recorded in ``info``
+    and its ``config``. The default, ``"two_pass"``, is left out of both, so default metadata is as before.
+
+    Examples:
+      >>> from eos_jax import models
+      >>> "bn_stats" in models.get("resnet56").info["config"]
+      False
+      >>> models.get("resnet56", bn_stats="one_pass").info["bn_stats"]
+      'one_pass'
+    """
     num_outputs = _pos_int("num_outputs", num_outputs)
     _common(activation, beta, init)
+    check_choice("bn_stats", bn_stats, BN_STATS)
     jdtype, dname = _dtype(dtype)
-    module = ResNetCifar(9, num_outputs, activation, float(beta), init, jdtype)
+    module = ResNetCifar(9, num_outputs, activation, float(beta), init, jdtype, bn_stats=bn_stats)
     cfg = dict(num_outputs=num_outputs, activation=activation, beta=float(beta), init=init, dtype=dname)
     info = {
         "name": "resnet56",
@@ -342,6 +361,8 @@ def _resnet56(
         "shortcut": "A",
         "batch_stats": True,
     }
+    if bn_stats != "two_pass":
+        cfg["bn_stats"] = info["bn_stats"] = bn_stats
     return Model("resnet56", module, info, jdtype, True)
 
 

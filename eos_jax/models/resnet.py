@@ -24,6 +24,9 @@ Two shortcuts, where the shape changes (the first block of stages 2 and 3):
   ``N(0, 2 / (kh*kw*out_channels))``, the ``"he_fan_out"`` scheme; the linear layer
   PyTorch's default ``nn.Linear`` init, the ``"pytorch"`` scheme) and their Swish
   ``x * sigmoid(5 x)`` (``class Swish`` in ``resnet_swish.py``: beta = 5).
+
+``bn_stats`` picks how training-mode batch norm computes its statistics (the ``stats`` of
+:class:`eos_jax.models.vgg.BatchNorm`): ``"two_pass"`` (the default) or the opt-in ``"one_pass"``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class BasicBlock(nn.Module):
     init_scheme: str
     dtype: Any
     shortcut: str = "A"  # "A": subsample + zero channels; "B": 1x1 conv (no bias) + BN
+    bn_stats: str = "two_pass"  # batch statistics: eos_jax.models.vgg.BatchNorm's ``stats``
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -84,7 +88,7 @@ class BasicBlock(nn.Module):
             dtype=self.dtype,
             name="conv1",
         )(x)
-        y = act(batch_norm(train, self.dtype, "bn1")(y))
+        y = act(batch_norm(train, self.dtype, "bn1", self.bn_stats)(y))
         y = Conv(
             self.planes,
             (3, 3),
@@ -94,7 +98,7 @@ class BasicBlock(nn.Module):
             dtype=self.dtype,
             name="conv2",
         )(y)
-        y = batch_norm(train, self.dtype, "bn2")(y)
+        y = batch_norm(train, self.dtype, "bn2", self.bn_stats)(y)
         shortcut = x
         if (self.stride != 1 or x.shape[-1] != self.planes) and self.shortcut == "B":
             # Option B as the authors' _make_layer: Conv2d(kernel_size=1, stride, bias=False) + BN.
@@ -109,7 +113,7 @@ class BasicBlock(nn.Module):
                 dtype=self.dtype,
                 name="shortcut_conv",
             )(x)
-            shortcut = batch_norm(train, self.dtype, "shortcut_bn")(shortcut)
+            shortcut = batch_norm(train, self.dtype, "shortcut_bn", self.bn_stats)(shortcut)
         elif self.stride != 1 or x.shape[-1] != self.planes:
             # Option A (He et al. 2016): subsample, then zero-pad the new channels.
             pad = (self.planes - x.shape[-1]) // 2
@@ -150,6 +154,7 @@ class ResNetCifar(nn.Module):
     dtype: Any
     shortcut: str = "A"  # see the module docstring
     fc_init_scheme: str | None = None  # None: init_scheme (the authors: "pytorch" for the fc layer)
+    bn_stats: str = "two_pass"  # batch statistics: eos_jax.models.vgg.BatchNorm's ``stats``
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -157,7 +162,7 @@ class ResNetCifar(nn.Module):
         x = Conv(
             16, (3, 3), padding="same", use_bias=False, init_scheme=self.init_scheme, dtype=self.dtype, name="conv1"
         )(x)
-        x = materialize(act(batch_norm(train, self.dtype, "bn1")(x)))
+        x = materialize(act(batch_norm(train, self.dtype, "bn1", self.bn_stats)(x)))
         for stage, planes in enumerate((16, 32, 64)):
             for b in range(self.blocks_per_stage):
                 stride = 2 if (stage > 0 and b == 0) else 1
@@ -169,6 +174,7 @@ class ResNetCifar(nn.Module):
                     self.init_scheme,
                     self.dtype,
                     self.shortcut,
+                    self.bn_stats,
                     name=f"stage{stage + 1}_block{b}",
                 )(x, train)
         x = jnp.mean(x, axis=(1, 2))
