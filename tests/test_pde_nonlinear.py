@@ -6,6 +6,7 @@ Tiny shapes: 8x8 to 32x32 checkerboards, 3x3 to 8x8 kernels, a few dozen steps.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import jax
@@ -528,18 +529,9 @@ def test_theory_scales_the_data_term_by_one_over_p_for_the_mean():
 
 
 def _notes_for(pool, sim, config):
-    image = checkerboard(config.size, dtype=np.float64)
-    th = nl.theory(
-        image,
-        config.kernel,
-        alpha=config.alpha,
-        beta=config.beta,
-        label=config.label,
-        dts=config.dts,
-        pool=pool,
-        square=config.square,
-    )
-    return nl_exp.build_results(config, sim, th)
+    """The results (with notes) of ``sim`` read as a run under ``pool``: the CLI's own theory and assembly."""
+    config = dataclasses.replace(config, pool=pool)
+    return nl_exp.build_results(config, sim, nl_exp.config_theory(config))
 
 
 def test_transitioning_note_appears_only_when_no_dt_is_stable_there(small_sim):
