@@ -180,6 +180,9 @@ class EngineConfig:
         every estimate within 0.04 tol of the dense Hessian's top eigenvalue (and within 0.72 tol
         over 785 estimates of three small Edge-of-Stability runs); the eigenvector is less
         accurate (residual up to ``5 * tol * |lambda|``).
+      sharpness_twin_start: a lane with a k=1 twin in its group starts its estimate from the
+        twin's new eigenvector rather than its own previous one (needs ``lane_batch=1``;
+        :func:`eos_jax.train.step.make_sharpness_fn`). ``False`` (default): every lane from its own.
       sharpness_method: ``"lanczos"`` or ``"power"`` (see :func:`eos_jax.train.make_eig_fn`).
       sharpness_examples: sharpness on the first n examples (``None``: full batch;
         for minibatch SGD a fixed subset keeps the cost bounded).
@@ -237,6 +240,7 @@ class EngineConfig:
     sharpness_examples: int | None = None
     sharpness_tol: float | None = 1e-3
     sharpness_stop: str = "residual"
+    sharpness_twin_start: bool = False
     checkpoint_every: int | None = 100
     max_lanes: int | None = None
     checkpoint_keep: int = 3
@@ -308,6 +312,14 @@ class EngineConfig:
         if self.sharpness_stop == "eigenvalue" and self.sharpness_method != "lanczos":
             raise ConfigError(
                 "sharpness_stop='eigenvalue' needs sharpness_method='lanczos' (its gap is the Ritz values')"
+            )
+        if not isinstance(self.sharpness_twin_start, bool):
+            raise ConfigError(
+                f"sharpness_twin_start={self.sharpness_twin_start!r} is not allowed; expected True or False"
+            )
+        if self.sharpness_twin_start and self.lane_batch != 1:
+            raise ConfigError(
+                f"sharpness_twin_start=True needs lane_batch=1 (one lane after another); got lane_batch={self.lane_batch!r}"
             )
         f = self.lane_memory_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:

@@ -213,7 +213,8 @@ def _step_programs(problem: Problem, config: EngineConfig, eig_fn: Any, lane_bat
             density_steps=config.density_steps,
             lane_batch=lane_batch,
         )
-    return chunk_fn, make_sharpness_fn(problem, eig_fn, lane_batch), curv_fn
+    sharp_fn = make_sharpness_fn(problem, eig_fn, lane_batch, twin_start=config.sharpness_twin_start)
+    return chunk_fn, sharp_fn, curv_fn
 
 
 def _twin_key(lane: Lane) -> tuple[Any, ...]:
@@ -487,10 +488,16 @@ class Plan:
         n = jnp.asarray(1, jnp.int32)
         temps = {"chunk": program_temp_bytes(self.chunk_fn.lower(state, gi.hp, self.data, n, gi.twin).compile())}  # type: ignore[attr-defined]
         if self.config.sharpness_every:
-            temps["sharpness"] = program_temp_bytes(self.sharp_fn.lower(state, gi.hp, self.sharp_data).compile())  # type: ignore[attr-defined]
+            temps["sharpness"] = program_temp_bytes(
+                self.sharp_fn.lower(state, gi.hp, self.sharp_data, *self.twin_args(gi)).compile()
+            )  # type: ignore[attr-defined]
         if self.curv_fn is not None:
             temps["curvature"] = program_temp_bytes(self.curv_fn.lower(state, gi.hp, self.sharp_data).compile())  # type: ignore[attr-defined]
         return choose_lane_batch(temps, lanes)
+
+    def twin_args(self, gi: GroupInputs) -> tuple[jax.Array, ...]:
+        """The sharpness program's arguments after the data: the group's twin indices with ``sharpness_twin_start``."""
+        return (gi.twin,) if self.config.sharpness_twin_start else ()
 
     def measure(self, g: int = 0) -> dict[str, tuple[int, int]]:
         """Compiles group ``g``'s programs and reads their bytes per device: ``{name: (total, shared)}``.
@@ -515,7 +522,7 @@ class Plan:
         chunk = self.chunk_fn.lower(state, gi.hp, self.data, n, gi.twin).compile()  # type: ignore[attr-defined]
         out = {"chunk": (program_bytes(chunk) - data_b + resident, resident)}
         if self.config.sharpness_every:
-            sharp = self.sharp_fn.lower(state, gi.hp, self.sharp_data).compile()  # type: ignore[attr-defined]
+            sharp = self.sharp_fn.lower(state, gi.hp, self.sharp_data, *self.twin_args(gi)).compile()  # type: ignore[attr-defined]
             out["sharpness"] = (program_bytes(sharp) - sharp_b + resident, resident)
         if self.curv_fn is not None:
             curv = self.curv_fn.lower(state, gi.hp, self.sharp_data).compile()  # type: ignore[attr-defined]
@@ -852,7 +859,7 @@ def _curvature_at(
 ) -> tuple[TrainState, np.ndarray, dict[str, np.ndarray] | None]:
     """The sharpness of every lane of a group (warm-started: the state keeps the eigenvector) and, with ``config.track``, its trace / density."""
     t0 = time.perf_counter()
-    state, lam = plan.sharp_fn(state, gi.hp, plan.sharp_data)
+    state, lam = plan.sharp_fn(state, gi.hp, plan.sharp_data, *plan.twin_args(gi))
     sharp = np.asarray(to_host(lam))
     _add_time(timing, "sharpness", time.perf_counter() - t0)
     if plan.curv_fn is None:

@@ -465,14 +465,27 @@ def objective_fn(problem: Problem, hp: HParams, model_state: PyTree = None) -> L
 
 
 def make_sharpness_fn(
-    problem: Problem, eig_fn: EigFn, lane_batch: int | None = None
-) -> Callable[[TrainState, HParams, Batch], tuple[TrainState, jax.Array]]:
-    """Jitted, lane-vmapped ``(states, hparams, batch) -> (states with new eigvec, lambda_max)``.
+    problem: Problem, eig_fn: EigFn, lane_batch: int | None = None, twin_start: bool = False
+) -> Callable[..., tuple[TrainState, jax.Array]]:
+    """Jitted, lane-vmapped ``(states, hparams, batch[, twin]) -> (states with new eigvec, lambda_max)``.
 
     Warm-started from ``state.eigvec``; a non-finite eigenvector is not kept. The
     eigensolver's key (random start when the warm start is zero, Lanczos restarts) is
     :func:`sharpness_key` of the lane's data key and step. ``lane_batch``: lanes per
     vectorized group (:func:`lane_map`; ``None``: all).
+
+    ``twin_start=True`` (with ``lane_batch=1``: one lane after another, so a lane's solver
+    stops at its own convergence) takes ``twin``, each lane's k=1 twin in the group (itself
+    when none, as the chunk program takes it): the lanes that are their own twin are
+    estimated first, then every other lane starts from its twin's new eigenvector instead
+    of its own from the previous estimate. While a last-bit perturbation has not grown,
+    a lane and its twin have nearly the same Hessian, and the solver accepts the twin's
+    vector after the products its stop rule needs to confirm it. Where they have parted
+    (Section 4's amplification), the twin's vector is a start of about the same quality
+    as the lane's own. The stop rule is the same for every lane, so the accuracy is the
+    same; the estimates of lanes with a twin are other bits than without ``twin_start``.
+    With ``lane_batch`` other than 1 the lanes of a vectorized group run the same number
+    of products, so nothing would be saved: ``twin_start`` is then an error.
 
     Examples:
       >>> import jax, jax.numpy as jnp, numpy as np
@@ -486,16 +499,44 @@ def make_sharpness_fn(
       >>> states, lam = make_sharpness_fn(problem, make_eig_fn(num_iters=2))(states, hp, problem.data)
       >>> [round(float(x), 4) for x in lam], [round(float(x) * float(l), 4) for x, l in zip(lam, hp.learning_rate)]
       ([4.0, 4.0], [1.0, 2.0])
+
+      Lane 1 (k = 3) starts from lane 0's (k = 1) new eigenvector:
+
+      >>> hp3 = tr.stack_hparams(tr.make_lanes([0.25], [1, 3]), jnp.float32)
+      >>> states = jax.jit(jax.vmap(lambda h: tr.init_state(problem, h)))(hp3)
+      >>> shared = make_sharpness_fn(problem, make_eig_fn(num_iters=2), lane_batch=1, twin_start=True)
+      >>> states, lam = shared(states, hp3, problem.data, jnp.array([0, 0], jnp.int32))
+      >>> [round(float(x), 4) for x in lam]
+      [4.0, 4.0]
     """
 
-    def one(state: TrainState, hp: HParams, batch: Batch):
+    def one(state: TrainState, hp: HParams, batch: Batch, v0: PyTree | None = None):
         key = sharpness_key(state.key, state.step)  # its own stream: never a batch-order key
-        val, vec = eig_fn(objective_fn(problem, hp, state.model_state), state.params, batch, state.eigvec, key)
+        start = state.eigvec if v0 is None else v0
+        val, vec = eig_fn(objective_fn(problem, hp, state.model_state), state.params, batch, start, key)
         ok = all_finite(vec)
         vec = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a.astype(b.dtype), b), vec, state.eigvec)
         return state._replace(eigvec=vec), val
 
-    return jax.jit(lane_map(one, lane_batch))
+    if not twin_start:
+        return jax.jit(lane_map(one, lane_batch))
+    if lane_batch != 1:
+        raise ConfigError(f"twin_start needs lane_batch=1 (one lane after another); got lane_batch={lane_batch!r}")
+
+    def skip_or(run: bool, state: TrainState, hp: HParams, batch: Batch, v0: PyTree | None):
+        val_type = jax.eval_shape(lambda: one(state, hp, batch, v0)[1])
+        return jax.lax.cond(
+            run, lambda: one(state, hp, batch, v0), lambda: (state, jnp.full((), jnp.nan, val_type.dtype))
+        )
+
+    def shared(states: TrainState, hps: HParams, batch: Batch, twin: jax.Array):
+        own = twin == jnp.arange(twin.shape[0], dtype=twin.dtype)
+        states, first = jax.lax.map(lambda a: skip_or(a[2], a[0], a[1], batch, None), (states, hps, own))
+        starts = jax.tree_util.tree_map(lambda a: a[twin], states.eigvec)  # the twins' new vectors
+        states, second = jax.lax.map(lambda a: skip_or(~a[2], a[0], a[1], batch, a[3]), (states, hps, own, starts))
+        return states, jnp.where(own, first, second)
+
+    return jax.jit(shared)
 
 
 def make_curvature_fn(

@@ -215,6 +215,14 @@ def _add_engine_flags(p: cli.ArgumentParser) -> None:
         "made before this flag, which resume with it; the default with --sharpness-method power)",
     )
     p.add_argument(
+        "--sharpness-twin-start",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start each k != 1 lane's sharpness estimate from its k=1 twin's new eigenvector (default on with "
+        "--lane-batch 1 and several k; --no-sharpness-twin-start: every lane from its own, as runs made before "
+        "this flag, which resume with it)",
+    )
+    p.add_argument(
         "--track",
         type=_track_arg,
         default=None,

@@ -118,6 +118,11 @@ class EosConfig:
         needs and the rule of runs made before the option (their configs leave it out, so
         ``--sharpness-stop residual`` resumes them). ``None`` (default): ``"eigenvalue"`` with
         Lanczos, ``"residual"`` with power iteration (which has no Ritz gap); :attr:`stop_rule`.
+      sharpness_twin_start: a k != 1 lane starts each sharpness estimate from its k = 1 twin's new
+        eigenvector (:class:`eos_jax.train.EngineConfig`; estimates to the same tolerance, other bits,
+        fewer products while a perturbation has not grown). ``None`` (default): on when lanes run one
+        at a time (``lane_batch=1``) and the run has k != 1 lanes; :attr:`twin_start`. Runs made
+        before the option leave it out of their config, so ``--no-sharpness-twin-start`` resumes them.
       sharpness_every, sharpness_iters, sharpness_method, checkpoint_every, chunk_steps,
       log_every, max_lanes, lane_batch: see :class:`eos_jax.train.EngineConfig` (``max_lanes=None``: sized to
         memory, at most ``AUTO_LANE_CAP``). ``lane_batch`` defaults to 1 for the cnn (one lane at a time
@@ -162,6 +167,7 @@ class EosConfig:
     sharpness_alternate: bool = True
     sharpness_method: str = "lanczos"
     sharpness_stop: str | None = None
+    sharpness_twin_start: bool | None = None
     checkpoint_every: int | None = 100
     chunk_steps: int = 50
     log_every: int = 1
@@ -191,7 +197,17 @@ class EosConfig:
         d["sharpness_stop"] = self.stop_rule
         if self.stop_rule == "residual":  # the stop rule of runs made before the option: their config
             d.pop("sharpness_stop")
+        d["sharpness_twin_start"] = self.twin_start
+        if not self.twin_start:  # likewise: every lane from its own eigenvector, as before the option
+            d.pop("sharpness_twin_start")
         return d
+
+    @property
+    def twin_start(self) -> bool:
+        """Whether k != 1 lanes start their sharpness estimates from their twin's: the field, or its default when None."""
+        if self.sharpness_twin_start is not None:
+            return self.sharpness_twin_start
+        return self.lane_batch == 1 and any(k != 1 for k in self.k) and bool(self.sharpness_every)
 
     @property
     def stop_rule(self) -> str:
@@ -255,6 +271,11 @@ class EosConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} {v!r} is not allowed; expected an integer >= 1")
         check_lane_batch(self.lane_batch)
         check_sharpness_stop(self.stop_rule, self.sharpness_method)
+        if self.sharpness_twin_start and self.lane_batch != 1:
+            raise ConfigError(
+                "--sharpness-twin-start needs --lane-batch 1 (one lane after another); got --lane-batch "
+                f"{'all' if self.lane_batch is None else self.lane_batch}"
+            )
         if self.loss_goal is not None and not (math.isfinite(self.loss_goal) and self.loss_goal > 0):
             raise ConfigError(f"--loss-goal {self.loss_goal!r} is not allowed; expected a finite float > 0")
         if self.acc_goal is not None and not (math.isfinite(self.acc_goal) and 0 <= self.acc_goal < 1):
@@ -296,6 +317,7 @@ class EosConfig:
             sharpness_alternate=self.sharpness_alternate,
             sharpness_method=self.sharpness_method,
             sharpness_stop=self.stop_rule,
+            sharpness_twin_start=self.twin_start,
             checkpoint_every=self.checkpoint_every,
             max_lanes=self.max_lanes,
             lane_batch=self.lane_batch,
