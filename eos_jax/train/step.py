@@ -524,10 +524,13 @@ def make_sharpness_fn(
         raise ConfigError(f"twin_start needs lane_batch=1 (one lane after another); got lane_batch={lane_batch!r}")
 
     def skip_or(run: bool, state: TrainState, hp: HParams, batch: Batch, v0: PyTree | None):
-        val_type = jax.eval_shape(lambda: one(state, hp, batch, v0)[1])
-        return jax.lax.cond(
-            run, lambda: one(state, hp, batch, v0), lambda: (state, jnp.full((), jnp.nan, val_type.dtype))
-        )
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(state.eigvec))  # the solver's: its vectors'
+
+        def estimate():
+            new, val = one(state, hp, batch, v0)
+            return new, val.astype(dtype)
+
+        return jax.lax.cond(run, estimate, lambda: (state, jnp.full((), jnp.nan, dtype)))
 
     def shared(states: TrainState, hps: HParams, batch: Batch, twin: jax.Array):
         own = twin == jnp.arange(twin.shape[0], dtype=twin.dtype)
