@@ -18,7 +18,6 @@ bits (JAX's partitionable threefry counts in row-major flat order), but a shaped
 draw compiles for seconds on this CPU (see ``eos_jax.models.layers.make_kernel_init``).
 """
 
-import gc
 import os
 import shutil
 import sys
@@ -36,7 +35,7 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402  (after the cache variables, which jax reads at import)
 
-from eos_jax import runtime  # noqa: E402
+from eos_jax import cli, runtime  # noqa: E402
 
 # The convolution setting runtime.configure() gives every entry point (importing jax starts no
 # backend, so it still takes effect here): in-process programs and CLI runs, and the child
@@ -59,9 +58,7 @@ def pytest_collection_finish(session):
     """Tracing and lowering allocate many short-lived Python objects: with the test modules imported,
     their objects are moved out of the collector's view (``gc.freeze``) and collections of the
     youngest generation come less often (tracing and lowering measured 15-20 % faster)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(100_000, 50, 1_000)
+    cli._tune_gc()  # the command-line entry points' setting, once per process
 
 
 def pytest_collection_modifyitems(config, items):

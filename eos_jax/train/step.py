@@ -481,8 +481,8 @@ def make_sharpness_fn(
     of its own from the previous estimate. While a last-bit perturbation has not grown,
     a lane and its twin have nearly the same Hessian, and the solver accepts the twin's
     vector after the products its stop rule needs to confirm it. Where they have parted
-    (Section 4's amplification), the twin's vector is a start of about the same quality
-    as the lane's own. The stop rule is the same for every lane, so the accuracy is the
+    (Section 4's amplification), the twin's vector is the top eigenvector of a nearby
+    Hessian, as the lane's own previous one is. The stop rule is the same for every lane, so the accuracy is the
     same; the estimates of lanes with a twin are other bits than without ``twin_start``.
     With ``lane_batch`` other than 1 the lanes of a vectorized group run the same number
     of products, so nothing would be saved: ``twin_start`` is then an error.

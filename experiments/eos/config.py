@@ -25,6 +25,7 @@ from eos_jax import hessian, losses, models, optim
 from eos_jax import io as eio
 from eos_jax import train as tr
 from eos_jax.cli import check_lane_batch
+from eos_jax.eigen import STOPS
 from eos_jax.errors import ConfigError
 
 MODELS = ("cnn", "fc")
@@ -341,8 +342,8 @@ class EosConfig:
 
 def check_sharpness_stop(stop: str, method: str) -> None:
     """Refuses a ``--sharpness-stop`` that is unknown or that ``--sharpness-method`` cannot use (one line)."""
-    if stop not in ("residual", "eigenvalue"):
-        raise ConfigError(f"--sharpness-stop {stop!r} is not allowed; choose from residual, eigenvalue")
+    if stop not in STOPS:
+        raise ConfigError(f"--sharpness-stop {stop!r} is not allowed; choose from {', '.join(STOPS)}")
     if stop == "eigenvalue" and method != "lanczos":
         raise ConfigError(
             f"--sharpness-stop eigenvalue is not allowed with --sharpness-method {method}; it needs lanczos "
