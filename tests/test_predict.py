@@ -227,6 +227,57 @@ def test_pde_run_writes_results_and_refuses_a_used_directory(tmp_path, capsys, m
     assert _run(argv) == 2 and "already holds" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_cnn_run_writes_every_cell_and_a_reused_measurement_predicts_the_same(tmp_path, capsys):
+    """The whole ``cnn`` command on a tiny grid (1 layer, lr 1 and 100, seed 0, 8 steps on 64 bundled
+    examples), then the same grid with ``--measured``: every cell the same (the measured regimes taken
+    from the first run, the probe's bits the same), nothing measured; another grid, or a directory
+    without a run, is refused in one line (exit 2) and nothing is written."""
+    from eos_jax.stability import REGIMES
+
+    grid = ["cnn", "--layers", "1", "--lr", "1", "100", "--seeds", "0", "--steps", "8", "--num-examples", "64"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _run([*grid, "--out", str(a)]) == 0
+    out = capsys.readouterr().out
+    res = json.loads((a / "results.json").read_text())
+    cells = res["cells"]
+    assert [(c["layers"], c["lr"], c["weight_decay"], c["seed"]) for c in cells] == [
+        (1, 1.0, 0.0, 0),
+        (1, 100.0, 0.0, 0),
+    ]
+    for c in cells:
+        assert c["predicted"] in REGIMES and c["measured"] in REGIMES and c["baseline"] in ("stable", "restrained")
+        assert c["deciding"] and c["probe"]["lambda_0"] > 0 and c["first_unstable_layer"] == "['conv0']"
+    assert cells[0]["measured"] == "stable"  # lr 1: lr * lambda_max at initialization is about 0.05
+    assert res["accuracy"] == np.mean([c["predicted"] == c["measured"] for c in cells])
+    assert res["baseline_accuracy"] == np.mean([c["baseline"] == c["measured"] for c in cells])
+    assert sum(n for row in res["confusion"].values() for n in row.values()) == 2
+    assert res["predict_seconds"] > 0 and res["measure_seconds"] > 0 and res["measured_from"] is None
+    assert 0 < res["predict_breakdown"]["compile_seconds"] < res["predict_seconds"]
+    assert 0 < res["measure_breakdown"]["compile_seconds"] < res["measure_seconds"]
+    assert (a / "predict.png").read_bytes()[:4] == b"\x89PNG" and "1 layer(s): per seed" in out
+
+    assert _run([*grid, "--measured", str(a), "--out", str(b)]) == 0
+    again = json.loads((b / "results.json").read_text())
+    assert again["cells"] == cells and again["grid_cells"] == res["grid_cells"]
+    assert again["measured_from"] == str(a) and again["measure_seconds"] == res["measure_seconds"]
+    assert again["measure_breakdown"] is None
+    assert f"(the measurement of {a})" in capsys.readouterr().out
+
+    refused = [
+        ([*grid[:-3], "9", *grid[-2:]], "steps=8"),  # --steps 9
+        ([*grid[:4], "1", "2", *grid[6:]], "lr=[1.0, 100.0]"),  # --lr 1 2
+    ]
+    for argv, needle in refused:
+        assert _run([*argv, "--measured", str(a), "--out", str(tmp_path / "c")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and str(a) in err and len(err.splitlines()) == 1, err
+    assert _run([*grid, "--measured", str(tmp_path / "none"), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no readable config.json and results.json" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "c").exists()
+
+
 def _cfl_run(lr, steps=6, dtype=jnp.float64):
     """``steps`` GD updates with cfl_scale after optax.sgd; returns the final params and cfl_scale's state."""
     import optax

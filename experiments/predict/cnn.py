@@ -10,7 +10,9 @@ Fashion-MNIST 0/1 subset). Per depth:
   the steps; ``lambda_max`` at its start and end), the per-layer bounds at initialization,
   then :func:`eos_jax.predict.training_bounds` and :func:`eos_jax.predict.verdict` per lane;
 * measure: the whole sweep, one vmapped :func:`eos_jax.train.fit`, each lane judged by
-  :func:`eos_jax.stability.regime` as the main job judges it.
+  :func:`eos_jax.stability.regime` as the main job judges it; or, with ``--measured RUN``, the
+  measured regimes of an earlier run of the same grid (:func:`load_measured`), so that a change
+  to the prediction is checked against the same measurement in minutes.
 
 The baseline is the classical rule alone: stable below ``2 / lambda_max`` at initialization,
 "restrained" (the Edge of Stability) above.
@@ -19,6 +21,7 @@ The baseline is the classical rule alone: stable below ``2 / lambda_max`` at ini
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -27,7 +30,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from eos_jax import cli, hessian, predict, runtime
 from eos_jax import io as eio
@@ -38,7 +40,15 @@ from experiments.eos.config import EosConfig, build_problem, default_config, loa
 from experiments.predict.common import ORDER, bound_records, confusion
 from experiments.predict.plots import plot_cnn
 
-__all__ = ["PredictCnnConfig", "add_arguments", "config_from_args", "run_cnn", "summarize_cnn"]
+__all__ = [
+    "PredictCnnConfig",
+    "add_arguments",
+    "compile_seconds",
+    "config_from_args",
+    "load_measured",
+    "run_cnn",
+    "summarize_cnn",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +64,8 @@ class PredictCnnConfig:
       probe_steps: steps of the probe (0: ``max(2, steps // 20)``).
       probe_iters: Lanczos iterations of the probe's sharpness (at most; tolerance 1e-3).
       num_examples: training examples of the bundled subset.
+      measured: run directory of an earlier ``predict cnn`` run of the same grid whose measured
+        regimes are taken instead of measuring (:func:`load_measured`); None: measure.
 
     Examples:
       >>> from experiments.predict.cnn import PredictCnnConfig
@@ -73,6 +85,7 @@ class PredictCnnConfig:
     probe_steps: int = 0
     probe_iters: int = 10
     num_examples: int = 2000
+    measured: str | None = None
 
     @property
     def num_probe_steps(self) -> int:
@@ -119,6 +132,12 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--probe-steps", type=cli.nonnegative_int, default=0, help="probe steps (0: steps // 20)")
     p.add_argument("--probe-iters", type=cli.positive_int, default=10, help="Lanczos iterations of the probe")
     p.add_argument("--num-examples", type=cli.positive_int, default=2000, help="training examples")
+    p.add_argument(
+        "--measured",
+        default=None,
+        metavar="RUN",
+        help="take the measured regimes from this earlier run of the same grid instead of measuring",
+    )
     p.add_argument("--data-dir", default=None, help="searched first for dataset files")
     p.add_argument("--out", required=True, help="run directory (new or empty)")
 
@@ -134,10 +153,103 @@ def config_from_args(args: argparse.Namespace) -> PredictCnnConfig:
         probe_steps=args.probe_steps,
         probe_iters=args.probe_iters,
         num_examples=args.num_examples,
+        measured=args.measured,
     )
     config.validate()
     config.eos_config(config.layers[0]).validate()
+    if config.measured is not None:
+        load_measured(config.measured, config)  # a bad directory is one line before anything runs
     return config
+
+
+# What a reused measurement must share with the run that reuses it (the probe may differ).
+MEASURED_FIELDS = ("layers", "lr", "weight_decay", "seeds", "steps", "num_examples")
+
+
+def load_measured(run: str | Path, config: PredictCnnConfig) -> dict[str, Any]:
+    """The measured cells of an earlier ``predict cnn`` run of the same grid, to predict again without measuring.
+
+    Measuring is nearly all of a run's time (training every cell for ``steps``); the prediction
+    needs only its probe and the per-layer bounds. An earlier run's ``results.json`` holds each
+    cell's measured regime, so a change to the probe or to the rules is judged against the same
+    measurement. The earlier run must have the same :data:`MEASURED_FIELDS` (its ``config.json``);
+    the dataset is compared once the data is loaded (:func:`run_cnn`).
+
+    Returns:
+      ``{"cells": {(layers, lr, weight_decay, seed): {"measured", "max_normalized_sharpness"}},
+      "measure_seconds", "dataset", "path"}``.
+
+    Raises:
+      ConfigError: one line naming the directory and what is missing or differs.
+    """
+    run = Path(run)
+    what = "an earlier `python -m experiments.predict cnn` run"
+    try:
+        old = eio.read_json(run / "config.json")
+        res = eio.read_json(run / "results.json")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--measured {run}: no readable config.json and results.json of {what} there") from e
+    command = old.get("command") if isinstance(old, dict) else None
+    if command != "predict-cnn" or not isinstance(res, dict) or "cells" not in res:
+        raise ConfigError(f"--measured {run}: not {what} (its config.json has command={command!r})")
+    for name in MEASURED_FIELDS:
+        mine = getattr(config, name)
+        mine = list(mine) if isinstance(mine, tuple) else mine
+        if old.get(name) != mine:
+            raise ConfigError(
+                f"--measured {run} was measured with {name}={old.get(name)!r}; this run has {name}={mine!r} "
+                f"(a measurement is reused only with the same {', '.join(MEASURED_FIELDS)})"
+            )
+    cells = {
+        (c["layers"], c["lr"], c["weight_decay"], c["seed"]): {
+            "measured": c["measured"],
+            "max_normalized_sharpness": c.get("max_normalized_sharpness"),
+        }
+        for c in res["cells"]
+    }
+    grid = {
+        (d, lr, wd, s) for d in config.layers for lr in config.lr for wd in config.weight_decay for s in config.seeds
+    }
+    if not grid <= cells.keys():
+        d, lr, wd, s = min(grid - cells.keys())
+        raise ConfigError(
+            f"--measured {run}: results.json has no cell layers={d}, lr={lr}, weight_decay={wd}, seed={s}"
+        )
+    return {"cells": cells, "measure_seconds": res["measure_seconds"], "dataset": res["dataset"], "path": str(run)}
+
+
+# jax.monitoring's events of a compilation: tracing to a jaxpr, lowering to StableHLO, XLA's compile.
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+
+
+@contextlib.contextmanager
+def compile_seconds(into: dict[str, float], key: str = "compile_seconds"):
+    """Adds to ``into[key]`` the seconds that JAX reports compiling (:data:`COMPILE_EVENTS`) inside the block.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from experiments.predict.cnn import compile_seconds
+      >>> spent = {}
+      >>> with compile_seconds(spent):
+      ...     _ = jax.jit(lambda x: x * 2.0)(jnp.ones(3))
+      >>> spent["compile_seconds"] > 0
+      True
+    """
+
+    def listen(event: str, secs: float, **_: Any) -> None:
+        if event in COMPILE_EVENTS:
+            into[key] = into.get(key, 0.0) + secs
+
+    into.setdefault(key, 0.0)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield into
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def _probe_engine(cfg: EosConfig, config: PredictCnnConfig) -> tr.EngineConfig:
@@ -165,7 +277,8 @@ def _block_sharpness_fn(problem: tr.Problem, iters: int):
         found = hessian.layer_sharpness(problem.loss_fn, params, problem.data, num_iters=iters)
         zero = jax.tree_util.tree_map(jnp.zeros_like, params)
         g0 = jax.grad(problem.loss_fn)(zero, problem.data)  # the forcing term at K = 0 (training_bounds)
-        return {n: r.eigenvalue for n, r in found.items()}, optax.global_norm(g0)
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(g0)))
+        return {n: r.eigenvalue for n, r in found.items()}, norm
 
     return jax.jit(blocks)
 
@@ -346,28 +459,41 @@ def accuracy_table(cells: list[dict[str, Any]]) -> dict[str, Any]:
 def run_cnn(config: PredictCnnConfig, out: str | Path, *, data_dir: str | None = None) -> dict[str, Any]:
     """Predicts and measures every cell of ``config``; writes ``results.json`` and ``predict.png``."""
     config.validate()
+    reused = load_measured(config.measured, config) if config.measured is not None else None
+    data, info = load_data(config.eos_config(config.layers[0]), data_dir)
+    if reused is not None and reused["dataset"] != info["name"]:
+        raise ConfigError(
+            f"--measured {reused['path']} was measured on {reused['dataset']}; this run has {info['name']}"
+        )
     path = eio.open_run_dir(out, {"command": "predict-cnn", **dataclasses.asdict(config)})
     eio.atomic_write_json(path / "metadata.json", {"runtime": runtime.metadata()})
-    data, info = load_data(config.eos_config(config.layers[0]), data_dir)
     closs = constant_loss(data["y"], "bce", int(data["num_classes"]))
     cells: list[dict[str, Any]] = []
     t_pred = t_meas = 0.0
     breakdown: dict[str, float] = {}
+    measure_breakdown: dict[str, float] = {}
     for layers in config.layers:
         cfg = config.eos_config(layers)
         problem, _ = build_problem(cfg, data)
         t0 = time.perf_counter()
-        preds = predict_depth(problem, cfg, data, config, closs, breakdown)
+        with compile_seconds(breakdown):
+            preds = predict_depth(problem, cfg, data, config, closs, breakdown)
         t_pred += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        meas = measure_depth(problem, cfg, closs)
-        t_meas += time.perf_counter() - t0
+        if reused is None:
+            t0 = time.perf_counter()
+            with compile_seconds(measure_breakdown):
+                meas = measure_depth(problem, cfg, closs)
+            t_meas += time.perf_counter() - t0
+        else:
+            meas = [reused["cells"][(layers, l.learning_rate, l.weight_decay, l.seed)] for l in cfg.lanes()]
         for lane, p, m in zip(cfg.lanes(), preds, meas):
             cells.append(
                 {"layers": layers, "lr": lane.learning_rate, "weight_decay": lane.weight_decay, "seed": lane.seed}
                 | p
                 | m
             )
+    if reused is not None:
+        t_meas = reused["measure_seconds"]
     grid = grid_cells(cells)
     results = {
         "cells": cells,
@@ -380,6 +506,8 @@ def run_cnn(config: PredictCnnConfig, out: str | Path, *, data_dir: str | None =
         "measure_seconds": t_meas,
         "predict_fraction": t_pred / t_meas if t_meas > 0 else None,
         "predict_breakdown": breakdown,
+        "measure_breakdown": measure_breakdown if reused is None else None,
+        "measured_from": None if reused is None else reused["path"],
         "seeds": list(config.seeds),
         "steps": config.steps,
         "probe_steps": config.num_probe_steps,
@@ -413,5 +541,6 @@ def summarize_cnn(results: dict[str, Any]) -> str:
         f"{results['seeds']}, {results['steps']} steps, probe {results['probe_steps']} steps; predict "
         f"{results['predict_seconds']:.1f} s = {100 * results['predict_fraction']:.1f} % of measure "
         f"{results['measure_seconds']:.1f} s"
+        + (f" (the measurement of {results['measured_from']})" if results.get("measured_from") else "")
     )
     return "\n".join(lines)
