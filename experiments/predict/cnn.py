@@ -1,7 +1,8 @@
 """``python -m experiments.predict cnn``: the regime of every (depth, lr, weight decay, seed), predicted then measured.
 
 ``python -m experiments.predict cnn --layers 1 2 --lr 1 2 5 10 20 50 100 --weight-decay 0 5e-4 --out
-runs/predict_cnn`` (seeds 0-2, 300 steps: about 20 minutes on 2 CPU cores, nearly all of it measuring).
+runs/predict_cnn`` (seeds 0-2, 300 steps; with seeds 0-4, 10 minutes on 2 CPU cores, nearly all of it
+measuring).
 The network is the main job's (:func:`experiments.eos.config.build_problem`: the paper's
 single-channel 3x3 Swish CNN, kernels N(0, 1), mean pooling, BCE, full-batch GD, the bundled
 Fashion-MNIST 0/1 subset). Per depth:
@@ -36,7 +37,7 @@ from eos_jax import io as eio
 from eos_jax import train as tr
 from eos_jax.errors import ConfigError
 from eos_jax.stability import constant_loss, regime
-from experiments.eos.config import EosConfig, build_problem, default_config, load_data
+from experiments.eos.config import AUTO_LANE_CAP, EosConfig, build_problem, default_config, load_data
 from experiments.predict.common import ORDER, bound_records, confusion
 from experiments.predict.plots import plot_cnn
 
@@ -101,6 +102,22 @@ class PredictCnnConfig:
         if self.num_probe_steps >= self.steps:
             raise ConfigError(f"probe_steps={self.num_probe_steps}; expected fewer than steps={self.steps}")
 
+    @property
+    def lanes_per_group(self) -> int:
+        """Lanes per group: the fewest groups of at most ``AUTO_LANE_CAP`` lanes, as equal as they can be.
+
+        Every group of one width is one program; 70 lanes in groups of 14 compile each program once,
+        in groups of 16 and a last of 6, twice. One lane at a time (the cnn's ``lane_batch=1``) a
+        lane's bits do not depend on its group's width.
+
+        Examples:
+          >>> from experiments.predict.cnn import PredictCnnConfig
+          >>> PredictCnnConfig(seeds=(0, 1, 2, 3, 4)).lanes_per_group, PredictCnnConfig().lanes_per_group
+          (14, 14)
+        """
+        n = len(self.lr) * len(self.weight_decay) * len(self.seeds)
+        return -(-n // -(-n // AUTO_LANE_CAP))
+
     def eos_config(self, layers: int) -> EosConfig:
         """The main job's configuration of one depth over the whole grid (k = 1 only)."""
         return default_config(
@@ -113,6 +130,7 @@ class PredictCnnConfig:
             steps=self.steps,
             num_examples=self.num_examples,
             checkpoint_every=None,
+            max_lanes=self.lanes_per_group,
         )
 
 
