@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     # What the engine runs by default (EngineConfig.lane_batch="auto"), decided by its Plan from the
     # temporaries of the run's all-at-once chunk and sharpness programs (its sizing step).
     # (The main job's own config sets lane_batch=1 for the CNN: ask for the engine's default explicitly.)
-    engine_cfg = dataclasses.replace(cfg.engine_config(), lane_batch=AUTO_LANE_BATCH)
+    # The lanes are k = 1 learning rates (no twins to start from: sharpness_twin_start off).
+    engine_cfg = dataclasses.replace(cfg.engine_config(), lane_batch=AUTO_LANE_BATCH, sharpness_twin_start=False)
     choice = tr.core.size_lanes(problem, tr.make_lanes(lrs), engine_cfg).lane_batch_choice
     auto = choice.lane_batch
     if auto == 1:

@@ -25,16 +25,20 @@ It also sets one thing that changes no bit, only speed: :func:`retain_host_memor
 keeps the host memory XLA:CPU frees for its next step instead of handing it back to the
 operating system (with glibc's defaults the main job's step spends two thirds of its time
 in page faults on freshly mapped temporaries).
+
+:func:`compile_seconds` measures how much of a block of work was compilation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import platform
 import sys
 import warnings
+from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
 from typing import Any
 
@@ -317,3 +321,42 @@ def metadata() -> dict[str, Any]:
         or _conv_status(os.environ.get("XLA_FLAGS", ""))
         or "ynnpack (XLA's default)",
     }
+
+
+# jax.monitoring's events of one compilation: tracing to a jaxpr, lowering to StableHLO, XLA's compile.
+BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    BACKEND_COMPILE_EVENT,
+)
+
+
+@contextlib.contextmanager
+def compile_seconds(into: dict[str, float], key: str = "compile_seconds", events: Sequence[str] = COMPILE_EVENTS):
+    """Adds to ``into[key]`` the seconds that JAX reports for ``events`` inside the block (``jax.monitoring``).
+
+    The default, :data:`COMPILE_EVENTS`, is all of a compilation: tracing, lowering and XLA's
+    compile; ``events=(BACKEND_COMPILE_EVENT,)`` is XLA's part alone. A program loaded from the
+    persistent compilation cache reports its tracing and lowering only.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from eos_jax.runtime import compile_seconds
+      >>> spent = {}
+      >>> with compile_seconds(spent):
+      ...     _ = jax.jit(lambda x: x * 2.0)(jnp.ones(3))
+      >>> spent["compile_seconds"] > 0
+      True
+    """
+
+    def listen(event: str, secs: float, **_: Any) -> None:
+        if event in events:
+            into[key] = into.get(key, 0.0) + secs
+
+    into.setdefault(key, 0.0)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield into
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)

@@ -22,7 +22,6 @@ The baseline is the classical rule alone: stable below ``2 / lambda_max`` at ini
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -44,7 +43,6 @@ from experiments.predict.plots import plot_cnn
 __all__ = [
     "PredictCnnConfig",
     "add_arguments",
-    "compile_seconds",
     "config_from_args",
     "load_measured",
     "run_cnn",
@@ -234,40 +232,6 @@ def load_measured(run: str | Path, config: PredictCnnConfig) -> dict[str, Any]:
             f"--measured {run}: results.json has no cell layers={d}, lr={lr}, weight_decay={wd}, seed={s}"
         )
     return {"cells": cells, "measure_seconds": res["measure_seconds"], "dataset": res["dataset"], "path": str(run)}
-
-
-# jax.monitoring's events of a compilation: tracing to a jaxpr, lowering to StableHLO, XLA's compile.
-COMPILE_EVENTS = (
-    "/jax/core/compile/jaxpr_trace_duration",
-    "/jax/core/compile/jaxpr_to_mlir_module_duration",
-    "/jax/core/compile/backend_compile_duration",
-)
-
-
-@contextlib.contextmanager
-def compile_seconds(into: dict[str, float], key: str = "compile_seconds"):
-    """Adds to ``into[key]`` the seconds that JAX reports compiling (:data:`COMPILE_EVENTS`) inside the block.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp
-      >>> from experiments.predict.cnn import compile_seconds
-      >>> spent = {}
-      >>> with compile_seconds(spent):
-      ...     _ = jax.jit(lambda x: x * 2.0)(jnp.ones(3))
-      >>> spent["compile_seconds"] > 0
-      True
-    """
-
-    def listen(event: str, secs: float, **_: Any) -> None:
-        if event in COMPILE_EVENTS:
-            into[key] = into.get(key, 0.0) + secs
-
-    into.setdefault(key, 0.0)
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield into
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
 
 
 def _probe_engine(cfg: EosConfig, config: PredictCnnConfig) -> tr.EngineConfig:
@@ -494,12 +458,12 @@ def run_cnn(config: PredictCnnConfig, out: str | Path, *, data_dir: str | None =
         cfg = config.eos_config(layers)
         problem, _ = build_problem(cfg, data)
         t0 = time.perf_counter()
-        with compile_seconds(breakdown):
+        with runtime.compile_seconds(breakdown):
             preds = predict_depth(problem, cfg, data, config, closs, breakdown)
         t_pred += time.perf_counter() - t0
         if reused is None:
             t0 = time.perf_counter()
-            with compile_seconds(measure_breakdown):
+            with runtime.compile_seconds(measure_breakdown):
                 meas = measure_depth(problem, cfg, closs)
             t_meas += time.perf_counter() - t0
         else:
