@@ -337,8 +337,7 @@ def compile_seconds(into: dict[str, float], key: str = "compile_seconds", events
     """Adds to ``into[key]`` the seconds that JAX reports for ``events`` inside the block (``jax.monitoring``).
 
     The default, :data:`COMPILE_EVENTS`, is all of a compilation: tracing, lowering and XLA's
-    compile; ``events=(BACKEND_COMPILE_EVENT,)`` is XLA's part alone. A program loaded from the
-    persistent compilation cache reports its tracing and lowering only.
+    compile; ``events=(BACKEND_COMPILE_EVENT,)`` is XLA's part alone.
 
     Examples:
       >>> import jax, jax.numpy as jnp
