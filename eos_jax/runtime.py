@@ -273,6 +273,37 @@ def configure(
     return metadata()
 
 
+# Vector-instruction families that decide how XLA:CPU (LLVM for the host CPU) vectorizes elementwise functions.
+_SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f")
+
+
+def cpu() -> dict[str, Any]:
+    """The host CPU's model and vector-instruction families (Linux ``/proc/cpuinfo``; elsewhere the model only).
+
+    XLA:CPU compiles for the CPU it runs on, and its elementwise functions are not all correctly
+    rounded: the same program can differ in the last bit between CPU models (``docs/bits.md``), so
+    ``metadata.json`` records the CPU beside the versions.
+
+    Examples:
+      >>> from eos_jax.runtime import cpu
+      >>> sorted(cpu())
+      ['model', 'simd']
+    """
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return {"model": model, "simd": [f for f in _SIMD_FLAGS if f in flags]}
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib_metadata.version(dist)
@@ -289,13 +320,14 @@ def metadata() -> dict[str, Any]:
       >>> m["x64"], m["device_count"] >= 1, m["versions"]["jax"] is not None  # under JAX's defaults
       (False, True, True)
       >>> sorted(m)  # doctest: +NORMALIZE_WHITESPACE
-      ['backend', 'cpu_convolutions', 'device_count', 'device_kinds', 'host_memory', 'matmul_precision', 'platform',
+      ['backend', 'cpu', 'cpu_convolutions', 'device_count', 'device_kinds', 'host_memory', 'matmul_precision', 'platform',
        'process_count', 'python', 'versions', 'x64', 'xla_flags']
     """
     devices = jax.devices()
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": cpu(),
         "versions": {
             name: _version(dist)
             for name, dist in [
