@@ -253,12 +253,12 @@ def _lane_regimes(hist: tr.History, closs: float, threshold: float) -> list[str]
 
 
 def _block_sharpness_fn(problem: tr.Problem, iters: int):
-    """Each layer's block sharpness (:func:`eos_jax.hessian.layer_sharpness`) at given parameters, jitted once."""
+    """``(params, data)`` -> each layer's block sharpness (:func:`eos_jax.hessian.layer_sharpness`), jitted once."""
 
-    def blocks(params: Any) -> tuple[dict[str, jax.Array], jax.Array]:
-        found = hessian.layer_sharpness(problem.loss_fn, params, problem.data, num_iters=iters)
+    def blocks(params: Any, data: Any) -> tuple[dict[str, jax.Array], jax.Array]:
+        found = hessian.layer_sharpness(problem.loss_fn, params, data, num_iters=iters)
         zero = jax.tree_util.tree_map(jnp.zeros_like, params)
-        g0 = jax.grad(problem.loss_fn)(zero, problem.data)  # the forcing term at K = 0 (training_bounds)
+        g0 = jax.grad(problem.loss_fn)(zero, data)  # the forcing term at K = 0 (training_bounds)
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(g0)))
         return {n: r.eigenvalue for n, r in found.items()}, norm
 
@@ -268,7 +268,7 @@ def _block_sharpness_fn(problem: tr.Problem, iters: int):
 def _layer_records(problem: tr.Problem, cfg: EosConfig, data: dict[str, Any], seed: int, blocks) -> dict[str, Any]:
     """At the initialization of ``seed``: each layer's block sharpness (Thm 5.7) and the terms of (14) per layer."""
     params = problem.init_params(tr.lane_init_key(seed))
-    found, g0 = blocks(params)
+    found, g0 = blocks(params, problem.data)
     kernels = [np.asarray(params[f"conv{i}"]["kernel"]) for i in range(cfg.layers)]
     terms = predict.cnn_layer_terms(kernels, data["x"], data["y"], beta=cfg.beta, pool=cfg.pool)
     grams = [(predict.patch_gram(t["images"], 3, t["weights"]), t["scale"]) for t in terms]  # wd-free: once per seed
