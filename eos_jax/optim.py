@@ -575,12 +575,16 @@ def apply_step(
     grads: optax.Updates,
     state: Any,
     params: optax.Params,
+    **extra_args: Any,
 ) -> tuple[optax.Params, Any]:
     """One optimizer step, ``(new_params, new_state)``, for either rounding mode.
 
     An optax transformation is applied as ``update`` then ``optax.apply_updates`` (one
     more rounding per element); a ``rounding="torch"`` optimizer computes the new
-    parameters itself (its last operation is a fused multiply-add).
+    parameters itself (its last operation is a fused multiply-add). ``extra_args`` (the
+    training step gives ``batch``) reach an ``optax.GradientTransformationExtraArgs``, such
+    as :func:`eos_jax.optim_cfl.cfl_scale` or an ``optax.chain`` holding it; other
+    transformations are called without them.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -593,5 +597,8 @@ def apply_step(
     """
     if isinstance(opt, TorchRoundedOptimizer):
         return opt.step(grads, state, params)
-    updates, state = opt.update(grads, state, params)
+    if extra_args and isinstance(opt, optax.GradientTransformationExtraArgs):
+        updates, state = opt.update(grads, state, params, **extra_args)
+    else:
+        updates, state = opt.update(grads, state, params)
     return optax.apply_updates(params, updates), state

@@ -10,7 +10,8 @@ warm-started from the previous step's vector and amortized over steps: ``iters_p
 block Hessian-vector products per layer and step (one by default), so the estimate refines as
 training goes instead of being re-solved from scratch.
 
-Placed after the optimizer (``optax.chain(optim.sgd(lr, k=k), cfl_scale(loss_fn, batch, lr))``),
+Placed after the optimizer (``optax.chain(optim.sgd(lr, k=k), cfl_scale(loss_fn, None, lr))``; the
+training engine passes each step's batch to the update, ``update(..., batch=batch)``),
 it multiplies layer ``l``'s update by ``min(1, fraction * threshold / (lr * lambda_l))``: the
 nominal step where it is stable with margin, the capped one where it is not. With
 ``per_layer=False`` the whole network is one block: the global rule ``lr <= c / lambda_max``.
@@ -84,13 +85,15 @@ def cfl_scale(
     per_layer: bool = True,
     level: int = 1,
     key: jax.Array | None = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """Caps each layer's step at ``fraction`` of its stable step ``threshold / lambda_max(H_ll)``.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, the objective whose blocks are tracked
         (include the L2 term if the optimizer's weight decay is part of it).
-      batch: the data (full-batch gradient descent: the same every step).
+      batch: the data the blocks are taken on when the update is not given ``batch=``; None
+        where every update is (as :func:`eos_jax.train.fit` and ``train`` give each step's
+        batch, an argument of the compiled step rather than a constant held in it).
       learning_rate: the nominal step ``lr`` of the optimizer before this transform (a
         float or a traced scalar, e.g. a vmapped lane's).
       fraction: the cap as a fraction of the stable step, in (0, 1].
@@ -102,8 +105,8 @@ def cfl_scale(
       key: PRNG key of the first vectors (default ``jax.random.key(0)``).
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`CflScaleState`; its update needs
-      ``params``.
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`CflScaleState`; its update
+      needs ``params`` and takes the keyword ``batch`` (default: the ``batch`` given here).
 
     Examples:
       A quadratic with ``H = diag(1, 40)`` in two layers: at ``lr = 0.1`` the second layer
@@ -140,9 +143,15 @@ def cfl_scale(
             factor=jnp.ones((len(groups),), dtype),
         )
 
-    def update_fn(updates: PyTree, state: CflScaleState, params: PyTree | None = None) -> tuple[PyTree, CflScaleState]:
+    fixed_batch = batch
+
+    def update_fn(
+        updates: PyTree, state: CflScaleState, params: PyTree | None = None, *, batch: Any = None, **extra_args: Any
+    ) -> tuple[PyTree, CflScaleState]:
+        del extra_args  # other transforms' keywords, passed along by optax.chain
         if params is None:
             raise ConfigError("cfl_scale needs params in update (the Hessian blocks are taken there)")
+        data = fixed_batch if batch is None else batch
         leaves, treedef = jax.tree_util.tree_flatten(params)
         groups = _groups(params, per_layer, level)
         vecs = jax.tree_util.tree_leaves(state.vectors)
@@ -152,7 +161,7 @@ def cfl_scale(
             for _ in range(iters_per_step):  # power iteration on the block H_ll, warm-started
                 masked = [v[i] if i in idx else jnp.zeros_like(v[i]) for i in range(len(v))]
                 hv = jax.tree_util.tree_leaves(
-                    hessian.hvp(loss_fn, params, batch, jax.tree_util.tree_unflatten(treedef, masked))
+                    hessian.hvp(loss_fn, params, data, jax.tree_util.tree_unflatten(treedef, masked))
                 )
                 lam = sum(jnp.vdot(v[i], hv[i]) for i in idx)
                 v = _normalize([hv[i] if i in idx else v[i] for i in range(len(v))], [idx])
@@ -176,4 +185,4 @@ def cfl_scale(
         )
         return jax.tree_util.tree_unflatten(treedef, u), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

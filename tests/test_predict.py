@@ -323,3 +323,39 @@ def test_cfl_scale_jit_vmap_bits_and_dense_reference():
     ref = [np.linalg.eigvalsh(h[:6, :6])[-1], np.linalg.eigvalsh(h[6:, 6:])[-1]]
     np.testing.assert_allclose(np.asarray(state.sharpness), ref, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(state.factor), np.minimum(1.0, 1.0 / (3.0 * np.asarray(state.sharpness))))
+
+
+def test_cfl_scale_takes_each_steps_batch_from_the_engine():
+    """In ``train.fit`` the step hands its batch to the update (``apply_step(..., batch=batch)``): a
+    ``cfl_scale`` built without data trains bit for bit like one given the data at construction, and a
+    batch given at construction is overridden by the one passed to ``update``."""
+    import optax
+
+    from eos_jax import optim
+    from eos_jax import train as tr
+    from eos_jax.optim_cfl import cfl_scale
+
+    p0, x = _setup()
+    p0 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), p0)
+    x = x.astype(jnp.float32)
+
+    def problem(batch):
+        def make(hp):
+            return optax.chain(optim.sgd(hp.learning_rate, k=hp.k), cfl_scale(_loss, batch, hp.learning_rate))
+
+        return tr.Problem(lambda key: p0, _loss, make, x)
+
+    kw = dict(sharpness_every=None, chunk_steps=4, checkpoint_every=None)
+    given = tr.fit(problem(x), tr.make_lanes([0.05, 3.0]), 8, **kw)
+    passed = tr.fit(problem(None), tr.make_lanes([0.05, 3.0]), 8, **kw)
+    for a, b in zip(jax.tree_util.tree_leaves(given.params), jax.tree_util.tree_leaves(passed.params)):
+        assert np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+    assert not np.array_equal(np.asarray(passed.params["a"][0]), np.asarray(passed.params["a"][1]))
+
+    opt = cfl_scale(_loss, x, 3.0, iters_per_step=4)  # the update's batch wins over the construction's
+    g = jax.grad(_loss)(p0, x)
+    own = opt.update(g, opt.init(p0), p0)[1].sharpness
+    doubled = opt.update(g, opt.init(p0), p0, batch=2.0 * x)[1].sharpness
+    ref = cfl_scale(_loss, 2.0 * x, 3.0, iters_per_step=4)
+    assert np.array_equal(np.asarray(doubled), np.asarray(ref.update(g, ref.init(p0), p0)[1].sharpness))
+    assert not np.allclose(np.asarray(own), np.asarray(doubled))

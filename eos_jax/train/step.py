@@ -146,7 +146,7 @@ def make_train_step(
         (loss, model_state), grads = jax.value_and_grad(
             lambda p: problem_loss(problem, p, batch, state.model_state), has_aux=True
         )(state.params)
-        params, opt_state = optim.apply_step(opt, grads, state.opt_state, state.params)
+        params, opt_state = optim.apply_step(opt, grads, state.opt_state, state.params, batch=batch)
         ok = state.finite & jnp.isfinite(loss) & all_finite(params) & all_finite(opt_state) & all_finite(model_state)
         update = ok
         stop_step = state.stop_step

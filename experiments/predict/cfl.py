@@ -76,7 +76,7 @@ def _problem(base: tr.Problem, kind: str, config: CflConfig) -> tr.Problem:
             return gd
         cap = cfl_scale(
             base.loss_fn,
-            base.data,
+            None,  # each step's batch comes with the update (an argument of the step, not a constant in it)
             hp.learning_rate,
             fraction=config.fraction,
             iters_per_step=config.iters_per_step,
