@@ -44,7 +44,9 @@ class Problem:
       loss_fn: ``(params, batch) -> scalar`` data loss, a mean over the batch.
       make_optimizer: ``HParams -> optax.GradientTransformation`` (or an
         ``eos_jax.optim`` ``rounding="torch"`` optimizer: steps use ``optim.apply_step``) for one lane; called
-        inside vmap with traced values, so it must accept traced lr, k, weight decay.
+        inside vmap with traced values, so it must accept traced lr, k, weight decay. An
+        ``optax.GradientTransformationExtraArgs`` (an ``optax.chain``, ``optim_cfl.cfl_scale``) gets
+        the step's batch as ``update(..., batch=batch)``.
       data: the training set, a pytree of arrays with a leading example axis.
       threshold: stability threshold of the normalized sharpness ``lr * lambda_max``
         for the optimizer (2 for gradient descent), or ``Lane -> threshold`` when it depends
