@@ -700,7 +700,7 @@ def test_initial_sharpness_matches_dense_hessian():
         got = eos.initial_sharpness(cfg, data, num_iters=18)  # 18 = number of parameters (2 x 3x3)
         prob, _ = eos.build_problem(cfg, data)
         hp = tr.stack_hparams(tr.make_lanes([1.0], weight_decays=[5e-4]))
-        params = tr.init_state(prob, jax.tree_util.tree_map(lambda a: a[0], hp)).params
+        params = jax.jit(lambda h: tr.init_state(prob, h).params)(jax.tree_util.tree_map(lambda a: a[0], hp))
         flat, unravel = ravel_pytree(params)
         h = np.asarray(jax.jit(jax.hessian(lambda f, b: prob.loss_fn(unravel(f), b)))(flat, prob.data), np.float64)
         top = float(np.linalg.eigvalsh(h + 5e-4 * np.eye(h.shape[0]))[-1])

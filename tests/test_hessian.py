@@ -341,9 +341,10 @@ def test_adam_preconditioner_matches_optax_update_and_dense_eigenvalue():
     lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-8
     opt = optax.adam(lr, b1=b1, b2=b2, eps=eps)
     state = opt.init(p)
+    step = jax.jit(lambda p, state: opt.update(jax.grad(mlp_loss)(p, batch), state, p))
     with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes int32 and float
         for _ in range(3):
-            updates, state = opt.update(jax.grad(mlp_loss)(p, batch), state, p)
+            updates, state = step(p, state)
             p = optax.apply_updates(p, updates)
     adam_state = state[0]
     precond = hs.adam_preconditioner(adam_state.nu, adam_state.count, b1=b1, b2=b2, eps=eps)

@@ -552,7 +552,7 @@ def test_cnn_hvp_keeps_activations_and_the_gradient_keeps_its_bits(monkeypatch):
     assert hlo_with.count(" while(") == 4 and hlo_without.count(" while(") == 0
     assert most_slices(hlo_with) < most_slices(hlo_without), (most_slices(hlo_with), most_slices(hlo_without))
     flat, unravel = jax.flatten_util.ravel_pytree(params)
-    dense = jax.hessian(lambda w: loss(unravel(w), (x, y)))(flat)
+    dense = jax.jit(jax.hessian(lambda w: loss(unravel(w), (x, y))))(flat)
     ref = np.asarray(dense, np.float64) @ np.asarray(jax.flatten_util.ravel_pytree(t)[0], np.float64)
     for h in (h_with, h_without):
         np.testing.assert_allclose(np.asarray(jax.flatten_util.ravel_pytree(h)[0]), ref, rtol=2e-4, atol=1e-6)

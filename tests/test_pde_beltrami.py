@@ -32,7 +32,8 @@ def test_strict_bound_and_hessian_bound():
     assert dt == 1.0 / (lam + 2.0 / (delta * dx * dx))
     # At a flat u the loss Hessian is lam I + (1/(delta dx^2)) * (free-end Laplacian): its largest
     # eigenvalue is below lam + 4/(delta dx^2), so GD is stable at dt_strict (2/lam_max > dt_strict).
-    h = np.asarray(jax.hessian(beltrami.loss)(jnp.zeros(n, F64), jnp.zeros(n, F64), lam=lam, delta=delta, dx=dx))
+    hess = jax.jit(jax.hessian(lambda u, f: beltrami.loss(u, f, lam=lam, delta=delta, dx=dx)))
+    h = np.asarray(hess(jnp.zeros(n, F64), jnp.zeros(n, F64)))
     lam_max = np.linalg.eigvalsh(h)[-1]
     assert lam_max < lam + 4 / (delta * dx * dx)
     assert dt < 2 / lam_max < 2.01 * dt

@@ -49,7 +49,7 @@ def test_analytic_gradient_eq8_equals_autodiff_float64(conv_impl, image_kind, po
     kernel = nl.kernel_of(params)
     batch = nl.make_batch(image, 1, dtype=np.float64)
     loss_fn = nl.make_loss_fn(model, alpha)
-    auto = nl.kernel_of(jax.grad(loss_fn)(params, batch))
+    auto = nl.kernel_of(jax.jit(jax.grad(loss_fn))(params, batch))
     analytic = nl.analytic_gradient(kernel, jnp.asarray(image), alpha=alpha, beta=beta, label=1, pool=pool)
     assert analytic.dtype == jnp.float64 and auto.dtype == jnp.float64
     data_term = analytic - alpha * kernel

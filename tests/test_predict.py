@@ -89,11 +89,12 @@ def test_cnn_layer_terms_forward_and_gamma_by_finite_difference():
     terms = predict.cnn_layer_terms(ks, x, y, beta=1.0, pool="mean")
     model = models.get("cnn", layers=2, dtype="float64", conv_impl="lax")
     params = {f"conv{i}": {"kernel": jnp.asarray(k).reshape(3, 3, 1, 1)} for i, k in enumerate(ks)}
-    g, _ = model.apply({"params": params}, jnp.asarray(x)[..., None], train=False)
+    g, _ = jax.jit(lambda p, xx: model.apply({"params": p}, xx, train=False))(params, jnp.asarray(x)[..., None])
     a = 1.0 / (1.0 + np.exp(-np.asarray(g)[:, 0])) - y
     np.testing.assert_allclose(terms[1]["weights"], a / 3, rtol=1e-10)  # last layer: gamma = 1
     assert terms[1]["scale"] == 1.0 / 25 and terms[0]["images"].shape == (3, 9, 9)
 
+    @jax.jit
     def logit_of_i2(i2):  # the second layer and the mean pooling, on a given I_2
         u = jax.lax.conv_general_dilated(i2[:, None], jnp.asarray(ks[1])[None, None], (1, 1), "VALID")[:, 0]
         return (u * jax.nn.sigmoid(u)).mean(axis=(1, 2))

@@ -102,7 +102,7 @@ def test_running_statistics_by_hand_eval_mode_and_sharpness_of_the_train_mode_lo
     problem = bn_problem()
     cfg = tr.EngineConfig(steps=1, sharpness_every=1, sharpness_iters=30, sharpness_tol=None, checkpoint_every=None)
     hist = tr.fit(problem, tr.make_lanes([0.1], weight_decays=[1e-2]), 1, config=cfg)
-    w1 = np.asarray(problem.init_params(tr.lane_init_key(0))["w1"])
+    w1 = np.asarray(jax.jit(problem.init_params)(tr.lane_init_key(0))["w1"])
     h = np.asarray(problem.data["x"]) @ w1
     np.testing.assert_allclose(hist.model_state["mean"][0], 0.1 * h.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(hist.model_state["var"][0], 0.9 + 0.1 * h.var(axis=0, ddof=1), rtol=1e-12)
