@@ -40,6 +40,8 @@ PyTree = Any
 # Regimes a bound can lead to when a step size exceeds it, mildest first (eos_jax.stability's names).
 EFFECTS = ("transient", "restrained", "collapsed", "divergent")
 SEVERITY = {"stable": 0, **{e: i + 1 for i, e in enumerate(EFFECTS)}}
+# e-folds of weight decay that shrink a kernel to 1 % of its size: "pulled back to K = 0" (training_bounds).
+DECAY_TO_ZERO_EFOLDS = math.log(100.0)
 
 
 class Bound(NamedTuple):
@@ -557,6 +559,7 @@ def training_bounds(
     probe_regime: str | None = None,
     probe_normalized: float | None = None,
     revivable: bool = True,
+    start_sharpness: float | None = None,
     layers: Sequence[Bound] = (),
 ) -> list[Bound]:
     """The bounds that decide a training run at learning rate ``lr`` (Sections 5.4-6 read as a predictor).
@@ -577,6 +580,14 @@ def training_bounds(
       instability started. When the horizon holds at least one e-fold of that decay
       (``lr alpha steps >= 1``), a thrown-out run is sent back again and again: "restrained".
       As a bound: ``max(catapult bound, 1 / (alpha steps))``.
+    * weight decay after a start past the edge (``start_sharpness``, ``lambda_max`` at step 0):
+      a run with ``lr lambda_0 >= threshold`` is thrown out of its sharp region by its first
+      steps, often without a rise of the loss, into a flat region where the loss gradient is
+      small. When weight decay alone would shrink its kernels to 1 % within the horizon
+      (``lr alpha steps >= ln 100``, :data:`DECAY_TO_ZERO_EFOLDS`), they are pulled back to
+      ``K * I ~ 0``, where the instability started: "restrained". As a bound:
+      ``max(threshold / lambda_0, ln 100 / (alpha steps))``. (With one e-fold, as in the rule
+      above, too many such runs that settle in the flat region were called restrained.)
     * the probe's own outcome at ``lr`` (its :func:`eos_jax.stability.regime` and final
       ``lr lambda``): non-finite is "divergent"; at the edge already (``lr lambda >= 0.9
       threshold``) is "restrained"; "collapsed" (the network died) stays collapsed unless
@@ -600,6 +611,13 @@ def training_bounds(
       ['stable', 'restrained', 'transient']
       >>> verdict(100.0, training_bounds(100.0, weight_decay=5e-4, **kw))["deciding"]
       'weight decay back to the unstable region'
+
+      A run that starts past the edge (``lr lambda_0 = 4``) and then sits in a flat region (path
+      sharpness 0.01): stable without weight decay, pulled back with 5e-4 over 300 steps (6 e-folds):
+
+      >>> flat = dict(horizon_sharpness=0.01, steps=300, start_sharpness=0.1)
+      >>> [verdict(40.0, training_bounds(40.0, weight_decay=wd, **flat))["predicted"] for wd in (0.0, 5e-4)]
+      ['stable', 'restrained']
     """
     lam = max(float(horizon_sharpness), 0.0)
     edge = threshold / lam if lam > 0 else math.inf
@@ -612,6 +630,9 @@ def training_bounds(
     if weight_decay > 0:
         back = max(catapult, 1.0 / (weight_decay * steps))
         out.append(Bound("weight decay back to the unstable region", back, "restrained"))
+    if weight_decay > 0 and start_sharpness is not None and start_sharpness > 0:
+        back0 = max(threshold / float(start_sharpness), DECAY_TO_ZERO_EFOLDS / (weight_decay * steps))
+        out.append(Bound("start past the edge, weight decay back to K = 0", back0, "restrained"))
     if probe_regime == "divergent":
         out.append(Bound("probe: non-finite", lr, "divergent"))
     elif probe_regime == "collapsed" and not revived:

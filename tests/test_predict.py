@@ -146,6 +146,13 @@ def test_training_bounds_rules():
     assert pred(40.0, probe_regime="divergent") == "divergent"
     assert pred(10.0, probe_regime="stable", probe_normalized=1.9) == "restrained"  # at the edge in the probe
     assert pred(10.0, probe_regime="stable", probe_normalized=1.7) == "stable"
+    # Past the edge at step 0 (40 * 0.1 = 4), then flat: pulled back once weight decay alone would
+    # shrink the kernels to 1 % within the horizon (40 * wd * 300 >= ln 100 = 4.6).
+    flat = {"horizon_sharpness": 0.01, "start_sharpness": 0.1}
+    assert pred(40.0, weight_decay=5e-4, **flat) == "restrained"  # 6 e-folds
+    assert pred(40.0, weight_decay=3e-4, **flat) == "stable"  # 3.6 e-folds: not
+    assert pred(40.0, weight_decay=0.0, **flat) == "stable"
+    assert pred(40.0, weight_decay=5e-4, **{**flat, "start_sharpness": 0.04}) == "stable"  # 1.6: not past the edge
 
 
 def test_path_sharpness_interpolates_and_saturates():

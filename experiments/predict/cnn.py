@@ -307,6 +307,7 @@ def _cell_bounds(lane: tr.Lane, probe: dict[str, Any], ahead: float, layer: dict
         probe_regime=probe["regime"],
         probe_normalized=lr * probe["lambda_probe_end"],
         revivable=layer["revivable"],
+        start_sharpness=probe["lambda_0"],
         layers=per_layer,
     )
 
