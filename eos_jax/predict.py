@@ -594,7 +594,10 @@ def training_bounds(
       weight decay revives it within the horizon: the same e-fold rule, and only where the
       gradient at ``K = 0`` is non-zero (``revivable``: the forcing term ``(a/2) Ibar`` of the
       transitioning PDE; with two or more layers it carries the downstream kernels' factor
-      ``gamma``, which decays to zero with them, so a dead deep network stays dead).
+      ``gamma``, which decays to zero with them, so a dead deep network stays dead). Without
+      weight decay nothing pulls such a network (gradient zero at ``K = 0``) to ``K = 0``: a
+      probe that ends flat at the constant predictor's loss is a plateau the run leaves again,
+      "transient".
     * ``layers``: per-layer bounds (:func:`layer_bounds`, :func:`paper_layer_bounds`),
       reported beside the verdict with the effects they carry.
 
@@ -636,7 +639,10 @@ def training_bounds(
     if probe_regime == "divergent":
         out.append(Bound("probe: non-finite", lr, "divergent"))
     elif probe_regime == "collapsed" and not revived:
-        out.append(Bound("probe: collapsed", lr, "collapsed"))
+        if weight_decay == 0 and not revivable:  # nothing pulls the kernels to K = 0, where it would stay dead
+            out.append(Bound("probe: flat, no weight decay", lr, "transient"))
+        else:
+            out.append(Bound("probe: collapsed", lr, "collapsed"))
     elif probe_normalized is not None and probe_normalized >= 0.9 * threshold and probe_regime != "collapsed":
         out.append(Bound("probe: at the edge", lr, "restrained"))
     out.extend(layers)

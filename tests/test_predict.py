@@ -143,6 +143,10 @@ def test_training_bounds_rules():
     assert pred(40.0, weight_decay=1e-5) == "transient"  # 0.12 e-folds: not
     dead = {"weight_decay": 5e-4, "probe_regime": "collapsed"}
     assert pred(40.0, revivable=True, **dead) == "restrained" and pred(40.0, revivable=False, **dead) == "collapsed"
+    # Without weight decay a flat probe of a network whose gradient vanishes at K = 0 is a plateau it leaves.
+    flat_probe = {"weight_decay": 0.0, "probe_regime": "collapsed"}
+    assert pred(40.0, revivable=False, **flat_probe) == "transient"
+    assert pred(40.0, revivable=True, **flat_probe) == "collapsed"
     assert pred(40.0, probe_regime="divergent") == "divergent"
     assert pred(10.0, probe_regime="stable", probe_normalized=1.9) == "restrained"  # at the edge in the probe
     assert pred(10.0, probe_regime="stable", probe_normalized=1.7) == "stable"
