@@ -13,6 +13,7 @@ stability boundary on purpose).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -228,6 +229,36 @@ def lane_map(
     return mapped
 
 
+@functools.cache
+def _loss_stats_update(late_from: int) -> Callable[..., dict[str, jax.Array]]:
+    """Jitted, lane-vmapped :func:`~eos_jax.train.stats.update_loss_stats`: one step's losses into the statistics.
+
+    It does not depend on the problem, so every run with the same ``late_from`` shares one jitted
+    function (one compilation per shape in the process, not one per run).
+    """
+    return jax.jit(jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from)))
+
+
+@functools.cache
+def _loss_stats_fold(chunk_steps: int, late_from: int) -> Callable[..., dict[str, jax.Array]]:
+    """Jitted ``(stats, step0, losses, finite, n) -> stats``: a chunk's per-step losses folded in order.
+
+    Steps ``>= n`` are the scan's padding. Problem-independent and shared as
+    :func:`_loss_stats_update`.
+    """
+    vstats = jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from))
+
+    def fold(stats: dict[str, jax.Array], step0: jax.Array, losses: jax.Array, finite: jax.Array, n: jax.Array):
+        def body(st, x):
+            i, loss, ok = x
+            return jax.lax.cond(i < n, lambda st_: vstats(st_, step0 + i, loss, ok), lambda st_: st_, st), None
+
+        xs = (jnp.arange(chunk_steps, dtype=jnp.int32), jnp.swapaxes(losses, 0, 1), jnp.swapaxes(finite, 0, 1))
+        return jax.lax.scan(body, stats, xs)[0]
+
+    return jax.jit(fold)
+
+
 def make_chunk_fn(
     problem: Problem,
     batch_size: int | None = None,
@@ -271,7 +302,6 @@ def make_chunk_fn(
     """
     vstep = lane_map(make_train_step(problem, batch_size, loss_goal, acc_goal), lane_batch)
     vpush = jax.vmap(push_rel)
-    vstats = jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from))
 
     def chunk(states: TrainState, hp: HParams, data: Batch, n: jax.Array, twin: jax.Array):
         def run(s: TrainState):
@@ -294,17 +324,8 @@ def make_chunk_fn(
         states, met = jax.lax.scan(body, states, jnp.arange(chunk_steps, dtype=jnp.int32))
         return states, jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), met)
 
-    def fold(stats: dict[str, jax.Array], step0: jax.Array, losses: jax.Array, finite: jax.Array, n: jax.Array):
-        # Every step's loss, as the scan emitted it, folded in order (steps >= n are padding).
-        def body(st, x):
-            i, loss, ok = x
-            return jax.lax.cond(i < n, lambda st_: vstats(st_, step0 + i, loss, ok), lambda st_: st_, st), None
-
-        xs = (jnp.arange(chunk_steps, dtype=jnp.int32), jnp.swapaxes(losses, 0, 1), jnp.swapaxes(finite, 0, 1))
-        return jax.lax.scan(body, stats, xs)[0]
-
     jitted = jax.jit(chunk)
-    jfold = jax.jit(fold)
+    jfold = _loss_stats_fold(chunk_steps, late_from)
 
     def call(states: TrainState, hp: HParams, data: Batch, n: jax.Array, twin: jax.Array | None = None):
         if twin is None:
@@ -347,7 +368,7 @@ def make_final_fn(problem: Problem, batch_size: int | None, late_from: int = 0):
       ([2.5, 2.5], [True, True], [0.0, 0.0])
     """
     vpush = jax.vmap(push_rel)
-    vstats = jax.jit(jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from)))
+    vstats = _loss_stats_update(late_from)
 
     def one_loss(state: TrainState, data: Batch):
         batch = step_batch(problem, data, state, batch_size)
