@@ -1,5 +1,6 @@
 """eos_jax.predict (bounds against dense / closed-form references, verdicts) and python -m experiments.predict."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from eos_jax import cli, predict
+from eos_jax import cli, hessian, predict
 from eos_jax.pde import linear
 from eos_jax.pde.common import checkerboard
 from eos_jax.pde.nonlinear import theory
@@ -150,6 +151,10 @@ def test_training_bounds_rules():
     assert pred(40.0, probe_regime="divergent") == "divergent"
     assert pred(10.0, probe_regime="stable", probe_normalized=1.9) == "restrained"  # at the edge in the probe
     assert pred(10.0, probe_regime="stable", probe_normalized=1.7) == "stable"
+    # One layer without weight decay leaves the edge it reaches; with weight decay, or deeper, it stays there.
+    assert pred(20.0, depth=1) == "transient" and pred(20.0, depth=2) == "restrained"
+    assert pred(10.0, depth=1, probe_regime="stable", probe_normalized=1.9) == "transient"
+    assert pred(20.0, depth=1, weight_decay=5e-4) == "restrained"  # weight decay: a finite minimum holds it
     # Past the edge at step 0 (40 * 0.1 = 4), then flat: pulled back once weight decay alone would
     # shrink the kernels to 1 % within the horizon (40 * wd * 300 >= ln 100 = 4.6).
     flat = {"horizon_sharpness": 0.01, "start_sharpness": 0.1}
@@ -288,6 +293,35 @@ def test_cnn_run_writes_every_cell_and_a_reused_measurement_predicts_the_same(tm
     err = capsys.readouterr().err.strip()
     assert "no readable config.json and results.json" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "c").exists()
+
+
+def test_cnn_probe_trains_the_first_examples_and_lambda_at_init_is_the_dense_hessians():
+    """The probe's problem is the first quarter of the examples (with their constant loss), the whole set when
+    ``--probe-examples`` names them all; ``lambda_max`` at initialization (the baseline's) is on every example,
+    with each layer's block sharpness from the dense Hessian of the 2-layer CNN (18 kernel entries), against
+    Lanczos solves on the whole Hessian and on each block."""
+    from eos_jax import train as tr
+    from eos_jax.stability import constant_loss
+    from experiments.eos.config import build_problem, load_data
+    from experiments.predict import cnn as pc
+
+    config = pc.PredictCnnConfig(layers=(2,), lr=(1.0,), seeds=(0,), steps=8, num_examples=64)
+    cfg = config.eos_config(2)
+    data, _ = load_data(cfg)
+    problem, _ = build_problem(cfg, data)
+    probe, closs = pc._probe_problem(problem, cfg, data, config)
+    assert np.array_equal(np.asarray(probe.data["x"]), np.asarray(data["x"])[:16])
+    assert np.array_equal(np.asarray(probe.data["y"]), np.asarray(data["y"])[:16])
+    assert closs == constant_loss(np.asarray(data["y"])[:16], "bce", 2) != constant_loss(data["y"], "bce", 2)
+    assert pc._probe_problem(problem, cfg, data, dataclasses.replace(config, probe_examples=64))[0] is problem
+
+    rec = pc._layer_records(cfg, data, problem.data, 0, pc._init_curvature_fn(problem))
+    params = problem.init_params(tr.lane_init_key(0))
+    top = jax.jit(lambda p, b: hessian.top_eigenvalue(problem.loss_fn, p, b, num_iters=18))(params, problem.data)
+    blocks = jax.jit(lambda p, b: hessian.layer_sharpness(problem.loss_fn, p, b, num_iters=9))(params, problem.data)
+    assert rec["lambda_max"] == pytest.approx(float(top.eigenvalue), rel=1e-4)  # Lanczos on all 18 kernel entries
+    assert rec["block_sharpness"] == pytest.approx({n: float(r.eigenvalue) for n, r in blocks.items()}, rel=1e-4)
+    assert set(rec["block_sharpness"]) == {"['conv0']", "['conv1']"}
 
 
 def _cfl_run(lr, steps=6, dtype=jnp.float64):

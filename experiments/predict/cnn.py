@@ -1,15 +1,15 @@
 """``python -m experiments.predict cnn``: the regime of every (depth, lr, weight decay, seed), predicted then measured.
 
 ``python -m experiments.predict cnn --layers 1 2 --lr 1 2 5 10 20 50 100 --weight-decay 0 5e-4 --out
-runs/predict_cnn`` (seeds 0-2, 300 steps; with seeds 0-4, 10 minutes on 2 CPU cores, nearly all of it
-measuring).
+runs/predict_cnn`` (seeds 0-4, 300 steps: 11 minutes on 2 CPU cores, 95 % of it measuring).
 The network is the main job's (:func:`experiments.eos.config.build_problem`: the paper's
 single-channel 3x3 Swish CNN, kernels N(0, 1), mean pooling, BCE, full-batch GD, the bundled
 Fashion-MNIST 0/1 subset). Per depth:
 
 * predict: one short probe of every lane through the engine (``--probe-steps``, default 5 % of
-  the steps; ``lambda_max`` at its start and end), the per-layer bounds at initialization,
-  then :func:`eos_jax.predict.training_bounds` and :func:`eos_jax.predict.verdict` per lane;
+  the steps, on ``--probe-examples``, default the first quarter of the examples; ``lambda_max``
+  at its start and end), ``lambda_max`` and the per-layer bounds at initialization on every
+  example, then :func:`eos_jax.predict.training_bounds` and :func:`eos_jax.predict.verdict` per lane;
 * measure: the whole sweep, one vmapped :func:`eos_jax.train.fit`, each lane judged by
   :func:`eos_jax.stability.regime` as the main job judges it; or, with ``--measured RUN``, the
   measured regimes of an earlier run of the same grid (:func:`load_measured`), so that a change
@@ -30,11 +30,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
-from eos_jax import cli, hessian, predict, runtime
+from eos_jax import cli, predict, runtime
 from eos_jax import io as eio
 from eos_jax import train as tr
 from eos_jax.errors import ConfigError
+from eos_jax.metrics import layer_groups
 from eos_jax.stability import constant_loss, regime
 from experiments.eos.config import AUTO_LANE_CAP, EosConfig, build_problem, default_config, load_data
 from experiments.predict.common import ORDER, bound_records, confusion
@@ -62,6 +64,8 @@ class PredictCnnConfig:
       steps: gradient-descent steps of the measured run (the prediction's horizon).
       probe_steps: steps of the probe (0: ``max(2, steps // 20)``).
       probe_iters: Lanczos iterations of the probe's sharpness (at most; tolerance 1e-3).
+      probe_examples: training examples of the probe, the first of the measured run's (0: a
+        quarter of them, :meth:`num_probe_examples`).
       num_examples: training examples of the bundled subset.
       measured: run directory of an earlier ``predict cnn`` run of the same grid whose measured
         regimes are taken instead of measuring (:func:`load_measured`); None: measure.
@@ -79,10 +83,11 @@ class PredictCnnConfig:
     layers: tuple[int, ...] = (1, 2)
     lr: tuple[float, ...] = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
     weight_decay: tuple[float, ...] = (0.0, 5e-4)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     steps: int = 300
     probe_steps: int = 0
     probe_iters: int = 10
+    probe_examples: int = 0
     num_examples: int = 2000
     measured: str | None = None
 
@@ -90,6 +95,16 @@ class PredictCnnConfig:
     def num_probe_steps(self) -> int:
         """Steps of the probe."""
         return self.probe_steps or max(2, self.steps // 20)
+
+    def num_probe_examples(self, available: int) -> int:
+        """Examples of the probe when the measured run trains on ``available``: a quarter of them by default.
+
+        Examples:
+          >>> from experiments.predict.cnn import PredictCnnConfig
+          >>> PredictCnnConfig().num_probe_examples(2000), PredictCnnConfig(probe_examples=300).num_probe_examples(200)
+          (500, 200)
+        """
+        return min(self.probe_examples or max(1, available // 4), available)
 
     def validate(self) -> None:
         """Raises ConfigError naming the first bad field."""
@@ -110,7 +125,7 @@ class PredictCnnConfig:
 
         Examples:
           >>> from experiments.predict.cnn import PredictCnnConfig
-          >>> PredictCnnConfig(seeds=(0, 1, 2, 3, 4)).lanes_per_group, PredictCnnConfig().lanes_per_group
+          >>> PredictCnnConfig().lanes_per_group, PredictCnnConfig(seeds=(0, 1, 2)).lanes_per_group
           (14, 14)
         """
         n = len(self.lr) * len(self.weight_decay) * len(self.seeds)
@@ -143,10 +158,22 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=cli.positive_int, nargs="+", default=[1, 2], help="depths")
     p.add_argument("--lr", type=cli.positive_float, nargs="+", required=True, help="learning rates")
     p.add_argument("--weight-decay", type=cli.nonnegative_float, nargs="+", default=[0.0], help="L2 coefficients")
-    p.add_argument("--seeds", type=cli.nonnegative_int, nargs="+", default=[0, 1, 2], help="initialization seeds")
+    p.add_argument(
+        "--seeds",
+        type=cli.nonnegative_int,
+        nargs="+",
+        default=[0, 1, 2, 3, 4],
+        help="initialization seeds (a regime is counted over 5)",
+    )
     p.add_argument("--steps", type=cli.positive_int, default=300, help="steps of the measured runs")
     p.add_argument("--probe-steps", type=cli.nonnegative_int, default=0, help="probe steps (0: steps // 20)")
     p.add_argument("--probe-iters", type=cli.positive_int, default=10, help="Lanczos iterations of the probe")
+    p.add_argument(
+        "--probe-examples",
+        type=cli.nonnegative_int,
+        default=0,
+        help="training examples of the probe, the first of the run's (0: a quarter of them)",
+    )
     p.add_argument("--num-examples", type=cli.positive_int, default=2000, help="training examples")
     p.add_argument(
         "--measured",
@@ -168,6 +195,7 @@ def config_from_args(args: argparse.Namespace) -> PredictCnnConfig:
         steps=args.steps,
         probe_steps=args.probe_steps,
         probe_iters=args.probe_iters,
+        probe_examples=args.probe_examples,
         num_examples=args.num_examples,
         measured=args.measured,
     )
@@ -252,27 +280,71 @@ def _lane_regimes(hist: tr.History, closs: float, threshold: float) -> list[str]
     return [regime({**s, "constant_loss": closs}, threshold) for s in hist.lane_summaries]
 
 
-def _block_sharpness_fn(problem: tr.Problem, iters: int):
-    """``(params, data)`` -> each layer's block sharpness (:func:`eos_jax.hessian.layer_sharpness`), jitted once."""
+def _init_curvature_fn(problem: tr.Problem):
+    """``(init key, data)`` -> the initialization, the dense Hessian there, and the gradient norm at ``K = 0``.
 
-    def blocks(params: Any, data: Any) -> tuple[dict[str, jax.Array], jax.Array]:
-        found = hessian.layer_sharpness(problem.loss_fn, params, data, num_iters=iters)
+    One jitted program. The paper's CNN has one 3 x 3 kernel per layer (9 parameters), so its
+    dense Hessian (forward over reverse: one vectorized product per parameter) costs fewer
+    products than Lanczos solves for the whole Hessian and for each layer's block, compiles one
+    product instead of one per solve, and gives every eigenvalue exactly (:func:`_layer_records`).
+    """
+
+    def at_init(key: jax.Array, data: Any) -> tuple[Any, jax.Array, jax.Array]:
+        params = problem.init_params(key)
+        flat, unravel = ravel_pytree(params)
+        dense = jax.hessian(lambda v: problem.loss_fn(unravel(v), data))(flat)
         zero = jax.tree_util.tree_map(jnp.zeros_like, params)
         g0 = jax.grad(problem.loss_fn)(zero, data)  # the forcing term at K = 0 (training_bounds)
         norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(g0)))
-        return {n: r.eigenvalue for n, r in found.items()}, norm
+        return params, dense, norm
 
-    return jax.jit(blocks)
+    return jax.jit(at_init)
 
 
-def _layer_records(problem: tr.Problem, cfg: EosConfig, data: dict[str, Any], seed: int, blocks) -> dict[str, Any]:
-    """At the initialization of ``seed``: each layer's block sharpness (Thm 5.7) and the terms of (14) per layer."""
-    params = problem.init_params(tr.lane_init_key(seed))
-    found, g0 = blocks(params, problem.data)
+def _layer_records(cfg: EosConfig, data: dict[str, Any], problem_data: Any, seed: int, at_init) -> dict[str, Any]:
+    """At the initialization of ``seed``: ``lambda_max``, each layer's block sharpness (Thm 5.7), the terms of (14).
+
+    ``at_init``: :func:`_init_curvature_fn` of the problem whose data is ``problem_data``. The
+    eigenvalues are the dense Hessian's (symmetrized, float64) and its diagonal blocks', a block
+    being a top-level module's leaves (:func:`eos_jax.metrics.layer_groups`, as
+    :func:`eos_jax.hessian.layer_sharpness` groups them).
+    """
+    params, dense, g0 = at_init(tr.lane_init_key(seed), problem_data)
+    dense = np.asarray(dense, np.float64)
+    dense = (dense + dense.T) / 2
+    leaves = jax.tree_util.tree_leaves(params)
+    ends = np.cumsum([np.size(x) for x in leaves])
+    rows = {i: np.arange(e - np.size(x), e) for i, (x, e) in enumerate(zip(leaves, ends))}
+    blocks = {}
+    for name, idx in layer_groups(params, 1).items():
+        ix = np.concatenate([rows[i] for i in idx])
+        blocks[name] = float(np.linalg.eigvalsh(dense[np.ix_(ix, ix)])[-1])
     kernels = [np.asarray(params[f"conv{i}"]["kernel"]) for i in range(cfg.layers)]
     terms = predict.cnn_layer_terms(kernels, data["x"], data["y"], beta=cfg.beta, pool=cfg.pool)
     grams = [(predict.patch_gram(t["images"], 3, t["weights"]), t["scale"]) for t in terms]  # wd-free: once per seed
-    return {"block_sharpness": {n: float(v) for n, v in found.items()}, "grams": grams, "revivable": float(g0) > 0}
+    return {
+        "lambda_max": float(np.linalg.eigvalsh(dense)[-1]),
+        "block_sharpness": blocks,
+        "grams": grams,
+        "revivable": float(g0) > 0,
+    }
+
+
+def _probe_problem(
+    problem: tr.Problem, cfg: EosConfig, data: dict[str, Any], config: PredictCnnConfig
+) -> tuple[tr.Problem, float]:
+    """The problem the probe trains (the first :meth:`PredictCnnConfig.num_probe_examples` examples) and its constant loss.
+
+    The Hessian of the mean loss over a subset is an unbiased estimate of the whole set's, and
+    over the probe's few steps full-batch descent on a quarter of the examples follows the same
+    catapults, collapses and sharpening (``docs/predict.md`` compares the two): the probe costs a
+    quarter of its steps on every example.
+    """
+    available = int(data["x"].shape[0])
+    n = config.num_probe_examples(available)
+    sub = data if n == available else {**data, "x": data["x"][:n], "y": data["y"][:n]}
+    probe = problem if n == available else build_problem(dataclasses.replace(cfg, num_examples=n), sub)[0]
+    return probe, constant_loss(sub["y"], "bce", int(data["num_classes"]))
 
 
 def path_ahead(
@@ -298,7 +370,7 @@ def _cell_bounds(lane: tr.Lane, probe: dict[str, Any], ahead: float, layer: dict
     for i, (gram, scale) in enumerate(layer["grams"]):  # predict.paper_layer_bounds on the Gram matrices kept
         wb = predict.windowed_bound(gram, alpha=wd, beta=cfg.beta, scale=scale)
         per_layer.append(predict.Bound("transitioning (14), windowed", wb["lr_max"], None, f"layer{i}"))
-    per_layer.append(predict.Bound("classical at init", predict.classical_lr_max(probe["lambda_0"]), None))
+    per_layer.append(predict.Bound("classical at init", predict.classical_lr_max(probe["lambda_init"]), None))
     return predict.training_bounds(
         lr,
         horizon_sharpness=ahead,
@@ -307,7 +379,8 @@ def _cell_bounds(lane: tr.Lane, probe: dict[str, Any], ahead: float, layer: dict
         probe_regime=probe["regime"],
         probe_normalized=lr * probe["lambda_probe_end"],
         revivable=layer["revivable"],
-        start_sharpness=probe["lambda_0"],
+        start_sharpness=probe["lambda_init"],
+        depth=cfg.layers,
         layers=per_layer,
     )
 
@@ -332,7 +405,6 @@ def predict_depth(
     cfg: EosConfig,
     data: dict[str, Any],
     config: PredictCnnConfig,
-    closs: float,
     timing: dict[str, float],
 ) -> list[dict[str, Any]]:
     """Every lane's prediction (no full training): the probe, the per-layer terms, the bounds and the verdict.
@@ -342,19 +414,24 @@ def predict_depth(
     lanes = cfg.lanes()
     p = config.num_probe_steps
     t0 = time.perf_counter()
-    hist = tr.fit(problem, lanes, p, config=_probe_engine(cfg, config))
+    probe_problem, probe_closs = _probe_problem(problem, cfg, data, config)
+    hist = tr.fit(probe_problem, lanes, p, config=_probe_engine(cfg, config))
     timing["probe_seconds"] = timing.get("probe_seconds", 0.0) + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    at_init = _init_curvature_fn(problem)
+    layers = {s: _layer_records(cfg, data, problem.data, s, at_init) for s in cfg.seed}
+    timing["layer_bounds_seconds"] = timing.get("layer_bounds_seconds", 0.0) + time.perf_counter() - t0
     col = int(np.flatnonzero(hist.step == p)[0])
-    regimes = _lane_regimes(hist, closs, 2.0)
     probes = [
-        {"lambda_0": float(hist.sharpness[i, 0]), "lambda_probe_end": float(hist.sharpness[i, col]), "regime": r}
-        for i, r in enumerate(regimes)
+        {
+            "lambda_init": layers[lane.seed]["lambda_max"] + lane.weight_decay,  # the objective's, with its L2
+            "lambda_0": float(hist.sharpness[i, 0]),
+            "lambda_probe_end": float(hist.sharpness[i, col]),
+            "regime": r,
+        }
+        for i, (lane, r) in enumerate(zip(lanes, _lane_regimes(hist, probe_closs, 2.0)))
     ]
     paths = _paths(lanes, probes, p)
-    t0 = time.perf_counter()
-    blocks = _block_sharpness_fn(problem, config.probe_iters)
-    layers = {s: _layer_records(problem, cfg, data, s, blocks) for s in cfg.seed}
-    timing["layer_bounds_seconds"] = timing.get("layer_bounds_seconds", 0.0) + time.perf_counter() - t0
     out = []
     for lane, probe in zip(lanes, probes):
         ahead = path_ahead(lane, probe, paths[(lane.seed, lane.weight_decay)], p, cfg.steps)
@@ -368,7 +445,7 @@ def predict_depth(
                 "path_sharpness": ahead,
                 "first_unstable_layer": first.layer,
                 "baseline": "stable"
-                if lane.learning_rate < predict.classical_lr_max(probe["lambda_0"])
+                if lane.learning_rate < predict.classical_lr_max(probe["lambda_init"])
                 else "restrained",
                 "bounds": bound_records(bounds),
             }
@@ -452,16 +529,18 @@ def run_cnn(config: PredictCnnConfig, out: str | Path, *, data_dir: str | None =
     eio.atomic_write_json(path / "metadata.json", {"runtime": runtime.metadata()})
     closs = constant_loss(data["y"], "bce", int(data["num_classes"]))
     cells: list[dict[str, Any]] = []
-    t_pred = t_meas = 0.0
+    t_meas = 0.0
     breakdown: dict[str, float] = {}
     measure_breakdown: dict[str, float] = {}
-    for layers in config.layers:
+    problems = {layers: build_problem(config.eos_config(layers), data)[0] for layers in config.layers}
+    preds = {}
+    t0 = time.perf_counter()
+    with runtime.compile_seconds(breakdown):  # every prediction before any measurement
+        for layers, problem in problems.items():
+            preds[layers] = predict_depth(problem, config.eos_config(layers), data, config, breakdown)
+    t_pred = time.perf_counter() - t0
+    for layers, problem in problems.items():
         cfg = config.eos_config(layers)
-        problem, _ = build_problem(cfg, data)
-        t0 = time.perf_counter()
-        with runtime.compile_seconds(breakdown):
-            preds = predict_depth(problem, cfg, data, config, closs, breakdown)
-        t_pred += time.perf_counter() - t0
         if reused is None:
             t0 = time.perf_counter()
             with runtime.compile_seconds(measure_breakdown):
@@ -469,7 +548,7 @@ def run_cnn(config: PredictCnnConfig, out: str | Path, *, data_dir: str | None =
             t_meas += time.perf_counter() - t0
         else:
             meas = [reused["cells"][(layers, l.learning_rate, l.weight_decay, l.seed)] for l in cfg.lanes()]
-        for lane, p, m in zip(cfg.lanes(), preds, meas):
+        for lane, p, m in zip(cfg.lanes(), preds[layers], meas):
             cells.append(
                 {"layers": layers, "lr": lane.learning_rate, "weight_decay": lane.weight_decay, "seed": lane.seed}
                 | p
@@ -494,6 +573,7 @@ def run_cnn(config: PredictCnnConfig, out: str | Path, *, data_dir: str | None =
         "seeds": list(config.seeds),
         "steps": config.steps,
         "probe_steps": config.num_probe_steps,
+        "probe_examples": config.num_probe_examples(int(data["x"].shape[0])),
         "dataset": info["name"],
         "num_examples": info["num_examples_used"],
         "baseline_rule": "stable if lr < 2 / lambda_max at initialization, else restrained",
@@ -521,7 +601,8 @@ def summarize_cnn(results: dict[str, Any]) -> str:
     lines.append(
         f"all: per seed {results['accuracy']:.3f} (baseline {results['baseline_accuracy']:.3f}); majority "
         f"{results['grid']['accuracy']:.3f} (baseline {results['grid']['baseline_accuracy']:.3f}); seeds "
-        f"{results['seeds']}, {results['steps']} steps, probe {results['probe_steps']} steps; predict "
+        f"{results['seeds']}, {results['steps']} steps, probe {results['probe_steps']} steps on "
+        f"{results['probe_examples']} examples; predict "
         f"{results['predict_seconds']:.1f} s = {100 * results['predict_fraction']:.1f} % of measure "
         f"{results['measure_seconds']:.1f} s"
         + (f" (the measurement of {results['measured_from']})" if results.get("measured_from") else "")
