@@ -316,7 +316,7 @@ def test_cnn_probe_trains_the_first_examples_and_lambda_at_init_is_the_dense_hes
     assert pc._probe_problem(problem, cfg, data, dataclasses.replace(config, probe_examples=64))[0] is problem
 
     rec = pc._layer_records(cfg, data, problem.data, 0, pc._init_curvature_fn(problem))
-    params = problem.init_params(tr.lane_init_key(0))
+    params = jax.jit(problem.init_params)(tr.lane_init_key(0))
     top = jax.jit(lambda p, b: hessian.top_eigenvalue(problem.loss_fn, p, b, num_iters=18))(params, problem.data)
     blocks = jax.jit(lambda p, b: hessian.layer_sharpness(problem.loss_fn, p, b, num_iters=9))(params, problem.data)
     assert rec["lambda_max"] == pytest.approx(float(top.eigenvalue), rel=1e-4)  # Lanczos on all 18 kernel entries

@@ -343,7 +343,7 @@ def _probe_problem(
     available = int(data["x"].shape[0])
     n = config.num_probe_examples(available)
     sub = data if n == available else {**data, "x": data["x"][:n], "y": data["y"][:n]}
-    probe = problem if n == available else build_problem(dataclasses.replace(cfg, num_examples=n), sub)[0]
+    probe = problem if n == available else build_problem(cfg, sub)[0]
     return probe, constant_loss(sub["y"], "bce", int(data["num_classes"]))
 
 
@@ -532,15 +532,16 @@ def run_cnn(config: PredictCnnConfig, out: str | Path, *, data_dir: str | None =
     t_meas = 0.0
     breakdown: dict[str, float] = {}
     measure_breakdown: dict[str, float] = {}
-    problems = {layers: build_problem(config.eos_config(layers), data)[0] for layers in config.layers}
+    cfgs = {layers: config.eos_config(layers) for layers in config.layers}
+    problems = {layers: build_problem(cfg, data)[0] for layers, cfg in cfgs.items()}
     preds = {}
     t0 = time.perf_counter()
     with runtime.compile_seconds(breakdown):  # every prediction before any measurement
         for layers, problem in problems.items():
-            preds[layers] = predict_depth(problem, config.eos_config(layers), data, config, breakdown)
+            preds[layers] = predict_depth(problem, cfgs[layers], data, config, breakdown)
     t_pred = time.perf_counter() - t0
     for layers, problem in problems.items():
-        cfg = config.eos_config(layers)
+        cfg = cfgs[layers]
         if reused is None:
             t0 = time.perf_counter()
             with runtime.compile_seconds(measure_breakdown):
