@@ -1,5 +1,7 @@
 """Every public function and class of eos_jax has a docstring with an example, and the examples run.
 
+The examples in the experiments' docstrings run too (they need not cover every definition).
+
 "Public" is a module's ``__all__`` when it has one, else its top-level functions and classes
 whose names do not start with ``_`` and that are defined in that module (not imported).
 An example is a ``>>>`` block; :mod:`doctest` runs every module's examples as a notebook
@@ -20,10 +22,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module_names() -> list[str]:
+def _module_names(package: str = "eos_jax") -> list[str]:
     out = []
-    for f in sorted((ROOT / "eos_jax").rglob("*.py")):
+    for f in sorted((ROOT / package).rglob("*.py")):
         parts = list(f.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__main__":
+            continue
         if parts[-1] == "__init__":
             parts = parts[:-1]
         out.append(".".join(parts))
@@ -53,6 +57,9 @@ def _path(module: str) -> Path:
     return p / "__init__.py" if p.is_dir() else p.with_suffix(".py")
 
 
+EXPERIMENT_MODULES = [m for m in _module_names("experiments") if ">>>" in _path(m).read_text()]
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_public_definitions_have_examples(module):
     missing = [name for name, node in _public_defs(_path(module)) if ">>>" not in (ast.get_docstring(node) or "")]
@@ -68,7 +75,7 @@ def test_the_check_finds_a_missing_example(tmp_path):
     assert names == ["f"]
 
 
-@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("module", MODULES + EXPERIMENT_MODULES)
 def test_examples_run(module):
     mod = importlib.import_module(module)
     finder = doctest.DocTestFinder(exclude_empty=True)
