@@ -1,4 +1,4 @@
-"""The command line of ``python -m experiments.predict``: ``pde`` and ``cnn``.
+"""The command line of ``python -m experiments.predict``: ``pde``, ``cnn``, ``cfl`` and ``agreement``.
 
 Flags are parsed and validated (one line on stderr, exit code 2, nothing written) before the
 runtime is configured (:func:`eos_jax.runtime.configure`, handed in by
@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from eos_jax import cli
+from eos_jax import io as eio
 from eos_jax.errors import ConfigError
 from eos_jax.pde.nonlinear import NonlinearConfig
-from experiments.predict import cfl, cnn, pde
+from experiments.predict import agreement, cfl, cnn, pde
 
 
 def _add_pde(subparsers: argparse._SubParsersAction) -> None:
@@ -88,6 +89,32 @@ def _run_cfl(args: argparse.Namespace, config: Any) -> int:
     return 0
 
 
+def _add_agreement(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "agreement",
+        help="several `predict cnn` runs on disjoint seeds: measurement against measurement, and the best "
+        "per-configuration prediction",
+        description="Reads two or more `predict cnn` runs of one grid on disjoint seeds and reports how often "
+        "their measured majorities agree with each other, how often the predictor agrees with each, and the "
+        "most that a prediction of one regime per (depth, lr, weight decay) can agree (experiments.predict."
+        "agreement). Trains nothing.",
+    )
+    p.add_argument("runs", nargs="+", help="run directories of `python -m experiments.predict cnn`")
+    p.add_argument("--out", required=True, help="run directory (new or empty) for agreement.json")
+
+
+def _agreement_config(args: argparse.Namespace) -> list[dict[str, Any]]:
+    return agreement.load_runs(args.runs)
+
+
+def _run_agreement(args: argparse.Namespace, config: Any) -> int:
+    report = agreement.agreement(config)
+    path = eio.open_run_dir(args.out, {"command": "predict-agreement", "runs": [r["path"] for r in config]})
+    eio.atomic_write_json(path / "agreement.json", report)
+    print(agreement.summarize_agreement(report), flush=True)
+    return 0
+
+
 def _run_pde(args: argparse.Namespace, config: Any) -> int:
     print(pde.summarize_pde(pde.run_pde(config, args.out)), flush=True)
     return 0
@@ -108,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     cnn.add_arguments(subparsers)
     _add_pde(subparsers)
     _add_cfl(subparsers)
+    _add_agreement(subparsers)
     return parser
 
 
@@ -124,5 +152,5 @@ def main(argv: Sequence[str] | None = None, *, configure: Callable[[], Any] | No
     return _HANDLERS[args.command](args, config)
 
 
-_CONFIGS = {"pde": _pde_config, "cnn": cnn.config_from_args, "cfl": _cfl_config}
-_HANDLERS = {"pde": _run_pde, "cnn": _run_cnn, "cfl": _run_cfl}
+_CONFIGS = {"pde": _pde_config, "cnn": cnn.config_from_args, "cfl": _cfl_config, "agreement": _agreement_config}
+_HANDLERS = {"pde": _run_pde, "cnn": _run_cnn, "cfl": _run_cfl, "agreement": _run_agreement}
