@@ -51,7 +51,8 @@ def _write_run(path, seeds, cells, **config):
     grid = {"layers": [1], "lr": [1.0, 2.0], "weight_decay": [0.0], "steps": 300, "num_examples": 2000}
     (path / "config.json").write_text(json.dumps({"command": "predict-cnn", "seeds": seeds, **grid, **config}))
     rows = [
-        {"layers": 1, "lr": lr, "weight_decay": 0.0, "seed": s, "predicted": p, "measured": m} for lr, s, p, m in cells
+        {"layers": 1, "lr": lr, "weight_decay": 0.0, "seed": s, "predicted": p, "baseline": "stable", "measured": m}
+        for lr, s, p, m in cells
     ]
     (path / "results.json").write_text(json.dumps({"cells": rows, "seeds": seeds, "dataset": "d"}))
     return path

@@ -32,7 +32,7 @@ from typing import Any
 
 from eos_jax import io as eio
 from eos_jax.errors import ConfigError
-from experiments.predict.cnn import majority
+from experiments.predict.cnn import grid_cells, majority
 
 __all__ = ["agreement", "load_runs", "majority_distribution", "summarize_agreement"]
 
@@ -123,15 +123,13 @@ def _key(c: Mapping[str, Any]) -> tuple:
     return (c["layers"], c["lr"], c["weight_decay"])
 
 
-def _majorities(cells: Sequence[Mapping[str, Any]], field: str) -> dict[tuple, str]:
-    by: dict[tuple, list[str]] = {}
-    for c in cells:
-        by.setdefault(_key(c), []).append(c[field])
-    return {k: majority(v) for k, v in by.items()}
-
-
 def _share(hits: int, total: int) -> float:
     return hits / total if total else float("nan")
+
+
+def _same(a: Mapping[tuple, str], b: Mapping[tuple, str], keys: Sequence[tuple]) -> float:
+    """The share of ``keys`` where ``a`` and ``b`` name the same regime."""
+    return _share(sum(a[k] == b[k] for k in keys), len(keys))
 
 
 def agreement(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -157,8 +155,9 @@ def agreement(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for run in runs:
         cells = run["results"]["cells"]
         cells_all.extend(cells)
-        measured.append(_majorities(cells, "measured"))
-        predicted.append(_majorities(cells, "predicted"))
+        grid = grid_cells(cells)
+        measured.append({_key(g): g["measured"] for g in grid})
+        predicted.append({_key(g): g["predicted"] for g in grid})
         per_run.append({"path": run["path"], "seeds": sorted({c["seed"] for c in cells})})
     depths = sorted({c["layers"] for c in cells_all})
     keys = sorted(measured[0])
@@ -166,7 +165,7 @@ def agreement(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     pooled_counts = {k: Counter(c["measured"] for c in cells_all if _key(c) == k) for k in keys}
     pooled = {k: majority(list(cnt.elements())) for k, cnt in pooled_counts.items()}
     dist = {k: majority_distribution(cnt, n) for k, cnt in pooled_counts.items()}
-    pooled_pred = _majorities(cells_all, "predicted")
+    pooled_pred = {_key(g): g["predicted"] for g in grid_cells(cells_all)}
 
     def stats(values: list[float]) -> dict[str, float]:
         return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "count": len(values)}
@@ -175,11 +174,8 @@ def agreement(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for depth in ["all", *depths]:
         ks = [k for k in keys if depth == "all" or k[0] == depth]
         cs = [c for c in cells_all if depth == "all" or c["layers"] == depth]
-        pairs = [
-            _share(sum(measured[i][k] == measured[j][k] for k in ks), len(ks))
-            for i, j in itertools.combinations(range(len(runs)), 2)
-        ]
-        own = [_share(sum(predicted[i][k] == measured[i][k] for k in ks), len(ks)) for i in range(len(runs))]
+        pairs = [_same(measured[i], measured[j], ks) for i, j in itertools.combinations(range(len(runs)), 2)]
+        own = [_same(predicted[i], measured[i], ks) for i in range(len(runs))]
         by_depth[str(depth)] = {
             "cells": len(ks),
             "seed_cells": len(cs),
@@ -188,19 +184,19 @@ def agreement(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "predictor_seed": _share(sum(c["predicted"] == c["measured"] for c in cs), len(cs)),
             "per_config_seed_ceiling": _share(sum(c["measured"] == pooled[_key(c)] for c in cs), len(cs)),
             "per_config_majority_ceiling": _share(sum(max(dist[k].values()) for k in ks), len(ks)),
-            "predictor_pooled_majority": _share(sum(pooled_pred[k] == pooled[k] for k in ks), len(ks)),
+            "predictor_pooled_majority": _same(pooled_pred, pooled, ks),
         }
     for i, r in enumerate(per_run):
         cells = runs[i]["results"]["cells"]
         r["predictor_seed"] = _share(sum(c["predicted"] == c["measured"] for c in cells), len(cells))
-        r["predictor_majority"] = _share(sum(predicted[i][k] == measured[i][k] for k in keys), len(keys))
+        r["predictor_majority"] = _same(predicted[i], measured[i], keys)
     return {
         "per_run": per_run,
         "seeds_per_run": n,
         "pairs": [
             {
                 "runs": [per_run[i]["path"], per_run[j]["path"]],
-                "agreement": _share(sum(measured[i][k] == measured[j][k] for k in keys), len(keys)),
+                "agreement": _same(measured[i], measured[j], keys),
             }
             for i, j in itertools.combinations(range(len(runs)), 2)
         ],
