@@ -23,7 +23,7 @@ def _run(argv):
     "counts,n",
     [
         ({"restrained": 3, "stable": 3}, 3),
-        ({"restrained": 20, "stable": 11, "transient": 7, "collapsed": 6, "spikes-off-edge": 1}, 5),
+        ({"restrained": 6, "stable": 4, "transient": 2, "collapsed": 2, "spikes-off-edge": 1}, 5),
         ({"collapsed": 2, "transient": 2, "stable": 1, "stalled": 0}, 4),
         ({"stable": 4}, 1),
     ],
