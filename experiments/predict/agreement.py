@@ -30,9 +30,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from eos_jax import io as eio
 from eos_jax.errors import ConfigError
-from experiments.predict.cnn import grid_cells, majority
+from experiments.predict.cnn import grid_cells, majority, read_run
 
 __all__ = ["agreement", "load_runs", "majority_distribution", "summarize_agreement"]
 
@@ -90,14 +89,7 @@ def load_runs(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     runs: list[dict[str, Any]] = []
     owner: dict[int, str] = {}
     for path in map(Path, paths):
-        try:
-            config = eio.read_json(path / "config.json")
-            results = eio.read_json(path / "results.json")
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: no readable config.json and results.json of a `predict cnn` run") from e
-        command = config.get("command") if isinstance(config, dict) else None
-        if command != "predict-cnn" or not isinstance(results, dict) or "cells" not in results:
-            raise ConfigError(f"{path}: not a `predict cnn` run (its config.json has command={command!r})")
+        config, results = read_run(path, str(path))
         if runs:
             first = runs[0]
             for name in GRID_FIELDS:

@@ -47,6 +47,7 @@ __all__ = [
     "add_arguments",
     "config_from_args",
     "load_measured",
+    "read_run",
     "run_cnn",
     "summarize_cnn",
 ]
@@ -210,6 +211,26 @@ def config_from_args(args: argparse.Namespace) -> PredictCnnConfig:
 MEASURED_FIELDS = ("layers", "lr", "weight_decay", "seeds", "steps", "num_examples")
 
 
+def read_run(run: str | Path, label: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``config.json`` and ``results.json`` of an earlier ``predict cnn`` run in directory ``run``.
+
+    Raises:
+      ConfigError: one line starting with ``label`` when either file is unreadable or the
+        directory holds another command's run.
+    """
+    run = Path(run)
+    what = "an earlier `python -m experiments.predict cnn` run"
+    try:
+        config = eio.read_json(run / "config.json")
+        results = eio.read_json(run / "results.json")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{label}: no readable config.json and results.json of {what} there") from e
+    command = config.get("command") if isinstance(config, dict) else None
+    if command != "predict-cnn" or not isinstance(results, dict) or "cells" not in results:
+        raise ConfigError(f"{label}: not {what} (its config.json has command={command!r})")
+    return config, results
+
+
 def load_measured(run: str | Path, config: PredictCnnConfig) -> dict[str, Any]:
     """The measured cells of an earlier ``predict cnn`` run of the same grid, to predict again without measuring.
 
@@ -227,15 +248,7 @@ def load_measured(run: str | Path, config: PredictCnnConfig) -> dict[str, Any]:
       ConfigError: one line naming the directory and what is missing or differs.
     """
     run = Path(run)
-    what = "an earlier `python -m experiments.predict cnn` run"
-    try:
-        old = eio.read_json(run / "config.json")
-        res = eio.read_json(run / "results.json")
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--measured {run}: no readable config.json and results.json of {what} there") from e
-    command = old.get("command") if isinstance(old, dict) else None
-    if command != "predict-cnn" or not isinstance(res, dict) or "cells" not in res:
-        raise ConfigError(f"--measured {run}: not {what} (its config.json has command={command!r})")
+    old, res = read_run(run, f"--measured {run}")
     for name in MEASURED_FIELDS:
         mine = getattr(config, name)
         mine = list(mine) if isinstance(mine, tuple) else mine
