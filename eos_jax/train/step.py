@@ -229,14 +229,19 @@ def lane_map(
     return mapped
 
 
+def _lane_loss_stats(late_from: int) -> Callable[..., dict[str, jax.Array]]:
+    """Lane-vmapped :func:`~eos_jax.train.stats.update_loss_stats`: one step's losses into the statistics."""
+    return jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from))
+
+
 @functools.cache
 def _loss_stats_update(late_from: int) -> Callable[..., dict[str, jax.Array]]:
-    """Jitted, lane-vmapped :func:`~eos_jax.train.stats.update_loss_stats`: one step's losses into the statistics.
+    """Jitted :func:`_lane_loss_stats`.
 
     It does not depend on the problem, so every run with the same ``late_from`` shares one jitted
     function (one compilation per shape in the process, not one per run).
     """
-    return jax.jit(jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from)))
+    return jax.jit(_lane_loss_stats(late_from))
 
 
 @functools.cache
@@ -246,7 +251,7 @@ def _loss_stats_fold(chunk_steps: int, late_from: int) -> Callable[..., dict[str
     Steps ``>= n`` are the scan's padding. Problem-independent and shared as
     :func:`_loss_stats_update`.
     """
-    vstats = jax.vmap(lambda st, step, loss, ok: update_loss_stats(st, step, loss, ok, late_from))
+    vstats = _lane_loss_stats(late_from)
 
     def fold(stats: dict[str, jax.Array], step0: jax.Array, losses: jax.Array, finite: jax.Array, n: jax.Array):
         def body(st, x):
